@@ -1,0 +1,161 @@
+"""Load params from a live `transformers` model, an HF checkpoint folder (safetensors) or a GGUF file.
+
+All loaders return `(params, cfg)`; params follow the layout in `wina_jax.model` ([in, out] kernels).
+Pickle checkpoints (`*.bin`, `*.pt`) are never loaded.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Mapping
+
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from wina_jax import assets
+from wina_jax.config import ModelConfig
+from wina_jax.convert import names
+from wina_jax.convert.gguf_config import gguf_hf_config
+from wina_jax.convert.hf_config import from_hf_config
+
+
+def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+  """Flat {'layers/0/mlp/up_proj/kernel': shape} for every parameter `cfg` implies."""
+  d, q, kv, i = cfg.hidden_size, cfg.q_dim, cfg.kv_dim, cfg.intermediate_size
+  out = {"embed_tokens/embedding": (cfg.vocab_size, d), "norm/scale": (d,)}
+  if not cfg.tie_word_embeddings:
+    out["lm_head/kernel"] = (d, cfg.vocab_size)
+  attn = {"qkv_proj": (d, q + 2 * kv)} if cfg.fused_qkv else {
+      "q_proj": (d, q), "k_proj": (d, kv), "v_proj": (d, kv)}
+  mlp = {"gate_up_proj": (d, 2 * i)} if cfg.fused_gate_up else {"gate_proj": (d, i), "up_proj": (d, i)}
+  mlp["down_proj"] = (i, d)
+  for l in range(cfg.num_hidden_layers):
+    p = f"layers/{l}"
+    out[f"{p}/input_layernorm/scale"] = (d,)
+    out[f"{p}/post_attention_layernorm/scale"] = (d,)
+    for n, s in attn.items():
+      out[f"{p}/self_attn/{n}/kernel"] = s
+      if cfg.attention_bias:
+        out[f"{p}/self_attn/{n}/bias"] = (s[1],)
+    out[f"{p}/self_attn/o_proj/kernel"] = (q, d)
+    if cfg.o_bias:
+      out[f"{p}/self_attn/o_proj/bias"] = (d,)
+    for n, s in mlp.items():
+      out[f"{p}/mlp/{n}/kernel"] = s
+      if cfg.mlp_bias:
+        out[f"{p}/mlp/{n}/bias"] = (s[1],)
+  return out
+
+
+def check_shapes(flat: Mapping[str, np.ndarray], cfg: ModelConfig) -> None:
+  """Raise a ValueError naming every missing, unexpected or mis-shaped tensor."""
+  want = expected_shapes(cfg)
+  problems = [f"missing {k} {s}" for k, s in want.items() if k not in flat]
+  problems += [f"unexpected {k} {tuple(v.shape)}" for k, v in flat.items() if k not in want]
+  problems += [f"{k}: shape {tuple(v.shape)} but the config implies {want[k]}"
+               for k, v in flat.items() if k in want and tuple(v.shape) != want[k]]
+  if problems:
+    raise ValueError("params do not match the config:\n  " + "\n  ".join(problems[:20]) +
+                     ("\n  ..." if len(problems) > 20 else ""))
+
+
+def _to_params(flat: Mapping[str, np.ndarray], cfg: ModelConfig, dtype) -> dict:
+  check_shapes(flat, cfg)
+  return traverse_util.unflatten_dict({k: jnp.asarray(v, dtype) for k, v in flat.items()}, sep="/")
+
+
+def from_state_dict(tensors: Mapping[str, np.ndarray], cfg: ModelConfig, dtype=jnp.float32) -> dict:
+  """Params from HF-named [out, in] torch-layout arrays (numpy)."""
+  flat = {}
+  for name, arr in tensors.items():
+    target = names.hf_target(name)
+    if target is None:
+      continue
+    path, hook = target
+    if path == "lm_head/kernel" and cfg.tie_word_embeddings:
+      continue   # HF state dicts repeat the tied embedding as lm_head.weight
+    flat[path] = names.HOOKS[hook](np.asarray(arr, np.float32))
+  return _to_params(flat, cfg, dtype)
+
+
+def from_transformers(model, dtype=jnp.float32) -> tuple[dict, ModelConfig]:
+  """Params and config from a live `transformers` causal LM (torch)."""
+  cfg = from_hf_config(model.config)
+  sd = {k: v.detach().float().cpu().numpy() for k, v in model.state_dict().items()}
+  return from_state_dict(sd, cfg, dtype), cfg
+
+
+def _safetensors_files(path: str) -> list[str]:
+  index = os.path.join(path, "model.safetensors.index.json")
+  if os.path.isfile(index):
+    with open(index) as f:
+      return sorted({os.path.join(path, v) for v in json.load(f)["weight_map"].values()})
+  single = os.path.join(path, "model.safetensors")
+  if os.path.isfile(single):
+    return [single]
+  pickles = [f for f in os.listdir(path) if f.endswith((".bin", ".pt", ".pth"))]
+  hint = (f" It holds pickle files {pickles}, which wina_jax never loads: re-save the model with "
+          "`model.save_pretrained(dir, safe_serialization=True)`.") if pickles else ""
+  raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path}.{hint}")
+
+
+def from_hf_checkpoint(path: str, dtype=jnp.float32) -> tuple[dict, ModelConfig]:
+  """Params and config from an HF folder: config.json + model.safetensors (sharded index included)."""
+  from safetensors import safe_open
+  cfg_file = os.path.join(path, "config.json")
+  if not os.path.isfile(cfg_file):
+    raise FileNotFoundError(f"{cfg_file} not found; an HF checkpoint folder needs config.json")
+  with open(cfg_file) as f:
+    cfg = from_hf_config(json.load(f))
+  tensors = {}
+  for file in _safetensors_files(path):
+    with safe_open(file, framework="flax") as f:
+      for k in f.keys():
+        tensors[k] = np.asarray(f.get_tensor(k).astype(jnp.float32))
+  return from_state_dict(tensors, cfg, dtype), cfg
+
+
+def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
+  """Undo llama.cpp's interleaving of q/k rows: [out, in] torch layout in and out."""
+  d_out, d_in = w.shape
+  return w.reshape(n_heads, d_out // n_heads // 2, 2, d_in).swapaxes(1, 2).reshape(d_out, d_in)
+
+
+def from_gguf(path: str, dtype=jnp.float32) -> tuple[dict, ModelConfig]:
+  """Params and config from a llama-architecture GGUF file, dequantised with numpy (`gguf` package)."""
+  import gguf
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"GGUF file {path} not found. For the default model, {assets.FETCH_HINT}")
+  reader = gguf.GGUFReader(path)
+  cfg = from_hf_config(gguf_hf_config(reader))
+  tensors = {}
+  for t in reader.tensors:
+    name = names.gguf_to_hf(t.name)
+    if name is None:
+      continue
+    w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
+    w = w.reshape(tuple(int(n) for n in reversed(t.shape)))
+    if name.endswith("q_proj.weight"):
+      w = unpermute_qk(w, cfg.num_attention_heads)
+    elif name.endswith("k_proj.weight"):
+      w = unpermute_qk(w, cfg.num_key_value_heads)
+    tensors[name] = w
+  return from_state_dict(tensors, cfg, dtype), cfg
+
+
+def load_default(dtype=jnp.float32) -> tuple[dict, ModelConfig]:
+  """The embedded default model: SmolLM2-135M-Instruct from the bundled GGUF."""
+  return from_gguf(assets.default_gguf(), dtype)
+
+
+def load(path: str = "", dtype=jnp.float32) -> tuple[dict, ModelConfig]:
+  """Dispatch on `path`: '' -> the embedded default, '*.gguf' -> GGUF, folder -> HF checkpoint."""
+  if not path:
+    return load_default(dtype)
+  if path.endswith(".gguf"):
+    return from_gguf(path, dtype)
+  if os.path.isdir(path):
+    return from_hf_checkpoint(path, dtype)
+  raise FileNotFoundError(f"model {path!r} not found: pass a .gguf file, an HF checkpoint folder, or '' "
+                          "for the embedded SmolLM2")

@@ -1,0 +1,38 @@
+"""Perplexity over fixed-length windows, batched and jitted."""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from wina_jax import sites as S
+from wina_jax.config import ModelConfig
+from wina_jax.model import jit_forward
+
+
+def window_nll(logits: jax.Array, tokens: jax.Array) -> jax.Array:
+  """Summed next-token NLL per window: logits [B, T, V], tokens [B, T] -> [B] (T-1 predictions each)."""
+  logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+  return -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0].sum(axis=-1)
+
+
+def perplexity(params: dict, cfg: ModelConfig, windows: np.ndarray, sparsifier: Any = S.dense, *,
+               batch_size: int = 8, dense_prefix: Optional[int] = None, progress: bool = True) -> dict:
+  """exp(mean NLL) over `windows` [N, T]; returns {'ppl', 'nll', 'tokens'}.
+
+  dense_prefix: the first positions of every window run dense (TEAL/WINA evaluate this way).
+  """
+  total, count = 0.0, 0
+  nll_fn = jax.jit(window_nll)
+  for i in tqdm(range(0, len(windows), batch_size), desc="perplexity", disable=not progress):
+    batch = windows[i:i + batch_size]
+    pad = batch_size - len(batch)
+    toks = jnp.asarray(np.pad(batch, ((0, pad), (0, 0))))   # fixed batch shape: one compile
+    out = jit_forward(params, toks, cfg, sparsifier, dense_prefix=dense_prefix)
+    nll = np.asarray(nll_fn(out.logits, toks))[: len(batch)]
+    total += float(nll.sum())
+    count += len(batch) * (windows.shape[1] - 1)
+  return {"ppl": float(np.exp(total / count)), "nll": total / count, "tokens": count}

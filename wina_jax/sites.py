@@ -1,0 +1,83 @@
+"""Sparsifier sites and the callback protocol the model calls at each of them.
+
+A *site* is the input of one linear layer, or the MLP activation, named by its parameter path with
+dots: `layers.3.self_attn.k_proj`, `layers.3.mlp.down_proj`, `layers.3.mlp.act` (the SiLU(gate)
+that CATS thresholds). Phi-3 has `qkv_proj` and `gate_up_proj` instead of q/k/v and gate/up.
+
+The model knows sparsifiers only through `Sparsifier`: a callable `(site, x, kernel) -> x_masked`.
+A sparsifier may also define `linear(site, x, kernel) -> y` to compute the masked matmul itself
+(a fused GPU kernel); the model then calls that instead of `mask @ kernel`.
+"""
+from __future__ import annotations
+
+from typing import Optional, Protocol, runtime_checkable
+
+import jax
+
+from wina_jax.config import ModelConfig
+
+ATTN_SITES = ("q_proj", "k_proj", "v_proj", "o_proj")
+FUSED_ATTN_SITES = ("qkv_proj", "o_proj")
+MLP_SITES = ("gate_proj", "up_proj", "down_proj")
+FUSED_MLP_SITES = ("gate_up_proj", "down_proj")
+ACT = "act"
+
+
+@runtime_checkable
+class Sparsifier(Protocol):
+  """Masks the input of a site. `x`: [..., d_in]; `kernel`: [d_in, d_out] or None at `act` sites."""
+
+  def __call__(self, site: str, x: jax.Array, kernel: Optional[jax.Array]) -> jax.Array:
+    ...
+
+
+def dense(site: str, x: jax.Array, kernel: Optional[jax.Array]) -> jax.Array:
+  """The identity sparsifier (the model's default)."""
+  del site, kernel
+  return x
+
+
+def block_sites(cfg: ModelConfig, block: str) -> tuple[str, ...]:
+  """Linear projection names of one block ('self_attn' or 'mlp') in forward order."""
+  if block == "self_attn":
+    return FUSED_ATTN_SITES if cfg.fused_qkv else ATTN_SITES
+  if block == "mlp":
+    return FUSED_MLP_SITES if cfg.fused_gate_up else MLP_SITES
+  raise ValueError(f"unknown block {block!r}; expected 'self_attn' or 'mlp'")
+
+
+def site_name(layer: int, block: str, proj: str) -> str:
+  return f"layers.{layer}.{block}.{proj}"
+
+
+def linear_sites(cfg: ModelConfig) -> list[str]:
+  """Every linear site of the model, in forward order (lm_head is never sparsified)."""
+  return [site_name(l, b, p) for l in range(cfg.num_hidden_layers)
+          for b in ("self_attn", "mlp") for p in block_sites(cfg, b)]
+
+
+def act_sites(cfg: ModelConfig) -> list[str]:
+  return [site_name(l, "mlp", ACT) for l in range(cfg.num_hidden_layers)]
+
+
+def parse_site(site: str) -> tuple[int, str, str]:
+  """'layers.3.mlp.down_proj' -> (3, 'mlp', 'down_proj'). Raises on malformed names."""
+  parts = site.split(".")
+  if len(parts) != 4 or parts[0] != "layers" or not parts[1].isdigit():
+    raise ValueError(f"malformed site name {site!r}; expected 'layers.<i>.<block>.<proj>'")
+  return int(parts[1]), parts[2], parts[3]
+
+
+def site_kernel(params: dict, site: str) -> jax.Array:
+  """The [d_in, d_out] kernel whose input is `site`."""
+  layer, block, proj = parse_site(site)
+  return params["layers"][str(layer)][block][proj]["kernel"]
+
+
+def site_param_counts(cfg: ModelConfig) -> dict[str, int]:
+  """Weights of each linear site: d_in * d_out."""
+  d, q, kv, i = cfg.hidden_size, cfg.q_dim, cfg.kv_dim, cfg.intermediate_size
+  shapes = {"q_proj": d * q, "k_proj": d * kv, "v_proj": d * kv, "qkv_proj": d * (q + 2 * kv),
+            "o_proj": q * d, "gate_proj": d * i, "up_proj": d * i, "gate_up_proj": d * 2 * i,
+            "down_proj": i * d}
+  return {s: shapes[parse_site(s)[2]] for s in linear_sites(cfg)}
