@@ -51,10 +51,10 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 def check_shapes(flat: Mapping[str, np.ndarray], cfg: ModelConfig) -> None:
   """Raise a ValueError naming every missing, unexpected or mis-shaped tensor."""
   want = expected_shapes(cfg)
-  problems = [f"missing {k} {s}" for k, s in want.items() if k not in flat]
+  problems = [f"{k}: shape {tuple(v.shape)} but the config implies {want[k]}"
+              for k, v in flat.items() if k in want and tuple(v.shape) != want[k]]
   problems += [f"unexpected {k} {tuple(v.shape)}" for k, v in flat.items() if k not in want]
-  problems += [f"{k}: shape {tuple(v.shape)} but the config implies {want[k]}"
-               for k, v in flat.items() if k in want and tuple(v.shape) != want[k]]
+  problems += [f"missing {k} {s}" for k, s in want.items() if k not in flat]
   if problems:
     raise ValueError("params do not match the config:\n  " + "\n  ".join(problems[:20]) +
                      ("\n  ..." if len(problems) > 20 else ""))
