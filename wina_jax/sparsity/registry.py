@@ -1,0 +1,98 @@
+"""Method registry and the `make` factory that turns a method name + targets into a sparsifier.
+
+Add a method in one file:
+
+  @register("mine")
+  @dataclasses.dataclass(frozen=True)
+  class Mine(Method):
+    def score(self, site, x, state): ...
+
+then `make("mine", params, cfg, sparsity=0.5)` (or `--method=mine` in the scripts) selects it.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Mapping, Optional, Union
+
+import jax.numpy as jnp
+
+from wina_jax import sites as S
+from wina_jax.config import ModelConfig
+from wina_jax.sparsity.base import MODES, Method, ScoreSparsifier, check_sparsity, keep_count
+
+_METHODS: dict[str, type] = {}
+Sparsities = Union[float, Mapping[str, float]]
+
+
+def register(name: str):
+  """Class decorator adding a `Method` subclass to the registry under `name`."""
+  def deco(cls):
+    if not (isinstance(cls, type) and issubclass(cls, Method)):
+      raise TypeError(f"@register({name!r}) needs a Method subclass, got {cls!r}")
+    if name in _METHODS and _METHODS[name] is not cls:
+      raise ValueError(f"method {name!r} is already registered by {_METHODS[name].__qualname__}")
+    cls.name = name
+    _METHODS[name] = cls
+    return cls
+  return deco
+
+
+def known_methods() -> list[str]:
+  return sorted(_METHODS)
+
+
+def get_method(name: str, **settings) -> Method:
+  """The registered method `name` with its settings (e.g. `get_method('wina', c_sites='all')`)."""
+  if name not in _METHODS:
+    raise ValueError(f"unknown sparsification method {name!r}; known methods: {known_methods()}")
+  cls = _METHODS[name]
+  fields = [f.name for f in dataclasses.fields(cls)]
+  bad = sorted(set(settings) - set(fields))
+  if bad:
+    raise ValueError(f"method {name!r} has no setting(s) {bad}; its settings are {fields}")
+  return cls(**settings)
+
+
+def site_width(cfg: ModelConfig, site: str) -> int:
+  """d_in of a site: the input width of its linear layer, or intermediate_size at `act`."""
+  _, block, proj = S.parse_site(site)
+  if proj == S.ACT:
+    return cfg.intermediate_size
+  return cfg.q_dim if proj == "o_proj" else cfg.intermediate_size if proj == "down_proj" else cfg.hidden_size
+
+
+def site_sparsities(method: Method, cfg: ModelConfig, sparsity: Sparsities) -> dict[str, float]:
+  """{site: s} over the method's sites from one float (uniform) or a per-site mapping (missing = 0)."""
+  sites = method.sites(cfg)
+  if isinstance(sparsity, Mapping):
+    extra = sorted(set(sparsity) - set(sites))
+    if extra:
+      raise ValueError(f"method {method.name!r} does not mask sites {extra[:5]}; it masks e.g. {sites[:3]}")
+    return {s: check_sparsity(sparsity.get(s, 0.0), f"sparsity[{s!r}]") for s in sites}
+  s = check_sparsity(sparsity)
+  return {site: s for site in sites}
+
+
+def make(name: Union[str, Method], params: dict, cfg: ModelConfig, sparsity: Sparsities = 0.5, *,
+         mode: str = "topk", calibration=None, **settings) -> ScoreSparsifier:
+  """Build a sparsifier for method `name` (or a `Method` instance) at target `sparsity`.
+
+  sparsity: one float in [0, 1) for every site, or {site: s} (e.g. from `allocation.greedy_pick`).
+  mode: 'topk' (exact k per token, at run time) or 'threshold' (needs `calibration`, a
+    `wina_jax.sparsity.calibration.Calibration` of the same method on these params).
+  settings: method settings, e.g. c_sites='all' for wina.
+  """
+  method = name if isinstance(name, Method) else get_method(name, **settings)
+  if mode not in MODES:
+    raise ValueError(f"unknown mode {mode!r}; choose from {MODES}")
+  targets = site_sparsities(method, cfg, sparsity)
+  state = method.state(params, cfg)
+  if mode == "topk":
+    keep = tuple((s, keep_count(v, site_width(cfg, s))) for s, v in targets.items() if v > 0)
+    return ScoreSparsifier(method=method, mode=mode, keep=keep, state=state)
+  if calibration is None:
+    raise ValueError("mode='threshold' needs calibration=...: run `calibration.calibrate` (or load a "
+                     "thresholds file with `calibration.load`) for this method and model first")
+  calibration.check_method(method)
+  thresholds = {s: jnp.asarray(calibration.threshold(s, v), jnp.float32) for s, v in targets.items()}
+  return ScoreSparsifier(method=method, mode=mode, thresholds=thresholds, state=state)
