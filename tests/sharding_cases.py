@@ -1,0 +1,164 @@
+"""Sharded-vs-single-device cases on 4 fake CPU devices; run by tests/test_sharding.py in a subprocess
+(XLA_FLAGS=--xla_force_host_platform_device_count=4 must be set before jax starts)."""
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from wina_jax import model as M
+from wina_jax import sharding as SH
+from wina_jax.config import ModelConfig
+from wina_jax.convert.load import expected_shapes
+
+if jax.device_count() != 4:
+  pytest.fail("sharding_cases needs XLA_FLAGS=--xla_force_host_platform_device_count=4 (run it through "
+              "tests/test_sharding.py)", pytrace=False)
+
+BASE = dict(model_type="llama", vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=4, head_dim=16, max_position_embeddings=64)
+CFGS = {
+    "mha": ModelConfig(**BASE),
+    "gqa_tied": ModelConfig(**{**BASE, "num_key_value_heads": 2, "tie_word_embeddings": True,
+                               "vocab_size": 96}),
+    "qwen2_bias": ModelConfig(**{**BASE, "model_type": "qwen2", "num_key_value_heads": 2,
+                                 "attention_bias": True}),
+    "phi3_fused": ModelConfig(**{**BASE, "model_type": "phi3", "fused_qkv": True, "fused_gate_up": True}),
+}
+MESHES = {"tp4": ("model:4", False), "dp2_tp2_fsdp": ("data:2,model:2", True)}
+
+
+def random_params(cfg, seed=0, rotations=False):
+  """Random params of `cfg` (norm gains near 1); `rotations` adds random orthogonal residual kernels."""
+  rng = np.random.RandomState(seed)
+  flat = {k: 1 + 0.1 * rng.normal(size=s) if k.endswith("scale") else 0.2 * rng.normal(size=s)
+          for k, s in expected_shapes(cfg).items()}
+  if rotations:
+    for l in range(cfg.num_hidden_layers):
+      for r in ("residual_attn", "residual_mlp"):
+        flat[f"layers/{l}/{r}/kernel"] = np.linalg.qr(rng.normal(size=(cfg.hidden_size,) * 2))[0]
+  return traverse_util.unflatten_dict({k: jnp.asarray(v, jnp.float32) for k, v in flat.items()}, sep="/")
+
+
+def tokens(cfg, b=2, t=11, seed=1):
+  return jnp.asarray(np.random.RandomState(seed).randint(0, cfg.vocab_size, (b, t)))
+
+
+def close(a, b, tol=1e-4):
+  a, b = np.asarray(a), np.asarray(b)
+  err = np.abs(a - b).max()
+  assert err <= tol * max(1.0, np.abs(b).max()), err
+  assert np.abs(b).max() > 0.1   # not comparing near-zero values
+
+
+def setup(cfg_name, mesh_name, rotations=False):
+  cfg = CFGS[cfg_name]
+  spec, fsdp = MESHES[mesh_name]
+  mesh = SH.make_mesh(spec)
+  params = random_params(cfg, rotations=rotations)
+  return cfg, mesh, params, SH.shard_params(params, cfg, mesh, fsdp)
+
+
+@pytest.fixture(scope="module")
+def topk_half():
+  """Keep the largest half of |x| per token at every site (a global top-k over the whole d_in)."""
+  def sp(site, x, kernel):
+    del site, kernel
+    k = x.shape[-1] // 2
+    kth = jax.lax.top_k(jnp.abs(x), k)[0][..., -1:]
+    return jnp.where(jnp.abs(x) >= kth, x, 0)
+  return sp
+
+
+def test_params_are_placed_by_the_rules():
+  cfg, mesh, _, ps = setup("gqa_tied", "tp4")
+  lp = ps["layers"]["0"]
+  assert lp["self_attn"]["q_proj"]["kernel"].sharding.spec == P(None, "model")
+  assert lp["self_attn"]["q_proj"]["kernel"].addressable_shards[0].data.shape == (64, 16)
+  assert lp["self_attn"]["k_proj"]["kernel"].sharding.spec == P(None, None)   # 2 kv heads on 4 devices
+  assert lp["self_attn"]["o_proj"]["kernel"].sharding.spec == P("model", None)
+  assert lp["mlp"]["down_proj"]["kernel"].addressable_shards[0].data.shape == (24, 64)
+  assert ps["embed_tokens"]["embedding"].sharding.spec == P("model", None)   # vocab 96 divides
+  _, _, _, fs = setup("mha", "dp2_tp2_fsdp")
+  assert fs["layers"]["1"]["mlp"]["up_proj"]["kernel"].sharding.spec == P("data", "model")
+  assert fs["embed_tokens"]["embedding"].sharding.spec == P(None, "model")   # vocab 97: shard d instead
+  assert fs["norm"]["scale"].sharding.spec == P(None)
+
+
+@pytest.mark.parametrize("cfg_name,mesh_name", [("mha", "tp4"), ("mha", "dp2_tp2_fsdp"),
+                                                 ("gqa_tied", "tp4"), ("gqa_tied", "dp2_tp2_fsdp"),
+                                                 ("qwen2_bias", "dp2_tp2_fsdp"), ("phi3_fused", "tp4")])
+def test_dense_logits_match_one_device(cfg_name, mesh_name):
+  cfg, mesh, params, ps = setup(cfg_name, mesh_name, rotations=cfg_name == "mha")
+  tok = tokens(cfg)
+  logits = jax.jit(lambda p, t: M.forward(p, t, cfg).logits)
+  compiled = logits.lower(ps, SH.shard_batch(tok, mesh)).compile()
+  assert re.search(r"all-reduce\(", compiled.as_text()), "no all-reduce: the forward is not tensor-parallel"
+  close(compiled(ps, SH.shard_batch(tok, mesh)), logits(params, tok))
+
+
+@pytest.mark.parametrize("mesh_name", sorted(MESHES))
+def test_topk_sparsified_logits_match_one_device(mesh_name, topk_half):
+  cfg, mesh, params, ps = setup("mha", mesh_name)
+  tok = tokens(cfg)
+  ref = M.jit_forward(params, tok, cfg, topk_half, collect=("zero_frac",))
+  out = M.jit_forward(ps, SH.shard_batch(tok, mesh), cfg, topk_half, collect=("zero_frac",))
+  close(out.logits, ref.logits)
+  assert all(abs(float(v) - 0.5) < 1e-6 for v in out.aux["zero_frac"].values())
+
+
+def test_topk_mask_is_global_per_token_not_per_shard(topk_half):
+  """down_proj's input [B, T, I] is sharded over I on 'model': the mask must still hold the global top
+  half of every token, which a per-shard top-k (shard_map) does not."""
+  cfg, mesh, params, ps = setup("mha", "tp4")
+  tok = tokens(cfg)
+  site = "layers.1.mlp.down_proj"
+  x = M.jit_forward(params, tok, cfg, collect=("inputs",)).aux["inputs"][site]
+  ref = topk_half(site, x, None) != 0
+  fwd = jax.jit(lambda p, t: M.forward(p, t, cfg, collect=("inputs",)).aux["inputs"][site])
+  xs = fwd(ps, tok)
+  assert xs.sharding.spec[-1] == "model"      # the site input really is sharded over its last dim
+  got = jax.jit(lambda v: topk_half(site, v, None) != 0)(xs)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
+  assert (np.asarray(got).sum(-1) == cfg.intermediate_size // 2).all()
+  per_shard = jax.shard_map(lambda v: topk_half(site, v, None) != 0, mesh=mesh,
+                            in_specs=P(None, None, "model"), out_specs=P(None, None, "model"))(xs)
+  assert (np.asarray(per_shard) != np.asarray(ref)).mean() > 0.01   # per-shard top-k is a different mask
+
+
+def test_kv_cache_decode_matches_one_device():
+  cfg, mesh, params, ps = setup("mha", "dp2_tp2_fsdp")
+  tok = tokens(cfg, t=12)
+  cache = M.init_cache(cfg, 2, 16)
+  scache = SH.init_cache(cfg, 2, 16, mesh)
+  kv_sharding = NamedSharding(mesh, P("data", None, "model", None))
+  assert scache["layers"]["0"]["k"].sharding.is_equivalent_to(kv_sharding, 4)
+  ref = M.jit_forward(params, tok[:, :8], cfg, cache=cache)
+  out = M.jit_forward(ps, SH.shard_batch(tok[:, :8], mesh), cfg, cache=scache)
+  close(out.logits, ref.logits)
+  for i in range(8, 12):
+    ref = M.jit_forward(params, tok[:, i:i + 1], cfg, cache=ref.cache)
+    out = M.jit_forward(ps, SH.shard_batch(tok[:, i:i + 1], mesh), cfg, cache=out.cache)
+    close(out.logits, ref.logits)
+  assert out.cache["layers"]["1"]["v"].sharding.is_equivalent_to(kv_sharding, 4)
+  full = M.jit_forward(params, tok, cfg).logits[:, -1:]
+  close(out.logits, full)
+
+
+def test_calibration_statistics_match_one_device():
+  """Per-site |x| quantiles (TEAL/WINA threshold calibration) from sharded collected inputs."""
+  cfg, mesh, params, ps = setup("phi3_fused", "dp2_tp2_fsdp")
+  tok = tokens(cfg, b=4, t=16)
+
+  @jax.jit
+  def stats(p, t):
+    inputs = M.forward(p, t, cfg, collect=("inputs",)).aux["inputs"]
+    return {s: jnp.quantile(jnp.abs(x).reshape(-1), jnp.array([0.25, 0.5, 0.9])) for s, x in inputs.items()}
+
+  ref, out = stats(params, tok), stats(ps, SH.shard_batch(tok, mesh))
+  assert set(out) == set(ref)
+  for s in ref:
+    close(out[s], ref[s], tol=1e-5)
