@@ -1,0 +1,151 @@
+"""The main job: a sparsity sweep of methods x target sparsities on perplexity, zero-shot tasks and FLOPs.
+
+  python -m experiments.sweep --quick                      # CPU demo: 3 cells, a few rows per task
+  python -m experiments.sweep --limit=200 --methods=dense,teal,wina --sparsities=0.5
+  python -m experiments.sweep --out=results/sweep/full --batch_tokens=65536 --ppl_windows=128  # GPU
+
+Each cell (method, sparsity) is written atomically to <out>/cells/ as it completes; a restarted sweep
+with the same flags skips finished cells and ends with the same table.md / results.csv / results.json /
+accuracy.png / perplexity.png. Cells are keyed by every flag that changes their numbers, so a changed
+setting recomputes instead of mixing results.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import time
+
+from absl import app, flags
+from tqdm.auto import tqdm
+
+from wina_jax.eval import report
+from wina_jax.eval.tasks import TASKS
+
+QUICK = dict(methods="dense,teal,wina", sparsities="0.5", tasks="piqa,arc_easy,winogrande,boolq", limit=8,
+             ppl_windows=4, seq_len=128, calib_windows=4, batch_tokens=2048)
+
+MODEL = flags.DEFINE_string("model", "", "GGUF file or HF checkpoint folder; '' = the embedded SmolLM2.")
+METHODS = flags.DEFINE_list("methods", ["dense", "teal", "teal-transform", "cats", "wina", "wina-transform"],
+                            "Methods; '<m>-transform' runs <m> on WINA-transformed params.")
+SPARSITIES = flags.DEFINE_list("sparsities", ["0.25", "0.4", "0.5", "0.65"], "Target sparsities.")
+TASK_LIST = flags.DEFINE_list("tasks", list(TASKS), f"Tasks among {list(TASKS)}.")
+LIMIT = flags.DEFINE_integer("limit", None, "Rows per task (first N); None = the whole validation set.")
+ALLOCATION = flags.DEFINE_enum("allocation", "uniform", ["uniform", "greedy"], "Sparsity across sites.")
+MODE = flags.DEFINE_enum("mode", "topk", ["topk", "threshold"], "Per-token top-k or calibrated thresholds.")
+PREFILL = flags.DEFINE_string("prefill", "all", "Dense-prefix policy (wina_jax.sparsity.prefill).")
+PPL_TEXT = flags.DEFINE_string("ppl_text", "boolq:heldout", "Perplexity text (disjoint from calibration).")
+CALIB_TEXT = flags.DEFINE_string("calib_text", "boolq:calibration", "Calibration text.")
+SEQ_LEN = flags.DEFINE_integer("seq_len", 256, "Perplexity / calibration window length.")
+PPL_WINDOWS = flags.DEFINE_integer("ppl_windows", 32, "Perplexity windows.")
+CALIB_WINDOWS = flags.DEFINE_integer("calib_windows", 16, "Calibration windows (threshold / greedy).")
+BATCH_TOKENS = flags.DEFINE_integer("batch_tokens", 4096, "Tokens per multiple-choice batch.")
+PPL_BATCH = flags.DEFINE_integer("ppl_batch", 8, "Windows per perplexity batch.")
+DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Params dtype.")
+OUT = flags.DEFINE_string("out", "results/sweep", "Output folder.")
+QUICK_FLAG = flags.DEFINE_bool("quick", False, f"CPU demo preset (overrides): {QUICK}.")
+
+
+def settings() -> dict:
+  """Every flag that changes a cell's numbers (methods / sparsities lists excluded: they pick cells)."""
+  return {"model": MODEL.value, "tasks": list(TASK_LIST.value), "limit": LIMIT.value,
+          "allocation": ALLOCATION.value, "mode": MODE.value, "prefill": PREFILL.value,
+          "ppl_text": PPL_TEXT.value, "calib_text": CALIB_TEXT.value, "seq_len": SEQ_LEN.value,
+          "ppl_windows": PPL_WINDOWS.value, "calib_windows": CALIB_WINDOWS.value, "dtype": DTYPE.value}
+
+
+def cell_list(methods: list[str], sparsities: list[float]) -> list[tuple[str, float]]:
+  """Dense once at 0, then every other method at every sparsity, in table order."""
+  dense = [("dense", 0.0)] if "dense" in methods else []
+  return dense + [(m, s) for s in sparsities for m in methods if m != "dense"]
+
+
+def cell_path(out: str, method: str, s: float, key: str) -> str:
+  return os.path.join(out, "cells", f"{method}@{s:g}-{key}.json")
+
+
+class Context:
+  """What every cell shares: the model, tokenizer, task examples and token windows (loaded once)."""
+
+  def __init__(self, cfg_settings: dict):
+    import jax.numpy as jnp
+    from wina_jax import assets
+    from wina_jax.convert import load
+    from wina_jax.data.text import load_texts, token_windows
+    from wina_jax.eval.tasks import load_task
+    from wina_jax.tokenizer import load_tokenizer
+    st = cfg_settings
+    self.params, self.cfg = load(st["model"], getattr(jnp, st["dtype"]))
+    self.tok = load_tokenizer(st["model"] or assets.default_gguf())
+    self.examples = {t: load_task(t, st["limit"]) for t in st["tasks"]}
+    self.ppl = token_windows(self.tok, load_texts(st["ppl_text"]), st["seq_len"], st["ppl_windows"])
+    needs_calib = st["mode"] == "threshold" or st["allocation"] == "greedy"
+    self.calib = (token_windows(self.tok, load_texts(st["calib_text"]), st["seq_len"], st["calib_windows"])
+                  if needs_calib else None)
+    self.settings = st
+
+
+def run_cell(ctx: Context, method: str, s: float) -> dict:
+  """Evaluate one cell -> its table row (no timings: rows must not depend on the run)."""
+  from wina_jax import sparsity
+  from wina_jax.eval import flops, multiple_choice, perplexity, variants
+  st = ctx.settings
+  v = variants.build(ctx.params, ctx.cfg, method, s, mode=st["mode"], allocation=st["allocation"],
+                     calib_windows=ctx.calib, progress=False)
+  prefix = functools.partial(sparsity.dense_prefix, st["prefill"])
+  ppl = perplexity.perplexity(v.params, v.cfg, ctx.ppl, v.sparsifier, batch_size=PPL_BATCH.value,
+                              dense_prefix=prefix(ctx.ppl.shape[1]), zero_frac=True, progress=False)
+  zf = ppl["zero_frac"]
+  row = {"method": method, "sparsity": s,
+         "measured_sparsity": sparsity.parameter_weighted_sparsity(zf, v.cfg),
+         "gflops": flops.gflops(v.cfg, sparsity.per_matrix_sparsity(zf, v.cfg), transformed=v.transformed),
+         "ppl": ppl["ppl"]}
+  for t in st["tasks"]:
+    res = multiple_choice.evaluate(v.params, v.cfg, ctx.tok, ctx.examples[t], v.sparsifier,
+                                   batch_tokens=BATCH_TOKENS.value, dense_prefix=prefix, progress=False)
+    row[t] = res[TASKS[t].metric]
+    row[f"{t}/acc"], row[f"{t}/acc_norm"], row[f"{t}/n"] = res["acc"], res["acc_norm"], res["n"]
+  row["avg"] = sum(row[t] for t in st["tasks"]) / len(st["tasks"])
+  return row
+
+
+def main(argv):
+  del argv
+  if QUICK_FLAG.value:
+    for k, val in QUICK.items():
+      flags.FLAGS[k].parse(str(val))
+  bad = [t for t in TASK_LIST.value if t not in TASKS]
+  if bad:
+    raise app.UsageError(f"unknown tasks {bad}; choose from {list(TASKS)}")
+  sps = [float(x) for x in SPARSITIES.value]
+  st = settings()
+  key = hashlib.sha1(json.dumps(st, sort_keys=True).encode()).hexdigest()[:10]
+  cells = cell_list(list(METHODS.value), sps)
+  todo = [c for c in cells if not os.path.exists(cell_path(OUT.value, *c, key))]
+  print(f"{len(cells)} cells, {len(cells) - len(todo)} already done (settings key {key}) -> {OUT.value}")
+  from wina_jax.eval import variants
+  for m in METHODS.value:
+    variants.parse(m)
+  ctx = Context(st) if todo else None
+  for method, s in tqdm(todo, desc="sweep"):
+    t0 = time.time()
+    row = run_cell(ctx, method, s)
+    report.write_atomic(cell_path(OUT.value, method, s, key),
+                        json.dumps({"row": row, "settings": st, "seconds": time.time() - t0}, indent=1))
+    tqdm.write(f"{method} @ {s:g}: ppl {row['ppl']:.3f} avg {100 * row['avg']:.2f} "
+               f"measured sparsity {100 * row['measured_sparsity']:.1f}% ({time.time() - t0:.0f}s)")
+  rows = []
+  for c in cells:
+    with open(cell_path(OUT.value, *c, key)) as f:
+      rows.append(json.load(f)["row"])
+  header = (f"Sweep on {st['model'] or 'SmolLM2-135M-Instruct'} ({st['allocation']} allocation, "
+            f"{st['mode']} mode, prefill {st['prefill']}); rows per task: {st['limit'] or 'all'}; "
+            f"perplexity on {st['ppl_text']} ({st['ppl_windows']} x {st['seq_len']} tokens). "
+            f"GFLOPs per token from measured per-matrix sparsity.\n\n")
+  report.write_all(rows, st["tasks"], OUT.value, header)
+  print(report.markdown(rows, st["tasks"]))
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,102 @@
+"""Perplexity and multiple-choice scoring against independent torch computations on tiny HF models."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_hf_model
+from wina_jax.convert.load import from_transformers
+from wina_jax.eval import multiple_choice as mc
+from wina_jax.eval.perplexity import perplexity
+from wina_jax.eval.tasks import Example
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  model = make_hf_model("llama_gqa_tied")
+  params, cfg = from_transformers(model)
+  return model, params, cfg
+
+
+def test_perplexity_is_exp_mean_nll_of_transformers_loss(tiny, rng):
+  model, params, cfg = tiny
+  windows = rng.randint(0, cfg.vocab_size, (5, 24))
+  res = perplexity(params, cfg, windows, batch_size=2, progress=False)   # 5 = 2 + 2 + 1 padded
+  with torch.no_grad():
+    ids = torch.tensor(windows)
+    losses = [float(model(ids[i:i + 1], labels=ids[i:i + 1]).loss) for i in range(len(windows))]
+  assert res["tokens"] == 5 * 23
+  assert res["nll"] == pytest.approx(np.mean(losses), rel=1e-5)
+  assert res["ppl"] == pytest.approx(math.exp(np.mean(losses)), rel=1e-5)
+
+
+def test_perplexity_zero_frac_reports_sites_and_rejects_bad_windows(tiny, rng):
+  _, params, cfg = tiny
+  half = lambda site, x, kernel: x * (np.arange(x.shape[-1]) % 2 == 0)
+  res = perplexity(params, cfg, rng.randint(0, cfg.vocab_size, (3, 8)), half, batch_size=2,
+                   progress=False, zero_frac=True)
+  assert all(v == pytest.approx(0.5, abs=1e-6) for v in res["zero_frac"].values())
+  with pytest.raises(ValueError, match="windows"):
+    perplexity(params, cfg, np.zeros((0, 8), np.int32))
+
+
+def _torch_loglikelihood(model, ctx, cont):
+  """Sum of log p(cont | ctx) and greedy-ness, from one unbatched torch forward."""
+  ids = torch.tensor([ctx + cont])
+  with torch.no_grad():
+    logp = torch.log_softmax(model(ids).logits[0].double(), -1)
+  pos = torch.arange(len(ctx) - 1, len(ctx) + len(cont) - 1)
+  tgt = torch.tensor(cont)
+  return float(logp[pos, tgt].sum()), bool((logp[pos].argmax(-1) == tgt).all())
+
+
+def test_loglikelihoods_match_unbatched_torch(tiny, rng):
+  model, params, cfg = tiny
+  v = cfg.vocab_size
+  ctx_a = list(rng.randint(0, v, 9))
+  reqs = [(ctx_a, [5]), (ctx_a, [7]), (ctx_a, [5]),           # shared input, one-token continuations
+          (ctx_a[:4], ctx_a[4:] + [11]),                      # same input as above, longer continuation
+          (list(rng.randint(0, v, 3)), list(rng.randint(0, v, 4))),
+          (list(rng.randint(0, v, 70)), list(rng.randint(0, v, 6))),   # a second length bucket
+          ([1], [2])]
+  got = mc.loglikelihoods(params, cfg, reqs, batch_tokens=128, progress=False)
+  for (ctx, cont), (ll, greedy) in zip(reqs, got):
+    want, want_greedy = _torch_loglikelihood(model, ctx, cont)
+    assert ll == pytest.approx(want, abs=2e-4)
+    assert greedy == want_greedy
+  # a greedy continuation is recognised as such
+  ctx = list(rng.randint(0, v, 6))
+  with torch.no_grad():
+    nxt = int(model(torch.tensor([ctx])).logits[0, -1].argmax())
+  assert mc.loglikelihoods(params, cfg, [(ctx, [nxt])], progress=False)[0][1]
+
+
+def test_left_truncation_keeps_the_last_tokens(tiny, rng):
+  model, params, cfg = tiny
+  ctx, cont = list(rng.randint(0, cfg.vocab_size, 40)), [3, 4]
+  (ll, _), = mc.loglikelihoods(params, cfg, [(ctx, cont)], max_len=16, progress=False)
+  want, _ = _torch_loglikelihood(model, ctx[-(16 + 1 - 2):], cont)
+  assert ll == pytest.approx(want, abs=2e-4)
+
+
+def test_accuracy_hand_computed():
+  # choice lengths 1 and 4: raw scores prefer choice 0, per-character scores prefer choice 1
+  ex = Example(requests=(("q", " a"), ("q", " bbbb")), choices=("a", "bbbb"), gold=1)
+  ex2 = Example(requests=(("q", " x"), ("q", " y")), choices=("x", "y"), gold=0)
+  res = mc.accuracy([ex, ex2], [[-2.0, -4.0], [-1.0, -3.0]])
+  assert res == {"acc": 0.5, "acc_norm": 1.0, "n": 2}     # -4/4 > -2/1; ex2 right either way
+
+
+def test_encode_pair_moves_trailing_spaces_and_handles_empty_context():
+  enc = lambda s: [ord(c) for c in s]
+  assert mc.encode_pair(enc, "Q: a ", "b", prefix_id=0) == (enc("Q: a"), enc(" b"))
+  assert mc.encode_pair(enc, "", "hi", prefix_id=0) == ([0], enc("hi"))
+  assert mc.encode_pair(enc, "", "hi", prefix_id=ord("h")) == ([ord("h")], [ord("i")])
+
+
+def test_bucket_lengths_are_few(tiny):
+  lengths = {mc.bucket_length(n, 512) for n in range(1, 600)}
+  assert lengths == {64, 128, 256, 512}
+  with pytest.raises(ValueError, match="empty continuation"):
+    mc.loglikelihoods(tiny[1], tiny[2], [([1], [])], progress=False)

@@ -1,0 +1,60 @@
+"""A model variant to evaluate: a method spec + target sparsity -> (params, cfg, sparsifier).
+
+Spec grammar: a registered method (`wina_jax.sparsity.known_methods()`: dense, teal, wina, cats, ...),
+optionally suffixed '-transform' to run it on WINA-transformed params (`wina_jax.transform`): e.g.
+'teal-transform' is the paper's TEAL-T. Threshold mode and greedy allocation calibrate on
+`calib_windows` (dense score statistics; greedy paths for greedy allocation).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+import numpy as np
+
+from wina_jax.config import ModelConfig
+
+SUFFIX = "-transform"
+
+
+@dataclasses.dataclass
+class Variant:
+  params: dict
+  cfg: ModelConfig
+  sparsifier: Any
+  transformed: bool
+  method: str
+
+
+def parse(spec: str) -> tuple[str, bool]:
+  """'teal-transform' -> ('teal', True); validates the method name."""
+  from wina_jax import sparsity
+  base, transformed = (spec[:-len(SUFFIX)], True) if spec.endswith(SUFFIX) else (spec, False)
+  if base not in sparsity.known_methods():
+    raise ValueError(f"unknown method {spec!r}; use one of {sparsity.known_methods()}, optionally with "
+                     f"the suffix {SUFFIX!r}")
+  return base, transformed
+
+
+def build(params: dict, cfg: ModelConfig, spec: str, target: float, *, mode: str = "topk",
+          allocation: str = "uniform", calib_windows: Optional[np.ndarray] = None,
+          progress: bool = True) -> Variant:
+  """The variant `spec` at `target` sparsity (dense when target == 0 or the method is 'dense')."""
+  from wina_jax import sparsity
+  base, transformed = parse(spec)
+  if transformed:
+    from wina_jax.transform import transform
+    params, cfg = transform(params, cfg)
+  calibration = None
+  if target > 0 and base != "dense" and (mode == "threshold" or allocation == "greedy"):
+    if calib_windows is None:
+      raise ValueError(f"mode={mode!r} / allocation={allocation!r} need calibration windows")
+    method = sparsity.get_method(base)
+    calibration = sparsity.calibrate(params, cfg, method, calib_windows, progress=progress)
+    if allocation == "greedy":
+      from wina_jax.sparsity.allocation import greedy
+      calibration.paths = greedy(params, cfg, calibration, calib_windows, max_effective=max(0.9, target),
+                                 progress=progress)
+  sp = sparsity.make(base, params, cfg, target if base != "dense" else 0.0, mode=mode,
+                     calibration=calibration, allocation=allocation if target > 0 else "uniform")
+  return Variant(params, cfg, sp, transformed, spec)
