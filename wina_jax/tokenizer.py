@@ -1,15 +1,23 @@
-"""Tokenizers through transformers, GGUF-embedded ones included."""
+"""Tokenizers through transformers, GGUF-embedded ones included (cached after the first conversion)."""
 from __future__ import annotations
 
 import os
+
+from wina_jax.convert import cache
 
 
 def load_tokenizer(path: str):
   """A transformers tokenizer from a GGUF file or an HF checkpoint folder."""
   import transformers
   if os.path.isfile(path) and path.endswith(".gguf"):
+    saved = cache.file_key(path, "tokenizer")
+    if saved and os.path.isdir(saved):
+      return transformers.AutoTokenizer.from_pretrained(saved)
     folder, name = os.path.split(path)
-    return transformers.AutoTokenizer.from_pretrained(folder or ".", gguf_file=name)
+    tok = transformers.AutoTokenizer.from_pretrained(folder or ".", gguf_file=name)
+    if saved:
+      tok.save_pretrained(saved)
+    return tok
   if os.path.isdir(path):
     return transformers.AutoTokenizer.from_pretrained(path)
   raise FileNotFoundError(f"no tokenizer at {path}: expected a .gguf file or an HF checkpoint folder")

@@ -15,7 +15,7 @@ from flax import traverse_util
 
 from wina_jax import assets
 from wina_jax.config import ModelConfig
-from wina_jax.convert import names
+from wina_jax.convert import cache, names
 from wina_jax.convert.gguf_config import gguf_hf_config
 from wina_jax.convert.hf_config import from_hf_config
 
@@ -122,11 +122,9 @@ def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
   return w.reshape(n_heads, d_out // n_heads // 2, 2, d_in).swapaxes(1, 2).reshape(d_out, d_in)
 
 
-def from_gguf(path: str, dtype=jnp.float32) -> tuple[dict, ModelConfig]:
-  """Params and config from a llama-architecture GGUF file, dequantised with numpy (`gguf` package)."""
+def _gguf_tensors(path: str) -> tuple[dict[str, np.ndarray], ModelConfig]:
+  """HF-named [out, in] float32 arrays and the config of a GGUF file (the slow part: ~15 s)."""
   import gguf
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"GGUF file {path} not found. For the default model, {assets.FETCH_HINT}")
   reader = gguf.GGUFReader(path)
   cfg = from_hf_config(gguf_hf_config(reader))
   tensors = {}
@@ -141,6 +139,18 @@ def from_gguf(path: str, dtype=jnp.float32) -> tuple[dict, ModelConfig]:
     elif name.endswith("k_proj.weight"):
       w = unpermute_qk(w, cfg.num_key_value_heads)
     tensors[name] = w
+  return tensors, cfg
+
+
+def from_gguf(path: str, dtype=jnp.float32, use_cache: bool = True) -> tuple[dict, ModelConfig]:
+  """Params and config from a llama-architecture GGUF file, dequantised with numpy (`gguf` package).
+
+  use_cache: reuse the dequantised arrays from `wina_jax.convert.cache` (keyed by the file's identity).
+  """
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"GGUF file {path} not found. For the default model, {assets.FETCH_HINT}")
+  build = lambda: _gguf_tensors(path)
+  tensors, cfg = cache.cached_arrays(path, build) if use_cache else build()
   return from_state_dict(tensors, cfg, dtype), cfg
 
 
