@@ -10,6 +10,7 @@ from flax import traverse_util
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from wina_jax import model as M
+from wina_jax import sparsity
 from wina_jax import sharding as SH
 from wina_jax.config import ModelConfig
 from wina_jax.convert.load import expected_shapes
@@ -62,17 +63,6 @@ def setup(cfg_name, mesh_name, rotations=False):
   return cfg, mesh, params, SH.shard_params(params, cfg, mesh, fsdp)
 
 
-@pytest.fixture(scope="module")
-def topk_half():
-  """Keep the largest half of |x| per token at every site (a global top-k over the whole d_in)."""
-  def sp(site, x, kernel):
-    del site, kernel
-    k = x.shape[-1] // 2
-    kth = jax.lax.top_k(jnp.abs(x), k)[0][..., -1:]
-    return jnp.where(jnp.abs(x) >= kth, x, 0)
-  return sp
-
-
 def test_params_are_placed_by_the_rules():
   cfg, mesh, _, ps = setup("gqa_tied", "tp4")
   lp = ps["layers"]["0"]
@@ -100,33 +90,38 @@ def test_dense_logits_match_one_device(cfg_name, mesh_name):
   close(compiled(ps, SH.shard_batch(tok, mesh)), logits(params, tok))
 
 
-@pytest.mark.parametrize("mesh_name", sorted(MESHES))
-def test_topk_sparsified_logits_match_one_device(mesh_name, topk_half):
-  cfg, mesh, params, ps = setup("mha", mesh_name)
+@pytest.mark.parametrize("method,settings,mesh_name", [("teal", {}, "tp4"), ("wina", {"c_sites": "all"}, "tp4"),
+                                                        ("wina", {}, "dp2_tp2_fsdp")])
+def test_sparsified_logits_match_one_device(method, settings, mesh_name):
+  """Top-k 50% at every linear site, WINA's column norms computed from the sharded kernels."""
+  cfg, mesh, params, ps = setup("gqa_tied", mesh_name)
   tok = tokens(cfg)
-  ref = M.jit_forward(params, tok, cfg, topk_half, collect=("zero_frac",))
-  out = M.jit_forward(ps, SH.shard_batch(tok, mesh), cfg, topk_half, collect=("zero_frac",))
+  ref = M.jit_forward(params, tok, cfg, sparsity.make(method, params, cfg, 0.5, **settings),
+                      collect=("zero_frac",))
+  sp = sparsity.make(method, ps, cfg, 0.5, **settings)
+  out = M.jit_forward(ps, SH.shard_batch(tok, mesh), cfg, sp, collect=("zero_frac",))
   close(out.logits, ref.logits)
-  assert all(abs(float(v) - 0.5) < 1e-6 for v in out.aux["zero_frac"].values())
+  assert not np.allclose(ref.logits, M.jit_forward(params, tok, cfg).logits, atol=1e-2)   # really sparse
+  zf = out.aux["zero_frac"]
+  assert all(abs(float(zf[s]) - 0.5) < 1e-6 for s, _ in sp.keep) and len(sp.keep) == 14
 
 
-def test_topk_mask_is_global_per_token_not_per_shard(topk_half):
-  """down_proj's input [B, T, I] is sharded over I on 'model': the mask must still hold the global top
-  half of every token, which a per-shard top-k (shard_map) does not."""
+def test_topk_mask_is_global_per_token_not_per_shard():
+  """down_proj's input [B, T, I] is sharded over I on 'model': the jitted top-k mask must still hold the
+  global top half of every token, which a per-shard top-k (shard_map) does not."""
   cfg, mesh, params, ps = setup("mha", "tp4")
   tok = tokens(cfg)
-  site = "layers.1.mlp.down_proj"
-  x = M.jit_forward(params, tok, cfg, collect=("inputs",)).aux["inputs"][site]
-  ref = topk_half(site, x, None) != 0
-  fwd = jax.jit(lambda p, t: M.forward(p, t, cfg, collect=("inputs",)).aux["inputs"][site])
-  xs = fwd(ps, tok)
+  site, k = "layers.1.mlp.down_proj", cfg.intermediate_size // 2
+  mask = jax.jit(lambda x: sparsity.topk_mask(jnp.abs(x), k))
+  inputs = jax.jit(lambda p, t: M.forward(p, t, cfg, collect=("inputs",)).aux["inputs"][site])
+  x, xs = inputs(params, tok), inputs(ps, tok)
   assert xs.sharding.spec[-1] == "model"      # the site input really is sharded over its last dim
-  got = jax.jit(lambda v: topk_half(site, v, None) != 0)(xs)
-  np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
-  assert (np.asarray(got).sum(-1) == cfg.intermediate_size // 2).all()
-  per_shard = jax.shard_map(lambda v: topk_half(site, v, None) != 0, mesh=mesh,
+  ref, got = np.asarray(mask(x)), np.asarray(mask(xs))
+  np.testing.assert_array_equal(got, ref)
+  assert (got.sum(-1) == k).all()
+  per_shard = jax.shard_map(lambda v: sparsity.topk_mask(jnp.abs(v), k // 4), mesh=mesh,
                             in_specs=P(None, None, "model"), out_specs=P(None, None, "model"))(xs)
-  assert (np.asarray(per_shard) != np.asarray(ref)).mean() > 0.01   # per-shard top-k is a different mask
+  assert (np.asarray(per_shard) != ref).mean() > 0.05   # per-shard top-k is a different mask
 
 
 def test_kv_cache_decode_matches_one_device():
