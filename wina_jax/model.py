@@ -125,6 +125,16 @@ def _rotate(h: jax.Array, lp: dict, key: str) -> jax.Array:
   return h @ lp[key]["kernel"] if key in lp else h
 
 
+def decoder_layer(cfg: ModelConfig, lp: dict, h: jax.Array, layer: int, sparsifier: Any = S.dense) -> jax.Array:
+  """One decoder layer without a cache: residual `h` [B, T, d] entering layer `layer` -> its output
+  residual [B, T, d], every token sparse. For per-layer calibration (e.g. greedy sparsity allocation)."""
+  ctx = _Ctx(sparsifier, None, ())
+  positions = jnp.arange(h.shape[1], dtype=jnp.int32)
+  attn, _ = attention_block(cfg, lp, h, layer, ctx, positions, None, h.shape[1])
+  h = _rotate(h, lp, "residual_attn") + attn
+  return _rotate(h, lp, "residual_mlp") + mlp_block(cfg, lp, h, layer, ctx)
+
+
 def lm_head_kernel(params: Params, cfg: ModelConfig) -> jax.Array:
   """[d, vocab]: the untied lm_head or the transposed embedding."""
   return params["embed_tokens"]["embedding"].T if cfg.tie_word_embeddings else params["lm_head"]["kernel"]

@@ -1,13 +1,19 @@
 """Training-free activation sparsity: methods, the registry, calibration, allocation and measurement.
 
   from wina_jax import sparsity
-  sp = sparsity.make("wina", params, cfg, sparsity=0.5)                       # top-k at run time
-  calib = sparsity.calibrate(params, cfg, "wina", windows)                    # dense score statistics
-  sp = sparsity.make("wina", params, cfg, 0.5, mode="threshold", calibration=calib)
+  sp = sparsity.make("wina", params, cfg, sparsity=0.5)                           # top-k at run time
+  calib = sparsity.calibrate(params, cfg, sparsity.get_method("wina"), windows)   # dense statistics
+  calib.paths = sparsity.greedy(params, cfg, calib, windows)                      # optional allocation
+  sparsity.save("wina.npz", calib); calib = sparsity.load("wina.npz", params, cfg)
+  sp = sparsity.make("wina", params, cfg, 0.5, mode="threshold", calibration=calib, allocation="greedy")
 """
 from wina_jax.sparsity import methods as _builtins  # noqa: F401  (registers dense/teal/wina/cats)
+from wina_jax.sparsity.allocation import GreedyPath, greedy, pick, uniform
 from wina_jax.sparsity.base import MODES, Method, ScoreSparsifier, check_sparsity, keep_count, topk_mask
+from wina_jax.sparsity.calibration import Calibration, calibrate, fingerprint, windows_from_text
 from wina_jax.sparsity.measure import parameter_weighted_sparsity, per_matrix_sparsity, site_weights
 from wina_jax.sparsity.methods import column_norms
 from wina_jax.sparsity.prefill import dense_prefix
-from wina_jax.sparsity.registry import get_method, known_methods, make, register, site_sparsities, site_width
+from wina_jax.sparsity.registry import (ALLOCATIONS, get_method, known_methods, make, register,
+                                        site_sparsities, site_width)
+from wina_jax.sparsity.store import load, save

@@ -21,6 +21,7 @@ from wina_jax.config import ModelConfig
 from wina_jax.sparsity.base import MODES, Method, ScoreSparsifier, check_sparsity, keep_count
 
 _METHODS: dict[str, type] = {}
+ALLOCATIONS = ("uniform", "greedy")
 Sparsities = Union[float, Mapping[str, float]]
 
 
@@ -74,17 +75,27 @@ def site_sparsities(method: Method, cfg: ModelConfig, sparsity: Sparsities) -> d
 
 
 def make(name: Union[str, Method], params: dict, cfg: ModelConfig, sparsity: Sparsities = 0.5, *,
-         mode: str = "topk", calibration=None, **settings) -> ScoreSparsifier:
+         mode: str = "topk", calibration=None, allocation: str = "uniform", **settings) -> ScoreSparsifier:
   """Build a sparsifier for method `name` (or a `Method` instance) at target `sparsity`.
 
   sparsity: one float in [0, 1) for every site, or {site: s} (e.g. from `allocation.greedy_pick`).
   mode: 'topk' (exact k per token, at run time) or 'threshold' (needs `calibration`, a
     `wina_jax.sparsity.calibration.Calibration` of the same method on these params).
+  allocation: 'uniform', or 'greedy' to spread a float `sparsity` over sites along the greedy paths
+    stored in `calibration.paths` (`wina_jax.sparsity.allocation.greedy`).
   settings: method settings, e.g. c_sites='all' for wina.
   """
   method = name if isinstance(name, Method) else get_method(name, **settings)
   if mode not in MODES:
     raise ValueError(f"unknown mode {mode!r}; choose from {MODES}")
+  if allocation not in ALLOCATIONS:
+    raise ValueError(f"unknown allocation {allocation!r}; choose from {ALLOCATIONS}")
+  if allocation == "greedy":
+    if calibration is None or not calibration.paths or isinstance(sparsity, Mapping):
+      raise ValueError("allocation='greedy' needs one float sparsity and calibration=... holding greedy "
+                       "paths (run experiments/calibrate.py --allocation=greedy)")
+    from wina_jax.sparsity.allocation import pick
+    sparsity = pick(calibration.paths, sparsity)
   targets = site_sparsities(method, cfg, sparsity)
   state = method.state(params, cfg)
   if mode == "topk":

@@ -1,0 +1,140 @@
+"""Sparsity allocation across sites: uniform, or TEAL's greedy per-layer (block-wise) search.
+
+Greedy, for each decoder layer on saved calibration inputs (the residual entering the layer):
+weights w_j = parameters behind site j / hidden_size^2; effective sparsity = sum w_j s_j / sum w_j.
+Starting from all s_j = 0, every step tries raising each site by 0.05 / w_j (thresholds from the
+calibration quantiles) and keeps the raise with the least layer-output error (mean per-token l2 error
+over the last 25% of tokens, vs the dense layer), until the effective sparsity reaches `max_effective`.
+The recorded path serves any target: `pick` takes, per layer, the row closest to it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Mapping, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from wina_jax import sites as S
+from wina_jax.config import ModelConfig
+from wina_jax.sparsity.base import Method, ScoreSparsifier, check_sparsity
+from wina_jax.sparsity.calibration import Calibration
+from wina_jax.sparsity.measure import site_weights
+from wina_jax.sparsity.registry import site_sparsities
+
+
+@dataclasses.dataclass
+class GreedyPath:
+  """One layer's greedy path. sites: (n,) site names; weights: [n]; sparsities: [R, n] per-site
+  sparsity after each step (row 0 all zero); effective: [R]; error: [R] layer-output error of the row;
+  baseline: [R] error of uniform sparsity at the same effective sparsity."""
+  sites: tuple
+  weights: np.ndarray
+  sparsities: np.ndarray
+  effective: np.ndarray
+  error: np.ndarray
+  baseline: np.ndarray
+
+
+def uniform(method: Method, cfg: ModelConfig, sparsity: float) -> dict[str, float]:
+  """{site: sparsity} for every site the method masks."""
+  return site_sparsities(method, cfg, sparsity)
+
+
+def layer_sites(method: Method, cfg: ModelConfig, layer: int) -> list[str]:
+  return [s for s in method.sites(cfg) if S.parse_site(s)[0] == layer]
+
+
+def _rename(site: str, layer: int) -> str:
+  _, block, proj = S.parse_site(site)
+  return S.site_name(layer, block, proj)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "method", "sites", "start"))
+def _errors(lp, h, target, thresholds, state, cfg, method, sites, start):
+  """Mean per-token l2 error over tokens >= start of the layer under each row of thresholds [C, n]."""
+  from wina_jax.model import decoder_layer   # allocation drives the model; sparsifiers never do
+  def one(th):
+    sp = ScoreSparsifier(method=method, mode="threshold", thresholds=dict(zip(sites, th)), state=state)
+    out = decoder_layer(cfg, lp, h, 0, sp)   # sites renamed to layer 0: one compile serves every layer
+    return jnp.mean(jnp.linalg.norm((out - target)[:, start:].astype(jnp.float32), axis=-1))
+  return jax.vmap(one)(thresholds)
+
+
+def greedy(params: dict, cfg: ModelConfig, calib: Calibration, windows: np.ndarray, *,
+           layers: Optional[Sequence[int]] = None, max_effective: float = 0.9, step: float = 0.05,
+           max_site: float = 0.99, last_fraction: float = 0.25, progress: bool = True) -> dict[int, GreedyPath]:
+  """Greedy paths {layer: GreedyPath} for `calib.method` on `windows` [N, T] (calibration text)."""
+  from wina_jax.model import jit_forward
+  check_sparsity(max_effective, "max_effective")
+  if not 0 < last_fraction <= 1:
+    raise ValueError(f"last_fraction={last_fraction} must be in (0, 1]")
+  method = calib.method
+  state_all = method.state(params, cfg)
+  resid = jit_forward(params, jnp.asarray(windows), cfg, collect=("residual",)).aux["residual"]
+  start = int(windows.shape[1] * (1 - last_fraction))
+  layers = range(cfg.num_hidden_layers) if layers is None else layers
+  counts = site_weights(cfg)
+  paths = {}
+  for layer in tqdm(layers, desc=f"greedy {method.name}", disable=not progress):
+    sites = layer_sites(method, cfg, layer)
+    if not sites:
+      continue
+    local = tuple(_rename(s, 0) for s in sites)
+    state = {_rename(s, 0): v for s, v in state_all.items() if s in sites}
+    w = np.asarray([counts[s] / cfg.hidden_size ** 2 for s in sites])
+    lp = params["layers"][str(layer)]
+    h = resid[f"layers.{layer}.self_attn"]
+    target = _dense_layer(lp, h, cfg)
+    ths = lambda row: [calib.threshold(s, v) for s, v in zip(sites, row)]
+    err = functools.partial(_errors, lp, h, target, state=state, cfg=cfg, method=method, sites=local, start=start)
+    cur = np.zeros(len(sites))
+    rows, effs, errs, bases = [cur.copy()], [0.0], [0.0], []
+    while effs[-1] < max_effective:
+      cands = np.repeat(cur[None], len(sites), axis=0)
+      open_ = cur < max_site
+      if not open_.any():
+        break
+      for j in range(len(sites)):
+        cands[j, j] = min(cur[j] + step / w[j], max_site)
+      eff = float(w @ cur / w.sum())
+      th = np.asarray([ths(c) for c in cands] + [ths(np.full(len(sites), min(eff, max_site)))], np.float32)
+      e = np.asarray(err(jnp.asarray(th)))
+      bases.append(float(e[-1]))
+      e = np.where(open_, e[:-1], np.inf)
+      j = int(np.argmin(e))
+      cur = cands[j]
+      rows.append(cur.copy()); effs.append(float(w @ cur / w.sum())); errs.append(float(e[j]))
+    eff = float(w @ cur / w.sum())
+    bases.append(float(np.asarray(err(jnp.asarray([ths(np.full(len(sites), min(eff, max_site)))],
+                                                      np.float32)))[0]))
+    paths[layer] = GreedyPath(tuple(sites), w, np.asarray(rows), np.asarray(effs), np.asarray(errs),
+                              np.asarray(bases))
+  return paths
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _dense_layer(lp, h, cfg):
+  from wina_jax.model import decoder_layer
+  return decoder_layer(cfg, lp, h, 0)
+
+
+def pick(paths: Mapping[int, GreedyPath], target: float) -> dict[str, float]:
+  """{site: s}: per layer, the path row whose effective sparsity is closest to `target`."""
+  check_sparsity(target, "target sparsity")
+  out = {}
+  for layer, p in paths.items():
+    if target > p.effective[-1] + 1e-9 and len(p.effective) > 1:
+      raise ValueError(f"layer {layer}'s greedy path ends at effective sparsity {p.effective[-1]:.3f} < "
+                       f"{target}; rerun the allocation with max_effective >= {target}")
+    r = int(np.argmin(np.abs(p.effective - target)))
+    out.update({s: float(v) for s, v in zip(p.sites, p.sparsities[r])})
+  return out
+
+
+def effective(sparsities: Mapping[str, float], path: GreedyPath) -> float:
+  """Weighted mean of `sparsities` over one layer's sites (the path's weights)."""
+  return float(sum(w * sparsities.get(s, 0.0) for s, w in zip(path.sites, path.weights)) / path.weights.sum())
