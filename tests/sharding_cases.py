@@ -157,3 +157,14 @@ def test_calibration_statistics_match_one_device():
   assert set(out) == set(ref)
   for s in ref:
     close(out[s], ref[s], tol=1e-5)
+
+
+def test_calibrate_on_sharded_params_matches_one_device():
+  cfg, mesh, params, ps = setup("mha", "dp2_tp2_fsdp")
+  windows = np.asarray(tokens(cfg, b=4, t=16))
+  method = sparsity.get_method("wina")
+  ref = sparsity.calibrate(params, cfg, method, windows, samples_per_site=512, progress=False)
+  out = sparsity.calibrate(ps, cfg, method, windows, samples_per_site=512, progress=False)
+  assert out.fingerprint == ref.fingerprint and set(out.quantiles) == set(ref.quantiles)
+  for s in ref.quantiles:
+    close(out.quantiles[s], ref.quantiles[s], tol=1e-5)

@@ -55,7 +55,7 @@ def test_rules_shard_whole_heads_and_fall_back_when_indivisible():
 
 # Groups of tests/sharding_cases.py, one subprocess each (so pytest-xdist can spread them).
 GROUPS = ["placed or decode or calibration", "dense_logits and tp4", "dense_logits and dp2",
-          "sparsified or global"]
+          "sparsified or global", "transform or calibrate"]
 
 
 @pytest.mark.parametrize("group", GROUPS)
