@@ -1,0 +1,135 @@
+"""WINA tensor transform: the dense model is unchanged and k_proj / gate_proj become column-orthogonal."""
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from conftest import TINY_CONFIGS, make_hf_model
+from wina_jax.analysis import column_orthogonality_defect
+from wina_jax.convert import from_transformers
+from wina_jax.model import forward, init_cache
+from wina_jax.transform import block_bases, key_kernel, shortcut_cost, transform
+
+
+def _perturb(params, rng):
+  """Random RMSNorm gains and biases, so folding and bias rotation are exercised (HF inits them 1 / 0)."""
+  flat = traverse_util.flatten_dict(params, sep="/")
+  for k, v in flat.items():
+    if k.endswith("/scale"):
+      flat[k] = jnp.asarray(1 + 0.5 * rng.randn(*v.shape), v.dtype)
+    elif k.endswith("/bias"):
+      flat[k] = jnp.asarray(0.1 * rng.randn(*v.shape), v.dtype)
+  return traverse_util.unflatten_dict(flat, sep="/")
+
+
+def _rel_delta(a, b):
+  a, b = np.asarray(a), np.asarray(b)
+  return np.abs(a - b).max() / np.abs(a).max()
+
+
+def _key_kernels(params, cfg):
+  """Transformed k (or fused k part) and gate (or fused gate part) kernels: {(layer, block): [d, n]}."""
+  return {(l, b): key_kernel(params["layers"][str(l)], cfg, b)
+          for l in range(cfg.num_hidden_layers) for b in ("self_attn", "mlp")}
+
+
+@pytest.mark.parametrize("name", sorted(TINY_CONFIGS))
+def test_tiny_transform_is_invariant_and_orthogonal(name, rng):
+  params, cfg = from_transformers(make_hf_model(name))
+  params = _perturb(params, rng)
+  tp, tcfg = transform(params, cfg)
+  tokens = jnp.asarray(rng.randint(0, cfg.vocab_size, (2, 19)))
+  ref = forward(params, tokens, cfg).logits
+  assert _rel_delta(ref, forward(tp, tokens, tcfg).logits) <= 1e-4
+  assert not tcfg.tie_word_embeddings and tp["lm_head"]["kernel"].shape == (cfg.hidden_size, cfg.vocab_size)
+  for lp in tp["layers"].values():
+    np.testing.assert_array_equal(lp["input_layernorm"]["scale"], 1)
+    np.testing.assert_array_equal(lp["post_attention_layernorm"]["scale"], 1)
+  for block, k in _key_kernels(tp, tcfg).items():
+    assert column_orthogonality_defect(k) <= 1e-6, block
+  # the untransformed key kernels are far from column-orthogonal, so the check above is not vacuous
+  assert max(column_orthogonality_defect(k) for k in _key_kernels(params, cfg).values()) > 1e-2
+
+
+def test_gqa_basis_is_full_and_orthogonal():
+  params, cfg = from_transformers(make_hf_model("llama3_rope"))   # one kv head: k_proj is [64, 16]
+  assert cfg.kv_dim < cfg.hidden_size
+  for q in block_bases(params, cfg).values():
+    np.testing.assert_allclose(q.T @ q, np.eye(cfg.hidden_size), atol=1e-12)
+
+
+def test_partial_transform(rng):
+  params, cfg = from_transformers(make_hf_model("qwen2_bias"))
+  params = _perturb(params, rng)
+  tp, tcfg = transform(params, cfg, blocks=[(1, "self_attn")])
+  tokens = jnp.asarray(rng.randint(0, cfg.vocab_size, (1, 11)))
+  assert _rel_delta(forward(params, tokens, cfg).logits, forward(tp, tokens, tcfg).logits) <= 1e-4
+  keys = _key_kernels(tp, tcfg)
+  assert column_orthogonality_defect(keys[(1, "self_attn")]) <= 1e-6
+  assert column_orthogonality_defect(keys[(0, "mlp")]) > 1e-2
+  # the embedding stays in the identity basis: only layer 0's MLP -> layer 1's attention path rotates
+  assert "residual_attn" not in tp["layers"]["0"] and "residual_mlp" in tp["layers"]["0"]
+  with pytest.raises(ValueError, match="bad block"):
+    transform(params, cfg, blocks=[(2, "mlp")])
+
+
+def test_refuses_to_transform_twice():
+  params, cfg = from_transformers(make_hf_model("llama_mha"))
+  tp, tcfg = transform(params, cfg)
+  with pytest.raises(ValueError, match="already transformed"):
+    transform(tp, tcfg)
+
+
+def test_keeps_dtype():
+  params, cfg = from_transformers(make_hf_model("llama_gqa_tied"), dtype=jnp.bfloat16)
+  tp, _ = transform(params, cfg)
+  assert {v.dtype for v in traverse_util.flatten_dict(tp).values()} == {jnp.dtype(jnp.bfloat16)}
+
+
+def _decode(params, cfg, tokens, prefill):
+  cache = init_cache(cfg, tokens.shape[0], tokens.shape[1])
+  out = forward(params, tokens[:, :prefill], cfg, cache=cache)
+  steps, cache = [out.logits], out.cache
+  for t in range(prefill, tokens.shape[1]):
+    out = forward(params, tokens[:, t:t + 1], cfg, cache=cache)
+    steps.append(out.logits)
+    cache = out.cache
+  return np.concatenate(steps, axis=1)
+
+
+@pytest.fixture(scope="module")
+def smollm2_transformed(smollm2):
+  return transform(*smollm2)
+
+
+def test_smollm2_transform_is_invariant_with_kv_cache(smollm2, smollm2_transformed, rng):
+  (params, cfg), (tp, tcfg) = smollm2, smollm2_transformed
+  tokens = jnp.asarray(rng.randint(0, cfg.vocab_size, (1, 12)))
+  ref = forward(params, tokens, cfg).logits
+  assert np.abs(np.asarray(ref)).max() > 1.0
+  assert _rel_delta(ref, forward(tp, tokens, tcfg).logits) <= 1e-4
+  dec_ref = _decode(params, cfg, tokens, 8)
+  dec = _decode(tp, tcfg, tokens, 8)
+  np.testing.assert_allclose(dec_ref, ref, atol=1e-3 * np.abs(dec_ref).max())   # the decode is real
+  assert _rel_delta(dec_ref, dec) <= 1e-4
+
+
+def test_smollm2_key_kernels_are_column_orthogonal(smollm2_transformed):
+  tp, tcfg = smollm2_transformed
+  for block, k in _key_kernels(tp, tcfg).items():
+    assert column_orthogonality_defect(k) <= 1e-6, block
+
+
+def test_smollm2_shortcut_cost(smollm2, smollm2_transformed):
+  (_, cfg), (tp, tcfg) = smollm2, smollm2_transformed
+  cost = shortcut_cost(tp, tcfg, cfg)
+  d = cfg.hidden_size
+  n = 2 * cfg.num_hidden_layers - 1    # the last layer's MLP shortcut is the identity
+  assert cost["shortcuts"] == n and cost["flops"] == 2 * d * d * n and cost["bytes"] == 4 * d * d * n
+  assert cost["untie_bytes"] == 4 * cfg.vocab_size * d
+  assert 0 < cost["flops_frac"] < 1 and 0 < cost["bytes_frac"] < 1
+  for l in range(cfg.num_hidden_layers):   # each shortcut is orthogonal
+    for key in ("residual_attn", "residual_mlp"):
+      if key in tp["layers"][str(l)]:
+        r = np.asarray(tp["layers"][str(l)][key]["kernel"], np.float64)
+        np.testing.assert_allclose(r.T @ r, np.eye(d), atol=1e-5)

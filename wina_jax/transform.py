@@ -1,0 +1,175 @@
+"""WINA tensor transform: rotate the residual stream so that k_proj and gate_proj become column-orthogonal.
+
+For each transformed block (layer l, 'self_attn' or 'mlp') the basis Q [d, d] comes from the float64 SVD of
+the block's key kernel K [d, n] (k_proj, or gate_proj; the k / gate part of Phi-3's fused kernels) after the
+block's RMSNorm gain is folded in: K = Q S U^T, so Q^T K = S U^T has orthogonal rows (torch columns). When
+n < d (GQA k_proj) the SVD is full, so Q is still a d x d orthogonal basis.
+
+The residual stream entering a block is carried in that block's basis. RMSNorm commutes with rotations,
+so with gains folded into the following linears the dense model is unchanged:
+
+  embedding      E @ Q_attn,0
+  q/k/v, qkv     Q_attn,l^T diag(g_in) K            o_proj      W_o @ Q_mlp,l    (bias @ Q_mlp,l)
+  gate/up        Q_mlp,l^T diag(g_post) K           down_proj   W_d @ Q_next     (bias @ Q_next)
+  residual_attn  Q_attn,l^T Q_mlp,l                 residual_mlp  Q_mlp,l^T Q_next
+  lm_head        Q_last^T diag(g_final) lm_head      (untied: the embedding and lm_head differ)
+
+Q_next is Q_attn,l+1, or Q_mlp,l for the last layer (whose residual_mlp is then the identity and omitted).
+An untransformed block (see `blocks=`) has Q = I; shortcuts between two identity bases are omitted.
+The embedding mean is NOT subtracted (that breaks invariance on RMSNorm models).
+"""
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from wina_jax import sites as S
+from wina_jax.config import ModelConfig
+
+BLOCKS = ("self_attn", "mlp")
+Block = tuple[int, str]          # (layer, 'self_attn' | 'mlp')
+HI = jax.lax.Precision.HIGHEST
+
+
+def _f64(a) -> np.ndarray:
+  return np.asarray(a, np.float64)
+
+
+def key_kernel(lp: dict, cfg: ModelConfig, block: str) -> np.ndarray:
+  """[d, n] float64 kernel whose SVD defines the block's basis, with the block's RMSNorm gain folded in."""
+  if block == "self_attn":
+    g = lp["input_layernorm"]["scale"]
+    k = (_f64(lp["self_attn"]["qkv_proj"]["kernel"])[:, cfg.q_dim:cfg.q_dim + cfg.kv_dim] if cfg.fused_qkv
+         else _f64(lp["self_attn"]["k_proj"]["kernel"]))
+  elif block == "mlp":
+    g = lp["post_attention_layernorm"]["scale"]
+    k = (_f64(lp["mlp"]["gate_up_proj"]["kernel"])[:, :cfg.intermediate_size] if cfg.fused_gate_up
+         else _f64(lp["mlp"]["gate_proj"]["kernel"]))
+  else:
+    raise ValueError(f"unknown block {block!r}; expected one of {BLOCKS}")
+  return _f64(g)[:, None] * k
+
+
+def orthogonalizing_basis(kernel: np.ndarray) -> np.ndarray:
+  """[d, d] orthogonal Q (float64): the left singular vectors of kernel [d, n] (any rank), so Q^T kernel
+  has orthogonal rows. Wide kernels (n > d) are first reduced by QR (kernel = R^T Q_r^T, R [d, d]), which
+  leaves the left singular vectors unchanged and avoids computing the [n, d] right factor."""
+  k = _f64(kernel)
+  d, n = k.shape
+  if n > d:
+    k = np.linalg.qr(k.T, mode="r").T
+  return np.linalg.svd(k, full_matrices=True)[0]
+
+
+def _check_blocks(blocks: Optional[Iterable[Block]], cfg: ModelConfig) -> set[Block]:
+  if blocks is None:
+    return {(l, b) for l in range(cfg.num_hidden_layers) for b in BLOCKS}
+  out = set()
+  for l, b in blocks:
+    if b not in BLOCKS or not 0 <= l < cfg.num_hidden_layers:
+      raise ValueError(f"bad block {(l, b)!r}; expected (layer in [0, {cfg.num_hidden_layers}), one of {BLOCKS})")
+    out.add((int(l), b))
+  return out
+
+
+def block_bases(params: dict, cfg: ModelConfig, blocks: Optional[Iterable[Block]] = None
+                ) -> dict[Block, Optional[np.ndarray]]:
+  """{(layer, block): Q [d, d] float64, or None (identity) for blocks not in `blocks` (default: all)}."""
+  chosen = _check_blocks(blocks, cfg)
+  return {(l, b): orthogonalizing_basis(key_kernel(params["layers"][str(l)], cfg, b)) if (l, b) in chosen
+          else None for l in range(cfg.num_hidden_layers) for b in BLOCKS}
+
+
+def _f32(a) -> jax.Array:
+  return jnp.asarray(a, jnp.float32)
+
+
+def _rot_in(q: Optional[np.ndarray], w: jax.Array) -> jax.Array:
+  """Q^T w: rotate the input side of a [d, n] kernel (float32 at full precision)."""
+  return w if q is None else jnp.matmul(_f32(q.T), w, precision=HI)
+
+
+def _rot_out(w: jax.Array, q: Optional[np.ndarray]) -> jax.Array:
+  """w Q: rotate the output side of a [n, d] kernel or a [d] bias."""
+  return w if q is None else jnp.matmul(w, _f32(q), precision=HI)
+
+
+def _shortcut(a: Optional[np.ndarray], b: Optional[np.ndarray]) -> Optional[np.ndarray]:
+  """A^T B in float64 (None = identity), or None when both bases are the same object."""
+  if a is b:
+    return None
+  if a is None or b is None:
+    return b if a is None else a.T
+  return a.T @ b
+
+
+def transform(params: dict, cfg: ModelConfig, *, blocks: Optional[Iterable[Block]] = None
+              ) -> tuple[dict, ModelConfig]:
+  """WINA-transformed `(params, cfg)`; dense outputs are unchanged (see the module docstring).
+
+  blocks: (layer, 'self_attn' | 'mlp') pairs to orthogonalise; None = every block. Gains are always folded
+  and embeddings always untied. Bases and shortcuts in float64, the rotated weights as float32 products at
+  full precision; each array is cast back to its input dtype.
+  """
+  flat = traverse_util.flatten_dict(params, sep="/")
+  if any("residual_" in k for k in flat):
+    raise ValueError("params already carry residual rotations (already transformed); transform the original")
+  dtypes = {k: v.dtype for k, v in flat.items()}
+  out: dict[str, jax.Array] = {}
+  bases = block_bases(params, cfg, blocks)
+  n = cfg.num_hidden_layers
+  emb = _f32(flat["embed_tokens/embedding"])
+  out["embed_tokens/embedding"] = _rot_out(emb, bases[(0, "self_attn")])
+  for l in range(n):
+    p, lp = f"layers/{l}", params["layers"][str(l)]
+    qa, qm = bases[(l, "self_attn")], bases[(l, "mlp")]
+    q_next = bases[(l + 1, "self_attn")] if l + 1 < n else qm
+    for block, q_in, q_out, norm in (("self_attn", qa, qm, "input_layernorm"),
+                                     ("mlp", qm, q_next, "post_attention_layernorm")):
+      g = _f32(lp[norm]["scale"])
+      out[f"{p}/{norm}/scale"] = jnp.ones_like(g)
+      *ins, last = S.block_sites(cfg, block)
+      for proj in ins:
+        out[f"{p}/{block}/{proj}/kernel"] = _rot_in(q_in, g[:, None] * _f32(lp[block][proj]["kernel"]))
+      for kind in ("kernel", "bias"):
+        if kind in lp[block][last]:
+          out[f"{p}/{block}/{last}/{kind}"] = _rot_out(_f32(lp[block][last][kind]), q_out)
+      shortcut = _shortcut(q_in, q_out)
+      if shortcut is not None:
+        key = f"{p}/residual_{'attn' if block == 'self_attn' else 'mlp'}/kernel"
+        out[key], dtypes[key] = _f32(shortcut), dtypes["embed_tokens/embedding"]
+  g = _f32(flat["norm/scale"])
+  out["norm/scale"] = jnp.ones_like(g)
+  head = emb.T if cfg.tie_word_embeddings else _f32(flat["lm_head/kernel"])
+  out["lm_head/kernel"] = _rot_in(bases[(n - 1, "mlp")], g[:, None] * head)
+  dtypes.setdefault("lm_head/kernel", dtypes["embed_tokens/embedding"])
+  for k, v in flat.items():      # biases of q/k/v and gate/up are on the output side: unchanged
+    out.setdefault(k, v)
+  new = traverse_util.unflatten_dict({k: jnp.asarray(v, dtypes[k]) for k, v in out.items()}, sep="/")
+  return new, cfg.replace(tie_word_embeddings=False)
+
+
+def shortcut_cost(params: dict, cfg: ModelConfig, base_cfg: Optional[ModelConfig] = None) -> dict:
+  """Extra inference cost of the residual rotations in `params`, per token.
+
+  Returns {'shortcuts': count, 'flops': 2 d^2 per shortcut, 'bytes': their weights, 'linear_flops' and
+  'param_bytes' of the whole model, the fractions 'flops_frac' / 'bytes_frac', and 'untie_bytes': the new
+  lm_head when `base_cfg` (the config before the transform) had tied embeddings}.
+  """
+  flat = traverse_util.flatten_dict(params, sep="/")
+  rots = [v for k, v in flat.items() if "/residual_" in k]
+  d = cfg.hidden_size
+  flops = 2 * d * d * len(rots)
+  nbytes = sum(int(v.size) * v.dtype.itemsize for v in rots)
+  linear = 2 * (sum(S.site_param_counts(cfg).values()) + d * cfg.vocab_size)
+  total = sum(int(v.size) * v.dtype.itemsize for v in flat.values())
+  emb = flat["embed_tokens/embedding"]
+  untie = (int(emb.size) * emb.dtype.itemsize
+           if base_cfg is not None and base_cfg.tie_word_embeddings and not cfg.tie_word_embeddings else 0)
+  return {"shortcuts": len(rots), "flops": flops, "bytes": nbytes, "linear_flops": linear,
+          "param_bytes": total, "flops_frac": flops / linear, "bytes_frac": nbytes / total,
+          "untie_bytes": untie}
