@@ -159,6 +159,24 @@ def test_calibration_statistics_match_one_device():
     close(out[s], ref[s], tol=1e-5)
 
 
+def test_wina_transform_on_mesh_gives_the_same_params():
+  """The transform takes sharded params and returns the one-device params (to float32 rounding: the
+  rotations' matmuls may run sharded); resharded (residual rotations included) they give the original
+  model's logits."""
+  from wina_jax.transform import transform
+  cfg, mesh, params, ps = setup("gqa_tied", "tp4")
+  ref, ref_cfg = transform(params, cfg)
+  out, out_cfg = transform(ps, cfg)
+  assert out_cfg == ref_cfg
+  assert jax.tree.structure(out) == jax.tree.structure(ref)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-5),
+               out, ref)
+  sharded = SH.shard_params(out, out_cfg, mesh)
+  assert sharded["layers"]["0"]["residual_attn"]["kernel"].sharding.spec == P("model", None)
+  tok = tokens(cfg)
+  close(M.jit_forward(sharded, tok, out_cfg).logits, M.jit_forward(params, tok, cfg).logits)
+
+
 def test_calibrate_on_sharded_params_matches_one_device():
   cfg, mesh, params, ps = setup("mha", "dp2_tp2_fsdp")
   windows = np.asarray(tokens(cfg, b=4, t=16))
