@@ -125,14 +125,23 @@ def _rotate(h: jax.Array, lp: dict, key: str) -> jax.Array:
   return h @ lp[key]["kernel"] if key in lp else h
 
 
+def _layer(cfg: ModelConfig, lp: dict, h: jax.Array, layer: int, ctx: _Ctx, positions: jax.Array,
+           kv: Optional[dict], kv_len) -> tuple[jax.Array, Optional[dict]]:
+  """One decoder layer: residual [B, T, d] in -> residual out, and the layer's updated KV cache."""
+  if "residual" in ctx.collect:
+    ctx.aux["residual"][f"layers.{layer}.self_attn"] = h
+  attn, kv = attention_block(cfg, lp, h, layer, ctx, positions, kv, kv_len)
+  h = _rotate(h, lp, "residual_attn") + attn
+  if "residual" in ctx.collect:
+    ctx.aux["residual"][f"layers.{layer}.mlp"] = h
+  return _rotate(h, lp, "residual_mlp") + mlp_block(cfg, lp, h, layer, ctx), kv
+
+
 def decoder_layer(cfg: ModelConfig, lp: dict, h: jax.Array, layer: int, sparsifier: Any = S.dense) -> jax.Array:
   """One decoder layer without a cache: residual `h` [B, T, d] entering layer `layer` -> its output
   residual [B, T, d], every token sparse. For per-layer calibration (e.g. greedy sparsity allocation)."""
-  ctx = _Ctx(sparsifier, None, ())
   positions = jnp.arange(h.shape[1], dtype=jnp.int32)
-  attn, _ = attention_block(cfg, lp, h, layer, ctx, positions, None, h.shape[1])
-  h = _rotate(h, lp, "residual_attn") + attn
-  return _rotate(h, lp, "residual_mlp") + mlp_block(cfg, lp, h, layer, ctx)
+  return _layer(cfg, lp, h, layer, _Ctx(sparsifier, None, ()), positions, None, h.shape[1])[0]
 
 
 def lm_head_kernel(params: Params, cfg: ModelConfig) -> jax.Array:
@@ -180,15 +189,8 @@ def forward(params: Params, tokens: jax.Array, cfg: ModelConfig, sparsifier: Any
   h = params["embed_tokens"]["embedding"][tokens]
   new_layers = {}
   for i in range(cfg.num_hidden_layers):
-    lp = params["layers"][str(i)]
-    if "residual" in ctx.collect:
-      ctx.aux["residual"][f"layers.{i}.self_attn"] = h
     kv = None if cache is None else cache["layers"][str(i)]
-    attn, new_layers[str(i)] = attention_block(cfg, lp, h, i, ctx, positions, kv, kv_len)
-    h = _rotate(h, lp, "residual_attn") + attn
-    if "residual" in ctx.collect:
-      ctx.aux["residual"][f"layers.{i}.mlp"] = h
-    h = _rotate(h, lp, "residual_mlp") + mlp_block(cfg, lp, h, i, ctx)
+    h, new_layers[str(i)] = _layer(cfg, params["layers"][str(i)], h, i, ctx, positions, kv, kv_len)
   h = L.rms_norm(h, params["norm"]["scale"], cfg.rms_norm_eps)
   logits = (h @ lm_head_kernel(params, cfg)).astype(jnp.float32)
   new_cache = None if cache is None else {"length": kv_len, "layers": new_layers}
