@@ -23,8 +23,8 @@ from tqdm.auto import tqdm
 from wina_jax.eval import report
 from wina_jax.eval.tasks import TASKS
 
-QUICK = dict(methods="dense,teal,wina", sparsities="0.5", tasks="piqa,arc_easy,winogrande,boolq", limit=8,
-             ppl_windows=4, seq_len=128, calib_windows=4, batch_tokens=2048)
+QUICK = dict(methods="dense,teal,wina", sparsities="0.5", tasks="piqa,winogrande,hellaswag,arc_challenge",
+             limit=8, ppl_windows=4, seq_len=128, calib_windows=4, batch_tokens=2048, ppl_batch=4)
 
 MODEL = flags.DEFINE_string("model", "", "GGUF file or HF checkpoint folder; '' = the embedded SmolLM2.")
 METHODS = flags.DEFINE_list("methods", ["dense", "teal", "teal-transform", "cats", "wina", "wina-transform"],
@@ -44,7 +44,7 @@ BATCH_TOKENS = flags.DEFINE_integer("batch_tokens", 4096, "Tokens per multiple-c
 PPL_BATCH = flags.DEFINE_integer("ppl_batch", 8, "Windows per perplexity batch.")
 DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Params dtype.")
 OUT = flags.DEFINE_string("out", "results/sweep", "Output folder.")
-QUICK_FLAG = flags.DEFINE_bool("quick", False, f"CPU demo preset (overrides): {QUICK}.")
+QUICK_FLAG = flags.DEFINE_bool("quick", False, f"CPU demo preset for flags not given: {QUICK}.")
 
 
 def settings() -> dict:
@@ -114,7 +114,8 @@ def main(argv):
   del argv
   if QUICK_FLAG.value:
     for k, val in QUICK.items():
-      flags.FLAGS[k].parse(str(val))
+      if not flags.FLAGS[k].present:
+        flags.FLAGS[k].parse(str(val))
   bad = [t for t in TASK_LIST.value if t not in TASKS]
   if bad:
     raise app.UsageError(f"unknown tasks {bad}; choose from {list(TASKS)}")

@@ -100,3 +100,21 @@ def test_bucket_lengths_are_few(tiny):
   assert lengths == {64, 128, 256, 512}
   with pytest.raises(ValueError, match="empty continuation"):
     mc.loglikelihoods(tiny[1], tiny[2], [([1], [])], progress=False)
+
+
+def test_task_loading_limits_and_mmlu_spans_subjects():
+  from wina_jax.eval.tasks import TASKS, load_task, mmlu_subjects
+  for name in TASKS:
+    exs = load_task(name, 3)
+    assert len(exs) == 3
+    for ex in exs:
+      assert len(ex.requests) == len(ex.choices) >= 2 and 0 <= ex.gold < len(ex.choices)
+      assert all(cont.startswith(" ") for _, cont in ex.requests)
+  subjects = mmlu_subjects()
+  first = load_task("mmlu", len(subjects))
+  about = {ex.requests[0][0].split("\n\n")[0] for ex in first}
+  assert len(subjects) == 57 and len(about) == 57           # one question per subject first
+  with pytest.raises(ValueError, match="unknown task"):
+    load_task("gsm8k")
+  with pytest.raises(ValueError, match="limit"):
+    load_task("piqa", 0)

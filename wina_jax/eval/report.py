@@ -36,7 +36,7 @@ def _fmt(key: str, v) -> str:
     return f"{100 * v:.2f}"
   if key in ("sparsity", "measured_sparsity"):
     return f"{100 * v:.1f}%"
-  return f"{v:.3f}"
+  return f"{v:.4g}" if key == "gflops" else f"{v:.3f}"
 
 
 def markdown(rows: Sequence[dict], tasks: Sequence[str]) -> str:

@@ -1,0 +1,65 @@
+"""The sweep on a tiny random model: a run killed after its first cell, restarted, ends with the same files."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory, smollm2_tokenizer):
+  """An HF checkpoint folder: a 2-layer random llama with SmolLM2's vocabulary and tokenizer."""
+  import transformers
+  from conftest import TINY
+  path = str(tmp_path_factory.mktemp("tiny_llama"))
+  cfg = transformers.LlamaConfig(**{**TINY, "vocab_size": smollm2_tokenizer.vocab_size})
+  cfg._attn_implementation = "eager"
+  transformers.LlamaForCausalLM(cfg).save_pretrained(path, safe_serialization=True)
+  smollm2_tokenizer.save_pretrained(path)
+  return path
+
+
+def _cmd(model, out):
+  return [sys.executable, "-m", "experiments.sweep", f"--model={model}", "--methods=dense,teal",
+          "--sparsities=0.5", "--tasks=piqa,arc_easy", "--limit=3", "--ppl_windows=2", "--seq_len=32",
+          "--batch_tokens=512", f"--out={out}"]
+
+
+def _env():
+  return {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
+
+
+def test_killed_and_resumed_sweep_gives_the_same_table(tiny_folder, tmp_path):
+  full, resumed = tmp_path / "full", tmp_path / "resumed"
+  subprocess.run(_cmd(tiny_folder, full), check=True, cwd=ROOT, env=_env(), capture_output=True)
+  outputs = ("table.md", "results.csv", "results.json", "accuracy.png", "perplexity.png")
+  assert all((full / f).exists() for f in outputs)
+
+  proc = subprocess.Popen(_cmd(tiny_folder, resumed), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  cells = resumed / "cells"
+  deadline = time.time() + 600
+  while proc.poll() is None and time.time() < deadline:
+    if cells.exists() and any(p.suffix == ".json" for p in cells.iterdir()):
+      proc.send_signal(signal.SIGKILL)
+      break
+    time.sleep(0.05)
+  proc.wait()
+  assert proc.returncode == -signal.SIGKILL, "the sweep finished before it could be killed"
+  done = sorted(p for p in cells.iterdir() if p.suffix == ".json")
+  assert len(done) == 1 and not (resumed / "table.md").exists()
+  first_mtime = done[0].stat().st_mtime_ns
+
+  res = subprocess.run(_cmd(tiny_folder, resumed), check=True, cwd=ROOT, env=_env(), capture_output=True,
+                       text=True)
+  assert "1 already done" in res.stdout
+  assert done[0].stat().st_mtime_ns == first_mtime          # the finished cell was not recomputed
+  for f in ("table.md", "results.csv", "results.json"):
+    assert (resumed / f).read_text() == (full / f).read_text()
+  assert not [p for p in cells.iterdir() if ".tmp" in p.name]   # no half-written files left
+  table = (full / "table.md").read_text()
+  assert "| dense |" in table and "| teal |" in table
