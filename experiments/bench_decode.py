@@ -1,0 +1,268 @@
+"""Decode benchmark: dense vs threshold-mode TEAL / WINA (with and without the transform's shortcuts).
+
+Llama-3-8B- and Qwen-2.5-7B-shaped models with random bf16 weights, one jitted decode step per token
+(layers unrolled, cache donated). Thresholds are set per site (per segment of fused q|k|v and gate|up)
+to the target sparsity's quantile of the dense model's own scores at the benchmark's decode positions
+(TEAL's protocol), so each target is hit on these inputs. Reports ms/step, tokens/s, speedup over our
+dense, bytes moved per step (kept rows only, union over the batch) and GB/s against a copy bandwidth
+measured in the same run.
+
+GPU:  PYTHONPATH=. python3 -m experiments.bench_decode --out=$OUT/bench_decode.json
+CI:   PYTHONPATH=. .venv/bin/python -m experiments.bench_decode --tiny
+"""
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from tqdm import tqdm
+
+from experiments.decode_models import SHAPES, add_shortcuts, random_params
+from wina_jax import sites as S
+from wina_jax.decode import decode_step, fuse_projections
+from wina_jax.kernels import FusedThresholdSparsifier, KernelConfig
+from wina_jax.model import forward, init_cache
+
+flags.DEFINE_list("models", ["llama3_8b", "qwen25_7b"], "model shapes (experiments.decode_models.SHAPES)")
+flags.DEFINE_list("sparsities", ["0", "0.25", "0.4", "0.5", "0.65"], "target sparsities")
+flags.DEFINE_list("batches", ["1", "2", "4", "8"], "batch sizes (>1: dense and teal only)")
+flags.DEFINE_list("methods", ["teal", "wina", "wina_sc"], "sparse variants at batch 1")
+flags.DEFINE_list("batch_sparsities", ["0.5", "0.65"], "sparsities timed at batch > 1")
+flags.DEFINE_integer("steps", 32, "decode steps timed per repetition (positions 0..steps-1)")
+flags.DEFINE_integer("reps", 3, "timed repetitions (median); one more untimed warm-up")
+flags.DEFINE_integer("max_len", 512, "KV cache slots")
+flags.DEFINE_string("configs", "", "JSON of tuned kernel configs (from experiments.kernel_sweep)")
+flags.DEFINE_string("out", "", "write results JSON here")
+flags.DEFINE_bool("tiny", False, "CPU smoke test: tiny model, XLA path, 1 rep")
+FLAGS = flags.FLAGS
+
+
+def copy_bandwidth() -> dict:
+  """Device copy bandwidths in GB/s (bytes read + written): XLA `a * 2` on 2 GiB, and torch's copy."""
+  out = {}
+  if jax.default_backend() == "gpu":
+    try:
+      import torch
+      a = torch.empty(2 ** 30, dtype=torch.bfloat16, device="cuda").normal_()
+      b = torch.empty_like(a)
+      ts = []
+      for _ in range(12):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record(); b.copy_(a); e.record(); torch.cuda.synchronize()
+        ts.append(s.elapsed_time(e) / 1e3)
+      out["torch_copy"] = 2 * a.numel() * 2 / statistics.median(ts[2:]) / 1e9
+      del a, b
+      torch.cuda.empty_cache()
+    except Exception as e:   # torch missing or without CUDA: keep the XLA figure
+      out["torch_copy_error"] = repr(e)
+  n = 2 ** 30 if jax.default_backend() == "gpu" else 2 ** 22
+  a = jax.random.normal(jax.random.PRNGKey(0), (n,), jnp.bfloat16)
+  f = jax.jit(lambda a: a * 2)
+  out["xla_scale"] = 2 * n * 2 / _median_time(lambda: f(a), 10) / 1e9
+  return out
+
+
+def _median_time(fn, n) -> float:
+  jax.block_until_ready(fn())
+  ts = []
+  for _ in range(n):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    ts.append(time.perf_counter() - t0)
+  return statistics.median(ts)
+
+
+def time_decode(params, cfg, sparsifier, tokens, max_len, reps) -> float:
+  """Median seconds per decode step over `reps` runs of tokens [B, T] from an empty cache."""
+  steps = [tokens[:, j] for j in range(tokens.shape[1])]
+  times = []
+  for r in range(reps + 1):
+    cache = init_cache(cfg, tokens.shape[0], max_len, jnp.bfloat16)
+    jax.block_until_ready(cache)
+    t0 = time.perf_counter()
+    for tok in steps:
+      _, _, cache = decode_step(params, tok, cache, sparsifier, cfg=cfg)
+    jax.block_until_ready(cache)
+    if r:
+      times.append((time.perf_counter() - t0) / len(steps))
+  return statistics.median(times)
+
+
+def check_against_xla(params, cfg, sp, tokens, max_len) -> dict:
+  """One sparse decode step after `tokens` [B, T-1] through the chosen backend vs the XLA mask-then-matmul
+  path, from the same cache: relative logits error and greedy-token agreement."""
+  cache = init_cache(cfg, tokens.shape[0], max_len, jnp.bfloat16)
+  for j in range(tokens.shape[1] - 1):
+    _, _, cache = decode_step(params, tokens[:, j], cache, None, cfg=cfg)
+  twin = jax.tree.map(jnp.copy, cache)
+  tok, logits, _ = decode_step(params, tokens[:, -1], cache, sp, cfg=cfg)
+  ref_tok, ref, _ = decode_step(params, tokens[:, -1], twin, sp.replace(backend="xla"), cfg=cfg)
+  return {"rel_err": float(jnp.linalg.norm(logits - ref) / jnp.linalg.norm(ref)),
+          "same_token": bool(jnp.all(tok == ref_tok))}
+
+
+def site_scores(params, cfg, tokens, with_scale) -> dict:
+  """{fused site: (scores [S, B, T, d_in] float32, widths)} of the dense model on tokens [B, T]."""
+  inputs = jax.jit(lambda p, t: forward(p, t, cfg, collect=("inputs",)).aux["inputs"])(params, tokens)
+  out = {}
+  for site, x in inputs.items():
+    if S.parse_site(site)[2] == S.ACT:
+      continue
+    layer, block, proj = S.parse_site(site)
+    kernel = S.site_kernel(params, site)
+    widths = {"qkv_proj": (cfg.q_dim, cfg.kv_dim, cfg.kv_dim),
+              "gate_up_proj": (cfg.intermediate_size,) * 2}.get(proj, (kernel.shape[1],))
+    ax = jnp.abs(x.astype(jnp.float32))
+    if with_scale:
+      bounds = np.cumsum((0,) + widths)
+      norms = [jnp.linalg.norm(kernel[:, a:b].astype(jnp.float32), axis=1) for a, b in zip(bounds, bounds[1:])]
+      out[site] = (jnp.stack([ax * n for n in norms]), widths, jnp.stack(norms))
+    else:
+      out[site] = (ax[None], widths, None)
+  return out
+
+
+def make_sparsifier(scores, sparsity, batch, configs, backend):
+  """Thresholds at the `sparsity` quantile of each segment's scores over the first `batch` rows ->
+  (FusedThresholdSparsifier, {site: [kept-row fraction (union over the batch) per segment]})."""
+  thr, scales, segs, kept = {}, {}, {}, {}
+  for site, (sc, widths, norms) in scores.items():
+    sc = sc[:, :batch]                                           # [S, B, T, d]
+    flat = sc.reshape(sc.shape[0], -1)
+    t = (jnp.full((sc.shape[0],), -1.0) if sparsity == 0 else
+         jnp.quantile(flat, sparsity, axis=1, method="lower"))
+    frac = np.asarray(jnp.mean(jnp.any(sc > t[:, None, None, None], axis=1), axis=(1, 2)))
+    kept[site] = np.broadcast_to(frac, (len(widths),))             # TEAL: one score for all segments
+    thr[site] = jnp.broadcast_to(t, (len(widths),)) if len(widths) > 1 else t[0]
+    if norms is not None:
+      scales[site] = norms if len(widths) > 1 else norms[0]
+    if len(widths) > 1:
+      segs[site] = widths
+  sp = FusedThresholdSparsifier.create(thr, scales, segs, backend=backend, configs=configs)
+  return sp, kept
+
+
+def linear_bytes(params, cfg, kept=None) -> float:
+  """Bytes of the linear sites' weights, only the kept rows' when `kept` ({site: [fraction per segment]})."""
+  total = 0
+  for site in S.linear_sites(cfg):
+    k = S.site_kernel(params, site)
+    if kept is None:
+      total += k.size * k.dtype.itemsize
+    else:
+      d_in = k.shape[0]
+      widths = {"qkv_proj": (cfg.q_dim, cfg.kv_dim, cfg.kv_dim),
+                "gate_up_proj": (cfg.intermediate_size,) * 2}.get(S.parse_site(site)[2], (k.shape[1],))
+      total += sum(f * d_in * w * k.dtype.itemsize for f, w in zip(kept[site], widths))
+  return total
+
+
+def step_bytes(params, cfg, batch, max_len, kept=None, shortcuts=False) -> int:
+  """Bytes one decode step must move: kept weight rows, lm_head, embedding rows, KV cache (all slots)."""
+  total = linear_bytes(params, cfg, kept)
+  d, L = cfg.hidden_size, cfg.num_hidden_layers
+  total += d * cfg.vocab_size * 2 + batch * d * 2
+  total += 2 * L * batch * max_len * cfg.kv_dim * 2
+  if shortcuts:
+    total += 2 * L * d * d * 2
+  return int(total)
+
+
+def bench_model(name, key, configs, backend) -> list[dict]:
+  cfg0 = SHAPES[name]
+  steps, reps, max_len = FLAGS.steps, FLAGS.reps, FLAGS.max_len
+  sparsities = [float(s) for s in FLAGS.sparsities]
+  batches = [int(b) for b in FLAGS.batches]
+  bmax = max(batches)
+  tokens = jax.random.randint(jax.random.fold_in(key, 1), (bmax, steps), 0, cfg0.vocab_size)
+  rows = []
+
+  def record(variant, sparsity, batch, secs, nbytes, kept=None, **extra):
+    row = dict(model=name, variant=variant, sparsity=sparsity, batch=batch, ms_per_step=secs * 1e3,
+               tokens_per_s=batch / secs, bytes_per_step=nbytes, gb_per_s=nbytes / secs / 1e9, **extra)
+    if kept is not None:
+      row["kept_weight_fraction"] = float(linear_bytes(params, cfg, kept) / linear_bytes(params, cfg))
+    rows.append(row)
+    tqdm.write(f"{name:10s} {variant:12s} s={sparsity:.2f} b={batch} {secs * 1e3:8.3f} ms "
+               f"{nbytes / secs / 1e9:8.1f} GB/s {extra.get('check_vs_xla', '')}")
+
+  params = random_params(cfg0, key)
+  secs = time_decode(params, cfg0, None, tokens[:1], max_len, reps)
+  record("dense_unfused", 0.0, 1, secs, step_bytes(params, cfg0, 1, max_len))
+  params, cfg = fuse_projections(params, cfg0)
+  jax.block_until_ready(params)
+  dense = {}
+  for b in batches:
+    dense[b] = time_decode(params, cfg, None, tokens[:b], max_len, reps)
+    record("dense", 0.0, b, dense[b], step_bytes(params, cfg, b, max_len))
+  base1 = min(dense[1], rows[0]["ms_per_step"] / 1e3)
+  variants = [m for m in FLAGS.methods if m != "wina_sc"]
+  for method in tqdm(variants, desc=f"{name} methods"):
+    scores = site_scores(params, cfg, tokens, with_scale=method == "wina")
+    for b in batches if method == "teal" else [1]:
+      for s in (sparsities if b == 1 else [float(x) for x in FLAGS.batch_sparsities]):
+        sp, kept = make_sparsifier(scores, s, b, configs, backend)
+        secs = time_decode(params, cfg, sp, tokens[:b], max_len, reps)
+        base = base1 if b == 1 else dense[b]
+        extra = {"check_vs_xla": check_against_xla(params, cfg, sp, tokens[:b], max_len)} if s == 0.5 else {}
+        record(method, s, b, secs, step_bytes(params, cfg, b, max_len, kept), kept, speedup=base / secs, **extra)
+    del scores
+  if "wina_sc" in FLAGS.methods:
+    params = add_shortcuts(params, seed=2)
+    secs_d = time_decode(params, cfg, None, tokens[:1], max_len, reps)
+    record("dense_sc", 0.0, 1, secs_d, step_bytes(params, cfg, 1, max_len, shortcuts=True), speedup=base1 / secs_d)
+    scores = site_scores(params, cfg, tokens, with_scale=True)
+    for s in sparsities:
+      sp, kept = make_sparsifier(scores, s, 1, configs, backend)
+      secs = time_decode(params, cfg, sp, tokens[:1], max_len, reps)
+      record("wina_sc", s, 1, secs, step_bytes(params, cfg, 1, max_len, kept, shortcuts=True), kept,
+             speedup=base1 / secs)
+  for r in rows:
+    r.setdefault("speedup", base1 / (r["ms_per_step"] / 1e3) if r["batch"] == 1 else
+                 dense[r["batch"]] / (r["ms_per_step"] / 1e3))
+  return rows
+
+
+def load_configs(path: str) -> dict:
+  if not path:
+    return {}
+  with open(path) as f:
+    raw = json.load(f)
+  return {tuple(int(v) for v in k.split("x")): KernelConfig(**c) for k, c in raw["best"].items()}
+
+
+def main(argv):
+  del argv
+  if FLAGS.tiny:
+    FLAGS.models, FLAGS.steps, FLAGS.reps, FLAGS.max_len = ["tiny"], 4, 1, 16
+    FLAGS.batches, FLAGS.sparsities = ["1", "2"], ["0", "0.5"]
+  backend = "auto" if jax.default_backend() == "gpu" else "xla"
+  configs = load_configs(FLAGS.configs)
+  result = {"date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "jax": jax.__version__,
+            "device": str(jax.devices()[0].device_kind), "host": platform.node(),
+            "flags": {f: getattr(FLAGS, f) for f in ("models", "sparsities", "batches", "methods", "steps",
+                                                     "reps", "max_len", "configs")},
+            "copy_gb_per_s": copy_bandwidth(), "rows": []}
+  tqdm.write(f"copy bandwidth GB/s: {result['copy_gb_per_s']}")
+  for i, name in enumerate(FLAGS.models):
+    result["rows"] += bench_model(name, jax.random.PRNGKey(i), configs, backend)
+    if FLAGS.out:
+      with open(FLAGS.out, "w") as f:
+        json.dump(result, f, indent=1)
+  copy = max(v for k, v in result["copy_gb_per_s"].items() if not k.endswith("error"))
+  print(f"\n{'model':10s} {'variant':13s} {'spars':>5s} {'B':>2s} {'ms':>8s} {'tok/s':>8s} {'x dense':>7s} "
+        f"{'GB/step':>8s} {'GB/s':>7s} {'%copy':>6s}")
+  for r in result["rows"]:
+    print(f"{r['model']:10s} {r['variant']:13s} {r['sparsity']:5.2f} {r['batch']:2d} {r['ms_per_step']:8.3f} "
+          f"{r['tokens_per_s']:8.1f} {r['speedup']:7.2f} {r['bytes_per_step'] / 1e9:8.3f} {r['gb_per_s']:7.0f} "
+          f"{100 * r['gb_per_s'] / copy:6.1f}")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,66 @@
+"""Random-weight models of real shapes for the decode benchmark (and tiny ones for CI)."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from wina_jax.config import ModelConfig, RopeScaling
+
+SHAPES = {
+    "llama3_8b": ModelConfig(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                             num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                             max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=500000.0,
+                             rope_scaling=RopeScaling("llama3", 8.0, 1.0, 4.0, 8192)),
+    "qwen25_7b": ModelConfig(model_type="qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944,
+                             num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4, head_dim=128,
+                             max_position_embeddings=32768, rms_norm_eps=1e-6, rope_theta=1000000.0,
+                             attention_bias=True),
+    "tiny": ModelConfig(model_type="qwen2", vocab_size=97, hidden_size=128, intermediate_size=256,
+                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                        max_position_embeddings=128, attention_bias=True),
+}
+
+
+def _jax_normal(key, shape, dtype, std):
+  return (jax.random.normal(key, shape, jnp.float32) * std).astype(dtype)
+
+
+def random_params(cfg: ModelConfig, key, dtype=jnp.bfloat16) -> dict:
+  """Unfused params (`wina_jax.model` layout) with N(0, 1/d_in) kernels and unit norm scales.
+
+  key: a jax PRNG key (generated on the device), or an int seed for numpy (quick for tiny CPU models).
+  """
+  d, kv, q, i = cfg.hidden_size, cfg.kv_dim, cfg.q_dim, cfg.intermediate_size
+  if isinstance(key, int):
+    rng = np.random.default_rng(key)
+    keys = iter([None] * (10 * cfg.num_hidden_layers + 2))
+    _normal = lambda _, shape, dtype, std: jnp.asarray(rng.standard_normal(shape, np.float32) * std, dtype)
+  else:
+    keys = iter(jax.random.split(key, 10 * cfg.num_hidden_layers + 2))
+    _normal = _jax_normal
+  lin = lambda din, dout: {"kernel": _normal(next(keys), (din, dout), dtype, din ** -0.5)}
+  layers = {}
+  for l in range(cfg.num_hidden_layers):
+    attn = {"q_proj": lin(d, q), "k_proj": lin(d, kv), "v_proj": lin(d, kv), "o_proj": lin(q, d)}
+    if cfg.attention_bias:
+      for p, w in (("q_proj", q), ("k_proj", kv), ("v_proj", kv)):
+        attn[p]["bias"] = _normal(next(keys), (w,), dtype, 0.02)
+    layers[str(l)] = {"input_layernorm": {"scale": jnp.ones((d,), dtype)}, "self_attn": attn,
+                      "post_attention_layernorm": {"scale": jnp.ones((d,), dtype)},
+                      "mlp": {"gate_proj": lin(d, i), "up_proj": lin(d, i), "down_proj": lin(i, d)}}
+  return {"embed_tokens": {"embedding": _normal(next(keys), (cfg.vocab_size, d), dtype, 1.0)},
+          "layers": layers, "norm": {"scale": jnp.ones((d,), dtype)},
+          "lm_head": {"kernel": _normal(next(keys), (d, cfg.vocab_size), dtype, d ** -0.5)}}
+
+
+def add_shortcuts(params: dict, seed: int) -> dict:
+  """Adds random orthogonal residual rotations `residual_attn` / `residual_mlp` [d, d] to every layer
+  (the WINA transform's shortcuts); each layer gets its own buffer (row permutation and signs of one Q)."""
+  d = params["norm"]["scale"].shape[0]
+  dtype = params["norm"]["scale"].dtype
+  rng = np.random.default_rng(seed)
+  q = np.linalg.qr(rng.standard_normal((d, d)).astype(np.float32))[0]
+  rot = lambda: jnp.asarray(q[rng.permutation(d)] * rng.choice([-1.0, 1.0], (1, d)).astype(np.float32), dtype)
+  return {**params, "layers": {i: {**lp, "residual_attn": {"kernel": rot()}, "residual_mlp": {"kernel": rot()}}
+                               for i, lp in params["layers"].items()}}

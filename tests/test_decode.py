@@ -1,0 +1,94 @@
+"""Decode step vs full recompute, the fused sparsifier inside the model, fused vs unfused projections."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments.decode_models import SHAPES, add_shortcuts, random_params
+from wina_jax import sites as S
+from wina_jax.decode import decode_step, fuse_projections, fuse_state, prefill
+from wina_jax.kernels import FusedThresholdSparsifier
+from wina_jax.model import forward
+
+CFG = SHAPES["tiny"]
+P, T = 5, 4
+
+
+@pytest.fixture(scope="module")
+def model():
+  params = add_shortcuts(random_params(CFG, 0, jnp.float32), 3)
+  tokens = jax.random.randint(jax.random.PRNGKey(1), (2, P + T), 0, CFG.vocab_size)
+  return params, tokens
+
+
+def thresholds_and_scales(params, cfg, q=0.5):
+  """Per-site thresholds at the q-quantile of |x| * column norm on a fixed random input."""
+  x = jax.random.normal(jax.random.PRNGKey(7), (64,))
+  thr, scales = {}, {}
+  for site in S.linear_sites(cfg):
+    k = S.site_kernel(params, site)
+    scales[site] = jnp.linalg.norm(k, axis=1)
+    xs = jnp.resize(x, (k.shape[0],))
+    thr[site] = jnp.quantile(jnp.abs(xs) * scales[site], q)
+  return thr, scales
+
+
+def run_decode(params, tokens, cfg, sp):
+  nxt, logits, cache = prefill(params, tokens[:, :P], cfg=cfg, max_len=P + T)
+  out = [logits]
+  for j in range(T - 1):
+    _, logits, cache = decode_step(params, tokens[:, P + j], cache, sp, cfg=cfg)
+    out.append(logits)
+  return jnp.stack(out, axis=1)                       # logits predicting positions P .. P+T-1
+
+
+def test_dense_decode_equals_full_recompute(model):
+  params, tokens = model
+  got = run_decode(params, tokens, CFG, None)
+  ref = forward(params, tokens, CFG).logits[:, P - 1:P + T - 1]
+  np.testing.assert_allclose(got, ref, rtol=2e-4, atol=2e-4)
+
+
+def test_sparse_decode_equals_masked_recompute_without_retrace(model):
+  params, tokens = model
+  thr, scales = thresholds_and_scales(params, CFG)
+  sp = FusedThresholdSparsifier.create(thr, scales, backend="xla")
+  got = run_decode(params, tokens, CFG, sp)
+  ref = forward(params, tokens, CFG, sp, dense_prefix=P, collect=("zero_frac",))   # mask-then-matmul path
+  np.testing.assert_allclose(got, ref.logits[:, P - 1:P + T - 1], rtol=2e-4, atol=2e-4)
+  zero = np.mean([float(v) for v in ref.aux["zero_frac"].values()])
+  assert 0.2 < zero < 0.8
+  dense = run_decode(params, tokens, CFG, None)
+  assert np.max(np.abs(np.asarray(got - dense))) > 1e-3        # sparsity changed the outputs
+  size = decode_step._cache_size()
+  run_decode(params, tokens, CFG, sp.with_thresholds({s: t * 1.1 for s, t in thr.items()}))
+  assert decode_step._cache_size() == size                      # new thresholds reuse the compiled step
+
+
+def test_fused_projections_and_state_match_unfused(model):
+  params, tokens = model
+  thr, scales = thresholds_and_scales(params, CFG)
+  thr.pop("layers.1.self_attn.v_proj")                           # one part left dense
+  scales = {s: v for s, v in scales.items() if "k_proj" in s or "down" in s}   # WINA's 'official' c
+  ref = forward(params, tokens, CFG, FusedThresholdSparsifier.create(thr, scales, backend="xla")).logits
+  fparams, fcfg = fuse_projections(params, CFG)
+  ft, fs, segs = fuse_state(thr, scales, CFG)
+  assert segs["layers.0.self_attn.qkv_proj"] == (CFG.q_dim, CFG.kv_dim, CFG.kv_dim)
+  sp = FusedThresholdSparsifier.create(ft, fs, segs, backend="xla")
+  np.testing.assert_allclose(forward(fparams, tokens, fcfg, sp).logits, ref, rtol=2e-4, atol=2e-4)
+  with pytest.raises(ValueError, match="segment thresholds"):
+    forward(fparams, tokens, fcfg, sp, collect=("inputs",))
+
+
+def test_interpret_kernel_inside_model(model):
+  """The Pallas kernel (interpret mode) as the model's fused linear, one decode step, bf16 weights."""
+  params, tokens = model
+  params = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
+  thr, scales = thresholds_and_scales(params, CFG)
+  thr = {s: t for s, t in thr.items() if s.startswith("layers.0.")}     # 4 kernels keep interpret mode quick
+  ref_sp = FusedThresholdSparsifier.create(thr, scales, backend="xla")
+  sp = FusedThresholdSparsifier.create(thr, scales, backend="interpret")
+  tok = tokens[:1, :1]
+  got = forward(params, tok, CFG, sp).logits
+  ref = forward(params, tok, CFG, ref_sp).logits
+  assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 2e-2

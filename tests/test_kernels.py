@@ -1,0 +1,96 @@
+"""The fused threshold linear: Pallas kernel (interpret mode on CPU) vs the XLA path vs numpy masked matmul."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from wina_jax.kernels import KernelConfig, masked_linear, masked_linear_xla
+from wina_jax.kernels import config as C
+
+
+def masked_ref(x, w, thresholds, scales, segments):
+  """float64 numpy: per segment, (x * (|x| * scale > t)) @ w[:, seg]."""
+  x, w = np.asarray(x, np.float64), np.asarray(w, np.float64)
+  outs, start = [], 0
+  for s, width in enumerate(segments):
+    score = np.abs(x) * (1.0 if scales is None else np.asarray(scales[s], np.float64))
+    outs.append(np.where(score > thresholds[s], x, 0.0) @ w[:, start:start + width])
+    start += width
+  return np.concatenate(outs, axis=-1)
+
+
+def rel_err(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return np.linalg.norm(a - b) / np.linalg.norm(b)
+
+
+@pytest.mark.parametrize("mode,reduce,rows,segments,wina", [
+    ("compact", "partials", 1, (96,), False),
+    ("compact", "atomic", 3, (64, 32, 32), True),
+    ("masked", "atomic", 1, (64, 32, 32), False),
+    ("masked", "partials", 5, (96,), True),
+])
+def test_interpret_kernel_matches_xla_and_masked_dense(mode, reduce, rows, segments, wina):
+  k, n = 256, sum(segments)
+  keys = jax.random.split(jax.random.PRNGKey(rows), 4)
+  x = jax.random.normal(keys[0], (rows, k), jnp.bfloat16)
+  w = jax.random.normal(keys[1], (k, n), jnp.bfloat16)
+  scales = jax.random.uniform(keys[2], (len(segments), k), minval=0.5, maxval=2.0) if wina else None
+  t = jnp.asarray([0.6, 0.9, 1.2][:len(segments)])
+  cfg = KernelConfig(mode=mode, chunk=64, block_k=16, block_n=32, reduce=reduce)
+  got = masked_linear(x, w, t, scales, segments, backend="interpret", config=cfg)
+  xla = masked_linear(x, w, t, scales, segments, backend="xla")
+  ref = masked_ref(x, w, np.asarray(t), None if scales is None else np.asarray(scales), segments)
+  assert got.shape == (rows, n) and got.dtype == jnp.bfloat16
+  assert rel_err(got, ref) < 4e-3          # bf16 output rounding
+  assert rel_err(got, xla) < 4e-3
+  frac = np.mean(np.abs(np.asarray(x, np.float32)) > 0.9)
+  assert 0.2 < frac < 0.6                    # the thresholds really drop rows
+
+
+def test_xla_path_for_many_rows_and_untileable_shapes():
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 7, 48), jnp.float32)   # 14 rows > MAX_ROWS
+  w = jax.random.normal(jax.random.PRNGKey(1), (48, 40), jnp.float32)
+  scales = jnp.linspace(0.5, 1.5, 48)
+  for backend in ("auto", "interpret"):
+    got = masked_linear(x, w, 0.7, scales, backend=backend)
+    ref = masked_ref(np.asarray(x), np.asarray(w), [0.7], [np.asarray(scales)], (40,))
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+  assert C.resolve(KernelConfig(), 48, (40,)) is None                     # no tiling fits: XLA path
+  assert masked_linear(x[0, :1], w, 0.7, scales, backend="interpret").shape == (1, 40)
+
+
+def test_resolve_shrinks_tiles_to_fit():
+  cfg = C.resolve(KernelConfig(chunk=512, block_k=32, block_n=256), 3584, (3584, 512, 512))
+  assert cfg.chunk == 512 and cfg.block_n == 256
+  cfg = C.resolve(KernelConfig(chunk=512, block_k=32, block_n=256), 576, (192, 64, 64))
+  assert (cfg.chunk, cfg.block_n) == (64, 64) and C.fits(cfg, 576, (192, 64, 64))
+  with pytest.raises(ValueError, match="power of two"):
+    KernelConfig(block_n=96)
+
+
+def test_bad_inputs_raise():
+  x, w = jnp.ones((1, 8)), jnp.ones((8, 4))
+  with pytest.raises(ValueError, match="segments"):
+    masked_linear(x, w, 0.0, segments=(3,))
+  with pytest.raises(ValueError, match="features"):
+    masked_linear(jnp.ones((1, 7)), w, 0.0)
+  with pytest.raises(ValueError, match="backend"):
+    masked_linear(x, w, 0.0, backend="cuda")
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a CUDA GPU")
+@pytest.mark.parametrize("rows", [1, 2, 8])
+@pytest.mark.parametrize("mode", ["compact", "masked"])
+def test_gpu_kernel_matches_xla(mode, rows):
+  k, segments = 4096, (4096, 1024, 1024)
+  keys = jax.random.split(jax.random.PRNGKey(rows), 3)
+  x = jax.random.normal(keys[0], (rows, k), jnp.bfloat16)
+  w = jax.random.normal(keys[1], (k, sum(segments)), jnp.bfloat16)
+  scales = jax.random.uniform(keys[2], (3, k), minval=0.5, maxval=2.0)
+  t = jnp.asarray([0.5, 0.7, 1.0])
+  for reduce in ("partials", "atomic"):
+    cfg = KernelConfig(mode=mode, chunk=256, block_k=32, block_n=256, reduce=reduce)
+    got = masked_linear(x, w, t, scales, segments, backend="pallas", config=cfg)
+    ref = masked_linear_xla(x, w, t, scales, segments)
+    assert rel_err(got, ref) < 1e-2

@@ -1,0 +1,94 @@
+"""Batch decode with the KV cache: a dense prefill, then a jitted sparse (or dense) one-token step.
+
+The step runs `wina_jax.model.forward` (layers unrolled) with the cache donated, so XLA updates it
+in place. A `FusedThresholdSparsifier` (threshold mode, no top-k) is traced: new thresholds reuse
+the compiled step. `fuse_projections` / `fuse_state` turn q|k|v and gate|up into one kernel each
+(Phi-3 layout, one threshold and scale per segment), which saves three launches per layer.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+
+from wina_jax import sites as S
+from wina_jax.config import ModelConfig
+from wina_jax.model import forward, init_cache
+
+FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+def fuse_projections(params: dict, cfg: ModelConfig) -> tuple[dict, ModelConfig]:
+  """Concatenate q|k|v and gate|up kernels (and biases) per layer -> (params, cfg with fused flags)."""
+  if cfg.fused_qkv or cfg.fused_gate_up:
+    raise ValueError("the model is already fused; pass unfused params")
+  layers = {}
+  for i, lp in params["layers"].items():
+    lp = dict(lp)
+    for block, fused in (("self_attn", "qkv_proj"), ("mlp", "gate_up_proj")):
+      b = dict(lp[block])
+      parts = [b.pop(p) for p in FUSED[fused]]
+      new = {"kernel": jnp.concatenate([p["kernel"] for p in parts], axis=1)}
+      if any("bias" in p for p in parts):
+        new["bias"] = jnp.concatenate([p.get("bias", jnp.zeros(p["kernel"].shape[1], p["kernel"].dtype))
+                                       for p in parts])
+      b[fused] = new
+      lp[block] = b
+    layers[i] = lp
+  return {**params, "layers": layers}, cfg.replace(fused_qkv=True, fused_gate_up=True)
+
+
+def fuse_state(thresholds: Mapping[str, Any], scales: Mapping[str, Any], cfg: ModelConfig):
+  """Per-site state of an unfused model -> (thresholds, scales, segments) for `fuse_projections`' model.
+
+  A fused site gets thresholds [S] and scales [S, d_in] (ones for parts without a scale); parts
+  without a threshold keep everything (threshold -1). Returns plain dicts for
+  `FusedThresholdSparsifier.create`.
+  """
+  widths = {"q_proj": cfg.q_dim, "k_proj": cfg.kv_dim, "v_proj": cfg.kv_dim,
+            "gate_proj": cfg.intermediate_size, "up_proj": cfg.intermediate_size}
+  out_t, out_s, segs = {}, {}, {}
+  for site, t in thresholds.items():
+    layer, block, proj = S.parse_site(site)
+    if not any(proj in parts for parts in FUSED.values()):
+      out_t[site] = t
+      if site in scales:
+        out_s[site] = scales[site]
+  for layer in range(cfg.num_hidden_layers):
+    for block, (fused, parts) in zip(("self_attn", "mlp"), FUSED.items()):
+      names = [S.site_name(layer, block, p) for p in parts]
+      if not any(n in thresholds for n in names):
+        continue
+      site = S.site_name(layer, block, fused)
+      out_t[site] = jnp.stack([jnp.asarray(thresholds.get(n, -1.0), jnp.float32) for n in names])
+      if any(n in scales for n in names):
+        d = jnp.shape(scales[next(n for n in names if n in scales)])[-1]
+        out_s[site] = jnp.stack([jnp.asarray(scales[n], jnp.float32) if n in scales
+                                 else jnp.ones((d,), jnp.float32) for n in names])
+      segs[site] = tuple(widths[p] for p in parts)
+  return out_t, out_s, segs
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "max_len"))
+def prefill(params: dict, tokens: jax.Array, cfg: ModelConfig, max_len: int):
+  """Dense prefill of `tokens` [B, T] into a fresh cache of `max_len` slots -> (next [B], logits, cache)."""
+  cache = init_cache(cfg, tokens.shape[0], max_len, params["embed_tokens"]["embedding"].dtype)
+  out = forward(params, tokens, cfg, cache=cache)
+  logits = out.logits[:, -1]
+  return jnp.argmax(logits, axis=-1).astype(jnp.int32), logits, out.cache
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
+def decode_step(params: dict, token: jax.Array, cache: dict, sparsifier: Optional[Any] = None, *,
+                cfg: ModelConfig):
+  """One greedy step: `token` [B] at position cache['length'] -> (next [B] int32, logits [B, vocab], cache).
+
+  sparsifier: a pytree sparsifier (e.g. `FusedThresholdSparsifier`), traced; None runs dense.
+  The cache is donated: do not reuse the one passed in.
+  """
+  sp = S.dense if sparsifier is None else sparsifier
+  out = forward(params, token[:, None], cfg, sp, cache=cache)
+  logits = out.logits[:, -1]
+  return jnp.argmax(logits, axis=-1).astype(jnp.int32), logits, out.cache

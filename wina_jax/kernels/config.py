@@ -1,0 +1,59 @@
+"""Static tiling of the sparse GEMV kernel and the rules that pick it."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Sequence
+
+MAX_ROWS = 8          # batch*tokens rows the GEMV kernel takes; more rows go to the XLA path
+MODES = ("compact", "masked")
+REDUCES = ("partials", "atomic")
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+  """Tiling of `pallas_gemv`.
+
+  mode: 'compact' (each program compacts the kept rows of its chunk, then loads only full row tiles)
+    or 'masked' (TEAL-style: fixed row tiles, dropped rows masked out of the load).
+  chunk: input rows per program (C); block_k: rows per loaded tile (BK); block_n: output columns
+    per program (BN); num_warps / num_stages: Triton's.
+  """
+  mode: str = "compact"
+  chunk: int = 512
+  block_k: int = 32
+  block_n: int = 256
+  num_warps: int = 4
+  num_stages: int = 2
+  reduce: str = "partials"
+
+  def __post_init__(self):
+    if self.mode not in MODES:
+      raise ValueError(f"mode {self.mode!r} is not one of {MODES}")
+    if self.reduce not in REDUCES:
+      raise ValueError(f"reduce {self.reduce!r} is not one of {REDUCES}")
+    for name in ("chunk", "block_k", "block_n"):
+      v = getattr(self, name)
+      if v <= 0 or v & (v - 1):
+        raise ValueError(f"{name}={v} must be a positive power of two")
+    if self.chunk % self.block_k:
+      raise ValueError(f"chunk={self.chunk} must be a multiple of block_k={self.block_k}")
+
+
+def fits(cfg: KernelConfig, d_in: int, segments: Sequence[int]) -> bool:
+  """Whether `cfg` tiles a [d_in, sum(segments)] kernel exactly (no ragged tiles)."""
+  return d_in % cfg.chunk == 0 and all(w % cfg.block_n == 0 for w in segments)
+
+
+def resolve(cfg: Optional[KernelConfig], d_in: int, segments: Sequence[int]) -> Optional[KernelConfig]:
+  """`cfg` shrunk (chunk, block_n halved) until it tiles the kernel exactly; None if nothing fits."""
+  cfg = cfg or KernelConfig()
+  while not fits(cfg, d_in, segments):
+    if d_in % cfg.chunk:
+      if cfg.chunk <= cfg.block_k:
+        return None
+      cfg = dataclasses.replace(cfg, chunk=cfg.chunk // 2)
+    elif cfg.block_n > 16:
+      cfg = dataclasses.replace(cfg, block_n=cfg.block_n // 2)
+    else:
+      return None
+  return cfg

@@ -1,0 +1,55 @@
+"""`masked_linear`: the fused threshold linear with automatic backend selection."""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from wina_jax.kernels import config as C
+from wina_jax.kernels.pallas_gemv import sparse_gemv
+from wina_jax.kernels.reference import masked_linear_xla
+
+BACKENDS = ("auto", "pallas", "interpret", "xla")
+
+
+def pick_backend(backend: str, rows: int) -> str:
+  """'pallas' on CUDA GPUs for decode-sized inputs (rows <= MAX_ROWS), else 'xla'; explicit choices kept."""
+  if backend not in BACKENDS:
+    raise ValueError(f"backend {backend!r} is not one of {BACKENDS}")
+  if backend != "auto":
+    return backend
+  return "pallas" if jax.default_backend() == "gpu" and rows <= C.MAX_ROWS else "xla"
+
+
+def masked_linear(x: jax.Array, kernel: jax.Array, thresholds, scales: Optional[jax.Array] = None,
+                  segments: Optional[Sequence[int]] = None, *, backend: str = "auto",
+                  config: Optional[C.KernelConfig] = None) -> jax.Array:
+  """y = (x * mask) @ kernel with mask = |x| * scale > threshold, per output segment.
+
+  x: [..., d_in]; kernel: [d_in, d_out] (bf16 on GPU); thresholds: scalar or [S];
+  scales: None (TEAL: |x|), [d_in] or [S, d_in] (WINA: column norms of the kernel);
+  segments: S output widths summing to d_out (fused q|k|v or gate|up), default one segment.
+  Returns [..., d_out] in x.dtype, accumulated in float32. The Pallas kernel (never loading the rows
+  of dropped inputs) runs for up to MAX_ROWS rows when its tiling fits; else the XLA path.
+  """
+  d_in, d_out = kernel.shape
+  if x.shape[-1] != d_in:
+    raise ValueError(f"x has {x.shape[-1]} features but the kernel expects {d_in}")
+  segments = (d_out,) if segments is None else tuple(int(w) for w in segments)
+  if sum(segments) != d_out:
+    raise ValueError(f"segments {segments} do not sum to the kernel's {d_out} outputs")
+  thresholds = jnp.broadcast_to(jnp.asarray(thresholds, jnp.float32), (len(segments),))
+  if scales is not None:
+    scales = jnp.broadcast_to(scales, (len(segments), d_in))
+  lead = x.shape[:-1]
+  rows = 1
+  for s in lead:
+    rows *= s
+  mode = pick_backend(backend, rows)
+  cfg = C.resolve(config, d_in, segments) if mode != "xla" else None
+  if mode == "xla" or cfg is None or rows > C.MAX_ROWS:
+    return masked_linear_xla(x, kernel, thresholds, scales, segments)
+  y = sparse_gemv(x.reshape(rows, d_in), kernel, thresholds, scales, segments, cfg,
+                  interpret=mode == "interpret")
+  return y.astype(x.dtype).reshape(*lead, d_out)

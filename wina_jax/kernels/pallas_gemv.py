@@ -1,0 +1,137 @@
+"""Pallas (Triton backend) sparse GEMV: y = (x * mask) @ W that never loads the rows of dropped inputs.
+
+Layout: W [K, N] ([in, out]), so one input's weights are one contiguous row. The grid is
+(N / BN, K / C): each program owns C input rows (a chunk) and BN output columns, and writes an fp32
+partial sum that XLA adds up afterwards, or atomically adds it into one zeroed fp32 output. The threshold compare is fused: a row i is loaded
+iff |x[b, i]| * scale[s, i] > threshold[s] for some batch row b (the union over rows), and every row b
+still multiplies only by its own kept inputs, so results equal the per-row masked matmul.
+
+'compact' mode first compacts the kept row ids of its chunk (cumsum, scatter into a per-program
+scratch, barrier), then loads full [BK, BN] tiles of kept rows only; 'masked' mode walks fixed
+[BK, BN] tiles and masks dropped rows out of each load (TEAL's design).
+
+Fused projections: the output columns split into segments (q|k|v or gate|up), each with its own
+threshold and scale; a program's BN columns lie in one segment.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from wina_jax.kernels.config import KernelConfig
+
+
+def _compiler_params(cfg: KernelConfig):
+  cls = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams")
+  return cls(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+def _iota(n: int) -> jax.Array:
+  return jax.lax.iota(jnp.int32, n)
+
+
+def _kernel(x_ref, t_ref, s_ref, w_ref, *refs, cfg: KernelConfig, rows: int,
+            bounds: tuple[int, ...], has_scale: bool, interpret: bool):
+  c, bk, bn = cfg.chunk, cfg.block_k, cfg.block_n
+  if cfg.reduce == "atomic":
+    _, o_ref, *scratch = refs          # the zeroed input aliased to o_ref comes first
+  else:
+    o_ref, *scratch = refs
+  pn, pk = pl.program_id(0), pl.program_id(1)
+  n0, k0 = pn * bn, pk * c
+  seg = sum((n0 >= b).astype(jnp.int32) for b in bounds) if bounds else jnp.int32(0)
+  thr = plgpu.load(t_ref.at[seg])
+  cols = (n0 + _iota(bn))[None, :]
+
+  def load_rows(idx, valid=None):
+    """x at input rows idx [R] -> (per batch row: x [R] f32, keep [R] bool), and their union [R] bool."""
+    scale = plgpu.load(s_ref.at[seg, idx]) if has_scale else None
+    xs, keeps = [], []
+    for b in range(rows):
+      xb = plgpu.load(x_ref.at[idx, jnp.int32(b)]).astype(jnp.float32)
+      kb = (jnp.abs(xb) * scale if has_scale else jnp.abs(xb)) > thr
+      xs.append(xb)
+      keeps.append(kb if valid is None else kb & valid)
+    union = keeps[0]
+    for kb in keeps[1:]:
+      union = union | kb
+    return xs, keeps, union
+
+  def accumulate(acc, xs, keeps, w):
+    """acc, xs, keeps: per batch row [BN] f32, [BK] f32, [BK] bool; w: [BK, BN] f32."""
+    return tuple(a + jnp.sum(jnp.where(kb, xb, 0.0)[:, None] * w, axis=0) for a, xb, kb in zip(acc, xs, keeps))
+
+  acc0 = tuple(jnp.zeros((bn,), jnp.float32) for _ in range(rows))
+  if cfg.mode == "compact":
+    idx_ref, = scratch
+    chunk_rows = k0 + _iota(c)
+    keep = load_rows(chunk_rows)[2].astype(jnp.int32)
+    pos = jnp.cumsum(keep) - keep
+    count = jnp.sum(keep)
+    plgpu.store(idx_ref.at[pn, pk, pos], chunk_rows, mask=keep > 0)
+    if not interpret:
+      plgpu.debug_barrier()
+
+    def body(j, acc):
+      valid = j * bk + _iota(bk) < count
+      idx = plgpu.load(idx_ref.at[pn, pk, j * bk + _iota(bk)], mask=valid, other=0)
+      if rows == 1:     # every compacted row is kept; only the ragged tail needs masking
+        xs, keeps = [plgpu.load(x_ref.at[idx, jnp.int32(0)]).astype(jnp.float32)], [valid]
+      else:
+        xs, keeps, _ = load_rows(idx, valid)
+      w = plgpu.load(w_ref.at[idx[:, None], cols], mask=valid[:, None], other=0,
+                     eviction_policy="evict_first")
+      return accumulate(acc, xs, keeps, w.astype(jnp.float32))
+
+    acc = jax.lax.fori_loop(0, (count + bk - 1) // bk, body, acc0)
+  else:
+    def body(j, acc):
+      idx = k0 + j * bk + _iota(bk)
+      xs, keeps, union = load_rows(idx)
+      w = plgpu.load(w_ref.at[idx[:, None], cols], mask=union[:, None], other=0,
+                     eviction_policy="evict_first")
+      return accumulate(acc, xs, keeps, w.astype(jnp.float32))
+
+    acc = jax.lax.fori_loop(0, c // bk, body, acc0)
+  for b in range(rows):
+    if cfg.reduce == "atomic":
+      plgpu.atomic_add(o_ref, (b, n0 + _iota(bn)), acc[b])
+    else:
+      plgpu.store(o_ref.at[pk, b, n0 + _iota(bn)], acc[b])
+
+
+@functools.partial(jax.jit, static_argnames=("segments", "cfg", "interpret"))
+def sparse_gemv(x: jax.Array, kernel: jax.Array, thresholds: jax.Array, scales: Optional[jax.Array],
+                segments: Sequence[int], cfg: KernelConfig, interpret: bool = False) -> jax.Array:
+  """x: [M, K] (M <= 8); kernel: [K, N]; thresholds: [S]; scales: [S, K] or None -> [M, N] float32.
+
+  `cfg` must tile the kernel exactly (`config.fits`); M is padded to a power of two with zeros.
+  """
+  m, k = x.shape
+  n = kernel.shape[1]
+  rows = 1 << (m - 1).bit_length()
+  xt = jnp.pad(x, ((0, rows - m), (0, 0))).T                     # [K, rows]
+  bounds = tuple(int(sum(segments[:i + 1])) for i in range(len(segments) - 1))
+  has_scale = scales is not None
+  s = scales.astype(jnp.float32) if has_scale else jnp.zeros((1, 1), jnp.float32)
+  nk, nn = k // cfg.chunk, n // cfg.block_n
+  atomic = cfg.reduce == "atomic"
+  out_shape = [jax.ShapeDtypeStruct((rows, n) if atomic else (nk, rows, n), jnp.float32)]
+  if cfg.mode == "compact":
+    out_shape.append(jax.ShapeDtypeStruct((nn, nk, cfg.chunk), jnp.int32))
+  body = functools.partial(_kernel, cfg=cfg, rows=rows, bounds=bounds, has_scale=has_scale,
+                           interpret=interpret)
+  args = [xt, thresholds.astype(jnp.float32), s, kernel]
+  if atomic:
+    args.append(jnp.zeros((rows, n), jnp.float32))
+  call = pl.pallas_call(body, out_shape=tuple(out_shape), grid=(nn, nk), interpret=interpret,
+                        input_output_aliases={4: 0} if atomic else {},
+                        compiler_params=None if interpret else _compiler_params(cfg),
+                        name=f"sparse_gemv_{cfg.mode}")
+  out = call(*args)[0]
+  return (out if atomic else jnp.sum(out, axis=0))[:m]

@@ -1,0 +1,70 @@
+"""`FusedThresholdSparsifier`: threshold-mode TEAL/WINA as a pytree that the model calls per site.
+
+`__call__(site, x, kernel)` masks (CPU, analysis); `linear(site, x, kernel)` runs the fused kernel
+(`masked_linear`), which the model prefers when present. Sites absent from `thresholds` stay dense.
+Fused sites (`qkv_proj`, `gate_up_proj`) carry one threshold and scale per output segment.
+
+From a calibrated `wina_jax.sparsity.ScoreSparsifier` in threshold mode (teal or wina):
+  FusedThresholdSparsifier.create(sp.thresholds, sp.state)
+(WINA's `state` holds column norms only where the method uses them; other sites are plain |x|.)
+"""
+from __future__ import annotations
+
+from typing import Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from wina_jax.kernels.config import KernelConfig
+from wina_jax.kernels.masked_linear import masked_linear
+from wina_jax.kernels.reference import keep_mask
+
+
+@struct.dataclass
+class FusedThresholdSparsifier:
+  """thresholds: {site: [] or [S]} float32 (traced); scales: {site: [d_in] or [S, d_in]} float32
+  (traced, WINA column norms; absent = TEAL's |x|); segments: static ((site, widths), ...) for fused
+  sites; backend: 'auto' | 'pallas' | 'interpret' | 'xla'; configs: static (((d_in, d_out), KernelConfig), ...)."""
+  thresholds: dict = struct.field(default_factory=dict)
+  scales: dict = struct.field(default_factory=dict)
+  segments: tuple = struct.field(pytree_node=False, default=())
+  backend: str = struct.field(pytree_node=False, default="auto")
+  configs: tuple = struct.field(pytree_node=False, default=())
+
+  @classmethod
+  def create(cls, thresholds: Mapping[str, object], scales: Optional[Mapping[str, object]] = None,
+             segments: Optional[Mapping[str, tuple]] = None, backend: str = "auto",
+             configs: Optional[Mapping[tuple, KernelConfig]] = None) -> "FusedThresholdSparsifier":
+    """From plain dicts (numbers or arrays); scales of sites without a threshold are dropped."""
+    scales = scales or {}
+    return cls(thresholds={s: jnp.asarray(t, jnp.float32) for s, t in thresholds.items()},
+               scales={s: jnp.asarray(v, jnp.float32) for s, v in scales.items() if s in thresholds},
+               segments=tuple(sorted((s, tuple(int(w) for w in ws)) for s, ws in (segments or {}).items())),
+               backend=backend, configs=tuple(sorted((configs or {}).items())))
+
+  def with_thresholds(self, thresholds: Mapping[str, object]) -> "FusedThresholdSparsifier":
+    """Same structure, new threshold values (reuses compiled code when shapes match)."""
+    return self.replace(thresholds={s: jnp.asarray(t, jnp.float32) for s, t in thresholds.items()})
+
+  def _segments(self, site: str) -> Optional[tuple]:
+    return dict(self.segments).get(site)
+
+  def __call__(self, site: str, x: jax.Array, kernel: Optional[jax.Array]) -> jax.Array:
+    t = self.thresholds.get(site)
+    if t is None:
+      return x
+    if jnp.ndim(t) and t.shape[0] > 1:
+      raise ValueError(f"site {site} has {t.shape[0]} segment thresholds, so no single input mask exists; "
+                       "call `linear` (the model does unless collecting inputs) or use unfused params")
+    keep = keep_mask(x, jnp.reshape(t, ()), None if site not in self.scales else
+                     jnp.reshape(self.scales[site], (-1,)))
+    return jnp.where(keep, x, jnp.zeros((), x.dtype))
+
+  def linear(self, site: str, x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """(x * mask) @ kernel for x [..., d_in], kernel [d_in, d_out], through `masked_linear`."""
+    t = self.thresholds.get(site)
+    if t is None:
+      return x @ kernel
+    return masked_linear(x, kernel, t, self.scales.get(site), self._segments(site), backend=self.backend,
+                         config=dict(self.configs).get(tuple(kernel.shape)))
