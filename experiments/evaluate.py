@@ -14,7 +14,7 @@ from wina_jax.eval.perplexity import perplexity
 from wina_jax.generate import greedy
 from wina_jax.tokenizer import load_tokenizer
 
-FLAGS = flags.DEFINE_string("model", "", "GGUF file or HF checkpoint folder; '' = embedded SmolLM2.")
+MODEL = flags.DEFINE_string("model", "", "GGUF file or HF checkpoint folder; '' = embedded SmolLM2.")
 TEXT = flags.DEFINE_string("text", "boolq:heldout", "'boolq:heldout', 'boolq:calibration' or a text file.")
 SEQ_LEN = flags.DEFINE_integer("seq_len", 256, "Perplexity window length.")
 MAX_WINDOWS = flags.DEFINE_integer("max_windows", 16, "Number of windows to score.")
@@ -24,10 +24,10 @@ MESH = flags.DEFINE_string("mesh", "", "Device mesh, e.g. 'data:1,model:4'; '' =
 
 
 def main(_):
-  params, cfg = load(FLAGS.value)
+  params, cfg = load(MODEL.value)
   if MESH.value:
     params = SH.shard_params(params, cfg, SH.make_mesh(MESH.value))
-  tok = load_tokenizer(FLAGS.value or assets.default_gguf())
+  tok = load_tokenizer(MODEL.value or assets.default_gguf())
   windows = token_windows(tok, load_texts(TEXT.value), SEQ_LEN.value, MAX_WINDOWS.value)
   res = perplexity(params, cfg, windows)
   print(f"perplexity on {TEXT.value}: {res['ppl']:.3f} over {res['tokens']} tokens")
