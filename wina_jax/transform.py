@@ -25,6 +25,7 @@ from typing import Iterable, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+import threadpoolctl
 from flax import traverse_util
 
 from wina_jax import sites as S
@@ -80,8 +81,10 @@ def block_bases(params: dict, cfg: ModelConfig, blocks: Optional[Iterable[Block]
                 ) -> dict[Block, Optional[np.ndarray]]:
   """{(layer, block): Q [d, d] float64, or None (identity) for blocks not in `blocks` (default: all)}."""
   chosen = _check_blocks(blocks, cfg)
-  return {(l, b): orthogonalizing_basis(key_kernel(params["layers"][str(l)], cfg, b)) if (l, b) in chosen
-          else None for l in range(cfg.num_hidden_layers) for b in BLOCKS}
+  # single-threaded LAPACK: small SVDs gain little from threads and stall badly on a busy CPU
+  with threadpoolctl.threadpool_limits(1, user_api="blas"):
+    return {(l, b): orthogonalizing_basis(key_kernel(params["layers"][str(l)], cfg, b)) if (l, b) in chosen
+            else None for l in range(cfg.num_hidden_layers) for b in BLOCKS}
 
 
 def _f32(a) -> jax.Array:
