@@ -31,7 +31,8 @@ FLAGS = flags.FLAGS
 _BASE = [KernelConfig("masked", 128, 128, 128, 4), KernelConfig("masked", 32, 32, 512, 4),
          KernelConfig("masked", 128, 64, 512, 4), KernelConfig("masked", 64, 64, 256, 4),
          KernelConfig("compact", 256, 32, 256, 4), KernelConfig("compact", 512, 64, 128, 8),
-         KernelConfig("compact", 256, 64, 128, 8), KernelConfig("compact", 128, 32, 256, 4)]
+         KernelConfig("compact", 256, 64, 128, 8), KernelConfig("compact", 128, 32, 256, 4),
+         KernelConfig("masked", 64, 64, 128, 2), KernelConfig("compact", 256, 32, 256, 2)]
 CANDIDATES = [dataclasses.replace(c, reduce=r) for c in _BASE for r in ("atomic", "partials")]
 
 

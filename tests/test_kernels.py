@@ -1,4 +1,4 @@
-"""The fused threshold linear: Pallas kernel (interpret mode on CPU) vs the XLA path vs numpy masked matmul."""
+"""The fused threshold linear: Pallas kernel (interpret mode on CPU) vs the XLA path vs numpy masked dense."""
 import jax
 import jax.numpy as jnp
 import numpy as np

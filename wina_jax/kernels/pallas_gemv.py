@@ -2,9 +2,10 @@
 
 Layout: W [K, N] ([in, out]), so one input's weights are one contiguous row. The grid is
 (N / BN, K / C): each program owns C input rows (a chunk) and BN output columns, and writes an fp32
-partial sum that XLA adds up afterwards, or atomically adds it into one zeroed fp32 output. The threshold compare is fused: a row i is loaded
-iff |x[b, i]| * scale[s, i] > threshold[s] for some batch row b (the union over rows), and every row b
-still multiplies only by its own kept inputs, so results equal the per-row masked matmul.
+partial sum that XLA adds up afterwards, or atomically adds it into one zeroed fp32 output.
+The threshold compare is fused: row i is loaded iff |x[b, i]| * scale[s, i] > threshold[s] for some
+batch row b (the union over rows), and every row b still multiplies only by its own kept inputs, so
+results equal the per-row masked matmul.
 
 'compact' mode first compacts the kept row ids of its chunk (cumsum, scatter into a per-program
 scratch, barrier), then loads full [BK, BN] tiles of kept rows only; 'masked' mode walks fixed
@@ -64,7 +65,8 @@ def _kernel(x_ref, t_ref, s_ref, w_ref, *refs, cfg: KernelConfig, rows: int,
 
   def accumulate(acc, xs, keeps, w):
     """acc, xs, keeps: per batch row [BN] f32, [BK] f32, [BK] bool; w: [BK, BN] f32."""
-    return tuple(a + jnp.sum(jnp.where(kb, xb, 0.0)[:, None] * w, axis=0) for a, xb, kb in zip(acc, xs, keeps))
+    return tuple(a + jnp.sum(jnp.where(kb, xb, 0.0)[:, None] * w, axis=0)
+                 for a, xb, kb in zip(acc, xs, keeps))
 
   acc0 = tuple(jnp.zeros((bn,), jnp.float32) for _ in range(rows))
   if cfg.mode == "compact":

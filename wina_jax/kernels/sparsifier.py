@@ -25,7 +25,8 @@ from wina_jax.kernels.reference import keep_mask
 class FusedThresholdSparsifier:
   """thresholds: {site: [] or [S]} float32 (traced); scales: {site: [d_in] or [S, d_in]} float32
   (traced, WINA column norms; absent = TEAL's |x|); segments: static ((site, widths), ...) for fused
-  sites; backend: 'auto' | 'pallas' | 'interpret' | 'xla'; configs: static (((d_in, d_out), KernelConfig), ...)."""
+  sites; backend: 'auto' | 'pallas' | 'interpret' | 'xla';
+  configs: static (((d_in, d_out), KernelConfig), ...) tilings per kernel shape (else the default)."""
   thresholds: dict = struct.field(default_factory=dict)
   scales: dict = struct.field(default_factory=dict)
   segments: tuple = struct.field(pytree_node=False, default=())
