@@ -72,7 +72,8 @@ def _check_blocks(blocks: Optional[Iterable[Block]], cfg: ModelConfig) -> set[Bl
   out = set()
   for l, b in blocks:
     if b not in BLOCKS or not 0 <= l < cfg.num_hidden_layers:
-      raise ValueError(f"bad block {(l, b)!r}; expected (layer in [0, {cfg.num_hidden_layers}), one of {BLOCKS})")
+      raise ValueError(f"bad block {(l, b)!r}; expected (layer in [0, {cfg.num_hidden_layers}), "
+                       f"one of {BLOCKS})")
     out.add((int(l), b))
   return out
 

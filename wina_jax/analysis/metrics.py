@@ -16,12 +16,13 @@ HI = jax.lax.Precision.HIGHEST
 def column_orthogonality_defect(kernel) -> float:
   """Off-diagonal over diagonal energy of the Gram matrix of W's columns (K's rows), in float64.
 
-  kernel: [d_in, d_out]. 0 for orthogonal columns; sum_{i != j} G_ij^2 / sum_i G_ii^2 with G = K K^T.
+  kernel: [d_in, d_out]. sum_{i != j} G_ij^2 / sum_i G_ii^2 with G = K K^T: 0 for orthogonal columns.
+  ||K K^T||_F = ||K^T K||_F, so the smaller Gram is formed; rounding below ~1e-15 is clipped to 0.
   """
   k = np.asarray(kernel, np.float64)
-  g = k @ k.T
-  diag = float(np.sum(np.diag(g) ** 2))
-  return (float(np.sum(g * g)) - diag) / diag
+  diag = float(np.sum(np.sum(k * k, axis=1) ** 2))
+  g = k @ k.T if k.shape[0] <= k.shape[1] else k.T @ k
+  return max(float(np.sum(g * g)) - diag, 0.0) / diag
 
 
 @jax.jit
