@@ -118,3 +118,22 @@ def test_task_loading_limits_and_mmlu_spans_subjects():
     load_task("gsm8k")
   with pytest.raises(ValueError, match="limit"):
     load_task("piqa", 0)
+
+
+def test_variants_transform_keeps_dense_and_threshold_mode_calibrates(tiny, rng):
+  from wina_jax.eval import variants
+  _, params, cfg = tiny
+  windows = rng.randint(0, cfg.vocab_size, (4, 16))
+  base = perplexity(params, cfg, windows, progress=False)["ppl"]
+  dense_t = variants.build(params, cfg, "dense-transform", 0.5)
+  assert dense_t.transformed and "residual_attn" in dense_t.params["layers"]["0"]
+  assert perplexity(dense_t.params, dense_t.cfg, windows, dense_t.sparsifier, progress=False)["ppl"] == \
+      pytest.approx(base, rel=1e-4)
+  th = variants.build(params, cfg, "teal", 0.5, mode="threshold", calib_windows=windows, progress=False)
+  res = perplexity(params, cfg, windows, th.sparsifier, progress=False, zero_frac=True)
+  from wina_jax.sparsity import parameter_weighted_sparsity
+  assert parameter_weighted_sparsity(res["zero_frac"], cfg) == pytest.approx(0.5, abs=0.05)  # on its own data
+  with pytest.raises(ValueError, match="unknown method"):
+    variants.parse("magic-transform")
+  with pytest.raises(ValueError, match="calibration windows"):
+    variants.build(params, cfg, "wina", 0.5, mode="threshold")

@@ -85,3 +85,15 @@ def paper_table(sparsities=(0.0, 0.25, 0.4, 0.5, 0.65)) -> list[dict]:
       rows.append({"model": name, "sparsity": s, "gflops": gflops(cfg, s),
                    "gflops_transformed": gflops(cfg, s, transformed=s > 0)})
   return rows
+
+
+def paper_markdown() -> str:
+  """`paper_table` as markdown: GFLOPs per token, plain and with the transform's shortcuts."""
+  lines = ["| model | sparsity | GFLOPs/token | GFLOPs/token (transformed) |", "|---|---|---|---|"]
+  lines += [f"| {r['model']} | {100 * r['sparsity']:.0f}% | {r['gflops']:.2f} | {r['gflops_transformed']:.2f} |"
+            for r in paper_table()]
+  return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+  print(paper_markdown(), end="")

@@ -102,7 +102,8 @@ def _rows(task: Task, limit: Optional[int]) -> list[dict]:
   if task.name != "mmlu":
     ds = datasets.load_from_disk(assets.dataset_dir(*task.path))
     return list(ds.select(range(min(limit, len(ds))))) if limit is not None else list(ds)
-  per = [list(datasets.load_from_disk(assets.dataset_dir(*task.path, s, "test"))) for s in mmlu_subjects()]
+  per = [datasets.load_from_disk(assets.dataset_dir(*task.path, s, "test")) for s in mmlu_subjects()]
+  per = [list(d if limit is None else d.select(range(min(limit, len(d))))) for d in per]
   rows = [r[i] for i in range(max(map(len, per))) for r in per if i < len(r)]   # round-robin
   return rows if limit is None else rows[:limit]
 
