@@ -7,7 +7,6 @@ saved as a versioned thresholds file, and a held-out check of the sparsity thres
 """
 import time
 
-import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
@@ -15,7 +14,7 @@ from wina_jax import assets
 from wina_jax import sparsity as sp
 from wina_jax.convert import load
 from wina_jax.data.text import load_texts
-from wina_jax.model import jit_forward
+from wina_jax.sparsity import layerwise
 from wina_jax.tokenizer import load_tokenizer
 
 MODEL = flags.DEFINE_string("model", "", "GGUF file or HF checkpoint folder; '' = embedded SmolLM2.")
@@ -30,6 +29,8 @@ HELDOUT = flags.DEFINE_string("heldout", "boolq:heldout", "Held-out text for the
 SEQ_LEN = flags.DEFINE_integer("seq_len", 256, "Window length.")
 MAX_WINDOWS = flags.DEFINE_integer("max_windows", 16, "Calibration windows.")
 CHECK_WINDOWS = flags.DEFINE_integer("check_windows", 4, "Held-out windows for the check (0: skip).")
+UPSTREAM = flags.DEFINE_bool("upstream", True, "Calibrate each site under the sparse upstream at the "
+                             "target (exact for this target); false: dense statistics (TEAL), any target.")
 OUT = flags.DEFINE_string("out", "", "Thresholds file; '' = runs/calibration/<method>.npz.")
 
 
@@ -41,20 +42,24 @@ def main(_):
   sp.check_sparsity(SPARSITY.value)
   windows = sp.windows_from_text(tok, load_texts(TEXT.value), SEQ_LEN.value, MAX_WINDOWS.value)
   t0 = time.time()
-  calib = sp.calibrate(params, cfg, method, windows)
-  print(f"calibrated {method} on {calib.tokens} tokens in {time.time() - t0:.0f}s")
-  if ALLOCATION.value == "greedy":
+  target = SPARSITY.value
+  paths = None
+  if ALLOCATION.value == "greedy":   # greedy search on dense statistics, then recalibrate for its choice
+    dense = sp.calibrate(params, cfg, method, windows)
     end = GREEDY_MAX.value if GREEDY_MAX.value >= 0 else min(SPARSITY.value + 0.05, 0.95)
-    calib.paths = sp.greedy(params, cfg, calib, windows[:GREEDY_WINDOWS.value], max_effective=end)
+    paths = sp.greedy(params, cfg, dense, windows[:GREEDY_WINDOWS.value], max_effective=end)
+    target = sp.pick(paths, SPARSITY.value)
+  calib = sp.calibrate(params, cfg, method, windows, upstream=target if UPSTREAM.value else None)
+  calib.paths = paths
+  print(f"calibrated {method} on {calib.tokens} tokens in {time.time() - t0:.0f}s")
   path = sp.save(OUT.value or f"runs/calibration/{METHOD.value}.npz", calib)
   print(f"saved {path}")
   if CHECK_WINDOWS.value:
     held = sp.windows_from_text(tok, load_texts(HELDOUT.value), SEQ_LEN.value, CHECK_WINDOWS.value)
     spars = sp.make(method, params, cfg, SPARSITY.value, mode="threshold", calibration=calib,
                     allocation=ALLOCATION.value)
-    out = jit_forward(params, jnp.asarray(held), cfg, spars, collect=("zero_frac",))
-    zf = out.aux["zero_frac"]
-    per_site = np.asarray([float(zf[s]) for s in method.sites(cfg)])
+    zf = layerwise.zero_frac(params, cfg, spars, held)   # = forward(collect=("zero_frac",)), one layer compiled
+    per_site = np.asarray([zf[s] for s in method.sites(cfg)])
     print(f"held-out ({HELDOUT.value}, {held.size} tokens): parameter-weighted sparsity "
           f"{sp.parameter_weighted_sparsity(zf, cfg):.4f} (target {SPARSITY.value}); per-site zero fraction "
           f"mean {per_site.mean():.4f}, range [{per_site.min():.4f}, {per_site.max():.4f}]")

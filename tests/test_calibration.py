@@ -111,3 +111,31 @@ def test_fused_phi3_threshold_mode():
   out = forward(params, jnp.asarray(windows), cfg, spars, collect=("zero_frac",))
   assert "layers.0.self_attn.qkv_proj" in spars.thresholds
   assert sp.parameter_weighted_sparsity(out.aux["zero_frac"], cfg) == pytest.approx(0.5, abs=0.05)
+
+
+def test_layerwise_zero_frac_matches_forward(tiny):
+  from wina_jax.sparsity import layerwise
+  params, cfg, windows, calibs = tiny
+  spars = sp.make("wina", params, cfg, 0.4, mode="threshold", calibration=calibs["wina"])
+  ref = forward(params, jnp.asarray(windows[:2]), cfg, spars, collect=("zero_frac",)).aux["zero_frac"]
+  got = layerwise.zero_frac(params, cfg, spars, windows[:2])
+  assert set(got) == set(ref)
+  for site, v in ref.items():
+    assert got[site] == pytest.approx(float(v), abs=1e-3), site
+
+
+@pytest.mark.parametrize("name", ["teal"])
+def test_threshold_mode_hits_target_on_heldout_smollm2(smollm2, smollm2_tokenizer, name):
+  from wina_jax.data.text import load_texts
+  from wina_jax.sparsity import layerwise
+  params, cfg = smollm2
+  cal = sp.windows_from_text(smollm2_tokenizer, load_texts("boolq:calibration"), 128, 8)
+  held = sp.windows_from_text(smollm2_tokenizer, load_texts("boolq:heldout"), 128, 4)
+  target = 0.5
+  calib = sp.calibrate(params, cfg, sp.get_method(name), cal, upstream=target, progress=False)
+  spars = sp.make(name, params, cfg, target, mode="threshold", calibration=calib)
+  zf = layerwise.zero_frac(params, cfg, spars, held)
+  per_site = np.asarray([zf[s] for s in spars.method.sites(cfg)])
+  assert per_site.mean() == pytest.approx(target, abs=0.02)
+  want = sp.target_sparsity({s: target for s in spars.method.sites(cfg)}, cfg)
+  assert sp.parameter_weighted_sparsity(zf, cfg) == pytest.approx(want, abs=0.02)

@@ -11,7 +11,7 @@ from wina_jax.sparsity import methods as _builtins  # noqa: F401  (registers den
 from wina_jax.sparsity.allocation import GreedyPath, greedy, pick, uniform
 from wina_jax.sparsity.base import MODES, Method, ScoreSparsifier, check_sparsity, keep_count, topk_mask
 from wina_jax.sparsity.calibration import Calibration, calibrate, fingerprint, windows_from_text
-from wina_jax.sparsity.measure import parameter_weighted_sparsity, per_matrix_sparsity, site_weights
+from wina_jax.sparsity.measure import parameter_weighted_sparsity, per_matrix_sparsity, site_weights, target_sparsity
 from wina_jax.sparsity.methods import column_norms
 from wina_jax.sparsity.prefill import dense_prefix
 from wina_jax.sparsity.registry import (ALLOCATIONS, get_method, known_methods, make, register,

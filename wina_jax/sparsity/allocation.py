@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from wina_jax import sites as S
 from wina_jax.config import ModelConfig
+from wina_jax.sparsity import layerwise
 from wina_jax.sparsity.base import Method, ScoreSparsifier, check_sparsity
 from wina_jax.sparsity.calibration import Calibration
 from wina_jax.sparsity.measure import site_weights
@@ -44,15 +45,6 @@ def uniform(method: Method, cfg: ModelConfig, sparsity: float) -> dict[str, floa
   return site_sparsities(method, cfg, sparsity)
 
 
-def layer_sites(method: Method, cfg: ModelConfig, layer: int) -> list[str]:
-  return [s for s in method.sites(cfg) if S.parse_site(s)[0] == layer]
-
-
-def _rename(site: str, layer: int) -> str:
-  _, block, proj = S.parse_site(site)
-  return S.site_name(layer, block, proj)
-
-
 @functools.partial(jax.jit, static_argnames=("cfg", "method", "sites", "start"))
 def _errors(lp, h, target, thresholds, state, cfg, method, sites, start):
   """Mean per-token l2 error over tokens >= start of the layer under each row of thresholds [C, n]."""
@@ -68,58 +60,48 @@ def greedy(params: dict, cfg: ModelConfig, calib: Calibration, windows: np.ndarr
            layers: Optional[Sequence[int]] = None, max_effective: float = 0.9, step: float = 0.05,
            max_site: float = 0.99, last_fraction: float = 0.25, progress: bool = True) -> dict[int, GreedyPath]:
   """Greedy paths {layer: GreedyPath} for `calib.method` on `windows` [N, T] (calibration text)."""
-  from wina_jax.model import jit_forward
   check_sparsity(max_effective, "max_effective")
   if not 0 < last_fraction <= 1:
     raise ValueError(f"last_fraction={last_fraction} must be in (0, 1]")
   method = calib.method
   state_all = method.state(params, cfg)
-  resid = jit_forward(params, jnp.asarray(windows), cfg, collect=("residual",)).aux["residual"]
   start = int(windows.shape[1] * (1 - last_fraction))
-  layers = range(cfg.num_hidden_layers) if layers is None else layers
+  wanted = set(range(cfg.num_hidden_layers) if layers is None else layers)
   counts = site_weights(cfg)
   paths = {}
-  for layer in tqdm(layers, desc=f"greedy {method.name}", disable=not progress):
-    sites = layer_sites(method, cfg, layer)
-    if not sites:
+  todo = layerwise.residuals(params, cfg, windows, upto=max(wanted) + 1)
+  for layer, h in tqdm(todo, total=max(wanted) + 1, desc=f"greedy {method.name}", disable=not progress):
+    sites = layerwise.layer_sites(method.sites(cfg), layer)
+    if layer not in wanted or not sites:
       continue
-    local = tuple(_rename(s, 0) for s in sites)
-    state = {_rename(s, 0): v for s, v in state_all.items() if s in sites}
-    w = np.asarray([counts[s] / cfg.hidden_size ** 2 for s in sites])
     lp = params["layers"][str(layer)]
-    h = resid[f"layers.{layer}.self_attn"]
-    target = _dense_layer(lp, h, cfg)
-    ths = lambda row: [calib.threshold(s, v) for s, v in zip(sites, row)]
-    err = functools.partial(_errors, lp, h, target, state=state, cfg=cfg, method=method, sites=local, start=start)
+    w = np.asarray([counts[s] / cfg.hidden_size ** 2 for s in sites])
+    errors = functools.partial(_errors, lp, h, layerwise.dense_layer(lp, h, cfg),
+                               state=layerwise.local_state(state_all, sites), cfg=cfg, method=method,
+                               sites=tuple(layerwise.local_site(s) for s in sites), start=start)
+
+    def run(rows, uniform_at):
+      """Errors of each row of sparsities [n, n] plus uniform sparsity `uniform_at` (one fixed shape)."""
+      rows = np.concatenate([rows, np.full((1, len(sites)), min(uniform_at, max_site))])
+      th = [[calib.threshold(s, v) for s, v in zip(sites, r)] for r in rows]
+      e = np.asarray(errors(jnp.asarray(th, jnp.float32)))
+      return e[:-1], float(e[-1])
+
     cur = np.zeros(len(sites))
-    rows, effs, errs, bases = [cur.copy()], [0.0], [0.0], []
-    while effs[-1] < max_effective:
+    rows, effs, errs, bases = [cur], [0.0], [0.0], []
+    while effs[-1] < max_effective and (cur < max_site).any():
       cands = np.repeat(cur[None], len(sites), axis=0)
-      open_ = cur < max_site
-      if not open_.any():
-        break
       for j in range(len(sites)):
         cands[j, j] = min(cur[j] + step / w[j], max_site)
-      eff = float(w @ cur / w.sum())
-      th = np.asarray([ths(c) for c in cands] + [ths(np.full(len(sites), min(eff, max_site)))], np.float32)
-      e = np.asarray(err(jnp.asarray(th)))
-      bases.append(float(e[-1]))
-      e = np.where(open_, e[:-1], np.inf)
-      j = int(np.argmin(e))
+      e, base = run(cands, effs[-1])
+      bases.append(base)   # uniform error at the previous row's effective sparsity
+      j = int(np.argmin(np.where(cur < max_site, e, np.inf)))
       cur = cands[j]
-      rows.append(cur.copy()); effs.append(float(w @ cur / w.sum())); errs.append(float(e[j]))
-    eff = float(w @ cur / w.sum())
-    bases.append(float(np.asarray(err(jnp.asarray([ths(np.full(len(sites), min(eff, max_site)))],
-                                                      np.float32)))[0]))
+      rows.append(cur); effs.append(float(w @ cur / w.sum())); errs.append(float(e[j]))
+    bases.append(run(np.repeat(cur[None], len(sites), axis=0), effs[-1])[1])
     paths[layer] = GreedyPath(tuple(sites), w, np.asarray(rows), np.asarray(effs), np.asarray(errs),
                               np.asarray(bases))
   return paths
-
-
-@functools.partial(jax.jit, static_argnames=("cfg",))
-def _dense_layer(lp, h, cfg):
-  from wina_jax.model import decoder_layer
-  return decoder_layer(cfg, lp, h, 0)
 
 
 def pick(paths: Mapping[int, GreedyPath], target: float) -> dict[str, float]:

@@ -48,6 +48,8 @@ def parameter_weighted_sparsity(zero_frac: Mapping[str, float], cfg: ModelConfig
   return float(sum(counts[s] * frac[s] for s in counts) / sum(counts.values()))
 
 
-def target_weighted_sparsity(sparsities: Mapping[str, float], cfg: ModelConfig) -> float:
-  """The same weighted mean for intended per-site targets {site: s} (a site not named counts as 0)."""
-  return parameter_weighted_sparsity(sparsities, cfg)
+def target_sparsity(sparsities: Mapping[str, float], cfg: ModelConfig) -> float:
+  """The model-level sparsity intended by per-site targets {site: s} (linear or act sites; others 0):
+  sum of s * `site_weights` / all linear params (ignores overlaps of an act mask with down_proj's own)."""
+  w = site_weights(cfg)
+  return float(sum(w[s] * v for s, v in sparsities.items()) / sum(S.site_param_counts(cfg).values()))

@@ -1,0 +1,110 @@
+"""Run the dense model one decoder layer at a time with a single compiled layer function.
+
+Calibration and allocation only need each layer's inputs and outputs, so they compile one layer (with
+its sites renamed to layer 0) and reuse it for every layer instead of compiling the whole model.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Iterator, Optional
+
+import jax
+import jax.numpy as jnp
+
+from wina_jax import sites as S
+from wina_jax.config import ModelConfig
+
+
+def local_site(site: str) -> str:
+  """'layers.7.mlp.up_proj' -> 'layers.0.mlp.up_proj' (the name inside the shared layer function)."""
+  _, block, proj = S.parse_site(site)
+  return S.site_name(0, block, proj)
+
+
+def layer_sites(sites, layer: int) -> list[str]:
+  return [s for s in sites if S.parse_site(s)[0] == layer]
+
+
+def local_state(state: dict, sites) -> dict:
+  """The part of a per-site state dict for `sites` (one layer), renamed to layer 0."""
+  return {local_site(s): state[s] for s in sites if s in state}
+
+
+class Recorder:
+  """Wraps a sparsifier (default: none) and records the unmasked input at each site while tracing:
+  `seen` {site: x [..., d_in]}."""
+
+  def __init__(self, inner=None):
+    self.inner, self.seen = inner, {}
+
+  def __call__(self, site, x, kernel):
+    self.seen[site] = x
+    return x if self.inner is None else self.inner(site, x, kernel)
+
+
+def input_group(site: str) -> str:
+  """Sites reading the same input share a group: q/k/v (or qkv), gate/up (or gate_up); others alone."""
+  proj = S.parse_site(site)[2]
+  return {"k_proj": "q_proj", "v_proj": "q_proj", "qkv_proj": "q_proj", "up_proj": "gate_proj",
+          "gate_up_proj": "gate_proj"}.get(proj, proj)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def dense_layer(lp: dict, h: jax.Array, cfg: ModelConfig) -> jax.Array:
+  """Output residual [B, T, d] of one dense layer for its input residual `h` [B, T, d]."""
+  from wina_jax.model import decoder_layer   # layerwise tools drive the model; sparsifiers never do
+  return decoder_layer(cfg, lp, h, 0)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def sparse_layer(lp: dict, h: jax.Array, sparsifier, cfg: ModelConfig) -> jax.Array:
+  """`dense_layer` with a pytree sparsifier keyed by layer-0 site names (see `local_site`)."""
+  from wina_jax.model import decoder_layer
+  return decoder_layer(cfg, lp, h, 0, sparsifier)
+
+
+def residuals(params: dict, cfg: ModelConfig, tokens, upto: Optional[int] = None) -> Iterator[tuple]:
+  """Yield (layer, residual entering it [B, T, d]) for layers 0 .. upto-1 of the dense model."""
+  h = params["embed_tokens"]["embedding"][jnp.asarray(tokens)]
+  for layer in range(cfg.num_hidden_layers if upto is None else upto):
+    yield layer, h
+    h = dense_layer(params["layers"][str(layer)], h, cfg)
+
+
+def localize(sparsifier, layer: int):
+  """The part of a `ScoreSparsifier` for one layer, renamed to layer 0 (for the shared layer function)."""
+  mine = lambda site: S.parse_site(site)[0] == layer
+  return sparsifier.replace(
+      keep=tuple((local_site(s), k) for s, k in sparsifier.keep if mine(s)),
+      thresholds={local_site(s): t for s, t in sparsifier.thresholds.items() if mine(s)},
+      state={local_site(s): v for s, v in sparsifier.state.items() if mine(s)})
+
+
+class _Counter:
+  """Wraps a sparsifier and records the fraction of zeros in what it returns at each site."""
+
+  def __init__(self, inner):
+    self.inner, self.zero_frac = inner, {}
+
+  def __call__(self, site, x, kernel):
+    xs = self.inner(site, x, kernel)
+    self.zero_frac[site] = jnp.mean((xs == 0).astype(jnp.float32))
+    return xs
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _counted_layer(lp, h, sparsifier, cfg):
+  from wina_jax.model import decoder_layer
+  counter = _Counter(sparsifier)
+  return decoder_layer(cfg, lp, h, 0, counter), counter.zero_frac
+
+
+def zero_frac(params: dict, cfg: ModelConfig, sparsifier, tokens) -> dict:
+  """{site: fraction of zeroed inputs} of a `ScoreSparsifier` over `tokens` [B, T], every token sparse:
+  what `forward(..., collect=("zero_frac",))` reports, with one compiled layer instead of the model."""
+  out = {}
+  h = params["embed_tokens"]["embedding"][jnp.asarray(tokens)]
+  for layer in range(cfg.num_hidden_layers):
+    h, zf = _counted_layer(params["layers"][str(layer)], h, localize(sparsifier, layer), cfg)
+    out.update({S.site_name(layer, *S.parse_site(s)[1:]): float(v) for s, v in zf.items()})
+  return out
