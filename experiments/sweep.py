@@ -1,13 +1,14 @@
 """The main job: a sparsity sweep of methods x target sparsities on perplexity, zero-shot tasks and FLOPs.
 
-  python -m experiments.sweep --quick                      # CPU demo: 3 cells, a few rows per task
+  python -m experiments.sweep --quick                      # CPU demo: 3 cells, 8 rows per task
   python -m experiments.sweep --limit=200 --methods=dense,teal,wina --sparsities=0.5
   python -m experiments.sweep --out=results/sweep/full --batch_tokens=65536 --ppl_windows=128  # GPU
 
 Each cell (method, sparsity) is written atomically to <out>/cells/ as it completes; a restarted sweep
 with the same flags skips finished cells and ends with the same table.md / results.csv / results.json /
 accuracy.png / perplexity.png. Cells are keyed by every flag that changes their numbers, so a changed
-setting recomputes instead of mixing results.
+setting recomputes instead of mixing results. --quick uses calibrated thresholds (--mode=threshold):
+on CPU, top-k's per-token sort at every site costs more than the matmuls it skips.
 """
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ from wina_jax.eval import report
 from wina_jax.eval.tasks import TASKS
 
 QUICK = dict(methods="dense,teal,wina", sparsities="0.5", tasks="piqa,winogrande,hellaswag,arc_challenge",
-             limit=8, ppl_windows=4, seq_len=128, calib_windows=4, batch_tokens=2048, ppl_batch=4)
+             limit=8, ppl_windows=4, seq_len=128, mode="threshold", calib_windows=4, batch_tokens=2048,
+             ppl_batch=4)
 
 MODEL = flags.DEFINE_string("model", "", "GGUF file or HF checkpoint folder; '' = the embedded SmolLM2.")
 METHODS = flags.DEFINE_list("methods", ["dense", "teal", "teal-transform", "cats", "wina", "wina-transform"],
@@ -61,6 +63,13 @@ def cell_list(methods: list[str], sparsities: list[float]) -> list[tuple[str, fl
   return dense + [(m, s) for s in sparsities for m in methods if m != "dense"]
 
 
+def cell_key(st: dict, method: str) -> str:
+  """Hash of the settings a cell depends on (dense ignores the sparsifier's mode / allocation / calibration)."""
+  if method == "dense":
+    st = {k: v for k, v in st.items() if k not in ("mode", "allocation", "calib_text", "calib_windows")}
+  return hashlib.sha1(json.dumps(st, sort_keys=True).encode()).hexdigest()[:10]
+
+
 def cell_path(out: str, method: str, s: float, key: str) -> str:
   return os.path.join(out, "cells", f"{method}@{s:g}-{key}.json")
 
@@ -84,6 +93,7 @@ class Context:
     self.calib = (token_windows(self.tok, load_texts(st["calib_text"]), st["seq_len"], st["calib_windows"])
                   if needs_calib else None)
     self.settings = st
+    self.prepared = {}
 
 
 def run_cell(ctx: Context, method: str, s: float) -> dict:
@@ -91,8 +101,11 @@ def run_cell(ctx: Context, method: str, s: float) -> dict:
   from wina_jax import sparsity
   from wina_jax.eval import flops, multiple_choice, perplexity, variants
   st = ctx.settings
-  v = variants.build(ctx.params, ctx.cfg, method, s, mode=st["mode"], allocation=st["allocation"],
-                     calib_windows=ctx.calib, progress=False)
+  if method not in ctx.prepared:      # transform / calibration once per method, shared by its sparsities
+    ctx.prepared[method] = variants.prepare(ctx.params, ctx.cfg, method, mode=st["mode"],
+                                            allocation=st["allocation"], calib_windows=ctx.calib,
+                                            progress=False)
+  v = variants.make(ctx.prepared[method], s, mode=st["mode"], allocation=st["allocation"])
   prefix = functools.partial(sparsity.dense_prefix, st["prefill"])
   ppl = perplexity.perplexity(v.params, v.cfg, ctx.ppl, v.sparsifier, batch_size=PPL_BATCH.value,
                               dense_prefix=prefix(ctx.ppl.shape[1]), zero_frac=True, progress=False)
@@ -121,10 +134,10 @@ def main(argv):
     raise app.UsageError(f"unknown tasks {bad}; choose from {list(TASKS)}")
   sps = [float(x) for x in SPARSITIES.value]
   st = settings()
-  key = hashlib.sha1(json.dumps(st, sort_keys=True).encode()).hexdigest()[:10]
   cells = cell_list(list(METHODS.value), sps)
-  todo = [c for c in cells if not os.path.exists(cell_path(OUT.value, *c, key))]
-  print(f"{len(cells)} cells, {len(cells) - len(todo)} already done (settings key {key}) -> {OUT.value}")
+  paths = {c: cell_path(OUT.value, *c, cell_key(st, c[0])) for c in cells}
+  todo = [c for c in cells if not os.path.exists(paths[c])]
+  print(f"{len(cells)} cells, {len(cells) - len(todo)} already done -> {OUT.value}")
   from wina_jax.eval import variants
   for m in METHODS.value:
     variants.parse(m)
@@ -132,13 +145,13 @@ def main(argv):
   for method, s in tqdm(todo, desc="sweep"):
     t0 = time.time()
     row = run_cell(ctx, method, s)
-    report.write_atomic(cell_path(OUT.value, method, s, key),
+    report.write_atomic(paths[(method, s)],
                         json.dumps({"row": row, "settings": st, "seconds": time.time() - t0}, indent=1))
     tqdm.write(f"{method} @ {s:g}: ppl {row['ppl']:.3f} avg {100 * row['avg']:.2f} "
                f"measured sparsity {100 * row['measured_sparsity']:.1f}% ({time.time() - t0:.0f}s)")
   rows = []
   for c in cells:
-    with open(cell_path(OUT.value, *c, key)) as f:
+    with open(paths[c]) as f:
       rows.append(json.load(f)["row"])
   header = (f"Sweep on {st['model'] or 'SmolLM2-135M-Instruct'} ({st['allocation']} allocation, "
             f"{st['mode']} mode, prefill {st['prefill']}); rows per task: {st['limit'] or 'all'}; "

@@ -18,6 +18,17 @@ SUFFIX = "-transform"
 
 
 @dataclasses.dataclass
+class Prepared:
+  """What every sparsity of one spec shares: (transformed) params and, if needed, the calibration."""
+  params: dict
+  cfg: ModelConfig
+  spec: str
+  base: str
+  transformed: bool
+  calibration: Any = None
+
+
+@dataclasses.dataclass
 class Variant:
   params: dict
   cfg: ModelConfig
@@ -36,25 +47,41 @@ def parse(spec: str) -> tuple[str, bool]:
   return base, transformed
 
 
-def build(params: dict, cfg: ModelConfig, spec: str, target: float, *, mode: str = "topk",
-          allocation: str = "uniform", calib_windows: Optional[np.ndarray] = None,
-          progress: bool = True) -> Variant:
-  """The variant `spec` at `target` sparsity (dense when target == 0 or the method is 'dense')."""
+def prepare(params: dict, cfg: ModelConfig, spec: str, *, mode: str = "topk", allocation: str = "uniform",
+            calib_windows: Optional[np.ndarray] = None, max_effective: float = 0.9,
+            progress: bool = True) -> Prepared:
+  """Transform if the spec asks, and calibrate (thresholds; greedy paths up to `max_effective`) if the
+  mode or allocation needs it."""
   from wina_jax import sparsity
   base, transformed = parse(spec)
   if transformed:
     from wina_jax.transform import transform
     params, cfg = transform(params, cfg)
   calibration = None
-  if target > 0 and base != "dense" and (mode == "threshold" or allocation == "greedy"):
+  if base != "dense" and (mode == "threshold" or allocation == "greedy"):
     if calib_windows is None:
       raise ValueError(f"mode={mode!r} / allocation={allocation!r} need calibration windows")
-    method = sparsity.get_method(base)
-    calibration = sparsity.calibrate(params, cfg, method, calib_windows, progress=progress)
+    calibration = sparsity.calibrate(params, cfg, sparsity.get_method(base), calib_windows, progress=progress)
     if allocation == "greedy":
       from wina_jax.sparsity.allocation import greedy
-      calibration.paths = greedy(params, cfg, calibration, calib_windows, max_effective=max(0.9, target),
+      calibration.paths = greedy(params, cfg, calibration, calib_windows, max_effective=max_effective,
                                  progress=progress)
-  sp = sparsity.make(base, params, cfg, target if base != "dense" else 0.0, mode=mode,
-                     calibration=calibration, allocation=allocation if target > 0 else "uniform")
-  return Variant(params, cfg, sp, transformed, spec)
+  return Prepared(params, cfg, spec, base, transformed, calibration)
+
+
+def make(prep: Prepared, target: float, *, mode: str = "topk", allocation: str = "uniform") -> Variant:
+  """The variant at `target` sparsity (dense when target == 0 or the method is 'dense')."""
+  from wina_jax import sparsity
+  dense = prep.base == "dense" or target == 0
+  sp = sparsity.make(prep.base, prep.params, prep.cfg, 0.0 if dense else target, mode=mode,
+                     calibration=prep.calibration, allocation="uniform" if dense else allocation)
+  return Variant(prep.params, prep.cfg, sp, prep.transformed, prep.spec)
+
+
+def build(params: dict, cfg: ModelConfig, spec: str, target: float, *, mode: str = "topk",
+          allocation: str = "uniform", calib_windows: Optional[np.ndarray] = None,
+          progress: bool = True) -> Variant:
+  """`prepare` + `make` for one target sparsity."""
+  prep = prepare(params, cfg, spec, mode=mode, allocation=allocation, calib_windows=calib_windows,
+                 max_effective=max(0.9, target), progress=progress)
+  return make(prep, target, mode=mode, allocation=allocation)
