@@ -79,10 +79,11 @@ def checks(rows: list[dict]) -> dict:
 
 
 def write_csv(path: str, rows: list[dict]) -> None:
+  """Rows as CSV, floats to 6 significant digits."""
   with open(path, "w", newline="") as f:
     w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
     w.writeheader()
-    w.writerows(rows)
+    w.writerows([{k: f"{v:.6g}" if isinstance(v, float) else v for k, v in r.items()} for r in rows])
 
 
 def readme(summary: dict) -> str:

@@ -15,8 +15,8 @@ def _select(rows: list[dict], **match) -> list[dict]:
 
 def error_per_layer(rows: list[dict], mode: str, sparsity: float, column: str, path: str) -> None:
   """One panel per projection: `column` against layer, a line per method, at one mode and sparsity
-  (sites a method leaves dense, e.g. CATS outside down_proj, are not drawn)."""
-  sel = [r for r in _select(rows, mode=mode, sparsity=sparsity) if r["dropped"] > 0]   # masked sites only
+  (exact zeros, e.g. CATS outside down_proj in isolated mode, are not drawn)."""
+  sel = [r for r in _select(rows, mode=mode, sparsity=sparsity) if r[column] > 0]   # skip exact zeros
   projs = list(dict.fromkeys(r["proj"] for r in sel))
   methods = list(dict.fromkeys(r["method"] for r in sel))
   cols = min(4, len(projs))
