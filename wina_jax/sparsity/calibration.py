@@ -11,7 +11,7 @@ import dataclasses
 import functools
 import hashlib
 import math
-from typing import Optional
+from typing import Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +24,7 @@ from wina_jax.config import ModelConfig
 from wina_jax.data.text import token_windows
 from wina_jax.sparsity import layerwise
 from wina_jax.sparsity.base import Method, ScoreSparsifier, check_sparsity
-from wina_jax.sparsity.registry import Sparsities, site_sparsities
+from wina_jax.sparsity.registry import Sparsities, get_method, site_sparsities
 
 N_LEVELS = 1025
 
@@ -96,11 +96,11 @@ def _layer_samples(lp, h, valid, sparsifier, key, cfg, sites, n):
   return samples
 
 
-def calibrate(params: dict, cfg: ModelConfig, method: Method, windows: np.ndarray, *,
+def calibrate(params: dict, cfg: ModelConfig, method: Union[str, Method], windows: np.ndarray, *,
               upstream: Optional[Sparsities] = None, batch_size: int = 4, samples_per_site: int = 2 ** 17,
               seed: int = 0, progress: bool = True) -> Calibration:
   """Score statistics of `method` over `windows` [N, T] (every token counted), layer by layer with one
-  compiled layer function.
+  compiled layer function. `method`: a `Method` or a registered name ('teal', 'wina', 'cats', ...).
 
   upstream: None (default, as TEAL): every site sees the dense model's inputs, and the thresholds serve
     any target. A target (float or {site: s}): each site's inputs come from the model with every site
@@ -108,6 +108,7 @@ def calibrate(params: dict, cfg: ModelConfig, method: Method, windows: np.ndarra
     thresholds calibrated so far, so thresholds for that target absorb the shift upstream sparsity
     causes and the achieved sparsity lands on the target.
   """
+  method = get_method(method) if isinstance(method, str) else method
   windows = np.asarray(windows)
   if windows.ndim != 2 or windows.size == 0:
     raise ValueError(f"cannot calibrate on empty windows (shape {windows.shape}); pass [N, T] token "
