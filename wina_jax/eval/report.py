@@ -58,8 +58,6 @@ def to_csv(rows: Sequence[dict], tasks: Sequence[str]) -> str:
 def plot(rows: Sequence[dict], tasks: Sequence[str], path: str, key_label: Sequence[tuple[str, str]]) -> None:
   """One PNG with a panel per (key, label): that value vs target sparsity, a line per method; dense
   is drawn as a horizontal line."""
-  import matplotlib
-  matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   n = len(key_label)
   cols = min(n, 4)

@@ -30,7 +30,9 @@ def register(name: str):
   def deco(cls):
     if not (isinstance(cls, type) and issubclass(cls, Method)):
       raise TypeError(f"@register({name!r}) needs a Method subclass, got {cls!r}")
-    if name in _METHODS and _METHODS[name] is not cls:
+    old = _METHODS.get(name)
+    redefined = old is not None and (old.__module__, old.__qualname__) == (cls.__module__, cls.__qualname__)
+    if old is not None and old is not cls and not redefined:   # re-running a notebook cell redefines
       raise ValueError(f"method {name!r} is already registered by {_METHODS[name].__qualname__}")
     cls.name = name
     _METHODS[name] = cls
