@@ -18,4 +18,4 @@ demo: setup
 	$(PY) -m experiments.sweep --quick --out=runs/demo
 
 test: setup
-	$(PY) -m pytest -n 2 -q tests
+	$(PY) -m pytest -n 2 -q --durations=15 tests
