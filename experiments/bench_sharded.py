@@ -29,23 +29,17 @@ from absl import app, flags
 from flax import traverse_util
 from tqdm import tqdm
 
+from experiments.decode_models import SHAPES as DECODE_SHAPES
 from wina_jax import model as M
 from wina_jax import sharding as SH
 from wina_jax import sites as S
 from wina_jax import sparsity
-from wina_jax.config import ModelConfig, RopeScaling
+from wina_jax.config import ModelConfig
 from wina_jax.convert.load import expected_shapes
 
 SHAPES = {
-    "llama3_8b": ModelConfig(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
-                             num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
-                             max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=500000.0,
-                             rope_scaling=RopeScaling("llama3", 8.0, 1.0, 4.0, 8192)),
-    # Phi-4 (14B) dimensions with Phi-3's fused qkv / gate_up projections, as the real checkpoint.
-    "phi4_14b": ModelConfig(model_type="phi3", vocab_size=100352, hidden_size=5120, intermediate_size=17920,
-                            num_hidden_layers=40, num_attention_heads=40, num_key_value_heads=10, head_dim=128,
-                            max_position_embeddings=16384, rms_norm_eps=1e-5, rope_theta=250000.0,
-                            fused_qkv=True, fused_gate_up=True),
+    "llama3_8b": DECODE_SHAPES["llama3_8b"],
+    "phi4_14b": DECODE_SHAPES["phi4_14b"],   # Phi-3 architecture: fused qkv / gate_up, as the real checkpoint
     "tiny": ModelConfig(model_type="llama", vocab_size=256, hidden_size=128, intermediate_size=256,
                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, head_dim=32,
                         max_position_embeddings=128),

@@ -5,17 +5,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from wina_jax.config import ModelConfig, RopeScaling
+from wina_jax.config import ModelConfig
+from wina_jax.eval.flops import paper_config
 
+# The paper's shapes come from their HF configs (wina_jax.eval.flops.PAPER_CONFIGS).
 SHAPES = {
-    "llama3_8b": ModelConfig(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
-                             num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
-                             max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=500000.0,
-                             rope_scaling=RopeScaling("llama3", 8.0, 1.0, 4.0, 8192)),
-    "qwen25_7b": ModelConfig(model_type="qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944,
-                             num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4, head_dim=128,
-                             max_position_embeddings=32768, rms_norm_eps=1e-6, rope_theta=1000000.0,
-                             attention_bias=True),
+    "llama3_8b": paper_config("Llama-3-8B"),
+    "qwen25_7b": paper_config("Qwen-2.5-7B"),
+    "phi4_14b": paper_config("Phi-4-14B"),
     "tiny": ModelConfig(model_type="qwen2", vocab_size=97, hidden_size=128, intermediate_size=256,
                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
                         max_position_embeddings=128, attention_bias=True),
