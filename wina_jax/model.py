@@ -77,7 +77,9 @@ class _Ctx:
     kernel = lin["kernel"]
     fused = getattr(self.sparsifier, "linear", None)
     if fused is not None and not (self.collect & {"inputs", "zero_frac"}):
-      y = self._select(fused(site, x, kernel), x @ kernel)
+      y = fused(site, x, kernel)
+      if self.sparse_tok is not None:   # dense-prefix tokens need the dense product too
+        y = self._select(y, x @ kernel)
     else:
       y = self.mask(site, x, kernel) @ kernel
     return y + lin["bias"] if "bias" in lin else y
