@@ -137,3 +137,15 @@ def test_variants_transform_keeps_dense_and_threshold_mode_calibrates(tiny, rng)
     variants.parse("magic-transform")
   with pytest.raises(ValueError, match="calibration windows"):
     variants.build(params, cfg, "wina", 0.5, mode="threshold")
+
+
+def test_dense_variant_in_threshold_mode_needs_no_calibration(tiny, rng):
+  """The sweep's dense cell shares the sweep's mode flag; dense has nothing to threshold."""
+  from wina_jax.eval import variants
+  _, params, cfg = tiny
+  windows = rng.randint(0, cfg.vocab_size, (2, 16))
+  dense = variants.build(params, cfg, "dense", 0.0, mode="threshold", calib_windows=windows, progress=False)
+  teal0 = variants.build(params, cfg, "teal", 0.0, mode="threshold", calib_windows=windows, progress=False)
+  base = perplexity(params, cfg, windows, progress=False)["ppl"]
+  for v in (dense, teal0):
+    assert perplexity(v.params, v.cfg, windows, v.sparsifier, progress=False)["ppl"] == base

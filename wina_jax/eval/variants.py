@@ -73,7 +73,8 @@ def make(prep: Prepared, target: float, *, mode: str = "topk", allocation: str =
   """The variant at `target` sparsity (dense when target == 0 or the method is 'dense')."""
   from wina_jax import sparsity
   dense = prep.base == "dense" or target == 0
-  sp = sparsity.make(prep.base, prep.params, prep.cfg, 0.0 if dense else target, mode=mode,
+  sp = sparsity.make(prep.base, prep.params, prep.cfg, 0.0 if dense else target,
+                     mode="topk" if dense else mode,   # nothing to threshold: no calibration needed
                      calibration=prep.calibration, allocation="uniform" if dense else allocation)
   return Variant(prep.params, prep.cfg, sp, prep.transformed, prep.spec)
 
