@@ -139,11 +139,18 @@ def _layer(cfg: ModelConfig, lp: dict, h: jax.Array, layer: int, ctx: _Ctx, posi
   return _rotate(h, lp, "residual_mlp") + mlp_block(cfg, lp, h, layer, ctx), kv
 
 
-def decoder_layer(cfg: ModelConfig, lp: dict, h: jax.Array, layer: int, sparsifier: Any = S.dense) -> jax.Array:
-  """One decoder layer without a cache: residual `h` [B, T, d] entering layer `layer` -> its output
-  residual [B, T, d], every token sparse. For per-layer calibration (e.g. greedy sparsity allocation)."""
+def decoder_layer_aux(cfg: ModelConfig, lp: dict, h: jax.Array, layer: int, sparsifier: Any = S.dense,
+                      collect: Sequence[str] = ()) -> tuple[jax.Array, dict]:
+  """One decoder layer without a cache, every token sparse: residual `h` [B, T, d] entering layer `layer`
+  -> (its output residual [B, T, d], aux collected as in `forward`). For per-layer calibration."""
   positions = jnp.arange(h.shape[1], dtype=jnp.int32)
-  return _layer(cfg, lp, h, layer, _Ctx(sparsifier, None, ()), positions, None, h.shape[1])[0]
+  ctx = _Ctx(sparsifier, None, collect)
+  return _layer(cfg, lp, h, layer, ctx, positions, None, h.shape[1])[0], ctx.aux
+
+
+def decoder_layer(cfg: ModelConfig, lp: dict, h: jax.Array, layer: int, sparsifier: Any = S.dense) -> jax.Array:
+  """`decoder_layer_aux` without the aux: the output residual [B, T, d]."""
+  return decoder_layer_aux(cfg, lp, h, layer, sparsifier)[0]
 
 
 def lm_head_kernel(params: Params, cfg: ModelConfig) -> jax.Array:

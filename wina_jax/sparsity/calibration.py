@@ -84,12 +84,11 @@ def windows_from_text(tokenizer, texts: list[str], seq_len: int, max_windows: Op
 def _layer_samples(lp, h, valid, sparsifier, key, cfg, sites, n):
   """{local site: [n] random scores of its inputs in one layer on `h` [B, T, d] under `sparsifier`,
   drawn from the first `valid` windows}."""
-  from wina_jax.model import decoder_layer   # calibration drives the model; the sparsifier itself never does
-  rec = layerwise.Recorder(sparsifier)
-  decoder_layer(cfg, lp, h, 0, rec)
+  from wina_jax.model import decoder_layer_aux   # calibration drives the model; the sparsifier never does
+  _, aux = decoder_layer_aux(cfg, lp, h, 0, sparsifier, collect=("inputs",))
   samples = {}
   for i, site in enumerate(sites):
-    score = sparsifier.score(site, rec.seen[site]).astype(jnp.float32).ravel()
+    score = sparsifier.score(site, aux["inputs"][site]).astype(jnp.float32).ravel()
     per_window = score.size // h.shape[0]
     idx = jax.random.randint(jax.random.fold_in(key, i), (n,), 0, valid * per_window)
     samples[site] = score[idx]

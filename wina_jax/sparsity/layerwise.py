@@ -30,18 +30,6 @@ def local_state(state: dict, sites) -> dict:
   return {local_site(s): state[s] for s in sites if s in state}
 
 
-class Recorder:
-  """Wraps a sparsifier (default: none) and records the unmasked input at each site while tracing:
-  `seen` {site: x [..., d_in]}."""
-
-  def __init__(self, inner=None):
-    self.inner, self.seen = inner, {}
-
-  def __call__(self, site, x, kernel):
-    self.seen[site] = x
-    return x if self.inner is None else self.inner(site, x, kernel)
-
-
 def input_group(site: str) -> str:
   """Sites reading the same input share a group: q/k/v (or qkv), gate/up (or gate_up); others alone."""
   proj = S.parse_site(site)[2]
@@ -80,23 +68,11 @@ def localize(sparsifier, layer: int):
       state={local_site(s): v for s, v in sparsifier.state.items() if mine(s)})
 
 
-class _Counter:
-  """Wraps a sparsifier and records the fraction of zeros in what it returns at each site."""
-
-  def __init__(self, inner):
-    self.inner, self.zero_frac = inner, {}
-
-  def __call__(self, site, x, kernel):
-    xs = self.inner(site, x, kernel)
-    self.zero_frac[site] = jnp.mean((xs == 0).astype(jnp.float32))
-    return xs
-
-
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def _counted_layer(lp, h, sparsifier, cfg):
-  from wina_jax.model import decoder_layer
-  counter = _Counter(sparsifier)
-  return decoder_layer(cfg, lp, h, 0, counter), counter.zero_frac
+  from wina_jax.model import decoder_layer_aux
+  h, aux = decoder_layer_aux(cfg, lp, h, 0, sparsifier, collect=("zero_frac",))
+  return h, aux["zero_frac"]
 
 
 def zero_frac(params: dict, cfg: ModelConfig, sparsifier, tokens) -> dict:
