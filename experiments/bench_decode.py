@@ -38,6 +38,7 @@ flags.DEFINE_integer("steps", 32, "decode steps timed per repetition (positions 
 flags.DEFINE_integer("reps", 3, "timed repetitions (median); one more untimed warm-up")
 flags.DEFINE_integer("max_len", 512, "KV cache slots")
 flags.DEFINE_string("configs", "", "JSON of tuned kernel configs (from experiments.kernel_sweep)")
+flags.DEFINE_string("reduce", "", "override the configs' split-K reduce (partials | atomic | semaphore)")
 flags.DEFINE_string("out", "", "write results JSON here")
 flags.DEFINE_bool("tiny", False, "CPU smoke test: tiny model, XLA path, 1 rep")
 FLAGS = flags.FLAGS
@@ -234,7 +235,8 @@ def load_configs(path: str) -> dict:
     return {}
   with open(path) as f:
     raw = json.load(f)
-  return {tuple(int(v) for v in k.split("x")): KernelConfig(**c) for k, c in raw["best"].items()}
+  override = {"reduce": FLAGS.reduce} if FLAGS.reduce else {}
+  return {tuple(int(v) for v in k.split("x")): KernelConfig(**{**c, **override}) for k, c in raw["best"].items()}
 
 
 def main(argv):
@@ -247,7 +249,7 @@ def main(argv):
   result = {"date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "jax": jax.__version__,
             "device": str(jax.devices()[0].device_kind), "host": platform.node(),
             "flags": {f: getattr(FLAGS, f) for f in ("models", "sparsities", "batches", "methods", "steps",
-                                                     "reps", "max_len", "configs")},
+                                                     "reps", "max_len", "configs", "reduce")},
             "copy_gb_per_s": copy_bandwidth(), "rows": []}
   tqdm.write(f"copy bandwidth GB/s: {result['copy_gb_per_s']}")
   for i, name in enumerate(FLAGS.models):

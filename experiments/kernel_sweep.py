@@ -17,8 +17,9 @@ import jax.numpy as jnp
 from absl import app, flags
 
 from experiments.decode_models import SHAPES
+from wina_jax.decode import fused_site_shapes
 from wina_jax.kernels import KernelConfig, masked_linear
-from wina_jax.kernels.config import fits
+from wina_jax.kernels.config import WORKSPACE_BLOCKS, fits
 
 flags.DEFINE_list("models", ["llama3_8b", "qwen25_7b"], "model shapes to tune")
 flags.DEFINE_float("sparsity", 0.5, "sparsity the tilings are ranked at")
@@ -33,13 +34,7 @@ _BASE = [KernelConfig("masked", 128, 128, 128, 4), KernelConfig("masked", 32, 32
          KernelConfig("compact", 256, 32, 256, 4), KernelConfig("compact", 512, 64, 128, 8),
          KernelConfig("compact", 256, 64, 128, 8), KernelConfig("compact", 128, 32, 256, 4),
          KernelConfig("masked", 64, 64, 128, 2), KernelConfig("compact", 256, 32, 256, 2)]
-CANDIDATES = [dataclasses.replace(c, reduce=r) for c in _BASE for r in ("atomic", "partials")]
-
-
-def shapes(cfg):
-  """(d_in, segments) of the fused projections."""
-  d, q, kv, i = cfg.hidden_size, cfg.q_dim, cfg.kv_dim, cfg.intermediate_size
-  return [(d, (q, kv, kv)), (q, (d,)), (d, (i, i)), (i, (d,))]
+CANDIDATES = [dataclasses.replace(c, reduce=r) for c in _BASE for r in ("atomic", "partials", "semaphore")]
 
 
 def timed(fn, *args, n=30, reps=3) -> float:
@@ -60,7 +55,7 @@ def main(argv):
   res = {"date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "jax": jax.__version__,
          "device": str(jax.devices()[0].device_kind), "shapes": {}, "best": {}}
   for model in FLAGS.models:
-    for d_in, segs in shapes(SHAPES[model]):
+    for d_in, segs in fused_site_shapes(SHAPES[model]):
       n = sum(segs)
       name = f"{d_in}x{n}"
       if name in res["shapes"]:
@@ -74,9 +69,11 @@ def main(argv):
         return jnp.full((len(segs),), -1.0) if s == 0 else jnp.full(
             (len(segs),), jnp.quantile(jnp.abs(x.astype(jnp.float32)), s, method="lower"))
 
+      space = jnp.zeros((copies, WORKSPACE_BLOCKS), jnp.int32)   # 'semaphore' reduce: one row per copy
+
       def run(cfg, backend):
-        f = jax.jit(lambda x, t, ws: [masked_linear(x, w, t, None, segs, backend=backend, config=cfg) for w in ws])
-        return f
+        return jax.jit(lambda x, t, ws: [masked_linear(x, w, t, None, segs, backend=backend, config=cfg,
+                                                       workspace=space, slot=i) for i, w in enumerate(ws)])
 
       xla = run(None, "xla")
       dense = jax.jit(lambda x, ws: [x @ w for w in ws])

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from wina_jax.kernels import KernelConfig, masked_linear, masked_linear_xla
+from wina_jax.kernels import FusedThresholdSparsifier, KernelConfig, masked_linear, masked_linear_xla
 from wina_jax.kernels import config as C
 
 
@@ -29,6 +29,8 @@ def rel_err(a, b):
     ("compact", "atomic", 3, (64, 32, 32), True),
     ("masked", "atomic", 1, (64, 32, 32), False),
     ("masked", "partials", 5, (96,), True),
+    ("compact", "semaphore", 1, (64, 32, 32), True),
+    ("masked", "semaphore", 3, (96,), False),
 ])
 def test_interpret_kernel_matches_xla_and_masked_dense(mode, reduce, rows, segments, wina):
   k, n = 256, sum(segments)
@@ -38,7 +40,8 @@ def test_interpret_kernel_matches_xla_and_masked_dense(mode, reduce, rows, segme
   scales = jax.random.uniform(keys[2], (len(segments), k), minval=0.5, maxval=2.0) if wina else None
   t = jnp.asarray([0.6, 0.9, 1.2][:len(segments)])
   cfg = KernelConfig(mode=mode, chunk=64, block_k=16, block_n=32, reduce=reduce)
-  got = masked_linear(x, w, t, scales, segments, backend="interpret", config=cfg)
+  workspace = jnp.zeros((2, n // 32), jnp.int32) if reduce == "semaphore" else None
+  got = masked_linear(x, w, t, scales, segments, backend="interpret", config=cfg, workspace=workspace, slot=1)
   xla = masked_linear(x, w, t, scales, segments, backend="xla")
   ref = masked_ref(x, w, np.asarray(t), None if scales is None else np.asarray(scales), segments)
   assert got.shape == (rows, n) and got.dtype == jnp.bfloat16
@@ -46,6 +49,38 @@ def test_interpret_kernel_matches_xla_and_masked_dense(mode, reduce, rows, segme
   assert rel_err(got, xla) < 4e-3
   frac = np.mean(np.abs(np.asarray(x, np.float32)) > 0.9)
   assert 0.2 < frac < 0.6                    # the thresholds really drop rows
+
+
+def test_semaphore_reduce_workspace_and_fallback():
+  """The semaphore kernel writes x.dtype itself, sums partials in chunk order (bitwise equal to the
+  'partials' reduce), leaves its workspace zeroed, runs 'partials' without one and rejects a small one."""
+  k, n = 256, 128
+  x = jax.random.normal(jax.random.PRNGKey(0), (1, k), jnp.bfloat16)
+  w = jax.random.normal(jax.random.PRNGKey(1), (k, n), jnp.bfloat16)
+  cfg = KernelConfig(mode="compact", chunk=64, block_k=16, block_n=32, reduce="semaphore")
+  workspace = jnp.zeros((1, 4), jnp.int32)
+  run = jax.jit(lambda x, ws: masked_linear(x, w, 0.8, None, backend="interpret", config=cfg, workspace=ws))
+  got = run(x, workspace)
+  partials = masked_linear(x, w, 0.8, backend="interpret", config=cfg)             # no workspace
+  np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(partials, np.float32))
+  np.testing.assert_array_equal(np.asarray(workspace), 0)
+  with pytest.raises(ValueError, match="column blocks"):
+    masked_linear(x, w, 0.8, backend="interpret", config=cfg, workspace=jnp.zeros((1, 2), jnp.int32))
+
+
+def test_sparsifier_semaphore_workspace():
+  """A semaphore config gives the sparsifier one zeroed workspace row per site; results match XLA."""
+  k, n = 128, 64
+  w = {s: jax.random.normal(jax.random.PRNGKey(i), (k, n), jnp.bfloat16) for i, s in enumerate(("a", "b"))}
+  x = jax.random.normal(jax.random.PRNGKey(5), (1, k), jnp.bfloat16)
+  cfg = KernelConfig(mode="masked", chunk=32, block_k=16, block_n=32, reduce="semaphore")
+  sp = FusedThresholdSparsifier.create({"a": 0.5, "b": 0.9}, backend="interpret", configs={(k, n): cfg})
+  assert sp.workspace.shape == (2, C.WORKSPACE_BLOCKS) and sp.workspace.dtype == jnp.int32
+  assert FusedThresholdSparsifier.create({"a": 0.5}).workspace is None
+  for site in ("a", "b"):
+    got = sp.linear(site, x, w[site])
+    ref = sp.replace(backend="xla").linear(site, x, w[site])
+    assert rel_err(got, ref) < 4e-3
 
 
 def test_xla_path_for_many_rows_and_untileable_shapes():
@@ -89,8 +124,13 @@ def test_gpu_kernel_matches_xla(mode, rows):
   w = jax.random.normal(keys[1], (k, sum(segments)), jnp.bfloat16)
   scales = jax.random.uniform(keys[2], (3, k), minval=0.5, maxval=2.0)
   t = jnp.asarray([0.5, 0.7, 1.0])
-  for reduce in ("partials", "atomic"):
+  workspace = jnp.zeros((1, sum(segments) // 256), jnp.int32)
+  ref = masked_linear_xla(x, w, t, scales, segments)
+  for reduce in ("partials", "atomic", "semaphore"):
     cfg = KernelConfig(mode=mode, chunk=256, block_k=32, block_n=256, reduce=reduce)
-    got = masked_linear(x, w, t, scales, segments, backend="pallas", config=cfg)
-    ref = masked_linear_xla(x, w, t, scales, segments)
+    got = masked_linear(x, w, t, scales, segments, backend="pallas", config=cfg, workspace=workspace)
     assert rel_err(got, ref) < 1e-2
+  for _ in range(3):                     # the semaphore sum is in chunk order: bitwise repeatable
+    again = masked_linear(x, w, t, scales, segments, backend="pallas", config=cfg, workspace=workspace)
+    np.testing.assert_array_equal(np.asarray(again, np.float32), np.asarray(got, np.float32))
+  np.testing.assert_array_equal(np.asarray(workspace), 0)

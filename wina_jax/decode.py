@@ -71,6 +71,12 @@ def fuse_state(thresholds: Mapping[str, Any], scales: Mapping[str, Any], cfg: Mo
   return out_t, out_s, segs
 
 
+def fused_site_shapes(cfg: ModelConfig) -> list[tuple[int, tuple[int, ...]]]:
+  """(d_in, output segments) of the four linear sites of a fused layer: q|k|v, o, gate|up, down."""
+  d, q, kv, i = cfg.hidden_size, cfg.q_dim, cfg.kv_dim, cfg.intermediate_size
+  return [(d, (q, kv, kv)), (q, (d,)), (d, (i, i)), (i, (d,))]
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "max_len"))
 def prefill(params: dict, tokens: jax.Array, cfg: ModelConfig, max_len: int):
   """Dense prefill of `tokens` [B, T] into a fresh cache of `max_len` slots -> (next [B], logits, cache)."""

@@ -6,7 +6,8 @@ from typing import Optional, Sequence
 
 MAX_ROWS = 8          # batch*tokens rows the GEMV kernel takes; more rows go to the XLA path
 MODES = ("compact", "masked")
-REDUCES = ("partials", "atomic")
+REDUCES = ("partials", "atomic", "semaphore")
+WORKSPACE_BLOCKS = 4096  # column blocks per site in a semaphore workspace (`FusedThresholdSparsifier.workspace`)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -17,6 +18,12 @@ class KernelConfig:
     or 'masked' (TEAL-style: fixed row tiles, dropped rows masked out of the load).
   chunk: input rows per program (C); block_k: rows per loaded tile (BK); block_n: output columns
     per program (BN); num_warps / num_stages: Triton's.
+  reduce: how the split-K partial sums meet. 'partials': each program stores its fp32 partial, XLA
+    sums them afterwards (one more kernel); 'atomic': atomic adds into an fp32 output that XLA zeroes
+    first (one more kernel, a memset); 'semaphore': each program stores its partial and bumps a counter
+    per column block, and the last program of the block sums the partials and writes the output in
+    x's dtype, so the site is one launch. It needs a zeroed int32 workspace that the kernel leaves
+    zeroed (`sparse_gemv`); without one, `masked_linear` runs 'partials' instead.
   """
   mode: str = "compact"
   chunk: int = 512

@@ -1,6 +1,7 @@
 """`masked_linear`: the fused threshold linear with automatic backend selection."""
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional, Sequence
 
 import jax
@@ -24,7 +25,8 @@ def pick_backend(backend: str, rows: int) -> str:
 
 def masked_linear(x: jax.Array, kernel: jax.Array, thresholds, scales: Optional[jax.Array] = None,
                   segments: Optional[Sequence[int]] = None, *, backend: str = "auto",
-                  config: Optional[C.KernelConfig] = None) -> jax.Array:
+                  config: Optional[C.KernelConfig] = None, workspace: Optional[jax.Array] = None,
+                  slot: int = 0) -> jax.Array:
   """y = (x * mask) @ kernel with mask = |x| * scale > threshold, per output segment.
 
   x: [..., d_in]; kernel: [d_in, d_out] (bf16 on GPU); thresholds: scalar or [S];
@@ -32,6 +34,8 @@ def masked_linear(x: jax.Array, kernel: jax.Array, thresholds, scales: Optional[
   segments: S output widths summing to d_out (fused q|k|v or gate|up), default one segment.
   Returns [..., d_out] in x.dtype, accumulated in float32. The Pallas kernel (never loading the rows
   of dropped inputs) runs for up to MAX_ROWS rows when its tiling fits; else the XLA path.
+  workspace, slot: the zeroed int32 workspace and its row for the 'semaphore' reduce (`sparse_gemv`);
+  without a workspace a 'semaphore' config runs the 'partials' reduce.
   """
   d_in, d_out = kernel.shape
   if x.shape[-1] != d_in:
@@ -50,6 +54,8 @@ def masked_linear(x: jax.Array, kernel: jax.Array, thresholds, scales: Optional[
   cfg = C.resolve(config, d_in, segments) if mode != "xla" else None
   if mode == "xla" or cfg is None or rows > C.MAX_ROWS:
     return masked_linear_xla(x, kernel, thresholds, scales, segments)
+  if cfg.reduce == "semaphore" and workspace is None:
+    cfg = dataclasses.replace(cfg, reduce="partials")
   y = sparse_gemv(x.reshape(rows, d_in), kernel, thresholds, scales, segments, cfg,
-                  interpret=mode == "interpret")
+                  interpret=mode == "interpret", workspace=workspace, slot=slot)
   return y.astype(x.dtype).reshape(*lead, d_out)

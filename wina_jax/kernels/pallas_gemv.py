@@ -1,8 +1,11 @@
 """Pallas (Triton backend) sparse GEMV: y = (x * mask) @ W that never loads the rows of dropped inputs.
 
 Layout: W [K, N] ([in, out]), so one input's weights are one contiguous row. The grid is
-(N / BN, K / C): each program owns C input rows (a chunk) and BN output columns, and writes an fp32
-partial sum that XLA adds up afterwards, or atomically adds it into one zeroed fp32 output.
+(N / BN, K / C): each program owns C input rows (a chunk) and BN output columns. Its fp32 partial sum
+reaches the output one of three ways (`KernelConfig.reduce`): stored for XLA to add up afterwards
+('partials'), atomically added into an fp32 output that XLA zeroes first ('atomic'), or stored and
+counted on a per-column-block semaphore so that the block's last program adds the partials up and
+writes the output itself ('semaphore': one launch per site, no zero-fill and no reduction kernel).
 The threshold compare is fused: row i is loaded iff |x[b, i]| * scale[s, i] > threshold[s] for some
 batch row b (the union over rows), and every row b still multiplies only by its own kept inputs, so
 results equal the per-row masked matmul.
@@ -36,11 +39,13 @@ def _iota(n: int) -> jax.Array:
   return jax.lax.iota(jnp.int32, n)
 
 
-def _kernel(x_ref, t_ref, s_ref, w_ref, *refs, cfg: KernelConfig, rows: int,
+def _kernel(x_ref, t_ref, s_ref, w_ref, *refs, cfg: KernelConfig, rows: int, nk: int, slot: int,
             bounds: tuple[int, ...], has_scale: bool, interpret: bool):
   c, bk, bn = cfg.chunk, cfg.block_k, cfg.block_n
   if cfg.reduce == "atomic":
     _, o_ref, *scratch = refs          # the zeroed input aliased to o_ref comes first
+  elif cfg.reduce == "semaphore":
+    cnt_ref, o_ref, part_ref, *scratch = refs
   else:
     o_ref, *scratch = refs
   pn, pk = pl.program_id(0), pl.program_id(1)
@@ -100,19 +105,43 @@ def _kernel(x_ref, t_ref, s_ref, w_ref, *refs, cfg: KernelConfig, rows: int,
       return accumulate(acc, xs, keeps, w.astype(jnp.float32))
 
     acc = jax.lax.fori_loop(0, c // bk, body, acc0)
-  for b in range(rows):
-    if cfg.reduce == "atomic":
-      plgpu.atomic_add(o_ref, (b, n0 + _iota(bn)), acc[b])
-    else:
-      plgpu.store(o_ref.at[pk, b, n0 + _iota(bn)], acc[b])
+  out_cols = n0 + _iota(bn)
+  if cfg.reduce == "atomic":
+    for b in range(rows):
+      plgpu.atomic_add(o_ref, (b, out_cols), acc[b])
+  elif cfg.reduce == "partials":
+    for b in range(rows):
+      plgpu.store(o_ref.at[pk, b, out_cols], acc[b])
+  else:
+    for b in range(rows):
+      plgpu.store(part_ref.at[pk, b, out_cols], acc[b])
+    if not interpret:
+      plgpu.debug_barrier()            # every thread's partial is stored before the (acq_rel) count
+    arrived = plgpu.atomic_add(cnt_ref, (jnp.int32(slot), pn), jnp.int32(1))
+
+    @pl.when(arrived == nk - 1)        # the column block's last program: sum in chunk order, reset
+    def _():
+      def add(j, tot):
+        return tuple(t + plgpu.load(part_ref.at[j, b, out_cols], volatile=True)
+                     for b, t in enumerate(tot))
+      tot = jax.lax.fori_loop(0, nk, add, acc0)
+      for b in range(rows):
+        plgpu.store(o_ref.at[b, out_cols], tot[b].astype(o_ref.dtype))
+      plgpu.store(cnt_ref.at[jnp.int32(slot), pn], jnp.int32(0))
 
 
-@functools.partial(jax.jit, static_argnames=("segments", "cfg", "interpret"))
+@functools.partial(jax.jit, static_argnames=("segments", "cfg", "interpret", "slot"))
 def sparse_gemv(x: jax.Array, kernel: jax.Array, thresholds: jax.Array, scales: Optional[jax.Array],
-                segments: Sequence[int], cfg: KernelConfig, interpret: bool = False) -> jax.Array:
-  """x: [M, K] (M <= 8); kernel: [K, N]; thresholds: [S]; scales: [S, K] or None -> [M, N] float32.
+                segments: Sequence[int], cfg: KernelConfig, interpret: bool = False,
+                workspace: Optional[jax.Array] = None, slot: int = 0) -> jax.Array:
+  """x: [M, K] (M <= 8); kernel: [K, N]; thresholds: [S]; scales: [S, K] or None -> [M, N]
+  (float32, or x.dtype for the 'semaphore' reduce).
 
   `cfg` must tile the kernel exactly (`config.fits`); M is padded to a power of two with zeros.
+  workspace: int32 [slots, >= N / block_n] zeros, for the 'semaphore' reduce only. The kernel counts
+  arrivals in row `slot` and the last arrival resets its count, so the workspace is all zeros again
+  when the kernel ends: one zeroed buffer serves every call, and no zero-fill runs per call. XLA sees
+  it as a read-only input, so a row must not be shared by calls that may run at the same time.
   """
   m, k = x.shape
   n = kernel.shape[1]
@@ -122,18 +151,26 @@ def sparse_gemv(x: jax.Array, kernel: jax.Array, thresholds: jax.Array, scales: 
   has_scale = scales is not None
   s = scales.astype(jnp.float32) if has_scale else jnp.zeros((1, 1), jnp.float32)
   nk, nn = k // cfg.chunk, n // cfg.block_n
-  atomic = cfg.reduce == "atomic"
-  out_shape = [jax.ShapeDtypeStruct((rows, n) if atomic else (nk, rows, n), jnp.float32)]
+  args = [xt, thresholds.astype(jnp.float32), s, kernel]
+  if cfg.reduce == "atomic":
+    out_shape = [jax.ShapeDtypeStruct((rows, n), jnp.float32)]
+    args.append(jnp.zeros((rows, n), jnp.float32))
+  elif cfg.reduce == "semaphore":
+    if workspace is None or workspace.dtype != jnp.int32 or workspace.ndim != 2:
+      raise ValueError("the 'semaphore' reduce needs an int32 [slots, blocks] zero workspace")
+    if slot >= workspace.shape[0] or nn > workspace.shape[1]:
+      raise ValueError(f"workspace {workspace.shape} has no row {slot} of {nn} column blocks")
+    out_shape = [jax.ShapeDtypeStruct((rows, n), x.dtype), jax.ShapeDtypeStruct((nk, rows, n), jnp.float32)]
+    args.append(workspace)
+  else:
+    out_shape = [jax.ShapeDtypeStruct((nk, rows, n), jnp.float32)]
   if cfg.mode == "compact":
     out_shape.append(jax.ShapeDtypeStruct((nn, nk, cfg.chunk), jnp.int32))
-  body = functools.partial(_kernel, cfg=cfg, rows=rows, bounds=bounds, has_scale=has_scale,
-                           interpret=interpret)
-  args = [xt, thresholds.astype(jnp.float32), s, kernel]
-  if atomic:
-    args.append(jnp.zeros((rows, n), jnp.float32))
+  body = functools.partial(_kernel, cfg=cfg, rows=rows, nk=nk, slot=slot, bounds=bounds,
+                           has_scale=has_scale, interpret=interpret)
   call = pl.pallas_call(body, out_shape=tuple(out_shape), grid=(nn, nk), interpret=interpret,
-                        input_output_aliases={4: 0} if atomic else {},
+                        input_output_aliases={4: 0} if cfg.reduce == "atomic" else {},
                         compiler_params=None if interpret else _compiler_params(cfg),
                         name=f"sparse_gemv_{cfg.mode}")
   out = call(*args)[0]
-  return (out if atomic else jnp.sum(out, axis=0))[:m]
+  return (jnp.sum(out, axis=0) if cfg.reduce == "partials" else out)[:m]

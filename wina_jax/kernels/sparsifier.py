@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from wina_jax.kernels.config import KernelConfig
+from wina_jax.kernels.config import WORKSPACE_BLOCKS, KernelConfig
 from wina_jax.kernels.masked_linear import masked_linear
 from wina_jax.kernels.reference import keep_mask
 
@@ -26,23 +26,28 @@ class FusedThresholdSparsifier:
   """thresholds: {site: [] or [S]} float32 (traced); scales: {site: [d_in] or [S, d_in]} float32
   (traced, WINA column norms; absent = TEAL's |x|); segments: static ((site, widths), ...) for fused
   sites; backend: 'auto' | 'pallas' | 'interpret' | 'xla';
-  configs: static (((d_in, d_out), KernelConfig), ...) tilings per kernel shape (else the default)."""
+  configs: static (((d_in, d_out), KernelConfig), ...) tilings per kernel shape (else the default);
+  workspace: int32 [sites, WORKSPACE_BLOCKS] zeros, one row per site (sorted order), when a config
+  uses the 'semaphore' reduce (the kernel leaves it zeroed, so it is made once, never per step)."""
   thresholds: dict = struct.field(default_factory=dict)
   scales: dict = struct.field(default_factory=dict)
   segments: tuple = struct.field(pytree_node=False, default=())
   backend: str = struct.field(pytree_node=False, default="auto")
   configs: tuple = struct.field(pytree_node=False, default=())
+  workspace: Optional[jax.Array] = None
 
   @classmethod
   def create(cls, thresholds: Mapping[str, object], scales: Optional[Mapping[str, object]] = None,
              segments: Optional[Mapping[str, tuple]] = None, backend: str = "auto",
              configs: Optional[Mapping[tuple, KernelConfig]] = None) -> "FusedThresholdSparsifier":
     """From plain dicts (numbers or arrays); scales of sites without a threshold are dropped."""
-    scales = scales or {}
+    scales, configs = scales or {}, configs or {}
+    semaphore = any(c.reduce == "semaphore" for c in configs.values())
     return cls(thresholds={s: jnp.asarray(t, jnp.float32) for s, t in thresholds.items()},
                scales={s: jnp.asarray(v, jnp.float32) for s, v in scales.items() if s in thresholds},
                segments=tuple(sorted((s, tuple(int(w) for w in ws)) for s, ws in (segments or {}).items())),
-               backend=backend, configs=tuple(sorted((configs or {}).items())))
+               backend=backend, configs=tuple(sorted(configs.items())),
+               workspace=jnp.zeros((len(thresholds), WORKSPACE_BLOCKS), jnp.int32) if semaphore else None)
 
   def with_thresholds(self, thresholds: Mapping[str, object]) -> "FusedThresholdSparsifier":
     """Same structure, new threshold values (reuses compiled code when shapes match)."""
@@ -68,4 +73,5 @@ class FusedThresholdSparsifier:
     if t is None:
       return x @ kernel
     return masked_linear(x, kernel, t, self.scales.get(site), self._segments(site), backend=self.backend,
-                         config=dict(self.configs).get(tuple(kernel.shape)))
+                         config=dict(self.configs).get(tuple(kernel.shape)), workspace=self.workspace,
+                         slot=sorted(self.thresholds).index(site))
