@@ -43,9 +43,15 @@ SEQ_LEN = flags.DEFINE_integer("seq_len", 256, "Perplexity / calibration window 
 PPL_WINDOWS = flags.DEFINE_integer("ppl_windows", 32, "Perplexity windows.")
 CALIB_WINDOWS = flags.DEFINE_integer("calib_windows", 16, "Calibration windows (threshold / greedy).")
 BATCH_TOKENS = flags.DEFINE_integer("batch_tokens", 4096, "Tokens per multiple-choice batch.")
+BUCKETS = flags.DEFINE_list("buckets", None, "Padded lengths of multiple-choice rows (default: powers of two "
+                            "from 64); fewer buckets = fewer compiles, e.g. 256,1024 on a GPU.")
 PPL_BATCH = flags.DEFINE_integer("ppl_batch", 8, "Windows per perplexity batch.")
 DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Params dtype.")
 OUT = flags.DEFINE_string("out", "results/sweep", "Output folder.")
+BUNDLE = flags.DEFINE_string("bundle", "", "Pre-tokenised data (.npz): read if it exists, else written; lets "
+                             "a machine without tokenizer or datasets run the sweep.")
+ONLY_BUNDLE = flags.DEFINE_bool("only_bundle", False, "Write --bundle and exit (to carry the data elsewhere).")
+DEADLINE = flags.DEFINE_float("deadline_s", None, "Start no new cell after this many seconds (one always runs); rerun to resume.")
 QUICK_FLAG = flags.DEFINE_bool("quick", False, f"CPU demo preset for flags not given: {QUICK}.")
 
 
@@ -74,24 +80,53 @@ def cell_path(out: str, method: str, s: float, key: str) -> str:
   return os.path.join(out, "cells", f"{method}@{s:g}-{key}.json")
 
 
-class Context:
-  """What every cell shares: the model, tokenizer, task examples and token windows (loaded once)."""
+DATA_KEYS = ("tasks", "limit", "ppl_text", "calib_text", "seq_len", "ppl_windows", "calib_windows")
 
-  def __init__(self, cfg_settings: dict):
+
+def tokenizer_name(model: str) -> str:
+  from wina_jax import assets
+  return os.path.basename(model.rstrip("/")) if model else assets.SMOLLM2_GGUF
+
+
+def data_meta(st: dict) -> dict:
+  """The settings a bundle's data depends on (checked when a sweep reads it)."""
+  return {**{k: st[k] for k in DATA_KEYS}, "tokenizer": tokenizer_name(st["model"])}
+
+
+def tokenize_data(st: dict) -> tuple[dict, dict]:
+  """Tasks and windows of the settings, tokenized -> ({task: Tokenized}, {'ppl', 'calib': [N, T]})."""
+  from wina_jax import assets
+  from wina_jax.data.text import load_texts, token_windows
+  from wina_jax.eval.multiple_choice import tokenize
+  from wina_jax.eval.tasks import load_task
+  from wina_jax.tokenizer import load_tokenizer
+  tok = load_tokenizer(st["model"] or assets.default_gguf())
+  tasks = {t: tokenize(tok, load_task(t, st["limit"])) for t in tqdm(st["tasks"], desc="tokenize", leave=False)}
+  windows = {k: token_windows(tok, load_texts(st[f"{k}_text"]), st["seq_len"], st[f"{k}_windows"])
+             for k in ("ppl", "calib")}
+  return tasks, windows
+
+
+class Context:
+  """What every cell shares: the model, the tokenized tasks and token windows (loaded once).
+
+  bundle: a .npz path (`wina_jax.eval.bundle`); read if it exists, else written after tokenizing."""
+
+  def __init__(self, cfg_settings: dict, bundle_path: str = ""):
     import jax.numpy as jnp
-    from wina_jax import assets
     from wina_jax.convert import load
-    from wina_jax.data.text import load_texts, token_windows
-    from wina_jax.eval.tasks import load_task
-    from wina_jax.tokenizer import load_tokenizer
+    from wina_jax.eval import bundle
     st = cfg_settings
+    want = data_meta(st)
+    if bundle_path and os.path.exists(bundle_path):
+      self.tasks, windows, meta = bundle.load(bundle_path)
+      bundle.check_meta(meta, want, bundle_path)
+    else:
+      self.tasks, windows = tokenize_data(st)
+      if bundle_path:
+        bundle.save(bundle_path, self.tasks, windows, want)
     self.params, self.cfg = load(st["model"], getattr(jnp, st["dtype"]))
-    self.tok = load_tokenizer(st["model"] or assets.default_gguf())
-    self.examples = {t: load_task(t, st["limit"]) for t in st["tasks"]}
-    self.ppl = token_windows(self.tok, load_texts(st["ppl_text"]), st["seq_len"], st["ppl_windows"])
-    needs_calib = st["mode"] == "threshold" or st["allocation"] == "greedy"
-    self.calib = (token_windows(self.tok, load_texts(st["calib_text"]), st["seq_len"], st["calib_windows"])
-                  if needs_calib else None)
+    self.ppl, self.calib = windows["ppl"], windows["calib"]
     self.settings = st
     self.prepared = {}
 
@@ -112,11 +147,13 @@ def run_cell(ctx: Context, method: str, s: float) -> dict:
   zf = ppl["zero_frac"]
   row = {"method": method, "sparsity": s,
          "measured_sparsity": sparsity.parameter_weighted_sparsity(zf, v.cfg),
-         "gflops": flops.gflops(v.cfg, sparsity.per_matrix_sparsity(zf, v.cfg), transformed=v.transformed),
-         "ppl": ppl["ppl"]}
+         "gflops": flops.gflops(v.cfg, sparsity.per_matrix_sparsity(zf, v.cfg),
+                                shortcuts=v.info["shortcuts"]),
+         "ppl": ppl["ppl"], "rotated_blocks": len(v.info["blocks"])}
   for t in st["tasks"]:
-    res = multiple_choice.evaluate(v.params, v.cfg, ctx.tok, ctx.examples[t], v.sparsifier,
-                                   batch_tokens=BATCH_TOKENS.value, dense_prefix=prefix, progress=False)
+    res = multiple_choice.score(v.params, v.cfg, ctx.tasks[t], v.sparsifier, batch_tokens=BATCH_TOKENS.value,
+                                buckets=[int(b) for b in BUCKETS.value or ()], dense_prefix=prefix,
+                                progress=False)
     row[t] = res[TASKS[t].metric]
     row[f"{t}/acc"], row[f"{t}/acc_norm"], row[f"{t}/n"] = res["acc"], res["acc_norm"], res["n"]
   row["avg"] = sum(row[t] for t in st["tasks"]) / len(st["tasks"])
@@ -134,6 +171,13 @@ def main(argv):
     raise app.UsageError(f"unknown tasks {bad}; choose from {list(TASKS)}")
   sps = [float(x) for x in SPARSITIES.value]
   st = settings()
+  if ONLY_BUNDLE.value:
+    if not BUNDLE.value:
+      raise app.UsageError("--only_bundle needs --bundle=PATH")
+    from wina_jax.eval import bundle
+    bundle.save(BUNDLE.value, *tokenize_data(st), data_meta(st))
+    print(f"wrote {BUNDLE.value} ({os.path.getsize(BUNDLE.value) / 2**20:.1f} MiB)")
+    return
   cells = cell_list(list(METHODS.value), sps)
   paths = {c: cell_path(OUT.value, *c, cell_key(st, c[0])) for c in cells}
   todo = [c for c in cells if not os.path.exists(paths[c])]
@@ -141,8 +185,11 @@ def main(argv):
   from wina_jax.eval import variants
   for m in METHODS.value:
     variants.parse(m)
-  ctx = Context(st) if todo else None
-  for method, s in tqdm(todo, desc="sweep"):
+  ctx = Context(st, BUNDLE.value) if todo else None
+  t_start = time.time()
+  for i, (method, s) in enumerate(tqdm(todo, desc="sweep")):
+    if i and DEADLINE.value is not None and time.time() - t_start > DEADLINE.value:
+      break
     t0 = time.time()
     row = run_cell(ctx, method, s)
     report.write_atomic(paths[(method, s)],
@@ -151,9 +198,13 @@ def main(argv):
                f"measured sparsity {100 * row['measured_sparsity']:.1f}% ({time.time() - t0:.0f}s)")
   rows = []
   for c in cells:
-    with open(paths[c]) as f:
-      rows.append(json.load(f)["row"])
-  header = (f"Sweep on {st['model'] or 'SmolLM2-135M-Instruct'} ({st['allocation']} allocation, "
+    if os.path.exists(paths[c]):
+      with open(paths[c]) as f:
+        rows.append(json.load(f)["row"])
+  if len(rows) < len(cells):
+    print(f"stopped at the deadline: {len(cells) - len(rows)} of {len(cells)} cells left; rerun the same "
+          f"command to finish them. The table below has the finished cells only.")
+  header = (f"Sweep on {os.path.basename(st['model']) or 'SmolLM2-135M-Instruct'} ({st['allocation']} allocation, "
             f"{st['mode']} mode, prefill {st['prefill']}); rows per task: {st['limit'] or 'all'}; "
             f"perplexity on {st['ppl_text']} ({st['ppl_windows']} x {st['seq_len']} tokens). "
             f"GFLOPs per token from measured per-matrix sparsity.\n\n")

@@ -88,6 +88,29 @@ def test_accuracy_hand_computed():
   assert res == {"acc": 0.5, "acc_norm": 1.0, "n": 2}     # -4/4 > -2/1; ex2 right either way
 
 
+def test_tokenized_scoring_and_bundle_round_trip(tiny, smollm2_tokenizer, tmp_path, rng):
+  """score(tokenize(...)) equals evaluate(...); a bundle gives back the same requests and windows."""
+  from wina_jax.eval import bundle
+  _, params, cfg = tiny
+  exs = [Example((("Q: a b?", " yes"), ("Q: a b?", " no way")), ("yes", "no way"), 1),
+         Example((("The", " cat sat"), ("The", " dog")), ("cat sat", "dog"), 0)]
+  toks = mc.tokenize(smollm2_tokenizer, exs)
+  assert toks.sizes == (2, 2) and toks.chars == (3, 6, 7, 3) and toks.gold == (1, 0)
+  toks = mc.Tokenized(tuple(([t % cfg.vocab_size for t in c], [t % cfg.vocab_size for t in x])
+                            for c, x in toks.requests), toks.sizes, toks.chars, toks.gold)
+  lls = [ll for ll, _ in mc.loglikelihoods(params, cfg, toks.requests, progress=False)]
+  want = mc._accuracy(toks.gold, [toks.chars[:2], toks.chars[2:]], [lls[:2], lls[2:]])
+  assert mc.score(params, cfg, toks, progress=False) == want
+  windows = {"ppl": rng.randint(0, 100, (3, 8))}
+  bundle.save(str(tmp_path / "b.npz"), {"t": toks}, windows, {"limit": 2})
+  tasks, wins, meta = bundle.load(str(tmp_path / "b.npz"))
+  assert tasks["t"] == toks and np.array_equal(wins["ppl"], windows["ppl"]) and meta["limit"] == 2
+  with pytest.raises(ValueError, match="other settings"):
+    bundle.check_meta(meta, {"limit": 3}, "b.npz")
+  with pytest.raises(FileNotFoundError, match="--bundle"):
+    bundle.load(str(tmp_path / "missing.npz"))
+
+
 def test_encode_pair_moves_trailing_spaces_and_handles_empty_context():
   enc = lambda s: [ord(c) for c in s]
   assert mc.encode_pair(enc, "Q: a ", "b", prefix_id=0) == (enc("Q: a"), enc(" b"))

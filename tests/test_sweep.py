@@ -65,3 +65,22 @@ def test_killed_and_resumed_sweep_gives_the_same_table(tiny_folder, tmp_path):
     assert json.loads(p.read_text())["row"]["method"] in ("dense", "teal")
   table = (full / "table.md").read_text()
   assert "| dense |" in table and "| teal |" in table
+
+
+def test_bundle_replaces_tokenizer_and_data_and_deadline_stops_early(tiny_folder, tmp_path):
+  """A sweep reading a bundle gives the table of one that tokenized; a zero deadline runs one cell."""
+  bundle = tmp_path / "data.npz"
+  ref = subprocess.run(_cmd(tiny_folder, tmp_path / "ref") + [f"--bundle={bundle}"], check=True, cwd=ROOT,
+                       env=_env(), capture_output=True, text=True)
+  assert bundle.exists()
+  stopped = subprocess.run(_cmd(tiny_folder, tmp_path / "b") + [f"--bundle={bundle}", "--deadline_s=0"],
+                           check=True, cwd=ROOT, env=_env(), capture_output=True, text=True)
+  assert "1 of 2 cells left" in stopped.stdout
+  assert "| dense |" in stopped.stdout and "| teal |" not in stopped.stdout
+  subprocess.run(_cmd(tiny_folder, tmp_path / "b") + [f"--bundle={bundle}"], check=True, cwd=ROOT, env=_env(),
+                 capture_output=True)
+  assert (tmp_path / "b" / "table.md").read_text() == (tmp_path / "ref" / "table.md").read_text()
+  assert "| teal |" in ref.stdout
+  bad = subprocess.run(_cmd(tiny_folder, tmp_path / "c") + [f"--bundle={bundle}", "--limit=3"], cwd=ROOT,
+                       env=_env(), capture_output=True, text=True)
+  assert bad.returncode != 0 and "other settings" in bad.stderr and "'limit': (2, 3)" in bad.stderr

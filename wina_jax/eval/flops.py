@@ -5,7 +5,8 @@ A matmul of a [1, n] input with an [n, m] kernel costs 2 n m FLOPs (multiply + a
   FLOPs(s) = sum over linear sites j of 2 (1 - s_j) d_in(j) d_out(j)        (the sparsified block linears)
            + 2 d V                                                         (lm_head, always dense)
            + [transformed] 2 d^2 (2 L - 1)                                 (the transform's residual
-                                     rotations: two per layer, the last layer's identity omitted; dense)
+                                     rotations: two per layer, the last layer's identity omitted; dense;
+                                     a partial transform has fewer: `shortcuts=`)
            + [context > 0] 4 L H hd * context                              (QK^T and AV scores, dense)
 
 with s_j the sparsity of site j's input (one float for all, or a dict by site), d the hidden size,
@@ -14,7 +15,7 @@ V the vocabulary, L the layers, H hd the query width. Norms, RoPE, biases and th
 """
 from __future__ import annotations
 
-from typing import Mapping, Union
+from typing import Mapping, Optional, Union
 
 from wina_jax import sites as S
 from wina_jax.config import ModelConfig
@@ -57,16 +58,20 @@ def _site_sparsity(sparsity: Sparsity, site: str) -> float:
 
 
 def flops_per_token(cfg: ModelConfig, sparsity: Sparsity = 0.0, *, transformed: bool = False,
-                    context: int = 0) -> float:
+                    shortcuts: Optional[int] = None, context: int = 0) -> float:
   """Forward FLOPs of one token (formula in the module docstring). A dict `sparsity` maps linear sites
-  ('layers.3.mlp.down_proj') to their input sparsity; missing sites count as dense."""
+  ('layers.3.mlp.down_proj') to their input sparsity; missing sites count as dense. `shortcuts`: the
+  number of [d, d] residual rotations if not the full transform's 2 L - 1 (a partial transform; count
+  them with `wina_jax.transform.shortcut_cost`)."""
   if not isinstance(sparsity, (int, float)):
     unknown = set(sparsity) - set(S.linear_sites(cfg)) - set(S.act_sites(cfg))
     if unknown:
       raise ValueError(f"sparsity names sites the model lacks: {sorted(unknown)[:5]}")
   linears = sum(2.0 * (1.0 - _site_sparsity(sparsity, s)) * n for s, n in S.site_param_counts(cfg).items())
   head = 2.0 * cfg.hidden_size * cfg.vocab_size
-  shortcut = 2.0 * cfg.hidden_size ** 2 * (2 * cfg.num_hidden_layers - 1) if transformed else 0.0
+  if shortcuts is None:
+    shortcuts = 2 * cfg.num_hidden_layers - 1 if transformed else 0
+  shortcut = 2.0 * cfg.hidden_size ** 2 * shortcuts
   scores = 4.0 * cfg.num_hidden_layers * cfg.q_dim * context
   return linears + head + shortcut + scores
 

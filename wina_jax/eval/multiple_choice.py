@@ -12,6 +12,7 @@ bucket.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Callable, Optional, Sequence, Union
 
@@ -43,8 +44,11 @@ def encode_pair(encode: Callable[[str], list[int]], context: str, continuation: 
   return ctx, whole[len(ctx):]
 
 
-def bucket_length(n: int, max_len: int, smallest: int = 64) -> int:
-  """The padded length for a row of n tokens: the next power of two >= smallest, capped at max_len."""
+def bucket_length(n: int, max_len: int, smallest: int = 64, buckets: Optional[Sequence[int]] = None) -> int:
+  """The padded length for a row of n tokens: the smallest of `buckets` >= n (default: powers of two
+  >= smallest), capped at max_len. Fewer buckets mean fewer compiles and more padding."""
+  if buckets:
+    return min(next((b for b in sorted(buckets) if b >= n), max_len), max_len)
   b = smallest
   while b < n:
     b *= 2
@@ -65,11 +69,13 @@ def _score_rows(logits, next_tok, last_pos, extra):
 
 def loglikelihoods(params: dict, cfg: ModelConfig, requests: Sequence[Request], sparsifier: Any = S.dense,
                    *, batch_tokens: int = 4096, max_len: Optional[int] = None,
+                   buckets: Optional[Sequence[int]] = None,
                    dense_prefix: Union[None, int, Callable[[int], Optional[int]]] = None,
                    progress: bool = True) -> list[tuple[float, bool]]:
   """(sum of continuation log-probs, is greedy) per request; inputs longer than `max_len` (default
   max_position_embeddings) keep their last max_len tokens, as the harness does.
 
+  buckets: padded lengths (`bucket_length`; default powers of two from 64).
   dense_prefix: positions < dense_prefix run dense; a callable gets the padded length of each batch
     (e.g. `functools.partial(wina_jax.sparsity.dense_prefix, 'last_fraction:0.99')`)."""
   max_len = max_len or cfg.max_position_embeddings
@@ -86,7 +92,7 @@ def loglikelihoods(params: dict, cfg: ModelConfig, requests: Sequence[Request], 
   bar = tqdm(total=len(requests), desc="loglikelihood", disable=not progress, leave=False)
   pos = 0
   while pos < len(order):
-    t = bucket_length(len(order[pos]), max_len)
+    t = bucket_length(len(order[pos]), max_len, buckets=buckets)
     b = max(1, batch_tokens // t)
     chunk = order[pos:pos + b]
     pos += len(chunk)
@@ -116,15 +122,55 @@ def loglikelihoods(params: dict, cfg: ModelConfig, requests: Sequence[Request], 
   return out
 
 
+@dataclasses.dataclass(frozen=True)
+class Tokenized:
+  """A task's examples as token ids, all that scoring needs (no tokenizer, no dataset library).
+
+  requests: (context ids, continuation ids) per choice, examples back to back; sizes [E]: choices per
+  example; chars: len(choice) in characters per request (acc_norm); gold [E]: the right choice."""
+  requests: tuple[Request, ...]
+  sizes: tuple[int, ...]
+  chars: tuple[int, ...]
+  gold: tuple[int, ...]
+
+
+def tokenize(tokenizer, examples: Sequence[Example]) -> Tokenized:
+  """`examples` (from `wina_jax.eval.tasks.load_task`) -> `Tokenized`, encoded as the harness does."""
+  if not examples:
+    raise ValueError("no examples to tokenize")
+  encode = functools.partial(_encode, tokenizer)
+  reqs = tuple(encode_pair(encode, c, x, tokenizer.eos_token_id) for ex in examples for c, x in ex.requests)
+  return Tokenized(reqs, tuple(len(ex.requests) for ex in examples),
+                   tuple(len(c) for ex in examples for c in ex.choices), tuple(ex.gold for ex in examples))
+
+
+def _accuracy(gold: Sequence[int], chars: Sequence[Sequence[int]], scores: Sequence[Sequence[float]]) -> dict:
+  acc = acc_norm = 0
+  for g, c, s in zip(gold, chars, scores, strict=True):
+    s = np.asarray(s, np.float64)
+    acc += int(np.argmax(s) == g)
+    acc_norm += int(np.argmax(s / np.asarray(c, np.float64)) == g)
+  n = len(gold)
+  return {"acc": acc / n, "acc_norm": acc_norm / n, "n": n}
+
+
 def accuracy(examples: Sequence[Example], scores: Sequence[Sequence[float]]) -> dict:
   """{'acc', 'acc_norm', 'n'}: argmax of the scores, and of scores / len(choice) (characters)."""
-  acc = acc_norm = 0
-  for ex, s in zip(examples, scores, strict=True):
-    s = np.asarray(s, np.float64)
-    acc += int(np.argmax(s) == ex.gold)
-    acc_norm += int(np.argmax(s / np.array([len(c) for c in ex.choices], np.float64)) == ex.gold)
-  n = len(examples)
-  return {"acc": acc / n, "acc_norm": acc_norm / n, "n": n}
+  return _accuracy([ex.gold for ex in examples], [[len(c) for c in ex.choices] for ex in examples], scores)
+
+
+def _split(flat: Sequence, sizes: Sequence[int]) -> list:
+  out, k = [], 0
+  for n in sizes:
+    out.append(list(flat[k:k + n]))
+    k += n
+  return out
+
+
+def score(params: dict, cfg: ModelConfig, task: Tokenized, sparsifier: Any = S.dense, **kw) -> dict:
+  """Accuracy of a tokenized task ({'acc', 'acc_norm', 'n'}); `kw` go to `loglikelihoods`."""
+  lls = [ll for ll, _ in loglikelihoods(params, cfg, task.requests, sparsifier, **kw)]
+  return _accuracy(task.gold, _split(task.chars, task.sizes), _split(lls, task.sizes))
 
 
 def evaluate(params: dict, cfg: ModelConfig, tokenizer, examples: Sequence[Example], sparsifier: Any = S.dense,
@@ -132,14 +178,7 @@ def evaluate(params: dict, cfg: ModelConfig, tokenizer, examples: Sequence[Examp
   """Accuracy of `examples` (from `wina_jax.eval.tasks.load_task`); `kw` go to `loglikelihoods`."""
   if not examples:
     raise ValueError("no examples to evaluate")
-  encode = functools.partial(_encode, tokenizer)
-  flat = [encode_pair(encode, c, x, tokenizer.eos_token_id) for ex in examples for c, x in ex.requests]
-  lls = [ll for ll, _ in loglikelihoods(params, cfg, flat, sparsifier, **kw)]
-  scores, k = [], 0
-  for ex in examples:
-    scores.append(lls[k:k + len(ex.requests)])
-    k += len(ex.requests)
-  return accuracy(examples, scores)
+  return score(params, cfg, tokenize(tokenizer, examples), sparsifier, **kw)
 
 
 def _encode(tokenizer, text: str) -> list[int]:
