@@ -1,7 +1,7 @@
 """Calibrate a sparsification method: per-site score statistics (+ optional greedy allocation paths),
 saved as a versioned thresholds file, and a held-out check of the sparsity thresholds achieve.
 
-  python -m experiments.calibrate                                   # wina on SmolLM2, uniform 0.5
+  python -m experiments.calibrate                                   # recommended method, SmolLM2, 0.5
   python -m experiments.calibrate --method=teal --sparsity=0.4 --allocation=greedy --out=runs/teal.npz
   python -m experiments.calibrate --method=cats --text=my_corpus.txt --max_windows=64 --seq_len=512
 """
@@ -14,11 +14,14 @@ from wina_jax import assets
 from wina_jax import sparsity as sp
 from wina_jax.convert import load
 from wina_jax.data.text import load_texts
+from wina_jax.eval import variants
+from wina_jax.eval.recommended import recommended
 from wina_jax.sparsity import layerwise
 from wina_jax.tokenizer import load_tokenizer
 
 MODEL = flags.DEFINE_string("model", "", "GGUF file or HF checkpoint folder; '' = embedded SmolLM2.")
-METHOD = flags.DEFINE_string("method", "wina", "Registered method name (see wina_jax.sparsity.known_methods).")
+METHOD = flags.DEFINE_string("method", "", "Registered method name (wina_jax.sparsity.known_methods); '' = the "
+                             "recommended one for --sparsity (wina_jax.eval.recommended).")
 C_SITES = flags.DEFINE_enum("c_sites", "official", ["official", "all"], "wina only: sites that use column norms.")
 SPARSITY = flags.DEFINE_float("sparsity", 0.5, "Target (effective) sparsity in [0, 1).")
 ALLOCATION = flags.DEFINE_enum("allocation", "uniform", list(sp.ALLOCATIONS), "Per-site allocation.")
@@ -37,9 +40,13 @@ OUT = flags.DEFINE_string("out", "", "Thresholds file; '' = runs/calibration/<me
 def main(_):
   params, cfg = load(MODEL.value)
   tok = load_tokenizer(MODEL.value or assets.default_gguf())
-  settings = {"c_sites": C_SITES.value} if METHOD.value == "wina" else {}
-  method = sp.get_method(METHOD.value, **settings)
   sp.check_sparsity(SPARSITY.value)
+  spec = variants.parse(METHOD.value or recommended(SPARSITY.value).spec)
+  if spec.transformed:
+    raise app.UsageError(f"{spec.spec!r} needs transformed params; calibrate its base method on them in Python "
+                         "(wina_jax.eval.variants.prepare)")
+  settings = {"c_sites": C_SITES.value} if spec.name == "wina" else {}
+  method = sp.get_method(spec.name, **{**settings, **dict(spec.settings)})
   windows = sp.windows_from_text(tok, load_texts(TEXT.value), SEQ_LEN.value, MAX_WINDOWS.value)
   t0 = time.time()
   target = SPARSITY.value
@@ -52,7 +59,7 @@ def main(_):
   calib = sp.calibrate(params, cfg, method, windows, upstream=target if UPSTREAM.value else None)
   calib.paths = paths
   print(f"calibrated {method} on {calib.tokens} tokens in {time.time() - t0:.0f}s")
-  path = sp.save(OUT.value or f"runs/calibration/{METHOD.value}.npz", calib)
+  path = sp.save(OUT.value or f"runs/calibration/{spec.name}.npz", calib)
   print(f"saved {path}")
   if CHECK_WINDOWS.value:
     held = sp.windows_from_text(tok, load_texts(HELDOUT.value), SEQ_LEN.value, CHECK_WINDOWS.value)

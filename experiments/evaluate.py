@@ -1,6 +1,8 @@
-"""Dense evaluation of a model: perplexity on held-out BoolQ passages and a short greedy generation.
+"""Evaluate one model variant: perplexity on held-out BoolQ passages and a short greedy generation.
 
-  python -m experiments.evaluate                       # embedded SmolLM2-135M-Instruct
+  python -m experiments.evaluate                       # dense embedded SmolLM2-135M-Instruct
+  python -m experiments.evaluate --sparsity=0.5        # the recommended variant at 50% (docs/findings.md)
+  python -m experiments.evaluate --sparsity=0.5 --method=teal-transform --mode=topk
   python -m experiments.evaluate --model=path/to/hf_folder_or.gguf --max_windows=64 --seq_len=512
   python -m experiments.evaluate --mesh=data:1,model:4    # params sharded over 4 devices
 """
@@ -10,12 +12,21 @@ from wina_jax import assets
 from wina_jax import sharding as SH
 from wina_jax.convert import load
 from wina_jax.data.text import load_texts, token_windows
+from wina_jax.eval import variants
 from wina_jax.eval.perplexity import perplexity
+from wina_jax.eval.recommended import recommended
 from wina_jax.generate import greedy
 from wina_jax.tokenizer import load_tokenizer
 
 MODEL = flags.DEFINE_string("model", "", "GGUF file or HF checkpoint folder; '' = embedded SmolLM2.")
+SPARSITY = flags.DEFINE_float("sparsity", 0.0, "Target sparsity in [0, 1); 0 = dense.")
+METHOD = flags.DEFINE_string("method", "", "Variant spec (wina_jax.eval.variants); '' = the recommended "
+                             "one for --sparsity (wina_jax.eval.recommended).")
+MODE = flags.DEFINE_enum("mode", None, ["topk", "threshold"], "Default: the recommendation's.")
+ALLOCATION = flags.DEFINE_enum("allocation", None, ["uniform", "greedy"], "Default: the recommendation's.")
 TEXT = flags.DEFINE_string("text", "boolq:heldout", "'boolq:heldout', 'boolq:calibration' or a text file.")
+CALIB_TEXT = flags.DEFINE_string("calib_text", "boolq:calibration", "Calibration text (threshold / greedy).")
+CALIB_WINDOWS = flags.DEFINE_integer("calib_windows", 16, "Calibration windows.")
 SEQ_LEN = flags.DEFINE_integer("seq_len", 256, "Perplexity window length.")
 MAX_WINDOWS = flags.DEFINE_integer("max_windows", 16, "Number of windows to score.")
 PROMPT = flags.DEFINE_string("prompt", "The capital of France is", "Greedy generation prompt.")
@@ -24,15 +35,21 @@ MESH = flags.DEFINE_string("mesh", "", "Device mesh, e.g. 'data:1,model:4'; '' =
 
 
 def main(_):
+  rec = recommended(SPARSITY.value)
+  spec, mode, allocation = METHOD.value or rec.spec, MODE.value or rec.mode, ALLOCATION.value or rec.allocation
   params, cfg = load(MODEL.value)
-  if MESH.value:
-    params = SH.shard_params(params, cfg, SH.make_mesh(MESH.value))
   tok = load_tokenizer(MODEL.value or assets.default_gguf())
+  calib = None
+  if SPARSITY.value > 0 and variants.needs_calibration(spec, mode, allocation):
+    calib = token_windows(tok, load_texts(CALIB_TEXT.value), SEQ_LEN.value, CALIB_WINDOWS.value)
+  v = variants.build(params, cfg, spec, SPARSITY.value, mode=mode, allocation=allocation, calib_windows=calib)
+  params = SH.shard_params(v.params, v.cfg, SH.make_mesh(MESH.value)) if MESH.value else v.params
   windows = token_windows(tok, load_texts(TEXT.value), SEQ_LEN.value, MAX_WINDOWS.value)
-  res = perplexity(params, cfg, windows)
-  print(f"perplexity on {TEXT.value}: {res['ppl']:.3f} over {res['tokens']} tokens")
+  res = perplexity(params, v.cfg, windows, v.sparsifier)
+  what = "dense" if SPARSITY.value == 0 else f"{spec} at {SPARSITY.value:g} ({mode}, {allocation})"
+  print(f"{what}: perplexity on {TEXT.value}: {res['ppl']:.3f} over {res['tokens']} tokens")
   ids = tok(PROMPT.value, return_tensors="np")["input_ids"]
-  out = greedy(params, cfg, ids, NEW_TOKENS.value, eos_id=tok.eos_token_id)
+  out = greedy(params, v.cfg, ids, NEW_TOKENS.value, v.sparsifier, eos_id=tok.eos_token_id)
   print(f"{PROMPT.value!r} -> {tok.decode(out[0])!r}")
 
 

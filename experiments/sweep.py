@@ -51,6 +51,7 @@ OUT = flags.DEFINE_string("out", "results/sweep", "Output folder.")
 BUNDLE = flags.DEFINE_string("bundle", "", "Pre-tokenised data (.npz): read if it exists, else written; lets "
                              "a machine without tokenizer or datasets run the sweep.")
 ONLY_BUNDLE = flags.DEFINE_bool("only_bundle", False, "Write --bundle and exit (to carry the data elsewhere).")
+REPORT_ONLY = flags.DEFINE_bool("report_only", False, "Compute nothing: write the table of the finished cells.")
 DEADLINE = flags.DEFINE_float("deadline_s", None, "Start no new cell after this many seconds (one always runs); rerun to resume.")
 QUICK_FLAG = flags.DEFINE_bool("quick", False, f"CPU demo preset for flags not given: {QUICK}.")
 
@@ -185,6 +186,8 @@ def main(argv):
   from wina_jax.eval import variants
   for m in METHODS.value:
     variants.parse(m)
+  if REPORT_ONLY.value:
+    todo = []
   ctx = Context(st, BUNDLE.value) if todo else None
   t_start = time.time()
   for i, (method, s) in enumerate(tqdm(todo, desc="sweep")):
@@ -202,8 +205,8 @@ def main(argv):
       with open(paths[c]) as f:
         rows.append(json.load(f)["row"])
   if len(rows) < len(cells):
-    print(f"stopped at the deadline: {len(cells) - len(rows)} of {len(cells)} cells left; rerun the same "
-          f"command to finish them. The table below has the finished cells only.")
+    print(f"{len(cells) - len(rows)} of {len(cells)} cells left (deadline or --report_only); rerun the "
+          f"same command to finish them. The table below has the finished cells only.")
   header = (f"Sweep on {os.path.basename(st['model']) or 'SmolLM2-135M-Instruct'} ({st['allocation']} allocation, "
             f"{st['mode']} mode, prefill {st['prefill']}); rows per task: {st['limit'] or 'all'}; "
             f"perplexity on {st['ppl_text']} ({st['ppl_windows']} x {st['seq_len']} tokens). "

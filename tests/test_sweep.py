@@ -75,7 +75,7 @@ def test_bundle_replaces_tokenizer_and_data_and_deadline_stops_early(tiny_folder
   assert bundle.exists()
   stopped = subprocess.run(_cmd(tiny_folder, tmp_path / "b") + [f"--bundle={bundle}", "--deadline_s=0"],
                            check=True, cwd=ROOT, env=_env(), capture_output=True, text=True)
-  assert "1 of 2 cells left" in stopped.stdout
+  assert "1 of 2 cells left" in stopped.stdout and "--report_only" in stopped.stdout
   assert "| dense |" in stopped.stdout and "| teal |" not in stopped.stdout
   subprocess.run(_cmd(tiny_folder, tmp_path / "b") + [f"--bundle={bundle}"], check=True, cwd=ROOT, env=_env(),
                  capture_output=True)
@@ -84,3 +84,12 @@ def test_bundle_replaces_tokenizer_and_data_and_deadline_stops_early(tiny_folder
   bad = subprocess.run(_cmd(tiny_folder, tmp_path / "c") + [f"--bundle={bundle}", "--limit=3"], cwd=ROOT,
                        env=_env(), capture_output=True, text=True)
   assert bad.returncode != 0 and "other settings" in bad.stderr and "'limit': (2, 3)" in bad.stderr
+
+
+def test_evaluate_script_uses_the_recommended_variant_when_no_method_is_given(tiny_folder):
+  from wina_jax.eval.recommended import recommended
+  rec = recommended(0.5)
+  res = subprocess.run([sys.executable, "-m", "experiments.evaluate", f"--model={tiny_folder}", "--sparsity=0.5",
+                        "--seq_len=16", "--max_windows=2", "--calib_windows=2", "--max_new_tokens=2"],
+                       check=True, cwd=ROOT, env=_env(), capture_output=True, text=True)
+  assert f"{rec.spec} at 0.5 ({rec.mode}, {rec.allocation}): perplexity" in res.stdout

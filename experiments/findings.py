@@ -1,0 +1,185 @@
+"""Tables and plots of docs/findings.md from the committed sweep results (nothing is recomputed).
+
+  python -m experiments.findings            # rewrite the generated tables in docs/findings.md + PNGs
+  python -m experiments.findings --check    # exit 1 if docs/findings.md is out of date (tests run this)
+
+Reads results/sweep/h200/{threshold-uniform,threshold-greedy}/results.json (the H200 grid, 1000 rows
+per task; command in docs/findings.md) and results/sweep/cpu_grid/*/results.json (the CPU grid over
+modes and allocations). Writes the blocks between `<!-- findings:NAME -->` and `<!-- /findings:NAME -->`
+in docs/findings.md and docs/findings/{quality_vs_sparsity,pareto}.png.
+
+avg4 is the mean over the tasks where dense SmolLM2 is above the majority-class rate of the rows scored
+(PIQA, HellaSwag, ARC-Easy, ARC-Challenge; the `baselines` table shows the other three at or below it).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+
+from absl import app, flags
+
+from wina_jax.eval import recommended as R
+from wina_jax.eval import report
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+H200 = os.path.join(ROOT, "results", "sweep", "h200")
+CPU = os.path.join(ROOT, "results", "sweep", "cpu_grid")
+DOC = os.path.join(ROOT, "docs", "findings.md")
+FIGS = os.path.join(ROOT, "docs", "findings")
+TASKS = ("piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "boolq", "mmlu")
+INFORMATIVE = ("piqa", "hellaswag", "arc_easy", "arc_challenge")
+MAIN = ("dense", "teal", "teal-transform", "cats", "wina", "wina-transform")
+CPU_RUNS = ("threshold-uniform", "topk-uniform", "threshold-greedy")
+
+CHECK = flags.DEFINE_bool("check", False, "Only check that docs/findings.md matches the results.")
+
+
+def load_rows(path: str) -> list[dict]:
+  with open(path) as f:
+    rows = json.load(f)
+  for r in rows:
+    if all(t in r for t in INFORMATIVE):
+      r["avg4"] = sum(r[t] for t in INFORMATIVE) / len(INFORMATIVE)
+  return rows
+
+
+def _pct(v: float) -> str:
+  return f"{100 * v:.2f}"
+
+
+def table(head: list[str], lines: list[list[str]]) -> str:
+  out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  return "\n".join(out + ["| " + " | ".join(x) + " |" for x in lines]) + "\n"
+
+
+def majority_rates(limit: int = 1000) -> dict[str, float]:
+  """Per task: the share of the most frequent gold answer in the first `limit` rows (the data wheel)."""
+  from collections import Counter
+  from wina_jax.eval.tasks import load_task
+  out = {}
+  for t in TASKS:
+    golds = [ex.gold for ex in load_task(t, limit)]
+    out[t] = Counter(golds).most_common(1)[0][1] / len(golds)
+  return out
+
+
+def baselines_table(uniform: list[dict]) -> str:
+  dense = next(r for r in uniform if r["method"] == "dense")
+  maj = majority_rates()
+  return table(["task", "rows", "dense SmolLM2", "majority class", "informative (in avg4)"],
+               [[t, str(dense[f"{t}/n"]), _pct(dense[t]), _pct(maj[t]), "yes" if t in INFORMATIVE else "no"]
+                for t in TASKS])
+
+
+def variants_table(rows: list[dict]) -> str:
+  teal = {r["sparsity"]: r["ppl"] for r in rows if r["method"] == "teal"}
+  lines = []
+  for r in rows:
+    rel = "" if r["method"] == "dense" else f"{100 * (r['ppl'] / teal[r['sparsity']] - 1):+.1f}%"
+    lines.append([r["method"], f"{100 * r['sparsity']:.0f}%", f"{100 * r['measured_sparsity']:.1f}%",
+                  f"{r['gflops']:.4f}", str(r.get("rotated_blocks", 0)), f"{r['ppl']:.2f}", rel,
+                  _pct(r["avg4"]), _pct(r["avg"])])
+  return table(["variant", "target", "measured", "GFLOPs/token", "rotated blocks", "ppl", "ppl vs teal",
+                "avg4", "avg (7 tasks)"], lines)
+
+
+def greedy_table(uniform: list[dict], greedy: list[dict]) -> str:
+  uni = {(r["method"], r["sparsity"]): r for r in uniform}
+  lines = []
+  for g in greedy:
+    u = uni[(g["method"], g["sparsity"])]
+    for alloc, r in (("uniform", u), ("greedy", g)):
+      lines.append([g["method"], f"{100 * g['sparsity']:.0f}%", alloc, f"{100 * r['measured_sparsity']:.1f}%",
+                    f"{r['ppl']:.2f}", _pct(r["avg4"]), _pct(r["avg"])])
+  return table(["method", "target", "allocation", "measured", "ppl", "avg4", "avg (7 tasks)"], lines)
+
+
+def cpu_table(runs: dict[str, list[dict]]) -> str:
+  lines = []
+  for run, rows in runs.items():
+    for r in rows:
+      if r["method"] != "dense":
+        lines.append([run, r["method"], f"{100 * r['sparsity']:.0f}%", f"{100 * r['measured_sparsity']:.1f}%",
+                      f"{r['ppl']:.2f}", _pct(r["piqa"]), _pct(r["arc_easy"])])
+  return table(["mode-allocation", "method", "target", "measured", "ppl", "piqa (acc_norm)",
+                "arc_easy (acc_norm)"], lines)
+
+
+def recommended_table(uniform: list[dict]) -> str:
+  lines = []
+  for s, rec in sorted(R.RECOMMENDED.items()):
+    picked = R.pick(uniform, s)
+    lines.append([f"{100 * s:.0f}%", picked, f"{rec.spec} ({rec.mode}, {rec.allocation})",
+                  "yes" if picked == rec.spec else "NO"])
+  return table(["target", "rule's pick (H200 grid)", "wina_jax.eval.recommended", "agree"], lines)
+
+
+def blocks() -> dict[str, str]:
+  uniform = load_rows(os.path.join(H200, "threshold-uniform", "results.json"))
+  greedy = load_rows(os.path.join(H200, "threshold-greedy", "results.json"))
+  cpu = {run: load_rows(os.path.join(CPU, run, "results.json")) for run in CPU_RUNS
+         if os.path.exists(os.path.join(CPU, run, "results.json"))}
+  return {"main": report.markdown([r for r in uniform if r["method"] in MAIN], TASKS),
+          "baselines": baselines_table(uniform), "variants": variants_table(uniform),
+          "greedy": greedy_table(uniform, greedy), "cpu_grid": cpu_table(cpu),
+          "recommended": recommended_table(uniform)}
+
+
+def render(doc: str, generated: dict[str, str]) -> str:
+  for name, text in generated.items():
+    pat = re.compile(rf"(<!-- findings:{name} -->\n).*?(<!-- /findings:{name} -->)", re.S)
+    if not pat.search(doc):
+      raise ValueError(f"docs/findings.md lacks the markers <!-- findings:{name} --> ... <!-- /findings:{name} -->")
+    doc = pat.sub(lambda m: m.group(1) + text + m.group(2), doc)
+  return doc
+
+
+def plots(uniform: list[dict]) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  methods = list(dict.fromkeys(r["method"] for r in uniform if r["method"] != "dense"))
+  dense = next(r for r in uniform if r["method"] == "dense")
+  os.makedirs(FIGS, exist_ok=True)
+  for name, xkey, xlabel in (("quality_vs_sparsity", "measured_sparsity", "measured sparsity (%)"),
+                             ("pareto", "gflops", "GFLOPs per token (incl. shortcut rotations)")):
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, ykey, ylabel in ((axes[0], "ppl", "held-out perplexity (log)"), (axes[1], "avg4", "avg4 accuracy (%)")):
+      for m in methods:
+        pts = sorted((r[xkey], r[ykey]) for r in uniform if r["method"] == m)
+        scale = 100 if xkey == "measured_sparsity" else 1
+        ax.plot([scale * x for x, _ in pts], [y * (100 if ykey == "avg4" else 1) for _, y in pts],
+                marker="o", ls="--" if "transform" in m else "-", label=m)
+      dx = 0 if xkey == "measured_sparsity" else dense[xkey]
+      ax.plot([dx], [dense[ykey] * (100 if ykey == "avg4" else 1)], "k*", ms=12, label="dense")
+      ax.set_xlabel(xlabel)
+      ax.set_ylabel(ylabel)
+      if ykey == "ppl":
+        ax.set_yscale("log")
+    axes[1].legend(fontsize=7, ncol=2)
+    fig.suptitle("SmolLM2-135M-Instruct, threshold mode, uniform allocation (H200 grid)")
+    fig.tight_layout()
+    fig.savefig(os.path.join(FIGS, f"{name}.png"), dpi=110)
+    plt.close(fig)
+
+
+def main(argv):
+  del argv
+  with open(DOC) as f:
+    doc = f.read()
+  new = render(doc, blocks())
+  if CHECK.value:
+    if new != doc:
+      print("docs/findings.md is out of date: run python -m experiments.findings", file=sys.stderr)
+      sys.exit(1)
+    print("docs/findings.md matches the results")
+    return
+  report.write_atomic(DOC, new)
+  plots(load_rows(os.path.join(H200, "threshold-uniform", "results.json")))
+  print(f"wrote {DOC} and {FIGS}/")
+
+
+if __name__ == "__main__":
+  app.run(main)
