@@ -5,7 +5,7 @@
 
 Reads results/sweep/h200/{threshold-uniform,threshold-greedy}/results.json (the H200 grid, 1000 rows
 per task; command in docs/findings.md) and results/sweep/cpu_grid/*/results.json (the CPU grid over
-modes and allocations). Writes the blocks between `<!-- findings:NAME -->` and `<!-- /findings:NAME -->`
+modes and allocations) and results/analysis/errors.csv (per-site errors). Writes the blocks between `<!-- findings:NAME -->` and `<!-- /findings:NAME -->`
 in docs/findings.md and docs/findings/{quality_vs_sparsity,pareto}.png.
 
 avg4 is the mean over the tasks where dense SmolLM2 is above the majority-class rate of the rows scored
@@ -107,6 +107,21 @@ def cpu_table(runs: dict[str, list[dict]]) -> str:
                 "arc_easy (acc_norm)"], lines)
 
 
+def site_error_table(path: str, sparsity: str = "0.5") -> str:
+  """Mean isolated relative output error per projection at `sparsity` (results/analysis/errors.csv)."""
+  import csv
+  from collections import defaultdict
+  acc = defaultdict(list)
+  with open(path) as f:
+    for r in csv.DictReader(f):
+      if r["mode"] == "isolated" and r["sparsity"] == sparsity:
+        acc[(r["method"], r["proj"])].append(float(r["rel_actual"]))
+  projs = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+  methods = ("teal", "teal-transform", "wina", "wina-transform")
+  return table(["method", *projs], [[m, *(f"{sum(acc[(m, p)]) / len(acc[(m, p)]):.4f}" for p in projs)]
+                                    for m in methods])
+
+
 def recommended_table(uniform: list[dict]) -> str:
   lines = []
   for s, rec in sorted(R.RECOMMENDED.items()):
@@ -124,7 +139,8 @@ def blocks() -> dict[str, str]:
   return {"main": report.markdown([r for r in uniform if r["method"] in MAIN], TASKS),
           "baselines": baselines_table(uniform), "variants": variants_table(uniform),
           "greedy": greedy_table(uniform, greedy), "cpu_grid": cpu_table(cpu),
-          "recommended": recommended_table(uniform)}
+          "recommended": recommended_table(uniform),
+          "site_errors": site_error_table(os.path.join(ROOT, "results", "analysis", "errors.csv"))}
 
 
 def render(doc: str, generated: dict[str, str]) -> str:
