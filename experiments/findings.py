@@ -97,14 +97,15 @@ def greedy_table(uniform: list[dict], greedy: list[dict]) -> str:
 
 
 def cpu_table(runs: dict[str, list[dict]]) -> str:
+  """Perplexity per (mode-allocation, method, target); mode / allocation as columns to compare."""
+  cells = {(run, r["method"], r["sparsity"]): r for run, rows in runs.items() for r in rows}
+  keys = sorted({(m, s) for _, m, s in cells}, key=lambda k: (k[1], MAIN.index(k[0]) if k[0] in MAIN else 99))
   lines = []
-  for run, rows in runs.items():
-    for r in rows:
-      if r["method"] != "dense":
-        lines.append([run, r["method"], f"{100 * r['sparsity']:.0f}%", f"{100 * r['measured_sparsity']:.1f}%",
-                      f"{r['ppl']:.2f}", _pct(r["piqa"]), _pct(r["arc_easy"])])
-  return table(["mode-allocation", "method", "target", "measured", "ppl", "piqa (acc_norm)",
-                "arc_easy (acc_norm)"], lines)
+  for m, s in keys:
+    vals = [f"{cells[(run, m, s)]['ppl']:.2f} ({100 * cells[(run, m, s)]['measured_sparsity']:.1f}%)"
+            if (run, m, s) in cells else "not run" for run in runs]
+    lines.append([m, f"{100 * s:.0f}%", *vals])
+  return table(["method", "target", *[f"{run}: ppl (measured)" for run in runs]], lines)
 
 
 def site_error_table(path: str, sparsity: str = "0.5") -> str:

@@ -32,7 +32,7 @@ MODEL = flags.DEFINE_string("model", "", "GGUF file or HF checkpoint folder; '' 
 METHODS = flags.DEFINE_list("methods", ["dense", "teal", "teal-transform", "cats", "wina", "wina-transform"],
                             "Methods; '<m>-transform' runs <m> on WINA-transformed params.")
 SPARSITIES = flags.DEFINE_list("sparsities", ["0.25", "0.4", "0.5", "0.65"], "Target sparsities.")
-TASK_LIST = flags.DEFINE_list("tasks", list(TASKS), f"Tasks among {list(TASKS)}.")
+TASK_LIST = flags.DEFINE_list("tasks", list(TASKS), f"Tasks among {list(TASKS)}; empty = perplexity only.")
 LIMIT = flags.DEFINE_integer("limit", None, "Rows per task (first N); None = the whole validation set.")
 ALLOCATION = flags.DEFINE_enum("allocation", "uniform", ["uniform", "greedy"], "Sparsity across sites.")
 MODE = flags.DEFINE_enum("mode", "topk", ["topk", "threshold"], "Per-token top-k or calibrated thresholds.")
@@ -157,7 +157,7 @@ def run_cell(ctx: Context, method: str, s: float) -> dict:
                                 progress=False)
     row[t] = res[TASKS[t].metric]
     row[f"{t}/acc"], row[f"{t}/acc_norm"], row[f"{t}/n"] = res["acc"], res["acc_norm"], res["n"]
-  row["avg"] = sum(row[t] for t in st["tasks"]) / len(st["tasks"])
+  row["avg"] = sum(row[t] for t in st["tasks"]) / len(st["tasks"]) if st["tasks"] else float("nan")
   return row
 
 
