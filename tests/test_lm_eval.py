@@ -64,7 +64,7 @@ def test_adapter_scores_like_the_native_evaluator(task_manager, smollm2_tokenize
   cfg._attn_implementation = "eager"
   params, jcfg = from_transformers(transformers.LlamaForCausalLM(cfg).eval())
   lm = WinaLM(params=params, cfg=jcfg, tokenizer=smollm2_tokenizer, method="teal", sparsity=0.5,
-              batch_tokens=512, progress=False)
+              mode="topk", batch_tokens=512, progress=False)
   out = lm_eval.simple_evaluate(model=lm, tasks=["piqa_local", "winogrande_local"], limit=4,
                                 task_manager=task_manager, log_samples=True)
   for task in ("piqa", "winogrande"):
@@ -94,3 +94,17 @@ def test_cli_registers_the_model(tiny_folder, tmp_path):  # noqa: F811
   with open(files[0]) as f:
     res = json.load(f)["results"]["arc_easy_local"]
   assert 0.0 <= res["acc,none"] <= 1.0 and 0.0 <= res["acc_norm,none"] <= 1.0
+
+
+def test_adapter_without_method_uses_the_recommended_variant(smollm2_tokenizer):
+  import transformers
+  from conftest import TINY
+  from wina_jax.eval.recommended import recommended
+  cfg = transformers.LlamaConfig(**{**TINY, "vocab_size": smollm2_tokenizer.vocab_size})
+  params, jcfg = from_transformers(transformers.LlamaForCausalLM(cfg).eval())
+  lm = WinaLM(params=params, cfg=jcfg, tokenizer=smollm2_tokenizer, sparsity=0.5, calib_windows=2, seq_len=16,
+              progress=False)
+  rec = recommended(0.5)
+  assert lm.variant.method == rec.spec and lm.variant.sparsifier.mode == rec.mode
+  dense = WinaLM(params=params, cfg=jcfg, tokenizer=smollm2_tokenizer, progress=False)
+  assert dense.variant.method == "dense"
