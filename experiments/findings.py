@@ -132,8 +132,7 @@ def recommended_table(uniform: list[dict]) -> str:
   return table(["target", "rule's pick (H200 grid)", "wina_jax.eval.recommended", "agree"], lines)
 
 
-def blocks() -> dict[str, str]:
-  uniform = load_rows(os.path.join(H200, "threshold-uniform", "results.json"))
+def blocks(uniform: list[dict]) -> dict[str, str]:
   greedy = load_rows(os.path.join(H200, "threshold-greedy", "results.json"))
   cpu = {run: load_rows(os.path.join(CPU, run, "results.json")) for run in CPU_RUNS
          if os.path.exists(os.path.join(CPU, run, "results.json"))}
@@ -186,7 +185,8 @@ def main(argv):
   del argv
   with open(DOC) as f:
     doc = f.read()
-  new = render(doc, blocks())
+  uniform = load_rows(os.path.join(H200, "threshold-uniform", "results.json"))
+  new = render(doc, blocks(uniform))
   if CHECK.value:
     if new != doc:
       print("docs/findings.md is out of date: run python -m experiments.findings", file=sys.stderr)
@@ -194,7 +194,7 @@ def main(argv):
     print("docs/findings.md matches the results")
     return
   report.write_atomic(DOC, new)
-  plots(load_rows(os.path.join(H200, "threshold-uniform", "results.json")))
+  plots(uniform)
   print(f"wrote {DOC} and {FIGS}/")
 
 

@@ -141,7 +141,7 @@ def run_cell(ctx: Context, method: str, s: float) -> dict:
     ctx.prepared[method] = variants.prepare(ctx.params, ctx.cfg, method, mode=st["mode"],
                                             allocation=st["allocation"], calib_windows=ctx.calib,
                                             progress=False)
-  v = variants.make(ctx.prepared[method], s, mode=st["mode"], allocation=st["allocation"])
+  v = variants.make(ctx.prepared[method], s)
   prefix = functools.partial(sparsity.dense_prefix, st["prefill"])
   ppl = perplexity.perplexity(v.params, v.cfg, ctx.ppl, v.sparsifier, batch_size=PPL_BATCH.value,
                               dense_prefix=prefix(ctx.ppl.shape[1]), zero_frac=True, progress=False)

@@ -176,8 +176,6 @@ def score(params: dict, cfg: ModelConfig, task: Tokenized, sparsifier: Any = S.d
 def evaluate(params: dict, cfg: ModelConfig, tokenizer, examples: Sequence[Example], sparsifier: Any = S.dense,
              **kw) -> dict:
   """Accuracy of `examples` (from `wina_jax.eval.tasks.load_task`); `kw` go to `loglikelihoods`."""
-  if not examples:
-    raise ValueError("no examples to evaluate")
   return score(params, cfg, tokenize(tokenizer, examples), sparsifier, **kw)
 
 

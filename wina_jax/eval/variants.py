@@ -44,7 +44,6 @@ from typing import Any, Optional, Union
 
 import jax
 import numpy as np
-from flax import traverse_util
 
 from wina_jax import sites as S
 from wina_jax.config import ModelConfig
@@ -231,13 +230,13 @@ def prepare(params: dict, cfg: ModelConfig, spec: str, *, mode: str = "topk", al
   return Prepared(params, cfg, spec, sp.name, sp.transformed, calibration, blocks=blocks, **common)
 
 
-def _shortcuts(params: dict) -> int:
-  return sum("/residual_" in k for k in traverse_util.flatten_dict(params, sep="/"))
-
-
-def make(prep: Prepared, target: float, *, mode: str = "topk", allocation: str = "uniform") -> Variant:
-  """The variant at `target` sparsity (dense when target == 0 or the method is 'dense')."""
+def make(prep: Prepared, target: float, *, mode: Optional[str] = None,
+         allocation: Optional[str] = None) -> Variant:
+  """The variant at `target` sparsity (dense when target == 0 or the method is 'dense'); mode and
+  allocation default to the ones `prep` was prepared for."""
   from wina_jax import sparsity
+  from wina_jax.transform import shortcut_cost
+  mode, allocation = mode or prep.mode, allocation or prep.allocation
   dense = prep.base == "dense" or target == 0
   method = prep.method if prep.method is not None else sparsity.get_method(prep.base)
   info: dict = {"scope": prep.scope}
@@ -250,7 +249,7 @@ def make(prep: Prepared, target: float, *, mode: str = "topk", allocation: str =
   else:
     params, cfg, calibration, transformed = prep.params, prep.cfg, prep.calibration, prep.transformed
     info["blocks"] = list(prep.blocks or [])
-  info["shortcuts"] = _shortcuts(params)
+  info["shortcuts"] = shortcut_cost(params, cfg)["shortcuts"]
   sp = sparsity.make(method, params, cfg, 0.0 if dense else target,
                      mode="topk" if dense else mode,   # nothing to threshold: no calibration needed
                      calibration=calibration, allocation="uniform" if dense else allocation)
