@@ -37,7 +37,7 @@ flags.DEFINE_list("batch_sparsities", ["0.5", "0.65"], "sparsities timed at batc
 flags.DEFINE_integer("steps", 32, "decode steps timed per repetition (positions 0..steps-1)")
 flags.DEFINE_integer("reps", 3, "timed repetitions (median); one more untimed warm-up")
 flags.DEFINE_integer("max_len", 512, "KV cache slots")
-flags.DEFINE_string("configs", "", "JSON of tuned kernel configs (from experiments.kernel_sweep)")
+flags.DEFINE_list("configs", [], "JSONs of tuned kernel configs (experiments.kernel_sweep; later files win per shape)")
 flags.DEFINE_string("reduce", "", "override the configs' split-K reduce (partials | atomic | semaphore)")
 flags.DEFINE_string("out", "", "write results JSON here")
 flags.DEFINE_bool("tiny", False, "CPU smoke test: tiny model, XLA path, 1 rep")
@@ -230,13 +230,15 @@ def bench_model(name, key, configs, backend) -> list[dict]:
   return rows
 
 
-def load_configs(path: str) -> dict:
-  if not path:
-    return {}
-  with open(path) as f:
-    raw = json.load(f)
-  override = {"reduce": FLAGS.reduce} if FLAGS.reduce else {}
-  return {tuple(int(v) for v in k.split("x")): KernelConfig(**{**c, **override}) for k, c in raw["best"].items()}
+def load_configs(paths, reduce: str = "") -> dict:
+  """{(d_in, d_out): KernelConfig} from the 'best' entries of kernel_sweep JSONs (later files win per
+  shape); `reduce` overrides their split-K reduce."""
+  configs = {}
+  for path in paths:
+    with open(path) as f:
+      configs.update({tuple(int(v) for v in k.split("x")): KernelConfig(**{**c, **({"reduce": reduce} if reduce else {})})
+                      for k, c in json.load(f)["best"].items()})
+  return configs
 
 
 def main(argv):
@@ -245,7 +247,7 @@ def main(argv):
     FLAGS.models, FLAGS.steps, FLAGS.reps, FLAGS.max_len = ["tiny"], 4, 1, 16
     FLAGS.batches, FLAGS.sparsities = ["1", "2"], ["0", "0.5"]
   backend = "auto" if jax.default_backend() == "gpu" else "xla"
-  configs = load_configs(FLAGS.configs)
+  configs = load_configs(FLAGS.configs, FLAGS.reduce)
   result = {"date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "jax": jax.__version__,
             "device": str(jax.devices()[0].device_kind), "host": platform.node(),
             "flags": {f: getattr(FLAGS, f) for f in ("models", "sparsities", "batches", "methods", "steps",

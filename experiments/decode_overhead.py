@@ -65,15 +65,6 @@ OPTION_SETS = {
 VARIANTS = ("dense", "teal", "teal_sem")
 
 
-def load_sweeps(paths) -> dict:
-  """{(d_in, d_out): KernelConfig} from the 'best' entries of kernel_sweep JSONs, later files winning."""
-  configs = {}
-  for path in paths:
-    with open(path) as f:
-      configs.update({tuple(int(v) for v in k.split("x")): KernelConfig(**c) for k, c in json.load(f)["best"].items()})
-  return configs
-
-
 def kernel_counts(compiled) -> dict:
   """Kernel-level ops of the compiled module's entry computation."""
   text = compiled.as_text()
@@ -320,7 +311,7 @@ def main(argv):
     FLAGS.sparsities, FLAGS.profile_steps = ["0.5"], 0
   backend = "auto" if gpu else "xla"
   option_sets = list(OPTION_SETS) if gpu else ["default"]
-  configs = load_sweeps(FLAGS.sweeps)
+  configs = B.load_configs(FLAGS.sweeps)
   run = Runner(FLAGS.out)
 
   def other_options(m, sets):

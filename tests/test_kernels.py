@@ -24,22 +24,26 @@ def rel_err(a, b):
   return np.linalg.norm(a - b) / np.linalg.norm(b)
 
 
-@pytest.mark.parametrize("mode,reduce,rows,segments,wina", [
-    ("compact", "partials", 1, (96,), False),
-    ("compact", "atomic", 3, (64, 32, 32), True),
-    ("masked", "atomic", 1, (64, 32, 32), False),
-    ("masked", "partials", 5, (96,), True),
-    ("compact", "semaphore", 1, (64, 32, 32), True),
-    ("masked", "semaphore", 3, (96,), False),
+@pytest.mark.parametrize("mode,reduce,rows,segments,wina,loop", [
+    ("compact", "partials", 1, (96,), False, "dynamic"),
+    ("compact", "atomic", 3, (64, 32, 32), True, "dynamic"),
+    ("masked", "atomic", 1, (64, 32, 32), False, "dynamic"),
+    ("masked", "partials", 5, (96,), True, "dynamic"),
+    ("compact", "semaphore", 1, (64, 32, 32), True, "dynamic"),
+    ("masked", "semaphore", 3, (96,), False, "dynamic"),
+    ("compact", "partials", 1, (64, 32, 32), True, "static"),
+    ("compact", "semaphore", 2, (96,), False, "static"),
+    ("compact", "atomic", 1, (64, 32, 32), True, "prefetch"),
+    ("compact", "partials", 3, (96,), False, "prefetch"),
 ])
-def test_interpret_kernel_matches_xla_and_masked_dense(mode, reduce, rows, segments, wina):
+def test_interpret_kernel_matches_xla_and_masked_dense(mode, reduce, rows, segments, wina, loop):
   k, n = 256, sum(segments)
   keys = jax.random.split(jax.random.PRNGKey(rows), 4)
   x = jax.random.normal(keys[0], (rows, k), jnp.bfloat16)
   w = jax.random.normal(keys[1], (k, n), jnp.bfloat16)
   scales = jax.random.uniform(keys[2], (len(segments), k), minval=0.5, maxval=2.0) if wina else None
   t = jnp.asarray([0.6, 0.9, 1.2][:len(segments)])
-  cfg = KernelConfig(mode=mode, chunk=64, block_k=16, block_n=32, reduce=reduce)
+  cfg = KernelConfig(mode=mode, chunk=64, block_k=16, block_n=32, reduce=reduce, loop=loop)
   workspace = jnp.zeros((2, n // 32), jnp.int32) if reduce == "semaphore" else None
   got = masked_linear(x, w, t, scales, segments, backend="interpret", config=cfg, workspace=workspace, slot=1)
   xla = masked_linear(x, w, t, scales, segments, backend="xla")
@@ -52,8 +56,8 @@ def test_interpret_kernel_matches_xla_and_masked_dense(mode, reduce, rows, segme
 
 
 def test_semaphore_reduce_workspace_and_fallback():
-  """The semaphore kernel writes x.dtype itself, sums partials in chunk order (bitwise equal to the
-  'partials' reduce), leaves its workspace zeroed, runs 'partials' without one and rejects a small one."""
+  """The semaphore kernel writes x.dtype itself, sums the partials (here bitwise equal to the 'partials'
+  reduce), leaves its workspace zeroed, runs 'partials' without one and rejects a small one."""
   k, n = 256, 128
   x = jax.random.normal(jax.random.PRNGKey(0), (1, k), jnp.bfloat16)
   w = jax.random.normal(jax.random.PRNGKey(1), (k, n), jnp.bfloat16)
@@ -102,6 +106,8 @@ def test_resolve_shrinks_tiles_to_fit():
   assert (cfg.chunk, cfg.block_n) == (64, 64) and C.fits(cfg, 576, (192, 64, 64))
   with pytest.raises(ValueError, match="power of two"):
     KernelConfig(block_n=96)
+  with pytest.raises(ValueError, match="loop"):
+    KernelConfig(loop="unrolled")
 
 
 def test_bad_inputs_raise():
@@ -126,11 +132,11 @@ def test_gpu_kernel_matches_xla(mode, rows):
   t = jnp.asarray([0.5, 0.7, 1.0])
   workspace = jnp.zeros((1, sum(segments) // 256), jnp.int32)
   ref = masked_linear_xla(x, w, t, scales, segments)
-  for reduce in ("partials", "atomic", "semaphore"):
-    cfg = KernelConfig(mode=mode, chunk=256, block_k=32, block_n=256, reduce=reduce)
+  for reduce, loop in (("partials", "static"), ("atomic", "prefetch"), ("semaphore", "dynamic")):
+    cfg = KernelConfig(mode=mode, chunk=256, block_k=32, block_n=256, reduce=reduce, loop=loop)
     got = masked_linear(x, w, t, scales, segments, backend="pallas", config=cfg, workspace=workspace)
     assert rel_err(got, ref) < 1e-2
-  for _ in range(3):                     # the semaphore sum is in chunk order: bitwise repeatable
+  for _ in range(3):                     # the semaphore sum has a fixed order: bitwise repeatable
     again = masked_linear(x, w, t, scales, segments, backend="pallas", config=cfg, workspace=workspace)
     np.testing.assert_array_equal(np.asarray(again, np.float32), np.asarray(got, np.float32))
   np.testing.assert_array_equal(np.asarray(workspace), 0)

@@ -7,6 +7,7 @@ from typing import Optional, Sequence
 MAX_ROWS = 8          # batch*tokens rows the GEMV kernel takes; more rows go to the XLA path
 MODES = ("compact", "masked")
 REDUCES = ("partials", "atomic", "semaphore")
+LOOPS = ("dynamic", "static", "prefetch")
 WORKSPACE_BLOCKS = 4096  # column blocks per site in a semaphore workspace (`FusedThresholdSparsifier.workspace`)
 
 
@@ -24,6 +25,11 @@ class KernelConfig:
     per column block, and the last program of the block sums the partials and writes the output in
     x's dtype, so the site is one launch. It needs a zeroed int32 workspace that the kernel leaves
     zeroed (`sparse_gemv`); without one, `masked_linear` runs 'partials' instead.
+  loop: 'compact' mode's row-tile loop. 'dynamic' runs ceil(kept / BK) tiles; 'static' runs chunk / BK
+    tiles with the tiles past the kept count fully masked (no memory traffic), a static trip count that
+    Triton can software-pipeline (num_stages); 'prefetch' pipelines by hand: while tile j is summed,
+    the loads of tile j + 1 and the row ids of tile j + 2 are in flight. 'masked' mode's loop is
+    always static.
   """
   mode: str = "compact"
   chunk: int = 512
@@ -32,12 +38,15 @@ class KernelConfig:
   num_warps: int = 4
   num_stages: int = 2
   reduce: str = "partials"
+  loop: str = "dynamic"
 
   def __post_init__(self):
     if self.mode not in MODES:
       raise ValueError(f"mode {self.mode!r} is not one of {MODES}")
     if self.reduce not in REDUCES:
       raise ValueError(f"reduce {self.reduce!r} is not one of {REDUCES}")
+    if self.loop not in LOOPS:
+      raise ValueError(f"loop {self.loop!r} is not one of {LOOPS}")
     for name in ("chunk", "block_k", "block_n"):
       v = getattr(self, name)
       if v <= 0 or v & (v - 1):

@@ -4,8 +4,9 @@ Layout: W [K, N] ([in, out]), so one input's weights are one contiguous row. The
 (N / BN, K / C): each program owns C input rows (a chunk) and BN output columns. Its fp32 partial sum
 reaches the output one of three ways (`KernelConfig.reduce`): stored for XLA to add up afterwards
 ('partials'), atomically added into an fp32 output that XLA zeroes first ('atomic'), or stored and
-counted on a per-column-block semaphore so that the block's last program adds the partials up and
-writes the output itself ('semaphore': one launch per site, no zero-fill and no reduction kernel).
+counted on a per-column-block semaphore so that the block's last program loads all the block's partials
+at once, adds them up and writes the output itself ('semaphore': one launch per site, no zero-fill and
+no reduction kernel).
 The threshold compare is fused: row i is loaded iff |x[b, i]| * scale[s, i] > threshold[s] for some
 batch row b (the union over rows), and every row b still multiplies only by its own kept inputs, so
 results equal the per-row masked matmul.
@@ -84,18 +85,34 @@ def _kernel(x_ref, t_ref, s_ref, w_ref, *refs, cfg: KernelConfig, rows: int, nk:
     if not interpret:
       plgpu.debug_barrier()
 
-    def body(j, acc):
+    def index(j):
+      """Kept-row ids of compacted tile j [BK] (0 past the kept count) and their validity [BK]."""
       valid = j * bk + _iota(bk) < count
-      idx = plgpu.load(idx_ref.at[pn, pk, j * bk + _iota(bk)], mask=valid, other=0)
+      return plgpu.load(idx_ref.at[pn, pk, j * bk + _iota(bk)], mask=valid, other=0), valid
+
+    def fetch(idx, valid):
+      """x and keep per batch row, and the weight tile [BK, BN] (bf16) of the kept rows idx."""
       if rows == 1:     # every compacted row is kept; only the ragged tail needs masking
         xs, keeps = [plgpu.load(x_ref.at[idx, jnp.int32(0)]).astype(jnp.float32)], [valid]
       else:
         xs, keeps, _ = load_rows(idx, valid)
       w = plgpu.load(w_ref.at[idx[:, None], cols], mask=valid[:, None], other=0,
                      eviction_policy="evict_first")
-      return accumulate(acc, xs, keeps, w.astype(jnp.float32))
+      return xs, keeps, w
 
-    acc = jax.lax.fori_loop(0, (count + bk - 1) // bk, body, acc0)
+    trips = c // bk if cfg.loop == "static" else (count + bk - 1) // bk
+    if cfg.loop == "prefetch":
+      def body(j, carry):          # loads of tile j + 1 and ids of tile j + 2 in flight while tile j sums
+        acc, (xs, keeps, w), ahead = carry
+        return accumulate(acc, xs, keeps, w.astype(jnp.float32)), fetch(*ahead), index(j + 2)
+
+      acc = jax.lax.fori_loop(0, trips, body, (acc0, fetch(*index(0)), index(1)))[0]
+    else:
+      def body(j, acc):
+        xs, keeps, w = fetch(*index(j))
+        return accumulate(acc, xs, keeps, w.astype(jnp.float32))
+
+      acc = jax.lax.fori_loop(0, trips, body, acc0)
   else:
     def body(j, acc):
       idx = k0 + j * bk + _iota(bk)
@@ -119,14 +136,14 @@ def _kernel(x_ref, t_ref, s_ref, w_ref, *refs, cfg: KernelConfig, rows: int, nk:
       plgpu.debug_barrier()            # every thread's partial is stored before the (acq_rel) count
     arrived = plgpu.atomic_add(cnt_ref, (jnp.int32(slot), pn), jnp.int32(1))
 
-    @pl.when(arrived == nk - 1)        # the column block's last program: sum in chunk order, reset
+    @pl.when(arrived == nk - 1)        # the column block's last program: one load of all partials, reset
     def _():
-      def add(j, tot):
-        return tuple(t + plgpu.load(part_ref.at[j, b, out_cols], volatile=True)
-                     for b, t in enumerate(tot))
-      tot = jax.lax.fori_loop(0, nk, add, acc0)
+      nkp = 1 << (nk - 1).bit_length()
+      ks = _iota(nkp)
       for b in range(rows):
-        plgpu.store(o_ref.at[b, out_cols], tot[b].astype(o_ref.dtype))
+        part = plgpu.load(part_ref.at[ks[:, None], b, out_cols[None, :]], mask=(ks < nk)[:, None], other=0.0,
+                          volatile=True)
+        plgpu.store(o_ref.at[b, out_cols], jnp.sum(part, axis=0).astype(o_ref.dtype))
       plgpu.store(cnt_ref.at[jnp.int32(slot), pn], jnp.int32(0))
 
 
