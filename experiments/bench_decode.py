@@ -1,7 +1,10 @@
 """Decode benchmark: dense vs threshold-mode TEAL / WINA (with and without the transform's shortcuts).
 
 Llama-3-8B- and Qwen-2.5-7B-shaped models with random bf16 weights, one jitted decode step per token
-(layers unrolled, cache donated). Thresholds are set per site (per segment of fused q|k|v and gate|up)
+(layers unrolled, cache donated), all steps of a run in one on-device loop (`decode_loop`); the
+`*_host` rows dispatch one step per token instead, as runs before 2026-11-29 did. `no_linear` times the
+step with linear sites that read no weights (its 'rest'; `experiments.decode_ceiling` turns it into
+the ceiling of any sparse GEMV kernel). Thresholds are set per site (per segment of fused q|k|v and gate|up)
 to the target sparsity's quantile of the dense model's own scores at the benchmark's decode positions
 (TEAL's protocol), so each target is hit on these inputs. Reports ms/step, tokens/s, speedup over our
 dense, bytes moved per step (kept rows only, union over the batch) and GB/s against a copy bandwidth
@@ -21,11 +24,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
+from flax import struct
 from tqdm import tqdm
 
 from experiments.decode_models import SHAPES, add_shortcuts, random_params
 from wina_jax import sites as S
-from wina_jax.decode import decode_step, fuse_projections
+from wina_jax.decode import decode_loop, decode_step, fuse_projections
 from wina_jax.kernels import FusedThresholdSparsifier, KernelConfig
 from wina_jax.model import forward, init_cache
 
@@ -42,6 +46,19 @@ flags.DEFINE_string("reduce", "", "override the configs' split-K reduce (partial
 flags.DEFINE_string("out", "", "write results JSON here")
 flags.DEFINE_bool("tiny", False, "CPU smoke test: tiny model, XLA path, 1 rep")
 FLAGS = flags.FLAGS
+
+
+@struct.dataclass
+class NoLinear:
+  """A stand-in sparsifier whose linear sites read no weights (y = x's first feature, broadcast to the
+  output width): a decode step with it times everything but the linear sites, the step's 'rest'
+  (norms, RoPE, attention, cache writes, residual adds, lm_head, launch gaps)."""
+
+  def __call__(self, site, x, kernel):
+    return x
+
+  def linear(self, site, x, kernel):
+    return jnp.broadcast_to(x[..., :1], x.shape[:-1] + (kernel.shape[1],))
 
 
 def copy_bandwidth() -> dict:
@@ -79,19 +96,22 @@ def _median_time(fn, n) -> float:
   return statistics.median(ts)
 
 
-def time_decode(params, cfg, sparsifier, tokens, max_len, reps) -> float:
-  """Median seconds per decode step over `reps` runs of tokens [B, T] from an empty cache."""
-  steps = [tokens[:, j] for j in range(tokens.shape[1])]
+def time_decode(params, cfg, sparsifier, tokens, max_len, reps, host_loop=False) -> float:
+  """Median seconds per decode step over `reps` runs of tokens [B, T] from an empty cache: one
+  `decode_loop` call per run, or (host_loop) one `decode_step` dispatch per token."""
   times = []
   for r in range(reps + 1):
     cache = init_cache(cfg, tokens.shape[0], max_len, jnp.bfloat16)
     jax.block_until_ready(cache)
     t0 = time.perf_counter()
-    for tok in steps:
-      _, _, cache = decode_step(params, tok, cache, sparsifier, cfg=cfg)
+    if host_loop:
+      for j in range(tokens.shape[1]):
+        _, _, cache = decode_step(params, tokens[:, j], cache, sparsifier, cfg=cfg)
+    else:
+      _, _, cache = decode_loop(params, tokens, cache, sparsifier, cfg=cfg)
     jax.block_until_ready(cache)
     if r:
-      times.append((time.perf_counter() - t0) / len(steps))
+      times.append((time.perf_counter() - t0) / tokens.shape[1])
   return statistics.median(times)
 
 
@@ -203,6 +223,12 @@ def bench_model(name, key, configs, backend) -> list[dict]:
     dense[b] = time_decode(params, cfg, None, tokens[:b], max_len, reps)
     record("dense", 0.0, b, dense[b], step_bytes(params, cfg, b, max_len))
   base1 = min(dense[1], rows[0]["ms_per_step"] / 1e3)
+  rest_bytes = step_bytes(params, cfg, 1, max_len) - linear_bytes(params, cfg)
+  for host in (False, True):     # the host loop's floor: one dispatch per token of a step that reads no weights
+    secs = time_decode(params, cfg, NoLinear(), tokens[:1], max_len, reps, host_loop=host)
+    record("no_linear" + "_host" * host, 0.0, 1, secs, rest_bytes, speedup=base1 / secs)
+  secs = time_decode(params, cfg, None, tokens[:1], max_len, reps, host_loop=True)
+  record("dense_host", 0.0, 1, secs, step_bytes(params, cfg, 1, max_len), speedup=base1 / secs)
   variants = [m for m in FLAGS.methods if m != "wina_sc"]
   for method in tqdm(variants, desc=f"{name} methods"):
     scores = site_scores(params, cfg, tokens, with_scale=method == "wina")

@@ -9,15 +9,13 @@
 #   bench   experiments.bench_decode, batch 1, teal and wina at 0 / 0.5 / 0.65, with the sweep's tilings
 #           (OUT/kernel_sweep.json if the sweep ran, over the committed kernel_sweep_h200_b.json)
 #   full    experiments.bench_decode, every variant, batch 1-8 (the table of decode_h200.md)
-#   ncu     Nsight Compute: the in-place duration of every sparse kernel of one Llama decode step at 50 %
-#           (XLA autotuning off: under ncu its many tuning kernels take minutes to compile)
-# SWEEP_S, BENCH_S, FULL_S, NCU_S override the stages' time limits (seconds); SWEEP_BUDGET the sweep's
-# seconds of candidate tilings per shape.
+# CONFIGS (comma-separated kernel_sweep JSONs) replaces the committed tilings; SWEEP_S, BENCH_S and
+# FULL_S override the stages' time limits (seconds), SWEEP_BUDGET the sweep's seconds of candidate
+# tilings per shape.
 set -u
 out=$1; shift
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-configs=benchmarks/results/kernel_sweep_h200_b.json
-ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+configs=${CONFIGS:-benchmarks/results/kernel_sweep_h200_b.json}
 [ -f "$out/kernel_sweep.json" ] && configs=$configs,$out/kernel_sweep.json
 for stage in "$@"; do
   echo "== $stage $(date -u +%T)"
@@ -25,14 +23,11 @@ for stage in "$@"; do
     tests) timeout -k 5 120 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py -k gpu ;;
     sweep) timeout -k 5 "${SWEEP_S:-280}" python3 -m experiments.kernel_sweep --budget_s="${SWEEP_BUDGET:-14}" --top=2 \
              --out="$out/kernel_sweep.json"
-           [ -f "$out/kernel_sweep.json" ] && configs=benchmarks/results/kernel_sweep_h200_b.json,$out/kernel_sweep.json ;;
+           [ -f "$out/kernel_sweep.json" ] && configs=${CONFIGS:-benchmarks/results/kernel_sweep_h200_b.json},$out/kernel_sweep.json ;;
     bench) timeout -k 5 "${BENCH_S:-200}" python3 -m experiments.bench_decode --configs="$configs" --batches=1 \
              --methods=teal,wina --sparsities=0,0.5,0.65 --reps=5 --out="$out/bench_decode.json" ;;
     full) timeout -k 5 "${FULL_S:-420}" python3 -m experiments.bench_decode --configs="$configs" \
             --out="$out/bench_decode_full.json" ;;
-    ncu) XLA_FLAGS=--xla_gpu_autotune_level=0 timeout -s KILL "${NCU_S:-90}" "$ncu" --clock-control none --csv --metrics gpu__time_duration.sum \
-           -k regex:sparse_gemv --launch-skip 256 --launch-count 128 \
-           python3 -m experiments.step_once --configs="$configs" > "$out/ncu_step.csv" ;;
-    *) echo "unknown stage $stage: tests | sweep | bench | full | ncu" >&2; exit 2 ;;
+    *) echo "unknown stage $stage: tests | sweep | bench | full" >&2; exit 2 ;;
   esac 2>&1 | tee "$out/$stage.log" | tail -40
 done

@@ -6,7 +6,7 @@ import pytest
 
 from experiments.decode_models import SHAPES, add_shortcuts, random_params
 from wina_jax import sites as S
-from wina_jax.decode import decode_step, fuse_projections, fuse_state, prefill
+from wina_jax.decode import decode_loop, decode_step, fuse_projections, fuse_state, prefill
 from wina_jax.kernels import FusedThresholdSparsifier
 from wina_jax.model import forward
 
@@ -92,3 +92,21 @@ def test_interpret_kernel_inside_model(model):
   got = forward(params, tok, CFG, sp).logits
   ref = forward(params, tok, CFG, ref_sp).logits
   assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 2e-2
+
+
+def test_decode_loop_equals_steps(model):
+  """One on-device loop over T tokens gives the step-by-step greedy tokens, last logits and cache."""
+  params, tokens = model
+  thr, scales = thresholds_and_scales(params, CFG)
+  sp = FusedThresholdSparsifier.create(thr, scales, backend="xla")
+  _, _, cache = prefill(params, tokens[:, :P], cfg=CFG, max_len=P + T)
+  twin = jax.tree.map(jnp.copy, cache)
+  nxt, logits, cache = decode_loop(params, tokens[:, P:], cache, sp, cfg=CFG)
+  ref = []
+  for j in range(T):
+    tok, ref_logits, twin = decode_step(params, tokens[:, P + j], twin, sp, cfg=CFG)
+    ref.append(tok)
+  np.testing.assert_array_equal(nxt, jnp.stack(ref, axis=1))
+  np.testing.assert_allclose(logits, ref_logits, rtol=1e-5, atol=1e-5)
+  for a, b in zip(jax.tree.leaves(cache), jax.tree.leaves(twin)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)

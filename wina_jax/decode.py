@@ -1,7 +1,10 @@
 """Batch decode with the KV cache: a dense prefill, then a jitted sparse (or dense) one-token step.
 
 The step runs `wina_jax.model.forward` (layers unrolled) with the cache donated, so XLA updates it
-in place. A `FusedThresholdSparsifier` (threshold mode, no top-k) is traced: new thresholds reuse
+in place. `decode_step` is one host dispatch per token; `decode_loop` runs many steps in one call (an
+on-device loop), which matters once a step's GPU time nears the host's cost of dispatching it (on the
+H200 a 32-layer step with a few hundred argument arrays takes ~2.6 ms to dispatch: see
+benchmarks/results/decode_h200.md). A `FusedThresholdSparsifier` (threshold mode, no top-k) is traced: new thresholds reuse
 the compiled step. `fuse_projections` / `fuse_state` turn q|k|v and gate|up into one kernel each
 (Phi-3 layout, one threshold and scale per segment), which saves three launches per layer.
 """
@@ -98,3 +101,19 @@ def decode_step(params: dict, token: jax.Array, cache: dict, sparsifier: Optiona
   out = forward(params, token[:, None], cfg, sp, cache=cache)
   logits = out.logits[:, -1]
   return jnp.argmax(logits, axis=-1).astype(jnp.int32), logits, out.cache
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
+def decode_loop(params: dict, tokens: jax.Array, cache: dict, sparsifier: Optional[Any] = None, *,
+                cfg: ModelConfig):
+  """`decode_step` over tokens [B, T] (teacher-forced: step j reads tokens[:, j]) in one on-device loop
+  -> (greedy next tokens [B, T] int32, logits of the last step [B, vocab], cache). The cache is donated."""
+  sp = S.dense if sparsifier is None else sparsifier
+
+  def step(cache, token):
+    out = forward(params, token[:, None], cfg, sp, cache=cache)
+    logits = out.logits[:, -1]
+    return out.cache, (jnp.argmax(logits, axis=-1).astype(jnp.int32), logits)
+
+  cache, (nxt, logits) = jax.lax.scan(step, cache, tokens.T)
+  return nxt.T, logits[-1], cache

@@ -7,7 +7,7 @@ from typing import Optional, Sequence
 MAX_ROWS = 8          # batch*tokens rows the GEMV kernel takes; more rows go to the XLA path
 MODES = ("compact", "masked")
 REDUCES = ("partials", "atomic", "semaphore")
-LOOPS = ("dynamic", "static", "prefetch")
+LOOPS = ("dynamic", "prefetch")
 WORKSPACE_BLOCKS = 4096  # column blocks per site in a semaphore workspace (`FusedThresholdSparsifier.workspace`)
 
 
@@ -25,11 +25,9 @@ class KernelConfig:
     per column block, and the last program of the block sums the partials and writes the output in
     x's dtype, so the site is one launch. It needs a zeroed int32 workspace that the kernel leaves
     zeroed (`sparse_gemv`); without one, `masked_linear` runs 'partials' instead.
-  loop: 'compact' mode's row-tile loop. 'dynamic' runs ceil(kept / BK) tiles; 'static' runs chunk / BK
-    tiles with the tiles past the kept count fully masked (no memory traffic), a static trip count that
-    Triton can software-pipeline (num_stages); 'prefetch' pipelines by hand: while tile j is summed,
-    the loads of tile j + 1 and the row ids of tile j + 2 are in flight. 'masked' mode's loop is
-    always static.
+  loop: 'compact' mode's row-tile loop over ceil(kept / BK) tiles. 'dynamic' loads and sums one tile
+    per step; 'prefetch' pipelines by hand: while tile j is summed, the loads of tile j + 1 and the row
+    ids of tile j + 2 are in flight. ('masked' mode walks chunk / BK tiles; Triton pipelines them.)
   """
   mode: str = "compact"
   chunk: int = 512

@@ -100,7 +100,7 @@ def _kernel(x_ref, t_ref, s_ref, w_ref, *refs, cfg: KernelConfig, rows: int, nk:
                      eviction_policy="evict_first")
       return xs, keeps, w
 
-    trips = c // bk if cfg.loop == "static" else (count + bk - 1) // bk
+    trips = (count + bk - 1) // bk
     if cfg.loop == "prefetch":
       def body(j, carry):          # loads of tile j + 1 and ids of tile j + 2 in flight while tile j sums
         acc, (xs, keeps, w), ahead = carry
