@@ -53,6 +53,9 @@ BUNDLE = flags.DEFINE_string("bundle", "", "Pre-tokenised data (.npz): read if i
 ONLY_BUNDLE = flags.DEFINE_bool("only_bundle", False, "Write --bundle and exit (to carry the data elsewhere).")
 REPORT_ONLY = flags.DEFINE_bool("report_only", False, "Compute nothing: write the table of the finished cells.")
 DEADLINE = flags.DEFINE_float("deadline_s", None, "Start no new cell after this many seconds (one always runs); rerun to resume.")
+MAX_EFFECTIVE = flags.DEFINE_float("max_effective", None, "Greedy allocation: the effective sparsity its search "
+                                   "climbs to (the path below it does not depend on it); default: the highest "
+                                   "target + 0.05, at most 0.95.")
 QUICK_FLAG = flags.DEFINE_bool("quick", False, f"CPU demo preset for flags not given: {QUICK}.")
 
 
@@ -111,9 +114,10 @@ def tokenize_data(st: dict) -> tuple[dict, dict]:
 class Context:
   """What every cell shares: the model, the tokenized tasks and token windows (loaded once).
 
-  bundle: a .npz path (`wina_jax.eval.bundle`); read if it exists, else written after tokenizing."""
+  bundle: a .npz path (`wina_jax.eval.bundle`); read if it exists, else written after tokenizing.
+  max_effective: the ceiling of the greedy allocation's search."""
 
-  def __init__(self, cfg_settings: dict, bundle_path: str = ""):
+  def __init__(self, cfg_settings: dict, bundle_path: str = "", max_effective: float = 0.9):
     import jax.numpy as jnp
     from wina_jax.convert import load
     from wina_jax.eval import bundle
@@ -129,6 +133,7 @@ class Context:
     self.params, self.cfg = load(st["model"], getattr(jnp, st["dtype"]))
     self.ppl, self.calib = windows["ppl"], windows["calib"]
     self.settings = st
+    self.max_effective = max_effective
     self.prepared = {}
 
 
@@ -140,7 +145,7 @@ def run_cell(ctx: Context, method: str, s: float) -> dict:
   if method not in ctx.prepared:      # transform / calibration once per method, shared by its sparsities
     ctx.prepared[method] = variants.prepare(ctx.params, ctx.cfg, method, mode=st["mode"],
                                             allocation=st["allocation"], calib_windows=ctx.calib,
-                                            progress=False)
+                                            max_effective=ctx.max_effective, progress=False)
   v = variants.make(ctx.prepared[method], s)
   prefix = functools.partial(sparsity.dense_prefix, st["prefill"])
   ppl = perplexity.perplexity(v.params, v.cfg, ctx.ppl, v.sparsifier, batch_size=PPL_BATCH.value,
@@ -188,7 +193,8 @@ def main(argv):
     variants.parse(m)
   if REPORT_ONLY.value:
     todo = []
-  ctx = Context(st, BUNDLE.value) if todo else None
+  max_eff = MAX_EFFECTIVE.value or min(0.95, round(max(sps, default=0.0) + 0.05, 2))
+  ctx = Context(st, BUNDLE.value, max_eff) if todo else None
   t_start = time.time()
   for i, (method, s) in enumerate(tqdm(todo, desc="sweep")):
     if i and DEADLINE.value is not None and time.time() - t_start > DEADLINE.value:

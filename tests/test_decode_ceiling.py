@@ -1,0 +1,44 @@
+"""The decode-speed fit (`experiments.decode_ceiling`) on committed H200 results and on a synthetic case."""
+import json
+
+import numpy as np
+import pytest
+
+from experiments.decode_ceiling import analyse
+
+
+def rows_for(intercept, ms_per_gb, linear_gb=10.0, rest=None, dense=5.0):
+  """bench_decode rows of one model whose sparse step time is exactly intercept + ms_per_gb * kept GB."""
+  other = 1e9
+  rows = [{"model": "m", "variant": "dense", "batch": 1, "sparsity": 0.0, "ms_per_step": dense,
+           "bytes_per_step": linear_gb * 1e9 + other}]
+  for s in (0.0, 0.5, 0.65):
+    rows.append({"model": "m", "variant": "teal", "batch": 1, "sparsity": s, "kept_weight_fraction": 1 - s,
+                 "ms_per_step": intercept + ms_per_gb * (1 - s) * linear_gb,
+                 "bytes_per_step": (1 - s) * linear_gb * 1e9 + other})
+  if rest is not None:
+    rows.append({"model": "m", "variant": "no_linear", "batch": 1, "sparsity": 0.0, "ms_per_step": rest,
+                 "bytes_per_step": other})
+  return rows
+
+
+def test_fit_recovers_intercept_rate_and_ceiling():
+  (r,) = analyse(rows_for(1.5, 0.25, rest=1.0), "teal", {0.5: 1.8})
+  assert r["intercept_ms"] == pytest.approx(1.5) and r["marginal_tb_per_s"] == pytest.approx(4.0)
+  assert r["fixed_ms"] == pytest.approx(0.5) and r["fit_max_err_ms"] < 1e-9
+  t = r["targets"]["0.5"]
+  assert t["measured_x"] == pytest.approx(5.0 / 2.75)
+  assert t["ceiling_x"] == pytest.approx(5.0 / 2.25)                 # rest + kept bytes at the marginal rate
+  assert t["intercept_needed_ms"] == pytest.approx(5.0 / 1.8 - 1.25)
+  (r,) = analyse(rows_for(1.5, 0.25), "teal", {0.5: 1.8})            # no no_linear row: no ceiling
+  assert r["rest_ms"] is None and "ceiling_x" not in r["targets"]["0.5"]
+
+
+def test_committed_h200_batch1_results():
+  with open("benchmarks/results/bench_decode_h200_batch1_d.json") as f:
+    rows = json.load(f)["rows"]
+  fits = {r["model"]: r for r in analyse(rows, "teal", {0.5: 1.8, 0.65: 2.4})}
+  llama = fits["llama3_8b"]
+  assert 3.5 < llama["marginal_tb_per_s"] < 5.0 and 1.5 < llama["intercept_ms"] < 2.1
+  assert np.isclose(llama["targets"]["0.5"]["measured_x"], 4.449 / 3.460, atol=0.01)
+  assert llama["targets"]["0.5"]["intercept_needed_ms"] < llama["intercept_ms"] / 2 + 0.1
