@@ -1,14 +1,39 @@
-"""Greedy generation with the KV cache: one dense-or-sparse prefill, then a jitted one-token step."""
+"""Greedy generation with the KV cache: one dense-or-sparse prefill, then every decode step in one
+on-device loop (no host dispatch per token: on a GPU that dispatch costs more than a small step)."""
 from __future__ import annotations
 
+import functools
 from typing import Any, Optional
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from wina_jax import sites as S
 from wina_jax.config import ModelConfig
-from wina_jax.model import init_cache, jit_forward
+from wina_jax.model import forward, init_cache, jit_forward
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "static_sparsifier", "steps", "eos_id"))
+def _decode(params, token, cache, dynamic_sparsifier, static_sparsifier, dense_prefix, *, cfg, steps, eos_id):
+  """Up to `steps` tokens [B, steps] starting with `token` [B], and how many were made (fewer once every
+  row has produced `eos_id`)."""
+  sp = static_sparsifier if dynamic_sparsifier is None else dynamic_sparsifier
+  eos = -1 if eos_id is None else eos_id
+
+  def cond(carry):
+    i, _, _, _, done = carry
+    return (i < steps) & ~jnp.all(done)
+
+  def body(carry):
+    i, tok, cache, out, done = carry
+    o = forward(params, tok[:, None], cfg, sp, cache=cache, dense_prefix=dense_prefix)
+    nxt = jnp.argmax(o.logits[:, -1], axis=-1).astype(jnp.int32)
+    return i + 1, nxt, o.cache, out.at[:, i].set(nxt), done | (nxt == eos)
+
+  out = jnp.zeros((token.shape[0], steps), jnp.int32).at[:, 0].set(token)
+  i, _, _, out, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), token, cache, out, token == eos))
+  return out, i
 
 
 def greedy(params: dict, cfg: ModelConfig, prompt: np.ndarray, max_new_tokens: int,
@@ -17,22 +42,18 @@ def greedy(params: dict, cfg: ModelConfig, prompt: np.ndarray, max_new_tokens: i
   """Greedy continuation of `prompt` [B, T] -> [B, max_new_tokens] token ids.
 
   dense_prefill: the prompt runs dense (TEAL/WINA's setting) and only decode steps are sparsified.
-  Stops early once every row has produced `eos_id`.
+  Stops early once every row has produced `eos_id`. A pytree sparsifier is traced (new thresholds
+  reuse the compiled loop); a plain function is static.
   """
   prompt = np.asarray(prompt)
   b, t = prompt.shape
   dtype = cache_dtype or params["embed_tokens"]["embedding"].dtype
   cache = init_cache(cfg, b, t + max_new_tokens, dtype)
-  out = jit_forward(params, jnp.asarray(prompt), cfg, sparsifier, cache=cache,
-                    dense_prefix=t if dense_prefill else None)
-  token = jnp.argmax(out.logits[:, -1], axis=-1)
-  cache, new = out.cache, [np.asarray(token)]
-  for _ in range(max_new_tokens - 1):
-    if eos_id is not None and np.all(np.any(np.stack(new, 1) == eos_id, axis=1)):
-      break
-    out = jit_forward(params, token[:, None], cfg, sparsifier, cache=cache,
-                      dense_prefix=t if dense_prefill else None)
-    token = jnp.argmax(out.logits[:, -1], axis=-1)
-    cache = out.cache
-    new.append(np.asarray(token))
-  return np.stack(new, axis=1)
+  prefix = t if dense_prefill else None
+  out = jit_forward(params, jnp.asarray(prompt), cfg, sparsifier, cache=cache, dense_prefix=prefix)
+  token = jnp.argmax(out.logits[:, -1], axis=-1).astype(jnp.int32)
+  is_pytree = not jax.tree_util.treedef_is_leaf(jax.tree_util.tree_structure(sparsifier))
+  tokens, n = _decode(params, token, out.cache, sparsifier if is_pytree else None,
+                      None if is_pytree else sparsifier, None if prefix is None else jnp.int32(prefix),
+                      cfg=cfg, steps=max_new_tokens, eos_id=eos_id)
+  return np.asarray(tokens)[:, :int(n)]
