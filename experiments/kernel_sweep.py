@@ -38,9 +38,11 @@ FLAGS = flags.FLAGS
 # Tried in this order within --budget_s per shape, with the 'atomic' reduce; the --top best are re-timed
 # with the other reduces and another pipeline depth. Masked mode's static loops let Triton pipeline
 # the weight loads, compact mode's loop='prefetch' pipelines them by hand; short chunks (<= 128 rows)
-# are nearly one-shot tiles.
+# are nearly one-shot tiles; block_n 512 / 1024 reads each kept row in 1-2 KB runs (sessions 2-3 found
+# the large shapes streaming at ~3 TB/s of kept rows in 512-byte runs, below XLA's dense ~4 TB/s).
 _BASE = [KernelConfig("compact", 256, 32, 256, 4, 3, loop="prefetch"), KernelConfig("compact", 256, 32, 256, 4, 3),
          KernelConfig("masked", 128, 128, 128, 4, 2), KernelConfig("masked", 32, 32, 512, 4, 1),
+         KernelConfig("compact", 256, 16, 512, 8, 2), KernelConfig("compact", 512, 16, 1024, 8, 2),
          KernelConfig("compact", 128, 32, 256, 4, 2, loop="prefetch"), KernelConfig("compact", 128, 32, 256, 4, 2),
          KernelConfig("masked", 256, 32, 256, 4, 3), KernelConfig("compact", 512, 32, 256, 4, 3, loop="prefetch"),
          KernelConfig("compact", 256, 64, 128, 8, 2, loop="prefetch"), KernelConfig("compact", 512, 64, 256, 8, 2, loop="prefetch"),

@@ -42,3 +42,17 @@ def test_committed_h200_batch1_results():
   assert 3.5 < llama["marginal_tb_per_s"] < 5.0 and 1.5 < llama["intercept_ms"] < 2.1
   assert np.isclose(llama["targets"]["0.5"]["measured_x"], 4.449 / 3.460, atol=0.01)
   assert llama["targets"]["0.5"]["intercept_needed_ms"] < llama["intercept_ms"] / 2 + 0.1
+
+
+def test_bench_decode_tiny_rows_feed_the_fit(tmp_path):
+  """The CPU smoke run of the benchmark writes every row kind, and the fit reads its rows."""
+  import subprocess
+  import sys
+  out = tmp_path / "bench.json"
+  subprocess.run([sys.executable, "-m", "experiments.bench_decode", "--tiny", "--batches=1",
+                  "--methods=teal", f"--out={out}"], check=True, capture_output=True, timeout=600)
+  rows = json.loads(out.read_text())["rows"]
+  assert {r["variant"] for r in rows} == {"dense_unfused", "dense", "no_linear", "no_linear_host", "dense_host", "teal"}
+  assert all(r["ms_per_step"] > 0 for r in rows)
+  (fit,) = analyse(rows, "teal", {0.5: 1.8})
+  assert fit["rest_ms"] is not None and "ceiling_x" in fit["targets"]["0.5"]
