@@ -1,10 +1,10 @@
 """Decode benchmark: dense vs threshold-mode TEAL / WINA (with and without the transform's shortcuts).
 
-Llama-3-8B- and Qwen-2.5-7B-shaped models with random bf16 weights, one jitted decode step per token
-(layers unrolled, cache donated), all steps of a run in one on-device loop (`decode_loop`); the
-`*_host` rows dispatch one step per token instead, as runs before 2026-11-29 did. `no_linear` times the
-step with linear sites that read no weights (its 'rest'; `experiments.decode_ceiling` turns it into
-the ceiling of any sparse GEMV kernel). Thresholds are set per site (per segment of fused q|k|v and gate|up)
+Llama-3-8B- and Qwen-2.5-7B-shaped models with random bf16 weights; a jitted decode step (layers
+unrolled, cache donated), all steps of a run in one on-device loop (`decode_loop`). The `*_host` rows
+dispatch one step per token instead, as runs before 2026-11-29 did; `no_linear` times the step with
+linear sites that read no weights (its 'rest': `experiments.decode_ceiling` turns it into the ceiling
+of any sparse GEMV kernel). Thresholds are set per site (per segment of fused q|k|v and gate|up)
 to the target sparsity's quantile of the dense model's own scores at the benchmark's decode positions
 (TEAL's protocol), so each target is hit on these inputs. Reports ms/step, tokens/s, speedup over our
 dense, bytes moved per step (kept rows only, union over the batch) and GB/s against a copy bandwidth
