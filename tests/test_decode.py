@@ -6,9 +6,9 @@ import pytest
 
 from experiments.decode_models import SHAPES, add_shortcuts, random_params
 from wina_jax import sites as S
-from wina_jax.decode import decode_loop, decode_step, fuse_projections, fuse_state, prefill
-from wina_jax.kernels import FusedThresholdSparsifier
-from wina_jax.model import forward
+from wina_jax.decode import decode_loop, decode_step, fuse_projections, fuse_state, fused_site_shapes, prefill
+from wina_jax.kernels import FusedThresholdSparsifier, KernelConfig
+from wina_jax.model import forward, init_cache
 
 CFG = SHAPES["tiny"]
 P, T = 5, 4
@@ -110,3 +110,19 @@ def test_decode_loop_equals_steps(model):
   np.testing.assert_allclose(logits, ref_logits, rtol=1e-5, atol=1e-5)
   for a, b in zip(jax.tree.leaves(cache), jax.tree.leaves(twin)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_decode_loop_runs_the_pallas_kernel():
+  """The Pallas kernel (interpret mode: compact, prefetch loop, semaphore reduce) inside the on-device
+  loop gives the XLA path's tokens and logits, and leaves its semaphore workspace zeroed."""
+  params, cfg = fuse_projections(random_params(CFG, 0, jnp.float32), CFG)
+  thr, scales, segs = fuse_state({s: 0.5 for s in S.linear_sites(CFG)}, {}, CFG)
+  tiling = KernelConfig("compact", 64, 16, 32, reduce="semaphore", loop="prefetch")
+  shapes = {(d_in, sum(ws)): tiling for d_in, ws in fused_site_shapes(cfg)}
+  sp = FusedThresholdSparsifier.create(thr, scales, segs, backend="interpret", configs=shapes)
+  tokens = jax.random.randint(jax.random.PRNGKey(1), (1, 4), 0, CFG.vocab_size)
+  got, logits, _ = decode_loop(params, tokens, init_cache(cfg, 1, 8), sp, cfg=cfg)
+  ref, ref_logits, _ = decode_loop(params, tokens, init_cache(cfg, 1, 8), sp.replace(backend="xla"), cfg=cfg)
+  np.testing.assert_array_equal(got, ref)
+  np.testing.assert_allclose(logits, ref_logits, rtol=1e-4, atol=1e-4)
+  np.testing.assert_array_equal(np.asarray(sp.workspace), 0)
