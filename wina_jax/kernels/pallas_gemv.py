@@ -102,9 +102,10 @@ def _kernel(x_ref, t_ref, s_ref, w_ref, *refs, cfg: KernelConfig, rows: int, nk:
 
     trips = (count + bk - 1) // bk
     if cfg.loop == "prefetch":
-      def body(j, carry):          # loads of tile j + 1 and ids of tile j + 2 in flight while tile j sums
+      def body(j, carry):          # loads of tile j + 1 and ids of tile j + 2 issued before tile j sums
         acc, (xs, keeps, w), ahead = carry
-        return accumulate(acc, xs, keeps, w.astype(jnp.float32)), fetch(*ahead), index(j + 2)
+        nxt, ids = fetch(*ahead), index(j + 2)
+        return accumulate(acc, xs, keeps, w.astype(jnp.float32)), nxt, ids
 
       acc = jax.lax.fori_loop(0, trips, body, (acc0, fetch(*index(0)), index(1)))[0]
     else:
