@@ -74,7 +74,9 @@ def kernel_counts(compiled) -> dict:
 
 
 def run_steps(compiled, params, sp, tokens, max_len, cfg, reps) -> float:
-  """Median seconds per step over `reps` runs of tokens [1, T] from an empty cache (one warm-up run)."""
+  """Median seconds per step over `reps` runs of tokens [1, T] from an empty cache (one warm-up run),
+  one dispatch per token: steps faster than the host's ~2.6 ms dispatch floor on the H200 read as that
+  floor (`experiments.bench_decode` times in one on-device loop instead)."""
   times = []
   for r in range(reps + 1):
     cache = init_cache(cfg, 1, max_len, jnp.bfloat16)
