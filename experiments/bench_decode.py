@@ -259,10 +259,10 @@ def bench_model(name, key, configs, backend) -> list[dict]:
 def load_configs(paths, reduce: str = "") -> dict:
   """{(d_in, d_out): KernelConfig} from the 'best' entries of kernel_sweep JSONs (later files win per
   shape); `reduce` overrides their split-K reduce."""
-  configs = {}
+  configs, override = {}, {"reduce": reduce} if reduce else {}
   for path in paths:
     with open(path) as f:
-      configs.update({tuple(int(v) for v in k.split("x")): KernelConfig(**{**c, **({"reduce": reduce} if reduce else {})})
+      configs.update({tuple(int(v) for v in k.split("x")): KernelConfig(**{**c, **override})
                       for k, c in json.load(f)["best"].items()})
   return configs
 

@@ -5,8 +5,9 @@ in place. `decode_step` is one host dispatch per token; `decode_loop` runs many 
 on-device loop), which matters once a step's GPU time nears the host's cost of dispatching it (on the
 H200, dispatched per token, a 32-layer step whose linear sites read no weights took 2.6 ms, mostly
 dispatch by inference: benchmarks/results/decode_h200.md). A `FusedThresholdSparsifier` (threshold
-mode, no top-k) is traced: new thresholds reuse the compiled step. `fuse_projections` / `fuse_state` turn q|k|v and gate|up into one kernel each
-(Phi-3 layout, one threshold and scale per segment), which saves three launches per layer.
+mode, no top-k) is traced: new thresholds reuse the compiled step. `fuse_projections` / `fuse_state`
+turn q|k|v and gate|up into one kernel each (Phi-3 layout, one threshold and scale per segment), which
+saves three launches per layer.
 """
 from __future__ import annotations
 
@@ -89,6 +90,14 @@ def prefill(params: dict, tokens: jax.Array, cfg: ModelConfig, max_len: int):
   return jnp.argmax(logits, axis=-1).astype(jnp.int32), logits, out.cache
 
 
+def _greedy_step(params, token, cache, sparsifier, cfg):
+  """The traced body of `decode_step` and of each `decode_loop` iteration."""
+  sp = S.dense if sparsifier is None else sparsifier
+  out = forward(params, token[:, None], cfg, sp, cache=cache)
+  logits = out.logits[:, -1]
+  return jnp.argmax(logits, axis=-1).astype(jnp.int32), logits, out.cache
+
+
 @functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
 def decode_step(params: dict, token: jax.Array, cache: dict, sparsifier: Optional[Any] = None, *,
                 cfg: ModelConfig):
@@ -97,10 +106,7 @@ def decode_step(params: dict, token: jax.Array, cache: dict, sparsifier: Optiona
   sparsifier: a pytree sparsifier (e.g. `FusedThresholdSparsifier`), traced; None runs dense.
   The cache is donated: do not reuse the one passed in.
   """
-  sp = S.dense if sparsifier is None else sparsifier
-  out = forward(params, token[:, None], cfg, sp, cache=cache)
-  logits = out.logits[:, -1]
-  return jnp.argmax(logits, axis=-1).astype(jnp.int32), logits, out.cache
+  return _greedy_step(params, token, cache, sparsifier, cfg)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
@@ -108,12 +114,10 @@ def decode_loop(params: dict, tokens: jax.Array, cache: dict, sparsifier: Option
                 cfg: ModelConfig):
   """`decode_step` over tokens [B, T] (teacher-forced: step j reads tokens[:, j]) in one on-device loop
   -> (greedy next tokens [B, T] int32, logits of the last step [B, vocab], cache). The cache is donated."""
-  sp = S.dense if sparsifier is None else sparsifier
+  def step(carry, token):             # only the last logits are kept: no [T, B, vocab] stack
+    nxt, logits, cache = _greedy_step(params, token, carry[1], sparsifier, cfg)
+    return (logits, cache), nxt
 
-  def step(cache, token):
-    out = forward(params, token[:, None], cfg, sp, cache=cache)
-    logits = out.logits[:, -1]
-    return out.cache, (jnp.argmax(logits, axis=-1).astype(jnp.int32), logits)
-
-  cache, (nxt, logits) = jax.lax.scan(step, cache, tokens.T)
-  return nxt.T, logits[-1], cache
+  logits0 = jnp.zeros((tokens.shape[0], cfg.vocab_size), jnp.float32)
+  (logits, cache), nxt = jax.lax.scan(step, (logits0, cache), tokens.T)
+  return nxt.T, logits, cache

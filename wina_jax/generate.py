@@ -11,7 +11,7 @@ import numpy as np
 
 from wina_jax import sites as S
 from wina_jax.config import ModelConfig
-from wina_jax.model import forward, init_cache, jit_forward
+from wina_jax.model import forward, init_cache, jit_forward, split_sparsifier
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "static_sparsifier", "steps", "eos_id"))
@@ -42,8 +42,8 @@ def greedy(params: dict, cfg: ModelConfig, prompt: np.ndarray, max_new_tokens: i
   """Greedy continuation of `prompt` [B, T] -> [B, max_new_tokens] token ids.
 
   dense_prefill: the prompt runs dense (TEAL/WINA's setting) and only decode steps are sparsified.
-  Stops early once every row has produced `eos_id`. A pytree sparsifier is traced (new thresholds
-  reuse the compiled loop); a plain function is static.
+  Stops early once every row has produced `eos_id`. The sparsifier is traced or static as
+  `wina_jax.model.split_sparsifier` says.
   """
   prompt = np.asarray(prompt)
   b, t = prompt.shape
@@ -52,8 +52,6 @@ def greedy(params: dict, cfg: ModelConfig, prompt: np.ndarray, max_new_tokens: i
   prefix = t if dense_prefill else None
   out = jit_forward(params, jnp.asarray(prompt), cfg, sparsifier, cache=cache, dense_prefix=prefix)
   token = jnp.argmax(out.logits[:, -1], axis=-1).astype(jnp.int32)
-  is_pytree = not jax.tree_util.treedef_is_leaf(jax.tree_util.tree_structure(sparsifier))
-  tokens, n = _decode(params, token, out.cache, sparsifier if is_pytree else None,
-                      None if is_pytree else sparsifier, None if prefix is None else jnp.int32(prefix),
-                      cfg=cfg, steps=max_new_tokens, eos_id=eos_id)
+  tokens, n = _decode(params, token, out.cache, *split_sparsifier(sparsifier),
+                      None if prefix is None else jnp.int32(prefix), cfg=cfg, steps=max_new_tokens, eos_id=eos_id)
   return np.asarray(tokens)[:, :int(n)]

@@ -212,12 +212,17 @@ def _jitted(params, tokens, cfg, dynamic_sparsifier, static_sparsifier, cache, d
   return forward(params, tokens, cfg, sp, cache=cache, dense_prefix=dense_prefix, collect=collect)
 
 
+def split_sparsifier(sparsifier: Any) -> tuple[Any, Any]:
+  """(dynamic, static) jit arguments for a sparsifier: a pytree (e.g. a `flax.struct.dataclass` holding
+  thresholds) is traced, so new threshold values reuse the compiled code; a plain function is static."""
+  if jax.tree_util.treedef_is_leaf(jax.tree_util.tree_structure(sparsifier)):
+    return None, sparsifier
+  return sparsifier, None
+
+
 def jit_forward(params: Params, tokens: jax.Array, cfg: ModelConfig, sparsifier: Any = S.dense, *,
                 cache: Optional[dict] = None, dense_prefix: Optional[jax.Array] = None,
                 collect: Sequence[str] = ()) -> Output:
-  """`forward` under `jax.jit`. A pytree sparsifier (e.g. a `flax.struct.dataclass` holding thresholds)
-  is traced, so new threshold values reuse the compiled code; a plain function is a static argument."""
-  is_pytree = not jax.tree_util.treedef_is_leaf(jax.tree_util.tree_structure(sparsifier))
+  """`forward` under `jax.jit`, the sparsifier traced or static as `split_sparsifier` says."""
   dense_prefix = None if dense_prefix is None else jnp.asarray(dense_prefix, jnp.int32)
-  return _jitted(params, tokens, cfg, sparsifier if is_pytree else None,
-                 None if is_pytree else sparsifier, cache, dense_prefix, tuple(collect))
+  return _jitted(params, tokens, cfg, *split_sparsifier(sparsifier), cache, dense_prefix, tuple(collect))
