@@ -1,0 +1,37 @@
+"""`experiments.profile_decode`: the per-step summary of kernel events, and a CPU smoke run."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from experiments.profile_decode import category, summarize
+
+
+def test_summary_splits_busy_and_gap():
+  # two steps; kernels at [0, 10) and [5, 20) overlap, then a gap of 30 ns, then [50, 60)
+  events = [("sparse_gemv_compact", 0, 10), ("loop_add_fusion", 5, 15), ("gemv_bf16", 50, 10)]
+  s = summarize(events, steps=2, top=5)
+  assert s["kernels_per_step"] == 1.5
+  assert s["busy_ms"] == pytest.approx(30 / 2 / 1e6) and s["span_ms"] == pytest.approx(60 / 2 / 1e6)
+  assert s["gap_ms"] == pytest.approx(30 / 2 / 1e6)
+  assert set(s["categories"]) == {"sparse_gemv", "fusion", "matmul"}
+  assert s["top_kernels"][0]["name"] == "loop_add_fusion" and s["top_kernels"][0]["us_each"] == 15 / 1e3
+  assert summarize([], 2, 5) == {"kernels_per_step": 0}
+
+
+def test_categories():
+  assert category("sparse_gemv_compact") == "sparse_gemv"
+  assert category("sm90_xmma_gemm_bf16") == "matmul"
+  assert category("input_reduce_fusion") == "fusion"
+  assert category("memset32d") == "copy"
+  assert category("whatever") == "other"
+
+
+def test_tiny_cpu_run(tmp_path):
+  out = tmp_path / "p.json"
+  subprocess.run([sys.executable, "-m", "experiments.profile_decode", "--tiny", "--variants=dense,teal:0.5",
+                  f"--out={out}"], check=True, capture_output=True)
+  rows = json.loads(out.read_text())["rows"]
+  assert [r["variant"] for r in rows] == ["dense", "teal:0.5"]
+  assert all(r["kernels_per_step"] > 0 and r["busy_ms"] > 0 for r in rows)
