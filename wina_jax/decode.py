@@ -2,12 +2,12 @@
 
 The step runs `wina_jax.model.forward` (layers unrolled) with the cache donated, so XLA updates it
 in place. `decode_step` is one host dispatch per token; `decode_loop` runs many steps in one call (an
-on-device loop), which matters once a step's GPU time nears the host's cost of dispatching it (on the
-H200, dispatched per token, a 32-layer step whose linear sites read no weights took 2.6 ms, mostly
-dispatch by inference: benchmarks/results/decode_h200.md). A `FusedThresholdSparsifier` (threshold
-mode, no top-k) is traced: new thresholds reuse the compiled step. `fuse_projections` / `fuse_state`
-turn q|k|v and gate|up into one kernel each (Phi-3 layout, one threshold and scale per segment), which
-saves three launches per layer.
+on-device loop). On the H200 a 32-layer step whose linear sites read no weights took 2.5-3.8 ms
+dispatched per token and 0.8-0.9 ms in the loop; real steps hide most dispatch behind GPU work
+(benchmarks/results/decode_h200.md). A `FusedThresholdSparsifier` (threshold mode, no top-k) is
+traced: new thresholds reuse the compiled step. `fuse_projections` / `fuse_state` turn q|k|v and
+gate|up into one kernel each (Phi-3 layout, one threshold and scale per segment), which saves three
+launches per layer.
 """
 from __future__ import annotations
 
