@@ -43,6 +43,8 @@ flags.DEFINE_integer("reps", 3, "timed repetitions (median); one more untimed wa
 flags.DEFINE_integer("max_len", 512, "KV cache slots")
 flags.DEFINE_list("configs", [], "JSONs of tuned kernel configs (experiments.kernel_sweep; later files win per shape)")
 flags.DEFINE_string("reduce", "", "override the configs' split-K reduce (partials | atomic | semaphore)")
+flags.DEFINE_enum("backend", "auto", ["auto", "pallas", "xla"], "masked_linear backend of the sparse variants "
+                  "(auto: Pallas for <= MAX_ROWS rows on GPU; xla: mask-then-matmul)")
 flags.DEFINE_string("out", "", "write results JSON here")
 flags.DEFINE_bool("tiny", False, "CPU smoke test: tiny model, XLA path, 1 rep")
 FLAGS = flags.FLAGS
@@ -272,12 +274,12 @@ def main(argv):
   if FLAGS.tiny:
     FLAGS.models, FLAGS.steps, FLAGS.reps, FLAGS.max_len = ["tiny"], 4, 1, 16
     FLAGS.batches, FLAGS.sparsities = ["1", "2"], ["0", "0.5"]
-  backend = "auto" if jax.default_backend() == "gpu" else "xla"
+  backend = FLAGS.backend if jax.default_backend() == "gpu" else "xla"
   configs = load_configs(FLAGS.configs, FLAGS.reduce)
   result = {"date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "jax": jax.__version__,
             "device": str(jax.devices()[0].device_kind), "host": platform.node(),
             "flags": {f: getattr(FLAGS, f) for f in ("models", "sparsities", "batches", "methods", "steps",
-                                                     "reps", "max_len", "configs", "reduce")},
+                                                     "reps", "max_len", "configs", "reduce", "backend")},
             "copy_gb_per_s": copy_bandwidth(), "rows": []}
   tqdm.write(f"copy bandwidth GB/s: {result['copy_gb_per_s']}")
   for i, name in enumerate(FLAGS.models):

@@ -98,6 +98,19 @@ def test_xla_path_for_many_rows_and_untileable_shapes():
   assert masked_linear(x[0, :1], w, 0.7, scales, backend="interpret").shape == (1, 40)
 
 
+@pytest.mark.parametrize("lead", [(1,), (2, 3), (2, 9)])      # few rows: one stacked matmul; 18 rows: slices
+def test_xla_path_segments_equal_masked_dense(lead):
+  segments = (40, 16, 8)
+  keys = jax.random.split(jax.random.PRNGKey(len(lead)), 3)
+  x = jax.random.normal(keys[0], (*lead, 48), jnp.float32)
+  w = jax.random.normal(keys[1], (48, sum(segments)), jnp.float32)
+  scales = jax.random.uniform(keys[2], (3, 48), minval=0.5, maxval=2.0)
+  t = jnp.asarray([0.3, 0.8, 1.1])
+  got = masked_linear_xla(x, w, t, scales, segments)
+  ref = masked_ref(np.asarray(x).reshape(-1, 48), np.asarray(w), np.asarray(t), np.asarray(scales), segments)
+  np.testing.assert_allclose(np.asarray(got).reshape(-1, sum(segments)), ref, rtol=1e-5, atol=1e-5)
+
+
 def test_resolve_shrinks_tiles_to_fit():
   cfg = C.resolve(KernelConfig(chunk=512, block_k=32, block_n=256), 3584, (3584, 512, 512))
   assert cfg.chunk == 512 and cfg.block_n == 256

@@ -1,10 +1,13 @@
 """XLA path of the fused threshold linear: the mask, then a dense fp32-accumulated matmul per segment."""
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+
+from wina_jax.kernels.config import MAX_ROWS
 
 
 def keep_mask(x: jax.Array, threshold: jax.Array, scale: Optional[jax.Array]) -> jax.Array:
@@ -20,12 +23,19 @@ def masked_linear_xla(x: jax.Array, kernel: jax.Array, thresholds: jax.Array,
   """y = concat_s (x * mask_s) @ kernel[:, seg_s], fp32 accumulation, cast to x.dtype.
 
   x: [..., d_in]; kernel: [d_in, sum(segments)]; thresholds: [S]; scales: [S, d_in] or None.
+  With several segments and few rows (<= MAX_ROWS, a memory-bound GEMV) the S masked copies of x go
+  through one matmul with the whole kernel, which reads the weights once and slices only the output;
+  with many rows each segment multiplies its own column slice (S times fewer FLOPs).
   """
-  outs, start = [], 0
-  for s, width in enumerate(segments):
-    keep = keep_mask(x, thresholds[s], None if scales is None else scales[s])
-    xs = jnp.where(keep, x, jnp.zeros((), x.dtype))
-    outs.append(jnp.dot(xs, kernel[:, start:start + width], preferred_element_type=jnp.float32))
-    start += width
-  y = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=-1)
+  masked = [jnp.where(keep_mask(x, thresholds[s], None if scales is None else scales[s]), x,
+                      jnp.zeros((), x.dtype)) for s in range(len(segments))]
+  bounds = [(sum(segments[:s]), sum(segments[:s + 1])) for s in range(len(segments))]
+  if len(segments) == 1:
+    y = jnp.dot(masked[0], kernel, preferred_element_type=jnp.float32)
+  elif math.prod(x.shape[:-1]) <= MAX_ROWS:
+    out = jnp.einsum("s...k,kn->s...n", jnp.stack(masked), kernel, preferred_element_type=jnp.float32)
+    y = jnp.concatenate([out[s, ..., a:b] for s, (a, b) in enumerate(bounds)], axis=-1)
+  else:
+    y = jnp.concatenate([jnp.dot(xs, kernel[:, a:b], preferred_element_type=jnp.float32)
+                         for xs, (a, b) in zip(masked, bounds)], axis=-1)
   return y.astype(x.dtype)
