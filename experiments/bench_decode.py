@@ -44,7 +44,7 @@ flags.DEFINE_integer("max_len", 512, "KV cache slots")
 flags.DEFINE_list("configs", [], "JSONs of tuned kernel configs (experiments.kernel_sweep; later files win per shape)")
 flags.DEFINE_string("reduce", "", "override the configs' split-K reduce (partials | atomic | semaphore)")
 flags.DEFINE_enum("backend", "auto", ["auto", "pallas", "xla"], "masked_linear backend of the sparse variants "
-                  "(auto: Pallas for <= MAX_ROWS rows on GPU; xla: mask-then-matmul)")
+                  "(auto: Pallas for batch 1 on GPU, else XLA; pallas: up to MAX_ROWS rows; xla: mask-then-matmul)")
 flags.DEFINE_string("out", "", "write results JSON here")
 flags.DEFINE_bool("tiny", False, "CPU smoke test: tiny model, XLA path, 1 rep")
 FLAGS = flags.FLAGS

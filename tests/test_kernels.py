@@ -111,6 +111,14 @@ def test_xla_path_segments_equal_masked_dense(lead):
   np.testing.assert_allclose(np.asarray(got).reshape(-1, sum(segments)), ref, rtol=1e-5, atol=1e-5)
 
 
+def test_auto_backend_takes_the_kernel_for_batch_one_only(monkeypatch):
+  from wina_jax.kernels.masked_linear import pick_backend
+  assert [pick_backend("auto", r) for r in (1, 2)] == ["xla", "xla"]          # CPU
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert [pick_backend("auto", r) for r in (1, 2, 8)] == ["pallas", "xla", "xla"]  # the H200 crossover
+  assert pick_backend("pallas", 8) == "pallas" and pick_backend("interpret", 8) == "interpret"
+
+
 def test_resolve_shrinks_tiles_to_fit():
   cfg = C.resolve(KernelConfig(chunk=512, block_k=32, block_n=256), 3584, (3584, 512, 512))
   assert cfg.chunk == 512 and cfg.block_n == 256

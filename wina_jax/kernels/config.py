@@ -5,6 +5,11 @@ import dataclasses
 from typing import Optional, Sequence
 
 MAX_ROWS = 8          # batch*tokens rows the GEMV kernel takes; more rows go to the XLA path
+# Rows up to which backend 'auto' picks the kernel. On the H200 (Llama-3-8B shape, TEAL 50 / 65 %) the union
+# of masks over 2+ rows keeps 75-100 % of rows and the kernel lost to XLA's mask-then-matmul path at every
+# B >= 2 (B = 2: 0.76x / 0.90x vs 0.97x / 0.97x of dense; B = 4: 0.40x vs 0.97x; B = 8: 0.22x vs 0.96x):
+# benchmarks/results/bench_decode_h200_{xla_batches,auto_b2,loop_full}.json. 'pallas' still takes up to MAX_ROWS.
+AUTO_MAX_ROWS = 1
 MODES = ("compact", "masked")
 REDUCES = ("partials", "atomic", "semaphore")
 LOOPS = ("dynamic", "prefetch")

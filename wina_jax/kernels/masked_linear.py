@@ -15,12 +15,12 @@ BACKENDS = ("auto", "pallas", "interpret", "xla")
 
 
 def pick_backend(backend: str, rows: int) -> str:
-  """'pallas' on CUDA GPUs for decode-sized inputs (rows <= MAX_ROWS), else 'xla'; explicit choices kept."""
+  """'pallas' on CUDA GPUs for batch-1 decode (rows <= AUTO_MAX_ROWS), else 'xla'; explicit choices kept."""
   if backend not in BACKENDS:
     raise ValueError(f"backend {backend!r} is not one of {BACKENDS}")
   if backend != "auto":
     return backend
-  return "pallas" if jax.default_backend() == "gpu" and rows <= C.MAX_ROWS else "xla"
+  return "pallas" if jax.default_backend() == "gpu" and rows <= C.AUTO_MAX_ROWS else "xla"
 
 
 def masked_linear(x: jax.Array, kernel: jax.Array, thresholds, scales: Optional[jax.Array] = None,
@@ -33,7 +33,8 @@ def masked_linear(x: jax.Array, kernel: jax.Array, thresholds, scales: Optional[
   scales: None (TEAL: |x|), [d_in] or [S, d_in] (WINA: column norms of the kernel);
   segments: S output widths summing to d_out (fused q|k|v or gate|up), default one segment.
   Returns [..., d_out] in x.dtype, accumulated in float32. The Pallas kernel (never loading the rows
-  of dropped inputs) runs for up to MAX_ROWS rows when its tiling fits; else the XLA path.
+  of dropped inputs) runs for one row under backend 'auto' (the measured crossover, `config.AUTO_MAX_ROWS`)
+  and for up to MAX_ROWS rows under 'pallas' / 'interpret', when its tiling fits; else the XLA path.
   workspace, slot: the zeroed int32 workspace and its row for the 'semaphore' reduce (`sparse_gemv`);
   without a workspace a 'semaphore' config runs the 'partials' reduce.
   """
