@@ -5,14 +5,19 @@ measured sparsities. b is the sparse kernels' marginal time per byte; a, the tim
 holds the step's rest (norms, RoPE, attention, cache, residual adds, lm_head, launch gaps) plus the
 sparse kernels' fixed costs. With a `no_linear` row (the step with weightless linear sites) the rest R
 is measured, so a - R is the sparse kernels' fixed cost, and R + b * kept bytes is the step time of
-sparse kernels with no fixed cost: the ceiling of any per-site kernel on this step. Also printed: the
-intercept a step must have for each target speedup at the fitted b.
+sparse kernels with no fixed cost at the fitted rate. A fit over three noisy points can give b above
+the copy bandwidth, so the firmer bound is R + kept bytes / (the run's measured copy bandwidth): no
+per-site kernel, however tuned, beats it on this step. Also printed: the intercept a step must have
+for each target speedup at the fitted b.
 
   python -m experiments.decode_ceiling --json=benchmarks/results/bench_decode_h200_llama.json
+  python -m experiments.decode_ceiling --json=benchmarks/results/bench_decode_h200_loop_e.json \
+      --plot=benchmarks/results/decode_h200_ceiling.png      # measured speedups, ceilings and targets
 """
 from __future__ import annotations
 
 import json
+from typing import Optional
 
 import numpy as np
 from absl import app, flags
@@ -20,11 +25,14 @@ from absl import app, flags
 flags.DEFINE_list("json", ["benchmarks/results/bench_decode_h200_llama.json"], "bench_decode result JSONs")
 flags.DEFINE_list("methods", ["teal", "wina"], "sparse variants fitted")
 flags.DEFINE_list("targets", ["0.5:1.8", "0.65:2.4"], "sparsity:speedup targets (issue 6)")
+flags.DEFINE_string("plot", "", "also draw speedup vs sparsity (measured, per-site ceiling, targets) here (PNG)")
 FLAGS = flags.FLAGS
 
 
-def analyse(rows: list[dict], method: str, targets: dict[float, float]) -> list[dict]:
-  """Per model in `rows` (bench_decode rows): the fit and the ceilings of `method` at batch 1."""
+def analyse(rows: list[dict], method: str, targets: dict[float, float],
+            copy_gb_per_s: Optional[float] = None) -> list[dict]:
+  """Per model in `rows` (bench_decode rows of one run): the fit and the ceilings of `method` at
+  batch 1; `copy_gb_per_s` (the run's copy bandwidth) adds the copy-rate bound."""
   out = []
   for model in sorted({r["model"] for r in rows}):
     one = [r for r in rows if r["model"] == model and r["batch"] == 1]
@@ -43,7 +51,9 @@ def analyse(rows: list[dict], method: str, targets: dict[float, float]) -> list[
     rest = next((r["ms_per_step"] for r in one if r["variant"] == "no_linear"), None)
     row = {"model": model, "method": method, "dense_ms": dense, "intercept_ms": float(a),
            "marginal_tb_per_s": float(1 / b) if b > 0 else None,
-           "fit_max_err_ms": float(np.max(np.abs(a + b * kept - ms))), "rest_ms": rest, "targets": {}}
+           "fit_max_err_ms": float(np.max(np.abs(a + b * kept - ms))), "rest_ms": rest, "targets": {},
+           "ms_per_gb": float(b), "linear_gb": float(linear / 1e9), "copy_gb_per_s": copy_gb_per_s,
+           "measured": [(float(p[0]), float(dense / p[2])) for p in pts]}
     if rest is not None:
       row["fixed_ms"] = float(a - rest)
     for s, goal in targets.items():
@@ -53,28 +63,59 @@ def analyse(rows: list[dict], method: str, targets: dict[float, float]) -> list[
            "intercept_needed_ms": float(dense / goal - b * gb)}
       if rest is not None:
         t["ceiling_x"] = float(dense / (rest + b * gb))
+        if copy_gb_per_s:
+          t["copy_bound_x"] = float(dense / (rest + gb / copy_gb_per_s * 1e3))
       row["targets"][str(s)] = t
     out.append(row)
   return out
 
 
+def plot(fits: list[dict], targets: dict[float, float], path: str) -> None:
+  """One panel per model: measured speedup over dense vs sparsity per method, the bound of any per-site
+  kernel dense / (R + kept bytes at the copy rate) where a `no_linear` row gave R, and the targets."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  models = sorted({r["model"] for r in fits})
+  fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 3.8), squeeze=False)
+  s = np.linspace(0, 0.9, 46)
+  for ax, model in zip(axes[0], models):
+    mine = [r for r in fits if r["model"] == model]
+    for i, r in enumerate(mine):
+      xs, ys = zip(*r["measured"])
+      ax.plot(xs, ys, "o-", color=f"C{i}", label=f"{r['method']} measured")
+    r = next((r for r in mine if r["rest_ms"] is not None and r["copy_gb_per_s"]), None)
+    if r is not None:     # the same for every method: rest + kept bytes at the copy rate
+      ax.plot(s, r["dense_ms"] / (r["rest_ms"] + (1 - s) * r["linear_gb"] / r["copy_gb_per_s"] * 1e3), "k:",
+              label="bound of any per-site kernel")
+    ax.plot(list(targets), list(targets.values()), "k*", markersize=12, label="targets")
+    ax.axhline(1.0, color="grey", linewidth=0.8)
+    ax.set(title=model, xlabel="sparsity", ylabel="x our dense (batch 1)")
+    ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+
+
 def main(argv):
   del argv
   targets = {float(t.split(":")[0]): float(t.split(":")[1]) for t in FLAGS.targets}
-  rows = []
+  fits = []
   for path in FLAGS.json:
     with open(path) as f:
-      rows += json.load(f)["rows"]
+      run = json.load(f)
+    copy = max((v for k, v in run.get("copy_gb_per_s", {}).items() if not k.endswith("error")), default=None)
+    fits += [r for method in FLAGS.methods for r in analyse(run["rows"], method, targets, copy)]
   print("| model | method | dense ms | intercept a ms | marginal TB/s | rest R ms | fixed a-R ms | "
-        + " | ".join(f"{s:.0%}: measured / ceiling / target x, a needed ms" for s in targets) + " |")
+        + " | ".join(f"{s:.0%}: measured / ceiling / copy bound / target x, a needed ms" for s in targets) + " |")
   print("|" + "---|" * (7 + len(targets)))
-  for method in FLAGS.methods:
-    for r in analyse(rows, method, targets):
-      f = lambda v, p=3: "n/a" if v is None else f"{v:.{p}f}"
-      cells = [f"{f(t['measured_x'], 2)} / {f(t.get('ceiling_x'), 2)} / {t['target_x']:.1f}, "
-               f"{t['intercept_needed_ms']:.2f}" for t in r["targets"].values()]
-      print(f"| {r['model']} | {method} | {r['dense_ms']:.3f} | {r['intercept_ms']:.3f} "
-            f"| {f(r['marginal_tb_per_s'], 2)} | {f(r['rest_ms'])} | {f(r.get('fixed_ms'))} | " + " | ".join(cells) + " |")
+  f = lambda v, p=3: "n/a" if v is None else f"{v:.{p}f}"
+  for r in fits:
+    cells = [f"{f(t['measured_x'], 2)} / {f(t.get('ceiling_x'), 2)} / {f(t.get('copy_bound_x'), 2)} / {t['target_x']:.1f}, "
+             f"{t['intercept_needed_ms']:.2f}" for t in r["targets"].values()]
+    print(f"| {r['model']} | {r['method']} | {r['dense_ms']:.3f} | {r['intercept_ms']:.3f} "
+          f"| {f(r['marginal_tb_per_s'], 2)} | {f(r['rest_ms'])} | {f(r.get('fixed_ms'))} | " + " | ".join(cells) + " |")
+  if FLAGS.plot:
+    plot(fits, targets, FLAGS.plot)
 
 
 if __name__ == "__main__":

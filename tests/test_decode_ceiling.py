@@ -30,8 +30,17 @@ def test_fit_recovers_intercept_rate_and_ceiling():
   assert t["measured_x"] == pytest.approx(5.0 / 2.75)
   assert t["ceiling_x"] == pytest.approx(5.0 / 2.25)                 # rest + kept bytes at the marginal rate
   assert t["intercept_needed_ms"] == pytest.approx(5.0 / 1.8 - 1.25)
+  (r,) = analyse(rows_for(1.5, 0.25, rest=1.0), "teal", {0.5: 1.8}, copy_gb_per_s=4000.0)
+  assert r["targets"]["0.5"]["copy_bound_x"] == pytest.approx(5.0 / (1.0 + 5.0 / 4000 * 1e3))
   (r,) = analyse(rows_for(1.5, 0.25), "teal", {0.5: 1.8})            # no no_linear row: no ceiling
   assert r["rest_ms"] is None and "ceiling_x" not in r["targets"]["0.5"]
+
+
+def test_plot_writes_a_figure(tmp_path):
+  from experiments.decode_ceiling import plot
+  fits = analyse(rows_for(1.5, 0.25, rest=1.0), "teal", {0.5: 1.8}, copy_gb_per_s=4000.0)
+  plot(fits, {0.5: 1.8}, str(tmp_path / "c.png"))
+  assert (tmp_path / "c.png").stat().st_size > 1000
 
 
 def test_committed_h200_batch1_results():
