@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-from experiments import bench_decode as B
+from experiments import decode_setup as B
 from experiments.decode_models import SHAPES, random_params
 from wina_jax.decode import decode_step, fuse_projections
 from wina_jax.model import init_cache

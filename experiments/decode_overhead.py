@@ -11,9 +11,8 @@ all sets): 'default'; 'cb_off' (no command buffers, i.e. no CUDA graphs); 'cb_mi
 for fusions, cuBLAS(Lt), custom calls and cuDNN from one command up). Thresholds are traced, so one
 executable serves every sparsity. It also records
   - the compiled module's kernel-level op counts (fusions, custom calls) per variant;
-  - a profile of a few steps per variant (jax.profiler, read back with jax.profiler.ProfileData): GPU
-    kernel time per step by kind (sparse_gemv, GEMM/GEMV, memset, other XLA), kernel count, busy time
-    and span (command buffers are off while profiling, so the span includes launch gaps);
+  - a profile of a few steps per variant (`experiments.kernel_trace`): kernel time per step by
+    category (sparse_gemv, matmul, copy, fusion), kernel count, busy time and span;
   - correctness of the semaphore reduce on every sparse site shape (vs the 'partials' reduce, and
     bitwise repeatability) and of one teal_sem step vs one teal step.
 Jobs run in priority order (first model: semaphore check, default set, profile, 'cb_off'; the other
@@ -26,11 +25,9 @@ CPU smoke test:  PYTHONPATH=. .venv/bin/python -m experiments.decode_overhead --
 from __future__ import annotations
 
 import dataclasses
-import glob
 import json
 import re
 import statistics
-import tempfile
 import time
 
 import jax
@@ -38,8 +35,10 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from experiments import bench_decode as B
+from experiments import bench_decode  # noqa: F401  (its flags: --models, --steps, --sparsities, --reps, ...)
+from experiments import decode_setup as B
 from experiments.decode_models import SHAPES, random_params
+from experiments.kernel_trace import summarize, trace_events
 from wina_jax.decode import decode_step, fuse_projections, fused_site_shapes
 from wina_jax.kernels import KernelConfig, masked_linear
 from wina_jax.kernels.config import WORKSPACE_BLOCKS, resolve
@@ -88,55 +87,6 @@ def run_steps(compiled, params, sp, tokens, max_len, cfg, reps) -> float:
     if r:
       times.append((time.perf_counter() - t0) / tokens.shape[1])
   return statistics.median(times)
-
-
-def kind(name: str) -> str:
-  low = name.lower()
-  if "sparse_gemv" in low:
-    return "sparse_gemv"
-  if "memset" in low or "memzero" in low:
-    return "memset"
-  if "memcpy" in low:
-    return "memcpy"
-  if any(s in low for s in ("gemm", "gemv", "cublas", "cutlass", "xmma", "dot")):
-    return "gemm"
-  return "other"
-
-
-def profile_summary(fn, steps: int) -> dict:
-  """Runs fn() (which runs `steps` decode steps) under jax.profiler; GPU kernel time per step by kind."""
-  logdir = tempfile.mkdtemp()
-  with jax.profiler.trace(logdir):
-    fn()
-  path = glob.glob(f"{logdir}/**/*.xplane.pb", recursive=True)[0]
-  planes = jax.profiler.ProfileData.from_file(path).planes
-  out = {"planes": [p.name for p in planes]}
-  evs = []
-  for plane in planes:
-    if not plane.name.startswith("/device:GPU"):
-      continue
-    lines = list(plane.lines)
-    out.setdefault("lines", []).extend(l.name for l in lines)
-    streams = [l for l in lines if l.name.startswith("Stream")] or lines
-    evs += [(e.name, e.start_ns, e.duration_ns) for l in streams for e in l.events]
-  if not evs:
-    return out
-  by_kind, by_name = {}, {}
-  for name, _, dur in evs:
-    k = by_kind.setdefault(kind(name), [0, 0.0])
-    k[0] += 1
-    k[1] += dur
-    by_name[name] = by_name.get(name, 0.0) + dur
-  busy, end = 0.0, -1.0
-  for _, start, dur in sorted((e for e in evs), key=lambda e: e[1]):
-    busy += max(0.0, start + dur - max(start, end))
-    end = max(end, start + dur)
-  span = max(s + d for _, s, d in evs) - min(s for _, s, _ in evs)
-  out.update(kernels_per_step=len(evs) / steps, kernel_us_per_step=sum(d for *_, d in evs) / steps / 1e3,
-             busy_us_per_step=busy / steps / 1e3, span_us_per_step=span / steps / 1e3,
-             by_kind={k: {"count_per_step": c / steps, "us_per_step": t / steps / 1e3} for k, (c, t) in by_kind.items()},
-             top=[(n, t / steps / 1e3) for n, t in sorted(by_name.items(), key=lambda kv: -kv[1])[:12]])
-  return out
 
 
 def check_semaphore(cfg, configs, backend) -> list[dict]:
@@ -254,9 +204,9 @@ class Model:
       sp = self.sp(variant, s)
       for j in range(steps):
         _, _, cache = c(self.params, self.tokens[:, j], cache, sp)
-      jax.block_until_ready(cache)
+      return cache
     go()
-    self.runner.res["profiles"][f"{self.name}/{variant}/{s}"] = profile_summary(go, steps)
+    self.runner.res["profiles"][f"{self.name}/{variant}/{s}"] = summarize(trace_events(go), steps, top=12)
 
   def check_steps(self):
     """One step at the last position after a dense prefix: teal_sem vs teal logits, and teal_sem twice."""
@@ -270,7 +220,7 @@ class Model:
       variant = key.replace("_again", "")
       outs[key] = self.compiled[(variant, "default")](self.params, self.tokens[:, -1], jax.tree.map(jnp.copy, cache),
                                                       self.sp(variant, s))
-    (ta, la, _), (tb, lb, _), (tc, lc, _) = outs["teal"], outs["teal_sem"], outs["teal_sem_again"]
+    (ta, la, _), (tb, lb, _), (_, lc, _) = outs["teal"], outs["teal_sem"], outs["teal_sem_again"]
     self.runner.res["checks"][f"{self.name}/step"] = {
         "rel_err_sem_vs_teal": float(jnp.linalg.norm(lb - la) / jnp.linalg.norm(la)),
         "same_token": bool(jnp.all(ta == tb)), "sem_bitwise_repeatable": bool(jnp.array_equal(lb, lc))}
@@ -287,12 +237,12 @@ def summary(res) -> str:
     lines.append(f"{r['model']:10s} {r['variant']:9s} {r['options']:8s} {r['sparsity']:5.2f} {r['ms_per_step']:8.3f} "
                  f"{(b / r['ms_per_step']) if b else float('nan'):18.2f} {(d / r['ms_per_step']) if d else float('nan'):16.2f}")
   for k, p in res["profiles"].items():
-    if "by_kind" in p:
-      kinds = ", ".join(f"{n} {v['count_per_step']:.0f}x {v['us_per_step']:.0f}us" for n, v in sorted(p["by_kind"].items()))
-      lines.append(f"profile {k}: {p['kernels_per_step']:.0f} kernels, kernel {p['kernel_us_per_step']:.0f} us, "
-                   f"busy {p['busy_us_per_step']:.0f} us, span {p['span_us_per_step']:.0f} us per step; {kinds}")
+    if p["kernels_per_step"]:
+      kinds = ", ".join(f"{n} {v['per_step']:.0f}x {v['ms'] * 1e3:.0f}us" for n, v in sorted(p["categories"].items()))
+      lines.append(f"profile {k}: {p['kernels_per_step']:.0f} kernels, busy {p['busy_ms'] * 1e3:.0f} us, "
+                   f"span {p['span_ms'] * 1e3:.0f} us per step; {kinds}")
     else:
-      lines.append(f"profile {k}: no GPU kernel events (planes {p.get('planes')})")
+      lines.append(f"profile {k}: no kernel events")
   for k, c in res["checks"].items():
     lines.append(f"check {k}: {c}")
   for k, c in res["kernel_counts"].items():
@@ -310,7 +260,7 @@ def main(argv):
   gpu = jax.default_backend() == "gpu"
   if FLAGS.tiny:
     FLAGS.models, FLAGS.steps, FLAGS.reps, FLAGS.max_len = ["tiny"], 4, 1, 16
-    FLAGS.sparsities, FLAGS.profile_steps = ["0.5"], 0
+    FLAGS.sparsities, FLAGS.profile_steps = ["0.5"], 2
   backend = "auto" if gpu else "xla"
   option_sets = list(OPTION_SETS) if gpu else ["default"]
   configs = B.load_configs(FLAGS.sweeps)

@@ -5,101 +5,42 @@
   python -m experiments.profile_decode --tiny          # CPU smoke test (host XLA ops, no device plane)
 
 Per variant it traces one `decode_loop` run (random bf16 weights, thresholds at the sparsity quantile,
-as `bench_decode`) and reports per step: kernels launched, busy time (the union of kernel intervals),
-span (first kernel start to last kernel end) and the gap between them (idle device time: launch and
-dispatch latency), plus busy time and count per kernel category. Uses `jax.profiler.ProfileData`, so it
-needs no Nsight tools (Nsight Compute hung on XLA programs on the H200: decode_h200.md).
+as `bench_decode`) and reports per step (`experiments.kernel_trace`): kernels launched, busy time (the
+union of kernel intervals), span (first kernel start to last kernel end) and the gap between them
+(the profiler adds launch latency, so read gaps from wall time instead), and busy time and count per
+kernel category.
 """
 from __future__ import annotations
 
-import collections
-import glob
 import json
-import os
-import tempfile
 
 import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-from experiments.bench_decode import load_configs, make_sparsifier, site_scores
 from experiments.decode_models import SHAPES, random_params
+from experiments.decode_setup import load_configs, make_sparsifier, site_scores
+from experiments.kernel_trace import summarize, trace_events
 from wina_jax.decode import decode_loop, fuse_projections
 from wina_jax.model import init_cache
 
 FLAGS = flags.FLAGS
-# --models, --steps, --max_len, --configs, --out and --tiny are bench_decode's flags (imported).
+flags.DEFINE_list("models", ["llama3_8b"], "model shapes (experiments.decode_models.SHAPES)")
 flags.DEFINE_list("variants", ["dense", "teal:0.5", "teal:0.65", "wina:0.5"], "dense | METHOD:SPARSITY")
+flags.DEFINE_integer("steps", 32, "decode steps in the traced run")
+flags.DEFINE_integer("max_len", 512, "KV cache slots")
+flags.DEFINE_list("configs", [], "kernel_sweep JSONs of tuned tilings (later files win per shape)")
 flags.DEFINE_integer("top", 12, "kernel names listed per variant")
-
-CATEGORIES = (("sparse_gemv", ("sparse_gemv",)), ("matmul", ("gemm", "gemv", "cublas", "cutlass", "dot")),
-              ("copy", ("memcpy", "memset", "copy")), ("fusion", ("fusion", "loop_", "input_", "wrapped_")))
-
-
-def category(name: str) -> str:
-  low = name.lower()
-  return next((c for c, keys in CATEGORIES if any(k in low for k in keys)), "other")
-
-
-def kernel_events(xspace_path: str) -> list[tuple[str, float, float]]:
-  """(name, start_ns, duration_ns) of every device kernel in a trace; on a host without a device
-  plane, the XLA ops of the host's XLA threads instead (CPU smoke runs)."""
-  pd = jax.profiler.ProfileData.from_file(xspace_path)
-  device = [p for p in pd.planes if p.name.startswith("/device:")]
-  out = []
-  for plane in device:
-    for line in plane.lines:
-      if line.name.startswith("Stream") or "stream" in line.name.lower():
-        out += [(e.name, e.start_ns, e.duration_ns) for e in line.events]
-  if device:
-    return out
-  for plane in pd.planes:
-    if plane.name == "/host:CPU":
-      for line in plane.lines:
-        if line.name.startswith("tf_XLA"):
-          out += [(e.name, e.start_ns, e.duration_ns) for e in line.events
-                  if not e.name.startswith("ThreadpoolListener")]
-  return out
-
-
-def summarize(events, steps: int, top: int) -> dict:
-  """Per-step figures (ms, counts) of kernel events from one run of `steps` decode steps."""
-  if not events:
-    return {"kernels_per_step": 0}
-  spans = sorted((s, s + d) for _, s, d in events)
-  busy, cur_s, cur_e = 0.0, *spans[0]
-  for s, e in spans[1:]:
-    if s > cur_e:
-      busy, cur_s, cur_e = busy + cur_e - cur_s, s, e
-    else:
-      cur_e = max(cur_e, e)
-  busy += cur_e - cur_s
-  span = max(e for _, e in spans) - spans[0][0]
-  per_cat, per_name = collections.defaultdict(lambda: [0, 0.0]), collections.defaultdict(lambda: [0, 0.0])
-  for name, _, d in events:
-    for table, key in ((per_cat, category(name)), (per_name, name)):
-      table[key][0] += 1
-      table[key][1] += d
-  ms = lambda ns: ns / steps / 1e6
-  return {"kernels_per_step": len(events) / steps, "busy_ms": ms(busy), "span_ms": ms(span),
-          "gap_ms": ms(span - busy),
-          "categories": {c: {"per_step": n / steps, "ms": ms(t)} for c, (n, t) in
-                         sorted(per_cat.items(), key=lambda kv: -kv[1][1])},
-          "top_kernels": [{"name": k[:120], "per_step": n / steps, "ms": ms(t), "us_each": t / n / 1e3}
-                          for k, (n, t) in sorted(per_name.items(), key=lambda kv: -kv[1][1])[:top]]}
-
+flags.DEFINE_string("out", "", "write the results JSON here")
+flags.DEFINE_bool("tiny", False, "CPU smoke test: tiny model, XLA path (host XLA ops, no device plane)")
 
 def trace_run(params, cfg, sp, tokens, max_len) -> list:
   """Kernel events of one traced `decode_loop` run (compiled and warmed up first)."""
   def run():
     cache = init_cache(cfg, tokens.shape[0], max_len, jnp.bfloat16)
-    return jax.block_until_ready(decode_loop(params, tokens, cache, sp, cfg=cfg))
-  run()
-  with tempfile.TemporaryDirectory() as d:
-    with jax.profiler.trace(d):
-      run()
-    path = glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True)[0]
-    return kernel_events(path)
+    return decode_loop(params, tokens, cache, sp, cfg=cfg)
+  jax.block_until_ready(run())
+  return trace_events(run)
 
 
 def profile_model(name: str, key, configs, backend: str, variants, steps: int, max_len: int, top: int):

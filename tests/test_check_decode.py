@@ -1,7 +1,7 @@
 """`experiments.check_decode.ulp_sensitivity`: the model's own response to a one-ulp input change."""
 import jax
 
-from experiments import bench_decode as B
+from experiments import decode_setup as B
 from experiments.check_decode import ulp_sensitivity
 from experiments.decode_models import SHAPES, random_params
 from wina_jax.decode import fuse_projections

@@ -1,11 +1,12 @@
-"""`experiments.profile_decode`: the per-step summary of kernel events, and a CPU smoke run."""
+"""`experiments.kernel_trace` (the per-step summary of kernel events) and a CPU smoke run of
+`experiments.profile_decode`."""
 import json
 import subprocess
 import sys
 
 import pytest
 
-from experiments.profile_decode import category, summarize
+from experiments.kernel_trace import category, summarize
 
 
 def test_summary_splits_busy_and_gap():
@@ -35,3 +36,13 @@ def test_tiny_cpu_run(tmp_path):
   rows = json.loads(out.read_text())["rows"]
   assert [r["variant"] for r in rows] == ["dense", "teal:0.5"]
   assert all(r["kernels_per_step"] > 0 and r["busy_ms"] > 0 for r in rows)
+
+
+def test_decode_overhead_tiny_cpu_run(tmp_path):
+  out = tmp_path / "o.json"
+  subprocess.run([sys.executable, "-m", "experiments.decode_overhead", "--tiny", f"--out={out}"], check=True,
+                 capture_output=True)
+  res = json.loads(out.read_text())
+  assert {r["variant"] for r in res["timings"]} == {"dense", "teal", "teal_sem"}
+  assert res["profiles"] and all(p["kernels_per_step"] > 0 for p in res["profiles"].values())
+  assert res["checks"]["tiny/step"]["sem_bitwise_repeatable"]

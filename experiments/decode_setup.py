@@ -1,0 +1,97 @@
+"""Set-up shared by the decode experiments (no flags): tuned tilings, calibrated threshold sparsifiers,
+kept-weight bytes, and the check of a sparse step against the XLA path.
+
+Used by `bench_decode`, `profile_decode`, `check_decode` and `decode_overhead`.
+"""
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from wina_jax import sites as S
+from wina_jax.decode import decode_step
+from wina_jax.kernels import FusedThresholdSparsifier, KernelConfig
+from wina_jax.model import forward, init_cache
+
+
+def check_against_xla(params, cfg, sp, tokens, max_len) -> dict:
+  """One sparse decode step after `tokens` [B, T-1] through the chosen backend vs the XLA mask-then-matmul
+  path, from the same cache: relative logits error and greedy-token agreement."""
+  cache = init_cache(cfg, tokens.shape[0], max_len, jnp.bfloat16)
+  for j in range(tokens.shape[1] - 1):
+    _, _, cache = decode_step(params, tokens[:, j], cache, None, cfg=cfg)
+  twin = jax.tree.map(jnp.copy, cache)
+  tok, logits, _ = decode_step(params, tokens[:, -1], cache, sp, cfg=cfg)
+  ref_tok, ref, _ = decode_step(params, tokens[:, -1], twin, sp.replace(backend="xla"), cfg=cfg)
+  return {"rel_err": float(jnp.linalg.norm(logits - ref) / jnp.linalg.norm(ref)),
+          "same_token": bool(jnp.all(tok == ref_tok))}
+
+
+def site_scores(params, cfg, tokens, with_scale) -> dict:
+  """{fused site: (scores [S, B, T, d_in] float32, widths)} of the dense model on tokens [B, T]."""
+  inputs = jax.jit(lambda p, t: forward(p, t, cfg, collect=("inputs",)).aux["inputs"])(params, tokens)
+  out = {}
+  for site, x in inputs.items():
+    if S.parse_site(site)[2] == S.ACT:
+      continue
+    layer, block, proj = S.parse_site(site)
+    kernel = S.site_kernel(params, site)
+    widths = {"qkv_proj": (cfg.q_dim, cfg.kv_dim, cfg.kv_dim),
+              "gate_up_proj": (cfg.intermediate_size,) * 2}.get(proj, (kernel.shape[1],))
+    ax = jnp.abs(x.astype(jnp.float32))
+    if with_scale:
+      bounds = np.cumsum((0,) + widths)
+      norms = [jnp.linalg.norm(kernel[:, a:b].astype(jnp.float32), axis=1) for a, b in zip(bounds, bounds[1:])]
+      out[site] = (jnp.stack([ax * n for n in norms]), widths, jnp.stack(norms))
+    else:
+      out[site] = (ax[None], widths, None)
+  return out
+
+
+def make_sparsifier(scores, sparsity, batch, configs, backend):
+  """Thresholds at the `sparsity` quantile of each segment's scores over the first `batch` rows ->
+  (FusedThresholdSparsifier, {site: [kept-row fraction (union over the batch) per segment]})."""
+  thr, scales, segs, kept = {}, {}, {}, {}
+  for site, (sc, widths, norms) in scores.items():
+    sc = sc[:, :batch]                                           # [S, B, T, d]
+    flat = sc.reshape(sc.shape[0], -1)
+    t = (jnp.full((sc.shape[0],), -1.0) if sparsity == 0 else
+         jnp.quantile(flat, sparsity, axis=1, method="lower"))
+    frac = np.asarray(jnp.mean(jnp.any(sc > t[:, None, None, None], axis=1), axis=(1, 2)))
+    kept[site] = np.broadcast_to(frac, (len(widths),))             # TEAL: one score for all segments
+    thr[site] = jnp.broadcast_to(t, (len(widths),)) if len(widths) > 1 else t[0]
+    if norms is not None:
+      scales[site] = norms if len(widths) > 1 else norms[0]
+    if len(widths) > 1:
+      segs[site] = widths
+  sp = FusedThresholdSparsifier.create(thr, scales, segs, backend=backend, configs=configs)
+  return sp, kept
+
+
+def linear_bytes(params, cfg, kept=None) -> float:
+  """Bytes of the linear sites' weights, only the kept rows' when `kept` ({site: [fraction per segment]})."""
+  total = 0
+  for site in S.linear_sites(cfg):
+    k = S.site_kernel(params, site)
+    if kept is None:
+      total += k.size * k.dtype.itemsize
+    else:
+      d_in = k.shape[0]
+      widths = {"qkv_proj": (cfg.q_dim, cfg.kv_dim, cfg.kv_dim),
+                "gate_up_proj": (cfg.intermediate_size,) * 2}.get(S.parse_site(site)[2], (k.shape[1],))
+      total += sum(f * d_in * w * k.dtype.itemsize for f, w in zip(kept[site], widths))
+  return total
+
+
+def load_configs(paths, reduce: str = "") -> dict:
+  """{(d_in, d_out): KernelConfig} from the 'best' entries of kernel_sweep JSONs (later files win per
+  shape); `reduce` overrides their split-K reduce."""
+  configs, override = {}, {"reduce": reduce} if reduce else {}
+  for path in paths:
+    with open(path) as f:
+      configs.update({tuple(int(v) for v in k.split("x")): KernelConfig(**{**c, **override})
+                      for k, c in json.load(f)["best"].items()})
+  return configs
