@@ -73,11 +73,10 @@ def analyse(rows: list[dict], method: str, targets: dict[float, float],
 def plot(fits: list[dict], targets: dict[float, float], path: str) -> None:
   """One panel per model: measured speedup over dense vs sparsity per method, the bound of any per-site
   kernel dense / (R + kept bytes at the copy rate) where a `no_linear` row gave R, and the targets."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  from matplotlib.figure import Figure     # no pyplot: leaves the caller's backend (e.g. a notebook's) alone
   models = sorted({r["model"] for r in fits})
-  fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 3.8), squeeze=False)
+  fig = Figure(figsize=(5 * len(models), 3.8))
+  axes = fig.subplots(1, len(models), squeeze=False)
   s = np.linspace(0, 0.9, 46)
   for ax, model in zip(axes[0], models):
     mine = [r for r in fits if r["model"] == model]
