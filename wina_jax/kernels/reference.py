@@ -25,7 +25,9 @@ def masked_linear_xla(x: jax.Array, kernel: jax.Array, thresholds: jax.Array,
   x: [..., d_in]; kernel: [d_in, sum(segments)]; thresholds: [S]; scales: [S, d_in] or None.
   With several segments and few rows (<= MAX_ROWS, a memory-bound GEMV) the S masked copies of x go
   through one matmul with the whole kernel, which reads the weights once and slices only the output;
-  with many rows each segment multiplies its own column slice (S times fewer FLOPs).
+  with many rows each segment multiplies its own column slice (S times fewer FLOPs). The two forms
+  differ at rounding level (~4e-7 relative in float32), which thresholds can amplify through a model
+  like any rounding difference (notebooks/04_fast_decode.ipynb).
   """
   masked = [jnp.where(keep_mask(x, thresholds[s], None if scales is None else scales[s]), x,
                       jnp.zeros((), x.dtype)) for s in range(len(segments))]
