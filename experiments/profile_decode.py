@@ -34,6 +34,7 @@ flags.DEFINE_integer("top", 12, "kernel names listed per variant")
 flags.DEFINE_string("out", "", "write the results JSON here")
 flags.DEFINE_bool("tiny", False, "CPU smoke test: tiny model, XLA path (host XLA ops, no device plane)")
 
+
 def trace_run(params, cfg, sp, tokens, max_len) -> list:
   """Kernel events of one traced `decode_loop` run (compiled and warmed up first)."""
   def run():
@@ -43,18 +44,36 @@ def trace_run(params, cfg, sp, tokens, max_len) -> list:
   return trace_events(run)
 
 
+def parse_variant(v: str) -> tuple[str, float]:
+  """'dense' -> ('dense', 0.0); 'teal:0.5' -> ('teal', 0.5); anything else raises naming the fix."""
+  method, _, s = v.partition(":")
+  if method == "dense" and not s:
+    return method, 0.0
+  try:
+    sparsity = float(s)
+  except ValueError:
+    sparsity = -1.0
+  if method not in ("teal", "wina") or not 0 <= sparsity < 1:
+    raise ValueError(f"variant {v!r}: use 'dense' or METHOD:SPARSITY with METHOD teal | wina and "
+                     "SPARSITY in [0, 1), e.g. teal:0.5")
+  return method, sparsity
+
+
 def profile_model(name: str, key, configs, backend: str, variants, steps: int, max_len: int, top: int):
+  """Rows (one per variant) of per-step kernel figures for the random-weight model shape `name`."""
+  if name not in SHAPES:
+    raise ValueError(f"unknown model shape {name!r}; known: {sorted(SHAPES)}")
   params, cfg = fuse_projections(random_params(SHAPES[name], key), SHAPES[name])
   tokens = jax.random.randint(jax.random.fold_in(key, 1), (1, steps), 0, cfg.vocab_size)
   scores, rows = {}, []
   for v in variants:
-    method, _, s = v.partition(":")
+    method, s = parse_variant(v)
     if method == "dense":
       sp = None
     else:
       if method not in scores:
         scores[method] = site_scores(params, cfg, tokens, with_scale=method == "wina")
-      sp = make_sparsifier(scores[method], float(s), 1, configs, backend)[0]
+      sp = make_sparsifier(scores[method], s, 1, configs, backend)[0]
     row = {"model": name, "variant": v, **summarize(trace_run(params, cfg, sp, tokens, max_len), steps, top)}
     rows.append(row)
     print(f"{name} {v:10s} kernels/step {row['kernels_per_step']:7.1f}  busy {row.get('busy_ms', 0):.3f} ms  "
@@ -68,6 +87,8 @@ def main(argv):
   del argv
   if FLAGS.tiny:
     FLAGS.models, FLAGS.steps, FLAGS.max_len = ["tiny"], 4, 16
+  for v in FLAGS.variants:           # fail before any model is built
+    parse_variant(v)
   backend = "auto" if jax.default_backend() == "gpu" else "xla"
   configs = load_configs(FLAGS.configs)
   rows = []

@@ -21,6 +21,14 @@ def test_summary_splits_busy_and_gap():
   assert summarize([], 2, 5) == {"kernels_per_step": 0}
 
 
+def test_variant_names():
+  from experiments.profile_decode import parse_variant
+  assert parse_variant("dense") == ("dense", 0.0) and parse_variant("wina:0.65") == ("wina", 0.65)
+  for bad in ("teal", "teal:1.0", "cats:0.5", "dense:0.5"):
+    with pytest.raises(ValueError, match="METHOD:SPARSITY"):
+      parse_variant(bad)
+
+
 def test_categories():
   assert category("sparse_gemv_compact") == "sparse_gemv"
   assert category("sm90_xmma_gemm_bf16") == "matmul"
