@@ -19,7 +19,6 @@ from absl import app, flags
 from experiments import decode_setup as B
 from experiments.decode_models import SHAPES, random_params
 from wina_jax.decode import decode_step, fuse_projections
-from wina_jax.model import init_cache
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "llama3_8b", "model shape (experiments.decode_models.SHAPES)")
@@ -30,10 +29,7 @@ def ulp_sensitivity(params, cfg, sp, tokens, max_len) -> dict:
   """Logits of one XLA-path decode step after `tokens` [B, T-1]: as is vs with the last token's
   embedding row scaled by 1 + 2^-7 (about one bf16 ulp) -> relative error and greedy agreement."""
   sp = sp.replace(backend="xla") if sp is not None else None
-  cache = init_cache(cfg, tokens.shape[0], max_len, jnp.bfloat16)
-  for j in range(tokens.shape[1] - 1):
-    _, _, cache = decode_step(params, tokens[:, j], cache, None, cfg=cfg)
-  twin = jax.tree.map(jnp.copy, cache)
+  cache, twin = B.prefix_caches(params, cfg, tokens, max_len)
   emb = params["embed_tokens"]["embedding"]
   last = tokens[:, -1]
   moved = emb.at[last].set((emb[last].astype(jnp.float32) * (1 + 2.0 ** -7)).astype(emb.dtype))

@@ -29,6 +29,12 @@ flags.DEFINE_string("plot", "", "also draw speedup vs sparsity (measured, per-si
 FLAGS = flags.FLAGS
 
 
+def copy_bound_x(fit: dict, sparsity):
+  """Speed-up bound of any per-site kernel: dense / (rest + kept linear bytes at the copy rate); `fit` is
+  a row of `analyse` with a rest and a copy bandwidth, sparsity a number or an array."""
+  return fit["dense_ms"] / (fit["rest_ms"] + (1 - sparsity) * fit["linear_gb"] / fit["copy_gb_per_s"] * 1e3)
+
+
 def analyse(rows: list[dict], method: str, targets: dict[float, float],
             copy_gb_per_s: Optional[float] = None) -> list[dict]:
   """Per model in `rows` (bench_decode rows of one run): the fit and the ceilings of `method` at
@@ -64,7 +70,7 @@ def analyse(rows: list[dict], method: str, targets: dict[float, float],
       if rest is not None:
         t["ceiling_x"] = float(dense / (rest + b * gb))
         if copy_gb_per_s:
-          t["copy_bound_x"] = float(dense / (rest + gb / copy_gb_per_s * 1e3))
+          t["copy_bound_x"] = float(copy_bound_x(row, s))
       row["targets"][str(s)] = t
     out.append(row)
   return out
@@ -85,8 +91,7 @@ def plot(fits: list[dict], targets: dict[float, float], path: str) -> None:
       ax.plot(xs, ys, "o-", color=f"C{i}", label=f"{r['method']} measured")
     r = next((r for r in mine if r["rest_ms"] is not None and r["copy_gb_per_s"]), None)
     if r is not None:     # the same for every method: rest + kept bytes at the copy rate
-      ax.plot(s, r["dense_ms"] / (r["rest_ms"] + (1 - s) * r["linear_gb"] / r["copy_gb_per_s"] * 1e3), "k:",
-              label="bound of any per-site kernel")
+      ax.plot(s, copy_bound_x(r, s), "k:", label="bound of any per-site kernel")
     ax.plot(list(targets), list(targets.values()), "k*", markersize=12, label="targets")
     ax.axhline(1.0, color="grey", linewidth=0.8)
     ax.set(title=model, xlabel="sparsity", ylabel="x our dense (batch 1)")

@@ -17,13 +17,24 @@ from wina_jax.kernels import FusedThresholdSparsifier, KernelConfig
 from wina_jax.model import forward, init_cache
 
 
-def check_against_xla(params, cfg, sp, tokens, max_len) -> dict:
-  """One sparse decode step after `tokens` [B, T-1] through the chosen backend vs the XLA mask-then-matmul
-  path, from the same cache: relative logits error and greedy-token agreement."""
+def segment_widths(cfg, site: str, kernel) -> tuple[int, ...]:
+  """Output widths of a site's kernel: q|k|v or gate|up for fused sites, else the one full width."""
+  return {"qkv_proj": (cfg.q_dim, cfg.kv_dim, cfg.kv_dim),
+          "gate_up_proj": (cfg.intermediate_size,) * 2}.get(S.parse_site(site)[2], (kernel.shape[1],))
+
+
+def prefix_caches(params, cfg, tokens, max_len) -> tuple[dict, dict]:
+  """Two equal bf16 caches holding a dense decode of tokens[:, :-1] [B, T-1] (decode steps donate theirs)."""
   cache = init_cache(cfg, tokens.shape[0], max_len, jnp.bfloat16)
   for j in range(tokens.shape[1] - 1):
     _, _, cache = decode_step(params, tokens[:, j], cache, None, cfg=cfg)
-  twin = jax.tree.map(jnp.copy, cache)
+  return cache, jax.tree.map(jnp.copy, cache)
+
+
+def check_against_xla(params, cfg, sp, tokens, max_len) -> dict:
+  """One sparse decode step after `tokens` [B, T-1] through the chosen backend vs the XLA mask-then-matmul
+  path, from the same cache: relative logits error and greedy-token agreement."""
+  cache, twin = prefix_caches(params, cfg, tokens, max_len)
   tok, logits, _ = decode_step(params, tokens[:, -1], cache, sp, cfg=cfg)
   ref_tok, ref, _ = decode_step(params, tokens[:, -1], twin, sp.replace(backend="xla"), cfg=cfg)
   return {"rel_err": float(jnp.linalg.norm(logits - ref) / jnp.linalg.norm(ref)),
@@ -37,10 +48,8 @@ def site_scores(params, cfg, tokens, with_scale) -> dict:
   for site, x in inputs.items():
     if S.parse_site(site)[2] == S.ACT:
       continue
-    layer, block, proj = S.parse_site(site)
     kernel = S.site_kernel(params, site)
-    widths = {"qkv_proj": (cfg.q_dim, cfg.kv_dim, cfg.kv_dim),
-              "gate_up_proj": (cfg.intermediate_size,) * 2}.get(proj, (kernel.shape[1],))
+    widths = segment_widths(cfg, site, kernel)
     ax = jnp.abs(x.astype(jnp.float32))
     if with_scale:
       bounds = np.cumsum((0,) + widths)
@@ -79,10 +88,7 @@ def linear_bytes(params, cfg, kept=None) -> float:
     if kept is None:
       total += k.size * k.dtype.itemsize
     else:
-      d_in = k.shape[0]
-      widths = {"qkv_proj": (cfg.q_dim, cfg.kv_dim, cfg.kv_dim),
-                "gate_up_proj": (cfg.intermediate_size,) * 2}.get(S.parse_site(site)[2], (k.shape[1],))
-      total += sum(f * d_in * w * k.dtype.itemsize for f, w in zip(kept[site], widths))
+      total += sum(f * k.shape[0] * w * k.dtype.itemsize for f, w in zip(kept[site], segment_widths(cfg, site, k)))
   return total
 
 

@@ -31,7 +31,7 @@ def kernel_events(xspace_path: str) -> list[tuple[str, float, float]]:
   out = []
   for plane in device:
     for line in plane.lines:
-      if line.name.startswith("Stream") or "stream" in line.name.lower():
+      if "stream" in line.name.lower():
         out += [(e.name, e.start_ns, e.duration_ns) for e in line.events]
   if device:
     return out

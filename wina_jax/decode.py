@@ -90,10 +90,11 @@ def prefill(params: dict, tokens: jax.Array, cfg: ModelConfig, max_len: int):
   return jnp.argmax(logits, axis=-1).astype(jnp.int32), logits, out.cache
 
 
-def _greedy_step(params, token, cache, sparsifier, cfg):
-  """The traced body of `decode_step` and of each `decode_loop` iteration."""
+def greedy_step(params, token, cache, sparsifier, cfg, dense_prefix=None):
+  """Traced body of one greedy step (`decode_step`, each `decode_loop` and `generate.greedy` iteration):
+  token [B] -> (next [B] int32, logits [B, vocab], cache). sparsifier None runs dense."""
   sp = S.dense if sparsifier is None else sparsifier
-  out = forward(params, token[:, None], cfg, sp, cache=cache)
+  out = forward(params, token[:, None], cfg, sp, cache=cache, dense_prefix=dense_prefix)
   logits = out.logits[:, -1]
   return jnp.argmax(logits, axis=-1).astype(jnp.int32), logits, out.cache
 
@@ -106,7 +107,7 @@ def decode_step(params: dict, token: jax.Array, cache: dict, sparsifier: Optiona
   sparsifier: a pytree sparsifier (e.g. `FusedThresholdSparsifier`), traced; None runs dense.
   The cache is donated: do not reuse the one passed in.
   """
-  return _greedy_step(params, token, cache, sparsifier, cfg)
+  return greedy_step(params, token, cache, sparsifier, cfg)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
@@ -115,7 +116,7 @@ def decode_loop(params: dict, tokens: jax.Array, cache: dict, sparsifier: Option
   """`decode_step` over tokens [B, T] (teacher-forced: step j reads tokens[:, j]) in one on-device loop
   -> (greedy next tokens [B, T] int32, logits of the last step [B, vocab], cache). The cache is donated."""
   def step(carry, token):             # only the last logits are kept: no [T, B, vocab] stack
-    nxt, logits, cache = _greedy_step(params, token, carry[1], sparsifier, cfg)
+    nxt, logits, cache = greedy_step(params, token, carry[1], sparsifier, cfg)
     return (logits, cache), nxt
 
   logits0 = jnp.zeros((tokens.shape[0], cfg.vocab_size), jnp.float32)

@@ -11,7 +11,8 @@ import numpy as np
 
 from wina_jax import sites as S
 from wina_jax.config import ModelConfig
-from wina_jax.model import forward, init_cache, jit_forward, split_sparsifier
+from wina_jax.decode import greedy_step
+from wina_jax.model import init_cache, jit_forward, split_sparsifier
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "static_sparsifier", "steps", "eos_id"))
@@ -27,9 +28,8 @@ def _decode(params, token, cache, dynamic_sparsifier, static_sparsifier, dense_p
 
   def body(carry):
     i, tok, cache, out, done = carry
-    o = forward(params, tok[:, None], cfg, sp, cache=cache, dense_prefix=dense_prefix)
-    nxt = jnp.argmax(o.logits[:, -1], axis=-1).astype(jnp.int32)
-    return i + 1, nxt, o.cache, out.at[:, i].set(nxt), done | (nxt == eos)
+    nxt, _, cache = greedy_step(params, tok, cache, sp, cfg, dense_prefix)
+    return i + 1, nxt, cache, out.at[:, i].set(nxt), done | (nxt == eos)
 
   out = jnp.zeros((token.shape[0], steps), jnp.int32).at[:, 0].set(token)
   i, _, _, out, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), token, cache, out, token == eos))
