@@ -6,14 +6,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import traverse_util
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from wina_jax import model as M
-from wina_jax import sparsity
 from wina_jax import sharding as SH
+from wina_jax import sparsity
 from wina_jax.config import ModelConfig
-from wina_jax.convert.load import expected_shapes
+from wina_jax.testing import add_shortcuts, random_params
 
 if jax.device_count() != 4:
   pytest.fail("sharding_cases needs XLA_FLAGS=--xla_force_host_platform_device_count=4 (run it through "
@@ -32,18 +32,6 @@ CFGS = {
 MESHES = {"tp4": ("model:4", False), "dp2_tp2_fsdp": ("data:2,model:2", True)}
 
 
-def random_params(cfg, seed=0, rotations=False):
-  """Random params of `cfg` (norm gains near 1); `rotations` adds random orthogonal residual kernels."""
-  rng = np.random.RandomState(seed)
-  flat = {k: 1 + 0.1 * rng.normal(size=s) if k.endswith("scale") else 0.2 * rng.normal(size=s)
-          for k, s in expected_shapes(cfg).items()}
-  if rotations:
-    for l in range(cfg.num_hidden_layers):
-      for r in ("residual_attn", "residual_mlp"):
-        flat[f"layers/{l}/{r}/kernel"] = np.linalg.qr(rng.normal(size=(cfg.hidden_size,) * 2))[0]
-  return traverse_util.unflatten_dict({k: jnp.asarray(v, jnp.float32) for k, v in flat.items()}, sep="/")
-
-
 def tokens(cfg, b=2, t=11, seed=1):
   return jnp.asarray(np.random.RandomState(seed).randint(0, cfg.vocab_size, (b, t)))
 
@@ -59,7 +47,9 @@ def setup(cfg_name, mesh_name, rotations=False):
   cfg = CFGS[cfg_name]
   spec, fsdp = MESHES[mesh_name]
   mesh = SH.make_mesh(spec)
-  params = random_params(cfg, rotations=rotations)
+  params = random_params(cfg, 0, jnp.float32, scale_noise=0.1)
+  if rotations:
+    params = add_shortcuts(params, 0)
   return cfg, mesh, params, SH.shard_params(params, cfg, mesh, fsdp)
 
 

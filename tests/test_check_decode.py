@@ -1,10 +1,11 @@
-"""`experiments.check_decode.ulp_sensitivity`: the model's own response to a one-ulp input change."""
+"""`experiments.decode.check_decode.ulp_sensitivity`: the model's own response to a one-ulp input change."""
 import jax
 
-from experiments import decode_setup as B
-from experiments.check_decode import ulp_sensitivity
-from experiments.decode_models import SHAPES, random_params
+from experiments.decode.check_decode import ulp_sensitivity
+from wina_jax.bench import decode_setup as B
+from wina_jax.bench.shapes import SHAPES
 from wina_jax.decode import fuse_projections
+from wina_jax.testing import random_params
 
 
 def test_ulp_sensitivity_grows_with_sparsity_and_is_zero_without_a_change():

@@ -4,11 +4,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments.decode_models import SHAPES, add_shortcuts, random_params
 from wina_jax import sites as S
+from wina_jax.bench.shapes import SHAPES
 from wina_jax.decode import decode_loop, decode_step, fuse_projections, fuse_state, fused_site_shapes, prefill
 from wina_jax.kernels import FusedThresholdSparsifier, KernelConfig
 from wina_jax.model import forward, init_cache
+from wina_jax.testing import add_shortcuts, random_params
 
 CFG = SHAPES["tiny"]
 P, T = 5, 4

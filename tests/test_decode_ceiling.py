@@ -1,10 +1,10 @@
-"""The decode-speed fit (`experiments.decode_ceiling`) on committed H200 results and on a synthetic case."""
+"""The decode-speed fit (`wina_jax.bench.ceiling`) on committed H200 results and on a synthetic case."""
 import json
 
 import numpy as np
 import pytest
 
-from experiments.decode_ceiling import analyse
+from wina_jax.bench.ceiling import analyse
 
 
 def rows_for(intercept, ms_per_gb, linear_gb=10.0, rest=None, dense=5.0):
@@ -37,7 +37,7 @@ def test_fit_recovers_intercept_rate_and_ceiling():
 
 
 def test_plot_writes_a_figure(tmp_path):
-  from experiments.decode_ceiling import plot
+  from wina_jax.bench.ceiling import plot
   fits = analyse(rows_for(1.5, 0.25, rest=1.0), "teal", {0.5: 1.8}, copy_gb_per_s=4000.0)
   plot(fits, {0.5: 1.8}, str(tmp_path / "c.png"))
   assert (tmp_path / "c.png").stat().st_size > 1000
@@ -58,7 +58,7 @@ def test_bench_decode_tiny_rows_feed_the_fit(tmp_path):
   import subprocess
   import sys
   out = tmp_path / "bench.json"
-  subprocess.run([sys.executable, "-m", "experiments.bench_decode", "--tiny", "--batches=1",
+  subprocess.run([sys.executable, "-m", "experiments.decode.bench_decode", "--tiny", "--batches=1",
                   "--methods=teal", f"--out={out}"], check=True, capture_output=True, timeout=600)
   rows = json.loads(out.read_text())["rows"]
   assert {r["variant"] for r in rows} == {"dense_unfused", "dense", "no_linear", "no_linear_host", "dense_host", "teal"}

@@ -40,6 +40,6 @@ def test_recommended_levels_and_bad_input():
 
 
 def test_findings_document_matches_the_result_files():
-  res = subprocess.run([sys.executable, "-m", "experiments.findings", "--check"], cwd=ROOT, capture_output=True,
+  res = subprocess.run([sys.executable, "-m", "experiments.quality.findings", "--check"], cwd=ROOT, capture_output=True,
                        text=True, env={**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"})
   assert res.returncode == 0, res.stderr[-2000:]

@@ -4,11 +4,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments.decode_models import SHAPES, random_params
 from wina_jax import sites as S
+from wina_jax.bench.shapes import SHAPES
 from wina_jax.generate import greedy
 from wina_jax.kernels import FusedThresholdSparsifier
 from wina_jax.model import init_cache, jit_forward
+from wina_jax.testing import random_params
 
 CFG = SHAPES["tiny"]
 

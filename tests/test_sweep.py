@@ -25,7 +25,7 @@ def tiny_folder(tmp_path_factory, smollm2_tokenizer):
 
 
 def _cmd(model, out):
-  return [sys.executable, "-m", "experiments.sweep", f"--model={model}", "--methods=dense,teal",
+  return [sys.executable, "-m", "experiments.quality.sweep", f"--model={model}", "--methods=dense,teal",
           "--sparsities=0.5", "--tasks=piqa,arc_easy", "--limit=2", "--ppl_windows=1", "--seq_len=16",
           "--batch_tokens=256", f"--out={out}"]
 
@@ -89,7 +89,7 @@ def test_bundle_replaces_tokenizer_and_data_and_deadline_stops_early(tiny_folder
 def test_evaluate_script_uses_the_recommended_variant_when_no_method_is_given(tiny_folder):
   from wina_jax.eval.recommended import recommended
   rec = recommended(0.5)
-  res = subprocess.run([sys.executable, "-m", "experiments.evaluate", f"--model={tiny_folder}", "--sparsity=0.5",
+  res = subprocess.run([sys.executable, "-m", "experiments.quality.evaluate", f"--model={tiny_folder}", "--sparsity=0.5",
                         "--seq_len=16", "--max_windows=2", "--calib_windows=2", "--max_new_tokens=2"],
                        check=True, cwd=ROOT, env=_env(), capture_output=True, text=True)
   assert f"{rec.spec} at 0.5 ({rec.mode}, {rec.allocation}): perplexity" in res.stdout

@@ -1,7 +1,7 @@
 """Pre-tokenised evaluation data in one compressed .npz: tokenized tasks, token windows and what made them.
 
 A bundle lets evaluation run where no tokenizer or dataset library is installed (a GPU machine) and
-skips re-tokenising on reruns. `experiments/sweep.py --bundle=PATH` writes one when PATH is missing and
+skips re-tokenising on reruns. `experiments/quality/sweep.py --bundle=PATH` writes one when PATH is missing and
 reads it otherwise, checking that its `meta` (tasks, limit, texts, window sizes, tokenizer) matches.
 
 Layout (token ids as uint32; no pickles):
@@ -51,7 +51,7 @@ def _requests(ids: np.ndarray, ctx: np.ndarray, cont: np.ndarray) -> tuple:
 def load(path: str) -> tuple[dict[str, Tokenized], dict[str, np.ndarray], dict]:
   """-> (tasks, windows, meta) of a bundle written by `save`."""
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"bundle {path} not found; write one with experiments/sweep.py --bundle={path} "
+    raise FileNotFoundError(f"bundle {path} not found; write one with experiments/quality/sweep.py --bundle={path} "
                             f"on a machine with the tokenizer and data")
   with np.load(path, allow_pickle=False) as z:
     meta = json.loads(str(z["meta"]))

@@ -3,7 +3,7 @@
 `RECOMMENDED` is what `pick` chooses from the committed H200 sweep of SmolLM2-135M-Instruct
 (`results/sweep/h200/threshold-uniform/results.json`, every variant in threshold mode with uniform
 allocation); `tests/test_findings.py` re-derives it from that file. Scripts call `recommended(s)` when
-no method is given (`experiments/evaluate.py`, `experiments/calibrate.py`, the lm-eval model).
+no method is given (`experiments/quality/evaluate.py`, `experiments/quality/calibrate.py`, the lm-eval model).
 
 The rule (`pick`): among the variants measured at target s whose measured parameter-weighted sparsity
 is within `slack` of s or above (a variant must not win by sparsifying less: CATS reaches about half

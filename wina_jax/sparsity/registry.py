@@ -95,7 +95,7 @@ def make(name: Union[str, Method], params: dict, cfg: ModelConfig, sparsity: Spa
   if allocation == "greedy":
     if calibration is None or not calibration.paths or isinstance(sparsity, Mapping):
       raise ValueError("allocation='greedy' needs one float sparsity and calibration=... holding greedy "
-                       "paths (run experiments/calibrate.py --allocation=greedy)")
+                       "paths (run experiments/quality/calibrate.py --allocation=greedy)")
     from wina_jax.sparsity.allocation import pick
     sparsity = pick(calibration.paths, sparsity)
   targets = site_sparsities(method, cfg, sparsity)

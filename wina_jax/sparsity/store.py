@@ -42,19 +42,19 @@ def save(path: str, calib: Calibration) -> str:
 def load(path: str, params: dict, cfg: ModelConfig) -> Calibration:
   """Read a file written by `save`, checking its format version and that it belongs to these params."""
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"thresholds file {path} not found; create it with experiments/calibrate.py")
+    raise FileNotFoundError(f"thresholds file {path} not found; create it with experiments/quality/calibrate.py")
   with np.load(path, allow_pickle=False) as f:
     z = {k: f[k] for k in f.files}
   if str(z.get("kind", "")) != KIND:
     raise ValueError(f"{path} is not a wina_jax calibration file (kind={z.get('kind')!r})")
   if int(z["format_version"]) != FORMAT_VERSION:
     raise ValueError(f"{path} has format version {int(z['format_version'])}, this code reads "
-                     f"{FORMAT_VERSION}; recalibrate with experiments/calibrate.py")
+                     f"{FORMAT_VERSION}; recalibrate with experiments/quality/calibrate.py")
   want = fingerprint(params, cfg)
   if str(z["fingerprint"]) != want:
     raise ValueError(f"thresholds file {path} was calibrated for another model (fingerprint "
                      f"{z['fingerprint']}, these params have {want}): recalibrate for this model "
-                     "(and after any params transform) with experiments/calibrate.py")
+                     "(and after any params transform) with experiments/quality/calibrate.py")
   method = get_method(str(z["method"]), **json.loads(str(z["method_settings"])))
   sites = [str(s) for s in z["sites"]]
   paths = {}

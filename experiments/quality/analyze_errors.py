@@ -1,8 +1,8 @@
 """Layer-by-layer error analysis: actual error vs WINA's Lemma 3.1 value, isolated and propagated.
 
-  python -m experiments.analyze_errors                     # SmolLM2, 4 x 128 BoolQ tokens -> results/analysis
-  python -m experiments.analyze_errors --layers=3 --windows=1 --seq_len=32 --out=/tmp/analysis   # smoke
-  python -m experiments.analyze_errors --replot            # redraw the PNGs from the CSVs
+  python -m experiments.quality.analyze_errors                     # SmolLM2, 4 x 128 BoolQ tokens -> results/analysis
+  python -m experiments.quality.analyze_errors --layers=3 --windows=1 --seq_len=32 --out=/tmp/analysis   # smoke
+  python -m experiments.quality.analyze_errors --replot            # redraw the PNGs from the CSVs
 
 For each method ('<m>-transform' runs <m> on the WINA-transformed params), sparsity, mode and linear
 site: the relative output error, Lemma 3.1's value, their gap, the kernel's column-orthogonality defect
@@ -180,7 +180,7 @@ def main(_):
   write_csv(os.path.join(out, "errors.csv"), rows)
   write_csv(os.path.join(out, "kl.csv"), kl_rows)
   projs = S.block_sites(cfg, "self_attn") + S.block_sites(cfg, "mlp")
-  summary = {"command": shlex.join(["python", "-m", "experiments.analyze_errors", *sys.argv[1:]]),
+  summary = {"command": shlex.join(["python", "-m", "experiments.quality.analyze_errors", *sys.argv[1:]]),
              "tokens": list(tokens.shape), "layers": cfg.num_hidden_layers,
              "shortcut_cost": shortcut_cost(tparams, tcfg, cfg), "isolated_checks": checks(rows),
              "kl": kl_rows,

@@ -1,7 +1,7 @@
 """Tables and plots of docs/findings.md from the committed sweep results (nothing is recomputed).
 
-  python -m experiments.findings            # rewrite the generated tables in docs/findings.md + PNGs
-  python -m experiments.findings --check    # exit 1 if docs/findings.md is out of date (tests run this)
+  python -m experiments.quality.findings            # rewrite the generated tables in docs/findings.md + PNGs
+  python -m experiments.quality.findings --check    # exit 1 if docs/findings.md is out of date (tests run this)
 
 Reads results/sweep/h200/{threshold-uniform,threshold-greedy}/results.json (the H200 grid, 1000 rows
 per task; command in docs/findings.md) and results/sweep/cpu_grid/*/results.json (the CPU grid over
@@ -23,7 +23,7 @@ from absl import app, flags
 from wina_jax.eval import recommended as R
 from wina_jax.eval import report
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 H200 = os.path.join(ROOT, "results", "sweep", "h200")
 CPU = os.path.join(ROOT, "results", "sweep", "cpu_grid")
 DOC = os.path.join(ROOT, "docs", "findings.md")
@@ -57,6 +57,7 @@ def table(head: list[str], lines: list[list[str]]) -> str:
 def majority_rates(limit: int = 1000) -> dict[str, float]:
   """Per task: the share of the most frequent gold answer in the first `limit` rows (the data wheel)."""
   from collections import Counter
+
   from wina_jax.eval.tasks import load_task
   out = {}
   for t in TASKS:
@@ -189,7 +190,7 @@ def main(argv):
   new = render(doc, blocks(uniform))
   if CHECK.value:
     if new != doc:
-      print("docs/findings.md is out of date: run python -m experiments.findings", file=sys.stderr)
+      print("docs/findings.md is out of date: run python -m experiments.quality.findings", file=sys.stderr)
       sys.exit(1)
     print("docs/findings.md matches the results")
     return

@@ -10,7 +10,7 @@ import collections
 import glob
 import os
 import tempfile
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 

@@ -1,10 +1,10 @@
 """Evaluate one model variant: perplexity on held-out BoolQ passages and a short greedy generation.
 
-  python -m experiments.evaluate                       # dense embedded SmolLM2-135M-Instruct
-  python -m experiments.evaluate --sparsity=0.5        # the recommended variant at 50% (docs/findings.md)
-  python -m experiments.evaluate --sparsity=0.5 --method=teal-transform --mode=topk
-  python -m experiments.evaluate --model=path/to/hf_folder_or.gguf --max_windows=64 --seq_len=512
-  python -m experiments.evaluate --mesh=data:1,model:4    # params sharded over 4 devices
+  python -m experiments.quality.evaluate                       # dense embedded SmolLM2-135M-Instruct
+  python -m experiments.quality.evaluate --sparsity=0.5        # the recommended variant at 50% (docs/findings.md)
+  python -m experiments.quality.evaluate --sparsity=0.5 --method=teal-transform --mode=topk
+  python -m experiments.quality.evaluate --model=path/to/hf_folder_or.gguf --max_windows=64 --seq_len=512
+  python -m experiments.quality.evaluate --mesh=data:1,model:4    # params sharded over 4 devices
 """
 from absl import app, flags
 

@@ -1,11 +1,11 @@
 """Where a decode step's time goes: the device kernels of `decode_loop`, from a JAX profiler trace.
 
-  python -m experiments.profile_decode --models=llama3_8b,qwen25_7b --variants=dense,teal:0.5,teal:0.65 \
+  python -m experiments.decode.profile_decode --models=llama3_8b,qwen25_7b --variants=dense,teal:0.5,teal:0.65 \
       --configs=benchmarks/results/kernel_sweep_h200_b.json --out=$OUT/profile.json
-  python -m experiments.profile_decode --tiny          # CPU smoke test (host XLA ops, no device plane)
+  python -m experiments.decode.profile_decode --tiny          # CPU smoke test (host XLA ops, no device plane)
 
 Per variant it traces one `decode_loop` run (random bf16 weights, thresholds at the sparsity quantile,
-as `bench_decode`) and reports per step (`experiments.kernel_trace`): kernels launched, busy time (the
+as `bench_decode`) and reports per step (`wina_jax.bench.trace`): kernels launched, busy time (the
 union of kernel intervals), span (first kernel start to last kernel end) and the gap between them
 (the profiler adds launch latency, so read gaps from wall time instead), and busy time and count per
 kernel category.
@@ -18,14 +18,15 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-from experiments.decode_models import SHAPES, random_params
-from experiments.decode_setup import load_configs, make_sparsifier, site_scores
-from experiments.kernel_trace import summarize, trace_events
+from wina_jax.bench.decode_setup import load_configs, make_sparsifier, site_scores
+from wina_jax.bench.shapes import SHAPES
+from wina_jax.bench.trace import summarize, trace_events
 from wina_jax.decode import decode_loop, fuse_projections
 from wina_jax.model import init_cache
+from wina_jax.testing import random_params
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("models", ["llama3_8b"], "model shapes (experiments.decode_models.SHAPES)")
+flags.DEFINE_list("models", ["llama3_8b"], "model shapes (wina_jax.bench.shapes.SHAPES)")
 flags.DEFINE_list("variants", ["dense", "teal:0.5", "teal:0.65", "wina:0.5"], "dense | METHOD:SPARSITY")
 flags.DEFINE_integer("steps", 32, "decode steps in the traced run")
 flags.DEFINE_integer("max_len", 512, "KV cache slots")

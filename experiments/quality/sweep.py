@@ -1,8 +1,8 @@
 """The main job: a sparsity sweep of methods x target sparsities on perplexity, zero-shot tasks and FLOPs.
 
-  python -m experiments.sweep --quick                      # CPU demo: 3 cells, 8 rows per task
-  python -m experiments.sweep --limit=200 --methods=dense,teal,wina --sparsities=0.5
-  python -m experiments.sweep --out=results/sweep/full --batch_tokens=65536 --ppl_windows=128  # GPU
+  python -m experiments.quality.sweep --quick                      # CPU demo: 3 cells, 8 rows per task
+  python -m experiments.quality.sweep --limit=200 --methods=dense,teal,wina --sparsities=0.5
+  python -m experiments.quality.sweep --out=results/sweep/full --batch_tokens=65536 --ppl_windows=128  # GPU
 
 Each cell (method, sparsity) is written atomically to <out>/cells/ as it completes; a restarted sweep
 with the same flags skips finished cells and ends with the same table.md / results.csv / results.json /
@@ -119,6 +119,7 @@ class Context:
 
   def __init__(self, cfg_settings: dict, bundle_path: str = "", max_effective: float = 0.9):
     import jax.numpy as jnp
+
     from wina_jax.convert import load
     from wina_jax.eval import bundle
     st = cfg_settings

@@ -1,9 +1,9 @@
 """Calibrate a sparsification method: per-site score statistics (+ optional greedy allocation paths),
 saved as a versioned thresholds file, and a held-out check of the sparsity thresholds achieve.
 
-  python -m experiments.calibrate                                   # recommended method, SmolLM2, 0.5
-  python -m experiments.calibrate --method=teal --sparsity=0.4 --allocation=greedy --out=runs/teal.npz
-  python -m experiments.calibrate --method=cats --text=my_corpus.txt --max_windows=64 --seq_len=512
+  python -m experiments.quality.calibrate                                   # recommended method, SmolLM2, 0.5
+  python -m experiments.quality.calibrate --method=teal --sparsity=0.4 --allocation=greedy --out=runs/teal.npz
+  python -m experiments.quality.calibrate --method=cats --text=my_corpus.txt --max_windows=64 --seq_len=512
 """
 import time
 

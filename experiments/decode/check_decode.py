@@ -7,8 +7,8 @@ the model's own sensitivity: the XLA path against itself with the last token's e
 about one bf16 ulp (x * (1 + 2^-7)). A Pallas-vs-XLA gap of the size of that sensitivity is rounding
 amplified by the model, not a kernel error (the kernels alone match to ~1e-4: kernel_sweep, tests).
 
-GPU:  PYTHONPATH=. python3 -m experiments.check_decode
-CPU smoke (XLA path only, so pallas_vs_xla is 0): python -m experiments.check_decode --model=tiny --layers=2
+GPU:  PYTHONPATH=. python3 -m experiments.decode.check_decode
+CPU smoke (XLA path only, so pallas_vs_xla is 0): python -m experiments.decode.check_decode --model=tiny --layers=2
 """
 from __future__ import annotations
 
@@ -16,12 +16,13 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-from experiments import decode_setup as B
-from experiments.decode_models import SHAPES, random_params
+from wina_jax.bench import decode_setup as B
+from wina_jax.bench.shapes import SHAPES
 from wina_jax.decode import decode_step, fuse_projections
+from wina_jax.testing import random_params
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model", "llama3_8b", "model shape (experiments.decode_models.SHAPES)")
+flags.DEFINE_string("model", "llama3_8b", "model shape (wina_jax.bench.shapes.SHAPES)")
 flags.DEFINE_list("layers", ["2", "32"], "layer counts checked")
 
 

@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # The decode-speed runs behind benchmarks/results (issue 6), as run on one H200 (device tool):
 #
-#   experiments/run_decode_h200.sh OUT STAGE [STAGE ...]
+#   experiments/decode/run_decode_h200.sh OUT STAGE [STAGE ...]
 #
 # Stages run in order, each under its own time limit, writing OUT/<stage>.log and its JSON:
 #   tests   the GPU kernel tests (tests/test_kernels.py -k gpu)
-#   sweep   experiments.kernel_sweep on the Llama-3-8B and Qwen-2.5-7B site shapes -> OUT/kernel_sweep.json
-#   bench   experiments.bench_decode, batch 1, teal and wina at 0 / 0.5 / 0.65, with the sweep's tilings
+#   sweep   experiments.decode.kernel_sweep on the Llama-3-8B and Qwen-2.5-7B site shapes -> OUT/kernel_sweep.json
+#   bench   experiments.decode.bench_decode, batch 1, teal and wina at 0 / 0.5 / 0.65, with the sweep's tilings
 #           (OUT/kernel_sweep.json if the sweep ran, over the committed kernel_sweep_h200_b.json)
-#   full    experiments.bench_decode, every variant, batch 1-8 (the table of decode_h200.md)
+#   full    experiments.decode.bench_decode, every variant, batch 1-8 (the table of decode_h200.md)
 # CONFIGS (comma-separated kernel_sweep JSONs) replaces the committed tilings; SWEEP_S, BENCH_S and
 # FULL_S override the stages' time limits (seconds), SWEEP_BUDGET the sweep's seconds of candidate
 # tilings per shape.
@@ -21,12 +21,12 @@ for stage in "$@"; do
   echo "== $stage $(date -u +%T)"
   case $stage in
     tests) timeout -k 5 120 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py -k gpu ;;
-    sweep) timeout -k 5 "${SWEEP_S:-280}" python3 -m experiments.kernel_sweep --budget_s="${SWEEP_BUDGET:-14}" --top=2 \
+    sweep) timeout -k 5 "${SWEEP_S:-280}" python3 -m experiments.decode.kernel_sweep --budget_s="${SWEEP_BUDGET:-14}" --top=2 \
              --out="$out/kernel_sweep.json"
            [ -f "$out/kernel_sweep.json" ] && configs=${CONFIGS:-benchmarks/results/kernel_sweep_h200_b.json},$out/kernel_sweep.json ;;
-    bench) timeout -k 5 "${BENCH_S:-200}" python3 -m experiments.bench_decode --configs="$configs" --batches=1 \
+    bench) timeout -k 5 "${BENCH_S:-200}" python3 -m experiments.decode.bench_decode --configs="$configs" --batches=1 \
              --methods=teal,wina --sparsities=0,0.5,0.65 --reps=5 --out="$out/bench_decode.json" ;;
-    full) timeout -k 5 "${FULL_S:-420}" python3 -m experiments.bench_decode --configs="$configs" \
+    full) timeout -k 5 "${FULL_S:-420}" python3 -m experiments.decode.bench_decode --configs="$configs" \
             --out="$out/bench_decode_full.json" ;;
     *) echo "unknown stage $stage: tests | sweep | bench | full" >&2; exit 2 ;;
   esac 2>&1 | tee "$out/$stage.log" | tail -40

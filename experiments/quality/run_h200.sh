@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # The SmolLM2 sweeps behind results/sweep/h200 and docs/findings.md, as run on one H200 (device tool).
 #
-#   experiments/run_h200.sh STAGE OUT DEADLINE_S [LIMIT]
+#   experiments/quality/run_h200.sh STAGE OUT DEADLINE_S [LIMIT]
 #
 # STAGE: main (threshold mode, uniform: the paper's methods), variants (threshold, uniform: WINA's c at
 # every site and the partial transforms), greedy (threshold, greedy allocation), topk (per-token top-k).
 # main and variants share OUT/threshold-uniform, so their common cells run once. Inputs, made on a CPU
 # machine and carried (the GPU image has no tokenizer data, datasets or gguf wheel):
 #   .gpu/SmolLM2-135M-Instruct.Q4_1.gguf   the embedded model (sha256 in docs/findings.md)
-#   .gpu/l$LIMIT.npz                        python -m experiments.sweep --only_bundle --bundle=.gpu/l1000.npz \
+#   .gpu/l$LIMIT.npz                        python -m experiments.quality.sweep --only_bundle --bundle=.gpu/l1000.npz \
 #                                             --model=.gpu/SmolLM2-135M-Instruct.Q4_1.gguf --limit=1000 \
 #                                             --seq_len=512 --ppl_windows=128 --calib_windows=64
 # Every cell is resumable: rerun a stage to finish what a deadline left.
@@ -30,4 +30,4 @@ case $stage in
               --methods=teal,wina,teal-transform,wina-transform,cats) ;;
   *) echo "unknown stage $stage: main | variants | greedy | topk" >&2; exit 2 ;;
 esac
-exec python3 -m experiments.sweep "${common[@]}" "${args[@]}"
+exec python3 -m experiments.quality.sweep "${common[@]}" "${args[@]}"

@@ -7,11 +7,11 @@ mode (default) sets each site's threshold to the `sparsity` quantile of the meth
 (TEAL's protocol); top-k mode keeps exactly k per token. Each `--mesh` reuses the first devices.
 
 GPU (2 or 4 H200):
-  PYTHONPATH=. python -m experiments.bench_sharded --configs=llama3_8b,phi4_14b \
+  PYTHONPATH=. python -m experiments.decode.bench_sharded --configs=llama3_8b,phi4_14b \
       --mesh=model:1 --mesh=model:2 --mesh=model:4 --out=runs/bench_sharded.jsonl
 CPU smoke test on fake devices:
   XLA_FLAGS=--xla_force_host_platform_device_count=4 PYTHONPATH=. .venv/bin/python -m \
-      experiments.bench_sharded --configs=tiny --mesh=model:1 --mesh=model:4 --mesh=data:2,model:2 \
+      experiments.decode.bench_sharded --configs=tiny --mesh=model:1 --mesh=model:4 --mesh=data:2,model:2 \
       --prompt_len=16 --decode_tokens=8 --dtype=float32
 """
 from __future__ import annotations
@@ -26,16 +26,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
-from flax import traverse_util
 from tqdm import tqdm
 
-from experiments.decode_models import SHAPES as DECODE_SHAPES
 from wina_jax import model as M
 from wina_jax import sharding as SH
 from wina_jax import sites as S
 from wina_jax import sparsity
+from wina_jax.bench.shapes import SHAPES as DECODE_SHAPES
 from wina_jax.config import ModelConfig
 from wina_jax.convert.load import expected_shapes
+from wina_jax.testing import random_params
 
 SHAPES = {
     "llama3_8b": DECODE_SHAPES["llama3_8b"],
@@ -60,22 +60,11 @@ OUT = flags.DEFINE_string("out", "", "append one JSON line per result here")
 WARMUP = 4
 
 
-@functools.lru_cache(maxsize=None)
-def _initializer(shape: tuple, sharding, std: float, dtype):
-  """One jitted initializer per (shape, sharding): key -> N(0, std^2) array (std 0: ones) made sharded."""
-  if std == 0:
-    return jax.jit(lambda key: jnp.ones(shape, dtype), out_shardings=sharding)
-  return jax.jit(lambda key: (jax.random.normal(key, shape) * std).astype(dtype), out_shardings=sharding)
-
-
-def random_params(cfg: ModelConfig, mesh, fsdp: bool, dtype, seed: int = 0) -> dict:
-  """N(0, 1/d_in) kernels, N(0, 1) embedding, unit norm scales; each array created sharded on `mesh`."""
-  flat = {}
-  for i, (path, shape) in enumerate(expected_shapes(cfg).items()):
-    sharding = jax.sharding.NamedSharding(mesh, SH.spec_for(path, shape, cfg, mesh, fsdp))
-    std = 0.0 if path.endswith("scale") else 1.0 if path.startswith("embed") else shape[0] ** -0.5
-    flat[path] = _initializer(shape, sharding, std, dtype)(jax.random.key(seed + i))
-  return traverse_util.unflatten_dict(flat, sep="/")
+def random_sharded_params(cfg: ModelConfig, mesh, fsdp: bool, dtype, seed: int = 0) -> dict:
+  """`wina_jax.testing.random_params`, each array created sharded on `mesh` by the sharding rules."""
+  shardings = {p: jax.sharding.NamedSharding(mesh, SH.spec_for(p, s, cfg, mesh, fsdp))
+               for p, s in expected_shapes(cfg).items()}
+  return random_params(cfg, jax.random.key(seed), dtype, shardings=shardings)
 
 
 def make_sparsifier(method, params, cfg, prompt):
@@ -98,7 +87,7 @@ def make_sparsifier(method, params, cfg, prompt):
 def bench(cfg_name: str, mesh_spec: str) -> list[dict]:
   cfg, dtype = SHAPES[cfg_name], jnp.dtype(DTYPE.value)
   mesh = SH.make_mesh(mesh_spec)
-  params = random_params(cfg, mesh, FSDP.value, dtype)
+  params = random_sharded_params(cfg, mesh, FSDP.value, dtype)
   b, t = BATCH.value, PROMPT_LEN.value
   max_len = t + WARMUP + DECODE.value
   rng = np.random.RandomState(0)

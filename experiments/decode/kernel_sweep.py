@@ -4,9 +4,9 @@ Each shape is timed as a stack of distinct weight buffers (>= 600 MB: the L2 nev
 call's GPU time hides its dispatch) inside one jit, like the unrolled decoder; rows of x are kept at the
 target sparsity by a threshold on |x|.
 
-GPU:  PYTHONPATH=. python3 -m experiments.kernel_sweep --out=$OUT/sweep.json
+GPU:  PYTHONPATH=. python3 -m experiments.decode.kernel_sweep --out=$OUT/sweep.json
 CPU smoke test (interpret mode):
-      .venv/bin/python -m experiments.kernel_sweep --models=tiny --backend=interpret --copies=2 --budget_s=0 --top=1
+      .venv/bin/python -m experiments.decode.kernel_sweep --models=tiny --backend=interpret --copies=2 --budget_s=0 --top=1
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from experiments.decode_models import SHAPES
+from wina_jax.bench.shapes import SHAPES
 from wina_jax.decode import fused_site_shapes
 from wina_jax.kernels import KernelConfig, masked_linear
 from wina_jax.kernels.config import WORKSPACE_BLOCKS, resolve
@@ -96,11 +96,11 @@ def main(argv):
       space = jnp.zeros((copies, WORKSPACE_BLOCKS), jnp.int32)   # 'semaphore' reduce: one row per copy
 
       def run(cfg, backend):
-        return jax.jit(lambda x, t, ws: [masked_linear(x, w, t, None, segs, backend=backend, config=cfg,
-                                                       workspace=space, slot=i) for i, w in enumerate(ws)])
+        return jax.jit(lambda x, t, weights: [masked_linear(x, w, t, None, segs, backend=backend, config=cfg,
+                                                            workspace=space, slot=i) for i, w in enumerate(weights)])
 
       xla = run(None, "xla")
-      dense = jax.jit(lambda x, ws: [x @ w for w in ws])
+      dense = jax.jit(lambda x, weights: [x @ w for w in weights])
       entry = {"copies": copies, "bytes": nbytes, "xla_dense_us": timed(dense, x, ws) / copies * 1e6,
                "xla_masked_us": {}, "configs": []}
       for s in [FLAGS.sparsity] + [float(v) for v in FLAGS.check_sparsities]:
@@ -152,7 +152,7 @@ def main(argv):
       print(f"== {name}: dense {entry['xla_dense_us']:.1f} us ({nbytes / entry['xla_dense_us'] / 1e3:.0f} GB/s), "
             f"xla masked {entry['xla_masked_us']}, best {rows[0]['us']:.1f} us at {FLAGS.sparsity} "
             f"({entry['xla_dense_us'] / rows[0]['us']:.2f}x), {best}", flush=True)
-      del ws
+      ws = None   # frees this shape's weight copies before the next shape allocates its own
       if FLAGS.out:
         with open(FLAGS.out, "w") as f:
           json.dump(res, f, indent=1)

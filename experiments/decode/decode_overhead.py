@@ -1,7 +1,7 @@
 """Where the sparse decode step's fixed cost goes (issue 6): one process, one GPU, under a time budget.
 
 Per model shape (random bf16 weights, batch 1, TEAL thresholds at each target sparsity as in
-`experiments.bench_decode`), it times one decode step of three variants:
+`experiments.decode.bench_decode`), it times one decode step of three variants:
   dense     our fused dense step;
   teal      the sweep's tiling per shape, with the sweep's reduce ('atomic' / 'partials': each sparse
             site is the Pallas kernel plus one XLA kernel, a memset or a partial-sum reduction);
@@ -11,7 +11,7 @@ all sets): 'default'; 'cb_off' (no command buffers, i.e. no CUDA graphs); 'cb_mi
 for fusions, cuBLAS(Lt), custom calls and cuDNN from one command up). Thresholds are traced, so one
 executable serves every sparsity. It also records
   - the compiled module's kernel-level op counts (fusions, custom calls) per variant;
-  - a profile of a few steps per variant (`experiments.kernel_trace`): kernel time per step by
+  - a profile of a few steps per variant (`wina_jax.bench.trace`): kernel time per step by
     category (sparse_gemv, matmul, copy, fusion), kernel count, busy time and span;
   - correctness of the semaphore reduce on every sparse site shape (vs the 'partials' reduce, and
     bitwise repeatability) and of one teal_sem step vs one teal step.
@@ -19,8 +19,8 @@ Jobs run in priority order (first model: semaphore check, default set, profile, 
 models' default set; first model 'cb_min1'); a job is skipped once `--budget_s` has passed, and the
 JSON is rewritten after every job.
 
-GPU:  PYTHONPATH=. python3 -m experiments.decode_overhead --out=$OUT/decode_overhead.json
-CPU smoke test:  PYTHONPATH=. .venv/bin/python -m experiments.decode_overhead --tiny
+GPU:  PYTHONPATH=. python3 -m experiments.decode.decode_overhead --out=$OUT/decode_overhead.json
+CPU smoke test:  PYTHONPATH=. .venv/bin/python -m experiments.decode.decode_overhead --tiny
 """
 from __future__ import annotations
 
@@ -35,24 +35,28 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from experiments import bench_decode  # noqa: F401  (its flags: --models, --steps, --sparsities, --reps, ...)
-from experiments import decode_setup as B
-from experiments.decode_models import SHAPES, random_params
-from experiments.kernel_trace import summarize, trace_events
+from wina_jax.bench import decode_setup as B
+from wina_jax.bench.shapes import SHAPES
+from wina_jax.bench.trace import summarize, trace_events
 from wina_jax.decode import decode_step, fuse_projections, fused_site_shapes
 from wina_jax.kernels import KernelConfig, masked_linear
 from wina_jax.kernels.config import WORKSPACE_BLOCKS, resolve
 from wina_jax.model import init_cache
+from wina_jax.testing import random_params
 
 flags.DEFINE_list("sweeps", ["benchmarks/results/kernel_sweep_h200_a.json",
                              "benchmarks/results/kernel_sweep_h200_b.json"],
                   "kernel_sweep JSONs whose 'best' tilings are merged (later files win per shape)")
 flags.DEFINE_integer("profile_steps", 4, "decode steps profiled per variant (0: no profile)")
 flags.DEFINE_float("budget_s", 290.0, "no new job starts after this many seconds")
-# Shared with experiments.bench_decode: models (the first also gets the option-set comparison),
-# sparsities, steps, reps, max_len, out, tiny (CPU smoke test: tiny model, XLA path, default options).
-flags.FLAGS.set_default("sparsities", ["0.5", "0.65"])
-flags.FLAGS.set_default("reps", 5)
+flags.DEFINE_list("models", ["llama3_8b", "qwen25_7b"], "model shapes (wina_jax.bench.shapes.SHAPES); the first "
+                  "also gets the option-set comparison")
+flags.DEFINE_list("sparsities", ["0.5", "0.65"], "TEAL target sparsities")
+flags.DEFINE_integer("steps", 32, "decode steps timed per repetition (positions 0..steps-1)")
+flags.DEFINE_integer("reps", 5, "timed repetitions (median); one more untimed warm-up")
+flags.DEFINE_integer("max_len", 512, "KV cache slots")
+flags.DEFINE_string("out", "", "write results JSON here (rewritten after every job)")
+flags.DEFINE_bool("tiny", False, "CPU smoke test: tiny model, XLA path, default options only")
 FLAGS = flags.FLAGS
 
 OPTION_SETS = {
@@ -75,7 +79,7 @@ def kernel_counts(compiled) -> dict:
 def run_steps(compiled, params, sp, tokens, max_len, cfg, reps) -> float:
   """Median seconds per step over `reps` runs of tokens [1, T] from an empty cache (one warm-up run),
   one dispatch per token: steps faster than the host's ~2.6 ms dispatch floor on the H200 read as that
-  floor (`experiments.bench_decode` times in one on-device loop instead)."""
+  floor (`experiments.decode.bench_decode` times in one on-device loop instead)."""
   times = []
   for r in range(reps + 1):
     cache = init_cache(cfg, 1, max_len, jnp.bfloat16)
@@ -247,7 +251,7 @@ def summary(res) -> str:
     lines.append(f"check {k}: {c}")
   for k, c in res["kernel_counts"].items():
     lines.append(f"kernel counts {k}: {c}")
-  lines.append(f"compile s: " + ", ".join(f"{k} {v:.0f}" for k, v in res["compile_s"].items()))
+  lines.append("compile s: " + ", ".join(f"{k} {v:.0f}" for k, v in res["compile_s"].items()))
   if res["skipped"]:
     lines.append(f"skipped (budget): {res['skipped']}")
   for e in res["errors"]:

@@ -3,15 +3,15 @@
 Llama-3-8B- and Qwen-2.5-7B-shaped models with random bf16 weights; a jitted decode step (layers
 unrolled, cache donated), all steps of a run in one on-device loop (`decode_loop`). The `*_host` rows
 dispatch one step per token instead, as runs before 2026-11-29 did; `no_linear` times the step with
-linear sites that read no weights (its 'rest': `experiments.decode_ceiling` turns it into the ceiling
+linear sites that read no weights (its 'rest': `experiments.decode.decode_ceiling` turns it into the ceiling
 of any sparse GEMV kernel). Thresholds are set per site (per segment of fused q|k|v and gate|up)
 to the target sparsity's quantile of the dense model's own scores at the benchmark's decode positions
 (TEAL's protocol), so each target is hit on these inputs. Reports ms/step, tokens/s, speedup over our
 dense, bytes moved per step (kept rows only, union over the batch) and GB/s against a copy bandwidth
 measured in the same run.
 
-GPU:  PYTHONPATH=. python3 -m experiments.bench_decode --out=$OUT/bench_decode.json
-CI:   PYTHONPATH=. .venv/bin/python -m experiments.bench_decode --tiny
+GPU:  PYTHONPATH=. python3 -m experiments.decode.bench_decode --out=$OUT/bench_decode.json
+CI:   PYTHONPATH=. .venv/bin/python -m experiments.decode.bench_decode --tiny
 """
 from __future__ import annotations
 
@@ -26,12 +26,19 @@ from absl import app, flags
 from flax import struct
 from tqdm import tqdm
 
-from experiments.decode_models import SHAPES, add_shortcuts, random_params
-from experiments.decode_setup import check_against_xla, linear_bytes, load_configs, make_sparsifier, site_scores
+from wina_jax.bench.decode_setup import (
+  check_against_xla,
+  linear_bytes,
+  load_configs,
+  make_sparsifier,
+  site_scores,
+)
+from wina_jax.bench.shapes import SHAPES
 from wina_jax.decode import decode_loop, decode_step, fuse_projections
 from wina_jax.model import init_cache
+from wina_jax.testing import add_shortcuts, random_params
 
-flags.DEFINE_list("models", ["llama3_8b", "qwen25_7b"], "model shapes (experiments.decode_models.SHAPES)")
+flags.DEFINE_list("models", ["llama3_8b", "qwen25_7b"], "model shapes (wina_jax.bench.shapes.SHAPES)")
 flags.DEFINE_list("sparsities", ["0", "0.25", "0.4", "0.5", "0.65"], "target sparsities")
 flags.DEFINE_list("batches", ["1", "2", "4", "8"], "batch sizes (>1: dense and teal only)")
 flags.DEFINE_list("methods", ["teal", "wina", "wina_sc"], "sparse variants at batch 1")
@@ -39,7 +46,7 @@ flags.DEFINE_list("batch_sparsities", ["0.5", "0.65"], "sparsities timed at batc
 flags.DEFINE_integer("steps", 32, "decode steps timed per repetition (positions 0..steps-1)")
 flags.DEFINE_integer("reps", 3, "timed repetitions (median); one more untimed warm-up")
 flags.DEFINE_integer("max_len", 512, "KV cache slots")
-flags.DEFINE_list("configs", [], "JSONs of tuned kernel configs (experiments.kernel_sweep; later files win per shape)")
+flags.DEFINE_list("configs", [], "JSONs of tuned kernel configs (experiments.decode.kernel_sweep; later files win per shape)")
 flags.DEFINE_string("reduce", "", "override the configs' split-K reduce (partials | atomic | semaphore)")
 flags.DEFINE_enum("backend", "auto", ["auto", "pallas", "xla"], "masked_linear backend of the sparse variants "
                   "(auto: Pallas for batch 1 on GPU, else XLA; pallas: up to MAX_ROWS rows; xla: mask-then-matmul)")
@@ -72,7 +79,10 @@ def copy_bandwidth() -> dict:
       ts = []
       for _ in range(12):
         s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record(); b.copy_(a); e.record(); torch.cuda.synchronize()
+        s.record()
+        b.copy_(a)
+        e.record()
+        torch.cuda.synchronize()
         ts.append(s.elapsed_time(e) / 1e3)
       out["torch_copy"] = 2 * a.numel() * 2 / statistics.median(ts[2:]) / 1e9
       del a, b
