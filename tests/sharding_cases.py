@@ -118,7 +118,7 @@ def test_kv_cache_decode_matches_one_device():
   cfg, mesh, params, ps = setup("mha", "dp2_tp2_fsdp")
   tok = tokens(cfg, t=12)
   cache = M.init_cache(cfg, 2, 16)
-  scache = SH.init_cache(cfg, 2, 16, mesh)
+  scache = SH.init_sharded_cache(cfg, 2, 16, mesh)
   kv_sharding = NamedSharding(mesh, P("data", None, "model", None))
   assert scache["layers"]["0"]["k"].sharding.is_equivalent_to(kv_sharding, 4)
   ref = M.jit_forward(params, tok[:, :8], cfg, cache=cache)

@@ -6,7 +6,7 @@ import pytest
 
 from wina_jax import sites as S
 from wina_jax.bench.shapes import SHAPES
-from wina_jax.generate import greedy
+from wina_jax.generate import greedy_decode
 from wina_jax.kernels import FusedThresholdSparsifier
 from wina_jax.model import init_cache, jit_forward
 from wina_jax.testing import random_params
@@ -36,9 +36,9 @@ def test_device_loop_equals_host_loop(kind):
         "pytree": FusedThresholdSparsifier.create({s: 0.5 for s in S.linear_sites(CFG)}, backend="xla"),
         "function": lambda site, x, kernel: jnp.where(jnp.abs(x) > 0.5, x, 0.0)}[kind]
   ref = host_greedy(params, prompt, 8, sp)
-  np.testing.assert_array_equal(greedy(params, CFG, prompt, 8, sp), ref)
+  np.testing.assert_array_equal(greedy_decode(params, CFG, prompt, 8, sp), ref)
   eos = int(ref[0, 2])                            # row 0 stops at its third token; row 1 may run on
-  got = greedy(params, CFG, prompt, 8, sp, eos_id=eos)
+  got = greedy_decode(params, CFG, prompt, 8, sp, eos_id=eos)
   np.testing.assert_array_equal(got, host_greedy(params, prompt, 8, sp, eos_id=eos))
-  both = greedy(params, CFG, prompt[:1], 8, sp, eos_id=eos)
+  both = greedy_decode(params, CFG, prompt[:1], 8, sp, eos_id=eos)
   assert both.shape[1] == 3                       # one row: stops right after its eos

@@ -7,8 +7,8 @@ import sys
 import numpy as np
 import pytest
 import yaml
-
 from test_sweep import ROOT, _env, tiny_folder  # noqa: F401  (fixture)
+
 from wina_jax.convert.load import from_transformers
 from wina_jax.eval import multiple_choice as mc
 from wina_jax.eval.lm_eval_adapter import TASKS_DIR, WinaLM
@@ -84,21 +84,33 @@ def test_adapter_scores_like_the_native_evaluator(task_manager, smollm2_tokenize
 
 
 def test_cli_registers_the_model(tiny_folder, tmp_path):  # noqa: F811
+  """The harness CLI with our model: its per-request log-likelihoods and accuracies equal our own
+  multiple-choice scorer's on the same rows and the same variant."""
   out = tmp_path / "out"
+  args = dict(model=tiny_folder, method="wina", sparsity=0.5, mode="topk", batch_tokens=512)
   cmd = [sys.executable, "-m", "wina_jax.eval.lm_eval_adapter", "--model", "wina_jax", "--model_args",
-         f"model={tiny_folder},method=wina,sparsity=0.5,batch_tokens=512", "--tasks", "arc_easy_local",
-         "--limit", "2", "--include_path", TASKS_DIR, "--output_path", str(out)]
+         ",".join(f"{k}={v}" for k, v in args.items()), "--tasks", "arc_easy_local", "--limit", "4",
+         "--include_path", TASKS_DIR, "--output_path", str(out), "--log_samples"]
   subprocess.run(cmd, check=True, cwd=ROOT, env=_env(), capture_output=True)
-  files = [os.path.join(d, f) for d, _, fs in os.walk(out) for f in fs if f.endswith(".json")]
-  assert files
-  with open(files[0]) as f:
+  files = [os.path.join(d, f) for d, _, fs in os.walk(out) for f in fs]
+  with open(next(f for f in files if os.path.basename(f).startswith("results"))) as f:
     res = json.load(f)["results"]["arc_easy_local"]
-  assert 0.0 <= res["acc,none"] <= 1.0 and 0.0 <= res["acc_norm,none"] <= 1.0
+  with open(next(f for f in files if os.path.basename(f).startswith("samples_arc_easy_local"))) as f:
+    samples = sorted((json.loads(line) for line in f), key=lambda s: s["doc_id"])
+  lm = WinaLM(progress=False, **args)
+  v = lm.variant
+  native = mc.evaluate(v.params, v.cfg, lm.tokenizer, load_task("arc_easy", 4), v.sparsifier, batch_tokens=512,
+                       progress=False)
+  assert res["acc,none"] == native["acc"] and res["acc_norm,none"] == native["acc_norm"]
+  reqs = [mc.encode_pair(lm.tok_encode, c, x, lm.eot_token_id) for s in samples for c, x in s["arguments"]]
+  lls = [ll for ll, _ in mc.loglikelihoods(v.params, v.cfg, reqs, v.sparsifier, progress=False)]
+  np.testing.assert_allclose([float(r[0][0]) for s in samples for r in s["resps"]], lls, atol=1e-4)
 
 
 def test_adapter_without_method_uses_the_recommended_variant(smollm2_tokenizer):
   import transformers
   from conftest import TINY
+
   from wina_jax.eval.recommended import recommended
   cfg = transformers.LlamaConfig(**{**TINY, "vocab_size": smollm2_tokenizer.vocab_size})
   params, jcfg = from_transformers(transformers.LlamaForCausalLM(cfg).eval())

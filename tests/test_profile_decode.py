@@ -53,4 +53,8 @@ def test_decode_overhead_tiny_cpu_run(tmp_path):
   res = json.loads(out.read_text())
   assert {r["variant"] for r in res["timings"]} == {"dense", "teal", "teal_sem"}
   assert res["profiles"] and all(p["kernels_per_step"] > 0 for p in res["profiles"].values())
-  assert res["checks"]["tiny/step"]["sem_bitwise_repeatable"]
+  # on CPU the tiny run uses the Pallas kernels in interpret mode: teal's 'partials' reduce and teal_sem's
+  # 'semaphore' reduce are different code, and one step of each gives the same logits up to bf16 rounding
+  assert res["backend"] == "interpret"
+  step = res["checks"]["tiny/step"]
+  assert step["rel_err_sem_vs_teal"] < 1e-2 and step["same_token"] and step["sem_bitwise_repeatable"]

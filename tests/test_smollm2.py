@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from wina_jax import assets
-from wina_jax.generate import greedy
+from wina_jax.generate import greedy_decode
 from wina_jax.model import forward
 
 PROMPT = "The capital of France is"
@@ -36,6 +36,6 @@ def test_logits_and_greedy_match_transformers(smollm2, smollm2_tokenizer, hf_smo
   ours = np.asarray(forward(params, jnp.asarray(ids), cfg).logits)
   assert np.abs(ours - ref).max() <= 1e-3, np.abs(ours - ref).max()
   ref_gen = hf_smollm2.generate(torch.tensor(ids), max_new_tokens=20, do_sample=False)[0, ids.shape[1]:]
-  ours_gen = greedy(params, cfg, ids, 20)[0]
+  ours_gen = greedy_decode(params, cfg, ids, 20)[0]
   np.testing.assert_array_equal(ours_gen, ref_gen.numpy())
   assert smollm2_tokenizer.decode(ours_gen).startswith(" Paris")

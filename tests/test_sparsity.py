@@ -182,15 +182,15 @@ def test_jit_forward_matches_forward(tiny, rng):
 
 def test_dense_prefix_policy(tiny, rng):
   params, cfg = tiny
-  assert sp.dense_prefix("all", 100) is None
-  assert sp.dense_prefix("last_fraction:0.99", 100) == 1
-  assert sp.dense_prefix("last_fraction:1", 100) == 0
-  assert sp.dense_prefix("dense_prefix:7", 100) == 7
+  assert sp.resolve_prefill("all", 100) is None
+  assert sp.resolve_prefill("last_fraction:0.99", 100) == 1
+  assert sp.resolve_prefill("last_fraction:1", 100) == 0
+  assert sp.resolve_prefill("dense_prefix:7", 100) == 7
   for bad in ("some", "last_fraction:0", "last_fraction:1.5", "dense_prefix:-1", "all:3"):
     with pytest.raises(ValueError, match="prefill policy"):
-      sp.dense_prefix(bad, 100)
+      sp.resolve_prefill(bad, 100)
   tokens = _tokens(cfg, rng)
-  n = sp.dense_prefix("last_fraction:0.5", tokens.shape[1])
+  n = sp.resolve_prefill("last_fraction:0.5", tokens.shape[1])
   a = forward(params, tokens, cfg, sp.make("teal", params, cfg, 0.7), dense_prefix=n)
   ref = forward(params, tokens, cfg)
   np.testing.assert_array_equal(np.asarray(a.logits[:, :n]), np.asarray(ref.logits[:, :n]))

@@ -91,7 +91,7 @@ def prefill(params: dict, tokens: jax.Array, cfg: ModelConfig, max_len: int):
 
 
 def greedy_step(params, token, cache, sparsifier, cfg, dense_prefix=None):
-  """Traced body of one greedy step (`decode_step`, each `decode_loop` and `generate.greedy` iteration):
+  """Traced body of one greedy step (`decode_step`, each `decode_loop` and `generate.greedy_decode` iteration):
   token [B] -> (next [B] int32, logits [B, vocab], cache). sparsifier None runs dense."""
   sp = S.dense if sparsifier is None else sparsifier
   out = forward(params, token[:, None], cfg, sp, cache=cache, dense_prefix=dense_prefix)

@@ -36,7 +36,7 @@ def _decode(params, token, cache, dynamic_sparsifier, static_sparsifier, dense_p
   return out, i
 
 
-def greedy(params: dict, cfg: ModelConfig, prompt: np.ndarray, max_new_tokens: int,
+def greedy_decode(params: dict, cfg: ModelConfig, prompt: np.ndarray, max_new_tokens: int,
            sparsifier: Any = S.dense, *, dense_prefill: bool = True, eos_id: Optional[int] = None,
            cache_dtype=None) -> np.ndarray:
   """Greedy continuation of `prompt` [B, T] -> [B, max_new_tokens] token ids.

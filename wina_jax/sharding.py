@@ -138,7 +138,7 @@ def shard_params(params: dict, cfg: ModelConfig, mesh: Mesh, fsdp: bool = False)
 
 
 def cache_specs(cache: dict, cfg: ModelConfig, mesh: Mesh) -> dict:
-  """Specs for an `init_cache` pytree: k/v [B, S, K, hd] over batch ('data') and kv heads ('model')."""
+  """Specs for a `model.init_cache` pytree: k/v [B, S, K, hd] over batch ('data') and kv heads ('model')."""
   b = cache["layers"]["0"]["k"].shape[0]
   kv = P("data" if mesh.shape["data"] > 1 and b % mesh.shape["data"] == 0 else None, None,
          "model" if mesh.shape["model"] > 1 and cfg.num_key_value_heads % mesh.shape["model"] == 0 else None,
@@ -150,7 +150,7 @@ def shard_cache(cache: dict, cfg: ModelConfig, mesh: Mesh) -> dict:
   return jax.device_put(cache, named(mesh, cache_specs(cache, cfg, mesh)))
 
 
-def init_cache(cfg: ModelConfig, batch: int, max_len: int, mesh: Mesh, dtype=None) -> dict:
+def init_sharded_cache(cfg: ModelConfig, batch: int, max_len: int, mesh: Mesh, dtype=None) -> dict:
   """`wina_jax.model.init_cache`, created directly in its sharded layout (no full copy on one device)."""
   from wina_jax import model
   kw = {} if dtype is None else {"dtype": dtype}

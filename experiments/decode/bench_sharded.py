@@ -106,7 +106,7 @@ def bench(cfg_name: str, mesh_spec: str) -> list[dict]:
   rows = []
   for method in METHODS.value:
     sp = SH.replicate(make_sparsifier(method, params, cfg, prompt), mesh)
-    cache = SH.init_cache(cfg, b, max_len, mesh, dtype)
+    cache = SH.init_sharded_cache(cfg, b, max_len, mesh, dtype)
     token, cache = prefill(params, prompt, cache)
     times, tokens = [], []
     for i in range(WARMUP + DECODE.value):

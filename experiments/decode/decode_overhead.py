@@ -20,7 +20,8 @@ models' default set; first model 'cb_min1'); a job is skipped once `--budget_s` 
 JSON is rewritten after every job.
 
 GPU:  PYTHONPATH=. python3 -m experiments.decode.decode_overhead --out=$OUT/decode_overhead.json
-CPU smoke test:  PYTHONPATH=. .venv/bin/python -m experiments.decode.decode_overhead --tiny
+CPU smoke test (Pallas kernels in interpret mode):
+  PYTHONPATH=. .venv/bin/python -m experiments.decode.decode_overhead --tiny
 """
 from __future__ import annotations
 
@@ -56,7 +57,7 @@ flags.DEFINE_integer("steps", 32, "decode steps timed per repetition (positions 
 flags.DEFINE_integer("reps", 5, "timed repetitions (median); one more untimed warm-up")
 flags.DEFINE_integer("max_len", 512, "KV cache slots")
 flags.DEFINE_string("out", "", "write results JSON here (rewritten after every job)")
-flags.DEFINE_bool("tiny", False, "CPU smoke test: tiny model, XLA path, default options only")
+flags.DEFINE_bool("tiny", False, "CPU smoke test: tiny model, Pallas kernels in interpret mode, default options only")
 FLAGS = flags.FLAGS
 
 OPTION_SETS = {
@@ -265,10 +266,16 @@ def main(argv):
   if FLAGS.tiny:
     FLAGS.models, FLAGS.steps, FLAGS.reps, FLAGS.max_len = ["tiny"], 4, 1, 16
     FLAGS.sparsities, FLAGS.profile_steps = ["0.5"], 2
-  backend = "auto" if gpu else "xla"
+  # CPU smoke test: the Pallas kernels in interpret mode on tilings that fit the tiny shapes, so teal
+  # ('partials' reduce) and teal_sem ('semaphore') run different code and check_steps compares them
+  backend = "auto" if gpu else "interpret" if FLAGS.tiny else "xla"
   option_sets = list(OPTION_SETS) if gpu else ["default"]
   configs = B.load_configs(FLAGS.sweeps)
+  if FLAGS.tiny:
+    configs = {(d_in, sum(segs)): KernelConfig(chunk=64, block_k=16, block_n=32)
+               for d_in, segs in fused_site_shapes(SHAPES["tiny"])}
   run = Runner(FLAGS.out)
+  run.res["backend"] = backend
 
   def other_options(m, sets):
     for opts in sets:

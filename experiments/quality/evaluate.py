@@ -15,7 +15,7 @@ from wina_jax.data.text import load_texts, token_windows
 from wina_jax.eval import variants
 from wina_jax.eval.perplexity import perplexity
 from wina_jax.eval.recommended import recommended
-from wina_jax.generate import greedy
+from wina_jax.generate import greedy_decode
 from wina_jax.tokenizer import load_tokenizer
 
 MODEL = flags.DEFINE_string("model", "", "GGUF file or HF checkpoint folder; '' = embedded SmolLM2.")
@@ -49,7 +49,7 @@ def main(_):
   what = "dense" if SPARSITY.value == 0 else f"{spec} at {SPARSITY.value:g} ({mode}, {allocation})"
   print(f"{what}: perplexity on {TEXT.value}: {res['ppl']:.3f} over {res['tokens']} tokens")
   ids = tok(PROMPT.value, return_tensors="np")["input_ids"]
-  out = greedy(params, v.cfg, ids, NEW_TOKENS.value, v.sparsifier, eos_id=tok.eos_token_id)
+  out = greedy_decode(params, v.cfg, ids, NEW_TOKENS.value, v.sparsifier, eos_id=tok.eos_token_id)
   print(f"{PROMPT.value!r} -> {tok.decode(out[0])!r}")
 
 

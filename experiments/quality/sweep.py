@@ -148,7 +148,7 @@ def run_cell(ctx: Context, method: str, s: float) -> dict:
                                             allocation=st["allocation"], calib_windows=ctx.calib,
                                             max_effective=ctx.max_effective, progress=False)
   v = variants.make(ctx.prepared[method], s)
-  prefix = functools.partial(sparsity.dense_prefix, st["prefill"])
+  prefix = functools.partial(sparsity.resolve_prefill, st["prefill"])
   ppl = perplexity.perplexity(v.params, v.cfg, ctx.ppl, v.sparsifier, batch_size=PPL_BATCH.value,
                               dense_prefix=prefix(ctx.ppl.shape[1]), zero_frac=True, progress=False)
   zf = ppl["zero_frac"]

@@ -57,7 +57,7 @@ class WinaLM(TemplateLM):
       calib = token_windows(self.tokenizer, load_texts("boolq:calibration"), int(seq_len), int(calib_windows))
     self.variant = variants.build(params, cfg, str(method), float(sparsity), mode=mode, allocation=allocation,
                                   calib_windows=calib, progress=progress)
-    self.dense_prefix = functools.partial(sp_lib.dense_prefix, prefill)
+    self.dense_prefix = functools.partial(sp_lib.resolve_prefill, prefill)
     self.batch_tokens = int(batch_tokens)
     self._max_length = int(max_length) if max_length else self.variant.cfg.max_position_embeddings
     self.progress = progress
@@ -104,7 +104,7 @@ class WinaLM(TemplateLM):
 
   def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
     """Greedy generation per request, cut at the first stop string (`until`)."""
-    from wina_jax.generate import greedy
+    from wina_jax.generate import greedy_decode
     v, outs = self.variant, []
     for req in tqdm(requests, desc="generate", disable=disable_tqdm or not self.progress):
       context, gen_kwargs = req.args
@@ -112,7 +112,7 @@ class WinaLM(TemplateLM):
       until = [until] if isinstance(until, str) else list(until)
       n_new = int(gen_kwargs.get("max_gen_toks", 256))
       ids = self.tok_encode(context)[-(self.max_length - n_new):]
-      new = greedy(v.params, v.cfg, np.asarray([ids]), n_new, v.sparsifier, eos_id=self.eot_token_id)[0]
+      new = greedy_decode(v.params, v.cfg, np.asarray([ids]), n_new, v.sparsifier, eos_id=self.eot_token_id)[0]
       text = self.tok_decode([t for t in new.tolist() if t != self.eot_token_id])
       for stop in until:
         text = text.split(stop)[0]

@@ -77,7 +77,7 @@ def loglikelihoods(params: dict, cfg: ModelConfig, requests: Sequence[Request], 
 
   buckets: padded lengths (`bucket_length`; default powers of two from 64).
   dense_prefix: positions < dense_prefix run dense; a callable gets the padded length of each batch
-    (e.g. `functools.partial(wina_jax.sparsity.dense_prefix, 'last_fraction:0.99')`)."""
+    (e.g. `functools.partial(wina_jax.sparsity.resolve_prefill, 'last_fraction:0.99')`)."""
   max_len = max_len or cfg.max_position_embeddings
   rows: dict[tuple, list] = {}                  # model input -> [(request index, start, last token)]
   for i, (ctx, cont) in enumerate(requests):

@@ -1,54 +1,34 @@
-"""Sparsity allocation across sites: uniform, or TEAL's greedy per-layer (block-wise) search.
+"""TEAL's greedy per-layer (block-wise) sparsity allocation across sites (runs the model).
 
 Greedy, for each decoder layer on saved calibration inputs (the residual entering the layer):
 weights w_j = parameters behind site j / hidden_size^2; effective sparsity = sum w_j s_j / sum w_j.
 Starting from all s_j = 0, every step tries raising each site by 0.05 / w_j (thresholds from the
 calibration quantiles) and keeps the raise with the least layer-output error (mean per-token l2 error
 over the last 25% of tokens, vs the dense layer), until the effective sparsity reaches `max_effective`.
-The recorded path serves any target: `pick` takes, per layer, the row closest to it.
+The recorded path serves any target: `thresholds.pick` takes, per layer, the row closest to it.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
-from typing import Mapping, Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from wina_jax import sites as S
 from wina_jax.config import ModelConfig
+from wina_jax.model import decoder_layer
 from wina_jax.sparsity import layerwise
-from wina_jax.sparsity.base import Method, ScoreSparsifier, check_sparsity
-from wina_jax.sparsity.calibration import Calibration
+from wina_jax.sparsity.base import ScoreSparsifier, check_sparsity
 from wina_jax.sparsity.measure import site_weights
-from wina_jax.sparsity.registry import site_sparsities
-
-
-@dataclasses.dataclass
-class GreedyPath:
-  """One layer's greedy path. sites: (n,) site names; weights: [n]; sparsities: [R, n] per-site
-  sparsity after each step (row 0 all zero); effective: [R]; error: [R] layer-output error of the row;
-  baseline: [R] error of uniform sparsity at the same effective sparsity."""
-  sites: tuple
-  weights: np.ndarray
-  sparsities: np.ndarray
-  effective: np.ndarray
-  error: np.ndarray
-  baseline: np.ndarray
-
-
-def uniform(method: Method, cfg: ModelConfig, sparsity: float) -> dict[str, float]:
-  """{site: sparsity} for every site the method masks."""
-  return site_sparsities(method, cfg, sparsity)
+from wina_jax.sparsity.thresholds import Calibration, GreedyPath
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "method", "sites", "start"))
 def _errors(lp, h, target, thresholds, state, cfg, method, sites, start):
   """Mean per-token l2 error over tokens >= start of the layer under each row of thresholds [C, n]."""
-  from wina_jax.model import decoder_layer   # allocation drives the model; sparsifiers never do
   def one(th):
     sp = ScoreSparsifier(method=method, mode="threshold", thresholds=dict(zip(sites, th)), state=state)
     out = decoder_layer(cfg, lp, h, 0, sp)   # sites renamed to layer 0: one compile serves every layer
@@ -102,21 +82,3 @@ def greedy(params: dict, cfg: ModelConfig, calib: Calibration, windows: np.ndarr
     paths[layer] = GreedyPath(tuple(sites), w, np.asarray(rows), np.asarray(effs), np.asarray(errs),
                               np.asarray(bases))
   return paths
-
-
-def pick(paths: Mapping[int, GreedyPath], target: float) -> dict[str, float]:
-  """{site: s}: per layer, the path row whose effective sparsity is closest to `target`."""
-  check_sparsity(target, "target sparsity")
-  out = {}
-  for layer, p in paths.items():
-    if target > p.effective[-1] + 1e-9 and len(p.effective) > 1:
-      raise ValueError(f"layer {layer}'s greedy path ends at effective sparsity {p.effective[-1]:.3f} < "
-                       f"{target}; rerun the allocation with max_effective >= {target}")
-    r = int(np.argmin(np.abs(p.effective - target)))
-    out.update({s: float(v) for s, v in zip(p.sites, p.sparsities[r])})
-  return out
-
-
-def effective(sparsities: Mapping[str, float], path: GreedyPath) -> float:
-  """Weighted mean of `sparsities` over one layer's sites (the path's weights)."""
-  return float(sum(w * sparsities.get(s, 0.0) for s, w in zip(path.sites, path.weights)) / path.weights.sum())

@@ -1,74 +1,28 @@
-"""Calibration: score statistics of the dense model, and thresholds for any target sparsity.
+"""Calibration: runs the dense model to collect score statistics, for thresholds at any target sparsity.
 
 `calibrate` runs the dense forward over calibration windows, scores every site's inputs with the
 method's score, keeps a random sample of each site's scores and stores their quantile table. A site's
 threshold for sparsity s is the s-quantile of its scores: keeping scores > t zeroes a fraction s of the
-calibration inputs. Save / load with `wina_jax.sparsity.store`.
+calibration inputs (`thresholds.Calibration`). Save / load with `wina_jax.sparsity.store`.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
-import hashlib
 import math
 from typing import Optional, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
 from tqdm.auto import tqdm
 
-from wina_jax import sites as S
 from wina_jax.config import ModelConfig
 from wina_jax.data.text import token_windows
+from wina_jax.model import decoder_layer_aux
 from wina_jax.sparsity import layerwise
-from wina_jax.sparsity.base import Method, ScoreSparsifier, check_sparsity
+from wina_jax.sparsity.base import Method, ScoreSparsifier
 from wina_jax.sparsity.registry import Sparsities, get_method, site_sparsities
-
-N_LEVELS = 1025
-
-
-@dataclasses.dataclass
-class Calibration:
-  """Per-site score quantiles of one method on one model.
-
-  levels: [L] in [0, 1]; quantiles: {site: [L]} score quantile at each level; fingerprint: `fingerprint`
-  of the params it was computed on; tokens: calibration tokens seen; paths: optional greedy allocation
-  paths {layer: `allocation.GreedyPath`}.
-  """
-  method: Method
-  fingerprint: str
-  levels: np.ndarray
-  quantiles: dict
-  tokens: int
-  paths: Optional[dict] = None
-
-  def threshold(self, site: str, s: float) -> float:
-    """Score threshold zeroing a fraction `s` of the site's calibration scores (-inf at s = 0)."""
-    s = check_sparsity(s, f"sparsity[{site!r}]")
-    if site not in self.quantiles:
-      raise ValueError(f"no calibration statistics for site {site!r}; calibrated sites are e.g. "
-                       f"{sorted(self.quantiles)[:3]}")
-    return -math.inf if s == 0 else float(np.interp(s, self.levels, self.quantiles[site]))
-
-  def thresholds(self, sparsities: dict) -> dict:
-    return {site: self.threshold(site, s) for site, s in sparsities.items()}
-
-  def check_method(self, method: Method) -> None:
-    if method != self.method:
-      raise ValueError(f"this calibration is for {self.method!r}, not {method!r}; calibrate that method")
-
-
-def fingerprint(params: dict, cfg: ModelConfig) -> str:
-  """Short hash of the config and the params (shapes, sums and a strided sample of every tensor)."""
-  h = hashlib.sha256(repr(cfg).encode())
-  for path, leaf in sorted(traverse_util.flatten_dict(params, sep="/").items()):
-    a = np.asarray(leaf, np.float32).ravel()
-    h.update(f"{path}{a.shape}".encode())
-    h.update(np.float64(a.sum(dtype=np.float64)).tobytes())
-    h.update(a[:: max(1, a.size // 4096)].tobytes())
-  return h.hexdigest()[:20]
+from wina_jax.sparsity.thresholds import N_LEVELS, Calibration, fingerprint
 
 
 def windows_from_text(tokenizer, texts: list[str], seq_len: int, max_windows: Optional[int] = None) -> np.ndarray:
@@ -84,7 +38,6 @@ def windows_from_text(tokenizer, texts: list[str], seq_len: int, max_windows: Op
 def _layer_samples(lp, h, valid, sparsifier, key, cfg, sites, n):
   """{local site: [n] random scores of its inputs in one layer on `h` [B, T, d] under `sparsifier`,
   drawn from the first `valid` windows}."""
-  from wina_jax.model import decoder_layer_aux   # calibration drives the model; the sparsifier never does
   _, aux = decoder_layer_aux(cfg, lp, h, 0, sparsifier, collect=("inputs",))
   samples = {}
   for i, site in enumerate(sites):

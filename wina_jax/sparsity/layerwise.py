@@ -6,13 +6,15 @@ its sites renamed to layer 0) and reuse it for every layer instead of compiling 
 from __future__ import annotations
 
 import functools
-from typing import Iterator, Optional
+from collections.abc import Iterator
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
 
 from wina_jax import sites as S
 from wina_jax.config import ModelConfig
+from wina_jax.model import decoder_layer, decoder_layer_aux
 
 
 def local_site(site: str) -> str:
@@ -40,14 +42,12 @@ def input_group(site: str) -> str:
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def dense_layer(lp: dict, h: jax.Array, cfg: ModelConfig) -> jax.Array:
   """Output residual [B, T, d] of one dense layer for its input residual `h` [B, T, d]."""
-  from wina_jax.model import decoder_layer   # layerwise tools drive the model; sparsifiers never do
   return decoder_layer(cfg, lp, h, 0)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def sparse_layer(lp: dict, h: jax.Array, sparsifier, cfg: ModelConfig) -> jax.Array:
   """`dense_layer` with a pytree sparsifier keyed by layer-0 site names (see `local_site`)."""
-  from wina_jax.model import decoder_layer
   return decoder_layer(cfg, lp, h, 0, sparsifier)
 
 
@@ -70,7 +70,6 @@ def localize(sparsifier, layer: int):
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def _counted_layer(lp, h, sparsifier, cfg):
-  from wina_jax.model import decoder_layer_aux
   h, aux = decoder_layer_aux(cfg, lp, h, 0, sparsifier, collect=("zero_frac",))
   return h, aux["zero_frac"]
 

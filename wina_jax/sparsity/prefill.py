@@ -11,7 +11,7 @@ from typing import Optional
 POLICIES = ("all", "last_fraction:F", "dense_prefix:N")
 
 
-def dense_prefix(policy: str, seq_len: int) -> Optional[int]:
+def resolve_prefill(policy: str, seq_len: int) -> Optional[int]:
   """`forward(..., dense_prefix=...)` for a policy over sequences of `seq_len` tokens (None = all sparse)."""
   kind, _, arg = policy.partition(":")
   try:

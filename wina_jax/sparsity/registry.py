@@ -12,13 +12,15 @@ then `make("mine", params, cfg, sparsity=0.5)` (or `--method=mine` in the script
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping, Optional, Union
+from collections.abc import Mapping
+from typing import Union
 
 import jax.numpy as jnp
 
 from wina_jax import sites as S
 from wina_jax.config import ModelConfig
 from wina_jax.sparsity.base import MODES, Method, ScoreSparsifier, check_sparsity, keep_count
+from wina_jax.sparsity.thresholds import pick
 
 _METHODS: dict[str, type] = {}
 ALLOCATIONS = ("uniform", "greedy")
@@ -76,13 +78,18 @@ def site_sparsities(method: Method, cfg: ModelConfig, sparsity: Sparsities) -> d
   return {site: s for site in sites}
 
 
+def uniform(method: Method, cfg: ModelConfig, sparsity: float) -> dict[str, float]:
+  """{site: sparsity} for every site the method masks (uniform allocation)."""
+  return site_sparsities(method, cfg, sparsity)
+
+
 def make(name: Union[str, Method], params: dict, cfg: ModelConfig, sparsity: Sparsities = 0.5, *,
          mode: str = "topk", calibration=None, allocation: str = "uniform", **settings) -> ScoreSparsifier:
   """Build a sparsifier for method `name` (or a `Method` instance) at target `sparsity`.
 
-  sparsity: one float in [0, 1) for every site, or {site: s} (e.g. from `allocation.greedy_pick`).
+  sparsity: one float in [0, 1) for every site, or {site: s} (e.g. from `thresholds.pick`).
   mode: 'topk' (exact k per token, at run time) or 'threshold' (needs `calibration`, a
-    `wina_jax.sparsity.calibration.Calibration` of the same method on these params).
+    `wina_jax.sparsity.thresholds.Calibration` of the same method on these params).
   allocation: 'uniform', or 'greedy' to spread a float `sparsity` over sites along the greedy paths
     stored in `calibration.paths` (`wina_jax.sparsity.allocation.greedy`).
   settings: method settings, e.g. c_sites='all' for wina.
@@ -96,7 +103,6 @@ def make(name: Union[str, Method], params: dict, cfg: ModelConfig, sparsity: Spa
     if calibration is None or not calibration.paths or isinstance(sparsity, Mapping):
       raise ValueError("allocation='greedy' needs one float sparsity and calibration=... holding greedy "
                        "paths (run experiments/quality/calibrate.py --allocation=greedy)")
-    from wina_jax.sparsity.allocation import pick
     sparsity = pick(calibration.paths, sparsity)
   targets = site_sparsities(method, cfg, sparsity)
   state = method.state(params, cfg)

@@ -11,9 +11,8 @@ import os
 import numpy as np
 
 from wina_jax.config import ModelConfig
-from wina_jax.sparsity.allocation import GreedyPath
-from wina_jax.sparsity.calibration import Calibration, fingerprint
 from wina_jax.sparsity.registry import get_method
+from wina_jax.sparsity.thresholds import Calibration, GreedyPath, fingerprint
 
 KIND = "wina_jax.sparsity.calibration"
 FORMAT_VERSION = 1
