@@ -102,7 +102,8 @@ def test_cli_registers_the_model(tiny_folder, tmp_path):  # noqa: F811
   native = mc.evaluate(v.params, v.cfg, lm.tokenizer, load_task("arc_easy", 4), v.sparsifier, batch_tokens=512,
                        progress=False)
   assert res["acc,none"] == native["acc"] and res["acc_norm,none"] == native["acc_norm"]
-  reqs = [mc.encode_pair(lm.tok_encode, c, x, lm.eot_token_id) for s in samples for c, x in s["arguments"]]
+  pairs = [(a["arg_0"], a["arg_1"]) for s in samples for a in s["arguments"].values()]   # gen_args_0, 1, ...
+  reqs = [mc.encode_pair(lm.tok_encode, c, x, lm.eot_token_id) for c, x in pairs]
   lls = [ll for ll, _ in mc.loglikelihoods(v.params, v.cfg, reqs, v.sparsifier, progress=False)]
   np.testing.assert_allclose([float(r[0][0]) for s in samples for r in s["resps"]], lls, atol=1e-4)
 
