@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from wina_jax import families
 from wina_jax.config import ModelConfig
 from wina_jax.eval.flops import paper_config
 
@@ -28,7 +29,8 @@ def random_params(cfg: ModelConfig, key, dtype=jnp.bfloat16) -> dict:
 
   key: a jax PRNG key (generated on the device), or an int seed for numpy (quick for tiny CPU models).
   """
-  d, kv, q, i = cfg.hidden_size, cfg.kv_dim, cfg.q_dim, cfg.intermediate_size
+  d = cfg.hidden_size
+  layout = families.get(cfg.model_type).layout(cfg)
   if isinstance(key, int):
     rng = np.random.default_rng(key)
     keys = iter([None] * (10 * cfg.num_hidden_layers + 2))
@@ -39,13 +41,13 @@ def random_params(cfg: ModelConfig, key, dtype=jnp.bfloat16) -> dict:
   lin = lambda din, dout: {"kernel": _normal(next(keys), (din, dout), dtype, din ** -0.5)}
   layers = {}
   for l in range(cfg.num_hidden_layers):
-    attn = {"q_proj": lin(d, q), "k_proj": lin(d, kv), "v_proj": lin(d, kv), "o_proj": lin(q, d)}
+    attn = {p: lin(*s) for p, s in layout["self_attn"].items()}
     if cfg.attention_bias:
-      for p, w in (("q_proj", q), ("k_proj", kv), ("v_proj", kv)):
-        attn[p]["bias"] = _normal(next(keys), (w,), dtype, 0.02)
+      for p in ("q_proj", "k_proj", "v_proj"):
+        attn[p]["bias"] = _normal(next(keys), (layout["self_attn"][p][1],), dtype, 0.02)
     layers[str(l)] = {"input_layernorm": {"scale": jnp.ones((d,), dtype)}, "self_attn": attn,
                       "post_attention_layernorm": {"scale": jnp.ones((d,), dtype)},
-                      "mlp": {"gate_proj": lin(d, i), "up_proj": lin(d, i), "down_proj": lin(i, d)}}
+                      "mlp": {p: lin(*s) for p, s in layout["mlp"].items()}}
   return {"embed_tokens": {"embedding": _normal(next(keys), (cfg.vocab_size, d), dtype, 1.0)},
           "layers": layers, "norm": {"scale": jnp.ones((d,), dtype)},
           "lm_head": {"kernel": _normal(next(keys), (d, cfg.vocab_size), dtype, d ** -0.5)}}
