@@ -23,8 +23,15 @@ def test_registry_covers_every_family_and_each_has_a_parity_config():
   with pytest.raises(ValueError, match=r"gpt2.*wina_jax/families/<name>\.py"):
     families.get("gpt2")
   assert families.for_gguf_arch("llama") is families.get("llama")
+  assert families.for_gguf_arch("qwen2") is families.get("qwen2")
   with pytest.raises(ValueError, match="GGUF architecture 'falcon' is not supported"):
     families.for_gguf_arch("falcon")
+  # the name tables derived from the families (WINA's official c sites, calibration's input groups)
+  assert families.key_projections() == {"k_proj", "gate_proj", "qkv_proj", "gate_up_proj"}
+  projs = ("q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj", "gate_proj", "up_proj", "gate_up_proj", "down_proj")
+  assert {p: families.input_group(p) for p in projs} == {
+      "q_proj": "q_proj", "k_proj": "q_proj", "v_proj": "q_proj", "qkv_proj": "q_proj", "o_proj": "o_proj",
+      "gate_proj": "gate_proj", "up_proj": "gate_proj", "gate_up_proj": "gate_proj", "down_proj": "down_proj"}
 
 
 @pytest.mark.parametrize("name", sorted(TINY_CONFIGS))

@@ -17,8 +17,7 @@ IGNORED = frozenset({
     "_name_or_path", "architectures", "chunk_size_feed_forward", "dtype", "torch_dtype", "id2label",
     "label2id", "is_encoder_decoder", "model_type", "output_attentions", "output_hidden_states",
     "problem_type", "return_dict", "transformers_version", "initializer_range", "use_cache",
-    "attention_dropout", "resid_pdrop", "embd_pdrop", "bos_token_id", "eos_token_id", "pad_token_id",
-    "tokenizer_class",
+    "attention_dropout", "bos_token_id", "eos_token_id", "pad_token_id", "tokenizer_class",
 })
 MAPPED = frozenset({
     "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",

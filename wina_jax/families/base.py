@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional
 if TYPE_CHECKING:
   from wina_jax.config import ModelConfig
 
-BLOCKS = ("self_attn", "mlp")
 ProjShapes = dict[str, dict[str, tuple[int, int]]]
 
 # HF tensor names -> params paths: (regex on the source name, target path template, hook). Hooks:
