@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
-ARCHITECTURES = ("llama", "mistral", "qwen2", "phi3")
+from wina_jax import families
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,7 +25,8 @@ class RopeScaling:
 class ModelConfig:
   """Decoder-only transformer of the Llama family.
 
-  Attributes mirror HF names. `fused_qkv` / `fused_gate_up` select Phi-3's fused projections.
+  Attributes mirror HF names. `model_type` names a `wina_jax.families` module; `fused_qkv` /
+  `fused_gate_up` select the fused projections (Phi-3's layout, and `decode.fuse_projections`').
   """
   model_type: str
   vocab_size: int
@@ -49,8 +50,7 @@ class ModelConfig:
   fused_gate_up: bool = False
 
   def __post_init__(self):
-    if self.model_type not in ARCHITECTURES:
-      raise ValueError(f"model_type {self.model_type!r} is not supported; expected one of {ARCHITECTURES}")
+    families.get(self.model_type)   # raises for an unsupported model_type
     if self.num_attention_heads % self.num_key_value_heads:
       raise ValueError(f"num_attention_heads={self.num_attention_heads} is not a multiple of "
                        f"num_key_value_heads={self.num_key_value_heads}")

@@ -6,8 +6,8 @@ on-device loop). On the H200 a 32-layer step whose linear sites read no weights 
 dispatched per token and 0.8-0.9 ms in the loop; real steps hide most dispatch behind GPU work
 (benchmarks/results/decode_h200.md). A `FusedThresholdSparsifier` (threshold mode, no top-k) is
 traced: new thresholds reuse the compiled step. `fuse_projections` / `fuse_state` turn q|k|v and
-gate|up into one kernel each (Phi-3 layout, one threshold and scale per segment), which saves three
-launches per layer.
+gate|up into one kernel each (the family's fused layout `Family.fused`, Phi-3's; one threshold and scale
+per segment), which saves three launches per layer.
 """
 from __future__ import annotations
 
@@ -17,23 +17,27 @@ from typing import Any, Mapping, Optional
 import jax
 import jax.numpy as jnp
 
+from wina_jax import families
 from wina_jax import sites as S
 from wina_jax.config import ModelConfig
 from wina_jax.model import forward, init_cache
 
-FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+def _fused_cfg(cfg: ModelConfig) -> ModelConfig:
+  return cfg.replace(fused_qkv=True, fused_gate_up=True)
 
 
 def fuse_projections(params: dict, cfg: ModelConfig) -> tuple[dict, ModelConfig]:
   """Concatenate q|k|v and gate|up kernels (and biases) per layer -> (params, cfg with fused flags)."""
   if cfg.fused_qkv or cfg.fused_gate_up:
     raise ValueError("the model is already fused; pass unfused params")
+  layout = families.get(cfg.model_type).fused
   layers = {}
   for i, lp in params["layers"].items():
     lp = dict(lp)
-    for block, fused in (("self_attn", "qkv_proj"), ("mlp", "gate_up_proj")):
+    for block, (fused, names) in layout.items():
       b = dict(lp[block])
-      parts = [b.pop(p) for p in FUSED[fused]]
+      parts = [b.pop(p) for p in names]
       new = {"kernel": jnp.concatenate([p["kernel"] for p in parts], axis=1)}
       if any("bias" in p for p in parts):
         new["bias"] = jnp.concatenate([p.get("bias", jnp.zeros(p["kernel"].shape[1], p["kernel"].dtype))
@@ -41,7 +45,7 @@ def fuse_projections(params: dict, cfg: ModelConfig) -> tuple[dict, ModelConfig]
       b[fused] = new
       lp[block] = b
     layers[i] = lp
-  return {**params, "layers": layers}, cfg.replace(fused_qkv=True, fused_gate_up=True)
+  return {**params, "layers": layers}, _fused_cfg(cfg)
 
 
 def fuse_state(thresholds: Mapping[str, Any], scales: Mapping[str, Any], cfg: ModelConfig):
@@ -51,17 +55,17 @@ def fuse_state(thresholds: Mapping[str, Any], scales: Mapping[str, Any], cfg: Mo
   without a threshold keep everything (threshold -1). Returns plain dicts for
   `FusedThresholdSparsifier.create`.
   """
-  widths = {"q_proj": cfg.q_dim, "k_proj": cfg.kv_dim, "v_proj": cfg.kv_dim,
-            "gate_proj": cfg.intermediate_size, "up_proj": cfg.intermediate_size}
+  family = families.get(cfg.model_type)
+  layout = family.layout(cfg)
   out_t, out_s, segs = {}, {}, {}
   for site, t in thresholds.items():
     layer, block, proj = S.parse_site(site)
-    if not any(proj in parts for parts in FUSED.values()):
+    if not any(proj in parts for _, parts in family.fused.values()):
       out_t[site] = t
       if site in scales:
         out_s[site] = scales[site]
   for layer in range(cfg.num_hidden_layers):
-    for block, (fused, parts) in zip(("self_attn", "mlp"), FUSED.items()):
+    for block, (fused, parts) in family.fused.items():
       names = [S.site_name(layer, block, p) for p in parts]
       if not any(n in thresholds for n in names):
         continue
@@ -71,14 +75,15 @@ def fuse_state(thresholds: Mapping[str, Any], scales: Mapping[str, Any], cfg: Mo
         d = jnp.shape(scales[next(n for n in names if n in scales)])[-1]
         out_s[site] = jnp.stack([jnp.asarray(scales[n], jnp.float32) if n in scales
                                  else jnp.ones((d,), jnp.float32) for n in names])
-      segs[site] = tuple(widths[p] for p in parts)
+      segs[site] = tuple(layout[block][p][1] for p in parts)
   return out_t, out_s, segs
 
 
 def fused_site_shapes(cfg: ModelConfig) -> list[tuple[int, tuple[int, ...]]]:
-  """(d_in, output segments) of the four linear sites of a fused layer: q|k|v, o, gate|up, down."""
-  d, q, kv, i = cfg.hidden_size, cfg.q_dim, cfg.kv_dim, cfg.intermediate_size
-  return [(d, (q, kv, kv)), (q, (d,)), (d, (i, i)), (i, (d,))]
+  """(d_in, output segments) of the linear sites of a fused layer, forward order: q|k|v, o, gate|up, down."""
+  family, fcfg = families.get(cfg.model_type), _fused_cfg(cfg)
+  return [(d_in, family.segments(fcfg, block, proj))
+          for block, projs in family.proj_shapes(fcfg).items() for proj, (d_in, _) in projs.items()]
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "max_len"))

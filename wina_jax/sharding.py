@@ -5,7 +5,8 @@ parallel). `make_mesh('data:1,model:4')` builds it; everything else is plain `ja
 with `NamedSharding`: the compiler (GSPMD/Shardy, `AxisType.Auto`) partitions the unchanged model code
 and inserts the collectives, so results equal one device up to float reduction order.
 
-Tensor-parallel rules (Megatron layout, kernels [in, out]; see `RULES`):
+Tensor-parallel rules (Megatron layout, kernels [in, out]); the model family declares them
+(`Family.sharding_rules`; the shared table is `wina_jax.families.base.SHARDING_RULES`):
 
   q/k/v_proj, qkv_proj   [d, heads*hd]   columns over 'model' (whole heads)
   o_proj                 [H*hd, d]       rows over 'model'  -> one all-reduce per attention block
@@ -31,26 +32,11 @@ import numpy as np
 from flax import traverse_util
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from wina_jax import families
 from wina_jax.config import ModelConfig
+from wina_jax.families.base import FSDP, TP   # logical axes: tensor parallel -> 'model', FSDP -> 'data'/none
 
 AXES = ("data", "model")
-TP, FSDP = "tp", "fsdp"   # logical axes in RULES: tensor parallel -> 'model', FSDP -> 'data' or none
-
-# (path regex, candidate logical specs in order of preference, granularity of the TP dim).
-# The first candidate whose TP dimension divides evenly (in whole units) is used.
-RULES: tuple[tuple[str, tuple[tuple[Optional[str], ...], ...], Optional[str]], ...] = (
-    (r"embed_tokens/embedding", ((TP, FSDP), (FSDP, TP)), None),
-    (r"lm_head/kernel", ((FSDP, TP), (TP, FSDP)), None),
-    (r"self_attn/(q|k|v|qkv)_proj/kernel", ((FSDP, TP),), "head_dim"),
-    (r"self_attn/(q|k|v|qkv)_proj/bias", ((TP,),), "head_dim"),
-    (r"self_attn/o_proj/kernel", ((TP, FSDP),), "head_dim"),
-    (r"mlp/(gate|up|gate_up)_proj/kernel", ((FSDP, TP),), None),
-    (r"mlp/(gate|up|gate_up)_proj/bias", ((TP,),), None),
-    (r"mlp/down_proj/kernel", ((TP, FSDP),), None),
-    (r"residual_(attn|mlp)/kernel", ((TP, FSDP),), None),
-    (r"(o_proj|down_proj)/bias", ((None,),), None),
-    (r"(layernorm|norm)/scale", ((None,),), None),
-)
 
 
 def parse_mesh(spec: str) -> dict[str, int]:
@@ -108,8 +94,11 @@ def _fit(logical: tuple, shape: tuple, mesh: Mesh, fsdp: bool, unit: int) -> tup
 
 
 def spec_for(path: str, shape: tuple, cfg: ModelConfig, mesh: Mesh, fsdp: bool = False) -> P:
-  """PartitionSpec of the param at `path` ('layers/0/mlp/up_proj/kernel') with `shape`."""
-  for pattern, candidates, unit in RULES:
+  """PartitionSpec of the param at `path` ('layers/0/mlp/up_proj/kernel') with `shape`: the first of the
+  family's rules whose regex matches, and of its candidates the first whose TP dimension divides evenly
+  (in whole units)."""
+  family = families.get(cfg.model_type)
+  for pattern, candidates, unit in family.sharding_rules:
     if re.search(pattern, path):
       if len(candidates[0]) != len(shape):
         raise ValueError(f"param {path} has shape {shape}; its partition rule {pattern!r} expects "
@@ -117,7 +106,8 @@ def spec_for(path: str, shape: tuple, cfg: ModelConfig, mesh: Mesh, fsdp: bool =
       step = getattr(cfg, unit) if unit else 1
       fitted = [_fit(c, shape, mesh, fsdp, step) for c in candidates]
       return next((spec for spec, tp_ok in fitted if tp_ok), fitted[0][0])
-  raise ValueError(f"no partition rule matches param {path!r}; add one to wina_jax.sharding.RULES")
+  raise ValueError(f"no partition rule matches param {path!r}; add one to the sharding_rules of "
+                   f"wina_jax/families/{family.name}.py")
 
 
 def param_specs(params: dict, cfg: ModelConfig, mesh: Mesh, fsdp: bool = False) -> dict:

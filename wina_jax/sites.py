@@ -2,7 +2,8 @@
 
 A *site* is the input of one linear layer, or the MLP activation, named by its parameter path with
 dots: `layers.3.self_attn.k_proj`, `layers.3.mlp.down_proj`, `layers.3.mlp.act` (the SiLU(gate)
-that CATS thresholds). Phi-3 has `qkv_proj` and `gate_up_proj` instead of q/k/v and gate/up.
+that CATS thresholds). The projections of a block come from the model family (`families.proj_shapes`):
+Phi-3 has `qkv_proj` and `gate_up_proj` instead of q/k/v and gate/up.
 
 The model knows sparsifiers only through `Sparsifier`: a callable `(site, x, kernel) -> x_masked`.
 A sparsifier may also define `linear(site, x, kernel) -> y` to compute the masked matmul itself
@@ -14,12 +15,9 @@ from typing import Optional, Protocol, runtime_checkable
 
 import jax
 
+from wina_jax import families
 from wina_jax.config import ModelConfig
 
-ATTN_SITES = ("q_proj", "k_proj", "v_proj", "o_proj")
-FUSED_ATTN_SITES = ("qkv_proj", "o_proj")
-MLP_SITES = ("gate_proj", "up_proj", "down_proj")
-FUSED_MLP_SITES = ("gate_up_proj", "down_proj")
 ACT = "act"
 
 
@@ -39,11 +37,10 @@ def dense(site: str, x: jax.Array, kernel: Optional[jax.Array]) -> jax.Array:
 
 def block_sites(cfg: ModelConfig, block: str) -> tuple[str, ...]:
   """Linear projection names of one block ('self_attn' or 'mlp') in forward order."""
-  if block == "self_attn":
-    return FUSED_ATTN_SITES if cfg.fused_qkv else ATTN_SITES
-  if block == "mlp":
-    return FUSED_MLP_SITES if cfg.fused_gate_up else MLP_SITES
-  raise ValueError(f"unknown block {block!r}; expected 'self_attn' or 'mlp'")
+  shapes = families.proj_shapes(cfg)
+  if block not in shapes:
+    raise ValueError(f"unknown block {block!r}; expected one of {tuple(shapes)}")
+  return tuple(shapes[block])
 
 
 def site_name(layer: int, block: str, proj: str) -> str:
@@ -53,7 +50,7 @@ def site_name(layer: int, block: str, proj: str) -> str:
 def linear_sites(cfg: ModelConfig) -> list[str]:
   """Every linear site of the model, in forward order (lm_head is never sparsified)."""
   return [site_name(l, b, p) for l in range(cfg.num_hidden_layers)
-          for b in ("self_attn", "mlp") for p in block_sites(cfg, b)]
+          for b, projs in families.proj_shapes(cfg).items() for p in projs]
 
 
 def act_sites(cfg: ModelConfig) -> list[str]:
@@ -76,8 +73,6 @@ def site_kernel(params: dict, site: str) -> jax.Array:
 
 def site_param_counts(cfg: ModelConfig) -> dict[str, int]:
   """Weights of each linear site: d_in * d_out."""
-  d, q, kv, i = cfg.hidden_size, cfg.q_dim, cfg.kv_dim, cfg.intermediate_size
-  shapes = {"q_proj": d * q, "k_proj": d * kv, "v_proj": d * kv, "qkv_proj": d * (q + 2 * kv),
-            "o_proj": q * d, "gate_proj": d * i, "up_proj": d * i, "gate_up_proj": d * 2 * i,
-            "down_proj": i * d}
-  return {s: shapes[parse_site(s)[2]] for s in linear_sites(cfg)}
+  shapes = families.proj_shapes(cfg)
+  return {site_name(l, b, p): d_in * d_out for l in range(cfg.num_hidden_layers)
+          for b, projs in shapes.items() for p, (d_in, d_out) in projs.items()}

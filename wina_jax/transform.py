@@ -1,7 +1,8 @@
 """WINA tensor transform: rotate the residual stream so that k_proj and gate_proj become column-orthogonal.
 
 For each transformed block (layer l, 'self_attn' or 'mlp') the basis Q [d, d] comes from the float64 SVD of
-the block's key kernel K [d, n] (k_proj, or gate_proj; the k / gate part of Phi-3's fused kernels) after the
+the block's key kernel K [d, n] (the family's `key_projs`: k_proj and gate_proj; the k / gate columns of
+Phi-3's fused kernels, found by `Family.locate`) after the
 block's RMSNorm gain is folded in: K = Q S U^T, so Q^T K = S U^T has orthogonal rows (torch columns). When
 n < d (GQA k_proj) the SVD is full, so Q is still a d x d orthogonal basis.
 
@@ -28,6 +29,7 @@ import numpy as np
 import threadpoolctl
 from flax import traverse_util
 
+from wina_jax import families
 from wina_jax import sites as S
 from wina_jax.config import ModelConfig
 
@@ -42,17 +44,12 @@ def _f64(a) -> np.ndarray:
 
 def key_kernel(lp: dict, cfg: ModelConfig, block: str) -> np.ndarray:
   """[d, n] float64 kernel whose SVD defines the block's basis, with the block's RMSNorm gain folded in."""
-  if block == "self_attn":
-    g = lp["input_layernorm"]["scale"]
-    k = (_f64(lp["self_attn"]["qkv_proj"]["kernel"])[:, cfg.q_dim:cfg.q_dim + cfg.kv_dim] if cfg.fused_qkv
-         else _f64(lp["self_attn"]["k_proj"]["kernel"]))
-  elif block == "mlp":
-    g = lp["post_attention_layernorm"]["scale"]
-    k = (_f64(lp["mlp"]["gate_up_proj"]["kernel"])[:, :cfg.intermediate_size] if cfg.fused_gate_up
-         else _f64(lp["mlp"]["gate_proj"]["kernel"]))
-  else:
+  norms = {"self_attn": "input_layernorm", "mlp": "post_attention_layernorm"}
+  if block not in norms:
     raise ValueError(f"unknown block {block!r}; expected one of {BLOCKS}")
-  return _f64(g)[:, None] * k
+  family = families.get(cfg.model_type)
+  proj, cols = family.locate(cfg, block, family.key_projs[block])
+  return _f64(lp[norms[block]]["scale"])[:, None] * _f64(lp[block][proj]["kernel"])[:, cols]
 
 
 def orthogonalizing_basis(kernel: np.ndarray) -> np.ndarray:

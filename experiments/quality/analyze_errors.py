@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from absl import app, flags
 from tqdm.auto import tqdm
 
-from wina_jax import analysis, assets, sparsity
+from wina_jax import analysis, assets, families, sparsity
 from wina_jax import sites as S
 from wina_jax.analysis import plots
 from wina_jax.convert import load
@@ -42,7 +42,7 @@ OUT = flags.DEFINE_string("out", "results/analysis", "Output folder.")
 REPLOT = flags.DEFINE_bool("replot", False, "Only redraw the PNGs from <out>/errors.csv and kl.csv.")
 
 SUFFIX = "-transform"
-KEY_PROJS = ("k_proj", "gate_proj", "qkv_proj", "gate_up_proj")   # sites the transform orthogonalises
+KEY_PROJS = families.key_projections()   # sites the transform orthogonalises
 FLOOR = 1e-10   # relative squared errors below this are float32 round-off (GQA k_proj: WINA drops zero rows)
 
 

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from wina_jax import families
 from wina_jax import sites as S
 from wina_jax.analysis.metrics import column_orthogonality_defect, error_sums, logit_kl
 from wina_jax.config import ModelConfig
@@ -27,12 +28,12 @@ def dense_run(params: dict, cfg: ModelConfig, tokens: jax.Array) -> Output:
 
 def _up(params: dict, cfg: ModelConfig, layer: int, inputs: dict, sparsifier: Any) -> jax.Array:
   """up_proj output [..., I] from its recorded input, masked by `sparsifier` at the up (or gate_up) site."""
-  proj = "gate_up_proj" if cfg.fused_gate_up else "up_proj"
+  proj, cols = families.get(cfg.model_type).locate(cfg, "mlp", "up_proj")
   site = S.site_name(layer, "mlp", proj)
   lin = params["layers"][str(layer)]["mlp"][proj]
   y = jnp.matmul(sparsifier(site, inputs[site], lin["kernel"]), lin["kernel"], precision=HI)
   y = y + lin["bias"] if "bias" in lin else y
-  return y[..., cfg.intermediate_size:] if cfg.fused_gate_up else y
+  return y[..., cols]
 
 
 def site_input(params: dict, cfg: ModelConfig, inputs: dict, sparsifier: Any, site: str, *,

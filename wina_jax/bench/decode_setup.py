@@ -11,16 +11,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from wina_jax import families
 from wina_jax import sites as S
 from wina_jax.decode import decode_step
 from wina_jax.kernels import FusedThresholdSparsifier, KernelConfig
 from wina_jax.model import forward, init_cache
 
 
-def segment_widths(cfg, site: str, kernel) -> tuple[int, ...]:
+def segment_widths(cfg, site: str) -> tuple[int, ...]:
   """Output widths of a site's kernel: q|k|v or gate|up for fused sites, else the one full width."""
-  return {"qkv_proj": (cfg.q_dim, cfg.kv_dim, cfg.kv_dim),
-          "gate_up_proj": (cfg.intermediate_size,) * 2}.get(S.parse_site(site)[2], (kernel.shape[1],))
+  _, block, proj = S.parse_site(site)
+  return families.get(cfg.model_type).segments(cfg, block, proj)
 
 
 def prefix_caches(params, cfg, tokens, max_len) -> tuple[dict, dict]:
@@ -49,7 +50,7 @@ def site_scores(params, cfg, tokens, with_scale) -> dict:
     if S.parse_site(site)[2] == S.ACT:
       continue
     kernel = S.site_kernel(params, site)
-    widths = segment_widths(cfg, site, kernel)
+    widths = segment_widths(cfg, site)
     ax = jnp.abs(x.astype(jnp.float32))
     if with_scale:
       bounds = np.cumsum((0,) + widths)
@@ -88,7 +89,7 @@ def linear_bytes(params, cfg, kept=None) -> float:
     if kept is None:
       total += k.size * k.dtype.itemsize
     else:
-      total += sum(f * k.shape[0] * w * k.dtype.itemsize for f, w in zip(kept[site], segment_widths(cfg, site, k)))
+      total += sum(f * k.shape[0] * w * k.dtype.itemsize for f, w in zip(kept[site], segment_widths(cfg, site)))
   return total
 
 

@@ -5,6 +5,8 @@ raises, naming it, instead of being silently ignored (e.g. rope scaling keys we 
 """
 from __future__ import annotations
 
+from wina_jax import families
+
 # '<arch>.<suffix>' -> HF field.
 _ARCH_FIELDS = {
     "context_length": "max_position_embeddings",
@@ -18,7 +20,6 @@ _ARCH_FIELDS = {
     "vocab_size": "vocab_size",
     "rope.dimension_count": "head_dim",
 }
-_GGUF_ARCH_TO_HF = {"llama": "llama"}
 
 
 def _value(field):
@@ -29,9 +30,7 @@ def gguf_hf_config(reader) -> dict:
   """HF config dict for a `gguf.GGUFReader`; raises on unsupported architectures or metadata."""
   fields = reader.fields
   arch = _value(fields["general.architecture"])
-  if arch not in _GGUF_ARCH_TO_HF:
-    raise ValueError(f"GGUF architecture {arch!r} is not supported; supported: {sorted(_GGUF_ARCH_TO_HF)}")
-  cfg = {"model_type": _GGUF_ARCH_TO_HF[arch]}
+  cfg = {"model_type": families.for_gguf_arch(arch).name}
   unknown = []
   for key, field in fields.items():
     if not key.startswith(arch + "."):

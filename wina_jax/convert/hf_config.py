@@ -1,36 +1,30 @@
 """HF config -> `ModelConfig`, with a strict whitelist.
 
-Every field of the HF config is either mapped, known to be irrelevant at inference, or equal to the
-HF class default; anything else raises a ValueError that names it, so a model we would not reproduce
-exactly is never loaded silently (Penzai's `llama_from_huggingface_model` does the same).
+Every field of the HF config is either mapped, known to be irrelevant at inference (shared fields here, family
+fields in `wina_jax.families.<model_type>`), or equal to the HF class default; anything else raises a
+ValueError that names it, so a model we would not reproduce exactly is never loaded silently (Penzai's
+`llama_from_huggingface_model` does the same).
 """
 from __future__ import annotations
 
 from typing import Any, Mapping, Union
 
-from wina_jax.config import ARCHITECTURES, ModelConfig, RopeScaling
+from wina_jax import families
+from wina_jax.config import ModelConfig, RopeScaling
 
-# Fields that do not change the forward pass at inference.
+# Fields (of every family) that do not change the forward pass at inference.
 IGNORED = frozenset({
     "_name_or_path", "architectures", "chunk_size_feed_forward", "dtype", "torch_dtype", "id2label",
     "label2id", "is_encoder_decoder", "model_type", "output_attentions", "output_hidden_states",
     "problem_type", "return_dict", "transformers_version", "initializer_range", "use_cache",
-    "attention_dropout", "resid_pdrop", "embd_pdrop", "bos_token_id", "eos_token_id", "pad_token_id",
-    "pretraining_tp", "tokenizer_class", "max_window_layers",
+    "attention_dropout", "bos_token_id", "eos_token_id", "pad_token_id", "tokenizer_class",
 })
 MAPPED = frozenset({
     "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
     "num_key_value_heads", "head_dim", "hidden_act", "max_position_embeddings", "rms_norm_eps",
-    "tie_word_embeddings", "rope_parameters", "rope_scaling", "rope_theta", "attention_bias", "mlp_bias",
-    "sliding_window", "use_sliding_window", "layer_types", "original_max_position_embeddings",
+    "tie_word_embeddings", "rope_parameters", "rope_scaling", "rope_theta", "layer_types",
     "partial_rotary_factor",
 })
-ROPE_KEYS = {
-    "default": {"rope_type", "rope_theta", "partial_rotary_factor"},
-    "linear": {"rope_type", "rope_theta", "partial_rotary_factor", "factor"},
-    "llama3": {"rope_type", "rope_theta", "partial_rotary_factor", "factor", "low_freq_factor",
-               "high_freq_factor", "original_max_position_embeddings"},
-}
 
 
 def _hf_dicts(config: Union[Mapping[str, Any], Any]) -> tuple[dict, dict]:
@@ -39,57 +33,44 @@ def _hf_dicts(config: Union[Mapping[str, Any], Any]) -> tuple[dict, dict]:
   if isinstance(config, Mapping):
     config = dict(config)
     model_type = config.pop("model_type", None)
-    if model_type not in ARCHITECTURES:
-      raise ValueError(f"model_type {model_type!r} is not supported; expected one of {ARCHITECTURES}")
+    families.get(model_type)   # raises for an unsupported model_type
     config = transformers.AutoConfig.for_model(model_type, **config)
-  if getattr(config, "model_type", None) not in ARCHITECTURES:
-    raise ValueError(f"model_type {getattr(config, 'model_type', None)!r} is not supported; "
-                     f"expected one of {ARCHITECTURES}")
+  families.get(getattr(config, "model_type", None))
   return config.to_dict(), type(config)().to_dict()
 
 
-def _rope(d: dict) -> tuple[float, RopeScaling | None, float]:
+def _rope(d: dict, rope_keys: dict) -> tuple[float, RopeScaling | None, float]:
   rp = dict(d.get("rope_parameters") or {})
   kind = rp.get("rope_type", "default")
-  if kind not in ROPE_KEYS:
-    raise ValueError(f"rope_type {kind!r} is not supported; supported: {sorted(ROPE_KEYS)}")
-  extra = set(rp) - ROPE_KEYS[kind]
+  if kind not in rope_keys:
+    raise ValueError(f"rope_type {kind!r} is not supported for model_type {d['model_type']!r}; "
+                     f"supported: {sorted(rope_keys)}")
+  extra = set(rp) - rope_keys[kind]
   if extra:
     raise ValueError(f"rope_parameters fields {sorted(extra)} are not handled for rope_type {kind!r}")
   theta = float(rp.get("rope_theta", d.get("rope_theta", 10000.0)))
   partial = float(rp.get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0)) or 1.0)
   if kind == "default":
     return theta, None, partial
-  kw = {k: rp[k] for k in ROPE_KEYS[kind] - {"rope_type", "rope_theta", "partial_rotary_factor"} if k in rp}
+  kw = {k: rp[k] for k in rope_keys[kind] - {"rope_type", "rope_theta", "partial_rotary_factor"} if k in rp}
   return theta, RopeScaling(kind=kind, **kw), partial
-
-
-def _sliding_window(d: dict, model_type: str) -> int | None:
-  types = set(d.get("layer_types") or ["full_attention"])
-  if model_type == "qwen2":
-    if d.get("use_sliding_window") or types != {"full_attention"}:
-      raise ValueError("qwen2 with use_sliding_window=True (per-layer sliding windows) is not supported")
-    return None
-  if len(types) > 1:
-    raise ValueError(f"layer_types {sorted(types)} (mixed attention kinds) are not supported")
-  return d.get("sliding_window")
 
 
 def from_hf_config(config: Union[Mapping[str, Any], Any]) -> ModelConfig:
   """`ModelConfig` from a transformers config object or a config.json dict. Raises on unknown fields."""
   d, defaults = _hf_dicts(config)
   model_type = d["model_type"]
-  unknown = sorted(k for k, v in d.items()
-                   if k not in MAPPED and k not in IGNORED and (k not in defaults or defaults[k] != v))
+  family = families.get(model_type)
+  known = MAPPED | IGNORED | family.hf_fields
+  unknown = sorted(k for k, v in d.items() if k not in known and (k not in defaults or defaults[k] != v))
   if unknown:
     raise ValueError(f"HF config fields {unknown} (values {[d[k] for k in unknown]}) are not handled by "
                      f"wina_jax for model_type {model_type!r}; remove them or add support in "
-                     "wina_jax/convert/hf_config.py")
+                     f"wina_jax/families/{model_type}.py")
   if d.get("hidden_act", "silu") != "silu":
     raise ValueError(f"hidden_act {d['hidden_act']!r} is not supported; only 'silu' (SwiGLU)")
-  theta, scaling, partial = _rope(d)
+  theta, scaling, partial = _rope(d, family.rope_types)
   head_dim = d.get("head_dim") or d["hidden_size"] // d["num_attention_heads"]
-  bias = bool(d.get("attention_bias", False))
   return ModelConfig(
       model_type=model_type,
       vocab_size=d["vocab_size"],
@@ -105,10 +86,5 @@ def from_hf_config(config: Union[Mapping[str, Any], Any]) -> ModelConfig:
       rope_scaling=scaling,
       partial_rotary_factor=partial,
       tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-      attention_bias=bias or model_type == "qwen2",
-      o_bias=bias,
-      mlp_bias=bool(d.get("mlp_bias", False)),
-      sliding_window=_sliding_window(d, model_type),
-      fused_qkv=model_type == "phi3",
-      fused_gate_up=model_type == "phi3",
+      **family.config_kwargs(d),
   )

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from wina_jax import assets
+from wina_jax import assets, families
 from wina_jax.config import ModelConfig
 from wina_jax.convert import cache, names
 from wina_jax.convert.gguf_config import gguf_hf_config
@@ -21,30 +21,25 @@ from wina_jax.convert.hf_config import from_hf_config
 
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-  """Flat {'layers/0/mlp/up_proj/kernel': shape} for every parameter `cfg` implies."""
-  d, q, kv, i = cfg.hidden_size, cfg.q_dim, cfg.kv_dim, cfg.intermediate_size
+  """Flat {'layers/0/mlp/up_proj/kernel': shape} for every parameter `cfg` implies (kernels from
+  `families.proj_shapes`; q/k/v biases with `attention_bias`, o_proj's with `o_bias`, the MLP's with
+  `mlp_bias`)."""
+  d = cfg.hidden_size
   out = {"embed_tokens/embedding": (cfg.vocab_size, d), "norm/scale": (d,)}
   if not cfg.tie_word_embeddings:
     out["lm_head/kernel"] = (d, cfg.vocab_size)
-  attn = {"qkv_proj": (d, q + 2 * kv)} if cfg.fused_qkv else {
-      "q_proj": (d, q), "k_proj": (d, kv), "v_proj": (d, kv)}
-  mlp = {"gate_up_proj": (d, 2 * i)} if cfg.fused_gate_up else {"gate_proj": (d, i), "up_proj": (d, i)}
-  mlp["down_proj"] = (i, d)
+  biased = lambda block, proj: (cfg.mlp_bias if block == "mlp" else
+                                cfg.o_bias if proj == "o_proj" else cfg.attention_bias)
+  shapes = families.proj_shapes(cfg)
   for l in range(cfg.num_hidden_layers):
     p = f"layers/{l}"
     out[f"{p}/input_layernorm/scale"] = (d,)
     out[f"{p}/post_attention_layernorm/scale"] = (d,)
-    for n, s in attn.items():
-      out[f"{p}/self_attn/{n}/kernel"] = s
-      if cfg.attention_bias:
-        out[f"{p}/self_attn/{n}/bias"] = (s[1],)
-    out[f"{p}/self_attn/o_proj/kernel"] = (q, d)
-    if cfg.o_bias:
-      out[f"{p}/self_attn/o_proj/bias"] = (d,)
-    for n, s in mlp.items():
-      out[f"{p}/mlp/{n}/kernel"] = s
-      if cfg.mlp_bias:
-        out[f"{p}/mlp/{n}/bias"] = (s[1],)
+    for block, projs in shapes.items():
+      for n, s in projs.items():
+        out[f"{p}/{block}/{n}/kernel"] = s
+        if biased(block, n):
+          out[f"{p}/{block}/{n}/bias"] = (s[1],)
   return out
 
 
@@ -67,9 +62,9 @@ def _to_params(flat: Mapping[str, np.ndarray], cfg: ModelConfig, dtype) -> dict:
 
 def from_state_dict(tensors: Mapping[str, np.ndarray], cfg: ModelConfig, dtype=jnp.float32) -> dict:
   """Params from HF-named [out, in] torch-layout arrays (numpy)."""
-  flat = {}
+  flat, family = {}, families.get(cfg.model_type)
   for name, arr in tensors.items():
-    target = names.hf_target(name)
+    target = names.hf_target(name, family)
     if target is None:
       continue
     path, hook = target
@@ -127,16 +122,17 @@ def _gguf_tensors(path: str) -> tuple[dict[str, np.ndarray], ModelConfig]:
   import gguf
   reader = gguf.GGUFReader(path)
   cfg = from_hf_config(gguf_hf_config(reader))
+  family = families.get(cfg.model_type)
   tensors = {}
   for t in reader.tensors:
-    name = names.gguf_to_hf(t.name)
+    name = names.gguf_to_hf(t.name, family)
     if name is None:
       continue
     w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
     w = w.reshape(tuple(int(n) for n in reversed(t.shape)))
-    if name.endswith("q_proj.weight"):
+    if family.gguf_permuted_qk and name.endswith("q_proj.weight"):
       w = unpermute_qk(w, cfg.num_attention_heads)
-    elif name.endswith("k_proj.weight"):
+    elif family.gguf_permuted_qk and name.endswith("k_proj.weight"):
       w = unpermute_qk(w, cfg.num_key_value_heads)
     tensors[name] = w
   return tensors, cfg

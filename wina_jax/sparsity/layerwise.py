@@ -12,6 +12,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from wina_jax import families
 from wina_jax import sites as S
 from wina_jax.config import ModelConfig
 from wina_jax.model import decoder_layer, decoder_layer_aux
@@ -34,9 +35,7 @@ def local_state(state: dict, sites) -> dict:
 
 def input_group(site: str) -> str:
   """Sites reading the same input share a group: q/k/v (or qkv), gate/up (or gate_up); others alone."""
-  proj = S.parse_site(site)[2]
-  return {"k_proj": "q_proj", "v_proj": "q_proj", "qkv_proj": "q_proj", "up_proj": "gate_proj",
-          "gate_up_proj": "gate_proj"}.get(proj, proj)
+  return families.input_group(S.parse_site(site)[2])
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from wina_jax import families
 from wina_jax import sites as S
 from wina_jax.config import ModelConfig
 
@@ -28,15 +29,15 @@ def per_matrix_sparsity(zero_frac: Mapping[str, float], cfg: ModelConfig) -> dic
   """{linear site: skipped fraction of its kernel}. up_proj (or the up half of gate_up_proj) combines
   its input sparsity a and the activation sparsity b as 1 - (1 - a)(1 - b), exact when either is 0."""
   zf = {k: float(np.asarray(v)) for k, v in zero_frac.items()}
+  up, cols = families.get(cfg.model_type).locate(cfg, "mlp", "up_proj")
+  up_share = (cols.stop - cols.start) / families.proj_shapes(cfg)["mlp"][up][1]   # gate_up: the up half
   out = {}
   for site in S.linear_sites(cfg):
     layer, block, proj = S.parse_site(site)
     a = zf.get(site, 0.0)
     b = zf.get(S.site_name(layer, "mlp", S.ACT), 0.0)
-    if proj == "up_proj":
-      a = 1 - (1 - a) * (1 - b)
-    elif proj == "gate_up_proj":
-      a = 0.5 * a + 0.5 * (1 - (1 - a) * (1 - b))   # gate half dense past its input, up half skips columns
+    if block == "mlp" and proj == up:   # the up columns also skip where the activation is zero
+      a = (1 - up_share) * a + up_share * (1 - (1 - a) * (1 - b))
     out[site] = a
   return out
 

@@ -7,14 +7,16 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from wina_jax import families
 from wina_jax import sites as S
 from wina_jax.config import ModelConfig
 from wina_jax.sparsity.base import Method
 from wina_jax.sparsity.registry import register
 
-# Projections whose column norms WINA's official code uses (c = 1 elsewhere); the fused Phi-3
-# projections stand in for k_proj and gate_proj, their norms taken over the whole fused kernel.
-OFFICIAL_C_PROJS = ("k_proj", "gate_proj", "qkv_proj", "gate_up_proj")
+# Projections whose column norms WINA's official code uses (c = 1 elsewhere): the transform's key
+# projections; the fused Phi-3 projections stand in for k_proj and gate_proj, their norms taken over the
+# whole fused kernel.
+OFFICIAL_C_PROJS = families.key_projections()
 C_SITES = ("official", "all")
 
 
