@@ -29,14 +29,24 @@ def modules() -> dict[str, str]:
   return out
 
 
+def _is_type_checking(test: ast.expr) -> bool:
+  return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+      isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+
+
 def imported(name: str, path: str, known) -> set[str]:
   """Names a module imports anywhere in its body: `from a.b import c` gives a.b.c when that is a module,
-  else a.b; relative imports are resolved against the module's package."""
+  else a.b; relative imports are resolved against the module's package. Imports under
+  `if TYPE_CHECKING:` never run, so they are no edges."""
   with open(path) as f:
     tree = ast.parse(f.read(), path)
   package = name if path.endswith("__init__.py") else name.rpartition(".")[0]
+  typing_only = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and _is_type_checking(node.test)
+                 for stmt in node.body for n in ast.walk(stmt)}
   out = set()
   for node in ast.walk(tree):
+    if id(node) in typing_only:
+      continue
     if isinstance(node, ast.Import):
       out.update(a.name for a in node.names)
     elif isinstance(node, ast.ImportFrom):
