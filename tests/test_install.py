@@ -2,9 +2,10 @@
 resolves every dependency pyproject.toml declares from its cache or the Python package index), then
 `import wina_jax` and the module and functional APIs agree on a tiny model in that venv.
 
-Takes 2-3.5 min on the 2-core CI machine (measured 3m22s with ~10 other jobs running; most of it is
-downloading and unpacking jax, jaxlib, scipy, tensorstore and transformers). Needs the package index:
-set WINA_OFFLINE=1 to skip it where there is none.
+Time on the 2-core machine, always with ~10 other jobs running (load average ~20), so an upper bound:
+`pip install -e .` alone 3m22s, this test 7m48s (36 s of it CPU; the rest is fetching and unpacking
+~950 MB: jax, jaxlib, scipy, tensorstore, transformers). Needs the package index: set WINA_OFFLINE=1 to
+skip it where there is none (or `-m "not network"`).
 
   .venv/bin/python -m pytest -q -p no:xdist tests/test_install.py
 """

@@ -5,6 +5,7 @@ logits (every tiny family and SmolLM2, dense and TEAL / WINA in both modes), no 
   .venv/bin/python -m pytest -q -p no:xdist tests/test_modules.py
 """
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +16,7 @@ from flax import traverse_util
 from conftest import TINY_CONFIGS, make_hf_model
 from wina_jax import model as M
 from wina_jax import nn as wnn
+from wina_jax import sharding
 from wina_jax import sparsity as sp
 from wina_jax.convert import from_transformers
 from wina_jax.convert.load import expected_shapes
@@ -32,8 +34,10 @@ def _tokens(cfg, b=2, t=12, seed=0):
   return jnp.asarray(np.random.RandomState(seed).randint(0, cfg.vocab_size, (b, t)), jnp.int32)
 
 
-def _init(cfg):
-  return wnn.CausalLM(cfg).init(KEY, jnp.zeros((1, 1), jnp.int32))["params"]
+def _abstract_init(cfg, **kw):
+  """model.init's params as shapes and dtypes (`jax.eval_shape`: nothing computed)."""
+  init = functools.partial(wnn.CausalLM(cfg, **kw).init, KEY, jnp.zeros((1, 1), jnp.int32))
+  return jax.eval_shape(init)["params"]
 
 
 def _median_thresholds(name, params, cfg, tokens):
@@ -71,12 +75,14 @@ def _assert_same(mod, fun, what=""):
 
 def test_init_tree_is_expected_shapes(tiny):
   params, cfg = tiny
-  init = _init(cfg)
+  init = _abstract_init(cfg)
   flat = {k: v.shape for k, v in traverse_util.flatten_dict(init, sep="/").items()}
   assert flat == expected_shapes(cfg)
   assert jax.tree_util.tree_structure(init) == jax.tree_util.tree_structure(params)
   assert all(v.dtype == jnp.float32 for v in jax.tree_util.tree_leaves(init))
-  bf16 = wnn.CausalLM(cfg, param_dtype=jnp.bfloat16).init(KEY, jnp.zeros((1, 1), jnp.int32))["params"]
+  mesh = sharding.make_mesh("model:-1")   # partition rules see the same tree
+  assert sharding.param_specs(init, cfg, mesh) == sharding.param_specs(params, cfg, mesh)
+  bf16 = _abstract_init(cfg, param_dtype=jnp.bfloat16)
   assert all(v.dtype == jnp.bfloat16 for v in jax.tree_util.tree_leaves(bf16))
 
 
@@ -98,8 +104,8 @@ def test_apply_is_bit_identical_to_forward(tiny):
   _assert_same(*_both(params, cfg, tokens, sparsifiers["wina_threshold"], collect=("zero_frac",), jit=True))
 
 
-def test_bad_collect_raises_like_forward(tiny):
-  params, cfg = tiny
+def test_bad_collect_raises_like_forward():
+  params, cfg = from_transformers(make_hf_model("llama_mha"))
   with pytest.raises(ValueError, match="cannot collect"):
     wnn.CausalLM(cfg).apply({"params": params}, _tokens(cfg), collect=("bogus",))
 
@@ -135,7 +141,7 @@ def test_prefill_then_decode_equals_recompute(name):
   tokens = _tokens(cfg, t=9)
   sparsifier = sp.make("teal", params, cfg, 0.5)
   full = model.apply({"params": params}, tokens, sparsifier=sparsifier).logits
-  apply = jax.jit(model.apply)
+  apply = model.apply   # eager: tests/test_cache.py covers the jitted cache path
   out = apply({"params": params}, tokens[:, :6], sparsifier=sparsifier, cache=model.init_cache(2, 16))
   steps, cache = [out.logits], out.cache
   for j in range(6, 9):
@@ -149,8 +155,9 @@ def test_prefill_then_decode_equals_recompute(name):
   np.testing.assert_allclose(np.asarray(fun.logits), np.asarray(steps[-1]), atol=1e-6, rtol=0)
 
 
-def test_submodules_alone_match_the_functional_layer(tiny):
-  params, cfg = tiny
+@pytest.mark.parametrize("name", ["qwen2_bias", "phi3_fused"])   # separate and fused projections
+def test_submodules_alone_match_the_functional_layer(name):
+  params, cfg = from_transformers(make_hf_model(name))
   layer = cfg.num_hidden_layers - 1
   lp = params["layers"][str(layer)]
   h = jax.random.normal(KEY, (2, 7, cfg.hidden_size), jnp.float32)
