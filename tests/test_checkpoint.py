@@ -51,6 +51,7 @@ def test_errors_name_the_fix(tmp_path):
   with pytest.raises(FileExistsError, match="force=True"):
     checkpoint.save_params(path, params, cfg)
   moved = jax.tree_util.tree_map(lambda a: a + 1, params)
-  _assert_trees_equal(checkpoint.restore_params(checkpoint.save_params(path, moved, cfg, force=True))[0], moved)
+  overwritten = checkpoint.save_params(path, moved, cfg, force=True)
+  _assert_trees_equal(checkpoint.restore_params(overwritten)[0], moved)
   with pytest.raises(FileNotFoundError, match="save_params"):
     checkpoint.restore_params(str(tmp_path / "missing"))

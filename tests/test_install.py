@@ -36,7 +36,7 @@ print(wina_jax.__file__, jax.__file__)
 
 @pytest.mark.network
 @pytest.mark.skipif(os.environ.get("WINA_OFFLINE") == "1",
-                    reason="WINA_OFFLINE=1: a fresh venv needs the Python package index to resolve dependencies")
+                    reason="WINA_OFFLINE=1: a fresh venv needs the Python package index for its dependencies")
 def test_editable_install_into_fresh_venv(tmp_path):
   env_dir = tmp_path / "venv"
   subprocess.run([sys.executable, "-m", "venv", str(env_dir)], check=True)
@@ -48,5 +48,5 @@ def test_editable_install_into_fresh_venv(tmp_path):
   run = subprocess.run([py, "-c", SMOKE], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
   assert run.returncode == 0, f"import wina_jax in the fresh venv failed:\n{run.stderr[-3000:]}"
   pkg, jax_file = run.stdout.split()
-  assert pkg.startswith(os.path.join(ROOT, "wina_jax")), f"imported {pkg}, not this checkout's (editable) package"
+  assert pkg.startswith(os.path.join(ROOT, "wina_jax")), f"imported {pkg}, not this checkout's (editable) one"
   assert jax_file.startswith(str(env_dir)), f"jax came from {jax_file}, not the fresh venv"

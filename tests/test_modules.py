@@ -64,12 +64,14 @@ def _both(params, cfg, tokens, sparsifier, collect=(), jit=False):
   fwd = M.jit_forward if jit else M.forward
   if jit:
     apply = jax.jit(apply, static_argnames="collect")
-  return apply({"params": params}, tokens, collect=collect, **kw), fwd(params, tokens, cfg, **kw, collect=collect)
+  mod = apply({"params": params}, tokens, collect=collect, **kw)
+  return mod, fwd(params, tokens, cfg, **kw, collect=collect)
 
 
 def _assert_same(mod, fun, what=""):
   assert jax.tree_util.tree_structure(mod.aux) == jax.tree_util.tree_structure(fun.aux), what
-  for a, b in zip(jax.tree_util.tree_leaves((mod.logits, mod.aux)), jax.tree_util.tree_leaves((fun.logits, fun.aux))):
+  leaves = lambda out: jax.tree_util.tree_leaves((out.logits, out.aux))
+  for a, b in zip(leaves(mod), leaves(fun)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=what)
 
 

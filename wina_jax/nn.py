@@ -182,7 +182,8 @@ class _Layers(nn.Module):
 
   @nn.compact
   def __call__(self, i, h, ctx, positions, kv, kv_len):
-    return DecoderLayer(self.cfg, i, self.init_std, self.param_dtype, name=str(i))(h, ctx, positions, kv, kv_len)
+    layer = DecoderLayer(self.cfg, i, self.init_std, self.param_dtype, name=str(i))
+    return layer(h, ctx, positions, kv, kv_len)
 
 
 class CausalLM(nn.Module):
