@@ -18,11 +18,14 @@ Params layout (kernels are [in, out], as in Flax's Dense):
 The optional residual rotations are what the WINA tensor transform adds (`wina_jax.transform`).
 Every linear input and the MLP activation pass through the sparsifier at a named site
 (`wina_jax.sites`); the forward can return what it saw there as explicit pytrees.
+
+The layer math (`attention_block`, `mlp_block`, `residual_layer`, `run_decoder`) takes its weights as
+callables, so the `flax.linen` modules of `wina_jax.nn` run exactly this code over their own params.
 """
 from __future__ import annotations
 
 import functools
-from typing import Any, NamedTuple, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -42,10 +45,14 @@ class Output(NamedTuple):
   aux: dict
 
 
-class _Ctx:
-  """Per-call state while tracing: the sparsifier, which tokens are sparse, and what to collect."""
+class Context:
+  """Per-call state while tracing: the sparsifier, which tokens are sparse, and what to collect.
 
-  def __init__(self, sparsifier, sparse_tok, collect):
+  The functional `forward` and the `wina_jax.nn` modules both route every site through one `Context`.
+  """
+
+  def __init__(self, sparsifier: Any = S.dense, sparse_tok: Optional[jax.Array] = None,
+               collect: Sequence[str] = ()):
     self.sparsifier = sparsifier
     self.sparse_tok = sparse_tok            # [T] bool, or None when every token is sparse
     self.collect = frozenset(collect)
@@ -74,6 +81,7 @@ class _Ctx:
     return xs
 
   def linear(self, site: str, x: jax.Array, lin: dict) -> jax.Array:
+    """`x` [..., d_in] through the linear `lin` ({'kernel' [d_in, d_out], 'bias'?}), sparsified at `site`."""
     kernel = lin["kernel"]
     fused = getattr(self.sparsifier, "linear", None)
     if fused is not None and not (self.collect & {"inputs", "zero_frac"}):
@@ -85,18 +93,23 @@ class _Ctx:
     return y + lin["bias"] if "bias" in lin else y
 
 
-def attention_block(cfg: ModelConfig, lp: dict, h: jax.Array, layer: int, ctx: _Ctx,
-                    positions: jax.Array, kv: Optional[dict], kv_len) -> tuple[jax.Array, Optional[dict]]:
-  """Attention output (before the residual add) for residual `h` [B, T, d]; returns (out, new kv)."""
-  p = lp["self_attn"]
-  x = L.rms_norm(h, lp["input_layernorm"]["scale"], cfg.rms_norm_eps)
-  site = lambda proj: S.site_name(layer, "self_attn", proj)
+# (projection name, e.g. 'q_proj' or 'qkv_proj'; input x [B, T, d_in]) -> x through that linear, sparsified
+# at its site. The functional path reads the kernel from the params dict, `wina_jax.nn` from a module.
+Project = Callable[[str, jax.Array], jax.Array]
+
+
+def attention_block(cfg: ModelConfig, x: jax.Array, project: Project, positions: jax.Array,
+                    kv: Optional[dict], kv_len) -> tuple[jax.Array, Optional[dict]]:
+  """Attention of the normed input `x` [B, T, d] (before the residual add) -> (out [B, T, d], new kv).
+
+  positions: [T] absolute positions; kv: this layer's cache {'k', 'v': [B, S, K, hd]} or None;
+  kv_len: valid cache slots after writing the T new tokens.
+  """
   b, t, _ = x.shape
   if cfg.fused_qkv:
-    qkv = ctx.linear(site("qkv_proj"), x, p["qkv_proj"])
-    q, k, v = jnp.split(qkv, [cfg.q_dim, cfg.q_dim + cfg.kv_dim], axis=-1)
+    q, k, v = jnp.split(project("qkv_proj", x), [cfg.q_dim, cfg.q_dim + cfg.kv_dim], axis=-1)
   else:
-    q, k, v = (ctx.linear(site(n), x, p[n]) for n in ("q_proj", "k_proj", "v_proj"))
+    q, k, v = (project(n, x) for n in ("q_proj", "k_proj", "v_proj"))
   q = L.apply_rope(q.reshape(b, t, cfg.num_attention_heads, cfg.head_dim), positions, cfg)
   k = L.apply_rope(k.reshape(b, t, cfg.num_key_value_heads, cfg.head_dim), positions, cfg)
   v = v.reshape(b, t, cfg.num_key_value_heads, cfg.head_dim)
@@ -106,37 +119,51 @@ def attention_block(cfg: ModelConfig, lp: dict, h: jax.Array, layer: int, ctx: _
     v = jax.lax.dynamic_update_slice(kv["v"], v.astype(kv["v"].dtype), (0, start, 0, 0))
     kv = {"k": k, "v": v}
   o = L.attention(q, k, v, positions, kv_len, cfg.sliding_window).reshape(b, t, cfg.q_dim)
-  return ctx.linear(site("o_proj"), o, p["o_proj"]), kv
+  return project("o_proj", o), kv
 
 
-def mlp_block(cfg: ModelConfig, lp: dict, h: jax.Array, layer: int, ctx: _Ctx) -> jax.Array:
-  """SwiGLU MLP output (before the residual add) for residual `h` [B, T, d]."""
-  p = lp["mlp"]
-  x = L.rms_norm(h, lp["post_attention_layernorm"]["scale"], cfg.rms_norm_eps)
-  site = lambda proj: S.site_name(layer, "mlp", proj)
+def mlp_block(cfg: ModelConfig, x: jax.Array, project: Project, layer: int, ctx: Context) -> jax.Array:
+  """SwiGLU MLP of the normed input `x` [B, T, d] (before the residual add); the activation is masked at
+  the site `layers.<layer>.mlp.act`."""
   if cfg.fused_gate_up:
-    gate, up = jnp.split(ctx.linear(site("gate_up_proj"), x, p["gate_up_proj"]), 2, axis=-1)
+    gate, up = jnp.split(project("gate_up_proj", x), 2, axis=-1)
   else:
-    gate = ctx.linear(site("gate_proj"), x, p["gate_proj"])
-    up = ctx.linear(site("up_proj"), x, p["up_proj"])
-  act = ctx.mask(site(S.ACT), jax.nn.silu(gate), None)
-  return ctx.linear(site("down_proj"), act * up, p["down_proj"])
+    gate, up = project("gate_proj", x), project("up_proj", x)
+  act = ctx.mask(S.site_name(layer, "mlp", S.ACT), jax.nn.silu(gate), None)
+  return project("down_proj", act * up)
 
 
-def _rotate(h: jax.Array, lp: dict, key: str) -> jax.Array:
-  return h @ lp[key]["kernel"] if key in lp else h
+def residual_layer(h: jax.Array, layer: int, ctx: Context, attn: Callable, mlp: Callable,
+                   rotate: Callable) -> tuple[jax.Array, Optional[dict]]:
+  """The residual structure of one decoder layer: `h` [B, T, d] -> (output residual, updated kv).
 
-
-def _layer(cfg: ModelConfig, lp: dict, h: jax.Array, layer: int, ctx: _Ctx, positions: jax.Array,
-           kv: Optional[dict], kv_len) -> tuple[jax.Array, Optional[dict]]:
-  """One decoder layer: residual [B, T, d] in -> residual out, and the layer's updated KV cache."""
+  attn(h) -> (out, kv) and mlp(h) -> out norm their own input; rotate(key, h) applies the optional
+  residual rotation `key` ('residual_attn' | 'residual_mlp') that `wina_jax.transform` adds, or returns h.
+  """
   if "residual" in ctx.collect:
     ctx.aux["residual"][f"layers.{layer}.self_attn"] = h
-  attn, kv = attention_block(cfg, lp, h, layer, ctx, positions, kv, kv_len)
-  h = _rotate(h, lp, "residual_attn") + attn
+  a, kv = attn(h)
+  h = rotate("residual_attn", h) + a
   if "residual" in ctx.collect:
     ctx.aux["residual"][f"layers.{layer}.mlp"] = h
-  return _rotate(h, lp, "residual_mlp") + mlp_block(cfg, lp, h, layer, ctx), kv
+  return rotate("residual_mlp", h) + mlp(h), kv
+
+
+def _layer(cfg: ModelConfig, lp: dict, h: jax.Array, layer: int, ctx: Context, positions: jax.Array,
+           kv: Optional[dict], kv_len) -> tuple[jax.Array, Optional[dict]]:
+  """One decoder layer over its params dict `lp`: residual [B, T, d] in -> (residual out, updated kv)."""
+  def project(block):
+    return lambda proj, x: ctx.linear(S.site_name(layer, block, proj), x, lp[block][proj])
+
+  def attn(h):
+    x = L.rms_norm(h, lp["input_layernorm"]["scale"], cfg.rms_norm_eps)
+    return attention_block(cfg, x, project("self_attn"), positions, kv, kv_len)
+
+  def mlp(h):
+    x = L.rms_norm(h, lp["post_attention_layernorm"]["scale"], cfg.rms_norm_eps)
+    return mlp_block(cfg, x, project("mlp"), layer, ctx)
+
+  return residual_layer(h, layer, ctx, attn, mlp, lambda key, h: h @ lp[key]["kernel"] if key in lp else h)
 
 
 def decoder_layer_aux(cfg: ModelConfig, lp: dict, h: jax.Array, layer: int, sparsifier: Any = S.dense,
@@ -144,7 +171,7 @@ def decoder_layer_aux(cfg: ModelConfig, lp: dict, h: jax.Array, layer: int, spar
   """One decoder layer without a cache, every token sparse: residual `h` [B, T, d] entering layer `layer`
   -> (its output residual [B, T, d], aux collected as in `forward`). For per-layer calibration."""
   positions = jnp.arange(h.shape[1], dtype=jnp.int32)
-  ctx = _Ctx(sparsifier, None, collect)
+  ctx = Context(sparsifier, None, collect)
   return _layer(cfg, lp, h, layer, ctx, positions, None, h.shape[1])[0], ctx.aux
 
 
@@ -169,18 +196,14 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) ->
                      for i in range(cfg.num_hidden_layers)}}
 
 
-def forward(params: Params, tokens: jax.Array, cfg: ModelConfig, sparsifier: Any = S.dense, *,
-            cache: Optional[dict] = None, dense_prefix: Optional[jax.Array] = None,
-            collect: Sequence[str] = ()) -> Output:
-  """Run the decoder on `tokens` [B, T] (int).
+def run_decoder(cfg: ModelConfig, tokens: jax.Array, embed: Callable, layer: Callable, head: Callable,
+                sparsifier: Any = S.dense, *, cache: Optional[dict] = None,
+                dense_prefix: Optional[jax.Array] = None, collect: Sequence[str] = ()) -> Output:
+  """The decoder around its weights: checks, positions, the layer loop, the cache and the logits.
 
-  sparsifier: a `wina_jax.sites.Sparsifier` called at every site (default: identity).
-  cache: from `init_cache`; the T new tokens are written at `cache['length']` and attend to the past.
-  dense_prefix: tokens at absolute positions < dense_prefix skip the sparsifier (TEAL's dense prefill
-    start); None sparsifies every token. Decode tokens past the prefix are always sparse.
-  collect: any of 'inputs' ({site: [B, T, d_in]} dense-side inputs of each site), 'zero_frac'
-    ({site: scalar} fraction of zeroed inputs over sparse tokens), 'residual' ({'layers.i.self_attn' |
-    'layers.i.mlp': [B, T, d]} residual stream entering each block).
+  embed(tokens [B, T]) -> h [B, T, d]; layer(i, h, ctx, positions, kv, kv_len) -> (h, kv) for layer i;
+  head(h) -> [B, T, vocab] (final norm and lm_head). `forward` passes closures over a params dict,
+  `wina_jax.nn.CausalLM` its submodules; arguments as in `forward`.
   """
   unknown = set(collect) - set(COLLECTABLE)
   if unknown:
@@ -194,16 +217,38 @@ def forward(params: Params, tokens: jax.Array, cfg: ModelConfig, sparsifier: Any
   positions = start + jnp.arange(t, dtype=jnp.int32)
   kv_len = start + t
   sparse_tok = None if dense_prefix is None else positions >= dense_prefix
-  ctx = _Ctx(sparsifier, sparse_tok, collect)
-  h = params["embed_tokens"]["embedding"][tokens]
+  ctx = Context(sparsifier, sparse_tok, collect)
+  h = embed(tokens)
   new_layers = {}
   for i in range(cfg.num_hidden_layers):
     kv = None if cache is None else cache["layers"][str(i)]
-    h, new_layers[str(i)] = _layer(cfg, params["layers"][str(i)], h, i, ctx, positions, kv, kv_len)
-  h = L.rms_norm(h, params["norm"]["scale"], cfg.rms_norm_eps)
-  logits = (h @ lm_head_kernel(params, cfg)).astype(jnp.float32)
+    h, new_layers[str(i)] = layer(i, h, ctx, positions, kv, kv_len)
+  logits = head(h).astype(jnp.float32)
   new_cache = None if cache is None else {"length": kv_len, "layers": new_layers}
   return Output(logits, new_cache, ctx.aux)
+
+
+def forward(params: Params, tokens: jax.Array, cfg: ModelConfig, sparsifier: Any = S.dense, *,
+            cache: Optional[dict] = None, dense_prefix: Optional[jax.Array] = None,
+            collect: Sequence[str] = ()) -> Output:
+  """Run the decoder on `tokens` [B, T] (int).
+
+  sparsifier: a `wina_jax.sites.Sparsifier` called at every site (default: identity).
+  cache: from `init_cache`; the T new tokens are written at `cache['length']` and attend to the past.
+  dense_prefix: tokens at absolute positions < dense_prefix skip the sparsifier (TEAL's dense prefill
+    start); None sparsifies every token. Decode tokens past the prefix are always sparse.
+  collect: any of 'inputs' ({site: [B, T, d_in]} dense-side inputs of each site), 'zero_frac'
+    ({site: scalar} fraction of zeroed inputs over sparse tokens), 'residual' ({'layers.i.self_attn' |
+    'layers.i.mlp': [B, T, d]} residual stream entering each block).
+  """
+  def layer(i, h, ctx, positions, kv, kv_len):
+    return _layer(cfg, params["layers"][str(i)], h, i, ctx, positions, kv, kv_len)
+
+  def head(h):
+    return L.rms_norm(h, params["norm"]["scale"], cfg.rms_norm_eps) @ lm_head_kernel(params, cfg)
+
+  return run_decoder(cfg, tokens, lambda tok: params["embed_tokens"]["embedding"][tok], layer, head,
+                     sparsifier, cache=cache, dense_prefix=dense_prefix, collect=collect)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "static_sparsifier", "collect"))

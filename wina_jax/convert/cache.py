@@ -35,7 +35,7 @@ def file_key(path: str, kind: str) -> Optional[str]:
   return os.path.join(root, f"{os.path.basename(path)}-{kind}-{hashlib.sha1(ident.encode()).hexdigest()[:16]}")
 
 
-def _cfg_from_json(d: dict) -> ModelConfig:
+def cfg_from_json(d: dict) -> ModelConfig:
   rs = d.pop("rope_scaling")
   return ModelConfig(**d, rope_scaling=None if rs is None else RopeScaling(**rs))
 
@@ -45,7 +45,7 @@ def cached_arrays(path: str, build: Callable[[], tuple[dict, ModelConfig]]) -> t
   folder = file_key(path, "params")
   if folder and os.path.isfile(os.path.join(folder, "config.json")):
     with open(os.path.join(folder, "config.json")) as f:
-      cfg = _cfg_from_json(json.load(f))
+      cfg = cfg_from_json(json.load(f))
     with np.load(os.path.join(folder, "arrays.npz")) as z:
       return {k: z[k] for k in z.files}, cfg
   flat, cfg = build()
