@@ -52,6 +52,16 @@ def test_unsupported_settings_raise():
     from_hf_config({"model_type": "gpt2"})
 
 
+def test_quantization_other_than_gguf_raises_naming_it():
+  bnb = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+  with pytest.raises(ValueError, match="quantization_config \\(quant_method 'bitsandbytes'\\)"):
+    from_hf_config({"model_type": "llama", **TINY, "quantization_config": bnb})
+  gguf = {"quant_method": "gguf", "gguf_file": "m.gguf", "dequantize": False}
+  cfg = from_hf_config({"model_type": "llama", **TINY, "quantization_config": gguf, "unk_token_id": 0,
+                        "_model_name_or_path": "SmolLM2"})
+  assert cfg == from_hf_config({"model_type": "llama", **TINY})
+
+
 def test_default_valued_fields_are_accepted():
   cfg = from_hf_config({"model_type": "llama", **TINY, "pretraining_tp": 1, "use_cache": False})
   assert cfg.hidden_size == TINY["hidden_size"]
