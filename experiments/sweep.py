@@ -28,7 +28,7 @@ QUICK = dict(methods="dense,teal,wina", sparsities="0.5", tasks="piqa,winogrande
              limit=8, ppl_windows=4, seq_len=128, mode="threshold", calib_windows=4, batch_tokens=2048,
              ppl_batch=4)
 
-MODEL = flags.DEFINE_string("model", "smollm2-135m", "A name in wina_jax.assets.MODELS, a GGUF file or an HF folder.")
+MODEL = flags.DEFINE_string("model", "smollm2-135m", "Name in wina_jax.assets.MODELS, GGUF file or HF folder.")
 METHODS = flags.DEFINE_list("methods", ["dense", "teal", "teal-transform", "cats", "wina", "wina-transform"],
                             "Methods; '<m>-transform' runs <m> on WINA-transformed params.")
 SPARSITIES = flags.DEFINE_list("sparsities", ["0.25", "0.4", "0.5", "0.65"], "Target sparsities.")

@@ -79,7 +79,8 @@ def test_mismatched_param_shapes_raise():
 
 
 def test_missing_model_file_says_how_to_fetch(tmp_path):
-  with pytest.raises(FileNotFoundError, match="absent.gguf.*Known names:\n  smollm2-135m: .*\n  qwen2.5-coder"):
+  known = "absent.gguf.*Known names:\n  smollm2-135m: .*\n  qwen2.5-coder"
+  with pytest.raises(FileNotFoundError, match=known):
     load(str(tmp_path / "absent.gguf"))
   from wina_jax import assets
   with pytest.raises(FileNotFoundError, match="make setup"):
