@@ -52,6 +52,16 @@ def test_unsupported_settings_raise():
     from_hf_config({"model_type": "gpt2"})
 
 
+def test_quantization_other_than_gguf_raises_naming_it():
+  bnb = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+  with pytest.raises(ValueError, match="quantization_config \\(quant_method 'bitsandbytes'\\)"):
+    from_hf_config({"model_type": "llama", **TINY, "quantization_config": bnb})
+  gguf = {"quant_method": "gguf", "gguf_file": "m.gguf", "dequantize": False}
+  cfg = from_hf_config({"model_type": "llama", **TINY, "quantization_config": gguf, "unk_token_id": 0,
+                        "_model_name_or_path": "SmolLM2"})
+  assert cfg == from_hf_config({"model_type": "llama", **TINY})
+
+
 def test_default_valued_fields_are_accepted():
   cfg = from_hf_config({"model_type": "llama", **TINY, "pretraining_tp": 1, "use_cache": False})
   assert cfg.hidden_size == TINY["hidden_size"]
@@ -69,7 +79,8 @@ def test_mismatched_param_shapes_raise():
 
 
 def test_missing_model_file_says_how_to_fetch(tmp_path):
-  with pytest.raises(FileNotFoundError, match="not found"):
+  known = "absent.gguf.*Known names:\n  smollm2-135m: .*\n  qwen2.5-coder"
+  with pytest.raises(FileNotFoundError, match=known):
     load(str(tmp_path / "absent.gguf"))
   from wina_jax import assets
   with pytest.raises(FileNotFoundError, match="make setup"):

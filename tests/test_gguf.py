@@ -1,5 +1,5 @@
-"""The GGUF path end to end on a tiny llama written with gguf.GGUFWriter (llama.cpp names and q/k
-permutation), plus the conversion cache."""
+"""The GGUF path end to end on tiny llama / qwen2 models written with gguf.GGUFWriter (llama.cpp names,
+llama's q/k permutation, quantised types gguf-py can write), plus the conversion cache."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,10 +20,11 @@ def _permute(w, n_heads):   # what llama.cpp's converter does to q/k rows
   return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, w.shape[1]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_tiny_gguf(model, path):
+def write_tiny_gguf(model, path, arch="llama", qtype=None):
+  """Write `model` as llama.cpp would: q/k rows permuted for llama only; 2-D weights as `qtype` if given."""
   import gguf
   c = model.config
-  w = gguf.GGUFWriter(str(path), "llama")
+  w = gguf.GGUFWriter(str(path), arch)
   w.add_block_count(c.num_hidden_layers)
   w.add_context_length(c.max_position_embeddings)
   w.add_embedding_length(c.hidden_size)
@@ -47,11 +48,14 @@ def write_tiny_gguf(model, path):
       _, _, layer, rest = name.split(".", 3)
       key, kind = rest.rsplit(".", 1)
       out = f"blk.{layer}.{GGUF_NAMES[key]}.{kind}"
-      if key == "self_attn.q_proj":
+      if arch == "llama" and key == "self_attn.q_proj":
         a = _permute(a, c.num_attention_heads)
-      elif key == "self_attn.k_proj":
+      elif arch == "llama" and key == "self_attn.k_proj":
         a = _permute(a, c.num_key_value_heads)
-    w.add_tensor(out, a)
+    if qtype is not None and a.ndim == 2:
+      w.add_tensor(out, gguf.quants.quantize(a, qtype), raw_dtype=qtype)
+    else:
+      w.add_tensor(out, a)
   w.write_header_to_file()
   w.write_kv_data_to_file()
   w.write_tensors_to_file()
@@ -76,6 +80,32 @@ def test_gguf_matches_transformers(name, tmp_path, monkeypatch, rng):
   assert cached_cfg == cfg
   for a, b in zip(jax.tree.leaves(cached), jax.tree.leaves(params)):
     np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("qtype", ["F32", "F16", "Q8_0", "Q4_0"])
+def test_qwen2_gguf_roundtrip(qtype, tmp_path, monkeypatch, rng):
+  """qwen2 (q/k/v biases, untied lm_head, no q/k permutation): config and params equal the HF model's with
+  its 2-D weights replaced by their quantise -> dequantise round trip; logits match torch."""
+  import gguf
+  monkeypatch.setenv("WINA_JAX_CACHE", "off")
+  model = make_hf_model("qwen2_bias")
+  qt = gguf.GGMLQuantizationType[qtype]
+  write_tiny_gguf(model, tmp_path / "tiny.gguf", arch="qwen2", qtype=qt)
+  with torch.no_grad():
+    for p in model.parameters():
+      if p.ndim == 2:
+        p.copy_(torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(p.numpy(), qt), qt)))
+  params, cfg = from_gguf(str(tmp_path / "tiny.gguf"))
+  ref_params, ref_cfg = from_transformers(model)
+  assert cfg.replace(rms_norm_eps=ref_cfg.rms_norm_eps) == ref_cfg   # GGUF stores eps as float32
+  assert np.float32(cfg.rms_norm_eps) == np.float32(ref_cfg.rms_norm_eps)
+  assert cfg.model_type == "qwen2" and cfg.attention_bias and not cfg.tie_word_embeddings
+  assert "bias" in params["layers"]["1"]["self_attn"]["k_proj"]
+  jax.tree.map(np.testing.assert_array_equal, params, ref_params)
+  tokens = rng.randint(0, cfg.vocab_size, (1, 11))
+  with torch.no_grad():
+    ref = model(torch.tensor(tokens)).logits.numpy()
+  np.testing.assert_allclose(forward(params, jnp.asarray(tokens), cfg).logits, ref, atol=1e-4)
 
 
 def test_unhandled_gguf_metadata_is_named(tmp_path, monkeypatch):

@@ -1,12 +1,14 @@
 """Real weights: SmolLM2-135M-Instruct from the bundled GGUF vs transformers' own GGUF load."""
 import os
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 
 from wina_jax import assets
+from wina_jax.convert import from_transformers
 from wina_jax.generate import greedy_decode
 from wina_jax.model import forward
 
@@ -39,3 +41,13 @@ def test_logits_and_greedy_match_transformers(smollm2, smollm2_tokenizer, hf_smo
   ours_gen = greedy_decode(params, cfg, ids, 20)[0]
   np.testing.assert_array_equal(ours_gen, ref_gen.numpy())
   assert smollm2_tokenizer.decode(ours_gen).startswith(" Paris")
+
+
+def test_from_transformers_of_the_gguf_load_equals_from_gguf(smollm2, hf_smollm2):
+  """transformers' GGUF load carries `_model_name_or_path`, `unk_token_id` and a GGUF quantization_config
+  (its weights are already dequantised): accepted, and the params are ours."""
+  params, cfg = smollm2
+  assert hf_smollm2.config.quantization_config.quant_method == "gguf"
+  ref_params, ref_cfg = from_transformers(hf_smollm2)
+  assert ref_cfg == cfg
+  jax.tree.map(np.testing.assert_array_equal, ref_params, params)

@@ -22,6 +22,11 @@ _ARCH_FIELDS = {
 }
 
 
+def architecture(reader) -> str:
+  """`general.architecture` of a `gguf.GGUFReader`."""
+  return _value(reader.fields["general.architecture"])
+
+
 def _value(field):
   return field.contents()
 
@@ -29,7 +34,7 @@ def _value(field):
 def gguf_hf_config(reader) -> dict:
   """HF config dict for a `gguf.GGUFReader`; raises on unsupported architectures or metadata."""
   fields = reader.fields
-  arch = _value(fields["general.architecture"])
+  arch = architecture(reader)
   cfg = {"model_type": families.for_gguf_arch(arch).name}
   unknown = []
   for key, field in fields.items():

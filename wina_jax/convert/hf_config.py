@@ -18,12 +18,13 @@ IGNORED = frozenset({
     "label2id", "is_encoder_decoder", "model_type", "output_attentions", "output_hidden_states",
     "problem_type", "return_dict", "transformers_version", "initializer_range", "use_cache",
     "attention_dropout", "bos_token_id", "eos_token_id", "pad_token_id", "tokenizer_class",
+    "_model_name_or_path", "unk_token_id",
 })
 MAPPED = frozenset({
     "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
     "num_key_value_heads", "head_dim", "hidden_act", "max_position_embeddings", "rms_norm_eps",
     "tie_word_embeddings", "rope_parameters", "rope_scaling", "rope_theta", "layer_types",
-    "partial_rotary_factor",
+    "partial_rotary_factor", "quantization_config",
 })
 
 
@@ -56,6 +57,17 @@ def _rope(d: dict, rope_keys: dict) -> tuple[float, RopeScaling | None, float]:
   return theta, RopeScaling(kind=kind, **kw), partial
 
 
+def _check_quantization(d: dict) -> None:
+  """A GGUF-loaded transformers model holds dequantised float weights: accepted. Any other quantisation
+  (bitsandbytes, GPTQ, AWQ, ...) changes the weights or the matmuls and raises."""
+  q = d.get("quantization_config")
+  method = (q or {}).get("quant_method")
+  if q is not None and method != "gguf":
+    raise ValueError(f"HF config field quantization_config (quant_method {method!r}) is not handled: the "
+                     "model holds quantised weights wina_jax would not reproduce; load it unquantised "
+                     "(without quantization_config) or from its GGUF file with `wina_jax.convert.from_gguf`")
+
+
 def from_hf_config(config: Union[Mapping[str, Any], Any]) -> ModelConfig:
   """`ModelConfig` from a transformers config object or a config.json dict. Raises on unknown fields."""
   d, defaults = _hf_dicts(config)
@@ -67,6 +79,7 @@ def from_hf_config(config: Union[Mapping[str, Any], Any]) -> ModelConfig:
     raise ValueError(f"HF config fields {unknown} (values {[d[k] for k in unknown]}) are not handled by "
                      f"wina_jax for model_type {model_type!r}; remove them or add support in "
                      f"wina_jax/families/{model_type}.py")
+  _check_quantization(d)
   if d.get("hidden_act", "silu") != "silu":
     raise ValueError(f"hidden_act {d['hidden_act']!r} is not supported; only 'silu' (SwiGLU)")
   theta, scaling, partial = _rope(d, family.rope_types)
