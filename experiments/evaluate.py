@@ -18,7 +18,7 @@ from wina_jax.eval.recommended import recommended
 from wina_jax.generate import greedy
 from wina_jax.tokenizer import load_tokenizer
 
-MODEL = flags.DEFINE_string("model", "", "GGUF file or HF checkpoint folder; '' = embedded SmolLM2.")
+MODEL = flags.DEFINE_string("model", "smollm2-135m", "A name in wina_jax.assets.MODELS, a GGUF file or an HF folder.")
 SPARSITY = flags.DEFINE_float("sparsity", 0.0, "Target sparsity in [0, 1); 0 = dense.")
 METHOD = flags.DEFINE_string("method", "", "Variant spec (wina_jax.eval.variants); '' = the recommended "
                              "one for --sparsity (wina_jax.eval.recommended).")

@@ -28,7 +28,7 @@ QUICK = dict(methods="dense,teal,wina", sparsities="0.5", tasks="piqa,winogrande
              limit=8, ppl_windows=4, seq_len=128, mode="threshold", calib_windows=4, batch_tokens=2048,
              ppl_batch=4)
 
-MODEL = flags.DEFINE_string("model", "", "GGUF file or HF checkpoint folder; '' = the embedded SmolLM2.")
+MODEL = flags.DEFINE_string("model", "smollm2-135m", "A name in wina_jax.assets.MODELS, a GGUF file or an HF folder.")
 METHODS = flags.DEFINE_list("methods", ["dense", "teal", "teal-transform", "cats", "wina", "wina-transform"],
                             "Methods; '<m>-transform' runs <m> on WINA-transformed params.")
 SPARSITIES = flags.DEFINE_list("sparsities", ["0.25", "0.4", "0.5", "0.65"], "Target sparsities.")
@@ -61,7 +61,8 @@ QUICK_FLAG = flags.DEFINE_bool("quick", False, f"CPU demo preset for flags not g
 
 def settings() -> dict:
   """Every flag that changes a cell's numbers (methods / sparsities lists excluded: they pick cells)."""
-  return {"model": MODEL.value, "tasks": list(TASK_LIST.value), "limit": LIMIT.value,
+  model = "" if MODEL.value == "smollm2-135m" else MODEL.value   # '': the default, as committed cells hash it
+  return {"model": model, "tasks": list(TASK_LIST.value), "limit": LIMIT.value,
           "allocation": ALLOCATION.value, "mode": MODE.value, "prefill": PREFILL.value,
           "ppl_text": PPL_TEXT.value, "calib_text": CALIB_TEXT.value, "seq_len": SEQ_LEN.value,
           "ppl_windows": PPL_WINDOWS.value, "calib_windows": CALIB_WINDOWS.value, "dtype": DTYPE.value}

@@ -69,7 +69,7 @@ def test_mismatched_param_shapes_raise():
 
 
 def test_missing_model_file_says_how_to_fetch(tmp_path):
-  with pytest.raises(FileNotFoundError, match="not found"):
+  with pytest.raises(FileNotFoundError, match="absent.gguf.*Known names:\n  smollm2-135m: .*\n  qwen2.5-coder"):
     load(str(tmp_path / "absent.gguf"))
   from wina_jax import assets
   with pytest.raises(FileNotFoundError, match="make setup"):

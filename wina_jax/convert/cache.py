@@ -15,14 +15,14 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from wina_jax import assets
 from wina_jax.config import ModelConfig, RopeScaling
 
 CACHE_VERSION = 1
 
 
 def cache_dir() -> Optional[str]:
-  root = os.environ.get("WINA_JAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "wina_jax"))
-  return None if root.lower() == "off" else root
+  return None if os.environ.get("WINA_JAX_CACHE", "").lower() == "off" else assets.cache_root()
 
 
 def file_key(path: str, kind: str) -> Optional[str]:

@@ -18,7 +18,16 @@ _ARCH_FIELDS = {
     "vocab_size": "vocab_size",
     "rope.dimension_count": "head_dim",
 }
-_GGUF_ARCH_TO_HF = {"llama": "llama"}
+_GGUF_ARCH_TO_HF = {"llama": "llama", "qwen2": "qwen2"}
+# Architectures whose q/k rows llama.cpp's converter interleaved (undone by `load.unpermute_qk`). Its
+# converter permutes only for llama; for qwen2 the real-model parity test (tests/test_qwen2.py) agrees
+# with transformers' GGUF load only without un-permuting.
+PERMUTED_QK = frozenset({"llama"})
+
+
+def architecture(reader) -> str:
+  """`general.architecture` of a `gguf.GGUFReader`."""
+  return _value(reader.fields["general.architecture"])
 
 
 def _value(field):
@@ -28,7 +37,7 @@ def _value(field):
 def gguf_hf_config(reader) -> dict:
   """HF config dict for a `gguf.GGUFReader`; raises on unsupported architectures or metadata."""
   fields = reader.fields
-  arch = _value(fields["general.architecture"])
+  arch = architecture(reader)
   if arch not in _GGUF_ARCH_TO_HF:
     raise ValueError(f"GGUF architecture {arch!r} is not supported; supported: {sorted(_GGUF_ARCH_TO_HF)}")
   cfg = {"model_type": _GGUF_ARCH_TO_HF[arch]}

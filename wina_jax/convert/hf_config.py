@@ -16,14 +16,14 @@ IGNORED = frozenset({
     "label2id", "is_encoder_decoder", "model_type", "output_attentions", "output_hidden_states",
     "problem_type", "return_dict", "transformers_version", "initializer_range", "use_cache",
     "attention_dropout", "resid_pdrop", "embd_pdrop", "bos_token_id", "eos_token_id", "pad_token_id",
-    "pretraining_tp", "tokenizer_class", "max_window_layers",
+    "pretraining_tp", "tokenizer_class", "max_window_layers", "_model_name_or_path", "unk_token_id",
 })
 MAPPED = frozenset({
     "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
     "num_key_value_heads", "head_dim", "hidden_act", "max_position_embeddings", "rms_norm_eps",
     "tie_word_embeddings", "rope_parameters", "rope_scaling", "rope_theta", "attention_bias", "mlp_bias",
     "sliding_window", "use_sliding_window", "layer_types", "original_max_position_embeddings",
-    "partial_rotary_factor",
+    "partial_rotary_factor", "quantization_config",
 })
 ROPE_KEYS = {
     "default": {"rope_type", "rope_theta", "partial_rotary_factor"},
@@ -75,6 +75,17 @@ def _sliding_window(d: dict, model_type: str) -> int | None:
   return d.get("sliding_window")
 
 
+def _check_quantization(d: dict) -> None:
+  """A GGUF-loaded transformers model holds dequantised float weights: accepted. Any other quantisation
+  (bitsandbytes, GPTQ, AWQ, ...) changes the weights or the matmuls and raises."""
+  q = d.get("quantization_config")
+  method = (q or {}).get("quant_method")
+  if q is not None and method != "gguf":
+    raise ValueError(f"HF config field quantization_config (quant_method {method!r}) is not handled: the "
+                     "model holds quantised weights wina_jax would not reproduce; load it unquantised "
+                     "(without quantization_config) or from its GGUF file with `wina_jax.convert.from_gguf`")
+
+
 def from_hf_config(config: Union[Mapping[str, Any], Any]) -> ModelConfig:
   """`ModelConfig` from a transformers config object or a config.json dict. Raises on unknown fields."""
   d, defaults = _hf_dicts(config)
@@ -85,6 +96,7 @@ def from_hf_config(config: Union[Mapping[str, Any], Any]) -> ModelConfig:
     raise ValueError(f"HF config fields {unknown} (values {[d[k] for k in unknown]}) are not handled by "
                      f"wina_jax for model_type {model_type!r}; remove them or add support in "
                      "wina_jax/convert/hf_config.py")
+  _check_quantization(d)
   if d.get("hidden_act", "silu") != "silu":
     raise ValueError(f"hidden_act {d['hidden_act']!r} is not supported; only 'silu' (SwiGLU)")
   theta, scaling, partial = _rope(d)

@@ -16,7 +16,7 @@ from flax import traverse_util
 from wina_jax import assets
 from wina_jax.config import ModelConfig
 from wina_jax.convert import cache, names
-from wina_jax.convert.gguf_config import gguf_hf_config
+from wina_jax.convert.gguf_config import PERMUTED_QK, architecture, gguf_hf_config
 from wina_jax.convert.hf_config import from_hf_config
 
 
@@ -60,15 +60,17 @@ def check_shapes(flat: Mapping[str, np.ndarray], cfg: ModelConfig) -> None:
                      ("\n  ..." if len(problems) > 20 else ""))
 
 
-def _to_params(flat: Mapping[str, np.ndarray], cfg: ModelConfig, dtype) -> dict:
+def _to_params(flat: dict[str, np.ndarray], cfg: ModelConfig, dtype) -> dict:
+  """Nested jax params from `flat`, which is consumed (one tensor at a time: peak ~ one model copy)."""
   check_shapes(flat, cfg)
-  return traverse_util.unflatten_dict({k: jnp.asarray(v, dtype) for k, v in flat.items()}, sep="/")
+  return traverse_util.unflatten_dict({k: jnp.asarray(flat.pop(k), dtype) for k in list(flat)}, sep="/")
 
 
-def from_state_dict(tensors: Mapping[str, np.ndarray], cfg: ModelConfig, dtype=jnp.float32) -> dict:
-  """Params from HF-named [out, in] torch-layout arrays (numpy)."""
+def _convert(tensors: dict[str, np.ndarray], cfg: ModelConfig, dtype) -> dict:
+  """`from_state_dict` on a dict it may consume: each source array is dropped once converted."""
   flat = {}
-  for name, arr in tensors.items():
+  for name in list(tensors):
+    arr = tensors.pop(name)
     target = names.hf_target(name)
     if target is None:
       continue
@@ -79,11 +81,16 @@ def from_state_dict(tensors: Mapping[str, np.ndarray], cfg: ModelConfig, dtype=j
   return _to_params(flat, cfg, dtype)
 
 
+def from_state_dict(tensors: Mapping[str, np.ndarray], cfg: ModelConfig, dtype=jnp.float32) -> dict:
+  """Params from HF-named [out, in] torch-layout arrays (numpy)."""
+  return _convert(dict(tensors), cfg, dtype)
+
+
 def from_transformers(model, dtype=jnp.float32) -> tuple[dict, ModelConfig]:
   """Params and config from a live `transformers` causal LM (torch)."""
   cfg = from_hf_config(model.config)
   sd = {k: v.detach().float().cpu().numpy() for k, v in model.state_dict().items()}
-  return from_state_dict(sd, cfg, dtype), cfg
+  return _convert(sd, cfg, dtype), cfg
 
 
 def _safetensors_files(path: str) -> list[str]:
@@ -113,7 +120,7 @@ def from_hf_checkpoint(path: str, dtype=jnp.float32) -> tuple[dict, ModelConfig]
     with safe_open(file, framework="flax") as f:
       for k in f.keys():
         tensors[k] = np.asarray(f.get_tensor(k).astype(jnp.float32))
-  return from_state_dict(tensors, cfg, dtype), cfg
+  return _convert(tensors, cfg, dtype), cfg
 
 
 def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -122,28 +129,41 @@ def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
   return w.reshape(n_heads, d_out // n_heads // 2, 2, d_in).swapaxes(1, 2).reshape(d_out, d_in)
 
 
+def _dequantize(t, rows_per_chunk: int = 8192) -> np.ndarray:
+  """float32 [out, in] array of a GGUF tensor, dequantised in row chunks (bounded temporaries)."""
+  import gguf
+  shape = tuple(int(n) for n in reversed(t.shape))
+  data = t.data.reshape(shape[0], -1) if len(shape) == 2 else t.data
+  if len(shape) == 1:
+    return gguf.quants.dequantize(data, t.tensor_type).astype(np.float32).reshape(shape)
+  out = np.empty(shape, np.float32)
+  for i in range(0, shape[0], rows_per_chunk):
+    out[i:i + rows_per_chunk] = gguf.quants.dequantize(data[i:i + rows_per_chunk], t.tensor_type)
+  return out
+
+
 def _gguf_tensors(path: str) -> tuple[dict[str, np.ndarray], ModelConfig]:
-  """HF-named [out, in] float32 arrays and the config of a GGUF file (the slow part: ~15 s)."""
+  """HF-named [out, in] float32 arrays and the config of a GGUF file (the slow part: ~15 s for SmolLM2)."""
   import gguf
   reader = gguf.GGUFReader(path)
   cfg = from_hf_config(gguf_hf_config(reader))
+  permuted = architecture(reader) in PERMUTED_QK
   tensors = {}
   for t in reader.tensors:
     name = names.gguf_to_hf(t.name)
     if name is None:
       continue
-    w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
-    w = w.reshape(tuple(int(n) for n in reversed(t.shape)))
-    if name.endswith("q_proj.weight"):
+    w = _dequantize(t)
+    if permuted and name.endswith("q_proj.weight"):
       w = unpermute_qk(w, cfg.num_attention_heads)
-    elif name.endswith("k_proj.weight"):
+    elif permuted and name.endswith("k_proj.weight"):
       w = unpermute_qk(w, cfg.num_key_value_heads)
     tensors[name] = w
   return tensors, cfg
 
 
 def from_gguf(path: str, dtype=jnp.float32, use_cache: bool = True) -> tuple[dict, ModelConfig]:
-  """Params and config from a llama-architecture GGUF file, dequantised with numpy (`gguf` package).
+  """Params and config from a llama / qwen2 GGUF file, dequantised tensor by tensor with numpy (`gguf`).
 
   use_cache: reuse the dequantised arrays from `wina_jax.convert.cache` (keyed by the file's identity).
   """
@@ -151,7 +171,7 @@ def from_gguf(path: str, dtype=jnp.float32, use_cache: bool = True) -> tuple[dic
     raise FileNotFoundError(f"GGUF file {path} not found. For the default model, {assets.FETCH_HINT}")
   build = lambda: _gguf_tensors(path)
   tensors, cfg = cache.cached_arrays(path, build) if use_cache else build()
-  return from_state_dict(tensors, cfg, dtype), cfg
+  return _convert(tensors, cfg, dtype), cfg
 
 
 def load_default(dtype=jnp.float32) -> tuple[dict, ModelConfig]:
@@ -159,13 +179,13 @@ def load_default(dtype=jnp.float32) -> tuple[dict, ModelConfig]:
   return from_gguf(assets.default_gguf(), dtype)
 
 
-def load(path: str = "", dtype=jnp.float32) -> tuple[dict, ModelConfig]:
-  """Dispatch on `path`: '' -> the embedded default, '*.gguf' -> GGUF, folder -> HF checkpoint."""
-  if not path:
-    return load_default(dtype)
-  if path.endswith(".gguf"):
-    return from_gguf(path, dtype)
+def load(name_or_path: str = "", dtype=jnp.float32) -> tuple[dict, ModelConfig]:
+  """Params and config of a model in `assets.MODELS` ('' = 'smollm2-135m'; 'qwen2.5-coder-1.5b'), a .gguf
+  file or an HF checkpoint folder (config.json + safetensors)."""
+  path = assets.model_path(name_or_path)
   if os.path.isdir(path):
     return from_hf_checkpoint(path, dtype)
-  raise FileNotFoundError(f"model {path!r} not found: pass a .gguf file, an HF checkpoint folder, or '' "
-                          "for the embedded SmolLM2")
+  if not path.endswith(".gguf"):
+    raise ValueError(f"model file {path!r} is not a .gguf file; pass a GGUF file, an HF checkpoint folder "
+                     f"or one of {sorted(assets.MODELS)}")
+  return from_gguf(path, dtype)

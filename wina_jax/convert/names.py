@@ -62,5 +62,5 @@ def gguf_to_hf(name: str) -> str | None:
   if m is None:
     if name in ("rope_freqs.weight",):
       return None
-    raise KeyError(f"GGUF tensor {name!r} has no mapping; only llama-architecture GGUF files are supported")
+    raise KeyError(f"GGUF tensor {name!r} has no mapping; only llama and qwen2 GGUF files are supported")
   return rule[1].format(*m.groups())
