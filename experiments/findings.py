@@ -7,7 +7,8 @@ Reads results/sweep/h200/{threshold-uniform,threshold-greedy}/results.json (the 
 per task; command in docs/findings.md), results/sweep/cpu_grid/*/results.json (the CPU grid over
 modes and allocations), results/analysis/errors.csv (per-site errors) and the paper's protocol on two
 models (`PROTOCOL`: results/sweep/{smollm2-topk,qwen1.5b}/topk-{uniform,greedy}, rows and their cells'
-items, i.e. per-window NLLs and per-row correctness, for standard errors). Writes the blocks between `<!-- findings:NAME -->` and `<!-- /findings:NAME -->`
+items, i.e. per-window NLLs and per-row correctness, for standard errors). Writes the blocks between
+`<!-- findings:NAME -->` and `<!-- /findings:NAME -->`
 in docs/findings.md and docs/findings/{quality_vs_sparsity,pareto}.png.
 
 avg4 is the mean over the tasks where dense SmolLM2 is above the majority-class rate of the rows scored
@@ -38,12 +39,12 @@ CPU_RUNS = ("threshold-uniform", "topk-uniform", "threshold-greedy")
 PROTOCOL = {"SmolLM2-135M": os.path.join(ROOT, "results", "sweep", "smollm2-topk"),
             "Qwen2.5-Coder-1.5B": os.path.join(ROOT, "results", "sweep", "qwen1.5b")}
 # (method, allocation) vs (method, allocation): WINA vs TEAL, what the transform does, what greedy does.
-COMPARISONS = ((("wina", "uniform"), ("teal", "uniform")), (("wina-transform", "uniform"), ("wina", "uniform")),
-               (("teal-transform", "uniform"), ("teal", "uniform")),
-               (("wina-transform", "uniform"), ("teal", "uniform")), (("cats", "uniform"), ("teal", "uniform")),
-               (("teal", "greedy"), ("teal", "uniform")), (("wina", "greedy"), ("teal", "greedy")),
-               (("wina-transform", "greedy"), ("teal", "greedy")),
-               (("wina-transform", "greedy"), ("wina-transform", "uniform")))
+COMPARISONS = tuple(((a, x), (b, y)) for a, x, b, y in (
+    ("wina", "uniform", "teal", "uniform"), ("wina-transform", "uniform", "wina", "uniform"),
+    ("teal-transform", "uniform", "teal", "uniform"), ("wina-transform", "uniform", "teal", "uniform"),
+    ("cats", "uniform", "teal", "uniform"), ("teal", "greedy", "teal", "uniform"),
+    ("wina", "greedy", "teal", "greedy"), ("wina-transform", "greedy", "teal", "greedy"),
+    ("wina-transform", "greedy", "wina-transform", "uniform")))
 
 CHECK = flags.DEFINE_bool("check", False, "Only check that docs/findings.md matches the results.")
 
@@ -221,8 +222,10 @@ def protocol_table(models: dict[str, dict]) -> str:
         m, se = _mean_se(it[f"{t}/correct"])
         accs.append(f"{100 * m:.1f} ±{100 * se:.1f}")
       lines.append([name, key[0], f"{100 * key[2]:.0f}%", key[1], f"{100 * r['measured_sparsity']:.1f}%",
-                    f"{math.exp(nll):.3f} ±{math.exp(nll) * nll_se:.3f}", *accs, f"{100 * avg:.2f} ±{100 * avg_se:.2f}"])
-  return table(["model", "method", "target", "allocation", "measured", "ppl ±SE", *INFORMATIVE, "avg4 ±SE"], lines)
+                    f"{math.exp(nll):.3f} ±{math.exp(nll) * nll_se:.3f}", *accs,
+                    f"{100 * avg:.2f} ±{100 * avg_se:.2f}"])
+  return table(["model", "method", "target", "allocation", "measured", "ppl ±SE", *INFORMATIVE, "avg4 ±SE"],
+               lines)
 
 
 def comparison_table(models: dict[str, dict]) -> str:
@@ -236,7 +239,7 @@ def comparison_table(models: dict[str, dict]) -> str:
         ca, cb = cells.get((*a, s)), cells.get((*b, s))
         if ca is None or cb is None:
           continue
-        d, d_se = _mean_se(np.asarray(ca["_items"]["ppl_window_nll"]) - np.asarray(cb["_items"]["ppl_window_nll"]))
+        d, d_se = _mean_se(np.subtract(ca["_items"]["ppl_window_nll"], cb["_items"]["ppl_window_nll"]))
         g, g_se = _avg4_se(ca["_items"], cb["_items"])
         lines.append([name, f"{100 * s:.0f}%", f"{a[0]} ({a[1]}) vs {b[0]} ({b[1]})",
                       f"{100 * np.expm1(d):+.1f}% ±{100 * d_se:.1f}", "yes" if abs(d) > 2 * d_se else "no",

@@ -55,11 +55,12 @@ common=(--tasks=piqa,hellaswag,arc_easy,arc_challenge --seq_len=512 --ppl_window
         --mode=topk --buckets=64,128,256,512 --deadline_s=$deadline)
 case $model in
   qwen) common+=(--model=.gpu/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf --bundle=.gpu/qwen-l500.npz --limit=500
-                 --batch_tokens=4096 --ppl_batch=8)
-        export XLA_PYTHON_CLIENT_MEM_FRACTION=0.13 WINA_JAX_CACHE=off ;;   # 7 jobs; no 7 x 6 GB cache writes
+                 --batch_tokens=2048 --ppl_batch=4)
+        mem=0.12 mem_transform=0.22      # GPU share per job (transform jobs ran out at 0.14, ran at 0.25)
+        export WINA_JAX_CACHE=off ;;     # no 7 x 7 GB cache writes
   smol) common+=(--model=.gpu/SmolLM2-135M-Instruct.Q4_1.gguf --bundle=.gpu/smol-l1000.npz --limit=1000
                  --batch_tokens=8192 --ppl_batch=16)
-        export XLA_PYTHON_CLIENT_MEM_FRACTION=0.04 ;;
+        mem=0.08 mem_transform=0.08 ;;   # 0.04 ran out of memory
   *) echo "unknown model $model: qwen | smol" >&2; exit 2 ;;
 esac
 jobs=${JOBS:-"uniform:dense,teal uniform:wina uniform:wina-transform uniform:teal-transform uniform:cats
@@ -72,8 +73,10 @@ for job in $jobs; do
     greedy) sps="--sparsities=0.5 --max_effective=0.5" ;;
     *) echo "unknown job $job: uniform:METHODS | greedy:METHODS" >&2; exit 2 ;;
   esac
-  python3 -m $sweep "${common[@]}" --allocation=$alloc --out="$out/topk-$alloc" --methods="$methods" \
-    $sps "$@" >"$out/logs/$alloc-${methods//,/_}.log" 2>&1 &
+  frac=$mem
+  [[ $methods == *transform* ]] && frac=$mem_transform      # they hold the original and the rotated params
+  XLA_PYTHON_CLIENT_MEM_FRACTION=$frac python3 -m $sweep "${common[@]}" --allocation=$alloc \
+    --out="$out/topk-$alloc" --methods="$methods" $sps "$@" >"$out/logs/$alloc-${methods//,/_}.log" 2>&1 &
 done
 wait
 echo "done: $(ls "$out"/topk-*/cells | grep -c json) cells in $out"
