@@ -43,6 +43,9 @@
 #   SmolLM2: ~4-6 min. One lease: SmolLM2 runs while the Qwen GGUF's chunks travel, Qwen right after;
 #   .gpu/qwen-l300.npz (--limit=300 --bundle=.gpu/qwen-l300.npz appended) is the fallback if the
 #   SmolLM2 timings show the 500-row grid will not fit.
+# Measured (2026-12-01, results/sweep/README.md): compile-bound, not GPU-bound. A Qwen cell took 80-270 s
+# (a greedy one 324-506 s) with 7-14 jobs sharing the 16 CPU cores (load 30-60); the estimate above
+# missed that by ~3x. Run one model's jobs at a time, and fewer of them per call.
 set -u
 model=$1 out=$2 deadline=$3
 shift 3
