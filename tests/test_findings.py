@@ -43,3 +43,18 @@ def test_findings_document_matches_the_result_files():
   res = subprocess.run([sys.executable, "-m", "experiments.quality.findings", "--check"], cwd=ROOT, capture_output=True,
                        text=True, env={**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"})
   assert res.returncode == 0, res.stderr[-2000:]
+
+
+def test_protocol_standard_errors_are_per_task_and_paired():
+  """avg4 and its SE from per-row correctness; a paired difference cancels the rows both cells share."""
+  import math
+  sys.path.insert(0, ROOT)
+  from experiments import findings as F
+  a = {f"{t}/correct": [1, 1, 0, 0] for t in F.INFORMATIVE}
+  b = {f"{t}/correct": [1, 0, 0, 0] for t in F.INFORMATIVE}
+  avg, se = F._avg4_se(a)
+  sd = math.sqrt(1 / 3)                               # sample sd of 1, 1, 0, 0
+  assert avg == pytest.approx(0.5) and se == pytest.approx(math.sqrt(4 * (sd / 2) ** 2) / 4)
+  diff, diff_se = F._avg4_se(a, b)    # row differences 0, 1, 0, 0: sd 0.5, SE 0.25 per task
+  assert diff == pytest.approx(0.25) and diff_se == pytest.approx(0.25 / 2)   # sqrt(4 x 0.25^2) / 4
+  assert F._avg4_se(a, a) == (0.0, 0.0)

@@ -1,5 +1,6 @@
 """The sweep on a tiny random model: a run killed after its first cell, restarted, ends with the same files."""
 import json
+import math
 import os
 import signal
 import subprocess
@@ -62,7 +63,12 @@ def test_killed_and_resumed_sweep_gives_the_same_table(tiny_folder, tmp_path):
   for f in ("table.md", "results.csv", "results.json"):
     assert (resumed / f).read_text() == (full / f).read_text()
   for p in cells.glob("*.json"):                             # every cell file is complete JSON
-    assert json.loads(p.read_text())["row"]["method"] in ("dense", "teal")
+    cell = json.loads(p.read_text())
+    row, items = cell["row"], cell["items"]                  # items: what bootstrap bands resample
+    assert row["method"] in ("dense", "teal")
+    assert math.exp(sum(items["ppl_window_nll"])) == pytest.approx(row["ppl"], rel=1e-6)   # 1 window
+    for t in ("piqa", "arc_easy"):
+      assert len(items[f"{t}/correct"]) == 2 and sum(items[f"{t}/correct"]) / 2 == row[t]
   table = (full / "table.md").read_text()
   assert "| dense |" in table and "| teal |" in table
 

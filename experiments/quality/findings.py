@@ -4,8 +4,11 @@
   python -m experiments.quality.findings --check    # exit 1 if docs/findings.md is out of date (tests run this)
 
 Reads results/sweep/h200/{threshold-uniform,threshold-greedy}/results.json (the H200 grid, 1000 rows
-per task; command in docs/findings.md) and results/sweep/cpu_grid/*/results.json (the CPU grid over
-modes and allocations) and results/analysis/errors.csv (per-site errors). Writes the blocks between `<!-- findings:NAME -->` and `<!-- /findings:NAME -->`
+per task; command in docs/findings.md), results/sweep/cpu_grid/*/results.json (the CPU grid over
+modes and allocations), results/analysis/errors.csv (per-site errors) and the paper's protocol on two
+models (`PROTOCOL`: results/sweep/{smollm2-topk,qwen1.5b}/topk-{uniform,greedy}, rows and their cells'
+items, i.e. per-window NLLs and per-row correctness, for standard errors). Writes the blocks between
+`<!-- findings:NAME -->` and `<!-- /findings:NAME -->`
 in docs/findings.md and docs/findings/{quality_vs_sparsity,pareto}.png.
 
 avg4 is the mean over the tasks where dense SmolLM2 is above the majority-class rate of the rows scored
@@ -17,6 +20,7 @@ import json
 import os
 import re
 import sys
+from typing import Optional
 
 from absl import app, flags
 
@@ -32,6 +36,15 @@ TASKS = ("piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "boolq"
 INFORMATIVE = ("piqa", "hellaswag", "arc_easy", "arc_challenge")
 MAIN = ("dense", "teal", "teal-transform", "cats", "wina", "wina-transform")
 CPU_RUNS = ("threshold-uniform", "topk-uniform", "threshold-greedy")
+PROTOCOL = {"SmolLM2-135M": os.path.join(ROOT, "results", "sweep", "smollm2-topk"),
+            "Qwen2.5-Coder-1.5B": os.path.join(ROOT, "results", "sweep", "qwen1.5b")}
+# (method, allocation) vs (method, allocation): WINA vs TEAL, what the transform does, what greedy does.
+COMPARISONS = tuple(((a, x), (b, y)) for a, x, b, y in (
+    ("wina", "uniform", "teal", "uniform"), ("wina-transform", "uniform", "wina", "uniform"),
+    ("teal-transform", "uniform", "teal", "uniform"), ("wina-transform", "uniform", "teal", "uniform"),
+    ("cats", "uniform", "teal", "uniform"), ("teal", "greedy", "teal", "uniform"),
+    ("wina", "greedy", "teal", "greedy"), ("wina-transform", "greedy", "teal", "greedy"),
+    ("wina-transform", "greedy", "wina-transform", "uniform")))
 
 CHECK = flags.DEFINE_bool("check", False, "Only check that docs/findings.md matches the results.")
 
@@ -141,7 +154,99 @@ def blocks(uniform: list[dict]) -> dict[str, str]:
           "baselines": baselines_table(uniform), "variants": variants_table(uniform),
           "greedy": greedy_table(uniform, greedy), "cpu_grid": cpu_table(cpu),
           "recommended": recommended_table(uniform),
-          "site_errors": site_error_table(os.path.join(ROOT, "results", "analysis", "errors.csv"))}
+          "site_errors": site_error_table(os.path.join(ROOT, "results", "analysis", "errors.csv")),
+          **protocol_blocks()}
+
+
+def protocol_blocks() -> dict[str, str]:
+  models = {name: protocol_cells(folder) for name, folder in PROTOCOL.items()}
+  return {"protocol": protocol_table(models), "protocol_comparisons": comparison_table(models)}
+
+
+def protocol_cells(folder: str) -> dict[tuple[str, str, float], dict]:
+  """{(method, allocation, target): row + '_items'} of the finished cells in folder/topk-{uniform,greedy}:
+  the rows of results.json, each with the items of the cell file holding that very row."""
+  import glob
+  out = {}
+  for alloc in ("uniform", "greedy"):
+    path = os.path.join(folder, f"topk-{alloc}")
+    if not os.path.exists(os.path.join(path, "results.json")):
+      continue
+    cells = []
+    for f in sorted(glob.glob(os.path.join(path, "cells", "*.json"))):
+      with open(f) as fh:
+        cells.append(json.load(fh))
+    for r in load_rows(os.path.join(path, "results.json")):
+      match = [c for c in cells if c["row"] == {k: v for k, v in r.items() if k != "avg4"}]
+      if not match:
+        raise ValueError(f"{path}: no cell file holds the row of {r['method']} @ {r['sparsity']}")
+      out[(r["method"], alloc, r["sparsity"])] = {**r, "_items": match[0]["items"]}
+  return out
+
+
+def _mean_se(x) -> tuple[float, float]:
+  """Mean and its standard error (sample sd / sqrt(n))."""
+  import numpy as np
+  x = np.asarray(x, np.float64)
+  return float(x.mean()), float(x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else float("nan")
+
+
+def _avg4_se(items_a: dict, items_b: Optional[dict] = None) -> tuple[float, float]:
+  """avg4 (or its paired difference a - b on the same rows) and its standard error: per task the mean
+  of per-row correctness (differences), then the mean over tasks with SE sqrt(sum SE_t^2) / 4."""
+  import numpy as np
+  means, ses = [], []
+  for t in INFORMATIVE:
+    x = np.asarray(items_a[f"{t}/correct"], np.float64)
+    if items_b is not None:
+      x = x - np.asarray(items_b[f"{t}/correct"], np.float64)
+    m, se = _mean_se(x)
+    means.append(m)
+    ses.append(se)
+  return float(np.mean(means)), float(np.sqrt(np.sum(np.square(ses))) / len(INFORMATIVE))
+
+
+def protocol_table(models: dict[str, dict]) -> str:
+  """Every cell of the paper's protocol, per model: ppl +- SE (delta method over windows), per-task
+  accuracy and avg4 +- SE."""
+  import math
+  lines = []
+  for name, cells in models.items():
+    order = sorted(cells, key=lambda k: (k[2], k[1] != "uniform", MAIN.index(k[0]) if k[0] in MAIN else 99))
+    for key in order:
+      r = cells[key]
+      it = r["_items"]
+      nll, nll_se = _mean_se(it["ppl_window_nll"])
+      avg, avg_se = _avg4_se(it)
+      accs = []
+      for t in INFORMATIVE:
+        m, se = _mean_se(it[f"{t}/correct"])
+        accs.append(f"{100 * m:.1f} ±{100 * se:.1f}")
+      lines.append([name, key[0], f"{100 * key[2]:.0f}%", key[1], f"{100 * r['measured_sparsity']:.1f}%",
+                    f"{math.exp(nll):.3f} ±{math.exp(nll) * nll_se:.3f}", *accs,
+                    f"{100 * avg:.2f} ±{100 * avg_se:.2f}"])
+  return table(["model", "method", "target", "allocation", "measured", "ppl ±SE", *INFORMATIVE, "avg4 ±SE"],
+               lines)
+
+
+def comparison_table(models: dict[str, dict]) -> str:
+  """Paired differences on the same windows and rows (`COMPARISONS`): perplexity ratio - 1 and avg4
+  difference, each with its standard error; 'yes' where |difference| > 2 SE."""
+  import numpy as np
+  lines = []
+  for name, cells in models.items():
+    for s in sorted({k[2] for k in cells if k[2] > 0}):
+      for a, b in COMPARISONS:
+        ca, cb = cells.get((*a, s)), cells.get((*b, s))
+        if ca is None or cb is None:
+          continue
+        d, d_se = _mean_se(np.subtract(ca["_items"]["ppl_window_nll"], cb["_items"]["ppl_window_nll"]))
+        g, g_se = _avg4_se(ca["_items"], cb["_items"])
+        lines.append([name, f"{100 * s:.0f}%", f"{a[0]} ({a[1]}) vs {b[0]} ({b[1]})",
+                      f"{100 * np.expm1(d):+.1f}% ±{100 * d_se:.1f}", "yes" if abs(d) > 2 * d_se else "no",
+                      f"{100 * g:+.2f} ±{100 * g_se:.2f}", "yes" if abs(g) > 2 * g_se else "no"])
+  return table(["model", "target", "comparison", "ppl change ±SE", "beyond 2 SE", "avg4 change (points) ±SE",
+                "beyond 2 SE"], lines)
 
 
 def render(doc: str, generated: dict[str, str]) -> str:

@@ -139,8 +139,10 @@ class Context:
     self.prepared = {}
 
 
-def run_cell(ctx: Context, method: str, s: float) -> dict:
-  """Evaluate one cell -> its table row (no timings: rows must not depend on the run)."""
+def run_cell(ctx: Context, method: str, s: float) -> tuple[dict, dict]:
+  """Evaluate one cell -> (its table row, its items). No timings: rows must not depend on the run. Items
+  are what bootstrap bands resample: {'ppl_window_nll': [windows], '<task>/correct': [rows] (0/1 of the
+  table's metric)}."""
   from wina_jax import sparsity
   from wina_jax.eval import flops, multiple_choice, perplexity, variants
   st = ctx.settings
@@ -158,14 +160,16 @@ def run_cell(ctx: Context, method: str, s: float) -> dict:
          "gflops": flops.gflops(v.cfg, sparsity.per_matrix_sparsity(zf, v.cfg),
                                 shortcuts=v.info["shortcuts"]),
          "ppl": ppl["ppl"], "rotated_blocks": len(v.info["blocks"])}
+  items = {"ppl_window_nll": ppl["window_nll"]}
   for t in st["tasks"]:
     res = multiple_choice.score(v.params, v.cfg, ctx.tasks[t], v.sparsifier, batch_tokens=BATCH_TOKENS.value,
                                 buckets=[int(b) for b in BUCKETS.value or ()], dense_prefix=prefix,
                                 progress=False)
     row[t] = res[TASKS[t].metric]
     row[f"{t}/acc"], row[f"{t}/acc_norm"], row[f"{t}/n"] = res["acc"], res["acc_norm"], res["n"]
+    items[f"{t}/correct"] = res["correct_norm" if TASKS[t].metric == "acc_norm" else "correct"]
   row["avg"] = sum(row[t] for t in st["tasks"]) / len(st["tasks"]) if st["tasks"] else float("nan")
-  return row
+  return row, items
 
 
 def main(argv):
@@ -202,9 +206,9 @@ def main(argv):
     if i and DEADLINE.value is not None and time.time() - t_start > DEADLINE.value:
       break
     t0 = time.time()
-    row = run_cell(ctx, method, s)
-    report.write_atomic(paths[(method, s)],
-                        json.dumps({"row": row, "settings": st, "seconds": time.time() - t0}, indent=1))
+    row, items = run_cell(ctx, method, s)
+    report.write_atomic(paths[(method, s)], json.dumps({"row": row, "settings": st, "seconds": time.time() - t0,
+                                                        "items": items}, indent=1))
     tqdm.write(f"{method} @ {s:g}: ppl {row['ppl']:.3f} avg {100 * row['avg']:.2f} "
                f"measured sparsity {100 * row['measured_sparsity']:.1f}% ({time.time() - t0:.0f}s)")
   rows = []

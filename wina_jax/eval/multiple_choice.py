@@ -145,17 +145,19 @@ def tokenize(tokenizer, examples: Sequence[Example]) -> Tokenized:
 
 
 def _accuracy(gold: Sequence[int], chars: Sequence[Sequence[int]], scores: Sequence[Sequence[float]]) -> dict:
-  acc = acc_norm = 0
+  correct, correct_norm = [], []
   for g, c, s in zip(gold, chars, scores, strict=True):
     s = np.asarray(s, np.float64)
-    acc += int(np.argmax(s) == g)
-    acc_norm += int(np.argmax(s / np.asarray(c, np.float64)) == g)
+    correct.append(int(np.argmax(s) == g))
+    correct_norm.append(int(np.argmax(s / np.asarray(c, np.float64)) == g))
   n = len(gold)
-  return {"acc": acc / n, "acc_norm": acc_norm / n, "n": n}
+  return {"acc": sum(correct) / n, "acc_norm": sum(correct_norm) / n, "n": n, "correct": correct,
+          "correct_norm": correct_norm}
 
 
 def accuracy(examples: Sequence[Example], scores: Sequence[Sequence[float]]) -> dict:
-  """{'acc', 'acc_norm', 'n'}: argmax of the scores, and of scores / len(choice) (characters)."""
+  """{'acc', 'acc_norm', 'n', 'correct', 'correct_norm'}: argmax of the scores, and of scores / len(choice)
+  (characters); correct / correct_norm [n]: 1 where that argmax is the gold choice (for bootstrap bands)."""
   return _accuracy([ex.gold for ex in examples], [[len(c) for c in ex.choices] for ex in examples], scores)
 
 
@@ -168,7 +170,7 @@ def _split(flat: Sequence, sizes: Sequence[int]) -> list:
 
 
 def score(params: dict, cfg: ModelConfig, task: Tokenized, sparsifier: Any = S.dense, **kw) -> dict:
-  """Accuracy of a tokenized task ({'acc', 'acc_norm', 'n'}); `kw` go to `loglikelihoods`."""
+  """Accuracy of a tokenized task (as `accuracy` returns it); `kw` go to `loglikelihoods`."""
   lls = [ll for ll, _ in loglikelihoods(params, cfg, task.requests, sparsifier, **kw)]
   return _accuracy(task.gold, _split(task.chars, task.sizes), _split(lls, task.sizes))
 
