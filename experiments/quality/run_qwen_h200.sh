@@ -13,7 +13,7 @@
 # OUT/logs/; each takes a slice of GPU memory (no preallocation), so their compiles (CPU) overlap the
 # others' GPU work. Inputs, made on a CPU machine (the GPU image has no tokenizer data, datasets or gguf):
 #   .gpu/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf, .gpu/SmolLM2-135M-Instruct.Q4_1.gguf  (the models)
-#   .gpu/qwen-l500.npz   python -m experiments.sweep --only_bundle --bundle=.gpu/qwen-l500.npz \
+#   .gpu/qwen-l500.npz   python -m experiments.quality.sweep --only_bundle --bundle=.gpu/qwen-l500.npz \
 #                          --model=.gpu/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf --limit=500 \
 #                          --tasks=piqa,hellaswag,arc_easy,arc_challenge --seq_len=512 --ppl_windows=64 \
 #                          --calib_windows=8
@@ -49,9 +49,7 @@
 set -u
 model=$1 out=$2 deadline=$3
 shift 3
-here=$(cd "$(dirname "$0")" && pwd)
 sweep=experiments.quality.sweep
-[ -f "$here/sweep.py" ] || sweep=experiments.sweep        # before the experiments/ reorganisation
 export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-.gpu/jax_cache}
 export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0 XLA_PYTHON_CLIENT_PREALLOCATE=false
 common=(--tasks=piqa,hellaswag,arc_easy,arc_challenge --seq_len=512 --ppl_windows=64 --calib_windows=8
