@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from wina_jax.sparsity.base import keep_count
+
 BASES = ("svd", "axis", "learned")
 HI = jax.lax.Precision.HIGHEST
 
@@ -58,42 +60,39 @@ def axis_alignment(vectors: np.ndarray) -> float:
   return float(np.mean(np.max(v * v, axis=0)))
 
 
-def keep_count(d: int, sparsity: float) -> int:
-  """Coordinates a token keeps at `sparsity` (as the top-k sparsifier: round((1 - s) d), at least 1)."""
-  return max(1, int(round((1.0 - sparsity) * d)))
-
-
 def _rotation(a: jax.Array) -> jax.Array:
   return jax.scipy.linalg.expm(a - a.T)
 
 
-def _loss(x: jax.Array, fixed: jax.Array, null: jax.Array, kernels: Sequence[jax.Array], rot: jax.Array,
-          k: int, straight_through: bool) -> jax.Array:
-  """Relative top-k output error of x [N, d] in the basis [fixed, null rot] over `kernels` ([d, n_j],
-  original coordinates with gains folded)."""
+def _gram(kernels: Sequence) -> jax.Array:
+  """G = sum_j W_j W_j^T [d, d]: sum_j ||y W_j||^2 = y G y^T for any row y in original coordinates."""
+  return sum(jnp.matmul(w, w.T, precision=HI) for w in (jnp.asarray(w, jnp.float32) for w in kernels))
+
+
+def _loss(x: jax.Array, fixed: jax.Array, null: jax.Array, gram: jax.Array, rot: jax.Array, k: int,
+          straight_through: bool) -> jax.Array:
+  """Relative top-k output error of x [N, d] in the basis Q = [fixed, null rot] over the kernels behind
+  `gram` (`_gram`, original coordinates, gains folded): sum ||(x Q - keep(x Q)) Q^T W_j||^2 over
+  sum ||x W_j||^2."""
   q = jnp.concatenate([fixed, jnp.matmul(null, rot, precision=HI)], axis=1)
   xq = jnp.matmul(x, q, precision=HI)
   mag = jnp.abs(jax.lax.stop_gradient(xq) if straight_through else xq)
   kth = jax.lax.top_k(mag, k)[0][:, -1:]
-  dropped = jnp.where(mag >= kth, 0.0, xq)
-  err = ref = 0.0
-  for w in kernels:
-    wq = jnp.matmul(q.T, w, precision=HI)
-    err += jnp.sum(jnp.square(jnp.matmul(dropped, wq, precision=HI)))
-    ref += jnp.sum(jnp.square(jnp.matmul(x, w, precision=HI)))
-  return err / ref
+  dropped = jnp.matmul(jnp.where(mag >= kth, 0.0, xq), q.T, precision=HI)   # back in original coordinates
+  err = jnp.sum(jnp.matmul(dropped, gram, precision=HI) * dropped)
+  return err / jnp.sum(jnp.matmul(x, gram, precision=HI) * x)
 
 
 def objective(x, basis: np.ndarray, rank: int, kernels: Sequence, sparsity: float) -> float:
   """`_loss` of a full basis [d, d] (its first `rank` columns fixed) on inputs x [N, d] at `sparsity`."""
   b = jnp.asarray(basis, jnp.float32)
   m = b.shape[1] - rank
-  return float(_loss(jnp.asarray(x, jnp.float32), b[:, :rank], b[:, rank:], [jnp.asarray(w, jnp.float32)
-               for w in kernels], jnp.eye(m, dtype=jnp.float32), keep_count(b.shape[0], sparsity), False))
+  return float(_loss(jnp.asarray(x, jnp.float32), b[:, :rank], b[:, rank:], _gram(kernels),
+                     jnp.eye(m, dtype=jnp.float32), keep_count(sparsity, b.shape[0]), False))
 
 
 def learned_basis(x, fixed: np.ndarray, null: np.ndarray, kernels: Sequence, *, sparsity: float = 0.5,
-                  steps: int = 200, learning_rate: float = 3e-3, seed: int = 0) -> tuple[np.ndarray, dict]:
+                  steps: int = 100, learning_rate: float = 1e-2, seed: int = 0) -> tuple[np.ndarray, dict]:
   """Fit R in O(m) for the null basis `null` [d, m] (the `axis_basis` init) on inputs x [N, d]
   (RMS-normalised, original coordinates), with `fixed` [d, r] the kernel's range basis and `kernels` the
   block's input-reading kernels [d, n_j] (gains folded). -> (null @ R [d, m] float64,
@@ -102,14 +101,14 @@ def learned_basis(x, fixed: np.ndarray, null: np.ndarray, kernels: Sequence, *, 
   null64 = np.asarray(null, np.float64)
   x = jnp.asarray(x, jnp.float32)
   fixed, null = jnp.asarray(fixed, jnp.float32), jnp.asarray(null, jnp.float32)
-  kernels = [jnp.asarray(w, jnp.float32) for w in kernels]
-  m, k = null.shape[1], keep_count(x.shape[1], sparsity)
+  gram = _gram(kernels)
+  m, k = null.shape[1], keep_count(sparsity, x.shape[1])
   # a tiny random start breaks the symmetry of A = 0 (where the skew part's gradient can vanish)
   a = 1e-4 * jax.random.normal(jax.random.PRNGKey(seed), (m, m), jnp.float32)
   opt = optax.adam(learning_rate)
   state = opt.init(a)
-  true_loss = jax.jit(lambda a: _loss(x, fixed, null, kernels, _rotation(a), k, False))
-  grad = jax.jit(jax.grad(lambda a: _loss(x, fixed, null, kernels, _rotation(a), k, True)))
+  true_loss = jax.jit(lambda a: _loss(x, fixed, null, gram, _rotation(a), k, False))
+  grad = jax.jit(jax.grad(lambda a: _loss(x, fixed, null, gram, _rotation(a), k, True)))
   init = float(true_loss(jnp.zeros((m, m), jnp.float32)))
   best, best_a = init, jnp.zeros((m, m), jnp.float32)
   for _ in range(steps):
