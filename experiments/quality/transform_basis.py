@@ -1,7 +1,7 @@
 """WINA-Transform's free null-space basis (`transform(..., basis=)`) measured on SmolLM2 at top-k sparsity.
 
   PYTHONPATH=. python -m experiments.quality.transform_basis \
-      --out=results/transform_basis/smollm2_heldout.json          # ~15 min on a busy 2-core CPU
+      --out=results/transform_basis/smollm2_heldout.json          # ~20 min on a busy 2-core CPU
 
 Perplexity on held-out text (every token sparse, per-token top-k at every site) of the dense model, the
 untransformed method, and the method on params transformed with each basis. The learned basis is fitted on
@@ -24,7 +24,7 @@ BASES = flags.DEFINE_list("bases", ["svd", "axis", "learned"], "Bases to compare
 PPL_TEXT = flags.DEFINE_string("ppl_text", "boolq:heldout", "Perplexity text.")
 CALIB_TEXT = flags.DEFINE_string("calib_text", "boolq:calibration", "Text the learned basis is fitted on.")
 SEQ_LEN = flags.DEFINE_integer("seq_len", 512, "Window length.")
-PPL_WINDOWS = flags.DEFINE_integer("ppl_windows", 8, "Perplexity windows.")
+PPL_WINDOWS = flags.DEFINE_integer("ppl_windows", 4, "Perplexity windows.")
 FIT_WINDOWS = flags.DEFINE_integer("fit_windows", 1, "Calibration windows for the learned basis.")
 OUT = flags.DEFINE_string("out", "results/transform_basis/smollm2_heldout.json", "Results JSON.")
 
