@@ -38,7 +38,7 @@ METHODS = flags.DEFINE_list("methods", ["dense", "teal", "teal-transform", "wina
                             "Methods; '<m>-transform' runs <m> on WINA-transformed params.")
 SPARSITIES = flags.DEFINE_list("sparsities", ["0.25", "0.4", "0.5", "0.65"], "Target sparsities.")
 MODES = flags.DEFINE_list("modes", ["isolated", "propagated"], "Analysis modes.")
-BASIS = flags.DEFINE_enum("basis", "svd", ["svd", "axis"], "Null-space basis of the transform (wina_jax.bases).")
+BASIS = flags.DEFINE_enum("basis", "svd", ["svd", "axis"], "Null-space basis of the transform (bases.py).")
 OUT = flags.DEFINE_string("out", "results/analysis", "Output folder.")
 REPLOT = flags.DEFINE_bool("replot", False, "Only redraw the PNGs from <out>/errors.csv and kl.csv.")
 

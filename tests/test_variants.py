@@ -68,7 +68,8 @@ def test_grammar_parses_settings_and_scopes():
   assert (sp.settings, sp.scope) == ((("c_sites", "all"),), "attn")
   assert sp.transform_settings == (("basis", "learned"), ("basis_sparsity", 0.65))
   assert variants.parse("teal-transform[basis=axis]").transform_settings == (("basis", "axis"),)
-  bad_t = {"wina-transform[basis=lapack]": "unknown basis 'lapack'", "wina-transform[foo=1]": "unknown transform",
+  bad_t = {"wina-transform[basis=lapack]": "unknown basis 'lapack'",
+           "wina-transform[foo=1]": "unknown transform",
            "wina-transform[basis_sparsity=1.5]": "must be in", "wina-transform[basis=axis]x": "malformed"}
   for spec, msg in bad_t.items():
     with pytest.raises(ValueError, match=msg):

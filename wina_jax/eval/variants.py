@@ -140,8 +140,8 @@ def _transform_settings(settings: dict, spec: str) -> tuple:
   bad = sorted(set(settings) - set(TRANSFORM_SETTINGS))
   if bad:
     raise ValueError(f"unknown transform setting(s) {bad} in {spec!r}; the transform takes "
-                     f"{list(TRANSFORM_SETTINGS)}, e.g. 'wina-transform[basis=axis]' (method settings go before the "
-                     "transform suffix: 'wina[c_sites=all]-transform')")
+                     f"{list(TRANSFORM_SETTINGS)}, e.g. 'wina-transform[basis=axis]' (method settings go "
+                     "before the transform suffix: 'wina[c_sites=all]-transform')")
   try:
     out = {k: TRANSFORM_SETTINGS[k](v) for k, v in settings.items()}
     check_basis(out.get("basis", "svd"))
@@ -188,7 +188,8 @@ def needs_calibration(spec: str, mode: str = "topk", allocation: str = "uniform"
   transform basis (fitted on them)."""
   sp = parse(spec)
   learned = sp.transformed and dict(sp.transform_settings).get("basis") == "learned"
-  return learned or sp.scope == "auto" or (sp.name != "dense" and (mode == "threshold" or allocation == "greedy"))
+  sparse = sp.name != "dense" and (mode == "threshold" or allocation == "greedy")
+  return learned or sp.scope == "auto" or sparse
 
 
 @dataclasses.dataclass
@@ -290,7 +291,7 @@ def prepare(params: dict, cfg: ModelConfig, spec: str, *, mode: str = "topk", al
       raise ValueError(f"{spec!r} chooses the blocks to rotate on calibration windows: pass calib_windows=... "
                        "(`variants.needs_calibration` says when a spec needs them)")
     from wina_jax.transform import transform
-    full = transform(params, cfg, **tkw) if sp.name != "dense" else None   # dense masks nothing: never rotates
+    full = transform(params, cfg, **tkw) if sp.name != "dense" else None   # dense masks nothing: no rotation
     return Prepared(params, cfg, spec, sp.name, True, full=full, **common)
   blocks = None
   if sp.transformed:
