@@ -52,9 +52,19 @@ def main(argv):
     sp = sparsity.make(METHOD.value, p, c, target) if target else S.dense
     return perplexity(p, c, ppl_w, sp, batch_size=4, progress=False)["ppl"]
 
+  meta = {"model": MODEL.value or assets.SMOLLM2_GGUF, "method": METHOD.value, "sparsity": s, "mode": "topk",
+          "ppl_text": PPL_TEXT.value, "seq_len": SEQ_LEN.value, "ppl_windows": PPL_WINDOWS.value,
+          "calib_text": CALIB_TEXT.value, "fit_windows": FIT_WINDOWS.value, "dense_prefix": 0}
+  os.makedirs(os.path.dirname(OUT.value) or ".", exist_ok=True)
+
+  def write(rows):      # after every row: a slow run leaves what it measured
+    with open(OUT.value, "w") as f:
+      json.dump({"settings": meta, "rows": rows}, f, indent=1)
+
   rows = [{"variant": "dense", "ppl": ppl(params, cfg, 0.0)},
           {"variant": METHOD.value, "ppl": ppl(params, cfg, s)}]
   print(rows, flush=True)
+  write(rows)
   for basis in BASES.value:
     t0 = time.time()
     tp, tcfg = transform(params, cfg, basis=basis, calib_windows=fit_w, basis_sparsity=s)
@@ -65,12 +75,7 @@ def main(argv):
            "transform_s": round(t_fit, 1)}
     rows.append(row)
     print(row, flush=True)
-  meta = {"model": MODEL.value or assets.SMOLLM2_GGUF, "method": METHOD.value, "sparsity": s, "mode": "topk",
-          "ppl_text": PPL_TEXT.value, "seq_len": SEQ_LEN.value, "ppl_windows": PPL_WINDOWS.value,
-          "calib_text": CALIB_TEXT.value, "fit_windows": FIT_WINDOWS.value, "dense_prefix": 0}
-  os.makedirs(os.path.dirname(OUT.value) or ".", exist_ok=True)
-  with open(OUT.value, "w") as f:
-    json.dump({"settings": meta, "rows": rows}, f, indent=1)
+    write(rows)
   print(f"wrote {OUT.value}")
 
 
