@@ -8,7 +8,8 @@ from conftest import TINY_CONFIGS, make_hf_model
 from wina_jax.analysis import column_orthogonality_defect
 from wina_jax.convert import from_transformers
 from wina_jax.model import forward, init_cache
-from wina_jax.transform import block_bases, key_kernel, shortcut_cost, transform
+from wina_jax.bases import BASES, axis_alignment, axis_basis, objective
+from wina_jax.transform import block_bases, block_inputs, input_kernels, key_kernel, shortcut_cost, transform
 
 
 def _perturb(params, rng):
@@ -133,3 +134,79 @@ def test_smollm2_shortcut_cost(smollm2, smollm2_transformed):
       if key in tp["layers"][str(l)]:
         r = np.asarray(tp["layers"][str(l)][key]["kernel"], np.float64)
         np.testing.assert_allclose(r.T @ r, np.eye(d), atol=1e-5)
+
+
+GQA = ["llama3_rope", "qwen2_bias", "phi3_fused"]    # kv_dim < hidden_size: a null space is free
+
+
+def _learned(params, cfg, rng, **kw):
+  windows = rng.randint(0, cfg.vocab_size, (2, 24))
+  info = {}
+  bases = block_bases(params, cfg, basis="learned", calib_windows=windows, info=info, **kw)
+  return bases, info, windows
+
+
+@pytest.mark.parametrize("basis", BASES)
+@pytest.mark.parametrize("name", GQA)
+def test_every_basis_keeps_the_dense_model(name, basis, rng):
+  params, cfg = from_transformers(make_hf_model(name))
+  params = _perturb(params, rng)
+  windows = rng.randint(0, cfg.vocab_size, (2, 16))
+  tp, tcfg = transform(params, cfg, basis=basis, calib_windows=windows)
+  tokens = jnp.asarray(rng.randint(0, cfg.vocab_size, (2, 19)))
+  assert _rel_delta(forward(params, tokens, cfg).logits, forward(tp, tokens, tcfg).logits) <= 2e-5
+  for block, k in _key_kernels(tp, tcfg).items():
+    assert column_orthogonality_defect(k) <= 1e-6, block
+
+
+def test_bases_differ_only_in_the_null_space():
+  params, cfg = from_transformers(make_hf_model("llama3_rope"))   # k_proj [64, 16]: 48 free directions
+  svd, axis = (block_bases(params, cfg, basis=b) for b in ("svd", "axis"))
+  r = cfg.kv_dim
+  for blk in svd:
+    np.testing.assert_allclose(axis[blk].T @ axis[blk], np.eye(cfg.hidden_size), atol=1e-12)
+    if blk[1] == "mlp":                 # gate_proj [64, 96] has full rank: nothing is free
+      np.testing.assert_array_equal(axis[blk], svd[blk])
+      continue
+    np.testing.assert_array_equal(axis[blk][:, :r], svd[blk][:, :r])
+    # the same null space (projectors agree), spanned by different vectors
+    np.testing.assert_allclose(axis[blk][:, r:] @ axis[blk][:, r:].T, svd[blk][:, r:] @ svd[blk][:, r:].T,
+                               atol=1e-12)
+    assert axis_alignment(axis[blk][:, r:]) > axis_alignment(svd[blk][:, r:]) + 0.05, blk
+
+
+def test_axis_basis_is_the_closest_to_its_axes(rng):
+  null = np.linalg.qr(rng.randn(40, 30))[0]
+  got = axis_basis(null)
+  axes = np.sort(np.argsort(-np.linalg.norm(null, axis=1))[:30])
+  target = np.eye(40)[:, axes]
+  best = np.linalg.norm(got - target)
+  for _ in range(20):                 # any other orthonormal basis of the span is farther from the axes
+    other = null @ np.linalg.qr(rng.randn(30, 30))[0]
+    assert np.linalg.norm(other - target) > best
+  np.testing.assert_allclose(got @ got.T, null @ null.T, atol=1e-12)
+
+
+def test_learned_basis_does_not_raise_its_objective(rng):
+  params, cfg = from_transformers(make_hf_model("llama3_rope"))
+  params = _perturb(params, rng)
+  bases, info, windows = _learned(params, cfg, rng)
+  axis = block_bases(params, cfg, basis="axis")
+  inputs = block_inputs(params, cfg, windows)
+  assert set(info) == {(l, "self_attn") for l in range(cfg.num_hidden_layers)}
+  for blk, fit in info.items():
+    kernels = input_kernels(params["layers"][str(blk[0])], cfg, blk[1])
+    init = objective(inputs[blk], axis[blk], cfg.kv_dim, kernels, 0.5)
+    got = objective(inputs[blk], bases[blk], cfg.kv_dim, kernels, 0.5)
+    assert fit["init"] == pytest.approx(init, rel=1e-5)
+    assert got <= init * (1 + 1e-5), blk
+  # the fit moves: on random weights the rotation lowers the error in at least one block
+  assert min(f["best"] / f["init"] for f in info.values()) < 0.99
+
+
+def test_learned_basis_needs_windows_and_bad_basis_is_named():
+  params, cfg = from_transformers(make_hf_model("llama3_rope"))
+  with pytest.raises(ValueError, match="calib_windows"):
+    transform(params, cfg, basis="learned")
+  with pytest.raises(ValueError, match="unknown basis"):
+    transform(params, cfg, basis="lapack")

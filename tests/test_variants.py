@@ -63,6 +63,17 @@ def test_grammar_parses_settings_and_scopes():
     with pytest.raises(ValueError, match=msg):
       variants.parse(spec)
   assert variants.needs_calibration("wina-transform-auto") and not variants.needs_calibration("wina-transform")
+  assert variants.needs_calibration("wina-transform[basis=learned]")
+  sp = variants.parse("wina[c_sites=all]-transform-attn[basis=learned;basis_sparsity=0.65]")
+  assert (sp.settings, sp.scope) == ((("c_sites", "all"),), "attn")
+  assert sp.transform_settings == (("basis", "learned"), ("basis_sparsity", 0.65))
+  assert variants.parse("teal-transform[basis=axis]").transform_settings == (("basis", "axis"),)
+  bad_t = {"wina-transform[basis=lapack]": "unknown basis 'lapack'",
+           "wina-transform[foo=1]": "unknown transform",
+           "wina-transform[basis_sparsity=1.5]": "must be in", "wina-transform[basis=axis]x": "malformed"}
+  for spec, msg in bad_t.items():
+    with pytest.raises(ValueError, match=msg):
+      variants.parse(spec)
   assert variants.needs_calibration("wina", mode="threshold") and not variants.needs_calibration("dense", "threshold")
 
 
@@ -78,8 +89,9 @@ def test_settings_reach_make_and_calibrate(tiny, windows):
   assert _rel_delta(a, b) > 1e-3
   prep = variants.prepare(params, cfg, "wina[c_sites=all]", mode="threshold", calib_windows=windows,
                           progress=False)
-  assert prep.calibration.method == sparsity.get_method("wina", c_sites="all")
   assert variants.make(prep, 0.5, mode="threshold").sparsifier.method.c_sites == "all"
+  (calib,) = prep.targets.values()         # upstream calibration: one per target
+  assert calib.method == sparsity.get_method("wina", c_sites="all")
 
 
 @pytest.mark.parametrize("scope,block", [("attn", "self_attn"), ("mlp", "mlp")])
@@ -155,7 +167,7 @@ def test_auto_transforms_and_calibrates_exactly_the_chosen_blocks(tiny, windows,
   v = variants.make(prep, 0.5, mode="threshold")
   assert v.info["blocks"] == [(0, "mlp"), (1, "self_attn")] == _rotated(v.params, v.cfg)
   assert v.sparsifier.mode == "threshold"
-  assert prep.built[(tuple(v.info["blocks"]), ("threshold", "uniform"))][2].fingerprint == \
+  assert prep.targets[(tuple(v.info["blocks"]), 0.5, "uniform")].fingerprint == \
       sparsity.fingerprint(v.params, v.cfg)
   dense_v = variants.make(prep, 0.0, mode="threshold")
   assert _rel_delta(forward(dense_v.params, tokens, dense_v.cfg).logits,
@@ -163,3 +175,21 @@ def test_auto_transforms_and_calibrates_exactly_the_chosen_blocks(tiny, windows,
   assert variants.make(prep, 0.5, mode="threshold").info["blocks"] == v.info["blocks"] and len(calls) == 2
   v2 = variants.make(prep, 0.6, mode="threshold")
   assert len(calls) == 4 and v2.info["blocks"] == sorted(variants.all_blocks(cfg)) and len(prep.built) <= variants.AUTO_CACHE
+
+
+def test_threshold_mode_calibrates_each_target_under_the_sparse_upstream(tiny, windows):
+  """Default: thresholds per target from the sparse upstream, so on the calibration windows every site
+  zeroes the target fraction; upstream=False shares dense statistics across targets."""
+  from wina_jax.sparsity import layerwise
+  params, cfg = tiny
+  prep = variants.prepare(params, cfg, "teal", mode="threshold", calib_windows=windows, progress=False)
+  assert prep.calibration is None
+  for target in (0.4, 0.6):
+    v = variants.make(prep, target)
+    zf = layerwise.zero_frac(params, cfg, v.sparsifier, windows)
+    np.testing.assert_allclose([zf[s] for s in v.sparsifier.method.sites(cfg)], target, atol=0.02)
+  assert len(prep.targets) == 2
+  dense = variants.prepare(params, cfg, "teal", mode="threshold", calib_windows=windows, progress=False,
+                           upstream=False)
+  assert dense.calibration is not None and variants.make(dense, 0.6).sparsifier.mode == "threshold"
+  assert not dense.targets

@@ -16,6 +16,8 @@ so with gains folded into the following linears the dense model is unchanged:
   lm_head        Q_last^T diag(g_final) lm_head      (untied: the embedding and lm_head differ)
 
 Q_next is Q_attn,l+1, or Q_mlp,l for the last layer (whose residual_mlp is then the identity and omitted).
+When K has rank r < d (GQA k_proj) the last d - r columns of Q (a basis of K's null space) are free:
+`basis=` picks them ('svd': LAPACK's, 'axis', 'learned'; see `wina_jax.bases`).
 An untransformed block (see `blocks=`) has Q = I; shortcuts between two identity bases are omitted.
 The embedding mean is NOT subtracted (that breaks invariance on RMSNorm models).
 """
@@ -30,6 +32,7 @@ import threadpoolctl
 from flax import traverse_util
 
 from wina_jax import families
+from wina_jax import bases as B
 from wina_jax import sites as S
 from wina_jax.config import ModelConfig
 
@@ -52,15 +55,29 @@ def key_kernel(lp: dict, cfg: ModelConfig, block: str) -> np.ndarray:
   return _f64(lp[norms[block]]["scale"])[:, None] * _f64(lp[block][proj]["kernel"])[:, cols]
 
 
-def orthogonalizing_basis(kernel: np.ndarray) -> np.ndarray:
-  """[d, d] orthogonal Q (float64): the left singular vectors of kernel [d, n] (any rank), so Q^T kernel
-  has orthogonal rows. Wide kernels (n > d) are first reduced by QR (kernel = R^T Q_r^T, R [d, d]), which
-  leaves the left singular vectors unchanged and avoids computing the [n, d] right factor."""
+def svd_basis(kernel: np.ndarray) -> tuple[np.ndarray, int]:
+  """([d, d] orthogonal Q float64: the left singular vectors of kernel [d, n], its rank r): Q^T kernel has
+  orthogonal rows, and Q[:, r:] is LAPACK's basis of the null space. Wide kernels (n > d) are first reduced
+  by QR (kernel = R^T Q_r^T, R [d, d]), which leaves the left singular vectors unchanged and avoids
+  computing the [n, d] right factor."""
   k = _f64(kernel)
   d, n = k.shape
   if n > d:
     k = np.linalg.qr(k.T, mode="r").T
-  return np.linalg.svd(k, full_matrices=True)[0]
+  u, s, _ = np.linalg.svd(k, full_matrices=True)
+  return u, B.null_rank(s, k.shape)
+
+
+def orthogonalizing_basis(kernel: np.ndarray, basis: str = "svd") -> np.ndarray:
+  """[d, d] orthogonal Q (float64) with Q^T kernel [d, n] row-orthogonal; the null-space part is LAPACK's
+  ('svd') or the axis-aligned one ('axis'). 'learned' needs data: see `block_bases`."""
+  if B.check_basis(basis) == "learned":
+    raise ValueError("basis='learned' is fitted on calibration inputs: use block_bases / transform with "
+                     "calib_windows=...")
+  q, r = svd_basis(kernel)
+  if basis == "svd" or r == q.shape[0]:
+    return q
+  return np.concatenate([q[:, :r], B.axis_basis(q[:, r:])], axis=1)
 
 
 def _check_blocks(blocks: Optional[Iterable[Block]], cfg: ModelConfig) -> set[Block]:
@@ -75,14 +92,56 @@ def _check_blocks(blocks: Optional[Iterable[Block]], cfg: ModelConfig) -> set[Bl
   return out
 
 
-def block_bases(params: dict, cfg: ModelConfig, blocks: Optional[Iterable[Block]] = None
-                ) -> dict[Block, Optional[np.ndarray]]:
-  """{(layer, block): Q [d, d] float64, or None (identity) for blocks not in `blocks` (default: all)}."""
+def block_inputs(params: dict, cfg: ModelConfig, windows: np.ndarray) -> dict[Block, np.ndarray]:
+  """{(layer, block): [N * T, d] RMS-normalised (unit gain) dense inputs of the block} on token windows."""
+  from wina_jax.layers import rms_norm
+  from wina_jax.model import forward     # the learned basis is fitted on the model's own activations
+  windows = np.asarray(windows)
+  if windows.ndim != 2 or windows.size == 0:
+    raise ValueError(f"basis='learned' needs calibration token windows [N, T], got shape {windows.shape}")
+  res = forward(params, jnp.asarray(windows), cfg, collect=("residual",)).aux["residual"]
+  one = jnp.ones((cfg.hidden_size,), jnp.float32)
+  return {(l, b): np.asarray(rms_norm(res[f"layers.{l}.{b}"].astype(jnp.float32), one, cfg.rms_norm_eps)
+                             ).reshape(-1, cfg.hidden_size)
+          for l in range(cfg.num_hidden_layers) for b in BLOCKS}
+
+
+def input_kernels(lp: dict, cfg: ModelConfig, block: str) -> list[np.ndarray]:
+  """The block's input-reading kernels [d, n_j] (q/k/v or gate/up, fused or not) with its gain folded."""
+  g = _f64(lp["input_layernorm" if block == "self_attn" else "post_attention_layernorm"]["scale"])
+  return [g[:, None] * _f64(lp[block][p]["kernel"]) for p in S.block_sites(cfg, block)[:-1]]
+
+
+def block_bases(params: dict, cfg: ModelConfig, blocks: Optional[Iterable[Block]] = None, *,
+                basis: str = "svd", calib_windows: Optional[np.ndarray] = None, basis_sparsity: float = 0.5,
+                info: Optional[dict] = None) -> dict[Block, Optional[np.ndarray]]:
+  """{(layer, block): Q [d, d] float64, or None (identity) for blocks not in `blocks` (default: all)}.
+
+  basis: the null-space choice (`wina_jax.bases`); 'learned' fits it on `calib_windows` [N, T] at
+  top-k sparsity `basis_sparsity` and, if `info` is a dict, records {(layer, block): fit summary} in it."""
   chosen = _check_blocks(blocks, cfg)
+  B.check_basis(basis)
   # single-threaded LAPACK: small SVDs gain little from threads and stall badly on a busy CPU
   with threadpoolctl.threadpool_limits(1, user_api="blas"):
-    return {(l, b): orthogonalizing_basis(key_kernel(params["layers"][str(l)], cfg, b)) if (l, b) in chosen
-            else None for l in range(cfg.num_hidden_layers) for b in BLOCKS}
+    svd = {blk: svd_basis(key_kernel(params["layers"][str(blk[0])], cfg, blk[1])) for blk in sorted(chosen)}
+    out = {(l, b): None for l in range(cfg.num_hidden_layers) for b in BLOCKS}
+    free = [blk for blk, (q, r) in svd.items() if r < q.shape[0]]
+    if basis == "learned" and free and calib_windows is None:
+      raise ValueError("basis='learned' fits the null-space rotation on calibration activations: pass "
+                       "calib_windows=[N, T] token windows")
+    inputs = block_inputs(params, cfg, calib_windows) if basis == "learned" and free else {}
+    for blk, (q, r) in svd.items():
+      if basis == "svd" or r == q.shape[0]:
+        out[blk] = q
+        continue
+      null = B.axis_basis(q[:, r:])
+      if basis == "learned":
+        kernels = input_kernels(params["layers"][str(blk[0])], cfg, blk[1])
+        null, fit = B.learned_basis(inputs[blk], q[:, :r], null, kernels, sparsity=basis_sparsity)
+        if info is not None:
+          info[blk] = fit
+      out[blk] = np.concatenate([q[:, :r], null], axis=1)
+  return out
 
 
 def _f32(a) -> jax.Array:
@@ -108,20 +167,24 @@ def _shortcut(a: Optional[np.ndarray], b: Optional[np.ndarray]) -> Optional[np.n
   return a.T @ b
 
 
-def transform(params: dict, cfg: ModelConfig, *, blocks: Optional[Iterable[Block]] = None
+def transform(params: dict, cfg: ModelConfig, *, blocks: Optional[Iterable[Block]] = None, basis: str = "svd",
+              calib_windows: Optional[np.ndarray] = None, basis_sparsity: float = 0.5
               ) -> tuple[dict, ModelConfig]:
   """WINA-transformed `(params, cfg)`; dense outputs are unchanged (see the module docstring).
 
-  blocks: (layer, 'self_attn' | 'mlp') pairs to orthogonalise; None = every block. Gains are always folded
-  and embeddings always untied. Bases and shortcuts in float64, the rotated weights as float32 products at
-  full precision; each array is cast back to its input dtype.
+  blocks: (layer, 'self_attn' | 'mlp') pairs to orthogonalise; None = every block. basis: the free
+  null-space basis of rank-deficient key kernels, 'svd' | 'axis' | 'learned' (fitted on `calib_windows`
+  at top-k `basis_sparsity`; `wina_jax.bases`). Gains are always folded and embeddings always untied.
+  Bases and shortcuts in float64, the rotated weights as float32 products at full precision; each array
+  is cast back to its input dtype.
   """
   flat = traverse_util.flatten_dict(params, sep="/")
   if any("residual_" in k for k in flat):
     raise ValueError("params already carry residual rotations (already transformed); transform the original")
   dtypes = {k: v.dtype for k, v in flat.items()}
   out: dict[str, jax.Array] = {}
-  bases = block_bases(params, cfg, blocks)
+  bases = block_bases(params, cfg, blocks, basis=basis, calib_windows=calib_windows,
+                      basis_sparsity=basis_sparsity)
   n = cfg.num_hidden_layers
   emb = _f32(flat["embed_tokens/embedding"])
   out["embed_tokens/embedding"] = _rot_out(emb, bases[(0, "self_attn")])

@@ -38,6 +38,7 @@ METHODS = flags.DEFINE_list("methods", ["dense", "teal", "teal-transform", "wina
                             "Methods; '<m>-transform' runs <m> on WINA-transformed params.")
 SPARSITIES = flags.DEFINE_list("sparsities", ["0.25", "0.4", "0.5", "0.65"], "Target sparsities.")
 MODES = flags.DEFINE_list("modes", ["isolated", "propagated"], "Analysis modes.")
+BASIS = flags.DEFINE_enum("basis", "svd", ["svd", "axis"], "Null-space basis of the transform (bases.py).")
 OUT = flags.DEFINE_string("out", "results/analysis", "Output folder.")
 REPLOT = flags.DEFINE_bool("replot", False, "Only redraw the PNGs from <out>/errors.csv and kl.csv.")
 
@@ -153,7 +154,7 @@ def main(_):
     return
   os.makedirs(out, exist_ok=True)
   params, cfg = truncate(*load(MODEL.value), LAYERS.value)
-  tparams, tcfg = transform(params, cfg)
+  tparams, tcfg = transform(params, cfg, basis=BASIS.value)
   models = {"": (params, cfg), SUFFIX: (tparams, tcfg)}
   tok = load_tokenizer(MODEL.value or assets.default_gguf())
   tokens = jnp.asarray(token_windows(tok, load_texts(TEXT.value), SEQ_LEN.value, WINDOWS.value))

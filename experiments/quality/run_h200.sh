@@ -4,7 +4,9 @@
 #   experiments/quality/run_h200.sh STAGE OUT DEADLINE_S [LIMIT]
 #
 # STAGE: main (threshold mode, uniform: the paper's methods), variants (threshold, uniform: WINA's c at
-# every site and the partial transforms), greedy (threshold, greedy allocation), topk (per-token top-k).
+# every site, the partial transforms and the transform's null-space bases), greedy (threshold, greedy
+# allocation), topk (per-token top-k, with the bases). Threshold mode calibrates each target under the sparse
+# upstream (the sweep's default --upstream; cells keyed 'calibration': 'upstream').
 # main and variants share OUT/threshold-uniform, so their common cells run once. Inputs, made on a CPU
 # machine and carried (the GPU image has no tokenizer data, datasets or gguf wheel):
 #   .gpu/SmolLM2-135M-Instruct.Q4_1.gguf   the embedded model (sha256 in docs/findings.md)
@@ -23,11 +25,11 @@ case $stage in
   main) args=(--mode=threshold --allocation=uniform --out=$out/threshold-uniform
               --methods=dense,teal,teal-transform,cats,wina,wina-transform) ;;
   variants) args=(--mode=threshold --allocation=uniform --out=$out/threshold-uniform
-                  "--methods=teal,wina,wina[c_sites=all],wina-transform-attn,wina-transform-mlp,wina-transform-auto,teal-transform-auto") ;;
+                  "--methods=teal,wina,wina[c_sites=all],wina-transform-attn,wina-transform-mlp,wina-transform-auto,teal-transform-auto,wina-transform[basis=axis],wina-transform[basis=learned],teal-transform[basis=axis]") ;;
   greedy) args=(--mode=threshold --allocation=greedy --out=$out/threshold-greedy
                 --methods=teal,wina,teal-transform,wina-transform) ;;
   topk) args=(--mode=topk --allocation=uniform --out=$out/topk-uniform
-              --methods=teal,wina,teal-transform,wina-transform,cats) ;;
+              "--methods=teal,wina,teal-transform,wina-transform,cats,wina-transform[basis=axis],wina-transform[basis=learned]") ;;
   *) echo "unknown stage $stage: main | variants | greedy | topk" >&2; exit 2 ;;
 esac
 exec python3 -m experiments.quality.sweep "${common[@]}" "${args[@]}"

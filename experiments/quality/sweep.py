@@ -42,6 +42,8 @@ CALIB_TEXT = flags.DEFINE_string("calib_text", "boolq:calibration", "Calibration
 SEQ_LEN = flags.DEFINE_integer("seq_len", 256, "Perplexity / calibration window length.")
 PPL_WINDOWS = flags.DEFINE_integer("ppl_windows", 32, "Perplexity windows.")
 CALIB_WINDOWS = flags.DEFINE_integer("calib_windows", 16, "Calibration windows (threshold / greedy).")
+UPSTREAM = flags.DEFINE_bool("upstream", True, "Threshold mode: calibrate each target under the sparse "
+                             "upstream (lands on the target); --noupstream: dense statistics (overshoots).")
 BATCH_TOKENS = flags.DEFINE_integer("batch_tokens", 4096, "Tokens per multiple-choice batch.")
 BUCKETS = flags.DEFINE_list("buckets", None, "Padded lengths of multiple-choice rows (default: powers of two "
                             "from 64); fewer buckets = fewer compiles, e.g. 256,1024 on a GPU.")
@@ -62,10 +64,13 @@ QUICK_FLAG = flags.DEFINE_bool("quick", False, f"CPU demo preset for flags not g
 def settings() -> dict:
   """Every flag that changes a cell's numbers (methods / sparsities lists excluded: they pick cells)."""
   model = "" if MODEL.value == "smollm2-135m" else MODEL.value   # '': the default, as committed cells hash it
-  return {"model": model, "tasks": list(TASK_LIST.value), "limit": LIMIT.value,
-          "allocation": ALLOCATION.value, "mode": MODE.value, "prefill": PREFILL.value,
-          "ppl_text": PPL_TEXT.value, "calib_text": CALIB_TEXT.value, "seq_len": SEQ_LEN.value,
-          "ppl_windows": PPL_WINDOWS.value, "calib_windows": CALIB_WINDOWS.value, "dtype": DTYPE.value}
+  st = {"model": model, "tasks": list(TASK_LIST.value), "limit": LIMIT.value,
+        "allocation": ALLOCATION.value, "mode": MODE.value, "prefill": PREFILL.value,
+        "ppl_text": PPL_TEXT.value, "calib_text": CALIB_TEXT.value, "seq_len": SEQ_LEN.value,
+        "ppl_windows": PPL_WINDOWS.value, "calib_windows": CALIB_WINDOWS.value, "dtype": DTYPE.value}
+  if MODE.value == "threshold":       # only thresholds depend on it (top-k cells keep their keys)
+    st["calibration"] = "upstream" if UPSTREAM.value else "dense"
+  return st
 
 
 def cell_list(methods: list[str], sparsities: list[float]) -> list[tuple[str, float]]:
@@ -77,7 +82,8 @@ def cell_list(methods: list[str], sparsities: list[float]) -> list[tuple[str, fl
 def cell_key(st: dict, method: str) -> str:
   """Hash of the settings a cell depends on (dense ignores the sparsifier's mode / allocation / calibration)."""
   if method == "dense":
-    st = {k: v for k, v in st.items() if k not in ("mode", "allocation", "calib_text", "calib_windows")}
+    st = {k: v for k, v in st.items()
+          if k not in ("mode", "allocation", "calib_text", "calib_windows", "calibration")}
   return hashlib.sha1(json.dumps(st, sort_keys=True).encode()).hexdigest()[:10]
 
 
@@ -149,7 +155,8 @@ def run_cell(ctx: Context, method: str, s: float) -> tuple[dict, dict]:
   if method not in ctx.prepared:      # transform / calibration once per method, shared by its sparsities
     ctx.prepared[method] = variants.prepare(ctx.params, ctx.cfg, method, mode=st["mode"],
                                             allocation=st["allocation"], calib_windows=ctx.calib,
-                                            max_effective=ctx.max_effective, progress=False)
+                                            max_effective=ctx.max_effective, progress=False,
+                                            upstream=st.get("calibration") != "dense")
   v = variants.make(ctx.prepared[method], s)
   prefix = functools.partial(sparsity.resolve_prefill, st["prefill"])
   ppl = perplexity.perplexity(v.params, v.cfg, ctx.ppl, v.sparsifier, batch_size=PPL_BATCH.value,
