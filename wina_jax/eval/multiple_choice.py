@@ -145,17 +145,18 @@ def tokenize(tokenizer, examples: Sequence[Example]) -> Tokenized:
 
 
 def _accuracy(gold: Sequence[int], chars: Sequence[Sequence[int]], scores: Sequence[Sequence[float]]) -> dict:
-  acc = acc_norm = 0
+  rows = {"acc": [], "acc_norm": []}
   for g, c, s in zip(gold, chars, scores, strict=True):
     s = np.asarray(s, np.float64)
-    acc += int(np.argmax(s) == g)
-    acc_norm += int(np.argmax(s / np.asarray(c, np.float64)) == g)
+    rows["acc"].append(int(np.argmax(s) == g))
+    rows["acc_norm"].append(int(np.argmax(s / np.asarray(c, np.float64)) == g))
   n = len(gold)
-  return {"acc": acc / n, "acc_norm": acc_norm / n, "n": n}
+  return {**{k: sum(v) / n for k, v in rows.items()}, "n": n, "rows": rows}
 
 
 def accuracy(examples: Sequence[Example], scores: Sequence[Sequence[float]]) -> dict:
-  """{'acc', 'acc_norm', 'n'}: argmax of the scores, and of scores / len(choice) (characters)."""
+  """{'acc', 'acc_norm', 'n', 'rows'}: argmax of the scores, and of scores / len(choice) (characters);
+  rows {'acc', 'acc_norm'}: per-row correctness (0 / 1) in example order."""
   return _accuracy([ex.gold for ex in examples], [[len(c) for c in ex.choices] for ex in examples], scores)
 
 
@@ -168,14 +169,15 @@ def _split(flat: Sequence, sizes: Sequence[int]) -> list:
 
 
 def score(params: dict, cfg: ModelConfig, task: Tokenized, sparsifier: Any = S.dense, **kw) -> dict:
-  """Accuracy of a tokenized task ({'acc', 'acc_norm', 'n'}); `kw` go to `loglikelihoods`."""
+  """Accuracy of a tokenized task ({'acc', 'acc_norm', 'n', 'rows'}, as `accuracy`); `kw` go to
+  `loglikelihoods`."""
   lls = [ll for ll, _ in loglikelihoods(params, cfg, task.requests, sparsifier, **kw)]
   return _accuracy(task.gold, _split(task.chars, task.sizes), _split(lls, task.sizes))
 
 
 def evaluate(params: dict, cfg: ModelConfig, tokenizer, examples: Sequence[Example], sparsifier: Any = S.dense,
              **kw) -> dict:
-  """Accuracy of `examples` (from `wina_jax.eval.tasks.load_task`); `kw` go to `loglikelihoods`."""
+  """Accuracy of `examples` (from `wina_jax.eval.tasks.load_task`, as `accuracy`); `kw` go to `loglikelihoods`."""
   return score(params, cfg, tokenize(tokenizer, examples), sparsifier, **kw)
 
 

@@ -22,7 +22,8 @@ def window_nll(logits: jax.Array, tokens: jax.Array) -> jax.Array:
 def perplexity(params: dict, cfg: ModelConfig, windows: np.ndarray, sparsifier: Any = S.dense, *,
                batch_size: int = 8, dense_prefix: Optional[int] = None, progress: bool = True,
                zero_frac: bool = False) -> dict:
-  """exp(mean NLL) over `windows` [N, T]; returns {'ppl', 'nll', 'tokens'}.
+  """exp(mean NLL) over `windows` [N, T]; returns {'ppl', 'nll', 'tokens', 'window_nll'} (window_nll [N]:
+  each window's mean NLL over its T - 1 predictions, what `wina_jax.eval.bands` bootstraps).
 
   dense_prefix: the first positions of every window run dense (TEAL/WINA evaluate this way).
   zero_frac: also return 'zero_frac' {site: fraction of zeroed inputs over sparse tokens}, averaged
@@ -31,7 +32,7 @@ def perplexity(params: dict, cfg: ModelConfig, windows: np.ndarray, sparsifier: 
   windows = np.asarray(windows)
   if windows.ndim != 2 or len(windows) == 0 or windows.shape[1] < 2:
     raise ValueError(f"windows must be [N >= 1, T >= 2] token ids, got shape {windows.shape}")
-  total, count, fracs = 0.0, 0, {}
+  total, count, fracs, per_window = 0.0, 0, {}, []
   nll_fn = jax.jit(window_nll)
   collect = ("zero_frac",) if zero_frac else ()
   for i in tqdm(range(0, len(windows), batch_size), desc="perplexity", disable=not progress, leave=False):
@@ -41,10 +42,11 @@ def perplexity(params: dict, cfg: ModelConfig, windows: np.ndarray, sparsifier: 
     out = jit_forward(params, toks, cfg, sparsifier, dense_prefix=dense_prefix, collect=collect)
     nll = np.asarray(nll_fn(out.logits, toks))[: len(batch)]
     total += float(nll.sum())
+    per_window += [float(x) / (windows.shape[1] - 1) for x in nll]
     count += len(batch) * (windows.shape[1] - 1)
     for site, v in out.aux.get("zero_frac", {}).items():
       fracs[site] = fracs.get(site, 0.0) + float(v) * len(batch) / len(windows)
-  res = {"ppl": float(np.exp(total / count)), "nll": total / count, "tokens": count}
+  res = {"ppl": float(np.exp(total / count)), "nll": total / count, "tokens": count, "window_nll": per_window}
   if zero_frac:
     res["zero_frac"] = fracs
   return res
