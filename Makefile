@@ -15,7 +15,7 @@ setup: .venv/.stamp
 	touch $@
 
 demo: setup
-	$(PY) -m experiments.sweep --quick --out=runs/demo
+	$(PY) -m experiments.sweep --demo --out=runs/demo
 
 test: setup
 	$(PY) -m pytest -n 2 -q --durations=15 tests

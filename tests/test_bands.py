@@ -45,6 +45,14 @@ def test_paired_comparison_far_outside_is_real_inside_is_not():
     bands.compare({"values": a}, {"values": a[:3]})
 
 
+def test_bootstrap_avg_of_identical_groups_matches_one_group_with_their_rows_pooled_in_width():
+  rows = np.random.default_rng(2).integers(0, 2, 300)
+  lo, hi = bands.bootstrap_avg([rows, rows])            # two independent resamplings: width / sqrt(2)
+  one_lo, one_hi = bands.bootstrap_mean(rows)
+  assert (hi - lo) == pytest.approx((one_hi - one_lo) / np.sqrt(2), rel=0.15)
+  assert bands.bootstrap_avg([[1] * 5, [0] * 9]) == (0.5, 0.5)
+
+
 def test_numerics_band():
   assert bands.numerics_band([1.0, 3.0, 2.0]) == {"min": 1.0, "max": 3.0, "std": 1.0, "n": 3}
 

@@ -87,6 +87,16 @@ def bootstrap_mean(values: Sequence[float], *, n_boot: int = N_BOOT, level: floa
   return _interval(v[_indices(len(v), n_boot, seed)].mean(axis=-1), level)
 
 
+def bootstrap_avg(groups: Sequence[Sequence[float]], *, n_boot: int = N_BOOT, level: float = LEVEL,
+                  seed: int = 0) -> tuple[float, float]:
+  """`level` interval of the average over groups of each group's mean (e.g. the average accuracy over
+  tasks), every group's rows resampled independently."""
+  if not groups:
+    raise ValueError("no groups to average")
+  means = [np.asarray(g, np.float64)[_indices(len(g), n_boot, seed + i)].mean(axis=-1) for i, g in enumerate(groups)]
+  return _interval(np.mean(means, axis=0), level)
+
+
 def numerics_band(values: Sequence[float]) -> dict:
   """{'min', 'max', 'std', 'n'} of one metric over the unperturbed run and its perturbed re-runs."""
   v = np.asarray(values, np.float64)
