@@ -137,7 +137,8 @@ def _acc_half_width(rows: list[dict], task_list: tuple) -> float:
   return 1.96 * math.sqrt(var)
 
 
-def h200_noise_table(uniform: list[dict], pairs=(("teal", "wina"), ("teal-transform", "wina-transform"))) -> str:
+def h200_noise_table(uniform: list[dict],
+                     pairs=(("teal", "wina"), ("teal-transform", "wina-transform"))) -> str:
   """Per target: b - a in perplexity (no band: no per-window NLLs were stored) and avg4 with its unpaired
   binomial 95 % interval, and whether 0 lies outside it."""
   cells = {(r["method"], r["sparsity"]): r for r in uniform}
@@ -146,9 +147,11 @@ def h200_noise_table(uniform: list[dict], pairs=(("teal", "wina"), ("teal-transf
     for s in sorted({r["sparsity"] for r in uniform if r["method"] == b}):
       ra, rb = cells[(a, s)], cells[(b, s)]
       d, hw = rb["avg4"] - ra["avg4"], _acc_half_width([ra, rb], INFORMATIVE)
-      lines.append([f"{b} - {a}", f"{100 * s:.0f}%", f"{100 * (rb['ppl'] / ra['ppl'] - 1):+.1f}%", "none stored",
-                    f"{100 * d:+.2f} +- {100 * hw:.2f}", "outside" if abs(d) > hw else "within sampling noise"])
-  return table(["b - a", "target", "ppl (relative)", "ppl band", "avg4 points +- 95 % (unpaired)", "avg4"], lines)
+      lines.append([f"{b} - {a}", f"{100 * s:.0f}%", f"{100 * (rb['ppl'] / ra['ppl'] - 1):+.1f}%",
+                    "none stored", f"{100 * d:+.2f} +- {100 * hw:.2f}",
+                    "outside" if abs(d) > hw else "within sampling noise"])
+  return table(["b - a", "target", "ppl (relative)", "ppl band", "avg4 points +- 95 % (unpaired)", "avg4"],
+               lines)
 
 
 def load_cells(run_dir: str) -> list[dict]:
@@ -164,7 +167,8 @@ def cpu_noise_table(runs: dict[str, list[dict]]) -> str:
   out = []
   for run, cells in runs.items():
     banded = [c for c in cells if "samples" in c]
-    missing = sorted(f"{c['row']['method']} @ {100 * c['row']['sparsity']:.0f}%" for c in cells if "samples" not in c)
+    missing = sorted(f"{c['row']['method']} @ {100 * c['row']['sparsity']:.0f}%"
+                     for c in cells if "samples" not in c)
     comp = report.comparison_table(banded, (), "teal") if banded else ""
     out.append(f"**{run}**" + (f" (no band yet: {', '.join(missing)})" if missing else "") + "\n\n" +
                (comp or "no cell with samples yet.\n"))

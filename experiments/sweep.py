@@ -38,8 +38,8 @@ from wina_jax.eval.tasks import TASKS
 SMOKE = dict(methods="dense,teal,wina", sparsities="0.5", tasks="piqa,winogrande,hellaswag,arc_challenge",
              limit=8, ppl_windows=4, seq_len=128, mode="threshold", calib_windows=4, batch_tokens=2048,
              ppl_batch=4, seeds=0)
-DEMO = dict(methods="dense,teal,wina", sparsities="0.5", tasks="piqa", limit=200, ppl_windows=24, seq_len=256,
-            mode="threshold", calib_windows=8, batch_tokens=4096, ppl_batch=8, seeds=2,
+DEMO = dict(methods="dense,teal,wina", sparsities="0.5", tasks="piqa", limit=150, ppl_windows=16, seq_len=256,
+            mode="threshold", calib_windows=8, batch_tokens=4096, ppl_batch=8, seeds=2, seed_tasks=False,
             continuation="The capital of France is")
 
 MODEL = flags.DEFINE_string("model", "", "GGUF file or HF checkpoint folder; '' = the embedded SmolLM2.")
@@ -71,9 +71,11 @@ MAX_EFFECTIVE = flags.DEFINE_float("max_effective", None, "Greedy allocation: th
                                    "climbs to (the path below it does not depend on it); default: the highest "
                                    "target + 0.05, at most 0.95.")
 SEEDS = flags.DEFINE_integer("seeds", 2, "Perturbed re-runs per cell for the numerics band (0: none).")
+SEED_TASKS = flags.DEFINE_bool("seed_tasks", True, "Perturbed re-runs score the tasks too (else perplexity "
+                                "only: the tasks get their bootstrap band alone, at a fraction of the cost).")
 EPS = flags.DEFINE_float("eps", 6e-8, "Relative weight perturbation of the numerics band (~1 float32 ulp).")
-COMPARE_TO = flags.DEFINE_string("compare_to", "teal", "Method every other one is compared with, per sparsity.")
-CONTINUATION = flags.DEFINE_string("continuation", "", "Prompt of a greedy continuation per cell ('' = none).")
+COMPARE_TO = flags.DEFINE_string("compare_to", "teal", "Method the others are compared with, per sparsity.")
+CONTINUATION = flags.DEFINE_string("continuation", "", "Greedy continuation prompt per cell ('' = none).")
 CONTINUATION_TOKENS = flags.DEFINE_integer("continuation_tokens", 24, "Tokens of that continuation.")
 SMOKE_FLAG = flags.DEFINE_bool("smoke", False, f"Quick pipeline check, preset for flags not given: {SMOKE}.")
 DEMO_FLAG = flags.DEFINE_bool("demo", False, f"CPU demo (a few minutes), preset for flags not given: {DEMO}.")
@@ -173,10 +175,10 @@ class Context:
     return self.tokenizer.decode(ids)
 
 
-def metrics(ctx: Context, v, params: dict) -> tuple[dict, dict, dict]:
-  """Perplexity and task scores of variant `v` run with `params` -> (metrics {'ppl', task: value}, samples
-  {'ppl': per-window mean NLLs, 'ppl_tokens': predictions per window, task: per-row correctness of its
-  metric}, zero_frac {site: fraction})."""
+def metrics(ctx: Context, v, params: dict, tasks: bool = True) -> tuple[dict, dict, dict]:
+  """Perplexity and (if `tasks`) task scores of variant `v` run with `params` -> (metrics {'ppl', task:
+  value}, samples {'ppl': per-window mean NLLs, 'ppl_tokens': predictions per window, task: per-row
+  correctness of its metric}, zero_frac {site: fraction})."""
   from wina_jax import sparsity
   from wina_jax.eval import multiple_choice, perplexity
   st = ctx.settings
@@ -185,7 +187,7 @@ def metrics(ctx: Context, v, params: dict) -> tuple[dict, dict, dict]:
                               dense_prefix=prefix(ctx.ppl.shape[1]), zero_frac=True, progress=False)
   out = {"ppl": ppl["ppl"]}
   samples = {"ppl": ppl["window_nll"], "ppl_tokens": ctx.ppl.shape[1] - 1}
-  for t in st["tasks"]:
+  for t in st["tasks"] if tasks else ():
     res = multiple_choice.score(params, v.cfg, ctx.tasks[t], v.sparsifier, batch_tokens=BATCH_TOKENS.value,
                                 buckets=[int(b) for b in BUCKETS.value or ()], dense_prefix=prefix,
                                 progress=False)
@@ -222,17 +224,19 @@ def run_cell(ctx: Context, method: str, s: float, cell: Optional[dict] = None) -
     out, samples, zf = metrics(ctx, v, v.params)
     row = {"method": method, "sparsity": s,
            "measured_sparsity": sparsity.parameter_weighted_sparsity(zf, v.cfg),
-           "gflops": flops.gflops(v.cfg, sparsity.per_matrix_sparsity(zf, v.cfg), shortcuts=v.info["shortcuts"]),
+           "gflops": flops.gflops(v.cfg, sparsity.per_matrix_sparsity(zf, v.cfg),
+                                  shortcuts=v.info["shortcuts"]),
            "ppl": out.pop("ppl"), "rotated_blocks": len(v.info["blocks"]), **out}
     row["avg"] = sum(row[t] for t in st["tasks"]) / len(st["tasks"]) if st["tasks"] else float("nan")
     cell.update(row=row, samples=samples)
   runs = cell["numerics"]["runs"] if cell.get("numerics", {}).get("eps") == EPS.value else []
   for seed in range(len(runs) + 1, SEEDS.value + 1):
-    runs.append(metrics(ctx, v, bands.perturb(v.params, seed, EPS.value))[0])
+    runs.append(metrics(ctx, v, bands.perturb(v.params, seed, EPS.value), tasks=SEED_TASKS.value)[0])
   cell["numerics"] = {"eps": EPS.value, "runs": runs}
   if CONTINUATION.value and cell.get("continuation", {}).get("prompt") != CONTINUATION.value:
     from wina_jax.generate import greedy
-    ids = greedy(v.params, v.cfg, ctx.encode(CONTINUATION.value)[None], CONTINUATION_TOKENS.value, v.sparsifier)
+    ids = greedy(v.params, v.cfg, ctx.encode(CONTINUATION.value)[None], CONTINUATION_TOKENS.value,
+                 v.sparsifier, eos_id=ctx.tokenizer.eos_token_id)
     cell["continuation"] = {"prompt": CONTINUATION.value, "text": ctx.decode(ids[0])}
   return cell
 
@@ -283,8 +287,8 @@ def main(argv):
     t0 = time.time()
     old = stored[(method, s)]
     cell = run_cell(ctx, method, s, old)
-    cell.update(settings=st, seconds=(old or {}).get("seconds", 0.0) * ("samples" in (old or {}))
-                + time.time() - t0)
+    kept = old["seconds"] if old and "samples" in old else 0.0     # time of the parts reused from `old`
+    cell.update(settings=st, seconds=kept + time.time() - t0)
     report.write_atomic(paths[(method, s)], json.dumps(cell, indent=1))
     stored[(method, s)] = cell
     row = cell["row"]

@@ -83,8 +83,8 @@ def test_perturbation_is_the_stated_relative_amount_and_keeps_the_dense_model_cl
         assert 0.4 < np.mean((p - w) / np.where(w == 0, 1, w) > 0) < 0.6     # random signs
   again = bands.perturb(params, seed=3)
   other = bands.perturb(params, seed=4)
-  same = [np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(pert), jax.tree_util.tree_leaves(again))]
-  assert all(same)                                                           # seeded
+  leaves = zip(jax.tree_util.tree_leaves(pert), jax.tree_util.tree_leaves(again))
+  assert all(np.array_equal(a, b) for a, b in leaves)                      # seeded
   assert not np.array_equal(other["lm_head"]["kernel"], pert["lm_head"]["kernel"])
   moved = np.mean(np.asarray(pert["lm_head"]["kernel"]) != np.asarray(params["lm_head"]["kernel"]))
   assert moved > 0.5                                                         # ~1 ulp moves most weights

@@ -23,6 +23,7 @@ def test_table_prints_bands_and_marks_real_and_noise_differences():
   flipped[:3] = 1 - flipped[:3]                                # 3 of 300 rows differ: noise
   wina = _cell("wina", 0.5, nll + rng.normal(0, 0.01, 40), flipped, [(np.exp(3.0) * 0.999, flipped.mean())])
   rows_out = report.banded_rows([dense, teal, wina], ["piqa"])
+  teal_bands = rows_out[1]["bands"]
   md = report.markdown(rows_out, ["piqa"])
   lo, hi = rows_out[1]["bands"]["ppl"]["sampling"]
   assert lo < rows_out[1]["ppl"] < hi
@@ -36,3 +37,8 @@ def test_table_prints_bands_and_marks_real_and_noise_differences():
   old = {"row": dict(wina["row"])}
   assert "bands" not in report.banded_rows([old], ["piqa"])[0]
   assert report.comparison_table([teal, old], ["piqa"], "teal") == ""
+  # perplexity-only re-runs (--noseed_tasks): the task keeps its bootstrap band and has no numerics band
+  ppl_only = {**teal, "numerics": {"eps": 6e-8, "runs": [{"ppl": 20.0}, {"ppl": 20.1}]}}
+  b = report.cell_bands(ppl_only, ["piqa"])
+  assert b["ppl"]["numerics"]["n"] == 3 and b["piqa"]["numerics"] is None and b["avg"]["numerics"] is None
+  assert b["piqa"]["sampling"] == teal_bands["piqa"]["sampling"]

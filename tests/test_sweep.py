@@ -65,6 +65,26 @@ def test_killed_and_resumed_sweep_gives_the_same_table(tiny_folder, tmp_path):
     assert json.loads(p.read_text())["row"]["method"] in ("dense", "teal")
   table = (full / "table.md").read_text()
   assert "| dense |" in table and "| teal |" in table
+  cell = json.loads(next(cells.glob("teal@*.json")).read_text())
+  assert len(cell["samples"]["ppl"]) == 1 and len(cell["samples"]["piqa"]) == 2     # 1 window, 2 rows
+  assert len(cell["numerics"]["runs"]) == 2 and cell["numerics"]["eps"] == 6e-8      # default --seeds=2
+  assert "~[" in table and "| 50% | teal | dense |" in table                        # bands, dense vs teal
+
+
+def test_more_seeds_compute_only_the_missing_runs(tiny_folder, tmp_path):
+  out = tmp_path / "s"
+  subprocess.run(_cmd(tiny_folder, out) + ["--seeds=0"], check=True, cwd=ROOT, env=_env(), capture_output=True)
+  before = {p.name: json.loads(p.read_text()) for p in (out / "cells").glob("*.json")}
+  assert all(c["numerics"]["runs"] == [] for c in before.values())
+  assert "~[" not in (out / "table.md").read_text()                  # no perturbed runs, no numerics band
+  res = subprocess.run(_cmd(tiny_folder, out) + ["--seeds=1", "--continuation=The", "--continuation_tokens=3"],
+                       check=True, cwd=ROOT, env=_env(), capture_output=True, text=True)
+  assert "0 already done" in res.stdout
+  for name, old in before.items():
+    new = json.loads((out / "cells" / name).read_text())
+    assert new["row"] == old["row"] and new["samples"] == old["samples"]   # kept, not recomputed
+    assert len(new["numerics"]["runs"]) == 1 and new["continuation"]["prompt"] == "The"
+  assert "~[" in (out / "table.md").read_text() and "Greedy continuations" in (out / "table.md").read_text()
 
 
 def test_bundle_replaces_tokenizer_and_data_and_deadline_stops_early(tiny_folder, tmp_path):

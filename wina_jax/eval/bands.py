@@ -43,8 +43,8 @@ def perturb(params: dict, seed: int, eps: float = EPS) -> dict:
     raise ValueError(f"eps must be > 0 (a relative perturbation, e.g. {EPS}), got {eps}")
   leaves, tree = jax.tree_util.tree_flatten(params)
   key = jax.random.PRNGKey(seed)
-  out = [_perturb_leaf(w, jax.random.fold_in(key, i), eps) if jnp.issubdtype(jnp.asarray(w).dtype, jnp.floating)
-         else w for i, w in enumerate(leaves)]
+  out = [_perturb_leaf(w, jax.random.fold_in(key, i), eps)
+         if jnp.issubdtype(jnp.asarray(w).dtype, jnp.floating) else w for i, w in enumerate(leaves)]
   return jax.tree_util.tree_unflatten(tree, out)
 
 
@@ -93,7 +93,8 @@ def bootstrap_avg(groups: Sequence[Sequence[float]], *, n_boot: int = N_BOOT, le
   tasks), every group's rows resampled independently."""
   if not groups:
     raise ValueError("no groups to average")
-  means = [np.asarray(g, np.float64)[_indices(len(g), n_boot, seed + i)].mean(axis=-1) for i, g in enumerate(groups)]
+  means = [np.asarray(g, np.float64)[_indices(len(g), n_boot, seed + i)].mean(axis=-1)
+           for i, g in enumerate(groups)]
   return _interval(np.mean(means, axis=0), level)
 
 

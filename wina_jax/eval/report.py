@@ -77,11 +77,12 @@ def markdown(rows: Sequence[dict], tasks: Sequence[str]) -> str:
 
 
 def _runs(cell: dict, key: str, tasks: Sequence[str]) -> list[float]:
-  """The metric over the unperturbed run and each perturbed re-run (avg recomputed from the tasks)."""
+  """The metric over the unperturbed run and each perturbed re-run that scored it (avg recomputed from the
+  tasks; re-runs may be perplexity only)."""
   runs = [cell["row"], *cell.get("numerics", {}).get("runs", [])]
   if key == "avg":
-    return [sum(r[t] for t in tasks) / len(tasks) for r in runs]
-  return [r[key] for r in runs]
+    return [sum(r[t] for t in tasks) / len(tasks) for r in runs if all(t in r for t in tasks)]
+  return [r[key] for r in runs if key in r]
 
 
 def _samples(cell: dict, key: str, tasks: Sequence[str]) -> dict:
@@ -192,7 +193,8 @@ def continuations(cells: Sequence[dict]) -> str:
   return "\n".join(lines) + "\n" if lines else ""
 
 
-def write_all(cells: Sequence[dict], tasks: Sequence[str], out: str, header: str = "", compare_to: str = "teal") -> str:
+def write_all(cells: Sequence[dict], tasks: Sequence[str], out: str, header: str = "",
+              compare_to: str = "teal") -> str:
   """table.md (bands, comparisons with `compare_to`, continuations), results.csv, results.json (rows with
   bands), accuracy.png and perplexity.png under `out`, from sweep cells; returns table.md's text."""
   rows = banded_rows(cells, tasks)
