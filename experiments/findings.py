@@ -13,7 +13,7 @@ avg4 is the mean over the tasks where dense SmolLM2 is above the majority-class 
 
 Bands (`wina_jax.eval.bands`): the H200 cells predate per-row / per-window storage, so their accuracy
 differences get an unpaired binomial 95 % interval from the committed accuracies and row counts, and
-their perplexity differences none; CPU-grid cells that carry samples get the sweep's paired bootstrap and
+their perplexity differences none; CPU-grid cells that carry items get the sweep's paired bootstrap and
 numerics band (`wina_jax.eval.report.comparison_table`), the others are listed as without a band.
 """
 from __future__ import annotations
@@ -163,15 +163,15 @@ def load_cells(run_dir: str) -> list[dict]:
 
 
 def cpu_noise_table(runs: dict[str, list[dict]]) -> str:
-  """The paired comparisons of each CPU-grid run whose cells carry samples, and which cells do not."""
+  """The paired comparisons of each CPU-grid run whose cells carry items, and which cells do not."""
   out = []
   for run, cells in runs.items():
-    banded = [c for c in cells if "samples" in c]
+    banded = [c for c in cells if "items" in c]
     missing = sorted(f"{c['row']['method']} @ {100 * c['row']['sparsity']:.0f}%"
-                     for c in cells if "samples" not in c)
+                     for c in cells if "items" not in c)
     comp = report.comparison_table(banded, (), "teal") if banded else ""
     out.append(f"**{run}**" + (f" (no band yet: {', '.join(missing)})" if missing else "") + "\n\n" +
-               (comp or "no cell with samples yet.\n"))
+               (comp or "no cell with items yet.\n"))
   return "\n".join(out)
 
 

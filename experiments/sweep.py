@@ -11,12 +11,12 @@ accuracy.png / perplexity.png. Cells are keyed by every flag that changes their 
 setting recomputes instead of mixing results. --demo and --smoke use calibrated thresholds
 (--mode=threshold): on CPU, top-k's per-token sort at every site costs more than the matmuls it skips.
 
-Noise bands (`wina_jax.eval.bands`): every cell stores its per-window NLLs and per-row correctness (the
-sampling band: a bootstrap over windows / rows) and re-runs its variant --seeds times with every weight
+Noise bands (`wina_jax.eval.bands`): every cell stores its items, per-window NLLs and per-row correctness
+(the sampling band: a bootstrap over windows / rows) and re-runs its variant --seeds times with every weight
 multiplied by (1 +- --eps) (the numerics band; thresholds and transforms are not recomputed, the forward
 passes are). table.md prints both bands next to each number and marks every method's difference from
 --compare_to at the same sparsity (and --compare_to's from dense) as real or within noise. A finished cell
-with fewer seeds, or without samples (older cells), gets only what is missing on a rerun.
+with fewer seeds, or without items (older cells), gets only what is missing on a rerun.
 """
 from __future__ import annotations
 
@@ -177,8 +177,8 @@ class Context:
 
 def metrics(ctx: Context, v, params: dict, tasks: bool = True) -> tuple[dict, dict, dict]:
   """Perplexity and (if `tasks`) task scores of variant `v` run with `params` -> (metrics {'ppl', task:
-  value}, samples {'ppl': per-window mean NLLs, 'ppl_tokens': predictions per window, task: per-row
-  correctness of its metric}, zero_frac {site: fraction})."""
+  value}, items {'ppl_window_nll': per-window mean NLLs, '<task>/correct': per-row correctness (0 / 1) of
+  the table's metric}, zero_frac {site: fraction})."""
   from wina_jax import sparsity
   from wina_jax.eval import multiple_choice, perplexity
   st = ctx.settings
@@ -186,21 +186,21 @@ def metrics(ctx: Context, v, params: dict, tasks: bool = True) -> tuple[dict, di
   ppl = perplexity.perplexity(params, v.cfg, ctx.ppl, v.sparsifier, batch_size=PPL_BATCH.value,
                               dense_prefix=prefix(ctx.ppl.shape[1]), zero_frac=True, progress=False)
   out = {"ppl": ppl["ppl"]}
-  samples = {"ppl": ppl["window_nll"], "ppl_tokens": ctx.ppl.shape[1] - 1}
+  items = {"ppl_window_nll": ppl["window_nll"]}
   for t in st["tasks"] if tasks else ():
     res = multiple_choice.score(params, v.cfg, ctx.tasks[t], v.sparsifier, batch_tokens=BATCH_TOKENS.value,
                                 buckets=[int(b) for b in BUCKETS.value or ()], dense_prefix=prefix,
                                 progress=False)
     out[t] = res[TASKS[t].metric]
     out[f"{t}/acc"], out[f"{t}/acc_norm"], out[f"{t}/n"] = res["acc"], res["acc_norm"], res["n"]
-    samples[t] = res["rows"][TASKS[t].metric]
-  return out, samples, ppl["zero_frac"]
+    items[f"{t}/correct"] = res["correct_norm" if TASKS[t].metric == "acc_norm" else "correct"]
+  return out, items, ppl["zero_frac"]
 
 
 def complete(cell: Optional[dict], seeds: int, eps: float, prompt: str) -> bool:
-  """Whether a stored cell has everything asked for: samples, >= seeds perturbed runs at eps, the prompt's
+  """Whether a stored cell has everything asked for: items, >= seeds perturbed runs at eps, the prompt's
   continuation."""
-  if cell is None or "samples" not in cell:
+  if cell is None or "items" not in cell:
     return False
   num = cell.get("numerics", {"eps": eps, "runs": []})
   if seeds and (num["eps"] != eps or len(num["runs"]) < seeds):
@@ -210,7 +210,7 @@ def complete(cell: Optional[dict], seeds: int, eps: float, prompt: str) -> bool:
 
 def run_cell(ctx: Context, method: str, s: float, cell: Optional[dict] = None) -> dict:
   """Evaluate one cell, or what a stored `cell` lacks -> {'row' (no timings: rows must not depend on the
-  run), 'samples', 'numerics' {'eps', 'runs': [metrics of each perturbed run]}, 'continuation'}."""
+  run), 'items', 'numerics' {'eps', 'runs': [metrics of each perturbed run]}, 'continuation'}."""
   from wina_jax import sparsity
   from wina_jax.eval import bands, flops, variants
   st = ctx.settings
@@ -220,15 +220,15 @@ def run_cell(ctx: Context, method: str, s: float, cell: Optional[dict] = None) -
                                             max_effective=ctx.max_effective, progress=False)
   v = variants.make(ctx.prepared[method], s)
   cell = dict(cell or {})
-  if "samples" not in cell:
-    out, samples, zf = metrics(ctx, v, v.params)
+  if "items" not in cell:
+    out, items, zf = metrics(ctx, v, v.params)
     row = {"method": method, "sparsity": s,
            "measured_sparsity": sparsity.parameter_weighted_sparsity(zf, v.cfg),
            "gflops": flops.gflops(v.cfg, sparsity.per_matrix_sparsity(zf, v.cfg),
                                   shortcuts=v.info["shortcuts"]),
            "ppl": out.pop("ppl"), "rotated_blocks": len(v.info["blocks"]), **out}
     row["avg"] = sum(row[t] for t in st["tasks"]) / len(st["tasks"]) if st["tasks"] else float("nan")
-    cell.update(row=row, samples=samples)
+    cell.update(row=row, items=items)
   runs = cell["numerics"]["runs"] if cell.get("numerics", {}).get("eps") == EPS.value else []
   for seed in range(len(runs) + 1, SEEDS.value + 1):
     runs.append(metrics(ctx, v, bands.perturb(v.params, seed, EPS.value), tasks=SEED_TASKS.value)[0])
@@ -287,7 +287,7 @@ def main(argv):
     t0 = time.time()
     old = stored[(method, s)]
     cell = run_cell(ctx, method, s, old)
-    kept = old["seconds"] if old and "samples" in old else 0.0     # time of the parts reused from `old`
+    kept = old["seconds"] if old and "items" in old else 0.0     # time of the parts reused from `old`
     cell.update(settings=st, seconds=kept + time.time() - t0)
     report.write_atomic(paths[(method, s)], json.dumps(cell, indent=1))
     stored[(method, s)] = cell

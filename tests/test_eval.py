@@ -29,7 +29,7 @@ def test_perplexity_is_exp_mean_nll_of_transformers_loss(tiny, rng):
   assert res["tokens"] == 5 * 23
   assert res["nll"] == pytest.approx(np.mean(losses), rel=1e-5)
   assert res["ppl"] == pytest.approx(math.exp(np.mean(losses)), rel=1e-5)
-  np.testing.assert_allclose(res["window_nll"], losses, rtol=1e-5)     # per window, padding excluded
+  np.testing.assert_allclose(res["window_nll"], losses, rtol=1e-5)   # per window, padding dropped
 
 
 def test_perplexity_zero_frac_reports_sites_and_rejects_bad_windows(tiny, rng):
@@ -86,8 +86,8 @@ def test_accuracy_hand_computed():
   ex = Example(requests=(("q", " a"), ("q", " bbbb")), choices=("a", "bbbb"), gold=1)
   ex2 = Example(requests=(("q", " x"), ("q", " y")), choices=("x", "y"), gold=0)
   res = mc.accuracy([ex, ex2], [[-2.0, -4.0], [-1.0, -3.0]])
-  assert res == {"acc": 0.5, "acc_norm": 1.0, "n": 2,      # -4/4 > -2/1; ex2 right either way
-                 "rows": {"acc": [0, 1], "acc_norm": [1, 1]}}
+  assert res == {"acc": 0.5, "acc_norm": 1.0, "n": 2,     # -4/4 > -2/1; ex2 right either way
+                 "correct": [0, 1], "correct_norm": [1, 1]}
 
 
 def test_tokenized_scoring_and_bundle_round_trip(tiny, smollm2_tokenizer, tmp_path, rng):

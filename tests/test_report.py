@@ -9,7 +9,7 @@ def _cell(method, s, nll, rows, runs):
   ppl = float(np.exp(np.mean(nll)))
   row = {"method": method, "sparsity": s, "measured_sparsity": s, "gflops": 0.2, "ppl": ppl,
          "piqa": float(np.mean(rows)), "avg": float(np.mean(rows))}
-  return {"row": row, "samples": {"ppl": list(nll), "ppl_tokens": 255, "piqa": list(rows)},
+  return {"row": row, "items": {"ppl_window_nll": list(nll), "piqa/correct": list(rows)},
           "numerics": {"eps": 6e-8, "runs": [{"ppl": p, "piqa": a} for p, a in runs]}}
 
 
@@ -33,7 +33,7 @@ def test_table_prints_bands_and_marks_real_and_noise_differences():
   lines = comp.splitlines()[2:]
   assert lines[0].startswith("| 50% | teal | dense |") and "**real**" in lines[0].split("|")[4]   # ppl x 1.65
   assert lines[1].startswith("| 50% | wina | teal |") and lines[1].count("**within noise**") == 2
-  # a stored cell without samples (older sweeps) prints its plain value and joins no comparison
+  # a stored cell without items (older sweeps) prints its plain value and joins no comparison
   old = {"row": dict(wina["row"])}
   assert "bands" not in report.banded_rows([old], ["piqa"])[0]
   assert report.comparison_table([teal, old], ["piqa"], "teal") == ""

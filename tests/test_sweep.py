@@ -1,5 +1,6 @@
 """The sweep on a tiny random model: a run killed after its first cell, restarted, ends with the same files."""
 import json
+import math
 import os
 import signal
 import subprocess
@@ -62,11 +63,15 @@ def test_killed_and_resumed_sweep_gives_the_same_table(tiny_folder, tmp_path):
   for f in ("table.md", "results.csv", "results.json"):
     assert (resumed / f).read_text() == (full / f).read_text()
   for p in cells.glob("*.json"):                             # every cell file is complete JSON
-    assert json.loads(p.read_text())["row"]["method"] in ("dense", "teal")
+    cell = json.loads(p.read_text())
+    row, items = cell["row"], cell["items"]                  # items: what bootstrap bands resample
+    assert row["method"] in ("dense", "teal")
+    assert math.exp(sum(items["ppl_window_nll"])) == pytest.approx(row["ppl"], rel=1e-6)   # 1 window
+    for t in ("piqa", "arc_easy"):
+      assert len(items[f"{t}/correct"]) == 2 and sum(items[f"{t}/correct"]) / 2 == row[t]
   table = (full / "table.md").read_text()
   assert "| dense |" in table and "| teal |" in table
   cell = json.loads(next(cells.glob("teal@*.json")).read_text())
-  assert len(cell["samples"]["ppl"]) == 1 and len(cell["samples"]["piqa"]) == 2     # 1 window, 2 rows
   assert len(cell["numerics"]["runs"]) == 2 and cell["numerics"]["eps"] == 6e-8      # default --seeds=2
   assert "~[" in table and "| 50% | teal | dense |" in table                        # bands, dense vs teal
 
@@ -82,7 +87,7 @@ def test_more_seeds_compute_only_the_missing_runs(tiny_folder, tmp_path):
   assert "0 already done" in res.stdout
   for name, old in before.items():
     new = json.loads((out / "cells" / name).read_text())
-    assert new["row"] == old["row"] and new["samples"] == old["samples"]   # kept, not recomputed
+    assert new["row"] == old["row"] and new["items"] == old["items"]       # kept, not recomputed
     assert len(new["numerics"]["runs"]) == 1 and new["continuation"]["prompt"] == "The"
   assert "~[" in (out / "table.md").read_text() and "Greedy continuations" in (out / "table.md").read_text()
 

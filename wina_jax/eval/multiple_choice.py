@@ -145,18 +145,19 @@ def tokenize(tokenizer, examples: Sequence[Example]) -> Tokenized:
 
 
 def _accuracy(gold: Sequence[int], chars: Sequence[Sequence[int]], scores: Sequence[Sequence[float]]) -> dict:
-  rows = {"acc": [], "acc_norm": []}
+  correct, correct_norm = [], []
   for g, c, s in zip(gold, chars, scores, strict=True):
     s = np.asarray(s, np.float64)
-    rows["acc"].append(int(np.argmax(s) == g))
-    rows["acc_norm"].append(int(np.argmax(s / np.asarray(c, np.float64)) == g))
+    correct.append(int(np.argmax(s) == g))
+    correct_norm.append(int(np.argmax(s / np.asarray(c, np.float64)) == g))
   n = len(gold)
-  return {**{k: sum(v) / n for k, v in rows.items()}, "n": n, "rows": rows}
+  return {"acc": sum(correct) / n, "acc_norm": sum(correct_norm) / n, "n": n, "correct": correct,
+          "correct_norm": correct_norm}
 
 
 def accuracy(examples: Sequence[Example], scores: Sequence[Sequence[float]]) -> dict:
-  """{'acc', 'acc_norm', 'n', 'rows'}: argmax of the scores, and of scores / len(choice) (characters);
-  rows {'acc', 'acc_norm'}: per-row correctness (0 / 1) in example order."""
+  """{'acc', 'acc_norm', 'n', 'correct', 'correct_norm'}: argmax of the scores, and of scores / len(choice)
+  (characters); correct / correct_norm [n]: 1 where that argmax is the gold choice (for bootstrap bands)."""
   return _accuracy([ex.gold for ex in examples], [[len(c) for c in ex.choices] for ex in examples], scores)
 
 
@@ -169,15 +170,14 @@ def _split(flat: Sequence, sizes: Sequence[int]) -> list:
 
 
 def score(params: dict, cfg: ModelConfig, task: Tokenized, sparsifier: Any = S.dense, **kw) -> dict:
-  """Accuracy of a tokenized task ({'acc', 'acc_norm', 'n', 'rows'}, as `accuracy`); `kw` go to
-  `loglikelihoods`."""
+  """Accuracy of a tokenized task (as `accuracy` returns it); `kw` go to `loglikelihoods`."""
   lls = [ll for ll, _ in loglikelihoods(params, cfg, task.requests, sparsifier, **kw)]
   return _accuracy(task.gold, _split(task.chars, task.sizes), _split(lls, task.sizes))
 
 
 def evaluate(params: dict, cfg: ModelConfig, tokenizer, examples: Sequence[Example], sparsifier: Any = S.dense,
              **kw) -> dict:
-  """Accuracy of `examples` (from `wina_jax.eval.tasks.load_task`, as `accuracy`); `kw` go to `loglikelihoods`."""
+  """Accuracy of `examples` (from `wina_jax.eval.tasks.load_task`); `kw` go to `loglikelihoods`."""
   return score(params, cfg, tokenize(tokenizer, examples), sparsifier, **kw)
 
 

@@ -23,7 +23,7 @@ def perplexity(params: dict, cfg: ModelConfig, windows: np.ndarray, sparsifier: 
                batch_size: int = 8, dense_prefix: Optional[int] = None, progress: bool = True,
                zero_frac: bool = False) -> dict:
   """exp(mean NLL) over `windows` [N, T]; returns {'ppl', 'nll', 'tokens', 'window_nll'} (window_nll [N]:
-  each window's mean NLL over its T - 1 predictions, what `wina_jax.eval.bands` bootstraps).
+  each window's mean NLL per predicted token, what bootstrap bands resample).
 
   dense_prefix: the first positions of every window run dense (TEAL/WINA evaluate this way).
   zero_frac: also return 'zero_frac' {site: fraction of zeroed inputs over sparse tokens}, averaged
@@ -42,7 +42,7 @@ def perplexity(params: dict, cfg: ModelConfig, windows: np.ndarray, sparsifier: 
     out = jit_forward(params, toks, cfg, sparsifier, dense_prefix=dense_prefix, collect=collect)
     nll = np.asarray(nll_fn(out.logits, toks))[: len(batch)]
     total += float(nll.sum())
-    per_window += [float(x) / (windows.shape[1] - 1) for x in nll]
+    per_window.extend((nll / (windows.shape[1] - 1)).tolist())
     count += len(batch) * (windows.shape[1] - 1)
     for site, v in out.aux.get("zero_frac", {}).items():
       fracs[site] = fracs.get(site, 0.0) + float(v) * len(batch) / len(windows)

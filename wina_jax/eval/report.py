@@ -5,7 +5,7 @@ task's reported metric, `wina_jax.eval.tasks.TASKS[t].metric`), and avg (mean ov
 Rows come out in a fixed order (dense first, then by sparsity and the given method order), so the same
 rows always give byte-identical files.
 
-A sweep cell is {'row', 'samples' (per-window NLLs, per-row correctness), 'numerics' {'eps', 'runs'}}
+A sweep cell is {'row', 'items' (per-window NLLs, per-row correctness), 'numerics' {'eps', 'runs'}}
 (`experiments/sweep.py`); `cell_bands` turns it into the row's 'bands' (`wina_jax.eval.bands`): per metric
 (ppl, each task, avg) the 95 % bootstrap interval and the spread over the unperturbed run and its
 perturbed re-runs. The table prints them as `value [lo, hi] ~[min, max]`; `comparison_table` gives each
@@ -85,35 +85,41 @@ def _runs(cell: dict, key: str, tasks: Sequence[str]) -> list[float]:
   return [r[key] for r in runs if key in r]
 
 
-def _samples(cell: dict, key: str, tasks: Sequence[str]) -> dict:
-  """`bands.compare`'s input for one metric (ppl or a task) of one cell; 'runs' only with perturbed runs."""
-  smp, runs = cell["samples"], _runs(cell, key, tasks)
-  out = {"values": smp[key], **({"runs": runs} if len(runs) > 1 else {})}
+def _items(cell: dict, key: str) -> list:
+  """Per-window mean NLLs (key 'ppl') or a task's per-row correctness of a sweep cell."""
+  return cell["items"]["ppl_window_nll" if key == "ppl" else f"{key}/correct"]
+
+
+def _compare_input(cell: dict, key: str, tasks: Sequence[str]) -> dict:
+  """`bands.compare`'s input for one metric (ppl or a task) of one cell; 'runs' only with perturbed runs.
+  Windows all have the sweep's length, so each weighs one token-count unit."""
+  runs = _runs(cell, key, tasks)
+  out = {"values": _items(cell, key), **({"runs": runs} if len(runs) > 1 else {})}
   if key == "ppl":
-    out["tokens"] = [smp["ppl_tokens"]] * len(smp["ppl"])
+    out["tokens"] = [1] * len(out["values"])
   return out
 
 
 def cell_bands(cell: dict, tasks: Sequence[str]) -> dict:
   """{metric: {'sampling': (lo, hi), 'numerics': `bands.numerics_band` or None}} for ppl, each task and avg
-  of a sweep cell; {} for a cell without samples (stored before bands existed)."""
-  if "samples" not in cell:
+  of a sweep cell; {} for a cell without items (stored before bands existed)."""
+  if "items" not in cell:
     return {}
-  smp, out = cell["samples"], {}
+  out = {}
   for key in ("ppl", *tasks, *(("avg",) if tasks else ())):
     if key == "ppl":
-      sampling = B.bootstrap_ppl(smp["ppl"], [smp["ppl_tokens"]] * len(smp["ppl"]))
+      sampling = B.bootstrap_ppl(_items(cell, "ppl"), [1] * len(_items(cell, "ppl")))
     elif key == "avg":
-      sampling = B.bootstrap_avg([smp[t] for t in tasks])
+      sampling = B.bootstrap_avg([_items(cell, t) for t in tasks])
     else:
-      sampling = B.bootstrap_mean(smp[key])
+      sampling = B.bootstrap_mean(_items(cell, key))
     runs = _runs(cell, key, tasks)
     out[key] = {"sampling": sampling, "numerics": B.numerics_band(runs) if len(runs) > 1 else None}
   return out
 
 
 def banded_rows(cells: Sequence[dict], tasks: Sequence[str]) -> list[dict]:
-  """Each cell's row with its 'bands' (where the cell has samples)."""
+  """Each cell's row with its 'bands' (where the cell has items)."""
   out = []
   for c in cells:
     b = cell_bands(c, tasks)
@@ -124,8 +130,8 @@ def banded_rows(cells: Sequence[dict], tasks: Sequence[str]) -> list[dict]:
 def comparison_table(cells: Sequence[dict], tasks: Sequence[str], ref: str) -> str:
   """Markdown: per sparsity, every method's difference from `ref` (and `ref`'s from dense) on ppl and each
   task: b - a [paired 95 % bootstrap] ~[numerics range of the difference], and the verdict (real only
-  outside both). '' when no pair has samples."""
-  by = {(c["row"]["method"], c["row"]["sparsity"]): c for c in cells if "samples" in c}
+  outside both). '' when no pair has items."""
+  by = {(c["row"]["method"], c["row"]["sparsity"]): c for c in cells if "items" in c}
   pairs = []
   for (m, s) in by:
     if m == ref and ("dense", 0.0) in by:
@@ -140,7 +146,7 @@ def comparison_table(cells: Sequence[dict], tasks: Sequence[str], ref: str) -> s
   for a, b in sorted(pairs, key=lambda p: (p[1][1], p[1][0] != ref)):
     row = [f"{100 * b[1]:.0f}%", b[0], a[0]]
     for k in keys:
-      c = B.compare(_samples(by[a], k, tasks), _samples(by[b], k, tasks))
+      c = B.compare(_compare_input(by[a], k, tasks), _compare_input(by[b], k, tasks))
       d = f"{c.diff:+.3f}" if k == "ppl" else f"{100 * c.diff:+.2f}"
       num = f" ~{_fmt_pair(k, c.numerics, signed=True)}" if c.numerics else ""
       row.append(f"{d} {_fmt_pair(k, c.sampling, signed=True)}{num} **{c.verdict}**")
