@@ -38,7 +38,7 @@ from wina_jax.eval.tasks import TASKS
 SMOKE = dict(methods="dense,teal,wina", sparsities="0.5", tasks="piqa,winogrande,hellaswag,arc_challenge",
              limit=8, ppl_windows=4, seq_len=128, mode="threshold", calib_windows=4, batch_tokens=2048,
              ppl_batch=4, seeds=0)
-DEMO = dict(methods="dense,teal,wina", sparsities="0.5", tasks="piqa", limit=150, ppl_windows=16, seq_len=256,
+DEMO = dict(methods="dense,teal,wina", sparsities="0.5", tasks="piqa", limit=100, ppl_windows=16, seq_len=256,
             mode="threshold", calib_windows=8, batch_tokens=4096, ppl_batch=8, seeds=2, seed_tasks=False,
             continuation="The capital of France is")
 
