@@ -21,7 +21,7 @@ setup: .venv/.stamp
 	touch $@
 
 demo: setup
-	$(PY) -m experiments.quality.sweep --quick --out=runs/demo
+	$(PY) -m experiments.quality.sweep --demo --out=runs/demo
 
 test: setup .venv/.qwen-stamp
 	$(PY) -m pytest -n 2 -q --durations=15 tests

@@ -71,6 +71,27 @@ def test_killed_and_resumed_sweep_gives_the_same_table(tiny_folder, tmp_path):
       assert len(items[f"{t}/correct"]) == 2 and sum(items[f"{t}/correct"]) / 2 == row[t]
   table = (full / "table.md").read_text()
   assert "| dense |" in table and "| teal |" in table
+  cell = json.loads(next(cells.glob("teal@*.json")).read_text())
+  assert len(cell["numerics"]["runs"]) == 2 and cell["numerics"]["eps"] == 6e-8      # default --seeds=2
+  assert "] ~[" in next(l for l in table.splitlines() if l.startswith("| teal |"))  # both bands
+  assert "| 50% | teal | dense |" in table                                         # compared with dense
+
+
+def test_more_seeds_compute_only_the_missing_runs(tiny_folder, tmp_path):
+  out = tmp_path / "s"
+  subprocess.run(_cmd(tiny_folder, out) + ["--seeds=0"], check=True, cwd=ROOT, env=_env(), capture_output=True)
+  before = {p.name: json.loads(p.read_text()) for p in (out / "cells").glob("*.json")}
+  assert all(c["numerics"]["runs"] == [] for c in before.values())
+  dense_line = lambda: next(l for l in (out / "table.md").read_text().splitlines() if l.startswith("| dense |"))
+  assert "[" in dense_line() and "~[" not in dense_line()           # bootstrap band, no numerics band
+  res = subprocess.run(_cmd(tiny_folder, out) + ["--seeds=1", "--continuation=The", "--continuation_tokens=3"],
+                       check=True, cwd=ROOT, env=_env(), capture_output=True, text=True)
+  assert "0 already done" in res.stdout
+  for name, old in before.items():
+    new = json.loads((out / "cells" / name).read_text())
+    assert new["row"] == old["row"] and new["items"] == old["items"]       # kept, not recomputed
+    assert len(new["numerics"]["runs"]) == 1 and new["continuation"]["prompt"] == "The"
+  assert "~[" in dense_line() and "Greedy continuations" in (out / "table.md").read_text()
 
 
 def test_bundle_replaces_tokenizer_and_data_and_deadline_stops_early(tiny_folder, tmp_path):

@@ -13,10 +13,17 @@ in docs/findings.md and docs/findings/{quality_vs_sparsity,pareto}.png.
 
 avg4 is the mean over the tasks where dense SmolLM2 is above the majority-class rate of the rows scored
 (PIQA, HellaSwag, ARC-Easy, ARC-Challenge; the `baselines` table shows the other three at or below it).
+
+Bands (`wina_jax.eval.bands`): the H200 cells predate per-row / per-window storage, so their accuracy
+differences get an unpaired binomial 95 % interval from the committed accuracies and row counts, and
+their perplexity differences none; CPU-grid cells that carry items get the sweep's paired bootstrap and
+numerics band (`wina_jax.eval.report.comparison_table`), the others are listed as without a band.
 """
 from __future__ import annotations
 
+import glob
 import json
+import math
 import os
 import re
 import sys
@@ -137,6 +144,51 @@ def site_error_table(path: str, sparsity: str = "0.5") -> str:
                                     for m in methods])
 
 
+def _acc_half_width(rows: list[dict], task_list: tuple) -> float:
+  """95 % half-width (normal, binomial) of the mean accuracy over `task_list` of the difference of two
+  methods scored on the same rows, as if they were independent (conservative: no per-row data to pair)."""
+  var = sum(r[t] * (1 - r[t]) / r[f"{t}/n"] for r in rows for t in task_list) / len(task_list) ** 2
+  return 1.96 * math.sqrt(var)
+
+
+def h200_noise_table(uniform: list[dict],
+                     pairs=(("teal", "wina"), ("teal-transform", "wina-transform"))) -> str:
+  """Per target: b - a in perplexity (no band: no per-window NLLs were stored) and avg4 with its unpaired
+  binomial 95 % interval, and whether 0 lies outside it."""
+  cells = {(r["method"], r["sparsity"]): r for r in uniform}
+  lines = []
+  for a, b in pairs:
+    for s in sorted({r["sparsity"] for r in uniform if r["method"] == b}):
+      ra, rb = cells[(a, s)], cells[(b, s)]
+      d, hw = rb["avg4"] - ra["avg4"], _acc_half_width([ra, rb], INFORMATIVE)
+      lines.append([f"{b} - {a}", f"{100 * s:.0f}%", f"{100 * (rb['ppl'] / ra['ppl'] - 1):+.1f}%",
+                    "none stored", f"{100 * d:+.2f} +- {100 * hw:.2f}",
+                    "outside" if abs(d) > hw else "within sampling noise"])
+  return table(["b - a", "target", "ppl (relative)", "ppl band", "avg4 points +- 95 % (unpaired)", "avg4"],
+               lines)
+
+
+def load_cells(run_dir: str) -> list[dict]:
+  cells = []
+  for p in sorted(glob.glob(os.path.join(run_dir, "cells", "*.json"))):
+    with open(p) as f:
+      cells.append(json.load(f))
+  return cells
+
+
+def cpu_noise_table(runs: dict[str, list[dict]]) -> str:
+  """The paired comparisons of each CPU-grid run whose cells carry items, and which cells do not."""
+  out = []
+  for run, cells in runs.items():
+    banded = [c for c in cells if "items" in c]
+    missing = sorted(f"{c['row']['method']} @ {100 * c['row']['sparsity']:.0f}%"
+                     for c in cells if "items" not in c)
+    comp = report.comparison_table(banded, (), "teal") if banded else ""
+    out.append(f"**{run}**" + (f" (no band yet: {', '.join(missing)})" if missing else "") + "\n\n" +
+               (comp or "no cell with items yet.\n"))
+  return "\n".join(out)
+
+
 def recommended_table(uniform: list[dict]) -> str:
   lines = []
   for s, rec in sorted(R.RECOMMENDED.items()):
@@ -150,7 +202,9 @@ def blocks(uniform: list[dict]) -> dict[str, str]:
   greedy = load_rows(os.path.join(H200, "threshold-greedy", "results.json"))
   cpu = {run: load_rows(os.path.join(CPU, run, "results.json")) for run in CPU_RUNS
          if os.path.exists(os.path.join(CPU, run, "results.json"))}
+  cpu_cells = {run: load_cells(os.path.join(CPU, run)) for run in CPU_RUNS if os.path.isdir(os.path.join(CPU, run))}
   return {"main": report.markdown([r for r in uniform if r["method"] in MAIN], TASKS),
+          "h200_noise": h200_noise_table(uniform), "cpu_noise": cpu_noise_table(cpu_cells),
           "baselines": baselines_table(uniform), "variants": variants_table(uniform),
           "greedy": greedy_table(uniform, greedy), "cpu_grid": cpu_table(cpu),
           "recommended": recommended_table(uniform),

@@ -1,14 +1,22 @@
 """The main job: a sparsity sweep of methods x target sparsities on perplexity, zero-shot tasks and FLOPs.
 
-  python -m experiments.quality.sweep --quick                      # CPU demo: 3 cells, 8 rows per task
+  python -m experiments.quality.sweep --demo                       # CPU demo (make demo): dense / TEAL / WINA at 50 %
+  python -m experiments.quality.sweep --smoke                      # pipeline check: 3 cells, 8 rows per task
   python -m experiments.quality.sweep --limit=200 --methods=dense,teal,wina --sparsities=0.5
   python -m experiments.quality.sweep --out=results/sweep/full --batch_tokens=65536 --ppl_windows=128  # GPU
 
 Each cell (method, sparsity) is written atomically to <out>/cells/ as it completes; a restarted sweep
 with the same flags skips finished cells and ends with the same table.md / results.csv / results.json /
 accuracy.png / perplexity.png. Cells are keyed by every flag that changes their numbers, so a changed
-setting recomputes instead of mixing results. --quick uses calibrated thresholds (--mode=threshold):
-on CPU, top-k's per-token sort at every site costs more than the matmuls it skips.
+setting recomputes instead of mixing results. --demo and --smoke use calibrated thresholds
+(--mode=threshold): on CPU, top-k's per-token sort at every site costs more than the matmuls it skips.
+
+Noise bands (`wina_jax.eval.bands`): every cell stores its items, per-window NLLs and per-row correctness
+(the sampling band: a bootstrap over windows / rows) and re-runs its variant --seeds times with every weight
+multiplied by (1 +- --eps) (the numerics band; thresholds and transforms are not recomputed, the forward
+passes are). table.md prints both bands next to each number and marks every method's difference from
+--compare_to at the same sparsity (and --compare_to's from dense) as real or within noise. A finished cell
+with fewer seeds, or without items (older cells), gets only what is missing on a rerun.
 """
 from __future__ import annotations
 
@@ -17,6 +25,9 @@ import hashlib
 import json
 import os
 import time
+from typing import Optional
+
+import numpy as np
 
 from absl import app, flags
 from tqdm.auto import tqdm
@@ -24,9 +35,12 @@ from tqdm.auto import tqdm
 from wina_jax.eval import report
 from wina_jax.eval.tasks import TASKS
 
-QUICK = dict(methods="dense,teal,wina", sparsities="0.5", tasks="piqa,winogrande,hellaswag,arc_challenge",
+SMOKE = dict(methods="dense,teal,wina", sparsities="0.5", tasks="piqa,winogrande,hellaswag,arc_challenge",
              limit=8, ppl_windows=4, seq_len=128, mode="threshold", calib_windows=4, batch_tokens=2048,
-             ppl_batch=4)
+             ppl_batch=4, seeds=0)
+DEMO = dict(methods="dense,teal,wina", sparsities="0.5", tasks="piqa", limit=100, ppl_windows=16, seq_len=256,
+            mode="threshold", calib_windows=8, batch_tokens=4096, ppl_batch=8, seeds=2, seed_tasks=False,
+            continuation="The capital of France is")
 
 MODEL = flags.DEFINE_string("model", "smollm2-135m", "Name in wina_jax.assets.MODELS, GGUF file or HF folder.")
 METHODS = flags.DEFINE_list("methods", ["dense", "teal", "teal-transform", "cats", "wina", "wina-transform"],
@@ -58,7 +72,15 @@ DEADLINE = flags.DEFINE_float("deadline_s", None, "Start no new cell after this 
 MAX_EFFECTIVE = flags.DEFINE_float("max_effective", None, "Greedy allocation: the effective sparsity its search "
                                    "climbs to (the path below it does not depend on it); default: the highest "
                                    "target + 0.05, at most 0.95.")
-QUICK_FLAG = flags.DEFINE_bool("quick", False, f"CPU demo preset for flags not given: {QUICK}.")
+SEEDS = flags.DEFINE_integer("seeds", 2, "Perturbed re-runs per cell for the numerics band (0: none).")
+SEED_TASKS = flags.DEFINE_bool("seed_tasks", True, "Perturbed re-runs score the tasks too (else perplexity "
+                                "only: the tasks get their bootstrap band alone, at a fraction of the cost).")
+EPS = flags.DEFINE_float("eps", 6e-8, "Relative weight perturbation of the numerics band (~1 float32 ulp).")
+COMPARE_TO = flags.DEFINE_string("compare_to", "teal", "Method the others are compared with, per sparsity.")
+CONTINUATION = flags.DEFINE_string("continuation", "", "Greedy continuation prompt per cell ('' = none).")
+CONTINUATION_TOKENS = flags.DEFINE_integer("continuation_tokens", 24, "Tokens of that continuation.")
+SMOKE_FLAG = flags.DEFINE_bool("smoke", False, f"Quick pipeline check, preset for flags not given: {SMOKE}.")
+DEMO_FLAG = flags.DEFINE_bool("demo", False, f"CPU demo (a few minutes), preset for flags not given: {DEMO}.")
 
 
 def settings() -> dict:
@@ -143,14 +165,62 @@ class Context:
     self.settings = st
     self.max_effective = max_effective
     self.prepared = {}
+    self._tokenizer = None
+
+  @property
+  def tokenizer(self):
+    """The model's tokenizer, loaded on first use (continuations only: cells run from token ids)."""
+    if self._tokenizer is None:
+      from wina_jax import assets
+      from wina_jax.tokenizer import load_tokenizer
+      self._tokenizer = load_tokenizer(self.settings["model"] or assets.default_gguf())
+    return self._tokenizer
+
+  def encode(self, text: str) -> np.ndarray:
+    return np.asarray(self.tokenizer(text, return_tensors="np")["input_ids"][0], np.int32)
+
+  def decode(self, ids) -> str:
+    return self.tokenizer.decode(ids)
 
 
-def run_cell(ctx: Context, method: str, s: float) -> tuple[dict, dict]:
-  """Evaluate one cell -> (its table row, its items). No timings: rows must not depend on the run. Items
-  are what bootstrap bands resample: {'ppl_window_nll': [windows], '<task>/correct': [rows] (0/1 of the
-  table's metric)}."""
+def metrics(ctx: Context, v, params: dict, tasks: bool = True) -> tuple[dict, dict, dict]:
+  """Perplexity and (if `tasks`) task scores of variant `v` run with `params` -> (metrics {'ppl', task:
+  value}, items {'ppl_window_nll': per-window mean NLLs, '<task>/correct': per-row correctness (0 / 1) of
+  the table's metric}, zero_frac {site: fraction})."""
   from wina_jax import sparsity
-  from wina_jax.eval import flops, multiple_choice, perplexity, variants
+  from wina_jax.eval import multiple_choice, perplexity
+  st = ctx.settings
+  prefix = functools.partial(sparsity.resolve_prefill, st["prefill"])
+  ppl = perplexity.perplexity(params, v.cfg, ctx.ppl, v.sparsifier, batch_size=PPL_BATCH.value,
+                              dense_prefix=prefix(ctx.ppl.shape[1]), zero_frac=True, progress=False)
+  out = {"ppl": ppl["ppl"]}
+  items = {"ppl_window_nll": ppl["window_nll"]}
+  for t in st["tasks"] if tasks else ():
+    res = multiple_choice.score(params, v.cfg, ctx.tasks[t], v.sparsifier, batch_tokens=BATCH_TOKENS.value,
+                                buckets=[int(b) for b in BUCKETS.value or ()], dense_prefix=prefix,
+                                progress=False)
+    out[t] = res[TASKS[t].metric]
+    out[f"{t}/acc"], out[f"{t}/acc_norm"], out[f"{t}/n"] = res["acc"], res["acc_norm"], res["n"]
+    items[f"{t}/correct"] = res["correct_norm" if TASKS[t].metric == "acc_norm" else "correct"]
+  return out, items, ppl["zero_frac"]
+
+
+def complete(cell: Optional[dict], seeds: int, eps: float, prompt: str) -> bool:
+  """Whether a stored cell has everything asked for: items, >= seeds perturbed runs at eps, the prompt's
+  continuation."""
+  if cell is None or "items" not in cell:
+    return False
+  num = cell.get("numerics", {"eps": eps, "runs": []})
+  if seeds and (num["eps"] != eps or len(num["runs"]) < seeds):
+    return False
+  return not prompt or cell.get("continuation", {}).get("prompt") == prompt
+
+
+def run_cell(ctx: Context, method: str, s: float, cell: Optional[dict] = None) -> dict:
+  """Evaluate one cell, or what a stored `cell` lacks -> {'row' (no timings: rows must not depend on the
+  run), 'items', 'numerics' {'eps', 'runs': [metrics of each perturbed run]}, 'continuation'}."""
+  from wina_jax import sparsity
+  from wina_jax.eval import bands, flops, variants
   st = ctx.settings
   if method not in ctx.prepared:      # transform / calibration once per method, shared by its sparsities
     ctx.prepared[method] = variants.prepare(ctx.params, ctx.cfg, method, mode=st["mode"],
@@ -158,31 +228,41 @@ def run_cell(ctx: Context, method: str, s: float) -> tuple[dict, dict]:
                                             max_effective=ctx.max_effective, progress=False,
                                             upstream=st.get("calibration") != "dense")
   v = variants.make(ctx.prepared[method], s)
-  prefix = functools.partial(sparsity.resolve_prefill, st["prefill"])
-  ppl = perplexity.perplexity(v.params, v.cfg, ctx.ppl, v.sparsifier, batch_size=PPL_BATCH.value,
-                              dense_prefix=prefix(ctx.ppl.shape[1]), zero_frac=True, progress=False)
-  zf = ppl["zero_frac"]
-  row = {"method": method, "sparsity": s,
-         "measured_sparsity": sparsity.parameter_weighted_sparsity(zf, v.cfg),
-         "gflops": flops.gflops(v.cfg, sparsity.per_matrix_sparsity(zf, v.cfg),
-                                shortcuts=v.info["shortcuts"]),
-         "ppl": ppl["ppl"], "rotated_blocks": len(v.info["blocks"])}
-  items = {"ppl_window_nll": ppl["window_nll"]}
-  for t in st["tasks"]:
-    res = multiple_choice.score(v.params, v.cfg, ctx.tasks[t], v.sparsifier, batch_tokens=BATCH_TOKENS.value,
-                                buckets=[int(b) for b in BUCKETS.value or ()], dense_prefix=prefix,
-                                progress=False)
-    row[t] = res[TASKS[t].metric]
-    row[f"{t}/acc"], row[f"{t}/acc_norm"], row[f"{t}/n"] = res["acc"], res["acc_norm"], res["n"]
-    items[f"{t}/correct"] = res["correct_norm" if TASKS[t].metric == "acc_norm" else "correct"]
-  row["avg"] = sum(row[t] for t in st["tasks"]) / len(st["tasks"]) if st["tasks"] else float("nan")
-  return row, items
+  cell = dict(cell or {})
+  if "items" not in cell:
+    out, items, zf = metrics(ctx, v, v.params)
+    row = {"method": method, "sparsity": s,
+           "measured_sparsity": sparsity.parameter_weighted_sparsity(zf, v.cfg),
+           "gflops": flops.gflops(v.cfg, sparsity.per_matrix_sparsity(zf, v.cfg),
+                                  shortcuts=v.info["shortcuts"]),
+           "ppl": out.pop("ppl"), "rotated_blocks": len(v.info["blocks"]), **out}
+    row["avg"] = sum(row[t] for t in st["tasks"]) / len(st["tasks"]) if st["tasks"] else float("nan")
+    cell.update(row=row, items=items)
+  runs = cell["numerics"]["runs"] if cell.get("numerics", {}).get("eps") == EPS.value else []
+  for seed in range(len(runs) + 1, SEEDS.value + 1):
+    runs.append(metrics(ctx, v, bands.perturb(v.params, seed, EPS.value), tasks=SEED_TASKS.value)[0])
+  cell["numerics"] = {"eps": EPS.value, "runs": runs}
+  if CONTINUATION.value and cell.get("continuation", {}).get("prompt") != CONTINUATION.value:
+    from wina_jax.generate import greedy_decode
+    ids = greedy_decode(v.params, v.cfg, ctx.encode(CONTINUATION.value)[None], CONTINUATION_TOKENS.value,
+                 v.sparsifier, eos_id=ctx.tokenizer.eos_token_id)
+    cell["continuation"] = {"prompt": CONTINUATION.value, "text": ctx.decode(ids[0])}
+  return cell
+
+
+def load_cell(path: str) -> Optional[dict]:
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
 
 
 def main(argv):
   del argv
-  if QUICK_FLAG.value:
-    for k, val in QUICK.items():
+  if SMOKE_FLAG.value and DEMO_FLAG.value:
+    raise app.UsageError("--smoke and --demo are two presets; pick one")
+  for on, preset in ((SMOKE_FLAG.value, SMOKE), (DEMO_FLAG.value, DEMO)):
+    for k, val in preset.items() if on else ():
       if not flags.FLAGS[k].present:
         flags.FLAGS[k].parse(str(val))
   bad = [t for t in TASK_LIST.value if t not in TASKS]
@@ -199,7 +279,8 @@ def main(argv):
     return
   cells = cell_list(list(METHODS.value), sps)
   paths = {c: cell_path(OUT.value, *c, cell_key(st, c[0])) for c in cells}
-  todo = [c for c in cells if not os.path.exists(paths[c])]
+  stored = {c: load_cell(paths[c]) for c in cells}
+  todo = [c for c in cells if not complete(stored[c], SEEDS.value, EPS.value, CONTINUATION.value)]
   print(f"{len(cells)} cells, {len(cells) - len(todo)} already done -> {OUT.value}")
   from wina_jax.eval import variants
   for m in METHODS.value:
@@ -213,25 +294,25 @@ def main(argv):
     if i and DEADLINE.value is not None and time.time() - t_start > DEADLINE.value:
       break
     t0 = time.time()
-    row, items = run_cell(ctx, method, s)
-    report.write_atomic(paths[(method, s)], json.dumps({"row": row, "settings": st, "seconds": time.time() - t0,
-                                                        "items": items}, indent=1))
+    old = stored[(method, s)]
+    cell = run_cell(ctx, method, s, old)
+    kept = old["seconds"] if old and "items" in old else 0.0     # time of the parts reused from `old`
+    cell.update(settings=st, seconds=kept + time.time() - t0)
+    report.write_atomic(paths[(method, s)], json.dumps(cell, indent=1))
+    stored[(method, s)] = cell
+    row = cell["row"]
     tqdm.write(f"{method} @ {s:g}: ppl {row['ppl']:.3f} avg {100 * row['avg']:.2f} "
                f"measured sparsity {100 * row['measured_sparsity']:.1f}% ({time.time() - t0:.0f}s)")
-  rows = []
-  for c in cells:
-    if os.path.exists(paths[c]):
-      with open(paths[c]) as f:
-        rows.append(json.load(f)["row"])
-  if len(rows) < len(cells):
-    print(f"{len(cells) - len(rows)} of {len(cells)} cells left (deadline or --report_only); rerun the "
+  done = [stored[c] for c in cells if stored[c] is not None]
+  if len(done) < len(cells):
+    print(f"{len(cells) - len(done)} of {len(cells)} cells left (deadline or --report_only); rerun the "
           f"same command to finish them. The table below has the finished cells only.")
   header = (f"Sweep on {os.path.basename(st['model']) or 'SmolLM2-135M-Instruct'} ({st['allocation']} allocation, "
             f"{st['mode']} mode, prefill {st['prefill']}); rows per task: {st['limit'] or 'all'}; "
             f"perplexity on {st['ppl_text']} ({st['ppl_windows']} x {st['seq_len']} tokens). "
             f"GFLOPs per token from measured per-matrix sparsity.\n\n")
-  report.write_all(rows, st["tasks"], OUT.value, header)
-  print(report.markdown(rows, st["tasks"]))
+  text = report.write_all(done, st["tasks"], OUT.value, header, compare_to=COMPARE_TO.value)
+  print(text)
 
 
 if __name__ == "__main__":
