@@ -257,7 +257,7 @@ def _target_calibration(prep: Prepared, params: dict, cfg: ModelConfig, shared, 
       raise ValueError("mode='threshold' needs calibration windows: pass calib_windows=...")
     sites: Any = target
     if allocation == "greedy":
-      from wina_jax.sparsity.allocation import pick
+      from wina_jax.sparsity.thresholds import pick
       sites = pick(shared.paths, target)
     calibration = sparsity.calibrate(params, cfg, prep.method, prep.calib_windows, upstream=sites,
                                      progress=prep.progress)
