@@ -36,7 +36,8 @@ COLLECTABLE = ("inputs", "zero_frac", "residual")
 
 
 class Output(NamedTuple):
-  """logits: [B, T, vocab] float32; cache: updated KV cache or None; aux: dict of collected pytrees."""
+  """logits: [B, T, vocab] float32 (float64 for float64 params); cache: updated KV cache or None; aux: dict
+  of collected pytrees."""
   logits: jax.Array
   cache: Optional[dict]
   aux: dict
@@ -201,7 +202,8 @@ def forward(params: Params, tokens: jax.Array, cfg: ModelConfig, sparsifier: Any
     kv = None if cache is None else cache["layers"][str(i)]
     h, new_layers[str(i)] = _layer(cfg, params["layers"][str(i)], h, i, ctx, positions, kv, kv_len)
   h = L.rms_norm(h, params["norm"]["scale"], cfg.rms_norm_eps)
-  logits = (h @ lm_head_kernel(params, cfg)).astype(jnp.float32)
+  logits = h @ lm_head_kernel(params, cfg)
+  logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))   # float64 params keep float64
   new_cache = None if cache is None else {"length": kv_len, "layers": new_layers}
   return Output(logits, new_cache, ctx.aux)
 

@@ -1,0 +1,95 @@
+"""Reproduce the official WINA repository's TEAL numbers on SmolLM2 (issue 16): Pride and Prejudice from
+r-cran-janeaustenr, 8192 tokens in 16 windows of 512, TEAL top-k on all 7 projections of every token.
+
+  PYTHONPATH=. nice -n 10 .venv/bin/python -m experiments.quality.reproduce_reference \
+      --out=results/reference/smollm2_pride.json
+  # quick: 2 windows, dense and 50 % only
+  PYTHONPATH=. .venv/bin/python -m experiments.quality.reproduce_reference --windows=2 --levels=0.5 \
+      --seeds= --out=runs/reference_quick.json
+
+Writes per-window mean NLLs for dense, each level, and an ensemble over weight perturbations
+(every weight times 1 +- eps, random signs, one seed each) at --ensemble_levels, with the official
+figures beside them. Resumable: runs already in --out are skipped.
+"""
+import json
+import os
+import time
+
+import numpy as np
+from absl import app, flags
+
+from wina_jax import assets, sparsity
+from wina_jax.convert.load import load_default
+from wina_jax.data import austen
+from wina_jax.eval import reference as R
+from wina_jax.tokenizer import load_tokenizer
+
+OUT = flags.DEFINE_string("out", "results/reference/smollm2_pride.json", "Result JSON (resumed if present).")
+LEVELS = flags.DEFINE_list("levels", ["0.25", "0.4", "0.5", "0.65"], "TEAL top-k sparsities.")
+K_RULE = flags.DEFINE_enum("k_rule", "floor", sparsity.base.K_RULES,
+                           "k per token: 'floor' = official int(d * (1 - s)); 'round' = the project's default.")
+WINDOWS = flags.DEFINE_integer("windows", 16, "Windows of 512 to score (the protocol: 16).")
+SEEDS = flags.DEFINE_list("seeds", ["1", "2", "3", "4", "5"], "Perturbation seeds for the ensemble.")
+ENSEMBLE_LEVELS = flags.DEFINE_list("ensemble_levels", ["0.5", "0.65"],
+                                    "Levels with a perturbation ensemble.")
+EPS = flags.DEFINE_float("eps", R.PERTURB_EPS, "Relative weight perturbation of the ensemble.")
+BATCH = flags.DEFINE_integer("batch_size", 2, "Windows per forward.")
+
+
+def summary(nlls: list[float], level: float) -> dict:
+  out = {"ppl": R.ppl(nlls), "window_nll": nlls}
+  if level in R.OFFICIAL_PPL and len(nlls) == 16:
+    out["official_ppl"] = R.OFFICIAL_PPL[level]
+  return out
+
+
+def save(res: dict) -> None:
+  os.makedirs(os.path.dirname(OUT.value) or ".", exist_ok=True)
+  with open(OUT.value + ".tmp", "w") as f:
+    json.dump(res, f, indent=1)
+  os.replace(OUT.value + ".tmp", OUT.value)
+
+
+def main(_):
+  params, cfg = load_default()
+  windows = austen.protocol_windows(load_tokenizer(assets.default_gguf()))[:WINDOWS.value]
+  res = {"protocol": {"text": f"{austen.PACKAGE} {austen.VERSION} prideprejudice",
+                      "start_char": austen.START_CHAR, "windows": len(windows), "window": austen.WINDOW, "k_rule": K_RULE.value,
+                      "ids_sha256": austen.ids_digest(windows.ravel())},
+         "official": {"ppl": {str(k): v for k, v in R.OFFICIAL_PPL.items()},
+                      "window_nll_50": R.OFFICIAL_WINDOW_NLL_50,
+                      "perturbed_ppl": {str(k): v for k, v in R.OFFICIAL_PERTURBED_PPL.items()}},
+         "runs": {}}
+  if os.path.isfile(OUT.value):
+    with open(OUT.value) as f:
+      old = json.load(f)
+    if old.get("protocol") == res["protocol"]:
+      res["runs"] = old["runs"]
+  ensemble = [float(s) for s in ENSEMBLE_LEVELS.value]
+  jobs = [(0.0, None)]   # dense, then each ensemble level with its seeds, then the other levels
+  for level in ensemble + [float(s) for s in LEVELS.value if float(s) not in ensemble]:
+    jobs += [(level, None)] + [(level, int(seed)) for seed in SEEDS.value if seed and level in ensemble]
+  for level, seed in jobs:
+    key = ("dense" if level == 0 else f"teal@{level:g}") + ("" if seed is None else f"/seed{seed}")
+    done = res["runs"].get(key, {}).get("window_nll", [])
+    if len(done) == len(windows):
+      continue
+    p = params if seed is None else R.perturb(params, seed, EPS.value)
+    sp = sparsity.make("dense" if level == 0 else "teal", p, cfg, level, k_rule=K_RULE.value)
+    t0 = time.time()
+    for i in range(len(done), len(windows), BATCH.value):   # resumable per batch of windows
+      done = done + R.window_nlls(p, cfg, windows[i:i + BATCH.value], sp, batch_size=BATCH.value).tolist()
+      extra = {} if seed is None else {"seed": seed, "eps": EPS.value}
+      res["runs"][key] = dict(summary(done, level), **extra)
+      save(res)
+    print(f"{key}: ppl {res['runs'][key]['ppl']:.4f} ({time.time() - t0:.0f} s)", flush=True)
+  for level in [float(s) for s in ENSEMBLE_LEVELS.value]:
+    ens = [r["ppl"] for k, r in res["runs"].items() if k.startswith(f"teal@{level:g}/seed")]
+    if ens:
+      print(f"teal@{level:g} ensemble over {len(ens)} seeds: mean {np.mean(ens):.3f}, "
+            f"sd {np.std(ens, ddof=1) if len(ens) > 1 else 0:.3f}, range {min(ens):.3f}..{max(ens):.3f}; unperturbed {res['runs'][f'teal@{level:g}']['ppl']:.3f}; "
+            f"official {R.OFFICIAL_PPL.get(level)}")
+
+
+if __name__ == "__main__":
+  app.run(main)
