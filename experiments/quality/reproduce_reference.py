@@ -32,6 +32,8 @@ WINDOWS = flags.DEFINE_integer("windows", 16, "Windows of 512 to score (the prot
 SEEDS = flags.DEFINE_list("seeds", ["1", "2", "3", "4", "5"], "Perturbation seeds for the ensemble.")
 ENSEMBLE_LEVELS = flags.DEFINE_list("ensemble_levels", ["0.5", "0.65"],
                                     "Levels with a perturbation ensemble.")
+ENSEMBLE_WINDOWS = flags.DEFINE_integer("ensemble_windows", 16, "Windows scored by each perturbed run (the "
+                                        "first n: per-window spreads when the full ensemble is too slow).")
 EPS = flags.DEFINE_float("eps", R.PERTURB_EPS, "Relative weight perturbation of the ensemble.")
 BATCH = flags.DEFINE_integer("batch_size", 2, "Windows per forward.")
 
@@ -66,25 +68,27 @@ def main(_):
     if old.get("protocol") == res["protocol"]:
       res["runs"] = old["runs"]
   ensemble = [float(s) for s in ENSEMBLE_LEVELS.value]
-  jobs = [(0.0, None)]   # dense, then each ensemble level with its seeds, then the other levels
+  jobs = []   # each ensemble level, its seeds, the other levels, then dense (known to match: last)
   for level in ensemble + [float(s) for s in LEVELS.value if float(s) not in ensemble]:
     jobs += [(level, None)] + [(level, int(seed)) for seed in SEEDS.value if seed and level in ensemble]
-  for level, seed in jobs:
+  for level, seed in jobs + [(0.0, None)]:
     key = ("dense" if level == 0 else f"teal@{level:g}") + ("" if seed is None else f"/seed{seed}")
     done = res["runs"].get(key, {}).get("window_nll", [])
-    if len(done) == len(windows):
+    n = len(windows) if seed is None else min(len(windows), ENSEMBLE_WINDOWS.value)
+    if len(done) >= n:
       continue
     p = params if seed is None else R.perturb(params, seed, EPS.value)
     sp = sparsity.make("dense" if level == 0 else "teal", p, cfg, level, k_rule=K_RULE.value)
     t0 = time.time()
-    for i in range(len(done), len(windows), BATCH.value):   # resumable per batch of windows
-      done = done + R.window_nlls(p, cfg, windows[i:i + BATCH.value], sp, batch_size=BATCH.value).tolist()
+    for i in range(len(done), n, BATCH.value):   # resumable per batch of windows
+      done = done + R.window_nlls(p, cfg, windows[i:min(n, i + BATCH.value)], sp, batch_size=BATCH.value).tolist()
       extra = {} if seed is None else {"seed": seed, "eps": EPS.value}
       res["runs"][key] = dict(summary(done, level), **extra)
       save(res)
     print(f"{key}: ppl {res['runs'][key]['ppl']:.4f} ({time.time() - t0:.0f} s)", flush=True)
   for level in [float(s) for s in ENSEMBLE_LEVELS.value]:
-    ens = [r["ppl"] for k, r in res["runs"].items() if k.startswith(f"teal@{level:g}/seed")]
+    ens = [r["ppl"] for k, r in res["runs"].items() if k.startswith(f"teal@{level:g}/seed")
+           and len(r["window_nll"]) == len(windows)]
     if ens:
       print(f"teal@{level:g} ensemble over {len(ens)} seeds: mean {np.mean(ens):.3f}, "
             f"sd {np.std(ens, ddof=1) if len(ens) > 1 else 0:.3f}, range {min(ens):.3f}..{max(ens):.3f}; unperturbed {res['runs'][f'teal@{level:g}']['ppl']:.3f}; "
