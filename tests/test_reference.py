@@ -4,6 +4,7 @@ import gzip
 import struct
 import zlib
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -111,42 +112,40 @@ def test_k_rule_floor_is_the_official_count():
 
 
 @pytest.fixture(scope="module")
-def protocol():
-  """(tokenizer, the 16 protocol windows); skipped where the Debian package cannot be fetched."""
-  from wina_jax import assets
-  from wina_jax.tokenizer import load_tokenizer
+def windows(smollm2_tokenizer):
+  """The 16 protocol windows [16, 512]; skipped where the Debian package cannot be fetched."""
   try:
     text = austen.pride_and_prejudice()
   except RuntimeError as e:
     pytest.skip(f"r-cran-janeaustenr cannot be fetched here (needs apt-get and a Debian archive): {e}")
-  tok = load_tokenizer(assets.default_gguf())
-  return tok, austen.protocol_windows(tok, text)
+  return austen.protocol_windows(smollm2_tokenizer, text)
 
 
-def test_protocol_ids_match_the_reference(protocol):
-  _, windows = protocol
+def test_protocol_ids_match_the_reference(windows):
   assert windows.shape == (16, 512)
   assert tuple(windows[0, :6]) == austen.FIRST_IDS
   assert austen.ids_digest(windows.ravel()).startswith(austen.IDS_SHA256_PREFIX)
 
 
-def test_two_window_reproduction_against_transformers(protocol):
+def test_two_window_reproduction_against_transformers(windows, smollm2):
   """Dense: the project equals transformers to 1e-4 in mean NLL. TEAL top-k 50 % (official k): torch's
-  hooks give the official per-window NLLs to 1e-5; the project is within 0.1 per window (float rounding
+  hooks give the official per-window NLLs to 1e-5, and the project with torch's masks imposed gives torch's
+  NLLs to 1e-5 (the same function). With its own masks the project is within 0.1 per window (float rounding
   decorrelates the masks after a few layers, see docs/reference_reproduction.md) and within 0.05 on the
   two-window mean."""
   from wina_jax import assets
-  from wina_jax.convert.load import load_default
   from wina_jax.eval import reference as R
-  _, windows = protocol
   windows = windows[:2]
+  params, cfg = smollm2
   model = R.torch_model(assets.default_gguf())
-  params, cfg = load_default()
   dense_t = R.torch_window_nlls(model, windows)
   dense_j = R.window_nlls(params, cfg, windows, batch_size=2)
   np.testing.assert_allclose(dense_j, dense_t, atol=1e-4)
-  teal_t = R.torch_window_nlls(model, windows, 0.5)
+  seen = {}
+  teal_t = R.torch_window_nlls(model, windows, 0.5, collect=seen)
   np.testing.assert_allclose(teal_t, R.OFFICIAL_WINDOW_NLL_50[:2], atol=1e-5)
+  forced = R.FixedMasks({site: jnp.asarray(keep) for site, (_, keep) in seen.items()})
+  np.testing.assert_allclose(R.window_nlls(params, cfg, windows, forced, batch_size=2), teal_t, atol=1e-5)
   sp = sparsity.make("teal", params, cfg, 0.5, k_rule="floor")
   teal_j = R.window_nlls(params, cfg, windows, sp, batch_size=2)
   assert np.all(teal_j > dense_j + 0.2)   # the sparse model is really sparse

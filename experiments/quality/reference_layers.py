@@ -12,7 +12,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
-from flax import struct
 
 from wina_jax import assets, sparsity
 from wina_jax.data import austen
@@ -27,16 +26,6 @@ DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "float64"], "Both side
 EVERY = flags.DEFINE_integer("every", 1, "Print every n-th layer.")
 
 
-@struct.dataclass
-class FixedMasks:
-  """A sparsifier that applies given keep-masks {site: [B, T, d] bool} (a pytree: traced under jit)."""
-  masks: dict
-
-  def __call__(self, site, x, kernel):
-    m = self.masks.get(site)
-    return x if m is None else jnp.where(m, x, jnp.zeros((), x.dtype))
-
-
 def main(_):
   if DTYPE.value == "float64":
     jax.config.update("jax_enable_x64", True)
@@ -47,6 +36,7 @@ def main(_):
   s = SPARSITY.value
   seen = {}
   t_nll = R.torch_window_nlls(model, windows, s, collect=seen)[0]
+  seen = {site: (x[0], keep[0]) for site, (x, keep) in seen.items()}   # the one window
   sp = sparsity.make("teal", params, cfg, s, k_rule="floor")
   out = jax.jit(lambda p, t: forward(p, t, cfg, sp, collect=("inputs",)))(params, jnp.asarray(windows))
   j_nll = float(np.asarray(R.window_nll(out.logits, jnp.asarray(windows)))[0]) / (windows.shape[1] - 1)
@@ -66,7 +56,7 @@ def main(_):
     print(f"{layer:5d}  " + "  ".join(cells))
   # Teacher-forced: the project's model with torch's masks imposed at every site. If the two models are the
   # same function, the NLLs agree to rounding and the inputs stay ~1e-6 apart in every layer.
-  forced = FixedMasks({site: jnp.asarray(keep[None]) for site, (_, keep) in seen.items()})
+  forced = R.FixedMasks({site: jnp.asarray(keep[None]) for site, (_, keep) in seen.items()})
   fout = jax.jit(lambda p, t, m: forward(p, t, cfg, m, collect=("inputs",)))(params, jnp.asarray(windows), forced)
   f_nll = float(np.asarray(R.window_nll(fout.logits, jnp.asarray(windows)))[0]) / (windows.shape[1] - 1)
   worst = max(np.max(np.abs(np.asarray(fout.aux["inputs"][site][0], np.float64) - tx)) / np.max(np.abs(tx))

@@ -12,6 +12,7 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 
 from wina_jax import sites as S
 from wina_jax.config import ModelConfig
@@ -58,6 +59,18 @@ def perturb(params: dict, seed: int, eps: float = PERTURB_EPS) -> dict:
   return jax.tree_util.tree_unflatten(treedef, out)
 
 
+@struct.dataclass
+class FixedMasks:
+  """A sparsifier applying given keep-masks {site: [B, T, d] bool} (e.g. the reference's, to check that
+  the two models are the same function once the masks agree). A pytree: traced under jit."""
+  masks: dict
+
+  def __call__(self, site: str, x: jax.Array, kernel: Optional[jax.Array]) -> jax.Array:
+    del kernel
+    m = self.masks.get(site)
+    return x if m is None else jnp.where(m, x, jnp.zeros((), x.dtype))
+
+
 def torch_model(gguf_path: str, dtype: str = "float32"):
   """transformers' own load of a GGUF file (eval mode, on CPU) in `dtype` ('float32' | 'float64')."""
   import os
@@ -78,7 +91,7 @@ def torch_window_nlls(model, windows: np.ndarray, sparsity: float = 0.0, *,
   """Per-window mean NLL [N] from a transformers model, with TEAL top-k of |x| at every projection input
   (k = int(d * (1 - s)), ties by torch.topk) when sparsity > 0.
 
-  collect: a dict to fill with {site: (input [T, d] float64, kept-mask [T, d] bool)} of the last window.
+  collect: a dict to fill with {site: (input [N, T, d] float64, kept-mask [N, T, d] bool)}.
   """
   import torch
   handles = []
@@ -99,6 +112,9 @@ def torch_window_nlls(model, windows: np.ndarray, sparsity: float = 0.0, *,
   finally:
     for h in handles:
       h.remove()
+  if collect is not None:
+    for site, seen in collect.items():
+      collect[site] = (np.stack([x for x, _ in seen]), np.stack([k for _, k in seen]))
   return np.asarray(out)
 
 
@@ -115,6 +131,6 @@ def _teal_hook(site: str, sparsity: float, collect: Optional[dict]):
     else:
       keep = torch.ones_like(x, dtype=torch.bool)
     if collect is not None:
-      collect[site] = (x[0].detach().double().numpy(), keep[0].numpy())
+      collect.setdefault(site, []).append((x[0].detach().double().numpy(), keep[0].numpy()))
     return (x * keep,) + tuple(args[1:]) if sparsity > 0 else None
   return hook
