@@ -42,7 +42,8 @@ def main(_):
   j_nll = float(np.asarray(R.window_nll(out.logits, jnp.asarray(windows)))[0]) / (windows.shape[1] - 1)
   print(f"window {WINDOW.value}, TEAL {s:g}, {DTYPE.value}: torch NLL {t_nll:.6f}, project NLL {j_nll:.6f}, "
         f"diff {j_nll - t_nll:+.6f}")
-  print("layer  " + "  ".join(f"{n:>18s}" for n in R.TORCH_SITES) + "   (max rel input diff / mask bits differing)")
+  print("layer  " + "  ".join(f"{n:>18s}" for n in R.TORCH_SITES))
+  print("       (each: largest relative input difference, fraction of mask bits differing)")
   for layer in range(0, cfg.num_hidden_layers, EVERY.value):
     cells = []
     for block, names in (("self_attn", R.TORCH_SITES[:4]), ("mlp", R.TORCH_SITES[4:])):
@@ -57,11 +58,13 @@ def main(_):
   # Teacher-forced: the project's model with torch's masks imposed at every site. If the two models are the
   # same function, the NLLs agree to rounding and the inputs stay ~1e-6 apart in every layer.
   forced = R.FixedMasks({site: jnp.asarray(keep[None]) for site, (_, keep) in seen.items()})
-  fout = jax.jit(lambda p, t, m: forward(p, t, cfg, m, collect=("inputs",)))(params, jnp.asarray(windows), forced)
+  run = jax.jit(lambda p, t, m: forward(p, t, cfg, m, collect=("inputs",)))
+  fout = run(params, jnp.asarray(windows), forced)
   f_nll = float(np.asarray(R.window_nll(fout.logits, jnp.asarray(windows)))[0]) / (windows.shape[1] - 1)
   worst = max(np.max(np.abs(np.asarray(fout.aux["inputs"][site][0], np.float64) - tx)) / np.max(np.abs(tx))
               for site, (tx, _) in seen.items())
-  print(f"with torch's masks imposed: project NLL {f_nll:.6f} (torch {t_nll:.6f}, diff {f_nll - t_nll:+.2e}); "
+  print(f"with torch's masks imposed: project NLL {f_nll:.6f} (torch {t_nll:.6f}, "
+        f"diff {f_nll - t_nll:+.2e}); "
         f"largest relative input difference over all sites {worst:.1e}")
   ties = []
   for site, (tx, _) in seen.items():
