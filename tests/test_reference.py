@@ -151,3 +151,14 @@ def test_two_window_reproduction_against_transformers(windows, smollm2):
   assert np.all(teal_j > dense_j + 0.2)   # the sparse model is really sparse
   assert np.max(np.abs(teal_j - teal_t)) < 0.1
   assert abs(np.mean(teal_j) - np.mean(teal_t)) < 0.05
+
+
+def test_perturb_nudges_every_weight_by_at_most_one_ulp():
+  from wina_jax.eval import reference as R
+  w = {"a": jnp.asarray(np.random.RandomState(0).randn(64, 32), jnp.float32), "b": {"c": jnp.ones(7)}}
+  p1, p1b, p2 = R.perturb(w, 1), R.perturb(w, 1), R.perturb(w, 2)
+  rel = np.asarray(p1["a"] / w["a"]) - 1
+  assert np.all(np.abs(rel) <= 2 ** -23 * 1.0001) and (rel > 0).any() and (rel < 0).any()
+  assert np.mean(rel != 0) > 0.5   # most entries move (1 - 6e-8 rounds to x itself only for some mantissas)
+  np.testing.assert_array_equal(p1["a"], p1b["a"])
+  assert not np.array_equal(p1["a"], p2["a"]) and p1["b"]["c"].shape == (7,)
