@@ -11,8 +11,8 @@ from wina_jax.config import ModelConfig
 
 
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
-  """HF LlamaRMSNorm: normalise in float32, cast back, then multiply by `scale`. x: [..., d]."""
-  x32 = x.astype(jnp.float32)
+  """HF LlamaRMSNorm: normalise in float32 (or float64), cast back, multiply by `scale`. x: [..., d]."""
+  x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
   y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
   return scale * y.astype(x.dtype)
 
@@ -62,12 +62,13 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, kv_len
   b, t, h, hd = q.shape
   kh = k.shape[2]
   qg = q.reshape(b, t, kh, h // kh, hd)
-  scores = jnp.einsum("btkgd,bskd->bkgts", qg, k).astype(jnp.float32) * (hd ** -0.5)
+  acc = jnp.promote_types(q.dtype, jnp.float32)   # float32 softmax for bf16/f32 inputs; float64 stays
+  scores = jnp.einsum("btkgd,bskd->bkgts", qg, k).astype(acc) * (hd ** -0.5)
   k_pos = jnp.arange(k.shape[1])
   allowed = (k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] < kv_len)
   if sliding_window is not None:
     allowed &= (q_pos[:, None] - k_pos[None, :]) < sliding_window
-  scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
+  scores = jnp.where(allowed, scores, jnp.finfo(acc).min)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
   out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
   return out.reshape(b, t, h, hd)

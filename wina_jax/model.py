@@ -39,7 +39,8 @@ COLLECTABLE = ("inputs", "zero_frac", "residual")
 
 
 class Output(NamedTuple):
-  """logits: [B, T, vocab] float32; cache: updated KV cache or None; aux: dict of collected pytrees."""
+  """logits: [B, T, vocab] float32 (float64 for float64 params); cache: updated KV cache or None; aux: dict
+  of collected pytrees."""
   logits: jax.Array
   cache: Optional[dict]
   aux: dict
@@ -223,7 +224,8 @@ def run_decoder(cfg: ModelConfig, tokens: jax.Array, embed: Callable, layer: Cal
   for i in range(cfg.num_hidden_layers):
     kv = None if cache is None else cache["layers"][str(i)]
     h, new_layers[str(i)] = layer(i, h, ctx, positions, kv, kv_len)
-  logits = head(h).astype(jnp.float32)
+  logits = head(h)
+  logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))   # float64 params keep float64
   new_cache = None if cache is None else {"length": kv_len, "layers": new_layers}
   return Output(logits, new_cache, ctx.aux)
 

@@ -15,7 +15,7 @@ from wina_jax.model import jit_forward
 
 def window_nll(logits: jax.Array, tokens: jax.Array) -> jax.Array:
   """Summed next-token NLL per window: logits [B, T, V], tokens [B, T] -> [B] (T-1 predictions each)."""
-  logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+  logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.promote_types(logits.dtype, jnp.float32)), axis=-1)
   return -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0].sum(axis=-1)
 
 

@@ -3,7 +3,8 @@
 A method (frozen, hashable dataclass) says which sites it masks, what per-site state it precomputes
 from params (e.g. WINA's column norms) and how it scores an input `x: [..., d_in]`. The sparsifier is a
 `flax.struct.dataclass` pytree applying one of two modes per site:
-  - 'topk': keep the k = round((1 - s) * d_in) highest scores of every token (k static);
+  - 'topk': keep the k = round((1 - s) * d_in) highest scores of every token (k static; `keep_count`'s
+    k_rule='floor' gives the official code's int(d_in * (1 - s)));
   - 'threshold': keep entries whose score is > a calibrated per-site threshold (a traced scalar, so new
     thresholds never retrace a jitted forward).
 Sites a sparsifier does not name are returned untouched. A sparsifier never imports the model.
@@ -54,9 +55,15 @@ def check_sparsity(s: float, what: str = "sparsity") -> float:
   return s
 
 
-def keep_count(s: float, d_in: int) -> int:
-  """Entries kept per token at sparsity `s`: round((1 - s) * d_in), at least 1."""
-  return max(1, int(round((1.0 - s) * d_in)))
+K_RULES = ("round", "floor")
+
+
+def keep_count(s: float, d_in: int, k_rule: str = "round") -> int:
+  """Entries kept per token at sparsity `s`, at least 1: 'round' -> round((1 - s) * d_in) (the project's
+  default); 'floor' -> int(d_in * (1 - s)), the official TEAL/WINA code's rule (one fewer at e.g. 40 %)."""
+  if k_rule not in K_RULES:
+    raise ValueError(f"unknown k_rule {k_rule!r}; choose from {K_RULES}")
+  return max(1, int(round((1.0 - s) * d_in)) if k_rule == "round" else int(d_in * (1.0 - s)))
 
 
 def topk_mask(score: jax.Array, k: int) -> jax.Array:

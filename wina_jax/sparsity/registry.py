@@ -84,7 +84,8 @@ def uniform(method: Method, cfg: ModelConfig, sparsity: float) -> dict[str, floa
 
 
 def make(name: Union[str, Method], params: dict, cfg: ModelConfig, sparsity: Sparsities = 0.5, *,
-         mode: str = "topk", calibration=None, allocation: str = "uniform", **settings) -> ScoreSparsifier:
+         mode: str = "topk", calibration=None, allocation: str = "uniform", k_rule: str = "round",
+         **settings) -> ScoreSparsifier:
   """Build a sparsifier for method `name` (or a `Method` instance) at target `sparsity`.
 
   sparsity: one float in [0, 1) for every site, or {site: s} (e.g. from `thresholds.pick`).
@@ -92,6 +93,8 @@ def make(name: Union[str, Method], params: dict, cfg: ModelConfig, sparsity: Spa
     `wina_jax.sparsity.thresholds.Calibration` of the same method on these params).
   allocation: 'uniform', or 'greedy' to spread a float `sparsity` over sites along the greedy paths
     stored in `calibration.paths` (`wina_jax.sparsity.allocation.greedy`).
+  k_rule: top-k mode's k per site: 'round' (round((1 - s) * d)) or 'floor' (int(d * (1 - s)), the
+    official code's rule; `base.keep_count`).
   settings: method settings, e.g. c_sites='all' for wina.
   """
   method = name if isinstance(name, Method) else get_method(name, **settings)
@@ -107,7 +110,7 @@ def make(name: Union[str, Method], params: dict, cfg: ModelConfig, sparsity: Spa
   targets = site_sparsities(method, cfg, sparsity)
   state = method.state(params, cfg)
   if mode == "topk":
-    keep = tuple((s, keep_count(v, site_width(cfg, s))) for s, v in targets.items() if v > 0)
+    keep = tuple((s, keep_count(v, site_width(cfg, s), k_rule)) for s, v in targets.items() if v > 0)
     return ScoreSparsifier(method=method, mode=mode, keep=keep, state=state)
   if calibration is None:
     raise ValueError("mode='threshold' needs calibration=...: run `calibration.calibrate` (or load a "
