@@ -21,6 +21,7 @@ from absl import app, flags
 from wina_jax import assets, sparsity
 from wina_jax.convert.load import load_default
 from wina_jax.data import austen
+from wina_jax.eval import bands
 from wina_jax.eval import reference as R
 from wina_jax.tokenizer import load_tokenizer
 
@@ -35,7 +36,7 @@ ENSEMBLE_LEVELS = flags.DEFINE_list("ensemble_levels", ["0.5", "0.65"],
                                     "Levels with a perturbation ensemble.")
 ENSEMBLE_WINDOWS = flags.DEFINE_integer("ensemble_windows", 16, "Windows scored by each perturbed run (the "
                                         "first n: per-window spreads when the full ensemble is too slow).")
-EPS = flags.DEFINE_float("eps", R.PERTURB_EPS, "Relative weight perturbation of the ensemble.")
+EPS = flags.DEFINE_float("eps", bands.EPS, "Relative weight perturbation of the ensemble.")
 BATCH = flags.DEFINE_integer("batch_size", 2, "Windows per forward.")
 
 
@@ -106,7 +107,7 @@ def main(_):
     n = len(windows) if seed is None else min(len(windows), ENSEMBLE_WINDOWS.value)
     if len(done) >= n:
       continue
-    p = params if seed is None else R.perturb(params, seed, EPS.value)
+    p = params if seed is None else bands.perturb(params, seed, EPS.value)
     sp = sparsity.make("dense" if level == 0 else "teal", p, cfg, level, k_rule=K_RULE.value)
     t0 = time.time()
     for i in range(len(done), n, BATCH.value):   # resumable per batch of windows

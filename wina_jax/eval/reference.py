@@ -25,7 +25,6 @@ OFFICIAL_WINDOW_NLL_50 = (3.74261, 4.17968, 3.66247, 3.76424, 4.01361, 3.73015, 
                           3.92044, 3.77649, 3.66895, 3.51219, 3.61808, 3.83815, 3.58591)
 # torch TEAL ppl with every weight scaled by (1 +- 6e-8), random signs, three seeds (issue 16, point 2).
 OFFICIAL_PERTURBED_PPL = {0.5: (42.772, 42.534, 42.270), 0.65: (157.66, 158.53, 158.37)}
-PERTURB_EPS = 6e-8
 
 
 def window_nlls(params: dict, cfg: ModelConfig, windows: np.ndarray, sparsifier: Any = S.dense, *,
@@ -45,18 +44,6 @@ def window_nlls(params: dict, cfg: ModelConfig, windows: np.ndarray, sparsifier:
 def ppl(nlls) -> float:
   """exp(mean of per-window mean NLLs): the protocol's perplexity (windows have equal lengths)."""
   return float(np.exp(np.mean(nlls)))
-
-
-def perturb(params: dict, seed: int, eps: float = PERTURB_EPS) -> dict:
-  """Every weight times (1 + eps) or (1 - eps), signs drawn per entry from `seed` (factor in the weight's
-  dtype: in float32 1 +- 6e-8 rounds to 1 + 2^-23 and 1 - 2^-24, i.e. a one-ulp nudge)."""
-  leaves, treedef = jax.tree_util.tree_flatten(params)
-  key = jax.random.PRNGKey(seed)
-  out = []
-  for i, w in enumerate(leaves):
-    sign = jax.random.bernoulli(jax.random.fold_in(key, i), 0.5, w.shape)
-    out.append(w * jnp.where(sign, jnp.asarray(1 + eps, w.dtype), jnp.asarray(1 - eps, w.dtype)))
-  return jax.tree_util.tree_unflatten(treedef, out)
 
 
 @struct.dataclass
