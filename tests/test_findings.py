@@ -49,7 +49,7 @@ def test_protocol_standard_errors_are_per_task_and_paired():
   """avg4 and its SE from per-row correctness; a paired difference cancels the rows both cells share."""
   import math
   sys.path.insert(0, ROOT)
-  from experiments import findings as F
+  from experiments.quality import findings as F
   a = {f"{t}/correct": [1, 1, 0, 0] for t in F.INFORMATIVE}
   b = {f"{t}/correct": [1, 0, 0, 0] for t in F.INFORMATIVE}
   avg, se = F._avg4_se(a)
