@@ -11,6 +11,7 @@ dense, bytes moved per step (kept rows only, union over the batch) and GB/s agai
 measured in the same run.
 
 GPU:  PYTHONPATH=. python3 -m experiments.decode.bench_decode --out=$OUT/bench_decode.json
+      (--attention=pallas: the Pallas decode-attention kernel instead of XLA's attention)
 CI:   PYTHONPATH=. .venv/bin/python -m experiments.decode.bench_decode --tiny
 """
 from __future__ import annotations
