@@ -3,6 +3,7 @@
   python -m experiments.decode.profile_decode --models=llama3_8b,qwen25_7b --variants=dense,teal:0.5,teal:0.65 \
       --configs=benchmarks/results/kernel_sweep_h200_b.json --out=$OUT/profile.json
   python -m experiments.decode.profile_decode --tiny          # CPU smoke test (host XLA ops, no device plane)
+  (--attention=pallas: the Pallas decode-attention kernel instead of XLA's attention, interpret mode on CPU)
 
 Per variant it traces one `decode_loop` run (random bf16 weights, thresholds at the sparsity quantile,
 as `bench_decode`) and reports per step (`wina_jax.bench.trace`): kernels launched, busy time (the
