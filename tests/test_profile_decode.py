@@ -31,6 +31,7 @@ def test_variant_names():
 
 def test_categories():
   assert category("sparse_gemv_compact") == "sparse_gemv"
+  assert category("decode_attention") == "attention"
   assert category("sm90_xmma_gemm_bf16") == "matmul"
   assert category("input_reduce_fusion") == "fusion"
   assert category("memset32d") == "copy"

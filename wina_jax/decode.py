@@ -95,33 +95,35 @@ def prefill(params: dict, tokens: jax.Array, cfg: ModelConfig, max_len: int):
   return jnp.argmax(logits, axis=-1).astype(jnp.int32), logits, out.cache
 
 
-def greedy_step(params, token, cache, sparsifier, cfg, dense_prefix=None):
+def greedy_step(params, token, cache, sparsifier, cfg, dense_prefix=None, attention="xla"):
   """Traced body of one greedy step (`decode_step`, each `decode_loop` and `generate.greedy_decode` iteration):
-  token [B] -> (next [B] int32, logits [B, vocab], cache). sparsifier None runs dense."""
+  token [B] -> (next [B] int32, logits [B, vocab], cache). sparsifier None runs dense; attention: one of
+  `model.ATTENTION_BACKENDS` ('pallas': the fused decode-attention kernel, one launch per layer)."""
   sp = S.dense if sparsifier is None else sparsifier
-  out = forward(params, token[:, None], cfg, sp, cache=cache, dense_prefix=dense_prefix)
+  out = forward(params, token[:, None], cfg, sp, cache=cache, dense_prefix=dense_prefix, attention=attention)
   logits = out.logits[:, -1]
   return jnp.argmax(logits, axis=-1).astype(jnp.int32), logits, out.cache
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
+@functools.partial(jax.jit, static_argnames=("cfg", "attention"), donate_argnames=("cache",))
 def decode_step(params: dict, token: jax.Array, cache: dict, sparsifier: Optional[Any] = None, *,
-                cfg: ModelConfig):
+                cfg: ModelConfig, attention: str = "xla"):
   """One greedy step: `token` [B] at position cache['length'] -> (next [B] int32, logits [B, vocab], cache).
 
   sparsifier: a pytree sparsifier (e.g. `FusedThresholdSparsifier`), traced; None runs dense.
+  attention: 'xla', 'pallas' (GPU) or 'interpret' (`model.ATTENTION_BACKENDS`).
   The cache is donated: do not reuse the one passed in.
   """
-  return greedy_step(params, token, cache, sparsifier, cfg)
+  return greedy_step(params, token, cache, sparsifier, cfg, attention=attention)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
+@functools.partial(jax.jit, static_argnames=("cfg", "attention"), donate_argnames=("cache",))
 def decode_loop(params: dict, tokens: jax.Array, cache: dict, sparsifier: Optional[Any] = None, *,
-                cfg: ModelConfig):
+                cfg: ModelConfig, attention: str = "xla"):
   """`decode_step` over tokens [B, T] (teacher-forced: step j reads tokens[:, j]) in one on-device loop
   -> (greedy next tokens [B, T] int32, logits of the last step [B, vocab], cache). The cache is donated."""
   def step(carry, token):             # only the last logits are kept: no [T, B, vocab] stack
-    nxt, logits, cache = greedy_step(params, token, carry[1], sparsifier, cfg)
+    nxt, logits, cache = greedy_step(params, token, carry[1], sparsifier, cfg, attention=attention)
     return (logits, cache), nxt
 
   logits0 = jnp.zeros((tokens.shape[0], cfg.vocab_size), jnp.float32)

@@ -33,9 +33,14 @@ import jax.numpy as jnp
 from wina_jax import layers as L
 from wina_jax import sites as S
 from wina_jax.config import ModelConfig
+from wina_jax.kernels import decode_attention as DA
 
 Params = dict
 COLLECTABLE = ("inputs", "zero_frac", "residual")
+# How a cached one-token step attends: 'xla' (`layers.attention`), 'pallas' (the fused decode-attention
+# kernel, `kernels.decode_attention`, on GPU) or 'interpret' (that kernel in Pallas interpret mode, CPU).
+# Steps the kernel does not take (prefill, batch > 8, no cache) always run 'xla'.
+ATTENTION_BACKENDS = ("xla", "pallas", "interpret")
 
 
 class Output(NamedTuple):
@@ -100,17 +105,25 @@ Project = Callable[[str, jax.Array], jax.Array]
 
 
 def attention_block(cfg: ModelConfig, x: jax.Array, project: Project, positions: jax.Array,
-                    kv: Optional[dict], kv_len) -> tuple[jax.Array, Optional[dict]]:
+                    kv: Optional[dict], kv_len, attention: str = "xla") -> tuple[jax.Array, Optional[dict]]:
   """Attention of the normed input `x` [B, T, d] (before the residual add) -> (out [B, T, d], new kv).
 
   positions: [T] absolute positions; kv: this layer's cache {'k', 'v': [B, S, K, hd]} or None;
-  kv_len: valid cache slots after writing the T new tokens.
+  kv_len: valid cache slots after writing the T new tokens; attention: one of ATTENTION_BACKENDS.
   """
   b, t, _ = x.shape
   if cfg.fused_qkv:
     q, k, v = jnp.split(project("qkv_proj", x), [cfg.q_dim, cfg.q_dim + cfg.kv_dim], axis=-1)
   else:
     q, k, v = (project(n, x) for n in ("q_proj", "k_proj", "v_proj"))
+  if attention not in ATTENTION_BACKENDS:
+    raise ValueError(f"attention {attention!r} is not one of {ATTENTION_BACKENDS}")
+  if attention != "xla" and kv is not None and DA.supported(b, t, cfg.head_dim):
+    q, k, v = (y.reshape(b, -1, cfg.head_dim) for y in (q, k, v))     # [B, heads, hd]: t == 1
+    o, k, v = DA.decode_attention(q, k, v, kv["k"], kv["v"], positions[0],
+                                  L.rope_inv_freq(cfg), rotary_dim=cfg.rotary_dim, window=cfg.sliding_window,
+                                  interpret=attention == "interpret")
+    return project("o_proj", o.reshape(b, t, cfg.q_dim)), {"k": k, "v": v}
   q = L.apply_rope(q.reshape(b, t, cfg.num_attention_heads, cfg.head_dim), positions, cfg)
   k = L.apply_rope(k.reshape(b, t, cfg.num_key_value_heads, cfg.head_dim), positions, cfg)
   v = v.reshape(b, t, cfg.num_key_value_heads, cfg.head_dim)
@@ -151,14 +164,14 @@ def residual_layer(h: jax.Array, layer: int, ctx: Context, attn: Callable, mlp: 
 
 
 def _layer(cfg: ModelConfig, lp: dict, h: jax.Array, layer: int, ctx: Context, positions: jax.Array,
-           kv: Optional[dict], kv_len) -> tuple[jax.Array, Optional[dict]]:
+           kv: Optional[dict], kv_len, attention: str = "xla") -> tuple[jax.Array, Optional[dict]]:
   """One decoder layer over its params dict `lp`: residual [B, T, d] in -> (residual out, updated kv)."""
   def project(block):
     return lambda proj, x: ctx.linear(S.site_name(layer, block, proj), x, lp[block][proj])
 
   def attn(h):
     x = L.rms_norm(h, lp["input_layernorm"]["scale"], cfg.rms_norm_eps)
-    return attention_block(cfg, x, project("self_attn"), positions, kv, kv_len)
+    return attention_block(cfg, x, project("self_attn"), positions, kv, kv_len, attention)
 
   def mlp(h):
     x = L.rms_norm(h, lp["post_attention_layernorm"]["scale"], cfg.rms_norm_eps)
@@ -232,7 +245,7 @@ def run_decoder(cfg: ModelConfig, tokens: jax.Array, embed: Callable, layer: Cal
 
 def forward(params: Params, tokens: jax.Array, cfg: ModelConfig, sparsifier: Any = S.dense, *,
             cache: Optional[dict] = None, dense_prefix: Optional[jax.Array] = None,
-            collect: Sequence[str] = ()) -> Output:
+            collect: Sequence[str] = (), attention: str = "xla") -> Output:
   """Run the decoder on `tokens` [B, T] (int).
 
   sparsifier: a `wina_jax.sites.Sparsifier` called at every site (default: identity).
@@ -242,9 +255,10 @@ def forward(params: Params, tokens: jax.Array, cfg: ModelConfig, sparsifier: Any
   collect: any of 'inputs' ({site: [B, T, d_in]} dense-side inputs of each site), 'zero_frac'
     ({site: scalar} fraction of zeroed inputs over sparse tokens), 'residual' ({'layers.i.self_attn' |
     'layers.i.mlp': [B, T, d]} residual stream entering each block).
+  attention: how cached one-token steps attend, one of ATTENTION_BACKENDS (default 'xla').
   """
   def layer(i, h, ctx, positions, kv, kv_len):
-    return _layer(cfg, params["layers"][str(i)], h, i, ctx, positions, kv, kv_len)
+    return _layer(cfg, params["layers"][str(i)], h, i, ctx, positions, kv, kv_len, attention)
 
   def head(h):
     return L.rms_norm(h, params["norm"]["scale"], cfg.rms_norm_eps) @ lm_head_kernel(params, cfg)

@@ -11,6 +11,7 @@ dense, bytes moved per step (kept rows only, union over the batch) and GB/s agai
 measured in the same run.
 
 GPU:  PYTHONPATH=. python3 -m experiments.decode.bench_decode --out=$OUT/bench_decode.json
+      (--attention=pallas: the Pallas decode-attention kernel instead of XLA's attention)
 CI:   PYTHONPATH=. .venv/bin/python -m experiments.decode.bench_decode --tiny
 """
 from __future__ import annotations
@@ -50,6 +51,8 @@ flags.DEFINE_list("configs", [], "JSONs of tuned kernel configs (experiments.dec
 flags.DEFINE_string("reduce", "", "override the configs' split-K reduce (partials | atomic | semaphore)")
 flags.DEFINE_enum("backend", "auto", ["auto", "pallas", "xla"], "masked_linear backend of the sparse variants "
                   "(auto: Pallas for batch 1 on GPU, else XLA; pallas: up to MAX_ROWS rows; xla: mask-then-matmul)")
+flags.DEFINE_enum("attention", "xla", ["xla", "pallas"], "decode attention: XLA ops or the Pallas kernel "
+                  "(wina_jax.kernels.decode_attention; interpret mode off the GPU)")
 flags.DEFINE_string("out", "", "write results JSON here")
 flags.DEFINE_bool("tiny", False, "CPU smoke test: tiny model, XLA path, 1 rep")
 FLAGS = flags.FLAGS
@@ -96,6 +99,13 @@ def copy_bandwidth() -> dict:
   return out
 
 
+def attention_backend() -> str:
+  """--attention as a `model.ATTENTION_BACKENDS` name: 'pallas' runs in interpret mode off the GPU."""
+  if FLAGS.attention == "pallas" and jax.default_backend() != "gpu":
+    return "interpret"
+  return FLAGS.attention
+
+
 def _median_time(fn, n) -> float:
   jax.block_until_ready(fn())
   ts = []
@@ -108,7 +118,8 @@ def _median_time(fn, n) -> float:
 
 def time_decode(params, cfg, sparsifier, tokens, max_len, reps, host_loop=False) -> float:
   """Median seconds per decode step over `reps` runs of tokens [B, T] from an empty cache: one
-  `decode_loop` call per run, or (host_loop) one `decode_step` dispatch per token."""
+  `decode_loop` call per run, or (host_loop) one `decode_step` dispatch per token; --attention attends."""
+  attention = attention_backend()
   times = []
   for r in range(reps + 1):
     cache = init_cache(cfg, tokens.shape[0], max_len, jnp.bfloat16)
@@ -116,9 +127,9 @@ def time_decode(params, cfg, sparsifier, tokens, max_len, reps, host_loop=False)
     t0 = time.perf_counter()
     if host_loop:
       for j in range(tokens.shape[1]):
-        _, _, cache = decode_step(params, tokens[:, j], cache, sparsifier, cfg=cfg)
+        _, _, cache = decode_step(params, tokens[:, j], cache, sparsifier, cfg=cfg, attention=attention)
     else:
-      _, _, cache = decode_loop(params, tokens, cache, sparsifier, cfg=cfg)
+      _, _, cache = decode_loop(params, tokens, cache, sparsifier, cfg=cfg, attention=attention)
     jax.block_until_ready(cache)
     if r:
       times.append((time.perf_counter() - t0) / tokens.shape[1])
@@ -207,7 +218,8 @@ def main(argv):
   result = {"date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "jax": jax.__version__,
             "device": str(jax.devices()[0].device_kind), "host": platform.node(),
             "flags": {f: getattr(FLAGS, f) for f in ("models", "sparsities", "batches", "methods", "steps",
-                                                     "reps", "max_len", "configs", "reduce", "backend")},
+                                                     "reps", "max_len", "configs", "reduce", "backend",
+                                                     "attention")},
             "copy_gb_per_s": copy_bandwidth(), "rows": []}
   tqdm.write(f"copy bandwidth GB/s: {result['copy_gb_per_s']}")
   for i, name in enumerate(FLAGS.models):

@@ -3,6 +3,7 @@
   python -m experiments.decode.profile_decode --models=llama3_8b,qwen25_7b --variants=dense,teal:0.5,teal:0.65 \
       --configs=benchmarks/results/kernel_sweep_h200_b.json --out=$OUT/profile.json
   python -m experiments.decode.profile_decode --tiny          # CPU smoke test (host XLA ops, no device plane)
+  (--attention=pallas: the Pallas decode-attention kernel instead of XLA's attention, interpret mode on CPU)
 
 Per variant it traces one `decode_loop` run (random bf16 weights, thresholds at the sparsity quantile,
 as `bench_decode`) and reports per step (`wina_jax.bench.trace`): kernels launched, busy time (the
@@ -32,15 +33,17 @@ flags.DEFINE_integer("steps", 32, "decode steps in the traced run")
 flags.DEFINE_integer("max_len", 512, "KV cache slots")
 flags.DEFINE_list("configs", [], "kernel_sweep JSONs of tuned tilings (later files win per shape)")
 flags.DEFINE_integer("top", 12, "kernel names listed per variant")
+flags.DEFINE_enum("attention", "xla", ["xla", "pallas"], "decode attention: XLA ops or the Pallas kernel "
+                  "(interpret mode off the GPU)")
 flags.DEFINE_string("out", "", "write the results JSON here")
 flags.DEFINE_bool("tiny", False, "CPU smoke test: tiny model, XLA path (host XLA ops, no device plane)")
 
 
-def trace_run(params, cfg, sp, tokens, max_len) -> list:
+def trace_run(params, cfg, sp, tokens, max_len, attention="xla") -> list:
   """Kernel events of one traced `decode_loop` run (compiled and warmed up first)."""
   def run():
     cache = init_cache(cfg, tokens.shape[0], max_len, jnp.bfloat16)
-    return decode_loop(params, tokens, cache, sp, cfg=cfg)
+    return decode_loop(params, tokens, cache, sp, cfg=cfg, attention=attention)
   jax.block_until_ready(run())
   return trace_events(run)
 
@@ -60,7 +63,8 @@ def parse_variant(v: str) -> tuple[str, float]:
   return method, sparsity
 
 
-def profile_model(name: str, key, configs, backend: str, variants, steps: int, max_len: int, top: int):
+def profile_model(name: str, key, configs, backend: str, variants, steps: int, max_len: int, top: int,
+                  attention: str = "xla"):
   """Rows (one per variant) of per-step kernel figures for the random-weight model shape `name`."""
   if name not in SHAPES:
     raise ValueError(f"unknown model shape {name!r}; known: {sorted(SHAPES)}")
@@ -75,7 +79,8 @@ def profile_model(name: str, key, configs, backend: str, variants, steps: int, m
       if method not in scores:
         scores[method] = site_scores(params, cfg, tokens, with_scale=method == "wina")
       sp = make_sparsifier(scores[method], s, 1, configs, backend)[0]
-    row = {"model": name, "variant": v, **summarize(trace_run(params, cfg, sp, tokens, max_len), steps, top)}
+    events = trace_run(params, cfg, sp, tokens, max_len, attention)
+    row = {"model": name, "variant": v, **summarize(events, steps, top)}
     rows.append(row)
     print(f"{name} {v:10s} kernels/step {row['kernels_per_step']:7.1f}  busy {row.get('busy_ms', 0):.3f} ms  "
           f"span {row.get('span_ms', 0):.3f} ms  gap {row.get('gap_ms', 0):.3f} ms", flush=True)
@@ -90,16 +95,19 @@ def main(argv):
     FLAGS.models, FLAGS.steps, FLAGS.max_len = ["tiny"], 4, 16
   for v in FLAGS.variants:           # fail before any model is built
     parse_variant(v)
-  backend = "auto" if jax.default_backend() == "gpu" else "xla"
+  gpu = jax.default_backend() == "gpu"
+  backend = "auto" if gpu else "xla"
+  attention = "interpret" if FLAGS.attention == "pallas" and not gpu else FLAGS.attention
   configs = load_configs(FLAGS.configs)
   rows = []
   for i, name in enumerate(FLAGS.models):
     rows += profile_model(name, jax.random.PRNGKey(i), configs, backend, FLAGS.variants, FLAGS.steps,
-                          FLAGS.max_len, FLAGS.top)
+                          FLAGS.max_len, FLAGS.top, attention)
   if FLAGS.out:
     with open(FLAGS.out, "w") as f:
       json.dump({"jax": jax.__version__, "device": str(jax.devices()[0].device_kind), "flags": {
-          "variants": FLAGS.variants, "steps": FLAGS.steps, "configs": FLAGS.configs}, "rows": rows}, f, indent=1)
+          "variants": FLAGS.variants, "steps": FLAGS.steps, "configs": FLAGS.configs,
+          "attention": FLAGS.attention}, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

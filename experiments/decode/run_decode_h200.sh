@@ -9,9 +9,15 @@
 #   bench   experiments.decode.bench_decode, batch 1, teal and wina at 0 / 0.5 / 0.65, with the sweep's tilings
 #           (OUT/kernel_sweep.json if the sweep ran, over the committed kernel_sweep_h200_b.json)
 #   full    experiments.decode.bench_decode, every variant, batch 1-8 (the table of decode_h200.md)
+#   attn_tests    the decode-attention tests (tests/test_decode_attention.py: Triton kernel vs XLA, GPU and
+#                 interpret mode)
+#   attn          bench_decode with the Pallas decode attention (--attention=pallas), batch 1, 2, 4, 8, dense,
+#                 teal and wina -> OUT/bench_decode_attn.json
+#   attn_xla      the same with XLA attention, the same-session baseline -> OUT/bench_decode_attn_xla.json
+#   attn_profile  profile_decode, both attentions, dense / teal 50 / 65 % -> OUT/profile_decode_attn{,_xla}.json
 # CONFIGS (comma-separated kernel_sweep JSONs) replaces the committed tilings; SWEEP_S, BENCH_S and
-# FULL_S override the stages' time limits (seconds), SWEEP_BUDGET the sweep's seconds of candidate
-# tilings per shape.
+# FULL_S (and ATTN_S for each attn stage) override the stages' time limits (seconds), SWEEP_BUDGET the
+# sweep's seconds of candidate tilings per shape.
 set -u
 out=$1; shift
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -28,6 +34,19 @@ for stage in "$@"; do
              --methods=teal,wina --sparsities=0,0.5,0.65 --reps=5 --out="$out/bench_decode.json" ;;
     full) timeout -k 5 "${FULL_S:-420}" python3 -m experiments.decode.bench_decode --configs="$configs" \
             --out="$out/bench_decode_full.json" ;;
-    *) echo "unknown stage $stage: tests | sweep | bench | full" >&2; exit 2 ;;
+    attn_tests) timeout -k 5 "${ATTN_S:-300}" python3 -m pytest -q -p no:cacheprovider tests/test_decode_attention.py ;;
+    attn|attn_xla)
+      att=pallas; [ "$stage" = attn_xla ] && att=xla
+      timeout -k 5 "${ATTN_S:-560}" python3 -m experiments.decode.bench_decode --configs="$configs" --attention=$att \
+        --batches=1,2,4,8 --methods=teal,wina --sparsities=0,0.5,0.65 --batch_sparsities=0.5,0.65 --reps=3 \
+        --out="$out/bench_decode_$stage.json" ;;
+    attn_profile)
+      for att in pallas xla; do
+        timeout -k 5 "${ATTN_S:-280}" python3 -m experiments.decode.profile_decode --models=llama3_8b,qwen25_7b \
+          --variants=dense,teal:0.5,teal:0.65 --configs="$configs" --attention=$att \
+          --out="$out/profile_decode_attn$([ $att = xla ] && echo _xla).json"
+      done ;;
+    *) echo "unknown stage $stage: tests | sweep | bench | full | attn_tests | attn | attn_xla | attn_profile" >&2
+       exit 2 ;;
   esac 2>&1 | tee "$out/$stage.log" | tail -40
 done

@@ -14,7 +14,8 @@ from collections.abc import Callable
 
 import jax
 
-CATEGORIES = (("sparse_gemv", ("sparse_gemv",)), ("matmul", ("gemm", "gemv", "cublas", "cutlass", "xmma", "dot")),
+CATEGORIES = (("sparse_gemv", ("sparse_gemv",)), ("attention", ("decode_attention",)),
+              ("matmul", ("gemm", "gemv", "cublas", "cutlass", "xmma", "dot")),
               ("copy", ("memcpy", "memset", "copy")), ("fusion", ("fusion", "loop_", "input_", "wrapped_")))
 
 

@@ -31,9 +31,10 @@ from jax.experimental.pallas import triton as plgpu
 from wina_jax.kernels.config import KernelConfig
 
 
-def _compiler_params(cfg: KernelConfig):
+def compiler_params(num_warps: int, num_stages: int):
+  """Triton compiler params under either name (jax 0.10: TritonCompilerParams; 0.11: CompilerParams)."""
   cls = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams")
-  return cls(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+  return cls(num_warps=num_warps, num_stages=num_stages)
 
 
 def _iota(n: int) -> jax.Array:
@@ -188,7 +189,7 @@ def sparse_gemv(x: jax.Array, kernel: jax.Array, thresholds: jax.Array, scales: 
                            has_scale=has_scale, interpret=interpret)
   call = pl.pallas_call(body, out_shape=tuple(out_shape), grid=(nn, nk), interpret=interpret,
                         input_output_aliases={4: 0} if cfg.reduce == "atomic" else {},
-                        compiler_params=None if interpret else _compiler_params(cfg),
+                        compiler_params=None if interpret else compiler_params(cfg.num_warps, cfg.num_stages),
                         name=f"sparse_gemv_{cfg.mode}")
   out = call(*args)[0]
   return (jnp.sum(out, axis=0) if cfg.reduce == "partials" else out)[:m]
