@@ -1,5 +1,4 @@
 """Shared fixtures: float32 matmuls at full precision, tiny HF models, the real SmolLM2."""
-import os
 
 import jax
 import numpy as np
@@ -7,20 +6,38 @@ import pytest
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
-TINY = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
-            initializer_range=0.1)
+TINY = dict(
+  vocab_size=97,
+  hidden_size=64,
+  intermediate_size=96,
+  num_hidden_layers=2,
+  num_attention_heads=4,
+  num_key_value_heads=4,
+  max_position_embeddings=128,
+  initializer_range=0.1,
+)
 
 # name -> (config class name, overrides): MHA, GQA + tied, llama3 rope, qwen2 biases, mistral, phi3.
 TINY_CONFIGS = {
-    "llama_mha": ("LlamaConfig", {}),
-    "llama_gqa_tied": ("LlamaConfig", dict(num_key_value_heads=2, tie_word_embeddings=True)),
-    "llama3_rope": ("LlamaConfig", dict(num_key_value_heads=1, rope_parameters=dict(
-        rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-        original_max_position_embeddings=32))),
-    "qwen2_bias": ("Qwen2Config", dict(num_key_value_heads=2)),
-    "mistral": ("MistralConfig", dict(num_key_value_heads=2, sliding_window=8)),
-    "phi3_fused": ("Phi3Config", dict(num_key_value_heads=2, pad_token_id=0, eos_token_id=1)),
+  "llama_mha": ("LlamaConfig", {}),
+  "llama_gqa_tied": ("LlamaConfig", dict(num_key_value_heads=2, tie_word_embeddings=True)),
+  "llama3_rope": (
+    "LlamaConfig",
+    dict(
+      num_key_value_heads=1,
+      rope_parameters=dict(
+        rope_type="llama3",
+        rope_theta=500000.0,
+        factor=8.0,
+        low_freq_factor=1.0,
+        high_freq_factor=4.0,
+        original_max_position_embeddings=32,
+      ),
+    ),
+  ),
+  "qwen2_bias": ("Qwen2Config", dict(num_key_value_heads=2)),
+  "mistral": ("MistralConfig", dict(num_key_value_heads=2, sliding_window=8)),
+  "phi3_fused": ("Phi3Config", dict(num_key_value_heads=2, pad_token_id=0, eos_token_id=1)),
 }
 
 
@@ -28,6 +45,7 @@ def make_hf_model(name: str, seed: int = 0):
   """A random-weight transformers model for one of TINY_CONFIGS (eager attention, eval mode)."""
   import torch
   import transformers
+
   cls, overrides = TINY_CONFIGS[name]
   cfg = getattr(transformers, cls)(**{**TINY, **overrides})
   cfg._attn_implementation = "eager"
@@ -39,6 +57,7 @@ def make_hf_model(name: str, seed: int = 0):
 def smollm2():
   """(params, cfg) of the real SmolLM2-135M-Instruct, loaded from the bundled GGUF."""
   from wina_jax.convert import load_default
+
   return load_default()
 
 
@@ -46,6 +65,7 @@ def smollm2():
 def smollm2_tokenizer():
   from wina_jax import assets
   from wina_jax.tokenizer import load_tokenizer
+
   return load_tokenizer(assets.default_gguf())
 
 

@@ -1,9 +1,10 @@
 """Allocation: uniform, and TEAL's greedy per-layer path (reaches the target, beats uniform on SmolLM2)."""
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import make_hf_model
+
 from wina_jax import sites as S
 from wina_jax import sparsity as sp
 from wina_jax.convert import from_transformers
@@ -16,8 +17,8 @@ def _check_path(p, max_effective, step=0.05):
   assert p.sparsities.shape == (len(p.effective), n) and len(p.error) == len(p.baseline) == len(p.effective)
   assert (p.sparsities[0] == 0).all() and p.effective[0] == 0 and p.error[0] == 0
   inc = np.diff(p.sparsities, axis=0)
-  assert ((inc > 0).sum(axis=1) == 1).all()                      # one site raised per step
-  for r, j in enumerate(inc.argmax(axis=1)):   # by 0.05 / weight, capped at max_site = 0.99
+  assert ((inc > 0).sum(axis=1) == 1).all()  # one site raised per step
+  for r, j in enumerate(inc.argmax(axis=1)):  # by 0.05 / weight, capped at max_site = 0.99
     prev = p.sparsities[r, j]
     assert inc[r, j] == pytest.approx(min(prev + step / p.weights[j], 0.99) - prev)
   np.testing.assert_allclose(p.effective, p.sparsities @ p.weights / p.weights.sum(), atol=1e-12)

@@ -1,10 +1,11 @@
 """Error analysis: metric definitions, consistency with the model's sparse run, and WINA's Lemma 3.1 on
 the transformed SmolLM2 (isolated mode, its first layers)."""
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import make_hf_model
+
 from wina_jax import analysis, sparsity
 from wina_jax import sites as S
 from wina_jax.analysis import column_orthogonality_defect, error_sums, logit_kl
@@ -13,9 +14,11 @@ from wina_jax.model import forward
 from wina_jax.transform import transform
 
 SPARSITIES = (0.25, 0.4, 0.5, 0.65)
-TEXT = ("The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France. It is "
-        "named after the engineer Gustave Eiffel, whose company designed and built the tower from 1887 to "
-        "1889.")
+TEXT = (
+  "The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France. It is "
+  "named after the engineer Gustave Eiffel, whose company designed and built the tower from 1887 to "
+  "1889."
+)
 
 
 def test_error_sums_match_definitions(rng):
@@ -27,20 +30,20 @@ def test_error_sums_match_definitions(rng):
   np.testing.assert_allclose(got["actual"], np.sum(((x - xs) @ k) ** 2), rtol=1e-5)
   np.testing.assert_allclose(got["lemma"], np.sum((x - xs) ** 2 * np.sum(k * k, 1)), rtol=1e-5)
   np.testing.assert_allclose(got["dropped"], np.mean(xs == 0), rtol=1e-6)
-  assert abs(float(got["actual"] - got["lemma"])) > 1e-3 * float(got["actual"])   # cross terms exist
+  assert abs(float(got["actual"] - got["lemma"])) > 1e-3 * float(got["actual"])  # cross terms exist
   q, _ = np.linalg.qr(rng.randn(12, 12))
-  ortho = (q * rng.rand(12)[None, :]).T.astype(np.float32)    # rows orthogonal, unequal norms
+  ortho = (q * rng.rand(12)[None, :]).T.astype(np.float32)  # rows orthogonal, unequal norms
   got = error_sums(x, xs, ortho)
   np.testing.assert_allclose(got["actual"], got["lemma"], rtol=1e-5)
 
 
 def test_orthogonality_defect(rng):
-  for k in (rng.randn(20, 7), rng.randn(7, 20)):    # tall and wide kernels use different Gram matrices
+  for k in (rng.randn(20, 7), rng.randn(7, 20)):  # tall and wide kernels use different Gram matrices
     g = k @ k.T
     want = (np.sum(g * g) - np.sum(np.diag(g) ** 2)) / np.sum(np.diag(g) ** 2)
     np.testing.assert_allclose(column_orthogonality_defect(k), want, rtol=1e-10)
   q, _ = np.linalg.qr(rng.randn(20, 20))
-  assert column_orthogonality_defect(q[:, :7].T * rng.rand(7, 1)) <= 1e-14   # 7 orthogonal rows
+  assert column_orthogonality_defect(q[:, :7].T * rng.rand(7, 1)) <= 1e-14  # 7 orthogonal rows
 
 
 def test_logit_kl(rng):
@@ -52,8 +55,9 @@ def test_logit_kl(rng):
   np.testing.assert_allclose(logit_kl(a, b), np.mean(np.sum(p * np.log(p / q), -1)), rtol=1e-4)
 
 
-@pytest.mark.parametrize("name,method", [("llama_gqa_tied", "teal"), ("phi3_fused", "cats"),
-                                         ("qwen2_bias", "wina")])
+@pytest.mark.parametrize(
+  "name,method", [("llama_gqa_tied", "teal"), ("phi3_fused", "cats"), ("qwen2_bias", "wina")]
+)
 def test_site_inputs_reproduce_the_sparse_run(name, method, rng):
   """Propagated mode rebuilds each site's masked input exactly as the model's sparse forward fed it."""
   params, cfg = from_transformers(make_hf_model(name))
@@ -80,7 +84,7 @@ def test_dense_has_no_error_and_sparse_does(rng):
   iso = analysis.isolated(params, cfg, dense, sp)
   prop, kl = analysis.propagated(params, cfg, tokens, dense, sp)
   assert kl > 0 and all(0 < r["rel_actual"] for r in iso.values())
-  for site in iso:   # dropping half the inputs removes a real, bounded share of the output energy
+  for site in iso:  # dropping half the inputs removes a real, bounded share of the output energy
     assert 0.4 <= iso[site]["dropped"] <= 0.6 and iso[site]["rel_actual"] < 1
     assert prop[site]["rel_drift"] >= 0
   first, last = S.linear_sites(cfg)[0], S.linear_sites(cfg)[-1]
@@ -115,4 +119,4 @@ def test_smollm2_wina_meets_lemma_and_beats_teal(smollm2_head, smollm2_tokenizer
       # d - rank zero rows from the transform, and WINA drops those first (lossless up to sparsity 2/3)
       assert abs(w["rel_actual"] - w["rel_lemma"]) <= 1e-4 * max(w["rel_actual"], 1e-10), (s, site, w)
       assert w["rel_actual"] <= t["rel_actual"] * (1 + 1e-5), (s, site, w, t)
-      assert t["rel_actual"] > w["rel_actual"] * 1.01   # the comparison is not between equal masks
+      assert t["rel_actual"] > w["rel_actual"] * 1.01  # the comparison is not between equal masks

@@ -1,11 +1,12 @@
 """KV-cache decode equals full recompute; the jitted decode step compiles once."""
+
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import make_hf_model
+
 from wina_jax.convert import from_transformers
 from wina_jax.model import forward, init_cache, jit_forward
 
@@ -20,7 +21,7 @@ def test_prefill_then_decode_equals_recompute(name, rng):
   steps = [out.logits]
   cache = out.cache
   for t in range(9, 14):
-    out = forward(params, tokens[:, t:t + 1], cfg, cache=cache)
+    out = forward(params, tokens[:, t : t + 1], cfg, cache=cache)
     steps.append(out.logits)
     cache = out.cache
   np.testing.assert_allclose(np.concatenate(steps, axis=1), full, atol=1e-5, rtol=1e-5)
@@ -46,5 +47,6 @@ def test_jitted_decode_step_does_not_retrace(rng):
 def test_jit_forward_matches_forward(rng):
   params, cfg = from_transformers(make_hf_model("qwen2_bias"))
   tokens = jnp.asarray(rng.randint(0, cfg.vocab_size, (1, 7)))
-  np.testing.assert_allclose(jit_forward(params, tokens, cfg).logits, forward(params, tokens, cfg).logits,
-                             atol=1e-6)
+  np.testing.assert_allclose(
+    jit_forward(params, tokens, cfg).logits, forward(params, tokens, cfg).logits, atol=1e-6
+  )

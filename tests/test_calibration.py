@@ -1,11 +1,12 @@
 """Calibration: quantile thresholds, threshold mode, no retrace, versioned save/load, bad input."""
+
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import make_hf_model
+
 from wina_jax import sites as S
 from wina_jax import sparsity as sp
 from wina_jax.convert import from_transformers
@@ -39,8 +40,9 @@ def test_threshold_sparsity_zero_is_identity(tiny, name):
   tokens = jnp.asarray(windows[:2])
   spars = sp.make(name, params, cfg, 0.0, mode="threshold", calibration=calibs[name])
   assert spars.thresholds and all(float(t) == -np.inf for t in spars.thresholds.values())
-  np.testing.assert_array_equal(np.asarray(forward(params, tokens, cfg, spars).logits),
-                                np.asarray(forward(params, tokens, cfg).logits))
+  np.testing.assert_array_equal(
+    np.asarray(forward(params, tokens, cfg, spars).logits), np.asarray(forward(params, tokens, cfg).logits)
+  )
 
 
 def test_new_thresholds_do_not_retrace(tiny):
@@ -52,12 +54,16 @@ def test_new_thresholds_do_not_retrace(tiny):
   def run(params, tokens, spars):
     return forward(params, tokens, cfg, spars).logits
 
-  outs = [run(params, tokens, sp.make("wina", params, cfg, s, mode="threshold", calibration=calibs["wina"]))
-          for s in (0.0, 0.3, 0.6)]
-  assert np.abs(np.asarray(outs[0] - outs[2])).max() > 1e-3   # the thresholds did take effect
+  outs = [
+    run(params, tokens, sp.make("wina", params, cfg, s, mode="threshold", calibration=calibs["wina"]))
+    for s in (0.0, 0.3, 0.6)
+  ]
+  assert np.abs(np.asarray(outs[0] - outs[2])).max() > 1e-3  # the thresholds did take effect
   before = _jitted._cache_size()
   for s in (0.2, 0.4, 0.7):
-    jit_forward(params, tokens, cfg, sp.make("teal", params, cfg, s, mode="threshold", calibration=calibs["teal"]))
+    jit_forward(
+      params, tokens, cfg, sp.make("teal", params, cfg, s, mode="threshold", calibration=calibs["teal"])
+    )
   assert _jitted._cache_size() - before <= 1
 
 
@@ -73,7 +79,7 @@ def test_save_load_roundtrip_and_model_check(tiny, tmp_path):
   with pytest.raises(ValueError, match="another model"):
     sp.load(path, other, ocfg)
   bumped = jax.tree_util.tree_map(lambda a: a, params)
-  bumped["norm"]["scale"] = bumped["norm"]["scale"] * 1.001   # same shapes, different weights
+  bumped["norm"]["scale"] = bumped["norm"]["scale"] * 1.001  # same shapes, different weights
   with pytest.raises(ValueError, match="another model"):
     sp.load(path, bumped, cfg)
   with np.load(path) as f:
@@ -116,6 +122,7 @@ def test_fused_phi3_threshold_mode():
 
 def test_layerwise_zero_frac_matches_forward(tiny):
   from wina_jax.sparsity import layerwise
+
   params, cfg, windows, calibs = tiny
   spars = sp.make("wina", params, cfg, 0.4, mode="threshold", calibration=calibs["wina"])
   ref = forward(params, jnp.asarray(windows[:2]), cfg, spars, collect=("zero_frac",)).aux["zero_frac"]
@@ -133,6 +140,7 @@ def test_threshold_variants_hit_targets_on_heldout_smollm2(smollm2, smollm2_toke
   from wina_jax.data.text import load_texts
   from wina_jax.eval import variants
   from wina_jax.sparsity import layerwise
+
   params, cfg = smollm2
   # 16 x 128 calibration tokens: with 4 x 128 the text shift alone moves TEAL to 51.3 % (16: 50.7 %)
   cal = sp.windows_from_text(smollm2_tokenizer, load_texts("boolq:calibration"), 128, 16)
@@ -143,5 +151,11 @@ def test_threshold_variants_hit_targets_on_heldout_smollm2(smollm2, smollm2_toke
     got = sp.parameter_weighted_sparsity(layerwise.zero_frac(params, cfg, v.sparsifier, held), cfg)
     want = sp.target_sparsity(sp.site_sparsities(v.sparsifier.method, cfg, target), cfg)
     assert got == pytest.approx(want, abs=0.01), name
-  assert want == pytest.approx(target * 2 * cfg.hidden_size * cfg.intermediate_size * cfg.num_hidden_layers
-                               / sum(S.site_param_counts(cfg).values()))
+  assert want == pytest.approx(
+    target
+    * 2
+    * cfg.hidden_size
+    * cfg.intermediate_size
+    * cfg.num_hidden_layers
+    / sum(S.site_param_counts(cfg).values())
+  )

@@ -1,5 +1,6 @@
 """`experiments.decode.check_decode`: the Pallas decode path (interpret mode on CPU) against the XLA path,
 and the model's own response to a one-ulp input change."""
+
 import jax
 
 from experiments.decode.check_decode import ulp_sensitivity
@@ -20,8 +21,8 @@ def test_ulp_sensitivity_grows_with_sparsity():
   params, cfg, tokens, scores = setup()
   dense = ulp_sensitivity(params, cfg, B.make_sparsifier(scores, 0.0, 1, {}, "xla")[0], tokens, 16)
   sparse = ulp_sensitivity(params, cfg, B.make_sparsifier(scores, 0.5, 1, {}, "xla")[0], tokens, 16)
-  assert 0 < dense["rel_err"] < 0.05            # about one ulp of input moves the logits a little
-  assert sparse["rel_err"] > dense["rel_err"]   # and flipped mask bits move them more
+  assert 0 < dense["rel_err"] < 0.05  # about one ulp of input moves the logits a little
+  assert sparse["rel_err"] > dense["rel_err"]  # and flipped mask bits move them more
 
 
 def test_pallas_step_matches_xla_within_the_models_own_sensitivity():

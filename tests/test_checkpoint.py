@@ -3,12 +3,13 @@
 
   .venv/bin/python -m pytest -q -p no:xdist tests/test_checkpoint.py
 """
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import make_hf_model
+
 from wina_jax import checkpoint
 from wina_jax import nn as wnn
 from wina_jax.convert import from_transformers
@@ -23,12 +24,12 @@ def _assert_trees_equal(a, b):
 
 
 def test_round_trip_is_exact(tmp_path):
-  params, cfg = from_transformers(make_hf_model("llama3_rope"))   # rope_scaling exercises the config json
+  params, cfg = from_transformers(make_hf_model("llama3_rope"))  # rope_scaling exercises the config json
   path = checkpoint.save_params(str(tmp_path / "ckpt"), params, cfg)
   restored, rcfg = checkpoint.restore_params(path)
   assert rcfg == cfg
   _assert_trees_equal(restored, params)
-  assert fingerprint(restored, rcfg) == fingerprint(params, cfg)   # npz calibration files still load
+  assert fingerprint(restored, rcfg) == fingerprint(params, cfg)  # npz calibration files still load
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   target = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), params)
   onto, _ = checkpoint.restore_params(path, target=target)
@@ -38,8 +39,9 @@ def test_round_trip_is_exact(tmp_path):
 
 def test_module_init_params_round_trip(tmp_path):
   cfg = from_transformers(make_hf_model("phi3_fused"))[1]
-  params = wnn.CausalLM(cfg, param_dtype=jnp.bfloat16).init(jax.random.PRNGKey(1),
-                                                            jnp.zeros((1, 1), jnp.int32))["params"]
+  params = wnn.CausalLM(cfg, param_dtype=jnp.bfloat16).init(
+    jax.random.PRNGKey(1), jnp.zeros((1, 1), jnp.int32)
+  )["params"]
   restored, rcfg = checkpoint.restore_params(checkpoint.save_params(str(tmp_path / "c"), params, cfg))
   assert rcfg == cfg
   _assert_trees_equal(restored, params)

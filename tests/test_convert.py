@@ -1,12 +1,13 @@
 """Checkpoint folders, GGUF q/k un-permutation, and the strict config whitelist."""
+
 import json
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-
 from conftest import TINY, make_hf_model
+
 from wina_jax.convert import from_hf_checkpoint, from_hf_config, from_transformers
 from wina_jax.convert.load import check_shapes, load, unpermute_qk
 from wina_jax.model import forward
@@ -57,8 +58,15 @@ def test_quantization_other_than_gguf_raises_naming_it():
   with pytest.raises(ValueError, match="quantization_config \\(quant_method 'bitsandbytes'\\)"):
     from_hf_config({"model_type": "llama", **TINY, "quantization_config": bnb})
   gguf = {"quant_method": "gguf", "gguf_file": "m.gguf", "dequantize": False}
-  cfg = from_hf_config({"model_type": "llama", **TINY, "quantization_config": gguf, "unk_token_id": 0,
-                        "_model_name_or_path": "SmolLM2"})
+  cfg = from_hf_config(
+    {
+      "model_type": "llama",
+      **TINY,
+      "quantization_config": gguf,
+      "unk_token_id": 0,
+      "_model_name_or_path": "SmolLM2",
+    }
+  )
   assert cfg == from_hf_config({"model_type": "llama", **TINY})
 
 
@@ -70,11 +78,15 @@ def test_default_valued_fields_are_accepted():
 def test_mismatched_param_shapes_raise():
   params, cfg = from_transformers(make_hf_model("llama_mha"))
   from flax import traverse_util
+
   flat = traverse_util.flatten_dict(params, sep="/")
-  check_shapes(flat, cfg)   # the real params pass
+  check_shapes(flat, cfg)  # the real params pass
   flat["layers/1/mlp/up_proj/kernel"] = np.zeros((cfg.intermediate_size, cfg.hidden_size))
-  with pytest.raises(ValueError, match=r"layers/1/mlp/up_proj/kernel: shape \(96, 64\) but the config "
-                     r"implies \(64, 96\)"):
+  with pytest.raises(
+    ValueError,
+    match=r"layers/1/mlp/up_proj/kernel: shape \(96, 64\) but the config "
+    r"implies \(64, 96\)",
+  ):
     check_shapes(flat, cfg)
 
 
@@ -83,6 +95,7 @@ def test_missing_model_file_says_how_to_fetch(tmp_path):
   with pytest.raises(FileNotFoundError, match=known):
     load(str(tmp_path / "absent.gguf"))
   from wina_jax import assets
+
   with pytest.raises(FileNotFoundError, match="make setup"):
     assets.package_dir("surely_not_installed_pkg", "x==1")
 

@@ -1,4 +1,5 @@
 """Decode step vs full recompute, the fused sparsifier inside the model, fused vs unfused projections."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -40,13 +41,13 @@ def run_decode(params, tokens, cfg, sp):
   for j in range(T - 1):
     _, logits, cache = decode_step(params, tokens[:, P + j], cache, sp, cfg=cfg)
     out.append(logits)
-  return jnp.stack(out, axis=1)                       # logits predicting positions P .. P+T-1
+  return jnp.stack(out, axis=1)  # logits predicting positions P .. P+T-1
 
 
 def test_dense_decode_equals_full_recompute(model):
   params, tokens = model
   got = run_decode(params, tokens, CFG, None)
-  ref = forward(params, tokens, CFG).logits[:, P - 1:P + T - 1]
+  ref = forward(params, tokens, CFG).logits[:, P - 1 : P + T - 1]
   np.testing.assert_allclose(got, ref, rtol=2e-4, atol=2e-4)
 
 
@@ -55,22 +56,22 @@ def test_sparse_decode_equals_masked_recompute_without_retrace(model):
   thr, scales = thresholds_and_scales(params, CFG)
   sp = FusedThresholdSparsifier.create(thr, scales, backend="xla")
   got = run_decode(params, tokens, CFG, sp)
-  ref = forward(params, tokens, CFG, sp, dense_prefix=P, collect=("zero_frac",))   # mask-then-matmul path
-  np.testing.assert_allclose(got, ref.logits[:, P - 1:P + T - 1], rtol=2e-4, atol=2e-4)
+  ref = forward(params, tokens, CFG, sp, dense_prefix=P, collect=("zero_frac",))  # mask-then-matmul path
+  np.testing.assert_allclose(got, ref.logits[:, P - 1 : P + T - 1], rtol=2e-4, atol=2e-4)
   zero = np.mean([float(v) for v in ref.aux["zero_frac"].values()])
   assert 0.2 < zero < 0.8
   dense = run_decode(params, tokens, CFG, None)
-  assert np.max(np.abs(np.asarray(got - dense))) > 1e-3        # sparsity changed the outputs
+  assert np.max(np.abs(np.asarray(got - dense))) > 1e-3  # sparsity changed the outputs
   size = decode_step._cache_size()
   run_decode(params, tokens, CFG, sp.with_thresholds({s: t * 1.1 for s, t in thr.items()}))
-  assert decode_step._cache_size() == size                      # new thresholds reuse the compiled step
+  assert decode_step._cache_size() == size  # new thresholds reuse the compiled step
 
 
 def test_fused_projections_and_state_match_unfused(model):
   params, tokens = model
   thr, scales = thresholds_and_scales(params, CFG)
-  thr.pop("layers.1.self_attn.v_proj")                           # one part left dense
-  scales = {s: v for s, v in scales.items() if "k_proj" in s or "down" in s}   # WINA's 'official' c
+  thr.pop("layers.1.self_attn.v_proj")  # one part left dense
+  scales = {s: v for s, v in scales.items() if "k_proj" in s or "down" in s}  # WINA's 'official' c
   ref = forward(params, tokens, CFG, FusedThresholdSparsifier.create(thr, scales, backend="xla")).logits
   fparams, fcfg = fuse_projections(params, CFG)
   ft, fs, segs = fuse_state(thr, scales, CFG)
@@ -86,7 +87,7 @@ def test_interpret_kernel_inside_model(model):
   params, tokens = model
   params = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
   thr, scales = thresholds_and_scales(params, CFG)
-  thr = {s: t for s, t in thr.items() if s.startswith("layers.0.")}     # 4 kernels keep interpret mode quick
+  thr = {s: t for s, t in thr.items() if s.startswith("layers.0.")}  # 4 kernels keep interpret mode quick
   ref_sp = FusedThresholdSparsifier.create(thr, scales, backend="xla")
   sp = FusedThresholdSparsifier.create(thr, scales, backend="interpret")
   tok = tokens[:1, :1]

@@ -1,4 +1,5 @@
 """The Pallas decode-attention kernel (interpret mode) against the model's XLA attention path."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,28 +9,37 @@ from wina_jax.bench.shapes import SHAPES
 from wina_jax.config import RopeScaling
 from wina_jax.decode import decode_loop, prefill
 from wina_jax.kernels import decode_attention as DA
-from wina_jax.model import attention_block, init_cache
+from wina_jax.model import attention_block
 from wina_jax.testing import random_params
 
-TINY = SHAPES["tiny"]                                # qwen2: q/k/v biases, GQA 4 q heads over 2 KV heads
-SLOTS = 72                                           # cache slots: lengths below cross the 64-slot block
+TINY = SHAPES["tiny"]  # qwen2: q/k/v biases, GQA 4 q heads over 2 KV heads
+SLOTS = 72  # cache slots: lengths below cross the 64-slot block
 LENGTHS = (0, 1, 63, 64, 65, SLOTS - 1)
-LLAMA3 = RopeScaling("llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                     original_max_position_embeddings=16)
+LLAMA3 = RopeScaling(
+  "llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=16
+)
 
 
 def block_inputs(cfg, batch, dtype, seed=0, slots=SLOTS):
   """A normed input [B, 1, d], random q/k/v/o projections {name: (kernel, bias)} and a random full cache."""
   ks = jax.random.split(jax.random.PRNGKey(seed), 8)
   d = cfg.hidden_size
-  lin = {"q_proj": (d, cfg.q_dim), "k_proj": (d, cfg.kv_dim), "v_proj": (d, cfg.kv_dim),
-         "o_proj": (cfg.q_dim, d)}
-  weights = {n: (jax.random.normal(k1, s, dtype) * s[0] ** -0.5, jax.random.normal(k2, (s[1],), dtype))
-             for (n, s), k1, k2 in zip(lin.items(), ks[:4], ks[4:])}
+  lin = {
+    "q_proj": (d, cfg.q_dim),
+    "k_proj": (d, cfg.kv_dim),
+    "v_proj": (d, cfg.kv_dim),
+    "o_proj": (cfg.q_dim, d),
+  }
+  weights = {
+    n: (jax.random.normal(k1, s, dtype) * s[0] ** -0.5, jax.random.normal(k2, (s[1],), dtype))
+    for (n, s), k1, k2 in zip(lin.items(), ks[:4], ks[4:])
+  }
   x = jax.random.normal(jax.random.PRNGKey(seed + 1), (batch, 1, d), dtype)
   shape = (batch, slots, cfg.num_key_value_heads, cfg.head_dim)
-  kv = {"k": jax.random.normal(jax.random.PRNGKey(seed + 2), shape, dtype),
-        "v": jax.random.normal(jax.random.PRNGKey(seed + 3), shape, dtype)}
+  kv = {
+    "k": jax.random.normal(jax.random.PRNGKey(seed + 2), shape, dtype),
+    "v": jax.random.normal(jax.random.PRNGKey(seed + 3), shape, dtype),
+  }
   return x, weights, kv
 
 
@@ -41,9 +51,13 @@ def projection(weights):
 def compare(cfg, batch, dtype, attention, lengths, slots):
   """`attention_block` one decode step at each cache length: `attention` vs 'xla', output and cache."""
   x, weights, kv = block_inputs(cfg, batch, dtype, slots=slots)
-  run = jax.jit(lambda w, kv, length, attention: attention_block(cfg, x, projection(w), length[None], kv,
-                                                                 length + 1, attention), static_argnums=3)
-  tol = 1e-5 if dtype == jnp.float32 else 1e-2         # bf16: the XLA path rounds scores and probs (~3e-3)
+  run = jax.jit(
+    lambda w, kv, length, attention: attention_block(
+      cfg, x, projection(w), length[None], kv, length + 1, attention
+    ),
+    static_argnums=3,
+  )
+  tol = 1e-5 if dtype == jnp.float32 else 1e-2  # bf16: the XLA path rounds scores and probs (~3e-3)
   for length in lengths:
     n = jnp.int32(length)
     ref, ref_kv = run(weights, kv, n, "xla")
@@ -51,19 +65,24 @@ def compare(cfg, batch, dtype, attention, lengths, slots):
     assert got.dtype == ref.dtype and got_kv["k"].dtype == dtype
     a, b = np.asarray(got, np.float64), np.asarray(ref, np.float64)
     assert np.linalg.norm(a - b) / np.linalg.norm(b) < tol, length
-    for name in ("k", "v"):     # the written slot to rounding, every other slot untouched
-      np.testing.assert_allclose(np.asarray(got_kv[name], np.float32), np.asarray(ref_kv[name], np.float32),
-                                 rtol=tol, atol=tol)
-      np.testing.assert_array_equal(np.delete(np.asarray(got_kv[name]), length, axis=1),
-                                    np.delete(np.asarray(kv[name]), length, axis=1))
+    for name in ("k", "v"):  # the written slot to rounding, every other slot untouched
+      np.testing.assert_allclose(
+        np.asarray(got_kv[name], np.float32), np.asarray(ref_kv[name], np.float32), rtol=tol, atol=tol
+      )
+      np.testing.assert_array_equal(
+        np.delete(np.asarray(got_kv[name]), length, axis=1), np.delete(np.asarray(kv[name]), length, axis=1)
+      )
 
 
-@pytest.mark.parametrize("batch,kv_heads,dtype,extra", [
-    (1, 2, jnp.float32, {}),                                             # GQA
-    (2, 4, jnp.float32, {"rope_scaling": LLAMA3, "partial_rotary_factor": 0.5}),   # MHA, scaled partial RoPE
-    (8, 1, jnp.float32, {"sliding_window": 20}),                         # multi-query, sliding window
+@pytest.mark.parametrize(
+  "batch,kv_heads,dtype,extra",
+  [
+    (1, 2, jnp.float32, {}),  # GQA
+    (2, 4, jnp.float32, {"rope_scaling": LLAMA3, "partial_rotary_factor": 0.5}),  # MHA, scaled partial RoPE
+    (8, 1, jnp.float32, {"sliding_window": 20}),  # multi-query, sliding window
     (2, 2, jnp.bfloat16, {}),
-])
+  ],
+)
 def test_kernel_equals_xla_attention_block(batch, kv_heads, dtype, extra):
   """Output and written cache of `attention_block` with the kernel equal the XLA path at every cache length,
   including 0 and both sides of the 64-slot block boundary."""
@@ -99,8 +118,17 @@ def test_unsupported_shapes_are_refused_or_fall_back():
   x, weights, kv = block_inputs(cfg, DA.MAX_BATCH + 1, jnp.float32)
   project = projection(weights)
   with pytest.raises(ValueError, match="use the XLA attention"):
-    DA.decode_attention(jnp.zeros((9, 4, 32)), jnp.zeros((9, 2, 32)), jnp.zeros((9, 2, 32)), kv["k"], kv["v"],
-                        jnp.int32(3), jnp.ones((16,)), rotary_dim=32, interpret=True)
+    DA.decode_attention(
+      jnp.zeros((9, 4, 32)),
+      jnp.zeros((9, 2, 32)),
+      jnp.zeros((9, 2, 32)),
+      kv["k"],
+      kv["v"],
+      jnp.int32(3),
+      jnp.ones((16,)),
+      rotary_dim=32,
+      interpret=True,
+    )
   got = attention_block(cfg, x, project, jnp.int32(3)[None], kv, 4, "interpret")[0]
   ref = attention_block(cfg, x, project, jnp.int32(3)[None], kv, 4, "xla")[0]
   np.testing.assert_array_equal(got, ref)

@@ -1,4 +1,5 @@
 """The decode-speed fit (`wina_jax.bench.ceiling`) on committed H200 results and on a synthetic case."""
+
 import json
 
 import numpy as np
@@ -10,15 +11,39 @@ from wina_jax.bench.ceiling import analyse
 def rows_for(intercept, ms_per_gb, linear_gb=10.0, rest=None, dense=5.0):
   """bench_decode rows of one model whose sparse step time is exactly intercept + ms_per_gb * kept GB."""
   other = 1e9
-  rows = [{"model": "m", "variant": "dense", "batch": 1, "sparsity": 0.0, "ms_per_step": dense,
-           "bytes_per_step": linear_gb * 1e9 + other}]
+  rows = [
+    {
+      "model": "m",
+      "variant": "dense",
+      "batch": 1,
+      "sparsity": 0.0,
+      "ms_per_step": dense,
+      "bytes_per_step": linear_gb * 1e9 + other,
+    }
+  ]
   for s in (0.0, 0.5, 0.65):
-    rows.append({"model": "m", "variant": "teal", "batch": 1, "sparsity": s, "kept_weight_fraction": 1 - s,
-                 "ms_per_step": intercept + ms_per_gb * (1 - s) * linear_gb,
-                 "bytes_per_step": (1 - s) * linear_gb * 1e9 + other})
+    rows.append(
+      {
+        "model": "m",
+        "variant": "teal",
+        "batch": 1,
+        "sparsity": s,
+        "kept_weight_fraction": 1 - s,
+        "ms_per_step": intercept + ms_per_gb * (1 - s) * linear_gb,
+        "bytes_per_step": (1 - s) * linear_gb * 1e9 + other,
+      }
+    )
   if rest is not None:
-    rows.append({"model": "m", "variant": "no_linear", "batch": 1, "sparsity": 0.0, "ms_per_step": rest,
-                 "bytes_per_step": other})
+    rows.append(
+      {
+        "model": "m",
+        "variant": "no_linear",
+        "batch": 1,
+        "sparsity": 0.0,
+        "ms_per_step": rest,
+        "bytes_per_step": other,
+      }
+    )
   return rows
 
 
@@ -28,16 +53,17 @@ def test_fit_recovers_intercept_rate_and_ceiling():
   assert r["fixed_ms"] == pytest.approx(0.5) and r["fit_max_err_ms"] < 1e-9
   t = r["targets"]["0.5"]
   assert t["measured_x"] == pytest.approx(5.0 / 2.75)
-  assert t["ceiling_x"] == pytest.approx(5.0 / 2.25)                 # rest + kept bytes at the marginal rate
+  assert t["ceiling_x"] == pytest.approx(5.0 / 2.25)  # rest + kept bytes at the marginal rate
   assert t["intercept_needed_ms"] == pytest.approx(5.0 / 1.8 - 1.25)
   (r,) = analyse(rows_for(1.5, 0.25, rest=1.0), "teal", {0.5: 1.8}, copy_gb_per_s=4000.0)
   assert r["targets"]["0.5"]["copy_bound_x"] == pytest.approx(5.0 / (1.0 + 5.0 / 4000 * 1e3))
-  (r,) = analyse(rows_for(1.5, 0.25), "teal", {0.5: 1.8})            # no no_linear row: no ceiling
+  (r,) = analyse(rows_for(1.5, 0.25), "teal", {0.5: 1.8})  # no no_linear row: no ceiling
   assert r["rest_ms"] is None and "ceiling_x" not in r["targets"]["0.5"]
 
 
 def test_plot_writes_a_figure(tmp_path):
   from wina_jax.bench.ceiling import plot
+
   fits = analyse(rows_for(1.5, 0.25, rest=1.0), "teal", {0.5: 1.8}, copy_gb_per_s=4000.0)
   plot(fits, {0.5: 1.8}, str(tmp_path / "c.png"))
   assert (tmp_path / "c.png").stat().st_size > 1000
@@ -57,11 +83,31 @@ def test_bench_decode_tiny_rows_feed_the_fit(tmp_path):
   """The CPU smoke run of the benchmark writes every row kind, and the fit reads its rows."""
   import subprocess
   import sys
+
   out = tmp_path / "bench.json"
-  subprocess.run([sys.executable, "-m", "experiments.decode.bench_decode", "--tiny", "--batches=1",
-                  "--methods=teal", f"--out={out}"], check=True, capture_output=True, timeout=600)
+  subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "experiments.decode.bench_decode",
+      "--tiny",
+      "--batches=1",
+      "--methods=teal",
+      f"--out={out}",
+    ],
+    check=True,
+    capture_output=True,
+    timeout=600,
+  )
   rows = json.loads(out.read_text())["rows"]
-  assert {r["variant"] for r in rows} == {"dense_unfused", "dense", "no_linear", "no_linear_host", "dense_host", "teal"}
+  assert {r["variant"] for r in rows} == {
+    "dense_unfused",
+    "dense",
+    "no_linear",
+    "no_linear_host",
+    "dense_host",
+    "teal",
+  }
   assert all(r["ms_per_step"] > 0 for r in rows)
   (fit,) = analyse(rows, "teal", {0.5: 1.8})
   assert fit["rest_ms"] is not None and "ceiling_x" in fit["targets"]["0.5"]

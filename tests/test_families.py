@@ -1,8 +1,9 @@
 """Model families: the registry covers every family, and each family's `proj_shapes` matches transformers."""
+
 import numpy as np
 import pytest
-
 from conftest import TINY_CONFIGS, make_hf_model
+
 from wina_jax import families, sharding
 from wina_jax import sites as S
 from wina_jax.convert.hf_config import from_hf_config
@@ -28,10 +29,28 @@ def test_registry_covers_every_family_and_each_has_a_parity_config():
     families.for_gguf_arch("falcon")
   # the name tables derived from the families (WINA's official c sites, calibration's input groups)
   assert families.key_projections() == {"k_proj", "gate_proj", "qkv_proj", "gate_up_proj"}
-  projs = ("q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj", "gate_proj", "up_proj", "gate_up_proj", "down_proj")
+  projs = (
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "qkv_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "gate_up_proj",
+    "down_proj",
+  )
   assert {p: families.input_group(p) for p in projs} == {
-      "q_proj": "q_proj", "k_proj": "q_proj", "v_proj": "q_proj", "qkv_proj": "q_proj", "o_proj": "o_proj",
-      "gate_proj": "gate_proj", "up_proj": "gate_proj", "gate_up_proj": "gate_proj", "down_proj": "down_proj"}
+    "q_proj": "q_proj",
+    "k_proj": "q_proj",
+    "v_proj": "q_proj",
+    "qkv_proj": "q_proj",
+    "o_proj": "o_proj",
+    "gate_proj": "gate_proj",
+    "up_proj": "gate_proj",
+    "gate_up_proj": "gate_proj",
+    "down_proj": "down_proj",
+  }
 
 
 @pytest.mark.parametrize("name", sorted(TINY_CONFIGS))
@@ -42,14 +61,15 @@ def test_proj_shapes_match_transformers_and_converted_params(name):
   for block, projs in shapes.items():
     mod = getattr(hf.model.layers[0], block)
     hf_projs = {n: tuple(reversed(m.weight.shape)) for n, m in mod.named_children() if n.endswith("_proj")}
-    assert hf_projs == projs                                      # names and [in, out], fused ones included
+    assert hf_projs == projs  # names and [in, out], fused ones included
     for layer in range(cfg.num_hidden_layers):
       for proj, s in projs.items():
         assert params["layers"][str(layer)][block][proj]["kernel"].shape == s
     assert S.block_sites(cfg, block) == tuple(projs)
   flat = expected_shapes(cfg)
-  layer_kernels = sum(int(np.prod(s)) for k, s in flat.items()
-                      if k.startswith("layers/") and k.endswith("/kernel"))
+  layer_kernels = sum(
+    int(np.prod(s)) for k, s in flat.items() if k.startswith("layers/") and k.endswith("/kernel")
+  )
   assert layer_kernels == sum(S.site_param_counts(cfg).values())
   # every parameter has a partition rule of its family
   mesh = sharding.make_mesh("model:1")
@@ -66,23 +86,44 @@ def test_fused_layout_locates_the_unfused_parts(name):
   for block, projs in family.layout(cfg).items():
     for proj in projs:
       stored, cols = family.locate(fcfg, block, proj)
-      np.testing.assert_array_equal(fparams["layers"]["0"][block][stored]["kernel"][:, cols],
-                                    params["layers"]["0"][block][proj]["kernel"])
-    np.testing.assert_array_equal(key_kernel(fparams["layers"]["1"], fcfg, block),
-                                  key_kernel(params["layers"]["1"], cfg, block))
-  assert [(d_in, sum(w)) for d_in, w in fused_site_shapes(cfg)] == \
-      [s for projs in families.proj_shapes(fcfg).values() for s in projs.values()]
+      np.testing.assert_array_equal(
+        fparams["layers"]["0"][block][stored]["kernel"][:, cols], params["layers"]["0"][block][proj]["kernel"]
+      )
+    np.testing.assert_array_equal(
+      key_kernel(fparams["layers"]["1"], fcfg, block), key_kernel(params["layers"]["1"], cfg, block)
+    )
+  assert [(d_in, sum(w)) for d_in, w in fused_site_shapes(cfg)] == [
+    s for projs in families.proj_shapes(fcfg).values() for s in projs.values()
+  ]
 
 
 def test_family_config_fields_are_family_specific():
   """A field one family maps is refused for a family that lacks it (the per-family whitelist)."""
-  base = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=4, max_position_embeddings=128)
+  base = dict(
+    vocab_size=97,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    max_position_embeddings=128,
+  )
   assert from_hf_config({"model_type": "qwen2", **base}).attention_bias
   assert from_hf_config({"model_type": "mistral", **base, "sliding_window": 8}).sliding_window == 8
   with pytest.raises(ValueError, match=r"\['sliding_window'\].*wina_jax/families/llama\.py"):
     from_hf_config({"model_type": "llama", **base, "sliding_window": 8})
   with pytest.raises(ValueError, match="rope_type 'llama3' is not supported for model_type 'qwen2'"):
-    from_hf_config({"model_type": "qwen2", **base, "rope_parameters": dict(
-        rope_type="llama3", rope_theta=5e5, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-        original_max_position_embeddings=32)})
+    from_hf_config(
+      {
+        "model_type": "qwen2",
+        **base,
+        "rope_parameters": dict(
+          rope_type="llama3",
+          rope_theta=5e5,
+          factor=8.0,
+          low_freq_factor=1.0,
+          high_freq_factor=4.0,
+          original_max_position_embeddings=32,
+        ),
+      }
+    )

@@ -1,15 +1,20 @@
 """Analytic FLOPs: the paper's four configs, linearity in sparsity, and the transform's shortcut cost."""
+
 import numpy as np
 import pytest
-
 from conftest import make_hf_model
+
 from wina_jax import sites as S
 from wina_jax.convert.load import expected_shapes, from_transformers
 from wina_jax.eval import flops
 
 # Published parameter counts of the four models (their HF model cards / safetensors indexes).
-PUBLISHED = {"Qwen-2.5-7B": 7_615_616_512, "Llama-2-7B": 6_738_415_616, "Llama-3-8B": 8_030_261_248,
-             "Phi-4-14B": 14_659_507_200}
+PUBLISHED = {
+  "Qwen-2.5-7B": 7_615_616_512,
+  "Llama-2-7B": 6_738_415_616,
+  "Llama-3-8B": 8_030_261_248,
+  "Phi-4-14B": 14_659_507_200,
+}
 
 
 @pytest.mark.parametrize("name", sorted(flops.PAPER_CONFIGS))
@@ -35,7 +40,7 @@ def test_per_site_sparsity_and_attention_context():
   cfg = flops.paper_config("Llama-3-8B")
   only_down = {S.site_name(l, "mlp", "down_proj"): 0.5 for l in range(cfg.num_hidden_layers)}
   saved = flops.flops_per_token(cfg) - flops.flops_per_token(cfg, only_down)
-  assert saved == cfg.num_hidden_layers * cfg.intermediate_size * cfg.hidden_size   # 2 * 0.5 * I * d per layer
+  assert saved == cfg.num_hidden_layers * cfg.intermediate_size * cfg.hidden_size  # 2 * 0.5 * I * d per layer
   ctx = flops.flops_per_token(cfg, context=100) - flops.flops_per_token(cfg)
   assert ctx == 4 * cfg.num_hidden_layers * cfg.q_dim * 100
   with pytest.raises(ValueError, match="lacks"):
@@ -46,6 +51,7 @@ def test_per_site_sparsity_and_attention_context():
 
 def test_shortcut_overhead_matches_the_transformed_params():
   from wina_jax.transform import shortcut_cost, transform
+
   params, cfg = from_transformers(make_hf_model("llama_mha"))
   tparams, tcfg = transform(params, cfg)
   extra = flops.flops_per_token(tcfg, 0.5, transformed=True) - flops.flops_per_token(tcfg, 0.5)

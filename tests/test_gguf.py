@@ -1,28 +1,37 @@
 """The GGUF path end to end on tiny llama / qwen2 models written with gguf.GGUFWriter (llama.cpp names,
 llama's q/k permutation, quantised types gguf-py can write), plus the conversion cache."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-
 from conftest import make_hf_model
+
 from wina_jax.convert import from_gguf, from_transformers
 from wina_jax.model import forward
 
-GGUF_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-              "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-              "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm",
-              "post_attention_layernorm": "ffn_norm"}
+GGUF_NAMES = {
+  "self_attn.q_proj": "attn_q",
+  "self_attn.k_proj": "attn_k",
+  "self_attn.v_proj": "attn_v",
+  "self_attn.o_proj": "attn_output",
+  "mlp.gate_proj": "ffn_gate",
+  "mlp.up_proj": "ffn_up",
+  "mlp.down_proj": "ffn_down",
+  "input_layernorm": "attn_norm",
+  "post_attention_layernorm": "ffn_norm",
+}
 
 
-def _permute(w, n_heads):   # what llama.cpp's converter does to q/k rows
+def _permute(w, n_heads):  # what llama.cpp's converter does to q/k rows
   return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, w.shape[1]).swapaxes(1, 2).reshape(w.shape)
 
 
 def write_tiny_gguf(model, path, arch="llama", qtype=None):
   """Write `model` as llama.cpp would: q/k rows permuted for llama only; 2-D weights as `qtype` if given."""
   import gguf
+
   c = model.config
   w = gguf.GGUFWriter(str(path), arch)
   w.add_block_count(c.num_hidden_layers)
@@ -87,6 +96,7 @@ def test_qwen2_gguf_roundtrip(qtype, tmp_path, monkeypatch, rng):
   """qwen2 (q/k/v biases, untied lm_head, no q/k permutation): config and params equal the HF model's with
   its 2-D weights replaced by their quantise -> dequantise round trip; logits match torch."""
   import gguf
+
   monkeypatch.setenv("WINA_JAX_CACHE", "off")
   model = make_hf_model("qwen2_bias")
   qt = gguf.GGMLQuantizationType[qtype]
@@ -97,7 +107,7 @@ def test_qwen2_gguf_roundtrip(qtype, tmp_path, monkeypatch, rng):
         p.copy_(torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(p.numpy(), qt), qt)))
   params, cfg = from_gguf(str(tmp_path / "tiny.gguf"))
   ref_params, ref_cfg = from_transformers(model)
-  assert cfg.replace(rms_norm_eps=ref_cfg.rms_norm_eps) == ref_cfg   # GGUF stores eps as float32
+  assert cfg.replace(rms_norm_eps=ref_cfg.rms_norm_eps) == ref_cfg  # GGUF stores eps as float32
   assert np.float32(cfg.rms_norm_eps) == np.float32(ref_cfg.rms_norm_eps)
   assert cfg.model_type == "qwen2" and cfg.attention_bias and not cfg.tie_word_embeddings
   assert "bias" in params["layers"]["1"]["self_attn"]["k_proj"]
@@ -110,6 +120,7 @@ def test_qwen2_gguf_roundtrip(qtype, tmp_path, monkeypatch, rng):
 
 def test_unhandled_gguf_metadata_is_named(tmp_path, monkeypatch):
   import gguf
+
   monkeypatch.setenv("WINA_JAX_CACHE", "off")
   path = tmp_path / "odd.gguf"
   w = gguf.GGUFWriter(str(path), "llama")

@@ -9,6 +9,7 @@ skip it where there is none (or `-m "not network"`).
 
   .venv/bin/python -m pytest -q -p no:xdist tests/test_install.py
 """
+
 import os
 import subprocess
 import sys
@@ -35,15 +36,23 @@ print(wina_jax.__file__, jax.__file__)
 
 
 @pytest.mark.network
-@pytest.mark.skipif(os.environ.get("WINA_OFFLINE") == "1",
-                    reason="WINA_OFFLINE=1: a fresh venv needs the Python package index for its dependencies")
+@pytest.mark.skipif(
+  os.environ.get("WINA_OFFLINE") == "1",
+  reason="WINA_OFFLINE=1: a fresh venv needs the Python package index for its dependencies",
+)
 def test_editable_install_into_fresh_venv(tmp_path):
   env_dir = tmp_path / "venv"
   subprocess.run([sys.executable, "-m", "venv", str(env_dir)], check=True)
   py = str(env_dir / "bin" / "python")
   env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-  pip = subprocess.run([py, "-m", "pip", "install", "-q", "--no-compile", "-e", ROOT], env=env, cwd=tmp_path,
-                       capture_output=True, text=True, timeout=900)
+  pip = subprocess.run(
+    [py, "-m", "pip", "install", "-q", "--no-compile", "-e", ROOT],
+    env=env,
+    cwd=tmp_path,
+    capture_output=True,
+    text=True,
+    timeout=900,
+  )
   assert pip.returncode == 0, f"pip install -e . failed:\n{pip.stdout[-3000:]}\n{pip.stderr[-3000:]}"
   run = subprocess.run([py, "-c", SMOKE], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
   assert run.returncode == 0, f"import wina_jax in the fresh venv failed:\n{run.stderr[-3000:]}"

@@ -1,4 +1,5 @@
 """The fused threshold linear: Pallas kernel (interpret mode on CPU) vs the XLA path vs numpy masked dense."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,7 +15,7 @@ def masked_ref(x, w, thresholds, scales, segments):
   outs, start = [], 0
   for s, width in enumerate(segments):
     score = np.abs(x) * (1.0 if scales is None else np.asarray(scales[s], np.float64))
-    outs.append(np.where(score > thresholds[s], x, 0.0) @ w[:, start:start + width])
+    outs.append(np.where(score > thresholds[s], x, 0.0) @ w[:, start : start + width])
     start += width
   return np.concatenate(outs, axis=-1)
 
@@ -24,7 +25,9 @@ def rel_err(a, b):
   return np.linalg.norm(a - b) / np.linalg.norm(b)
 
 
-@pytest.mark.parametrize("mode,reduce,rows,segments,wina,loop", [
+@pytest.mark.parametrize(
+  "mode,reduce,rows,segments,wina,loop",
+  [
     ("compact", "partials", 1, (96,), False, "dynamic"),
     ("compact", "atomic", 3, (64, 32, 32), True, "dynamic"),
     ("masked", "atomic", 1, (64, 32, 32), False, "dynamic"),
@@ -34,24 +37,25 @@ def rel_err(a, b):
     ("compact", "semaphore", 2, (96,), False, "prefetch"),
     ("compact", "atomic", 1, (64, 32, 32), True, "prefetch"),
     ("compact", "partials", 3, (96,), False, "prefetch"),
-])
+  ],
+)
 def test_interpret_kernel_matches_xla_and_masked_dense(mode, reduce, rows, segments, wina, loop):
   k, n = 256, sum(segments)
   keys = jax.random.split(jax.random.PRNGKey(rows), 4)
   x = jax.random.normal(keys[0], (rows, k), jnp.bfloat16)
   w = jax.random.normal(keys[1], (k, n), jnp.bfloat16)
   scales = jax.random.uniform(keys[2], (len(segments), k), minval=0.5, maxval=2.0) if wina else None
-  t = jnp.asarray([0.6, 0.9, 1.2][:len(segments)])
+  t = jnp.asarray([0.6, 0.9, 1.2][: len(segments)])
   cfg = KernelConfig(mode=mode, chunk=64, block_k=16, block_n=32, reduce=reduce, loop=loop)
   workspace = jnp.zeros((2, n // 32), jnp.int32) if reduce == "semaphore" else None
   got = masked_linear(x, w, t, scales, segments, backend="interpret", config=cfg, workspace=workspace, slot=1)
   xla = masked_linear(x, w, t, scales, segments, backend="xla")
   ref = masked_ref(x, w, np.asarray(t), None if scales is None else np.asarray(scales), segments)
   assert got.shape == (rows, n) and got.dtype == jnp.bfloat16
-  assert rel_err(got, ref) < 4e-3          # bf16 output rounding
+  assert rel_err(got, ref) < 4e-3  # bf16 output rounding
   assert rel_err(got, xla) < 4e-3
   frac = np.mean(np.abs(np.asarray(x, np.float32)) > 0.9)
-  assert 0.2 < frac < 0.6                    # the thresholds really drop rows
+  assert 0.2 < frac < 0.6  # the thresholds really drop rows
 
 
 def test_semaphore_reduce_workspace_and_fallback():
@@ -64,7 +68,7 @@ def test_semaphore_reduce_workspace_and_fallback():
   workspace = jnp.zeros((1, 4), jnp.int32)
   run = jax.jit(lambda x, ws: masked_linear(x, w, 0.8, None, backend="interpret", config=cfg, workspace=ws))
   got = run(x, workspace)
-  partials = masked_linear(x, w, 0.8, backend="interpret", config=cfg)             # no workspace
+  partials = masked_linear(x, w, 0.8, backend="interpret", config=cfg)  # no workspace
   np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(partials, np.float32))
   np.testing.assert_array_equal(np.asarray(workspace), 0)
   with pytest.raises(ValueError, match="column blocks"):
@@ -87,18 +91,18 @@ def test_sparsifier_semaphore_workspace():
 
 
 def test_xla_path_for_many_rows_and_untileable_shapes():
-  x = jax.random.normal(jax.random.PRNGKey(0), (2, 7, 48), jnp.float32)   # 14 rows > MAX_ROWS
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 7, 48), jnp.float32)  # 14 rows > MAX_ROWS
   w = jax.random.normal(jax.random.PRNGKey(1), (48, 40), jnp.float32)
   scales = jnp.linspace(0.5, 1.5, 48)
   for backend in ("auto", "interpret"):
     got = masked_linear(x, w, 0.7, scales, backend=backend)
     ref = masked_ref(np.asarray(x), np.asarray(w), [0.7], [np.asarray(scales)], (40,))
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
-  assert C.resolve(KernelConfig(), 48, (40,)) is None                     # no tiling fits: XLA path
+  assert C.resolve(KernelConfig(), 48, (40,)) is None  # no tiling fits: XLA path
   assert masked_linear(x[0, :1], w, 0.7, scales, backend="interpret").shape == (1, 40)
 
 
-@pytest.mark.parametrize("lead", [(1,), (2, 3), (2, 9)])      # few rows: one stacked matmul; 18 rows: slices
+@pytest.mark.parametrize("lead", [(1,), (2, 3), (2, 9)])  # few rows: one stacked matmul; 18 rows: slices
 def test_xla_path_segments_equal_masked_dense(lead):
   segments = (40, 16, 8)
   keys = jax.random.split(jax.random.PRNGKey(len(lead)), 3)
@@ -113,7 +117,8 @@ def test_xla_path_segments_equal_masked_dense(lead):
 
 def test_auto_backend_takes_the_kernel_for_batch_one_only(monkeypatch):
   from wina_jax.kernels.masked_linear import pick_backend
-  assert [pick_backend("auto", r) for r in (1, 2)] == ["xla", "xla"]          # CPU
+
+  assert [pick_backend("auto", r) for r in (1, 2)] == ["xla", "xla"]  # CPU
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   assert [pick_backend("auto", r) for r in (1, 2, 8)] == ["pallas", "xla", "xla"]  # the H200 crossover
   assert pick_backend("pallas", 8) == "pallas" and pick_backend("interpret", 8) == "interpret"
@@ -156,7 +161,7 @@ def test_gpu_kernel_matches_xla(mode, rows):
     cfg = KernelConfig(mode=mode, chunk=256, block_k=32, block_n=256, reduce=reduce, loop=loop)
     got = masked_linear(x, w, t, scales, segments, backend="pallas", config=cfg, workspace=workspace)
     assert rel_err(got, ref) < 1e-2
-  for _ in range(3):                     # the semaphore sum has a fixed order: bitwise repeatable
+  for _ in range(3):  # the semaphore sum has a fixed order: bitwise repeatable
     again = masked_linear(x, w, t, scales, segments, backend="pallas", config=cfg, workspace=workspace)
     np.testing.assert_array_equal(np.asarray(again, np.float32), np.asarray(got, np.float32))
   np.testing.assert_array_equal(np.asarray(workspace), 0)

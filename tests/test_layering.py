@@ -4,6 +4,7 @@ Rules (docs/CONTRIBUTING.md): no import cycle between modules; `wina_jax` never 
 the pure sparsity modules (methods, registry, masks, measurement, stored thresholds) and the kernels never
 import the model, not even through another module.
 """
+
 import ast
 import os
 
@@ -31,7 +32,8 @@ def modules() -> dict[str, str]:
 
 def _is_type_checking(test: ast.expr) -> bool:
   return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-      isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+    isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+  )
 
 
 def imported(name: str, path: str, known) -> set[str]:
@@ -41,8 +43,13 @@ def imported(name: str, path: str, known) -> set[str]:
   with open(path) as f:
     tree = ast.parse(f.read(), path)
   package = name if path.endswith("__init__.py") else name.rpartition(".")[0]
-  typing_only = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and _is_type_checking(node.test)
-                 for stmt in node.body for n in ast.walk(stmt)}
+  typing_only = {
+    id(n)
+    for node in ast.walk(tree)
+    if isinstance(node, ast.If) and _is_type_checking(node.test)
+    for stmt in node.body
+    for n in ast.walk(stmt)
+  }
   out = set()
   for node in ast.walk(tree):
     if id(node) in typing_only:
@@ -53,7 +60,7 @@ def imported(name: str, path: str, known) -> set[str]:
       base = node.module or ""
       if node.level:
         parts = package.split(".")
-        base = ".".join(parts[:len(parts) - node.level + 1] + ([base] if base else []))
+        base = ".".join(parts[: len(parts) - node.level + 1] + ([base] if base else []))
       for a in node.names:
         out.add(f"{base}.{a.name}" if f"{base}.{a.name}" in known else base)
   return out
@@ -76,7 +83,7 @@ def find_cycle(edges: dict[str, set[str]]):
       if n not in edges or n == m:
         continue
       if state.get(n) == "open":
-        return stack[stack.index(n):] + [n]
+        return stack[stack.index(n) :] + [n]
       if n not in state:
         found = visit(n)
         if found:

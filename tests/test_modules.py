@@ -4,6 +4,7 @@ logits (every tiny family and SmolLM2, dense and TEAL / WINA in both modes), no 
 
   .venv/bin/python -m pytest -q -p no:xdist tests/test_modules.py
 """
+
 import dataclasses
 import functools
 
@@ -11,9 +12,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import TINY_CONFIGS, make_hf_model
 from flax import traverse_util
 
-from conftest import TINY_CONFIGS, make_hf_model
 from wina_jax import model as M
 from wina_jax import nn as wnn
 from wina_jax import sharding
@@ -82,7 +83,7 @@ def test_init_tree_is_expected_shapes(tiny):
   assert flat == expected_shapes(cfg)
   assert jax.tree_util.tree_structure(init) == jax.tree_util.tree_structure(params)
   assert all(v.dtype == jnp.float32 for v in jax.tree_util.tree_leaves(init))
-  mesh = sharding.make_mesh("model:-1")   # partition rules see the same tree
+  mesh = sharding.make_mesh("model:-1")  # partition rules see the same tree
   assert sharding.param_specs(init, cfg, mesh) == sharding.param_specs(params, cfg, mesh)
   bf16 = _abstract_init(cfg, param_dtype=jnp.bfloat16)
   assert all(v.dtype == jnp.bfloat16 for v in jax.tree_util.tree_leaves(bf16))
@@ -99,7 +100,7 @@ def test_apply_is_bit_identical_to_forward(tiny):
     _assert_same(mod, fun, name)
     if sparsifier is None:
       dense = mod.logits
-    else:   # the sparsifier really masks: logits move and about half the site inputs are zero
+    else:  # the sparsifier really masks: logits move and about half the site inputs are zero
       assert not np.allclose(np.asarray(mod.logits), np.asarray(dense), atol=1e-3), name
       fracs = np.asarray(list(mod.aux["zero_frac"].values()))
       assert 0.3 < fracs.mean() < 0.7, (name, fracs.mean())
@@ -120,7 +121,7 @@ def test_new_thresholds_do_not_retrace():
   @dataclasses.dataclass(frozen=True)
   class CountedTeal(sp.Method):
     def score(self, site, x, state):
-      traces.append(site)   # runs once per site per trace, never at run time
+      traces.append(site)  # runs once per site per trace, never at run time
       return jnp.abs(x)
 
   base = _median_thresholds("teal", params, cfg, tokens)
@@ -132,32 +133,37 @@ def test_new_thresholds_do_not_retrace():
   for scale in (0.5, 2.0):
     moved = sparsifier.replace(thresholds={s: t * scale for s, t in base.thresholds.items()})
     logits = apply({"params": params}, tokens, sparsifier=moved).logits
-    assert not np.array_equal(np.asarray(logits), np.asarray(first))   # the new thresholds took effect
+    assert not np.array_equal(np.asarray(logits), np.asarray(first))  # the new thresholds took effect
   assert len(traces) == n_sites, "new threshold values retraced jax.jit(model.apply)"
 
 
-@pytest.mark.parametrize("name", ["mistral", "phi3_fused"])   # sliding window; fused projections
+@pytest.mark.parametrize("name", ["mistral", "phi3_fused"])  # sliding window; fused projections
 def test_prefill_then_decode_equals_recompute(name):
   params, cfg = from_transformers(make_hf_model(name))
   model = wnn.CausalLM(cfg)
   tokens = _tokens(cfg, t=9)
   sparsifier = sp.make("teal", params, cfg, 0.5)
   full = model.apply({"params": params}, tokens, sparsifier=sparsifier).logits
-  apply = model.apply   # eager: tests/test_cache.py covers the jitted cache path
+  apply = model.apply  # eager: tests/test_cache.py covers the jitted cache path
   out = apply({"params": params}, tokens[:, :6], sparsifier=sparsifier, cache=model.init_cache(2, 16))
   steps, cache = [out.logits], out.cache
   for j in range(6, 9):
-    out = apply({"params": params}, tokens[:, j:j + 1], sparsifier=sparsifier, cache=cache)
+    out = apply({"params": params}, tokens[:, j : j + 1], sparsifier=sparsifier, cache=cache)
     steps.append(out.logits)
     cache = out.cache
   assert int(cache["length"]) == 9
   np.testing.assert_allclose(np.asarray(jnp.concatenate(steps, axis=1)), np.asarray(full), atol=2e-5, rtol=0)
-  fun = M.forward(params, tokens[:, 8:9], cfg, sparsifier, cache=M.forward(
-      params, tokens[:, :8], cfg, sparsifier, cache=M.init_cache(cfg, 2, 16)).cache)
+  fun = M.forward(
+    params,
+    tokens[:, 8:9],
+    cfg,
+    sparsifier,
+    cache=M.forward(params, tokens[:, :8], cfg, sparsifier, cache=M.init_cache(cfg, 2, 16)).cache,
+  )
   np.testing.assert_allclose(np.asarray(fun.logits), np.asarray(steps[-1]), atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("name", ["qwen2_bias", "phi3_fused"])   # separate and fused projections
+@pytest.mark.parametrize("name", ["qwen2_bias", "phi3_fused"])  # separate and fused projections
 def test_submodules_alone_match_the_functional_layer(name):
   params, cfg = from_transformers(make_hf_model(name))
   layer = cfg.num_hidden_layers - 1
@@ -184,8 +190,9 @@ def test_transform_and_calibration_on_init_params():
   tokens = _tokens(cfg)
   dense = model.apply({"params": params}, tokens).logits
   tmodel = wnn.CausalLM(tcfg)
-  np.testing.assert_allclose(np.asarray(tmodel.apply({"params": tp}, tokens).logits), np.asarray(dense),
-                             atol=1e-4, rtol=0)
+  np.testing.assert_allclose(
+    np.asarray(tmodel.apply({"params": tp}, tokens).logits), np.asarray(dense), atol=1e-4, rtol=0
+  )
   calib = sp.calibrate(tp, tcfg, "wina", np.asarray(_tokens(cfg, b=4, t=16, seed=1)), progress=False)
   sparsifier = sp.make("wina", tp, tcfg, 0.5, mode="threshold", calibration=calib)
   mod, fun = _both(tp, tcfg, tokens, sparsifier, collect=("zero_frac",))

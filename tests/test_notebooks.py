@@ -4,6 +4,7 @@ fails CI. One test per notebook: `pytest -n 2` runs them in parallel with the re
   .venv/bin/python -m pytest -q tests/test_notebooks.py
   WINA_NOTEBOOK_TIMEOUT=1800 .venv/bin/python -m pytest -q tests/test_notebooks.py -k quickstart
 """
+
 import glob
 import os
 import time
@@ -22,12 +23,18 @@ def test_notebooks_exist():
 
 def test_notebooks_are_stored_without_outputs():
   import nbformat
+
   for path in NOTEBOOKS:
     nb = nbformat.read(path, as_version=4)
-    dirty = [i for i, c in enumerate(nb.cells)
-             if c.cell_type == "code" and (c.get("outputs") or c.get("execution_count") is not None)]
-    assert not dirty, (f"{os.path.basename(path)} has outputs in cells {dirty}; clear them before committing "
-                       "(Jupyter: Edit > Clear Outputs of All Cells)")
+    dirty = [
+      i
+      for i, c in enumerate(nb.cells)
+      if c.cell_type == "code" and (c.get("outputs") or c.get("execution_count") is not None)
+    ]
+    assert not dirty, (
+      f"{os.path.basename(path)} has outputs in cells {dirty}; clear them before committing "
+      "(Jupyter: Edit > Clear Outputs of All Cells)"
+    )
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[os.path.basename(p) for p in NOTEBOOKS])
@@ -35,13 +42,15 @@ def test_notebook_executes(path, monkeypatch):
   import nbformat
   from nbclient import NotebookClient
   from nbclient.exceptions import CellExecutionError
+
   # The kernel inherits this environment: the repo on its path, a headless plotting backend.
   monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
   monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
   nb = nbformat.read(path, as_version=4)
   # kernel 'python3' is ipykernel's own spec; jupyter_client starts it with this interpreter (the venv).
-  client = NotebookClient(nb, timeout=CELL_TIMEOUT, kernel_name="python3",
-                          resources={"metadata": {"path": os.path.dirname(path)}})
+  client = NotebookClient(
+    nb, timeout=CELL_TIMEOUT, kernel_name="python3", resources={"metadata": {"path": os.path.dirname(path)}}
+  )
   start = time.time()
   try:
     client.execute()

@@ -1,10 +1,11 @@
 """Logit parity with transformers on tiny random configs, float32."""
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-
 from conftest import TINY_CONFIGS, make_hf_model
+
 from wina_jax.convert import from_transformers
 from wina_jax.model import forward
 
@@ -19,7 +20,7 @@ def test_logits_match_transformers(name, rng):
   ours = np.asarray(forward(params, jnp.asarray(tokens), cfg).logits)
   assert ours.shape == ref.shape
   assert np.abs(ours - ref).max() <= 1e-4, np.abs(ours - ref).max()
-  assert np.abs(ref).max() > 0.1   # the comparison is not between near-zero logits
+  assert np.abs(ref).max() > 0.1  # the comparison is not between near-zero logits
 
 
 def test_architecture_features_are_mapped():

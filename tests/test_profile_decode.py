@@ -1,5 +1,6 @@
 """`wina_jax.bench.trace` (the per-step summary of kernel events) and a CPU smoke run of
 `experiments.decode.profile_decode`."""
+
 import json
 import subprocess
 import sys
@@ -23,6 +24,7 @@ def test_summary_splits_busy_and_gap():
 
 def test_variant_names():
   from experiments.decode.profile_decode import parse_variant
+
   assert parse_variant("dense") == ("dense", 0.0) and parse_variant("wina:0.65") == ("wina", 0.65)
   for bad in ("teal", "teal:1.0", "cats:0.5", "dense:0.5"):
     with pytest.raises(ValueError, match="METHOD:SPARSITY"):
@@ -40,8 +42,18 @@ def test_categories():
 
 def test_tiny_cpu_run(tmp_path):
   out = tmp_path / "p.json"
-  subprocess.run([sys.executable, "-m", "experiments.decode.profile_decode", "--tiny", "--variants=dense,teal:0.5",
-                  f"--out={out}"], check=True, capture_output=True)
+  subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "experiments.decode.profile_decode",
+      "--tiny",
+      "--variants=dense,teal:0.5",
+      f"--out={out}",
+    ],
+    check=True,
+    capture_output=True,
+  )
   rows = json.loads(out.read_text())["rows"]
   assert [r["variant"] for r in rows] == ["dense", "teal:0.5"]
   assert all(r["kernels_per_step"] > 0 and r["busy_ms"] > 0 for r in rows)
@@ -49,8 +61,11 @@ def test_tiny_cpu_run(tmp_path):
 
 def test_decode_overhead_tiny_cpu_run(tmp_path):
   out = tmp_path / "o.json"
-  subprocess.run([sys.executable, "-m", "experiments.decode.decode_overhead", "--tiny", f"--out={out}"], check=True,
-                 capture_output=True)
+  subprocess.run(
+    [sys.executable, "-m", "experiments.decode.decode_overhead", "--tiny", f"--out={out}"],
+    check=True,
+    capture_output=True,
+  )
   res = json.loads(out.read_text())
   assert {r["variant"] for r in res["timings"]} == {"dense", "teal", "teal_sem"}
   assert res["profiles"] and all(p["kernels_per_step"] > 0 for p in res["profiles"].values())

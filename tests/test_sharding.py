@@ -1,20 +1,30 @@
 """Sharding: mesh-flag parsing and partition rules here; sharded-vs-one-device equality in
 tests/sharding_cases.py, run in subprocesses with 4 fake CPU devices (XLA_FLAGS must precede jax start-up,
 so those cases never share a process with the other test files)."""
+
 import os
 import subprocess
 import sys
 
 import pytest
-from jax.sharding import AbstractMesh, AxisType, PartitionSpec as P
+from jax.sharding import AbstractMesh, AxisType
+from jax.sharding import PartitionSpec as P
 
 from wina_jax import sharding as SH
 from wina_jax.config import ModelConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CFG = ModelConfig(model_type="llama", vocab_size=100, hidden_size=64, intermediate_size=96,
-                  num_hidden_layers=1, num_attention_heads=6, num_key_value_heads=2, head_dim=8,
-                  max_position_embeddings=32)
+CFG = ModelConfig(
+  model_type="llama",
+  vocab_size=100,
+  hidden_size=64,
+  intermediate_size=96,
+  num_hidden_layers=1,
+  num_attention_heads=6,
+  num_key_value_heads=2,
+  head_dim=8,
+  max_position_embeddings=32,
+)
 
 
 def abstract(data, model):
@@ -54,15 +64,31 @@ def test_rules_shard_whole_heads_and_fall_back_when_indivisible():
 
 
 # Groups of tests/sharding_cases.py, one subprocess each (so pytest-xdist can spread them).
-GROUPS = ["placed or decode or calibration", "dense_logits and tp4", "dense_logits and dp2",
-          "sparsified or global", "transform or calibrate"]
+GROUPS = [
+  "placed or decode or calibration",
+  "dense_logits and tp4",
+  "dense_logits and dp2",
+  "sparsified or global",
+  "transform or calibrate",
+]
 
 
 @pytest.mark.parametrize("group", GROUPS)
 def test_sharded_matches_one_device(group):
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "PYTHONPATH": ROOT}
-  cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
-         os.path.join(ROOT, "tests", "sharding_cases.py"), "-k", group]
+  cmd = [
+    sys.executable,
+    "-m",
+    "pytest",
+    "-q",
+    "-p",
+    "no:cacheprovider",
+    "-p",
+    "no:xdist",
+    os.path.join(ROOT, "tests", "sharding_cases.py"),
+    "-k",
+    group,
+  ]
   res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert res.returncode == 0, res.stdout[-6000:] + res.stderr[-3000:]
   assert " passed" in res.stdout and " failed" not in res.stdout

@@ -1,4 +1,5 @@
 """Real weights: SmolLM2-135M-Instruct from the bundled GGUF vs transformers' own GGUF load."""
+
 import os
 
 import jax
@@ -18,15 +19,21 @@ PROMPT = "The capital of France is"
 @pytest.fixture(scope="module")
 def hf_smollm2():
   import transformers
+
   folder, name = os.path.split(assets.default_gguf())
-  return transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name,
-                                                           dtype=torch.float32).eval()
+  return transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
 
 
 def test_config_is_smollm2(smollm2):
   _, cfg = smollm2
-  assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads,
-          cfg.intermediate_size, cfg.vocab_size) == (576, 30, 9, 3, 1536, 49152)
+  assert (
+    cfg.hidden_size,
+    cfg.num_hidden_layers,
+    cfg.num_attention_heads,
+    cfg.num_key_value_heads,
+    cfg.intermediate_size,
+    cfg.vocab_size,
+  ) == (576, 30, 9, 3, 1536, 49152)
   assert cfg.tie_word_embeddings and cfg.rope_theta == 1e5
 
 
@@ -37,7 +44,7 @@ def test_logits_and_greedy_match_transformers(smollm2, smollm2_tokenizer, hf_smo
     ref = hf_smollm2(torch.tensor(ids)).logits.numpy()
   ours = np.asarray(forward(params, jnp.asarray(ids), cfg).logits)
   assert np.abs(ours - ref).max() <= 1e-3, np.abs(ours - ref).max()
-  ref_gen = hf_smollm2.generate(torch.tensor(ids), max_new_tokens=20, do_sample=False)[0, ids.shape[1]:]
+  ref_gen = hf_smollm2.generate(torch.tensor(ids), max_new_tokens=20, do_sample=False)[0, ids.shape[1] :]
   ours_gen = greedy_decode(params, cfg, ids, 20)[0]
   np.testing.assert_array_equal(ours_gen, ref_gen.numpy())
   assert smollm2_tokenizer.decode(ours_gen).startswith(" Paris")

@@ -1,4 +1,5 @@
 """Sparsifiers: identity at sparsity 0, exact top-k, WINA vs TEAL, Lemma 3.1, registry and bad input."""
+
 import dataclasses
 import itertools
 
@@ -7,9 +8,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
-
 from conftest import make_hf_model
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from wina_jax import sites as S
 from wina_jax import sparsity as sp
 from wina_jax.convert import from_transformers
@@ -60,7 +62,7 @@ def test_wina_with_unit_column_norms_is_teal(tiny, rng, c_sites):
   tokens = _tokens(cfg, rng)
   wina = sp.make("wina", params, cfg, 0.6, c_sites=c_sites)
   np.testing.assert_allclose(np.concatenate([np.asarray(v) for v in wina.state.values()]), 1.0, atol=1e-6)
-  wina = wina.replace(state={k: jnp.ones_like(v) for k, v in wina.state.items()})   # c exactly 1
+  wina = wina.replace(state={k: jnp.ones_like(v) for k, v in wina.state.items()})  # c exactly 1
   teal = sp.make("teal", params, cfg, 0.6)
   a = forward(params, tokens, cfg, wina, collect=("inputs",))
   b = forward(params, tokens, cfg, teal)
@@ -77,8 +79,12 @@ def test_wina_scores_with_column_norms(tiny, rng):
   x = jnp.asarray(rng.randn(3, 5, c.size).astype(np.float32))
   np.testing.assert_allclose(np.asarray(wina.score(site, x)), np.abs(np.asarray(x)) * c, rtol=1e-6)
   official = sp.make("wina", params, cfg, 0.5)
-  assert sorted(official.state) == ["layers.0.mlp.gate_proj", "layers.0.self_attn.k_proj",
-                                    "layers.1.mlp.gate_proj", "layers.1.self_attn.k_proj"]
+  assert sorted(official.state) == [
+    "layers.0.mlp.gate_proj",
+    "layers.0.self_attn.k_proj",
+    "layers.1.mlp.gate_proj",
+    "layers.1.self_attn.k_proj",
+  ]
 
 
 @pytest.mark.parametrize("name", ["teal", "wina", "cats"])
@@ -96,7 +102,7 @@ def test_topk_hits_target_exactly_per_token(tiny, rng, name, s):
     score = np.asarray(spars.score(site, x))
     kept = np.where(xs != 0, score, np.inf).min(-1)
     dropped = np.where(xs == 0, score, -np.inf).max(-1)
-    assert (kept >= dropped).all()   # the kept entries are the k highest scores
+    assert (kept >= dropped).all()  # the kept entries are the k highest scores
 
 
 def test_topk_exact_with_ties():
@@ -136,7 +142,7 @@ def _column_orthogonal(rng, n, d_out, c):
 @settings(max_examples=40, deadline=None)
 @given(n=st.integers(2, 8), extra=st.integers(0, 4), data=st.data())
 def test_lemma_3_1_wina_mask_is_optimal_for_column_orthogonal_weights(n, extra, data):
-  seed = data.draw(st.integers(0, 2 ** 31 - 1))
+  seed = data.draw(st.integers(0, 2**31 - 1))
   k = data.draw(st.integers(1, n - 1))
   rng = np.random.RandomState(seed)
   c = rng.uniform(0.1, 3.0, n)
@@ -145,12 +151,13 @@ def test_lemma_3_1_wina_mask_is_optimal_for_column_orthogonal_weights(n, extra, 
   err = lambda m: np.linalg.norm(x @ kernel - (m * x) @ kernel)
   brute = min(err(np.isin(np.arange(n), keep)) for keep in itertools.combinations(range(n), k))
   wina = sp.get_method("wina", c_sites="all")
-  score = wina.score("layers.0.mlp.down_proj", jnp.asarray(x, jnp.float32),
-                     sp.column_norms(jnp.asarray(kernel, jnp.float32)))
+  score = wina.score(
+    "layers.0.mlp.down_proj", jnp.asarray(x, jnp.float32), sp.column_norms(jnp.asarray(kernel, jnp.float32))
+  )
   m = np.asarray(sp.topk_mask(score[None], k))[0]
   assert m.sum() == k
   assert err(m) <= brute + 1e-6 * (1 + brute)
-  np.testing.assert_allclose(err(m) ** 2, np.sum((x ** 2 * c ** 2)[~m]), rtol=1e-6, atol=1e-9)
+  np.testing.assert_allclose(err(m) ** 2, np.sum((x**2 * c**2)[~m]), rtol=1e-6, atol=1e-9)
 
 
 def test_no_retrace_across_calls(tiny, rng):
@@ -163,7 +170,7 @@ def test_no_retrace_across_calls(tiny, rng):
     return forward(params, tokens, cfg, spars).logits
 
   spars = sp.make("wina", params, cfg, 0.5)
-  for seed in range(3):   # new tokens and new column norms (e.g. transformed params) reuse the trace
+  for seed in range(3):  # new tokens and new column norms (e.g. transformed params) reuse the trace
     state = {k: v * (1 + seed) for k, v in spars.state.items()}
     run(params, _tokens(cfg, np.random.RandomState(seed)), spars.replace(state=state))
     calls += 1
@@ -209,7 +216,7 @@ def test_registry_adds_a_method_in_one_place(tiny, rng):
   assert "test_square" in sp.known_methods()
   a = forward(params, _tokens(cfg, rng), cfg, sp.make("test_square", params, cfg, 0.5))
   b = forward(params, _tokens(cfg, np.random.RandomState(0)), cfg, sp.make("teal", params, cfg, 0.5))
-  np.testing.assert_array_equal(np.asarray(a.logits), np.asarray(b.logits))   # x^2 ranks like |x|
+  np.testing.assert_array_equal(np.asarray(a.logits), np.asarray(b.logits))  # x^2 ranks like |x|
   with pytest.raises(ValueError, match="already registered"):
     sp.register("teal")(Square)
 

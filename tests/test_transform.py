@@ -1,14 +1,15 @@
 """WINA tensor transform: the dense model is unchanged and k_proj / gate_proj become column-orthogonal."""
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import TINY_CONFIGS, make_hf_model
 from flax import traverse_util
 
-from conftest import TINY_CONFIGS, make_hf_model
 from wina_jax.analysis import column_orthogonality_defect
+from wina_jax.bases import BASES, axis_alignment, axis_basis, objective
 from wina_jax.convert import from_transformers
 from wina_jax.model import forward, init_cache
-from wina_jax.bases import BASES, axis_alignment, axis_basis, objective
 from wina_jax.transform import block_bases, block_inputs, input_kernels, key_kernel, shortcut_cost, transform
 
 
@@ -30,8 +31,11 @@ def _rel_delta(a, b):
 
 def _key_kernels(params, cfg):
   """Transformed k (or fused k part) and gate (or fused gate part) kernels: {(layer, block): [d, n]}."""
-  return {(l, b): key_kernel(params["layers"][str(l)], cfg, b)
-          for l in range(cfg.num_hidden_layers) for b in ("self_attn", "mlp")}
+  return {
+    (l, b): key_kernel(params["layers"][str(l)], cfg, b)
+    for l in range(cfg.num_hidden_layers)
+    for b in ("self_attn", "mlp")
+  }
 
 
 @pytest.mark.parametrize("name", sorted(TINY_CONFIGS))
@@ -53,7 +57,7 @@ def test_tiny_transform_is_invariant_and_orthogonal(name, rng):
 
 
 def test_gqa_basis_is_full_and_orthogonal():
-  params, cfg = from_transformers(make_hf_model("llama3_rope"))   # one kv head: k_proj is [64, 16]
+  params, cfg = from_transformers(make_hf_model("llama3_rope"))  # one kv head: k_proj is [64, 16]
   assert cfg.kv_dim < cfg.hidden_size
   for q in block_bases(params, cfg).values():
     np.testing.assert_allclose(q.T @ q, np.eye(cfg.hidden_size), atol=1e-12)
@@ -92,7 +96,7 @@ def _decode(params, cfg, tokens, prefill):
   out = forward(params, tokens[:, :prefill], cfg, cache=cache)
   steps, cache = [out.logits], out.cache
   for t in range(prefill, tokens.shape[1]):
-    out = forward(params, tokens[:, t:t + 1], cfg, cache=cache)
+    out = forward(params, tokens[:, t : t + 1], cfg, cache=cache)
     steps.append(out.logits)
     cache = out.cache
   return np.concatenate(steps, axis=1)
@@ -111,7 +115,7 @@ def test_smollm2_transform_is_invariant_with_kv_cache(smollm2, smollm2_transform
   assert _rel_delta(ref, forward(tp, tokens, tcfg).logits) <= 1e-4
   dec_ref = _decode(params, cfg, tokens, 8)
   dec = _decode(tp, tcfg, tokens, 8)
-  np.testing.assert_allclose(dec_ref, ref, atol=1e-3 * np.abs(dec_ref).max())   # the decode is real
+  np.testing.assert_allclose(dec_ref, ref, atol=1e-3 * np.abs(dec_ref).max())  # the decode is real
   assert _rel_delta(dec_ref, dec) <= 1e-4
 
 
@@ -125,18 +129,18 @@ def test_smollm2_shortcut_cost(smollm2, smollm2_transformed):
   (_, cfg), (tp, tcfg) = smollm2, smollm2_transformed
   cost = shortcut_cost(tp, tcfg, cfg)
   d = cfg.hidden_size
-  n = 2 * cfg.num_hidden_layers - 1    # the last layer's MLP shortcut is the identity
+  n = 2 * cfg.num_hidden_layers - 1  # the last layer's MLP shortcut is the identity
   assert cost["shortcuts"] == n and cost["flops"] == 2 * d * d * n and cost["bytes"] == 4 * d * d * n
   assert cost["untie_bytes"] == 4 * cfg.vocab_size * d
   assert 0 < cost["flops_frac"] < 1 and 0 < cost["bytes_frac"] < 1
-  for l in range(cfg.num_hidden_layers):   # each shortcut is orthogonal
+  for l in range(cfg.num_hidden_layers):  # each shortcut is orthogonal
     for key in ("residual_attn", "residual_mlp"):
       if key in tp["layers"][str(l)]:
         r = np.asarray(tp["layers"][str(l)][key]["kernel"], np.float64)
         np.testing.assert_allclose(r.T @ r, np.eye(d), atol=1e-5)
 
 
-GQA = ["llama3_rope", "qwen2_bias", "phi3_fused"]    # kv_dim < hidden_size: a null space is free
+GQA = ["llama3_rope", "qwen2_bias", "phi3_fused"]  # kv_dim < hidden_size: a null space is free
 
 
 def _learned(params, cfg, rng, **kw):
@@ -160,18 +164,19 @@ def test_every_basis_keeps_the_dense_model(name, basis, rng):
 
 
 def test_bases_differ_only_in_the_null_space():
-  params, cfg = from_transformers(make_hf_model("llama3_rope"))   # k_proj [64, 16]: 48 free directions
+  params, cfg = from_transformers(make_hf_model("llama3_rope"))  # k_proj [64, 16]: 48 free directions
   svd, axis = (block_bases(params, cfg, basis=b) for b in ("svd", "axis"))
   r = cfg.kv_dim
   for blk in svd:
     np.testing.assert_allclose(axis[blk].T @ axis[blk], np.eye(cfg.hidden_size), atol=1e-12)
-    if blk[1] == "mlp":                 # gate_proj [64, 96] has full rank: nothing is free
+    if blk[1] == "mlp":  # gate_proj [64, 96] has full rank: nothing is free
       np.testing.assert_array_equal(axis[blk], svd[blk])
       continue
     np.testing.assert_array_equal(axis[blk][:, :r], svd[blk][:, :r])
     # the same null space (projectors agree), spanned by different vectors
-    np.testing.assert_allclose(axis[blk][:, r:] @ axis[blk][:, r:].T, svd[blk][:, r:] @ svd[blk][:, r:].T,
-                               atol=1e-12)
+    np.testing.assert_allclose(
+      axis[blk][:, r:] @ axis[blk][:, r:].T, svd[blk][:, r:] @ svd[blk][:, r:].T, atol=1e-12
+    )
     assert axis_alignment(axis[blk][:, r:]) > axis_alignment(svd[blk][:, r:]) + 0.05, blk
 
 
@@ -181,7 +186,7 @@ def test_axis_basis_is_the_closest_to_its_axes(rng):
   axes = np.sort(np.argsort(-np.linalg.norm(null, axis=1))[:30])
   target = np.eye(40)[:, axes]
   best = np.linalg.norm(got - target)
-  for _ in range(20):                 # any other orthonormal basis of the span is farther from the axes
+  for _ in range(20):  # any other orthonormal basis of the span is farther from the axes
     other = null @ np.linalg.qr(rng.randn(30, 30))[0]
     assert np.linalg.norm(other - target) > best
   np.testing.assert_allclose(got @ got.T, null @ null.T, atol=1e-12)

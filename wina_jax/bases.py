@@ -18,9 +18,10 @@ sparsified in (every site reading the block's input: q/k/v or gate/up). Options 
            only (straight-through); the best R seen (the init included) is returned, so the objective never
            rises above the axis basis's on the fitting data.
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -49,7 +50,7 @@ def axis_basis(null: np.ndarray) -> np.ndarray:
   null = np.asarray(null, np.float64)
   m = null.shape[1]
   axes = np.sort(np.argsort(-np.linalg.norm(null, axis=1), kind="stable")[:m])
-  u, _, vt = np.linalg.svd(null[axes].T)      # null^T E_S = null[axes]^T  [m, m]
+  u, _, vt = np.linalg.svd(null[axes].T)  # null^T E_S = null[axes]^T  [m, m]
   return null @ (u @ vt)
 
 
@@ -69,8 +70,15 @@ def _gram(kernels: Sequence) -> jax.Array:
   return sum(jnp.matmul(w, w.T, precision=HI) for w in (jnp.asarray(w, jnp.float32) for w in kernels))
 
 
-def _loss(x: jax.Array, fixed: jax.Array, null: jax.Array, gram: jax.Array, rot: jax.Array, k: int,
-          straight_through: bool) -> jax.Array:
+def _loss(
+  x: jax.Array,
+  fixed: jax.Array,
+  null: jax.Array,
+  gram: jax.Array,
+  rot: jax.Array,
+  k: int,
+  straight_through: bool,
+) -> jax.Array:
   """Relative top-k output error of x [N, d] in the basis Q = [fixed, null rot] over the kernels behind
   `gram` (`_gram`, original coordinates, gains folded): sum ||(x Q - keep(x Q)) Q^T W_j||^2 over
   sum ||x W_j||^2."""
@@ -78,7 +86,7 @@ def _loss(x: jax.Array, fixed: jax.Array, null: jax.Array, gram: jax.Array, rot:
   xq = jnp.matmul(x, q, precision=HI)
   mag = jnp.abs(jax.lax.stop_gradient(xq) if straight_through else xq)
   kth = jax.lax.top_k(mag, k)[0][:, -1:]
-  dropped = jnp.matmul(jnp.where(mag >= kth, 0.0, xq), q.T, precision=HI)   # back in original coordinates
+  dropped = jnp.matmul(jnp.where(mag >= kth, 0.0, xq), q.T, precision=HI)  # back in original coordinates
   err = jnp.sum(jnp.matmul(dropped, gram, precision=HI) * dropped)
   return err / jnp.sum(jnp.matmul(x, gram, precision=HI) * x)
 
@@ -87,17 +95,36 @@ def objective(x, basis: np.ndarray, rank: int, kernels: Sequence, sparsity: floa
   """`_loss` of a full basis [d, d] (its first `rank` columns fixed) on inputs x [N, d] at `sparsity`."""
   b = jnp.asarray(basis, jnp.float32)
   m = b.shape[1] - rank
-  return float(_loss(jnp.asarray(x, jnp.float32), b[:, :rank], b[:, rank:], _gram(kernels),
-                     jnp.eye(m, dtype=jnp.float32), keep_count(sparsity, b.shape[0]), False))
+  return float(
+    _loss(
+      jnp.asarray(x, jnp.float32),
+      b[:, :rank],
+      b[:, rank:],
+      _gram(kernels),
+      jnp.eye(m, dtype=jnp.float32),
+      keep_count(sparsity, b.shape[0]),
+      False,
+    )
+  )
 
 
-def learned_basis(x, fixed: np.ndarray, null: np.ndarray, kernels: Sequence, *, sparsity: float = 0.5,
-                  steps: int = 60, learning_rate: float = 1e-2, seed: int = 0) -> tuple[np.ndarray, dict]:
+def learned_basis(
+  x,
+  fixed: np.ndarray,
+  null: np.ndarray,
+  kernels: Sequence,
+  *,
+  sparsity: float = 0.5,
+  steps: int = 60,
+  learning_rate: float = 1e-2,
+  seed: int = 0,
+) -> tuple[np.ndarray, dict]:
   """Fit R in O(m) for the null basis `null` [d, m] (the `axis_basis` init) on inputs x [N, d]
   (RMS-normalised, original coordinates), with `fixed` [d, r] the kernel's range basis and `kernels` the
   block's input-reading kernels [d, n_j] (gains folded). -> (null @ R [d, m] float64,
   {'init': objective at R = I, 'best': objective of the returned R, 'steps': steps run})."""
   import optax
+
   null64 = np.asarray(null, np.float64)
   x = jnp.asarray(x, jnp.float32)
   fixed, null = jnp.asarray(fixed, jnp.float32), jnp.asarray(null, jnp.float32)

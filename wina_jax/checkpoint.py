@@ -11,6 +11,7 @@ per-site score quantiles plus a method spec and greedy-allocation paths, one fil
 with a sweep's results, and the store checks its format version and that the thresholds were calibrated
 on these very params (`fingerprint`), which an Orbax tree would not do by itself.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -42,8 +43,9 @@ def restore_params(path: str, target: Optional[Any] = None) -> tuple[dict, Model
   `jax.ShapeDtypeStruct`s with shardings) whose shapes, dtypes and shardings the restored arrays take."""
   path = os.path.abspath(path)
   if not os.path.isfile(os.path.join(path, "config.json")):
-    raise FileNotFoundError(f"no params checkpoint at {path} (config.json missing); write one with "
-                            "wina_jax.checkpoint.save_params")
+    raise FileNotFoundError(
+      f"no params checkpoint at {path} (config.json missing); write one with wina_jax.checkpoint.save_params"
+    )
   with open(os.path.join(path, "config.json")) as f:
     cfg = cfg_from_json(json.load(f))
   with ocp.StandardCheckpointer() as ckptr:

@@ -9,10 +9,12 @@ traced: new thresholds reuse the compiled step. `fuse_projections` / `fuse_state
 gate|up into one kernel each (the family's fused layout `Family.fused`, Phi-3's; one threshold and scale
 per segment), which saves three launches per layer.
 """
+
 from __future__ import annotations
 
 import functools
-from typing import Any, Mapping, Optional
+from collections.abc import Mapping
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -40,8 +42,9 @@ def fuse_projections(params: dict, cfg: ModelConfig) -> tuple[dict, ModelConfig]
       parts = [b.pop(p) for p in names]
       new = {"kernel": jnp.concatenate([p["kernel"] for p in parts], axis=1)}
       if any("bias" in p for p in parts):
-        new["bias"] = jnp.concatenate([p.get("bias", jnp.zeros(p["kernel"].shape[1], p["kernel"].dtype))
-                                       for p in parts])
+        new["bias"] = jnp.concatenate(
+          [p.get("bias", jnp.zeros(p["kernel"].shape[1], p["kernel"].dtype)) for p in parts]
+        )
       b[fused] = new
       lp[block] = b
     layers[i] = lp
@@ -73,8 +76,9 @@ def fuse_state(thresholds: Mapping[str, Any], scales: Mapping[str, Any], cfg: Mo
       out_t[site] = jnp.stack([jnp.asarray(thresholds.get(n, -1.0), jnp.float32) for n in names])
       if any(n in scales for n in names):
         d = jnp.shape(scales[next(n for n in names if n in scales)])[-1]
-        out_s[site] = jnp.stack([jnp.asarray(scales[n], jnp.float32) if n in scales
-                                 else jnp.ones((d,), jnp.float32) for n in names])
+        out_s[site] = jnp.stack(
+          [jnp.asarray(scales[n], jnp.float32) if n in scales else jnp.ones((d,), jnp.float32) for n in names]
+        )
       segs[site] = tuple(layout[block][p][1] for p in parts)
   return out_t, out_s, segs
 
@@ -82,8 +86,11 @@ def fuse_state(thresholds: Mapping[str, Any], scales: Mapping[str, Any], cfg: Mo
 def fused_site_shapes(cfg: ModelConfig) -> list[tuple[int, tuple[int, ...]]]:
   """(d_in, output segments) of the linear sites of a fused layer, forward order: q|k|v, o, gate|up, down."""
   family, fcfg = families.get(cfg.model_type), _fused_cfg(cfg)
-  return [(d_in, family.segments(fcfg, block, proj))
-          for block, projs in family.proj_shapes(fcfg).items() for proj, (d_in, _) in projs.items()]
+  return [
+    (d_in, family.segments(fcfg, block, proj))
+    for block, projs in family.proj_shapes(fcfg).items()
+    for proj, (d_in, _) in projs.items()
+  ]
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "max_len"))
@@ -106,8 +113,15 @@ def greedy_step(params, token, cache, sparsifier, cfg, dense_prefix=None, attent
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "attention"), donate_argnames=("cache",))
-def decode_step(params: dict, token: jax.Array, cache: dict, sparsifier: Optional[Any] = None, *,
-                cfg: ModelConfig, attention: str = "xla"):
+def decode_step(
+  params: dict,
+  token: jax.Array,
+  cache: dict,
+  sparsifier: Optional[Any] = None,
+  *,
+  cfg: ModelConfig,
+  attention: str = "xla",
+):
   """One greedy step: `token` [B] at position cache['length'] -> (next [B] int32, logits [B, vocab], cache).
 
   sparsifier: a pytree sparsifier (e.g. `FusedThresholdSparsifier`), traced; None runs dense.
@@ -118,11 +132,19 @@ def decode_step(params: dict, token: jax.Array, cache: dict, sparsifier: Optiona
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "attention"), donate_argnames=("cache",))
-def decode_loop(params: dict, tokens: jax.Array, cache: dict, sparsifier: Optional[Any] = None, *,
-                cfg: ModelConfig, attention: str = "xla"):
+def decode_loop(
+  params: dict,
+  tokens: jax.Array,
+  cache: dict,
+  sparsifier: Optional[Any] = None,
+  *,
+  cfg: ModelConfig,
+  attention: str = "xla",
+):
   """`decode_step` over tokens [B, T] (teacher-forced: step j reads tokens[:, j]) in one on-device loop
   -> (greedy next tokens [B, T] int32, logits of the last step [B, vocab], cache). The cache is donated."""
-  def step(carry, token):             # only the last logits are kept: no [T, B, vocab] stack
+
+  def step(carry, token):  # only the last logits are kept: no [T, B, vocab] stack
     nxt, logits, cache = greedy_step(params, token, carry[1], sparsifier, cfg, attention=attention)
     return (logits, cache), nxt
 

@@ -1,5 +1,6 @@
 """Greedy generation with the KV cache: one dense-or-sparse prefill, then every decode step in one
 on-device loop (no host dispatch per token: on a GPU that dispatch costs more than a small step)."""
+
 from __future__ import annotations
 
 import functools
@@ -36,9 +37,17 @@ def _decode(params, token, cache, dynamic_sparsifier, static_sparsifier, dense_p
   return out, i
 
 
-def greedy_decode(params: dict, cfg: ModelConfig, prompt: np.ndarray, max_new_tokens: int,
-           sparsifier: Any = S.dense, *, dense_prefill: bool = True, eos_id: Optional[int] = None,
-           cache_dtype=None) -> np.ndarray:
+def greedy_decode(
+  params: dict,
+  cfg: ModelConfig,
+  prompt: np.ndarray,
+  max_new_tokens: int,
+  sparsifier: Any = S.dense,
+  *,
+  dense_prefill: bool = True,
+  eos_id: Optional[int] = None,
+  cache_dtype=None,
+) -> np.ndarray:
   """Greedy continuation of `prompt` [B, T] -> [B, max_new_tokens] token ids.
 
   dense_prefill: the prompt runs dense (TEAL/WINA's setting) and only decode steps are sparsified.
@@ -52,6 +61,14 @@ def greedy_decode(params: dict, cfg: ModelConfig, prompt: np.ndarray, max_new_to
   prefix = t if dense_prefill else None
   out = jit_forward(params, jnp.asarray(prompt), cfg, sparsifier, cache=cache, dense_prefix=prefix)
   token = jnp.argmax(out.logits[:, -1], axis=-1).astype(jnp.int32)
-  tokens, n = _decode(params, token, out.cache, *split_sparsifier(sparsifier),
-                      None if prefix is None else jnp.int32(prefix), cfg=cfg, steps=max_new_tokens, eos_id=eos_id)
-  return np.asarray(tokens)[:, :int(n)]
+  tokens, n = _decode(
+    params,
+    token,
+    out.cache,
+    *split_sparsifier(sparsifier),
+    None if prefix is None else jnp.int32(prefix),
+    cfg=cfg,
+    steps=max_new_tokens,
+    eos_id=eos_id,
+  )
+  return np.asarray(tokens)[:, : int(n)]

@@ -1,4 +1,5 @@
 """Stateless building blocks: RMSNorm, RoPE, causal GQA attention. Shapes in docstrings."""
+
 from __future__ import annotations
 
 import math
@@ -41,7 +42,7 @@ def rope_inv_freq(cfg: ModelConfig) -> jax.Array:
 def apply_rope(x: jax.Array, positions: jax.Array, cfg: ModelConfig) -> jax.Array:
   """HF half-split rotary embedding on the first `rotary_dim` dims. x: [B, T, H, hd]; positions: [T]."""
   rd = cfg.rotary_dim
-  freqs = positions.astype(jnp.float32)[:, None] * rope_inv_freq(cfg)[None, :]   # [T, rd/2]
+  freqs = positions.astype(jnp.float32)[:, None] * rope_inv_freq(cfg)[None, :]  # [T, rd/2]
   emb = jnp.concatenate([freqs, freqs], axis=-1)
   cos = jnp.cos(emb).astype(x.dtype)[None, :, None, :]
   sin = jnp.sin(emb).astype(x.dtype)[None, :, None, :]
@@ -52,8 +53,9 @@ def apply_rope(x: jax.Array, positions: jax.Array, cfg: ModelConfig) -> jax.Arra
   return jnp.concatenate([out, rest], axis=-1) if rd < x.shape[-1] else out
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, kv_len: jax.Array,
-              sliding_window: Optional[int]) -> jax.Array:
+def attention(
+  q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, kv_len: jax.Array, sliding_window: Optional[int]
+) -> jax.Array:
   """Causal grouped-query attention.
 
   q: [B, T, H, hd]; k, v: [B, S, K, hd] (S cache slots, the first `kv_len` valid);
@@ -62,8 +64,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, kv_len
   b, t, h, hd = q.shape
   kh = k.shape[2]
   qg = q.reshape(b, t, kh, h // kh, hd)
-  acc = jnp.promote_types(q.dtype, jnp.float32)   # float32 softmax for bf16/f32 inputs; float64 stays
-  scores = jnp.einsum("btkgd,bskd->bkgts", qg, k).astype(acc) * (hd ** -0.5)
+  acc = jnp.promote_types(q.dtype, jnp.float32)  # float32 softmax for bf16/f32 inputs; float64 stays
+  scores = jnp.einsum("btkgd,bskd->bkgts", qg, k).astype(acc) * (hd**-0.5)
   k_pos = jnp.arange(k.shape[1])
   allowed = (k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] < kv_len)
   if sliding_window is not None:

@@ -22,10 +22,12 @@ Every linear input and the MLP activation pass through the sparsifier at a named
 The layer math (`attention_block`, `mlp_block`, `residual_layer`, `run_decoder`) takes its weights as
 callables, so the `flax.linen` modules of `wina_jax.nn` run exactly this code over their own params.
 """
+
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, NamedTuple, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -46,6 +48,7 @@ ATTENTION_BACKENDS = ("xla", "pallas", "interpret")
 class Output(NamedTuple):
   """logits: [B, T, vocab] float32 (float64 for float64 params); cache: updated KV cache or None; aux: dict
   of collected pytrees."""
+
   logits: jax.Array
   cache: Optional[dict]
   aux: dict
@@ -57,10 +60,11 @@ class Context:
   The functional `forward` and the `wina_jax.nn` modules both route every site through one `Context`.
   """
 
-  def __init__(self, sparsifier: Any = S.dense, sparse_tok: Optional[jax.Array] = None,
-               collect: Sequence[str] = ()):
+  def __init__(
+    self, sparsifier: Any = S.dense, sparse_tok: Optional[jax.Array] = None, collect: Sequence[str] = ()
+  ):
     self.sparsifier = sparsifier
-    self.sparse_tok = sparse_tok            # [T] bool, or None when every token is sparse
+    self.sparse_tok = sparse_tok  # [T] bool, or None when every token is sparse
     self.collect = frozenset(collect)
     self.aux: dict[str, dict] = {k: {} for k in self.collect}
 
@@ -73,8 +77,11 @@ class Context:
     if "inputs" in self.collect:
       self.aux["inputs"][site] = x
     if "zero_frac" in self.collect:
-      w = jnp.ones(x.shape[:2], jnp.float32) if self.sparse_tok is None else (
-          jnp.broadcast_to(self.sparse_tok[None, :], x.shape[:2]).astype(jnp.float32))
+      w = (
+        jnp.ones(x.shape[:2], jnp.float32)
+        if self.sparse_tok is None
+        else (jnp.broadcast_to(self.sparse_tok[None, :], x.shape[:2]).astype(jnp.float32))
+      )
       frac = jnp.mean((xs == 0).astype(jnp.float32), axis=-1)
       self.aux["zero_frac"][site] = jnp.sum(frac * w) / jnp.maximum(jnp.sum(w), 1.0)
 
@@ -92,7 +99,7 @@ class Context:
     fused = getattr(self.sparsifier, "linear", None)
     if fused is not None and not (self.collect & {"inputs", "zero_frac"}):
       y = fused(site, x, kernel)
-      if self.sparse_tok is not None:   # dense-prefix tokens need the dense product too
+      if self.sparse_tok is not None:  # dense-prefix tokens need the dense product too
         y = self._select(y, x @ kernel)
     else:
       y = self.mask(site, x, kernel) @ kernel
@@ -104,8 +111,15 @@ class Context:
 Project = Callable[[str, jax.Array], jax.Array]
 
 
-def attention_block(cfg: ModelConfig, x: jax.Array, project: Project, positions: jax.Array,
-                    kv: Optional[dict], kv_len, attention: str = "xla") -> tuple[jax.Array, Optional[dict]]:
+def attention_block(
+  cfg: ModelConfig,
+  x: jax.Array,
+  project: Project,
+  positions: jax.Array,
+  kv: Optional[dict],
+  kv_len,
+  attention: str = "xla",
+) -> tuple[jax.Array, Optional[dict]]:
   """Attention of the normed input `x` [B, T, d] (before the residual add) -> (out [B, T, d], new kv).
 
   positions: [T] absolute positions; kv: this layer's cache {'k', 'v': [B, S, K, hd]} or None;
@@ -119,10 +133,19 @@ def attention_block(cfg: ModelConfig, x: jax.Array, project: Project, positions:
   if attention not in ATTENTION_BACKENDS:
     raise ValueError(f"attention {attention!r} is not one of {ATTENTION_BACKENDS}")
   if attention != "xla" and kv is not None and DA.supported(b, t, cfg.head_dim):
-    q, k, v = (y.reshape(b, -1, cfg.head_dim) for y in (q, k, v))     # [B, heads, hd]: t == 1
-    o, k, v = DA.decode_attention(q, k, v, kv["k"], kv["v"], positions[0],
-                                  L.rope_inv_freq(cfg), rotary_dim=cfg.rotary_dim, window=cfg.sliding_window,
-                                  interpret=attention == "interpret")
+    q, k, v = (y.reshape(b, -1, cfg.head_dim) for y in (q, k, v))  # [B, heads, hd]: t == 1
+    o, k, v = DA.decode_attention(
+      q,
+      k,
+      v,
+      kv["k"],
+      kv["v"],
+      positions[0],
+      L.rope_inv_freq(cfg),
+      rotary_dim=cfg.rotary_dim,
+      window=cfg.sliding_window,
+      interpret=attention == "interpret",
+    )
     return project("o_proj", o.reshape(b, t, cfg.q_dim)), {"k": k, "v": v}
   q = L.apply_rope(q.reshape(b, t, cfg.num_attention_heads, cfg.head_dim), positions, cfg)
   k = L.apply_rope(k.reshape(b, t, cfg.num_key_value_heads, cfg.head_dim), positions, cfg)
@@ -147,8 +170,9 @@ def mlp_block(cfg: ModelConfig, x: jax.Array, project: Project, layer: int, ctx:
   return project("down_proj", act * up)
 
 
-def residual_layer(h: jax.Array, layer: int, ctx: Context, attn: Callable, mlp: Callable,
-                   rotate: Callable) -> tuple[jax.Array, Optional[dict]]:
+def residual_layer(
+  h: jax.Array, layer: int, ctx: Context, attn: Callable, mlp: Callable, rotate: Callable
+) -> tuple[jax.Array, Optional[dict]]:
   """The residual structure of one decoder layer: `h` [B, T, d] -> (output residual, updated kv).
 
   attn(h) -> (out, kv) and mlp(h) -> out norm their own input; rotate(key, h) applies the optional
@@ -163,9 +187,19 @@ def residual_layer(h: jax.Array, layer: int, ctx: Context, attn: Callable, mlp: 
   return rotate("residual_mlp", h) + mlp(h), kv
 
 
-def _layer(cfg: ModelConfig, lp: dict, h: jax.Array, layer: int, ctx: Context, positions: jax.Array,
-           kv: Optional[dict], kv_len, attention: str = "xla") -> tuple[jax.Array, Optional[dict]]:
+def _layer(
+  cfg: ModelConfig,
+  lp: dict,
+  h: jax.Array,
+  layer: int,
+  ctx: Context,
+  positions: jax.Array,
+  kv: Optional[dict],
+  kv_len,
+  attention: str = "xla",
+) -> tuple[jax.Array, Optional[dict]]:
   """One decoder layer over its params dict `lp`: residual [B, T, d] in -> (residual out, updated kv)."""
+
   def project(block):
     return lambda proj, x: ctx.linear(S.site_name(layer, block, proj), x, lp[block][proj])
 
@@ -180,8 +214,9 @@ def _layer(cfg: ModelConfig, lp: dict, h: jax.Array, layer: int, ctx: Context, p
   return residual_layer(h, layer, ctx, attn, mlp, lambda key, h: h @ lp[key]["kernel"] if key in lp else h)
 
 
-def decoder_layer_aux(cfg: ModelConfig, lp: dict, h: jax.Array, layer: int, sparsifier: Any = S.dense,
-                      collect: Sequence[str] = ()) -> tuple[jax.Array, dict]:
+def decoder_layer_aux(
+  cfg: ModelConfig, lp: dict, h: jax.Array, layer: int, sparsifier: Any = S.dense, collect: Sequence[str] = ()
+) -> tuple[jax.Array, dict]:
   """One decoder layer without a cache, every token sparse: residual `h` [B, T, d] entering layer `layer`
   -> (its output residual [B, T, d], aux collected as in `forward`). For per-layer calibration."""
   positions = jnp.arange(h.shape[1], dtype=jnp.int32)
@@ -189,7 +224,9 @@ def decoder_layer_aux(cfg: ModelConfig, lp: dict, h: jax.Array, layer: int, spar
   return _layer(cfg, lp, h, layer, ctx, positions, None, h.shape[1])[0], ctx.aux
 
 
-def decoder_layer(cfg: ModelConfig, lp: dict, h: jax.Array, layer: int, sparsifier: Any = S.dense) -> jax.Array:
+def decoder_layer(
+  cfg: ModelConfig, lp: dict, h: jax.Array, layer: int, sparsifier: Any = S.dense
+) -> jax.Array:
   """`decoder_layer_aux` without the aux: the output residual [B, T, d]."""
   return decoder_layer_aux(cfg, lp, h, layer, sparsifier)[0]
 
@@ -202,17 +239,32 @@ def lm_head_kernel(params: Params, cfg: ModelConfig) -> jax.Array:
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> dict:
   """Empty KV cache with `max_len` slots: {'length': int32[], 'layers': {i: {'k','v': [B, S, K, hd]}}}."""
   if max_len > cfg.max_position_embeddings:
-    raise ValueError(f"cache of {max_len} positions exceeds max_position_embeddings="
-                     f"{cfg.max_position_embeddings}; use a shorter max_len")
+    raise ValueError(
+      f"cache of {max_len} positions exceeds max_position_embeddings="
+      f"{cfg.max_position_embeddings}; use a shorter max_len"
+    )
   shape = (batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
-  return {"length": jnp.zeros((), jnp.int32),
-          "layers": {str(i): {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
-                     for i in range(cfg.num_hidden_layers)}}
+  return {
+    "length": jnp.zeros((), jnp.int32),
+    "layers": {
+      str(i): {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+      for i in range(cfg.num_hidden_layers)
+    },
+  }
 
 
-def run_decoder(cfg: ModelConfig, tokens: jax.Array, embed: Callable, layer: Callable, head: Callable,
-                sparsifier: Any = S.dense, *, cache: Optional[dict] = None,
-                dense_prefix: Optional[jax.Array] = None, collect: Sequence[str] = ()) -> Output:
+def run_decoder(
+  cfg: ModelConfig,
+  tokens: jax.Array,
+  embed: Callable,
+  layer: Callable,
+  head: Callable,
+  sparsifier: Any = S.dense,
+  *,
+  cache: Optional[dict] = None,
+  dense_prefix: Optional[jax.Array] = None,
+  collect: Sequence[str] = (),
+) -> Output:
   """The decoder around its weights: checks, positions, the layer loop, the cache and the logits.
 
   embed(tokens [B, T]) -> h [B, T, d]; layer(i, h, ctx, positions, kv, kv_len) -> (h, kv) for layer i;
@@ -225,8 +277,10 @@ def run_decoder(cfg: ModelConfig, tokens: jax.Array, embed: Callable, layer: Cal
   b, t = tokens.shape
   limit = cfg.max_position_embeddings if cache is None else cache["layers"]["0"]["k"].shape[1]
   if t > limit:
-    raise ValueError(f"sequence of {t} tokens exceeds the {'cache size' if cache else 'max_position_embeddings'}"
-                     f" ({limit}); truncate the input or use a larger cache")
+    raise ValueError(
+      f"sequence of {t} tokens exceeds the {'cache size' if cache else 'max_position_embeddings'}"
+      f" ({limit}); truncate the input or use a larger cache"
+    )
   start = jnp.zeros((), jnp.int32) if cache is None else cache["length"]
   positions = start + jnp.arange(t, dtype=jnp.int32)
   kv_len = start + t
@@ -238,14 +292,22 @@ def run_decoder(cfg: ModelConfig, tokens: jax.Array, embed: Callable, layer: Cal
     kv = None if cache is None else cache["layers"][str(i)]
     h, new_layers[str(i)] = layer(i, h, ctx, positions, kv, kv_len)
   logits = head(h)
-  logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))   # float64 params keep float64
+  logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))  # float64 params keep float64
   new_cache = None if cache is None else {"length": kv_len, "layers": new_layers}
   return Output(logits, new_cache, ctx.aux)
 
 
-def forward(params: Params, tokens: jax.Array, cfg: ModelConfig, sparsifier: Any = S.dense, *,
-            cache: Optional[dict] = None, dense_prefix: Optional[jax.Array] = None,
-            collect: Sequence[str] = (), attention: str = "xla") -> Output:
+def forward(
+  params: Params,
+  tokens: jax.Array,
+  cfg: ModelConfig,
+  sparsifier: Any = S.dense,
+  *,
+  cache: Optional[dict] = None,
+  dense_prefix: Optional[jax.Array] = None,
+  collect: Sequence[str] = (),
+  attention: str = "xla",
+) -> Output:
   """Run the decoder on `tokens` [B, T] (int).
 
   sparsifier: a `wina_jax.sites.Sparsifier` called at every site (default: identity).
@@ -257,14 +319,24 @@ def forward(params: Params, tokens: jax.Array, cfg: ModelConfig, sparsifier: Any
     'layers.i.mlp': [B, T, d]} residual stream entering each block).
   attention: how cached one-token steps attend, one of ATTENTION_BACKENDS (default 'xla').
   """
+
   def layer(i, h, ctx, positions, kv, kv_len):
     return _layer(cfg, params["layers"][str(i)], h, i, ctx, positions, kv, kv_len, attention)
 
   def head(h):
     return L.rms_norm(h, params["norm"]["scale"], cfg.rms_norm_eps) @ lm_head_kernel(params, cfg)
 
-  return run_decoder(cfg, tokens, lambda tok: params["embed_tokens"]["embedding"][tok], layer, head,
-                     sparsifier, cache=cache, dense_prefix=dense_prefix, collect=collect)
+  return run_decoder(
+    cfg,
+    tokens,
+    lambda tok: params["embed_tokens"]["embedding"][tok],
+    layer,
+    head,
+    sparsifier,
+    cache=cache,
+    dense_prefix=dense_prefix,
+    collect=collect,
+  )
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "static_sparsifier", "collect"))
@@ -281,9 +353,16 @@ def split_sparsifier(sparsifier: Any) -> tuple[Any, Any]:
   return sparsifier, None
 
 
-def jit_forward(params: Params, tokens: jax.Array, cfg: ModelConfig, sparsifier: Any = S.dense, *,
-                cache: Optional[dict] = None, dense_prefix: Optional[jax.Array] = None,
-                collect: Sequence[str] = ()) -> Output:
+def jit_forward(
+  params: Params,
+  tokens: jax.Array,
+  cfg: ModelConfig,
+  sparsifier: Any = S.dense,
+  *,
+  cache: Optional[dict] = None,
+  dense_prefix: Optional[jax.Array] = None,
+  collect: Sequence[str] = (),
+) -> Output:
   """`forward` under `jax.jit`, the sparsifier traced or static as `split_sparsifier` says."""
   dense_prefix = None if dense_prefix is None else jnp.asarray(dense_prefix, jnp.int32)
   return _jitted(params, tokens, cfg, *split_sparsifier(sparsifier), cache, dense_prefix, tuple(collect))

@@ -29,10 +29,12 @@ Two choices, both to keep the two paths interchangeable:
   collection: it is the pytree `wina_jax.decode` donates and `wina_jax.sharding` shards, and one prefill
   can feed many decode continuations without copying module state.
 """
+
 from __future__ import annotations
 
 import functools
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
@@ -47,11 +49,11 @@ from wina_jax.convert.load import expected_shapes
 Dtype = Any
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _layer_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
   """expected_shapes of layer 0 (every layer has the same): {'self_attn/q_proj/kernel': shape, ...}."""
   prefix = "layers/0/"
-  return {k[len(prefix):]: v for k, v in expected_shapes(cfg).items() if k.startswith(prefix)}
+  return {k[len(prefix) :]: v for k, v in expected_shapes(cfg).items() if k.startswith(prefix)}
 
 
 def _positions(x: jax.Array, ctx: Optional[M.Context], positions: Optional[jax.Array], kv_len):
@@ -62,6 +64,7 @@ def _positions(x: jax.Array, ctx: Optional[M.Context], positions: Optional[jax.A
 
 class RMSNorm(nn.Module):
   """HF RMSNorm (`layers.rms_norm`): [..., d] -> [..., d]. Param `scale` [d] (ones)."""
+
   eps: float
   param_dtype: Dtype = jnp.float32
 
@@ -73,14 +76,19 @@ class RMSNorm(nn.Module):
 
 class Embed(nn.Module):
   """Token embedding: tokens [B, T] -> [B, T, d]; `attend(h)` is the tied lm_head h @ embedding.T."""
+
   num_embeddings: int
   features: int
   init_std: float = 0.02
   param_dtype: Dtype = jnp.float32
 
   def setup(self):
-    self.embedding = self.param("embedding", nn.initializers.normal(self.init_std),
-                                (self.num_embeddings, self.features), self.param_dtype)
+    self.embedding = self.param(
+      "embedding",
+      nn.initializers.normal(self.init_std),
+      (self.num_embeddings, self.features),
+      self.param_dtype,
+    )
 
   def __call__(self, tokens: jax.Array) -> jax.Array:
     return self.embedding[tokens]
@@ -92,6 +100,7 @@ class Embed(nn.Module):
 class Linear(nn.Module):
   """x [..., d_in] -> [..., features] through `kernel` [d_in, features] (+ `bias`), sparsified at `site`
   by `ctx` (`model.Context.linear`); without a ctx it is the dense product."""
+
   features: int
   use_bias: bool = False
   init_std: float = 0.02
@@ -99,8 +108,11 @@ class Linear(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, ctx: Optional[M.Context] = None, site: str = "") -> jax.Array:
-    lin = {"kernel": self.param("kernel", nn.initializers.normal(self.init_std),
-                                (x.shape[-1], self.features), self.param_dtype)}
+    lin = {
+      "kernel": self.param(
+        "kernel", nn.initializers.normal(self.init_std), (x.shape[-1], self.features), self.param_dtype
+      )
+    }
     if self.use_bias:
       lin["bias"] = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
     return (ctx or M.Context()).linear(site, x, lin)
@@ -108,6 +120,7 @@ class Linear(nn.Module):
 
 class _Block(nn.Module):
   """Shared fields of the per-layer modules; `project` makes the named linears of one block."""
+
   cfg: ModelConfig
   layer: int = 0
   init_std: float = 0.02
@@ -117,9 +130,15 @@ class _Block(nn.Module):
     shapes = _layer_shapes(self.cfg)
 
     def apply(proj, x):
-      lin = Linear(shapes[f"{block}/{proj}/kernel"][1], f"{block}/{proj}/bias" in shapes, self.init_std,
-                   self.param_dtype, name=proj)
+      lin = Linear(
+        shapes[f"{block}/{proj}/kernel"][1],
+        f"{block}/{proj}/bias" in shapes,
+        self.init_std,
+        self.param_dtype,
+        name=proj,
+      )
       return lin(x, ctx, S.site_name(self.layer, block, proj))
+
     return apply
 
 
@@ -131,8 +150,14 @@ class Attention(_Block):
   """
 
   @nn.compact
-  def __call__(self, x: jax.Array, ctx: Optional[M.Context] = None, positions: Optional[jax.Array] = None,
-               kv: Optional[dict] = None, kv_len=None) -> tuple[jax.Array, Optional[dict]]:
+  def __call__(
+    self,
+    x: jax.Array,
+    ctx: Optional[M.Context] = None,
+    positions: Optional[jax.Array] = None,
+    kv: Optional[dict] = None,
+    kv_len=None,
+  ) -> tuple[jax.Array, Optional[dict]]:
     ctx, positions, kv_len = _positions(x, ctx, positions, kv_len)
     return M.attention_block(self.cfg, x, self.project("self_attn", ctx), positions, kv, kv_len)
 
@@ -155,8 +180,14 @@ class DecoderLayer(_Block):
   """
 
   @nn.compact
-  def __call__(self, h: jax.Array, ctx: Optional[M.Context] = None, positions: Optional[jax.Array] = None,
-               kv: Optional[dict] = None, kv_len=None) -> tuple[jax.Array, Optional[dict]]:
+  def __call__(
+    self,
+    h: jax.Array,
+    ctx: Optional[M.Context] = None,
+    positions: Optional[jax.Array] = None,
+    kv: Optional[dict] = None,
+    kv_len=None,
+  ) -> tuple[jax.Array, Optional[dict]]:
     ctx, positions, kv_len = _positions(h, ctx, positions, kv_len)
     cfg, kw = self.cfg, dict(layer=self.layer, init_std=self.init_std, param_dtype=self.param_dtype)
 
@@ -176,6 +207,7 @@ class DecoderLayer(_Block):
 
 class _Layers(nn.Module):
   """The `layers` scope: layer i is its child named str(i), as in the params dict."""
+
   cfg: ModelConfig
   init_std: float = 0.02
   param_dtype: Dtype = jnp.float32
@@ -193,20 +225,37 @@ class CausalLM(nn.Module):
   [B, T, vocab] float32, cache, aux), arguments and results exactly as `model.forward`'s.
   init_std: std of the normal init of kernels and the embedding; param_dtype: dtype of created params.
   """
+
   cfg: ModelConfig
   init_std: float = 0.02
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, tokens: jax.Array, sparsifier: Any = S.dense, *, cache: Optional[dict] = None,
-               dense_prefix: Optional[jax.Array] = None, collect: Sequence[str] = ()) -> M.Output:
+  def __call__(
+    self,
+    tokens: jax.Array,
+    sparsifier: Any = S.dense,
+    *,
+    cache: Optional[dict] = None,
+    dense_prefix: Optional[jax.Array] = None,
+    collect: Sequence[str] = (),
+  ) -> M.Output:
     cfg, kw = self.cfg, dict(init_std=self.init_std, param_dtype=self.param_dtype)
     embed = Embed(cfg.vocab_size, cfg.hidden_size, **kw, name="embed_tokens")
     layers = _Layers(cfg, **kw, name="layers")
     norm = RMSNorm(cfg.rms_norm_eps, self.param_dtype, name="norm")
     lm_head = embed.attend if cfg.tie_word_embeddings else Linear(cfg.vocab_size, **kw, name="lm_head")
-    return M.run_decoder(cfg, tokens, embed, layers, lambda h: lm_head(norm(h)), sparsifier, cache=cache,
-                         dense_prefix=dense_prefix, collect=collect)
+    return M.run_decoder(
+      cfg,
+      tokens,
+      embed,
+      layers,
+      lambda h: lm_head(norm(h)),
+      sparsifier,
+      cache=cache,
+      dense_prefix=dense_prefix,
+      collect=collect,
+    )
 
   def init_cache(self, batch: int, max_len: int, dtype: Optional[Dtype] = None) -> dict:
     """An empty KV cache for `__call__(..., cache=)` (`model.init_cache`); dtype defaults to param_dtype."""

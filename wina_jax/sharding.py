@@ -22,19 +22,22 @@ axis does not divide (or, for attention, that would split a head) stays replicat
 KV cache [B, S, K, hd]: batch over 'data', kv heads over 'model' when K divides.
 Sparsifier state (thresholds, norms) is small and replicated (`replicate`).
 """
+
 from __future__ import annotations
 
 import re
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any, Optional
 
 import jax
 import numpy as np
 from flax import traverse_util
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from wina_jax import families
 from wina_jax.config import ModelConfig
-from wina_jax.families.base import FSDP, TP   # logical axes: tensor parallel -> 'model', FSDP -> 'data'/none
+from wina_jax.families.base import FSDP, TP  # logical axes: tensor parallel -> 'model', FSDP -> 'data'/none
 
 AXES = ("data", "model")
 
@@ -47,8 +50,10 @@ def parse_mesh(spec: str) -> dict[str, int]:
   for part in filter(None, (p.strip() for p in spec.split(","))):
     name, sep, size = part.partition(":")
     if not sep or name not in AXES or not re.fullmatch(r"-1|\d+", size.strip()) or int(size) == 0:
-      raise ValueError(f"bad mesh entry {part!r} in {spec!r}; write e.g. 'data:1,model:4' with axes {AXES}"
-                       " and positive sizes (one may be -1)")
+      raise ValueError(
+        f"bad mesh entry {part!r} in {spec!r}; write e.g. 'data:1,model:4' with axes {AXES}"
+        " and positive sizes (one may be -1)"
+      )
     if name in sizes:
       raise ValueError(f"mesh axis {name!r} given twice in {spec!r}")
     sizes[name] = int(size)
@@ -70,8 +75,10 @@ def make_mesh(spec: str = "model:-1", devices: Optional[Sequence[Any]] = None) -
     sizes = {a: len(devices) // known if s == -1 else s for a, s in sizes.items()}
   n = int(np.prod(list(sizes.values())))
   if n > len(devices):
-    raise ValueError(f"mesh {spec!r} needs {n} devices but only {len(devices)} are visible; on CPU set "
-                     f"XLA_FLAGS=--xla_force_host_platform_device_count={n} before jax starts")
+    raise ValueError(
+      f"mesh {spec!r} needs {n} devices but only {len(devices)} are visible; on CPU set "
+      f"XLA_FLAGS=--xla_force_host_platform_device_count={n} before jax starts"
+    )
   shape = tuple(sizes[a] for a in AXES)
   return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices[:n])
 
@@ -101,20 +108,24 @@ def spec_for(path: str, shape: tuple, cfg: ModelConfig, mesh: Mesh, fsdp: bool =
   for pattern, candidates, unit in family.sharding_rules:
     if re.search(pattern, path):
       if len(candidates[0]) != len(shape):
-        raise ValueError(f"param {path} has shape {shape}; its partition rule {pattern!r} expects "
-                         f"{len(candidates[0])} dims")
+        raise ValueError(
+          f"param {path} has shape {shape}; its partition rule {pattern!r} expects {len(candidates[0])} dims"
+        )
       step = getattr(cfg, unit) if unit else 1
       fitted = [_fit(c, shape, mesh, fsdp, step) for c in candidates]
       return next((spec for spec, tp_ok in fitted if tp_ok), fitted[0][0])
-  raise ValueError(f"no partition rule matches param {path!r}; add one to the sharding_rules of "
-                   f"wina_jax/families/{family.name}.py")
+  raise ValueError(
+    f"no partition rule matches param {path!r}; add one to the sharding_rules of "
+    f"wina_jax/families/{family.name}.py"
+  )
 
 
 def param_specs(params: dict, cfg: ModelConfig, mesh: Mesh, fsdp: bool = False) -> dict:
   """Pytree of PartitionSpec matching `params` (the `wina_jax.model` layout)."""
   flat = traverse_util.flatten_dict(params, sep="/")
   return traverse_util.unflatten_dict(
-      {k: spec_for(k, tuple(v.shape), cfg, mesh, fsdp) for k, v in flat.items()}, sep="/")
+    {k: spec_for(k, tuple(v.shape), cfg, mesh, fsdp) for k, v in flat.items()}, sep="/"
+  )
 
 
 def named(mesh: Mesh, specs: Any) -> Any:
@@ -130,9 +141,12 @@ def shard_params(params: dict, cfg: ModelConfig, mesh: Mesh, fsdp: bool = False)
 def cache_specs(cache: dict, cfg: ModelConfig, mesh: Mesh) -> dict:
   """Specs for a `model.init_cache` pytree: k/v [B, S, K, hd] over batch ('data') and kv heads ('model')."""
   b = cache["layers"]["0"]["k"].shape[0]
-  kv = P("data" if mesh.shape["data"] > 1 and b % mesh.shape["data"] == 0 else None, None,
-         "model" if mesh.shape["model"] > 1 and cfg.num_key_value_heads % mesh.shape["model"] == 0 else None,
-         None)
+  kv = P(
+    "data" if mesh.shape["data"] > 1 and b % mesh.shape["data"] == 0 else None,
+    None,
+    "model" if mesh.shape["model"] > 1 and cfg.num_key_value_heads % mesh.shape["model"] == 0 else None,
+    None,
+  )
   return {"length": P(), "layers": {i: {"k": kv, "v": kv} for i in cache["layers"]}}
 
 
@@ -143,6 +157,7 @@ def shard_cache(cache: dict, cfg: ModelConfig, mesh: Mesh) -> dict:
 def init_sharded_cache(cfg: ModelConfig, batch: int, max_len: int, mesh: Mesh, dtype=None) -> dict:
   """`wina_jax.model.init_cache`, created directly in its sharded layout (no full copy on one device)."""
   from wina_jax import model
+
   kw = {} if dtype is None else {"dtype": dtype}
   abstract = jax.eval_shape(lambda: model.init_cache(cfg, batch, max_len, **kw))
   shardings = named(mesh, cache_specs(abstract, cfg, mesh))

@@ -9,6 +9,7 @@ The model knows sparsifiers only through `Sparsifier`: a callable `(site, x, ker
 A sparsifier may also define `linear(site, x, kernel) -> y` to compute the masked matmul itself
 (a fused GPU kernel); the model then calls that instead of `mask @ kernel`.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Protocol, runtime_checkable
@@ -25,8 +26,7 @@ ACT = "act"
 class Sparsifier(Protocol):
   """Masks the input of a site. `x`: [..., d_in]; `kernel`: [d_in, d_out] or None at `act` sites."""
 
-  def __call__(self, site: str, x: jax.Array, kernel: Optional[jax.Array]) -> jax.Array:
-    ...
+  def __call__(self, site: str, x: jax.Array, kernel: Optional[jax.Array]) -> jax.Array: ...
 
 
 def dense(site: str, x: jax.Array, kernel: Optional[jax.Array]) -> jax.Array:
@@ -49,8 +49,12 @@ def site_name(layer: int, block: str, proj: str) -> str:
 
 def linear_sites(cfg: ModelConfig) -> list[str]:
   """Every linear site of the model, in forward order (lm_head is never sparsified)."""
-  return [site_name(l, b, p) for l in range(cfg.num_hidden_layers)
-          for b, projs in families.proj_shapes(cfg).items() for p in projs]
+  return [
+    site_name(l, b, p)
+    for l in range(cfg.num_hidden_layers)
+    for b, projs in families.proj_shapes(cfg).items()
+    for p in projs
+  ]
 
 
 def act_sites(cfg: ModelConfig) -> list[str]:
@@ -74,5 +78,9 @@ def site_kernel(params: dict, site: str) -> jax.Array:
 def site_param_counts(cfg: ModelConfig) -> dict[str, int]:
   """Weights of each linear site: d_in * d_out."""
   shapes = families.proj_shapes(cfg)
-  return {site_name(l, b, p): d_in * d_out for l in range(cfg.num_hidden_layers)
-          for b, projs in shapes.items() for p, (d_in, d_out) in projs.items()}
+  return {
+    site_name(l, b, p): d_in * d_out
+    for l in range(cfg.num_hidden_layers)
+    for b, projs in shapes.items()
+    for p, (d_in, d_out) in projs.items()
+  }

@@ -1,4 +1,5 @@
 """Random-weight models of real shapes, for tests, notebooks and the decode benchmarks."""
+
 from __future__ import annotations
 
 import functools
@@ -24,12 +25,20 @@ def _normal(path: str, shape: tuple, scale_noise: float) -> tuple[float, float]:
 @functools.cache
 def _initializer(shape: tuple, sharding, mean: float, std: float, dtype):
   """One jitted initializer per (shape, sharding, distribution): key -> N(mean, std^2), made in place."""
-  return jax.jit(lambda key: (mean + jax.random.normal(key, shape, jnp.float32) * std).astype(dtype),
-                 out_shardings=sharding)
+  return jax.jit(
+    lambda key: (mean + jax.random.normal(key, shape, jnp.float32) * std).astype(dtype),
+    out_shardings=sharding,
+  )
 
 
-def random_params(cfg: ModelConfig, key: Union[int, jax.Array] = 0, dtype=jnp.bfloat16, *,
-                  scale_noise: float = 0.0, shardings: Optional[dict] = None) -> dict:
+def random_params(
+  cfg: ModelConfig,
+  key: Union[int, jax.Array] = 0,
+  dtype=jnp.bfloat16,
+  *,
+  scale_noise: float = 0.0,
+  shardings: Optional[dict] = None,
+) -> dict:
   """Params of every shape `cfg` implies (`convert.load.expected_shapes`, `wina_jax.model` layout):
   N(0, 1/d_in) kernels [in, out], N(0, 1) embedding, N(0, 0.02^2) biases, norm scales N(1, scale_noise^2).
 
@@ -46,7 +55,8 @@ def random_params(cfg: ModelConfig, key: Union[int, jax.Array] = 0, dtype=jnp.bf
   else:
     keys = iter(jax.random.split(key, len(shapes)))
     draw = lambda path, shape, mean, std: _initializer(shape, (shardings or {}).get(path), mean, std, dtype)(
-        next(keys))
+      next(keys)
+    )
   flat = {p: jnp.asarray(draw(p, s, *_normal(p, s, scale_noise)), dtype) for p, s in shapes.items()}
   return traverse_util.unflatten_dict(flat, sep="/")
 
@@ -59,5 +69,10 @@ def add_shortcuts(params: dict, seed: int) -> dict:
   rng = np.random.default_rng(seed)
   q = np.linalg.qr(rng.standard_normal((d, d)).astype(np.float32))[0]
   rot = lambda: jnp.asarray(q[rng.permutation(d)] * rng.choice([-1.0, 1.0], (1, d)).astype(np.float32), dtype)
-  return {**params, "layers": {i: {**lp, "residual_attn": {"kernel": rot()}, "residual_mlp": {"kernel": rot()}}
-                               for i, lp in params["layers"].items()}}
+  return {
+    **params,
+    "layers": {
+      i: {**lp, "residual_attn": {"kernel": rot()}, "residual_mlp": {"kernel": rot()}}
+      for i, lp in params["layers"].items()
+    },
+  }

@@ -1,4 +1,5 @@
 """Tokenizers through transformers, GGUF-embedded ones included (cached after the first conversion)."""
+
 from __future__ import annotations
 
 import os
@@ -10,6 +11,7 @@ from wina_jax.convert import cache
 def load_tokenizer(name_or_path: str):
   """A transformers tokenizer from a model name in `assets.MODELS`, a GGUF file or an HF checkpoint folder."""
   import transformers
+
   path = assets.model_path(name_or_path)
   if os.path.isfile(path) and path.endswith(".gguf"):
     saved = cache.file_key(path, "tokenizer")

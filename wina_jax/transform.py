@@ -21,9 +21,11 @@ When K has rank r < d (GQA k_proj) the last d - r columns of Q (a basis of K's n
 An untransformed block (see `blocks=`) has Q = I; shortcuts between two identity bases are omitted.
 The embedding mean is NOT subtracted (that breaks invariance on RMSNorm models).
 """
+
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from collections.abc import Iterable
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -31,13 +33,13 @@ import numpy as np
 import threadpoolctl
 from flax import traverse_util
 
-from wina_jax import families
 from wina_jax import bases as B
+from wina_jax import families
 from wina_jax import sites as S
 from wina_jax.config import ModelConfig
 
 BLOCKS = ("self_attn", "mlp")
-Block = tuple[int, str]          # (layer, 'self_attn' | 'mlp')
+Block = tuple[int, str]  # (layer, 'self_attn' | 'mlp')
 HI = jax.lax.Precision.HIGHEST
 
 
@@ -72,8 +74,9 @@ def orthogonalizing_basis(kernel: np.ndarray, basis: str = "svd") -> np.ndarray:
   """[d, d] orthogonal Q (float64) with Q^T kernel [d, n] row-orthogonal; the null-space part is LAPACK's
   ('svd') or the axis-aligned one ('axis'). 'learned' needs data: see `block_bases`."""
   if B.check_basis(basis) == "learned":
-    raise ValueError("basis='learned' is fitted on calibration inputs: use block_bases / transform with "
-                     "calib_windows=...")
+    raise ValueError(
+      "basis='learned' is fitted on calibration inputs: use block_bases / transform with calib_windows=..."
+    )
   q, r = svd_basis(kernel)
   if basis == "svd" or r == q.shape[0]:
     return q
@@ -86,8 +89,9 @@ def _check_blocks(blocks: Optional[Iterable[Block]], cfg: ModelConfig) -> set[Bl
   out = set()
   for l, b in blocks:
     if b not in BLOCKS or not 0 <= l < cfg.num_hidden_layers:
-      raise ValueError(f"bad block {(l, b)!r}; expected (layer in [0, {cfg.num_hidden_layers}), "
-                       f"one of {BLOCKS})")
+      raise ValueError(
+        f"bad block {(l, b)!r}; expected (layer in [0, {cfg.num_hidden_layers}), one of {BLOCKS})"
+      )
     out.add((int(l), b))
   return out
 
@@ -95,15 +99,20 @@ def _check_blocks(blocks: Optional[Iterable[Block]], cfg: ModelConfig) -> set[Bl
 def block_inputs(params: dict, cfg: ModelConfig, windows: np.ndarray) -> dict[Block, np.ndarray]:
   """{(layer, block): [N * T, d] RMS-normalised (unit gain) dense inputs of the block} on token windows."""
   from wina_jax.layers import rms_norm
-  from wina_jax.model import forward     # the learned basis is fitted on the model's own activations
+  from wina_jax.model import forward  # the learned basis is fitted on the model's own activations
+
   windows = np.asarray(windows)
   if windows.ndim != 2 or windows.size == 0:
     raise ValueError(f"basis='learned' needs calibration token windows [N, T], got shape {windows.shape}")
   res = forward(params, jnp.asarray(windows), cfg, collect=("residual",)).aux["residual"]
   one = jnp.ones((cfg.hidden_size,), jnp.float32)
-  return {(l, b): np.asarray(rms_norm(res[f"layers.{l}.{b}"].astype(jnp.float32), one, cfg.rms_norm_eps)
-                             ).reshape(-1, cfg.hidden_size)
-          for l in range(cfg.num_hidden_layers) for b in BLOCKS}
+  return {
+    (l, b): np.asarray(rms_norm(res[f"layers.{l}.{b}"].astype(jnp.float32), one, cfg.rms_norm_eps)).reshape(
+      -1, cfg.hidden_size
+    )
+    for l in range(cfg.num_hidden_layers)
+    for b in BLOCKS
+  }
 
 
 def input_kernels(lp: dict, cfg: ModelConfig, block: str) -> list[np.ndarray]:
@@ -112,9 +121,16 @@ def input_kernels(lp: dict, cfg: ModelConfig, block: str) -> list[np.ndarray]:
   return [g[:, None] * _f64(lp[block][p]["kernel"]) for p in S.block_sites(cfg, block)[:-1]]
 
 
-def block_bases(params: dict, cfg: ModelConfig, blocks: Optional[Iterable[Block]] = None, *,
-                basis: str = "svd", calib_windows: Optional[np.ndarray] = None, basis_sparsity: float = 0.5,
-                info: Optional[dict] = None) -> dict[Block, Optional[np.ndarray]]:
+def block_bases(
+  params: dict,
+  cfg: ModelConfig,
+  blocks: Optional[Iterable[Block]] = None,
+  *,
+  basis: str = "svd",
+  calib_windows: Optional[np.ndarray] = None,
+  basis_sparsity: float = 0.5,
+  info: Optional[dict] = None,
+) -> dict[Block, Optional[np.ndarray]]:
   """{(layer, block): Q [d, d] float64, or None (identity) for blocks not in `blocks` (default: all)}.
 
   basis: the null-space choice (`wina_jax.bases`); 'learned' fits it on `calib_windows` [N, T] at
@@ -127,8 +143,10 @@ def block_bases(params: dict, cfg: ModelConfig, blocks: Optional[Iterable[Block]
     out = {(l, b): None for l in range(cfg.num_hidden_layers) for b in BLOCKS}
     free = [blk for blk, (q, r) in svd.items() if r < q.shape[0]]
     if basis == "learned" and free and calib_windows is None:
-      raise ValueError("basis='learned' fits the null-space rotation on calibration activations: pass "
-                       "calib_windows=[N, T] token windows")
+      raise ValueError(
+        "basis='learned' fits the null-space rotation on calibration activations: pass "
+        "calib_windows=[N, T] token windows"
+      )
     inputs = block_inputs(params, cfg, calib_windows) if basis == "learned" and free else {}
     for blk, (q, r) in svd.items():
       if basis == "svd" or r == q.shape[0]:
@@ -167,9 +185,15 @@ def _shortcut(a: Optional[np.ndarray], b: Optional[np.ndarray]) -> Optional[np.n
   return a.T @ b
 
 
-def transform(params: dict, cfg: ModelConfig, *, blocks: Optional[Iterable[Block]] = None, basis: str = "svd",
-              calib_windows: Optional[np.ndarray] = None, basis_sparsity: float = 0.5
-              ) -> tuple[dict, ModelConfig]:
+def transform(
+  params: dict,
+  cfg: ModelConfig,
+  *,
+  blocks: Optional[Iterable[Block]] = None,
+  basis: str = "svd",
+  calib_windows: Optional[np.ndarray] = None,
+  basis_sparsity: float = 0.5,
+) -> tuple[dict, ModelConfig]:
   """WINA-transformed `(params, cfg)`; dense outputs are unchanged (see the module docstring).
 
   blocks: (layer, 'self_attn' | 'mlp') pairs to orthogonalise; None = every block. basis: the free
@@ -183,8 +207,9 @@ def transform(params: dict, cfg: ModelConfig, *, blocks: Optional[Iterable[Block
     raise ValueError("params already carry residual rotations (already transformed); transform the original")
   dtypes = {k: v.dtype for k, v in flat.items()}
   out: dict[str, jax.Array] = {}
-  bases = block_bases(params, cfg, blocks, basis=basis, calib_windows=calib_windows,
-                      basis_sparsity=basis_sparsity)
+  bases = block_bases(
+    params, cfg, blocks, basis=basis, calib_windows=calib_windows, basis_sparsity=basis_sparsity
+  )
   n = cfg.num_hidden_layers
   emb = _f32(flat["embed_tokens/embedding"])
   out["embed_tokens/embedding"] = _rot_out(emb, bases[(0, "self_attn")])
@@ -192,8 +217,10 @@ def transform(params: dict, cfg: ModelConfig, *, blocks: Optional[Iterable[Block
     p, lp = f"layers/{l}", params["layers"][str(l)]
     qa, qm = bases[(l, "self_attn")], bases[(l, "mlp")]
     q_next = bases[(l + 1, "self_attn")] if l + 1 < n else qm
-    for block, q_in, q_out, norm in (("self_attn", qa, qm, "input_layernorm"),
-                                     ("mlp", qm, q_next, "post_attention_layernorm")):
+    for block, q_in, q_out, norm in (
+      ("self_attn", qa, qm, "input_layernorm"),
+      ("mlp", qm, q_next, "post_attention_layernorm"),
+    ):
       g = _f32(lp[norm]["scale"])
       out[f"{p}/{norm}/scale"] = jnp.ones_like(g)
       *ins, last = S.block_sites(cfg, block)
@@ -211,7 +238,7 @@ def transform(params: dict, cfg: ModelConfig, *, blocks: Optional[Iterable[Block
   head = emb.T if cfg.tie_word_embeddings else _f32(flat["lm_head/kernel"])
   out["lm_head/kernel"] = _rot_in(bases[(n - 1, "mlp")], g[:, None] * head)
   dtypes.setdefault("lm_head/kernel", dtypes["embed_tokens/embedding"])
-  for k, v in flat.items():      # biases of q/k/v and gate/up are on the output side: unchanged
+  for k, v in flat.items():  # biases of q/k/v and gate/up are on the output side: unchanged
     out.setdefault(k, v)
   new = traverse_util.unflatten_dict({k: jnp.asarray(v, dtypes[k]) for k, v in out.items()}, sep="/")
   return new, cfg.replace(tie_word_embeddings=False)
@@ -232,8 +259,18 @@ def shortcut_cost(params: dict, cfg: ModelConfig, base_cfg: Optional[ModelConfig
   linear = 2 * (sum(S.site_param_counts(cfg).values()) + d * cfg.vocab_size)
   total = sum(int(v.size) * v.dtype.itemsize for v in flat.values())
   emb = flat["embed_tokens/embedding"]
-  untie = (int(emb.size) * emb.dtype.itemsize
-           if base_cfg is not None and base_cfg.tie_word_embeddings and not cfg.tie_word_embeddings else 0)
-  return {"shortcuts": len(rots), "flops": flops, "bytes": nbytes, "linear_flops": linear,
-          "param_bytes": total, "flops_frac": flops / linear, "bytes_frac": nbytes / total,
-          "untie_bytes": untie}
+  untie = (
+    int(emb.size) * emb.dtype.itemsize
+    if base_cfg is not None and base_cfg.tie_word_embeddings and not cfg.tie_word_embeddings
+    else 0
+  )
+  return {
+    "shortcuts": len(rots),
+    "flops": flops,
+    "bytes": nbytes,
+    "linear_flops": linear,
+    "param_bytes": total,
+    "flops_frac": flops / linear,
+    "bytes_frac": nbytes / total,
+    "untie_bytes": untie,
+  }

@@ -14,6 +14,7 @@ GPU:  PYTHONPATH=. python3 -m experiments.decode.bench_decode --out=$OUT/bench_d
       (--attention=pallas: the Pallas decode-attention kernel instead of XLA's attention)
 CI:   PYTHONPATH=. .venv/bin/python -m experiments.decode.bench_decode --tiny
 """
+
 from __future__ import annotations
 
 import json
@@ -47,12 +48,24 @@ flags.DEFINE_list("batch_sparsities", ["0.5", "0.65"], "sparsities timed at batc
 flags.DEFINE_integer("steps", 32, "decode steps timed per repetition (positions 0..steps-1)")
 flags.DEFINE_integer("reps", 3, "timed repetitions (median); one more untimed warm-up")
 flags.DEFINE_integer("max_len", 512, "KV cache slots")
-flags.DEFINE_list("configs", [], "JSONs of tuned kernel configs (experiments.decode.kernel_sweep; later files win per shape)")
+flags.DEFINE_list(
+  "configs", [], "JSONs of tuned kernel configs (experiments.decode.kernel_sweep; later files win per shape)"
+)
 flags.DEFINE_string("reduce", "", "override the configs' split-K reduce (partials | atomic | semaphore)")
-flags.DEFINE_enum("backend", "auto", ["auto", "pallas", "xla"], "masked_linear backend of the sparse variants "
-                  "(auto: Pallas for batch 1 on GPU, else XLA; pallas: up to MAX_ROWS rows; xla: mask-then-matmul)")
-flags.DEFINE_enum("attention", "xla", ["xla", "pallas"], "decode attention: XLA ops or the Pallas kernel "
-                  "(wina_jax.kernels.decode_attention; interpret mode off the GPU)")
+flags.DEFINE_enum(
+  "backend",
+  "auto",
+  ["auto", "pallas", "xla"],
+  "masked_linear backend of the sparse variants "
+  "(auto: Pallas for batch 1 on GPU, else XLA; pallas: up to MAX_ROWS rows; xla: mask-then-matmul)",
+)
+flags.DEFINE_enum(
+  "attention",
+  "xla",
+  ["xla", "pallas"],
+  "decode attention: XLA ops or the Pallas kernel "
+  "(wina_jax.kernels.decode_attention; interpret mode off the GPU)",
+)
 flags.DEFINE_string("out", "", "write results JSON here")
 flags.DEFINE_bool("tiny", False, "CPU smoke test: tiny model, XLA path, 1 rep")
 FLAGS = flags.FLAGS
@@ -77,7 +90,8 @@ def copy_bandwidth() -> dict:
   if jax.default_backend() == "gpu":
     try:
       import torch
-      a = torch.empty(2 ** 30, dtype=torch.bfloat16, device="cuda").normal_()
+
+      a = torch.empty(2**30, dtype=torch.bfloat16, device="cuda").normal_()
       b = torch.empty_like(a)
       ts = []
       for _ in range(12):
@@ -90,9 +104,9 @@ def copy_bandwidth() -> dict:
       out["torch_copy"] = 2 * a.numel() * 2 / statistics.median(ts[2:]) / 1e9
       del a, b
       torch.cuda.empty_cache()
-    except Exception as e:   # torch missing or without CUDA: keep the XLA figure
+    except Exception as e:  # torch missing or without CUDA: keep the XLA figure
       out["torch_copy_error"] = repr(e)
-  n = 2 ** 30 if jax.default_backend() == "gpu" else 2 ** 22
+  n = 2**30 if jax.default_backend() == "gpu" else 2**22
   a = jax.random.normal(jax.random.PRNGKey(0), (n,), jnp.bfloat16)
   f = jax.jit(lambda a: a * 2)
   out["xla_scale"] = 2 * n * 2 / _median_time(lambda: f(a), 10) / 1e9
@@ -157,13 +171,24 @@ def bench_model(name, key, configs, backend) -> list[dict]:
   rows = []
 
   def record(variant, sparsity, batch, secs, nbytes, kept=None, **extra):
-    row = dict(model=name, variant=variant, sparsity=sparsity, batch=batch, ms_per_step=secs * 1e3,
-               tokens_per_s=batch / secs, bytes_per_step=nbytes, gb_per_s=nbytes / secs / 1e9, **extra)
+    row = dict(
+      model=name,
+      variant=variant,
+      sparsity=sparsity,
+      batch=batch,
+      ms_per_step=secs * 1e3,
+      tokens_per_s=batch / secs,
+      bytes_per_step=nbytes,
+      gb_per_s=nbytes / secs / 1e9,
+      **extra,
+    )
     if kept is not None:
       row["kept_weight_fraction"] = float(linear_bytes(params, cfg, kept) / linear_bytes(params, cfg))
     rows.append(row)
-    tqdm.write(f"{name:10s} {variant:12s} s={sparsity:.2f} b={batch} {secs * 1e3:8.3f} ms "
-               f"{nbytes / secs / 1e9:8.1f} GB/s {extra.get('check_vs_xla', '')}")
+    tqdm.write(
+      f"{name:10s} {variant:12s} s={sparsity:.2f} b={batch} {secs * 1e3:8.3f} ms "
+      f"{nbytes / secs / 1e9:8.1f} GB/s {extra.get('check_vs_xla', '')}"
+    )
 
   params = random_params(cfg0, key)
   secs = time_decode(params, cfg0, None, tokens[:1], max_len, reps)
@@ -176,7 +201,7 @@ def bench_model(name, key, configs, backend) -> list[dict]:
     record("dense", 0.0, b, dense[b], step_bytes(params, cfg, b, max_len))
   base1 = min(dense[1], rows[0]["ms_per_step"] / 1e3)
   rest_bytes = step_bytes(params, cfg, 1, max_len) - linear_bytes(params, cfg)
-  for host in (False, True):     # the host loop's floor: one dispatch per token of a step that reads no weights
+  for host in (False, True):  # the host loop's floor: one dispatch per token of a step that reads no weights
     secs = time_decode(params, cfg, NoLinear(), tokens[:1], max_len, reps, host_loop=host)
     record("no_linear" + "_host" * host, 0.0, 1, secs, rest_bytes, speedup=base1 / secs)
   secs = time_decode(params, cfg, None, tokens[:1], max_len, reps, host_loop=True)
@@ -185,26 +210,39 @@ def bench_model(name, key, configs, backend) -> list[dict]:
   for method in tqdm(variants, desc=f"{name} methods"):
     scores = site_scores(params, cfg, tokens, with_scale=method == "wina")
     for b in batches if method == "teal" else [1]:
-      for s in (sparsities if b == 1 else [float(x) for x in FLAGS.batch_sparsities]):
+      for s in sparsities if b == 1 else [float(x) for x in FLAGS.batch_sparsities]:
         sp, kept = make_sparsifier(scores, s, b, configs, backend)
         secs = time_decode(params, cfg, sp, tokens[:b], max_len, reps)
         base = base1 if b == 1 else dense[b]
         extra = {"check_vs_xla": check_against_xla(params, cfg, sp, tokens[:b], max_len)} if s == 0.5 else {}
-        record(method, s, b, secs, step_bytes(params, cfg, b, max_len, kept), kept, speedup=base / secs, **extra)
+        record(
+          method, s, b, secs, step_bytes(params, cfg, b, max_len, kept), kept, speedup=base / secs, **extra
+        )
     del scores
   if "wina_sc" in FLAGS.methods:
     params = add_shortcuts(params, seed=2)
     secs_d = time_decode(params, cfg, None, tokens[:1], max_len, reps)
-    record("dense_sc", 0.0, 1, secs_d, step_bytes(params, cfg, 1, max_len, shortcuts=True), speedup=base1 / secs_d)
+    record(
+      "dense_sc", 0.0, 1, secs_d, step_bytes(params, cfg, 1, max_len, shortcuts=True), speedup=base1 / secs_d
+    )
     scores = site_scores(params, cfg, tokens, with_scale=True)
     for s in sparsities:
       sp, kept = make_sparsifier(scores, s, 1, configs, backend)
       secs = time_decode(params, cfg, sp, tokens[:1], max_len, reps)
-      record("wina_sc", s, 1, secs, step_bytes(params, cfg, 1, max_len, kept, shortcuts=True), kept,
-             speedup=base1 / secs)
+      record(
+        "wina_sc",
+        s,
+        1,
+        secs,
+        step_bytes(params, cfg, 1, max_len, kept, shortcuts=True),
+        kept,
+        speedup=base1 / secs,
+      )
   for r in rows:
-    r.setdefault("speedup", base1 / (r["ms_per_step"] / 1e3) if r["batch"] == 1 else
-                 dense[r["batch"]] / (r["ms_per_step"] / 1e3))
+    r.setdefault(
+      "speedup",
+      base1 / (r["ms_per_step"] / 1e3) if r["batch"] == 1 else dense[r["batch"]] / (r["ms_per_step"] / 1e3),
+    )
   return rows
 
 
@@ -215,12 +253,30 @@ def main(argv):
     FLAGS.batches, FLAGS.sparsities = ["1", "2"], ["0", "0.5"]
   backend = FLAGS.backend if jax.default_backend() == "gpu" else "xla"
   configs = load_configs(FLAGS.configs, FLAGS.reduce)
-  result = {"date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "jax": jax.__version__,
-            "device": str(jax.devices()[0].device_kind), "host": platform.node(),
-            "flags": {f: getattr(FLAGS, f) for f in ("models", "sparsities", "batches", "methods", "steps",
-                                                     "reps", "max_len", "configs", "reduce", "backend",
-                                                     "attention")},
-            "copy_gb_per_s": copy_bandwidth(), "rows": []}
+  result = {
+    "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+    "jax": jax.__version__,
+    "device": str(jax.devices()[0].device_kind),
+    "host": platform.node(),
+    "flags": {
+      f: getattr(FLAGS, f)
+      for f in (
+        "models",
+        "sparsities",
+        "batches",
+        "methods",
+        "steps",
+        "reps",
+        "max_len",
+        "configs",
+        "reduce",
+        "backend",
+        "attention",
+      )
+    },
+    "copy_gb_per_s": copy_bandwidth(),
+    "rows": [],
+  }
   tqdm.write(f"copy bandwidth GB/s: {result['copy_gb_per_s']}")
   for i, name in enumerate(FLAGS.models):
     result["rows"] += bench_model(name, jax.random.PRNGKey(i), configs, backend)
@@ -228,12 +284,16 @@ def main(argv):
       with open(FLAGS.out, "w") as f:
         json.dump(result, f, indent=1)
   copy = max(v for k, v in result["copy_gb_per_s"].items() if not k.endswith("error"))
-  print(f"\n{'model':10s} {'variant':13s} {'spars':>5s} {'B':>2s} {'ms':>8s} {'tok/s':>8s} {'x dense':>7s} "
-        f"{'GB/step':>8s} {'GB/s':>7s} {'%copy':>6s}")
+  print(
+    f"\n{'model':10s} {'variant':13s} {'spars':>5s} {'B':>2s} {'ms':>8s} {'tok/s':>8s} {'x dense':>7s} "
+    f"{'GB/step':>8s} {'GB/s':>7s} {'%copy':>6s}"
+  )
   for r in result["rows"]:
-    print(f"{r['model']:10s} {r['variant']:13s} {r['sparsity']:5.2f} {r['batch']:2d} {r['ms_per_step']:8.3f} "
-          f"{r['tokens_per_s']:8.1f} {r['speedup']:7.2f} {r['bytes_per_step'] / 1e9:8.3f} {r['gb_per_s']:7.0f} "
-          f"{100 * r['gb_per_s'] / copy:6.1f}")
+    print(
+      f"{r['model']:10s} {r['variant']:13s} {r['sparsity']:5.2f} {r['batch']:2d} {r['ms_per_step']:8.3f} "
+      f"{r['tokens_per_s']:8.1f} {r['speedup']:7.2f} {r['bytes_per_step'] / 1e9:8.3f} {r['gb_per_s']:7.0f} "
+      f"{100 * r['gb_per_s'] / copy:6.1f}"
+    )
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ CPU smoke test on fake devices:
       experiments.decode.bench_sharded --configs=tiny --mesh=model:1 --mesh=model:4 --mesh=data:2,model:2 \
       --prompt_len=16 --decode_tokens=8 --dtype=float32
 """
+
 from __future__ import annotations
 
 import functools
@@ -38,11 +39,19 @@ from wina_jax.convert.load import expected_shapes
 from wina_jax.testing import random_params
 
 SHAPES = {
-    "llama3_8b": DECODE_SHAPES["llama3_8b"],
-    "phi4_14b": DECODE_SHAPES["phi4_14b"],   # Phi-3 architecture: fused qkv / gate_up, as the real checkpoint
-    "tiny": ModelConfig(model_type="llama", vocab_size=256, hidden_size=128, intermediate_size=256,
-                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, head_dim=32,
-                        max_position_embeddings=128),
+  "llama3_8b": DECODE_SHAPES["llama3_8b"],
+  "phi4_14b": DECODE_SHAPES["phi4_14b"],  # Phi-3 architecture: fused qkv / gate_up, as the real checkpoint
+  "tiny": ModelConfig(
+    model_type="llama",
+    vocab_size=256,
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    head_dim=32,
+    max_position_embeddings=128,
+  ),
 }
 
 CONFIGS = flags.DEFINE_list("configs", ["llama3_8b", "phi4_14b"], f"model shapes from {sorted(SHAPES)}")
@@ -62,8 +71,10 @@ WARMUP = 4
 
 def random_sharded_params(cfg: ModelConfig, mesh, fsdp: bool, dtype, seed: int = 0) -> dict:
   """`wina_jax.testing.random_params`, each array created sharded on `mesh` by the sharding rules."""
-  shardings = {p: jax.sharding.NamedSharding(mesh, SH.spec_for(p, s, cfg, mesh, fsdp))
-               for p, s in expected_shapes(cfg).items()}
+  shardings = {
+    p: jax.sharding.NamedSharding(mesh, SH.spec_for(p, s, cfg, mesh, fsdp))
+    for p, s in expected_shapes(cfg).items()
+  }
   return random_params(cfg, jax.random.key(seed), dtype, shardings=shardings)
 
 
@@ -78,10 +89,14 @@ def make_sparsifier(method, params, cfg, prompt):
   @jax.jit
   def thresholds(params, prompt):
     inputs = M.forward(params, prompt, cfg, collect=("inputs",)).aux["inputs"]
-    return {s: jnp.quantile(sp.score(s, inputs[s].astype(jnp.float32)).reshape(-1), SPARSITY.value)
-            for s, _ in sp.keep}
-  return sparsity.ScoreSparsifier(method=sp.method, mode="threshold", thresholds=thresholds(params, prompt),
-                                  state=sp.state)
+    return {
+      s: jnp.quantile(sp.score(s, inputs[s].astype(jnp.float32)).reshape(-1), SPARSITY.value)
+      for s, _ in sp.keep
+    }
+
+  return sparsity.ScoreSparsifier(
+    method=sp.method, mode="threshold", thresholds=thresholds(params, prompt), state=sp.state
+  )
 
 
 def bench(cfg_name: str, mesh_spec: str) -> list[dict]:
@@ -117,11 +132,25 @@ def bench(cfg_name: str, mesh_spec: str) -> list[dict]:
         times.append(time.perf_counter() - t0)
         tokens.append(np.asarray(token)[:, 0])
     sec = statistics.median(times)
-    row = dict(config=cfg_name, mesh=mesh_spec, devices=mesh.size, fsdp=FSDP.value, method=method,
-               sparsity=0.0 if method == "dense" else SPARSITY.value, mode=MODE.value, batch=b, prompt_len=t,
-               dtype=DTYPE.value, ms_per_token=sec * 1e3, tokens_per_s=b / sec,
-               token_ids=np.stack(tokens, 1).tolist(), device_kind=jax.devices()[0].device_kind)
-    tqdm.write(f"{cfg_name:10s} {mesh_spec:16s} {method:6s} {sec * 1e3:9.3f} ms/token {b / sec:9.1f} tokens/s")
+    row = dict(
+      config=cfg_name,
+      mesh=mesh_spec,
+      devices=mesh.size,
+      fsdp=FSDP.value,
+      method=method,
+      sparsity=0.0 if method == "dense" else SPARSITY.value,
+      mode=MODE.value,
+      batch=b,
+      prompt_len=t,
+      dtype=DTYPE.value,
+      ms_per_token=sec * 1e3,
+      tokens_per_s=b / sec,
+      token_ids=np.stack(tokens, 1).tolist(),
+      device_kind=jax.devices()[0].device_kind,
+    )
+    tqdm.write(
+      f"{cfg_name:10s} {mesh_spec:16s} {method:6s} {sec * 1e3:9.3f} ms/token {b / sec:9.1f} tokens/s"
+    )
     rows.append(row)
     del cache
   return rows
@@ -132,7 +161,7 @@ def main(_):
   for cfg_name in CONFIGS.value:
     for mesh_spec in tqdm(MESH.value, desc=cfg_name):
       rows += bench(cfg_name, mesh_spec)
-  for cfg_name in CONFIGS.value:         # same greedy tokens on every mesh (exact in float32)
+  for cfg_name in CONFIGS.value:  # same greedy tokens on every mesh (exact in float32)
     for method in METHODS.value:
       ids = [r["token_ids"] for r in rows if r["config"] == cfg_name and r["method"] == method]
       agree = np.mean([np.mean(np.asarray(i) == np.asarray(ids[0])) for i in ids])

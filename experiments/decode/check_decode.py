@@ -10,6 +10,7 @@ amplified by the model, not a kernel error (the kernels alone match to ~1e-4: ke
 GPU:  PYTHONPATH=. python3 -m experiments.decode.check_decode
 CPU smoke (XLA path only, so pallas_vs_xla is 0): python -m experiments.decode.check_decode --model=tiny --layers=2
 """
+
 from __future__ import annotations
 
 import jax
@@ -33,12 +34,14 @@ def ulp_sensitivity(params, cfg, sp, tokens, max_len) -> dict:
   cache, twin = B.prefix_caches(params, cfg, tokens, max_len)
   emb = params["embed_tokens"]["embedding"]
   last = tokens[:, -1]
-  moved = emb.at[last].set((emb[last].astype(jnp.float32) * (1 + 2.0 ** -7)).astype(emb.dtype))
+  moved = emb.at[last].set((emb[last].astype(jnp.float32) * (1 + 2.0**-7)).astype(emb.dtype))
   moved_params = {**params, "embed_tokens": {"embedding": moved}}
   tok, ref, _ = decode_step(params, last, cache, sp, cfg=cfg)
   tok2, logits, _ = decode_step(moved_params, last, twin, sp, cfg=cfg)
-  return {"rel_err": float(jnp.linalg.norm(logits - ref) / jnp.linalg.norm(ref)),
-          "same_token": bool(jnp.all(tok == tok2))}
+  return {
+    "rel_err": float(jnp.linalg.norm(logits - ref) / jnp.linalg.norm(ref)),
+    "same_token": bool(jnp.all(tok == tok2)),
+  }
 
 
 def main(argv):
@@ -50,9 +53,12 @@ def main(argv):
     scores = B.site_scores(params, cfg, tokens, False)
     for sparsity in (0.0, 0.5):
       sp, _ = B.make_sparsifier(scores, sparsity, 1, {}, "auto")
-      print(f"CHECK layers={layers} sparsity={sparsity} pallas_vs_xla="
-            f"{B.check_against_xla(params, cfg, sp, tokens, 64)} xla_ulp_moved_vs_xla="
-            f"{ulp_sensitivity(params, cfg, sp, tokens, 64)}", flush=True)
+      print(
+        f"CHECK layers={layers} sparsity={sparsity} pallas_vs_xla="
+        f"{B.check_against_xla(params, cfg, sp, tokens, 64)} xla_ulp_moved_vs_xla="
+        f"{ulp_sensitivity(params, cfg, sp, tokens, 64)}",
+        flush=True,
+      )
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ for each target speedup at the fitted b.
   python -m experiments.decode.decode_ceiling --json=benchmarks/results/bench_decode_h200_loop_e.json \
       --plot=benchmarks/results/decode_h200_ceiling.png      # measured speedups, ceilings and targets
 """
+
 from __future__ import annotations
 
 import json
@@ -25,7 +26,9 @@ from wina_jax.bench.ceiling import analyse, plot
 flags.DEFINE_list("json", ["benchmarks/results/bench_decode_h200_llama.json"], "bench_decode result JSONs")
 flags.DEFINE_list("methods", ["teal", "wina"], "sparse variants fitted")
 flags.DEFINE_list("targets", ["0.5:1.8", "0.65:2.4"], "sparsity:speedup targets (issue 6)")
-flags.DEFINE_string("plot", "", "also draw speedup vs sparsity (measured, per-site ceiling, targets) here (PNG)")
+flags.DEFINE_string(
+  "plot", "", "also draw speedup vs sparsity (measured, per-site ceiling, targets) here (PNG)"
+)
 FLAGS = flags.FLAGS
 
 
@@ -38,15 +41,25 @@ def main(argv):
       run = json.load(f)
     copy = max((v for k, v in run.get("copy_gb_per_s", {}).items() if not k.endswith("error")), default=None)
     fits += [r for method in FLAGS.methods for r in analyse(run["rows"], method, targets, copy)]
-  print("| model | method | dense ms | intercept a ms | marginal TB/s | rest R ms | fixed a-R ms | "
-        + " | ".join(f"{s:.0%}: measured / ceiling / copy bound / target x, a needed ms" for s in targets) + " |")
+  print(
+    "| model | method | dense ms | intercept a ms | marginal TB/s | rest R ms | fixed a-R ms | "
+    + " | ".join(f"{s:.0%}: measured / ceiling / copy bound / target x, a needed ms" for s in targets)
+    + " |"
+  )
   print("|" + "---|" * (7 + len(targets)))
   f = lambda v, p=3: "n/a" if v is None else f"{v:.{p}f}"
   for r in fits:
-    cells = [f"{f(t['measured_x'], 2)} / {f(t.get('ceiling_x'), 2)} / {f(t.get('copy_bound_x'), 2)} / {t['target_x']:.1f}, "
-             f"{t['intercept_needed_ms']:.2f}" for t in r["targets"].values()]
-    print(f"| {r['model']} | {r['method']} | {r['dense_ms']:.3f} | {r['intercept_ms']:.3f} "
-          f"| {f(r['marginal_tb_per_s'], 2)} | {f(r['rest_ms'])} | {f(r.get('fixed_ms'))} | " + " | ".join(cells) + " |")
+    cells = [
+      f"{f(t['measured_x'], 2)} / {f(t.get('ceiling_x'), 2)} / {f(t.get('copy_bound_x'), 2)} / {t['target_x']:.1f}, "
+      f"{t['intercept_needed_ms']:.2f}"
+      for t in r["targets"].values()
+    ]
+    print(
+      f"| {r['model']} | {r['method']} | {r['dense_ms']:.3f} | {r['intercept_ms']:.3f} "
+      f"| {f(r['marginal_tb_per_s'], 2)} | {f(r['rest_ms'])} | {f(r.get('fixed_ms'))} | "
+      + " | ".join(cells)
+      + " |"
+    )
   if FLAGS.plot:
     plot(fits, targets, FLAGS.plot)
 

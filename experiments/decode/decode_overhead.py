@@ -23,6 +23,7 @@ GPU:  PYTHONPATH=. python3 -m experiments.decode.decode_overhead --out=$OUT/deco
 CPU smoke test (Pallas kernels in interpret mode):
   PYTHONPATH=. .venv/bin/python -m experiments.decode.decode_overhead --tiny
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -45,26 +46,35 @@ from wina_jax.kernels.config import WORKSPACE_BLOCKS, resolve
 from wina_jax.model import init_cache
 from wina_jax.testing import random_params
 
-flags.DEFINE_list("sweeps", ["benchmarks/results/kernel_sweep_h200_a.json",
-                             "benchmarks/results/kernel_sweep_h200_b.json"],
-                  "kernel_sweep JSONs whose 'best' tilings are merged (later files win per shape)")
+flags.DEFINE_list(
+  "sweeps",
+  ["benchmarks/results/kernel_sweep_h200_a.json", "benchmarks/results/kernel_sweep_h200_b.json"],
+  "kernel_sweep JSONs whose 'best' tilings are merged (later files win per shape)",
+)
 flags.DEFINE_integer("profile_steps", 4, "decode steps profiled per variant (0: no profile)")
 flags.DEFINE_float("budget_s", 290.0, "no new job starts after this many seconds")
-flags.DEFINE_list("models", ["llama3_8b", "qwen25_7b"], "model shapes (wina_jax.bench.shapes.SHAPES); the first "
-                  "also gets the option-set comparison")
+flags.DEFINE_list(
+  "models",
+  ["llama3_8b", "qwen25_7b"],
+  "model shapes (wina_jax.bench.shapes.SHAPES); the first also gets the option-set comparison",
+)
 flags.DEFINE_list("sparsities", ["0.5", "0.65"], "TEAL target sparsities")
 flags.DEFINE_integer("steps", 32, "decode steps timed per repetition (positions 0..steps-1)")
 flags.DEFINE_integer("reps", 5, "timed repetitions (median); one more untimed warm-up")
 flags.DEFINE_integer("max_len", 512, "KV cache slots")
 flags.DEFINE_string("out", "", "write results JSON here (rewritten after every job)")
-flags.DEFINE_bool("tiny", False, "CPU smoke test: tiny model, Pallas kernels in interpret mode, default options only")
+flags.DEFINE_bool(
+  "tiny", False, "CPU smoke test: tiny model, Pallas kernels in interpret mode, default options only"
+)
 FLAGS = flags.FLAGS
 
 OPTION_SETS = {
-    "default": {},
-    "cb_off": {"xla_gpu_enable_command_buffer": ""},
-    "cb_min1": {"xla_gpu_enable_command_buffer": "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN",
-                "xla_gpu_graph_min_graph_size": 1},
+  "default": {},
+  "cb_off": {"xla_gpu_enable_command_buffer": ""},
+  "cb_min1": {
+    "xla_gpu_enable_command_buffer": "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN",
+    "xla_gpu_graph_min_graph_size": 1,
+  },
 }
 VARIANTS = ("dense", "teal", "teal_sem")
 
@@ -72,9 +82,11 @@ VARIANTS = ("dense", "teal", "teal_sem")
 def kernel_counts(compiled) -> dict:
   """Kernel-level ops of the compiled module's entry computation."""
   text = compiled.as_text()
-  entry = text[text.rfind("ENTRY"):]
-  return {k: len(re.findall(p, entry)) for k, p in
-          (("fusion", r"= [^=]*? fusion\("), ("custom_call", r"custom-call\("), ("call", r" call\("))}
+  entry = text[text.rfind("ENTRY") :]
+  return {
+    k: len(re.findall(p, entry))
+    for k, p in (("fusion", r"= [^=]*? fusion\("), ("custom_call", r"custom-call\("), ("call", r" call\("))
+  }
 
 
 def run_steps(compiled, params, sp, tokens, max_len, cfg, reps) -> float:
@@ -106,15 +118,22 @@ def check_semaphore(cfg, configs, backend) -> list[dict]:
     w = jax.random.normal(jax.random.fold_in(key, 1), (d_in, n), jnp.bfloat16)
     t = jnp.full((len(segs),), jnp.quantile(jnp.abs(x.astype(jnp.float32)), 0.5))
     ws = jnp.zeros((1, WORKSPACE_BLOCKS), jnp.int32)
-    f = jax.jit(lambda x, w, t, ws, c: masked_linear(x, w, t, None, segs, backend=backend, config=c, workspace=ws),
-                static_argnums=4)
+    f = jax.jit(
+      lambda x, w, t, ws, c: masked_linear(x, w, t, None, segs, backend=backend, config=c, workspace=ws),
+      static_argnums=4,
+    )
     sem = dataclasses.replace(tiling, reduce="semaphore")
     ref = f(x, w, t, ws, dataclasses.replace(tiling, reduce="partials")).astype(jnp.float32)
     outs = [np.asarray(f(x, w, t, ws, sem).astype(jnp.float32)) for _ in range(5)]
-    rows.append({"shape": f"{d_in}x{n}", "config": dataclasses.asdict(resolve(sem, d_in, segs)),
-                 "rel_err_vs_partials": float(np.linalg.norm(outs[0] - ref) / np.linalg.norm(ref)),
-                 "bitwise_repeatable": all(np.array_equal(o, outs[0]) for o in outs),
-                 "workspace_zero": bool(jnp.all(ws == 0))})
+    rows.append(
+      {
+        "shape": f"{d_in}x{n}",
+        "config": dataclasses.asdict(resolve(sem, d_in, segs)),
+        "rel_err_vs_partials": float(np.linalg.norm(outs[0] - ref) / np.linalg.norm(ref)),
+        "bitwise_repeatable": all(np.array_equal(o, outs[0]) for o in outs),
+        "workspace_zero": bool(jnp.all(ws == 0)),
+      }
+    )
   return rows
 
 
@@ -122,9 +141,18 @@ class Runner:
   def __init__(self, out_path: str):
     self.t0 = time.time()
     self.out_path = out_path
-    self.res = {"date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "jax": jax.__version__,
-                "device": str(jax.devices()[0].device_kind), "timings": [], "profiles": {}, "kernel_counts": {},
-                "checks": {}, "skipped": [], "errors": [], "compile_s": {}}
+    self.res = {
+      "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+      "jax": jax.__version__,
+      "device": str(jax.devices()[0].device_kind),
+      "timings": [],
+      "profiles": {},
+      "kernel_counts": {},
+      "checks": {},
+      "skipped": [],
+      "errors": [],
+      "compile_s": {},
+    }
 
   def elapsed(self) -> float:
     return time.time() - self.t0
@@ -146,7 +174,7 @@ class Runner:
       out = fn()
       print(f"[{self.elapsed():6.1f}s] {name} done in {time.time() - t:.1f}s", flush=True)
       return out
-    except Exception as e:   # a flag XLA rejects, a kernel Triton rejects: record and go on
+    except Exception as e:  # a flag XLA rejects, a kernel Triton rejects: record and go on
       self.res["errors"].append({"job": name, "error": f"{type(e).__name__}: {str(e)[:600]}"})
       print(f"[{self.elapsed():6.1f}s] {name} FAILED: {type(e).__name__}: {str(e)[:300]}", flush=True)
       return None
@@ -171,17 +199,22 @@ class Model:
       self.sps[("teal", s)], kept = B.make_sparsifier(scores, s, 1, configs, backend)
       self.sps[("teal_sem", s)], _ = B.make_sparsifier(scores, s, 1, sem, backend)
       self.runner.res.setdefault("kept_weight_fraction", {})[f"{name}/{s}"] = float(
-          B.linear_bytes(self.params, self.cfg, kept) / B.linear_bytes(self.params, self.cfg))
+        B.linear_bytes(self.params, self.cfg, kept) / B.linear_bytes(self.params, self.cfg)
+      )
     del scores
     self.lowered, self.compiled = {}, {}
 
   def sp(self, variant, s=None):
-    return None if variant == "dense" else self.sps[(variant, s if s is not None else float(FLAGS.sparsities[0]))]
+    return (
+      None if variant == "dense" else self.sps[(variant, s if s is not None else float(FLAGS.sparsities[0]))]
+    )
 
   def compile(self, variant, opts):
     if variant not in self.lowered:
       cache = init_cache(self.cfg, 1, FLAGS.max_len, jnp.bfloat16)
-      self.lowered[variant] = decode_step.lower(self.params, self.tokens[:, 0], cache, self.sp(variant), cfg=self.cfg)
+      self.lowered[variant] = decode_step.lower(
+        self.params, self.tokens[:, 0], cache, self.sp(variant), cfg=self.cfg
+      )
     t = time.time()
     c = self.lowered[variant].compile(compiler_options=OPTION_SETS[opts] or None)
     self.runner.res["compile_s"][f"{self.name}/{variant}/{opts}"] = time.time() - t
@@ -197,7 +230,9 @@ class Model:
       secs = run_steps(c, self.params, self.sp(variant, s), self.tokens, FLAGS.max_len, self.cfg, FLAGS.reps)
       row = dict(model=self.name, variant=variant, options=opts, sparsity=s or 0.0, ms_per_step=secs * 1e3)
       self.runner.res["timings"].append(row)
-      print(f"  {self.name:10s} {variant:9s} {opts:8s} s={row['sparsity']:.2f} {secs * 1e3:8.3f} ms", flush=True)
+      print(
+        f"  {self.name:10s} {variant:9s} {opts:8s} s={row['sparsity']:.2f} {secs * 1e3:8.3f} ms", flush=True
+      )
 
   def profile(self, variant):
     c = self.compiled[(variant, "default")]
@@ -210,6 +245,7 @@ class Model:
       for j in range(steps):
         _, _, cache = c(self.params, self.tokens[:, j], cache, sp)
       return cache
+
     go()
     self.runner.res["profiles"][f"{self.name}/{variant}/{s}"] = summarize(trace_events(go), steps, top=12)
 
@@ -223,29 +259,40 @@ class Model:
     outs = {}
     for key in ("teal", "teal_sem", "teal_sem_again"):
       variant = key.replace("_again", "")
-      outs[key] = self.compiled[(variant, "default")](self.params, self.tokens[:, -1], jax.tree.map(jnp.copy, cache),
-                                                      self.sp(variant, s))
+      outs[key] = self.compiled[(variant, "default")](
+        self.params, self.tokens[:, -1], jax.tree.map(jnp.copy, cache), self.sp(variant, s)
+      )
     (ta, la, _), (tb, lb, _), (_, lc, _) = outs["teal"], outs["teal_sem"], outs["teal_sem_again"]
     self.runner.res["checks"][f"{self.name}/step"] = {
-        "rel_err_sem_vs_teal": float(jnp.linalg.norm(lb - la) / jnp.linalg.norm(la)),
-        "same_token": bool(jnp.all(ta == tb)), "sem_bitwise_repeatable": bool(jnp.array_equal(lb, lc))}
+      "rel_err_sem_vs_teal": float(jnp.linalg.norm(lb - la) / jnp.linalg.norm(la)),
+      "same_token": bool(jnp.all(ta == tb)),
+      "sem_bitwise_repeatable": bool(jnp.array_equal(lb, lc)),
+    }
 
 
 def summary(res) -> str:
   rows = res["timings"]
   base = {(r["model"], r["options"]): r["ms_per_step"] for r in rows if r["variant"] == "dense"}
   ref = {r["model"]: r["ms_per_step"] for r in rows if r["variant"] == "dense" and r["options"] == "default"}
-  lines = [f"{'model':10s} {'variant':9s} {'options':8s} {'spars':>5s} {'ms/step':>8s} {'x dense(same opts)':>18s} "
-           f"{'x dense(default)':>16s}"]
+  lines = [
+    f"{'model':10s} {'variant':9s} {'options':8s} {'spars':>5s} {'ms/step':>8s} {'x dense(same opts)':>18s} "
+    f"{'x dense(default)':>16s}"
+  ]
   for r in rows:
     b, d = base.get((r["model"], r["options"])), ref.get(r["model"])
-    lines.append(f"{r['model']:10s} {r['variant']:9s} {r['options']:8s} {r['sparsity']:5.2f} {r['ms_per_step']:8.3f} "
-                 f"{(b / r['ms_per_step']) if b else float('nan'):18.2f} {(d / r['ms_per_step']) if d else float('nan'):16.2f}")
+    lines.append(
+      f"{r['model']:10s} {r['variant']:9s} {r['options']:8s} {r['sparsity']:5.2f} {r['ms_per_step']:8.3f} "
+      f"{(b / r['ms_per_step']) if b else float('nan'):18.2f} {(d / r['ms_per_step']) if d else float('nan'):16.2f}"
+    )
   for k, p in res["profiles"].items():
     if p["kernels_per_step"]:
-      kinds = ", ".join(f"{n} {v['per_step']:.0f}x {v['ms'] * 1e3:.0f}us" for n, v in sorted(p["categories"].items()))
-      lines.append(f"profile {k}: {p['kernels_per_step']:.0f} kernels, busy {p['busy_ms'] * 1e3:.0f} us, "
-                   f"span {p['span_ms'] * 1e3:.0f} us per step; {kinds}")
+      kinds = ", ".join(
+        f"{n} {v['per_step']:.0f}x {v['ms'] * 1e3:.0f}us" for n, v in sorted(p["categories"].items())
+      )
+      lines.append(
+        f"profile {k}: {p['kernels_per_step']:.0f} kernels, busy {p['busy_ms'] * 1e3:.0f} us, "
+        f"span {p['span_ms'] * 1e3:.0f} us per step; {kinds}"
+      )
     else:
       lines.append(f"profile {k}: no kernel events")
   for k, c in res["checks"].items():
@@ -272,8 +319,10 @@ def main(argv):
   option_sets = list(OPTION_SETS) if gpu else ["default"]
   configs = B.load_configs(FLAGS.sweeps)
   if FLAGS.tiny:
-    configs = {(d_in, sum(segs)): KernelConfig(chunk=64, block_k=16, block_n=32)
-               for d_in, segs in fused_site_shapes(SHAPES["tiny"])}
+    configs = {
+      (d_in, sum(segs)): KernelConfig(chunk=64, block_k=16, block_n=32)
+      for d_in, segs in fused_site_shapes(SHAPES["tiny"])
+    }
   run = Runner(FLAGS.out)
   run.res["backend"] = backend
 
@@ -288,8 +337,12 @@ def main(argv):
     if m is None:
       continue
     if gpu and i == 0:
-      run.job(f"{name}/check_semaphore", lambda: run.res["checks"].__setitem__(
-          f"{name}/semaphore_kernel", check_semaphore(m.cfg, configs, backend)))
+      run.job(
+        f"{name}/check_semaphore",
+        lambda: run.res["checks"].__setitem__(
+          f"{name}/semaphore_kernel", check_semaphore(m.cfg, configs, backend)
+        ),
+      )
     for v in VARIANTS:
       run.job(f"{name}/{v}/default", lambda: m.time(v, "default"))
     if all((v, "default") in m.compiled for v in VARIANTS):

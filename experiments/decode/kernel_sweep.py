@@ -8,6 +8,7 @@ GPU:  PYTHONPATH=. python3 -m experiments.decode.kernel_sweep --out=$OUT/sweep.j
 CPU smoke test (interpret mode):
       .venv/bin/python -m experiments.decode.kernel_sweep --models=tiny --backend=interpret --copies=2 --budget_s=0 --top=1
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -28,11 +29,19 @@ from wina_jax.kernels.config import WORKSPACE_BLOCKS, resolve
 flags.DEFINE_list("models", ["llama3_8b", "qwen25_7b"], "model shapes to tune")
 flags.DEFINE_float("sparsity", 0.5, "sparsity the tilings are ranked at")
 flags.DEFINE_list("check_sparsities", ["0", "0.65"], "sparsities the best tilings are also timed at")
-flags.DEFINE_integer("top", 3, "best tilings per shape re-timed with the other reduces and another pipeline depth")
-flags.DEFINE_float("budget_s", 60.0, "seconds per shape after which untried tilings are skipped (one is always tried)")
+flags.DEFINE_integer(
+  "top", 3, "best tilings per shape re-timed with the other reduces and another pipeline depth"
+)
+flags.DEFINE_float(
+  "budget_s", 60.0, "seconds per shape after which untried tilings are skipped (one is always tried)"
+)
 flags.DEFINE_string("out", "", "write results JSON here")
 flags.DEFINE_enum("backend", "pallas", ["pallas", "interpret"], "'interpret': CPU smoke test of the script")
-flags.DEFINE_integer("copies", 0, "weight buffers per shape (0: enough for 600 MB, 10x the H200's L2, so one call's GPU time hides its dispatch)")
+flags.DEFINE_integer(
+  "copies",
+  0,
+  "weight buffers per shape (0: enough for 600 MB, 10x the H200's L2, so one call's GPU time hides its dispatch)",
+)
 FLAGS = flags.FLAGS
 
 # Tried in this order within --budget_s per shape, with the 'atomic' reduce; the --top best are re-timed
@@ -40,14 +49,23 @@ FLAGS = flags.FLAGS
 # the weight loads, compact mode's loop='prefetch' pipelines them by hand; short chunks (<= 128 rows)
 # are nearly one-shot tiles; block_n 512 / 1024 reads each kept row in 1-2 KB runs (sessions 2-3 found
 # the large shapes streaming at ~3 TB/s of kept rows in 512-byte runs, below XLA's dense ~4 TB/s).
-_BASE = [KernelConfig("compact", 256, 32, 256, 4, 3, loop="prefetch"), KernelConfig("compact", 256, 32, 256, 4, 3),
-         KernelConfig("masked", 128, 128, 128, 4, 2), KernelConfig("masked", 32, 32, 512, 4, 1),
-         KernelConfig("compact", 256, 16, 512, 8, 2), KernelConfig("compact", 512, 16, 1024, 8, 2),
-         KernelConfig("compact", 128, 32, 256, 4, 2, loop="prefetch"), KernelConfig("compact", 128, 32, 256, 4, 2),
-         KernelConfig("masked", 256, 32, 256, 4, 3), KernelConfig("compact", 512, 32, 256, 4, 3, loop="prefetch"),
-         KernelConfig("compact", 256, 64, 128, 8, 2, loop="prefetch"), KernelConfig("compact", 512, 64, 256, 8, 2, loop="prefetch"),
-         KernelConfig("masked", 512, 32, 256, 4, 4),
-         KernelConfig("masked", 64, 64, 256, 4, 2), KernelConfig("compact", 256, 64, 128, 8, 2)]
+_BASE = [
+  KernelConfig("compact", 256, 32, 256, 4, 3, loop="prefetch"),
+  KernelConfig("compact", 256, 32, 256, 4, 3),
+  KernelConfig("masked", 128, 128, 128, 4, 2),
+  KernelConfig("masked", 32, 32, 512, 4, 1),
+  KernelConfig("compact", 256, 16, 512, 8, 2),
+  KernelConfig("compact", 512, 16, 1024, 8, 2),
+  KernelConfig("compact", 128, 32, 256, 4, 2, loop="prefetch"),
+  KernelConfig("compact", 128, 32, 256, 4, 2),
+  KernelConfig("masked", 256, 32, 256, 4, 3),
+  KernelConfig("compact", 512, 32, 256, 4, 3, loop="prefetch"),
+  KernelConfig("compact", 256, 64, 128, 8, 2, loop="prefetch"),
+  KernelConfig("compact", 512, 64, 256, 8, 2, loop="prefetch"),
+  KernelConfig("masked", 512, 32, 256, 4, 4),
+  KernelConfig("masked", 64, 64, 256, 4, 2),
+  KernelConfig("compact", 256, 64, 128, 8, 2),
+]
 CANDIDATES = [dataclasses.replace(c, reduce="atomic") for c in _BASE]
 
 
@@ -69,15 +87,23 @@ def fixed_cost_fit(points, nbytes) -> dict:
   kept = np.array([(1 - s) * nbytes for s, _ in points])
   us = np.array([u for _, u in points])
   slope, fixed = np.polyfit(kept, us, 1)
-  return {"fixed_us": float(fixed), "marginal_gb_per_s": float(1e-3 / slope) if slope > 0 else None,
-          "points": points}
+  return {
+    "fixed_us": float(fixed),
+    "marginal_gb_per_s": float(1e-3 / slope) if slope > 0 else None,
+    "points": points,
+  }
 
 
 def main(argv):
   del argv
   key = jax.random.PRNGKey(0)
-  res = {"date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "jax": jax.__version__,
-         "device": str(jax.devices()[0].device_kind), "shapes": {}, "best": {}}
+  res = {
+    "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+    "jax": jax.__version__,
+    "device": str(jax.devices()[0].device_kind),
+    "shapes": {},
+    "best": {},
+  }
   for model in FLAGS.models:
     for d_in, segs in fused_site_shapes(SHAPES[model]):
       n = sum(segs)
@@ -90,19 +116,31 @@ def main(argv):
       x = jax.random.normal(jax.random.fold_in(key, 99), (1, d_in), jnp.bfloat16)
 
       def thr(s):
-        return jnp.full((len(segs),), -1.0) if s == 0 else jnp.full(
-            (len(segs),), jnp.quantile(jnp.abs(x.astype(jnp.float32)), s, method="lower"))
+        return (
+          jnp.full((len(segs),), -1.0)
+          if s == 0
+          else jnp.full((len(segs),), jnp.quantile(jnp.abs(x.astype(jnp.float32)), s, method="lower"))
+        )
 
-      space = jnp.zeros((copies, WORKSPACE_BLOCKS), jnp.int32)   # 'semaphore' reduce: one row per copy
+      space = jnp.zeros((copies, WORKSPACE_BLOCKS), jnp.int32)  # 'semaphore' reduce: one row per copy
 
       def run(cfg, backend):
-        return jax.jit(lambda x, t, weights: [masked_linear(x, w, t, None, segs, backend=backend, config=cfg,
-                                                            workspace=space, slot=i) for i, w in enumerate(weights)])
+        return jax.jit(
+          lambda x, t, weights: [
+            masked_linear(x, w, t, None, segs, backend=backend, config=cfg, workspace=space, slot=i)
+            for i, w in enumerate(weights)
+          ]
+        )
 
       xla = run(None, "xla")
       dense = jax.jit(lambda x, weights: [x @ w for w in weights])
-      entry = {"copies": copies, "bytes": nbytes, "xla_dense_us": timed(dense, x, ws) / copies * 1e6,
-               "xla_masked_us": {}, "configs": []}
+      entry = {
+        "copies": copies,
+        "bytes": nbytes,
+        "xla_dense_us": timed(dense, x, ws) / copies * 1e6,
+        "xla_masked_us": {},
+        "configs": [],
+      }
       for s in [FLAGS.sparsity] + [float(v) for v in FLAGS.check_sparsities]:
         entry["xla_masked_us"][str(s)] = timed(xla, x, thr(s), ws) / copies * 1e6
 
@@ -116,26 +154,34 @@ def main(argv):
       rows, start = [], time.time()
       tried = set()
       for cfg in CANDIDATES:
-        cfg = resolve(cfg, d_in, segs)        # shrunk to tile the shape exactly (small test models)
+        cfg = resolve(cfg, d_in, segs)  # shrunk to tile the shape exactly (small test models)
         if cfg is None or cfg in tried or (rows and time.time() - start > FLAGS.budget_s):
           continue
         tried.add(cfg)
         try:
           us, err = measure(cfg, FLAGS.sparsity)
-        except Exception as e:   # a tiling Triton rejects (registers, shared memory): skip it
+        except Exception as e:  # a tiling Triton rejects (registers, shared memory): skip it
           print(f"{name} {cfg} failed: {str(e)[:200]}")
           continue
         rows.append({"config": dataclasses.asdict(cfg), "sparsity": FLAGS.sparsity, "us": us, "rel_err": err})
-        print(f"{name} {cfg.mode:7s} C{cfg.chunk:5d} BK{cfg.block_k:4d} BN{cfg.block_n:4d} w{cfg.num_warps} "
-              f"s{cfg.num_stages} {cfg.reduce:8s}: {us:8.1f} us {nbytes / us / 1e3:6.0f} GB/s(dense-equiv) "
-              f"err {err:.1e}", flush=True)
+        print(
+          f"{name} {cfg.mode:7s} C{cfg.chunk:5d} BK{cfg.block_k:4d} BN{cfg.block_n:4d} w{cfg.num_warps} "
+          f"s{cfg.num_stages} {cfg.reduce:8s}: {us:8.1f} us {nbytes / us / 1e3:6.0f} GB/s(dense-equiv) "
+          f"err {err:.1e}",
+          flush=True,
+        )
       rows.sort(key=lambda r: r["us"])
-      for r in list(rows[:FLAGS.top]):
+      for r in list(rows[: FLAGS.top]):
         base = KernelConfig(**r["config"])
-        for cfg in {dataclasses.replace(base, reduce="semaphore"), dataclasses.replace(base, reduce="partials"),
-                    dataclasses.replace(base, num_stages=1 if base.num_stages > 1 else 3)}:
+        for cfg in {
+          dataclasses.replace(base, reduce="semaphore"),
+          dataclasses.replace(base, reduce="partials"),
+          dataclasses.replace(base, num_stages=1 if base.num_stages > 1 else 3),
+        }:
           us, err = measure(cfg, FLAGS.sparsity)
-          rows.append({"config": dataclasses.asdict(cfg), "sparsity": FLAGS.sparsity, "us": us, "rel_err": err})
+          rows.append(
+            {"config": dataclasses.asdict(cfg), "sparsity": FLAGS.sparsity, "us": us, "rel_err": err}
+          )
       rows.sort(key=lambda r: r["us"])
       best = KernelConfig(**rows[0]["config"])
       points = [(FLAGS.sparsity, rows[0]["us"])]
@@ -147,12 +193,18 @@ def main(argv):
       entry["best_fit"] = fixed_cost_fit(points, nbytes)
       res["shapes"][name] = entry
       res["best"][name] = rows[0]["config"]
-      print(f"   fit: {entry['best_fit']['fixed_us']:.1f} us fixed, marginal "
-            f"{entry['best_fit']['marginal_gb_per_s'] or 0:.0f} GB/s of kept weights", flush=True)
-      print(f"== {name}: dense {entry['xla_dense_us']:.1f} us ({nbytes / entry['xla_dense_us'] / 1e3:.0f} GB/s), "
-            f"xla masked {entry['xla_masked_us']}, best {rows[0]['us']:.1f} us at {FLAGS.sparsity} "
-            f"({entry['xla_dense_us'] / rows[0]['us']:.2f}x), {best}", flush=True)
-      ws = None   # frees this shape's weight copies before the next shape allocates its own
+      print(
+        f"   fit: {entry['best_fit']['fixed_us']:.1f} us fixed, marginal "
+        f"{entry['best_fit']['marginal_gb_per_s'] or 0:.0f} GB/s of kept weights",
+        flush=True,
+      )
+      print(
+        f"== {name}: dense {entry['xla_dense_us']:.1f} us ({nbytes / entry['xla_dense_us'] / 1e3:.0f} GB/s), "
+        f"xla masked {entry['xla_masked_us']}, best {rows[0]['us']:.1f} us at {FLAGS.sparsity} "
+        f"({entry['xla_dense_us'] / rows[0]['us']:.2f}x), {best}",
+        flush=True,
+      )
+      ws = None  # frees this shape's weight copies before the next shape allocates its own
       if FLAGS.out:
         with open(FLAGS.out, "w") as f:
           json.dump(res, f, indent=1)

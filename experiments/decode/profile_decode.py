@@ -11,6 +11,7 @@ union of kernel intervals), span (first kernel start to last kernel end) and the
 (the profiler adds launch latency, so read gaps from wall time instead), and busy time and count per
 kernel category.
 """
+
 from __future__ import annotations
 
 import json
@@ -33,17 +34,23 @@ flags.DEFINE_integer("steps", 32, "decode steps in the traced run")
 flags.DEFINE_integer("max_len", 512, "KV cache slots")
 flags.DEFINE_list("configs", [], "kernel_sweep JSONs of tuned tilings (later files win per shape)")
 flags.DEFINE_integer("top", 12, "kernel names listed per variant")
-flags.DEFINE_enum("attention", "xla", ["xla", "pallas"], "decode attention: XLA ops or the Pallas kernel "
-                  "(interpret mode off the GPU)")
+flags.DEFINE_enum(
+  "attention",
+  "xla",
+  ["xla", "pallas"],
+  "decode attention: XLA ops or the Pallas kernel (interpret mode off the GPU)",
+)
 flags.DEFINE_string("out", "", "write the results JSON here")
 flags.DEFINE_bool("tiny", False, "CPU smoke test: tiny model, XLA path (host XLA ops, no device plane)")
 
 
 def trace_run(params, cfg, sp, tokens, max_len, attention="xla") -> list:
   """Kernel events of one traced `decode_loop` run (compiled and warmed up first)."""
+
   def run():
     cache = init_cache(cfg, tokens.shape[0], max_len, jnp.bfloat16)
     return decode_loop(params, tokens, cache, sp, cfg=cfg, attention=attention)
+
   jax.block_until_ready(run())
   return trace_events(run)
 
@@ -58,13 +65,16 @@ def parse_variant(v: str) -> tuple[str, float]:
   except ValueError:
     sparsity = -1.0
   if method not in ("teal", "wina") or not 0 <= sparsity < 1:
-    raise ValueError(f"variant {v!r}: use 'dense' or METHOD:SPARSITY with METHOD teal | wina and "
-                     "SPARSITY in [0, 1), e.g. teal:0.5")
+    raise ValueError(
+      f"variant {v!r}: use 'dense' or METHOD:SPARSITY with METHOD teal | wina and "
+      "SPARSITY in [0, 1), e.g. teal:0.5"
+    )
   return method, sparsity
 
 
-def profile_model(name: str, key, configs, backend: str, variants, steps: int, max_len: int, top: int,
-                  attention: str = "xla"):
+def profile_model(
+  name: str, key, configs, backend: str, variants, steps: int, max_len: int, top: int, attention: str = "xla"
+):
   """Rows (one per variant) of per-step kernel figures for the random-weight model shape `name`."""
   if name not in SHAPES:
     raise ValueError(f"unknown model shape {name!r}; known: {sorted(SHAPES)}")
@@ -82,8 +92,11 @@ def profile_model(name: str, key, configs, backend: str, variants, steps: int, m
     events = trace_run(params, cfg, sp, tokens, max_len, attention)
     row = {"model": name, "variant": v, **summarize(events, steps, top)}
     rows.append(row)
-    print(f"{name} {v:10s} kernels/step {row['kernels_per_step']:7.1f}  busy {row.get('busy_ms', 0):.3f} ms  "
-          f"span {row.get('span_ms', 0):.3f} ms  gap {row.get('gap_ms', 0):.3f} ms", flush=True)
+    print(
+      f"{name} {v:10s} kernels/step {row['kernels_per_step']:7.1f}  busy {row.get('busy_ms', 0):.3f} ms  "
+      f"span {row.get('span_ms', 0):.3f} ms  gap {row.get('gap_ms', 0):.3f} ms",
+      flush=True,
+    )
     for c, r in row.get("categories", {}).items():
       print(f"    {c:12s} {r['per_step']:7.1f}/step {r['ms']:.3f} ms", flush=True)
   return rows
@@ -93,7 +106,7 @@ def main(argv):
   del argv
   if FLAGS.tiny:
     FLAGS.models, FLAGS.steps, FLAGS.max_len = ["tiny"], 4, 16
-  for v in FLAGS.variants:           # fail before any model is built
+  for v in FLAGS.variants:  # fail before any model is built
     parse_variant(v)
   gpu = jax.default_backend() == "gpu"
   backend = "auto" if gpu else "xla"
@@ -101,13 +114,34 @@ def main(argv):
   configs = load_configs(FLAGS.configs)
   rows = []
   for i, name in enumerate(FLAGS.models):
-    rows += profile_model(name, jax.random.PRNGKey(i), configs, backend, FLAGS.variants, FLAGS.steps,
-                          FLAGS.max_len, FLAGS.top, attention)
+    rows += profile_model(
+      name,
+      jax.random.PRNGKey(i),
+      configs,
+      backend,
+      FLAGS.variants,
+      FLAGS.steps,
+      FLAGS.max_len,
+      FLAGS.top,
+      attention,
+    )
   if FLAGS.out:
     with open(FLAGS.out, "w") as f:
-      json.dump({"jax": jax.__version__, "device": str(jax.devices()[0].device_kind), "flags": {
-          "variants": FLAGS.variants, "steps": FLAGS.steps, "configs": FLAGS.configs,
-          "attention": FLAGS.attention}, "rows": rows}, f, indent=1)
+      json.dump(
+        {
+          "jax": jax.__version__,
+          "device": str(jax.devices()[0].device_kind),
+          "flags": {
+            "variants": FLAGS.variants,
+            "steps": FLAGS.steps,
+            "configs": FLAGS.configs,
+            "attention": FLAGS.attention,
+          },
+          "rows": rows,
+        },
+        f,
+        indent=1,
+      )
 
 
 if __name__ == "__main__":

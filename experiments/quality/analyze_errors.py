@@ -9,6 +9,7 @@ site: the relative output error, Lemma 3.1's value, their gap, the kernel's colu
 and (propagated mode) the drift against the dense model; the final-logit KL per method and sparsity;
 the transform's shortcut cost. Writes errors.csv, kl.csv, summary.json, PNG plots and README.md.
 """
+
 from __future__ import annotations
 
 import csv
@@ -29,13 +30,18 @@ from wina_jax.data.text import load_texts, token_windows
 from wina_jax.tokenizer import load_tokenizer
 from wina_jax.transform import shortcut_cost, transform
 
-MODEL = flags.DEFINE_string("model", "smollm2-135m", "Name in wina_jax.assets.MODELS, GGUF file or HF folder.")
+MODEL = flags.DEFINE_string(
+  "model", "smollm2-135m", "Name in wina_jax.assets.MODELS, GGUF file or HF folder."
+)
 TEXT = flags.DEFINE_string("text", "boolq:heldout", "'boolq:heldout', 'boolq:calibration' or a text file.")
 SEQ_LEN = flags.DEFINE_integer("seq_len", 128, "Window length.")
 WINDOWS = flags.DEFINE_integer("windows", 4, "Number of windows (one batch).")
 LAYERS = flags.DEFINE_integer("layers", 0, "Keep only the first N layers (0 = all; for smoke runs).")
-METHODS = flags.DEFINE_list("methods", ["dense", "teal", "teal-transform", "wina", "wina-transform", "cats"],
-                            "Methods; '<m>-transform' runs <m> on WINA-transformed params.")
+METHODS = flags.DEFINE_list(
+  "methods",
+  ["dense", "teal", "teal-transform", "wina", "wina-transform", "cats"],
+  "Methods; '<m>-transform' runs <m> on WINA-transformed params.",
+)
 SPARSITIES = flags.DEFINE_list("sparsities", ["0.25", "0.4", "0.5", "0.65"], "Target sparsities.")
 MODES = flags.DEFINE_list("modes", ["isolated", "propagated"], "Analysis modes.")
 BASIS = flags.DEFINE_enum("basis", "svd", ["svd", "axis"], "Null-space basis of the transform (bases.py).")
@@ -43,15 +49,16 @@ OUT = flags.DEFINE_string("out", "results/analysis", "Output folder.")
 REPLOT = flags.DEFINE_bool("replot", False, "Only redraw the PNGs from <out>/errors.csv and kl.csv.")
 
 SUFFIX = "-transform"
-KEY_PROJS = families.key_projections()   # sites the transform orthogonalises
-FLOOR = 1e-10   # relative squared errors below this are float32 round-off (GQA k_proj: WINA drops zero rows)
+KEY_PROJS = families.key_projections()  # sites the transform orthogonalises
+FLOOR = 1e-10  # relative squared errors below this are float32 round-off (GQA k_proj: WINA drops zero rows)
 
 
 def truncate(params: dict, cfg, layers: int):
   if not layers or layers >= cfg.num_hidden_layers:
     return params, cfg
-  return {**params, "layers": {str(i): params["layers"][str(i)] for i in range(layers)}}, \
-      cfg.replace(num_hidden_layers=layers)
+  return {**params, "layers": {str(i): params["layers"][str(i)] for i in range(layers)}}, cfg.replace(
+    num_hidden_layers=layers
+  )
 
 
 def cells(methods: list[str], sparsities: list[float]) -> list[tuple[str, float]]:
@@ -68,8 +75,11 @@ def checks(rows: list[dict]) -> dict:
   for s in sorted({r["sparsity"] for r in iso if r["method"] == "wina" + SUFFIX}):
     wina = [r for r in iso if r["method"] == "wina" + SUFFIX and r["sparsity"] == s]
     gaps = [abs(r["gap"]) / max(r["rel_actual"], FLOOR) for r in wina]
-    entry = {"sites": len(wina), "max_rel_gap": max(gaps),
-             "lossless_sites": sum(r["rel_actual"] < FLOOR for r in wina)}
+    entry = {
+      "sites": len(wina),
+      "max_rel_gap": max(gaps),
+      "lossless_sites": sum(r["rel_actual"] < FLOOR for r in wina),
+    }
     for teal in ("teal", "teal" + SUFFIX):
       other = [(r, by.get((teal, s, r["site"]))) for r in wina]
       if all(o is not None for _, o in other):
@@ -91,27 +101,45 @@ def readme(summary: dict) -> str:
   """README.md: the command, the shortcut cost, WINA vs TEAL at the orthogonalised sites, and the KL table."""
   c = summary["shortcut_cost"]
   lines = [
-      "# Layer-by-layer error analysis", "", "Produced by:", "", "```", summary["command"], "```", "",
-      f"Tokens {summary['tokens']}, layers {summary['layers']}. Files: errors.csv (one row per mode, method,",
-      "sparsity and linear site), kl.csv, summary.json, error_per_layer_*.png (isolated: actual error;",
-      "propagated: drift against the dense model), bound_vs_actual.png, kl_vs_sparsity.png.", "",
-      f"Shortcut rotations: {c['shortcuts']} of d x d, {c['flops']:,} FLOPs/token "
-      f"({100 * c['flops_frac']:.2f}% of the linear layers), {c['bytes']:,} bytes "
-      f"({100 * c['bytes_frac']:.2f}% of the transformed params); untying adds {c['untie_bytes']:,} bytes.",
-      "",
-      "Isolated mode at the orthogonalised sites (k_proj, gate_proj): WINA on the transformed model.", "",
-      f"Errors below {FLOOR:g} are float32 round-off: at GQA k_proj (rank < d) the transformed kernel has",
-      "d - rank zero rows, which WINA drops first, so WINA is lossless there up to sparsity 1 - rank / d.",
-      "", "| sparsity | sites | lossless sites | max abs(actual - lemma) / max(actual, floor) "
-      "| WINA <= TEAL-transform | mean WINA / TEAL-transform | WINA <= TEAL (original) "
-      "| mean WINA / TEAL (original) |", "|---|---|---|---|---|---|---|---|"]
+    "# Layer-by-layer error analysis",
+    "",
+    "Produced by:",
+    "",
+    "```",
+    summary["command"],
+    "```",
+    "",
+    f"Tokens {summary['tokens']}, layers {summary['layers']}. Files: errors.csv (one row per mode, method,",
+    "sparsity and linear site), kl.csv, summary.json, error_per_layer_*.png (isolated: actual error;",
+    "propagated: drift against the dense model), bound_vs_actual.png, kl_vs_sparsity.png.",
+    "",
+    f"Shortcut rotations: {c['shortcuts']} of d x d, {c['flops']:,} FLOPs/token "
+    f"({100 * c['flops_frac']:.2f}% of the linear layers), {c['bytes']:,} bytes "
+    f"({100 * c['bytes_frac']:.2f}% of the transformed params); untying adds {c['untie_bytes']:,} bytes.",
+    "",
+    "Isolated mode at the orthogonalised sites (k_proj, gate_proj): WINA on the transformed model.",
+    "",
+    f"Errors below {FLOOR:g} are float32 round-off: at GQA k_proj (rank < d) the transformed kernel has",
+    "d - rank zero rows, which WINA drops first, so WINA is lossless there up to sparsity 1 - rank / d.",
+    "",
+    "| sparsity | sites | lossless sites | max abs(actual - lemma) / max(actual, floor) "
+    "| WINA <= TEAL-transform | mean WINA / TEAL-transform | WINA <= TEAL (original) "
+    "| mean WINA / TEAL (original) |",
+    "|---|---|---|---|---|---|---|---|",
+  ]
   for s, e in summary["isolated_checks"].items():
-    lines.append(f"| {s} | {e['sites']} | {e['lossless_sites']} | {e['max_rel_gap']:.2e} | "
-                 f"{e.get('wina_le_teal' + SUFFIX, '-')} | "
-                 f"{e.get('mean_ratio_to_teal' + SUFFIX, float('nan')):.3f} | {e.get('wina_le_teal', '-')} | "
-                 f"{e.get('mean_ratio_to_teal', float('nan')):.3f} |")
-  lines += ["", "Final-logit KL(dense || sparse), nats/token (propagated mode):", "",
-            "| method | " + " | ".join(str(s) for s in sorted({r["sparsity"] for r in summary["kl"]})) + " |"]
+    lines.append(
+      f"| {s} | {e['sites']} | {e['lossless_sites']} | {e['max_rel_gap']:.2e} | "
+      f"{e.get('wina_le_teal' + SUFFIX, '-')} | "
+      f"{e.get('mean_ratio_to_teal' + SUFFIX, float('nan')):.3f} | {e.get('wina_le_teal', '-')} | "
+      f"{e.get('mean_ratio_to_teal', float('nan')):.3f} |"
+    )
+  lines += [
+    "",
+    "Final-logit KL(dense || sparse), nats/token (propagated mode):",
+    "",
+    "| method | " + " | ".join(str(s) for s in sorted({r["sparsity"] for r in summary["kl"]})) + " |",
+  ]
   sps = sorted({r["sparsity"] for r in summary["kl"]})
   lines.append("|---" * (len(sps) + 1) + "|")
   for m in dict.fromkeys(r["method"] for r in summary["kl"]):
@@ -122,6 +150,7 @@ def readme(summary: dict) -> str:
 
 def read_csv(path: str) -> list[dict]:
   """Rows written by `write_csv`, numbers parsed back (empty cells dropped)."""
+
   def parse(v: str):
     for cast in (int, float):
       try:
@@ -129,6 +158,7 @@ def read_csv(path: str) -> list[dict]:
       except ValueError:
         pass
     return v
+
   with open(path, newline="") as f:
     return [{k: parse(v) for k, v in r.items() if v != ""} for r in csv.DictReader(f)]
 
@@ -163,7 +193,7 @@ def main(_):
   rows, kl_rows = [], []
   todo = cells(METHODS.value, [float(s) for s in SPARSITIES.value])
   for method, s in tqdm(todo, desc="method x sparsity"):
-    base, suffix = (method[:-len(SUFFIX)], SUFFIX) if method.endswith(SUFFIX) else (method, "")
+    base, suffix = (method[: -len(SUFFIX)], SUFFIX) if method.endswith(SUFFIX) else (method, "")
     p, c = models[suffix]
     sp = sparsity.make(base, p, c, s)
     for mode in MODES.value:
@@ -176,17 +206,34 @@ def main(_):
         raise ValueError(f"unknown mode {mode!r}; choose from isolated, propagated")
       for site, e in errs.items():
         layer, block, proj = S.parse_site(site)
-        rows.append({"mode": mode, "method": method, "sparsity": s, "site": site, "layer": layer,
-                     "block": block, "proj": proj, "defect": defects[suffix][site], **e})
+        rows.append(
+          {
+            "mode": mode,
+            "method": method,
+            "sparsity": s,
+            "site": site,
+            "layer": layer,
+            "block": block,
+            "proj": proj,
+            "defect": defects[suffix][site],
+            **e,
+          }
+        )
   write_csv(os.path.join(out, "errors.csv"), rows)
   write_csv(os.path.join(out, "kl.csv"), kl_rows)
   projs = S.block_sites(cfg, "self_attn") + S.block_sites(cfg, "mlp")
-  summary = {"command": shlex.join(["python", "-m", "experiments.quality.analyze_errors", *sys.argv[1:]]),
-             "tokens": list(tokens.shape), "layers": cfg.num_hidden_layers,
-             "shortcut_cost": shortcut_cost(tparams, tcfg, cfg), "isolated_checks": checks(rows),
-             "kl": kl_rows,
-             "max_defect": {k or "original": {pr: max(v for site, v in d.items() if site.endswith(pr))
-                                              for pr in projs} for k, d in defects.items()}}
+  summary = {
+    "command": shlex.join(["python", "-m", "experiments.quality.analyze_errors", *sys.argv[1:]]),
+    "tokens": list(tokens.shape),
+    "layers": cfg.num_hidden_layers,
+    "shortcut_cost": shortcut_cost(tparams, tcfg, cfg),
+    "isolated_checks": checks(rows),
+    "kl": kl_rows,
+    "max_defect": {
+      k or "original": {pr: max(v for site, v in d.items() if site.endswith(pr)) for pr in projs}
+      for k, d in defects.items()
+    },
+  }
   with open(os.path.join(out, "summary.json"), "w") as f:
     json.dump(summary, f, indent=1)
   draw(rows, kl_rows, out)

@@ -5,6 +5,7 @@ saved as a versioned thresholds file, and a held-out check of the sparsity thres
   python -m experiments.quality.calibrate --method=teal --sparsity=0.4 --allocation=greedy --out=runs/teal.npz
   python -m experiments.quality.calibrate --method=cats --text=my_corpus.txt --max_windows=64 --seq_len=512
 """
+
 import time
 
 import numpy as np
@@ -19,10 +20,18 @@ from wina_jax.eval.recommended import recommended
 from wina_jax.sparsity import layerwise
 from wina_jax.tokenizer import load_tokenizer
 
-MODEL = flags.DEFINE_string("model", "smollm2-135m", "Name in wina_jax.assets.MODELS, GGUF file or HF folder.")
-METHOD = flags.DEFINE_string("method", "", "Registered method name (wina_jax.sparsity.known_methods); '' = the "
-                             "recommended one for --sparsity (wina_jax.eval.recommended).")
-C_SITES = flags.DEFINE_enum("c_sites", "official", ["official", "all"], "wina only: sites that use column norms.")
+MODEL = flags.DEFINE_string(
+  "model", "smollm2-135m", "Name in wina_jax.assets.MODELS, GGUF file or HF folder."
+)
+METHOD = flags.DEFINE_string(
+  "method",
+  "",
+  "Registered method name (wina_jax.sparsity.known_methods); '' = the "
+  "recommended one for --sparsity (wina_jax.eval.recommended).",
+)
+C_SITES = flags.DEFINE_enum(
+  "c_sites", "official", ["official", "all"], "wina only: sites that use column norms."
+)
 SPARSITY = flags.DEFINE_float("sparsity", 0.5, "Target (effective) sparsity in [0, 1).")
 ALLOCATION = flags.DEFINE_enum("allocation", "uniform", list(sp.ALLOCATIONS), "Per-site allocation.")
 GREEDY_MAX = flags.DEFINE_float("greedy_max", -1.0, "Greedy path end (effective); < 0: sparsity + 0.05.")
@@ -32,8 +41,12 @@ HELDOUT = flags.DEFINE_string("heldout", "boolq:heldout", "Held-out text for the
 SEQ_LEN = flags.DEFINE_integer("seq_len", 256, "Window length.")
 MAX_WINDOWS = flags.DEFINE_integer("max_windows", 16, "Calibration windows.")
 CHECK_WINDOWS = flags.DEFINE_integer("check_windows", 4, "Held-out windows for the check (0: skip).")
-UPSTREAM = flags.DEFINE_bool("upstream", True, "Calibrate each site under the sparse upstream at the "
-                             "target (exact for this target); false: dense statistics (TEAL), any target.")
+UPSTREAM = flags.DEFINE_bool(
+  "upstream",
+  True,
+  "Calibrate each site under the sparse upstream at the "
+  "target (exact for this target); false: dense statistics (TEAL), any target.",
+)
 OUT = flags.DEFINE_string("out", "", "Thresholds file; '' = runs/calibration/<method>.npz.")
 
 
@@ -43,18 +56,20 @@ def main(_):
   sp.check_sparsity(SPARSITY.value)
   spec = variants.parse(METHOD.value or recommended(SPARSITY.value).spec)
   if spec.transformed:
-    raise app.UsageError(f"{spec.spec!r} needs transformed params; calibrate its base method on them in Python "
-                         "(wina_jax.eval.variants.prepare)")
+    raise app.UsageError(
+      f"{spec.spec!r} needs transformed params; calibrate its base method on them in Python "
+      "(wina_jax.eval.variants.prepare)"
+    )
   settings = {"c_sites": C_SITES.value} if spec.name == "wina" else {}
   method = sp.get_method(spec.name, **{**settings, **dict(spec.settings)})
   windows = sp.windows_from_text(tok, load_texts(TEXT.value), SEQ_LEN.value, MAX_WINDOWS.value)
   t0 = time.time()
   target = SPARSITY.value
   paths = None
-  if ALLOCATION.value == "greedy":   # greedy search on dense statistics, then recalibrate for its choice
+  if ALLOCATION.value == "greedy":  # greedy search on dense statistics, then recalibrate for its choice
     dense = sp.calibrate(params, cfg, method, windows)
     end = GREEDY_MAX.value if GREEDY_MAX.value >= 0 else min(SPARSITY.value + 0.05, 0.95)
-    paths = sp.greedy(params, cfg, dense, windows[:GREEDY_WINDOWS.value], max_effective=end)
+    paths = sp.greedy(params, cfg, dense, windows[: GREEDY_WINDOWS.value], max_effective=end)
     target = sp.pick(paths, SPARSITY.value)
   calib = sp.calibrate(params, cfg, method, windows, upstream=target if UPSTREAM.value else None)
   calib.paths = paths
@@ -63,13 +78,18 @@ def main(_):
   print(f"saved {path}")
   if CHECK_WINDOWS.value:
     held = sp.windows_from_text(tok, load_texts(HELDOUT.value), SEQ_LEN.value, CHECK_WINDOWS.value)
-    spars = sp.make(method, params, cfg, SPARSITY.value, mode="threshold", calibration=calib,
-                    allocation=ALLOCATION.value)
-    zf = layerwise.zero_frac(params, cfg, spars, held)   # = forward(collect=("zero_frac",)), one layer compiled
+    spars = sp.make(
+      method, params, cfg, SPARSITY.value, mode="threshold", calibration=calib, allocation=ALLOCATION.value
+    )
+    zf = layerwise.zero_frac(
+      params, cfg, spars, held
+    )  # = forward(collect=("zero_frac",)), one layer compiled
     per_site = np.asarray([zf[s] for s in method.sites(cfg)])
-    print(f"held-out ({HELDOUT.value}, {held.size} tokens): parameter-weighted sparsity "
-          f"{sp.parameter_weighted_sparsity(zf, cfg):.4f} (target {SPARSITY.value}); per-site zero fraction "
-          f"mean {per_site.mean():.4f}, range [{per_site.min():.4f}, {per_site.max():.4f}]")
+    print(
+      f"held-out ({HELDOUT.value}, {held.size} tokens): parameter-weighted sparsity "
+      f"{sp.parameter_weighted_sparsity(zf, cfg):.4f} (target {SPARSITY.value}); per-site zero fraction "
+      f"mean {per_site.mean():.4f}, range [{per_site.min():.4f}, {per_site.max():.4f}]"
+    )
 
 
 if __name__ == "__main__":

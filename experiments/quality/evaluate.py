@@ -1,11 +1,12 @@
 """Evaluate one model variant: perplexity on held-out BoolQ passages and a short greedy generation.
 
-  python -m experiments.quality.evaluate                       # dense embedded SmolLM2-135M-Instruct
-  python -m experiments.quality.evaluate --sparsity=0.5        # the recommended variant at 50% (docs/findings.md)
-  python -m experiments.quality.evaluate --sparsity=0.5 --method=teal-transform --mode=topk
-  python -m experiments.quality.evaluate --model=path/to/hf_folder_or.gguf --max_windows=64 --seq_len=512
-  python -m experiments.quality.evaluate --mesh=data:1,model:4    # params sharded over 4 devices
+python -m experiments.quality.evaluate                       # dense embedded SmolLM2-135M-Instruct
+python -m experiments.quality.evaluate --sparsity=0.5        # the recommended variant at 50% (docs/findings.md)
+python -m experiments.quality.evaluate --sparsity=0.5 --method=teal-transform --mode=topk
+python -m experiments.quality.evaluate --model=path/to/hf_folder_or.gguf --max_windows=64 --seq_len=512
+python -m experiments.quality.evaluate --mesh=data:1,model:4    # params sharded over 4 devices
 """
+
 from absl import app, flags
 
 from wina_jax import assets
@@ -18,10 +19,16 @@ from wina_jax.eval.recommended import recommended
 from wina_jax.generate import greedy_decode
 from wina_jax.tokenizer import load_tokenizer
 
-MODEL = flags.DEFINE_string("model", "smollm2-135m", "Name in wina_jax.assets.MODELS, GGUF file or HF folder.")
+MODEL = flags.DEFINE_string(
+  "model", "smollm2-135m", "Name in wina_jax.assets.MODELS, GGUF file or HF folder."
+)
 SPARSITY = flags.DEFINE_float("sparsity", 0.0, "Target sparsity in [0, 1); 0 = dense.")
-METHOD = flags.DEFINE_string("method", "", "Variant spec (wina_jax.eval.variants); '' = the recommended "
-                             "one for --sparsity (wina_jax.eval.recommended).")
+METHOD = flags.DEFINE_string(
+  "method",
+  "",
+  "Variant spec (wina_jax.eval.variants); '' = the recommended "
+  "one for --sparsity (wina_jax.eval.recommended).",
+)
 MODE = flags.DEFINE_enum("mode", None, ["topk", "threshold"], "Default: the recommendation's.")
 ALLOCATION = flags.DEFINE_enum("allocation", None, ["uniform", "greedy"], "Default: the recommendation's.")
 TEXT = flags.DEFINE_string("text", "boolq:heldout", "'boolq:heldout', 'boolq:calibration' or a text file.")
@@ -36,7 +43,11 @@ MESH = flags.DEFINE_string("mesh", "", "Device mesh, e.g. 'data:1,model:4'; '' =
 
 def main(_):
   rec = recommended(SPARSITY.value)
-  spec, mode, allocation = METHOD.value or rec.spec, MODE.value or rec.mode, ALLOCATION.value or rec.allocation
+  spec, mode, allocation = (
+    METHOD.value or rec.spec,
+    MODE.value or rec.mode,
+    ALLOCATION.value or rec.allocation,
+  )
   params, cfg = load(MODEL.value)
   tok = load_tokenizer(MODEL.value or assets.default_gguf())
   calib = None

@@ -19,6 +19,7 @@ differences get an unpaired binomial 95 % interval from the committed accuracies
 their perplexity differences none; CPU-grid cells that carry items get the sweep's paired bootstrap and
 numerics band (`wina_jax.eval.report.comparison_table`), the others are listed as without a band.
 """
+
 from __future__ import annotations
 
 import glob
@@ -43,15 +44,25 @@ TASKS = ("piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "boolq"
 INFORMATIVE = ("piqa", "hellaswag", "arc_easy", "arc_challenge")
 MAIN = ("dense", "teal", "teal-transform", "cats", "wina", "wina-transform")
 CPU_RUNS = ("threshold-uniform", "topk-uniform", "threshold-greedy")
-PROTOCOL = {"SmolLM2-135M": os.path.join(ROOT, "results", "sweep", "smollm2-topk"),
-            "Qwen2.5-Coder-1.5B": os.path.join(ROOT, "results", "sweep", "qwen1.5b")}
+PROTOCOL = {
+  "SmolLM2-135M": os.path.join(ROOT, "results", "sweep", "smollm2-topk"),
+  "Qwen2.5-Coder-1.5B": os.path.join(ROOT, "results", "sweep", "qwen1.5b"),
+}
 # (method, allocation) vs (method, allocation): WINA vs TEAL, what the transform does, what greedy does.
-COMPARISONS = tuple(((a, x), (b, y)) for a, x, b, y in (
-    ("wina", "uniform", "teal", "uniform"), ("wina-transform", "uniform", "wina", "uniform"),
-    ("teal-transform", "uniform", "teal", "uniform"), ("wina-transform", "uniform", "teal", "uniform"),
-    ("cats", "uniform", "teal", "uniform"), ("teal", "greedy", "teal", "uniform"),
-    ("wina", "greedy", "teal", "greedy"), ("wina-transform", "greedy", "teal", "greedy"),
-    ("wina-transform", "greedy", "wina-transform", "uniform")))
+COMPARISONS = tuple(
+  ((a, x), (b, y))
+  for a, x, b, y in (
+    ("wina", "uniform", "teal", "uniform"),
+    ("wina-transform", "uniform", "wina", "uniform"),
+    ("teal-transform", "uniform", "teal", "uniform"),
+    ("wina-transform", "uniform", "teal", "uniform"),
+    ("cats", "uniform", "teal", "uniform"),
+    ("teal", "greedy", "teal", "uniform"),
+    ("wina", "greedy", "teal", "greedy"),
+    ("wina-transform", "greedy", "teal", "greedy"),
+    ("wina-transform", "greedy", "wina-transform", "uniform"),
+  )
+)
 
 CHECK = flags.DEFINE_bool("check", False, "Only check that docs/findings.md matches the results.")
 
@@ -79,6 +90,7 @@ def majority_rates(limit: int = 1000) -> dict[str, float]:
   from collections import Counter
 
   from wina_jax.eval.tasks import load_task
+
   out = {}
   for t in TASKS:
     golds = [ex.gold for ex in load_task(t, limit)]
@@ -89,9 +101,13 @@ def majority_rates(limit: int = 1000) -> dict[str, float]:
 def baselines_table(uniform: list[dict]) -> str:
   dense = next(r for r in uniform if r["method"] == "dense")
   maj = majority_rates()
-  return table(["task", "rows", "dense SmolLM2", "majority class", "informative (in avg4)"],
-               [[t, str(dense[f"{t}/n"]), _pct(dense[t]), _pct(maj[t]), "yes" if t in INFORMATIVE else "no"]
-                for t in TASKS])
+  return table(
+    ["task", "rows", "dense SmolLM2", "majority class", "informative (in avg4)"],
+    [
+      [t, str(dense[f"{t}/n"]), _pct(dense[t]), _pct(maj[t]), "yes" if t in INFORMATIVE else "no"]
+      for t in TASKS
+    ],
+  )
 
 
 def variants_table(rows: list[dict]) -> str:
@@ -99,11 +115,33 @@ def variants_table(rows: list[dict]) -> str:
   lines = []
   for r in rows:
     rel = "" if r["method"] == "dense" else f"{100 * (r['ppl'] / teal[r['sparsity']] - 1):+.1f}%"
-    lines.append([r["method"], f"{100 * r['sparsity']:.0f}%", f"{100 * r['measured_sparsity']:.1f}%",
-                  f"{r['gflops']:.4f}", str(r.get("rotated_blocks", 0)), f"{r['ppl']:.2f}", rel,
-                  _pct(r["avg4"]), _pct(r["avg"])])
-  return table(["variant", "target", "measured", "GFLOPs/token", "rotated blocks", "ppl", "ppl vs teal",
-                "avg4", "avg (7 tasks)"], lines)
+    lines.append(
+      [
+        r["method"],
+        f"{100 * r['sparsity']:.0f}%",
+        f"{100 * r['measured_sparsity']:.1f}%",
+        f"{r['gflops']:.4f}",
+        str(r.get("rotated_blocks", 0)),
+        f"{r['ppl']:.2f}",
+        rel,
+        _pct(r["avg4"]),
+        _pct(r["avg"]),
+      ]
+    )
+  return table(
+    [
+      "variant",
+      "target",
+      "measured",
+      "GFLOPs/token",
+      "rotated blocks",
+      "ppl",
+      "ppl vs teal",
+      "avg4",
+      "avg (7 tasks)",
+    ],
+    lines,
+  )
 
 
 def greedy_table(uniform: list[dict], greedy: list[dict]) -> str:
@@ -112,8 +150,17 @@ def greedy_table(uniform: list[dict], greedy: list[dict]) -> str:
   for g in greedy:
     u = uni[(g["method"], g["sparsity"])]
     for alloc, r in (("uniform", u), ("greedy", g)):
-      lines.append([g["method"], f"{100 * g['sparsity']:.0f}%", alloc, f"{100 * r['measured_sparsity']:.1f}%",
-                    f"{r['ppl']:.2f}", _pct(r["avg4"]), _pct(r["avg"])])
+      lines.append(
+        [
+          g["method"],
+          f"{100 * g['sparsity']:.0f}%",
+          alloc,
+          f"{100 * r['measured_sparsity']:.1f}%",
+          f"{r['ppl']:.2f}",
+          _pct(r["avg4"]),
+          _pct(r["avg"]),
+        ]
+      )
   return table(["method", "target", "allocation", "measured", "ppl", "avg4", "avg (7 tasks)"], lines)
 
 
@@ -123,8 +170,12 @@ def cpu_table(runs: dict[str, list[dict]]) -> str:
   keys = sorted({(m, s) for _, m, s in cells}, key=lambda k: (k[1], MAIN.index(k[0]) if k[0] in MAIN else 99))
   lines = []
   for m, s in keys:
-    vals = [f"{cells[(run, m, s)]['ppl']:.2f} ({100 * cells[(run, m, s)]['measured_sparsity']:.1f}%)"
-            if (run, m, s) in cells else "not run" for run in runs]
+    vals = [
+      f"{cells[(run, m, s)]['ppl']:.2f} ({100 * cells[(run, m, s)]['measured_sparsity']:.1f}%)"
+      if (run, m, s) in cells
+      else "not run"
+      for run in runs
+    ]
     lines.append([m, f"{100 * s:.0f}%", *vals])
   return table(["method", "target", *[f"{run}: ppl (measured)" for run in runs]], lines)
 
@@ -133,6 +184,7 @@ def site_error_table(path: str, sparsity: str = "0.5") -> str:
   """Mean isolated relative output error per projection at `sparsity` (results/analysis/errors.csv)."""
   import csv
   from collections import defaultdict
+
   acc = defaultdict(list)
   with open(path) as f:
     for r in csv.DictReader(f):
@@ -140,8 +192,9 @@ def site_error_table(path: str, sparsity: str = "0.5") -> str:
         acc[(r["method"], r["proj"])].append(float(r["rel_actual"]))
   projs = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
   methods = ("teal", "teal-transform", "wina", "wina-transform")
-  return table(["method", *projs], [[m, *(f"{sum(acc[(m, p)]) / len(acc[(m, p)]):.4f}" for p in projs)]
-                                    for m in methods])
+  return table(
+    ["method", *projs], [[m, *(f"{sum(acc[(m, p)]) / len(acc[(m, p)]):.4f}" for p in projs)] for m in methods]
+  )
 
 
 def _acc_half_width(rows: list[dict], task_list: tuple) -> float:
@@ -151,8 +204,9 @@ def _acc_half_width(rows: list[dict], task_list: tuple) -> float:
   return 1.96 * math.sqrt(var)
 
 
-def h200_noise_table(uniform: list[dict],
-                     pairs=(("teal", "wina"), ("teal-transform", "wina-transform"))) -> str:
+def h200_noise_table(
+  uniform: list[dict], pairs=(("teal", "wina"), ("teal-transform", "wina-transform"))
+) -> str:
   """Per target: b - a in perplexity (no band: no per-window NLLs were stored) and avg4 with its unpaired
   binomial 95 % interval, and whether 0 lies outside it."""
   cells = {(r["method"], r["sparsity"]): r for r in uniform}
@@ -161,11 +215,19 @@ def h200_noise_table(uniform: list[dict],
     for s in sorted({r["sparsity"] for r in uniform if r["method"] == b}):
       ra, rb = cells[(a, s)], cells[(b, s)]
       d, hw = rb["avg4"] - ra["avg4"], _acc_half_width([ra, rb], INFORMATIVE)
-      lines.append([f"{b} - {a}", f"{100 * s:.0f}%", f"{100 * (rb['ppl'] / ra['ppl'] - 1):+.1f}%",
-                    "none stored", f"{100 * d:+.2f} +- {100 * hw:.2f}",
-                    "outside" if abs(d) > hw else "within sampling noise"])
-  return table(["b - a", "target", "ppl (relative)", "ppl band", "avg4 points +- 95 % (unpaired)", "avg4"],
-               lines)
+      lines.append(
+        [
+          f"{b} - {a}",
+          f"{100 * s:.0f}%",
+          f"{100 * (rb['ppl'] / ra['ppl'] - 1):+.1f}%",
+          "none stored",
+          f"{100 * d:+.2f} +- {100 * hw:.2f}",
+          "outside" if abs(d) > hw else "within sampling noise",
+        ]
+      )
+  return table(
+    ["b - a", "target", "ppl (relative)", "ppl band", "avg4 points +- 95 % (unpaired)", "avg4"], lines
+  )
 
 
 def load_cells(run_dir: str) -> list[dict]:
@@ -181,11 +243,16 @@ def cpu_noise_table(runs: dict[str, list[dict]]) -> str:
   out = []
   for run, cells in runs.items():
     banded = [c for c in cells if "items" in c]
-    missing = sorted(f"{c['row']['method']} @ {100 * c['row']['sparsity']:.0f}%"
-                     for c in cells if "items" not in c)
+    missing = sorted(
+      f"{c['row']['method']} @ {100 * c['row']['sparsity']:.0f}%" for c in cells if "items" not in c
+    )
     comp = report.comparison_table(banded, (), "teal") if banded else ""
-    out.append(f"**{run}**" + (f" (no band yet: {', '.join(missing)})" if missing else "") + "\n\n" +
-               (comp or "no cell with items yet.\n"))
+    out.append(
+      f"**{run}**"
+      + (f" (no band yet: {', '.join(missing)})" if missing else "")
+      + "\n\n"
+      + (comp or "no cell with items yet.\n")
+    )
   return "\n".join(out)
 
 
@@ -193,23 +260,39 @@ def recommended_table(uniform: list[dict]) -> str:
   lines = []
   for s, rec in sorted(R.RECOMMENDED.items()):
     picked = R.pick(uniform, s)
-    lines.append([f"{100 * s:.0f}%", picked, f"{rec.spec} ({rec.mode}, {rec.allocation})",
-                  "yes" if picked == rec.spec else "NO"])
+    lines.append(
+      [
+        f"{100 * s:.0f}%",
+        picked,
+        f"{rec.spec} ({rec.mode}, {rec.allocation})",
+        "yes" if picked == rec.spec else "NO",
+      ]
+    )
   return table(["target", "rule's pick (H200 grid)", "wina_jax.eval.recommended", "agree"], lines)
 
 
 def blocks(uniform: list[dict]) -> dict[str, str]:
   greedy = load_rows(os.path.join(H200, "threshold-greedy", "results.json"))
-  cpu = {run: load_rows(os.path.join(CPU, run, "results.json")) for run in CPU_RUNS
-         if os.path.exists(os.path.join(CPU, run, "results.json"))}
-  cpu_cells = {run: load_cells(os.path.join(CPU, run)) for run in CPU_RUNS if os.path.isdir(os.path.join(CPU, run))}
-  return {"main": report.markdown([r for r in uniform if r["method"] in MAIN], TASKS),
-          "h200_noise": h200_noise_table(uniform), "cpu_noise": cpu_noise_table(cpu_cells),
-          "baselines": baselines_table(uniform), "variants": variants_table(uniform),
-          "greedy": greedy_table(uniform, greedy), "cpu_grid": cpu_table(cpu),
-          "recommended": recommended_table(uniform),
-          "site_errors": site_error_table(os.path.join(ROOT, "results", "analysis", "errors.csv")),
-          **protocol_blocks()}
+  cpu = {
+    run: load_rows(os.path.join(CPU, run, "results.json"))
+    for run in CPU_RUNS
+    if os.path.exists(os.path.join(CPU, run, "results.json"))
+  }
+  cpu_cells = {
+    run: load_cells(os.path.join(CPU, run)) for run in CPU_RUNS if os.path.isdir(os.path.join(CPU, run))
+  }
+  return {
+    "main": report.markdown([r for r in uniform if r["method"] in MAIN], TASKS),
+    "h200_noise": h200_noise_table(uniform),
+    "cpu_noise": cpu_noise_table(cpu_cells),
+    "baselines": baselines_table(uniform),
+    "variants": variants_table(uniform),
+    "greedy": greedy_table(uniform, greedy),
+    "cpu_grid": cpu_table(cpu),
+    "recommended": recommended_table(uniform),
+    "site_errors": site_error_table(os.path.join(ROOT, "results", "analysis", "errors.csv")),
+    **protocol_blocks(),
+  }
 
 
 def protocol_blocks() -> dict[str, str]:
@@ -221,6 +304,7 @@ def protocol_cells(folder: str) -> dict[tuple[str, str, float], dict]:
   """{(method, allocation, target): row + '_items'} of the finished cells in folder/topk-{uniform,greedy}:
   the rows of results.json, each with the items of the cell file holding that very row."""
   import glob
+
   out = {}
   for alloc in ("uniform", "greedy"):
     path = os.path.join(folder, f"topk-{alloc}")
@@ -241,6 +325,7 @@ def protocol_cells(folder: str) -> dict[tuple[str, str, float], dict]:
 def _mean_se(x) -> tuple[float, float]:
   """Mean and its standard error (sample sd / sqrt(n))."""
   import numpy as np
+
   x = np.asarray(x, np.float64)
   return float(x.mean()), float(x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else float("nan")
 
@@ -249,6 +334,7 @@ def _avg4_se(items_a: dict, items_b: Optional[dict] = None) -> tuple[float, floa
   """avg4 (or its paired difference a - b on the same rows) and its standard error: per task the mean
   of per-row correctness (differences), then the mean over tasks with SE sqrt(sum SE_t^2) / 4."""
   import numpy as np
+
   means, ses = [], []
   for t in INFORMATIVE:
     x = np.asarray(items_a[f"{t}/correct"], np.float64)
@@ -264,6 +350,7 @@ def protocol_table(models: dict[str, dict]) -> str:
   """Every cell of the paper's protocol, per model: ppl +- SE (delta method over windows), per-task
   accuracy and avg4 +- SE."""
   import math
+
   lines = []
   for name, cells in models.items():
     order = sorted(cells, key=lambda k: (k[2], k[1] != "uniform", MAIN.index(k[0]) if k[0] in MAIN else 99))
@@ -276,17 +363,28 @@ def protocol_table(models: dict[str, dict]) -> str:
       for t in INFORMATIVE:
         m, se = _mean_se(it[f"{t}/correct"])
         accs.append(f"{100 * m:.1f} ±{100 * se:.1f}")
-      lines.append([name, key[0], f"{100 * key[2]:.0f}%", key[1], f"{100 * r['measured_sparsity']:.1f}%",
-                    f"{math.exp(nll):.3f} ±{math.exp(nll) * nll_se:.3f}", *accs,
-                    f"{100 * avg:.2f} ±{100 * avg_se:.2f}"])
-  return table(["model", "method", "target", "allocation", "measured", "ppl ±SE", *INFORMATIVE, "avg4 ±SE"],
-               lines)
+      lines.append(
+        [
+          name,
+          key[0],
+          f"{100 * key[2]:.0f}%",
+          key[1],
+          f"{100 * r['measured_sparsity']:.1f}%",
+          f"{math.exp(nll):.3f} ±{math.exp(nll) * nll_se:.3f}",
+          *accs,
+          f"{100 * avg:.2f} ±{100 * avg_se:.2f}",
+        ]
+      )
+  return table(
+    ["model", "method", "target", "allocation", "measured", "ppl ±SE", *INFORMATIVE, "avg4 ±SE"], lines
+  )
 
 
 def comparison_table(models: dict[str, dict]) -> str:
   """Paired differences on the same windows and rows (`COMPARISONS`): perplexity ratio - 1 and avg4
   difference, each with its standard error; 'yes' where |difference| > 2 SE."""
   import numpy as np
+
   lines = []
   for name, cells in models.items():
     for s in sorted({k[2] for k in cells if k[2] > 0}):
@@ -296,38 +394,70 @@ def comparison_table(models: dict[str, dict]) -> str:
           continue
         d, d_se = _mean_se(np.subtract(ca["_items"]["ppl_window_nll"], cb["_items"]["ppl_window_nll"]))
         g, g_se = _avg4_se(ca["_items"], cb["_items"])
-        lines.append([name, f"{100 * s:.0f}%", f"{a[0]} ({a[1]}) vs {b[0]} ({b[1]})",
-                      f"{100 * np.expm1(d):+.1f}% ±{100 * d_se:.1f}", "yes" if abs(d) > 2 * d_se else "no",
-                      f"{100 * g:+.2f} ±{100 * g_se:.2f}", "yes" if abs(g) > 2 * g_se else "no"])
-  return table(["model", "target", "comparison", "ppl change ±SE", "beyond 2 SE", "avg4 change (points) ±SE",
-                "beyond 2 SE"], lines)
+        lines.append(
+          [
+            name,
+            f"{100 * s:.0f}%",
+            f"{a[0]} ({a[1]}) vs {b[0]} ({b[1]})",
+            f"{100 * np.expm1(d):+.1f}% ±{100 * d_se:.1f}",
+            "yes" if abs(d) > 2 * d_se else "no",
+            f"{100 * g:+.2f} ±{100 * g_se:.2f}",
+            "yes" if abs(g) > 2 * g_se else "no",
+          ]
+        )
+  return table(
+    [
+      "model",
+      "target",
+      "comparison",
+      "ppl change ±SE",
+      "beyond 2 SE",
+      "avg4 change (points) ±SE",
+      "beyond 2 SE",
+    ],
+    lines,
+  )
 
 
 def render(doc: str, generated: dict[str, str]) -> str:
   for name, text in generated.items():
     pat = re.compile(rf"(<!-- findings:{name} -->\n).*?(<!-- /findings:{name} -->)", re.S)
     if not pat.search(doc):
-      raise ValueError(f"docs/findings.md lacks the markers <!-- findings:{name} --> ... <!-- /findings:{name} -->")
+      raise ValueError(
+        f"docs/findings.md lacks the markers <!-- findings:{name} --> ... <!-- /findings:{name} -->"
+      )
     doc = pat.sub(lambda m: m.group(1) + text + m.group(2), doc)
   return doc
 
 
 def plots(uniform: list[dict]) -> None:
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+
   methods = list(dict.fromkeys(r["method"] for r in uniform if r["method"] != "dense"))
   dense = next(r for r in uniform if r["method"] == "dense")
   os.makedirs(FIGS, exist_ok=True)
-  for name, xkey, xlabel in (("quality_vs_sparsity", "measured_sparsity", "measured sparsity (%)"),
-                             ("pareto", "gflops", "GFLOPs per token (incl. shortcut rotations)")):
+  for name, xkey, xlabel in (
+    ("quality_vs_sparsity", "measured_sparsity", "measured sparsity (%)"),
+    ("pareto", "gflops", "GFLOPs per token (incl. shortcut rotations)"),
+  ):
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for ax, ykey, ylabel in ((axes[0], "ppl", "held-out perplexity (log)"), (axes[1], "avg4", "avg4 accuracy (%)")):
+    for ax, ykey, ylabel in (
+      (axes[0], "ppl", "held-out perplexity (log)"),
+      (axes[1], "avg4", "avg4 accuracy (%)"),
+    ):
       for m in methods:
         pts = sorted((r[xkey], r[ykey]) for r in uniform if r["method"] == m)
         scale = 100 if xkey == "measured_sparsity" else 1
-        ax.plot([scale * x for x, _ in pts], [y * (100 if ykey == "avg4" else 1) for _, y in pts],
-                marker="o", ls="--" if "transform" in m else "-", label=m)
+        ax.plot(
+          [scale * x for x, _ in pts],
+          [y * (100 if ykey == "avg4" else 1) for _, y in pts],
+          marker="o",
+          ls="--" if "transform" in m else "-",
+          label=m,
+        )
       dx = 0 if xkey == "measured_sparsity" else dense[xkey]
       ax.plot([dx], [dense[ykey] * (100 if ykey == "avg4" else 1)], "k*", ms=12, label="dense")
       ax.set_xlabel(xlabel)

@@ -11,6 +11,7 @@ Writes per-window mean NLLs for dense, each level, and an ensemble over weight p
 (every weight times 1 +- eps, random signs, one seed each) at --ensemble_levels, with the official
 figures beside them. Resumable: runs already in --out are skipped.
 """
+
 import json
 import os
 import time
@@ -27,15 +28,23 @@ from wina_jax.tokenizer import load_tokenizer
 
 OUT = flags.DEFINE_string("out", "results/reference/smollm2_pride.json", "Result JSON (resumed if present).")
 LEVELS = flags.DEFINE_list("levels", ["0.25", "0.4", "0.5", "0.65"], "TEAL top-k sparsities.")
-K_RULE = flags.DEFINE_enum("k_rule", "floor", sparsity.base.K_RULES,
-                           "k per token: 'floor' = official int(d * (1 - s)); 'round' = the project's "
-                           "default.")
+K_RULE = flags.DEFINE_enum(
+  "k_rule",
+  "floor",
+  sparsity.base.K_RULES,
+  "k per token: 'floor' = official int(d * (1 - s)); 'round' = the project's default.",
+)
 WINDOWS = flags.DEFINE_integer("windows", 16, "Windows of 512 to score (the protocol: 16).")
 SEEDS = flags.DEFINE_list("seeds", ["1", "2", "3", "4", "5"], "Perturbation seeds for the ensemble.")
-ENSEMBLE_LEVELS = flags.DEFINE_list("ensemble_levels", ["0.5", "0.65"],
-                                    "Levels with a perturbation ensemble.")
-ENSEMBLE_WINDOWS = flags.DEFINE_integer("ensemble_windows", 16, "Windows scored by each perturbed run (the "
-                                        "first n: per-window spreads when the full ensemble is too slow).")
+ENSEMBLE_LEVELS = flags.DEFINE_list(
+  "ensemble_levels", ["0.5", "0.65"], "Levels with a perturbation ensemble."
+)
+ENSEMBLE_WINDOWS = flags.DEFINE_integer(
+  "ensemble_windows",
+  16,
+  "Windows scored by each perturbed run (the "
+  "first n: per-window spreads when the full ensemble is too slow).",
+)
 EPS = flags.DEFINE_float("eps", bands.EPS, "Relative weight perturbation of the ensemble.")
 BATCH = flags.DEFINE_integer("batch_size", 2, "Windows per forward.")
 
@@ -60,45 +69,59 @@ def report(res: dict, n: int) -> None:
   runs = res["runs"]
   for key, r in runs.items():
     if "/seed" not in key:
-      print(f"{key:10s} ppl {r['ppl']:9.4f} over {len(r['window_nll'])} windows; official "
-            f"{r.get('official_ppl', '-')}")
+      print(
+        f"{key:10s} ppl {r['ppl']:9.4f} over {len(r['window_nll'])} windows; official "
+        f"{r.get('official_ppl', '-')}"
+      )
   ours = runs.get("teal@0.5", {}).get("window_nll", [])
   if ours:
-    d = np.asarray(ours) - np.asarray(R.OFFICIAL_WINDOW_NLL_50[:len(ours)])
+    d = np.asarray(ours) - np.asarray(R.OFFICIAL_WINDOW_NLL_50[: len(ours)])
     se = np.std(d, ddof=1) / np.sqrt(len(d)) if len(d) > 1 else float("nan")
-    print(f"50 %: per-window NLL, project - official over {len(d)} windows: mean {d.mean():+.5f}, "
-          f"sd {np.std(d, ddof=1):.5f}, standard error of the mean {se:.5f} (t = {d.mean() / se:+.2f}); "
-          f"ppl ratio exp(mean) = {np.exp(d.mean()):.4f}")
+    print(
+      f"50 %: per-window NLL, project - official over {len(d)} windows: mean {d.mean():+.5f}, "
+      f"sd {np.std(d, ddof=1):.5f}, standard error of the mean {se:.5f} (t = {d.mean() / se:+.2f}); "
+      f"ppl ratio exp(mean) = {np.exp(d.mean()):.4f}"
+    )
   for level in [float(s) for s in ENSEMBLE_LEVELS.value]:
     seeds = [np.asarray(r["window_nll"]) for k, r in runs.items() if k.startswith(f"teal@{level:g}/seed")]
     base = runs.get(f"teal@{level:g}", {}).get("window_nll", [])
     m = min([len(x) for x in seeds] + [len(base)]) if seeds else 0
     if m:
-      stack = np.stack([x[:m] for x in seeds] + [np.asarray(base[:m])])   # [seeds + 1, m]
+      stack = np.stack([x[:m] for x in seeds] + [np.asarray(base[:m])])  # [seeds + 1, m]
       sd = np.std(stack, axis=0, ddof=1)
-      print(f"teal@{level:g}: per-window NLL sd over {len(stack)} runs (unperturbed + {len(seeds)} seeds) on "
-            f"windows 0..{m - 1}: {np.round(sd, 5).tolist()}, rms {np.sqrt(np.mean(sd ** 2)):.5f} -> band "
-            f"of a {n}-window mean (independent windows): +-{np.sqrt(np.mean(sd ** 2) / n):.5f} in log ppl")
+      print(
+        f"teal@{level:g}: per-window NLL sd over {len(stack)} runs (unperturbed + {len(seeds)} seeds) on "
+        f"windows 0..{m - 1}: {np.round(sd, 5).tolist()}, rms {np.sqrt(np.mean(sd**2)):.5f} -> band "
+        f"of a {n}-window mean (independent windows): +-{np.sqrt(np.mean(sd**2) / n):.5f} in log ppl"
+      )
 
 
 def main(_):
   params, cfg = load_default()
-  windows = austen.protocol_windows(load_tokenizer(assets.default_gguf()))[:WINDOWS.value]
-  res = {"protocol": {"text": f"{austen.PACKAGE} {austen.VERSION} prideprejudice",
-                      "start_char": austen.START_CHAR, "windows": len(windows), "window": austen.WINDOW,
-                      "k_rule": K_RULE.value,
-                      "ids_sha256": austen.ids_digest(windows.ravel())},
-         "official": {"ppl": {str(k): v for k, v in R.OFFICIAL_PPL.items()},
-                      "window_nll_50": R.OFFICIAL_WINDOW_NLL_50,
-                      "perturbed_ppl": {str(k): v for k, v in R.OFFICIAL_PERTURBED_PPL.items()}},
-         "runs": {}}
+  windows = austen.protocol_windows(load_tokenizer(assets.default_gguf()))[: WINDOWS.value]
+  res = {
+    "protocol": {
+      "text": f"{austen.PACKAGE} {austen.VERSION} prideprejudice",
+      "start_char": austen.START_CHAR,
+      "windows": len(windows),
+      "window": austen.WINDOW,
+      "k_rule": K_RULE.value,
+      "ids_sha256": austen.ids_digest(windows.ravel()),
+    },
+    "official": {
+      "ppl": {str(k): v for k, v in R.OFFICIAL_PPL.items()},
+      "window_nll_50": R.OFFICIAL_WINDOW_NLL_50,
+      "perturbed_ppl": {str(k): v for k, v in R.OFFICIAL_PERTURBED_PPL.items()},
+    },
+    "runs": {},
+  }
   if os.path.isfile(OUT.value):
     with open(OUT.value) as f:
       old = json.load(f)
     if old.get("protocol") == res["protocol"]:
       res["runs"] = old["runs"]
   ensemble = [float(s) for s in ENSEMBLE_LEVELS.value]
-  jobs = []   # each ensemble level, its seeds, the other levels, then dense (known to match: last)
+  jobs = []  # each ensemble level, its seeds, the other levels, then dense (known to match: last)
   for level in ensemble + [float(s) for s in LEVELS.value if float(s) not in ensemble]:
     jobs += [(level, None)] + [(level, int(seed)) for seed in SEEDS.value if seed and level in ensemble]
   for level, seed in jobs + [(0.0, None)]:
@@ -110,14 +133,15 @@ def main(_):
     p = params if seed is None else bands.perturb(params, seed, EPS.value)
     sp = sparsity.make("dense" if level == 0 else "teal", p, cfg, level, k_rule=K_RULE.value)
     t0 = time.time()
-    for i in range(len(done), n, BATCH.value):   # resumable per batch of windows
-      batch = windows[i:min(n, i + BATCH.value)]
+    for i in range(len(done), n, BATCH.value):  # resumable per batch of windows
+      batch = windows[i : min(n, i + BATCH.value)]
       done = done + R.window_nlls(p, cfg, batch, sp, batch_size=BATCH.value).tolist()
       extra = {} if seed is None else {"seed": seed, "eps": EPS.value}
       res["runs"][key] = dict(summary(done, level), **extra)
       save(res)
     print(f"{key}: ppl {res['runs'][key]['ppl']:.4f} ({time.time() - t0:.0f} s)", flush=True)
   report(res, len(windows))
+
 
 if __name__ == "__main__":
   app.run(main)

@@ -18,6 +18,7 @@ passes are). table.md prints both bands next to each number and marks every meth
 --compare_to at the same sparsity (and --compare_to's from dense) as real or within noise. A finished cell
 with fewer seeds, or without items (older cells), gets only what is missing on a rerun.
 """
+
 from __future__ import annotations
 
 import functools
@@ -28,23 +29,49 @@ import time
 from typing import Optional
 
 import numpy as np
-
 from absl import app, flags
 from tqdm.auto import tqdm
 
 from wina_jax.eval import report
 from wina_jax.eval.tasks import TASKS
 
-SMOKE = dict(methods="dense,teal,wina", sparsities="0.5", tasks="piqa,winogrande,hellaswag,arc_challenge",
-             limit=8, ppl_windows=4, seq_len=128, mode="threshold", calib_windows=4, batch_tokens=2048,
-             ppl_batch=4, seeds=0)
-DEMO = dict(methods="dense,teal,wina", sparsities="0.5", tasks="piqa", limit=100, ppl_windows=16, seq_len=256,
-            mode="threshold", calib_windows=8, batch_tokens=4096, ppl_batch=8, seeds=2, seed_tasks=False,
-            continuation="The capital of France is")
+SMOKE = dict(
+  methods="dense,teal,wina",
+  sparsities="0.5",
+  tasks="piqa,winogrande,hellaswag,arc_challenge",
+  limit=8,
+  ppl_windows=4,
+  seq_len=128,
+  mode="threshold",
+  calib_windows=4,
+  batch_tokens=2048,
+  ppl_batch=4,
+  seeds=0,
+)
+DEMO = dict(
+  methods="dense,teal,wina",
+  sparsities="0.5",
+  tasks="piqa",
+  limit=100,
+  ppl_windows=16,
+  seq_len=256,
+  mode="threshold",
+  calib_windows=8,
+  batch_tokens=4096,
+  ppl_batch=8,
+  seeds=2,
+  seed_tasks=False,
+  continuation="The capital of France is",
+)
 
-MODEL = flags.DEFINE_string("model", "smollm2-135m", "Name in wina_jax.assets.MODELS, GGUF file or HF folder.")
-METHODS = flags.DEFINE_list("methods", ["dense", "teal", "teal-transform", "cats", "wina", "wina-transform"],
-                            "Methods; '<m>-transform' runs <m> on WINA-transformed params.")
+MODEL = flags.DEFINE_string(
+  "model", "smollm2-135m", "Name in wina_jax.assets.MODELS, GGUF file or HF folder."
+)
+METHODS = flags.DEFINE_list(
+  "methods",
+  ["dense", "teal", "teal-transform", "cats", "wina", "wina-transform"],
+  "Methods; '<m>-transform' runs <m> on WINA-transformed params.",
+)
 SPARSITIES = flags.DEFINE_list("sparsities", ["0.25", "0.4", "0.5", "0.65"], "Target sparsities.")
 TASK_LIST = flags.DEFINE_list("tasks", list(TASKS), f"Tasks among {list(TASKS)}; empty = perplexity only.")
 LIMIT = flags.DEFINE_integer("limit", None, "Rows per task (first N); None = the whole validation set.")
@@ -56,25 +83,51 @@ CALIB_TEXT = flags.DEFINE_string("calib_text", "boolq:calibration", "Calibration
 SEQ_LEN = flags.DEFINE_integer("seq_len", 256, "Perplexity / calibration window length.")
 PPL_WINDOWS = flags.DEFINE_integer("ppl_windows", 32, "Perplexity windows.")
 CALIB_WINDOWS = flags.DEFINE_integer("calib_windows", 16, "Calibration windows (threshold / greedy).")
-UPSTREAM = flags.DEFINE_bool("upstream", True, "Threshold mode: calibrate each target under the sparse "
-                             "upstream (lands on the target); --noupstream: dense statistics (overshoots).")
+UPSTREAM = flags.DEFINE_bool(
+  "upstream",
+  True,
+  "Threshold mode: calibrate each target under the sparse "
+  "upstream (lands on the target); --noupstream: dense statistics (overshoots).",
+)
 BATCH_TOKENS = flags.DEFINE_integer("batch_tokens", 4096, "Tokens per multiple-choice batch.")
-BUCKETS = flags.DEFINE_list("buckets", None, "Padded lengths of multiple-choice rows (default: powers of two "
-                            "from 64); fewer buckets = fewer compiles, e.g. 256,1024 on a GPU.")
+BUCKETS = flags.DEFINE_list(
+  "buckets",
+  None,
+  "Padded lengths of multiple-choice rows (default: powers of two "
+  "from 64); fewer buckets = fewer compiles, e.g. 256,1024 on a GPU.",
+)
 PPL_BATCH = flags.DEFINE_integer("ppl_batch", 8, "Windows per perplexity batch.")
 DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Params dtype.")
 OUT = flags.DEFINE_string("out", "results/sweep", "Output folder.")
-BUNDLE = flags.DEFINE_string("bundle", "", "Pre-tokenised data (.npz): read if it exists, else written; lets "
-                             "a machine without tokenizer or datasets run the sweep.")
-ONLY_BUNDLE = flags.DEFINE_bool("only_bundle", False, "Write --bundle and exit (to carry the data elsewhere).")
-REPORT_ONLY = flags.DEFINE_bool("report_only", False, "Compute nothing: write the table of the finished cells.")
-DEADLINE = flags.DEFINE_float("deadline_s", None, "Start no new cell after this many seconds (one always runs); rerun to resume.")
-MAX_EFFECTIVE = flags.DEFINE_float("max_effective", None, "Greedy allocation: the effective sparsity its search "
-                                   "climbs to (the path below it does not depend on it); default: the highest "
-                                   "target + 0.05, at most 0.95.")
+BUNDLE = flags.DEFINE_string(
+  "bundle",
+  "",
+  "Pre-tokenised data (.npz): read if it exists, else written; lets "
+  "a machine without tokenizer or datasets run the sweep.",
+)
+ONLY_BUNDLE = flags.DEFINE_bool(
+  "only_bundle", False, "Write --bundle and exit (to carry the data elsewhere)."
+)
+REPORT_ONLY = flags.DEFINE_bool(
+  "report_only", False, "Compute nothing: write the table of the finished cells."
+)
+DEADLINE = flags.DEFINE_float(
+  "deadline_s", None, "Start no new cell after this many seconds (one always runs); rerun to resume."
+)
+MAX_EFFECTIVE = flags.DEFINE_float(
+  "max_effective",
+  None,
+  "Greedy allocation: the effective sparsity its search "
+  "climbs to (the path below it does not depend on it); default: the highest "
+  "target + 0.05, at most 0.95.",
+)
 SEEDS = flags.DEFINE_integer("seeds", 2, "Perturbed re-runs per cell for the numerics band (0: none).")
-SEED_TASKS = flags.DEFINE_bool("seed_tasks", True, "Perturbed re-runs score the tasks too (else perplexity "
-                                "only: the tasks get their bootstrap band alone, at a fraction of the cost).")
+SEED_TASKS = flags.DEFINE_bool(
+  "seed_tasks",
+  True,
+  "Perturbed re-runs score the tasks too (else perplexity "
+  "only: the tasks get their bootstrap band alone, at a fraction of the cost).",
+)
 EPS = flags.DEFINE_float("eps", 6e-8, "Relative weight perturbation of the numerics band (~1 float32 ulp).")
 COMPARE_TO = flags.DEFINE_string("compare_to", "teal", "Method the others are compared with, per sparsity.")
 CONTINUATION = flags.DEFINE_string("continuation", "", "Greedy continuation prompt per cell ('' = none).")
@@ -85,12 +138,22 @@ DEMO_FLAG = flags.DEFINE_bool("demo", False, f"CPU demo (a few minutes), preset 
 
 def settings() -> dict:
   """Every flag that changes a cell's numbers (methods / sparsities lists excluded: they pick cells)."""
-  model = "" if MODEL.value == "smollm2-135m" else MODEL.value   # '': the default, as committed cells hash it
-  st = {"model": model, "tasks": list(TASK_LIST.value), "limit": LIMIT.value,
-        "allocation": ALLOCATION.value, "mode": MODE.value, "prefill": PREFILL.value,
-        "ppl_text": PPL_TEXT.value, "calib_text": CALIB_TEXT.value, "seq_len": SEQ_LEN.value,
-        "ppl_windows": PPL_WINDOWS.value, "calib_windows": CALIB_WINDOWS.value, "dtype": DTYPE.value}
-  if MODE.value == "threshold":       # only thresholds depend on it (top-k cells keep their keys)
+  model = "" if MODEL.value == "smollm2-135m" else MODEL.value  # '': the default, as committed cells hash it
+  st = {
+    "model": model,
+    "tasks": list(TASK_LIST.value),
+    "limit": LIMIT.value,
+    "allocation": ALLOCATION.value,
+    "mode": MODE.value,
+    "prefill": PREFILL.value,
+    "ppl_text": PPL_TEXT.value,
+    "calib_text": CALIB_TEXT.value,
+    "seq_len": SEQ_LEN.value,
+    "ppl_windows": PPL_WINDOWS.value,
+    "calib_windows": CALIB_WINDOWS.value,
+    "dtype": DTYPE.value,
+  }
+  if MODE.value == "threshold":  # only thresholds depend on it (top-k cells keep their keys)
     st["calibration"] = "upstream" if UPSTREAM.value else "dense"
   return st
 
@@ -104,8 +167,11 @@ def cell_list(methods: list[str], sparsities: list[float]) -> list[tuple[str, fl
 def cell_key(st: dict, method: str) -> str:
   """Hash of the settings a cell depends on (dense ignores the sparsifier's mode / allocation / calibration)."""
   if method == "dense":
-    st = {k: v for k, v in st.items()
-          if k not in ("mode", "allocation", "calib_text", "calib_windows", "calibration")}
+    st = {
+      k: v
+      for k, v in st.items()
+      if k not in ("mode", "allocation", "calib_text", "calib_windows", "calibration")
+    }
   return hashlib.sha1(json.dumps(st, sort_keys=True).encode()).hexdigest()[:10]
 
 
@@ -118,6 +184,7 @@ DATA_KEYS = ("tasks", "limit", "ppl_text", "calib_text", "seq_len", "ppl_windows
 
 def tokenizer_name(model: str) -> str:
   from wina_jax import assets
+
   return os.path.basename(model.rstrip("/")) if model else assets.SMOLLM2_GGUF
 
 
@@ -133,10 +200,15 @@ def tokenize_data(st: dict) -> tuple[dict, dict]:
   from wina_jax.eval.multiple_choice import tokenize
   from wina_jax.eval.tasks import load_task
   from wina_jax.tokenizer import load_tokenizer
+
   tok = load_tokenizer(st["model"] or assets.default_gguf())
-  tasks = {t: tokenize(tok, load_task(t, st["limit"])) for t in tqdm(st["tasks"], desc="tokenize", leave=False)}
-  windows = {k: token_windows(tok, load_texts(st[f"{k}_text"]), st["seq_len"], st[f"{k}_windows"])
-             for k in ("ppl", "calib")}
+  tasks = {
+    t: tokenize(tok, load_task(t, st["limit"])) for t in tqdm(st["tasks"], desc="tokenize", leave=False)
+  }
+  windows = {
+    k: token_windows(tok, load_texts(st[f"{k}_text"]), st["seq_len"], st[f"{k}_windows"])
+    for k in ("ppl", "calib")
+  }
   return tasks, windows
 
 
@@ -151,6 +223,7 @@ class Context:
 
     from wina_jax.convert import load
     from wina_jax.eval import bundle
+
     st = cfg_settings
     want = data_meta(st)
     if bundle_path and os.path.exists(bundle_path):
@@ -173,6 +246,7 @@ class Context:
     if self._tokenizer is None:
       from wina_jax import assets
       from wina_jax.tokenizer import load_tokenizer
+
       self._tokenizer = load_tokenizer(self.settings["model"] or assets.default_gguf())
     return self._tokenizer
 
@@ -189,16 +263,32 @@ def metrics(ctx: Context, v, params: dict, tasks: bool = True) -> tuple[dict, di
   the table's metric}, zero_frac {site: fraction})."""
   from wina_jax import sparsity
   from wina_jax.eval import multiple_choice, perplexity
+
   st = ctx.settings
   prefix = functools.partial(sparsity.resolve_prefill, st["prefill"])
-  ppl = perplexity.perplexity(params, v.cfg, ctx.ppl, v.sparsifier, batch_size=PPL_BATCH.value,
-                              dense_prefix=prefix(ctx.ppl.shape[1]), zero_frac=True, progress=False)
+  ppl = perplexity.perplexity(
+    params,
+    v.cfg,
+    ctx.ppl,
+    v.sparsifier,
+    batch_size=PPL_BATCH.value,
+    dense_prefix=prefix(ctx.ppl.shape[1]),
+    zero_frac=True,
+    progress=False,
+  )
   out = {"ppl": ppl["ppl"]}
   items = {"ppl_window_nll": ppl["window_nll"]}
   for t in st["tasks"] if tasks else ():
-    res = multiple_choice.score(params, v.cfg, ctx.tasks[t], v.sparsifier, batch_tokens=BATCH_TOKENS.value,
-                                buckets=[int(b) for b in BUCKETS.value or ()], dense_prefix=prefix,
-                                progress=False)
+    res = multiple_choice.score(
+      params,
+      v.cfg,
+      ctx.tasks[t],
+      v.sparsifier,
+      batch_tokens=BATCH_TOKENS.value,
+      buckets=[int(b) for b in BUCKETS.value or ()],
+      dense_prefix=prefix,
+      progress=False,
+    )
     out[t] = res[TASKS[t].metric]
     out[f"{t}/acc"], out[f"{t}/acc_norm"], out[f"{t}/n"] = res["acc"], res["acc_norm"], res["n"]
     items[f"{t}/correct"] = res["correct_norm" if TASKS[t].metric == "acc_norm" else "correct"]
@@ -221,21 +311,33 @@ def run_cell(ctx: Context, method: str, s: float, cell: Optional[dict] = None) -
   run), 'items', 'numerics' {'eps', 'runs': [metrics of each perturbed run]}, 'continuation'}."""
   from wina_jax import sparsity
   from wina_jax.eval import bands, flops, variants
+
   st = ctx.settings
-  if method not in ctx.prepared:      # transform / calibration once per method, shared by its sparsities
-    ctx.prepared[method] = variants.prepare(ctx.params, ctx.cfg, method, mode=st["mode"],
-                                            allocation=st["allocation"], calib_windows=ctx.calib,
-                                            max_effective=ctx.max_effective, progress=False,
-                                            upstream=st.get("calibration") != "dense")
+  if method not in ctx.prepared:  # transform / calibration once per method, shared by its sparsities
+    ctx.prepared[method] = variants.prepare(
+      ctx.params,
+      ctx.cfg,
+      method,
+      mode=st["mode"],
+      allocation=st["allocation"],
+      calib_windows=ctx.calib,
+      max_effective=ctx.max_effective,
+      progress=False,
+      upstream=st.get("calibration") != "dense",
+    )
   v = variants.make(ctx.prepared[method], s)
   cell = dict(cell or {})
   if "items" not in cell:
     out, items, zf = metrics(ctx, v, v.params)
-    row = {"method": method, "sparsity": s,
-           "measured_sparsity": sparsity.parameter_weighted_sparsity(zf, v.cfg),
-           "gflops": flops.gflops(v.cfg, sparsity.per_matrix_sparsity(zf, v.cfg),
-                                  shortcuts=v.info["shortcuts"]),
-           "ppl": out.pop("ppl"), "rotated_blocks": len(v.info["blocks"]), **out}
+    row = {
+      "method": method,
+      "sparsity": s,
+      "measured_sparsity": sparsity.parameter_weighted_sparsity(zf, v.cfg),
+      "gflops": flops.gflops(v.cfg, sparsity.per_matrix_sparsity(zf, v.cfg), shortcuts=v.info["shortcuts"]),
+      "ppl": out.pop("ppl"),
+      "rotated_blocks": len(v.info["blocks"]),
+      **out,
+    }
     row["avg"] = sum(row[t] for t in st["tasks"]) / len(st["tasks"]) if st["tasks"] else float("nan")
     cell.update(row=row, items=items)
   runs = cell["numerics"]["runs"] if cell.get("numerics", {}).get("eps") == EPS.value else []
@@ -244,8 +346,15 @@ def run_cell(ctx: Context, method: str, s: float, cell: Optional[dict] = None) -
   cell["numerics"] = {"eps": EPS.value, "runs": runs}
   if CONTINUATION.value and cell.get("continuation", {}).get("prompt") != CONTINUATION.value:
     from wina_jax.generate import greedy_decode
-    ids = greedy_decode(v.params, v.cfg, ctx.encode(CONTINUATION.value)[None], CONTINUATION_TOKENS.value,
-                 v.sparsifier, eos_id=ctx.tokenizer.eos_token_id)
+
+    ids = greedy_decode(
+      v.params,
+      v.cfg,
+      ctx.encode(CONTINUATION.value)[None],
+      CONTINUATION_TOKENS.value,
+      v.sparsifier,
+      eos_id=ctx.tokenizer.eos_token_id,
+    )
     cell["continuation"] = {"prompt": CONTINUATION.value, "text": ctx.decode(ids[0])}
   return cell
 
@@ -274,6 +383,7 @@ def main(argv):
     if not BUNDLE.value:
       raise app.UsageError("--only_bundle needs --bundle=PATH")
     from wina_jax.eval import bundle
+
     bundle.save(BUNDLE.value, *tokenize_data(st), data_meta(st))
     print(f"wrote {BUNDLE.value} ({os.path.getsize(BUNDLE.value) / 2**20:.1f} MiB)")
     return
@@ -283,6 +393,7 @@ def main(argv):
   todo = [c for c in cells if not complete(stored[c], SEEDS.value, EPS.value, CONTINUATION.value)]
   print(f"{len(cells)} cells, {len(cells) - len(todo)} already done -> {OUT.value}")
   from wina_jax.eval import variants
+
   for m in METHODS.value:
     variants.parse(m)
   if REPORT_ONLY.value:
@@ -296,21 +407,27 @@ def main(argv):
     t0 = time.time()
     old = stored[(method, s)]
     cell = run_cell(ctx, method, s, old)
-    kept = old["seconds"] if old and "items" in old else 0.0     # time of the parts reused from `old`
+    kept = old["seconds"] if old and "items" in old else 0.0  # time of the parts reused from `old`
     cell.update(settings=st, seconds=kept + time.time() - t0)
     report.write_atomic(paths[(method, s)], json.dumps(cell, indent=1))
     stored[(method, s)] = cell
     row = cell["row"]
-    tqdm.write(f"{method} @ {s:g}: ppl {row['ppl']:.3f} avg {100 * row['avg']:.2f} "
-               f"measured sparsity {100 * row['measured_sparsity']:.1f}% ({time.time() - t0:.0f}s)")
+    tqdm.write(
+      f"{method} @ {s:g}: ppl {row['ppl']:.3f} avg {100 * row['avg']:.2f} "
+      f"measured sparsity {100 * row['measured_sparsity']:.1f}% ({time.time() - t0:.0f}s)"
+    )
   done = [stored[c] for c in cells if stored[c] is not None]
   if len(done) < len(cells):
-    print(f"{len(cells) - len(done)} of {len(cells)} cells left (deadline or --report_only); rerun the "
-          f"same command to finish them. The table below has the finished cells only.")
-  header = (f"Sweep on {os.path.basename(st['model']) or 'SmolLM2-135M-Instruct'} ({st['allocation']} allocation, "
-            f"{st['mode']} mode, prefill {st['prefill']}); rows per task: {st['limit'] or 'all'}; "
-            f"perplexity on {st['ppl_text']} ({st['ppl_windows']} x {st['seq_len']} tokens). "
-            f"GFLOPs per token from measured per-matrix sparsity.\n\n")
+    print(
+      f"{len(cells) - len(done)} of {len(cells)} cells left (deadline or --report_only); rerun the "
+      f"same command to finish them. The table below has the finished cells only."
+    )
+  header = (
+    f"Sweep on {os.path.basename(st['model']) or 'SmolLM2-135M-Instruct'} ({st['allocation']} allocation, "
+    f"{st['mode']} mode, prefill {st['prefill']}); rows per task: {st['limit'] or 'all'}; "
+    f"perplexity on {st['ppl_text']} ({st['ppl_windows']} x {st['seq_len']} tokens). "
+    f"GFLOPs per token from measured per-matrix sparsity.\n\n"
+  )
   text = report.write_all(done, st["tasks"], OUT.value, header, compare_to=COMPARE_TO.value)
   print(text)
 

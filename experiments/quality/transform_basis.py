@@ -8,6 +8,7 @@ untransformed method, and the method on params transformed with each basis. The 
 calibration text (disjoint from the perplexity text). Dense logits of every transformed model are checked
 against the original (max relative difference, recorded).
 """
+
 from __future__ import annotations
 
 import json
@@ -32,6 +33,7 @@ OUT = flags.DEFINE_string("out", "results/transform_basis/smollm2_heldout.json",
 def main(argv):
   del argv
   import jax.numpy as jnp
+
   from wina_jax import assets, sparsity
   from wina_jax import sites as S
   from wina_jax.convert import load
@@ -40,6 +42,7 @@ def main(argv):
   from wina_jax.model import forward
   from wina_jax.tokenizer import load_tokenizer
   from wina_jax.transform import transform
+
   params, cfg = load(MODEL.value)
   tok = load_tokenizer(MODEL.value or assets.default_gguf())
   ppl_w = token_windows(tok, load_texts(PPL_TEXT.value), SEQ_LEN.value, PPL_WINDOWS.value)
@@ -52,17 +55,28 @@ def main(argv):
     sp = sparsity.make(METHOD.value, p, c, target) if target else S.dense
     return perplexity(p, c, ppl_w, sp, batch_size=4, progress=False)["ppl"]
 
-  meta = {"model": MODEL.value or assets.SMOLLM2_GGUF, "method": METHOD.value, "sparsity": s, "mode": "topk",
-          "ppl_text": PPL_TEXT.value, "seq_len": SEQ_LEN.value, "ppl_windows": PPL_WINDOWS.value,
-          "calib_text": CALIB_TEXT.value, "fit_windows": FIT_WINDOWS.value, "dense_prefix": 0}
+  meta = {
+    "model": MODEL.value or assets.SMOLLM2_GGUF,
+    "method": METHOD.value,
+    "sparsity": s,
+    "mode": "topk",
+    "ppl_text": PPL_TEXT.value,
+    "seq_len": SEQ_LEN.value,
+    "ppl_windows": PPL_WINDOWS.value,
+    "calib_text": CALIB_TEXT.value,
+    "fit_windows": FIT_WINDOWS.value,
+    "dense_prefix": 0,
+  }
   os.makedirs(os.path.dirname(OUT.value) or ".", exist_ok=True)
 
-  def write(rows):      # after every row: a slow run leaves what it measured
+  def write(rows):  # after every row: a slow run leaves what it measured
     with open(OUT.value, "w") as f:
       json.dump({"settings": meta, "rows": rows}, f, indent=1)
 
-  rows = [{"variant": "dense", "ppl": ppl(params, cfg, 0.0)},
-          {"variant": METHOD.value, "ppl": ppl(params, cfg, s)}]
+  rows = [
+    {"variant": "dense", "ppl": ppl(params, cfg, 0.0)},
+    {"variant": METHOD.value, "ppl": ppl(params, cfg, s)},
+  ]
   print(rows, flush=True)
   write(rows)
   for basis in BASES.value:
@@ -70,9 +84,13 @@ def main(argv):
     tp, tcfg = transform(params, cfg, basis=basis, calib_windows=fit_w, basis_sparsity=s)
     t_fit = time.time() - t0
     got = np.asarray(forward(tp, probe, tcfg).logits)
-    row = {"variant": f"{METHOD.value}-transform[basis={basis}]", "basis": basis, "ppl": ppl(tp, tcfg, s),
-           "dense_logit_rel_diff": float(np.abs(got - ref).max() / np.abs(ref).max()),
-           "transform_s": round(t_fit, 1)}
+    row = {
+      "variant": f"{METHOD.value}-transform[basis={basis}]",
+      "basis": basis,
+      "ppl": ppl(tp, tcfg, s),
+      "dense_logit_rel_diff": float(np.abs(got - ref).max() / np.abs(ref).max()),
+      "transform_s": round(t_fit, 1),
+    }
     rows.append(row)
     print(row, flush=True)
     write(rows)

@@ -4,9 +4,11 @@ A linear site's error compares its output on the unmasked input x with its outpu
 xs = sparsifier(site, x, kernel). At down_proj, x = act * up and the MLP activation's mask (CATS masks
 `layers.i.mlp.act`) counts as part of the site: xs = sparsifier(down, where(act kept, x, 0), kernel).
 """
+
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -36,8 +38,9 @@ def _up(params: dict, cfg: ModelConfig, layer: int, inputs: dict, sparsifier: An
   return y[..., cols]
 
 
-def site_input(params: dict, cfg: ModelConfig, inputs: dict, sparsifier: Any, site: str, *,
-               propagated: bool = False) -> tuple[jax.Array, jax.Array]:
+def site_input(
+  params: dict, cfg: ModelConfig, inputs: dict, sparsifier: Any, site: str, *, propagated: bool = False
+) -> tuple[jax.Array, jax.Array]:
   """(x, xs) [..., d_in] at linear `site` from recorded `inputs` ({site: dense-side input}).
 
   propagated: the inputs come from the sparse run, so down_proj's `up` factor is recomputed with the
@@ -64,9 +67,16 @@ def _relative(sums: dict, drift: Optional[jax.Array]) -> dict[str, float]:
   return row
 
 
-def site_errors(params: dict, cfg: ModelConfig, inputs: dict, sparsifier: Any,
-                sites: Optional[Sequence[str]] = None, *, propagated: bool = False,
-                dense_inputs: Optional[dict] = None) -> dict[str, dict[str, float]]:
+def site_errors(
+  params: dict,
+  cfg: ModelConfig,
+  inputs: dict,
+  sparsifier: Any,
+  sites: Optional[Sequence[str]] = None,
+  *,
+  propagated: bool = False,
+  dense_inputs: Optional[dict] = None,
+) -> dict[str, dict[str, float]]:
   """{site: {'rel_actual', 'rel_lemma', 'gap', 'dropped'[, 'rel_drift']}} over linear `sites` (default all).
 
   rel_actual = sum ||(x - xs) K||^2 / sum ||x K||^2 over tokens; rel_lemma the same ratio for Lemma 3.1's
@@ -86,24 +96,34 @@ def site_errors(params: dict, cfg: ModelConfig, inputs: dict, sparsifier: Any,
   return out
 
 
-def isolated(params: dict, cfg: ModelConfig, dense: Output, sparsifier: Any,
-             sites: Optional[Sequence[str]] = None) -> dict[str, dict[str, float]]:
+def isolated(
+  params: dict, cfg: ModelConfig, dense: Output, sparsifier: Any, sites: Optional[Sequence[str]] = None
+) -> dict[str, dict[str, float]]:
   """Errors with every site fed the dense model's input (`dense` from `dense_run`); see `site_errors`."""
   return site_errors(params, cfg, dense.aux["inputs"], sparsifier, sites)
 
 
-def propagated(params: dict, cfg: ModelConfig, tokens: jax.Array, dense: Output, sparsifier: Any,
-               sites: Optional[Sequence[str]] = None) -> tuple[dict[str, dict[str, float]], float]:
+def propagated(
+  params: dict,
+  cfg: ModelConfig,
+  tokens: jax.Array,
+  dense: Output,
+  sparsifier: Any,
+  sites: Optional[Sequence[str]] = None,
+) -> tuple[dict[str, dict[str, float]], float]:
   """Errors on the inputs of the sparse run (errors flow), with rel_drift against `dense`; and the
   final-logit KL(dense || sparse) in nats per token."""
   run = forward(params, tokens, cfg, sparsifier, collect=("inputs",))
-  rows = site_errors(params, cfg, run.aux["inputs"], sparsifier, sites, propagated=True,
-                     dense_inputs=dense.aux["inputs"])
+  rows = site_errors(
+    params, cfg, run.aux["inputs"], sparsifier, sites, propagated=True, dense_inputs=dense.aux["inputs"]
+  )
   return rows, logit_kl(dense.logits, run.logits)
 
 
-def orthogonality_defects(params: dict, cfg: ModelConfig,
-                          sites: Optional[Sequence[str]] = None) -> dict[str, float]:
+def orthogonality_defects(
+  params: dict, cfg: ModelConfig, sites: Optional[Sequence[str]] = None
+) -> dict[str, float]:
   """{site: column-orthogonality defect of its kernel} (`metrics.column_orthogonality_defect`)."""
-  return {s: column_orthogonality_defect(np.asarray(S.site_kernel(params, s)))
-          for s in sites or S.linear_sites(cfg)}
+  return {
+    s: column_orthogonality_defect(np.asarray(S.site_kernel(params, s))) for s in sites or S.linear_sites(cfg)
+  }

@@ -4,6 +4,7 @@ Notation: a site's kernel K [d_in, d_out] (torch W = K^T), its input x [..., d_i
 xs. The output error is ||(x - xs) K||^2; Lemma 3.1 (WINA) drops the cross terms between the rows c_i of
 K (torch columns): sum_i (x_i - xs_i)^2 ||c_i||^2. The two agree exactly when K has orthogonal rows.
 """
+
 from __future__ import annotations
 
 import jax
@@ -35,10 +36,12 @@ def error_sums(x: jax.Array, xs: jax.Array, kernel: jax.Array) -> dict[str, jax.
   x, xs, kernel = (a.astype(jnp.float32) for a in (x, xs, kernel))
   diff = x - xs
   c2 = jnp.sum(kernel * kernel, axis=1)
-  return {"ref": jnp.sum(jnp.square(jnp.matmul(x, kernel, precision=HI))),
-          "actual": jnp.sum(jnp.square(jnp.matmul(diff, kernel, precision=HI))),
-          "lemma": jnp.sum(jnp.square(diff) * c2),
-          "dropped": jnp.mean(((xs == 0) & (x != 0)).astype(jnp.float32))}
+  return {
+    "ref": jnp.sum(jnp.square(jnp.matmul(x, kernel, precision=HI))),
+    "actual": jnp.sum(jnp.square(jnp.matmul(diff, kernel, precision=HI))),
+    "lemma": jnp.sum(jnp.square(diff) * c2),
+    "dropped": jnp.mean(((xs == 0) & (x != 0)).astype(jnp.float32)),
+  }
 
 
 def logit_kl(dense_logits: jax.Array, logits: jax.Array) -> float:

@@ -1,9 +1,10 @@
 """PNG plots of analysis rows (dicts with mode, method, sparsity, layer, proj and the error columns)."""
+
 from __future__ import annotations
 
 import matplotlib.pyplot as plt
 
-_FLOOR = 1e-16   # log axes: round-off-level errors are drawn at this floor
+_FLOOR = 1e-16  # log axes: round-off-level errors are drawn at this floor
 
 
 def _select(rows: list[dict], **match) -> list[dict]:
@@ -13,7 +14,7 @@ def _select(rows: list[dict], **match) -> list[dict]:
 def error_per_layer(rows: list[dict], mode: str, sparsity: float, column: str, path: str) -> None:
   """One panel per projection: `column` against layer, a line per method, at one mode and sparsity
   (exact zeros, e.g. CATS outside down_proj in isolated mode, are not drawn)."""
-  sel = [r for r in _select(rows, mode=mode, sparsity=sparsity) if r[column] > 0]   # skip exact zeros
+  sel = [r for r in _select(rows, mode=mode, sparsity=sparsity) if r[column] > 0]  # skip exact zeros
   projs = list(dict.fromkeys(r["proj"] for r in sel))
   methods = list(dict.fromkeys(r["method"] for r in sel))
   cols = min(4, len(projs))
@@ -21,14 +22,15 @@ def error_per_layer(rows: list[dict], mode: str, sparsity: float, column: str, p
   fig, axes = plt.subplots(nrows, cols, figsize=(3.6 * cols, 3.0 * nrows), sharey=True, squeeze=False)
   for ax, proj in zip(axes.flat, projs):
     for m in methods:
-      pts = sorted((r["layer"], max(r[column], _FLOOR)) for r in sel
-                   if r["proj"] == proj and r["method"] == m)
+      pts = sorted(
+        (r["layer"], max(r[column], _FLOOR)) for r in sel if r["proj"] == proj and r["method"] == m
+      )
       if pts:
         ax.plot(*zip(*pts), marker=".", label=m)
     ax.set_title(proj)
     ax.set_xlabel("layer")
     ax.set_yscale("log")
-  for ax in list(axes.flat)[len(projs):]:
+  for ax in list(axes.flat)[len(projs) :]:
     ax.axis("off")
   for row in axes:
     row[0].set_ylabel(f"{column} ({mode})")

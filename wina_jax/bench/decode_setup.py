@@ -3,6 +3,7 @@ kept-weight bytes, and the check of a sparse step against the XLA path.
 
 Used by `bench_decode`, `profile_decode`, `check_decode` and `decode_overhead`.
 """
+
 from __future__ import annotations
 
 import json
@@ -38,8 +39,10 @@ def check_against_xla(params, cfg, sp, tokens, max_len) -> dict:
   cache, twin = prefix_caches(params, cfg, tokens, max_len)
   tok, logits, _ = decode_step(params, tokens[:, -1], cache, sp, cfg=cfg)
   ref_tok, ref, _ = decode_step(params, tokens[:, -1], twin, sp.replace(backend="xla"), cfg=cfg)
-  return {"rel_err": float(jnp.linalg.norm(logits - ref) / jnp.linalg.norm(ref)),
-          "same_token": bool(jnp.all(tok == ref_tok))}
+  return {
+    "rel_err": float(jnp.linalg.norm(logits - ref) / jnp.linalg.norm(ref)),
+    "same_token": bool(jnp.all(tok == ref_tok)),
+  }
 
 
 def site_scores(params, cfg, tokens, with_scale) -> dict:
@@ -54,7 +57,9 @@ def site_scores(params, cfg, tokens, with_scale) -> dict:
     ax = jnp.abs(x.astype(jnp.float32))
     if with_scale:
       bounds = np.cumsum((0,) + widths)
-      norms = [jnp.linalg.norm(kernel[:, a:b].astype(jnp.float32), axis=1) for a, b in zip(bounds, bounds[1:])]
+      norms = [
+        jnp.linalg.norm(kernel[:, a:b].astype(jnp.float32), axis=1) for a, b in zip(bounds, bounds[1:])
+      ]
       out[site] = (jnp.stack([ax * n for n in norms]), widths, jnp.stack(norms))
     else:
       out[site] = (ax[None], widths, None)
@@ -66,12 +71,15 @@ def make_sparsifier(scores, sparsity, batch, configs, backend):
   (FusedThresholdSparsifier, {site: [kept-row fraction (union over the batch) per segment]})."""
   thr, scales, segs, kept = {}, {}, {}, {}
   for site, (sc, widths, norms) in scores.items():
-    sc = sc[:, :batch]                                           # [S, B, T, d]
+    sc = sc[:, :batch]  # [S, B, T, d]
     flat = sc.reshape(sc.shape[0], -1)
-    t = (jnp.full((sc.shape[0],), -1.0) if sparsity == 0 else
-         jnp.quantile(flat, sparsity, axis=1, method="lower"))
+    t = (
+      jnp.full((sc.shape[0],), -1.0)
+      if sparsity == 0
+      else jnp.quantile(flat, sparsity, axis=1, method="lower")
+    )
     frac = np.asarray(jnp.mean(jnp.any(sc > t[:, None, None, None], axis=1), axis=(1, 2)))
-    kept[site] = np.broadcast_to(frac, (len(widths),))             # TEAL: one score for all segments
+    kept[site] = np.broadcast_to(frac, (len(widths),))  # TEAL: one score for all segments
     thr[site] = jnp.broadcast_to(t, (len(widths),)) if len(widths) > 1 else t[0]
     if norms is not None:
       scales[site] = norms if len(widths) > 1 else norms[0]
@@ -89,7 +97,9 @@ def linear_bytes(params, cfg, kept=None) -> float:
     if kept is None:
       total += k.size * k.dtype.itemsize
     else:
-      total += sum(f * k.shape[0] * w * k.dtype.itemsize for f, w in zip(kept[site], segment_widths(cfg, site)))
+      total += sum(
+        f * k.shape[0] * w * k.dtype.itemsize for f, w in zip(kept[site], segment_widths(cfg, site))
+      )
   return total
 
 
@@ -99,6 +109,10 @@ def load_configs(paths, reduce: str = "") -> dict:
   configs, override = {}, {"reduce": reduce} if reduce else {}
   for path in paths:
     with open(path) as f:
-      configs.update({tuple(int(v) for v in k.split("x")): KernelConfig(**{**c, **override})
-                      for k, c in json.load(f)["best"].items()})
+      configs.update(
+        {
+          tuple(int(v) for v in k.split("x")): KernelConfig(**{**c, **override})
+          for k, c in json.load(f)["best"].items()
+        }
+      )
   return configs

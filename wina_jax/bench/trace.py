@@ -4,6 +4,7 @@ their per-step summary: kernels launched, busy time, span, and time by kernel ca
 Used by `profile_decode` and `decode_overhead`; it needs no Nsight tools (Nsight Compute hung on XLA
 programs on the H200: benchmarks/results/decode_h200.md).
 """
+
 from __future__ import annotations
 
 import collections
@@ -14,9 +15,13 @@ from collections.abc import Callable
 
 import jax
 
-CATEGORIES = (("sparse_gemv", ("sparse_gemv",)), ("attention", ("decode_attention",)),
-              ("matmul", ("gemm", "gemv", "cublas", "cutlass", "xmma", "dot")),
-              ("copy", ("memcpy", "memset", "copy")), ("fusion", ("fusion", "loop_", "input_", "wrapped_")))
+CATEGORIES = (
+  ("sparse_gemv", ("sparse_gemv",)),
+  ("attention", ("decode_attention",)),
+  ("matmul", ("gemm", "gemv", "cublas", "cutlass", "xmma", "dot")),
+  ("copy", ("memcpy", "memset", "copy")),
+  ("fusion", ("fusion", "loop_", "input_", "wrapped_")),
+)
 
 
 def category(name: str) -> str:
@@ -40,8 +45,11 @@ def kernel_events(xspace_path: str) -> list[tuple[str, float, float]]:
     if plane.name == "/host:CPU":
       for line in plane.lines:
         if line.name.startswith("tf_XLA"):
-          out += [(e.name, e.start_ns, e.duration_ns) for e in line.events
-                  if not e.name.startswith("ThreadpoolListener")]
+          out += [
+            (e.name, e.start_ns, e.duration_ns)
+            for e in line.events
+            if not e.name.startswith("ThreadpoolListener")
+          ]
   return out
 
 
@@ -64,12 +72,20 @@ def summarize(events, steps: int, top: int) -> dict:
       table[key][0] += 1
       table[key][1] += d
   ms = lambda ns: ns / steps / 1e6
-  return {"kernels_per_step": len(events) / steps, "busy_ms": ms(busy), "span_ms": ms(span),
-          "gap_ms": ms(span - busy),
-          "categories": {c: {"per_step": n / steps, "ms": ms(t)} for c, (n, t) in
-                         sorted(per_cat.items(), key=lambda kv: -kv[1][1])},
-          "top_kernels": [{"name": k[:120], "per_step": n / steps, "ms": ms(t), "us_each": t / n / 1e3}
-                          for k, (n, t) in sorted(per_name.items(), key=lambda kv: -kv[1][1])[:top]]}
+  return {
+    "kernels_per_step": len(events) / steps,
+    "busy_ms": ms(busy),
+    "span_ms": ms(span),
+    "gap_ms": ms(span - busy),
+    "categories": {
+      c: {"per_step": n / steps, "ms": ms(t)}
+      for c, (n, t) in sorted(per_cat.items(), key=lambda kv: -kv[1][1])
+    },
+    "top_kernels": [
+      {"name": k[:120], "per_step": n / steps, "ms": ms(t), "us_each": t / n / 1e3}
+      for k, (n, t) in sorted(per_name.items(), key=lambda kv: -kv[1][1])[:top]
+    ],
+  }
 
 
 def trace_events(fn: Callable[[], object]) -> list[tuple[str, float, float]]:

@@ -4,6 +4,7 @@ Parsing and dequantising a GGUF file takes ~15 s; the cached float32 arrays load
 (absolute path, size, mtime, CACHE_VERSION), so a changed file or a changed loader misses the cache.
 Location: $WINA_JAX_CACHE, else ~/.cache/wina_jax. Set WINA_JAX_CACHE=off to disable.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -11,7 +12,8 @@ import hashlib
 import json
 import os
 import tempfile
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Optional
 
 import numpy as np
 
@@ -32,7 +34,9 @@ def file_key(path: str, kind: str) -> Optional[str]:
     return None
   st = os.stat(path)
   ident = f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}|{CACHE_VERSION}|{kind}"
-  return os.path.join(root, f"{os.path.basename(path)}-{kind}-{hashlib.sha1(ident.encode()).hexdigest()[:16]}")
+  return os.path.join(
+    root, f"{os.path.basename(path)}-{kind}-{hashlib.sha1(ident.encode()).hexdigest()[:16]}"
+  )
 
 
 def cfg_from_json(d: dict) -> ModelConfig:
@@ -56,7 +60,7 @@ def cached_arrays(path: str, build: Callable[[], tuple[dict, ModelConfig]]) -> t
     with open(os.path.join(tmp, "config.json"), "w") as f:
       json.dump(dataclasses.asdict(cfg), f)
     try:
-      os.replace(tmp, folder)   # atomic: concurrent writers leave one complete copy
+      os.replace(tmp, folder)  # atomic: concurrent writers leave one complete copy
     except OSError:
       pass
   return flat, cfg

@@ -5,36 +5,74 @@ fields in `wina_jax.families.<model_type>`), or equal to the HF class default; a
 ValueError that names it, so a model we would not reproduce exactly is never loaded silently (Penzai's
 `llama_from_huggingface_model` does the same).
 """
+
 from __future__ import annotations
 
-from typing import Any, Mapping, Union
+from collections.abc import Mapping
+from typing import Any, Union
 
 from wina_jax import families
 from wina_jax.config import ModelConfig, RopeScaling
 
 # Fields (of every family) that do not change the forward pass at inference.
-IGNORED = frozenset({
-    "_name_or_path", "architectures", "chunk_size_feed_forward", "dtype", "torch_dtype", "id2label",
-    "label2id", "is_encoder_decoder", "model_type", "output_attentions", "output_hidden_states",
-    "problem_type", "return_dict", "transformers_version", "initializer_range", "use_cache",
-    "attention_dropout", "bos_token_id", "eos_token_id", "pad_token_id", "tokenizer_class",
-    "_model_name_or_path", "unk_token_id",
-})
-MAPPED = frozenset({
-    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-    "num_key_value_heads", "head_dim", "hidden_act", "max_position_embeddings", "rms_norm_eps",
-    "tie_word_embeddings", "rope_parameters", "rope_scaling", "rope_theta", "layer_types",
-    "partial_rotary_factor", "quantization_config",
-})
+IGNORED = frozenset(
+  {
+    "_name_or_path",
+    "architectures",
+    "chunk_size_feed_forward",
+    "dtype",
+    "torch_dtype",
+    "id2label",
+    "label2id",
+    "is_encoder_decoder",
+    "model_type",
+    "output_attentions",
+    "output_hidden_states",
+    "problem_type",
+    "return_dict",
+    "transformers_version",
+    "initializer_range",
+    "use_cache",
+    "attention_dropout",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "tokenizer_class",
+    "_model_name_or_path",
+    "unk_token_id",
+  }
+)
+MAPPED = frozenset(
+  {
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "hidden_act",
+    "max_position_embeddings",
+    "rms_norm_eps",
+    "tie_word_embeddings",
+    "rope_parameters",
+    "rope_scaling",
+    "rope_theta",
+    "layer_types",
+    "partial_rotary_factor",
+    "quantization_config",
+  }
+)
 
 
 def _hf_dicts(config: Union[Mapping[str, Any], Any]) -> tuple[dict, dict]:
   """(the config's to_dict(), its class defaults' to_dict()) via transformers."""
   import transformers
+
   if isinstance(config, Mapping):
     config = dict(config)
     model_type = config.pop("model_type", None)
-    families.get(model_type)   # raises for an unsupported model_type
+    families.get(model_type)  # raises for an unsupported model_type
     config = transformers.AutoConfig.for_model(model_type, **config)
   families.get(getattr(config, "model_type", None))
   return config.to_dict(), type(config)().to_dict()
@@ -44,8 +82,10 @@ def _rope(d: dict, rope_keys: dict) -> tuple[float, RopeScaling | None, float]:
   rp = dict(d.get("rope_parameters") or {})
   kind = rp.get("rope_type", "default")
   if kind not in rope_keys:
-    raise ValueError(f"rope_type {kind!r} is not supported for model_type {d['model_type']!r}; "
-                     f"supported: {sorted(rope_keys)}")
+    raise ValueError(
+      f"rope_type {kind!r} is not supported for model_type {d['model_type']!r}; "
+      f"supported: {sorted(rope_keys)}"
+    )
   extra = set(rp) - rope_keys[kind]
   if extra:
     raise ValueError(f"rope_parameters fields {sorted(extra)} are not handled for rope_type {kind!r}")
@@ -63,9 +103,11 @@ def _check_quantization(d: dict) -> None:
   q = d.get("quantization_config")
   method = (q or {}).get("quant_method")
   if q is not None and method != "gguf":
-    raise ValueError(f"HF config field quantization_config (quant_method {method!r}) is not handled: the "
-                     "model holds quantised weights wina_jax would not reproduce; load it unquantised "
-                     "(without quantization_config) or from its GGUF file with `wina_jax.convert.from_gguf`")
+    raise ValueError(
+      f"HF config field quantization_config (quant_method {method!r}) is not handled: the "
+      "model holds quantised weights wina_jax would not reproduce; load it unquantised "
+      "(without quantization_config) or from its GGUF file with `wina_jax.convert.from_gguf`"
+    )
 
 
 def from_hf_config(config: Union[Mapping[str, Any], Any]) -> ModelConfig:
@@ -76,28 +118,30 @@ def from_hf_config(config: Union[Mapping[str, Any], Any]) -> ModelConfig:
   known = MAPPED | IGNORED | family.hf_fields
   unknown = sorted(k for k, v in d.items() if k not in known and (k not in defaults or defaults[k] != v))
   if unknown:
-    raise ValueError(f"HF config fields {unknown} (values {[d[k] for k in unknown]}) are not handled by "
-                     f"wina_jax for model_type {model_type!r}; remove them or add support in "
-                     f"wina_jax/families/{model_type}.py")
+    raise ValueError(
+      f"HF config fields {unknown} (values {[d[k] for k in unknown]}) are not handled by "
+      f"wina_jax for model_type {model_type!r}; remove them or add support in "
+      f"wina_jax/families/{model_type}.py"
+    )
   _check_quantization(d)
   if d.get("hidden_act", "silu") != "silu":
     raise ValueError(f"hidden_act {d['hidden_act']!r} is not supported; only 'silu' (SwiGLU)")
   theta, scaling, partial = _rope(d, family.rope_types)
   head_dim = d.get("head_dim") or d["hidden_size"] // d["num_attention_heads"]
   return ModelConfig(
-      model_type=model_type,
-      vocab_size=d["vocab_size"],
-      hidden_size=d["hidden_size"],
-      intermediate_size=d["intermediate_size"],
-      num_hidden_layers=d["num_hidden_layers"],
-      num_attention_heads=d["num_attention_heads"],
-      num_key_value_heads=d.get("num_key_value_heads") or d["num_attention_heads"],
-      head_dim=head_dim,
-      max_position_embeddings=d["max_position_embeddings"],
-      rms_norm_eps=float(d["rms_norm_eps"]),
-      rope_theta=theta,
-      rope_scaling=scaling,
-      partial_rotary_factor=partial,
-      tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-      **family.config_kwargs(d),
+    model_type=model_type,
+    vocab_size=d["vocab_size"],
+    hidden_size=d["hidden_size"],
+    intermediate_size=d["intermediate_size"],
+    num_hidden_layers=d["num_hidden_layers"],
+    num_attention_heads=d["num_attention_heads"],
+    num_key_value_heads=d.get("num_key_value_heads") or d["num_attention_heads"],
+    head_dim=head_dim,
+    max_position_embeddings=d["max_position_embeddings"],
+    rms_norm_eps=float(d["rms_norm_eps"]),
+    rope_theta=theta,
+    rope_scaling=scaling,
+    partial_rotary_factor=partial,
+    tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+    **family.config_kwargs(d),
   )

@@ -3,11 +3,12 @@
 All loaders return `(params, cfg)`; params follow the layout in `wina_jax.model` ([in, out] kernels).
 Pickle checkpoints (`*.bin`, `*.pt`) are never loaded.
 """
+
 from __future__ import annotations
 
 import json
 import os
-from typing import Mapping
+from collections.abc import Mapping
 
 import jax.numpy as jnp
 import numpy as np
@@ -28,8 +29,9 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
   out = {"embed_tokens/embedding": (cfg.vocab_size, d), "norm/scale": (d,)}
   if not cfg.tie_word_embeddings:
     out["lm_head/kernel"] = (d, cfg.vocab_size)
-  biased = lambda block, proj: (cfg.mlp_bias if block == "mlp" else
-                                cfg.o_bias if proj == "o_proj" else cfg.attention_bias)
+  biased = lambda block, proj: (
+    cfg.mlp_bias if block == "mlp" else cfg.o_bias if proj == "o_proj" else cfg.attention_bias
+  )
   shapes = families.proj_shapes(cfg)
   for l in range(cfg.num_hidden_layers):
     p = f"layers/{l}"
@@ -46,13 +48,19 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 def check_shapes(flat: Mapping[str, np.ndarray], cfg: ModelConfig) -> None:
   """Raise a ValueError naming every missing, unexpected or mis-shaped tensor."""
   want = expected_shapes(cfg)
-  problems = [f"{k}: shape {tuple(v.shape)} but the config implies {want[k]}"
-              for k, v in flat.items() if k in want and tuple(v.shape) != want[k]]
+  problems = [
+    f"{k}: shape {tuple(v.shape)} but the config implies {want[k]}"
+    for k, v in flat.items()
+    if k in want and tuple(v.shape) != want[k]
+  ]
   problems += [f"unexpected {k} {tuple(v.shape)}" for k, v in flat.items() if k not in want]
   problems += [f"missing {k} {s}" for k, s in want.items() if k not in flat]
   if problems:
-    raise ValueError("params do not match the config:\n  " + "\n  ".join(problems[:20]) +
-                     ("\n  ..." if len(problems) > 20 else ""))
+    raise ValueError(
+      "params do not match the config:\n  "
+      + "\n  ".join(problems[:20])
+      + ("\n  ..." if len(problems) > 20 else "")
+    )
 
 
 def _to_params(flat: dict[str, np.ndarray], cfg: ModelConfig, dtype) -> dict:
@@ -71,7 +79,7 @@ def _convert(tensors: dict[str, np.ndarray], cfg: ModelConfig, dtype) -> dict:
       continue
     path, hook = target
     if path == "lm_head/kernel" and cfg.tie_word_embeddings:
-      continue   # HF state dicts repeat the tied embedding as lm_head.weight
+      continue  # HF state dicts repeat the tied embedding as lm_head.weight
     flat[path] = names.HOOKS[hook](np.asarray(arr, np.float32))
   return _to_params(flat, cfg, dtype)
 
@@ -97,14 +105,21 @@ def _safetensors_files(path: str) -> list[str]:
   if os.path.isfile(single):
     return [single]
   pickles = [f for f in os.listdir(path) if f.endswith((".bin", ".pt", ".pth"))]
-  hint = (f" It holds pickle files {pickles}, which wina_jax never loads: re-save the model with "
-          "`model.save_pretrained(dir, safe_serialization=True)`.") if pickles else ""
+  hint = (
+    (
+      f" It holds pickle files {pickles}, which wina_jax never loads: re-save the model with "
+      "`model.save_pretrained(dir, safe_serialization=True)`."
+    )
+    if pickles
+    else ""
+  )
   raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path}.{hint}")
 
 
 def from_hf_checkpoint(path: str, dtype=jnp.float32) -> tuple[dict, ModelConfig]:
   """Params and config from an HF folder: config.json + model.safetensors (sharded index included)."""
   from safetensors import safe_open
+
   cfg_file = os.path.join(path, "config.json")
   if not os.path.isfile(cfg_file):
     raise FileNotFoundError(f"{cfg_file} not found; an HF checkpoint folder needs config.json")
@@ -127,19 +142,21 @@ def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
 def _dequantize(t, rows_per_chunk: int = 8192) -> np.ndarray:
   """float32 [out, in] array of a GGUF tensor, dequantised in row chunks (bounded temporaries)."""
   import gguf
+
   shape = tuple(int(n) for n in reversed(t.shape))
   data = t.data.reshape(shape[0], -1) if len(shape) == 2 else t.data
   if len(shape) == 1:
     return gguf.quants.dequantize(data, t.tensor_type).astype(np.float32).reshape(shape)
   out = np.empty(shape, np.float32)
   for i in range(0, shape[0], rows_per_chunk):
-    out[i:i + rows_per_chunk] = gguf.quants.dequantize(data[i:i + rows_per_chunk], t.tensor_type)
+    out[i : i + rows_per_chunk] = gguf.quants.dequantize(data[i : i + rows_per_chunk], t.tensor_type)
   return out
 
 
 def _gguf_tensors(path: str) -> tuple[dict[str, np.ndarray], ModelConfig]:
   """HF-named [out, in] float32 arrays and the config of a GGUF file (the slow part: ~15 s for SmolLM2)."""
   import gguf
+
   reader = gguf.GGUFReader(path)
   cfg = from_hf_config(gguf_hf_config(reader))
   family = families.get(cfg.model_type)
@@ -181,6 +198,8 @@ def load(name_or_path: str = "", dtype=jnp.float32) -> tuple[dict, ModelConfig]:
   if os.path.isdir(path):
     return from_hf_checkpoint(path, dtype)
   if not path.endswith(".gguf"):
-    raise ValueError(f"model file {path!r} is not a .gguf file; pass a GGUF file, an HF checkpoint folder "
-                     f"or one of {sorted(assets.MODELS)}")
+    raise ValueError(
+      f"model file {path!r} is not a .gguf file; pass a GGUF file, an HF checkpoint folder "
+      f"or one of {sorted(assets.MODELS)}"
+    )
   return from_gguf(path, dtype)

@@ -4,6 +4,7 @@ The rule tables belong to the model family (`Family.hf_rules`, `Family.gguf_rule
 ones are in `wina_jax.families.base`). Each HF rule is (regex on the source name, target path template,
 hook). Hooks: 'linear' transposes a torch [out, in] weight into a Flax [in, out] kernel; 'copy' keeps it.
 """
+
 from __future__ import annotations
 
 import re
@@ -29,8 +30,10 @@ def hf_target(name: str, family: Family) -> tuple[str, str] | None:
   if m is None:
     if name.endswith("rotary_emb.inv_freq"):
       return None
-    raise KeyError(f"tensor {name!r} has no mapping into wina_jax params for model_type {family.name!r}; "
-                   f"add a rule to wina_jax/families/{family.name}.py")
+    raise KeyError(
+      f"tensor {name!r} has no mapping into wina_jax params for model_type {family.name!r}; "
+      f"add a rule to wina_jax/families/{family.name}.py"
+    )
   return rule[1].format(*m.groups()), rule[2]
 
 
@@ -40,6 +43,8 @@ def gguf_to_hf(name: str, family: Family) -> str | None:
   if m is None:
     if name in ("rope_freqs.weight",):
       return None
-    raise KeyError(f"GGUF tensor {name!r} has no mapping for GGUF architecture {family.gguf_arch!r}; "
-                   f"add a rule to wina_jax/families/{family.name}.py")
+    raise KeyError(
+      f"GGUF tensor {name!r} has no mapping for GGUF architecture {family.gguf_arch!r}; "
+      f"add a rule to wina_jax/families/{family.name}.py"
+    )
   return rule[1].format(*m.groups())

@@ -8,6 +8,7 @@ the lines with '\\n' (NA as empty), ends with one '\\n' and caches the text.
 The protocol (issue 16): start at 5 % of the characters, moved to the start of the next paragraph; the
 rest tokenised without special tokens; the first 8192 ids in 16 windows of 512.
 """
+
 from __future__ import annotations
 
 import glob
@@ -44,15 +45,20 @@ def fetch_deb(folder: str) -> str:
   if found:
     return found[0]
   try:
-    res = subprocess.run(["apt-get", "download", f"{PACKAGE}={VERSION}"], cwd=folder, capture_output=True,
-                         text=True, timeout=300)
+    res = subprocess.run(
+      ["apt-get", "download", f"{PACKAGE}={VERSION}"], cwd=folder, capture_output=True, text=True, timeout=300
+    )
   except FileNotFoundError as e:
-    raise RuntimeError(f"apt-get is not available to fetch {PACKAGE} {VERSION}; on a Debian/Ubuntu machine "
-                       f"run `apt-get download {PACKAGE}={VERSION}` and put the .deb in {folder}") from e
+    raise RuntimeError(
+      f"apt-get is not available to fetch {PACKAGE} {VERSION}; on a Debian/Ubuntu machine "
+      f"run `apt-get download {PACKAGE}={VERSION}` and put the .deb in {folder}"
+    ) from e
   found = glob.glob(os.path.join(folder, f"{PACKAGE}_{VERSION}_*.deb"))
   if res.returncode != 0 or not found:
-    raise RuntimeError(f"`apt-get download {PACKAGE}={VERSION}` failed in {folder} (run `apt-get update` "
-                       f"first if the package is not known):\n{res.stderr.strip()[-600:]}")
+    raise RuntimeError(
+      f"`apt-get download {PACKAGE}={VERSION}` failed in {folder} (run `apt-get update` "
+      f"first if the package is not known):\n{res.stderr.strip()[-600:]}"
+    )
   return found[0]
 
 
@@ -64,9 +70,9 @@ def _ar_members(path: str) -> dict[str, bytes]:
     raise ValueError(f"{path} is not a Debian package (no ar magic); delete it and fetch again")
   out, pos = {}, 8
   while pos + 60 <= len(raw):
-    head = raw[pos:pos + 60]
+    head = raw[pos : pos + 60]
     name, size = head[:16].decode().strip().rstrip("/"), int(head[48:58].decode().strip())
-    out[name] = raw[pos + 60:pos + 60 + size]
+    out[name] = raw[pos + 60 : pos + 60 + size]
     pos += 60 + size + (size & 1)
   return out
 
@@ -104,8 +110,10 @@ def pride_and_prejudice(folder: str | None = None) -> str:
     text = f.read().replace("\r\n", "\n")
   digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
   if digest != TEXT_SHA256:
-    raise ValueError(f"{path} has sha256 {digest[:16]}..., expected {TEXT_SHA256[:16]}...: delete {folder} "
-                     "and run again to fetch the package afresh")
+    raise ValueError(
+      f"{path} has sha256 {digest[:16]}..., expected {TEXT_SHA256[:16]}...: delete {folder} "
+      "and run again to fetch the package afresh"
+    )
   return text
 
 
@@ -126,8 +134,9 @@ def ids_digest(ids) -> str:
   return hashlib.sha256(json.dumps([int(i) for i in ids]).encode()).hexdigest()
 
 
-def protocol_windows(tokenizer, text: str | None = None, n_tokens: int = N_TOKENS,
-                     window: int = WINDOW, check: bool = True) -> np.ndarray:
+def protocol_windows(
+  tokenizer, text: str | None = None, n_tokens: int = N_TOKENS, window: int = WINDOW, check: bool = True
+) -> np.ndarray:
   """The reference protocol's token windows [n_tokens // window, window] int32.
 
   check: verify the start character, the first ids and (for the full 8192) the ids' sha256 prefix.
@@ -139,13 +148,16 @@ def protocol_windows(tokenizer, text: str | None = None, n_tokens: int = N_TOKEN
     problems = []
     if start != START_CHAR:
       problems.append(f"start character {start}, expected {START_CHAR}")
-    if tuple(ids[:len(FIRST_IDS)]) != FIRST_IDS:
-      problems.append(f"first ids {ids[:len(FIRST_IDS)]}, expected {list(FIRST_IDS)}")
+    if tuple(ids[: len(FIRST_IDS)]) != FIRST_IDS:
+      problems.append(f"first ids {ids[: len(FIRST_IDS)]}, expected {list(FIRST_IDS)}")
     if not ids_digest(ids).startswith(IDS_SHA256_PREFIX):
       problems.append(f"ids sha256 {ids_digest(ids)[:16]}, expected {IDS_SHA256_PREFIX}")
     if problems:
-      raise ValueError("the Pride and Prejudice protocol does not match the reference: " + "; ".join(problems)
-                       + ". Check the tokenizer (SmolLM2's, no special tokens) and the text's source.")
+      raise ValueError(
+        "the Pride and Prejudice protocol does not match the reference: "
+        + "; ".join(problems)
+        + ". Check the tokenizer (SmolLM2's, no special tokens) and the text's source."
+      )
   if n_tokens % window or n_tokens > len(ids):
     raise ValueError(f"n_tokens={n_tokens} must be a multiple of window={window} and <= {len(ids)}")
   return np.asarray(ids[:n_tokens], np.int32).reshape(-1, window)

@@ -10,6 +10,7 @@ A lazy-load database (`data/Rdata.rdb` + `.rdx`, what `R CMD INSTALL --data-comp
 compressed serialised record per variable; the index `.rdx` is itself a serialised (gzip) list whose
 `variables` element maps names to (offset, length) in the `.rdb`.
 """
+
 from __future__ import annotations
 
 import bz2
@@ -28,14 +29,20 @@ INTSXP, REALSXP, STRSXP, VECSXP, EXPRSXP, RAWSXP = 13, 14, 16, 19, 20, 24
 REFSXP, NILVALUE_SXP, GLOBALENV_SXP, EMPTYENV_SXP, BASEENV_SXP = 255, 254, 253, 242, 241
 MISSINGARG_SXP, BASENAMESPACE_SXP = 251, 250
 IS_OBJECT, HAS_ATTR, HAS_TAG = 1 << 8, 1 << 9, 1 << 10
-NA_INTEGER = -(2 ** 31)
-_ENV_MARKERS = {GLOBALENV_SXP: "<globalenv>", EMPTYENV_SXP: "<emptyenv>", BASEENV_SXP: "<baseenv>",
-                MISSINGARG_SXP: "<missing>", BASENAMESPACE_SXP: "<base namespace>"}
+NA_INTEGER = -(2**31)
+_ENV_MARKERS = {
+  GLOBALENV_SXP: "<globalenv>",
+  EMPTYENV_SXP: "<emptyenv>",
+  BASEENV_SXP: "<baseenv>",
+  MISSINGARG_SXP: "<missing>",
+  BASENAMESPACE_SXP: "<base namespace>",
+}
 
 
 @dataclasses.dataclass
 class RObject:
   """An R value with its attributes (e.g. names, class), from `unserialize(..., with_attributes=True)`."""
+
   value: Any
   attributes: dict
 
@@ -49,7 +56,7 @@ class _Reader:
   def take(self, n: int) -> bytes:
     if self.pos + n > len(self.data):
       raise ValueError(f"R serialisation truncated: need {n} bytes at offset {self.pos} of {len(self.data)}")
-    out = self.data[self.pos:self.pos + n]
+    out = self.data[self.pos : self.pos + n]
     self.pos += n
     return out
 
@@ -58,7 +65,7 @@ class _Reader:
 
   def length(self) -> int:
     n = self.int()
-    if n == -1:   # long vector: two more ints, upper and lower 32 bits
+    if n == -1:  # long vector: two more ints, upper and lower 32 bits
       hi, lo = struct.unpack(">II", self.take(8))
       n = (hi << 32) | lo
     return n
@@ -68,9 +75,9 @@ class _Reader:
     if fmt != b"X\n":
       raise ValueError(f"not an XDR R serialisation (format bytes {fmt!r}); only binary XDR ('X\\n') is read")
     version = self.int()
-    self.int(), self.int()   # writer's R version, minimal reader version
+    self.int(), self.int()  # writer's R version, minimal reader version
     if version == 3:
-      self.take(self.int())   # native encoding name
+      self.take(self.int())  # native encoding name
     elif version != 2:
       raise ValueError(f"R serialisation version {version} is not supported (2 or 3 are)")
     return version
@@ -109,8 +116,10 @@ class _Reader:
     elif kind in (VECSXP, EXPRSXP):
       value = [self.item() for _ in range(self.length())]
     else:
-      raise ValueError(f"R object type {kind} at offset {self.pos - 4} is not supported by this reader "
-                       "(vectors, lists, pairlists and symbols are)")
+      raise ValueError(
+        f"R object type {kind} at offset {self.pos - 4} is not supported by this reader "
+        "(vectors, lists, pairlists and symbols are)"
+      )
     attrs = self.item() if has_attr else None
     return RObject(value, attrs or {}) if self.with_attributes and attrs else value
 
@@ -125,7 +134,7 @@ class _Reader:
       kind = flags & 0xFF
       if kind not in (LISTSXP, LANGSXP):
         self.pos -= 4
-        self.item()   # the terminating CDR (NULL for a proper pairlist)
+        self.item()  # the terminating CDR (NULL for a proper pairlist)
         return out
       has_attr, has_tag = bool(flags & HAS_ATTR), bool(flags & HAS_TAG)
 
@@ -177,8 +186,10 @@ def _variables(rdx_path: str) -> dict:
   variables = top.get("variables")
   if not isinstance(variables, RObject):
     raise ValueError(f"{rdx_path} has no 'variables' entry; is it a lazy-load index (.rdx)?")
-  return {name: tuple(int(v) for v in _plain(pos)) for name, pos in zip(variables.attributes["names"],
-                                                                       variables.value)}
+  return {
+    name: tuple(int(v) for v in _plain(pos))
+    for name, pos in zip(variables.attributes["names"], variables.value)
+  }
 
 
 def _plain(x: Any) -> Any:

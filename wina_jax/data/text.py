@@ -3,6 +3,7 @@
 BoolQ's Wikipedia passages are the default calibration and perplexity text: the unique passages are
 shuffled with a fixed seed and split in two disjoint halves, 'calibration' and 'heldout'.
 """
+
 from __future__ import annotations
 
 import os
@@ -19,6 +20,7 @@ def boolq_passages(split: str = "calibration") -> list[str]:
   if split not in SPLITS:
     raise ValueError(f"split {split!r} is unknown; choose from {SPLITS}")
   import datasets
+
   ds = datasets.load_from_disk(assets.dataset_dir("boolq", "none", "validation"))
   passages = sorted(set(ds["passage"]))
   order = np.random.RandomState(0).permutation(len(passages))
@@ -43,8 +45,9 @@ def load_texts(source: str) -> list[str]:
   return text_file(source)
 
 
-def token_windows(tokenizer, texts: list[str], seq_len: int, max_windows: int | None = None,
-                  separator_id: int | None = None) -> np.ndarray:
+def token_windows(
+  tokenizer, texts: list[str], seq_len: int, max_windows: int | None = None, separator_id: int | None = None
+) -> np.ndarray:
   """Concatenate tokenised texts (separated by `separator_id`, default EOS) -> [N, seq_len] int32.
 
   Raises if the texts do not fill one window.

@@ -16,16 +16,18 @@ two numerics bands give its numerics interval [min b - max a, max b - min a]. Th
 0 lies outside both intervals, else "within noise". Few seeds give a narrow numerics band: the verdict is
 only as strict as the number of seeds.
 """
+
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-EPS = 6e-8          # relative weight perturbation: ~1 float32 ulp at 1 (2^-24 = 5.96e-8)
+EPS = 6e-8  # relative weight perturbation: ~1 float32 ulp at 1 (2^-24 = 5.96e-8)
 LEVEL = 0.95
 N_BOOT = 2000
 
@@ -45,8 +47,12 @@ def perturb(params: dict, seed: int, eps: float = EPS) -> dict:
     raise ValueError(f"eps must be > 0 (a relative perturbation, e.g. {EPS}), got {eps}")
   leaves, tree = jax.tree_util.tree_flatten(params)
   key = jax.random.PRNGKey(seed)
-  out = [_perturb_leaf(w, jax.random.fold_in(key, i), eps)
-         if jnp.issubdtype(jnp.asarray(w).dtype, jnp.floating) else w for i, w in enumerate(leaves)]
+  out = [
+    _perturb_leaf(w, jax.random.fold_in(key, i), eps)
+    if jnp.issubdtype(jnp.asarray(w).dtype, jnp.floating)
+    else w
+    for i, w in enumerate(leaves)
+  ]
   return jax.tree_util.tree_unflatten(tree, out)
 
 
@@ -72,8 +78,14 @@ def ppl_of(window_nll: Sequence[float], tokens: Sequence[int]) -> float:
   return float(_ppl(m * t, t))
 
 
-def bootstrap_ppl(window_nll: Sequence[float], tokens: Sequence[int], *, n_boot: int = N_BOOT,
-                  level: float = LEVEL, seed: int = 0) -> tuple[float, float]:
+def bootstrap_ppl(
+  window_nll: Sequence[float],
+  tokens: Sequence[int],
+  *,
+  n_boot: int = N_BOOT,
+  level: float = LEVEL,
+  seed: int = 0,
+) -> tuple[float, float]:
   """`level` percentile interval of perplexity over windows resampled with replacement.
 
   window_nll [N]: mean next-token NLL per window; tokens [N]: predictions per window."""
@@ -82,21 +94,24 @@ def bootstrap_ppl(window_nll: Sequence[float], tokens: Sequence[int], *, n_boot:
   return _interval(_ppl((m * t)[idx], t[idx]), level)
 
 
-def bootstrap_mean(values: Sequence[float], *, n_boot: int = N_BOOT, level: float = LEVEL,
-                   seed: int = 0) -> tuple[float, float]:
+def bootstrap_mean(
+  values: Sequence[float], *, n_boot: int = N_BOOT, level: float = LEVEL, seed: int = 0
+) -> tuple[float, float]:
   """`level` percentile interval of the mean of `values` [N] (e.g. per-row correctness 0/1)."""
   v = np.asarray(values, np.float64)
   return _interval(v[_indices(len(v), n_boot, seed)].mean(axis=-1), level)
 
 
-def bootstrap_avg(groups: Sequence[Sequence[float]], *, n_boot: int = N_BOOT, level: float = LEVEL,
-                  seed: int = 0) -> tuple[float, float]:
+def bootstrap_avg(
+  groups: Sequence[Sequence[float]], *, n_boot: int = N_BOOT, level: float = LEVEL, seed: int = 0
+) -> tuple[float, float]:
   """`level` interval of the average over groups of each group's mean (e.g. the average accuracy over
   tasks), every group's rows resampled independently."""
   if not groups:
     raise ValueError("no groups to average")
-  means = [np.asarray(g, np.float64)[_indices(len(g), n_boot, seed + i)].mean(axis=-1)
-           for i, g in enumerate(groups)]
+  means = [
+    np.asarray(g, np.float64)[_indices(len(g), n_boot, seed + i)].mean(axis=-1) for i, g in enumerate(groups)
+  ]
   return _interval(np.mean(means, axis=0), level)
 
 
@@ -105,14 +120,19 @@ def numerics_band(values: Sequence[float]) -> dict:
   v = np.asarray(values, np.float64)
   if v.size == 0:
     raise ValueError("no runs to make a numerics band from")
-  return {"min": float(v.min()), "max": float(v.max()), "std": float(v.std(ddof=1)) if v.size > 1 else 0.0,
-          "n": int(v.size)}
+  return {
+    "min": float(v.min()),
+    "max": float(v.max()),
+    "std": float(v.std(ddof=1)) if v.size > 1 else 0.0,
+    "n": int(v.size),
+  }
 
 
 @dataclasses.dataclass(frozen=True)
 class Comparison:
   """b - a on the same windows / rows: the difference, its paired-bootstrap interval, its numerics
   interval (None without perturbed runs) and the verdict ('real' | 'within noise')."""
+
   diff: float
   sampling: tuple[float, float]
   numerics: Optional[tuple[float, float]]

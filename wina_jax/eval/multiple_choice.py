@@ -10,11 +10,13 @@ one forward (MMLU's four one-token answers, BoolQ's yes/no); rows are sorted by 
 to a bucket (powers of two), with `batch_tokens // bucket` rows per batch, so jit compiles one shape per
 bucket.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, Optional, Sequence, Union
+from collections.abc import Callable, Sequence
+from typing import Any, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -26,11 +28,12 @@ from wina_jax.config import ModelConfig
 from wina_jax.eval.tasks import Example
 from wina_jax.model import jit_forward
 
-Request = tuple[list[int], list[int]]          # (context ids, continuation ids)
+Request = tuple[list[int], list[int]]  # (context ids, continuation ids)
 
 
-def encode_pair(encode: Callable[[str], list[int]], context: str, continuation: str,
-                prefix_id: int) -> Request:
+def encode_pair(
+  encode: Callable[[str], list[int]], context: str, continuation: str, prefix_id: int
+) -> Request:
   """Token ids of (context, continuation) as the harness's TemplateLM: trailing context spaces move to
   the continuation, the continuation is the tail of encode(context + continuation), and an empty context
   becomes [prefix_id]."""
@@ -41,7 +44,7 @@ def encode_pair(encode: Callable[[str], list[int]], context: str, continuation: 
   if n_spaces:
     context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
   whole, ctx = encode(context + continuation), encode(context)
-  return ctx, whole[len(ctx):]
+  return ctx, whole[len(ctx) :]
 
 
 def bucket_length(n: int, max_len: int, smallest: int = 64, buckets: Optional[Sequence[int]] = None) -> int:
@@ -67,11 +70,18 @@ def _score_rows(logits, next_tok, last_pos, extra):
   return lp_next, hit, jnp.take_along_axis(last, extra, axis=-1), jnp.argmax(last, axis=-1)
 
 
-def loglikelihoods(params: dict, cfg: ModelConfig, requests: Sequence[Request], sparsifier: Any = S.dense,
-                   *, batch_tokens: int = 4096, max_len: Optional[int] = None,
-                   buckets: Optional[Sequence[int]] = None,
-                   dense_prefix: Union[None, int, Callable[[int], Optional[int]]] = None,
-                   progress: bool = True) -> list[tuple[float, bool]]:
+def loglikelihoods(
+  params: dict,
+  cfg: ModelConfig,
+  requests: Sequence[Request],
+  sparsifier: Any = S.dense,
+  *,
+  batch_tokens: int = 4096,
+  max_len: Optional[int] = None,
+  buckets: Optional[Sequence[int]] = None,
+  dense_prefix: Union[None, int, Callable[[int], Optional[int]]] = None,
+  progress: bool = True,
+) -> list[tuple[float, bool]]:
   """(sum of continuation log-probs, is greedy) per request; inputs longer than `max_len` (default
   max_position_embeddings) keep their last max_len tokens, as the harness does.
 
@@ -79,11 +89,11 @@ def loglikelihoods(params: dict, cfg: ModelConfig, requests: Sequence[Request], 
   dense_prefix: positions < dense_prefix run dense; a callable gets the padded length of each batch
     (e.g. `functools.partial(wina_jax.sparsity.resolve_prefill, 'last_fraction:0.99')`)."""
   max_len = max_len or cfg.max_position_embeddings
-  rows: dict[tuple, list] = {}                  # model input -> [(request index, start, last token)]
+  rows: dict[tuple, list] = {}  # model input -> [(request index, start, last token)]
   for i, (ctx, cont) in enumerate(requests):
     if not cont:
       raise ValueError(f"request {i} has an empty continuation; nothing to score")
-    toks = (list(ctx) + list(cont))[-(max_len + 1):]
+    toks = (list(ctx) + list(cont))[-(max_len + 1) :]
     inp = tuple(toks[:-1])
     rows.setdefault(inp, []).append((i, len(inp) - len(cont), toks[-1]))
   n_extra = 1 << (max(len({t for _, _, t in g}) for g in rows.values()) - 1).bit_length()
@@ -94,7 +104,7 @@ def loglikelihoods(params: dict, cfg: ModelConfig, requests: Sequence[Request], 
   while pos < len(order):
     t = bucket_length(len(order[pos]), max_len, buckets=buckets)
     b = max(1, batch_tokens // t)
-    chunk = order[pos:pos + b]
+    chunk = order[pos : pos + b]
     pos += len(chunk)
     tokens, next_tok = np.zeros((b, t), np.int32), np.zeros((b, t), np.int32)
     last_pos, extra = np.zeros((b,), np.int32), np.zeros((b, n_extra), np.int32)
@@ -102,21 +112,25 @@ def loglikelihoods(params: dict, cfg: ModelConfig, requests: Sequence[Request], 
     for r, inp in enumerate(chunk):
       n = len(inp)
       tokens[r, :n] = inp
-      next_tok[r, :n - 1] = inp[1:]
+      next_tok[r, : n - 1] = inp[1:]
       last_pos[r] = n - 1
       lasts = sorted({tk for _, _, tk in rows[inp]})
-      extra[r, :len(lasts)] = lasts
+      extra[r, : len(lasts)] = lasts
       slots.append({tk: e for e, tk in enumerate(lasts)})
     prefix = dense_prefix(t) if callable(dense_prefix) else dense_prefix
     logits = jit_forward(params, jnp.asarray(tokens), cfg, sparsifier, dense_prefix=prefix).logits
-    lp, hit, lp_extra, top = (np.asarray(a) for a in _score_rows(logits, jnp.asarray(next_tok),
-                                                                  jnp.asarray(last_pos), jnp.asarray(extra)))
+    lp, hit, lp_extra, top = (
+      np.asarray(a)
+      for a in _score_rows(logits, jnp.asarray(next_tok), jnp.asarray(last_pos), jnp.asarray(extra))
+    )
     for r, inp in enumerate(chunk):
       n = len(inp)
       for i, start, tk in rows[inp]:
         e = slots[r][tk]
-        out[i] = (float(lp[r, start:n - 1].sum() + lp_extra[r, e]),
-                  bool(hit[r, start:n - 1].all() and top[r] == tk))
+        out[i] = (
+          float(lp[r, start : n - 1].sum() + lp_extra[r, e]),
+          bool(hit[r, start : n - 1].all() and top[r] == tk),
+        )
         bar.update(1)
   bar.close()
   return out
@@ -128,6 +142,7 @@ class Tokenized:
 
   requests: (context ids, continuation ids) per choice, examples back to back; sizes [E]: choices per
   example; chars: len(choice) in characters per request (acc_norm); gold [E]: the right choice."""
+
   requests: tuple[Request, ...]
   sizes: tuple[int, ...]
   chars: tuple[int, ...]
@@ -140,8 +155,12 @@ def tokenize(tokenizer, examples: Sequence[Example]) -> Tokenized:
     raise ValueError("no examples to tokenize")
   encode = functools.partial(_encode, tokenizer)
   reqs = tuple(encode_pair(encode, c, x, tokenizer.eos_token_id) for ex in examples for c, x in ex.requests)
-  return Tokenized(reqs, tuple(len(ex.requests) for ex in examples),
-                   tuple(len(c) for ex in examples for c in ex.choices), tuple(ex.gold for ex in examples))
+  return Tokenized(
+    reqs,
+    tuple(len(ex.requests) for ex in examples),
+    tuple(len(c) for ex in examples for c in ex.choices),
+    tuple(ex.gold for ex in examples),
+  )
 
 
 def _accuracy(gold: Sequence[int], chars: Sequence[Sequence[int]], scores: Sequence[Sequence[float]]) -> dict:
@@ -151,8 +170,13 @@ def _accuracy(gold: Sequence[int], chars: Sequence[Sequence[int]], scores: Seque
     correct.append(int(np.argmax(s) == g))
     correct_norm.append(int(np.argmax(s / np.asarray(c, np.float64)) == g))
   n = len(gold)
-  return {"acc": sum(correct) / n, "acc_norm": sum(correct_norm) / n, "n": n, "correct": correct,
-          "correct_norm": correct_norm}
+  return {
+    "acc": sum(correct) / n,
+    "acc_norm": sum(correct_norm) / n,
+    "n": n,
+    "correct": correct,
+    "correct_norm": correct_norm,
+  }
 
 
 def accuracy(examples: Sequence[Example], scores: Sequence[Sequence[float]]) -> dict:
@@ -164,7 +188,7 @@ def accuracy(examples: Sequence[Example], scores: Sequence[Sequence[float]]) -> 
 def _split(flat: Sequence, sizes: Sequence[int]) -> list:
   out, k = [], 0
   for n in sizes:
-    out.append(list(flat[k:k + n]))
+    out.append(list(flat[k : k + n]))
     k += n
   return out
 
@@ -175,8 +199,9 @@ def score(params: dict, cfg: ModelConfig, task: Tokenized, sparsifier: Any = S.d
   return _accuracy(task.gold, _split(task.chars, task.sizes), _split(lls, task.sizes))
 
 
-def evaluate(params: dict, cfg: ModelConfig, tokenizer, examples: Sequence[Example], sparsifier: Any = S.dense,
-             **kw) -> dict:
+def evaluate(
+  params: dict, cfg: ModelConfig, tokenizer, examples: Sequence[Example], sparsifier: Any = S.dense, **kw
+) -> dict:
   """Accuracy of `examples` (from `wina_jax.eval.tasks.load_task`); `kw` go to `loglikelihoods`."""
   return score(params, cfg, tokenize(tokenizer, examples), sparsifier, **kw)
 

@@ -1,4 +1,5 @@
 """Perplexity over fixed-length windows, batched and jitted."""
+
 from __future__ import annotations
 
 from typing import Any, Optional
@@ -19,9 +20,17 @@ def window_nll(logits: jax.Array, tokens: jax.Array) -> jax.Array:
   return -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0].sum(axis=-1)
 
 
-def perplexity(params: dict, cfg: ModelConfig, windows: np.ndarray, sparsifier: Any = S.dense, *,
-               batch_size: int = 8, dense_prefix: Optional[int] = None, progress: bool = True,
-               zero_frac: bool = False) -> dict:
+def perplexity(
+  params: dict,
+  cfg: ModelConfig,
+  windows: np.ndarray,
+  sparsifier: Any = S.dense,
+  *,
+  batch_size: int = 8,
+  dense_prefix: Optional[int] = None,
+  progress: bool = True,
+  zero_frac: bool = False,
+) -> dict:
   """exp(mean NLL) over `windows` [N, T]; returns {'ppl', 'nll', 'tokens', 'window_nll'} (window_nll [N]:
   each window's mean NLL per predicted token, what bootstrap bands resample).
 
@@ -36,9 +45,9 @@ def perplexity(params: dict, cfg: ModelConfig, windows: np.ndarray, sparsifier: 
   nll_fn = jax.jit(window_nll)
   collect = ("zero_frac",) if zero_frac else ()
   for i in tqdm(range(0, len(windows), batch_size), desc="perplexity", disable=not progress, leave=False):
-    batch = windows[i:i + batch_size]
+    batch = windows[i : i + batch_size]
     pad = batch_size - len(batch)
-    toks = jnp.asarray(np.pad(batch, ((0, pad), (0, 0))))   # fixed batch shape: one compile
+    toks = jnp.asarray(np.pad(batch, ((0, pad), (0, 0))))  # fixed batch shape: one compile
     out = jit_forward(params, toks, cfg, sparsifier, dense_prefix=dense_prefix, collect=collect)
     nll = np.asarray(nll_fn(out.logits, toks))[: len(batch)]
     total += float(nll.sum())

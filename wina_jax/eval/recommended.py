@@ -10,21 +10,22 @@ is within `slack` of s or above (a variant must not win by sparsifying less: CAT
 its target, the transformed variants a point or two less), take the lowest held-out perplexity;
 variants within `tie` (relative) of that are tied, and a tie goes to the first in `PREFERENCE`.
 """
+
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
 
 from wina_jax.sparsity.base import check_sparsity
 
-PREFERENCE = ("wina", "teal", "wina[c_sites=all]", "cats")   # then any other spec, in row order
+PREFERENCE = ("wina", "teal", "wina[c_sites=all]", "cats")  # then any other spec, in row order
 
 
 @dataclasses.dataclass(frozen=True)
 class Recommendation:
-  spec: str            # a `wina_jax.eval.variants` spec
-  mode: str            # 'threshold' | 'topk'
-  allocation: str      # 'uniform' | 'greedy'
+  spec: str  # a `wina_jax.eval.variants` spec
+  mode: str  # 'threshold' | 'topk'
+  allocation: str  # 'uniform' | 'greedy'
 
 
 RECOMMENDED = {s: Recommendation("wina", "threshold", "uniform") for s in (0.25, 0.4, 0.5, 0.65)}
@@ -42,8 +43,13 @@ def recommended(sparsity: float) -> Recommendation:
 
 def pick(rows: Sequence[dict], target: float, *, slack: float = 0.01, tie: float = 0.01) -> str:
   """The rule in the module docstring over sweep rows ({'method', 'sparsity', 'measured_sparsity', 'ppl'})."""
-  cands = [r for r in rows if r["method"] != "dense" and abs(r["sparsity"] - target) < 1e-9
-           and r["measured_sparsity"] >= target - slack]
+  cands = [
+    r
+    for r in rows
+    if r["method"] != "dense"
+    and abs(r["sparsity"] - target) < 1e-9
+    and r["measured_sparsity"] >= target - slack
+  ]
   if not cands:
     raise ValueError(f"no variant at target {target} reaches {target - slack:.3f} measured sparsity")
   best = min(r["ppl"] for r in cands)

@@ -5,6 +5,7 @@ WINA repository's TEAL figures on SmolLM2-135M-Instruct under the Pride and Prej
 `torch_window_nlls` is the independent check: transformers' own GGUF load with forward pre-hooks doing
 per-token top-k of |x| on the q, k, v, o, gate, up, down inputs, k = int(d * (1 - s)) (the official rule).
 """
+
 from __future__ import annotations
 
 from typing import Any, Optional
@@ -21,23 +22,40 @@ from wina_jax.model import jit_forward
 
 # Official TEAL top-k (all 7 projections, every token) perplexities, and dense, on the protocol.
 OFFICIAL_PPL = {0.0: 25.8784, 0.25: 27.128168574425427, 0.4: 32.164, 0.5: 42.85452980865065, 0.65: 158.10}
-OFFICIAL_WINDOW_NLL_50 = (3.74261, 4.17968, 3.66247, 3.76424, 4.01361, 3.73015, 3.55228, 3.67029, 3.88942,
-                          3.92044, 3.77649, 3.66895, 3.51219, 3.61808, 3.83815, 3.58591)
+OFFICIAL_WINDOW_NLL_50 = (
+  3.74261,
+  4.17968,
+  3.66247,
+  3.76424,
+  4.01361,
+  3.73015,
+  3.55228,
+  3.67029,
+  3.88942,
+  3.92044,
+  3.77649,
+  3.66895,
+  3.51219,
+  3.61808,
+  3.83815,
+  3.58591,
+)
 # torch TEAL ppl with every weight scaled by (1 +- 6e-8), random signs, three seeds (issue 16, point 2).
 OFFICIAL_PERTURBED_PPL = {0.5: (42.772, 42.534, 42.270), 0.65: (157.66, 158.53, 158.37)}
 
 
-def window_nlls(params: dict, cfg: ModelConfig, windows: np.ndarray, sparsifier: Any = S.dense, *,
-                batch_size: int = 2) -> np.ndarray:
+def window_nlls(
+  params: dict, cfg: ModelConfig, windows: np.ndarray, sparsifier: Any = S.dense, *, batch_size: int = 2
+) -> np.ndarray:
   """Mean next-token NLL of each window [N, T] -> [N] float64 (T - 1 predictions per window)."""
   windows = np.asarray(windows)
   nll_fn = jax.jit(window_nll)
   out = []
   for i in range(0, len(windows), batch_size):
-    batch = windows[i:i + batch_size]
+    batch = windows[i : i + batch_size]
     toks = jnp.asarray(np.pad(batch, ((0, batch_size - len(batch)), (0, 0))))
     logits = jit_forward(params, toks, cfg, sparsifier).logits
-    out.append(np.asarray(nll_fn(logits, toks), np.float64)[:len(batch)] / (windows.shape[1] - 1))
+    out.append(np.asarray(nll_fn(logits, toks), np.float64)[: len(batch)] / (windows.shape[1] - 1))
   return np.concatenate(out)
 
 
@@ -50,6 +68,7 @@ def ppl(nlls) -> float:
 class FixedMasks:
   """A sparsifier applying given keep-masks {site: [B, T, d] bool} (e.g. the reference's, to check that
   the two models are the same function once the masks agree). A pytree: traced under jit."""
+
   masks: dict
 
   def __call__(self, site: str, x: jax.Array, kernel: Optional[jax.Array]) -> jax.Array:
@@ -64,23 +83,27 @@ def torch_model(gguf_path: str, dtype: str = "float32"):
 
   import torch
   import transformers
+
   folder, name = os.path.split(gguf_path)
-  model = transformers.AutoModelForCausalLM.from_pretrained(folder or ".", gguf_file=name,
-                                                            torch_dtype=torch.float32)
+  model = transformers.AutoModelForCausalLM.from_pretrained(
+    folder or ".", gguf_file=name, torch_dtype=torch.float32
+  )
   return model.to(getattr(torch, dtype)).eval()
 
 
 TORCH_SITES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def torch_window_nlls(model, windows: np.ndarray, sparsity: float = 0.0, *,
-                      collect: Optional[dict] = None) -> np.ndarray:
+def torch_window_nlls(
+  model, windows: np.ndarray, sparsity: float = 0.0, *, collect: Optional[dict] = None
+) -> np.ndarray:
   """Per-window mean NLL [N] from a transformers model, with TEAL top-k of |x| at every projection input
   (k = int(d * (1 - s)), ties by torch.topk) when sparsity > 0.
 
   collect: a dict to fill with {site: (input [N, T, d] float64, kept-mask [N, T, d] bool)}.
   """
   import torch
+
   handles = []
   if sparsity > 0 or collect is not None:
     for li, layer in enumerate(model.model.layers):
@@ -120,4 +143,5 @@ def _teal_hook(site: str, sparsity: float, collect: Optional[dict]):
     if collect is not None:
       collect.setdefault(site, []).append((x[0].detach().double().numpy(), keep[0].numpy()))
     return (x * keep,) + tuple(args[1:]) if sparsity > 0 else None
+
   return hook

@@ -11,20 +11,23 @@ A sweep cell is {'row', 'items' (per-window NLLs, per-row correctness), 'numeric
 perturbed re-runs. The table prints them as `value [lo, hi] ~[min, max]`; `comparison_table` gives each
 method's difference from a reference method at the same sparsity with its verdict.
 """
+
 from __future__ import annotations
 
 import csv
 import io
 import json
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 from wina_jax.eval import bands as B
 from wina_jax.eval.tasks import TASKS
 
-LEGEND = ("value [lo, hi] ~[min, max]: [lo, hi] is the 95 % bootstrap interval over windows (perplexity) or "
-          "rows (tasks); ~[min, max] the range over the run and its re-runs with every weight multiplied by "
-          "(1 +- eps), random signs (numerics).\n\n")
+LEGEND = (
+  "value [lo, hi] ~[min, max]: [lo, hi] is the 95 % bootstrap interval over windows (perplexity) or "
+  "rows (tasks); ~[min, max] the range over the run and its re-runs with every weight multiplied by "
+  "(1 +- eps), random signs (numerics).\n\n"
+)
 
 
 def write_atomic(path: str, text: str) -> None:
@@ -51,8 +54,13 @@ def _fmt(key: str, v) -> str:
 
 
 def _fmt_pair(key: str, pair, signed: bool = False) -> str:
-  f = (lambda v: f"{100 * v:+.2f}") if key != "ppl" and signed else (lambda v: f"{v:+.3f}") if signed else \
-      (lambda v: _fmt(key, v))
+  f = (
+    (lambda v: f"{100 * v:+.2f}")
+    if key != "ppl" and signed
+    else (lambda v: f"{v:+.3f}")
+    if signed
+    else (lambda v: _fmt(key, v))
+  )
   return f"[{f(pair[0])}, {f(pair[1])}]"
 
 
@@ -133,7 +141,7 @@ def comparison_table(cells: Sequence[dict], tasks: Sequence[str], ref: str) -> s
   outside both). '' when no pair has items."""
   by = {(c["row"]["method"], c["row"]["sparsity"]): c for c in cells if "items" in c}
   pairs = []
-  for (m, s) in by:
+  for m, s in by:
     if m == ref and ("dense", 0.0) in by:
       pairs.append((("dense", 0.0), (m, s)))
     elif m not in (ref, "dense") and (ref, s) in by:
@@ -167,10 +175,12 @@ def plot(rows: Sequence[dict], tasks: Sequence[str], path: str, key_label: Seque
   """One PNG with a panel per (key, label): that value vs target sparsity, a line per method; dense
   is drawn as a horizontal line."""
   import matplotlib.pyplot as plt
+
   n = len(key_label)
   cols = min(n, 4)
-  fig, axes = plt.subplots((n + cols - 1) // cols, cols, figsize=(4 * cols, 3.2 * ((n + cols - 1) // cols)),
-                           squeeze=False)
+  fig, axes = plt.subplots(
+    (n + cols - 1) // cols, cols, figsize=(4 * cols, 3.2 * ((n + cols - 1) // cols)), squeeze=False
+  )
   methods = list(dict.fromkeys(r["method"] for r in rows))
   for ax, (key, label) in zip(axes.flat, key_label):
     for m in methods:
@@ -194,29 +204,40 @@ def plot(rows: Sequence[dict], tasks: Sequence[str], path: str, key_label: Seque
 
 def continuations(cells: Sequence[dict]) -> str:
   """Markdown list of each cell's greedy continuation ('' when none has one)."""
-  lines = [f"- {c['row']['method']} @ {100 * c['row']['sparsity']:.0f}%: {c['continuation']['prompt']!r} -> "
-           f"{c['continuation']['text']!r}" for c in cells if "continuation" in c]
+  lines = [
+    f"- {c['row']['method']} @ {100 * c['row']['sparsity']:.0f}%: {c['continuation']['prompt']!r} -> "
+    f"{c['continuation']['text']!r}"
+    for c in cells
+    if "continuation" in c
+  ]
   return "\n".join(lines) + "\n" if lines else ""
 
 
-def write_all(cells: Sequence[dict], tasks: Sequence[str], out: str, header: str = "",
-              compare_to: str = "teal") -> str:
+def write_all(
+  cells: Sequence[dict], tasks: Sequence[str], out: str, header: str = "", compare_to: str = "teal"
+) -> str:
   """table.md (bands, comparisons with `compare_to`, continuations), results.csv, results.json (rows with
   bands), accuracy.png and perplexity.png under `out`, from sweep cells; returns table.md's text."""
   rows = banded_rows(cells, tasks)
   text = header + (LEGEND if any("bands" in r for r in rows) else "") + markdown(rows, tasks)
   comp = comparison_table(cells, tasks, compare_to)
   if comp:
-    text += (f"\nDifferences b - a on the same windows / rows ({compare_to} vs the other methods at each "
-             f"sparsity, dense vs {compare_to}): value [paired 95 % bootstrap] ~[numerics range]; real only "
-             f"when 0 lies outside both.\n\n" + comp)
+    text += (
+      f"\nDifferences b - a on the same windows / rows ({compare_to} vs the other methods at each "
+      f"sparsity, dense vs {compare_to}): value [paired 95 % bootstrap] ~[numerics range]; real only "
+      f"when 0 lies outside both.\n\n" + comp
+    )
   cont = continuations(cells)
   if cont:
     text += "\nGreedy continuations (prompt run dense, every new token sparse):\n\n" + cont
   write_atomic(os.path.join(out, "table.md"), text)
   write_atomic(os.path.join(out, "results.csv"), to_csv(rows, tasks))
   write_atomic(os.path.join(out, "results.json"), json.dumps(list(rows), indent=1, sort_keys=True) + "\n")
-  plot(rows, tasks, os.path.join(out, "accuracy.png"),
-       [("avg", "average accuracy")] + [(t, f"{t} ({TASKS[t].metric})") for t in tasks])
+  plot(
+    rows,
+    tasks,
+    os.path.join(out, "accuracy.png"),
+    [("avg", "average accuracy")] + [(t, f"{t} ({TASKS[t].metric})") for t in tasks],
+  )
   plot(rows, tasks, os.path.join(out, "perplexity.png"), [("ppl", "perplexity (held-out BoolQ)")])
   return text

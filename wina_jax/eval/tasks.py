@@ -9,12 +9,14 @@ the context varies, the continuation after the blank is shared), arc_easy / arc_
 `--limit` takes the first N validation rows (MMLU: N rows of test, interleaving subjects round-robin so a
 small limit still spans subjects; the full set is every test row, i.e. the harness's size-weighted mmlu).
 """
+
 from __future__ import annotations
 
 import dataclasses
 import os
 import re
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Optional
 
 from wina_jax import assets
 
@@ -24,6 +26,7 @@ TARGET_DELIMITER = " "
 @dataclasses.dataclass(frozen=True)
 class Example:
   """One question. `requests[i]` = (context, continuation) of choice i; `choices[i]` normalises acc_norm."""
+
   requests: tuple[tuple[str, str], ...]
   choices: tuple[str, ...]
   gold: int
@@ -32,10 +35,11 @@ class Example:
 @dataclasses.dataclass(frozen=True)
 class Task:
   """A task: where its rows live, how a row becomes an `Example`, and the metric the tables report."""
+
   name: str
   path: tuple[str, ...]
   to_example: Callable[[dict], Example]
-  metric: str                        # 'acc_norm' where the harness reports it, else 'acc'
+  metric: str  # 'acc_norm' where the harness reports it, else 'acc'
 
 
 def _mc(context: str, choices: list[str], gold: int) -> Example:
@@ -62,13 +66,16 @@ def _hellaswag(d: dict) -> Example:
 def _winogrande(d: dict) -> Example:
   idx = d["sentence"].index("_")
   contexts = [d["sentence"][:idx] + opt for opt in (d["option1"], d["option2"])]
-  target = TARGET_DELIMITER + d["sentence"][idx + 1:].strip()
+  target = TARGET_DELIMITER + d["sentence"][idx + 1 :].strip()
   return Example(tuple((c, target) for c in contexts), tuple(contexts), {"1": 0, "2": 1}[d["answer"]])
 
 
 def _arc(d: dict) -> Example:
-  return _mc(f"Question: {d['question']}\nAnswer:", list(d["choices"]["text"]),
-             d["choices"]["label"].index(d["answerKey"]))
+  return _mc(
+    f"Question: {d['question']}\nAnswer:",
+    list(d["choices"]["text"]),
+    d["choices"]["label"].index(d["answerKey"]),
+  )
 
 
 def _boolq(d: dict) -> Example:
@@ -76,13 +83,17 @@ def _boolq(d: dict) -> Example:
 
 
 def _mmlu(d: dict) -> Example:
-  desc = f"The following are multiple choice questions (with answers) about {d['subject'].replace('_', ' ')}.\n\n"
+  desc = (
+    f"The following are multiple choice questions (with answers) about {d['subject'].replace('_', ' ')}.\n\n"
+  )
   c = d["choices"]
   body = f"{d['question'].strip()}\nA. {c[0]}\nB. {c[1]}\nC. {c[2]}\nD. {c[3]}\nAnswer:"
   return _mc(desc + body, ["A", "B", "C", "D"], d["answer"])
 
 
-TASKS = {t.name: t for t in (
+TASKS = {
+  t.name: t
+  for t in (
     Task("piqa", ("piqa", "plain_text", "validation"), _piqa, "acc_norm"),
     Task("hellaswag", ("hellaswag", "none", "validation"), _hellaswag, "acc_norm"),
     Task("winogrande", ("winogrande", "winogrande_xl", "validation"), _winogrande, "acc"),
@@ -90,7 +101,8 @@ TASKS = {t.name: t for t in (
     Task("arc_challenge", ("ai2_arc", "ARC-Challenge", "validation"), _arc, "acc_norm"),
     Task("boolq", ("boolq", "none", "validation"), _boolq, "acc"),
     Task("mmlu", ("hails", "mmlu_no_train"), _mmlu, "acc"),
-)}
+  )
+}
 
 
 def mmlu_subjects() -> list[str]:
@@ -99,12 +111,13 @@ def mmlu_subjects() -> list[str]:
 
 def _rows(task: Task, limit: Optional[int]) -> list[dict]:
   import datasets
+
   if task.name != "mmlu":
     ds = datasets.load_from_disk(assets.dataset_dir(*task.path))
     return list(ds.select(range(min(limit, len(ds))))) if limit is not None else list(ds)
   per = [datasets.load_from_disk(assets.dataset_dir(*task.path, s, "test")) for s in mmlu_subjects()]
   per = [list(d if limit is None else d.select(range(min(limit, len(d))))) for d in per]
-  rows = [r[i] for i in range(max(map(len, per))) for r in per if i < len(r)]   # round-robin
+  rows = [r[i] for i in range(max(map(len, per))) for r in per if i < len(r)]  # round-robin
   return rows if limit is None else rows[:limit]
 
 

@@ -42,6 +42,7 @@ squared output error over all 2^(2L) subsets. The chosen params are `transform(p
 (the original params when nothing is chosen, e.g. at s = 0), calibrated if the mode needs it; `make`
 recomputes the choice per target (cached) and records it in `Variant.info`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -58,9 +59,9 @@ from wina_jax.config import ModelConfig
 
 SUFFIX = "-transform"
 SCOPES = {"-transform": "all", "-transform-attn": "attn", "-transform-mlp": "mlp", "-transform-auto": "auto"}
-TRANSFORM_SETTINGS = {"basis": str, "basis_sparsity": float}     # keyword arguments of `transform`
-AUTO_RTOL = 1e-4     # rotate a block only if its error drops by more than this fraction
-AUTO_CACHE = 2       # (params, cfg, calibration) kept per auto spec, keyed by the chosen blocks
+TRANSFORM_SETTINGS = {"basis": str, "basis_sparsity": float}  # keyword arguments of `transform`
+AUTO_RTOL = 1e-4  # rotate a block only if its error drops by more than this fraction
+AUTO_CACHE = 2  # (params, cfg, calibration) kept per auto spec, keyed by the chosen blocks
 _KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 Block = tuple[int, str]
 
@@ -69,6 +70,7 @@ Block = tuple[int, str]
 class Spec:
   """A parsed spec: method name, its settings ((key, value), ...), the transform scope (None: none) and
   the transform's settings ((key, value), ...: `transform` keyword arguments)."""
+
   spec: str
   name: str
   settings: tuple = ()
@@ -82,6 +84,7 @@ class Spec:
   @property
   def method(self):
     from wina_jax import sparsity
+
     return sparsity.get_method(self.name, **dict(self.settings))
 
   def blocks(self, cfg: ModelConfig) -> Optional[list[Block]]:
@@ -119,9 +122,11 @@ def _settings(part: str, spec: str, what: str) -> tuple[str, dict]:
     return part, {}
   i = part.find("[")
   if i <= 0 or not part.endswith("]") or part.count("[") != 1 or part.count("]") != 1:
-    raise ValueError(f"malformed settings in {spec!r}; write '{what}[key=value;key=value]' with one pair of "
-                     f"brackets right after the {what}")
-  name, body = part[:i], part[i + 1:-1]
+    raise ValueError(
+      f"malformed settings in {spec!r}; write '{what}[key=value;key=value]' with one pair of "
+      f"brackets right after the {what}"
+    )
+  name, body = part[:i], part[i + 1 : -1]
   if not body.strip():
     raise ValueError(f"empty settings '[]' in {spec!r}; drop the brackets or write '[key=value]'")
   settings: dict = {}
@@ -137,11 +142,14 @@ def _settings(part: str, spec: str, what: str) -> tuple[str, dict]:
 
 def _transform_settings(settings: dict, spec: str) -> tuple:
   from wina_jax.bases import check_basis
+
   bad = sorted(set(settings) - set(TRANSFORM_SETTINGS))
   if bad:
-    raise ValueError(f"unknown transform setting(s) {bad} in {spec!r}; the transform takes "
-                     f"{list(TRANSFORM_SETTINGS)}, e.g. 'wina-transform[basis=axis]' (method settings go "
-                     "before the transform suffix: 'wina[c_sites=all]-transform')")
+    raise ValueError(
+      f"unknown transform setting(s) {bad} in {spec!r}; the transform takes "
+      f"{list(TRANSFORM_SETTINGS)}, e.g. 'wina-transform[basis=axis]' (method settings go "
+      "before the transform suffix: 'wina[c_sites=all]-transform')"
+    )
   try:
     out = {k: TRANSFORM_SETTINGS[k](v) for k, v in settings.items()}
     check_basis(out.get("basis", "svd"))
@@ -155,31 +163,41 @@ def _transform_settings(settings: dict, spec: str) -> tuple:
 def parse(spec: str) -> Spec:
   """Validate `spec` (grammar in the module docstring) -> `Spec`; errors name the bad part and the fix."""
   from wina_jax import sparsity
+
   known = sparsity.known_methods()
   if not isinstance(spec, str) or not spec:
     raise ValueError(f"empty method spec {spec!r}; use e.g. 'wina', 'wina[c_sites=all]' or 'teal-transform'")
   if "," in spec:
-    raise ValueError(f"method spec {spec!r} contains ','; the sweep's --methods splits on commas, so separate "
-                     "settings with ';' (e.g. 'm[a=1;b=2]') and list specs with ','")
+    raise ValueError(
+      f"method spec {spec!r} contains ','; the sweep's --methods splits on commas, so separate "
+      "settings with ';' (e.g. 'm[a=1;b=2]') and list specs with ','"
+    )
   head, tail = _split_transform(spec)
   if not tail and "]" in spec and not spec.endswith("]"):
-    raise ValueError(f"bad transform suffix {spec[spec.rindex(']') + 1:]!r} in {spec!r}; use one of "
-                     f"{list(SCOPES)} (settings go before it: 'wina[c_sites=all]-transform')")
+    raise ValueError(
+      f"bad transform suffix {spec[spec.rindex(']') + 1 :]!r} in {spec!r}; use one of "
+      f"{list(SCOPES)} (settings go before it: 'wina[c_sites=all]-transform')"
+    )
   suffix, tsettings = _settings(tail, spec, "transform suffix") if tail else ("", {})
   if suffix and suffix not in SCOPES:
-    raise ValueError(f"bad transform suffix {suffix!r} in {spec!r}; use one of {list(SCOPES)} (settings go "
-                     "before it: 'wina[c_sites=all]-transform', transform settings after it: "
-                     "'wina-transform[basis=axis]')")
+    raise ValueError(
+      f"bad transform suffix {suffix!r} in {spec!r}; use one of {list(SCOPES)} (settings go "
+      "before it: 'wina[c_sites=all]-transform', transform settings after it: "
+      "'wina-transform[basis=axis]')"
+    )
   name, settings = _settings(head, spec, "method name")
   if name not in known:
-    raise ValueError(f"unknown method {name!r} in spec {spec!r}; use one of {known}, optionally with settings "
-                     f"'[key=value;...]' and a suffix among {list(SCOPES)}")
+    raise ValueError(
+      f"unknown method {name!r} in spec {spec!r}; use one of {known}, optionally with settings "
+      f"'[key=value;...]' and a suffix among {list(SCOPES)}"
+    )
   try:
-    sparsity.get_method(name, **settings)     # the registry's error for unknown keys, the method's for values
+    sparsity.get_method(name, **settings)  # the registry's error for unknown keys, the method's for values
   except (ValueError, TypeError) as e:
     raise ValueError(f"bad settings in spec {spec!r}: {e}") from e
-  return Spec(spec, name, tuple(sorted(settings.items())), SCOPES.get(suffix),
-              _transform_settings(tsettings, spec))
+  return Spec(
+    spec, name, tuple(sorted(settings.items())), SCOPES.get(suffix), _transform_settings(tsettings, spec)
+  )
 
 
 def needs_calibration(spec: str, mode: str = "topk", allocation: str = "uniform") -> bool:
@@ -198,24 +216,25 @@ class Prepared:
 
   For a '-transform-auto' spec, params / cfg are the original ones and `make` picks, transforms and
   calibrates per target (`auto` caches the choices, `built` the last few (params, cfg, calibration))."""
+
   params: dict
   cfg: ModelConfig
   spec: str
   base: str
   transformed: bool
   calibration: Any = None
-  method: Any = None                    # the Method instance (with the spec's settings)
-  scope: Optional[str] = None           # None, 'all', 'attn', 'mlp' or 'auto'
-  blocks: Optional[list] = None         # rotated blocks of a fixed scope (list of (layer, block))
+  method: Any = None  # the Method instance (with the spec's settings)
+  scope: Optional[str] = None  # None, 'all', 'attn', 'mlp' or 'auto'
+  blocks: Optional[list] = None  # rotated blocks of a fixed scope (list of (layer, block))
   mode: str = "topk"
   allocation: str = "uniform"
   max_effective: float = 0.9
   calib_windows: Optional[np.ndarray] = None
   progress: bool = True
-  upstream: bool = True                 # threshold mode: calibrate each target under the sparse upstream
-  transform_kw: dict = dataclasses.field(default_factory=dict)   # the spec's transform settings
-  full: Optional[tuple] = None          # auto: the fully transformed (params, cfg)
-  auto: dict = dataclasses.field(default_factory=dict)     # auto: target -> `auto_choice` result
+  upstream: bool = True  # threshold mode: calibrate each target under the sparse upstream
+  transform_kw: dict = dataclasses.field(default_factory=dict)  # the spec's transform settings
+  full: Optional[tuple] = None  # auto: the fully transformed (params, cfg)
+  auto: dict = dataclasses.field(default_factory=dict)  # auto: target -> `auto_choice` result
   built: OrderedDict = dataclasses.field(default_factory=OrderedDict)
   targets: dict = dataclasses.field(default_factory=dict)  # (blocks, target) -> upstream calibration
 
@@ -227,14 +246,15 @@ class Variant:
   sparsifier: Any
   transformed: bool
   method: str
-  info: dict = dataclasses.field(default_factory=dict)   # 'blocks': rotated [(layer, block)], 'shortcuts',
-                                                         # 'scope'; auto: 'errors' {'layers.i.block': [orig, T]}
+  info: dict = dataclasses.field(default_factory=dict)  # 'blocks': rotated [(layer, block)], 'shortcuts',
+  # 'scope'; auto: 'errors' {'layers.i.block': [orig, T]}
 
 
 def _calibrate(params, cfg, method, base, mode, allocation, windows, max_effective, progress, upstream):
   """The calibration every target shares, on these params: dense score statistics (and greedy paths) if
   greedy allocation or threshold mode without `upstream` needs them, else None."""
   from wina_jax import sparsity
+
   if base == "dense" or not ((mode == "threshold" and not upstream) or allocation == "greedy"):
     return None
   if windows is None:
@@ -242,15 +262,20 @@ def _calibrate(params, cfg, method, base, mode, allocation, windows, max_effecti
   calibration = sparsity.calibrate(params, cfg, method, windows, progress=progress)
   if allocation == "greedy":
     from wina_jax.sparsity.allocation import greedy
-    calibration.paths = greedy(params, cfg, calibration, windows, max_effective=max_effective, progress=progress)
+
+    calibration.paths = greedy(
+      params, cfg, calibration, windows, max_effective=max_effective, progress=progress
+    )
   return calibration
 
 
-def _target_calibration(prep: Prepared, params: dict, cfg: ModelConfig, shared, target: float,
-                        allocation: str, key) -> Any:
+def _target_calibration(
+  prep: Prepared, params: dict, cfg: ModelConfig, shared, target: float, allocation: str, key
+) -> Any:
   """Thresholds for one target calibrated under the sparse upstream at the per-site sparsities the target
   means (uniform, or the greedy pick along `shared.paths`), which carries the paths over. Cached by key."""
   from wina_jax import sparsity
+
   key = (key, target, allocation)
   if key not in prep.targets:
     if prep.calib_windows is None:
@@ -258,9 +283,11 @@ def _target_calibration(prep: Prepared, params: dict, cfg: ModelConfig, shared, 
     sites: Any = target
     if allocation == "greedy":
       from wina_jax.sparsity.thresholds import pick
+
       sites = pick(shared.paths, target)
-    calibration = sparsity.calibrate(params, cfg, prep.method, prep.calib_windows, upstream=sites,
-                                     progress=prep.progress)
+    calibration = sparsity.calibrate(
+      params, cfg, prep.method, prep.calib_windows, upstream=sites, progress=prep.progress
+    )
     calibration.paths = shared.paths if shared is not None else None
     prep.targets[key] = calibration
   return prep.targets[key]
@@ -270,9 +297,18 @@ def all_blocks(cfg: ModelConfig) -> list[Block]:
   return [(l, b) for l in range(cfg.num_hidden_layers) for b in ("self_attn", "mlp")]
 
 
-def prepare(params: dict, cfg: ModelConfig, spec: str, *, mode: str = "topk", allocation: str = "uniform",
-            calib_windows: Optional[np.ndarray] = None, max_effective: float = 0.9,
-            progress: bool = True, upstream: bool = True) -> Prepared:
+def prepare(
+  params: dict,
+  cfg: ModelConfig,
+  spec: str,
+  *,
+  mode: str = "topk",
+  allocation: str = "uniform",
+  calib_windows: Optional[np.ndarray] = None,
+  max_effective: float = 0.9,
+  progress: bool = True,
+  upstream: bool = True,
+) -> Prepared:
   """Transform if the spec asks, and calibrate what every target shares (dense thresholds when not
   `upstream`; greedy paths up to `max_effective`) if the mode or allocation needs it; threshold mode with
   `upstream` (default) calibrates per target in `make`. An auto spec only transforms fully here (for its
@@ -284,31 +320,47 @@ def prepare(params: dict, cfg: ModelConfig, spec: str, *, mode: str = "topk", al
     if calib_windows is None:
       raise ValueError(f"{spec!r} fits its transform basis on calibration windows: pass calib_windows=...")
     tkw["calib_windows"] = calib_windows
-  common = dict(method=method, scope=sp.scope, mode=mode, allocation=allocation, max_effective=max_effective,
-                calib_windows=calib_windows, progress=progress, upstream=upstream, transform_kw=tkw)
+  common = dict(
+    method=method,
+    scope=sp.scope,
+    mode=mode,
+    allocation=allocation,
+    max_effective=max_effective,
+    calib_windows=calib_windows,
+    progress=progress,
+    upstream=upstream,
+    transform_kw=tkw,
+  )
   if sp.scope == "auto":
     if calib_windows is None:
-      raise ValueError(f"{spec!r} chooses the blocks to rotate on calibration windows: pass calib_windows=... "
-                       "(`variants.needs_calibration` says when a spec needs them)")
+      raise ValueError(
+        f"{spec!r} chooses the blocks to rotate on calibration windows: pass calib_windows=... "
+        "(`variants.needs_calibration` says when a spec needs them)"
+      )
     from wina_jax.transform import transform
-    full = transform(params, cfg, **tkw) if sp.name != "dense" else None   # dense masks nothing: no rotation
+
+    full = transform(params, cfg, **tkw) if sp.name != "dense" else None  # dense masks nothing: no rotation
     return Prepared(params, cfg, spec, sp.name, True, full=full, **common)
   blocks = None
   if sp.transformed:
     from wina_jax.transform import transform
+
     blocks = sp.blocks(cfg) or all_blocks(cfg)
     params, cfg = transform(params, cfg, blocks=blocks, **tkw)
-  calibration = _calibrate(params, cfg, method, sp.name, mode, allocation, calib_windows, max_effective,
-                           progress, upstream)
+  calibration = _calibrate(
+    params, cfg, method, sp.name, mode, allocation, calib_windows, max_effective, progress, upstream
+  )
   return Prepared(params, cfg, spec, sp.name, sp.transformed, calibration, blocks=blocks, **common)
 
 
-def make(prep: Prepared, target: float, *, mode: Optional[str] = None,
-         allocation: Optional[str] = None) -> Variant:
+def make(
+  prep: Prepared, target: float, *, mode: Optional[str] = None, allocation: Optional[str] = None
+) -> Variant:
   """The variant at `target` sparsity (dense when target == 0 or the method is 'dense'); mode and
   allocation default to the ones `prep` was prepared for."""
   from wina_jax import sparsity
   from wina_jax.transform import shortcut_cost
+
   mode, allocation = mode or prep.mode, allocation or prep.allocation
   dense = prep.base == "dense" or target == 0
   method = prep.method if prep.method is not None else sparsity.get_method(prep.base)
@@ -316,8 +368,9 @@ def make(prep: Prepared, target: float, *, mode: Optional[str] = None,
   if prep.scope == "auto":
     choice = auto_choice(prep, target)
     params, cfg, calibration = _auto_params(prep, choice["blocks"], None if dense else (mode, allocation))
-    info.update(blocks=choice["blocks"],
-                errors={f"layers.{l}.{b}": list(e) for (l, b), e in choice["errors"].items()})
+    info.update(
+      blocks=choice["blocks"], errors={f"layers.{l}.{b}": list(e) for (l, b), e in choice["errors"].items()}
+    )
     transformed, key = bool(choice["blocks"]), tuple(choice["blocks"])
   else:
     params, cfg, calibration, transformed = prep.params, prep.cfg, prep.calibration, prep.transformed
@@ -325,22 +378,47 @@ def make(prep: Prepared, target: float, *, mode: Optional[str] = None,
   if mode == "threshold" and prep.upstream and not dense:
     calibration = _target_calibration(prep, params, cfg, calibration, target, allocation, key)
   info["shortcuts"] = shortcut_cost(params, cfg)["shortcuts"]
-  sp = sparsity.make(method, params, cfg, 0.0 if dense else target,
-                     mode="topk" if dense else mode,   # nothing to threshold: no calibration needed
-                     calibration=calibration, allocation="uniform" if dense else allocation)
+  sp = sparsity.make(
+    method,
+    params,
+    cfg,
+    0.0 if dense else target,
+    mode="topk" if dense else mode,  # nothing to threshold: no calibration needed
+    calibration=calibration,
+    allocation="uniform" if dense else allocation,
+  )
   return Variant(params, cfg, sp, transformed, prep.spec, info)
 
 
-def build(params: dict, cfg: ModelConfig, spec: str, target: float, *, mode: str = "topk",
-          allocation: str = "uniform", calib_windows: Optional[np.ndarray] = None,
-          progress: bool = True, upstream: bool = True) -> Variant:
+def build(
+  params: dict,
+  cfg: ModelConfig,
+  spec: str,
+  target: float,
+  *,
+  mode: str = "topk",
+  allocation: str = "uniform",
+  calib_windows: Optional[np.ndarray] = None,
+  progress: bool = True,
+  upstream: bool = True,
+) -> Variant:
   """`prepare` + `make` for one target sparsity."""
-  prep = prepare(params, cfg, spec, mode=mode, allocation=allocation, calib_windows=calib_windows,
-                 max_effective=max(0.9, target), progress=progress, upstream=upstream)
+  prep = prepare(
+    params,
+    cfg,
+    spec,
+    mode=mode,
+    allocation=allocation,
+    calib_windows=calib_windows,
+    max_effective=max(0.9, target),
+    progress=progress,
+    upstream=upstream,
+  )
   return make(prep, target, mode=mode, allocation=allocation)
 
 
 # ---- '-transform-auto': per-block errors and the choice ------------------------------------------------
+
 
 @functools.partial(jax.jit, static_argnames=("cfg", "sites"))
 def _layer_error_sums(lp, h, sparsifier, cfg, sites):
@@ -348,7 +426,8 @@ def _layer_error_sums(lp, h, sparsifier, cfg, sites):
   {site: (sum ||(x - xs) K||^2, sum ||x K||^2)}) with every site fed the dense input."""
   from wina_jax.analysis.errors import site_input
   from wina_jax.analysis.metrics import error_sums
-  from wina_jax.model import decoder_layer_aux   # the analysis drives the model; sparsifiers never do
+  from wina_jax.model import decoder_layer_aux  # the analysis drives the model; sparsifiers never do
+
   out, aux = decoder_layer_aux(cfg, lp, h, 0, collect=("inputs",))
   params = {"layers": {"0": lp}}
   sums = {}
@@ -359,17 +438,21 @@ def _layer_error_sums(lp, h, sparsifier, cfg, sites):
   return out, sums
 
 
-def block_errors(params: dict, cfg: ModelConfig, sparsifier, windows: np.ndarray, *,
-                 batch_size: int = 4) -> dict[Block, float]:
+def block_errors(
+  params: dict, cfg: ModelConfig, sparsifier, windows: np.ndarray, *, batch_size: int = 4
+) -> dict[Block, float]:
   """{(layer, block): isolated relative output error of the block's linear sites} under `sparsifier`
   (a `ScoreSparsifier`) on token `windows` [N, T]: sum_sites sum_tokens ||(x - xs) K||^2 over
   sum_sites sum_tokens ||x K||^2, every site fed the dense model's input (one layer at a time)."""
   from wina_jax.sparsity import layerwise
+
   windows = np.asarray(windows)
   if windows.ndim != 2 or windows.size == 0:
     raise ValueError(f"need token windows [N, T] with N, T >= 1, got shape {windows.shape}")
-  hs = [params["embed_tokens"]["embedding"][windows[i:i + batch_size]]
-        for i in range(0, len(windows), batch_size)]
+  hs = [
+    params["embed_tokens"]["embedding"][windows[i : i + batch_size]]
+    for i in range(0, len(windows), batch_size)
+  ]
   out = {}
   for layer in range(cfg.num_hidden_layers):
     lp = params["layers"][str(layer)]
@@ -394,6 +477,7 @@ def auto_choice(prep: Prepared, target: float) -> dict:
   """{'blocks': rotated [(layer, block)], 'errors': {(layer, block): (err_original, err_transformed)}} for
   an auto spec at `target` (cached on `prep`). Nothing rotates at target 0 or for 'dense'."""
   from wina_jax import sparsity
+
   target = sparsity.check_sparsity(target, "target sparsity")
   if target in prep.auto:
     return prep.auto[target]
@@ -402,7 +486,7 @@ def auto_choice(prep: Prepared, target: float) -> dict:
   else:
     per = []
     for params, cfg in ((prep.params, prep.cfg), prep.full):
-      sp = sparsity.make(prep.method, params, cfg, target)           # top-k masks at the target
+      sp = sparsity.make(prep.method, params, cfg, target)  # top-k masks at the target
       per.append(block_errors(params, cfg, sp, prep.calib_windows))
     errors = {blk: (float(per[0][blk]), float(per[1][blk])) for blk in per[0]}
     choice = {"blocks": choose_blocks(errors), "errors": errors}
@@ -420,11 +504,21 @@ def _auto_params(prep: Prepared, blocks: list[Block], calib: Optional[tuple]):
   params, cfg = prep.params, prep.cfg
   if blocks:
     from wina_jax.transform import transform
+
     params, cfg = transform(params, cfg, blocks=blocks, **prep.transform_kw)
   calibration = None
   if calib is not None:
-    calibration = _calibrate(params, cfg, prep.method, prep.base, *calib, prep.calib_windows,
-                             prep.max_effective, prep.progress, prep.upstream)
+    calibration = _calibrate(
+      params,
+      cfg,
+      prep.method,
+      prep.base,
+      *calib,
+      prep.calib_windows,
+      prep.max_effective,
+      prep.progress,
+      prep.upstream,
+    )
   prep.built[key] = (params, cfg, calibration)
   while len(prep.built) > AUTO_CACHE:
     prep.built.popitem(last=False)

@@ -3,8 +3,9 @@
 To add a family, write `wina_jax/families/<name>.py` that calls `register(Family(...))` (see
 `base.Family` for what it declares), import it below, and add its tiny-config parity test.
 """
-from wina_jax.families.base import Family, for_gguf_arch, get, known, register
+
 from wina_jax.families import llama, mistral, phi3, qwen2  # noqa: F401  (registers the families)
+from wina_jax.families.base import Family, for_gguf_arch, get, known, register
 
 
 def proj_shapes(cfg) -> dict[str, dict[str, tuple[int, int]]]:
@@ -33,5 +34,13 @@ def input_group(proj: str) -> str:
   return proj
 
 
-__all__ = ["Family", "for_gguf_arch", "get", "input_group", "key_projections", "known", "proj_shapes",
-           "register"]
+__all__ = [
+  "Family",
+  "for_gguf_arch",
+  "get",
+  "input_group",
+  "key_projections",
+  "known",
+  "proj_shapes",
+  "register",
+]

@@ -1,4 +1,5 @@
 """Mistral: the Llama layout with one sliding attention window for every layer."""
+
 from __future__ import annotations
 
 from wina_jax.families.base import Family, register, window
@@ -8,5 +9,6 @@ def config_kwargs(d) -> dict:
   return dict(sliding_window=window(d))
 
 
-MISTRAL = register(Family(name="mistral", config_kwargs=config_kwargs,
-                          hf_fields=frozenset({"sliding_window"})))
+MISTRAL = register(
+  Family(name="mistral", config_kwargs=config_kwargs, hf_fields=frozenset({"sliding_window"}))
+)

@@ -3,6 +3,7 @@
 GGUF architecture 'qwen2': llama.cpp's converter does not interleave q/k rows for it (the real-model
 parity test of issue 15 agrees with transformers' own GGUF load only without un-permuting).
 """
+
 from __future__ import annotations
 
 from wina_jax.families.base import Family, register
@@ -14,7 +15,12 @@ def config_kwargs(d) -> dict:
   return dict(attention_bias=True)
 
 
-QWEN2 = register(Family(
-    name="qwen2", config_kwargs=config_kwargs,
+QWEN2 = register(
+  Family(
+    name="qwen2",
+    config_kwargs=config_kwargs,
     hf_fields=frozenset({"sliding_window", "use_sliding_window", "max_window_layers"}),
-    gguf_arch="qwen2", gguf_permuted_qk=False))
+    gguf_arch="qwen2",
+    gguf_permuted_qk=False,
+  )
+)

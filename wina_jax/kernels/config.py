@@ -1,10 +1,12 @@
 """Static tiling of the sparse GEMV kernel and the rules that pick it."""
+
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
-MAX_ROWS = 8          # batch*tokens rows the GEMV kernel takes; more rows go to the XLA path
+MAX_ROWS = 8  # batch*tokens rows the GEMV kernel takes; more rows go to the XLA path
 # Rows up to which backend 'auto' picks the kernel. On the H200 (Llama-3-8B shape, TEAL 50 / 65 %) the union
 # of masks over 2+ rows keeps 75-100 % of rows and the kernel lost to XLA's mask-then-matmul path at every
 # B >= 2 (B = 2: 0.76x / 0.90x vs 0.97x / 0.97x of dense; B = 4: 0.40x vs 0.97x; B = 8: 0.22x vs 0.96x):
@@ -13,7 +15,9 @@ AUTO_MAX_ROWS = 1
 MODES = ("compact", "masked")
 REDUCES = ("partials", "atomic", "semaphore")
 LOOPS = ("dynamic", "prefetch")
-WORKSPACE_BLOCKS = 4096  # column blocks per site in a semaphore workspace (`FusedThresholdSparsifier.workspace`)
+WORKSPACE_BLOCKS = (
+  4096  # column blocks per site in a semaphore workspace (`FusedThresholdSparsifier.workspace`)
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +38,7 @@ class KernelConfig:
     per step; 'prefetch' pipelines by hand: while tile j is summed, the loads of tile j + 1 and the row
     ids of tile j + 2 are in flight. ('masked' mode walks chunk / BK tiles; Triton pipelines them.)
   """
+
   mode: str = "compact"
   chunk: int = 512
   block_k: int = 32

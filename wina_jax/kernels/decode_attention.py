@@ -12,6 +12,7 @@ Numerics: RoPE in the activations' dtype (as `layers.apply_rope`), scores, softm
 float32, the output cast to q's dtype. In float32 this equals `layers.attention` to rounding; in bf16 the
 XLA path rounds scores and probabilities to bf16 and this kernel does not.
 """
+
 from __future__ import annotations
 
 import functools
@@ -23,8 +24,8 @@ from jax.experimental.pallas import triton as plgpu
 
 from wina_jax.kernels.pallas_gemv import compiler_params
 
-MAX_BATCH = 8          # batch rows the kernel is built for (decode); more go to the XLA path
-_NEG = -1e30           # finite start of the running max: a fully masked block never makes exp(-inf + inf)
+MAX_BATCH = 8  # batch rows the kernel is built for (decode); more go to the XLA path
+_NEG = -1e30  # finite start of the running max: a fully masked block never makes exp(-inf + inf)
 
 
 def supported(batch: int, tokens: int, head_dim: int) -> bool:
@@ -32,8 +33,25 @@ def supported(batch: int, tokens: int, head_dim: int) -> bool:
   return tokens == 1 and batch <= MAX_BATCH and head_dim & (head_dim - 1) == 0
 
 
-def _kernel(len_ref, inv_ref, q_ref, kn_ref, vn_ref, kc_ref, vc_ref, o_ref, ko_ref, vo_ref, *, group: int,
-            head_dim: int, rotary_dim: int, block_s: int, window, scale: float):
+def _kernel(
+  len_ref,
+  inv_ref,
+  q_ref,
+  kn_ref,
+  vn_ref,
+  kc_ref,
+  vc_ref,
+  o_ref,
+  ko_ref,
+  vo_ref,
+  *,
+  group: int,
+  head_dim: int,
+  rotary_dim: int,
+  block_s: int,
+  window,
+  scale: float,
+):
   b, kh = pl.program_id(0), pl.program_id(1)
   length = plgpu.load(len_ref.at[jnp.int32(0)])
   dims = jax.lax.iota(jnp.int32, head_dim)
@@ -52,7 +70,7 @@ def _kernel(len_ref, inv_ref, q_ref, kn_ref, vn_ref, kc_ref, vc_ref, o_ref, ko_r
 
   k_new = rope(kn_ref, kh).astype(ko_ref.dtype)
   v_new = plgpu.load(vn_ref.at[b, kh, dims]).astype(vo_ref.dtype)
-  inside = (dims >= 0) & (length < ko_ref.shape[1])       # a full cache is left alone, never overrun
+  inside = (dims >= 0) & (length < ko_ref.shape[1])  # a full cache is left alone, never overrun
   plgpu.store(ko_ref.at[b, length, kh, dims], k_new, mask=inside)
   plgpu.store(vo_ref.at[b, length, kh, dims], v_new, mask=inside)
   qs = [rope(q_ref, kh * group + g).astype(jnp.float32) for g in range(group)]
@@ -63,9 +81,11 @@ def _kernel(len_ref, inv_ref, q_ref, kn_ref, vn_ref, kc_ref, vc_ref, o_ref, ko_r
     pos = j * block_s + jax.lax.iota(jnp.int32, block_s)
     valid = (pos < length) & (pos >= first)
     kb = plgpu.load(kc_ref.at[b, pos[:, None], kh, dims[None, :]], mask=valid[:, None], other=0).astype(
-        jnp.float32)
+      jnp.float32
+    )
     vb = plgpu.load(vc_ref.at[b, pos[:, None], kh, dims[None, :]], mask=valid[:, None], other=0).astype(
-        jnp.float32)
+      jnp.float32
+    )
     out = []
     for q, (m, l, acc) in zip(qs, carry):
       s = jnp.where(valid, jnp.sum(kb * q[None, :], axis=1) * scale, -jnp.inf)
@@ -78,19 +98,32 @@ def _kernel(len_ref, inv_ref, q_ref, kn_ref, vn_ref, kc_ref, vc_ref, o_ref, ko_r
   carry = jax.lax.fori_loop(first // block_s, (length + block_s - 1) // block_s, body, init)
   kf, vf = k_new.astype(jnp.float32), v_new.astype(jnp.float32)
   for g, (q, (m, l, acc)) in enumerate(zip(qs, carry)):
-    s = jnp.sum(q * kf) * scale                 # the new token: always inside the window
+    s = jnp.sum(q * kf) * scale  # the new token: always inside the window
     m_new = jnp.maximum(m, s)
     alpha, p = jnp.exp(m - m_new), jnp.exp(s - m_new)
     o = (acc * alpha + p * vf) / (l * alpha + p)
     plgpu.store(o_ref.at[b, kh * group + g, dims], o.astype(o_ref.dtype))
 
 
-@functools.partial(jax.jit, static_argnames=("rotary_dim", "window", "block_s", "num_warps", "num_stages",
-                                             "interpret"))
-def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, cache_k: jax.Array, cache_v: jax.Array,
-                     length: jax.Array, inv_freq: jax.Array, *, rotary_dim: int, window=None,
-                     block_s: int = 64, num_warps: int = 4, num_stages: int = 2,
-                     interpret: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
+@functools.partial(
+  jax.jit, static_argnames=("rotary_dim", "window", "block_s", "num_warps", "num_stages", "interpret")
+)
+def decode_attention(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  cache_k: jax.Array,
+  cache_v: jax.Array,
+  length: jax.Array,
+  inv_freq: jax.Array,
+  *,
+  rotary_dim: int,
+  window=None,
+  block_s: int = 64,
+  num_warps: int = 4,
+  num_stages: int = 2,
+  interpret: bool = False,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
   """One decode step of attention, before RoPE: q [B, H, hd], k, v [B, K, hd] of the token at position
   `length` (int32 scalar); cache_k, cache_v [B, S, K, hd] with `length` valid slots; inv_freq
   [rotary_dim // 2] (`layers.rope_inv_freq`); window: the sliding window or None.
@@ -99,17 +132,34 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, cache_k: jax.Arra
   b, h, hd = q.shape
   kheads = k.shape[1]
   if not supported(b, 1, hd):
-    raise ValueError(f"decode_attention takes batch <= {MAX_BATCH} and a power-of-two head_dim; got batch "
-                     f"{b}, head_dim {hd}: use the XLA attention")
+    raise ValueError(
+      f"decode_attention takes batch <= {MAX_BATCH} and a power-of-two head_dim; got batch "
+      f"{b}, head_dim {hd}: use the XLA attention"
+    )
   if block_s & (block_s - 1):
     raise ValueError(f"block_s={block_s} must be a power of two")
   inv = jnp.zeros((hd,), jnp.float32).at[:rotary_dim].set(jnp.tile(inv_freq.astype(jnp.float32), 2))
-  body = functools.partial(_kernel, group=h // kheads, head_dim=hd, rotary_dim=rotary_dim, block_s=block_s,
-                           window=window, scale=hd ** -0.5)
-  out_shape = (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(cache_k.shape, cache_k.dtype),
-               jax.ShapeDtypeStruct(cache_v.shape, cache_v.dtype))
-  call = pl.pallas_call(body, out_shape=out_shape, grid=(b, kheads), interpret=interpret,
-                        input_output_aliases={5: 1, 6: 2},
-                        compiler_params=None if interpret else compiler_params(num_warps, num_stages),
-                        name="decode_attention")
+  body = functools.partial(
+    _kernel,
+    group=h // kheads,
+    head_dim=hd,
+    rotary_dim=rotary_dim,
+    block_s=block_s,
+    window=window,
+    scale=hd**-0.5,
+  )
+  out_shape = (
+    jax.ShapeDtypeStruct(q.shape, q.dtype),
+    jax.ShapeDtypeStruct(cache_k.shape, cache_k.dtype),
+    jax.ShapeDtypeStruct(cache_v.shape, cache_v.dtype),
+  )
+  call = pl.pallas_call(
+    body,
+    out_shape=out_shape,
+    grid=(b, kheads),
+    interpret=interpret,
+    input_output_aliases={5: 1, 6: 2},
+    compiler_params=None if interpret else compiler_params(num_warps, num_stages),
+    name="decode_attention",
+  )
   return call(jnp.reshape(length, (1,)).astype(jnp.int32), inv, q, k, v, cache_k, cache_v)

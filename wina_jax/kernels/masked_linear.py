@@ -1,8 +1,10 @@
 """`masked_linear`: the fused threshold linear with automatic backend selection."""
+
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -23,10 +25,18 @@ def pick_backend(backend: str, rows: int) -> str:
   return "pallas" if jax.default_backend() == "gpu" and rows <= C.AUTO_MAX_ROWS else "xla"
 
 
-def masked_linear(x: jax.Array, kernel: jax.Array, thresholds, scales: Optional[jax.Array] = None,
-                  segments: Optional[Sequence[int]] = None, *, backend: str = "auto",
-                  config: Optional[C.KernelConfig] = None, workspace: Optional[jax.Array] = None,
-                  slot: int = 0) -> jax.Array:
+def masked_linear(
+  x: jax.Array,
+  kernel: jax.Array,
+  thresholds,
+  scales: Optional[jax.Array] = None,
+  segments: Optional[Sequence[int]] = None,
+  *,
+  backend: str = "auto",
+  config: Optional[C.KernelConfig] = None,
+  workspace: Optional[jax.Array] = None,
+  slot: int = 0,
+) -> jax.Array:
   """y = (x * mask) @ kernel with mask = |x| * scale > threshold, per output segment.
 
   x: [..., d_in]; kernel: [d_in, d_out] (bf16 on GPU); thresholds: scalar or [S];
@@ -57,6 +67,15 @@ def masked_linear(x: jax.Array, kernel: jax.Array, thresholds, scales: Optional[
     return masked_linear_xla(x, kernel, thresholds, scales, segments)
   if cfg.reduce == "semaphore" and workspace is None:
     cfg = dataclasses.replace(cfg, reduce="partials")
-  y = sparse_gemv(x.reshape(rows, d_in), kernel, thresholds, scales, segments, cfg,
-                  interpret=mode == "interpret", workspace=workspace, slot=slot)
+  y = sparse_gemv(
+    x.reshape(rows, d_in),
+    kernel,
+    thresholds,
+    scales,
+    segments,
+    cfg,
+    interpret=mode == "interpret",
+    workspace=workspace,
+    slot=slot,
+  )
   return y.astype(x.dtype).reshape(*lead, d_out)

@@ -18,10 +18,12 @@ scratch, barrier), then loads full [BK, BN] tiles of kept rows only; 'masked' mo
 Fused projections: the output columns split into segments (q|k|v or gate|up), each with its own
 threshold and scale; a program's BN columns lie in one segment.
 """
+
 from __future__ import annotations
 
 import functools
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -33,7 +35,7 @@ from wina_jax.kernels.config import KernelConfig
 
 def compiler_params(num_warps: int, num_stages: int):
   """Triton compiler params under either name (jax 0.10: TritonCompilerParams; 0.11: CompilerParams)."""
-  cls = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams")
+  cls = getattr(plgpu, "CompilerParams", None) or plgpu.TritonCompilerParams
   return cls(num_warps=num_warps, num_stages=num_stages)
 
 
@@ -41,11 +43,23 @@ def _iota(n: int) -> jax.Array:
   return jax.lax.iota(jnp.int32, n)
 
 
-def _kernel(x_ref, t_ref, s_ref, w_ref, *refs, cfg: KernelConfig, rows: int, nk: int, slot: int,
-            bounds: tuple[int, ...], has_scale: bool, interpret: bool):
+def _kernel(
+  x_ref,
+  t_ref,
+  s_ref,
+  w_ref,
+  *refs,
+  cfg: KernelConfig,
+  rows: int,
+  nk: int,
+  slot: int,
+  bounds: tuple[int, ...],
+  has_scale: bool,
+  interpret: bool,
+):
   c, bk, bn = cfg.chunk, cfg.block_k, cfg.block_n
   if cfg.reduce == "atomic":
-    _, o_ref, *scratch = refs          # the zeroed input aliased to o_ref comes first
+    _, o_ref, *scratch = refs  # the zeroed input aliased to o_ref comes first
   elif cfg.reduce == "semaphore":
     cnt_ref, o_ref, part_ref, *scratch = refs
   else:
@@ -72,12 +86,13 @@ def _kernel(x_ref, t_ref, s_ref, w_ref, *refs, cfg: KernelConfig, rows: int, nk:
 
   def accumulate(acc, xs, keeps, w):
     """acc, xs, keeps: per batch row [BN] f32, [BK] f32, [BK] bool; w: [BK, BN] f32."""
-    return tuple(a + jnp.sum(jnp.where(kb, xb, 0.0)[:, None] * w, axis=0)
-                 for a, xb, kb in zip(acc, xs, keeps))
+    return tuple(
+      a + jnp.sum(jnp.where(kb, xb, 0.0)[:, None] * w, axis=0) for a, xb, kb in zip(acc, xs, keeps)
+    )
 
   acc0 = tuple(jnp.zeros((bn,), jnp.float32) for _ in range(rows))
   if cfg.mode == "compact":
-    idx_ref, = scratch
+    (idx_ref,) = scratch
     chunk_rows = k0 + _iota(c)
     keep = load_rows(chunk_rows)[2].astype(jnp.int32)
     pos = jnp.cumsum(keep) - keep
@@ -93,34 +108,39 @@ def _kernel(x_ref, t_ref, s_ref, w_ref, *refs, cfg: KernelConfig, rows: int, nk:
 
     def fetch(idx, valid):
       """x and keep per batch row, and the weight tile [BK, BN] (bf16) of the kept rows idx."""
-      if rows == 1:     # every compacted row is kept; only the ragged tail needs masking
+      if rows == 1:  # every compacted row is kept; only the ragged tail needs masking
         xs, keeps = [plgpu.load(x_ref.at[idx, jnp.int32(0)]).astype(jnp.float32)], [valid]
       else:
         xs, keeps, _ = load_rows(idx, valid)
-      w = plgpu.load(w_ref.at[idx[:, None], cols], mask=valid[:, None], other=0,
-                     eviction_policy="evict_first")
+      w = plgpu.load(
+        w_ref.at[idx[:, None], cols], mask=valid[:, None], other=0, eviction_policy="evict_first"
+      )
       return xs, keeps, w
 
     trips = (count + bk - 1) // bk
     if cfg.loop == "prefetch":
-      def body(j, carry):          # loads of tile j + 1 and ids of tile j + 2 issued before tile j sums
+
+      def body(j, carry):  # loads of tile j + 1 and ids of tile j + 2 issued before tile j sums
         acc, (xs, keeps, w), ahead = carry
         nxt, ids = fetch(*ahead), index(j + 2)
         return accumulate(acc, xs, keeps, w.astype(jnp.float32)), nxt, ids
 
       acc = jax.lax.fori_loop(0, trips, body, (acc0, fetch(*index(0)), index(1)))[0]
     else:
+
       def body(j, acc):
         xs, keeps, w = fetch(*index(j))
         return accumulate(acc, xs, keeps, w.astype(jnp.float32))
 
       acc = jax.lax.fori_loop(0, trips, body, acc0)
   else:
+
     def body(j, acc):
       idx = k0 + j * bk + _iota(bk)
       xs, keeps, union = load_rows(idx)
-      w = plgpu.load(w_ref.at[idx[:, None], cols], mask=union[:, None], other=0,
-                     eviction_policy="evict_first")
+      w = plgpu.load(
+        w_ref.at[idx[:, None], cols], mask=union[:, None], other=0, eviction_policy="evict_first"
+      )
       return accumulate(acc, xs, keeps, w.astype(jnp.float32))
 
     acc = jax.lax.fori_loop(0, c // bk, body, acc0)
@@ -135,24 +155,33 @@ def _kernel(x_ref, t_ref, s_ref, w_ref, *refs, cfg: KernelConfig, rows: int, nk:
     for b in range(rows):
       plgpu.store(part_ref.at[pk, b, out_cols], acc[b])
     if not interpret:
-      plgpu.debug_barrier()            # every thread's partial is stored before the (acq_rel) count
+      plgpu.debug_barrier()  # every thread's partial is stored before the (acq_rel) count
     arrived = plgpu.atomic_add(cnt_ref, (jnp.int32(slot), pn), jnp.int32(1))
 
-    @pl.when(arrived == nk - 1)        # the column block's last program: one load of all partials, reset
+    @pl.when(arrived == nk - 1)  # the column block's last program: one load of all partials, reset
     def _():
       nkp = 1 << (nk - 1).bit_length()
       ks = _iota(nkp)
       for b in range(rows):
-        part = plgpu.load(part_ref.at[ks[:, None], b, out_cols[None, :]], mask=(ks < nk)[:, None], other=0.0,
-                          volatile=True)
+        part = plgpu.load(
+          part_ref.at[ks[:, None], b, out_cols[None, :]], mask=(ks < nk)[:, None], other=0.0, volatile=True
+        )
         plgpu.store(o_ref.at[b, out_cols], jnp.sum(part, axis=0).astype(o_ref.dtype))
       plgpu.store(cnt_ref.at[jnp.int32(slot), pn], jnp.int32(0))
 
 
 @functools.partial(jax.jit, static_argnames=("segments", "cfg", "interpret", "slot"))
-def sparse_gemv(x: jax.Array, kernel: jax.Array, thresholds: jax.Array, scales: Optional[jax.Array],
-                segments: Sequence[int], cfg: KernelConfig, interpret: bool = False,
-                workspace: Optional[jax.Array] = None, slot: int = 0) -> jax.Array:
+def sparse_gemv(
+  x: jax.Array,
+  kernel: jax.Array,
+  thresholds: jax.Array,
+  scales: Optional[jax.Array],
+  segments: Sequence[int],
+  cfg: KernelConfig,
+  interpret: bool = False,
+  workspace: Optional[jax.Array] = None,
+  slot: int = 0,
+) -> jax.Array:
   """x: [M, K] (M <= 8); kernel: [K, N]; thresholds: [S]; scales: [S, K] or None -> [M, N]
   (float32, or x.dtype for the 'semaphore' reduce).
 
@@ -165,8 +194,8 @@ def sparse_gemv(x: jax.Array, kernel: jax.Array, thresholds: jax.Array, scales: 
   m, k = x.shape
   n = kernel.shape[1]
   rows = 1 << (m - 1).bit_length()
-  xt = jnp.pad(x, ((0, rows - m), (0, 0))).T                     # [K, rows]
-  bounds = tuple(int(sum(segments[:i + 1])) for i in range(len(segments) - 1))
+  xt = jnp.pad(x, ((0, rows - m), (0, 0))).T  # [K, rows]
+  bounds = tuple(int(sum(segments[: i + 1])) for i in range(len(segments) - 1))
   has_scale = scales is not None
   s = scales.astype(jnp.float32) if has_scale else jnp.zeros((1, 1), jnp.float32)
   nk, nn = k // cfg.chunk, n // cfg.block_n
@@ -185,11 +214,17 @@ def sparse_gemv(x: jax.Array, kernel: jax.Array, thresholds: jax.Array, scales: 
     out_shape = [jax.ShapeDtypeStruct((nk, rows, n), jnp.float32)]
   if cfg.mode == "compact":
     out_shape.append(jax.ShapeDtypeStruct((nn, nk, cfg.chunk), jnp.int32))
-  body = functools.partial(_kernel, cfg=cfg, rows=rows, nk=nk, slot=slot, bounds=bounds,
-                           has_scale=has_scale, interpret=interpret)
-  call = pl.pallas_call(body, out_shape=tuple(out_shape), grid=(nn, nk), interpret=interpret,
-                        input_output_aliases={4: 0} if cfg.reduce == "atomic" else {},
-                        compiler_params=None if interpret else compiler_params(cfg.num_warps, cfg.num_stages),
-                        name=f"sparse_gemv_{cfg.mode}")
+  body = functools.partial(
+    _kernel, cfg=cfg, rows=rows, nk=nk, slot=slot, bounds=bounds, has_scale=has_scale, interpret=interpret
+  )
+  call = pl.pallas_call(
+    body,
+    out_shape=tuple(out_shape),
+    grid=(nn, nk),
+    interpret=interpret,
+    input_output_aliases={4: 0} if cfg.reduce == "atomic" else {},
+    compiler_params=None if interpret else compiler_params(cfg.num_warps, cfg.num_stages),
+    name=f"sparse_gemv_{cfg.mode}",
+  )
   out = call(*args)[0]
   return (jnp.sum(out, axis=0) if cfg.reduce == "partials" else out)[:m]

@@ -1,8 +1,10 @@
 """XLA path of the fused threshold linear: the mask, then a dense fp32-accumulated matmul per segment."""
+
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -18,8 +20,9 @@ def keep_mask(x: jax.Array, threshold: jax.Array, scale: Optional[jax.Array]) ->
   return score > jnp.asarray(threshold, jnp.float32)
 
 
-def masked_linear_xla(x: jax.Array, kernel: jax.Array, thresholds: jax.Array,
-                      scales: Optional[jax.Array], segments: Sequence[int]) -> jax.Array:
+def masked_linear_xla(
+  x: jax.Array, kernel: jax.Array, thresholds: jax.Array, scales: Optional[jax.Array], segments: Sequence[int]
+) -> jax.Array:
   """y = concat_s (x * mask_s) @ kernel[:, seg_s], fp32 accumulation, cast to x.dtype.
 
   x: [..., d_in]; kernel: [d_in, sum(segments)]; thresholds: [S]; scales: [S, d_in] or None.
@@ -29,15 +32,19 @@ def masked_linear_xla(x: jax.Array, kernel: jax.Array, thresholds: jax.Array,
   differ at rounding level (~4e-7 relative in float32), which thresholds can amplify through a model
   like any rounding difference (notebooks/04_fast_decode.ipynb).
   """
-  masked = [jnp.where(keep_mask(x, thresholds[s], None if scales is None else scales[s]), x,
-                      jnp.zeros((), x.dtype)) for s in range(len(segments))]
-  bounds = [(sum(segments[:s]), sum(segments[:s + 1])) for s in range(len(segments))]
+  masked = [
+    jnp.where(keep_mask(x, thresholds[s], None if scales is None else scales[s]), x, jnp.zeros((), x.dtype))
+    for s in range(len(segments))
+  ]
+  bounds = [(sum(segments[:s]), sum(segments[: s + 1])) for s in range(len(segments))]
   if len(segments) == 1:
     y = jnp.dot(masked[0], kernel, preferred_element_type=jnp.float32)
   elif math.prod(x.shape[:-1]) <= MAX_ROWS:
     out = jnp.einsum("s...k,kn->s...n", jnp.stack(masked), kernel, preferred_element_type=jnp.float32)
     y = jnp.concatenate([out[s, ..., a:b] for s, (a, b) in enumerate(bounds)], axis=-1)
   else:
-    y = jnp.concatenate([jnp.dot(xs, kernel[:, a:b], preferred_element_type=jnp.float32)
-                         for xs, (a, b) in zip(masked, bounds)], axis=-1)
+    y = jnp.concatenate(
+      [jnp.dot(xs, kernel[:, a:b], preferred_element_type=jnp.float32) for xs, (a, b) in zip(masked, bounds)],
+      axis=-1,
+    )
   return y.astype(x.dtype)

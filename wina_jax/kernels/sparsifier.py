@@ -8,9 +8,11 @@ From a calibrated `wina_jax.sparsity.ScoreSparsifier` in threshold mode (teal or
   FusedThresholdSparsifier.create(sp.thresholds, sp.state)
 (WINA's `state` holds column norms only where the method uses them; other sites are plain |x|.)
 """
+
 from __future__ import annotations
 
-from typing import Mapping, Optional
+from collections.abc import Mapping
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +31,7 @@ class FusedThresholdSparsifier:
   configs: static (((d_in, d_out), KernelConfig), ...) tilings per kernel shape (else the default);
   workspace: int32 [sites, WORKSPACE_BLOCKS] zeros, one row per site (sorted order), when a config
   uses the 'semaphore' reduce (the kernel leaves it zeroed, so it is made once, never per step)."""
+
   thresholds: dict = struct.field(default_factory=dict)
   scales: dict = struct.field(default_factory=dict)
   segments: tuple = struct.field(pytree_node=False, default=())
@@ -37,19 +40,27 @@ class FusedThresholdSparsifier:
   workspace: Optional[jax.Array] = None
 
   @classmethod
-  def create(cls, thresholds: Mapping[str, object], scales: Optional[Mapping[str, object]] = None,
-             segments: Optional[Mapping[str, tuple]] = None, backend: str = "auto",
-             configs: Optional[Mapping[tuple, KernelConfig]] = None) -> "FusedThresholdSparsifier":
+  def create(
+    cls,
+    thresholds: Mapping[str, object],
+    scales: Optional[Mapping[str, object]] = None,
+    segments: Optional[Mapping[str, tuple]] = None,
+    backend: str = "auto",
+    configs: Optional[Mapping[tuple, KernelConfig]] = None,
+  ) -> FusedThresholdSparsifier:
     """From plain dicts (numbers or arrays); scales of sites without a threshold are dropped."""
     scales, configs = scales or {}, configs or {}
     semaphore = any(c.reduce == "semaphore" for c in configs.values())
-    return cls(thresholds={s: jnp.asarray(t, jnp.float32) for s, t in thresholds.items()},
-               scales={s: jnp.asarray(v, jnp.float32) for s, v in scales.items() if s in thresholds},
-               segments=tuple(sorted((s, tuple(int(w) for w in ws)) for s, ws in (segments or {}).items())),
-               backend=backend, configs=tuple(sorted(configs.items())),
-               workspace=jnp.zeros((len(thresholds), WORKSPACE_BLOCKS), jnp.int32) if semaphore else None)
+    return cls(
+      thresholds={s: jnp.asarray(t, jnp.float32) for s, t in thresholds.items()},
+      scales={s: jnp.asarray(v, jnp.float32) for s, v in scales.items() if s in thresholds},
+      segments=tuple(sorted((s, tuple(int(w) for w in ws)) for s, ws in (segments or {}).items())),
+      backend=backend,
+      configs=tuple(sorted(configs.items())),
+      workspace=jnp.zeros((len(thresholds), WORKSPACE_BLOCKS), jnp.int32) if semaphore else None,
+    )
 
-  def with_thresholds(self, thresholds: Mapping[str, object]) -> "FusedThresholdSparsifier":
+  def with_thresholds(self, thresholds: Mapping[str, object]) -> FusedThresholdSparsifier:
     """Same structure, new threshold values (reuses compiled code when shapes match)."""
     return self.replace(thresholds={s: jnp.asarray(t, jnp.float32) for s, t in thresholds.items()})
 
@@ -61,10 +72,13 @@ class FusedThresholdSparsifier:
     if t is None:
       return x
     if jnp.ndim(t) and t.shape[0] > 1:
-      raise ValueError(f"site {site} has {t.shape[0]} segment thresholds, so no single input mask exists; "
-                       "call `linear` (the model does unless collecting inputs) or use unfused params")
-    keep = keep_mask(x, jnp.reshape(t, ()), None if site not in self.scales else
-                     jnp.reshape(self.scales[site], (-1,)))
+      raise ValueError(
+        f"site {site} has {t.shape[0]} segment thresholds, so no single input mask exists; "
+        "call `linear` (the model does unless collecting inputs) or use unfused params"
+      )
+    keep = keep_mask(
+      x, jnp.reshape(t, ()), None if site not in self.scales else jnp.reshape(self.scales[site], (-1,))
+    )
     return jnp.where(keep, x, jnp.zeros((), x.dtype))
 
   def linear(self, site: str, x: jax.Array, kernel: jax.Array) -> jax.Array:
@@ -72,6 +86,14 @@ class FusedThresholdSparsifier:
     t = self.thresholds.get(site)
     if t is None:
       return x @ kernel
-    return masked_linear(x, kernel, t, self.scales.get(site), self._segments(site), backend=self.backend,
-                         config=dict(self.configs).get(tuple(kernel.shape)), workspace=self.workspace,
-                         slot=sorted(self.thresholds).index(site))
+    return masked_linear(
+      x,
+      kernel,
+      t,
+      self.scales.get(site),
+      self._segments(site),
+      backend=self.backend,
+      config=dict(self.configs).get(tuple(kernel.shape)),
+      workspace=self.workspace,
+      slot=sorted(self.thresholds).index(site),
+    )

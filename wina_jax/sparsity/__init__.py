@@ -12,27 +12,28 @@ ScoreSparsifier, masks; `methods`; `registry`; `measure`; `prefill`; `thresholds
 paths, pick; `store`) and the modules that run it (`calibration.calibrate`, `allocation.greedy`,
 `layerwise`). This package re-exports both.
 """
+
 from wina_jax.sparsity import methods as _builtins  # noqa: F401  (registers dense/teal/wina/cats)
 from wina_jax.sparsity.allocation import greedy
 from wina_jax.sparsity.base import MODES, Method, ScoreSparsifier, check_sparsity, keep_count, topk_mask
 from wina_jax.sparsity.calibration import calibrate, windows_from_text
 from wina_jax.sparsity.measure import (
-                                        parameter_weighted_sparsity,
-                                        per_matrix_sparsity,
-                                        site_weights,
-                                        target_sparsity,
+  parameter_weighted_sparsity,
+  per_matrix_sparsity,
+  site_weights,
+  target_sparsity,
 )
 from wina_jax.sparsity.methods import column_norms
 from wina_jax.sparsity.prefill import resolve_prefill
 from wina_jax.sparsity.registry import (
-                                        ALLOCATIONS,
-                                        get_method,
-                                        known_methods,
-                                        make,
-                                        register,
-                                        site_sparsities,
-                                        site_width,
-                                        uniform,
+  ALLOCATIONS,
+  get_method,
+  known_methods,
+  make,
+  register,
+  site_sparsities,
+  site_width,
+  uniform,
 )
 from wina_jax.sparsity.store import load, save
 from wina_jax.sparsity.thresholds import Calibration, GreedyPath, fingerprint, pick

@@ -7,6 +7,7 @@ calibration quantiles) and keeps the raise with the least layer-output error (me
 over the last 25% of tokens, vs the dense layer), until the effective sparsity reaches `max_effective`.
 The recorded path serves any target: `thresholds.pick` takes, per layer, the row closest to it.
 """
+
 from __future__ import annotations
 
 import functools
@@ -29,16 +30,28 @@ from wina_jax.sparsity.thresholds import Calibration, GreedyPath
 @functools.partial(jax.jit, static_argnames=("cfg", "method", "sites", "start"))
 def _errors(lp, h, target, thresholds, state, cfg, method, sites, start):
   """Mean per-token l2 error over tokens >= start of the layer under each row of thresholds [C, n]."""
+
   def one(th):
     sp = ScoreSparsifier(method=method, mode="threshold", thresholds=dict(zip(sites, th)), state=state)
-    out = decoder_layer(cfg, lp, h, 0, sp)   # sites renamed to layer 0: one compile serves every layer
+    out = decoder_layer(cfg, lp, h, 0, sp)  # sites renamed to layer 0: one compile serves every layer
     return jnp.mean(jnp.linalg.norm((out - target)[:, start:].astype(jnp.float32), axis=-1))
+
   return jax.vmap(one)(thresholds)
 
 
-def greedy(params: dict, cfg: ModelConfig, calib: Calibration, windows: np.ndarray, *,
-           layers: Optional[Sequence[int]] = None, max_effective: float = 0.9, step: float = 0.05,
-           max_site: float = 0.99, last_fraction: float = 0.25, progress: bool = True) -> dict[int, GreedyPath]:
+def greedy(
+  params: dict,
+  cfg: ModelConfig,
+  calib: Calibration,
+  windows: np.ndarray,
+  *,
+  layers: Optional[Sequence[int]] = None,
+  max_effective: float = 0.9,
+  step: float = 0.05,
+  max_site: float = 0.99,
+  last_fraction: float = 0.25,
+  progress: bool = True,
+) -> dict[int, GreedyPath]:
   """Greedy paths {layer: GreedyPath} for `calib.method` on `windows` [N, T] (calibration text)."""
   check_sparsity(max_effective, "max_effective")
   if not 0 < last_fraction <= 1:
@@ -55,10 +68,18 @@ def greedy(params: dict, cfg: ModelConfig, calib: Calibration, windows: np.ndarr
     if layer not in wanted or not sites:
       continue
     lp = params["layers"][str(layer)]
-    w = np.asarray([counts[s] / cfg.hidden_size ** 2 for s in sites])
-    errors = functools.partial(_errors, lp, h, layerwise.dense_layer(lp, h, cfg),
-                               state=layerwise.local_state(state_all, sites), cfg=cfg, method=method,
-                               sites=tuple(layerwise.local_site(s) for s in sites), start=start)
+    w = np.asarray([counts[s] / cfg.hidden_size**2 for s in sites])
+    errors = functools.partial(
+      _errors,
+      lp,
+      h,
+      layerwise.dense_layer(lp, h, cfg),
+      state=layerwise.local_state(state_all, sites),
+      cfg=cfg,
+      method=method,
+      sites=tuple(layerwise.local_site(s) for s in sites),
+      start=start,
+    )
 
     def run(rows, uniform_at):
       """Errors of each row of sparsities [n, n] plus uniform sparsity `uniform_at` (one fixed shape)."""
@@ -74,11 +95,14 @@ def greedy(params: dict, cfg: ModelConfig, calib: Calibration, windows: np.ndarr
       for j in range(len(sites)):
         cands[j, j] = min(cur[j] + step / w[j], max_site)
       e, base = run(cands, effs[-1])
-      bases.append(base)   # uniform error at the previous row's effective sparsity
+      bases.append(base)  # uniform error at the previous row's effective sparsity
       j = int(np.argmin(np.where(cur < max_site, e, np.inf)))
       cur = cands[j]
-      rows.append(cur); effs.append(float(w @ cur / w.sum())); errs.append(float(e[j]))
+      rows.append(cur)
+      effs.append(float(w @ cur / w.sum()))
+      errs.append(float(e[j]))
     bases.append(run(np.repeat(cur[None], len(sites), axis=0), effs[-1])[1])
-    paths[layer] = GreedyPath(tuple(sites), w, np.asarray(rows), np.asarray(effs), np.asarray(errs),
-                              np.asarray(bases))
+    paths[layer] = GreedyPath(
+      tuple(sites), w, np.asarray(rows), np.asarray(effs), np.asarray(errs), np.asarray(bases)
+    )
   return paths

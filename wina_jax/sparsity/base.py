@@ -9,6 +9,7 @@ from params (e.g. WINA's column norms) and how it scores an input `x: [..., d_in
     thresholds never retrace a jitted forward).
 Sites a sparsifier does not name are returned untouched. A sparsifier never imports the model.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -30,6 +31,7 @@ class Method:
 
   Fields of a subclass are the method's settings (static, hashable: they key the jit cache).
   """
+
   name: ClassVar[str] = ""
 
   def sites(self, cfg: ModelConfig) -> list[str]:
@@ -83,6 +85,7 @@ class ScoreSparsifier:
   keep: static ((site, k), ...) for top-k mode. thresholds: {site: scalar} for threshold mode (traced).
   state: {site: array} from `method.state` (e.g. WINA column norms [d_in]), traced.
   """
+
   method: Method = struct.field(pytree_node=False)
   mode: str = struct.field(pytree_node=False)
   keep: tuple = struct.field(pytree_node=False, default=())
@@ -105,6 +108,6 @@ class ScoreSparsifier:
     return self.score(site, x) > t
 
   def __call__(self, site: str, x: jax.Array, kernel: Optional[jax.Array]) -> jax.Array:
-    del kernel   # column norms are precomputed in `state`, never re-read from the weights here
+    del kernel  # column norms are precomputed in `state`, never re-read from the weights here
     m = self.mask(site, x)
     return x if m is None else jnp.where(m, x, jnp.zeros((), x.dtype))

@@ -3,6 +3,7 @@
 Calibration and allocation only need each layer's inputs and outputs, so they compile one layer (with
 its sites renamed to layer 0) and reuse it for every layer instead of compiling the whole model.
 """
+
 from __future__ import annotations
 
 import functools
@@ -62,9 +63,10 @@ def localize(sparsifier, layer: int):
   """The part of a `ScoreSparsifier` for one layer, renamed to layer 0 (for the shared layer function)."""
   mine = lambda site: S.parse_site(site)[0] == layer
   return sparsifier.replace(
-      keep=tuple((local_site(s), k) for s, k in sparsifier.keep if mine(s)),
-      thresholds={local_site(s): t for s, t in sparsifier.thresholds.items() if mine(s)},
-      state={local_site(s): v for s, v in sparsifier.state.items() if mine(s)})
+    keep=tuple((local_site(s), k) for s, k in sparsifier.keep if mine(s)),
+    thresholds={local_site(s): t for s, t in sparsifier.thresholds.items() if mine(s)},
+    state={local_site(s): v for s, v in sparsifier.state.items() if mine(s)},
+  )
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))

@@ -5,6 +5,7 @@ a zeroed input i of a linear site skips row i of its kernel; a zeroed MLP activa
 the matching up_proj output column (down_proj's input already shows the zero). Embeddings and lm_head
 are not counted.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -30,13 +31,13 @@ def per_matrix_sparsity(zero_frac: Mapping[str, float], cfg: ModelConfig) -> dic
   its input sparsity a and the activation sparsity b as 1 - (1 - a)(1 - b), exact when either is 0."""
   zf = {k: float(np.asarray(v)) for k, v in zero_frac.items()}
   up, cols = families.get(cfg.model_type).locate(cfg, "mlp", "up_proj")
-  up_share = (cols.stop - cols.start) / families.proj_shapes(cfg)["mlp"][up][1]   # gate_up: the up half
+  up_share = (cols.stop - cols.start) / families.proj_shapes(cfg)["mlp"][up][1]  # gate_up: the up half
   out = {}
   for site in S.linear_sites(cfg):
     layer, block, proj = S.parse_site(site)
     a = zf.get(site, 0.0)
     b = zf.get(S.site_name(layer, "mlp", S.ACT), 0.0)
-    if block == "mlp" and proj == up:   # the up columns also skip where the activation is zero
+    if block == "mlp" and proj == up:  # the up columns also skip where the activation is zero
       a = (1 - up_share) * a + up_share * (1 - (1 - a) * (1 - b))
     out[site] = a
   return out

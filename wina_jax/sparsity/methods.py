@@ -1,4 +1,5 @@
 """Built-in methods: dense, teal (|x|), wina (|x| * column norm), cats (|SiLU(gate)| at the MLP act)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -43,6 +44,7 @@ class Wina(Method):
   c_sites: 'official' uses c only at k_proj and gate_proj (c = 1 elsewhere, as the reference code);
   'all' uses c at every linear site.
   """
+
   c_sites: str = "official"
 
   def __post_init__(self):

@@ -3,6 +3,7 @@
 Policies: 'all' (every token sparse), 'last_fraction:F' (only the last F of the sequence sparse; TEAL
 and WINA evaluate with 'last_fraction:0.99'), 'dense_prefix:N' (the first N positions dense).
 """
+
 from __future__ import annotations
 
 import math
@@ -29,5 +30,7 @@ def resolve_prefill(policy: str, seq_len: int) -> Optional[int]:
       return n
   except ValueError:
     pass
-  raise ValueError(f"prefill policy {policy!r} is not understood; use one of {POLICIES} "
-                   "with 0 < F <= 1 and N >= 0, e.g. 'last_fraction:0.99'")
+  raise ValueError(
+    f"prefill policy {policy!r} is not understood; use one of {POLICIES} "
+    "with 0 < F <= 1 and N >= 0, e.g. 'last_fraction:0.99'"
+  )

@@ -9,6 +9,7 @@ Add a method in one file:
 
 then `make("mine", params, cfg, sparsity=0.5)` (or `--method=mine` in the scripts) selects it.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -29,16 +30,18 @@ Sparsities = Union[float, Mapping[str, float]]
 
 def register(name: str):
   """Class decorator adding a `Method` subclass to the registry under `name`."""
+
   def deco(cls):
     if not (isinstance(cls, type) and issubclass(cls, Method)):
       raise TypeError(f"@register({name!r}) needs a Method subclass, got {cls!r}")
     old = _METHODS.get(name)
     redefined = old is not None and (old.__module__, old.__qualname__) == (cls.__module__, cls.__qualname__)
-    if old is not None and old is not cls and not redefined:   # re-running a notebook cell redefines
+    if old is not None and old is not cls and not redefined:  # re-running a notebook cell redefines
       raise ValueError(f"method {name!r} is already registered by {_METHODS[name].__qualname__}")
     cls.name = name
     _METHODS[name] = cls
     return cls
+
   return deco
 
 
@@ -83,9 +86,18 @@ def uniform(method: Method, cfg: ModelConfig, sparsity: float) -> dict[str, floa
   return site_sparsities(method, cfg, sparsity)
 
 
-def make(name: Union[str, Method], params: dict, cfg: ModelConfig, sparsity: Sparsities = 0.5, *,
-         mode: str = "topk", calibration=None, allocation: str = "uniform", k_rule: str = "round",
-         **settings) -> ScoreSparsifier:
+def make(
+  name: Union[str, Method],
+  params: dict,
+  cfg: ModelConfig,
+  sparsity: Sparsities = 0.5,
+  *,
+  mode: str = "topk",
+  calibration=None,
+  allocation: str = "uniform",
+  k_rule: str = "round",
+  **settings,
+) -> ScoreSparsifier:
   """Build a sparsifier for method `name` (or a `Method` instance) at target `sparsity`.
 
   sparsity: one float in [0, 1) for every site, or {site: s} (e.g. from `thresholds.pick`).
@@ -104,8 +116,10 @@ def make(name: Union[str, Method], params: dict, cfg: ModelConfig, sparsity: Spa
     raise ValueError(f"unknown allocation {allocation!r}; choose from {ALLOCATIONS}")
   if allocation == "greedy":
     if calibration is None or not calibration.paths or isinstance(sparsity, Mapping):
-      raise ValueError("allocation='greedy' needs one float sparsity and calibration=... holding greedy "
-                       "paths (run experiments/quality/calibrate.py --allocation=greedy)")
+      raise ValueError(
+        "allocation='greedy' needs one float sparsity and calibration=... holding greedy "
+        "paths (run experiments/quality/calibrate.py --allocation=greedy)"
+      )
     sparsity = pick(calibration.paths, sparsity)
   targets = site_sparsities(method, cfg, sparsity)
   state = method.state(params, cfg)
@@ -113,8 +127,10 @@ def make(name: Union[str, Method], params: dict, cfg: ModelConfig, sparsity: Spa
     keep = tuple((s, keep_count(v, site_width(cfg, s), k_rule)) for s, v in targets.items() if v > 0)
     return ScoreSparsifier(method=method, mode=mode, keep=keep, state=state)
   if calibration is None:
-    raise ValueError("mode='threshold' needs calibration=...: run `calibration.calibrate` (or load a "
-                     "thresholds file with `calibration.load`) for this method and model first")
+    raise ValueError(
+      "mode='threshold' needs calibration=...: run `calibration.calibrate` (or load a "
+      "thresholds file with `calibration.load`) for this method and model first"
+    )
   calibration.check_method(method)
   thresholds = {s: jnp.asarray(calibration.threshold(s, v), jnp.float32) for s, v in targets.items()}
   return ScoreSparsifier(method=method, mode=mode, thresholds=thresholds, state=state)

@@ -5,6 +5,7 @@ its s-quantile) and optional greedy allocation paths (`GreedyPath`, one per laye
 layer, the path row closest to a target. Produced by `sparsity.calibration.calibrate` and
 `sparsity.allocation.greedy` (which run the model); saved / loaded by `sparsity.store`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -30,6 +31,7 @@ class Calibration:
   of the params it was computed on; tokens: calibration tokens seen; paths: optional greedy allocation
   paths {layer: `GreedyPath`}.
   """
+
   method: Method
   fingerprint: str
   levels: np.ndarray
@@ -41,8 +43,9 @@ class Calibration:
     """Score threshold zeroing a fraction `s` of the site's calibration scores (-inf at s = 0)."""
     s = check_sparsity(s, f"sparsity[{site!r}]")
     if site not in self.quantiles:
-      raise ValueError(f"no calibration statistics for site {site!r}; calibrated sites are e.g. "
-                       f"{sorted(self.quantiles)[:3]}")
+      raise ValueError(
+        f"no calibration statistics for site {site!r}; calibrated sites are e.g. {sorted(self.quantiles)[:3]}"
+      )
     return -math.inf if s == 0 else float(np.interp(s, self.levels, self.quantiles[site]))
 
   def thresholds(self, sparsities: dict) -> dict:
@@ -69,6 +72,7 @@ class GreedyPath:
   """One layer's greedy path. sites: (n,) site names; weights: [n]; sparsities: [R, n] per-site
   sparsity after each step (row 0 all zero); effective: [R]; error: [R] layer-output error of the row;
   baseline: [R] error of uniform sparsity at the same effective sparsity."""
+
   sites: tuple
   weights: np.ndarray
   sparsities: np.ndarray
@@ -83,9 +87,10 @@ def pick(paths: Mapping[int, GreedyPath], target: float) -> dict[str, float]:
   out = {}
   for layer, p in paths.items():
     if target > p.effective[-1] + 1e-9 and len(p.effective) > 1:
-      raise ValueError(f"layer {layer}'s greedy path ends at effective sparsity {p.effective[-1]:.3f} < "
-                       f"{target}; rerun the allocation with max_effective >= {target}")
+      raise ValueError(
+        f"layer {layer}'s greedy path ends at effective sparsity {p.effective[-1]:.3f} < "
+        f"{target}; rerun the allocation with max_effective >= {target}"
+      )
     r = int(np.argmin(np.abs(p.effective - target)))
     out.update({s: float(v) for s, v in zip(p.sites, p.sparsities[r])})
   return out
-

@@ -3,11 +3,10 @@
 The YAMLs copy lm-evaluation-harness's own task definitions (lm_eval 0.4.x); only the data source
 differs. Hellaswag's and WinoGrande's document functions are the harness's own.
 """
+
 import datasets
 from lm_eval.tasks.hellaswag.utils import process_docs as hellaswag_process_docs  # noqa: F401
-from lm_eval.tasks.winogrande.preprocess_winogrande import (  # noqa: F401
-    doc_to_choice as winogrande_doc_to_choice, doc_to_target as winogrande_doc_to_target,
-    doc_to_text as winogrande_doc_to_text)
+from lm_eval.tasks.winogrande.preprocess_winogrande import doc_to_choice as winogrande_doc_to_choice  # noqa: F401
 
 from wina_jax import assets
 from wina_jax.eval import tasks
