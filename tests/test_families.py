@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from conftest import TINY_CONFIGS, make_hf_model
+from conftest import TINY, TINY_CONFIGS, make_hf_model
 
 from wina_jax import families, sharding
 from wina_jax import sites as S
@@ -99,15 +99,7 @@ def test_fused_layout_locates_the_unfused_parts(name):
 
 def test_family_config_fields_are_family_specific():
   """A field one family maps is refused for a family that lacks it (the per-family whitelist)."""
-  base = dict(
-    vocab_size=97,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=4,
-    max_position_embeddings=128,
-  )
+  base = {k: v for k, v in TINY.items() if k != "initializer_range"}
   assert from_hf_config({"model_type": "qwen2", **base}).attention_bias
   assert from_hf_config({"model_type": "mistral", **base, "sliding_window": 8}).sliding_window == 8
   with pytest.raises(ValueError, match=r"\['sliding_window'\].*wina_jax/families/llama\.py"):
