@@ -5,11 +5,28 @@ differs. Hellaswag's and WinoGrande's document functions are the harness's own.
 """
 
 import datasets
-from lm_eval.tasks.hellaswag.utils import process_docs as hellaswag_process_docs  # noqa: F401
-from lm_eval.tasks.winogrande.preprocess_winogrande import doc_to_choice as winogrande_doc_to_choice  # noqa: F401
+from lm_eval.tasks.hellaswag.utils import process_docs as hellaswag_process_docs
+from lm_eval.tasks.winogrande.preprocess_winogrande import doc_to_choice as winogrande_doc_to_choice
+from lm_eval.tasks.winogrande.preprocess_winogrande import doc_to_target as winogrande_doc_to_target
+from lm_eval.tasks.winogrande.preprocess_winogrande import doc_to_text as winogrande_doc_to_text
 
 from wina_jax import assets
 from wina_jax.eval import tasks
+
+# The YAMLs name these with `!function local_data.<name>`: re-exported, hence listed.
+__all__ = [
+  "piqa",
+  "hellaswag",
+  "winogrande",
+  "arc_easy",
+  "arc_challenge",
+  "boolq",
+  "mmlu",
+  "hellaswag_process_docs",
+  "winogrande_doc_to_choice",
+  "winogrande_doc_to_target",
+  "winogrande_doc_to_text",
+]
 
 
 def _validation(*path):
