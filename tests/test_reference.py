@@ -142,20 +142,24 @@ def test_two_window_reproduction_against_transformers(windows, smollm2):
   two-window mean."""
   from wina_jax import assets
   from wina_jax.eval import reference as R
+  from wina_jax.eval.perplexity import perplexity
 
   windows = windows[:2]
   params, cfg = smollm2
   model = R.torch_model(assets.default_gguf())
+  nlls = lambda *sp: np.asarray(
+    perplexity(params, cfg, windows, *sp, batch_size=2, progress=False)["window_nll"]
+  )
   dense_t = R.torch_window_nlls(model, windows)
-  dense_j = R.window_nlls(params, cfg, windows, batch_size=2)
+  dense_j = nlls()
   np.testing.assert_allclose(dense_j, dense_t, atol=1e-4)
   seen = {}
   teal_t = R.torch_window_nlls(model, windows, 0.5, collect=seen)
   np.testing.assert_allclose(teal_t, R.OFFICIAL_WINDOW_NLL_50[:2], atol=1e-5)
   forced = R.FixedMasks({site: jnp.asarray(keep) for site, (_, keep) in seen.items()})
-  np.testing.assert_allclose(R.window_nlls(params, cfg, windows, forced, batch_size=2), teal_t, atol=1e-5)
+  np.testing.assert_allclose(nlls(forced), teal_t, atol=1e-5)
   sp = sparsity.make("teal", params, cfg, 0.5, k_rule="floor")
-  teal_j = R.window_nlls(params, cfg, windows, sp, batch_size=2)
+  teal_j = nlls(sp)
   assert np.all(teal_j > dense_j + 0.2)  # the sparse model is really sparse
   assert np.max(np.abs(teal_j - teal_t)) < 0.1
   assert abs(np.mean(teal_j) - np.mean(teal_t)) < 0.05

@@ -303,17 +303,12 @@ def protocol_blocks() -> dict[str, str]:
 def protocol_cells(folder: str) -> dict[tuple[str, str, float], dict]:
   """{(method, allocation, target): row + '_items'} of the finished cells in folder/topk-{uniform,greedy}:
   the rows of results.json, each with the items of the cell file holding that very row."""
-  import glob
-
   out = {}
   for alloc in ("uniform", "greedy"):
     path = os.path.join(folder, f"topk-{alloc}")
     if not os.path.exists(os.path.join(path, "results.json")):
       continue
-    cells = []
-    for f in sorted(glob.glob(os.path.join(path, "cells", "*.json"))):
-      with open(f) as fh:
-        cells.append(json.load(fh))
+    cells = load_cells(path)
     for r in load_rows(os.path.join(path, "results.json")):
       match = [c for c in cells if c["row"] == {k: v for k, v in r.items() if k != "avg4"}]
       if not match:
@@ -349,8 +344,6 @@ def _avg4_se(items_a: dict, items_b: Optional[dict] = None) -> tuple[float, floa
 def protocol_table(models: dict[str, dict]) -> str:
   """Every cell of the paper's protocol, per model: ppl +- SE (delta method over windows), per-task
   accuracy and avg4 +- SE."""
-  import math
-
   lines = []
   for name, cells in models.items():
     order = sorted(cells, key=lambda k: (k[2], k[1] != "uniform", MAIN.index(k[0]) if k[0] in MAIN else 99))

@@ -24,6 +24,7 @@ from wina_jax.convert.load import load_default
 from wina_jax.data import austen
 from wina_jax.eval import bands
 from wina_jax.eval import reference as R
+from wina_jax.eval.perplexity import perplexity
 from wina_jax.tokenizer import load_tokenizer
 
 OUT = flags.DEFINE_string("out", "results/reference/smollm2_pride.json", "Result JSON (resumed if present).")
@@ -135,7 +136,7 @@ def main(_):
     t0 = time.time()
     for i in range(len(done), n, BATCH.value):  # resumable per batch of windows
       batch = windows[i : min(n, i + BATCH.value)]
-      done = done + R.window_nlls(p, cfg, batch, sp, batch_size=BATCH.value).tolist()
+      done = done + perplexity(p, cfg, batch, sp, batch_size=BATCH.value, progress=False)["window_nll"]
       extra = {} if seed is None else {"seed": seed, "eps": EPS.value}
       res["runs"][key] = dict(summary(done, level), **extra)
       save(res)

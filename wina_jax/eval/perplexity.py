@@ -51,7 +51,7 @@ def perplexity(
     out = jit_forward(params, toks, cfg, sparsifier, dense_prefix=dense_prefix, collect=collect)
     nll = np.asarray(nll_fn(out.logits, toks))[: len(batch)]
     total += float(nll.sum())
-    per_window.extend((nll / (windows.shape[1] - 1)).tolist())
+    per_window.extend((nll.astype(np.float64) / (windows.shape[1] - 1)).tolist())
     count += len(batch) * (windows.shape[1] - 1)
     for site, v in out.aux.get("zero_frac", {}).items():
       fracs[site] = fracs.get(site, 0.0) + float(v) * len(batch) / len(windows)

@@ -8,7 +8,7 @@ per-token top-k of |x| on the q, k, v, o, gate, up, down inputs, k = int(d * (1 
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -16,9 +16,6 @@ import numpy as np
 from flax import struct
 
 from wina_jax import sites as S
-from wina_jax.config import ModelConfig
-from wina_jax.eval.perplexity import window_nll
-from wina_jax.model import jit_forward
 
 # Official TEAL top-k (all 7 projections, every token) perplexities, and dense, on the protocol.
 OFFICIAL_PPL = {0.0: 25.8784, 0.25: 27.128168574425427, 0.4: 32.164, 0.5: 42.85452980865065, 0.65: 158.10}
@@ -42,21 +39,6 @@ OFFICIAL_WINDOW_NLL_50 = (
 )
 # torch TEAL ppl with every weight scaled by (1 +- 6e-8), random signs, three seeds (issue 16, point 2).
 OFFICIAL_PERTURBED_PPL = {0.5: (42.772, 42.534, 42.270), 0.65: (157.66, 158.53, 158.37)}
-
-
-def window_nlls(
-  params: dict, cfg: ModelConfig, windows: np.ndarray, sparsifier: Any = S.dense, *, batch_size: int = 2
-) -> np.ndarray:
-  """Mean next-token NLL of each window [N, T] -> [N] float64 (T - 1 predictions per window)."""
-  windows = np.asarray(windows)
-  nll_fn = jax.jit(window_nll)
-  out = []
-  for i in range(0, len(windows), batch_size):
-    batch = windows[i : i + batch_size]
-    toks = jnp.asarray(np.pad(batch, ((0, batch_size - len(batch)), (0, 0))))
-    logits = jit_forward(params, toks, cfg, sparsifier).logits
-    out.append(np.asarray(nll_fn(logits, toks), np.float64)[: len(batch)] / (windows.shape[1] - 1))
-  return np.concatenate(out)
 
 
 def ppl(nlls) -> float:
