@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from absl import app, flags
 from tqdm.auto import tqdm
 
-from wina_jax import analysis, assets, families, sparsity
+from wina_jax import analysis, families, sparsity
 from wina_jax import sites as S
 from wina_jax.analysis import plots
 from wina_jax.convert import load
@@ -186,7 +186,7 @@ def main(_):
   params, cfg = truncate(*load(MODEL.value), LAYERS.value)
   tparams, tcfg = transform(params, cfg, basis=BASIS.value)
   models = {"": (params, cfg), SUFFIX: (tparams, tcfg)}
-  tok = load_tokenizer(MODEL.value or assets.default_gguf())
+  tok = load_tokenizer(MODEL.value)
   tokens = jnp.asarray(token_windows(tok, load_texts(TEXT.value), SEQ_LEN.value, WINDOWS.value))
   dense = {k: analysis.dense_run(p, c, tokens) for k, (p, c) in models.items()}
   defects = {k: analysis.orthogonality_defects(p, c) for k, (p, c) in models.items()}

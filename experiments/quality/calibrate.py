@@ -11,7 +11,6 @@ import time
 import numpy as np
 from absl import app, flags
 
-from wina_jax import assets
 from wina_jax import sparsity as sp
 from wina_jax.convert import load
 from wina_jax.data.text import load_texts
@@ -52,7 +51,7 @@ OUT = flags.DEFINE_string("out", "", "Thresholds file; '' = runs/calibration/<me
 
 def main(_):
   params, cfg = load(MODEL.value)
-  tok = load_tokenizer(MODEL.value or assets.default_gguf())
+  tok = load_tokenizer(MODEL.value)
   sp.check_sparsity(SPARSITY.value)
   spec = variants.parse(METHOD.value or recommended(SPARSITY.value).spec)
   if spec.transformed:

@@ -9,7 +9,6 @@ python -m experiments.quality.evaluate --mesh=data:1,model:4    # params sharded
 
 from absl import app, flags
 
-from wina_jax import assets
 from wina_jax import sharding as SH
 from wina_jax.convert import load
 from wina_jax.data.text import load_texts, token_windows
@@ -49,7 +48,7 @@ def main(_):
     ALLOCATION.value or rec.allocation,
   )
   params, cfg = load(MODEL.value)
-  tok = load_tokenizer(MODEL.value or assets.default_gguf())
+  tok = load_tokenizer(MODEL.value)
   calib = None
   if SPARSITY.value > 0 and variants.needs_calibration(spec, mode, allocation):
     calib = token_windows(tok, load_texts(CALIB_TEXT.value), SEQ_LEN.value, CALIB_WINDOWS.value)

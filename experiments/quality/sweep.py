@@ -195,13 +195,12 @@ def data_meta(st: dict) -> dict:
 
 def tokenize_data(st: dict) -> tuple[dict, dict]:
   """Tasks and windows of the settings, tokenized -> ({task: Tokenized}, {'ppl', 'calib': [N, T]})."""
-  from wina_jax import assets
   from wina_jax.data.text import load_texts, token_windows
   from wina_jax.eval.multiple_choice import tokenize
   from wina_jax.eval.tasks import load_task
   from wina_jax.tokenizer import load_tokenizer
 
-  tok = load_tokenizer(st["model"] or assets.default_gguf())
+  tok = load_tokenizer(st["model"])  # '' is the default model
   tasks = {
     t: tokenize(tok, load_task(t, st["limit"])) for t in tqdm(st["tasks"], desc="tokenize", leave=False)
   }
@@ -244,10 +243,9 @@ class Context:
   def tokenizer(self):
     """The model's tokenizer, loaded on first use (continuations only: cells run from token ids)."""
     if self._tokenizer is None:
-      from wina_jax import assets
       from wina_jax.tokenizer import load_tokenizer
 
-      self._tokenizer = load_tokenizer(self.settings["model"] or assets.default_gguf())
+      self._tokenizer = load_tokenizer(self.settings["model"])
     return self._tokenizer
 
   def encode(self, text: str) -> np.ndarray:

@@ -44,7 +44,7 @@ def main(argv):
   from wina_jax.transform import transform
 
   params, cfg = load(MODEL.value)
-  tok = load_tokenizer(MODEL.value or assets.default_gguf())
+  tok = load_tokenizer(MODEL.value)
   ppl_w = token_windows(tok, load_texts(PPL_TEXT.value), SEQ_LEN.value, PPL_WINDOWS.value)
   fit_w = token_windows(tok, load_texts(CALIB_TEXT.value), SEQ_LEN.value, FIT_WINDOWS.value)
   probe = jnp.asarray(ppl_w[:1, :64])

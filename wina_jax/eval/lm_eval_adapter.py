@@ -55,7 +55,6 @@ class WinaLM(TemplateLM):
     super().__init__()
     import jax.numpy as jnp
 
-    from wina_jax import assets
     from wina_jax import sparsity as sp_lib
     from wina_jax.convert import load
     from wina_jax.eval import variants
@@ -69,9 +68,7 @@ class WinaLM(TemplateLM):
       raise ValueError("pass both params and cfg, or neither (then `model` is loaded)")
     if params is None:
       params, cfg = load(str(model), getattr(jnp, dtype))
-    self.tokenizer = (
-      tokenizer if tokenizer is not None else load_tokenizer(str(model) or assets.default_gguf())
-    )
+    self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(str(model))
     calib = None
     if float(sparsity) > 0 and variants.needs_calibration(str(method), mode, allocation):
       from wina_jax.data.text import load_texts, token_windows
