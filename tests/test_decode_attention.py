@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from wina_jax import layers as L
 from wina_jax.bench.shapes import SHAPES
 from wina_jax.config import RopeScaling
 from wina_jax.decode import decode_loop, prefill
@@ -97,6 +98,38 @@ def test_gpu_kernel_equals_xla_attention_block(shape, batch):
   compare(SHAPES[shape], batch, jnp.bfloat16, "pallas", (0, 1, 63, 64, 300, 511), 512)
 
 
+def split_vs_whole(cfg, batch, length, slots, interpret):
+  """decode_attention with every divisor of G as heads_per_program equals it with one program per KV head
+  (the default), output and both written caches."""
+  ks = jax.random.split(jax.random.PRNGKey(length), 5)
+  h, kh, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+  q, k, v = (jax.random.normal(key, (batch, n, hd), jnp.bfloat16) for key, n in zip(ks, (h, kh, kh)))
+  ck, cv = (jax.random.normal(key, (batch, slots, kh, hd), jnp.bfloat16) for key in ks[3:])
+  run = lambda hp: DA.decode_attention(
+    q, k, v, ck, cv, jnp.int32(length), L.rope_inv_freq(cfg), rotary_dim=cfg.rotary_dim,
+    heads_per_program=hp, interpret=interpret,
+  )  # fmt: skip
+  group = h // kh
+  ref = run(None)
+  for hp in [d for d in range(1, group) if group % d == 0]:
+    for got, want in zip(run(hp), ref):
+      np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+  with pytest.raises(ValueError, match="must divide"):
+    run(group + 1)
+
+
+def test_heads_per_program_split_is_exact():
+  """Splitting a KV head's query heads over programs changes no bit (interpret mode; G = 4)."""
+  split_vs_whole(TINY.replace(num_attention_heads=8), 2, 65, SLOTS, True)
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a CUDA GPU")
+@pytest.mark.parametrize("shape", ["llama3_8b", "qwen25_7b"])
+def test_gpu_heads_per_program_split_is_exact(shape):
+  """The same on the compiled kernel, the paper models' shapes (G = 4 and 7), 512 slots."""
+  split_vs_whole(SHAPES[shape], 2, 300, 512, False)
+
+
 def test_decode_loop_with_kernel_same_tokens_and_cache():
   """A tiny random model decoding 6 teacher-forced steps: same greedy tokens, logits and cache as 'xla'."""
   params = random_params(TINY, 0, jnp.float32)
@@ -134,3 +167,26 @@ def test_unsupported_shapes_are_refused_or_fall_back():
   np.testing.assert_array_equal(got, ref)
   with pytest.raises(ValueError, match="not one of"):
     attention_block(cfg, x, project, jnp.int32(3)[None], kv, 4, "cuda")
+
+
+def test_attention_sweep_tiny_times_xla_and_each_split(tmp_path):
+  """The attention benchmark's CPU smoke run writes an XLA row and one row per heads_per_program."""
+  import json
+  import subprocess
+  import sys
+
+  out = tmp_path / "sweep.json"
+  subprocess.run(
+    [sys.executable, "-m", "experiments.decode.attention_sweep", "--tiny", f"--out={out}"],
+    check=True,
+    capture_output=True,
+    timeout=300,
+  )
+  res = json.loads(out.read_text())
+  assert [(r["impl"], r["heads_per_program"]) for r in res["rows"]] == [
+    ("xla", None),
+    ("pallas", 1),
+    ("pallas", 2),
+  ]
+  assert all(r["us_per_layer"] > 0 for r in res["rows"])
+  assert list(res["best"]) == ["tiny/B1/len3"]

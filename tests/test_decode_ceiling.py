@@ -93,6 +93,7 @@ def test_bench_decode_tiny_rows_feed_the_fit(tmp_path):
       "--tiny",
       "--batches=1",
       "--methods=teal",
+      "--attention=xla,pallas",
       f"--out={out}",
     ],
     check=True,
@@ -109,5 +110,15 @@ def test_bench_decode_tiny_rows_feed_the_fit(tmp_path):
     "teal",
   }
   assert all(r["ms_per_step"] > 0 for r in rows)
-  (fit,) = analyse(rows, "teal", {0.5: 1.8})
-  assert fit["rest_ms"] is not None and "ceiling_x" in fit["targets"]["0.5"]
+  # both attentions timed in the one run (the Pallas kernel in interpret mode on CPU), checked against XLA
+  assert {r["attention"] for r in rows if r["variant"] in ("dense", "no_linear", "teal")} == {
+    "xla",
+    "interpret",
+  }
+  checks = [r["check_vs_xla"] for r in rows if "check_vs_xla" in r]
+  assert len(checks) == 4 and all(c["same_token"] and c["rel_err"] < 1e-2 for c in checks)  # B = 1, 2
+  att = [c for c in checks if "attention_rel_err" in c]
+  assert len(att) == 2 and all(c["attention_same_token"] and c["attention_rel_err"] < 1e-2 for c in att)
+  fits = analyse(rows, "teal", {0.5: 1.8})
+  assert {f["attention"] for f in fits} == {"xla", "interpret"}
+  assert all(f["rest_ms"] is not None and "ceiling_x" in f["targets"]["0.5"] for f in fits)

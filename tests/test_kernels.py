@@ -58,6 +58,33 @@ def test_interpret_kernel_matches_xla_and_masked_dense(mode, reduce, rows, segme
   assert 0.2 < frac < 0.6  # the thresholds really drop rows
 
 
+@pytest.mark.parametrize("loop", ["dynamic", "prefetch"])
+@pytest.mark.parametrize("rows", [1, 3])
+def test_dense_fallback_chunks_equal_masked_dense(loop, rows):
+  """Chunks that keep at least dense_at of their rows walk contiguous unmasked tiles (zeros for dropped
+  rows), the others compact: mixed in one call (the union over rows keeps all of chunk 0, 58 / 64 of chunk 1,
+  half of chunk 2, none of chunk 3; rows > 0 drop more), every dense_at gives the masked product."""
+  k, segments = 256, (64, 32)
+  keys = jax.random.split(jax.random.PRNGKey(7 + rows), 2)
+  z = jnp.abs(jax.random.normal(keys[0], (rows, k), jnp.float32))
+  i = jnp.arange(k)
+  chunk, r = i // 64, i % 64
+  union = (chunk == 0) | ((chunk == 1) & (r < 58)) | ((chunk == 2) & (r % 2 == 0))
+  keep = union & ((jnp.arange(rows)[:, None] == 0) | ((i + jnp.arange(rows)[:, None]) % 5 != 0))
+  sign = jnp.where(jax.random.bernoulli(keys[1], 0.5, (rows, k)), 1.0, -1.0)
+  x = (sign * jnp.where(keep, 0.9 + z, 0.4 * z / (1 + z))).astype(jnp.bfloat16)  # kept > 0.8 > 0.4 > dropped
+  w = jax.random.normal(keys[1], (k, sum(segments)), jnp.bfloat16)
+  t = jnp.asarray([0.5, 0.8])
+  ref = masked_ref(x, w, np.asarray(t), None, segments)
+  assert np.array_equal(np.abs(np.asarray(x, np.float32)) > 0.5, np.asarray(keep))
+  for dense_at in (0.1, 0.6, 0.875, 1.0, 2.0):
+    cfg = KernelConfig(mode="compact", chunk=64, block_k=16, block_n=32, loop=loop, dense_at=dense_at)
+    got = masked_linear(x, w, t, None, segments, backend="interpret", config=cfg)
+    assert rel_err(got, ref) < 4e-3, dense_at
+  with pytest.raises(ValueError, match="dense_at"):
+    KernelConfig(dense_at=0.0)
+
+
 def test_semaphore_reduce_workspace_and_fallback():
   """The semaphore kernel writes x.dtype itself, sums the partials (here bitwise equal to the 'partials'
   reduce), leaves its workspace zeroed, runs 'partials' without one and rejects a small one."""
@@ -157,8 +184,14 @@ def test_gpu_kernel_matches_xla(mode, rows):
   t = jnp.asarray([0.5, 0.7, 1.0])
   workspace = jnp.zeros((1, sum(segments) // 256), jnp.int32)
   ref = masked_linear_xla(x, w, t, scales, segments)
-  for reduce, loop in (("partials", "dynamic"), ("atomic", "prefetch"), ("semaphore", "dynamic")):
-    cfg = KernelConfig(mode=mode, chunk=256, block_k=32, block_n=256, reduce=reduce, loop=loop)
+  for reduce, loop, dense_at in (
+    ("partials", "dynamic", 2.0),
+    ("atomic", "prefetch", 0.25),  # the dense fallback on most chunks
+    ("semaphore", "dynamic", 0.5),  # dense and compacted chunks mixed
+  ):
+    cfg = KernelConfig(
+      mode=mode, chunk=256, block_k=32, block_n=256, reduce=reduce, loop=loop, dense_at=dense_at
+    )
     got = masked_linear(x, w, t, scales, segments, backend="pallas", config=cfg, workspace=workspace)
     assert rel_err(got, ref) < 1e-2
   for _ in range(3):  # the semaphore sum has a fixed order: bitwise repeatable

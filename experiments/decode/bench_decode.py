@@ -21,6 +21,7 @@ import json
 import platform
 import statistics
 import time
+from dataclasses import replace
 
 import jax
 import jax.numpy as jnp
@@ -59,12 +60,17 @@ flags.DEFINE_enum(
   "masked_linear backend of the sparse variants "
   "(auto: Pallas for batch 1 on GPU, else XLA; pallas: up to MAX_ROWS rows; xla: mask-then-matmul)",
 )
-flags.DEFINE_enum(
+flags.DEFINE_list(
   "attention",
-  "xla",
-  ["xla", "pallas"],
-  "decode attention: XLA ops or the Pallas kernel "
-  "(wina_jax.kernels.decode_attention; interpret mode off the GPU)",
+  ["xla"],
+  "decode attentions to time, each in the same run: xla (XLA ops) and / or pallas (the Pallas kernel, "
+  "wina_jax.kernels.decode_attention; interpret mode off the GPU)",
+)
+flags.DEFINE_list(
+  "dense_at",
+  [],
+  "sparse kernels' dense-fallback kept fractions to time, each in the same run (KernelConfig.dense_at; "
+  "above 1: off); empty = the configs' own",
 )
 flags.DEFINE_string("out", "", "write results JSON here")
 flags.DEFINE_bool("tiny", False, "CPU smoke test: tiny model, XLA path, 1 rep")
@@ -113,11 +119,11 @@ def copy_bandwidth() -> dict:
   return out
 
 
-def attention_backend() -> str:
-  """--attention as a `model.ATTENTION_BACKENDS` name: 'pallas' runs in interpret mode off the GPU."""
-  if FLAGS.attention == "pallas" and jax.default_backend() != "gpu":
-    return "interpret"
-  return FLAGS.attention
+def attention_backend(name: str) -> str:
+  """An --attention entry as a `model.ATTENTION_BACKENDS` name: 'pallas' runs in interpret mode off the GPU."""
+  if name not in ("xla", "pallas"):
+    raise ValueError(f"--attention entry {name!r} is not 'xla' or 'pallas'")
+  return "interpret" if name == "pallas" and jax.default_backend() != "gpu" else name
 
 
 def _median_time(fn, n) -> float:
@@ -130,10 +136,9 @@ def _median_time(fn, n) -> float:
   return statistics.median(ts)
 
 
-def time_decode(params, cfg, sparsifier, tokens, max_len, reps, host_loop=False) -> float:
+def time_decode(params, cfg, sparsifier, tokens, max_len, reps, host_loop=False, attention="xla") -> float:
   """Median seconds per decode step over `reps` runs of tokens [B, T] from an empty cache: one
-  `decode_loop` call per run, or (host_loop) one `decode_step` dispatch per token; --attention attends."""
-  attention = attention_backend()
+  `decode_loop` call per run, or (host_loop) one `decode_step` dispatch per token."""
   times = []
   for r in range(reps + 1):
     cache = init_cache(cfg, tokens.shape[0], max_len, jnp.bfloat16)
@@ -162,18 +167,22 @@ def step_bytes(params, cfg, batch, max_len, kept=None, shortcuts=False) -> int:
 
 
 def bench_model(name, key, configs, backend) -> list[dict]:
+  """Rows of one model shape: every --attention entry times dense (per batch), the step without linear
+  sites and each sparse variant; speedups are over the fastest dense of the run at the same batch."""
   cfg0 = SHAPES[name]
   steps, reps, max_len = FLAGS.steps, FLAGS.reps, FLAGS.max_len
   sparsities = [float(s) for s in FLAGS.sparsities]
   batches = [int(b) for b in FLAGS.batches]
+  attentions = [attention_backend(a) for a in FLAGS.attention]
   bmax = max(batches)
   tokens = jax.random.randint(jax.random.fold_in(key, 1), (bmax, steps), 0, cfg0.vocab_size)
   rows = []
 
-  def record(variant, sparsity, batch, secs, nbytes, kept=None, **extra):
+  def record(variant, sparsity, batch, secs, nbytes, attention, kept=None, **extra):
     row = dict(
       model=name,
       variant=variant,
+      attention=attention,
       sparsity=sparsity,
       batch=batch,
       ms_per_step=secs * 1e3,
@@ -186,63 +195,58 @@ def bench_model(name, key, configs, backend) -> list[dict]:
       row["kept_weight_fraction"] = float(linear_bytes(params, cfg, kept) / linear_bytes(params, cfg))
     rows.append(row)
     tqdm.write(
-      f"{name:10s} {variant:12s} s={sparsity:.2f} b={batch} {secs * 1e3:8.3f} ms "
-      f"{nbytes / secs / 1e9:8.1f} GB/s {extra.get('check_vs_xla', '')}"
+      f"{name:10s} {variant:12s} {attention:9s} s={sparsity:.2f} b={batch} {secs * 1e3:8.3f} ms "
+      + (f"dense_at={extra['dense_at']:g} " if "dense_at" in extra else "")
+      + f"{nbytes / secs / 1e9:8.1f} GB/s {extra.get('check_vs_xla', '')}"
     )
 
   params = random_params(cfg0, key)
   secs = time_decode(params, cfg0, None, tokens[:1], max_len, reps)
-  record("dense_unfused", 0.0, 1, secs, step_bytes(params, cfg0, 1, max_len))
+  record("dense_unfused", 0.0, 1, secs, step_bytes(params, cfg0, 1, max_len), "xla")
   params, cfg = fuse_projections(params, cfg0)
   jax.block_until_ready(params)
-  dense = {}
-  for b in batches:
-    dense[b] = time_decode(params, cfg, None, tokens[:b], max_len, reps)
-    record("dense", 0.0, b, dense[b], step_bytes(params, cfg, b, max_len))
-  base1 = min(dense[1], rows[0]["ms_per_step"] / 1e3)
+  dense = {b: secs if b == 1 else float("inf") for b in batches}
   rest_bytes = step_bytes(params, cfg, 1, max_len) - linear_bytes(params, cfg)
-  for host in (False, True):  # the host loop's floor: one dispatch per token of a step that reads no weights
-    secs = time_decode(params, cfg, NoLinear(), tokens[:1], max_len, reps, host_loop=host)
-    record("no_linear" + "_host" * host, 0.0, 1, secs, rest_bytes, speedup=base1 / secs)
-  secs = time_decode(params, cfg, None, tokens[:1], max_len, reps, host_loop=True)
-  record("dense_host", 0.0, 1, secs, step_bytes(params, cfg, 1, max_len), speedup=base1 / secs)
+  for att in attentions:
+    for b in batches:
+      t = time_decode(params, cfg, None, tokens[:b], max_len, reps, attention=att)
+      dense[b] = min(dense[b], t)
+      record("dense", 0.0, b, t, step_bytes(params, cfg, b, max_len), att)
+    t = time_decode(params, cfg, NoLinear(), tokens[:1], max_len, reps, attention=att)
+    record("no_linear", 0.0, 1, t, rest_bytes, att)
+  # the host loop's floor: one dispatch per token of a step that reads no weights (XLA attention)
+  t = time_decode(params, cfg, NoLinear(), tokens[:1], max_len, reps, host_loop=True)
+  record("no_linear_host", 0.0, 1, t, rest_bytes, "xla")
+  t = time_decode(params, cfg, None, tokens[:1], max_len, reps, host_loop=True)
+  record("dense_host", 0.0, 1, t, step_bytes(params, cfg, 1, max_len), "xla")
   variants = [m for m in FLAGS.methods if m != "wina_sc"]
   for method in tqdm(variants, desc=f"{name} methods"):
     scores = site_scores(params, cfg, tokens, with_scale=method == "wina")
     for b in batches if method == "teal" else [1]:
       for s in sparsities if b == 1 else [float(x) for x in FLAGS.batch_sparsities]:
-        sp, kept = make_sparsifier(scores, s, b, configs, backend)
-        secs = time_decode(params, cfg, sp, tokens[:b], max_len, reps)
-        base = base1 if b == 1 else dense[b]
-        extra = {"check_vs_xla": check_against_xla(params, cfg, sp, tokens[:b], max_len)} if s == 0.5 else {}
-        record(
-          method, s, b, secs, step_bytes(params, cfg, b, max_len, kept), kept, speedup=base / secs, **extra
-        )
+        for dense_at in [float(v) for v in FLAGS.dense_at] or [None]:
+          cs = configs if dense_at is None else {k: replace(c, dense_at=dense_at) for k, c in configs.items()}
+          sp, kept = make_sparsifier(scores, s, b, cs, backend)
+          for att in attentions:
+            t = time_decode(params, cfg, sp, tokens[:b], max_len, reps, attention=att)
+            check = check_against_xla(params, cfg, sp, tokens[:b], max_len, att) if s == 0.5 else None
+            extra = {"check_vs_xla": check} if check else {}
+            if dense_at is not None:
+              extra["dense_at"] = dense_at
+            record(method, s, b, t, step_bytes(params, cfg, b, max_len, kept), att, kept, **extra)
     del scores
   if "wina_sc" in FLAGS.methods:
     params = add_shortcuts(params, seed=2)
-    secs_d = time_decode(params, cfg, None, tokens[:1], max_len, reps)
-    record(
-      "dense_sc", 0.0, 1, secs_d, step_bytes(params, cfg, 1, max_len, shortcuts=True), speedup=base1 / secs_d
-    )
     scores = site_scores(params, cfg, tokens, with_scale=True)
-    for s in sparsities:
-      sp, kept = make_sparsifier(scores, s, 1, configs, backend)
-      secs = time_decode(params, cfg, sp, tokens[:1], max_len, reps)
-      record(
-        "wina_sc",
-        s,
-        1,
-        secs,
-        step_bytes(params, cfg, 1, max_len, kept, shortcuts=True),
-        kept,
-        speedup=base1 / secs,
-      )
+    for att in attentions:
+      t = time_decode(params, cfg, None, tokens[:1], max_len, reps, attention=att)
+      record("dense_sc", 0.0, 1, t, step_bytes(params, cfg, 1, max_len, shortcuts=True), att)
+      for s in sparsities:
+        sp, kept = make_sparsifier(scores, s, 1, configs, backend)
+        t = time_decode(params, cfg, sp, tokens[:1], max_len, reps, attention=att)
+        record("wina_sc", s, 1, t, step_bytes(params, cfg, 1, max_len, kept, shortcuts=True), att, kept)
   for r in rows:
-    r.setdefault(
-      "speedup",
-      base1 / (r["ms_per_step"] / 1e3) if r["batch"] == 1 else dense[r["batch"]] / (r["ms_per_step"] / 1e3),
-    )
+    r["speedup"] = dense[r["batch"]] / (r["ms_per_step"] / 1e3)
   return rows
 
 
@@ -272,6 +276,7 @@ def main(argv):
         "reduce",
         "backend",
         "attention",
+        "dense_at",
       )
     },
     "copy_gb_per_s": copy_bandwidth(),
@@ -290,7 +295,7 @@ def main(argv):
   )
   for r in result["rows"]:
     print(
-      f"{r['model']:10s} {r['variant']:13s} {r['sparsity']:5.2f} {r['batch']:2d} {r['ms_per_step']:8.3f} "
+      f"{r['model']:10s} {r['variant'] + ('+pallas_attn' if r['attention'] != 'xla' else ''):13s} {r['sparsity']:5.2f} {r['batch']:2d} {r['ms_per_step']:8.3f} "
       f"{r['tokens_per_s']:8.1f} {r['speedup']:7.2f} {r['bytes_per_step'] / 1e9:8.3f} {r['gb_per_s']:7.0f} "
       f"{100 * r['gb_per_s'] / copy:6.1f}"
     )

@@ -42,11 +42,11 @@ def main(argv):
     copy = max((v for k, v in run.get("copy_gb_per_s", {}).items() if not k.endswith("error")), default=None)
     fits += [r for method in FLAGS.methods for r in analyse(run["rows"], method, targets, copy)]
   print(
-    "| model | method | dense ms | intercept a ms | marginal TB/s | rest R ms | fixed a-R ms | "
+    "| model | attention | method | dense ms | intercept a ms | marginal TB/s | rest R ms | fixed a-R ms | "
     + " | ".join(f"{s:.0%}: measured / ceiling / copy bound / target x, a needed ms" for s in targets)
     + " |"
   )
-  print("|" + "---|" * (7 + len(targets)))
+  print("|" + "---|" * (8 + len(targets)))
   f = lambda v, p=3: "n/a" if v is None else f"{v:.{p}f}"
   for r in fits:
     cells = [
@@ -55,7 +55,7 @@ def main(argv):
       for t in r["targets"].values()
     ]
     print(
-      f"| {r['model']} | {r['method']} | {r['dense_ms']:.3f} | {r['intercept_ms']:.3f} "
+      f"| {r['model']} | {r['attention']} | {r['method']} | {r['dense_ms']:.3f} | {r['intercept_ms']:.3f} "
       f"| {f(r['marginal_tb_per_s'], 2)} | {f(r['rest_ms'])} | {f(r.get('fixed_ms'))} | "
       + " | ".join(cells)
       + " |"

@@ -9,14 +9,18 @@
 #   bench   experiments.decode.bench_decode, batch 1, teal and wina at 0 / 0.5 / 0.65, with the sweep's tilings
 #           (OUT/kernel_sweep.json if the sweep ran, over the committed kernel_sweep_h200_b.json)
 #   full    experiments.decode.bench_decode, every variant, batch 1-8 (the table of decode_h200.md)
-#   attn_tests    the decode-attention tests (tests/test_decode_attention.py: Triton kernel vs XLA, GPU and
-#                 interpret mode)
-#   attn          bench_decode with the Pallas decode attention (--attention=pallas), batch 1, 2, 4, 8, dense,
-#                 teal and wina -> OUT/bench_decode_attn.json
-#   attn_xla      the same with XLA attention, the same-session baseline -> OUT/bench_decode_attn_xla.json
+#   attn_tests    the GPU tests of the decode-attention and sparse GEMV kernels (Triton kernels vs XLA on the
+#                 real shapes; tests/test_decode_attention.py and tests/test_kernels.py, -k gpu)
+#   attn          bench_decode with XLA and the Pallas decode attention in one run (--attention=xla,pallas),
+#                 batch 1, 2, 4, 8, dense, teal and wina -> OUT/bench_decode_attn.json
+#   attn_sweep    experiments.decode.attention_sweep: XLA attention vs the kernel's heads_per_program and warps,
+#                 per layer -> OUT/attention_sweep.json
+#   dense_at      bench_decode, Llama-3-8B shape, batch 1, teal at 0 / 50 / 65 % with the sparse kernels'
+#                 dense fallback off (2), at 0.875 and at 0.6 -> OUT/bench_decode_dense_at.json
 #   attn_profile  profile_decode, both attentions, dense / teal 50 / 65 % -> OUT/profile_decode_attn{,_xla}.json
-# CONFIGS (comma-separated kernel_sweep JSONs) replaces the committed tilings; SWEEP_S, BENCH_S and
-# FULL_S (and ATTN_S for each attn stage) override the stages' time limits (seconds), SWEEP_BUDGET the
+# CONFIGS (comma-separated kernel_sweep JSONs) replaces the committed tilings; MODELS the attn stage's
+# model shapes; SWEEP_S, BENCH_S, FULL_S, TESTS_S (attn_tests) and ATTN_S (each other attn stage) override
+# the stages' time limits (seconds), SWEEP_BUDGET the
 # sweep's seconds of candidate tilings per shape.
 set -u
 out=$1; shift
@@ -34,19 +38,24 @@ for stage in "$@"; do
              --methods=teal,wina --sparsities=0,0.5,0.65 --reps=5 --out="$out/bench_decode.json" ;;
     full) timeout -k 5 "${FULL_S:-420}" python3 -m experiments.decode.bench_decode --configs="$configs" \
             --out="$out/bench_decode_full.json" ;;
-    attn_tests) timeout -k 5 "${ATTN_S:-300}" python3 -m pytest -q -p no:cacheprovider tests/test_decode_attention.py ;;
-    attn|attn_xla)
-      att=pallas; [ "$stage" = attn_xla ] && att=xla
-      timeout -k 5 "${ATTN_S:-560}" python3 -m experiments.decode.bench_decode --configs="$configs" --attention=$att \
-        --batches=1,2,4,8 --methods=teal,wina --sparsities=0,0.5,0.65 --batch_sparsities=0.5,0.65 --reps=3 \
-        --out="$out/bench_decode_$stage.json" ;;
+    attn_tests) timeout -k 5 "${TESTS_S:-150}" python3 -m pytest -q -p no:cacheprovider -k gpu \
+                  tests/test_decode_attention.py tests/test_kernels.py ;;
+    attn) timeout -k 5 "${ATTN_S:-560}" python3 -m experiments.decode.bench_decode --configs="$configs" \
+            --attention=xla,pallas --batches=1,2,4,8 --methods=teal,wina --sparsities=0,0.5,0.65 \
+            --batch_sparsities=0.5,0.65 --reps=3 --models="${MODELS:-llama3_8b,qwen25_7b}" \
+            --out="$out/bench_decode_attn.json" ;;
+    attn_sweep) timeout -k 5 "${ATTN_S:-280}" python3 -m experiments.decode.attention_sweep \
+                  --out="$out/attention_sweep.json" ;;
+    dense_at) timeout -k 5 "${ATTN_S:-300}" python3 -m experiments.decode.bench_decode --configs="$configs" \
+                --models="${MODELS:-llama3_8b}" --batches=1 --methods=teal --sparsities=0,0.5,0.65 --reps=5 \
+                --dense_at=2,0.875,0.6 --out="$out/bench_decode_dense_at.json" ;;
     attn_profile)
       for att in pallas xla; do
         timeout -k 5 "${ATTN_S:-280}" python3 -m experiments.decode.profile_decode --models=llama3_8b,qwen25_7b \
           --variants=dense,teal:0.5,teal:0.65 --configs="$configs" --attention=$att \
           --out="$out/profile_decode_attn$([ $att = xla ] && echo _xla).json"
       done ;;
-    *) echo "unknown stage $stage: tests | sweep | bench | full | attn_tests | attn | attn_xla | attn_profile" >&2
+    *) echo "unknown stage $stage: tests | sweep | bench | full | attn_tests | attn | attn_sweep | dense_at | attn_profile" >&2
        exit 2 ;;
   esac 2>&1 | tee "$out/$stage.log" | tail -40
 done

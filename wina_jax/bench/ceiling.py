@@ -20,9 +20,11 @@ def analyse(
   """Per model in `rows` (bench_decode rows of one run): the fit and the ceilings of `method` at
   batch 1; `copy_gb_per_s` (the run's copy bandwidth) adds the copy-rate bound."""
   out = []
-  for model in sorted({r["model"] for r in rows}):
-    one = [r for r in rows if r["model"] == model and r["batch"] == 1]
-    dense = min(r["ms_per_step"] for r in one if r["variant"] in ("dense", "dense_unfused"))
+  att = lambda r: r.get("attention", "xla")  # runs before 2026-12-01 timed XLA attention only
+  for model, attention in sorted({(r["model"], att(r)) for r in rows}):
+    every = [r for r in rows if r["model"] == model and r["batch"] == 1]
+    dense = min(r["ms_per_step"] for r in every if r["variant"] in ("dense", "dense_unfused"))
+    one = [r for r in every if att(r) == attention]
     pts = sorted(
       (r["sparsity"], r["kept_weight_fraction"], r["ms_per_step"], r["bytes_per_step"])
       for r in one
@@ -40,6 +42,7 @@ def analyse(
     rest = next((r["ms_per_step"] for r in one if r["variant"] == "no_linear"), None)
     row = {
       "model": model,
+      "attention": attention,
       "method": method,
       "dense_ms": dense,
       "intercept_ms": float(a),
@@ -84,7 +87,8 @@ def plot(fits: list[dict], targets: dict[float, float], path: str) -> None:
     mine = [r for r in fits if r["model"] == model]
     for i, r in enumerate(mine):
       xs, ys = zip(*r["measured"])
-      ax.plot(xs, ys, "o-", color=f"C{i}", label=f"{r['method']} measured")
+      att = "" if r.get("attention", "xla") == "xla" else f", {r['attention']} attention"
+      ax.plot(xs, ys, "o-", color=f"C{i}", label=f"{r['method']}{att} measured")
     r = next((r for r in mine if r["rest_ms"] is not None and r["copy_gb_per_s"]), None)
     if r is not None:  # the same for every method: rest + kept bytes at the copy rate
       ax.plot(s, copy_bound_x(r, s), "k:", label="bound of any per-site kernel")

@@ -33,16 +33,28 @@ def prefix_caches(params, cfg, tokens, max_len) -> tuple[dict, dict]:
   return cache, jax.tree.map(jnp.copy, cache)
 
 
-def check_against_xla(params, cfg, sp, tokens, max_len) -> dict:
-  """One sparse decode step after `tokens` [B, T-1] through the chosen backend vs the XLA mask-then-matmul
-  path, from the same cache: relative logits error and greedy-token agreement."""
+def check_against_xla(params, cfg, sp, tokens, max_len, attention="xla") -> dict:
+  """One decode step after `tokens` [B, T-1], from equal caches: the sparse step through the chosen
+  backend vs the XLA mask-then-matmul path, both with `attention` (relative logits error, greedy-token
+  agreement); for an attention other than XLA also the dense step against XLA attention
+  ('attention_rel_err', 'attention_same_token'), kept apart because a sparse step's masks flip under
+  rounding-level input changes and would hide the attention kernel's own error."""
   cache, twin = prefix_caches(params, cfg, tokens, max_len)
-  tok, logits, _ = decode_step(params, tokens[:, -1], cache, sp, cfg=cfg)
-  ref_tok, ref, _ = decode_step(params, tokens[:, -1], twin, sp.replace(backend="xla"), cfg=cfg)
-  return {
+  tok, logits, _ = decode_step(params, tokens[:, -1], cache, sp, cfg=cfg, attention=attention)
+  ref_tok, ref, _ = decode_step(
+    params, tokens[:, -1], twin, sp.replace(backend="xla"), cfg=cfg, attention=attention
+  )
+  out = {
     "rel_err": float(jnp.linalg.norm(logits - ref) / jnp.linalg.norm(ref)),
     "same_token": bool(jnp.all(tok == ref_tok)),
   }
+  if attention != "xla":
+    cache, twin = prefix_caches(params, cfg, tokens, max_len)
+    tok, logits, _ = decode_step(params, tokens[:, -1], cache, None, cfg=cfg, attention=attention)
+    ref_tok, ref, _ = decode_step(params, tokens[:, -1], twin, None, cfg=cfg)
+    out["attention_rel_err"] = float(jnp.linalg.norm(logits - ref) / jnp.linalg.norm(ref))
+    out["attention_same_token"] = bool(jnp.all(tok == ref_tok))
+  return out
 
 
 def site_scores(params, cfg, tokens, with_scale) -> dict:

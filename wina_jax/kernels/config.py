@@ -37,6 +37,9 @@ class KernelConfig:
   loop: 'compact' mode's row-tile loop over ceil(kept / BK) tiles. 'dynamic' loads and sums one tile
     per step; 'prefetch' pipelines by hand: while tile j is summed, the loads of tile j + 1 and the row
     ids of tile j + 2 are in flight. ('masked' mode walks chunk / BK tiles; Triton pipelines them.)
+  dense_at: 'compact' mode's dense fallback. A program whose chunk keeps at least dense_at * chunk rows
+    (the union over the batch) skips the compaction and walks the whole chunk in contiguous [BK, BN]
+    tiles, dropped rows multiplied by zero, as a dense GEMV does; above 1 never.
   """
 
   mode: str = "compact"
@@ -47,6 +50,7 @@ class KernelConfig:
   num_stages: int = 2
   reduce: str = "partials"
   loop: str = "dynamic"
+  dense_at: float = 0.875
 
   def __post_init__(self):
     if self.mode not in MODES:
@@ -59,6 +63,10 @@ class KernelConfig:
       v = getattr(self, name)
       if v <= 0 or v & (v - 1):
         raise ValueError(f"{name}={v} must be a positive power of two")
+    if not self.dense_at > 0:
+      raise ValueError(
+        f"dense_at={self.dense_at} must be > 0 (a kept fraction; above 1 turns the fallback off)"
+      )
     if self.chunk % self.block_k:
       raise ValueError(f"chunk={self.chunk} must be a multiple of block_k={self.block_k}")
 

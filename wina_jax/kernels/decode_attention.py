@@ -1,12 +1,17 @@
 """Pallas (Triton backend) decode attention: one launch per layer for one new token per batch row.
 
-One program per (batch row, KV head) does, for its G = H / K query heads: RoPE on q and the new k (the
+One program per (batch row, KV head, group of `heads_per_program` of its G = H / K query heads) does, for
+its query heads: RoPE on q and the new k (the
 model's half-split rotary embedding on the first `rotary_dim` dims, with the inverse frequencies of
 `layers.rope_inv_freq`, so rope scaling included), the KV-cache write of the new k, v at slot `length`,
 then a flash-decoding loop over blocks of `block_s` cache slots before `length` (online softmax in
 float32, the sliding window honoured), and finally the new token itself, taken from registers rather
-than read back from the cache (no store-to-load ordering inside the program). The caches are aliased
-input -> output, so under a donated cache XLA updates them in place.
+than read back from the cache (no store-to-load ordering inside the program). The first program of each
+KV head writes the cache; the others of that head read only slots before `length`, so no program waits on
+another. The caches are aliased input -> output, so under a donated cache XLA updates them in place.
+Splitting a KV head's query heads over programs (`heads_per_program` < G) trades re-reading its cache
+blocks (from L2) for more programs and a shorter serial chain per program: batch-1 decode has only B * K
+programs otherwise (4 for Qwen-2.5-7B).
 
 Numerics: RoPE in the activations' dtype (as `layers.apply_rope`), scores, softmax and the value sum in
 float32, the output cast to q's dtype. In float32 this equals `layers.attention` to rounding; in bf16 the
@@ -33,6 +38,12 @@ def supported(batch: int, tokens: int, head_dim: int) -> bool:
   return tokens == 1 and batch <= MAX_BATCH and head_dim & (head_dim - 1) == 0
 
 
+def default_heads_per_program(group: int) -> int:
+  """Query heads per program when the caller names none: every head of its KV head (one program per KV
+  head), the kernel's first design."""
+  return group
+
+
 def _kernel(
   len_ref,
   inv_ref,
@@ -46,13 +57,14 @@ def _kernel(
   vo_ref,
   *,
   group: int,
+  heads: int,
   head_dim: int,
   rotary_dim: int,
   block_s: int,
   window,
   scale: float,
 ):
-  b, kh = pl.program_id(0), pl.program_id(1)
+  b, kh, hg = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   length = plgpu.load(len_ref.at[jnp.int32(0)])
   dims = jax.lax.iota(jnp.int32, head_dim)
   half = rotary_dim // 2
@@ -70,10 +82,12 @@ def _kernel(
 
   k_new = rope(kn_ref, kh).astype(ko_ref.dtype)
   v_new = plgpu.load(vn_ref.at[b, kh, dims]).astype(vo_ref.dtype)
-  inside = (dims >= 0) & (length < ko_ref.shape[1])  # a full cache is left alone, never overrun
+  # the head's first program writes; a full cache is left alone, never overrun
+  inside = (dims >= 0) & (length < ko_ref.shape[1]) & (hg == 0)
   plgpu.store(ko_ref.at[b, length, kh, dims], k_new, mask=inside)
   plgpu.store(vo_ref.at[b, length, kh, dims], v_new, mask=inside)
-  qs = [rope(q_ref, kh * group + g).astype(jnp.float32) for g in range(group)]
+  head0 = kh * group + hg * heads  # this program's first query head
+  qs = [rope(q_ref, head0 + g).astype(jnp.float32) for g in range(heads)]
 
   first = 0 if window is None else jnp.maximum(length - window + 1, 0)
 
@@ -102,11 +116,20 @@ def _kernel(
     m_new = jnp.maximum(m, s)
     alpha, p = jnp.exp(m - m_new), jnp.exp(s - m_new)
     o = (acc * alpha + p * vf) / (l * alpha + p)
-    plgpu.store(o_ref.at[b, kh * group + g, dims], o.astype(o_ref.dtype))
+    plgpu.store(o_ref.at[b, head0 + g, dims], o.astype(o_ref.dtype))
 
 
 @functools.partial(
-  jax.jit, static_argnames=("rotary_dim", "window", "block_s", "num_warps", "num_stages", "interpret")
+  jax.jit,
+  static_argnames=(
+    "rotary_dim",
+    "window",
+    "block_s",
+    "heads_per_program",
+    "num_warps",
+    "num_stages",
+    "interpret",
+  ),
 )
 def decode_attention(
   q: jax.Array,
@@ -120,13 +143,15 @@ def decode_attention(
   rotary_dim: int,
   window=None,
   block_s: int = 64,
+  heads_per_program=None,
   num_warps: int = 4,
   num_stages: int = 2,
   interpret: bool = False,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """One decode step of attention, before RoPE: q [B, H, hd], k, v [B, K, hd] of the token at position
   `length` (int32 scalar); cache_k, cache_v [B, S, K, hd] with `length` valid slots; inv_freq
-  [rotary_dim // 2] (`layers.rope_inv_freq`); window: the sliding window or None.
+  [rotary_dim // 2] (`layers.rope_inv_freq`); window: the sliding window or None; heads_per_program:
+  query heads per program, a divisor of G = H / K (None: `default_heads_per_program(G)`).
   -> (out [B, H, hd] in q's dtype, cache_k, cache_v with slot `length` written).
   """
   b, h, hd = q.shape
@@ -138,10 +163,15 @@ def decode_attention(
     )
   if block_s & (block_s - 1):
     raise ValueError(f"block_s={block_s} must be a power of two")
+  group = h // kheads
+  hp = default_heads_per_program(group) if heads_per_program is None else heads_per_program
+  if group % hp:
+    raise ValueError(f"heads_per_program={hp} must divide the {group} query heads per KV head")
   inv = jnp.zeros((hd,), jnp.float32).at[:rotary_dim].set(jnp.tile(inv_freq.astype(jnp.float32), 2))
   body = functools.partial(
     _kernel,
-    group=h // kheads,
+    group=group,
+    heads=hp,
     head_dim=hd,
     rotary_dim=rotary_dim,
     block_s=block_s,
@@ -156,7 +186,7 @@ def decode_attention(
   call = pl.pallas_call(
     body,
     out_shape=out_shape,
-    grid=(b, kheads),
+    grid=(b, kheads, group // hp),
     interpret=interpret,
     input_output_aliases={5: 1, 6: 2},
     compiler_params=None if interpret else compiler_params(num_warps, num_stages),

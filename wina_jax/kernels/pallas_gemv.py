@@ -22,6 +22,7 @@ threshold and scale; a program's BN columns lie in one segment.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 from typing import Optional
 
@@ -91,15 +92,32 @@ def _kernel(
     )
 
   acc0 = tuple(jnp.zeros((bn,), jnp.float32) for _ in range(rows))
+
+  def tile(j, acc, masked):
+    """acc plus row tile j of the chunk (contiguous rows); masked: dropped rows are not loaded."""
+    idx = k0 + j * bk + _iota(bk)
+    xs, keeps, union = load_rows(idx)
+    mask = dict(mask=union[:, None], other=0) if masked else {}
+    w = plgpu.load(w_ref.at[idx[:, None], cols], eviction_policy="evict_first", **mask)
+    return accumulate(acc, xs, keeps, w.astype(jnp.float32))
+
   if cfg.mode == "compact":
     (idx_ref,) = scratch
     chunk_rows = k0 + _iota(c)
     keep = load_rows(chunk_rows)[2].astype(jnp.int32)
-    pos = jnp.cumsum(keep) - keep
-    count = jnp.sum(keep)
-    plgpu.store(idx_ref.at[pn, pk, pos], chunk_rows, mask=keep > 0)
-    if not interpret:
-      plgpu.debug_barrier()
+    kept = jnp.sum(keep)
+    dense = kept >= min(c, math.ceil(cfg.dense_at * c)) if cfg.dense_at <= 1 else jnp.bool_(False)
+    count = jnp.where(dense, 0, kept)  # rows the compacted loop walks: none on the dense fallback
+
+    @pl.when(jnp.logical_not(dense))
+    def _():
+      pos = jnp.cumsum(keep) - keep
+      plgpu.store(idx_ref.at[pn, pk, pos], chunk_rows, mask=keep > 0)
+      if not interpret:
+        plgpu.debug_barrier()
+
+    # the dense fallback: every row tile of the chunk, contiguous and unmasked (a dense GEMV's loads)
+    acc0 = jax.lax.fori_loop(0, jnp.where(dense, c // bk, 0), lambda j, acc: tile(j, acc, False), acc0)
 
     def index(j):
       """Kept-row ids of compacted tile j [BK] (0 past the kept count) and their validity [BK]."""
@@ -134,16 +152,7 @@ def _kernel(
 
       acc = jax.lax.fori_loop(0, trips, body, acc0)
   else:
-
-    def body(j, acc):
-      idx = k0 + j * bk + _iota(bk)
-      xs, keeps, union = load_rows(idx)
-      w = plgpu.load(
-        w_ref.at[idx[:, None], cols], mask=union[:, None], other=0, eviction_policy="evict_first"
-      )
-      return accumulate(acc, xs, keeps, w.astype(jnp.float32))
-
-    acc = jax.lax.fori_loop(0, c // bk, body, acc0)
+    acc = jax.lax.fori_loop(0, c // bk, lambda j, acc: tile(j, acc, True), acc0)
   out_cols = n0 + _iota(bn)
   if cfg.reduce == "atomic":
     for b in range(rows):
