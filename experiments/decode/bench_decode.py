@@ -229,7 +229,8 @@ def bench_model(name, key, configs, backend) -> list[dict]:
           sp, kept = make_sparsifier(scores, s, b, cs, backend)
           for att in attentions:
             t = time_decode(params, cfg, sp, tokens[:b], max_len, reps, attention=att)
-            check = check_against_xla(params, cfg, sp, tokens[:b], max_len, att) if s == 0.5 else None
+            checked = s == 0.5 and b in (1, bmax)
+            check = check_against_xla(params, cfg, sp, tokens[:b], max_len, att) if checked else None
             extra = {"check_vs_xla": check} if check else {}
             if dense_at is not None:
               extra["dense_at"] = dense_at

@@ -106,18 +106,23 @@ def _kernel(
     chunk_rows = k0 + _iota(c)
     keep = load_rows(chunk_rows)[2].astype(jnp.int32)
     kept = jnp.sum(keep)
-    dense = kept >= min(c, math.ceil(cfg.dense_at * c)) if cfg.dense_at <= 1 else jnp.bool_(False)
-    count = jnp.where(dense, 0, kept)  # rows the compacted loop walks: none on the dense fallback
 
-    @pl.when(jnp.logical_not(dense))
-    def _():
+    def compact():
       pos = jnp.cumsum(keep) - keep
       plgpu.store(idx_ref.at[pn, pk, pos], chunk_rows, mask=keep > 0)
       if not interpret:
         plgpu.debug_barrier()
 
-    # the dense fallback: every row tile of the chunk, contiguous and unmasked (a dense GEMV's loads)
-    acc0 = jax.lax.fori_loop(0, jnp.where(dense, c // bk, 0), lambda j, acc: tile(j, acc, False), acc0)
+    if cfg.dense_at > 1:  # no fallback: always compact (a constant False condition would not lower)
+      compact()
+      count = kept
+    else:
+      dense_rows = min(c, math.ceil(cfg.dense_at * c))
+      pl.when(kept < dense_rows)(compact)
+      count = jnp.where(kept < dense_rows, kept, 0)  # rows the compacted loop walks: none on the fallback
+      # the dense fallback: every row tile of the chunk, contiguous and unmasked (a dense GEMV's loads)
+      trips = jnp.where(kept < dense_rows, 0, c // bk)
+      acc0 = jax.lax.fori_loop(0, trips, lambda j, acc: tile(j, acc, False), acc0)
 
     def index(j):
       """Kept-row ids of compacted tile j [BK] (0 past the kept count) and their validity [BK]."""
