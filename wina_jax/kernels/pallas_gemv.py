@@ -121,7 +121,7 @@ def _kernel(
       pl.when(kept < dense_rows)(compact)
       count = jnp.where(kept < dense_rows, kept, 0)  # rows the compacted loop walks: none on the fallback
       # the dense fallback: every row tile of the chunk, contiguous and unmasked (a dense GEMV's loads)
-      trips = jnp.where(kept < dense_rows, 0, c // bk)
+      trips = (kept >= dense_rows).astype(kept.dtype) * (c // bk)  # int32 like the lower bound
       acc0 = jax.lax.fori_loop(0, trips, lambda j, acc: tile(j, acc, False), acc0)
 
     def index(j):
