@@ -98,6 +98,8 @@ def test_missing_model_file_says_how_to_fetch(tmp_path):
 
   with pytest.raises(FileNotFoundError, match="make setup"):
     assets.package_dir("surely_not_installed_pkg", "x==1")
+  assert assets.model_path("") == assets.model_path("smollm2-135m") == assets.default_gguf()
+  assert assets.model_path(str(tmp_path)) == str(tmp_path)  # an existing path is taken as it is
 
 
 def test_sequence_longer_than_max_positions_raises():

