@@ -50,7 +50,7 @@ def main(argv):
   f = lambda v, p=3: "n/a" if v is None else f"{v:.{p}f}"
   for r in fits:
     cells = [
-      f"{f(t['measured_x'], 2)} / {f(t.get('ceiling_x'), 2)} / {f(t.get('copy_bound_x'), 2)} / {t["target_x"]:.2f}, "
+      f"{f(t['measured_x'], 2)} / {f(t.get('ceiling_x'), 2)} / {f(t.get('copy_bound_x'), 2)} / {t['target_x']:.2f}, "
       f"{t['intercept_needed_ms']:.2f}"
       for t in r["targets"].values()
     ]
