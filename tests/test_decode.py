@@ -96,6 +96,42 @@ def test_interpret_kernel_inside_model(model):
   assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 2e-2
 
 
+def test_model_hands_the_raw_residual_to_norm_linear(model):
+  """Sites after a norm reach a fused sparsifier through `norm_linear` with the un-normalised residual and
+  that norm's gain (q|k|v after input_layernorm, gate|up after post_attention_layernorm); the others through
+  `linear`; and the logits equal the XLA path's."""
+  from wina_jax.decode import fuse_projections
+
+  params, tokens = model
+  fparams, fcfg = fuse_projections(params, CFG)
+  thr, scales = thresholds_and_scales(params, CFG)
+  sp = FusedThresholdSparsifier.create({s: t for s, t in thr.items() if ".0." in s}, backend="xla")
+  calls = []
+
+  class Spy(type(sp)):
+    def norm_linear(self, site, h, gain, eps, kernel):
+      calls.append((site, "norm", h, gain))
+      return super().norm_linear(site, h, gain, eps, kernel)
+
+    def linear(self, site, x, kernel):
+      calls.append((site, "plain", x, None))
+      return super().linear(site, x, kernel)
+
+  spy = Spy(
+    **{f: getattr(sp, f) for f in ("thresholds", "scales", "segments", "backend", "configs", "workspace")}
+  )
+  tok = tokens[:1, :3]
+  got = forward(fparams, tok, fcfg, spy).logits
+  kinds = {site: kind for site, kind, _, _ in calls}
+  assert kinds["layers.0.self_attn.qkv_proj"] == kinds["layers.0.mlp.gate_up_proj"] == "norm"
+  assert kinds["layers.0.self_attn.o_proj"] == kinds["layers.0.mlp.down_proj"] == "plain"
+  (_, _, h0, g0) = next(c for c in calls if c[0] == "layers.0.self_attn.qkv_proj")
+  np.testing.assert_array_equal(h0, fparams["embed_tokens"]["embedding"][tok])  # layer 0 sees the embeddings
+  np.testing.assert_array_equal(g0, fparams["layers"]["0"]["input_layernorm"]["scale"])
+  ref = forward(fparams, tok, fcfg, sp.replace(backend="xla")).logits
+  np.testing.assert_array_equal(got, ref)
+
+
 def test_decode_loop_equals_steps(model):
   """One on-device loop over T tokens gives the step-by-step greedy tokens, last logits and cache."""
   params, tokens = model

@@ -85,6 +85,44 @@ def test_dense_fallback_chunks_equal_masked_dense(loop, rows):
     KernelConfig(dense_at=0.0)
 
 
+@pytest.mark.parametrize(
+  "mode,rows,dtype,wina,dense_at",
+  [
+    ("compact", 1, jnp.float32, False, 0.875),
+    ("compact", 3, jnp.bfloat16, True, 2.0),
+    ("masked", 2, jnp.bfloat16, False, 0.875),
+    ("compact", 1, jnp.bfloat16, True, 0.1),  # the dense fallback with the prologue
+  ],
+)
+def test_rms_norm_prologue_equals_norm_then_kernel(mode, rows, dtype, wina, dense_at):
+  """norm=(gain, eps): the kernel normalises the raw residual in its prologue and equals rms_norm first, then
+  the masked product (same masks: thresholds on the normalised input), on both sides of a 64-row chunk."""
+  from wina_jax.layers import rms_norm
+
+  k, segments = 192, (64, 32)
+  keys = jax.random.split(jax.random.PRNGKey(rows), 4)
+  h = (3.0 * jax.random.normal(keys[0], (rows, k), jnp.float32) + 1.0).astype(dtype)  # not normalised
+  gain = jax.random.uniform(keys[1], (k,), minval=0.5, maxval=1.5).astype(dtype)
+  w = jax.random.normal(keys[2], (k, sum(segments)), dtype)
+  scales = jax.random.uniform(keys[3], (2, k), minval=0.5, maxval=2.0) if wina else None
+  t = jnp.asarray([0.6, 0.9])
+  cfg = KernelConfig(mode=mode, chunk=64, block_k=16, block_n=32, dense_at=dense_at)
+  got = masked_linear(h, w, t, scales, segments, backend="interpret", config=cfg, norm=(gain, 1e-5))
+  x = rms_norm(h, gain, 1e-5)
+  ref = masked_linear(x, w, t, scales, segments, backend="interpret", config=cfg)
+  xla = masked_linear(h, w, t, scales, segments, backend="xla", norm=(gain, 1e-5))
+  assert got.shape == (rows, sum(segments)) and got.dtype == dtype
+  tol = 1e-5 if dtype == jnp.float32 else 1e-2
+  assert rel_err(got, ref) < tol and rel_err(xla, masked_ref(x, w, np.asarray(t), scales, segments)) < 4e-3
+  assert rel_err(got, xla) < tol
+  frac = np.mean(np.abs(np.asarray(x, np.float32)) > 0.6)
+  assert 0.2 < frac < 0.8  # the thresholds drop rows of the normalised input
+  with pytest.raises(ValueError, match="norm_scale must be"):
+    from wina_jax.kernels.pallas_gemv import sparse_gemv
+
+    sparse_gemv(h, w, t, None, segments, cfg, interpret=True, norm_scale=gain[:-1], norm_eps=1e-5)
+
+
 def test_semaphore_reduce_workspace_and_fallback():
   """The semaphore kernel writes x.dtype itself, sums the partials (here bitwise equal to the 'partials'
   reduce), leaves its workspace zeroed, runs 'partials' without one and rejects a small one."""
@@ -194,6 +232,17 @@ def test_gpu_kernel_matches_xla(mode, rows):
     )
     got = masked_linear(x, w, t, scales, segments, backend="pallas", config=cfg, workspace=workspace)
     assert rel_err(got, ref) < 1e-2
+  from wina_jax.layers import rms_norm
+
+  gain = jax.random.uniform(keys[2], (k,), minval=0.5, maxval=1.5).astype(jnp.bfloat16)
+  h = 4.0 * x  # a residual the prologue normalises
+  ref_n = masked_linear_xla(rms_norm(h, gain, 1e-5), w, t, scales, segments)
+  for dense_at in (2.0, 0.25):
+    cfg_n = KernelConfig(mode=mode, chunk=256, block_k=32, block_n=256, reduce="semaphore", dense_at=dense_at)
+    got_n = masked_linear(
+      h, w, t, scales, segments, backend="pallas", config=cfg_n, workspace=workspace, norm=(gain, 1e-5)
+    )
+    assert rel_err(got_n, ref_n) < 1e-2
   for _ in range(3):  # the semaphore sum has a fixed order: bitwise repeatable
     again = masked_linear(x, w, t, scales, segments, backend="pallas", config=cfg, workspace=workspace)
     np.testing.assert_array_equal(np.asarray(again, np.float32), np.asarray(got, np.float32))

@@ -105,6 +105,17 @@ class Context:
       y = self.mask(site, x, kernel) @ kernel
     return y + lin["bias"] if "bias" in lin else y
 
+  def norm_linear(self, site: str, h: jax.Array, gain: jax.Array, eps: float, lin: dict) -> jax.Array:
+    """`linear` of `layers.rms_norm(h, gain, eps)`: a sparsifier with `norm_linear` (the fused kernels)
+    gets the un-normalised h and normalises inside its kernel; otherwise the norm runs first, as XLA ops."""
+    fused = getattr(self.sparsifier, "norm_linear", None)
+    if fused is None or self.collect & {"inputs", "zero_frac"}:
+      return self.linear(site, L.rms_norm(h, gain, eps), lin)
+    y = fused(site, h, gain, eps, lin["kernel"])
+    if self.sparse_tok is not None:  # dense-prefix tokens need the dense product too
+      y = self._select(y, L.rms_norm(h, gain, eps) @ lin["kernel"])
+    return y + lin["bias"] if "bias" in lin else y
+
 
 # (projection name, e.g. 'q_proj' or 'qkv_proj'; input x [B, T, d_in]) -> x through that linear, sparsified
 # at its site. The functional path reads the kernel from the params dict, `wina_jax.nn` from a module.
@@ -120,7 +131,8 @@ def attention_block(
   kv_len,
   attention: str = "xla",
 ) -> tuple[jax.Array, Optional[dict]]:
-  """Attention of the normed input `x` [B, T, d] (before the residual add) -> (out [B, T, d], new kv).
+  """Attention of `x` [B, T, d] (before the residual add) -> (out [B, T, d], new kv). x is the block's input
+  as `project` takes it: the normed input, or the residual when `project` applies the norm (`_layer`).
 
   positions: [T] absolute positions; kv: this layer's cache {'k', 'v': [B, S, K, hd]} or None;
   kv_len: valid cache slots after writing the T new tokens; attention: one of ATTENTION_BACKENDS.
@@ -160,8 +172,8 @@ def attention_block(
 
 
 def mlp_block(cfg: ModelConfig, x: jax.Array, project: Project, layer: int, ctx: Context) -> jax.Array:
-  """SwiGLU MLP of the normed input `x` [B, T, d] (before the residual add); the activation is masked at
-  the site `layers.<layer>.mlp.act`."""
+  """SwiGLU MLP of `x` [B, T, d] (before the residual add; the normed input, or the residual when `project`
+  applies the norm, as in `attention_block`); the activation is masked at the site `layers.<layer>.mlp.act`."""
   if cfg.fused_gate_up:
     gate, up = jnp.split(project("gate_up_proj", x), 2, axis=-1)
   else:
@@ -198,18 +210,28 @@ def _layer(
   kv_len,
   attention: str = "xla",
 ) -> tuple[jax.Array, Optional[dict]]:
-  """One decoder layer over its params dict `lp`: residual [B, T, d] in -> (residual out, updated kv)."""
+  """One decoder layer over its params dict `lp`: residual [B, T, d] in -> (residual out, updated kv).
 
-  def project(block):
-    return lambda proj, x: ctx.linear(S.site_name(layer, block, proj), x, lp[block][proj])
+  Each block gets the residual itself: its input projections apply the block's RMSNorm through
+  `Context.norm_linear` (so a fused kernel can normalise in its prologue), its output projection is plain.
+  """
+
+  def project(block, norm):
+    inputs = S.block_sites(cfg, block)[:-1]  # the projections that read the normed input
+
+    def apply(proj, x):
+      site = S.site_name(layer, block, proj)
+      if proj in inputs:
+        return ctx.norm_linear(site, x, lp[norm]["scale"], cfg.rms_norm_eps, lp[block][proj])
+      return ctx.linear(site, x, lp[block][proj])
+
+    return apply
 
   def attn(h):
-    x = L.rms_norm(h, lp["input_layernorm"]["scale"], cfg.rms_norm_eps)
-    return attention_block(cfg, x, project("self_attn"), positions, kv, kv_len, attention)
+    return attention_block(cfg, h, project("self_attn", "input_layernorm"), positions, kv, kv_len, attention)
 
   def mlp(h):
-    x = L.rms_norm(h, lp["post_attention_layernorm"]["scale"], cfg.rms_norm_eps)
-    return mlp_block(cfg, x, project("mlp"), layer, ctx)
+    return mlp_block(cfg, h, project("mlp", "post_attention_layernorm"), layer, ctx)
 
   return residual_layer(h, layer, ctx, attn, mlp, lambda key, h: h @ lp[key]["kernel"] if key in lp else h)
 

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from wina_jax.kernels import config as C
 from wina_jax.kernels.pallas_gemv import sparse_gemv
 from wina_jax.kernels.reference import masked_linear_xla
+from wina_jax.layers import rms_norm
 
 BACKENDS = ("auto", "pallas", "interpret", "xla")
 
@@ -36,6 +37,7 @@ def masked_linear(
   config: Optional[C.KernelConfig] = None,
   workspace: Optional[jax.Array] = None,
   slot: int = 0,
+  norm: Optional[tuple[jax.Array, float]] = None,
 ) -> jax.Array:
   """y = (x * mask) @ kernel with mask = |x| * scale > threshold, per output segment.
 
@@ -47,6 +49,8 @@ def masked_linear(
   and for up to MAX_ROWS rows under 'pallas' / 'interpret', when its tiling fits; else the XLA path.
   workspace, slot: the zeroed int32 workspace and its row for the 'semaphore' reduce (`sparse_gemv`);
   without a workspace a 'semaphore' config runs the 'partials' reduce.
+  norm: (gain [d_in], eps): x is un-normalised and the product runs on `layers.rms_norm(x, gain, eps)`;
+  the Pallas kernel computes the norm in its prologue (no separate norm kernel), the XLA path first.
   """
   d_in, d_out = kernel.shape
   if x.shape[-1] != d_in:
@@ -63,7 +67,11 @@ def masked_linear(
     rows *= s
   mode = pick_backend(backend, rows)
   cfg = C.resolve(config, d_in, segments) if mode != "xla" else None
-  if mode == "xla" or cfg is None or rows > C.MAX_ROWS:
+  # the kernel's prologue rounds the norm to x's dtype, as rms_norm does only when the gain's dtype is no wider
+  in_kernel_norm = norm is None or jnp.promote_types(norm[0].dtype, x.dtype) == x.dtype
+  if mode == "xla" or cfg is None or rows > C.MAX_ROWS or not in_kernel_norm:
+    if norm is not None:
+      x = rms_norm(x, norm[0], norm[1])
     return masked_linear_xla(x, kernel, thresholds, scales, segments)
   if cfg.reduce == "semaphore" and workspace is None:
     cfg = dataclasses.replace(cfg, reduce="partials")
@@ -77,5 +85,7 @@ def masked_linear(
     interpret=mode == "interpret",
     workspace=workspace,
     slot=slot,
+    norm_scale=None if norm is None else norm[0].astype(x.dtype),
+    norm_eps=None if norm is None else float(norm[1]),
   )
   return y.astype(x.dtype).reshape(*lead, d_out)

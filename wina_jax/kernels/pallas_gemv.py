@@ -48,6 +48,7 @@ def _kernel(
   x_ref,
   t_ref,
   s_ref,
+  g_ref,
   w_ref,
   *refs,
   cfg: KernelConfig,
@@ -56,6 +57,7 @@ def _kernel(
   slot: int,
   bounds: tuple[int, ...],
   has_scale: bool,
+  norm_eps: Optional[float],
   interpret: bool,
 ):
   c, bk, bn = cfg.chunk, cfg.block_k, cfg.block_n
@@ -70,13 +72,34 @@ def _kernel(
   seg = sum((n0 >= b).astype(jnp.int32) for b in bounds) if bounds else jnp.int32(0)
   thr = plgpu.load(t_ref.at[seg])
   cols = (n0 + _iota(bn))[None, :]
+  if norm_eps is not None:  # RMSNorm prologue: each row's 1 / rms over all K inputs, in float32
+    d_in = x_ref.shape[0]
+
+    def sum_squares(j, acc):
+      idx = j * c + _iota(c)
+      return tuple(
+        a + jnp.sum(jnp.square(plgpu.load(x_ref.at[idx, jnp.int32(b)]).astype(jnp.float32)))
+        for b, a in enumerate(acc)
+      )
+
+    ss = jax.lax.fori_loop(0, d_in // c, sum_squares, tuple(jnp.float32(0.0) for _ in range(rows)))
+    inv_rms = [jax.lax.rsqrt(v / d_in + norm_eps) for v in ss]
+
+  def load_x(idx, b):
+    """Row b's input at rows idx [R], float32: x, or with the prologue `layers.rms_norm`'s value (the
+    normalised input rounded to x's dtype, times the gain, rounded again: bf16 products are exact in f32)."""
+    xb = plgpu.load(x_ref.at[idx, jnp.int32(b)])
+    if norm_eps is None:
+      return xb.astype(jnp.float32)
+    y = (xb.astype(jnp.float32) * inv_rms[b]).astype(xb.dtype).astype(jnp.float32)
+    return (y * plgpu.load(g_ref.at[idx]).astype(jnp.float32)).astype(xb.dtype).astype(jnp.float32)
 
   def load_rows(idx, valid=None):
     """x at input rows idx [R] -> (per batch row: x [R] f32, keep [R] bool), and their union [R] bool."""
     scale = plgpu.load(s_ref.at[seg, idx]) if has_scale else None
     xs, keeps = [], []
     for b in range(rows):
-      xb = plgpu.load(x_ref.at[idx, jnp.int32(b)]).astype(jnp.float32)
+      xb = load_x(idx, b)
       kb = (jnp.abs(xb) * scale if has_scale else jnp.abs(xb)) > thr
       xs.append(xb)
       keeps.append(kb if valid is None else kb & valid)
@@ -132,7 +155,7 @@ def _kernel(
     def fetch(idx, valid):
       """x and keep per batch row, and the weight tile [BK, BN] (bf16) of the kept rows idx."""
       if rows == 1:  # every compacted row is kept; only the ragged tail needs masking
-        xs, keeps = [plgpu.load(x_ref.at[idx, jnp.int32(0)]).astype(jnp.float32)], [valid]
+        xs, keeps = [load_x(idx, 0)], [valid]
       else:
         xs, keeps, _ = load_rows(idx, valid)
       w = plgpu.load(
@@ -184,7 +207,7 @@ def _kernel(
       plgpu.store(cnt_ref.at[jnp.int32(slot), pn], jnp.int32(0))
 
 
-@functools.partial(jax.jit, static_argnames=("segments", "cfg", "interpret", "slot"))
+@functools.partial(jax.jit, static_argnames=("segments", "cfg", "interpret", "slot", "norm_eps"))
 def sparse_gemv(
   x: jax.Array,
   kernel: jax.Array,
@@ -195,6 +218,8 @@ def sparse_gemv(
   interpret: bool = False,
   workspace: Optional[jax.Array] = None,
   slot: int = 0,
+  norm_scale: Optional[jax.Array] = None,
+  norm_eps: Optional[float] = None,
 ) -> jax.Array:
   """x: [M, K] (M <= 8); kernel: [K, N]; thresholds: [S]; scales: [S, K] or None -> [M, N]
   (float32, or x.dtype for the 'semaphore' reduce).
@@ -204,6 +229,9 @@ def sparse_gemv(
   arrivals in row `slot` and the last arrival resets its count, so the workspace is all zeros again
   when the kernel ends: one zeroed buffer serves every call, and no zero-fill runs per call. XLA sees
   it as a read-only input, so a row must not be shared by calls that may run at the same time.
+  norm_scale [K] (x's dtype), norm_eps: the RMSNorm prologue. x is then the un-normalised residual and
+  every program first computes each row's 1 / rms over all K inputs, so the product, the threshold
+  compare included, runs on `layers.rms_norm(x, norm_scale, norm_eps)` without a separate norm kernel.
   """
   m, k = x.shape
   n = kernel.shape[1]
@@ -213,7 +241,14 @@ def sparse_gemv(
   has_scale = scales is not None
   s = scales.astype(jnp.float32) if has_scale else jnp.zeros((1, 1), jnp.float32)
   nk, nn = k // cfg.chunk, n // cfg.block_n
-  args = [xt, thresholds.astype(jnp.float32), s, kernel]
+  if (norm_scale is None) != (norm_eps is None):
+    raise ValueError("the RMSNorm prologue needs both norm_scale and norm_eps")
+  if norm_scale is not None and (norm_scale.shape != (k,) or norm_scale.dtype != x.dtype):
+    raise ValueError(
+      f"norm_scale must be [{k}] in x's dtype {x.dtype}; got {norm_scale.shape} {norm_scale.dtype}"
+    )
+  g = norm_scale if norm_scale is not None else jnp.zeros((1,), x.dtype)
+  args = [xt, thresholds.astype(jnp.float32), s, g, kernel]
   if cfg.reduce == "atomic":
     out_shape = [jax.ShapeDtypeStruct((rows, n), jnp.float32)]
     args.append(jnp.zeros((rows, n), jnp.float32))
@@ -229,14 +264,22 @@ def sparse_gemv(
   if cfg.mode == "compact":
     out_shape.append(jax.ShapeDtypeStruct((nn, nk, cfg.chunk), jnp.int32))
   body = functools.partial(
-    _kernel, cfg=cfg, rows=rows, nk=nk, slot=slot, bounds=bounds, has_scale=has_scale, interpret=interpret
+    _kernel,
+    cfg=cfg,
+    rows=rows,
+    nk=nk,
+    slot=slot,
+    bounds=bounds,
+    has_scale=has_scale,
+    norm_eps=norm_eps,
+    interpret=interpret,
   )
   call = pl.pallas_call(
     body,
     out_shape=tuple(out_shape),
     grid=(nn, nk),
     interpret=interpret,
-    input_output_aliases={4: 0} if cfg.reduce == "atomic" else {},
+    input_output_aliases={5: 0} if cfg.reduce == "atomic" else {},
     compiler_params=None if interpret else compiler_params(cfg.num_warps, cfg.num_stages),
     name=f"sparse_gemv_{cfg.mode}",
   )

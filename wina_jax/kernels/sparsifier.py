@@ -1,7 +1,8 @@
 """`FusedThresholdSparsifier`: threshold-mode TEAL/WINA as a pytree that the model calls per site.
 
 `__call__(site, x, kernel)` masks (CPU, analysis); `linear(site, x, kernel)` runs the fused kernel
-(`masked_linear`), which the model prefers when present. Sites absent from `thresholds` stay dense.
+(`masked_linear`), which the model prefers when present; `norm_linear(site, h, gain, eps, kernel)` does the
+same on `rms_norm(h)` with the norm computed in the kernel's prologue (the model's sites after a norm). Sites absent from `thresholds` stay dense.
 Fused sites (`qkv_proj`, `gate_up_proj`) carry one threshold and scale per output segment.
 
 From a calibrated `wina_jax.sparsity.ScoreSparsifier` in threshold mode (teal or wina):
@@ -21,6 +22,7 @@ from flax import struct
 from wina_jax.kernels.config import WORKSPACE_BLOCKS, KernelConfig
 from wina_jax.kernels.masked_linear import masked_linear
 from wina_jax.kernels.reference import keep_mask
+from wina_jax.layers import rms_norm
 
 
 @struct.dataclass
@@ -83,9 +85,17 @@ class FusedThresholdSparsifier:
 
   def linear(self, site: str, x: jax.Array, kernel: jax.Array) -> jax.Array:
     """(x * mask) @ kernel for x [..., d_in], kernel [d_in, d_out], through `masked_linear`."""
+    return self._linear(site, x, kernel, None)
+
+  def norm_linear(self, site: str, h: jax.Array, gain: jax.Array, eps: float, kernel: jax.Array) -> jax.Array:
+    """`linear` of `layers.rms_norm(h, gain, eps)`, h [..., d_in] un-normalised: the Pallas kernel
+    normalises in its prologue, so no norm kernel runs before it."""
+    return self._linear(site, h, kernel, (gain, eps))
+
+  def _linear(self, site, x, kernel, norm):
     t = self.thresholds.get(site)
     if t is None:
-      return x @ kernel
+      return (x if norm is None else rms_norm(x, *norm)) @ kernel
     return masked_linear(
       x,
       kernel,
@@ -96,4 +106,5 @@ class FusedThresholdSparsifier:
       config=dict(self.configs).get(tuple(kernel.shape)),
       workspace=self.workspace,
       slot=sorted(self.thresholds).index(site),
+      norm=norm,
     )
