@@ -82,14 +82,16 @@ def test_fused_projections_and_state_match_unfused(model):
     forward(fparams, tokens, fcfg, sp, collect=("inputs",))
 
 
-def test_interpret_kernel_inside_model(model):
-  """The Pallas kernel (interpret mode) as the model's fused linear, one decode step, bf16 weights."""
+@pytest.mark.parametrize("fuse_norm", [False, True])
+def test_interpret_kernel_inside_model(model, fuse_norm):
+  """The Pallas kernel (interpret mode) as the model's fused linear, one decode step, bf16 weights; with
+  fuse_norm the kernels after a norm normalise in their prologue."""
   params, tokens = model
   params = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
   thr, scales = thresholds_and_scales(params, CFG)
   thr = {s: t for s, t in thr.items() if s.startswith("layers.0.")}  # 4 kernels keep interpret mode quick
   ref_sp = FusedThresholdSparsifier.create(thr, scales, backend="xla")
-  sp = FusedThresholdSparsifier.create(thr, scales, backend="interpret")
+  sp = FusedThresholdSparsifier.create(thr, scales, backend="interpret", fuse_norm=fuse_norm)
   tok = tokens[:1, :1]
   got = forward(params, tok, CFG, sp).logits
   ref = forward(params, tok, CFG, ref_sp).logits

@@ -17,6 +17,7 @@ CI:   PYTHONPATH=. .venv/bin/python -m experiments.decode.bench_decode --tiny
 
 from __future__ import annotations
 
+import itertools
 import json
 import platform
 import statistics
@@ -72,6 +73,12 @@ flags.DEFINE_list(
   "sparse kernels' dense-fallback kept fractions to time, each in the same run (KernelConfig.dense_at; "
   "above 1: off); empty = the configs' own",
 )
+flags.DEFINE_list(
+  "fuse_norm",
+  ["false"],
+  "RMSNorm in the sparse kernels' prologue (FusedThresholdSparsifier.fuse_norm), each value timed in the "
+  "same run: false, true or false,true",
+)
 flags.DEFINE_string("out", "", "write results JSON here")
 flags.DEFINE_bool("tiny", False, "CPU smoke test: tiny model, XLA path, 1 rep")
 FLAGS = flags.FLAGS
@@ -117,6 +124,15 @@ def copy_bandwidth() -> dict:
   f = jax.jit(lambda a: a * 2)
   out["xla_scale"] = 2 * n * 2 / _median_time(lambda: f(a), 10) / 1e9
   return out
+
+
+def fuse_norms() -> list[bool]:
+  """--fuse_norm as booleans."""
+  values = {"false": False, "true": True}
+  bad = [v for v in FLAGS.fuse_norm if v.lower() not in values]
+  if bad:
+    raise ValueError(f"--fuse_norm takes false / true, got {bad}")
+  return [values[v.lower()] for v in FLAGS.fuse_norm]
 
 
 def attention_backend(name: str) -> str:
@@ -197,6 +213,7 @@ def bench_model(name, key, configs, backend) -> list[dict]:
     tqdm.write(
       f"{name:10s} {variant:12s} {attention:9s} s={sparsity:.2f} b={batch} {secs * 1e3:8.3f} ms "
       + (f"dense_at={extra['dense_at']:g} " if "dense_at" in extra else "")
+      + ("fuse_norm " if extra.get("fuse_norm") else "")
       + f"{nbytes / secs / 1e9:8.1f} GB/s {extra.get('check_vs_xla', '')}"
     )
 
@@ -224,9 +241,10 @@ def bench_model(name, key, configs, backend) -> list[dict]:
     scores = site_scores(params, cfg, tokens, with_scale=method == "wina")
     for b in batches if method == "teal" else [1]:
       for s in sparsities if b == 1 else [float(x) for x in FLAGS.batch_sparsities]:
-        for dense_at in [float(v) for v in FLAGS.dense_at] or [None]:
+        for dense_at, fuse in itertools.product([float(v) for v in FLAGS.dense_at] or [None], fuse_norms()):
           cs = configs if dense_at is None else {k: replace(c, dense_at=dense_at) for k, c in configs.items()}
           sp, kept = make_sparsifier(scores, s, b, cs, backend)
+          sp = sp.replace(fuse_norm=fuse)
           for att in attentions:
             t = time_decode(params, cfg, sp, tokens[:b], max_len, reps, attention=att)
             checked = s == 0.5 and b in (1, bmax)
@@ -234,6 +252,8 @@ def bench_model(name, key, configs, backend) -> list[dict]:
             extra = {"check_vs_xla": check} if check else {}
             if dense_at is not None:
               extra["dense_at"] = dense_at
+            if len(FLAGS.fuse_norm) > 1 or fuse:
+              extra["fuse_norm"] = fuse
             record(method, s, b, t, step_bytes(params, cfg, b, max_len, kept), att, kept, **extra)
     del scores
   if "wina_sc" in FLAGS.methods:
@@ -278,6 +298,7 @@ def main(argv):
         "backend",
         "attention",
         "dense_at",
+        "fuse_norm",
       )
     },
     "copy_gb_per_s": copy_bandwidth(),

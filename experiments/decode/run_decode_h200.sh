@@ -19,6 +19,8 @@
 #                 dense fallback off (2), at 0.875 and at 0.6 -> OUT/bench_decode_dense_at.json
 #   step          bench_decode with the Pallas decode attention and the configs' dense fallback: batch 1, 2, 4,
 #                 8, dense, teal and wina at 0 / 50 / 65 % (batch > 1: 50 %) -> OUT/bench_decode_step.json
+#   norm          bench_decode, batch 1, teal and wina at 0 / 50 / 65 %, the RMSNorm prologue off and on in one run
+#                 (--fuse_norm=false,true), Pallas attention -> OUT/bench_decode_norm.json
 #   attn_profile  profile_decode, both attentions, dense / teal 50 / 65 % -> OUT/profile_decode_attn{,_xla}.json
 # CONFIGS (comma-separated kernel_sweep JSONs) replaces the committed tilings; MODELS the attn stage's
 # model shapes; SWEEP_S, BENCH_S, FULL_S, TESTS_S (attn_tests) and ATTN_S (each other attn stage) override
@@ -55,13 +57,16 @@ for stage in "$@"; do
             --attention=pallas --batches=1,2,4,8 --methods=teal,wina --sparsities=0,0.5,0.65 \
             --batch_sparsities=0.5 --reps=3 --models="${MODELS:-llama3_8b,qwen25_7b}" \
             --out="$out/bench_decode_step.json" ;;
+    norm) timeout -k 5 "${ATTN_S:-560}" python3 -m experiments.decode.bench_decode --configs="$configs" \
+            --attention=pallas --batches=1 --methods=teal,wina --sparsities=0,0.5,0.65 --fuse_norm=false,true \
+            --reps=5 --models="${MODELS:-llama3_8b,qwen25_7b}" --out="$out/bench_decode_norm.json" ;;
     attn_profile)
       for att in pallas xla; do
         timeout -k 5 "${ATTN_S:-280}" python3 -m experiments.decode.profile_decode --models=llama3_8b,qwen25_7b \
           --variants=dense,teal:0.5,teal:0.65 --configs="$configs" --attention=$att \
           --out="$out/profile_decode_attn$([ $att = xla ] && echo _xla).json"
       done ;;
-    *) echo "unknown stage $stage: tests | sweep | bench | full | attn_tests | attn | attn_sweep | dense_at | step | attn_profile" >&2
+    *) echo "unknown stage $stage: tests | sweep | bench | full | attn_tests | attn | attn_sweep | dense_at | step | norm | attn_profile" >&2
        exit 2 ;;
   esac 2>&1 | tee "$out/$stage.log" | tail -40
 done

@@ -32,7 +32,9 @@ class FusedThresholdSparsifier:
   sites; backend: 'auto' | 'pallas' | 'interpret' | 'xla';
   configs: static (((d_in, d_out), KernelConfig), ...) tilings per kernel shape (else the default);
   workspace: int32 [sites, WORKSPACE_BLOCKS] zeros, one row per site (sorted order), when a config
-  uses the 'semaphore' reduce (the kernel leaves it zeroed, so it is made once, never per step)."""
+  uses the 'semaphore' reduce (the kernel leaves it zeroed, so it is made once, never per step);
+  fuse_norm: static, whether `norm_linear` normalises inside the Pallas kernel's prologue (True) or runs
+  the norm as XLA ops first (False, the default until the prologue is timed on a GPU)."""
 
   thresholds: dict = struct.field(default_factory=dict)
   scales: dict = struct.field(default_factory=dict)
@@ -40,6 +42,7 @@ class FusedThresholdSparsifier:
   backend: str = struct.field(pytree_node=False, default="auto")
   configs: tuple = struct.field(pytree_node=False, default=())
   workspace: Optional[jax.Array] = None
+  fuse_norm: bool = struct.field(pytree_node=False, default=False)
 
   @classmethod
   def create(
@@ -49,6 +52,7 @@ class FusedThresholdSparsifier:
     segments: Optional[Mapping[str, tuple]] = None,
     backend: str = "auto",
     configs: Optional[Mapping[tuple, KernelConfig]] = None,
+    fuse_norm: bool = False,
   ) -> FusedThresholdSparsifier:
     """From plain dicts (numbers or arrays); scales of sites without a threshold are dropped."""
     scales, configs = scales or {}, configs or {}
@@ -60,6 +64,7 @@ class FusedThresholdSparsifier:
       backend=backend,
       configs=tuple(sorted(configs.items())),
       workspace=jnp.zeros((len(thresholds), WORKSPACE_BLOCKS), jnp.int32) if semaphore else None,
+      fuse_norm=fuse_norm,
     )
 
   def with_thresholds(self, thresholds: Mapping[str, object]) -> FusedThresholdSparsifier:
@@ -88,8 +93,10 @@ class FusedThresholdSparsifier:
     return self._linear(site, x, kernel, None)
 
   def norm_linear(self, site: str, h: jax.Array, gain: jax.Array, eps: float, kernel: jax.Array) -> jax.Array:
-    """`linear` of `layers.rms_norm(h, gain, eps)`, h [..., d_in] un-normalised: the Pallas kernel
-    normalises in its prologue, so no norm kernel runs before it."""
+    """`linear` of `layers.rms_norm(h, gain, eps)`, h [..., d_in] un-normalised: with `fuse_norm` the Pallas
+    kernel normalises in its prologue, so no norm kernel runs before it; else the norm runs first."""
+    if not self.fuse_norm:
+      return self._linear(site, rms_norm(h, gain, eps), kernel, None)
     return self._linear(site, h, kernel, (gain, eps))
 
   def _linear(self, site, x, kernel, norm):
