@@ -21,7 +21,8 @@ Bands (`wina_jax.eval.bands`): every --seeds entry re-runs each sparse variant o
 (the original params perturbed by ~1 ulp, then transformed: the learned basis is re-fitted), the numerics
 band of a variant being its perplexity over the unperturbed run and its seeds; the sampling band is the
 window bootstrap of the unperturbed run; `compare` gives paired verdicts (real only outside both). Rows
-are (variant, seed) and written as each finishes; a re-run with the same settings skips the rows done.
+are (variant, seed) and written as each finishes; a re-run with the same settings skips the rows done
+(and may add --baselines, --bases or --seeds).
 Order: the unperturbed rows, then the seeds of the transformed variants, then those of the baselines.
 """
 
@@ -169,7 +170,8 @@ def main(argv):
   if os.path.isfile(OUT.value):  # resume: keep the rows of a run with the same settings
     with open(OUT.value) as f:
       old = json.load(f)
-    if old.get("settings") == meta:
+    same = lambda st: {k: v for k, v in st.items() if k != "baselines"}  # which rows run, not their numbers
+    if same(old.get("settings", {})) == same(meta):
       rows = [r for r in old["rows"] if len(r.get("window_nll", [])) == len(ppl_w)]
   os.makedirs(os.path.dirname(OUT.value) or ".", exist_ok=True)
 
