@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from conftest import TINY_CONFIGS, make_hf_model
 from flax import traverse_util
+from test_sweep import ROOT, _env, tiny_folder  # noqa: F401  (fixture)
 
 from wina_jax.analysis import column_orthogonality_defect
 from wina_jax.bases import BASES, axis_alignment, axis_basis, objective
@@ -215,3 +216,66 @@ def test_learned_basis_needs_windows_and_bad_basis_is_named():
     transform(params, cfg, basis="learned")
   with pytest.raises(ValueError, match="unknown basis"):
     transform(params, cfg, basis="lapack")
+
+
+def test_basis_script_pride_bands_resume(tiny_folder, smollm2_tokenizer, tmp_path):  # noqa: F811
+  """experiments/quality/transform_basis.py --ppl_text=pride on a tiny model: the protocol's first ids (checked
+  against the reference with SmolLM2's tokenizer), one row per (variant, seed) with per-window NLLs, numerics
+  and bootstrap bands and verdicts in the summary; a re-run computes nothing; --k_rule reaches the top-k."""
+  import json
+  import subprocess
+  import sys
+
+  from wina_jax.data import austen
+
+  try:
+    text = austen.pride_and_prejudice()
+  except RuntimeError as e:
+    pytest.skip(f"r-cran-janeaustenr cannot be fetched here: {e}")
+  out = tmp_path / "basis.json"
+  cmd = [
+    sys.executable,
+    "-m",
+    "experiments.quality.transform_basis",
+    f"--model={tiny_folder}",
+    "--ppl_text=pride",
+    "--ppl_windows=2",
+    "--seq_len=64",
+    "--sparsity=0.4",  # intermediate 96: k = 57 (floor) vs 58 (round)
+    "--baselines=teal",
+    "--bases=svd,axis",
+    "--seeds=1",
+    f"--out={out}",
+  ]
+  run = lambda *extra: (
+    subprocess.run(cmd + list(extra), check=True, cwd=ROOT, env=_env(), capture_output=True, text=True).stdout
+  )
+  run("--k_rule=floor")
+  res = json.loads(out.read_text())
+  assert res["settings"]["k_rule"] == "floor" and res["settings"]["protocol"]["reference_ids_checked"]
+  ids = austen.protocol_windows(smollm2_tokenizer, text, n_tokens=128, window=64)
+  assert res["settings"]["protocol"]["ids_sha256"] == austen.ids_digest(ids.ravel())
+  transformed = ["wina-transform[basis=svd]", "wina-transform[basis=axis]"]
+  want = {(v, None) for v in ["dense", "wina", "teal", *transformed]}
+  want |= {(v, 1) for v in ["wina", "teal", *transformed]}
+  assert {(r["variant"], r["seed"]) for r in res["rows"]} == want
+  for r in res["rows"]:
+    assert len(r["window_nll"]) == 2 and r["tokens"] == [63, 63]
+    assert r["ppl"] == pytest.approx(np.exp(np.mean(r["window_nll"])), rel=1e-6)
+    assert r.get("dense_logit_rel_diff", 0) < 1e-4
+  summary = res["summary"]
+  assert summary["variants"]["dense"]["numerics"] is None
+  for v in ["wina", "teal", *transformed]:
+    s = summary["variants"][v]
+    assert s["numerics"]["n"] == 2 and s["bootstrap"][0] <= s["ppl"] <= s["bootstrap"][1]
+  pairs = {(c["a"], c["b"]): c["verdict"] for c in summary["comparisons"]}
+  assert ("teal", "wina") in pairs and (transformed[0], transformed[1]) in pairs
+  assert all(v in ("real", "within noise", "real (sampling only)") for v in pairs.values())
+
+  assert "'variant'" not in run("--k_rule=floor")  # resumed: every row already there
+  assert json.loads(out.read_text())["rows"] == res["rows"]
+  run("--k_rule=round", "--bases=", "--seeds=", "--baselines=")
+  wina_ppl = lambda rows: next(r["ppl"] for r in rows if r["variant"] == "wina" and r["seed"] is None)
+  assert wina_ppl(json.loads(out.read_text())["rows"]) != wina_ppl(
+    res["rows"]
+  )  # one more kept per down_proj input

@@ -239,14 +239,20 @@ def load_cells(run_dir: str) -> list[dict]:
 
 
 def cpu_noise_table(runs: dict[str, list[dict]]) -> str:
-  """The paired comparisons of each CPU-grid run whose cells carry items, and which cells do not."""
+  """The paired comparisons of each CPU-grid run whose cells carry items (every method vs TEAL, and
+  WINA-Transform vs TEAL-Transform), and which cells do not."""
   out = []
   for run, cells in runs.items():
     banded = [c for c in cells if "items" in c]
     missing = sorted(
       f"{c['row']['method']} @ {100 * c['row']['sparsity']:.0f}%" for c in cells if "items" not in c
     )
-    comp = report.comparison_table(banded, (), "teal") if banded else ""
+    rotated = [c for c in banded if c["row"]["method"] in ("teal-transform", "wina-transform")]
+    tables = [
+      report.comparison_table(banded, (), "teal"),
+      report.comparison_table(rotated, (), "teal-transform"),
+    ]
+    comp = "\n".join(t for t in tables if t)  # vs TEAL; WINA- vs TEAL-Transform (statement 3)
     out.append(
       f"**{run}**"
       + (f" (no band yet: {', '.join(missing)})" if missing else "")
