@@ -93,27 +93,24 @@ class Context:
     self._record(site, x, xs)
     return xs
 
-  def linear(self, site: str, x: jax.Array, lin: dict) -> jax.Array:
-    """`x` [..., d_in] through the linear `lin` ({'kernel' [d_in, d_out], 'bias'?}), sparsified at `site`."""
-    kernel = lin["kernel"]
-    fused = getattr(self.sparsifier, "linear", None)
-    if fused is not None and not (self.collect & {"inputs", "zero_frac"}):
-      y = fused(site, x, kernel)
-      if self.sparse_tok is not None:  # dense-prefix tokens need the dense product too
-        y = self._select(y, x @ kernel)
-    else:
-      y = self.mask(site, x, kernel) @ kernel
-    return y + lin["bias"] if "bias" in lin else y
+  def linear(self, site: str, x: jax.Array, lin: dict, norm: Optional[tuple] = None) -> jax.Array:
+    """`x` [..., d_in] through the linear `lin` ({'kernel' [d_in, d_out], 'bias'?}), sparsified at `site`.
 
-  def norm_linear(self, site: str, h: jax.Array, gain: jax.Array, eps: float, lin: dict) -> jax.Array:
-    """`linear` of `layers.rms_norm(h, gain, eps)`: a sparsifier with `norm_linear` (the fused kernels)
-    gets the un-normalised h and normalises inside its kernel; otherwise the norm runs first, as XLA ops."""
-    fused = getattr(self.sparsifier, "norm_linear", None)
-    if fused is None or self.collect & {"inputs", "zero_frac"}:
-      return self.linear(site, L.rms_norm(h, gain, eps), lin)
-    y = fused(site, h, gain, eps, lin["kernel"])
-    if self.sparse_tok is not None:  # dense-prefix tokens need the dense product too
-      y = self._select(y, L.rms_norm(h, gain, eps) @ lin["kernel"])
+    norm: (gain [d_in], eps) of an RMSNorm that x passes through first. A sparsifier with a fused `linear`
+    and `norm_linear` (the fused kernels) gets the un-normalised x and normalises inside its kernel;
+    otherwise the norm runs first, as XLA ops (`layers.rms_norm`).
+    """
+    kernel = lin["kernel"]
+    fused = None if self.collect & {"inputs", "zero_frac"} else getattr(self.sparsifier, "linear", None)
+    fused_norm = None if fused is None or norm is None else getattr(self.sparsifier, "norm_linear", None)
+    if norm is not None and fused_norm is None:
+      x, norm = L.rms_norm(x, *norm), None
+    if fused is None:
+      y = self.mask(site, x, kernel) @ kernel
+    else:
+      y = fused(site, x, kernel) if norm is None else fused_norm(site, x, *norm, kernel)
+      if self.sparse_tok is not None:  # dense-prefix tokens need the dense product too
+        y = self._select(y, (x if norm is None else L.rms_norm(x, *norm)) @ kernel)
     return y + lin["bias"] if "bias" in lin else y
 
 
@@ -213,7 +210,8 @@ def _layer(
   """One decoder layer over its params dict `lp`: residual [B, T, d] in -> (residual out, updated kv).
 
   Each block gets the residual itself: its input projections apply the block's RMSNorm through
-  `Context.norm_linear` (so a fused kernel can normalise in its prologue), its output projection is plain.
+  `Context.linear(..., norm=)` (so a fused kernel can normalise in its prologue), its output projection is
+  plain.
   """
 
   def project(block, norm):
@@ -221,9 +219,8 @@ def _layer(
 
     def apply(proj, x):
       site = S.site_name(layer, block, proj)
-      if proj in inputs:
-        return ctx.norm_linear(site, x, lp[norm]["scale"], cfg.rms_norm_eps, lp[block][proj])
-      return ctx.linear(site, x, lp[block][proj])
+      gain = (lp[norm]["scale"], cfg.rms_norm_eps) if proj in inputs else None
+      return ctx.linear(site, x, lp[block][proj], gain)
 
     return apply
 

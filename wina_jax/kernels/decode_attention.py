@@ -38,13 +38,11 @@ def supported(batch: int, tokens: int, head_dim: int) -> bool:
   return tokens == 1 and batch <= MAX_BATCH and head_dim & (head_dim - 1) == 0
 
 
-def default_heads_per_program(group: int) -> int:
-  """Query heads per program when the caller names none: one. On the H200 (`attention_sweep`, 2026-12-01,
-  benchmarks/results/attention_sweep_h200.json) one head per program was the fastest setting at every
-  measured shape, batch (1, 8) and cache length (32, 511): e.g. Qwen-2.5-7B batch 1, 32 slots 13.9 us per
-  layer vs 29.8 us with all 7 heads in one program and 37.3 us for XLA's ops."""
-  del group
-  return 1
+# Query heads per program when the caller names none. On the H200 (`attention_sweep`, 2026-12-01,
+# benchmarks/results/attention_sweep_h200.json) one head per program was the fastest setting at every
+# measured shape, batch (1, 8) and cache length (32, 511): e.g. Qwen-2.5-7B batch 1, 32 slots 13.9 us per
+# layer vs 29.8 us with all 7 heads in one program and 37.3 us for XLA's ops.
+HEADS_PER_PROGRAM = 1
 
 
 def _kernel(
@@ -154,7 +152,7 @@ def decode_attention(
   """One decode step of attention, before RoPE: q [B, H, hd], k, v [B, K, hd] of the token at position
   `length` (int32 scalar); cache_k, cache_v [B, S, K, hd] with `length` valid slots; inv_freq
   [rotary_dim // 2] (`layers.rope_inv_freq`); window: the sliding window or None; heads_per_program:
-  query heads per program, a divisor of G = H / K (None: `default_heads_per_program(G)`).
+  query heads per program, a divisor of G = H / K (None: `HEADS_PER_PROGRAM`).
   -> (out [B, H, hd] in q's dtype, cache_k, cache_v with slot `length` written).
   """
   b, h, hd = q.shape
@@ -167,7 +165,7 @@ def decode_attention(
   if block_s & (block_s - 1):
     raise ValueError(f"block_s={block_s} must be a power of two")
   group = h // kheads
-  hp = default_heads_per_program(group) if heads_per_program is None else heads_per_program
+  hp = HEADS_PER_PROGRAM if heads_per_program is None else heads_per_program
   if group % hp:
     raise ValueError(f"heads_per_program={hp} must divide the {group} query heads per KV head")
   inv = jnp.zeros((hd,), jnp.float32).at[:rotary_dim].set(jnp.tile(inv_freq.astype(jnp.float32), 2))
