@@ -37,6 +37,9 @@ def rel_err(a, b):
     ("compact", "semaphore", 2, (96,), False, "prefetch"),
     ("compact", "atomic", 1, (64, 32, 32), True, "prefetch"),
     ("compact", "partials", 3, (96,), False, "prefetch"),
+    ("balanced", "partials", 1, (96,), True, "dynamic"),
+    ("balanced", "atomic", 3, (64, 32, 32), False, "prefetch"),
+    ("balanced", "semaphore", 1, (64, 32, 32), True, "prefetch"),
   ],
 )
 def test_interpret_kernel_matches_xla_and_masked_dense(mode, reduce, rows, segments, wina, loop):
@@ -92,6 +95,8 @@ def test_dense_fallback_chunks_equal_masked_dense(loop, rows):
     ("compact", 3, jnp.bfloat16, True, 2.0),
     ("masked", 2, jnp.bfloat16, False, 0.875),
     ("compact", 1, jnp.bfloat16, True, 0.1),  # the dense fallback with the prologue
+    ("balanced", 1, jnp.bfloat16, True, 0.875),  # 192 rows: the scan's one 256-row step is masked
+    ("balanced", 2, jnp.float32, False, 0.875),
   ],
 )
 def test_rms_norm_prologue_equals_norm_then_kernel(mode, rows, dtype, wina, dense_at):
@@ -121,6 +126,30 @@ def test_rms_norm_prologue_equals_norm_then_kernel(mode, rows, dtype, wina, dens
     from wina_jax.kernels.pallas_gemv import sparse_gemv
 
     sparse_gemv(h, w, t, None, segments, cfg, interpret=True, norm_scale=gain[:-1], norm_eps=1e-5)
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.3, 0.9, 1.0])
+def test_balanced_shares_over_scan_steps(monkeypatch, sparsity):
+  """'balanced' mode over a scan of several 64-row steps (the last one masked): each program along K takes
+  its share of the input's kept rows, from all of them (0 %) to none (100 %: a zero output)."""
+  from wina_jax.kernels import pallas_gemv
+
+  monkeypatch.setattr(pallas_gemv, "SCAN_ROWS", 64)
+  k, segments = 224, (64, 32)  # 224 = 3.5 scan steps of 64; programs of 32 rows along K
+  keys = jax.random.split(jax.random.PRNGKey(3), 3)
+  x = jax.random.normal(keys[0], (1, k), jnp.float32)
+  w = jax.random.normal(keys[1], (k, sum(segments)), jnp.float32)
+  q = float(np.quantile(np.abs(np.asarray(x)), sparsity)) if sparsity else -1.0
+  t = jnp.asarray([q, q + 1e-6 if sparsity < 1 else q])
+  cfg = KernelConfig(mode="balanced", chunk=32, block_k=8, block_n=32, reduce="semaphore")
+  got = pallas_gemv.sparse_gemv(
+    x, w, t, None, segments, cfg, interpret=True, workspace=jnp.zeros((1, 4), jnp.int32)
+  )
+  ref = masked_ref(x, w, np.asarray(t), None, segments)
+  if sparsity == 1.0:
+    np.testing.assert_array_equal(np.asarray(got), 0.0)
+  else:
+    assert rel_err(got, ref) < 1e-5
 
 
 def test_semaphore_reduce_workspace_and_fallback():
@@ -212,7 +241,7 @@ def test_bad_inputs_raise():
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a CUDA GPU")
 @pytest.mark.parametrize("rows", [1, 2, 8])
-@pytest.mark.parametrize("mode", ["compact", "masked"])
+@pytest.mark.parametrize("mode", ["compact", "masked", "balanced"])
 def test_gpu_kernel_matches_xla(mode, rows):
   k, segments = 4096, (4096, 1024, 1024)
   keys = jax.random.split(jax.random.PRNGKey(rows), 3)

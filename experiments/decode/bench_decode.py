@@ -53,6 +53,12 @@ flags.DEFINE_integer("max_len", 512, "KV cache slots")
 flags.DEFINE_list(
   "configs", [], "JSONs of tuned kernel configs (experiments.decode.kernel_sweep; later files win per shape)"
 )
+flags.DEFINE_list(
+  "config_sets",
+  [],
+  "alternative tilings timed side by side in one run: each entry is '+'-joined kernel_sweep JSONs (later "
+  "files win per shape), e.g. a.json,a.json+b.json; empty = --configs alone",
+)
 flags.DEFINE_string("reduce", "", "override the configs' split-K reduce (partials | atomic | semaphore)")
 flags.DEFINE_enum(
   "backend",
@@ -182,7 +188,7 @@ def step_bytes(params, cfg, batch, max_len, kept=None, shortcuts=False) -> int:
   return int(total)
 
 
-def bench_model(name, key, configs, backend) -> list[dict]:
+def bench_model(name, key, config_sets, backend) -> list[dict]:
   """Rows of one model shape: every --attention entry times dense (per batch), the step without linear
   sites and each sparse variant; speedups are over the fastest dense of the run at the same batch."""
   cfg0 = SHAPES[name]
@@ -214,6 +220,7 @@ def bench_model(name, key, configs, backend) -> list[dict]:
       f"{name:10s} {variant:12s} {attention:9s} s={sparsity:.2f} b={batch} {secs * 1e3:8.3f} ms "
       + (f"dense_at={extra['dense_at']:g} " if "dense_at" in extra else "")
       + ("fuse_norm " if extra.get("fuse_norm") else "")
+      + (f"set={extra['config_set']} " if "config_set" in extra else "")
       + f"{nbytes / secs / 1e9:8.1f} GB/s {extra.get('check_vs_xla', '')}"
     )
 
@@ -241,8 +248,11 @@ def bench_model(name, key, configs, backend) -> list[dict]:
     scores = site_scores(params, cfg, tokens, with_scale=method == "wina")
     for b in batches if method == "teal" else [1]:
       for s in sparsities if b == 1 else [float(x) for x in FLAGS.batch_sparsities]:
-        for dense_at, fuse in itertools.product([float(v) for v in FLAGS.dense_at] or [None], fuse_norms()):
-          cs = configs if dense_at is None else {k: replace(c, dense_at=dense_at) for k, c in configs.items()}
+        for set_i, dense_at, fuse in itertools.product(
+          range(len(config_sets)), [float(v) for v in FLAGS.dense_at] or [None], fuse_norms()
+        ):
+          cs = config_sets[set_i]
+          cs = cs if dense_at is None else {k: replace(c, dense_at=dense_at) for k, c in cs.items()}
           sp, kept = make_sparsifier(scores, s, b, cs, backend)
           sp = sp.replace(fuse_norm=fuse)
           for att in attentions:
@@ -254,6 +264,8 @@ def bench_model(name, key, configs, backend) -> list[dict]:
               extra["dense_at"] = dense_at
             if len(FLAGS.fuse_norm) > 1 or fuse:
               extra["fuse_norm"] = fuse
+            if len(config_sets) > 1:
+              extra["config_set"] = FLAGS.config_sets[set_i]
             record(method, s, b, t, step_bytes(params, cfg, b, max_len, kept), att, kept, **extra)
     del scores
   if "wina_sc" in FLAGS.methods:
@@ -263,7 +275,7 @@ def bench_model(name, key, configs, backend) -> list[dict]:
       t = time_decode(params, cfg, None, tokens[:1], max_len, reps, attention=att)
       record("dense_sc", 0.0, 1, t, step_bytes(params, cfg, 1, max_len, shortcuts=True), att)
       for s in sparsities:
-        sp, kept = make_sparsifier(scores, s, 1, configs, backend)
+        sp, kept = make_sparsifier(scores, s, 1, config_sets[0], backend)
         t = time_decode(params, cfg, sp, tokens[:1], max_len, reps, attention=att)
         record("wina_sc", s, 1, t, step_bytes(params, cfg, 1, max_len, kept, shortcuts=True), att, kept)
   for r in rows:
@@ -277,7 +289,9 @@ def main(argv):
     FLAGS.models, FLAGS.steps, FLAGS.reps, FLAGS.max_len = ["tiny"], 4, 1, 16
     FLAGS.batches, FLAGS.sparsities = ["1", "2"], ["0", "0.5"]
   backend = FLAGS.backend if jax.default_backend() == "gpu" else "xla"
-  configs = load_configs(FLAGS.configs, FLAGS.reduce)
+  config_sets = [load_configs(FLAGS.configs, FLAGS.reduce)]
+  if FLAGS.config_sets:
+    config_sets = [load_configs(entry.split("+"), FLAGS.reduce) for entry in FLAGS.config_sets]
   result = {
     "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
     "jax": jax.__version__,
@@ -294,6 +308,7 @@ def main(argv):
         "reps",
         "max_len",
         "configs",
+        "config_sets",
         "reduce",
         "backend",
         "attention",
@@ -306,7 +321,7 @@ def main(argv):
   }
   tqdm.write(f"copy bandwidth GB/s: {result['copy_gb_per_s']}")
   for i, name in enumerate(FLAGS.models):
-    result["rows"] += bench_model(name, jax.random.PRNGKey(i), configs, backend)
+    result["rows"] += bench_model(name, jax.random.PRNGKey(i), config_sets, backend)
     if FLAGS.out:
       with open(FLAGS.out, "w") as f:
         json.dump(result, f, indent=1)

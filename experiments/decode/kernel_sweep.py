@@ -5,6 +5,9 @@ call's GPU time hides its dispatch) inside one jit, like the unrolled decoder; r
 target sparsity by a threshold on |x|.
 
 GPU:  PYTHONPATH=. python3 -m experiments.decode.kernel_sweep --out=$OUT/sweep.json
+Chosen tilings only (kernels.config.parse), on some shapes:
+      PYTHONPATH=. python3 -m experiments.decode.kernel_sweep --shapes=4096x6144,4096x4096 \
+        --candidates=balanced:128:32:256:4:3:semaphore:prefetch,compact:256:32:256:4:3:atomic --out=...
 CPU smoke test (interpret mode):
       .venv/bin/python -m experiments.decode.kernel_sweep --models=tiny --backend=interpret --copies=2 --budget_s=0 --top=1
 """
@@ -24,7 +27,7 @@ from absl import app, flags
 from wina_jax.bench.shapes import SHAPES
 from wina_jax.decode import fused_site_shapes
 from wina_jax.kernels import KernelConfig, masked_linear
-from wina_jax.kernels.config import WORKSPACE_BLOCKS, resolve
+from wina_jax.kernels.config import WORKSPACE_BLOCKS, parse, resolve
 
 flags.DEFINE_list("models", ["llama3_8b", "qwen25_7b"], "model shapes to tune")
 flags.DEFINE_float("sparsity", 0.5, "sparsity the tilings are ranked at")
@@ -42,6 +45,13 @@ flags.DEFINE_integer(
   0,
   "weight buffers per shape (0: enough for 600 MB, 10x the H200's L2, so one call's GPU time hides its dispatch)",
 )
+flags.DEFINE_list(
+  "candidates",
+  [],
+  "tilings to try instead of the built-in list, each 'mode:chunk:block_k:block_n[:warps[:stages[:reduce[:loop]]]]' "
+  "(kernels.config.parse), e.g. balanced:128:32:256:4:3:semaphore",
+)
+flags.DEFINE_list("shapes", [], "only these fused shapes, as d_inxd_out (e.g. 4096x6144); empty = all")
 FLAGS = flags.FLAGS
 
 # Tried in this order within --budget_s per shape, with the 'atomic' reduce; the --top best are re-timed
@@ -108,7 +118,7 @@ def main(argv):
     for d_in, segs in fused_site_shapes(SHAPES[model]):
       n = sum(segs)
       name = f"{d_in}x{n}"
-      if name in res["shapes"]:
+      if name in res["shapes"] or (FLAGS.shapes and name not in FLAGS.shapes):
         continue
       nbytes = d_in * n * 2
       copies = FLAGS.copies or max(2, -(-600_000_000 // nbytes))
@@ -153,7 +163,7 @@ def main(argv):
 
       rows, start = [], time.time()
       tried = set()
-      for cfg in CANDIDATES:
+      for cfg in [parse(c) for c in FLAGS.candidates] or CANDIDATES:
         cfg = resolve(cfg, d_in, segs)  # shrunk to tile the shape exactly (small test models)
         if cfg is None or cfg in tried or (rows and time.time() - start > FLAGS.budget_s):
           continue

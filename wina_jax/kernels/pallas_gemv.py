@@ -13,7 +13,10 @@ results equal the per-row masked matmul.
 
 'compact' mode first compacts the kept row ids of its chunk (cumsum, scatter into a per-program
 scratch, barrier), then loads full [BK, BN] tiles of kept rows only; 'masked' mode walks fixed
-[BK, BN] tiles and masks dropped rows out of each load (TEAL's design).
+[BK, BN] tiles and masks dropped rows out of each load (TEAL's design). 'balanced' mode compacts over the
+whole input instead: program k along K takes kept rows [k C, (k + 1) C) of the input's kept list, so
+every working program holds C kept rows (the last one fewer) whatever the sparsity, where 'compact'
+programs hold a chunk's kept rows, fewer as sparsity grows and uneven across chunks.
 
 Fused projections: the output columns split into segments (q|k|v or gate|up), each with its own
 threshold and scale; a program's BN columns lie in one segment.
@@ -32,6 +35,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from wina_jax.kernels.config import KernelConfig
+
+SCAN_ROWS = 4096  # input rows per step of a whole-input pass (the norm's sum of squares, 'balanced' mode's
+# scan): a power of two, the last step masked
 
 
 def compiler_params(num_warps: int, num_stages: int):
@@ -72,34 +78,49 @@ def _kernel(
   seg = sum((n0 >= b).astype(jnp.int32) for b in bounds) if bounds else jnp.int32(0)
   thr = plgpu.load(t_ref.at[seg])
   cols = (n0 + _iota(bn))[None, :]
+  d_in = x_ref.shape[0]
+  piece = min(SCAN_ROWS, 1 << (d_in - 1).bit_length())  # input rows per step of a whole-input pass
+  n_pieces = -(-d_in // piece)
+
+  def piece_rows(j):
+    """Input rows of whole-input pass step j [piece] and which exist (None: all do)."""
+    ids = j * piece + _iota(piece)
+    return ids, (ids < d_in if d_in % piece else None)
+
   if norm_eps is not None:  # RMSNorm prologue: each row's 1 / rms over all K inputs, in float32
-    d_in = x_ref.shape[0]
 
     def sum_squares(j, acc):
-      idx = j * c + _iota(c)
+      ids, inside = piece_rows(j)
+      masked = {} if inside is None else dict(mask=inside, other=0)
       return tuple(
-        a + jnp.sum(jnp.square(plgpu.load(x_ref.at[idx, jnp.int32(b)]).astype(jnp.float32)))
+        a + jnp.sum(jnp.square(plgpu.load(x_ref.at[ids, jnp.int32(b)], **masked).astype(jnp.float32)))
         for b, a in enumerate(acc)
       )
 
-    ss = jax.lax.fori_loop(0, d_in // c, sum_squares, tuple(jnp.float32(0.0) for _ in range(rows)))
+    ss = jax.lax.fori_loop(0, n_pieces, sum_squares, tuple(jnp.float32(0.0) for _ in range(rows)))
     inv_rms = [jax.lax.rsqrt(v / d_in + norm_eps) for v in ss]
 
-  def load_x(idx, b):
+  def load_x(idx, b, inside=None):
     """Row b's input at rows idx [R], float32: x, or with the prologue `layers.rms_norm`'s value (the
-    normalised input rounded to x's dtype, times the gain, rounded again: bf16 products are exact in f32)."""
-    xb = plgpu.load(x_ref.at[idx, jnp.int32(b)])
+    normalised input rounded to x's dtype, times the gain, rounded again: bf16 products are exact in f32).
+    inside [R] bool: rows past the input, not loaded (0)."""
+    masked = {} if inside is None else dict(mask=inside, other=0)
+    xb = plgpu.load(x_ref.at[idx, jnp.int32(b)], **masked)
     if norm_eps is None:
       return xb.astype(jnp.float32)
     y = (xb.astype(jnp.float32) * inv_rms[b]).astype(xb.dtype).astype(jnp.float32)
-    return (y * plgpu.load(g_ref.at[idx]).astype(jnp.float32)).astype(xb.dtype).astype(jnp.float32)
+    return (y * plgpu.load(g_ref.at[idx], **masked).astype(jnp.float32)).astype(xb.dtype).astype(jnp.float32)
 
-  def load_rows(idx, valid=None):
-    """x at input rows idx [R] -> (per batch row: x [R] f32, keep [R] bool), and their union [R] bool."""
-    scale = plgpu.load(s_ref.at[seg, idx]) if has_scale else None
+  def load_rows(idx, valid=None, inside=None):
+    """x at input rows idx [R] -> (per batch row: x [R] f32, keep [R] bool), and their union [R] bool.
+    valid [R]: rows that may be kept; inside [R]: rows that exist (others are neither loaded nor kept)."""
+    valid = inside if valid is None else valid
+    scale = None
+    if has_scale:
+      scale = plgpu.load(s_ref.at[seg, idx], **({} if inside is None else dict(mask=inside, other=0.0)))
     xs, keeps = [], []
     for b in range(rows):
-      xb = load_x(idx, b)
+      xb = load_x(idx, b, inside)
       kb = (jnp.abs(xb) * scale if has_scale else jnp.abs(xb)) > thr
       xs.append(xb)
       keeps.append(kb if valid is None else kb & valid)
@@ -124,6 +145,24 @@ def _kernel(
     w = plgpu.load(w_ref.at[idx[:, None], cols], eviction_policy="evict_first", **mask)
     return accumulate(acc, xs, keeps, w.astype(jnp.float32))
 
+  if cfg.mode == "balanced":
+    (idx_ref,) = scratch
+
+    def scan(j, base):
+      """Kept rows of input piece j: those at kept positions [k0, k0 + C) of the whole input go to this
+      program's list (every other lane to the spare slot C, masked); returns the kept count so far."""
+      ids, inside = piece_rows(j)
+      keep = load_rows(ids, inside=inside)[2]
+      k32 = keep.astype(jnp.int32)
+      pos = base + jnp.cumsum(k32) - k32 - k0
+      mine = keep & (pos >= 0) & (pos < c)
+      plgpu.store(idx_ref.at[pn, pk, jnp.where(mine, pos, c)], ids, mask=mine)
+      return base + jnp.sum(k32)
+
+    total = jax.lax.fori_loop(0, n_pieces, scan, jnp.int32(0))
+    if not interpret:
+      plgpu.debug_barrier()
+    count = jnp.clip(total - k0, 0, c)  # this program's share of the kept rows: full, a tail, or none
   if cfg.mode == "compact":
     (idx_ref,) = scratch
     chunk_rows = k0 + _iota(c)
@@ -146,6 +185,7 @@ def _kernel(
       # the dense fallback: every row tile of the chunk, contiguous and unmasked (a dense GEMV's loads)
       trips = (kept >= dense_rows).astype(kept.dtype) * (c // bk)  # int32 like the lower bound
       acc0 = jax.lax.fori_loop(0, trips, lambda j, acc: tile(j, acc, False), acc0)
+  if cfg.mode in ("compact", "balanced"):
 
     def index(j):
       """Kept-row ids of compacted tile j [BK] (0 past the kept count) and their validity [BK]."""
@@ -263,6 +303,8 @@ def sparse_gemv(
     out_shape = [jax.ShapeDtypeStruct((nk, rows, n), jnp.float32)]
   if cfg.mode == "compact":
     out_shape.append(jax.ShapeDtypeStruct((nn, nk, cfg.chunk), jnp.int32))
+  elif cfg.mode == "balanced":  # one spare slot per program for the scan's masked lanes
+    out_shape.append(jax.ShapeDtypeStruct((nn, nk, cfg.chunk + 1), jnp.int32))
   body = functools.partial(
     _kernel,
     cfg=cfg,
