@@ -40,6 +40,11 @@ flags.DEFINE_enum(
   ["xla", "pallas"],
   "decode attention: XLA ops or the Pallas kernel (interpret mode off the GPU)",
 )
+flags.DEFINE_bool(
+  "fuse_norm",
+  False,
+  "sparse variants normalise in the kernels' prologue (FusedThresholdSparsifier.fuse_norm)",
+)
 flags.DEFINE_string("out", "", "write the results JSON here")
 flags.DEFINE_bool("tiny", False, "CPU smoke test: tiny model, XLA path (host XLA ops, no device plane)")
 
@@ -88,7 +93,7 @@ def profile_model(
     else:
       if method not in scores:
         scores[method] = site_scores(params, cfg, tokens, with_scale=method == "wina")
-      sp = make_sparsifier(scores[method], s, 1, configs, backend)[0]
+      sp = make_sparsifier(scores[method], s, 1, configs, backend)[0].replace(fuse_norm=FLAGS.fuse_norm)
     events = trace_run(params, cfg, sp, tokens, max_len, attention)
     row = {"model": name, "variant": v, **summarize(events, steps, top)}
     rows.append(row)
@@ -135,6 +140,7 @@ def main(argv):
             "variants": FLAGS.variants,
             "steps": FLAGS.steps,
             "configs": FLAGS.configs,
+            "fuse_norm": FLAGS.fuse_norm,
             "attention": FLAGS.attention,
           },
           "rows": rows,
