@@ -40,6 +40,9 @@ def rel_err(a, b):
     ("balanced", "partials", 1, (96,), True, "dynamic"),
     ("balanced", "atomic", 3, (64, 32, 32), False, "prefetch"),
     ("balanced", "semaphore", 1, (64, 32, 32), True, "prefetch"),
+    ("indexed", "partials", 1, (64, 32, 32), True, "dynamic"),
+    ("indexed", "atomic", 3, (96,), False, "prefetch"),
+    ("indexed", "semaphore", 2, (64, 32, 32), False, "dynamic"),
   ],
 )
 def test_interpret_kernel_matches_xla_and_masked_dense(mode, reduce, rows, segments, wina, loop):
@@ -152,6 +155,29 @@ def test_balanced_shares_over_scan_steps(monkeypatch, sparsity):
     assert rel_err(got, ref) < 1e-5
 
 
+def test_kept_rows_lists_each_segments_kept_inputs_in_order():
+  """'indexed' mode's compaction: per segment, the rows any batch row keeps, in order, then zeros."""
+  from wina_jax.kernels.pallas_gemv import kept_rows
+
+  x = jnp.asarray([[0.1, -2.0, 0.5, 3.0, -0.2], [0.0, 0.0, -0.9, 0.1, 0.0]], jnp.float32)
+  scales = jnp.asarray([[1.0] * 5, [1.0, 0.1, 1.0, 1.0, 10.0]])
+  ids, counts = kept_rows(x, jnp.asarray([0.45, 0.45]), scales, 2)
+  np.testing.assert_array_equal(np.asarray(counts), [3, 3])
+  np.testing.assert_array_equal(np.asarray(ids), [[1, 2, 3, 0, 0], [2, 3, 4, 0, 0]])  # 0.2 < 0.45 < 2.0
+  ids, counts = kept_rows(x, jnp.asarray([0.45, 2.5]), None, 2)  # TEAL: |x| for every segment
+  np.testing.assert_array_equal(np.asarray(counts), [3, 1])
+  np.testing.assert_array_equal(np.asarray(ids[1]), [3, 0, 0, 0, 0])
+  with pytest.raises(ValueError, match="no RMSNorm prologue"):
+    masked_linear(
+      x,
+      jnp.ones((5, 32)),
+      0.3,
+      backend="interpret",
+      config=KernelConfig(mode="indexed", chunk=1, block_k=1, block_n=32),
+      norm=(jnp.ones(5), 1e-5),
+    )
+
+
 def test_semaphore_reduce_workspace_and_fallback():
   """The semaphore kernel writes x.dtype itself, sums the partials (here bitwise equal to the 'partials'
   reduce), leaves its workspace zeroed, runs 'partials' without one and rejects a small one."""
@@ -241,7 +267,7 @@ def test_bad_inputs_raise():
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a CUDA GPU")
 @pytest.mark.parametrize("rows", [1, 2, 8])
-@pytest.mark.parametrize("mode", ["compact", "masked", "balanced"])
+@pytest.mark.parametrize("mode", ["compact", "masked", "balanced", "indexed"])
 def test_gpu_kernel_matches_xla(mode, rows):
   k, segments = 4096, (4096, 1024, 1024)
   keys = jax.random.split(jax.random.PRNGKey(rows), 3)

@@ -12,7 +12,7 @@ MAX_ROWS = 8  # batch*tokens rows the GEMV kernel takes; more rows go to the XLA
 # B >= 2 (B = 2: 0.76x / 0.90x vs 0.97x / 0.97x of dense; B = 4: 0.40x vs 0.97x; B = 8: 0.22x vs 0.96x):
 # benchmarks/results/bench_decode_h200_{xla_batches,auto_b2,loop_full}.json. 'pallas' still takes up to MAX_ROWS.
 AUTO_MAX_ROWS = 1
-MODES = ("compact", "masked", "balanced")
+MODES = ("compact", "masked", "balanced", "indexed")
 REDUCES = ("partials", "atomic", "semaphore")
 LOOPS = ("dynamic", "prefetch")
 WORKSPACE_BLOCKS = (
@@ -27,7 +27,9 @@ class KernelConfig:
   mode: 'compact' (each program compacts the kept rows of its chunk, then loads only full row tiles),
     'masked' (TEAL-style: fixed row tiles, dropped rows masked out of the load) or 'balanced' (every
     program scans the whole input and takes the chunk-th share of all kept rows, so programs along K get
-    equal full shares, K / chunk of them at 0 % and fewer as sparsity grows; the rest exit after the scan).
+    equal full shares, K / chunk of them at 0 % and fewer as sparsity grows; the rest exit after the scan)
+    or 'indexed' (the same shares of a kept-row list that XLA compacts once per input before the kernel,
+    `pallas_gemv.kept_rows`; no RMSNorm prologue).
   chunk: input rows per program (C); block_k: rows per loaded tile (BK); block_n: output columns
     per program (BN); num_warps / num_stages: Triton's.
   reduce: how the split-K partial sums meet. 'partials': each program stores its fp32 partial, XLA
@@ -39,7 +41,7 @@ class KernelConfig:
   loop: 'compact' mode's row-tile loop over ceil(kept / BK) tiles. 'dynamic' loads and sums one tile
     per step; 'prefetch' pipelines by hand: while tile j is summed, the loads of tile j + 1 and the row
     ids of tile j + 2 are in flight. ('masked' mode walks chunk / BK tiles; Triton pipelines them.)
-  dense_at: 'compact' mode's dense fallback ('balanced' and 'masked' ignore it). A program whose chunk keeps at least dense_at * chunk rows
+  dense_at: 'compact' mode's dense fallback (the other modes ignore it). A program whose chunk keeps at least dense_at * chunk rows
     (the union over the batch) skips the compaction and walks the whole chunk in contiguous [BK, BN]
     tiles, dropped rows multiplied by zero, as a dense GEMV does; above 1 never.
   """

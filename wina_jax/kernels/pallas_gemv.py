@@ -67,10 +67,12 @@ def _kernel(
   interpret: bool,
 ):
   c, bk, bn = cfg.chunk, cfg.block_k, cfg.block_n
+  if cfg.mode == "indexed":  # the input's kept-row ids per segment [S, K] and their counts [S], from XLA
+    ids_ref, cnt_ref, *refs = refs
   if cfg.reduce == "atomic":
     _, o_ref, *scratch = refs  # the zeroed input aliased to o_ref comes first
   elif cfg.reduce == "semaphore":
-    cnt_ref, o_ref, part_ref, *scratch = refs
+    sem_ref, o_ref, part_ref, *scratch = refs
   else:
     o_ref, *scratch = refs
   pn, pk = pl.program_id(0), pl.program_id(1)
@@ -163,6 +165,8 @@ def _kernel(
     if not interpret:
       plgpu.debug_barrier()
     count = jnp.clip(total - k0, 0, c)  # this program's share of the kept rows: full, a tail, or none
+  if cfg.mode == "indexed":
+    count = jnp.clip(plgpu.load(cnt_ref.at[seg]) - k0, 0, c)  # this program's share, as in 'balanced'
   if cfg.mode == "compact":
     (idx_ref,) = scratch
     chunk_rows = k0 + _iota(c)
@@ -185,12 +189,14 @@ def _kernel(
       # the dense fallback: every row tile of the chunk, contiguous and unmasked (a dense GEMV's loads)
       trips = (kept >= dense_rows).astype(kept.dtype) * (c // bk)  # int32 like the lower bound
       acc0 = jax.lax.fori_loop(0, trips, lambda j, acc: tile(j, acc, False), acc0)
-  if cfg.mode in ("compact", "balanced"):
+  if cfg.mode != "masked":
 
     def index(j):
       """Kept-row ids of compacted tile j [BK] (0 past the kept count) and their validity [BK]."""
-      valid = j * bk + _iota(bk) < count
-      return plgpu.load(idx_ref.at[pn, pk, j * bk + _iota(bk)], mask=valid, other=0), valid
+      pos = j * bk + _iota(bk)
+      valid = pos < count
+      ref = ids_ref.at[seg, k0 + pos] if cfg.mode == "indexed" else idx_ref.at[pn, pk, pos]
+      return plgpu.load(ref, mask=valid, other=0), valid
 
     def fetch(idx, valid):
       """x and keep per batch row, and the weight tile [BK, BN] (bf16) of the kept rows idx."""
@@ -233,7 +239,7 @@ def _kernel(
       plgpu.store(part_ref.at[pk, b, out_cols], acc[b])
     if not interpret:
       plgpu.debug_barrier()  # every thread's partial is stored before the (acq_rel) count
-    arrived = plgpu.atomic_add(cnt_ref, (jnp.int32(slot), pn), jnp.int32(1))
+    arrived = plgpu.atomic_add(sem_ref, (jnp.int32(slot), pn), jnp.int32(1))
 
     @pl.when(arrived == nk - 1)  # the column block's last program: one load of all partials, reset
     def _():
@@ -244,7 +250,24 @@ def _kernel(
           part_ref.at[ks[:, None], b, out_cols[None, :]], mask=(ks < nk)[:, None], other=0.0, volatile=True
         )
         plgpu.store(o_ref.at[b, out_cols], jnp.sum(part, axis=0).astype(o_ref.dtype))
-      plgpu.store(cnt_ref.at[jnp.int32(slot), pn], jnp.int32(0))
+      plgpu.store(sem_ref.at[jnp.int32(slot), pn], jnp.int32(0))
+
+
+def kept_rows(x: jax.Array, thresholds: jax.Array, scales: Optional[jax.Array], n_seg: int):
+  """x [M, K], thresholds [S], scales [S, K] or None -> (ids [S, K] int32: per segment, the input rows kept
+  by any batch row (|x| * scale > threshold) in order, then zeros; counts [S] int32). 'indexed' mode's
+  compaction, as XLA ops: once per site input instead of once per program."""
+  k = x.shape[1]
+  score = jnp.abs(x.astype(jnp.float32))[None] * (
+    1.0 if scales is None else scales[:, None, :]
+  )  # [S|1, M, K]
+  keep = jnp.broadcast_to(jnp.any(score > thresholds[:, None, None], axis=1), (n_seg, k))
+  pos = jnp.where(keep, jnp.cumsum(keep, axis=1, dtype=jnp.int32) - 1, k)  # past the end: dropped
+  ids = jnp.zeros((n_seg, k + 1), jnp.int32)
+  ids = ids.at[jnp.arange(n_seg)[:, None], pos].set(
+    jnp.broadcast_to(jnp.arange(k, dtype=jnp.int32), (n_seg, k))
+  )
+  return ids[:, :k], jnp.sum(keep, axis=1, dtype=jnp.int32)
 
 
 @functools.partial(jax.jit, static_argnames=("segments", "cfg", "interpret", "slot", "norm_eps"))
@@ -289,6 +312,10 @@ def sparse_gemv(
     )
   g = norm_scale if norm_scale is not None else jnp.zeros((1,), x.dtype)
   args = [xt, thresholds.astype(jnp.float32), s, g, kernel]
+  if cfg.mode == "indexed":
+    if norm_scale is not None:
+      raise ValueError("'indexed' mode compacts in XLA before the kernel and takes no RMSNorm prologue")
+    args += list(kept_rows(x, thresholds, scales, len(segments)))
   if cfg.reduce == "atomic":
     out_shape = [jax.ShapeDtypeStruct((rows, n), jnp.float32)]
     args.append(jnp.zeros((rows, n), jnp.float32))
@@ -321,7 +348,7 @@ def sparse_gemv(
     out_shape=tuple(out_shape),
     grid=(nn, nk),
     interpret=interpret,
-    input_output_aliases={5: 0} if cfg.reduce == "atomic" else {},
+    input_output_aliases={len(args) - 1: 0} if cfg.reduce == "atomic" else {},
     compiler_params=None if interpret else compiler_params(cfg.num_warps, cfg.num_stages),
     name=f"sparse_gemv_{cfg.mode}",
   )
