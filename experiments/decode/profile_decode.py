@@ -1,7 +1,7 @@
 """Where a decode step's time goes: the device kernels of `decode_loop`, from a JAX profiler trace.
 
   python -m experiments.decode.profile_decode --models=llama3_8b,qwen25_7b --variants=dense,teal:0.5,teal:0.65 \
-      --configs=benchmarks/results/kernel_sweep_h200_b.json --out=$OUT/profile.json
+      --configs=benchmarks/configs/h200_partials.json --out=$OUT/profile.json
   python -m experiments.decode.profile_decode --tiny          # CPU smoke test (host XLA ops, no device plane)
   (--attention=pallas: the Pallas decode-attention kernel instead of XLA's attention, interpret mode on CPU)
 

@@ -7,7 +7,7 @@
 #   tests   the GPU kernel tests (tests/test_kernels.py -k gpu)
 #   sweep   experiments.decode.kernel_sweep on the Llama-3-8B and Qwen-2.5-7B site shapes -> OUT/kernel_sweep.json
 #   bench   experiments.decode.bench_decode, batch 1, teal and wina at 0 / 0.5 / 0.65, with the sweep's tilings
-#           (OUT/kernel_sweep.json if the sweep ran, over the committed kernel_sweep_h200_b.json)
+#           (OUT/kernel_sweep.json if the sweep ran, over the committed benchmarks/configs/h200_partials.json)
 #   full    experiments.decode.bench_decode, every variant, batch 1-8 (the table of decode_h200.md)
 #   attn_tests    the GPU tests of the decode-attention and sparse GEMV kernels (Triton kernels vs XLA on the
 #                 real shapes; tests/test_decode_attention.py and tests/test_kernels.py, -k gpu)
@@ -22,6 +22,11 @@
 #   norm          bench_decode, batch 1, teal and wina at 0 / 50 / 65 %, the RMSNorm prologue off and on in one run
 #                 (--fuse_norm=false,true), Pallas attention -> OUT/bench_decode_norm.json
 #   attn_profile  profile_decode, both attentions, dense / teal 50 / 65 % -> OUT/profile_decode_attn{,_xla}.json
+#   fixed   bench_decode, Llama-3-8B shape, teal at 0 / 50 / 65 / 99.9 % (the last: the sparse kernels' fixed
+#           cost, almost no weight rows kept) and profile_decode at 65 / 99.9 % -> OUT/bench_decode_fixed.json,
+#           OUT/profile_decode_fixed.json
+#   modes   bench_decode, Llama-3-8B shape, teal 50 / 65 %: the tilings against the kernel's 'balanced' and
+#           'indexed' modes and the 'semaphore' reduce on every site, in one run -> OUT/bench_decode_modes.json
 # CONFIGS (comma-separated kernel_sweep JSONs) replaces the committed tilings; MODELS the attn stage's
 # model shapes; SWEEP_S, BENCH_S, FULL_S, TESTS_S (attn_tests) and ATTN_S (each other attn stage) override
 # the stages' time limits (seconds), SWEEP_BUDGET the
@@ -29,7 +34,7 @@
 set -u
 out=$1; shift
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-configs=${CONFIGS:-benchmarks/results/kernel_sweep_h200_b.json}
+configs=${CONFIGS:-benchmarks/configs/h200_partials.json}
 [ -f "$out/kernel_sweep.json" ] && configs=$configs,$out/kernel_sweep.json
 for stage in "$@"; do
   echo "== $stage $(date -u +%T)"
@@ -37,7 +42,7 @@ for stage in "$@"; do
     tests) timeout -k 5 120 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py -k gpu ;;
     sweep) timeout -k 5 "${SWEEP_S:-280}" python3 -m experiments.decode.kernel_sweep --budget_s="${SWEEP_BUDGET:-14}" --top=2 \
              --out="$out/kernel_sweep.json"
-           [ -f "$out/kernel_sweep.json" ] && configs=${CONFIGS:-benchmarks/results/kernel_sweep_h200_b.json},$out/kernel_sweep.json ;;
+           [ -f "$out/kernel_sweep.json" ] && configs=${CONFIGS:-benchmarks/configs/h200_partials.json},$out/kernel_sweep.json ;;
     bench) timeout -k 5 "${BENCH_S:-200}" python3 -m experiments.decode.bench_decode --configs="$configs" --batches=1 \
              --methods=teal,wina --sparsities=0,0.5,0.65 --reps=5 --out="$out/bench_decode.json" ;;
     full) timeout -k 5 "${FULL_S:-420}" python3 -m experiments.decode.bench_decode --configs="$configs" \
@@ -66,7 +71,17 @@ for stage in "$@"; do
           --variants=dense,teal:0.5,teal:0.65 --configs="$configs" --attention=$att \
           --out="$out/profile_decode_attn$([ $att = xla ] && echo _xla).json"
       done ;;
-    *) echo "unknown stage $stage: tests | sweep | bench | full | attn_tests | attn | attn_sweep | dense_at | step | norm | attn_profile" >&2
+    fixed) timeout -k 5 "${ATTN_S:-300}" python3 -m experiments.decode.bench_decode --configs="$configs" \
+             --attention=pallas --models=llama3_8b --batches=1 --methods=teal --sparsities=0,0.5,0.65,0.999 --reps=3 \
+             --out="$out/bench_decode_fixed.json"
+           timeout -k 5 120 python3 -m experiments.decode.profile_decode --models=llama3_8b --configs="$configs" \
+             --variants=teal:0.65,teal:0.999 --attention=pallas --top=30 --out="$out/profile_decode_fixed.json" ;;
+    modes) c=benchmarks/configs
+           timeout -k 5 "${ATTN_S:-400}" python3 -m experiments.decode.bench_decode --models=llama3_8b --batches=1 \
+             --methods=teal --sparsities=0.5,0.65 --reps=3 --attention=pallas \
+             --config_sets="$configs,$configs+$c/balanced_256.json,$configs+$c/indexed_256.json,$configs+$c/sweep_b_semaphore.json" \
+             --out="$out/bench_decode_modes.json" ;;
+    *) echo "unknown stage $stage: tests | sweep | bench | full | attn_tests | attn | attn_sweep | dense_at | step | norm | attn_profile | fixed | modes" >&2
        exit 2 ;;
   esac 2>&1 | tee "$out/$stage.log" | tail -40
 done

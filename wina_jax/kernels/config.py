@@ -29,11 +29,14 @@ class KernelConfig:
     program scans the whole input and takes the chunk-th share of all kept rows, so programs along K get
     equal full shares, K / chunk of them at 0 % and fewer as sparsity grows; the rest exit after the scan)
     or 'indexed' (the same shares of a kept-row list that XLA compacts once per input before the kernel,
-    `pallas_gemv.kept_rows`; no RMSNorm prologue).
+    `pallas_gemv.kept_rows`; no RMSNorm prologue). On the H200 'balanced' and 'indexed' made the decode
+    step 1.7-3x slower than 'compact' (benchmarks/results/decode_h200.md, session 7): fewer programs with
+    longer chains of dependent loads lose to many short ones.
   chunk: input rows per program (C); block_k: rows per loaded tile (BK); block_n: output columns
     per program (BN); num_warps / num_stages: Triton's.
   reduce: how the split-K partial sums meet. 'partials': each program stores its fp32 partial, XLA
-    sums them afterwards (one more kernel); 'atomic': atomic adds into an fp32 output that XLA zeroes
+    sums them afterwards (one more kernel, fused into the consumer where XLA can; fastest in the H200
+    decode step, session 7); 'atomic': atomic adds into an fp32 output that XLA zeroes
     first (one more kernel, a memset); 'semaphore': each program stores its partial and bumps a counter
     per column block, and the last program of the block sums the partials and writes the output in
     x's dtype, so the site is one launch. It needs a zeroed int32 workspace that the kernel leaves
