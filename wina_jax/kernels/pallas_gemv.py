@@ -16,7 +16,10 @@ scratch, barrier), then loads full [BK, BN] tiles of kept rows only; 'masked' mo
 [BK, BN] tiles and masks dropped rows out of each load (TEAL's design). 'balanced' mode compacts over the
 whole input instead: program k along K takes kept rows [k C, (k + 1) C) of the input's kept list, so
 every working program holds C kept rows (the last one fewer) whatever the sparsity, where 'compact'
-programs hold a chunk's kept rows, fewer as sparsity grows and uneven across chunks.
+programs hold a chunk's kept rows, fewer as sparsity grows and uneven across chunks. 'indexed' mode takes
+the same shares of a list that XLA compacts once per input (`kept_rows`). On the H200 decode step
+'compact' (and 'masked' for some shapes) with 'partials' is fastest; the other modes and reduces lost,
+by the amounts in benchmarks/results/decode_h200.md (session 7).
 
 Fused projections: the output columns split into segments (q|k|v or gate|up), each with its own
 threshold and scale; a program's BN columns lie in one segment.
