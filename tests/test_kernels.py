@@ -210,6 +210,20 @@ def test_sparsifier_semaphore_workspace():
     assert rel_err(got, ref) < 4e-3
 
 
+def test_parse_kernel_config_specs():
+  assert C.parse("compact:256:32:256:4:3:partials:prefetch") == KernelConfig(
+    "compact", 256, 32, 256, 4, 3, "partials", "prefetch"
+  )
+  assert C.parse("indexed:128:16:64") == KernelConfig("indexed", 128, 16, 64)
+  assert C.parse("compact:64:16:32:4:2:atomic:dynamic:0.5").dense_at == 0.5
+  with pytest.raises(ValueError, match="the first four at least"):
+    C.parse("compact:64:16")
+  with pytest.raises(ValueError, match="compact:x"):
+    C.parse("compact:x:16:32")
+  with pytest.raises(ValueError, match="mode 'dense'"):
+    C.parse("dense:64:16:32")
+
+
 def test_xla_path_for_many_rows_and_untileable_shapes():
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 7, 48), jnp.float32)  # 14 rows > MAX_ROWS
   w = jax.random.normal(jax.random.PRNGKey(1), (48, 40), jnp.float32)

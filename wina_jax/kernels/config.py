@@ -44,9 +44,9 @@ class KernelConfig:
   loop: 'compact' mode's row-tile loop over ceil(kept / BK) tiles. 'dynamic' loads and sums one tile
     per step; 'prefetch' pipelines by hand: while tile j is summed, the loads of tile j + 1 and the row
     ids of tile j + 2 are in flight. ('masked' mode walks chunk / BK tiles; Triton pipelines them.)
-  dense_at: 'compact' mode's dense fallback (the other modes ignore it). A program whose chunk keeps at least dense_at * chunk rows
-    (the union over the batch) skips the compaction and walks the whole chunk in contiguous [BK, BN]
-    tiles, dropped rows multiplied by zero, as a dense GEMV does; above 1 never.
+  dense_at: 'compact' mode's dense fallback (the other modes ignore it). A program whose chunk keeps at
+    least dense_at * chunk rows (the union over the batch) skips the compaction and walks the whole chunk
+    in contiguous [BK, BN] tiles, dropped rows multiplied by zero, as a dense GEMV does; above 1 never.
   """
 
   mode: str = "compact"
@@ -78,20 +78,17 @@ class KernelConfig:
       raise ValueError(f"chunk={self.chunk} must be a multiple of block_k={self.block_k}")
 
 
-SPEC_FIELDS = ("mode", "chunk", "block_k", "block_n", "num_warps", "num_stages", "reduce", "loop", "dense_at")
-
-
 def parse(spec: str) -> KernelConfig:
   """A config from 'mode:chunk:block_k:block_n[:num_warps[:num_stages[:reduce[:loop[:dense_at]]]]]',
-  e.g. 'balanced:128:32:256:4:3:semaphore:prefetch' (the fields of KernelConfig in order; the rest default)."""
+  e.g. 'compact:256:32:256:4:3:partials:prefetch' (KernelConfig's fields in order; the rest default)."""
+  fields = dataclasses.fields(KernelConfig)
   parts = spec.split(":")
-  if not 4 <= len(parts) <= len(SPEC_FIELDS):
+  if not 4 <= len(parts) <= len(fields):
     raise ValueError(
-      f"kernel config {spec!r} is not 'mode:chunk:block_k:block_n[:warps[:stages[:reduce[:loop[:dense_at]]]]]'"
+      f"kernel config {spec!r} is not {':'.join(f.name for f in fields)} (the first four at least)"
     )
-  kinds = dict(mode=str, reduce=str, loop=str, dense_at=float)
-  try:
-    values = {f: kinds.get(f, int)(v) for f, v in zip(SPEC_FIELDS, parts)}
+  try:  # each field's default has its type (str, int or float)
+    values = {f.name: type(f.default)(v) for f, v in zip(fields, parts)}
   except ValueError as e:
     raise ValueError(f"kernel config {spec!r}: {e}") from None
   return KernelConfig(**values)
