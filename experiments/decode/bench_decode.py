@@ -56,8 +56,8 @@ flags.DEFINE_list(
 flags.DEFINE_list(
   "config_sets",
   [],
-  "alternative tilings timed side by side in one run: each entry is '+'-joined kernel_sweep JSONs (later "
-  "files win per shape), e.g. a.json,a.json+b.json; empty = --configs alone",
+  "alternative tilings timed side by side in one run: each entry is '+'-joined kernel_sweep JSONs laid over "
+  "--configs (later files win per shape), e.g. a.json,a.json+b.json; empty = --configs alone",
 )
 flags.DEFINE_string("reduce", "", "override the configs' split-K reduce (partials | atomic | semaphore)")
 flags.DEFINE_enum(
@@ -289,9 +289,10 @@ def main(argv):
     FLAGS.models, FLAGS.steps, FLAGS.reps, FLAGS.max_len = ["tiny"], 4, 1, 16
     FLAGS.batches, FLAGS.sparsities = ["1", "2"], ["0", "0.5"]
   backend = FLAGS.backend if jax.default_backend() == "gpu" else "xla"
-  config_sets = [load_configs(FLAGS.configs, FLAGS.reduce)]
-  if FLAGS.config_sets:
-    config_sets = [load_configs(entry.split("+"), FLAGS.reduce) for entry in FLAGS.config_sets]
+  config_sets = [
+    load_configs(FLAGS.configs + (entry.split("+") if entry else []), FLAGS.reduce)
+    for entry in FLAGS.config_sets or [""]
+  ]
   result = {
     "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
     "jax": jax.__version__,

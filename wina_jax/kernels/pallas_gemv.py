@@ -53,6 +53,11 @@ def _iota(n: int) -> jax.Array:
   return jax.lax.iota(jnp.int32, n)
 
 
+def _only(inside, other=0) -> dict:
+  """`plgpu.load` keywords that load only the rows marked `inside` (None: every row), `other` elsewhere."""
+  return {} if inside is None else dict(mask=inside, other=other)
+
+
 def _kernel(
   x_ref,
   t_ref,
@@ -96,9 +101,8 @@ def _kernel(
 
     def sum_squares(j, acc):
       ids, inside = piece_rows(j)
-      masked = {} if inside is None else dict(mask=inside, other=0)
       return tuple(
-        a + jnp.sum(jnp.square(plgpu.load(x_ref.at[ids, jnp.int32(b)], **masked).astype(jnp.float32)))
+        a + jnp.sum(jnp.square(plgpu.load(x_ref.at[ids, jnp.int32(b)], **_only(inside)).astype(jnp.float32)))
         for b, a in enumerate(acc)
       )
 
@@ -109,20 +113,21 @@ def _kernel(
     """Row b's input at rows idx [R], float32: x, or with the prologue `layers.rms_norm`'s value (the
     normalised input rounded to x's dtype, times the gain, rounded again: bf16 products are exact in f32).
     inside [R] bool: rows past the input, not loaded (0)."""
-    masked = {} if inside is None else dict(mask=inside, other=0)
-    xb = plgpu.load(x_ref.at[idx, jnp.int32(b)], **masked)
+    xb = plgpu.load(x_ref.at[idx, jnp.int32(b)], **_only(inside))
     if norm_eps is None:
       return xb.astype(jnp.float32)
     y = (xb.astype(jnp.float32) * inv_rms[b]).astype(xb.dtype).astype(jnp.float32)
-    return (y * plgpu.load(g_ref.at[idx], **masked).astype(jnp.float32)).astype(xb.dtype).astype(jnp.float32)
+    return (
+      (y * plgpu.load(g_ref.at[idx], **_only(inside)).astype(jnp.float32))
+      .astype(xb.dtype)
+      .astype(jnp.float32)
+    )
 
   def load_rows(idx, valid=None, inside=None):
     """x at input rows idx [R] -> (per batch row: x [R] f32, keep [R] bool), and their union [R] bool.
     valid [R]: rows that may be kept; inside [R]: rows that exist (others are neither loaded nor kept)."""
     valid = inside if valid is None else valid
-    scale = None
-    if has_scale:
-      scale = plgpu.load(s_ref.at[seg, idx], **({} if inside is None else dict(mask=inside, other=0.0)))
+    scale = plgpu.load(s_ref.at[seg, idx], **_only(inside, 0.0)) if has_scale else None
     xs, keeps = [], []
     for b in range(rows):
       xb = load_x(idx, b, inside)
@@ -146,8 +151,9 @@ def _kernel(
     """acc plus row tile j of the chunk (contiguous rows); masked: dropped rows are not loaded."""
     idx = k0 + j * bk + _iota(bk)
     xs, keeps, union = load_rows(idx)
-    mask = dict(mask=union[:, None], other=0) if masked else {}
-    w = plgpu.load(w_ref.at[idx[:, None], cols], eviction_policy="evict_first", **mask)
+    w = plgpu.load(
+      w_ref.at[idx[:, None], cols], eviction_policy="evict_first", **_only(union[:, None] if masked else None)
+    )
     return accumulate(acc, xs, keeps, w.astype(jnp.float32))
 
   if cfg.mode == "balanced":
@@ -168,9 +174,9 @@ def _kernel(
     if not interpret:
       plgpu.debug_barrier()
     count = jnp.clip(total - k0, 0, c)  # this program's share of the kept rows: full, a tail, or none
-  if cfg.mode == "indexed":
+  elif cfg.mode == "indexed":
     count = jnp.clip(plgpu.load(cnt_ref.at[seg]) - k0, 0, c)  # this program's share, as in 'balanced'
-  if cfg.mode == "compact":
+  elif cfg.mode == "compact":
     (idx_ref,) = scratch
     chunk_rows = k0 + _iota(c)
     keep = load_rows(chunk_rows)[2].astype(jnp.int32)
