@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from wina_jax import layers as L
+from wina_jax import numerics
 from wina_jax import sites as S
 from wina_jax.config import ModelConfig
 from wina_jax.kernels import decode_attention as DA
@@ -240,7 +241,8 @@ def decoder_layer_aux(
   -> (its output residual [B, T, d], aux collected as in `forward`). For per-layer calibration."""
   positions = jnp.arange(h.shape[1], dtype=jnp.int32)
   ctx = Context(sparsifier, None, collect)
-  return _layer(cfg, lp, h, layer, ctx, positions, None, h.shape[1])[0], ctx.aux
+  with numerics.scope():
+    return _layer(cfg, lp, h, layer, ctx, positions, None, h.shape[1])[0], ctx.aux
 
 
 def decoder_layer(
@@ -288,7 +290,8 @@ def run_decoder(
 
   embed(tokens [B, T]) -> h [B, T, d]; layer(i, h, ctx, positions, kv, kv_len) -> (h, kv) for layer i;
   head(h) -> [B, T, vocab] (final norm and lm_head). `forward` passes closures over a params dict,
-  `wina_jax.nn.CausalLM` its submodules; arguments as in `forward`.
+  `wina_jax.nn.CausalLM` its submodules; arguments as in `forward`. Matmuls run at the declared precision
+  (`wina_jax.numerics`: true float32 unless set otherwise).
   """
   unknown = set(collect) - set(COLLECTABLE)
   if unknown:
@@ -305,12 +308,13 @@ def run_decoder(
   kv_len = start + t
   sparse_tok = None if dense_prefix is None else positions >= dense_prefix
   ctx = Context(sparsifier, sparse_tok, collect)
-  h = embed(tokens)
-  new_layers = {}
-  for i in range(cfg.num_hidden_layers):
-    kv = None if cache is None else cache["layers"][str(i)]
-    h, new_layers[str(i)] = layer(i, h, ctx, positions, kv, kv_len)
-  logits = head(h)
+  with numerics.scope():  # declared matmul precision (true float32 unless set otherwise)
+    h = embed(tokens)
+    new_layers = {}
+    for i in range(cfg.num_hidden_layers):
+      kv = None if cache is None else cache["layers"][str(i)]
+      h, new_layers[str(i)] = layer(i, h, ctx, positions, kv, kv_len)
+    logits = head(h)
   logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))  # float64 params keep float64
   new_cache = None if cache is None else {"length": kv_len, "layers": new_layers}
   return Output(logits, new_cache, ctx.aux)

@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
+from experiments import common
+
 from wina_jax import layers as L
 from wina_jax.bench.shapes import SHAPES
 from wina_jax.kernels import decode_attention as DA
@@ -116,6 +118,7 @@ def time_chain(cfg, attend, batch, length, reps) -> float:
 
 
 def main(argv):
+  common.setup()
   del argv
   interpret = jax.default_backend() != "gpu"
   if FLAGS.tiny:

@@ -27,6 +27,8 @@ from dataclasses import replace
 import jax
 import jax.numpy as jnp
 from absl import app, flags
+
+from experiments import common
 from flax import struct
 from tqdm import tqdm
 
@@ -284,6 +286,7 @@ def bench_model(name, key, config_sets, backend) -> list[dict]:
 
 
 def main(argv):
+  common.setup()
   del argv
   if FLAGS.tiny:
     FLAGS.models, FLAGS.steps, FLAGS.reps, FLAGS.max_len = ["tiny"], 4, 1, 16

@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
+
+from experiments import common
 from tqdm import tqdm
 
 from wina_jax import model as M
@@ -157,6 +159,7 @@ def bench(cfg_name: str, mesh_spec: str) -> list[dict]:
 
 
 def main(_):
+  common.setup()
   rows = []
   for cfg_name in CONFIGS.value:
     for mesh_spec in tqdm(MESH.value, desc=cfg_name):

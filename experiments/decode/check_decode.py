@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
+from experiments import common
+
 from wina_jax.bench import decode_setup as B
 from wina_jax.bench.shapes import SHAPES
 from wina_jax.decode import decode_step, fuse_projections
@@ -45,6 +47,7 @@ def ulp_sensitivity(params, cfg, sp, tokens, max_len) -> dict:
 
 
 def main(argv):
+  common.setup()
   del argv
   for layers in (int(n) for n in FLAGS.layers):
     cfg0 = SHAPES[FLAGS.model].replace(num_hidden_layers=layers)

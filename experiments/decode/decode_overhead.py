@@ -37,6 +37,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+from experiments import common
+
 from wina_jax.bench import decode_setup as B
 from wina_jax.bench.shapes import SHAPES
 from wina_jax.bench.trace import summarize, trace_events
@@ -308,6 +310,7 @@ def summary(res) -> str:
 
 
 def main(argv):
+  common.setup()
   del argv
   gpu = jax.default_backend() == "gpu"
   if FLAGS.tiny:

@@ -24,6 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+from experiments import common
+
 from wina_jax.bench.shapes import SHAPES
 from wina_jax.decode import fused_site_shapes
 from wina_jax.kernels import KernelConfig, masked_linear
@@ -105,6 +107,7 @@ def fixed_cost_fit(points, nbytes) -> dict:
 
 
 def main(argv):
+  common.setup()
   del argv
   key = jax.random.PRNGKey(0)
   res = {

@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
+from experiments import common
+
 from wina_jax.bench.decode_setup import load_configs, make_sparsifier, site_scores
 from wina_jax.bench.shapes import SHAPES
 from wina_jax.bench.trace import summarize, trace_events
@@ -108,6 +110,7 @@ def profile_model(
 
 
 def main(argv):
+  common.setup()
   del argv
   if FLAGS.tiny:
     FLAGS.models, FLAGS.steps, FLAGS.max_len = ["tiny"], 4, 16

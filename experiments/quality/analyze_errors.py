@@ -20,6 +20,8 @@ import sys
 
 import jax.numpy as jnp
 from absl import app, flags
+
+from experiments import common
 from tqdm.auto import tqdm
 
 from wina_jax import analysis, families, sparsity
@@ -178,6 +180,7 @@ def draw(rows: list[dict], kl_rows: list[dict], out: str) -> None:
 
 
 def main(_):
+  common.setup()
   out = OUT.value
   if REPLOT.value:
     draw(read_csv(os.path.join(out, "errors.csv")), read_csv(os.path.join(out, "kl.csv")), out)

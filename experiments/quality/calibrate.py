@@ -11,6 +11,8 @@ import time
 import numpy as np
 from absl import app, flags
 
+from experiments import common
+
 from wina_jax import sparsity as sp
 from wina_jax.convert import load
 from wina_jax.data.text import load_texts
@@ -50,6 +52,7 @@ OUT = flags.DEFINE_string("out", "", "Thresholds file; '' = runs/calibration/<me
 
 
 def main(_):
+  common.setup()
   params, cfg = load(MODEL.value)
   tok = load_tokenizer(MODEL.value)
   sp.check_sparsity(SPARSITY.value)

@@ -9,6 +9,8 @@ python -m experiments.quality.evaluate --mesh=data:1,model:4    # params sharded
 
 from absl import app, flags
 
+from experiments import common
+
 from wina_jax import sharding as SH
 from wina_jax.convert import load
 from wina_jax.data.text import load_texts, token_windows
@@ -41,6 +43,7 @@ MESH = flags.DEFINE_string("mesh", "", "Device mesh, e.g. 'data:1,model:4'; '' =
 
 
 def main(_):
+  common.setup()
   rec = recommended(SPARSITY.value)
   spec, mode, allocation = (
     METHOD.value or rec.spec,

@@ -14,6 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+from experiments import common
+
 from wina_jax import assets, sparsity
 from wina_jax.convert.load import load_default
 from wina_jax.data import austen
@@ -28,6 +30,7 @@ EVERY = flags.DEFINE_integer("every", 1, "Print every n-th layer.")
 
 
 def main(_):
+  common.setup()
   if DTYPE.value == "float64":
     jax.config.update("jax_enable_x64", True)
   params, cfg = load_default(getattr(jnp, DTYPE.value))

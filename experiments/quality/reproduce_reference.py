@@ -19,6 +19,8 @@ import time
 import numpy as np
 from absl import app, flags
 
+from experiments import common
+
 from wina_jax import assets, sparsity
 from wina_jax.convert.load import load_default
 from wina_jax.data import austen
@@ -98,6 +100,7 @@ def report(res: dict, n: int) -> None:
 
 
 def main(_):
+  common.setup()
   params, cfg = load_default()
   windows = austen.protocol_windows(load_tokenizer(assets.default_gguf()))[: WINDOWS.value]
   res = {

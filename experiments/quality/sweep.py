@@ -30,6 +30,8 @@ from typing import Optional
 
 import numpy as np
 from absl import app, flags
+
+from experiments import common
 from tqdm.auto import tqdm
 
 from wina_jax.eval import report
@@ -365,6 +367,7 @@ def load_cell(path: str) -> Optional[dict]:
 
 
 def main(argv):
+  common.setup()
   del argv
   if SMOKE_FLAG.value and DEMO_FLAG.value:
     raise app.UsageError("--smoke and --demo are two presets; pick one")

@@ -35,6 +35,8 @@ import time
 import numpy as np
 from absl import app, flags
 
+from experiments import common
+
 from wina_jax.sparsity.base import K_RULES
 
 MODEL = flags.DEFINE_string("model", "", "GGUF file or HF folder; '' = the embedded SmolLM2.")
@@ -130,6 +132,7 @@ def report(summary: dict) -> None:
 
 
 def main(argv):
+  common.setup()
   del argv
   import jax.numpy as jnp
 

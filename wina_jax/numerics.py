@@ -1,0 +1,82 @@
+"""Declared numerics: the matmul precision every result runs and records.
+
+On a GPU, JAX runs float32 matmuls as TF32 unless told otherwise (~1e-3 relative rounding, four orders above
+a float32 ulp). The library therefore never leaves the precision implied: every model entry point traces its
+matmuls inside `scope()`, which applies JAX's `jax_default_matmul_precision` when the user set one
+(`set_precision`, `precision(...)`, or JAX's own config) and true float32 ('highest') when nobody did.
+Because the setting is JAX's config, it is part of every jit cache key: changing it retraces.
+
+Named settings (`PRECISIONS`):
+  float32   every product and sum in float32 (JAX 'highest'); the default.
+  tf32      TF32 products (10-bit mantissa inputs), float32 sums (JAX 'tensorfloat32'); the GPU's default.
+  bfloat16  bfloat16 products, float32 sums (JAX 'bfloat16': one bf16 pass where the backend has one).
+On a CPU every setting computes float32 products (the backend has no TF32 / bf16 passes for float32 inputs):
+`describe` says so in the record.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import jax
+
+PRECISIONS = {"float32": "highest", "tf32": "tensorfloat32", "bfloat16": "bfloat16"}
+DEFAULT = "float32"
+_JAX_NAMES = {
+  "highest": "float32",
+  "float32": "float32",
+  "tensorfloat32": "tf32",
+  "high": "tf32",
+  "bfloat16": "bfloat16",
+  "default": "bfloat16",
+  "fastest": "bfloat16",
+}
+
+
+def check(name: str) -> str:
+  """A named precision, or a ValueError that lists the names."""
+  if name not in PRECISIONS:
+    raise ValueError(f"unknown matmul precision {name!r}; choose from {sorted(PRECISIONS)}")
+  return name
+
+
+def current() -> str:
+  """The precision in force: JAX's `jax_default_matmul_precision` by name, else the library default."""
+  jax_name = jax.config.jax_default_matmul_precision
+  if jax_name is None:
+    return DEFAULT
+  name = _JAX_NAMES.get(str(jax_name).lower())
+  if name is None:
+    raise ValueError(
+      f"jax_default_matmul_precision={jax_name!r} has no name here; use one of {sorted(PRECISIONS)} "
+      "through wina_jax.numerics.set_precision"
+    )
+  return name
+
+
+def set_precision(name: str) -> None:
+  """Set the process-wide precision (JAX's config, so jitted functions retrace)."""
+  jax.config.update("jax_default_matmul_precision", PRECISIONS[check(name)])
+
+
+@contextlib.contextmanager
+def precision(name: str):
+  """Run a block at precision `name` (traces inside it use it; the jit cache keys on it)."""
+  with jax.default_matmul_precision(PRECISIONS[check(name)]):
+    yield
+
+
+def scope():
+  """The context every model entry point traces its matmuls in: `current()`'s JAX precision."""
+  return jax.default_matmul_precision(PRECISIONS[current()])
+
+
+def describe(dtype=None) -> dict:
+  """What a result records: {'precision', 'matmul' (JAX's name), 'backend', 'dtype'?, 'note'?}."""
+  name = current()
+  out = {"precision": name, "matmul": PRECISIONS[name], "backend": jax.default_backend()}
+  if dtype is not None:
+    out["dtype"] = jax.numpy.dtype(dtype).name
+  if jax.default_backend() == "cpu" and name != "float32":
+    out["note"] = f"{name} requested; the CPU computes float32 products"
+  return out
