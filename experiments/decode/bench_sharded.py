@@ -27,10 +27,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
-
-from experiments import common
 from tqdm import tqdm
 
+from experiments import common
 from wina_jax import model as M
 from wina_jax import sharding as SH
 from wina_jax import sites as S
@@ -92,8 +91,7 @@ def make_sparsifier(method, params, cfg, prompt):
   def thresholds(params, prompt):
     inputs = M.forward(params, prompt, cfg, collect=("inputs",)).aux["inputs"]
     return {
-      s: jnp.quantile(sp.score(s, inputs[s].astype(jnp.float32)).reshape(-1), SPARSITY.value)
-      for s, _ in sp.keep
+      s: jnp.quantile(sp.score(s, inputs[s].astype(jnp.float32)).reshape(-1), SPARSITY.value) for s in sp.k
     }
 
   return sparsity.ScoreSparsifier(

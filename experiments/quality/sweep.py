@@ -30,10 +30,10 @@ from typing import Optional
 
 import numpy as np
 from absl import app, flags
-
-from experiments import common
 from tqdm.auto import tqdm
 
+from experiments import common
+from wina_jax import numerics
 from wina_jax.eval import report
 from wina_jax.eval.tasks import TASKS
 
@@ -154,6 +154,7 @@ def settings() -> dict:
     "ppl_windows": PPL_WINDOWS.value,
     "calib_windows": CALIB_WINDOWS.value,
     "dtype": DTYPE.value,
+    "precision": common.PRECISION.value,
   }
   if MODE.value == "threshold":  # only thresholds depend on it (top-k cells keep their keys)
     st["calibration"] = "upstream" if UPSTREAM.value else "dense"
@@ -167,7 +168,11 @@ def cell_list(methods: list[str], sparsities: list[float]) -> list[tuple[str, fl
 
 
 def cell_key(st: dict, method: str) -> str:
-  """Hash of the settings a cell depends on (dense ignores the sparsifier's mode / allocation / calibration)."""
+  """Hash of the settings a cell depends on (dense ignores the sparsifier's mode / allocation / calibration).
+  float32 precision is left out of the hash: every cell written before precision was declared ran float32
+  products (the CPU's only kind), so their keys stay."""
+  if st.get("precision") == "float32":
+    st = {k: v for k, v in st.items() if k != "precision"}
   if method == "dense":
     st = {
       k: v
@@ -366,8 +371,11 @@ def load_cell(path: str) -> Optional[dict]:
     return json.load(f)
 
 
+DECLARED = {}  # what common.setup() applied, recorded in every cell
+
+
 def main(argv):
-  common.setup()
+  DECLARED.update(common.setup(), dtype=DTYPE.value)
   del argv
   if SMOKE_FLAG.value and DEMO_FLAG.value:
     raise app.UsageError("--smoke and --demo are two presets; pick one")
@@ -409,7 +417,7 @@ def main(argv):
     old = stored[(method, s)]
     cell = run_cell(ctx, method, s, old)
     kept = old["seconds"] if old and "items" in old else 0.0  # time of the parts reused from `old`
-    cell.update(settings=st, seconds=kept + time.time() - t0)
+    cell.update(settings=st, seconds=kept + time.time() - t0, declared_numerics=DECLARED)
     report.write_atomic(paths[(method, s)], json.dumps(cell, indent=1))
     stored[(method, s)] = cell
     row = cell["row"]
@@ -423,10 +431,12 @@ def main(argv):
       f"{len(cells) - len(done)} of {len(cells)} cells left (deadline or --report_only); rerun the "
       f"same command to finish them. The table below has the finished cells only."
     )
+  backends = sorted({c.get("declared_numerics", {}).get("backend", "an unrecorded backend") for c in done})
   header = (
     f"Sweep on {os.path.basename(st['model']) or 'SmolLM2-135M-Instruct'} ({st['allocation']} allocation, "
     f"{st['mode']} mode, prefill {st['prefill']}); rows per task: {st['limit'] or 'all'}; "
-    f"perplexity on {st['ppl_text']} ({st['ppl_windows']} x {st['seq_len']} tokens). "
+    f"perplexity on {st['ppl_text']} ({st['ppl_windows']} x {st['seq_len']} tokens); {st['dtype']} params, "
+    f"{st['precision']} matmuls ({numerics.PRECISIONS[st['precision']]}) on {'/'.join(backends)}. "
     f"GFLOPs per token from measured per-matrix sparsity.\n\n"
   )
   text = report.write_all(done, st["tasks"], OUT.value, header, compare_to=COMPARE_TO.value)

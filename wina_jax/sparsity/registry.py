@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import Union
+from typing import Optional, Union
 
 import jax.numpy as jnp
 
 from wina_jax import sites as S
 from wina_jax.config import ModelConfig
+from wina_jax.sparsity import select
 from wina_jax.sparsity.base import MODES, Method, ScoreSparsifier, check_sparsity, keep_count
 from wina_jax.sparsity.thresholds import pick
 
@@ -96,6 +97,7 @@ def make(
   calibration=None,
   allocation: str = "uniform",
   k_rule: str = "round",
+  impl: Optional[str] = None,
   **settings,
 ) -> ScoreSparsifier:
   """Build a sparsifier for method `name` (or a `Method` instance) at target `sparsity`.
@@ -106,7 +108,9 @@ def make(
   allocation: 'uniform', or 'greedy' to spread a float `sparsity` over sites along the greedy paths
     stored in `calibration.paths` (`wina_jax.sparsity.allocation.greedy`).
   k_rule: top-k mode's k per site: 'round' (round((1 - s) * d)) or 'floor' (int(d * (1 - s)), the
-    official code's rule; `base.keep_count`).
+    official code's rule; `base.keep_count`). Every site the method masks gets a traced k (d_in at
+    sparsity 0), so all sparsities and allocations share one compiled program.
+  impl: top-k selection ('radix' | 'sort'; None = the backend's default, `select.default_impl`).
   settings: method settings, e.g. c_sites='all' for wina.
   """
   method = name if isinstance(name, Method) else get_method(name, **settings)
@@ -124,8 +128,8 @@ def make(
   targets = site_sparsities(method, cfg, sparsity)
   state = method.state(params, cfg)
   if mode == "topk":
-    keep = tuple((s, keep_count(v, site_width(cfg, s), k_rule)) for s, v in targets.items() if v > 0)
-    return ScoreSparsifier(method=method, mode=mode, keep=keep, state=state)
+    k = {s: jnp.asarray(keep_count(v, site_width(cfg, s), k_rule), jnp.int32) for s, v in targets.items()}
+    return ScoreSparsifier(method=method, mode=mode, k=k, state=state, impl=impl or select.default_impl())
   if calibration is None:
     raise ValueError(
       "mode='threshold' needs calibration=...: run `calibration.calibrate` (or load a "
