@@ -21,6 +21,7 @@ from flax import struct
 
 from wina_jax import sites as S
 from wina_jax.config import ModelConfig
+from wina_jax.sparsity.fastpath import FastScale
 
 MODES = ("topk", "threshold")
 
@@ -47,6 +48,13 @@ class Method:
     """Non-negative importance of every entry of `x` [..., d_in] -> [..., d_in] (default |x|)."""
     del site, state
     return jnp.abs(x)
+
+  def fast_scale(self, site: str, state: Optional[jax.Array]) -> Optional[FastScale]:
+    """What the fast decode kernels (`|x| * scale > t`) compute for this score at `site`: a `FastScale`
+    (the score is outer(|x| * scale)), or None, undeclared (the default): the fast path refuses the method.
+    Raise `fastpath.FastPathError(reason)` to refuse with a reason (`wina_jax.sparsity.fastpath`)."""
+    del site, state
+    return None
 
 
 def check_sparsity(s: float, what: str = "sparsity") -> float:
