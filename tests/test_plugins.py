@@ -43,7 +43,7 @@ def test_a_module_that_fails_to_import_is_named_with_its_methods(fresh, tmp_path
     MethodsModuleError,
     match=r"'demo_methods.broken' \(from --methods_module\) failed to import, so the methods "
     r"\['broken_method'\] are not registered: ModuleNotFoundError: No module named "
-    r"'a_package_that_is_not_installed'; fix the error above in it",
+    r"'a_package_that_is_not_installed'; fix that error in the module",
   ):
     sparsity.load_modules(["demo_methods.broken"])
   with pytest.raises(MethodsModuleError, match=r"'no_such_pkg.mine' .*put its folder on PYTHONPATH"):

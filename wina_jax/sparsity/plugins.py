@@ -66,7 +66,7 @@ def import_module(module: str, origin: str) -> bool:
     hint = (
       "put its folder on PYTHONPATH or install its package"
       if isinstance(e, ModuleNotFoundError) and e.name and module.startswith(e.name)
-      else "fix the error above in it, or install what it imports"
+      else "fix that error in the module, or install what it imports"
     )
     raise MethodsModuleError(
       f"methods module {module!r} (from {origin}) failed to import, so {what} are not registered: "
