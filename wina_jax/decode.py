@@ -72,8 +72,9 @@ def fuse_state(thresholds: Mapping[str, Any], scales: Mapping[str, Any], cfg: Mo
   """Per-site state of an unfused model -> (thresholds, scales, segments) for `fuse_projections`' model.
 
   thresholds and scales are the kernels' (`|x| * scale > t`): `fastpath.fast_state(sp)` gives them for a
-  method's sparsifier (its raw `state` is a score's input, not necessarily a scale). A fused site gets thresholds [S] and scales [S, d_in] (ones for parts without a scale); parts
-  without a threshold keep everything (threshold -1). Returns plain dicts for
+  method's sparsifier (its raw `state` is a score's input, not necessarily a scale; `fast_sparsifier` does
+  both steps). A fused site gets thresholds [S] and scales [S, d_in] (ones for parts without a scale);
+  parts without a threshold keep everything (threshold -1). Returns plain dicts for
   `FusedThresholdSparsifier.create`.
   """
   family = families.get(cfg.model_type)

@@ -11,8 +11,9 @@ boolq_local, mmlu_local). In Python: `lm_eval.simple_evaluate(model=WinaLM(...),
 model_args: model ('' = embedded SmolLM2, a .gguf or an HF folder), method (a `wina_jax.eval.variants`
 spec, e.g. teal-transform; '' = `wina_jax.eval.recommended` for the sparsity, as are an empty mode and
 allocation), methods_module (modules registering your own methods, imported before `method` is resolved,
-several separated by ';': `methods_module=my_pkg.mine,method=mine`; `wina_jax.sparsity.plugins`), sparsity, mode (topk | threshold), allocation (uniform | greedy), prefill
-(a `wina_jax.sparsity.prefill` policy), batch_tokens, max_length, dtype, calib_windows, seq_len.
+several separated by ';': `methods_module=my_pkg.mine,method=mine`; `wina_jax.sparsity.plugins`),
+sparsity, mode (topk | threshold), allocation (uniform | greedy), prefill (a `wina_jax.sparsity.prefill`
+policy), batch_tokens, max_length, dtype, calib_windows, seq_len.
 """
 
 from __future__ import annotations

@@ -10,8 +10,8 @@
 Two layers (tests/test_layering.py): pure modules that never import the model (`base`: Method,
 ScoreSparsifier, masks; `methods`; `registry`; `plugins`: methods from your own modules and installed
 packages; `fastpath`: what the fast decode kernels compute for a method; `measure`; `prefill`;
-`thresholds`: Calibration, greedy paths, pick; `store`) and the modules that run it (`calibration.calibrate`, `allocation.greedy`,
-`layerwise`). This package re-exports both.
+`thresholds`: Calibration, greedy paths, pick; `store`) and the modules that run it
+(`calibration.calibrate`, `allocation.greedy`, `layerwise`). This package re-exports both.
 """
 
 from wina_jax.sparsity import methods as _builtins  # noqa: F401  (registers dense/teal/wina/cats)

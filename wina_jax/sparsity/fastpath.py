@@ -1,4 +1,4 @@
-"""What the fast decode path may compute for a method: its kernels keep `|x| * scale > t` (float32), nothing else.
+"""What the fast decode path may compute for a method: its kernels keep `|x| * scale > t` (float32) only.
 
 A method declares, per site, the scale its score reduces to with `Method.fast_scale(site, state)`:
 `FastScale(scale, outer)` says the score is `outer(|x| * scale)` with `outer` non-decreasing on float32
