@@ -42,8 +42,9 @@ case $stage in
     esac
     [[ $(stat -c %s ~/models/$file) == "$size" ]] || { echo "bad size of $file" >&2; exit 1; }
     [[ -z $sha ]] || sha256sum ~/models/$file | grep -q "^$sha" || { echo "bad sha256 of $file" >&2; exit 1; }
-    pip install -q --no-deps .whl/gguf-*.whl 2>&1 | tail -1
-    rsync -a --exclude .gpu ./ ~/repo/ && mkdir -p ~/repo/.gpu && cp .gpu/*.npz ~/repo/.gpu/
+    python3 -m pip install -q --no-index --no-deps --target ~/site .whl/*.whl 2>&1 | tail -1
+    export PYTHONPATH=~/site
+    tar --exclude=./.gpu -cf - . | tar -xf - -C ~/repo && mkdir -p ~/repo/.gpu && cp .gpu/*.npz ~/repo/.gpu/
     ln -sf ~/models/$file ~/repo/.gpu/$file
     cd ~/repo
     impl=$(python3 -c "

@@ -22,6 +22,7 @@ from flax import struct
 
 from wina_jax import sites as S
 from wina_jax.config import ModelConfig
+from wina_jax.sparsity.fastpath import FastScale
 from wina_jax.sparsity.select import topk_mask
 
 MODES = ("topk", "threshold")
@@ -49,6 +50,13 @@ class Method:
     """Non-negative importance of every entry of `x` [..., d_in] -> [..., d_in] (default |x|)."""
     del site, state
     return jnp.abs(x)
+
+  def fast_scale(self, site: str, state: Optional[jax.Array]) -> Optional[FastScale]:
+    """What the fast decode kernels (`|x| * scale > t`) compute for this score at `site`: a `FastScale`
+    (the score is outer(|x| * scale)), or None, undeclared (the default): the fast path refuses the method.
+    Raise `fastpath.FastPathError(reason)` to refuse with a reason (`wina_jax.sparsity.fastpath`)."""
+    del site, state
+    return None
 
 
 def check_sparsity(s: float, what: str = "sparsity") -> float:
