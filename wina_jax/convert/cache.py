@@ -31,7 +31,6 @@ from wina_jax.config import ModelConfig, RopeScaling
 
 CACHE_VERSION = 1
 MANIFEST = "manifest.json"
-TMP_PREFIX = ".tmp-"
 
 
 def cache_dir() -> Optional[str]:
@@ -88,26 +87,13 @@ def damage(folder: str) -> Optional[str]:
   return None
 
 
-def _remove_stale_temps(root: str) -> None:
-  """Remove temporary folders left by writers that no longer run (killed mid-write)."""
-  for name in os.listdir(root):
-    if not name.startswith(TMP_PREFIX):
-      continue
-    try:
-      os.kill(int(name[len(TMP_PREFIX) :].split("-")[0]), 0)
-    except ProcessLookupError:
-      shutil.rmtree(os.path.join(root, name), ignore_errors=True)
-    except (ValueError, PermissionError):
-      pass  # not our naming, or a live process of another user
-
-
 def store(folder: str, write: Callable[[str], None]) -> None:
   """Write an entry: `write(tmp)` fills a temporary folder, the manifest is added, then one rename.
   When another process completed `folder` first, its entry stays and ours is discarded."""
   root = os.path.dirname(folder)
   os.makedirs(root, exist_ok=True)
-  _remove_stale_temps(root)
-  tmp = tempfile.mkdtemp(dir=root, prefix=f"{TMP_PREFIX}{os.getpid()}-")
+  assets.remove_stale_temps(root)
+  tmp = tempfile.mkdtemp(dir=root, prefix=f"{assets.TMP_PREFIX}{os.getpid()}-")
   try:
     write(tmp)
     manifest = {
