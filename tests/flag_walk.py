@@ -36,6 +36,8 @@ PATH_FLAGS = {
   "sweeps": "json",
   "config_sets": "json",
   "bundle": "npz",
+  "out": "out",
+  "plot": "out",
 }
 
 
@@ -68,9 +70,14 @@ def probes(name: str, k: str, paths: dict) -> list[str]:
   if k in ("int", "ints"):
     return ["0", "-1", "nan", HUGE_INT]
   if k in ("float", "floats"):
-    return ["0", "-1", "nan", "inf", "1e300"]
+    return ["0", "-1", "nan", "inf"]
   if name in PATH_FLAGS:
-    return [paths[p] for p in ("missing", "empty", f"cut_{PATH_FLAGS[name]}") if p in paths]
+    kinds = {  # a cut-short model is found before loading (`common.preflight`), not when parsing
+      "out": ("under_file",),
+      "model": ("missing", "empty"),
+      "npz": ("empty", "cut_npz"),  # a missing bundle is written by the run
+    }.get(PATH_FLAGS[name], ("missing", "empty", f"cut_{PATH_FLAGS[name]}"))
+    return [paths[p] for p in kinds if p in paths]
   return []
 
 

@@ -6,6 +6,7 @@ and the value); a reason says what is allowed, e.g. 'must be an integer in [1, 2
   count(lo, hi)         an integer in [lo, hi] (hi defaults to INT_MAX: shapes and steps are int32)
   real(lo, hi, ...)     a finite float in [lo, hi] (open ends with lo_open / hi_open)
   fraction()            a sparsity: a finite float in [0, 1)
+  one_of(names)         one of a fixed set of names
   each(rule)            every entry of a list flag (strings parsed as numbers)
   file() / text() / model() / out_path() / json_file() / npz_file()   paths (see each)
 """
@@ -58,6 +59,11 @@ def real(lo: float = -math.inf, hi: float = math.inf, *, lo_open=False, hi_open=
 def fraction() -> Rule:
   """A target sparsity: the fraction of inputs zeroed, in [0, 1)."""
   return real(0.0, 1.0, hi_open=True)
+
+
+def one_of(names) -> Rule:
+  """One of `names` (e.g. the model shapes of `wina_jax.bench.shapes.SHAPES`)."""
+  return lambda v: None if v in names else f"must be one of {sorted(names)}"
 
 
 def each(

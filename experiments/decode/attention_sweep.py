@@ -27,11 +27,14 @@ from wina_jax.bench.shapes import SHAPES
 from wina_jax.kernels import decode_attention as DA
 from wina_jax.model import attention_block
 
-flags.DEFINE_list("models", ["llama3_8b", "qwen25_7b"], "model shapes (wina_jax.bench.shapes.SHAPES)")
+common.check(
+  flags.DEFINE_list("models", ["llama3_8b", "qwen25_7b"], "model shapes (wina_jax.bench.shapes.SHAPES)"),
+  checks.each(checks.one_of(SHAPES), str, nonempty=True),
+)
 common.check(flags.DEFINE_list("batches", ["1", "8"], "batch sizes"), checks.each(checks.count(), int))
 common.check(
   flags.DEFINE_list("lengths", ["32", "511"], "valid cache slots before the new token"),
-  checks.each(checks.count(0), int),
+  checks.each(checks.count(), int),
 )
 common.check(flags.DEFINE_integer("slots", 512, "KV cache slots"), checks.count())
 common.check(flags.DEFINE_integer("layers", 32, "attention calls chained per timed run"), checks.count())

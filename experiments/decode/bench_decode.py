@@ -44,7 +44,10 @@ from wina_jax.decode import decode_loop, decode_step, fuse_projections
 from wina_jax.model import init_cache
 from wina_jax.testing import add_shortcuts, random_params
 
-flags.DEFINE_list("models", ["llama3_8b", "qwen25_7b"], "model shapes (wina_jax.bench.shapes.SHAPES)")
+common.check(
+  flags.DEFINE_list("models", ["llama3_8b", "qwen25_7b"], "model shapes (wina_jax.bench.shapes.SHAPES)"),
+  checks.each(checks.one_of(SHAPES), str, nonempty=True),
+)
 common.check(
   flags.DEFINE_list("sparsities", ["0", "0.25", "0.4", "0.5", "0.65"], "target sparsities"),
   checks.each(checks.fraction()),

@@ -55,7 +55,10 @@ SHAPES = {
   ),
 }
 
-CONFIGS = flags.DEFINE_list("configs", ["llama3_8b", "phi4_14b"], f"model shapes from {sorted(SHAPES)}")
+CONFIGS = common.check(
+  flags.DEFINE_list("configs", ["llama3_8b", "phi4_14b"], f"model shapes from {sorted(SHAPES)}"),
+  checks.each(checks.one_of(SHAPES), str, nonempty=True),
+)
 MESH = flags.DEFINE_multi_string("mesh", ["model:1"], "mesh per run, e.g. --mesh=model:1 --mesh=model:4")
 FSDP = flags.DEFINE_bool("fsdp", False, "also shard kernels over the 'data' axis")
 METHODS = flags.DEFINE_list("methods", ["dense", "wina"], "dense and/or sparsity methods (teal, wina)")

@@ -25,7 +25,10 @@ from wina_jax.decode import decode_step, fuse_projections
 from wina_jax.testing import random_params
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model", "llama3_8b", "model shape (wina_jax.bench.shapes.SHAPES)")
+common.check(
+  flags.DEFINE_string("model", "llama3_8b", "model shape (wina_jax.bench.shapes.SHAPES)"),
+  checks.one_of(SHAPES),
+)
 common.check(
   flags.DEFINE_list("layers", ["2", "32"], "layer counts checked"), checks.each(checks.count(), int)
 )

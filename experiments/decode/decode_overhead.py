@@ -63,10 +63,13 @@ common.check(
 common.check(
   flags.DEFINE_float("budget_s", 290.0, "no new job starts after this many seconds"), checks.real(0.0)
 )
-flags.DEFINE_list(
-  "models",
-  ["llama3_8b", "qwen25_7b"],
-  "model shapes (wina_jax.bench.shapes.SHAPES); the first also gets the option-set comparison",
+common.check(
+  flags.DEFINE_list(
+    "models",
+    ["llama3_8b", "qwen25_7b"],
+    "model shapes (wina_jax.bench.shapes.SHAPES); the first also gets the option-set comparison",
+  ),
+  checks.each(checks.one_of(SHAPES), str, nonempty=True),
 )
 common.check(
   flags.DEFINE_list("sparsities", ["0.5", "0.65"], "TEAL target sparsities"), checks.each(checks.fraction())

@@ -31,7 +31,10 @@ from wina_jax.decode import fused_site_shapes
 from wina_jax.kernels import KernelConfig, masked_linear
 from wina_jax.kernels.config import WORKSPACE_BLOCKS, parse, resolve
 
-flags.DEFINE_list("models", ["llama3_8b", "qwen25_7b"], "model shapes to tune")
+common.check(
+  flags.DEFINE_list("models", ["llama3_8b", "qwen25_7b"], "model shapes to tune"),
+  checks.each(checks.one_of(SHAPES), str, nonempty=True),
+)
 common.check(flags.DEFINE_float("sparsity", 0.5, "sparsity the tilings are ranked at"), checks.fraction())
 common.check(
   flags.DEFINE_list("check_sparsities", ["0", "0.65"], "sparsities the best tilings are also timed at"),

@@ -30,7 +30,10 @@ from wina_jax.model import init_cache
 from wina_jax.testing import random_params
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("models", ["llama3_8b"], "model shapes (wina_jax.bench.shapes.SHAPES)")
+common.check(
+  flags.DEFINE_list("models", ["llama3_8b"], "model shapes (wina_jax.bench.shapes.SHAPES)"),
+  checks.each(checks.one_of(SHAPES), str, nonempty=True),
+)
 flags.DEFINE_list("variants", ["dense", "teal:0.5", "teal:0.65", "wina:0.5"], "dense | METHOD:SPARSITY")
 common.check(flags.DEFINE_integer("steps", 32, "decode steps in the traced run"), checks.count())
 common.check(flags.DEFINE_integer("max_len", 512, "KV cache slots"), checks.count())

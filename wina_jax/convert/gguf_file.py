@@ -36,15 +36,20 @@ def open_gguf(path: str) -> gguf.GGUFReader:
   """A reader of `path` (tensors memory-mapped, nothing dequantised); ValueError naming the file and the
   problem when it is empty, not GGUF, or shorter than its header says."""
   size = os.path.getsize(path)
-  if size == 0:
-    raise ValueError(f"GGUF file {path} is empty; {REFETCH}")
+  with open(path, "rb") as f:
+    magic = f.read(4)
+  if magic != b"GGUF":
+    what = "empty" if size == 0 else f"not a GGUF file (it starts with {magic!r}, not b'GGUF')"
+    raise ValueError(f"{path} is {what}; pass a .gguf model file, or {REFETCH}")
   try:
     return _CheckedReader(path)
   except ValueError as e:
     if "cut short" in str(e):
       raise
-    raise ValueError(f"{path} is not a readable GGUF file ({e}); {REFETCH}") from None
+    cause = e
   except (IndexError, KeyError, OverflowError, UnicodeDecodeError, MemoryError) as e:
-    raise ValueError(
-      f"GGUF file {path} ({size} bytes) has a damaged or cut-short header ({type(e).__name__}: {e}); {REFETCH}"
-    ) from None
+    cause = e
+  raise ValueError(
+    f"GGUF file {path} ({size} bytes) has a damaged or cut-short header ({type(cause).__name__}: {cause}); "
+    f"{REFETCH}"
+  ) from None
