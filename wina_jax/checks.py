@@ -103,14 +103,14 @@ def file(*, empty: bool = True) -> Rule:
   return lambda v: (None if empty else "must name a file") if not v else _readable(v)
 
 
-def text() -> Rule:
-  """A text source: 'boolq:calibration', 'boolq:heldout' or an existing non-empty text file."""
+def text(also: tuple[str, ...] = ()) -> Rule:
+  """A text source: 'boolq:calibration', 'boolq:heldout', a name in `also` or an existing non-empty file."""
 
   def rule(v):
-    if v in BOOLQ_TEXTS:
+    if v in BOOLQ_TEXTS or v in also:
       return None
     if not v:
-      return f"must be one of {list(BOOLQ_TEXTS)} or a text file"
+      return f"must be one of {[*BOOLQ_TEXTS, *also]} or a text file"
     if str(v).startswith("boolq:"):
       return f"unknown split; use one of {list(BOOLQ_TEXTS)}"
     return _readable(v) or (None if os.path.isfile(v) else f"{v} is not a file")

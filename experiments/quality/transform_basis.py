@@ -63,7 +63,7 @@ PPL_TEXT = common.check(
     "boolq:heldout",
     "Perplexity text: a `load_texts` source, or 'pride' (the reference protocol).",
   ),
-  checks.text(),
+  checks.text(also=("pride",)),
 )
 CALIB_TEXT = common.check(
   flags.DEFINE_string("calib_text", "boolq:calibration", "Text the learned basis is fitted on."),
