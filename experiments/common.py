@@ -9,7 +9,7 @@ any model is loaded:
                              flags are parsed ('flag --seq_len=0: must be an integer in [1, 2147483647]')
   model_config(model, ...)   before loading a model: its config from the file's header (a damaged or cut
                              short file refused) and --seq_len within its positions
-  fits(parts, what, change)  before a computation: its memory estimate (`wina_jax.memory`) against the
+  fits(parts, what, advice)  before a computation: its memory estimate (`wina_jax.memory`) against the
                              memory available, naming the flags that shrink it
   preflight(model, seq_len, forward=, calibration=, transform=)   both, the first call after `setup()`
 
@@ -89,11 +89,11 @@ def model_config(model: str, seq_len: int = 0, seq_flag: str = "--seq_len") -> M
   return cfg
 
 
-def fits(parts: dict[str, int], what: str, change: str) -> None:
-  """InputError when the memory estimate `parts` of `what` exceeds the memory available; `change`: the
-  flags that shrink it, e.g. '--seq_len or --ppl_batch'."""
+def fits(parts: dict[str, int], what: str, advice: str) -> None:
+  """InputError when the memory estimate `parts` of `what` exceeds the memory available; `advice`: what
+  shrinks it, e.g. 'lower --seq_len or --ppl_batch'."""
   try:
-    memory.check(parts, what, change)
+    memory.check(parts, what, advice)
   except MemoryError as e:
     raise InputError(str(e)) from None
 
@@ -111,19 +111,18 @@ def preflight(
   forward / calibration = (batch or window count, the flag that sets it ('' when none does)); transform:
   the WINA transform of the params. Returns the config."""
   cfg = model_config(model, seq_len)
-  shrink = lambda flag: f"--seq_len or {flag}" if flag else "--seq_len"
+  name = model or assets.DEFAULT_MODEL
+  lower = lambda flag: f"lower --seq_len or {flag}" if flag else "lower --seq_len"
   if forward:
     n, flag = forward
-    parts = memory.forward(cfg, n, seq_len, dtype_bytes)
-    fits(parts, f"a forward on {n} x {seq_len} tokens of {model or assets.DEFAULT_MODEL}", shrink(flag))
+    fits(
+      memory.forward(cfg, n, seq_len, dtype_bytes),
+      f"a forward on {n} x {seq_len} tokens of {name}",
+      lower(flag),
+    )
   if calibration:
     n, flag = calibration
-    parts = memory.calibration(cfg, n, seq_len)
-    fits(parts, f"calibration on {n} x {seq_len} tokens of {model or assets.DEFAULT_MODEL}", shrink(flag))
+    fits(memory.calibration(cfg, n, seq_len), f"calibration on {n} x {seq_len} tokens of {name}", lower(flag))
   if transform:
-    fits(
-      memory.transform(cfg),
-      f"the transform of {model or assets.DEFAULT_MODEL}",
-      "nothing: use a smaller model",
-    )
+    fits(memory.transform(cfg), f"the transform of {name}", "use a machine with more memory")
   return cfg

@@ -62,8 +62,8 @@ def test_refusal_names_the_estimate_and_the_flags(monkeypatch):
     MemoryError,
     match=r"needs an estimated \d+\.\d GiB .*more than WINA_JAX_MEMORY \(1\.0 GiB\); lower --seq_len",
   ):
-    memory.check(parts, "calibration on 4 x 8192 tokens", "--seq_len or --max_windows")
-  assert memory.check(memory.forward(CFG, 1, 16), "a forward", "--seq_len") < memory.GIB
+    memory.check(parts, "calibration on 4 x 8192 tokens", "lower --seq_len or --max_windows")
+  assert memory.check(memory.forward(CFG, 1, 16), "a forward", "lower --seq_len") < memory.GIB
 
 
 def test_available_and_sizes(monkeypatch):

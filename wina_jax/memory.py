@@ -4,7 +4,7 @@
   calibration(cfg, windows, seq_len)      `sparsity.calibrate`: every window's hidden state, one layer at a time
   transform(cfg)                          `wina_jax.transform`: both param copies, the bases and shortcuts
 
-Each returns {part: bytes} (sum = the estimate); `check(parts, what, change)` refuses a run whose estimate
+Each returns {part: bytes} (sum = the estimate); `check(parts, what, advice)` refuses a run whose estimate
 exceeds the memory available (the accelerator's free memory, else the host's MemAvailable; the
 environment variable WINA_JAX_MEMORY, e.g. '8G', caps it), naming the estimate and the flags to change.
 
@@ -122,14 +122,14 @@ def describe(parts: dict[str, int]) -> str:
   )
 
 
-def check(parts: dict[str, int], what: str, change: str) -> int:
+def check(parts: dict[str, int], what: str, advice: str) -> int:
   """Raise MemoryError when the estimate `parts` exceeds the memory available; returns the estimate.
 
-  what: the computation ('calibration on 2 x 100000 tokens'); change: the flags that shrink it."""
+  what: the computation ('calibration on 2 x 100000 tokens'); advice: what shrinks it ('lower --seq_len')."""
   need = sum(parts.values())
   have, where = available()
   if need > have:
     raise MemoryError(
-      f"{what} needs an estimated {describe(parts)}, more than {where} ({have / GIB:.1f} GiB); lower {change}"
+      f"{what} needs an estimated {describe(parts)}, more than {where} ({have / GIB:.1f} GiB); {advice}"
     )
   return need

@@ -13,6 +13,7 @@ folders of processes no longer running are removed by the next writer.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -96,11 +97,8 @@ def store(folder: str, write: Callable[[str], None]) -> None:
   tmp = tempfile.mkdtemp(dir=root, prefix=f"{assets.TMP_PREFIX}{os.getpid()}-")
   try:
     write(tmp)
-    manifest = {
-      n: {"size": os.path.getsize(p), "sha256": _sha256(p)}
-      for n in _files(tmp)
-      for p in [os.path.join(tmp, n)]
-    }
+    paths = {name: os.path.join(tmp, name) for name in _files(tmp)}
+    manifest = {name: {"size": os.path.getsize(p), "sha256": _sha256(p)} for name, p in paths.items()}
     with open(os.path.join(tmp, MANIFEST), "w") as f:
       json.dump(manifest, f, indent=1)
     try:
@@ -108,7 +106,8 @@ def store(folder: str, write: Callable[[str], None]) -> None:
     except OSError:
       if damage(folder) is not None:  # theirs is unusable: take its place
         shutil.rmtree(folder, ignore_errors=True)
-        os.replace(tmp, folder)
+        with contextlib.suppress(OSError):  # a third writer completed it meanwhile
+          os.replace(tmp, folder)
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
 
@@ -128,10 +127,12 @@ def usable(folder: Optional[str]) -> bool:
 def cached_config(path: str) -> Optional[ModelConfig]:
   """The config stored with `path`'s converted arrays, when a complete entry exists (no checksum pass)."""
   folder = file_key(path, "params")
+  if folder is None or not os.path.isfile(os.path.join(folder, MANIFEST)):
+    return None
   try:
     with open(os.path.join(folder, "config.json")) as f:
-      return cfg_from_json(json.load(f)) if os.path.isfile(os.path.join(folder, MANIFEST)) else None
-  except (TypeError, OSError, ValueError):
+      return cfg_from_json(json.load(f))
+  except (OSError, ValueError, TypeError):
     return None
 
 
