@@ -26,7 +26,9 @@ def measure(kind: str, n: int, t: int) -> int:
     timeout=600,
   )
   assert p.returncode == 0, p.stderr[-2000:]
-  return json.loads(p.stdout.strip().splitlines()[-1])["peak"]
+  res = json.loads(p.stdout.strip().splitlines()[-1])
+  assert res["peak"] > 0, (kind, n, t, res)
+  return res["peak"]
 
 
 def test_estimate_within_its_stated_error_of_measured_peaks():
