@@ -3,7 +3,7 @@
   python tests/flag_walk.py MODULE PROBES_JSON [CASES_JSON]
 
 PROBES_JSON: {"paths": {kind: path}} of prepared files (missing, empty, cut-short ones), used with the flags
-named in PATH_FLAGS. Prints one JSON object: 'flags' {name: {'type', 'help', 'probes': {value: error or
+named in PATH_FLAGS. Prints one JSON object: 'defaults' (the error of parsing no flags, else None), 'flags' {name: {'type', 'help', 'probes': {value: error or
 None}}}, each probe parsed alone on top of the defaults, timed ('seconds'); and 'cases' {argv joined:
 {'exit', 'stderr', 'loaded'}}: each argv run through the script's `main` as `app.run` would, where
 'exit' is the SystemExit message, 'traceback' an uncaught exception's, 'loaded' whether weights were
@@ -84,7 +84,7 @@ def probes(name: str, k: str, paths: dict) -> list[str]:
 def main(module: str, probe_files: dict, cases: list[list[str]]) -> dict:
   mod = importlib.import_module(module)
   own = {f.name: f for f in flags.FLAGS.get_key_flags_for_module(mod)}
-  out = {"flags": {}, "cases": {}}
+  out = {"flags": {}, "cases": {}, "defaults": parse([])}  # None: every default passes its rule
   for name, flag in sorted(own.items()):
     k = kind(flag)
     res = {}

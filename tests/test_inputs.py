@@ -123,6 +123,12 @@ def probes(result: dict):
         yield name, flag, value, error, flag["probes"][value + ":seconds"]
 
 
+def test_defaults_pass_their_rules(walked):
+  _, results = walked
+  assert {m: r["defaults"] for m, r in results.items() if r["defaults"] is not None} == {}
+  assert len(results) == len(SCRIPTS) >= 16
+
+
 def test_numeric_flags_refuse_zero_negative_nan_and_huge(walked):
   _, results = walked
   bad, n = [], 0
