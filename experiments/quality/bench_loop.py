@@ -26,7 +26,7 @@ import numpy as np
 from absl import app, flags
 
 from experiments import common
-from wina_jax import numerics, sparsity
+from wina_jax import checks, numerics, sparsity
 from wina_jax.model import forward
 from wina_jax.sparsity import select
 
@@ -64,14 +64,17 @@ SHAPES = {  # HF config class and fields of the models whose shapes are timed (r
 }
 
 SHAPE = flags.DEFINE_enum("shape", "qwen2.5-coder-1.5b", list(SHAPES), "Model shape (random weights).")
-BATCH = flags.DEFINE_integer("batch", 8, "Windows per forward.")
-SEQ = flags.DEFINE_integer("seq", 512, "Tokens per window.")
+BATCH = common.check(flags.DEFINE_integer("batch", 8, "Windows per forward."), checks.count(hi=4096))
+SEQ = common.check(flags.DEFINE_integer("seq", 512, "Tokens per window."), checks.count(2, 32768))
 PRECISIONS = flags.DEFINE_list("precisions", ["float32", "tf32", "bfloat16"], "Matmul precisions timed.")
 RUNS = flags.DEFINE_list(
   "runs", ["dense", "teal:topk", "wina:topk", "teal:threshold"], "method:mode pairs ('dense' alone)."
 )
 IMPLS = flags.DEFINE_list("impls", ["radix", "sort"], "Top-k selection impls timed (sparsity.select).")
-SPARSITY = flags.DEFINE_float("sparsity", 0.5, "Target sparsity of the sparse runs.")
+SPARSITY = common.check(
+  flags.DEFINE_float("sparsity", 0.5, "Target sparsity of the sparse runs."),
+  checks.real(0.0, 1.0, lo_open=True, hi_open=True),
+)
 TORCH = flags.DEFINE_bool("torch", True, "Time torch + transformers with pre-hooks beside.")
 SELECT_SHAPES = flags.DEFINE_list(
   "select_shapes", ["4096x8960", "4096x1536"], "[tokens x d] of `select` rows."
@@ -81,8 +84,10 @@ SELECT_IMPLS = flags.DEFINE_list(
   ["lax", "sort", "radix:2", "radix:4", "radix:8", "radix:16", "radix:64"],
   "impl[:fanout] of `select` rows.",
 )
-REPEATS = flags.DEFINE_integer("repeats", 5, "Timed calls per row (median).")
-OUT = flags.DEFINE_string("out", "", "JSON output path ('' = print only).")
+REPEATS = common.check(
+  flags.DEFINE_integer("repeats", 5, "Timed calls per row (median)."), checks.count(hi=1000)
+)
+OUT = common.check(flags.DEFINE_string("out", "", "JSON output path ('' = print only)."), checks.out_path())
 
 
 def timed(fn, *args, repeats: int) -> float:

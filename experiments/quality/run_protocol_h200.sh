@@ -15,7 +15,7 @@
 # `start` copies the repo to ~/repo and the jobs run from there, detached, writing ~/runs/MODEL/PREC/topk-ALLOC.
 # Grid at TF32 (time); float32 re-runs dense / TEAL / WINA at 50 / 65 % (the verdict check) and, for
 # SmolLM2, dense (GPU float32 against the CPU's). Each job: one sweep process (--seeds=2, perplexity
-# re-runs only); the top-k impl is the fastest exact one in the bench's `select` rows, if a bench ran.
+# re-runs only); the top-k impl is $TOPK_IMPL or the backend's default (masks are identical either way).
 set -u
 stage=$1
 shift
@@ -27,7 +27,7 @@ case $stage in
       --out="$OUT/bench_loop_h200_float32.json" 2>&1 | grep -v "^W\|^I1"
     python3 -m experiments.quality.bench_loop --precisions=tf32,bfloat16 --impls=radix --select_shapes= \
       --out="$OUT/bench_loop_h200_tf32_bf16.json" 2>&1 | grep -v "^W\|^I1"
-    cp "$OUT"/bench_loop_h200_float32.json ~/bench_select.json ;;
+    ;;
   part)
     mkdir -p ~/parts && cp ".gpu/$1" ~/parts/ && ls ~/parts | wc -l ;;
   start)
@@ -47,11 +47,7 @@ case $stage in
     tar --exclude=./.gpu -cf - . | tar -xf - -C ~/repo && mkdir -p ~/repo/.gpu && cp .gpu/*.npz ~/repo/.gpu/
     ln -sf ~/models/$file ~/repo/.gpu/$file
     cd ~/repo
-    impl=$(python3 -c "
-import json
-rows = [r for r in json.load(open('$HOME/bench_select.json'))['select'] if r['shape'][1] == 8960 and r['same']]
-best = min(rows, key=lambda r: r['ms'])
-print(best['impl'] + (':%d' % best['fanout'] if best['fanout'] else ''))" 2>/dev/null || echo "")
+    impl=${TOPK_IMPL:-}  # the 2026-12-02 run used radix:8 (fastest on [4096, 8960] alone; per layer radix:16 is)
     echo "top-k impl: ${impl:-backend default}"
     export JAX_COMPILATION_CACHE_DIR=~/jax_cache JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0
     export XLA_PYTHON_CLIENT_PREALLOCATE=false WINA_JAX_CACHE=off
