@@ -20,10 +20,9 @@ import sys
 
 import jax.numpy as jnp
 from absl import app, flags
-
-from experiments import common
 from tqdm.auto import tqdm
 
+from experiments import common
 from wina_jax import analysis, families, sparsity
 from wina_jax import sites as S
 from wina_jax.analysis import plots
