@@ -105,6 +105,23 @@ def test_gemma3_capital_of_france(gemma):
   assert text.startswith(" the capital of the country of France. It is the largest city in France and"), text
 
 
+def test_transform_is_exact_on_gemma3(gemma):
+  """The WINA transform on the real model (input rotations: post-block norms): the dense logits stay within
+  float32 rounding, k_proj and gate_proj become column-orthogonal, the tied embedding stays tied."""
+  from wina_jax.analysis import column_orthogonality_defect
+  from wina_jax.transform import key_kernel, shortcut_cost, transform
+
+  params, cfg = gemma
+  tp, tcfg = transform(params, cfg)
+  assert tcfg.tie_word_embeddings and shortcut_cost(tp, tcfg)["shortcuts"] == 2 * cfg.num_hidden_layers
+  tokens = jnp.asarray(np.random.RandomState(0).randint(3, 10_000, (1, 64)))
+  ref, got = (np.asarray(forward(p, tokens, c).logits) for p, c in ((params, cfg), (tp, tcfg)))
+  assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max(), np.abs(got - ref).max()
+  for l in (0, 5, 17):
+    for block in ("self_attn", "mlp"):
+      assert column_orthogonality_defect(key_kernel(tp["layers"][str(l)], tcfg, block)) <= 1e-5
+
+
 def test_missing_part_wheels_are_named_with_the_pip_command(monkeypatch):
   import importlib.util
 
