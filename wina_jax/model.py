@@ -328,7 +328,8 @@ def run_decoder(
 ) -> Output:
   """The decoder around its weights: checks, positions, the layer loop, the cache and the logits.
 
-  embed(tokens [B, T]) -> h [B, T, d] (scaled here by `cfg.embed_scale`); layer(i, h, ctx, positions, kv, kv_len) -> (h, kv) for layer i;
+  embed(tokens [B, T]) -> h [B, T, d] (scaled here by `cfg.embed_scale`);
+  layer(i, h, ctx, positions, kv, kv_len) -> (h, kv) for layer i;
   head(h) -> [B, T, vocab] (final norm and lm_head). `forward` passes closures over a params dict,
   `wina_jax.nn.CausalLM` its submodules; arguments as in `forward`. Matmuls run at the declared precision
   (`wina_jax.numerics`: true float32 unless set otherwise).

@@ -242,7 +242,8 @@ class _Layers(nn.Module):
 
 
 class CausalLM(nn.Module):
-  """The decoder-only LM of every supported family (llama, mistral, qwen2, phi3, gemma3_text) as a Flax module.
+  """The decoder-only LM of every supported family (llama, mistral, qwen2, phi3, gemma3_text) as a Flax
+  module.
 
   `__call__(tokens [B, T], sparsifier, cache=, dense_prefix=, collect=)` -> `model.Output` (logits
   [B, T, vocab] float32, cache, aux), arguments and results exactly as `model.forward`'s.

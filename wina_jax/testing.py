@@ -40,7 +40,8 @@ def random_params(
   shardings: Optional[dict] = None,
 ) -> dict:
   """Params of every shape `cfg` implies (`convert.load.expected_shapes`, `wina_jax.model` layout):
-  N(0, 1/d_in) kernels [in, out], N(0, 1) embedding, N(0, 0.02^2) biases, norm scales N(1, scale_noise^2) (gain; scale 1 - `norm_offset` + noise).
+  N(0, 1/d_in) kernels [in, out], N(0, 1) embedding, N(0, 0.02^2) biases, norm
+  gains N(1, scale_noise^2) (scales 1 - `norm_offset` + noise).
 
   key: an int seed (numpy on the host: quick for small CPU models) or a jax PRNG key (made on the
     device, one array at a time: for models of real size).

@@ -180,7 +180,8 @@ def _gguf_tensors(path: str) -> tuple[dict[str, np.ndarray], ModelConfig]:
 
 
 def from_gguf(path: str, dtype=jnp.float32, use_cache: bool = True) -> tuple[dict, ModelConfig]:
-  """Params and config from a llama / qwen2 / gemma3 GGUF file, dequantised tensor by tensor with numpy (`gguf`).
+  """Params and config from a llama / qwen2 / gemma3 GGUF file, dequantised tensor by tensor with numpy
+  (`gguf`).
 
   use_cache: reuse the dequantised arrays from `wina_jax.convert.cache` (keyed by the file's identity).
   """

@@ -12,8 +12,9 @@ A matmul of a [1, n] input with an [n, m] kernel costs 2 n m FLOPs (multiply + a
                                      window_l the layer's sliding window, `cfg.layer_config`)
 
 with s_j the sparsity of site j's input (one float for all, or a dict by site), d the hidden size,
-V the vocabulary, L the layers, H hd the query width. Norms, RoPE, biases and the softmax are omitted
-(O(d) per token; Gemma's q/k and post-block norms too). The paper's four models are built from their HF configs (no weights): `PAPER_CONFIGS`.
+V the vocabulary, L the layers, H hd the query width. Norms (Gemma's q/k and post-block norms too), RoPE,
+biases and the softmax are omitted (O(d) per token). The paper's four models are built from their HF configs
+(no weights): `PAPER_CONFIGS`.
 """
 
 from __future__ import annotations

@@ -10,8 +10,8 @@ the features Gemma switches on, each a generic `ModelConfig` field or `Family` d
 - local attention (sliding window, rope base `rope_local_theta`, HF's rope_local_base_freq) on the layers
   `layer_types` marks 'sliding_attention' (five of six), global attention with `rope_theta` on the rest.
 
-llama.cpp stores every norm weight as 1 + w (`gguf_norm_shift`) and does not interleave q/k rows. Soft-capping,
-bidirectional attention and biases are refused.
+llama.cpp stores every norm weight as 1 + w (`gguf_norm_shift`) and does not interleave q/k rows.
+Soft-capping, bidirectional attention and biases are refused.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ GGUF_GEMMA_RULES = (
   (r"blk\.(\d+)\.attn_(q|k)_norm\.weight", "model.layers.{0}.self_attn.{1}_norm.weight"),
 )
 
-# Fields that change the forward pass unless unset / False: logit soft-capping, bidirectional attention, biases.
+# Fields that change the forward pass unless unset / False (soft-capping, bidirectional attention, biases).
 _REFUSED = (
   "final_logit_softcapping",
   "attn_logit_softcapping",

@@ -64,7 +64,8 @@ class Wina(Method):
 @register("cats")
 @dataclasses.dataclass(frozen=True)
 class Cats(Method):
-  """CATS (Lee et al. 2024): zero the MLP activation SiLU(gate) (GELU(gate) in GeGLU models) where it is small.
+  """CATS (Lee et al. 2024): zero the MLP activation SiLU(gate) (GELU(gate) in GeGLU models) where it is
+  small.
 
   Masks only `layers.i.mlp.act`; down_proj's input act * up inherits the zeros.
   """
