@@ -96,15 +96,6 @@ def test_gemma3_matches_transformers(gemma):
   np.testing.assert_array_equal(ours_gen, ref_gen)
 
 
-def test_gemma3_capital_of_france(gemma):
-  """The issue's greedy continuation of "The capital of France is" (with BOS), through the KV cache."""
-  params, cfg = gemma
-  tok = load_tokenizer("gemma3-270m")
-  ids = tok("The capital of France is", return_tensors="np")["input_ids"]
-  text = tok.decode(greedy_decode(params, cfg, ids, 16)[0])
-  assert text.startswith(" the capital of the country of France. It is the largest city in France and"), text
-
-
 def test_transform_is_exact_on_gemma3(gemma):
   """The WINA transform on the real model (input rotations: post-block norms): the dense logits stay within
   float32 rounding, k_proj and gate_proj become column-orthogonal, the tied embedding stays tied."""
