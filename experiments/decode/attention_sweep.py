@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from absl import app, flags
 
 from experiments import common
+
 from wina_jax import layers as L
 from wina_jax.bench.shapes import SHAPES
 from wina_jax.kernels import decode_attention as DA

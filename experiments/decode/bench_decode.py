@@ -27,10 +27,11 @@ from dataclasses import replace
 import jax
 import jax.numpy as jnp
 from absl import app, flags
+
+from experiments import common
 from flax import struct
 from tqdm import tqdm
 
-from experiments import common
 from wina_jax.bench.decode_setup import (
   check_against_xla,
   linear_bytes,

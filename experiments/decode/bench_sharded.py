@@ -27,9 +27,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
-from tqdm import tqdm
 
 from experiments import common
+from tqdm import tqdm
+
 from wina_jax import model as M
 from wina_jax import sharding as SH
 from wina_jax import sites as S

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from absl import app, flags
 
 from experiments import common
+
 from wina_jax.bench import decode_setup as B
 from wina_jax.bench.shapes import SHAPES
 from wina_jax.decode import decode_step, fuse_projections

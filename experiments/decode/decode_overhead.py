@@ -38,6 +38,7 @@ import numpy as np
 from absl import app, flags
 
 from experiments import common
+
 from wina_jax.bench import decode_setup as B
 from wina_jax.bench.shapes import SHAPES
 from wina_jax.bench.trace import summarize, trace_events

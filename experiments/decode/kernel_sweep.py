@@ -25,6 +25,7 @@ import numpy as np
 from absl import app, flags
 
 from experiments import common
+
 from wina_jax.bench.shapes import SHAPES
 from wina_jax.decode import fused_site_shapes
 from wina_jax.kernels import KernelConfig, masked_linear

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from absl import app, flags
 
 from experiments import common
+
 from wina_jax.bench.decode_setup import load_configs, make_sparsifier, site_scores
 from wina_jax.bench.shapes import SHAPES
 from wina_jax.bench.trace import summarize, trace_events

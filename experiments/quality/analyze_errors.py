@@ -20,9 +20,10 @@ import sys
 
 import jax.numpy as jnp
 from absl import app, flags
-from tqdm.auto import tqdm
 
 from experiments import common
+from tqdm.auto import tqdm
+
 from wina_jax import analysis, families, sparsity
 from wina_jax import sites as S
 from wina_jax.analysis import plots

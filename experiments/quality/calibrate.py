@@ -12,6 +12,7 @@ import numpy as np
 from absl import app, flags
 
 from experiments import common
+
 from wina_jax import sparsity as sp
 from wina_jax.convert import load
 from wina_jax.data.text import load_texts

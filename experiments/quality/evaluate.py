@@ -10,6 +10,7 @@ python -m experiments.quality.evaluate --mesh=data:1,model:4    # params sharded
 from absl import app, flags
 
 from experiments import common
+
 from wina_jax import sharding as SH
 from wina_jax.convert import load
 from wina_jax.data.text import load_texts, token_windows

@@ -20,6 +20,7 @@ import numpy as np
 from absl import app, flags
 
 from experiments import common
+
 from wina_jax import assets, sparsity
 from wina_jax.convert.load import load_default
 from wina_jax.data import austen

@@ -30,9 +30,10 @@ from typing import Optional
 
 import numpy as np
 from absl import app, flags
-from tqdm.auto import tqdm
 
 from experiments import common
+from tqdm.auto import tqdm
+
 from wina_jax.eval import report
 from wina_jax.eval.tasks import TASKS
 

@@ -36,6 +36,7 @@ import numpy as np
 from absl import app, flags
 
 from experiments import common
+
 from wina_jax.sparsity.base import K_RULES
 
 MODEL = flags.DEFINE_string("model", "", "GGUF file or HF folder; '' = the embedded SmolLM2.")
