@@ -11,7 +11,18 @@ import os
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PURE_SPARSITY = ("base", "methods", "registry", "measure", "prefill", "thresholds", "store")
+PURE_SPARSITY = (
+  "base",
+  "methods",
+  "registry",
+  "plugins",
+  "fastpath",
+  "measure",
+  "prefill",
+  "select",
+  "thresholds",
+  "store",
+)
 MODEL = "wina_jax.model"
 
 

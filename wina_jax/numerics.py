@@ -9,9 +9,10 @@ Because the setting is JAX's config, it is part of every jit cache key: changing
 Named settings (`PRECISIONS`):
   float32   every product and sum in float32 (JAX 'highest'); the default.
   tf32      TF32 products (10-bit mantissa inputs), float32 sums (JAX 'tensorfloat32'); the GPU's default.
-  bfloat16  bfloat16 products, float32 sums (JAX 'bfloat16': one bf16 pass where the backend has one).
-On a CPU every setting computes float32 products (the backend has no TF32 / bf16 passes for float32 inputs):
-`describe` says so in the record.
+  bfloat16  inputs rounded to bfloat16, float32 sums (JAX's dot algorithm 'BF16_BF16_F32').
+On a CPU every setting computes float32 products (measured: XLA's CPU dot ignores the TF32 / bf16 requests
+for float32 inputs): `describe` says so in the record. JAX's 'default' / 'bfloat16' precision is not
+offered: on a GPU it means TF32 for float32 inputs, which is what 'tf32' names.
 """
 
 from __future__ import annotations
@@ -20,16 +21,15 @@ import contextlib
 
 import jax
 
-PRECISIONS = {"float32": "highest", "tf32": "tensorfloat32", "bfloat16": "bfloat16"}
+PRECISIONS = {"float32": "highest", "tf32": "tensorfloat32", "bfloat16": "BF16_BF16_F32"}
 DEFAULT = "float32"
 _JAX_NAMES = {
   "highest": "float32",
   "float32": "float32",
   "tensorfloat32": "tf32",
   "high": "tf32",
-  "bfloat16": "bfloat16",
-  "default": "bfloat16",
-  "fastest": "bfloat16",
+  "bf16_bf16_f32": "bfloat16",
+  "f32_f32_f32": "float32",
 }
 
 

@@ -21,21 +21,29 @@ import jax.numpy as jnp
 from absl import app, flags
 
 from experiments import common
-
+from wina_jax import checks
 from wina_jax import layers as L
 from wina_jax.bench.shapes import SHAPES
 from wina_jax.kernels import decode_attention as DA
 from wina_jax.model import attention_block
 
-flags.DEFINE_list("models", ["llama3_8b", "qwen25_7b"], "model shapes (wina_jax.bench.shapes.SHAPES)")
-flags.DEFINE_list("batches", ["1", "8"], "batch sizes")
-flags.DEFINE_list("lengths", ["32", "511"], "valid cache slots before the new token")
-flags.DEFINE_integer("slots", 512, "KV cache slots")
-flags.DEFINE_integer("layers", 32, "attention calls chained per timed run")
-flags.DEFINE_list("num_warps", ["2", "4"], "Triton warps per program")
-flags.DEFINE_integer("block_s", 64, "cache slots per kernel loop step")
-flags.DEFINE_integer("reps", 20, "timed runs (median)")
-flags.DEFINE_string("out", "", "write results JSON here")
+common.check(
+  flags.DEFINE_list("models", ["llama3_8b", "qwen25_7b"], "model shapes (wina_jax.bench.shapes.SHAPES)"),
+  checks.each(checks.one_of(SHAPES), str, nonempty=True),
+)
+common.check(flags.DEFINE_list("batches", ["1", "8"], "batch sizes"), checks.each(checks.count(), int))
+common.check(
+  flags.DEFINE_list("lengths", ["32", "511"], "valid cache slots before the new token"),
+  checks.each(checks.count(), int),
+)
+common.check(flags.DEFINE_integer("slots", 512, "KV cache slots"), checks.count())
+common.check(flags.DEFINE_integer("layers", 32, "attention calls chained per timed run"), checks.count())
+common.check(
+  flags.DEFINE_list("num_warps", ["2", "4"], "Triton warps per program"), checks.each(checks.count(), int)
+)
+common.check(flags.DEFINE_integer("block_s", 64, "cache slots per kernel loop step"), checks.count())
+common.check(flags.DEFINE_integer("reps", 20, "timed runs (median)"), checks.count())
+common.check(flags.DEFINE_string("out", "", "write results JSON here"), checks.out_path())
 flags.DEFINE_bool("tiny", False, "CPU smoke test: tiny shape, interpret mode, 2 layers, 2 reps")
 FLAGS = flags.FLAGS
 

@@ -27,11 +27,11 @@ from dataclasses import replace
 import jax
 import jax.numpy as jnp
 from absl import app, flags
-
-from experiments import common
 from flax import struct
 from tqdm import tqdm
 
+from experiments import common
+from wina_jax import checks
 from wina_jax.bench.decode_setup import (
   check_against_xla,
   linear_bytes,
@@ -44,22 +44,47 @@ from wina_jax.decode import decode_loop, decode_step, fuse_projections
 from wina_jax.model import init_cache
 from wina_jax.testing import add_shortcuts, random_params
 
-flags.DEFINE_list("models", ["llama3_8b", "qwen25_7b"], "model shapes (wina_jax.bench.shapes.SHAPES)")
-flags.DEFINE_list("sparsities", ["0", "0.25", "0.4", "0.5", "0.65"], "target sparsities")
-flags.DEFINE_list("batches", ["1", "2", "4", "8"], "batch sizes (>1: dense and teal only)")
-flags.DEFINE_list("methods", ["teal", "wina", "wina_sc"], "sparse variants at batch 1")
-flags.DEFINE_list("batch_sparsities", ["0.5", "0.65"], "sparsities timed at batch > 1")
-flags.DEFINE_integer("steps", 32, "decode steps timed per repetition (positions 0..steps-1)")
-flags.DEFINE_integer("reps", 3, "timed repetitions (median); one more untimed warm-up")
-flags.DEFINE_integer("max_len", 512, "KV cache slots")
-flags.DEFINE_list(
-  "configs", [], "JSONs of tuned kernel configs (experiments.decode.kernel_sweep; later files win per shape)"
+common.check(
+  flags.DEFINE_list("models", ["llama3_8b", "qwen25_7b"], "model shapes (wina_jax.bench.shapes.SHAPES)"),
+  checks.each(checks.one_of(SHAPES), str, nonempty=True),
 )
-flags.DEFINE_list(
-  "config_sets",
-  [],
-  "alternative tilings timed side by side in one run: each entry is '+'-joined kernel_sweep JSONs laid over "
-  "--configs (later files win per shape), e.g. a.json,a.json+b.json; empty = --configs alone",
+common.check(
+  flags.DEFINE_list("sparsities", ["0", "0.25", "0.4", "0.5", "0.65"], "target sparsities"),
+  checks.each(checks.fraction()),
+)
+common.check(
+  flags.DEFINE_list("batches", ["1", "2", "4", "8"], "batch sizes (>1: dense and teal only)"),
+  checks.each(checks.count(), int),
+)
+flags.DEFINE_list("methods", ["teal", "wina", "wina_sc"], "sparse variants at batch 1")
+common.check(
+  flags.DEFINE_list("batch_sparsities", ["0.5", "0.65"], "sparsities timed at batch > 1"),
+  checks.each(checks.fraction()),
+)
+common.check(
+  flags.DEFINE_integer("steps", 32, "decode steps timed per repetition (positions 0..steps-1)"),
+  checks.count(),
+)
+common.check(
+  flags.DEFINE_integer("reps", 3, "timed repetitions (median); one more untimed warm-up"), checks.count()
+)
+common.check(flags.DEFINE_integer("max_len", 512, "KV cache slots"), checks.count())
+common.check(
+  flags.DEFINE_list(
+    "configs",
+    [],
+    "JSONs of tuned kernel configs (experiments.decode.kernel_sweep; later files win per shape)",
+  ),
+  checks.each(checks.json_file(empty=False), str),
+)
+common.check(
+  flags.DEFINE_list(
+    "config_sets",
+    [],
+    "alternative tilings timed side by side in one run: each entry is '+'-joined kernel_sweep JSONs laid over "
+    "--configs (later files win per shape), e.g. a.json,a.json+b.json; empty = --configs alone",
+  ),
+  checks.each(checks.json_file(empty=False), str, split="+"),
 )
 flags.DEFINE_string("reduce", "", "override the configs' split-K reduce (partials | atomic | semaphore)")
 flags.DEFINE_enum(
@@ -75,11 +100,14 @@ flags.DEFINE_list(
   "decode attentions to time, each in the same run: xla (XLA ops) and / or pallas (the Pallas kernel, "
   "wina_jax.kernels.decode_attention; interpret mode off the GPU)",
 )
-flags.DEFINE_list(
-  "dense_at",
-  [],
-  "sparse kernels' dense-fallback kept fractions to time, each in the same run (KernelConfig.dense_at; "
-  "above 1: off); empty = the configs' own",
+common.check(
+  flags.DEFINE_list(
+    "dense_at",
+    [],
+    "sparse kernels' dense-fallback kept fractions to time, each in the same run (KernelConfig.dense_at; "
+    "above 1: off); empty = the configs' own",
+  ),
+  checks.each(checks.real(0.0)),
 )
 flags.DEFINE_list(
   "fuse_norm",
@@ -87,7 +115,7 @@ flags.DEFINE_list(
   "RMSNorm in the sparse kernels' prologue (FusedThresholdSparsifier.fuse_norm), each value timed in the "
   "same run: false, true or false,true",
 )
-flags.DEFINE_string("out", "", "write results JSON here")
+common.check(flags.DEFINE_string("out", "", "write results JSON here"), checks.out_path())
 flags.DEFINE_bool("tiny", False, "CPU smoke test: tiny model, XLA path, 1 rep")
 FLAGS = flags.FLAGS
 

@@ -27,14 +27,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
-
-from experiments import common
 from tqdm import tqdm
 
+from experiments import common
+from wina_jax import checks, sparsity
 from wina_jax import model as M
 from wina_jax import sharding as SH
 from wina_jax import sites as S
-from wina_jax import sparsity
 from wina_jax.bench.shapes import SHAPES as DECODE_SHAPES
 from wina_jax.config import ModelConfig
 from wina_jax.convert.load import expected_shapes
@@ -56,17 +55,26 @@ SHAPES = {
   ),
 }
 
-CONFIGS = flags.DEFINE_list("configs", ["llama3_8b", "phi4_14b"], f"model shapes from {sorted(SHAPES)}")
+CONFIGS = common.check(
+  flags.DEFINE_list("configs", ["llama3_8b", "phi4_14b"], f"model shapes from {sorted(SHAPES)}"),
+  checks.each(checks.one_of(SHAPES), str, nonempty=True),
+)
 MESH = flags.DEFINE_multi_string("mesh", ["model:1"], "mesh per run, e.g. --mesh=model:1 --mesh=model:4")
 FSDP = flags.DEFINE_bool("fsdp", False, "also shard kernels over the 'data' axis")
 METHODS = flags.DEFINE_list("methods", ["dense", "wina"], "dense and/or sparsity methods (teal, wina)")
-SPARSITY = flags.DEFINE_float("sparsity", 0.5, "target sparsity of the sparse methods")
+SPARSITY = common.check(
+  flags.DEFINE_float("sparsity", 0.5, "target sparsity of the sparse methods"), checks.fraction()
+)
 MODE = flags.DEFINE_enum("mode", "threshold", ["threshold", "topk"], "sparsifier mode")
-BATCH = flags.DEFINE_integer("batch", 1, "sequences decoded together")
-PROMPT_LEN = flags.DEFINE_integer("prompt_len", 128, "prompt tokens (dense prefill)")
-DECODE = flags.DEFINE_integer("decode_tokens", 64, "timed decode steps (after 4 warm-up steps)")
+BATCH = common.check(flags.DEFINE_integer("batch", 1, "sequences decoded together"), checks.count())
+PROMPT_LEN = common.check(
+  flags.DEFINE_integer("prompt_len", 128, "prompt tokens (dense prefill)"), checks.count()
+)
+DECODE = common.check(
+  flags.DEFINE_integer("decode_tokens", 64, "timed decode steps (after 4 warm-up steps)"), checks.count()
+)
 DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "weights and KV cache dtype")
-OUT = flags.DEFINE_string("out", "", "append one JSON line per result here")
+OUT = common.check(flags.DEFINE_string("out", "", "append one JSON line per result here"), checks.out_path())
 
 WARMUP = 4
 
@@ -92,8 +100,7 @@ def make_sparsifier(method, params, cfg, prompt):
   def thresholds(params, prompt):
     inputs = M.forward(params, prompt, cfg, collect=("inputs",)).aux["inputs"]
     return {
-      s: jnp.quantile(sp.score(s, inputs[s].astype(jnp.float32)).reshape(-1), SPARSITY.value)
-      for s, _ in sp.keep
+      s: jnp.quantile(sp.score(s, inputs[s].astype(jnp.float32)).reshape(-1), SPARSITY.value) for s in sp.k
     }
 
   return sparsity.ScoreSparsifier(

@@ -18,15 +18,20 @@ import jax.numpy as jnp
 from absl import app, flags
 
 from experiments import common
-
+from wina_jax import checks
 from wina_jax.bench import decode_setup as B
 from wina_jax.bench.shapes import SHAPES
 from wina_jax.decode import decode_step, fuse_projections
 from wina_jax.testing import random_params
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model", "llama3_8b", "model shape (wina_jax.bench.shapes.SHAPES)")
-flags.DEFINE_list("layers", ["2", "32"], "layer counts checked")
+common.check(
+  flags.DEFINE_string("model", "llama3_8b", "model shape (wina_jax.bench.shapes.SHAPES)"),
+  checks.one_of(SHAPES),
+)
+common.check(
+  flags.DEFINE_list("layers", ["2", "32"], "layer counts checked"), checks.each(checks.count(), int)
+)
 
 
 def ulp_sensitivity(params, cfg, sp, tokens, max_len) -> dict:

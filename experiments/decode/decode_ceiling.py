@@ -21,13 +21,21 @@ import json
 
 from absl import app, flags
 
+from experiments import common
+from wina_jax import checks
 from wina_jax.bench.ceiling import analyse, plot
 
-flags.DEFINE_list("json", ["benchmarks/results/bench_decode_h200_llama.json"], "bench_decode result JSONs")
+common.check(
+  flags.DEFINE_list("json", ["benchmarks/results/bench_decode_h200_llama.json"], "bench_decode result JSONs"),
+  checks.each(checks.json_file(empty=False), str, nonempty=True),
+)
 flags.DEFINE_list("methods", ["teal", "wina"], "sparse variants fitted")
 flags.DEFINE_list("targets", ["0.5:1.8", "0.65:2.4"], "sparsity:speedup targets (issue 6)")
-flags.DEFINE_string(
-  "plot", "", "also draw speedup vs sparsity (measured, per-site ceiling, targets) here (PNG)"
+common.check(
+  flags.DEFINE_string(
+    "plot", "", "also draw speedup vs sparsity (measured, per-site ceiling, targets) here (PNG)"
+  ),
+  checks.out_path(),
 )
 FLAGS = flags.FLAGS
 

@@ -38,7 +38,7 @@ import numpy as np
 from absl import app, flags
 
 from experiments import common
-
+from wina_jax import checks
 from wina_jax.bench import decode_setup as B
 from wina_jax.bench.shapes import SHAPES
 from wina_jax.bench.trace import summarize, trace_events
@@ -48,23 +48,43 @@ from wina_jax.kernels.config import WORKSPACE_BLOCKS, resolve
 from wina_jax.model import init_cache
 from wina_jax.testing import random_params
 
-flags.DEFINE_list(
-  "sweeps",
-  ["benchmarks/results/kernel_sweep_h200_a.json", "benchmarks/results/kernel_sweep_h200_b.json"],
-  "kernel_sweep JSONs whose 'best' tilings are merged (later files win per shape)",
+common.check(
+  flags.DEFINE_list(
+    "sweeps",
+    ["benchmarks/results/kernel_sweep_h200_a.json", "benchmarks/results/kernel_sweep_h200_b.json"],
+    "kernel_sweep JSONs whose 'best' tilings are merged (later files win per shape)",
+  ),
+  checks.each(checks.json_file(empty=False), str),
 )
-flags.DEFINE_integer("profile_steps", 4, "decode steps profiled per variant (0: no profile)")
-flags.DEFINE_float("budget_s", 290.0, "no new job starts after this many seconds")
-flags.DEFINE_list(
-  "models",
-  ["llama3_8b", "qwen25_7b"],
-  "model shapes (wina_jax.bench.shapes.SHAPES); the first also gets the option-set comparison",
+common.check(
+  flags.DEFINE_integer("profile_steps", 4, "decode steps profiled per variant (0: no profile)"),
+  checks.count(0),
 )
-flags.DEFINE_list("sparsities", ["0.5", "0.65"], "TEAL target sparsities")
-flags.DEFINE_integer("steps", 32, "decode steps timed per repetition (positions 0..steps-1)")
-flags.DEFINE_integer("reps", 5, "timed repetitions (median); one more untimed warm-up")
-flags.DEFINE_integer("max_len", 512, "KV cache slots")
-flags.DEFINE_string("out", "", "write results JSON here (rewritten after every job)")
+common.check(
+  flags.DEFINE_float("budget_s", 290.0, "no new job starts after this many seconds"), checks.real(0.0)
+)
+common.check(
+  flags.DEFINE_list(
+    "models",
+    ["llama3_8b", "qwen25_7b"],
+    "model shapes (wina_jax.bench.shapes.SHAPES); the first also gets the option-set comparison",
+  ),
+  checks.each(checks.one_of(SHAPES), str, nonempty=True),
+)
+common.check(
+  flags.DEFINE_list("sparsities", ["0.5", "0.65"], "TEAL target sparsities"), checks.each(checks.fraction())
+)
+common.check(
+  flags.DEFINE_integer("steps", 32, "decode steps timed per repetition (positions 0..steps-1)"),
+  checks.count(),
+)
+common.check(
+  flags.DEFINE_integer("reps", 5, "timed repetitions (median); one more untimed warm-up"), checks.count()
+)
+common.check(flags.DEFINE_integer("max_len", 512, "KV cache slots"), checks.count())
+common.check(
+  flags.DEFINE_string("out", "", "write results JSON here (rewritten after every job)"), checks.out_path()
+)
 flags.DEFINE_bool(
   "tiny", False, "CPU smoke test: tiny model, Pallas kernels in interpret mode, default options only"
 )

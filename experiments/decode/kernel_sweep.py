@@ -25,27 +25,42 @@ import numpy as np
 from absl import app, flags
 
 from experiments import common
-
+from wina_jax import checks
 from wina_jax.bench.shapes import SHAPES
 from wina_jax.decode import fused_site_shapes
 from wina_jax.kernels import KernelConfig, masked_linear
 from wina_jax.kernels.config import WORKSPACE_BLOCKS, parse, resolve
 
-flags.DEFINE_list("models", ["llama3_8b", "qwen25_7b"], "model shapes to tune")
-flags.DEFINE_float("sparsity", 0.5, "sparsity the tilings are ranked at")
-flags.DEFINE_list("check_sparsities", ["0", "0.65"], "sparsities the best tilings are also timed at")
-flags.DEFINE_integer(
-  "top", 3, "best tilings per shape re-timed with the other reduces and another pipeline depth"
+common.check(
+  flags.DEFINE_list("models", ["llama3_8b", "qwen25_7b"], "model shapes to tune"),
+  checks.each(checks.one_of(SHAPES), str, nonempty=True),
 )
-flags.DEFINE_float(
-  "budget_s", 60.0, "seconds per shape after which untried tilings are skipped (one is always tried)"
+common.check(flags.DEFINE_float("sparsity", 0.5, "sparsity the tilings are ranked at"), checks.fraction())
+common.check(
+  flags.DEFINE_list("check_sparsities", ["0", "0.65"], "sparsities the best tilings are also timed at"),
+  checks.each(checks.fraction()),
 )
-flags.DEFINE_string("out", "", "write results JSON here")
+common.check(
+  flags.DEFINE_integer(
+    "top", 3, "best tilings per shape re-timed with the other reduces and another pipeline depth"
+  ),
+  checks.count(),
+)
+common.check(
+  flags.DEFINE_float(
+    "budget_s", 60.0, "seconds per shape after which untried tilings are skipped (one is always tried)"
+  ),
+  checks.real(0.0),
+)
+common.check(flags.DEFINE_string("out", "", "write results JSON here"), checks.out_path())
 flags.DEFINE_enum("backend", "pallas", ["pallas", "interpret"], "'interpret': CPU smoke test of the script")
-flags.DEFINE_integer(
-  "copies",
-  0,
-  "weight buffers per shape (0: enough for 600 MB, 10x the H200's L2, so one call's GPU time hides its dispatch)",
+common.check(
+  flags.DEFINE_integer(
+    "copies",
+    0,
+    "weight buffers per shape (0: enough for 600 MB, 10x the H200's L2, so one call's GPU time hides its dispatch)",
+  ),
+  checks.count(0),
 )
 flags.DEFINE_list(
   "candidates",

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from absl import app, flags
 
 from experiments import common
-
+from wina_jax import checks
 from wina_jax.bench.decode_setup import load_configs, make_sparsifier, site_scores
 from wina_jax.bench.shapes import SHAPES
 from wina_jax.bench.trace import summarize, trace_events
@@ -30,12 +30,18 @@ from wina_jax.model import init_cache
 from wina_jax.testing import random_params
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("models", ["llama3_8b"], "model shapes (wina_jax.bench.shapes.SHAPES)")
+common.check(
+  flags.DEFINE_list("models", ["llama3_8b"], "model shapes (wina_jax.bench.shapes.SHAPES)"),
+  checks.each(checks.one_of(SHAPES), str, nonempty=True),
+)
 flags.DEFINE_list("variants", ["dense", "teal:0.5", "teal:0.65", "wina:0.5"], "dense | METHOD:SPARSITY")
-flags.DEFINE_integer("steps", 32, "decode steps in the traced run")
-flags.DEFINE_integer("max_len", 512, "KV cache slots")
-flags.DEFINE_list("configs", [], "kernel_sweep JSONs of tuned tilings (later files win per shape)")
-flags.DEFINE_integer("top", 12, "kernel names listed per variant")
+common.check(flags.DEFINE_integer("steps", 32, "decode steps in the traced run"), checks.count())
+common.check(flags.DEFINE_integer("max_len", 512, "KV cache slots"), checks.count())
+common.check(
+  flags.DEFINE_list("configs", [], "kernel_sweep JSONs of tuned tilings (later files win per shape)"),
+  checks.each(checks.json_file(empty=False), str),
+)
+common.check(flags.DEFINE_integer("top", 12, "kernel names listed per variant"), checks.count())
 flags.DEFINE_enum(
   "attention",
   "xla",
@@ -47,7 +53,7 @@ flags.DEFINE_bool(
   False,
   "sparse variants normalise in the kernels' prologue (FusedThresholdSparsifier.fuse_norm)",
 )
-flags.DEFINE_string("out", "", "write the results JSON here")
+common.check(flags.DEFINE_string("out", "", "write the results JSON here"), checks.out_path())
 flags.DEFINE_bool("tiny", False, "CPU smoke test: tiny model, XLA path (host XLA ops, no device plane)")
 
 

@@ -20,11 +20,10 @@ import sys
 
 import jax.numpy as jnp
 from absl import app, flags
-
-from experiments import common
 from tqdm.auto import tqdm
 
-from wina_jax import analysis, families, sparsity
+from experiments import common
+from wina_jax import analysis, checks, families, sparsity
 from wina_jax import sites as S
 from wina_jax.analysis import plots
 from wina_jax.convert import load
@@ -32,22 +31,35 @@ from wina_jax.data.text import load_texts, token_windows
 from wina_jax.tokenizer import load_tokenizer
 from wina_jax.transform import shortcut_cost, transform
 
-MODEL = flags.DEFINE_string(
-  "model", "smollm2-135m", "Name in wina_jax.assets.MODELS, GGUF file or HF folder."
+MODEL = common.check(
+  flags.DEFINE_string("model", "smollm2-135m", "Name in wina_jax.assets.MODELS, GGUF file or HF folder."),
+  common.MODEL_RULE,
 )
-TEXT = flags.DEFINE_string("text", "boolq:heldout", "'boolq:heldout', 'boolq:calibration' or a text file.")
-SEQ_LEN = flags.DEFINE_integer("seq_len", 128, "Window length.")
-WINDOWS = flags.DEFINE_integer("windows", 4, "Number of windows (one batch).")
-LAYERS = flags.DEFINE_integer("layers", 0, "Keep only the first N layers (0 = all; for smoke runs).")
-METHODS = flags.DEFINE_list(
-  "methods",
-  ["dense", "teal", "teal-transform", "wina", "wina-transform", "cats"],
-  "Methods; '<m>-transform' runs <m> on WINA-transformed params.",
+TEXT = common.check(
+  flags.DEFINE_string("text", "boolq:heldout", "'boolq:heldout', 'boolq:calibration' or a text file."),
+  checks.text(),
 )
-SPARSITIES = flags.DEFINE_list("sparsities", ["0.25", "0.4", "0.5", "0.65"], "Target sparsities.")
+SEQ_LEN = common.check(flags.DEFINE_integer("seq_len", 128, "Window length."), checks.count(2))
+WINDOWS = common.check(flags.DEFINE_integer("windows", 4, "Number of windows (one batch)."), checks.count())
+LAYERS = common.check(
+  flags.DEFINE_integer("layers", 0, "Keep only the first N layers (0 = all; for smoke runs)."),
+  checks.count(0),
+)
+METHODS = common.check(
+  flags.DEFINE_list(
+    "methods",
+    ["dense", "teal", "teal-transform", "wina", "wina-transform", "cats"],
+    "Methods; '<m>-transform' runs <m> on WINA-transformed params.",
+  ),
+  checks.each(common.method_rule, str, nonempty=True),
+)
+SPARSITIES = common.check(
+  flags.DEFINE_list("sparsities", ["0.25", "0.4", "0.5", "0.65"], "Target sparsities."),
+  checks.each(checks.fraction()),
+)
 MODES = flags.DEFINE_list("modes", ["isolated", "propagated"], "Analysis modes.")
 BASIS = flags.DEFINE_enum("basis", "svd", ["svd", "axis"], "Null-space basis of the transform (bases.py).")
-OUT = flags.DEFINE_string("out", "results/analysis", "Output folder.")
+OUT = common.check(flags.DEFINE_string("out", "results/analysis", "Output folder."), checks.out_path())
 REPLOT = flags.DEFINE_bool("replot", False, "Only redraw the PNGs from <out>/errors.csv and kl.csv.")
 
 SUFFIX = "-transform"
@@ -185,6 +197,7 @@ def main(_):
   if REPLOT.value:
     draw(read_csv(os.path.join(out, "errors.csv")), read_csv(os.path.join(out, "kl.csv")), out)
     return
+  common.preflight(MODEL.value, SEQ_LEN.value, forward=(WINDOWS.value, "--windows"))
   os.makedirs(out, exist_ok=True)
   params, cfg = truncate(*load(MODEL.value), LAYERS.value)
   tparams, tcfg = transform(params, cfg, basis=BASIS.value)

@@ -12,7 +12,7 @@ import numpy as np
 from absl import app, flags
 
 from experiments import common
-
+from wina_jax import checks
 from wina_jax import sparsity as sp
 from wina_jax.convert import load
 from wina_jax.data.text import load_texts
@@ -21,38 +21,60 @@ from wina_jax.eval.recommended import recommended
 from wina_jax.sparsity import layerwise
 from wina_jax.tokenizer import load_tokenizer
 
-MODEL = flags.DEFINE_string(
-  "model", "smollm2-135m", "Name in wina_jax.assets.MODELS, GGUF file or HF folder."
+MODEL = common.check(
+  flags.DEFINE_string("model", "smollm2-135m", "Name in wina_jax.assets.MODELS, GGUF file or HF folder."),
+  common.MODEL_RULE,
 )
-METHOD = flags.DEFINE_string(
-  "method",
-  "",
-  "Registered method name (wina_jax.sparsity.known_methods); '' = the "
-  "recommended one for --sparsity (wina_jax.eval.recommended).",
+METHOD = common.check(
+  flags.DEFINE_string(
+    "method",
+    "",
+    "Registered method name (wina_jax.sparsity.known_methods); '' = the "
+    "recommended one for --sparsity (wina_jax.eval.recommended).",
+  ),
+  common.method_rule,
 )
 C_SITES = flags.DEFINE_enum(
   "c_sites", "official", ["official", "all"], "wina only: sites that use column norms."
 )
-SPARSITY = flags.DEFINE_float("sparsity", 0.5, "Target (effective) sparsity in [0, 1).")
+SPARSITY = common.check(
+  flags.DEFINE_float("sparsity", 0.5, "Target (effective) sparsity in [0, 1)."), checks.fraction()
+)
 ALLOCATION = flags.DEFINE_enum("allocation", "uniform", list(sp.ALLOCATIONS), "Per-site allocation.")
-GREEDY_MAX = flags.DEFINE_float("greedy_max", -1.0, "Greedy path end (effective); < 0: sparsity + 0.05.")
-GREEDY_WINDOWS = flags.DEFINE_integer("greedy_windows", 4, "Calibration windows the greedy search uses.")
-TEXT = flags.DEFINE_string("text", "boolq:calibration", "Calibration text: 'boolq:calibration' or a file.")
-HELDOUT = flags.DEFINE_string("heldout", "boolq:heldout", "Held-out text for the achieved-sparsity check.")
-SEQ_LEN = flags.DEFINE_integer("seq_len", 256, "Window length.")
-MAX_WINDOWS = flags.DEFINE_integer("max_windows", 16, "Calibration windows.")
-CHECK_WINDOWS = flags.DEFINE_integer("check_windows", 4, "Held-out windows for the check (0: skip).")
+GREEDY_MAX = common.check(
+  flags.DEFINE_float("greedy_max", -1.0, "Greedy path end (effective); < 0: sparsity + 0.05."),
+  checks.real(hi=1.0, hi_open=True),
+)
+GREEDY_WINDOWS = common.check(
+  flags.DEFINE_integer("greedy_windows", 4, "Calibration windows the greedy search uses."), checks.count()
+)
+TEXT = common.check(
+  flags.DEFINE_string("text", "boolq:calibration", "Calibration text: 'boolq:calibration' or a file."),
+  checks.text(),
+)
+HELDOUT = common.check(
+  flags.DEFINE_string("heldout", "boolq:heldout", "Held-out text for the achieved-sparsity check."),
+  checks.text(),
+)
+SEQ_LEN = common.check(flags.DEFINE_integer("seq_len", 256, "Window length."), checks.count())
+MAX_WINDOWS = common.check(flags.DEFINE_integer("max_windows", 16, "Calibration windows."), checks.count())
+CHECK_WINDOWS = common.check(
+  flags.DEFINE_integer("check_windows", 4, "Held-out windows for the check (0: skip)."), checks.count(0)
+)
 UPSTREAM = flags.DEFINE_bool(
   "upstream",
   True,
   "Calibrate each site under the sparse upstream at the "
   "target (exact for this target); false: dense statistics (TEAL), any target.",
 )
-OUT = flags.DEFINE_string("out", "", "Thresholds file; '' = runs/calibration/<method>.npz.")
+OUT = common.check(
+  flags.DEFINE_string("out", "", "Thresholds file; '' = runs/calibration/<method>.npz."), checks.out_path()
+)
 
 
 def main(_):
   common.setup()
+  common.preflight(MODEL.value, SEQ_LEN.value, calibration=(MAX_WINDOWS.value, "--max_windows"))
   params, cfg = load(MODEL.value)
   tok = load_tokenizer(MODEL.value)
   sp.check_sparsity(SPARSITY.value)

@@ -44,9 +44,18 @@ TASKS = ("piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "boolq"
 INFORMATIVE = ("piqa", "hellaswag", "arc_easy", "arc_challenge")
 MAIN = ("dense", "teal", "teal-transform", "cats", "wina", "wina-transform")
 CPU_RUNS = ("threshold-uniform", "topk-uniform", "threshold-greedy")
-PROTOCOL = {
+PROTOCOL = {  # 2026-12-01, TF32 matmuls (JAX's GPU default, before precision was declared), no numerics band
   "SmolLM2-135M": os.path.join(ROOT, "results", "sweep", "smollm2-topk"),
   "Qwen2.5-Coder-1.5B": os.path.join(ROOT, "results", "sweep", "qwen1.5b"),
+}
+GRID = os.path.join(ROOT, "results", "sweep", "protocol")  # 2026-12-02: declared precision, both bands
+PROTOCOL_TF32 = {
+  "SmolLM2-135M": os.path.join(GRID, "smollm2", "tf32"),
+  "Qwen2.5-Coder-1.5B": os.path.join(GRID, "qwen1.5b", "tf32"),
+}
+PROTOCOL_F32 = {
+  "SmolLM2-135M": os.path.join(GRID, "smollm2", "float32"),
+  "Qwen2.5-Coder-1.5B": os.path.join(GRID, "qwen1.5b", "float32"),
 }
 # (method, allocation) vs (method, allocation): WINA vs TEAL, what the transform does, what greedy does.
 COMPARISONS = tuple(
@@ -303,7 +312,58 @@ def blocks(uniform: list[dict]) -> dict[str, str]:
 
 def protocol_blocks() -> dict[str, str]:
   models = {name: protocol_cells(folder) for name, folder in PROTOCOL.items()}
-  return {"protocol": protocol_table(models), "protocol_comparisons": comparison_table(models)}
+  tf32 = {name: protocol_cells(folder) for name, folder in PROTOCOL_TF32.items()}
+  f32 = {name: protocol_cells(folder) for name, folder in PROTOCOL_F32.items()}
+  return {
+    "protocol": protocol_table(models),
+    "protocol_comparisons": comparison_table(models),
+    "protocol_tf32": protocol_table(tf32),
+    "protocol_tf32_comparisons": comparison_table(tf32),
+    "precision_check": precision_table(tf32, f32),
+  }
+
+
+def precision_table(tf32: dict[str, dict], f32: dict[str, dict]) -> str:
+  """Cells run at both precisions: perplexity and avg4 at each, and the WINA - TEAL perplexity change at
+  each with its SE (the verdict check of a TF32 grid against float32)."""
+  import numpy as np
+
+  lines = []
+  for name, cells in f32.items():
+    for key in sorted(cells, key=lambda k: (k[2], k[0])):
+      other = tf32[name].get(key)
+      if other is None:
+        continue
+      row = [name, key[0], f"{100 * key[2]:.0f}%"]
+      for c in (cells[key], other):
+        row += [
+          f"{math.exp(_mean_se(c['_items']['ppl_window_nll'])[0]):.4f}",
+          f"{100 * _avg4_se(c['_items'])[0]:.2f}",
+        ]
+      if key[0] == "wina":
+        for grid in (cells, tf32[name]):
+          t = grid.get(("teal", key[1], key[2]))
+          d, d_se = _mean_se(
+            np.subtract(grid[key]["_items"]["ppl_window_nll"], t["_items"]["ppl_window_nll"])
+          )
+          row.append(f"{100 * np.expm1(d):+.1f}% ±{100 * d_se:.1f}")
+      else:
+        row += ["", ""]
+      lines.append(row)
+  return table(
+    [
+      "model",
+      "method",
+      "target",
+      "ppl float32",
+      "avg4 float32",
+      "ppl tf32",
+      "avg4 tf32",
+      "wina - teal ppl float32",
+      "wina - teal ppl tf32",
+    ],
+    lines,
+  )
 
 
 def protocol_cells(folder: str) -> dict[tuple[str, str, float], dict]:
@@ -316,7 +376,7 @@ def protocol_cells(folder: str) -> dict[tuple[str, str, float], dict]:
       continue
     cells = load_cells(path)
     for r in load_rows(os.path.join(path, "results.json")):
-      match = [c for c in cells if c["row"] == {k: v for k, v in r.items() if k != "avg4"}]
+      match = [c for c in cells if c["row"] == {k: v for k, v in r.items() if k not in ("avg4", "bands")}]
       if not match:
         raise ValueError(f"{path}: no cell file holds the row of {r['method']} @ {r['sparsity']}")
       out[(r["method"], alloc, r["sparsity"])] = {**r, "_items": match[0]["items"]}
@@ -380,8 +440,9 @@ def protocol_table(models: dict[str, dict]) -> str:
 
 
 def comparison_table(models: dict[str, dict]) -> str:
-  """Paired differences on the same windows and rows (`COMPARISONS`): perplexity ratio - 1 and avg4
-  difference, each with its standard error; 'yes' where |difference| > 2 SE."""
+  """Paired differences on the same windows and rows (`COMPARISONS`): the measured (parameter-weighted)
+  sparsity of both sides (a comparison at unequal work says so), perplexity ratio - 1 and avg4 difference,
+  each with its standard error; 'yes' where |difference| > 2 SE."""
   import numpy as np
 
   lines = []
@@ -398,6 +459,7 @@ def comparison_table(models: dict[str, dict]) -> str:
             name,
             f"{100 * s:.0f}%",
             f"{a[0]} ({a[1]}) vs {b[0]} ({b[1]})",
+            f"{100 * ca['measured_sparsity']:.1f}% / {100 * cb['measured_sparsity']:.1f}%",
             f"{100 * np.expm1(d):+.1f}% ±{100 * d_se:.1f}",
             "yes" if abs(d) > 2 * d_se else "no",
             f"{100 * g:+.2f} ±{100 * g_se:.2f}",
@@ -409,6 +471,7 @@ def comparison_table(models: dict[str, dict]) -> str:
       "model",
       "target",
       "comparison",
+      "measured sparsity",
       "ppl change ±SE",
       "beyond 2 SE",
       "avg4 change (points) ±SE",

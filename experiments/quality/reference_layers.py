@@ -15,18 +15,17 @@ import numpy as np
 from absl import app, flags
 
 from experiments import common
-
-from wina_jax import assets, sparsity
+from wina_jax import assets, checks, sparsity
 from wina_jax.convert.load import load_default
 from wina_jax.data import austen
 from wina_jax.eval import reference as R
 from wina_jax.model import forward
 from wina_jax.tokenizer import load_tokenizer
 
-SPARSITY = flags.DEFINE_float("sparsity", 0.5, "TEAL top-k sparsity.")
-WINDOW = flags.DEFINE_integer("window", 0, "Protocol window (0..15).")
+SPARSITY = common.check(flags.DEFINE_float("sparsity", 0.5, "TEAL top-k sparsity."), checks.fraction())
+WINDOW = common.check(flags.DEFINE_integer("window", 0, "Protocol window (0..15)."), checks.count(0, 15))
 DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "float64"], "Both sides' dtype.")
-EVERY = flags.DEFINE_integer("every", 1, "Print every n-th layer.")
+EVERY = common.check(flags.DEFINE_integer("every", 1, "Print every n-th layer."), checks.count())
 
 
 def main(_):

@@ -20,8 +20,7 @@ import numpy as np
 from absl import app, flags
 
 from experiments import common
-
-from wina_jax import assets, sparsity
+from wina_jax import assets, checks, sparsity
 from wina_jax.convert.load import load_default
 from wina_jax.data import austen
 from wina_jax.eval import bands
@@ -29,27 +28,45 @@ from wina_jax.eval import reference as R
 from wina_jax.eval.perplexity import perplexity
 from wina_jax.tokenizer import load_tokenizer
 
-OUT = flags.DEFINE_string("out", "results/reference/smollm2_pride.json", "Result JSON (resumed if present).")
-LEVELS = flags.DEFINE_list("levels", ["0.25", "0.4", "0.5", "0.65"], "TEAL top-k sparsities.")
+OUT = common.check(
+  flags.DEFINE_string("out", "results/reference/smollm2_pride.json", "Result JSON (resumed if present)."),
+  checks.out_path(),
+)
+LEVELS = common.check(
+  flags.DEFINE_list("levels", ["0.25", "0.4", "0.5", "0.65"], "TEAL top-k sparsities."),
+  checks.each(checks.fraction()),
+)
 K_RULE = flags.DEFINE_enum(
   "k_rule",
   "floor",
   sparsity.base.K_RULES,
   "k per token: 'floor' = official int(d * (1 - s)); 'round' = the project's default.",
 )
-WINDOWS = flags.DEFINE_integer("windows", 16, "Windows of 512 to score (the protocol: 16).")
-SEEDS = flags.DEFINE_list("seeds", ["1", "2", "3", "4", "5"], "Perturbation seeds for the ensemble.")
-ENSEMBLE_LEVELS = flags.DEFINE_list(
-  "ensemble_levels", ["0.5", "0.65"], "Levels with a perturbation ensemble."
+WINDOWS = common.check(
+  flags.DEFINE_integer("windows", 16, "Windows of 512 to score (the protocol: 16)."), checks.count(1, 16)
 )
-ENSEMBLE_WINDOWS = flags.DEFINE_integer(
-  "ensemble_windows",
-  16,
-  "Windows scored by each perturbed run (the "
-  "first n: per-window spreads when the full ensemble is too slow).",
+SEEDS = common.check(
+  flags.DEFINE_list("seeds", ["1", "2", "3", "4", "5"], "Perturbation seeds for the ensemble."),
+  checks.each(checks.count(0), int),
 )
-EPS = flags.DEFINE_float("eps", bands.EPS, "Relative weight perturbation of the ensemble.")
-BATCH = flags.DEFINE_integer("batch_size", 2, "Windows per forward.")
+ENSEMBLE_LEVELS = common.check(
+  flags.DEFINE_list("ensemble_levels", ["0.5", "0.65"], "Levels with a perturbation ensemble."),
+  checks.each(checks.fraction()),
+)
+ENSEMBLE_WINDOWS = common.check(
+  flags.DEFINE_integer(
+    "ensemble_windows",
+    16,
+    "Windows scored by each perturbed run (the "
+    "first n: per-window spreads when the full ensemble is too slow).",
+  ),
+  checks.count(1, 16),
+)
+EPS = common.check(
+  flags.DEFINE_float("eps", bands.EPS, "Relative weight perturbation of the ensemble."),
+  checks.real(0.0, 1.0, hi_open=True),
+)
+BATCH = common.check(flags.DEFINE_integer("batch_size", 2, "Windows per forward."), checks.count())
 
 
 def summary(nlls: list[float], level: float) -> dict:

@@ -30,10 +30,10 @@ from typing import Optional
 
 import numpy as np
 from absl import app, flags
-
-from experiments import common
 from tqdm.auto import tqdm
 
+from experiments import common
+from wina_jax import checks, numerics
 from wina_jax.eval import report
 from wina_jax.eval.tasks import TASKS
 
@@ -66,46 +66,75 @@ DEMO = dict(
   continuation="The capital of France is",
 )
 
-MODEL = flags.DEFINE_string(
-  "model", "smollm2-135m", "Name in wina_jax.assets.MODELS, GGUF file or HF folder."
+MODEL = common.check(
+  flags.DEFINE_string("model", "smollm2-135m", "Name in wina_jax.assets.MODELS, GGUF file or HF folder."),
+  common.MODEL_RULE,
 )
-METHODS = flags.DEFINE_list(
-  "methods",
-  ["dense", "teal", "teal-transform", "cats", "wina", "wina-transform"],
-  "Methods; '<m>-transform' runs <m> on WINA-transformed params.",
+METHODS = common.check(
+  flags.DEFINE_list(
+    "methods",
+    ["dense", "teal", "teal-transform", "cats", "wina", "wina-transform"],
+    "Methods; '<m>-transform' runs <m> on WINA-transformed params.",
+  ),
+  checks.each(common.method_rule, str, nonempty=True),
 )
-SPARSITIES = flags.DEFINE_list("sparsities", ["0.25", "0.4", "0.5", "0.65"], "Target sparsities.")
+SPARSITIES = common.check(
+  flags.DEFINE_list("sparsities", ["0.25", "0.4", "0.5", "0.65"], "Target sparsities."),
+  checks.each(checks.fraction()),
+)
 TASK_LIST = flags.DEFINE_list("tasks", list(TASKS), f"Tasks among {list(TASKS)}; empty = perplexity only.")
-LIMIT = flags.DEFINE_integer("limit", None, "Rows per task (first N); None = the whole validation set.")
+LIMIT = common.check(
+  flags.DEFINE_integer("limit", None, "Rows per task (first N); None = the whole validation set."),
+  checks.count(none=True),
+)
 ALLOCATION = flags.DEFINE_enum("allocation", "uniform", ["uniform", "greedy"], "Sparsity across sites.")
 MODE = flags.DEFINE_enum("mode", "topk", ["topk", "threshold"], "Per-token top-k or calibrated thresholds.")
 PREFILL = flags.DEFINE_string("prefill", "all", "Dense-prefix policy (wina_jax.sparsity.prefill).")
-PPL_TEXT = flags.DEFINE_string("ppl_text", "boolq:heldout", "Perplexity text (disjoint from calibration).")
-CALIB_TEXT = flags.DEFINE_string("calib_text", "boolq:calibration", "Calibration text.")
-SEQ_LEN = flags.DEFINE_integer("seq_len", 256, "Perplexity / calibration window length.")
-PPL_WINDOWS = flags.DEFINE_integer("ppl_windows", 32, "Perplexity windows.")
-CALIB_WINDOWS = flags.DEFINE_integer("calib_windows", 16, "Calibration windows (threshold / greedy).")
+PPL_TEXT = common.check(
+  flags.DEFINE_string("ppl_text", "boolq:heldout", "Perplexity text (disjoint from calibration)."),
+  checks.text(),
+)
+CALIB_TEXT = common.check(
+  flags.DEFINE_string("calib_text", "boolq:calibration", "Calibration text."), checks.text()
+)
+SEQ_LEN = common.check(
+  flags.DEFINE_integer("seq_len", 256, "Perplexity / calibration window length."), checks.count(2)
+)
+PPL_WINDOWS = common.check(flags.DEFINE_integer("ppl_windows", 32, "Perplexity windows."), checks.count())
+CALIB_WINDOWS = common.check(
+  flags.DEFINE_integer("calib_windows", 16, "Calibration windows (threshold / greedy)."), checks.count()
+)
 UPSTREAM = flags.DEFINE_bool(
   "upstream",
   True,
   "Threshold mode: calibrate each target under the sparse "
   "upstream (lands on the target); --noupstream: dense statistics (overshoots).",
 )
-BATCH_TOKENS = flags.DEFINE_integer("batch_tokens", 4096, "Tokens per multiple-choice batch.")
-BUCKETS = flags.DEFINE_list(
-  "buckets",
-  None,
-  "Padded lengths of multiple-choice rows (default: powers of two "
-  "from 64); fewer buckets = fewer compiles, e.g. 256,1024 on a GPU.",
+BATCH_TOKENS = common.check(
+  flags.DEFINE_integer("batch_tokens", 4096, "Tokens per multiple-choice batch."), checks.count()
 )
-PPL_BATCH = flags.DEFINE_integer("ppl_batch", 8, "Windows per perplexity batch.")
+BUCKETS = common.check(
+  flags.DEFINE_list(
+    "buckets",
+    None,
+    "Padded lengths of multiple-choice rows (default: powers of two "
+    "from 64); fewer buckets = fewer compiles, e.g. 256,1024 on a GPU.",
+  ),
+  checks.each(checks.count(), int),
+)
+PPL_BATCH = common.check(
+  flags.DEFINE_integer("ppl_batch", 8, "Windows per perplexity batch."), checks.count()
+)
 DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Params dtype.")
-OUT = flags.DEFINE_string("out", "results/sweep", "Output folder.")
-BUNDLE = flags.DEFINE_string(
-  "bundle",
-  "",
-  "Pre-tokenised data (.npz): read if it exists, else written; lets "
-  "a machine without tokenizer or datasets run the sweep.",
+OUT = common.check(flags.DEFINE_string("out", "results/sweep", "Output folder."), checks.out_path())
+BUNDLE = common.check(
+  flags.DEFINE_string(
+    "bundle",
+    "",
+    "Pre-tokenised data (.npz): read if it exists, else written; lets "
+    "a machine without tokenizer or datasets run the sweep.",
+  ),
+  checks.npz_file(missing=True),
 )
 ONLY_BUNDLE = flags.DEFINE_bool(
   "only_bundle", False, "Write --bundle and exit (to carry the data elsewhere)."
@@ -113,27 +142,41 @@ ONLY_BUNDLE = flags.DEFINE_bool(
 REPORT_ONLY = flags.DEFINE_bool(
   "report_only", False, "Compute nothing: write the table of the finished cells."
 )
-DEADLINE = flags.DEFINE_float(
-  "deadline_s", None, "Start no new cell after this many seconds (one always runs); rerun to resume."
+DEADLINE = common.check(
+  flags.DEFINE_float(
+    "deadline_s", None, "Start no new cell after this many seconds (one always runs); rerun to resume."
+  ),
+  checks.real(0.0, none=True),
 )
-MAX_EFFECTIVE = flags.DEFINE_float(
-  "max_effective",
-  None,
-  "Greedy allocation: the effective sparsity its search "
-  "climbs to (the path below it does not depend on it); default: the highest "
-  "target + 0.05, at most 0.95.",
+MAX_EFFECTIVE = common.check(
+  flags.DEFINE_float(
+    "max_effective",
+    None,
+    "Greedy allocation: the effective sparsity its search "
+    "climbs to (the path below it does not depend on it); default: the highest "
+    "target + 0.05, at most 0.95.",
+  ),
+  checks.real(0.0, 1.0, hi_open=True, none=True),
 )
-SEEDS = flags.DEFINE_integer("seeds", 2, "Perturbed re-runs per cell for the numerics band (0: none).")
+SEEDS = common.check(
+  flags.DEFINE_integer("seeds", 2, "Perturbed re-runs per cell for the numerics band (0: none)."),
+  checks.count(0),
+)
 SEED_TASKS = flags.DEFINE_bool(
   "seed_tasks",
   True,
   "Perturbed re-runs score the tasks too (else perplexity "
   "only: the tasks get their bootstrap band alone, at a fraction of the cost).",
 )
-EPS = flags.DEFINE_float("eps", 6e-8, "Relative weight perturbation of the numerics band (~1 float32 ulp).")
+EPS = common.check(
+  flags.DEFINE_float("eps", 6e-8, "Relative weight perturbation of the numerics band (~1 float32 ulp)."),
+  checks.real(0.0, 1.0, hi_open=True),
+)
 COMPARE_TO = flags.DEFINE_string("compare_to", "teal", "Method the others are compared with, per sparsity.")
 CONTINUATION = flags.DEFINE_string("continuation", "", "Greedy continuation prompt per cell ('' = none).")
-CONTINUATION_TOKENS = flags.DEFINE_integer("continuation_tokens", 24, "Tokens of that continuation.")
+CONTINUATION_TOKENS = common.check(
+  flags.DEFINE_integer("continuation_tokens", 24, "Tokens of that continuation."), checks.count()
+)
 SMOKE_FLAG = flags.DEFINE_bool("smoke", False, f"Quick pipeline check, preset for flags not given: {SMOKE}.")
 DEMO_FLAG = flags.DEFINE_bool("demo", False, f"CPU demo (a few minutes), preset for flags not given: {DEMO}.")
 
@@ -154,6 +197,7 @@ def settings() -> dict:
     "ppl_windows": PPL_WINDOWS.value,
     "calib_windows": CALIB_WINDOWS.value,
     "dtype": DTYPE.value,
+    "precision": common.PRECISION.value,
   }
   if MODE.value == "threshold":  # only thresholds depend on it (top-k cells keep their keys)
     st["calibration"] = "upstream" if UPSTREAM.value else "dense"
@@ -167,7 +211,11 @@ def cell_list(methods: list[str], sparsities: list[float]) -> list[tuple[str, fl
 
 
 def cell_key(st: dict, method: str) -> str:
-  """Hash of the settings a cell depends on (dense ignores the sparsifier's mode / allocation / calibration)."""
+  """Hash of the settings a cell depends on (dense ignores the sparsifier's mode / allocation / calibration).
+  float32 precision is left out of the hash: every cell written before precision was declared ran float32
+  products (the CPU's only kind), so their keys stay."""
+  if st.get("precision") == "float32":
+    st = {k: v for k, v in st.items() if k != "precision"}
   if method == "dense":
     st = {
       k: v
@@ -366,8 +414,11 @@ def load_cell(path: str) -> Optional[dict]:
     return json.load(f)
 
 
+DECLARED = {}  # what common.setup() applied, recorded in every cell
+
+
 def main(argv):
-  common.setup()
+  DECLARED.update(common.setup(), dtype=DTYPE.value)
   del argv
   if SMOKE_FLAG.value and DEMO_FLAG.value:
     raise app.UsageError("--smoke and --demo are two presets; pick one")
@@ -380,6 +431,19 @@ def main(argv):
     raise app.UsageError(f"unknown tasks {bad}; choose from {list(TASKS)}")
   sps = [float(x) for x in SPARSITIES.value]
   st = settings()
+  from wina_jax.eval import variants
+
+  specs = [variants.parse(m) for m in METHODS.value]
+  if not REPORT_ONLY.value:
+    threshold = MODE.value == "threshold" or ALLOCATION.value == "greedy"
+    common.preflight(
+      MODEL.value,
+      SEQ_LEN.value,
+      forward=(PPL_BATCH.value, "--ppl_batch"),
+      calibration=(CALIB_WINDOWS.value, "--calib_windows") if threshold else None,
+      transform=any(spec.transformed for spec in specs),
+      dtype_bytes=2 if DTYPE.value == "bfloat16" else 4,
+    )
   if ONLY_BUNDLE.value:
     if not BUNDLE.value:
       raise app.UsageError("--only_bundle needs --bundle=PATH")
@@ -393,10 +457,6 @@ def main(argv):
   stored = {c: load_cell(paths[c]) for c in cells}
   todo = [c for c in cells if not complete(stored[c], SEEDS.value, EPS.value, CONTINUATION.value)]
   print(f"{len(cells)} cells, {len(cells) - len(todo)} already done -> {OUT.value}")
-  from wina_jax.eval import variants
-
-  for m in METHODS.value:
-    variants.parse(m)
   if REPORT_ONLY.value:
     todo = []
   max_eff = MAX_EFFECTIVE.value or min(0.95, round(max(sps, default=0.0) + 0.05, 2))
@@ -409,7 +469,7 @@ def main(argv):
     old = stored[(method, s)]
     cell = run_cell(ctx, method, s, old)
     kept = old["seconds"] if old and "items" in old else 0.0  # time of the parts reused from `old`
-    cell.update(settings=st, seconds=kept + time.time() - t0)
+    cell.update(settings=st, seconds=kept + time.time() - t0, declared_numerics=DECLARED)
     report.write_atomic(paths[(method, s)], json.dumps(cell, indent=1))
     stored[(method, s)] = cell
     row = cell["row"]
@@ -423,10 +483,12 @@ def main(argv):
       f"{len(cells) - len(done)} of {len(cells)} cells left (deadline or --report_only); rerun the "
       f"same command to finish them. The table below has the finished cells only."
     )
+  backends = sorted({c.get("declared_numerics", {}).get("backend", "an unrecorded backend") for c in done})
   header = (
     f"Sweep on {os.path.basename(st['model']) or 'SmolLM2-135M-Instruct'} ({st['allocation']} allocation, "
     f"{st['mode']} mode, prefill {st['prefill']}); rows per task: {st['limit'] or 'all'}; "
-    f"perplexity on {st['ppl_text']} ({st['ppl_windows']} x {st['seq_len']} tokens). "
+    f"perplexity on {st['ppl_text']} ({st['ppl_windows']} x {st['seq_len']} tokens); {st['dtype']} params, "
+    f"{st['precision']} matmuls ({numerics.PRECISIONS[st['precision']]}) on {'/'.join(backends)}. "
     f"GFLOPs per token from measured per-matrix sparsity.\n\n"
   )
   text = report.write_all(done, st["tasks"], OUT.value, header, compare_to=COMPARE_TO.value)

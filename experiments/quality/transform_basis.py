@@ -36,28 +36,57 @@ import numpy as np
 from absl import app, flags
 
 from experiments import common
-
+from wina_jax import checks
 from wina_jax.sparsity.base import K_RULES
 
-MODEL = flags.DEFINE_string("model", "", "GGUF file or HF folder; '' = the embedded SmolLM2.")
-METHOD = flags.DEFINE_string("method", "wina", "Sparsity method run on the transformed params.")
-BASELINES = flags.DEFINE_list("baselines", [], "Further untransformed methods to score (e.g. teal).")
-SPARSITY = flags.DEFINE_float("sparsity", 0.5, "Top-k sparsity at every site (also the learned basis' fit).")
+MODEL = common.check(
+  flags.DEFINE_string("model", "", "GGUF file or HF folder; '' = the embedded SmolLM2."), common.MODEL_RULE
+)
+METHOD = common.check(
+  flags.DEFINE_string("method", "wina", "Sparsity method run on the transformed params."), common.method_rule
+)
+BASELINES = common.check(
+  flags.DEFINE_list("baselines", [], "Further untransformed methods to score (e.g. teal)."),
+  checks.each(common.method_rule, str),
+)
+SPARSITY = common.check(
+  flags.DEFINE_float("sparsity", 0.5, "Top-k sparsity at every site (also the learned basis' fit)."),
+  checks.fraction(),
+)
 K_RULE = flags.DEFINE_enum(
   "k_rule", "round", K_RULES, "k per token: 'round' (the project's default) or 'floor' (official)."
 )
 BASES = flags.DEFINE_list("bases", ["svd", "axis", "learned"], "Bases to compare.")
-PPL_TEXT = flags.DEFINE_string(
-  "ppl_text", "boolq:heldout", "Perplexity text: a `load_texts` source, or 'pride' (the reference protocol)."
+PPL_TEXT = common.check(
+  flags.DEFINE_string(
+    "ppl_text",
+    "boolq:heldout",
+    "Perplexity text: a `load_texts` source, or 'pride' (the reference protocol).",
+  ),
+  checks.text(also=("pride",)),
 )
-CALIB_TEXT = flags.DEFINE_string("calib_text", "boolq:calibration", "Text the learned basis is fitted on.")
-SEQ_LEN = flags.DEFINE_integer("seq_len", 512, "Window length.")
-PPL_WINDOWS = flags.DEFINE_integer("ppl_windows", 4, "Perplexity windows.")
-FIT_WINDOWS = flags.DEFINE_integer("fit_windows", 1, "Calibration windows for the learned basis.")
-SEEDS = flags.DEFINE_list("seeds", [], "Weight-perturbation seeds: each sparse variant's numerics band.")
-EPS = flags.DEFINE_float("eps", 6e-8, "Relative weight perturbation (`bands.perturb`).")
-BATCH = flags.DEFINE_integer("batch_size", 4, "Windows per forward.")
-OUT = flags.DEFINE_string("out", "results/transform_basis/smollm2_heldout.json", "Results JSON.")
+CALIB_TEXT = common.check(
+  flags.DEFINE_string("calib_text", "boolq:calibration", "Text the learned basis is fitted on."),
+  checks.text(),
+)
+SEQ_LEN = common.check(flags.DEFINE_integer("seq_len", 512, "Window length."), checks.count(2))
+PPL_WINDOWS = common.check(flags.DEFINE_integer("ppl_windows", 4, "Perplexity windows."), checks.count())
+FIT_WINDOWS = common.check(
+  flags.DEFINE_integer("fit_windows", 1, "Calibration windows for the learned basis."), checks.count()
+)
+SEEDS = common.check(
+  flags.DEFINE_list("seeds", [], "Weight-perturbation seeds: each sparse variant's numerics band."),
+  checks.each(checks.count(0), int),
+)
+EPS = common.check(
+  flags.DEFINE_float("eps", 6e-8, "Relative weight perturbation (`bands.perturb`)."),
+  checks.real(0.0, 1.0, hi_open=True),
+)
+BATCH = common.check(flags.DEFINE_integer("batch_size", 4, "Windows per forward."), checks.count())
+OUT = common.check(
+  flags.DEFINE_string("out", "results/transform_basis/smollm2_heldout.json", "Results JSON."),
+  checks.out_path(),
+)
 
 
 def ppl_windows(tok, source: str, seq_len: int, n: int) -> tuple[np.ndarray, dict]:
@@ -146,6 +175,7 @@ def main(argv):
   from wina_jax.tokenizer import load_tokenizer
   from wina_jax.transform import transform
 
+  common.preflight(MODEL.value, SEQ_LEN.value, forward=(BATCH.value, "--batch_size"), transform=True)
   params, cfg = load(MODEL.value)
   tok = load_tokenizer(MODEL.value)
   ppl_w, text_meta = ppl_windows(tok, PPL_TEXT.value, SEQ_LEN.value, PPL_WINDOWS.value)

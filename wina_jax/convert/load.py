@@ -158,9 +158,9 @@ def _dequantize(t, rows_per_chunk: int = 8192) -> np.ndarray:
 
 def _gguf_tensors(path: str) -> tuple[dict[str, np.ndarray], ModelConfig]:
   """HF-named [out, in] float32 arrays and the config of a GGUF file (the slow part: ~15 s for SmolLM2)."""
-  import gguf
+  from wina_jax.convert.gguf_file import open_gguf
 
-  reader = gguf.GGUFReader(path)
+  reader = open_gguf(path)
   cfg = from_hf_config(gguf_hf_config(reader))
   family = families.get(cfg.model_type)
   tensors = {}
@@ -190,6 +190,25 @@ def from_gguf(path: str, dtype=jnp.float32, use_cache: bool = True) -> tuple[dic
   build = lambda: _gguf_tensors(path)
   tensors, cfg = cache.cached_arrays(path, build) if use_cache else build()
   return _convert(tensors, cfg, dtype), cfg
+
+
+def read_config(name_or_path: str = "") -> ModelConfig:
+  """The config of what `load` would load, without its weights: from the GGUF header (checked complete:
+  `gguf_file.open_gguf`, ~2 s for SmolLM2; from the cache entry when one exists) or config.json."""
+  path = assets.model_path(name_or_path)
+  if os.path.isdir(path):
+    cfg_file = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_file):
+      raise FileNotFoundError(f"{cfg_file} not found; an HF checkpoint folder needs config.json")
+    with open(cfg_file) as f:
+      return from_hf_config(json.load(f))
+  if not path.endswith(".gguf"):
+    raise ValueError(f"model file {path!r} is not a .gguf file; pass a GGUF file or an HF checkpoint folder")
+  if (cfg := cache.cached_config(path)) is not None:
+    return cfg
+  from wina_jax.convert.gguf_file import open_gguf
+
+  return from_hf_config(gguf_hf_config(open_gguf(path)))
 
 
 def load_default(dtype=jnp.float32) -> tuple[dict, ModelConfig]:

@@ -10,8 +10,10 @@ boolq_local, mmlu_local). In Python: `lm_eval.simple_evaluate(model=WinaLM(...),
 
 model_args: model ('' = embedded SmolLM2, a .gguf or an HF folder), method (a `wina_jax.eval.variants`
 spec, e.g. teal-transform; '' = `wina_jax.eval.recommended` for the sparsity, as are an empty mode and
-allocation), sparsity, mode (topk | threshold), allocation (uniform | greedy), prefill
-(a `wina_jax.sparsity.prefill` policy), batch_tokens, max_length, dtype, calib_windows, seq_len.
+allocation), methods_module (modules registering your own methods, imported before `method` is resolved,
+several separated by ';': `methods_module=my_pkg.mine,method=mine`; `wina_jax.sparsity.plugins`),
+sparsity, mode (topk | threshold), allocation (uniform | greedy), prefill (a `wina_jax.sparsity.prefill`
+policy), batch_tokens, max_length, dtype, calib_windows, seq_len.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ class WinaLM(TemplateLM):
     self,
     model: str = "",
     method: str = "",
+    methods_module: str = "",
     sparsity: float = 0.0,
     mode: str = "",
     allocation: str = "",
@@ -62,6 +65,7 @@ class WinaLM(TemplateLM):
     from wina_jax.tokenizer import load_tokenizer
 
     del unused  # the harness also passes batch_size / device / max_batch_size
+    sp_lib.load_modules(str(methods_module), origin="the lm-eval model_args methods_module")
     rec = recommended(float(sparsity))  # what an empty method / mode / allocation means
     method, mode, allocation = method or rec.spec, mode or rec.mode, allocation or rec.allocation
     if (params is None) != (cfg is None):

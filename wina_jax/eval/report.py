@@ -172,8 +172,9 @@ def to_csv(rows: Sequence[dict], tasks: Sequence[str]) -> str:
 
 
 def plot(rows: Sequence[dict], tasks: Sequence[str], path: str, key_label: Sequence[tuple[str, str]]) -> None:
-  """One PNG with a panel per (key, label): that value vs target sparsity, a line per method; dense
-  is drawn as a horizontal line."""
+  """One PNG with a panel per (key, label): that value vs measured (parameter-weighted) sparsity, a line
+  per method, so methods compare at equal work (CATS masks only the MLP activation and lands far below its
+  target); dense is drawn as a horizontal line."""
   import matplotlib.pyplot as plt
 
   n = len(key_label)
@@ -184,13 +185,13 @@ def plot(rows: Sequence[dict], tasks: Sequence[str], path: str, key_label: Seque
   methods = list(dict.fromkeys(r["method"] for r in rows))
   for ax, (key, label) in zip(axes.flat, key_label):
     for m in methods:
-      pts = sorted((r["sparsity"], r[key]) for r in rows if r["method"] == m)
+      pts = sorted((r["measured_sparsity"], r[key]) for r in rows if r["method"] == m)
       if m == "dense":
         ax.axhline(pts[0][1], color="k", ls="--", lw=1, label="dense")
       else:
         ax.plot([100 * s for s, _ in pts], [v for _, v in pts], marker="o", label=m)
     ax.set_title(label)
-    ax.set_xlabel("target sparsity (%)")
+    ax.set_xlabel("measured sparsity (%, parameter-weighted)")
   for ax in list(axes.flat)[n:]:
     ax.axis("off")
   axes.flat[0].legend(fontsize=8)

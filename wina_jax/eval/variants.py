@@ -189,7 +189,8 @@ def parse(spec: str) -> Spec:
   if name not in known:
     raise ValueError(
       f"unknown method {name!r} in spec {spec!r}; use one of {known}, optionally with settings "
-      f"'[key=value;...]' and a suffix among {list(SCOPES)}"
+      f"'[key=value;...]' and a suffix among {list(SCOPES)}. A method defined in your own module: pass "
+      "--methods_module=your.module (scripts) or methods_module=your.module (lm-eval model_args)"
     )
   try:
     sparsity.get_method(name, **settings)  # the registry's error for unknown keys, the method's for values

@@ -5,9 +5,10 @@
 same on `rms_norm(h)` with the norm computed in the kernel's prologue (the model's sites after a norm). Sites absent from `thresholds` stay dense.
 Fused sites (`qkv_proj`, `gate_up_proj`) carry one threshold and scale per output segment.
 
-From a calibrated `wina_jax.sparsity.ScoreSparsifier` in threshold mode (teal or wina):
-  FusedThresholdSparsifier.create(sp.thresholds, sp.state)
-(WINA's `state` holds column norms only where the method uses them; other sites are plain |x|.)
+From a calibrated `wina_jax.sparsity.ScoreSparsifier` in threshold mode, any method:
+  wina_jax.decode.fast_sparsifier(sp, cfg, fused=False)   # or fused=True for `fuse_projections`' model
+which maps the method's declared score (`Method.fast_scale`) to `|x| * scale > t` or refuses the method
+(`wina_jax.sparsity.fastpath`); a method's raw `sp.state` is not a scale in general.
 """
 
 from __future__ import annotations

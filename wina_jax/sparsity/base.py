@@ -3,8 +3,9 @@
 A method (frozen, hashable dataclass) says which sites it masks, what per-site state it precomputes
 from params (e.g. WINA's column norms) and how it scores an input `x: [..., d_in]`. The sparsifier is a
 `flax.struct.dataclass` pytree applying one of two modes per site:
-  - 'topk': keep the k = round((1 - s) * d_in) highest scores of every token (k static; `keep_count`'s
-    k_rule='floor' gives the official code's int(d_in * (1 - s)));
+  - 'topk': keep the k = round((1 - s) * d_in) highest scores of every token (`keep_count`'s k_rule='floor'
+    gives the official code's int(d_in * (1 - s))); k is a traced int32 per site, so every sparsity level
+    and allocation runs through one compiled program (`select.topk_mask`: lax.top_k's mask, by value);
   - 'threshold': keep entries whose score is > a calibrated per-site threshold (a traced scalar, so new
     thresholds never retrace a jitted forward).
 Sites a sparsifier does not name are returned untouched. A sparsifier never imports the model.
@@ -21,6 +22,8 @@ from flax import struct
 
 from wina_jax import sites as S
 from wina_jax.config import ModelConfig
+from wina_jax.sparsity.fastpath import FastScale
+from wina_jax.sparsity.select import topk_mask
 
 MODES = ("topk", "threshold")
 
@@ -48,6 +51,13 @@ class Method:
     del site, state
     return jnp.abs(x)
 
+  def fast_scale(self, site: str, state: Optional[jax.Array]) -> Optional[FastScale]:
+    """What the fast decode kernels (`|x| * scale > t`) compute for this score at `site`: a `FastScale`
+    (the score is outer(|x| * scale)), or None, undeclared (the default): the fast path refuses the method.
+    Raise `fastpath.FastPathError(reason)` to refuse with a reason (`wina_jax.sparsity.fastpath`)."""
+    del site, state
+    return None
+
 
 def check_sparsity(s: float, what: str = "sparsity") -> float:
   """Validate one target sparsity: a float in [0, 1)."""
@@ -68,29 +78,22 @@ def keep_count(s: float, d_in: int, k_rule: str = "round") -> int:
   return max(1, int(round((1.0 - s) * d_in)) if k_rule == "round" else int(d_in * (1.0 - s)))
 
 
-def topk_mask(score: jax.Array, k: int) -> jax.Array:
-  """Boolean mask [..., d] with exactly k True entries per row: the k highest scores (ties by index)."""
-  d = score.shape[-1]
-  flat = score.reshape(-1, d)
-  _, idx = jax.lax.top_k(flat, k)
-  rows = jnp.arange(flat.shape[0])[:, None]
-  mask = jnp.zeros(flat.shape, bool).at[rows, idx].set(True)
-  return mask.reshape(score.shape)
-
-
 @struct.dataclass
 class ScoreSparsifier:
   """A `wina_jax.sites.Sparsifier` for any `Method`, in 'topk' or 'threshold' mode.
 
-  keep: static ((site, k), ...) for top-k mode. thresholds: {site: scalar} for threshold mode (traced).
-  state: {site: array} from `method.state` (e.g. WINA column norms [d_in]), traced.
+  k: {site: int32 scalar} kept entries per token in top-k mode (traced: new k values reuse the compiled
+  program). thresholds: {site: scalar} for threshold mode (traced). state: {site: array} from
+  `method.state` (e.g. WINA column norms [d_in]), traced. impl: top-k selection (`select.IMPLS`; None = the
+  backend's default).
   """
 
   method: Method = struct.field(pytree_node=False)
   mode: str = struct.field(pytree_node=False)
-  keep: tuple = struct.field(pytree_node=False, default=())
+  k: dict = struct.field(default_factory=dict)
   thresholds: dict = struct.field(default_factory=dict)
   state: dict = struct.field(default_factory=dict)
+  impl: Optional[str] = struct.field(pytree_node=False, default=None)
 
   def score(self, site: str, x: jax.Array) -> jax.Array:
     return self.method.score(site, x, self.state.get(site))
@@ -98,10 +101,8 @@ class ScoreSparsifier:
   def mask(self, site: str, x: jax.Array) -> Optional[jax.Array]:
     """Boolean keep-mask for `x` [..., d_in] at `site`, or None where the site stays dense."""
     if self.mode == "topk":
-      k = dict(self.keep).get(site)
-      if k is None or k >= x.shape[-1]:
-        return None
-      return topk_mask(self.score(site, x), k)
+      k = self.k.get(site)
+      return None if k is None else topk_mask(self.score(site, x), k, self.impl)
     t = self.thresholds.get(site)
     if t is None:
       return None

@@ -63,7 +63,7 @@ def localize(sparsifier, layer: int):
   """The part of a `ScoreSparsifier` for one layer, renamed to layer 0 (for the shared layer function)."""
   mine = lambda site: S.parse_site(site)[0] == layer
   return sparsifier.replace(
-    keep=tuple((local_site(s), k) for s, k in sparsifier.keep if mine(s)),
+    k={local_site(s): k for s, k in sparsifier.k.items() if mine(s)},
     thresholds={local_site(s): t for s, t in sparsifier.thresholds.items() if mine(s)},
     state={local_site(s): v for s, v in sparsifier.state.items() if mine(s)},
   )

@@ -1,4 +1,8 @@
-"""Built-in methods: dense, teal (|x|), wina (|x| * column norm), cats (|act(gate)| at the MLP act)."""
+"""Built-in methods: dense, teal (|x|), wina (|x| * column norm), cats (|act(gate)| at the MLP act).
+
+Each declares what the fast decode kernels compute for it (`fast_scale`, `wina_jax.sparsity.fastpath`):
+exact masks in float32 for all three.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ from wina_jax import families
 from wina_jax import sites as S
 from wina_jax.config import ModelConfig
 from wina_jax.sparsity.base import Method
+from wina_jax.sparsity.fastpath import FastScale
 from wina_jax.sparsity.registry import register
 
 # Projections whose column norms WINA's official code uses (c = 1 elsewhere): the transform's key
@@ -34,6 +39,9 @@ class Dense(Method):
 @dataclasses.dataclass(frozen=True)
 class Teal(Method):
   """TEAL (Liu et al. 2024): keep the largest |x_i| at every linear site."""
+
+  def fast_scale(self, site: str, state: Optional[jax.Array]) -> FastScale:
+    return FastScale()  # |x| > t
 
 
 @register("wina")
@@ -60,6 +68,9 @@ class Wina(Method):
   def score(self, site: str, x: jax.Array, state: Optional[jax.Array]) -> jax.Array:
     return jnp.abs(x) if state is None else jnp.abs(x) * state.astype(x.dtype)
 
+  def fast_scale(self, site: str, state: Optional[jax.Array]) -> FastScale:
+    return FastScale(scale=state)  # |x| * c > t; plain |x| where c is not used
+
 
 @register("cats")
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +83,11 @@ class Cats(Method):
 
   def sites(self, cfg: ModelConfig) -> list[str]:
     return S.act_sites(cfg)
+
+  def fast_scale(self, site: str, state: Optional[jax.Array]) -> FastScale:
+    """|act| > t, exact; the act site has no kernel, so the fused sparsifier masks the activation with an
+    XLA select and down_proj runs dense: CATS gets its masks on the fast path, not a sparse kernel."""
+    return FastScale()
 
 
 def column_norms(kernel: jax.Array) -> jax.Array:

@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# The research loop on one H200 (device tool), issue 28: the loop benchmark, then the paper's protocol grid
+# (top-k; dense, TEAL, TEAL-Transform, CATS, WINA, WINA-Transform uniform and TEAL / WINA / both transforms
+# greedy, at 25 / 40 / 50 / 65 %) for SmolLM2-135M and Qwen2.5-Coder-1.5B, at a declared precision.
+#
+#   experiments/quality/run_protocol_h200.sh bench                 # bench_loop -> $OUT/bench_loop_h200*.json
+#   experiments/quality/run_protocol_h200.sh part FILE             # copy .gpu/FILE (one chunk) to ~/parts/
+#   experiments/quality/run_protocol_h200.sh start MODEL DEADLINE  # assemble, check, start MODEL's jobs detached
+#   experiments/quality/run_protocol_h200.sh poll                  # progress; ~/runs -> $OUT/runs.tgz
+#
+# MODEL: smol | qwen. Inputs made on a CPU machine (the GPU image has no tokenizer data, datasets or gguf):
+# .gpu/smol.part0{0,1} and .gpu/qwen.part00..18 (`split -b 60000000 -d -a 2` of the GGUFs), the bundles
+# .gpu/smol-l1000.npz and .gpu/qwen-l300.npz (`sweep --only_bundle`, commands in results/sweep/README.md), the
+# gguf wheel in .whl/. The machine keeps ~ (not the repo copy) while it stays warm (30 s after a call), so
+# `start` copies the repo to ~/repo and the jobs run from there, detached, writing ~/runs/MODEL/PREC/topk-ALLOC.
+# Grid at TF32 (time); float32 re-runs dense / TEAL / WINA at 50 / 65 % (the verdict check) and, for
+# SmolLM2, dense (GPU float32 against the CPU's). Each job: one sweep process (--seeds=2, perplexity
+# re-runs only); the top-k impl is $TOPK_IMPL or the backend's default (masks are identical either way).
+set -u
+stage=$1
+shift
+OUT=${OUT:-/tmp/out}
+case $stage in
+  bench)
+    export XLA_PYTHON_CLIENT_PREALLOCATE=false
+    python3 -m experiments.quality.bench_loop --precisions=float32 --impls=radix,sort \
+      --out="$OUT/bench_loop_h200_float32.json" 2>&1 | grep -v "^W\|^I1"
+    python3 -m experiments.quality.bench_loop --precisions=tf32,bfloat16 --impls=radix --select_shapes= \
+      --out="$OUT/bench_loop_h200_tf32_bf16.json" 2>&1 | grep -v "^W\|^I1"
+    ;;
+  part)
+    mkdir -p ~/parts && cp ".gpu/$1" ~/parts/ && ls ~/parts | wc -l ;;
+  start)
+    model=$1 deadline=$2
+    mkdir -p ~/models ~/runs ~/repo
+    case $model in
+      smol) file=SmolLM2-135M-Instruct.Q4_1.gguf size=98362432 sha=""
+            cat ~/parts/smol.part* > ~/models/$file ;;
+      qwen) file=qwen2.5-coder-1.5b-instruct-q4_k_m.gguf size=1117320768 sha=cc324af070c2ecbf
+            cat ~/parts/qwen.part* > ~/models/$file ;;
+      *) echo "unknown model $model: smol | qwen" >&2; exit 2 ;;
+    esac
+    [[ $(stat -c %s ~/models/$file) == "$size" ]] || { echo "bad size of $file" >&2; exit 1; }
+    [[ -z $sha ]] || sha256sum ~/models/$file | grep -q "^$sha" || { echo "bad sha256 of $file" >&2; exit 1; }
+    python3 -m pip install -q --no-index --no-deps --target ~/site .whl/*.whl 2>&1 | tail -1
+    export PYTHONPATH=~/site
+    tar --exclude=./.gpu -cf - . | tar -xf - -C ~/repo && mkdir -p ~/repo/.gpu && cp .gpu/*.npz ~/repo/.gpu/
+    ln -sf ~/models/$file ~/repo/.gpu/$file
+    cd ~/repo
+    impl=${TOPK_IMPL:-}  # the 2026-12-02 run used radix:8 (fastest on [4096, 8960] alone; per layer radix:16 is)
+    echo "top-k impl: ${impl:-backend default}"
+    export JAX_COMPILATION_CACHE_DIR=~/jax_cache JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0
+    export XLA_PYTHON_CLIENT_PREALLOCATE=false WINA_JAX_CACHE=off
+    common=(--model=.gpu/$file --tasks=piqa,hellaswag,arc_easy,arc_challenge --seq_len=512 --ppl_windows=64
+            --calib_windows=8 --mode=topk --buckets=64,128,256,512 --seeds=2 --noseed_tasks
+            --deadline_s=$deadline --topk_impl=$impl)
+    if [[ $model == qwen ]]; then
+      common+=(--bundle=.gpu/qwen-l300.npz --limit=300 --batch_tokens=2048 --ppl_batch=4) mem=0.1 memt=0.17
+    else
+      common+=(--bundle=.gpu/smol-l1000.npz --limit=1000 --batch_tokens=4096 --ppl_batch=16) mem=0.05 memt=0.05
+    fi
+    all="--sparsities=0.5,0.65,0.25,0.4"
+    jobs=("tf32 uniform dense,teal,cats $mem $all" "tf32 uniform wina $mem $all"
+          "tf32 uniform teal-transform,wina-transform $memt $all"
+          "tf32 greedy teal,wina $mem $all --max_effective=0.7"
+          "tf32 greedy teal-transform,wina-transform $memt $all --max_effective=0.7"
+          "float32 uniform dense,teal,wina $mem --sparsities=0.5,0.65")
+    for job in "${jobs[@]}"; do
+      read -r prec alloc methods frac rest <<<"$job"
+      out=~/runs/$model/$prec/topk-$alloc
+      mkdir -p "$out/logs"
+      XLA_PYTHON_CLIENT_MEM_FRACTION=$frac setsid nohup python3 -m experiments.quality.sweep "${common[@]}" \
+        --precision=$prec --allocation=$alloc --methods=$methods $rest --out="$out" \
+        >"$out/logs/${methods//,/_}.log" 2>&1 < /dev/null &
+    done
+    sleep 2; echo "started ${#jobs[@]} $model jobs" ;;
+  poll)
+    for f in ~/runs/*/*/*/logs/*.log; do echo "$f: $(tr '\r' '\n' < "$f" | grep -E '@|cells|Error|error' | tail -1)"; done
+    echo "cells: $(ls ~/runs/*/*/*/cells 2>/dev/null | grep -c json)"; nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv
+    tar czf "$OUT/runs.tgz" -C ~ runs ;;
+  *) echo "unknown stage $stage" >&2; exit 2 ;;
+esac
