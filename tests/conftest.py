@@ -38,6 +38,23 @@ TINY_CONFIGS = {
   "qwen2_bias": ("Qwen2Config", dict(num_key_value_heads=2)),
   "mistral": ("MistralConfig", dict(num_key_value_heads=2, sliding_window=8)),
   "phi3_fused": ("Phi3Config", dict(num_key_value_heads=2, pad_token_id=0, eos_token_id=1)),
+  # local (window 4, rope base 100) / global (linear-scaled rope 1e4) layers, q/k norms, sandwich norms,
+  # GeGLU, a score scale apart from head_dim's; 3 layers so both kinds and a repeat are covered
+  "gemma3": (
+    "Gemma3TextConfig",
+    dict(
+      num_hidden_layers=3,
+      num_key_value_heads=2,
+      head_dim=16,
+      query_pre_attn_scalar=24,
+      sliding_window=4,
+      layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+      rope_parameters=dict(
+        full_attention=dict(rope_type="linear", rope_theta=10000.0, factor=2.0),
+        sliding_attention=dict(rope_type="default", rope_theta=100.0),
+      ),
+    ),
+  ),
 }
 
 
@@ -50,7 +67,12 @@ def make_hf_model(name: str, seed: int = 0):
   cfg = getattr(transformers, cls)(**{**TINY, **overrides})
   cfg._attn_implementation = "eager"
   torch.manual_seed(seed)
-  return transformers.AutoModelForCausalLM.from_config(cfg).eval()
+  model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+  with torch.no_grad():  # (1 + w) norms start at w = 0: random gains, so the convention is exercised
+    for name, p in model.named_parameters():
+      if name.endswith("norm.weight") and not p.any():
+        p.normal_(0.0, 0.5)
+  return model
 
 
 @pytest.fixture(scope="session")

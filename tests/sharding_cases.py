@@ -43,6 +43,17 @@ CFGS = {
     **{**BASE, "model_type": "qwen2", "num_key_value_heads": 2, "attention_bias": True}
   ),
   "phi3_fused": ModelConfig(**{**BASE, "model_type": "phi3", "fused_qkv": True, "fused_gate_up": True}),
+  "gemma3": ModelConfig(
+    **{**BASE, "model_type": "gemma3_text", "num_key_value_heads": 2, "tie_word_embeddings": True},
+    hidden_act="gelu_pytorch_tanh",
+    norm_offset=1.0,
+    qk_norm=True,
+    embed_scale=8.0,
+    query_pre_attn_scalar=24.0,
+    sliding_window=4,
+    layer_types=("sliding_attention", "full_attention"),
+    rope_local_theta=100.0,
+  ),
 }
 MESHES = {"tp4": ("model:4", False), "dp2_tp2_fsdp": ("data:2,model:2", True)}
 
@@ -92,6 +103,8 @@ def test_params_are_placed_by_the_rules():
     ("gqa_tied", "dp2_tp2_fsdp"),
     ("qwen2_bias", "dp2_tp2_fsdp"),
     ("phi3_fused", "tp4"),
+    ("gemma3", "tp4"),
+    ("gemma3", "dp2_tp2_fsdp"),
   ],
 )
 def test_dense_logits_match_one_device(cfg_name, mesh_name):

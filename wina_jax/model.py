@@ -12,10 +12,18 @@ Params layout (kernels are [in, out], as in Flax's Dense):
   layers/<i>/mlp/down_proj/kernel        [I, d]
   layers/<i>/residual_attn/kernel        [d, d]   optional: residual rotation before the attention add
   layers/<i>/residual_mlp/kernel         [d, d]   optional: residual rotation before the MLP add
+  layers/<i>/rotate_attn/kernel          [d, d]   optional: rotation of the attention's normed input
+  layers/<i>/rotate_mlp/kernel           [d, d]   optional: rotation of the MLP's normed input
   norm/scale                             [d]
   lm_head/kernel                         [d, vocab]  (absent when embeddings are tied)
 
-The optional residual rotations are what the WINA tensor transform adds (`wina_jax.transform`).
+Gemma-style layers (features on `ModelConfig` and the family's `norms` table) add
+  layers/<i>/self_attn/{q,k}_norm/scale  [hd]     per-head RMSNorm of q and k (`cfg.qk_norm`)
+  layers/<i>/<post-norm>/scale           [d]      RMSNorm of each block's output before the residual add
+and name the pre-MLP norm as the family says (Gemma: pre_feedforward_layernorm; its post_attention_layernorm
+is the attention's post-norm). A norm's gain is `cfg.norm_offset + scale`.
+
+The optional residual and input rotations are what the WINA tensor transform adds (`wina_jax.transform`).
 Every linear input and the MLP activation pass through the sparsifier at a named site
 (`wina_jax.sites`); the forward can return what it saw there as explicit pytrees.
 
@@ -32,8 +40,8 @@ from typing import Any, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
+from wina_jax import families, numerics
 from wina_jax import layers as L
-from wina_jax import numerics
 from wina_jax import sites as S
 from wina_jax.config import ModelConfig
 from wina_jax.kernels import decode_attention as DA
@@ -120,6 +128,10 @@ class Context:
 Project = Callable[[str, jax.Array], jax.Array]
 
 
+# (norm name 'q_norm' | 'k_norm', x [B, T, heads, hd]) -> x through that per-head RMSNorm (`cfg.qk_norm`).
+HeadNorm = Callable[[str, jax.Array], jax.Array]
+
+
 def attention_block(
   cfg: ModelConfig,
   x: jax.Array,
@@ -128,18 +140,26 @@ def attention_block(
   kv: Optional[dict],
   kv_len,
   attention: str = "xla",
+  layer: int = 0,
+  head_norm: Optional[HeadNorm] = None,
 ) -> tuple[jax.Array, Optional[dict]]:
   """Attention of `x` [B, T, d] (before the residual add) -> (out [B, T, d], new kv). x is the block's input
   as `project` takes it: the normed input, or the residual when `project` applies the norm (`_layer`).
 
   positions: [T] absolute positions; kv: this layer's cache {'k', 'v': [B, S, K, hd]} or None;
-  kv_len: valid cache slots after writing the T new tokens; attention: one of ATTENTION_BACKENDS.
+  kv_len: valid cache slots after writing the T new tokens; attention: one of ATTENTION_BACKENDS;
+  layer: picks the window and rope of `cfg.layer_config(layer)`; head_norm: the q/k norms when `cfg.qk_norm`.
   """
+  cfg = cfg.layer_config(layer)
   b, t, _ = x.shape
   if cfg.fused_qkv:
     q, k, v = jnp.split(project("qkv_proj", x), [cfg.q_dim, cfg.q_dim + cfg.kv_dim], axis=-1)
   else:
     q, k, v = (project(n, x) for n in ("q_proj", "k_proj", "v_proj"))
+  q = q.reshape(b, t, cfg.num_attention_heads, cfg.head_dim)
+  k = k.reshape(b, t, cfg.num_key_value_heads, cfg.head_dim)
+  if cfg.qk_norm:
+    q, k = head_norm("q_norm", q), head_norm("k_norm", k)
   if attention not in ATTENTION_BACKENDS:
     raise ValueError(f"attention {attention!r} is not one of {ATTENTION_BACKENDS}")
   if attention != "xla" and kv is not None and DA.supported(b, t, cfg.head_dim):
@@ -154,29 +174,31 @@ def attention_block(
       L.rope_inv_freq(cfg),
       rotary_dim=cfg.rotary_dim,
       window=cfg.sliding_window,
+      scale=cfg.attn_scale,
       interpret=attention == "interpret",
     )
     return project("o_proj", o.reshape(b, t, cfg.q_dim)), {"k": k, "v": v}
-  q = L.apply_rope(q.reshape(b, t, cfg.num_attention_heads, cfg.head_dim), positions, cfg)
-  k = L.apply_rope(k.reshape(b, t, cfg.num_key_value_heads, cfg.head_dim), positions, cfg)
+  q = L.apply_rope(q, positions, cfg)
+  k = L.apply_rope(k, positions, cfg)
   v = v.reshape(b, t, cfg.num_key_value_heads, cfg.head_dim)
   if kv is not None:
     start = positions[0]
     k = jax.lax.dynamic_update_slice(kv["k"], k.astype(kv["k"].dtype), (0, start, 0, 0))
     v = jax.lax.dynamic_update_slice(kv["v"], v.astype(kv["v"].dtype), (0, start, 0, 0))
     kv = {"k": k, "v": v}
-  o = L.attention(q, k, v, positions, kv_len, cfg.sliding_window).reshape(b, t, cfg.q_dim)
+  o = L.attention(q, k, v, positions, kv_len, cfg.sliding_window, cfg.attn_scale).reshape(b, t, cfg.q_dim)
   return project("o_proj", o), kv
 
 
 def mlp_block(cfg: ModelConfig, x: jax.Array, project: Project, layer: int, ctx: Context) -> jax.Array:
-  """SwiGLU MLP of `x` [B, T, d] (before the residual add; the normed input, or the residual when `project`
-  applies the norm, as in `attention_block`); the activation is masked at the site `layers.<layer>.mlp.act`."""
+  """Gated MLP (SwiGLU, or GeGLU per `cfg.hidden_act`) of `x` [B, T, d] (before the residual add; the normed
+  input, or the residual when `project` applies the norm, as in `attention_block`); the activation is masked
+  at the site `layers.<layer>.mlp.act`."""
   if cfg.fused_gate_up:
     gate, up = jnp.split(project("gate_up_proj", x), 2, axis=-1)
   else:
     gate, up = project("gate_proj", x), project("up_proj", x)
-  act = ctx.mask(S.site_name(layer, "mlp", S.ACT), jax.nn.silu(gate), None)
+  act = ctx.mask(S.site_name(layer, "mlp", S.ACT), L.activation(cfg.hidden_act)(gate), None)
   return project("down_proj", act * up)
 
 
@@ -197,6 +219,11 @@ def residual_layer(
   return rotate("residual_mlp", h) + mlp(h), kv
 
 
+def norm_gain(cfg: ModelConfig, scale: jax.Array) -> jax.Array:
+  """The gain an RMSNorm multiplies by: `scale`, or `norm_offset + scale` (Gemma's 1 + w)."""
+  return scale + cfg.norm_offset if cfg.norm_offset else scale
+
+
 def _layer(
   cfg: ModelConfig,
   lp: dict,
@@ -212,24 +239,37 @@ def _layer(
 
   Each block gets the residual itself: its input projections apply the block's RMSNorm through
   `Context.linear(..., norm=)` (so a fused kernel can normalise in its prologue), its output projection is
-  plain.
+  plain. With an input rotation (`rotate_attn` / `rotate_mlp`, from the transform) the block's input is
+  normed and rotated first; with a post-norm (the family's `norms`) the block's output is normed.
   """
+  norms = families.get(cfg.model_type).norms
+  rms = lambda x, scale: L.rms_norm(x, norm_gain(cfg, scale), cfg.rms_norm_eps)
 
-  def project(block, norm):
-    inputs = S.block_sites(cfg, block)[:-1]  # the projections that read the normed input
+  def inputs(block, rot, h):
+    """(the block's input as `project` takes it, project): the residual with the norm left to
+    `Context.linear`, or with an input rotation the normed, rotated input."""
+    pre, reads = norms[block][0], S.block_sites(cfg, block)[:-1]  # reads: the projections after the norm
+    rotated = rot in lp
 
-    def apply(proj, x):
-      site = S.site_name(layer, block, proj)
-      gain = (lp[norm]["scale"], cfg.rms_norm_eps) if proj in inputs else None
-      return ctx.linear(site, x, lp[block][proj], gain)
+    def project(proj, x):
+      norm = (norm_gain(cfg, lp[pre]["scale"]), cfg.rms_norm_eps) if proj in reads and not rotated else None
+      return ctx.linear(S.site_name(layer, block, proj), x, lp[block][proj], norm)
 
-    return apply
+    return (rms(h, lp[pre]["scale"]) @ lp[rot]["kernel"] if rotated else h), project
+
+  def post(block, y):
+    name = norms[block][1]
+    return y if name is None else rms(y, lp[name]["scale"])
 
   def attn(h):
-    return attention_block(cfg, h, project("self_attn", "input_layernorm"), positions, kv, kv_len, attention)
+    x, project = inputs("self_attn", "rotate_attn", h)
+    head_norm = lambda name, q: rms(q, lp["self_attn"][name]["scale"])
+    o, new_kv = attention_block(cfg, x, project, positions, kv, kv_len, attention, layer, head_norm)
+    return post("self_attn", o), new_kv
 
   def mlp(h):
-    return mlp_block(cfg, h, project("mlp", "post_attention_layernorm"), layer, ctx)
+    x, project = inputs("mlp", "rotate_mlp", h)
+    return post("mlp", mlp_block(cfg, x, project, layer, ctx))
 
   return residual_layer(h, layer, ctx, attn, mlp, lambda key, h: h @ lp[key]["kernel"] if key in lp else h)
 
@@ -288,7 +328,8 @@ def run_decoder(
 ) -> Output:
   """The decoder around its weights: checks, positions, the layer loop, the cache and the logits.
 
-  embed(tokens [B, T]) -> h [B, T, d]; layer(i, h, ctx, positions, kv, kv_len) -> (h, kv) for layer i;
+  embed(tokens [B, T]) -> h [B, T, d] (scaled here by `cfg.embed_scale`);
+  layer(i, h, ctx, positions, kv, kv_len) -> (h, kv) for layer i;
   head(h) -> [B, T, vocab] (final norm and lm_head). `forward` passes closures over a params dict,
   `wina_jax.nn.CausalLM` its submodules; arguments as in `forward`. Matmuls run at the declared precision
   (`wina_jax.numerics`: true float32 unless set otherwise).
@@ -310,6 +351,8 @@ def run_decoder(
   ctx = Context(sparsifier, sparse_tok, collect)
   with numerics.scope():  # declared matmul precision (true float32 unless set otherwise)
     h = embed(tokens)
+    if cfg.embed_scale != 1.0:  # Gemma: sqrt(d), rounded to the embedding's dtype as HF does
+      h = h * jnp.asarray(cfg.embed_scale, h.dtype)
     new_layers = {}
     for i in range(cfg.num_hidden_layers):
       kv = None if cache is None else cache["layers"][str(i)]
@@ -347,7 +390,9 @@ def forward(
     return _layer(cfg, params["layers"][str(i)], h, i, ctx, positions, kv, kv_len, attention)
 
   def head(h):
-    return L.rms_norm(h, params["norm"]["scale"], cfg.rms_norm_eps) @ lm_head_kernel(params, cfg)
+    return L.rms_norm(h, norm_gain(cfg, params["norm"]["scale"]), cfg.rms_norm_eps) @ lm_head_kernel(
+      params, cfg
+    )
 
   return run_decoder(
     cfg,

@@ -13,8 +13,10 @@ used when present). The math is not repeated here: `Attention`, `MLP`, `DecoderL
 `model.attention_block`, `model.mlp_block`, `model.residual_layer` and `model.run_decoder` with their
 submodules as the weights, and every linear goes through `model.Context.linear`, which calls the
 sparsifier at the site named as in `wina_jax.sites` (`layers.3.mlp.down_proj`, ...). Family differences
-(fused q|k|v and gate|up for phi3, qwen2's q/k/v biases, llama3 RoPE scaling, mistral's window) come from
-`cfg` through that shared code; which projections carry a bias comes from `expected_shapes`.
+(fused q|k|v and gate|up for phi3, qwen2's q/k/v biases, llama3 RoPE scaling, mistral's window, Gemma 3's
+q/k norms, sandwich norms, (1 + w) gains, scaled embedding, GeGLU and local/global layers) come from `cfg`
+and the family's `norms` table through that shared code; which projections carry a bias comes from
+`expected_shapes`.
 
 The sparsifier is an ordinary call argument: a pytree sparsifier (`sparsity.make`'s `ScoreSparsifier`) is
 traced by `jax.jit(model.apply)`, so new thresholds reuse the compiled code; a plain function must be
@@ -40,6 +42,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from wina_jax import families
 from wina_jax import layers as L
 from wina_jax import model as M
 from wina_jax import sites as S
@@ -63,15 +66,18 @@ def _positions(x: jax.Array, ctx: Optional[M.Context], positions: Optional[jax.A
 
 
 class RMSNorm(nn.Module):
-  """HF RMSNorm (`layers.rms_norm`): [..., d] -> [..., d]. Param `scale` [d] (ones)."""
+  """HF RMSNorm (`layers.rms_norm`): [..., d] -> [..., d], gain `offset + scale`. Param `scale` [d],
+  initialised to a unit gain (ones; zeros when offset is 1, Gemma's convention)."""
 
   eps: float
   param_dtype: Dtype = jnp.float32
+  offset: float = 0.0
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
-    return L.rms_norm(x, scale, self.eps)
+    init = nn.initializers.constant(1.0 - self.offset)
+    scale = self.param("scale", init, (x.shape[-1],), self.param_dtype)
+    return L.rms_norm(x, scale + self.offset if self.offset else scale, self.eps)
 
 
 class Embed(nn.Module):
@@ -146,7 +152,8 @@ class Attention(_Block):
   """Causal GQA self-attention with RoPE and the KV cache (`model.attention_block`).
 
   x: normed input [B, T, d]; positions [T]; kv: {'k', 'v': [B, S, K, hd]} or None; kv_len: valid slots
-  after the write. Returns (out [B, T, d], updated kv). Params: q/k/v/o_proj (phi3: qkv_proj, o_proj).
+  after the write. Returns (out [B, T, d], updated kv). Params: q/k/v/o_proj (phi3: qkv_proj, o_proj);
+  q_norm, k_norm (per head, [hd]) with `cfg.qk_norm`. The layer's window and rope: `cfg.layer_config`.
   """
 
   @nn.compact
@@ -159,11 +166,17 @@ class Attention(_Block):
     kv_len=None,
   ) -> tuple[jax.Array, Optional[dict]]:
     ctx, positions, kv_len = _positions(x, ctx, positions, kv_len)
-    return M.attention_block(self.cfg, x, self.project("self_attn", ctx), positions, kv, kv_len)
+    cfg = self.cfg
+
+    def head_norm(name, y):
+      return RMSNorm(cfg.rms_norm_eps, self.param_dtype, cfg.norm_offset, name=name)(y)
+
+    project = self.project("self_attn", ctx)
+    return M.attention_block(cfg, x, project, positions, kv, kv_len, layer=self.layer, head_norm=head_norm)
 
 
 class MLP(_Block):
-  """SwiGLU MLP (`model.mlp_block`): normed x [B, T, d] -> [B, T, d]. Params: gate/up/down_proj (phi3:
+  """Gated MLP (`model.mlp_block`): normed x [B, T, d] -> [B, T, d]. Params: gate/up/down_proj (phi3:
   gate_up_proj, down_proj)."""
 
   @nn.compact
@@ -173,10 +186,11 @@ class MLP(_Block):
 
 
 class DecoderLayer(_Block):
-  """Pre-norm decoder layer (`model.residual_layer`): residual h [B, T, d] -> (h', updated kv).
+  """Decoder layer (`model.residual_layer`): residual h [B, T, d] -> (h', updated kv). Its norms are named
+  by the family's `norms` table: a pre-norm per block, and a post-norm of the block's output where declared.
 
-  Uses the optional `residual_attn` / `residual_mlp` rotations of a transformed tree when they are in
-  the params (never created by `init`).
+  Uses the optional `residual_attn` / `residual_mlp` rotations and `rotate_attn` / `rotate_mlp` input
+  rotations of a transformed tree when they are in the params (never created by `init`).
   """
 
   @nn.compact
@@ -190,17 +204,26 @@ class DecoderLayer(_Block):
   ) -> tuple[jax.Array, Optional[dict]]:
     ctx, positions, kv_len = _positions(h, ctx, positions, kv_len)
     cfg, kw = self.cfg, dict(layer=self.layer, init_std=self.init_std, param_dtype=self.param_dtype)
-
-    def attn(h):
-      x = RMSNorm(cfg.rms_norm_eps, self.param_dtype, name="input_layernorm")(h)
-      return Attention(cfg, **kw, name="self_attn")(x, ctx, positions, kv, kv_len)
-
-    def mlp(h):
-      x = RMSNorm(cfg.rms_norm_eps, self.param_dtype, name="post_attention_layernorm")(h)
-      return MLP(cfg, **kw, name="mlp")(x, ctx)
+    norms = families.get(cfg.model_type).norms
+    norm = lambda name: RMSNorm(cfg.rms_norm_eps, self.param_dtype, cfg.norm_offset, name=name)
 
     def rotate(key, h):
       return h @ self.variables["params"][key]["kernel"] if self.has_variable("params", key) else h
+
+    def normed(block, rot, h):  # the block's pre-norm, then its input rotation if the tree has one
+      return rotate(rot, norm(norms[block][0])(h))
+
+    def post(block, y):  # the block's post-norm, if the family declares one
+      return y if norms[block][1] is None else norm(norms[block][1])(y)
+
+    def attn(h):
+      o, new_kv = Attention(cfg, **kw, name="self_attn")(
+        normed("self_attn", "rotate_attn", h), ctx, positions, kv, kv_len
+      )
+      return post("self_attn", o), new_kv
+
+    def mlp(h):
+      return post("mlp", MLP(cfg, **kw, name="mlp")(normed("mlp", "rotate_mlp", h), ctx))
 
     return M.residual_layer(h, self.layer, ctx, attn, mlp, rotate)
 
@@ -219,7 +242,8 @@ class _Layers(nn.Module):
 
 
 class CausalLM(nn.Module):
-  """The decoder-only LM of every supported family (llama, mistral, qwen2, phi3) as a Flax module.
+  """The decoder-only LM of every supported family (llama, mistral, qwen2, phi3, gemma3_text) as a Flax
+  module.
 
   `__call__(tokens [B, T], sparsifier, cache=, dense_prefix=, collect=)` -> `model.Output` (logits
   [B, T, vocab] float32, cache, aux), arguments and results exactly as `model.forward`'s.
@@ -243,7 +267,7 @@ class CausalLM(nn.Module):
     cfg, kw = self.cfg, dict(init_std=self.init_std, param_dtype=self.param_dtype)
     embed = Embed(cfg.vocab_size, cfg.hidden_size, **kw, name="embed_tokens")
     layers = _Layers(cfg, **kw, name="layers")
-    norm = RMSNorm(cfg.rms_norm_eps, self.param_dtype, name="norm")
+    norm = RMSNorm(cfg.rms_norm_eps, self.param_dtype, cfg.norm_offset, name="norm")
     lm_head = embed.attend if cfg.tie_word_embeddings else Linear(cfg.vocab_size, **kw, name="lm_head")
     return M.run_decoder(
       cfg,

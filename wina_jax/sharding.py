@@ -115,8 +115,7 @@ def spec_for(path: str, shape: tuple, cfg: ModelConfig, mesh: Mesh, fsdp: bool =
       fitted = [_fit(c, shape, mesh, fsdp, step) for c in candidates]
       return next((spec for spec, tp_ok in fitted if tp_ok), fitted[0][0])
   raise ValueError(
-    f"no partition rule matches param {path!r}; add one to the sharding_rules of "
-    f"wina_jax/families/{family.name}.py"
+    f"no partition rule matches param {path!r}; add one to the sharding_rules of {family.source}"
   )
 
 

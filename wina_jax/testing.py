@@ -14,11 +14,11 @@ from wina_jax.config import ModelConfig
 from wina_jax.convert.load import expected_shapes
 
 
-def _normal(path: str, shape: tuple, scale_noise: float) -> tuple[float, float]:
+def _normal(path: str, shape: tuple, scale_noise: float, unit: float = 1.0) -> tuple[float, float]:
   """(mean, std) of a parameter: N(0, 1/d_in) kernels, N(0, 1) embedding, N(0, 0.02^2) biases,
-  norm scales N(1, scale_noise^2)."""
+  norm scales N(unit, scale_noise^2) (unit: the scale of a unit gain, 1 - `cfg.norm_offset`)."""
   if path.endswith("scale"):
-    return 1.0, scale_noise
+    return unit, scale_noise
   return 0.0, 1.0 if path.startswith("embed") else 0.02 if path.endswith("bias") else shape[0] ** -0.5
 
 
@@ -40,7 +40,8 @@ def random_params(
   shardings: Optional[dict] = None,
 ) -> dict:
   """Params of every shape `cfg` implies (`convert.load.expected_shapes`, `wina_jax.model` layout):
-  N(0, 1/d_in) kernels [in, out], N(0, 1) embedding, N(0, 0.02^2) biases, norm scales N(1, scale_noise^2).
+  N(0, 1/d_in) kernels [in, out], N(0, 1) embedding, N(0, 0.02^2) biases, norm
+  gains N(1, scale_noise^2) (scales 1 - `norm_offset` + noise).
 
   key: an int seed (numpy on the host: quick for small CPU models) or a jax PRNG key (made on the
     device, one array at a time: for models of real size).
@@ -57,7 +58,10 @@ def random_params(
     draw = lambda path, shape, mean, std: _initializer(shape, (shardings or {}).get(path), mean, std, dtype)(
       next(keys)
     )
-  flat = {p: jnp.asarray(draw(p, s, *_normal(p, s, scale_noise)), dtype) for p, s in shapes.items()}
+  flat = {
+    p: jnp.asarray(draw(p, s, *_normal(p, s, scale_noise, 1.0 - cfg.norm_offset)), dtype)
+    for p, s in shapes.items()
+  }
   return traverse_util.unflatten_dict(flat, sep="/")
 
 

@@ -20,6 +20,15 @@ When K has rank r < d (GQA k_proj) the last d - r columns of Q (a basis of K's n
 `basis=` picks them ('svd': LAPACK's, 'axis', 'learned'; see `wina_jax.bases`).
 An untransformed block (see `blocks=`) has Q = I; shortcuts between two identity bases are omitted.
 The embedding mean is NOT subtracted (that breaks invariance on RMSNorm models).
+
+Post-block norms (Gemma 3's sandwich norms: each block's output y is RMS-normed with gain g before the
+residual add) make this 'residual' placement inexact: RMSNorm commutes with Q only at unit gain, since
+||y Q|| = ||y|| but g (y Q) != (g y) Q for a non-uniform g, and g cannot move into o_proj / down_proj because
+the normalisation sits between them and the add. `rotate='inputs'` (the default for such models) is exact
+instead: the residual stream stays in the original basis, each block's normed input is rotated by its Q
+(`rotate_attn` / `rotate_mlp` [d, d]) and its input kernels become Q^T diag(g_in) K. The sites see the same
+x Q as under 'residual' and o_proj / down_proj read the same inputs, so the sparsified model is the same
+up to rounding; it costs one dense [d, d] per block (2 L, vs 2 L - 1 shortcuts), keeps tied embeddings.
 """
 
 from __future__ import annotations
@@ -47,14 +56,19 @@ def _f64(a) -> np.ndarray:
   return np.asarray(a, np.float64)
 
 
+def pre_gain(lp: dict, cfg: ModelConfig, block: str) -> np.ndarray:
+  """[d] float64 gain of the block's pre-norm (the family's `norms`; `norm_offset` + scale)."""
+  if block not in BLOCKS:
+    raise ValueError(f"unknown block {block!r}; expected one of {BLOCKS}")
+  return _f64(lp[families.get(cfg.model_type).norms[block][0]]["scale"]) + cfg.norm_offset
+
+
 def key_kernel(lp: dict, cfg: ModelConfig, block: str) -> np.ndarray:
   """[d, n] float64 kernel whose SVD defines the block's basis, with the block's RMSNorm gain folded in."""
-  norms = {"self_attn": "input_layernorm", "mlp": "post_attention_layernorm"}
-  if block not in norms:
-    raise ValueError(f"unknown block {block!r}; expected one of {BLOCKS}")
+  g = pre_gain(lp, cfg, block)
   family = families.get(cfg.model_type)
   proj, cols = family.locate(cfg, block, family.key_projs[block])
-  return _f64(lp[norms[block]]["scale"])[:, None] * _f64(lp[block][proj]["kernel"])[:, cols]
+  return g[:, None] * _f64(lp[block][proj]["kernel"])[:, cols]
 
 
 def svd_basis(kernel: np.ndarray) -> tuple[np.ndarray, int]:
@@ -117,7 +131,7 @@ def block_inputs(params: dict, cfg: ModelConfig, windows: np.ndarray) -> dict[Bl
 
 def input_kernels(lp: dict, cfg: ModelConfig, block: str) -> list[np.ndarray]:
   """The block's input-reading kernels [d, n_j] (q/k/v or gate/up, fused or not) with its gain folded."""
-  g = _f64(lp["input_layernorm" if block == "self_attn" else "post_attention_layernorm"]["scale"])
+  g = pre_gain(lp, cfg, block)
   return [g[:, None] * _f64(lp[block][p]["kernel"]) for p in S.block_sites(cfg, block)[:-1]]
 
 
@@ -185,6 +199,14 @@ def _shortcut(a: Optional[np.ndarray], b: Optional[np.ndarray]) -> Optional[np.n
   return a.T @ b
 
 
+ROTATIONS = ("residual", "inputs")
+
+
+def default_rotation(cfg: ModelConfig) -> str:
+  """'inputs' for models with post-block norms (Gemma's sandwich norms), else 'residual'."""
+  return "inputs" if families.get(cfg.model_type).post_norms else "residual"
+
+
 def transform(
   params: dict,
   cfg: ModelConfig,
@@ -193,36 +215,49 @@ def transform(
   basis: str = "svd",
   calib_windows: Optional[np.ndarray] = None,
   basis_sparsity: float = 0.5,
+  rotate: Optional[str] = None,
 ) -> tuple[dict, ModelConfig]:
   """WINA-transformed `(params, cfg)`; dense outputs are unchanged (see the module docstring).
 
   blocks: (layer, 'self_attn' | 'mlp') pairs to orthogonalise; None = every block. basis: the free
   null-space basis of rank-deficient key kernels, 'svd' | 'axis' | 'learned' (fitted on `calib_windows`
-  at top-k `basis_sparsity`; `wina_jax.bases`). Gains are always folded and embeddings always untied.
-  Bases and shortcuts in float64, the rotated weights as float32 products at full precision; each array
-  is cast back to its input dtype.
+  at top-k `basis_sparsity`; `wina_jax.bases`). rotate: where the bases live, one of ROTATIONS (None:
+  `default_rotation`): 'residual' carries the residual stream in them (gains folded, embeddings untied);
+  'inputs' keeps the residual stream and rotates each block's normed input (`rotate_attn` / `rotate_mlp`),
+  the one exact choice with post-block norms. Bases and shortcuts in float64, the rotated weights as float32
+  products at full precision; each array is cast back to its input dtype.
   """
+  rotate = default_rotation(cfg) if rotate is None else rotate
+  if rotate not in ROTATIONS:
+    raise ValueError(f"rotate={rotate!r}; expected one of {ROTATIONS}")
+  if rotate == "residual" and families.get(cfg.model_type).post_norms:
+    raise ValueError(
+      f"rotate='residual' is not exact for {cfg.model_type!r}: its blocks' outputs pass an RMSNorm with a "
+      "per-channel gain before the residual add, and RMSNorm(y Q) * g != (RMSNorm(y) * g) Q, so the "
+      "output-side rotation cannot be folded into o_proj / down_proj; use rotate='inputs'"
+    )
   flat = traverse_util.flatten_dict(params, sep="/")
-  if any("residual_" in k for k in flat):
+  if any("residual_" in k or "rotate_" in k for k in flat):
     raise ValueError("params already carry residual rotations (already transformed); transform the original")
-  dtypes = {k: v.dtype for k, v in flat.items()}
-  out: dict[str, jax.Array] = {}
   bases = block_bases(
     params, cfg, blocks, basis=basis, calib_windows=calib_windows, basis_sparsity=basis_sparsity
   )
+  if rotate == "inputs":
+    return _rotate_inputs(params, cfg, flat, bases), cfg
+  dtypes = {k: v.dtype for k, v in flat.items()}
+  out: dict[str, jax.Array] = {}
   n = cfg.num_hidden_layers
+  norms = families.get(cfg.model_type).norms
   emb = _f32(flat["embed_tokens/embedding"])
   out["embed_tokens/embedding"] = _rot_out(emb, bases[(0, "self_attn")])
   for l in range(n):
     p, lp = f"layers/{l}", params["layers"][str(l)]
     qa, qm = bases[(l, "self_attn")], bases[(l, "mlp")]
     q_next = bases[(l + 1, "self_attn")] if l + 1 < n else qm
-    for block, q_in, q_out, norm in (
-      ("self_attn", qa, qm, "input_layernorm"),
-      ("mlp", qm, q_next, "post_attention_layernorm"),
-    ):
-      g = _f32(lp[norm]["scale"])
-      out[f"{p}/{norm}/scale"] = jnp.ones_like(g)
+    for block, q_in, q_out in (("self_attn", qa, qm), ("mlp", qm, q_next)):
+      norm = norms[block][0]
+      g = _f32(lp[norm]["scale"]) + cfg.norm_offset
+      out[f"{p}/{norm}/scale"] = _unit_scale(g, cfg)
       *ins, last = S.block_sites(cfg, block)
       for proj in ins:
         out[f"{p}/{block}/{proj}/kernel"] = _rot_in(q_in, g[:, None] * _f32(lp[block][proj]["kernel"]))
@@ -233,8 +268,8 @@ def transform(
       if shortcut is not None:
         key = f"{p}/residual_{'attn' if block == 'self_attn' else 'mlp'}/kernel"
         out[key], dtypes[key] = _f32(shortcut), dtypes["embed_tokens/embedding"]
-  g = _f32(flat["norm/scale"])
-  out["norm/scale"] = jnp.ones_like(g)
+  g = _f32(flat["norm/scale"]) + cfg.norm_offset
+  out["norm/scale"] = _unit_scale(g, cfg)
   head = emb.T if cfg.tie_word_embeddings else _f32(flat["lm_head/kernel"])
   out["lm_head/kernel"] = _rot_in(bases[(n - 1, "mlp")], g[:, None] * head)
   dtypes.setdefault("lm_head/kernel", dtypes["embed_tokens/embedding"])
@@ -244,15 +279,42 @@ def transform(
   return new, cfg.replace(tie_word_embeddings=False)
 
 
+def _unit_scale(g: jax.Array, cfg: ModelConfig) -> jax.Array:
+  """The norm scale whose gain (`norm_offset` + scale) is 1."""
+  return jnp.full_like(g, 1.0 - cfg.norm_offset)
+
+
+def _rotate_inputs(params: dict, cfg: ModelConfig, flat: dict, bases: dict) -> dict:
+  """rotate='inputs': per transformed block, x = RMSNorm(h) (unit gain) is rotated by `rotate_<b>` = Q and
+  its input kernels become Q^T diag(g) K; the residual stream, output projections, post-norms, embedding
+  and lm_head are unchanged (the block's output never left the original basis), so any norm after the
+  block is untouched. The sites see x Q, as with 'residual'; the cost is one dense [d, d] per block."""
+  out = dict(flat)
+  norms = families.get(cfg.model_type).norms
+  for (l, block), q in bases.items():
+    if q is None:
+      continue
+    p, lp = f"layers/{l}", params["layers"][str(l)]
+    norm = norms[block][0]
+    g = _f32(lp[norm]["scale"]) + cfg.norm_offset
+    out[f"{p}/{norm}/scale"] = _unit_scale(g, cfg).astype(flat[f"{p}/{norm}/scale"].dtype)
+    for proj in S.block_sites(cfg, block)[:-1]:
+      w = lp[block][proj]["kernel"]
+      out[f"{p}/{block}/{proj}/kernel"] = _rot_in(q, g[:, None] * _f32(w)).astype(w.dtype)
+    key = f"{p}/rotate_{'attn' if block == 'self_attn' else 'mlp'}/kernel"
+    out[key] = _f32(q).astype(flat["embed_tokens/embedding"].dtype)
+  return traverse_util.unflatten_dict(out, sep="/")
+
+
 def shortcut_cost(params: dict, cfg: ModelConfig, base_cfg: Optional[ModelConfig] = None) -> dict:
-  """Extra inference cost of the residual rotations in `params`, per token.
+  """Extra inference cost of the residual (or input) rotations in `params`, per token.
 
   Returns {'shortcuts': count, 'flops': 2 d^2 per shortcut, 'bytes': their weights, 'linear_flops' and
   'param_bytes' of the whole model, the fractions 'flops_frac' / 'bytes_frac', and 'untie_bytes': the new
   lm_head when `base_cfg` (the config before the transform) had tied embeddings}.
   """
   flat = traverse_util.flatten_dict(params, sep="/")
-  rots = [v for k, v in flat.items() if "/residual_" in k]
+  rots = [v for k, v in flat.items() if "/residual_" in k or "/rotate_" in k]
   d = cfg.hidden_size
   flops = 2 * d * d * len(rots)
   nbytes = sum(int(v.size) * v.dtype.itemsize for v in rots)

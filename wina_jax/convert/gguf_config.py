@@ -20,6 +20,9 @@ _ARCH_FIELDS = {
   "attention.layer_norm_rms_epsilon": "rms_norm_eps",
   "vocab_size": "vocab_size",
   "rope.dimension_count": "head_dim",
+  "attention.key_length": "head_dim",
+  "attention.value_length": "head_dim",
+  "attention.sliding_window": "sliding_window",
 }
 
 
@@ -46,7 +49,11 @@ def gguf_hf_config(reader) -> dict:
       unknown.append(key)
       continue
     value = _value(field)
-    cfg[_ARCH_FIELDS[suffix]] = float(value) if isinstance(value, float) else value
+    value = float(value) if isinstance(value, float) else value
+    hf = _ARCH_FIELDS[suffix]
+    if hf in cfg and cfg[hf] != value:
+      raise ValueError(f"GGUF metadata {key}={value} disagrees with {hf}={cfg[hf]} (key and value lengths?)")
+    cfg[hf] = value
   if unknown:
     raise ValueError(
       f"GGUF metadata {unknown} is not handled by wina_jax; refusing to load a model "

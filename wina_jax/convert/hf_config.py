@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from typing import Any, Union
 
 from wina_jax import families
-from wina_jax.config import ModelConfig, RopeScaling
+from wina_jax.config import LAYER_TYPES, ModelConfig, RopeScaling
 
 # Fields (of every family) that do not change the forward pass at inference.
 IGNORED = frozenset(
@@ -78,8 +78,8 @@ def _hf_dicts(config: Union[Mapping[str, Any], Any]) -> tuple[dict, dict]:
   return config.to_dict(), type(config)().to_dict()
 
 
-def _rope(d: dict, rope_keys: dict) -> tuple[float, RopeScaling | None, float]:
-  rp = dict(d.get("rope_parameters") or {})
+def _rope_one(d: dict, rp: dict, rope_keys: dict) -> tuple[float, RopeScaling | None, float]:
+  """(theta, scaling, partial rotary factor) of one rope_parameters dict `rp` (keys checked)."""
   kind = rp.get("rope_type", "default")
   if kind not in rope_keys:
     raise ValueError(
@@ -95,6 +95,31 @@ def _rope(d: dict, rope_keys: dict) -> tuple[float, RopeScaling | None, float]:
     return theta, None, partial
   kw = {k: rp[k] for k in rope_keys[kind] - {"rope_type", "rope_theta", "partial_rotary_factor"} if k in rp}
   return theta, RopeScaling(kind=kind, **kw), partial
+
+
+def _rope(d: dict, rope_keys: dict) -> dict:
+  """The rope fields of `ModelConfig` from `rope_parameters`: one dict for every layer, or (transformers'
+  per-layer-type form) {'full_attention': {...}, 'sliding_attention': {...}}, the sliding one unscaled and
+  giving `rope_local_theta`."""
+  rp = dict(d.get("rope_parameters") or {})
+  if set(rp) & set(LAYER_TYPES):
+    if set(rp) - set(LAYER_TYPES):
+      raise ValueError(f"rope_parameters mixes layer types and fields: {sorted(rp)}")
+    theta, scaling, partial = _rope_one(d, dict(rp.get("full_attention") or {}), rope_keys)
+    local = rp.get("sliding_attention")
+    local_theta = None
+    if local is not None and "sliding_attention" in (d.get("layer_types") or ()):
+      local_theta, local_scaling, local_partial = _rope_one(d, dict(local), rope_keys)
+      if local_scaling is not None or local_partial != partial:
+        raise ValueError(
+          f"rope_parameters['sliding_attention'] {local} is not handled: sliding layers take an "
+          "unscaled rope with the full layers' rotary fraction"
+        )
+    return dict(
+      rope_theta=theta, rope_scaling=scaling, partial_rotary_factor=partial, rope_local_theta=local_theta
+    )
+  theta, scaling, partial = _rope_one(d, rp, rope_keys)
+  return dict(rope_theta=theta, rope_scaling=scaling, partial_rotary_factor=partial)
 
 
 def _check_quantization(d: dict) -> None:
@@ -120,15 +145,11 @@ def from_hf_config(config: Union[Mapping[str, Any], Any]) -> ModelConfig:
   if unknown:
     raise ValueError(
       f"HF config fields {unknown} (values {[d[k] for k in unknown]}) are not handled by "
-      f"wina_jax for model_type {model_type!r}; remove them or add support in "
-      f"wina_jax/families/{model_type}.py"
+      f"wina_jax for model_type {model_type!r}; remove them or add support in {family.source}"
     )
   _check_quantization(d)
-  if d.get("hidden_act", "silu") != "silu":
-    raise ValueError(f"hidden_act {d['hidden_act']!r} is not supported; only 'silu' (SwiGLU)")
-  theta, scaling, partial = _rope(d, family.rope_types)
   head_dim = d.get("head_dim") or d["hidden_size"] // d["num_attention_heads"]
-  return ModelConfig(
+  fields = dict(
     model_type=model_type,
     vocab_size=d["vocab_size"],
     hidden_size=d["hidden_size"],
@@ -139,9 +160,8 @@ def from_hf_config(config: Union[Mapping[str, Any], Any]) -> ModelConfig:
     head_dim=head_dim,
     max_position_embeddings=d["max_position_embeddings"],
     rms_norm_eps=float(d["rms_norm_eps"]),
-    rope_theta=theta,
-    rope_scaling=scaling,
-    partial_rotary_factor=partial,
     tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-    **family.config_kwargs(d),
+    hidden_act=d.get("hidden_act", "silu"),
+    **_rope(d, family.rope_types),
   )
+  return ModelConfig(**{**fields, **family.config_kwargs(d)})

@@ -23,8 +23,8 @@ from wina_jax.convert.hf_config import from_hf_config
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
   """Flat {'layers/0/mlp/up_proj/kernel': shape} for every parameter `cfg` implies (kernels from
-  `families.proj_shapes`; q/k/v biases with `attention_bias`, o_proj's with `o_bias`, the MLP's with
-  `mlp_bias`)."""
+  `families.proj_shapes`, norms from the family's `norms`; q/k/v biases with `attention_bias`, o_proj's with
+  `o_bias`, the MLP's with `mlp_bias`; q/k norms with `qk_norm`)."""
   d = cfg.hidden_size
   out = {"embed_tokens/embedding": (cfg.vocab_size, d), "norm/scale": (d,)}
   if not cfg.tie_word_embeddings:
@@ -33,10 +33,13 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     cfg.mlp_bias if block == "mlp" else cfg.o_bias if proj == "o_proj" else cfg.attention_bias
   )
   shapes = families.proj_shapes(cfg)
+  norms = [n for pair in families.get(cfg.model_type).norms.values() for n in pair if n is not None]
   for l in range(cfg.num_hidden_layers):
     p = f"layers/{l}"
-    out[f"{p}/input_layernorm/scale"] = (d,)
-    out[f"{p}/post_attention_layernorm/scale"] = (d,)
+    for n in norms:
+      out[f"{p}/{n}/scale"] = (d,)
+    if cfg.qk_norm:
+      out[f"{p}/self_attn/q_norm/scale"] = out[f"{p}/self_attn/k_norm/scale"] = (cfg.head_dim,)
     for block, projs in shapes.items():
       for n, s in projs.items():
         out[f"{p}/{block}/{n}/kernel"] = s
@@ -166,6 +169,8 @@ def _gguf_tensors(path: str) -> tuple[dict[str, np.ndarray], ModelConfig]:
     if name is None:
       continue
     w = _dequantize(t)
+    if family.gguf_norm_shift and name.endswith("norm.weight"):
+      w = w - np.float32(family.gguf_norm_shift)
     if family.gguf_permuted_qk and name.endswith("q_proj.weight"):
       w = unpermute_qk(w, cfg.num_attention_heads)
     elif family.gguf_permuted_qk and name.endswith("k_proj.weight"):
@@ -175,7 +180,8 @@ def _gguf_tensors(path: str) -> tuple[dict[str, np.ndarray], ModelConfig]:
 
 
 def from_gguf(path: str, dtype=jnp.float32, use_cache: bool = True) -> tuple[dict, ModelConfig]:
-  """Params and config from a llama / qwen2 GGUF file, dequantised tensor by tensor with numpy (`gguf`).
+  """Params and config from a llama / qwen2 / gemma3 GGUF file, dequantised tensor by tensor with numpy
+  (`gguf`).
 
   use_cache: reuse the dequantised arrays from `wina_jax.convert.cache` (keyed by the file's identity).
   """
@@ -211,7 +217,8 @@ def load_default(dtype=jnp.float32) -> tuple[dict, ModelConfig]:
 
 
 def load(name_or_path: str = "", dtype=jnp.float32) -> tuple[dict, ModelConfig]:
-  """Params and config of a model in `assets.MODELS` ('' = 'smollm2-135m'; 'qwen2.5-coder-1.5b'), a .gguf
+  """Params and config of a model in `assets.MODELS` ('' = 'smollm2-135m'; 'qwen2.5-coder-1.5b',
+  'gemma3-270m'), a .gguf
   file or an HF checkpoint folder (config.json + safetensors)."""
   path = assets.model_path(name_or_path)
   if os.path.isdir(path):

@@ -32,7 +32,7 @@ def hf_target(name: str, family: Family) -> tuple[str, str] | None:
       return None
     raise KeyError(
       f"tensor {name!r} has no mapping into wina_jax params for model_type {family.name!r}; "
-      f"add a rule to wina_jax/families/{family.name}.py"
+      f"add a rule to {family.source}"
     )
   return rule[1].format(*m.groups()), rule[2]
 
@@ -45,6 +45,6 @@ def gguf_to_hf(name: str, family: Family) -> str | None:
       return None
     raise KeyError(
       f"GGUF tensor {name!r} has no mapping for GGUF architecture {family.gguf_arch!r}; "
-      f"add a rule to wina_jax/families/{family.name}.py"
+      f"add a rule to {family.source}"
     )
   return rule[1].format(*m.groups())

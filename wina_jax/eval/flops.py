@@ -6,12 +6,15 @@ A matmul of a [1, n] input with an [n, m] kernel costs 2 n m FLOPs (multiply + a
            + 2 d V                                                         (lm_head, always dense)
            + [transformed] 2 d^2 (2 L - 1)                                 (the transform's residual
                                      rotations: two per layer, the last layer's identity omitted; dense;
-                                     a partial transform has fewer: `shortcuts=`)
-           + [context > 0] 4 L H hd * context                              (QK^T and AV scores, dense)
+                                     2 L input rotations with post-block norms; a partial transform has
+                                     fewer: `shortcuts=`)
+           + [context > 0] 4 H hd * sum_l min(context, window_l)           (QK^T and AV scores, dense;
+                                     window_l the layer's sliding window, `cfg.layer_config`)
 
 with s_j the sparsity of site j's input (one float for all, or a dict by site), d the hidden size,
-V the vocabulary, L the layers, H hd the query width. Norms, RoPE, biases and the softmax are omitted
-(O(d) per token). The paper's four models are built from their HF configs (no weights): `PAPER_CONFIGS`.
+V the vocabulary, L the layers, H hd the query width. Norms (Gemma's q/k and post-block norms too), RoPE,
+biases and the softmax are omitted (O(d) per token). The paper's four models are built from their HF configs
+(no weights): `PAPER_CONFIGS`.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Optional, Union
 
+from wina_jax import families
 from wina_jax import sites as S
 from wina_jax.config import ModelConfig
 
@@ -107,8 +111,8 @@ def flops_per_token(
 ) -> float:
   """Forward FLOPs of one token (formula in the module docstring). A dict `sparsity` maps linear sites
   ('layers.3.mlp.down_proj') to their input sparsity; missing sites count as dense. `shortcuts`: the
-  number of [d, d] residual rotations if not the full transform's 2 L - 1 (a partial transform; count
-  them with `wina_jax.transform.shortcut_cost`)."""
+  number of [d, d] residual (or input) rotations if not the full transform's 2 L - 1 (2 L with post-block
+  norms; a partial transform; count them with `wina_jax.transform.shortcut_cost`)."""
   if not isinstance(sparsity, (int, float)):
     unknown = set(sparsity) - set(S.linear_sites(cfg)) - set(S.act_sites(cfg))
     if unknown:
@@ -116,9 +120,11 @@ def flops_per_token(
   linears = sum(2.0 * (1.0 - _site_sparsity(sparsity, s)) * n for s, n in S.site_param_counts(cfg).items())
   head = 2.0 * cfg.hidden_size * cfg.vocab_size
   if shortcuts is None:
-    shortcuts = 2 * cfg.num_hidden_layers - 1 if transformed else 0
+    full = 2 * cfg.num_hidden_layers - (0 if families.get(cfg.model_type).post_norms else 1)
+    shortcuts = full if transformed else 0
   shortcut = 2.0 * cfg.hidden_size**2 * shortcuts
-  scores = 4.0 * cfg.num_hidden_layers * cfg.q_dim * context
+  seen = [min(context, cfg.layer_config(l).sliding_window or context) for l in range(cfg.num_hidden_layers)]
+  scores = 4.0 * cfg.q_dim * sum(seen)
   return linears + head + shortcut + scores
 
 

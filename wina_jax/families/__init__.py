@@ -1,10 +1,11 @@
-"""Model families, one module each (`llama`, `mistral`, `qwen2`, `phi3`), registered by HF `model_type`.
+"""Model families, one module each (`llama`, `mistral`, `qwen2`, `phi3`, `gemma3` for 'gemma3_text'),
+registered by HF `model_type`.
 
 To add a family, write `wina_jax/families/<name>.py` that calls `register(Family(...))` (see
 `base.Family` for what it declares), import it below, and add its tiny-config parity test.
 """
 
-from wina_jax.families import llama, mistral, phi3, qwen2  # noqa: F401  (registers the families)
+from wina_jax.families import gemma3, llama, mistral, phi3, qwen2  # noqa: F401  (registers the families)
 from wina_jax.families.base import Family, for_gguf_arch, get, known, register
 
 

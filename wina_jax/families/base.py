@@ -64,8 +64,8 @@ SHARDING_RULES = (
   (r"mlp/(gate|up|gate_up)_proj/kernel", ((FSDP, TP),), None),
   (r"mlp/(gate|up|gate_up)_proj/bias", ((TP,),), None),
   (r"mlp/down_proj/kernel", ((TP, FSDP),), None),
-  (r"residual_(attn|mlp)/kernel", ((TP, FSDP),), None),
   (r"(o_proj|down_proj)/bias", ((None,),), None),
+  (r"(residual|rotate)_(attn|mlp)/kernel", ((TP, FSDP),), None),
   (r"(layernorm|norm)/scale", ((None,),), None),
 )
 
@@ -81,6 +81,10 @@ FUSED = {
   "mlp": ("gate_up_proj", ("gate_proj", "up_proj")),
 }
 _FUSED_FLAG = {"self_attn": "fused_qkv", "mlp": "fused_gate_up"}
+
+# block -> (the RMSNorm before it, the RMSNorm of its output before the residual add or None): params
+# names under `layers/<i>/`. Llama-style blocks are pre-norm only.
+PRE_NORMS = {"self_attn": ("input_layernorm", None), "mlp": ("post_attention_layernorm", None)}
 
 
 def llama_layout(cfg: ModelConfig) -> ProjShapes:
@@ -115,6 +119,8 @@ class Family:
   hf_rules / gguf_rules / sharding_rules: tensor name maps and partition rules (see the tables above).
   gguf_arch: llama.cpp's `general.architecture` read as this family (None: no GGUF support).
   gguf_permuted_qk: whether llama.cpp's converter interleaved q/k rows (undone on load).
+  norms: block -> (pre-norm, post-norm or None), the params names of the block's RMSNorms (`PRE_NORMS`).
+  gguf_norm_shift: subtracted from every GGUF norm weight on load (llama.cpp stores Gemma's gains as 1 + w).
   """
 
   name: str
@@ -131,6 +137,18 @@ class Family:
   sharding_rules: tuple = SHARDING_RULES
   gguf_arch: Optional[str] = None
   gguf_permuted_qk: bool = False
+  norms: Mapping[str, tuple[str, Optional[str]]] = dataclasses.field(default_factory=lambda: dict(PRE_NORMS))
+  gguf_norm_shift: float = 0.0
+
+  @property
+  def source(self) -> str:
+    """The family's file, e.g. 'wina_jax/families/llama.py' (where its declarations live)."""
+    return self.config_kwargs.__module__.replace(".", "/") + ".py"
+
+  @property
+  def post_norms(self) -> bool:
+    """Whether a block's output is normalised before the residual add (Gemma's sandwich norms)."""
+    return any(post is not None for _, post in self.norms.values())
 
   def is_fused(self, cfg: ModelConfig, block: str) -> bool:
     return block in self.fused and getattr(cfg, _FUSED_FLAG[block])

@@ -125,6 +125,7 @@ def _kernel(
   static_argnames=(
     "rotary_dim",
     "window",
+    "scale",
     "block_s",
     "heads_per_program",
     "num_warps",
@@ -143,6 +144,7 @@ def decode_attention(
   *,
   rotary_dim: int,
   window=None,
+  scale=None,
   block_s: int = 64,
   heads_per_program=None,
   num_warps: int = 4,
@@ -151,7 +153,8 @@ def decode_attention(
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """One decode step of attention, before RoPE: q [B, H, hd], k, v [B, K, hd] of the token at position
   `length` (int32 scalar); cache_k, cache_v [B, S, K, hd] with `length` valid slots; inv_freq
-  [rotary_dim // 2] (`layers.rope_inv_freq`); window: the sliding window or None; heads_per_program:
+  [rotary_dim // 2] (`layers.rope_inv_freq`); window: the sliding window or None; scale: of the scores (None:
+  hd ** -1/2); heads_per_program:
   query heads per program, a divisor of G = H / K (None: `HEADS_PER_PROGRAM`).
   -> (out [B, H, hd] in q's dtype, cache_k, cache_v with slot `length` written).
   """
@@ -177,7 +180,7 @@ def decode_attention(
     rotary_dim=rotary_dim,
     block_s=block_s,
     window=window,
-    scale=hd**-0.5,
+    scale=hd**-0.5 if scale is None else scale,
   )
   out_shape = (
     jax.ShapeDtypeStruct(q.shape, q.dtype),

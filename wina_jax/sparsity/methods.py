@@ -1,4 +1,4 @@
-"""Built-in methods: dense, teal (|x|), wina (|x| * column norm), cats (|SiLU(gate)| at the MLP act).
+"""Built-in methods: dense, teal (|x|), wina (|x| * column norm), cats (|act(gate)| at the MLP act).
 
 Each declares what the fast decode kernels compute for it (`fast_scale`, `wina_jax.sparsity.fastpath`):
 exact masks in float32 for all three.
@@ -75,7 +75,8 @@ class Wina(Method):
 @register("cats")
 @dataclasses.dataclass(frozen=True)
 class Cats(Method):
-  """CATS (Lee et al. 2024): zero the MLP activation SiLU(gate) where its magnitude is small.
+  """CATS (Lee et al. 2024): zero the MLP activation SiLU(gate) (GELU(gate) in GeGLU models) where it is
+  small.
 
   Masks only `layers.i.mlp.act`; down_proj's input act * up inherits the zeros.
   """
