@@ -18,8 +18,9 @@ def lax_mask(score, k):
   return np.asarray(select.topk_mask(score, k, "lax"))
 
 
+@pytest.mark.parametrize("skip_ties", [False, True])
 @pytest.mark.parametrize("impl", IMPLS)
-def test_masks_equal_lax_top_k_on_random_and_tied_scores(impl):
+def test_masks_equal_lax_top_k_on_random_and_tied_scores(impl, skip_ties):
   rng = np.random.default_rng(0)
   x = rng.standard_normal((16, 300)).astype(np.float32)
   tied = np.round(x * 4) / 4  # many exact ties, some straddling the k-th value
@@ -28,7 +29,7 @@ def test_masks_equal_lax_top_k_on_random_and_tied_scores(impl):
   signed[:, 5:10] = 0.0
   for score in (np.abs(x), np.abs(tied), signed, np.zeros_like(x)):
     for k in (1, 7, 150, 299, 300):
-      got = np.asarray(jax.jit(lambda s, k: select.topk_mask(s, k, impl))(score, k))
+      got = np.asarray(jax.jit(lambda s, k: select.topk_mask(s, k, impl, skip_ties=skip_ties))(score, k))
       np.testing.assert_array_equal(got, lax_mask(jnp.asarray(score), k), err_msg=f"{impl} k={k}")
       assert (got.sum(-1) == k).all()
 

@@ -80,16 +80,22 @@ def _kth_sort(keys: jax.Array, k: jax.Array) -> jax.Array:
   return jnp.take_along_axis(srt, (keys.shape[-1] - k)[:, None], axis=-1)[:, 0]
 
 
-def _mask_from_kth(keys: jax.Array, t: jax.Array, k: jax.Array) -> jax.Array:
-  """key > t, plus the first k - #{key > t} entries equal to t (lower index first): -> [N, d] bool."""
+def _mask_from_kth(keys: jax.Array, t: jax.Array, k: jax.Array, skip_ties: bool) -> jax.Array:
+  """key > t, plus the first k - #{key > t} entries equal to t (lower index first): -> [N, d] bool.
+
+  skip_ties: rank the ties (a cumsum over d) only when some row has more ties than places left, through
+  `lax.cond` (accelerators: the common case costs no scan); else always rank them (CPUs: no conditional,
+  whose stand-alone compile in eager mode crashed XLA's CPU backend once under load)."""
   gt = keys > t[:, None]
   eq = keys == t[:, None]
   need = k - jnp.sum(gt, axis=-1, dtype=jnp.int32)
-  partial = jnp.sum(eq, axis=-1, dtype=jnp.int32) > need
 
   def ties(_):
     return gt | (eq & (jnp.cumsum(eq, axis=-1, dtype=jnp.int32) <= need[:, None]))
 
+  if not skip_ties:
+    return ties(None)
+  partial = jnp.sum(eq, axis=-1, dtype=jnp.int32) > need
   return jax.lax.cond(jnp.any(partial), ties, lambda _: gt | eq, None)
 
 
@@ -100,13 +106,18 @@ def _lax_mask(flat: jax.Array, k: int) -> jax.Array:
 
 
 def topk_mask(
-  score: jax.Array, k: Union[int, jax.Array], impl: Optional[str] = None, fanout: int = FANOUT
+  score: jax.Array,
+  k: Union[int, jax.Array],
+  impl: Optional[str] = None,
+  fanout: int = FANOUT,
+  skip_ties: Optional[bool] = None,
 ) -> jax.Array:
   """Boolean mask [..., d] with the k highest scores of every row True (ties: lower index first).
 
   score: [..., d] float; k: int or int32 array, scalar or of shape score.shape[:-1], each in [1, d]
   (clipped there). impl: 'radix' | 'sort' | 'lax' (static k only), default `default_impl()`; 'radix:F'
-  sets the fanout F (a power of two)."""
+  sets the fanout F (a power of two). skip_ties: rank tied scores only when needed, through `lax.cond`
+  (default: on accelerators; the mask is the same either way)."""
   impl, _, fan = (impl or default_impl()).partition(":")
   fanout = int(fan) if fan else fanout
   if impl not in IMPLS:
@@ -122,4 +133,5 @@ def topk_mask(
   kk = jnp.clip(jnp.broadcast_to(jnp.asarray(k, jnp.int32), score.shape[:-1]).reshape(-1), 1, d)
   keys = sort_keys(flat)
   t = _kth_radix(keys, kk, fanout) if impl == "radix" else _kth_sort(keys, kk)
-  return _mask_from_kth(keys, t, kk).reshape(score.shape)
+  skip_ties = jax.default_backend() != "cpu" if skip_ties is None else skip_ties
+  return _mask_from_kth(keys, t, kk, skip_ties).reshape(score.shape)
