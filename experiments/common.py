@@ -52,12 +52,23 @@ METHODS_MODULE = flags.DEFINE_multi_string(
 )
 
 
+_LOADED: dict = {}
+
+
+def user_methods() -> dict[str, list]:
+  """Import every --methods_module once -> {module: methods it registered} (the first import's report, also
+  when a flag validator imported them before `setup`)."""
+  for module, names in load_modules([m for m in METHODS_MODULE.value if m not in _LOADED]).items():
+    _LOADED[module] = names
+  return {m: _LOADED[m] for m in METHODS_MODULE.value}
+
+
 def setup() -> dict:
   """Apply the shared flags (precision and top-k impl for every later trace; import every --methods_module,
   printing the methods each registered) -> what to record: `numerics.describe()` and the top-k impl."""
   numerics.set_precision(PRECISION.value)
   select.set_default_impl(TOPK_IMPL.value or None)
-  for module, names in load_modules(METHODS_MODULE.value).items():
+  for module, names in user_methods().items():
     print(f"--methods_module={module}: registered {names or 'nothing new (already imported)'}")
   return {**numerics.describe(), "topk_impl": select.default_impl()}
 
@@ -86,13 +97,15 @@ MODEL_RULE = checks.model(tuple(assets.MODELS))
 
 
 def method_rule(value) -> str | None:
-  """A method spec of `wina_jax.eval.variants` ('' allowed: the script's default)."""
+  """A method spec of `wina_jax.eval.variants` ('' allowed: the script's default). Validators run once every
+  flag is parsed, so the --methods_module modules are imported first: their methods are known here."""
   from wina_jax.eval import variants
 
   try:
+    user_methods()
     if value:
       variants.parse(value)
-  except ValueError as e:
+  except (ValueError, ImportError) as e:
     return str(e)
   return None
 

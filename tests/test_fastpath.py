@@ -155,7 +155,7 @@ def test_undeclared_and_mismatched_methods_are_refused():
       raise FastPathError("its score needs the whole row")
 
   def sp(method, mode="threshold"):
-    return ScoreSparsifier(method=method, mode=mode, keep=(("s", 2),), thresholds={"s": 0.5}, state={"s": x})
+    return ScoreSparsifier(method=method, mode=mode, k={"s": 2}, thresholds={"s": 0.5}, state={"s": x})
 
   with pytest.raises(
     FastPathError, match="'cube' cannot run on the fast path: it does not declare `fast_scale`"

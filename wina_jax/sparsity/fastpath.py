@@ -116,7 +116,7 @@ def fast_state(sp: ScoreSparsifier) -> tuple[dict, dict]:
   """A threshold-mode `ScoreSparsifier` -> (thresholds {site: float32 []}, scales {site: [d_in] float32}) of
   the kernels' `|x| * scale > t`, with the masks of `sp` (the rule in the module docstring); for
   `decode.fuse_state` or `FusedThresholdSparsifier.create`. Raises `FastPathError` where it cannot."""
-  if sp.mode != "threshold" and sp.keep:
+  if sp.mode != "threshold" and sp.k:
     raise FastPathError(
       f"method {method_name(sp.method)!r} is in top-k mode; the fast path compares with calibrated "
       "thresholds: make the sparsifier with mode='threshold' and a calibration"
