@@ -16,6 +16,7 @@ Scores must not be NaN; -0.0 ranks below 0.0 (top_k's total order; a masked -0.0
 
 from __future__ import annotations
 
+import functools
 from typing import Optional, Union
 
 import jax
@@ -131,7 +132,14 @@ def topk_mask(
   if fanout < 2 or fanout & (fanout - 1):
     raise ValueError(f"fanout={fanout} must be a power of two >= 2")
   kk = jnp.clip(jnp.broadcast_to(jnp.asarray(k, jnp.int32), score.shape[:-1]).reshape(-1), 1, d)
-  keys = sort_keys(flat)
-  t = _kth_radix(keys, kk, fanout) if impl == "radix" else _kth_sort(keys, kk)
   skip_ties = jax.default_backend() != "cpu" if skip_ties is None else skip_ties
-  return _mask_from_kth(keys, t, kk, skip_ties).reshape(score.shape)
+  return _select(flat, kk, impl, fanout, skip_ties).reshape(score.shape)
+
+
+@functools.partial(jax.jit, static_argnames=("impl", "fanout", "skip_ties"))
+def _select(flat: jax.Array, k: jax.Array, impl: str, fanout: int, skip_ties: bool) -> jax.Array:
+  """The mask of `topk_mask` for flat [N, d] scores and k [N] (one program: eager calls dispatch it whole,
+  traced calls inline it)."""
+  keys = sort_keys(flat)
+  t = _kth_radix(keys, k, fanout) if impl == "radix" else _kth_sort(keys, k)
+  return _mask_from_kth(keys, t, k, skip_ties)
