@@ -1,21 +1,24 @@
 #!/usr/bin/env bash
 # The research loop on one H200 (device tool), issue 28: the loop benchmark, then the paper's protocol grid
 # (top-k; dense, TEAL, TEAL-Transform, CATS, WINA, WINA-Transform uniform and TEAL / WINA / both transforms
-# greedy, at 25 / 40 / 50 / 65 %) for SmolLM2-135M and Qwen2.5-Coder-1.5B, at a declared precision.
+# greedy, at 25 / 40 / 50 / 65 %) for SmolLM2-135M, Qwen2.5-Coder-1.5B and Gemma-3-270M, at a declared
+# precision.
 #
 #   experiments/quality/run_protocol_h200.sh bench                 # bench_loop -> $OUT/bench_loop_h200*.json
 #   experiments/quality/run_protocol_h200.sh part FILE             # copy .gpu/FILE (one chunk) to ~/parts/
 #   experiments/quality/run_protocol_h200.sh start MODEL DEADLINE  # assemble, check, start MODEL's jobs detached
 #   experiments/quality/run_protocol_h200.sh poll                  # progress; ~/runs -> $OUT/runs.tgz
 #
-# MODEL: smol | qwen. Inputs made on a CPU machine (the GPU image has no tokenizer data, datasets or gguf):
-# .gpu/smol.part0{0,1} and .gpu/qwen.part00..18 (`split -b 60000000 -d -a 2` of the GGUFs), the bundles
-# .gpu/smol-l1000.npz and .gpu/qwen-l300.npz (`sweep --only_bundle`, commands in results/sweep/README.md), the
-# gguf wheel in .whl/. The machine keeps ~ (not the repo copy) while it stays warm (30 s after a call), so
+# MODEL: smol | qwen | gemma. Inputs made on a CPU machine (the GPU image has no tokenizer data, datasets or
+# gguf): .gpu/smol.part0{0,1}, .gpu/qwen.part00..18, .gpu/gemma.part00..04 (`split -b 60000000 -d -a 2` of
+# the GGUFs), the bundles .gpu/smol-l1000.npz, .gpu/qwen-l300.npz and .gpu/gemma-l1000.npz (`sweep
+# --only_bundle`, commands in results/sweep/README.md), the gguf wheel in .whl/. The machine keeps ~ (not the repo copy) while it stays warm (30 s after a call), so
 # `start` copies the repo to ~/repo and the jobs run from there, detached, writing ~/runs/MODEL/PREC/topk-ALLOC.
-# Grid at TF32 (time); float32 re-runs dense / TEAL / WINA at 50 / 65 % (the verdict check) and, for
-# SmolLM2, dense (GPU float32 against the CPU's). Each job: one sweep process (--seeds=2, perplexity
-# re-runs only); the top-k impl is $TOPK_IMPL or the backend's default (masks are identical either way).
+# Grid at TF32 (time); float32 re-runs dense / TEAL / WINA at 50 / 65 % (the verdict check). Each job: one
+# sweep process (--seeds=2, perplexity re-runs only); jobs run in a few detached chains per model (one job
+# after another in a chain) and start no cell after DEADLINE seconds from `start`. The cells committed under
+# results/sweep/protocol/ are seeded into ~/runs first, so a rerun computes only the missing ones. The top-k
+# impl is $TOPK_IMPL or the backend's default (masks are identical either way).
 set -u
 stage=$1
 shift
@@ -31,49 +34,63 @@ case $stage in
   part)
     mkdir -p ~/parts && cp ".gpu/$1" ~/parts/ && ls ~/parts | wc -l ;;
   start)
-    model=$1 deadline=$2
+    model=$1 end=$(( $(date +%s) + $2 ))  # no job starts a new cell after END (now + DEADLINE seconds)
     mkdir -p ~/models ~/runs ~/repo
     case $model in
-      smol) file=SmolLM2-135M-Instruct.Q4_1.gguf size=98362432 sha=""
-            cat ~/parts/smol.part* > ~/models/$file ;;
-      qwen) file=qwen2.5-coder-1.5b-instruct-q4_k_m.gguf size=1117320768 sha=cc324af070c2ecbf
-            cat ~/parts/qwen.part* > ~/models/$file ;;
-      *) echo "unknown model $model: smol | qwen" >&2; exit 2 ;;
+      smol) file=SmolLM2-135M-Instruct.Q4_1.gguf size=98362432 sha="" dir=smollm2 ;;
+      qwen) file=qwen2.5-coder-1.5b-instruct-q4_k_m.gguf size=1117320768 sha=cc324af070c2ecbf dir=qwen1.5b ;;
+      gemma) file=gemma-3-270m-q4_k_m.gguf size=253113024 sha=a5fd3b62230aa5ec dir=gemma3-270m ;;
+      *) echo "unknown model $model: smol | qwen | gemma" >&2; exit 2 ;;
     esac
+    cat ~/parts/$model.part* > ~/models/$file
     [[ $(stat -c %s ~/models/$file) == "$size" ]] || { echo "bad size of $file" >&2; exit 1; }
     [[ -z $sha ]] || sha256sum ~/models/$file | grep -q "^$sha" || { echo "bad sha256 of $file" >&2; exit 1; }
     python3 -m pip install -q --no-index --no-deps --target ~/site .whl/*.whl 2>&1 | tail -1
     export PYTHONPATH=~/site
-    tar --exclude=./.gpu -cf - . | tar -xf - -C ~/repo && mkdir -p ~/repo/.gpu && cp .gpu/*.npz ~/repo/.gpu/
-    ln -sf ~/models/$file ~/repo/.gpu/$file
+    [[ -d ~/repo/wina_jax ]] || { tar --exclude=./.gpu -cf - . | tar -xf - -C ~/repo && mkdir -p ~/repo/.gpu; }
+    cp .gpu/*.npz ~/repo/.gpu/ && ln -sf ~/models/$file ~/repo/.gpu/$file
+    # Finished cells (committed under results/sweep/protocol/) are seeded, so a rerun only adds missing ones.
+    for d in results/sweep/protocol/$dir/*/topk-*/cells; do
+      rel=${d#results/sweep/protocol/$dir/}
+      mkdir -p ~/runs/$model/"$rel" && cp -n "$d"/*.json ~/runs/$model/"$rel"/ 2>/dev/null
+    done
     cd ~/repo
-    impl=${TOPK_IMPL:-}  # the 2026-12-02 run used radix:8 (fastest on [4096, 8960] alone; per layer radix:16 is)
+    impl=${TOPK_IMPL:-}  # 2026-12-02: radix:8 (fastest on [4096, 8960] alone; per layer radix:16 is)
     echo "top-k impl: ${impl:-backend default}"
     export JAX_COMPILATION_CACHE_DIR=~/jax_cache JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0
     export XLA_PYTHON_CLIENT_PREALLOCATE=false WINA_JAX_CACHE=off
     common=(--model=.gpu/$file --tasks=piqa,hellaswag,arc_easy,arc_challenge --seq_len=512 --ppl_windows=64
-            --calib_windows=8 --mode=topk --buckets=64,128,256,512 --seeds=2 --noseed_tasks
-            --deadline_s=$deadline --topk_impl=$impl)
-    if [[ $model == qwen ]]; then
-      common+=(--bundle=.gpu/qwen-l300.npz --limit=300 --batch_tokens=2048 --ppl_batch=4) mem=0.1 memt=0.17
-    else
-      common+=(--bundle=.gpu/smol-l1000.npz --limit=1000 --batch_tokens=4096 --ppl_batch=16) mem=0.05 memt=0.05
-    fi
+            --calib_windows=8 --mode=topk --buckets=64,128,256,512 --seeds=2 --noseed_tasks --topk_impl=$impl)
+    # GPU memory per job (XLA_PYTHON_CLIENT_MEM_FRACTION of 139 GiB): plain, transformed. A job holds the
+    # params twice (the perturbed re-runs) plus logit batches; Qwen needs ~16 GB, ~22 GB transformed.
+    case $model in
+      qwen) common+=(--bundle=.gpu/qwen-l300.npz --limit=300 --batch_tokens=2048 --ppl_batch=4) mem=0.16 memt=0.21
+            slots=(1 2 3 4 5) ;;  # the long pole: every job in its own process
+      smol) common+=(--bundle=.gpu/smol-l1000.npz --limit=1000 --batch_tokens=4096 --ppl_batch=16) mem=0.06 memt=0.08
+            slots=(1 2 3 4 1) ;;
+      gemma) common+=(--bundle=.gpu/gemma-l1000.npz --limit=1000 --batch_tokens=2048 --ppl_batch=4) mem=0.1 memt=0.12
+             slots=(1 2 3 2 1) ;;  # 262k-entry vocabulary: 2.1 GB logit batches
+    esac
     all="--sparsities=0.5,0.65,0.25,0.4"
-    jobs=("tf32 uniform dense,teal,cats $mem $all" "tf32 uniform wina $mem $all"
+    jobs=("tf32 uniform dense,teal,cats,wina $mem $all"
           "tf32 uniform teal-transform,wina-transform $memt $all"
           "tf32 greedy teal,wina $mem $all --max_effective=0.7"
           "tf32 greedy teal-transform,wina-transform $memt $all --max_effective=0.7"
           "float32 uniform dense,teal,wina $mem --sparsities=0.5,0.65")
-    for job in "${jobs[@]}"; do
-      read -r prec alloc methods frac rest <<<"$job"
-      out=~/runs/$model/$prec/topk-$alloc
-      mkdir -p "$out/logs"
-      XLA_PYTHON_CLIENT_MEM_FRACTION=$frac setsid nohup python3 -m experiments.quality.sweep "${common[@]}" \
-        --precision=$prec --allocation=$alloc --methods=$methods $rest --out="$out" \
-        >"$out/logs/${methods//,/_}.log" 2>&1 < /dev/null &
+    for slot in $(printf '%s\n' "${slots[@]}" | sort -u); do
+      chain=""
+      for i in "${!jobs[@]}"; do
+        [[ ${slots[$i]} == "$slot" ]] || continue
+        read -r prec alloc methods frac rest <<<"${jobs[$i]}"
+        out=~/runs/$model/$prec/topk-$alloc
+        mkdir -p "$out/logs"
+        chain+="left=\$(( $end - \$(date +%s) )); (( left > 60 )) && XLA_PYTHON_CLIENT_MEM_FRACTION=$frac python3 -m \
+          experiments.quality.sweep ${common[*]} --precision=$prec --allocation=$alloc --methods=$methods $rest \
+          --out=$out --deadline_s=\$left >$out/logs/${methods//,/_}.log 2>&1 < /dev/null; "
+      done
+      setsid nohup bash -c "$chain" >/dev/null 2>&1 < /dev/null &
     done
-    sleep 2; echo "started ${#jobs[@]} $model jobs" ;;
+    sleep 2; echo "started ${#jobs[@]} $model jobs in $(printf '%s\n' "${slots[@]}" | sort -u | wc -l) chains" ;;
   poll)
     for f in ~/runs/*/*/*/logs/*.log; do echo "$f: $(tr '\r' '\n' < "$f" | grep -E '@|cells|Error|error' | tail -1)"; done
     echo "cells: $(ls ~/runs/*/*/*/cells 2>/dev/null | grep -c json)"; nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv
