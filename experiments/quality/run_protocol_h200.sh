@@ -10,7 +10,7 @@
 #   experiments/quality/run_protocol_h200.sh poll                  # progress; ~/runs -> $OUT/runs.tgz
 #
 # MODEL: smol | qwen | gemma. Inputs made on a CPU machine (the GPU image has no tokenizer data, datasets or
-# gguf): .gpu/smol.part0{0,1}, .gpu/qwen.part00..18, .gpu/gemma.part00..04 (`split -b 60000000 -d -a 2` of
+# gguf): .gpu/smol.part0{0,1}, .gpu/qwen.part00..20, .gpu/gemma.part00..04 (`split -b 55000000 -d -a 2` of
 # the GGUFs), the bundles .gpu/smol-l1000.npz, .gpu/qwen-l300.npz and .gpu/gemma-l1000.npz (`sweep
 # --only_bundle`, commands in results/sweep/README.md), the gguf wheel in .whl/. The machine keeps ~ (not the repo copy) while it stays warm (30 s after a call), so
 # `start` copies the repo to ~/repo and the jobs run from there, detached, writing ~/runs/MODEL/PREC/topk-ALLOC.
