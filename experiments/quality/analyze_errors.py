@@ -45,18 +45,8 @@ LAYERS = common.check(
   flags.DEFINE_integer("layers", 0, "Keep only the first N layers (0 = all; for smoke runs)."),
   checks.count(0),
 )
-METHODS = common.check(
-  flags.DEFINE_list(
-    "methods",
-    ["dense", "teal", "teal-transform", "wina", "wina-transform", "cats"],
-    "Methods; '<m>-transform' runs <m> on WINA-transformed params.",
-  ),
-  checks.each(common.method_rule, str, nonempty=True),
-)
-SPARSITIES = common.check(
-  flags.DEFINE_list("sparsities", ["0.25", "0.4", "0.5", "0.65"], "Target sparsities."),
-  checks.each(checks.fraction()),
-)
+METHODS = common.methods_flag(["dense", "teal", "teal-transform", "wina", "wina-transform", "cats"])
+SPARSITIES = common.sparsities_flag()
 MODES = flags.DEFINE_list("modes", ["isolated", "propagated"], "Analysis modes.")
 BASIS = flags.DEFINE_enum("basis", "svd", ["svd", "axis"], "Null-space basis of the transform (bases.py).")
 OUT = common.check(flags.DEFINE_string("out", "results/analysis", "Output folder."), checks.out_path())

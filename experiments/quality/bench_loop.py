@@ -27,43 +27,11 @@ from absl import app, flags
 
 from experiments import common
 from wina_jax import checks, numerics, sparsity
+from wina_jax.bench.shapes import LOOP_CONFIGS
 from wina_jax.model import forward
 from wina_jax.sparsity import select
 
-SHAPES = {  # HF config class and fields of the models whose shapes are timed (random weights)
-  "qwen2.5-coder-1.5b": (
-    "Qwen2Config",
-    dict(
-      vocab_size=151936,
-      hidden_size=1536,
-      intermediate_size=8960,
-      num_hidden_layers=28,
-      num_attention_heads=12,
-      num_key_value_heads=2,
-      max_position_embeddings=32768,
-      rope_theta=1e6,
-      rms_norm_eps=1e-6,
-      tie_word_embeddings=False,
-    ),
-  ),
-  "smollm2-135m": (
-    "LlamaConfig",
-    dict(
-      vocab_size=49152,
-      hidden_size=576,
-      intermediate_size=1536,
-      num_hidden_layers=30,
-      num_attention_heads=9,
-      num_key_value_heads=3,
-      max_position_embeddings=8192,
-      rope_theta=1e5,
-      rms_norm_eps=1e-5,
-      tie_word_embeddings=True,
-    ),
-  ),
-}
-
-SHAPE = flags.DEFINE_enum("shape", "qwen2.5-coder-1.5b", list(SHAPES), "Model shape (random weights).")
+SHAPE = flags.DEFINE_enum("shape", "qwen2.5-coder-1.5b", list(LOOP_CONFIGS), "Model shape (random weights).")
 BATCH = common.check(flags.DEFINE_integer("batch", 8, "Windows per forward."), checks.count(hi=4096))
 SEQ = common.check(flags.DEFINE_integer("seq", 512, "Tokens per window."), checks.count(2, 32768))
 PRECISIONS = flags.DEFINE_list("precisions", ["float32", "tf32", "bfloat16"], "Matmul precisions timed.")
@@ -106,8 +74,7 @@ def hf_model(shape: str):
   import torch
   import transformers
 
-  cls, fields = SHAPES[shape]
-  cfg = getattr(transformers, cls)(**fields)
+  cfg = transformers.AutoConfig.for_model(**LOOP_CONFIGS[shape])
   cfg._attn_implementation = "sdpa"
   torch.manual_seed(0)
   dev = "cuda" if torch.cuda.is_available() else "cpu"

@@ -70,18 +70,8 @@ MODEL = common.check(
   flags.DEFINE_string("model", "smollm2-135m", "Name in wina_jax.assets.MODELS, GGUF file or HF folder."),
   common.MODEL_RULE,
 )
-METHODS = common.check(
-  flags.DEFINE_list(
-    "methods",
-    ["dense", "teal", "teal-transform", "cats", "wina", "wina-transform"],
-    "Methods; '<m>-transform' runs <m> on WINA-transformed params.",
-  ),
-  checks.each(common.method_rule, str, nonempty=True),
-)
-SPARSITIES = common.check(
-  flags.DEFINE_list("sparsities", ["0.25", "0.4", "0.5", "0.65"], "Target sparsities."),
-  checks.each(checks.fraction()),
-)
+METHODS = common.methods_flag(["dense", "teal", "teal-transform", "cats", "wina", "wina-transform"])
+SPARSITIES = common.sparsities_flag()
 TASK_LIST = flags.DEFINE_list("tasks", list(TASKS), f"Tasks among {list(TASKS)}; empty = perplexity only.")
 LIMIT = common.check(
   flags.DEFINE_integer("limit", None, "Rows per task (first N); None = the whole validation set."),

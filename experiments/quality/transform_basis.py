@@ -45,9 +45,8 @@ MODEL = common.check(
 METHOD = common.check(
   flags.DEFINE_string("method", "wina", "Sparsity method run on the transformed params."), common.method_rule
 )
-BASELINES = common.check(
-  flags.DEFINE_list("baselines", [], "Further untransformed methods to score (e.g. teal)."),
-  checks.each(common.method_rule, str),
+BASELINES = common.methods_flag(
+  [], "Further untransformed methods to score (e.g. teal).", name="baselines", nonempty=False
 )
 SPARSITY = common.check(
   flags.DEFINE_float("sparsity", 0.5, "Top-k sparsity at every site (also the learned basis' fit)."),
