@@ -64,18 +64,18 @@ class PersistentConfig:
 
   chunk (C): input rows per tile, compacted together; block_k (BK): rows per loaded weight tile; block_n
   (BN): output columns per tile; dense_at: a chunk keeping >= dense_at * C rows is read densely (> 1:
-  never); programs_per_sm: programs assumed co-resident per SM (the grid is at most SMs x this);
-  block_s: cache slots per step of the attention loop; num_warps / num_stages: Triton's.
+  never); block_s: cache slots per step of the attention loop; programs_per_sm: programs assumed
+  co-resident per SM (the grid is at most SMs x this); num_warps / num_stages: Triton's.
   """
 
   chunk: int = 256
   block_k: int = 32
   block_n: int = 256
-  dense_at: float = 0.875
-  programs_per_sm: int = 1
-  block_s: int = 64
   num_warps: int = 4
   num_stages: int = 2
+  dense_at: float = 0.875
+  block_s: int = 64
+  programs_per_sm: int = 1
 
   def __post_init__(self):
     for name in ("chunk", "block_k", "block_n", "block_s"):
@@ -86,6 +86,20 @@ class PersistentConfig:
       raise ValueError(f"chunk={self.chunk} must be a multiple of block_k={self.block_k}")
     if self.programs_per_sm < 1:
       raise ValueError(f"programs_per_sm={self.programs_per_sm} must be >= 1")
+
+
+def parse_config(spec: str) -> PersistentConfig:
+  """A config from 'chunk:block_k:block_n[:num_warps[:num_stages[:dense_at[:block_s[:programs_per_sm]]]]]'."""
+  fields = dataclasses.fields(PersistentConfig)
+  parts = spec.split(":")
+  if not 3 <= len(parts) <= len(fields):
+    raise ValueError(
+      f"persistent config {spec!r} is not {':'.join(f.name for f in fields)} (the first three at least)"
+    )
+  try:
+    return PersistentConfig(**{f.name: type(f.default)(v) for f, v in zip(fields, parts)})
+  except ValueError as e:
+    raise ValueError(f"persistent config {spec!r}: {e}") from None
 
 
 def sm_count(device=None) -> Optional[int]:
@@ -214,7 +228,7 @@ def grid_wait(counter_ref, k: int, programs: int, active: bool):
   plgpu.debug_barrier()
 
 
-def _leave(counter_ref, programs: int, active: bool):
+def grid_leave(counter_ref, programs: int, active: bool):
   """After the last wait: the last program to leave resets the counter to zero for the next launch."""
   if not active:
     return
@@ -493,7 +507,7 @@ def _kernel(*refs, plan: Plan, phases: tuple[str, ...], in_names: tuple, out_nam
       grid_wait(r["counter"], k, plan.programs, plan.sync)
     _phase(r, plan, name)
   if len(phases) > 1:
-    _leave(r["counter"], plan.programs, plan.sync)
+    grid_leave(r["counter"], plan.programs, plan.sync)
 
 
 def _out_shapes(plan: Plan, dtype, cache_k, cache_v) -> dict:
