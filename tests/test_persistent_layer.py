@@ -46,7 +46,8 @@ SLOTS, LENGTH = 16, 9  # cache slots; the step's position (past the window of 4)
 
 def setup_layer(cfg0, dtype=jnp.float32, seed=0):
   """(fused cfg, layer-0 params, residual h [1, 1, d], a random cache of LENGTH valid slots)."""
-  params, cfg = fuse_projections(random_params(cfg0, seed, dtype), cfg0)
+  key = jax.random.PRNGKey(seed) if GPU else seed  # real shapes: drawn on the device
+  params, cfg = fuse_projections(random_params(cfg0, key, dtype), cfg0)
   rng = np.random.default_rng(seed + 1)
   h = jnp.asarray(rng.standard_normal((1, 1, cfg.hidden_size)), dtype)
   shape = (1, SLOTS, cfg.num_key_value_heads, cfg.head_dim)
@@ -194,6 +195,8 @@ def test_default_grid_and_refusal_before_launch(monkeypatch):
   monkeypatch.setattr(PL, "run_layer", lambda *a, **k: pytest.fail("launched"))
   with pytest.raises(PL.GridError, match="deadlock"):
     PL.decoder_layer(cfg, lp, h, kv, 0, {}, {}, zeros, config=SMALL, grid=8, sms=7)
+  with pytest.raises(ValueError, match="not tiled by chunk 256"):
+    PL.decoder_layer(cfg, lp, h, kv, 0, {}, {}, zeros, interpret=True)
   with pytest.raises(ValueError, match="split=True"):
     PL.decoder_layer(cfg, lp, h, kv, 0, {}, {}, zeros, config=SMALL, grid=2, interpret=True)
 
@@ -254,6 +257,33 @@ def test_routing_and_fallback(monkeypatch):
   assert not calls
 
 
+@pytest.mark.parametrize("scaled", [False, True])
+def test_lowers_to_triton(scaled):
+  """The one-launch kernel of a Llama-3-8B layer (132 programs: the waits' atomics included) lowers to the
+  Triton dialect for CUDA, here without a GPU (cross-platform lowering). Triton's own compilation to PTX,
+  and a hang at a wait, show only on the GPU."""
+  cfg0 = SHAPES["llama3_8b"].replace(num_hidden_layers=1, vocab_size=256)
+  cfg = cfg0.replace(fused_qkv=True, fused_gate_up=True)
+  params = jax.eval_shape(lambda: fuse_projections(random_params(cfg0, jax.random.PRNGKey(0)), cfg0)[0])
+  lp = params["layers"]["0"]
+  d_in = {"qkv_proj": 4096, "o_proj": 4096, "gate_up_proj": 4096, "down_proj": 14336}
+  scales = (
+    {p: jax.ShapeDtypeStruct((len(widths(cfg, p)), n), jnp.float32) for p, n in d_in.items()}
+    if scaled
+    else {}
+  )
+  plan = PL.make_plan(cfg, lp, scales, PL.PersistentConfig(), 132, interpret=False)
+  kv = {k: jax.ShapeDtypeStruct((1, 512, 8, 128), jnp.bfloat16) for k in "kv"}
+
+  def step(lp, h, kv, length, scales):
+    thr = {"qkv_proj": jnp.zeros(3), "o_proj": 0.1}
+    return PL.run_layer(PL.layer_args(cfg, lp, h, kv, length, thr, scales, jnp.zeros((2,), jnp.int32)), plan)
+
+  h, length = jax.ShapeDtypeStruct((4096,), jnp.bfloat16), jax.ShapeDtypeStruct((), jnp.int32)
+  text = jax.jit(step).trace(lp, h, kv, length, scales).lower(lowering_platforms=("cuda",)).as_text()
+  assert "triton" in text and "persistent_layer" in text
+
+
 # ---- GPU: the waits, one launch of SM-count programs, real shapes ----
 
 needs_gpu = pytest.mark.skipif(not GPU, reason="needs a CUDA GPU (grid-wide waits use atomics)")
@@ -273,8 +303,9 @@ def test_gpu_sm_count_and_refusal():
 @pytest.mark.parametrize("sparsity,scaled", [(0.0, False), (0.5, False), (0.65, True), (0.999, False)])
 @pytest.mark.parametrize("shape", ["llama3_8b", "qwen25_7b"])
 def test_gpu_layer_matches_xla(shape, sparsity, scaled):
-  """One layer of the real shape, float32, the default grid (every SM) and tiling, vs the XLA layer."""
-  cfg0 = SHAPES[shape].replace(num_hidden_layers=1)
+  """One layer of the real shape (a small vocabulary), float32, the default grid (every SM) and tiling, vs
+  the XLA layer."""
+  cfg0 = SHAPES[shape].replace(num_hidden_layers=1, vocab_size=256)
   cfg, lp, h, kv = setup_layer(cfg0)
   out, ref = run_both(cfg, lp, h, kv, sparsity, scaled, PL.PersistentConfig(), grid=None)
   assert_close(out, ref, 1e-4)
@@ -292,7 +323,7 @@ def test_gpu_decode_32_steps_matches_xla(dtype):
   tokens = jax.random.randint(jax.random.PRNGKey(1), (1, 32), 0, cfg.vocab_size)
   thr, segs = {}, {}
   if dtype == "float32":
-    inputs = M.forward(params, tokens, cfg, collect=("inputs",)).aux["inputs"]
+    inputs = jax.jit(lambda p, t: M.forward(p, t, cfg, collect=("inputs",)).aux["inputs"])(params, tokens)
     for site, x in inputs.items():
       proj = S.parse_site(site)[2]
       if proj != S.ACT:

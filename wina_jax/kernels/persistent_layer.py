@@ -449,7 +449,7 @@ def _act(r: dict, plan: Plan):
   def at(rows):
     gate = _sum_parts(r["gu_part"], rows, n_parts, plan).astype(dtype).astype(jnp.float32)
     up = _sum_parts(r["gu_part"], plan.inter + rows, n_parts, plan).astype(dtype)
-    act = (gate * jax.nn.sigmoid(gate)).astype(dtype)
+    act = (gate / (1.0 + jnp.exp(-gate))).astype(dtype)  # SiLU
     return (act.astype(jnp.float32) * up.astype(jnp.float32)).astype(dtype).astype(jnp.float32)
 
   return at
@@ -641,6 +641,9 @@ def decoder_layer(
   [1, 1, d], {'k', 'v'} with slot `length` written). cfg: `cfg.layer_config(layer)`; thresholds, scales,
   counter as `layer_args`; grid: programs (None: `default_grid`), checked against the SM count (`sms`, else
   the device's) with `check_grid`; split: one launch per phase (interpret mode's only way to a grid > 1)."""
+  reason = unsupported(cfg, lp, h.shape[0], h.shape[1], (), config)
+  if reason:
+    raise ValueError(f"the persistent layer kernel does not take this step: {reason}")
   if grid is None:
     grid = default_grid(config, interpret)
   elif not interpret:
