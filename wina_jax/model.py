@@ -383,11 +383,18 @@ def forward(
   collect: any of 'inputs' ({site: [B, T, d_in]} dense-side inputs of each site), 'zero_frac'
     ({site: scalar} fraction of zeroed inputs over sparse tokens), 'residual' ({'layers.i.self_attn' |
     'layers.i.mlp': [B, T, d]} residual stream entering each block).
-  attention: how cached one-token steps attend, one of ATTENTION_BACKENDS (default 'xla').
+  attention: how cached one-token steps attend, one of ATTENTION_BACKENDS (default 'xla'); a layer that
+    the sparsifier's `fused_layer` runs (`FusedThresholdSparsifier` backend 'persistent') attends inside it.
   """
 
   def layer(i, h, ctx, positions, kv, kv_len):
-    return _layer(cfg, params["layers"][str(i)], h, i, ctx, positions, kv, kv_len, attention)
+    lp = params["layers"][str(i)]
+    # a sparsifier's `fused_layer` may run the whole layer step as one kernel (None: not this step)
+    fused = (
+      None if ctx.collect or ctx.sparse_tok is not None else getattr(ctx.sparsifier, "fused_layer", None)
+    )
+    out = None if fused is None else fused(cfg, lp, h, i, positions, kv)
+    return _layer(cfg, lp, h, i, ctx, positions, kv, kv_len, attention) if out is None else out
 
   def head(h):
     return L.rms_norm(h, norm_gain(cfg, params["norm"]["scale"]), cfg.rms_norm_eps) @ lm_head_kernel(

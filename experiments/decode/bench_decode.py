@@ -11,7 +11,9 @@ dense, bytes moved per step (kept rows only, union over the batch) and GB/s agai
 measured in the same run.
 
 GPU:  PYTHONPATH=. python3 -m experiments.decode.bench_decode --out=$OUT/bench_decode.json
-      (--attention=pallas: the Pallas decode-attention kernel instead of XLA's attention)
+      (--attention=pallas: the Pallas decode-attention kernel instead of XLA's attention;
+       --persistent_configs=256:32:256: also batch 1 through the persistent layer kernel, one launch per
+       layer, rows with attention 'persistent', speedups over the run's per-site dense)
 CI:   PYTHONPATH=. .venv/bin/python -m experiments.decode.bench_decode --tiny
 """
 
@@ -41,6 +43,8 @@ from wina_jax.bench.decode_setup import (
 )
 from wina_jax.bench.shapes import SHAPES
 from wina_jax.decode import decode_loop, decode_step, fuse_projections
+from wina_jax.kernels import FusedThresholdSparsifier
+from wina_jax.kernels import persistent_layer as PL
 from wina_jax.model import init_cache
 from wina_jax.testing import add_shortcuts, random_params
 
@@ -109,6 +113,13 @@ flags.DEFINE_list(
   "RMSNorm in the sparse kernels' prologue (FusedThresholdSparsifier.fuse_norm), each value timed in the "
   "same run: false, true or false,true",
 )
+flags.DEFINE_list(
+  "persistent_configs",
+  [],
+  "persistent layer kernel tilings (persistent_layer.parse_config: chunk:block_k:block_n[:num_warps[:num_stages"
+  "[:dense_at]]]), each timed at batch 1 for dense and every sparse variant but wina_sc; empty = none",
+)
+flags.DEFINE_bool("host_rows", True, "time the host-dispatch rows (no_linear_host, dense_host)")
 common.check(flags.DEFINE_string("out", "", "write results JSON here"), checks.out_path())
 flags.DEFINE_bool("tiny", False, "CPU smoke test: tiny model, XLA path, 1 rep")
 FLAGS = flags.FLAGS
@@ -244,6 +255,7 @@ def bench_model(name, key, config_sets, backend) -> list[dict]:
       f"{name:10s} {variant:12s} {attention:9s} s={sparsity:.2f} b={batch} {secs * 1e3:8.3f} ms "
       + (f"dense_at={extra['dense_at']:g} " if "dense_at" in extra else "")
       + ("fuse_norm " if extra.get("fuse_norm") else "")
+      + (f"persistent={extra['persistent']} " if "persistent" in extra else "")
       + (f"set={extra['config_set']} " if "config_set" in extra else "")
       + f"{nbytes / secs / 1e9:8.1f} GB/s {extra.get('check_vs_xla', '')}"
     )
@@ -262,11 +274,42 @@ def bench_model(name, key, config_sets, backend) -> list[dict]:
       record("dense", 0.0, b, t, step_bytes(params, cfg, b, max_len), att)
     t = time_decode(params, cfg, NoLinear(), tokens[:1], max_len, reps, attention=att)
     record("no_linear", 0.0, 1, t, rest_bytes, att)
-  # the host loop's floor: one dispatch per token of a step that reads no weights (XLA attention)
-  t = time_decode(params, cfg, NoLinear(), tokens[:1], max_len, reps, host_loop=True)
-  record("no_linear_host", 0.0, 1, t, rest_bytes, "xla")
-  t = time_decode(params, cfg, None, tokens[:1], max_len, reps, host_loop=True)
-  record("dense_host", 0.0, 1, t, step_bytes(params, cfg, 1, max_len), "xla")
+  if FLAGS.host_rows:  # the host loop's floor: one dispatch per token of a step that reads no weights
+    t = time_decode(params, cfg, NoLinear(), tokens[:1], max_len, reps, host_loop=True)
+    record("no_linear_host", 0.0, 1, t, rest_bytes, "xla")
+    t = time_decode(params, cfg, None, tokens[:1], max_len, reps, host_loop=True)
+    record("dense_host", 0.0, 1, t, step_bytes(params, cfg, 1, max_len), "xla")
+
+  def persistent(variant, sparsity, sp, kept=None):
+    """Rows of `sp` through the persistent layer kernel, one per --persistent_configs entry; a failure
+    (compilation, a refused grid) becomes the row's 'error' instead of ending the run."""
+    for spec in FLAGS.persistent_configs:
+      config = PL.parse_config(spec)
+      psp, extra = sp.as_persistent(config), {"persistent": spec}
+      reason = PL.unsupported(cfg, params["layers"]["0"], 1, 1, (), config)
+      if reason:  # the step then runs the per-site kernels: say so in the row
+        extra["persistent_fallback"] = reason
+      try:
+        t = time_decode(params, cfg, psp, tokens[:1], max_len, reps)
+        if sparsity == 0.5:
+          extra["check_vs_xla"] = check_against_xla(params, cfg, psp, tokens[:1], max_len)
+      except Exception as e:  # recorded: the other rows still run
+        tqdm.write(f"persistent {variant} {sparsity} {spec}: {e!r}")
+        rows.append(
+          dict(
+            model=name,
+            variant=variant,
+            attention="persistent",
+            sparsity=sparsity,
+            batch=1,
+            error=repr(e)[:2000],
+            **extra,
+          )
+        )
+        continue
+      record(variant, sparsity, 1, t, step_bytes(params, cfg, 1, max_len, kept), "persistent", kept, **extra)
+
+  persistent("dense", 0.0, FusedThresholdSparsifier.create({}))
   variants = [m for m in FLAGS.methods if m != "wina_sc"]
   for method in tqdm(variants, desc=f"{name} methods"):
     scores = site_scores(params, cfg, tokens, with_scale=method == "wina")
@@ -291,6 +334,8 @@ def bench_model(name, key, config_sets, backend) -> list[dict]:
             if len(config_sets) > 1:
               extra["config_set"] = FLAGS.config_sets[set_i]
             record(method, s, b, t, step_bytes(params, cfg, b, max_len, kept), att, kept, **extra)
+        if b == 1 and FLAGS.persistent_configs:
+          persistent(method, s, *make_sparsifier(scores, s, 1, config_sets[0], backend))
     del scores
   if "wina_sc" in FLAGS.methods:
     params = add_shortcuts(params, seed=2)
@@ -303,7 +348,8 @@ def bench_model(name, key, config_sets, backend) -> list[dict]:
         t = time_decode(params, cfg, sp, tokens[:1], max_len, reps, attention=att)
         record("wina_sc", s, 1, t, step_bytes(params, cfg, 1, max_len, kept, shortcuts=True), att, kept)
   for r in rows:
-    r["speedup"] = dense[r["batch"]] / (r["ms_per_step"] / 1e3)
+    if "ms_per_step" in r:
+      r["speedup"] = dense[r["batch"]] / (r["ms_per_step"] / 1e3)
   return rows
 
 
@@ -340,6 +386,8 @@ def main(argv):
         "attention",
         "dense_at",
         "fuse_norm",
+        "persistent_configs",
+        "host_rows",
       )
     },
     "copy_gb_per_s": copy_bandwidth(),
@@ -357,8 +405,11 @@ def main(argv):
     f"{'GB/step':>8s} {'GB/s':>7s} {'%copy':>6s}"
   )
   for r in result["rows"]:
+    if "error" in r:
+      print(f"{r['model']:10s} {r['variant']}+persistent {r['sparsity']:5.2f} error: {r['error'][:200]}")
+      continue
     print(
-      f"{r['model']:10s} {r['variant'] + ('+pallas_attn' if r['attention'] != 'xla' else ''):13s} {r['sparsity']:5.2f} {r['batch']:2d} {r['ms_per_step']:8.3f} "
+      f"{r['model']:10s} {r['variant'] + {'xla': '', 'persistent': '+pl'}.get(r['attention'], '+pallas_attn'):13s} {r['sparsity']:5.2f} {r['batch']:2d} {r['ms_per_step']:8.3f} "
       f"{r['tokens_per_s']:8.1f} {r['speedup']:7.2f} {r['bytes_per_step'] / 1e9:8.3f} {r['gb_per_s']:7.0f} "
       f"{100 * r['gb_per_s'] / copy:6.1f}"
     )

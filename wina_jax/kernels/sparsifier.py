@@ -4,6 +4,9 @@
 (`masked_linear`), which the model prefers when present; `norm_linear(site, h, gain, eps, kernel)` does the
 same on `rms_norm(h)` with the norm computed in the kernel's prologue (the model's sites after a norm). Sites absent from `thresholds` stay dense.
 Fused sites (`qkv_proj`, `gate_up_proj`) carry one threshold and scale per output segment.
+backend 'persistent' adds `fused_layer`, which runs a whole decoder layer step as one launch
+(`persistent_layer`) where it applies (batch 1, one token, fused Llama / Qwen2-style layers) and returns None
+elsewhere, so the model falls back to its per-site path (the sites then use backend 'auto').
 
 From a calibrated `wina_jax.sparsity.ScoreSparsifier` in threshold mode, any method:
   wina_jax.decode.fast_sparsifier(sp, cfg, fused=False)   # or fused=True for `fuse_projections`' model
@@ -20,6 +23,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from wina_jax import sites as S
+from wina_jax.kernels import persistent_layer as PL
 from wina_jax.kernels.config import WORKSPACE_BLOCKS, KernelConfig
 from wina_jax.kernels.masked_linear import masked_linear
 from wina_jax.kernels.reference import keep_mask
@@ -30,13 +35,16 @@ from wina_jax.layers import rms_norm
 class FusedThresholdSparsifier:
   """thresholds: {site: [] or [S]} float32 (traced); scales: {site: [d_in] or [S, d_in]} float32
   (traced, WINA column norms; absent = TEAL's |x|); segments: static ((site, widths), ...) for fused
-  sites; backend: 'auto' | 'pallas' | 'interpret' | 'xla';
+  sites; backend: 'auto' | 'pallas' | 'interpret' | 'xla' | 'persistent' (whole layers where they apply,
+  `fused_layer`; per-site kernels as 'auto' elsewhere);
   configs: static (((d_in, d_out), KernelConfig), ...) tilings per kernel shape (else the default);
   workspace: int32 [sites, WORKSPACE_BLOCKS] zeros, one row per site (sorted order), when a config
   uses the 'semaphore' reduce (the kernel leaves it zeroed, so it is made once, never per step);
   fuse_norm: static, whether `norm_linear` normalises inside the Pallas kernel's prologue (True) or runs
   the norm as XLA ops first (False, the default: on the H200 the prologue made the Llama-3-8B decode step
-  0.09 ms slower at 50 / 65 %, its kernels losing more than the norm kernels it removes; decode_h200.md, session 7)."""
+  0.09 ms slower at 50 / 65 %, its kernels losing more than the norm kernels it removes; decode_h200.md, session 7);
+  layer_config: static `PersistentConfig` of backend 'persistent' (None: its defaults); counter: its int32 [2]
+  zeros (the grid-wide waits' counter, left zeroed by every launch, so made once)."""
 
   thresholds: dict = struct.field(default_factory=dict)
   scales: dict = struct.field(default_factory=dict)
@@ -45,6 +53,8 @@ class FusedThresholdSparsifier:
   configs: tuple = struct.field(pytree_node=False, default=())
   workspace: Optional[jax.Array] = None
   fuse_norm: bool = struct.field(pytree_node=False, default=False)
+  layer_config: Optional[PL.PersistentConfig] = struct.field(pytree_node=False, default=None)
+  counter: Optional[jax.Array] = None
 
   @classmethod
   def create(
@@ -55,6 +65,7 @@ class FusedThresholdSparsifier:
     backend: str = "auto",
     configs: Optional[Mapping[tuple, KernelConfig]] = None,
     fuse_norm: bool = False,
+    layer_config: Optional[PL.PersistentConfig] = None,
   ) -> FusedThresholdSparsifier:
     """From plain dicts (numbers or arrays); scales of sites without a threshold are dropped."""
     scales, configs = scales or {}, configs or {}
@@ -67,7 +78,13 @@ class FusedThresholdSparsifier:
       configs=tuple(sorted(configs.items())),
       workspace=jnp.zeros((len(thresholds), WORKSPACE_BLOCKS), jnp.int32) if semaphore else None,
       fuse_norm=fuse_norm,
+      layer_config=layer_config,
+      counter=jnp.zeros((2,), jnp.int32) if backend == "persistent" else None,
     )
+
+  def as_persistent(self, layer_config: Optional[PL.PersistentConfig] = None) -> FusedThresholdSparsifier:
+    """The same thresholds and scales under backend 'persistent' (with `layer_config`, and a zeroed counter)."""
+    return self.replace(backend="persistent", layer_config=layer_config, counter=jnp.zeros((2,), jnp.int32))
 
   def with_thresholds(self, thresholds: Mapping[str, object]) -> FusedThresholdSparsifier:
     """Same structure, new threshold values (reuses compiled code when shapes match)."""
@@ -111,9 +128,36 @@ class FusedThresholdSparsifier:
       t,
       self.scales.get(site),
       self._segments(site),
-      backend=self.backend,
+      backend="auto" if self.backend == "persistent" else self.backend,
       config=dict(self.configs).get(tuple(kernel.shape)),
       workspace=self.workspace,
       slot=sorted(self.thresholds).index(site),
       norm=norm,
+    )
+
+  def fused_layer(self, cfg, lp: dict, h: jax.Array, layer: int, positions: jax.Array, kv: Optional[dict]):
+    """Decoder layer `layer` (params `lp`, residual h [B, T, d]) as one persistent kernel launch -> (h, kv),
+    or None where backend is not 'persistent' or the kernel does not apply (`persistent_layer.unsupported`:
+    batch > 1, no cache, unsupported layer or shapes): the model then runs the per-site path. Off the GPU
+    the kernel runs in interpret mode with one program."""
+    if self.backend != "persistent" or kv is None:
+      return None
+    lcfg = cfg.layer_config(layer)
+    prefix = f"layers.{layer}."
+    mine = [s for s in self.thresholds if s.startswith(prefix)]
+    config = self.layer_config or PL.PersistentConfig()
+    if PL.unsupported(lcfg, lp, h.shape[0], h.shape[1], mine, config):
+      return None
+    proj = lambda site: S.parse_site(site)[2]
+    return PL.decoder_layer(
+      lcfg,
+      lp,
+      h,
+      kv,
+      positions[0],
+      {proj(s): self.thresholds[s] for s in mine},
+      {proj(s): self.scales[s] for s in mine if s in self.scales},
+      self.counter,
+      config=config,
+      interpret=jax.default_backend() != "gpu",
     )

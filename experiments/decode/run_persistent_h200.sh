@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Issue 25 on one H200 in one device call: the persistent layer kernel's GPU tests, the cost of one grid-wide
+# wait, and bench_decode with the kernel beside the per-site kernels and dense. From the repository root:
+#
+#   experiments/decode/run_persistent_h200.sh $OUT
+#
+# Stages, in order, each under its own limit and all under BUDGET_S (default 450 s) in total:
+#   tests   pytest -k gpu tests/test_persistent_layer.py (single layers of the real shapes vs XLA at 0 / 50 /
+#           65 (WINA) / 99.9 %, a 32-step decode of 4 Llama-3-8B-shaped layers, the refused oversized grid)
+#           -> OUT/tests.log
+#   wait    experiments.decode.wait_cost: empty phases, 0 / 1 / 6 / 64 waits per launch -> OUT/wait_cost.json
+#   llama   bench_decode, Llama-3-8B shape, batch 1, Pallas attention, TEAL at 0 / 50 / 65 / 99.9 %: dense,
+#           the per-site kernels (benchmarks/configs/h200_partials.json) and the persistent kernel (PCONFIGS,
+#           comma-separated persistent_layer.parse_config specs, default 256:32:256) in one run, with the
+#           no-linear (weightless) step -> OUT/bench_llama.json
+#   qwen    the same for Qwen-2.5-7B, if time is left -> OUT/bench_qwen.json
+#   wina    Llama-3-8B, WINA at 50 / 65 %, if time is left -> OUT/bench_llama_wina.json
+# If the tests stage times out (a hang at a wait), the bench stages run without the persistent kernel.
+set -u
+out=$1
+export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+end=$((SECONDS + ${BUDGET_S:-450}))
+pconfigs=${PCONFIGS:-256:32:256}
+configs=benchmarks/configs/h200_partials.json
+left() { local l=$((end - SECONDS - 5)); [ "$l" -lt "$1" ] && echo "$l" || echo "$1"; }
+stage() {  # stage NAME LIMIT COMMAND...: run under min(LIMIT, time left), log to OUT/NAME.log
+  local name=$1 limit; limit=$(left "$2"); shift 2
+  echo "== $name $(date -u +%T) limit ${limit}s"
+  [ "$limit" -lt 20 ] && { echo "skipped: no time left" | tee "$out/$name.log"; return 0; }
+  timeout -k 5 "$limit" "$@" > "$out/$name.log" 2>&1
+  local rc=$?
+  echo "rc=$rc" >> "$out/$name.log"
+  tail -25 "$out/$name.log"
+  return $rc
+}
+stage tests 200 python3 -m pytest -q -p no:cacheprovider -k gpu tests/test_persistent_layer.py
+[ $? -eq 124 ] && pconfigs= && echo "tests timed out: benches run without the persistent kernel"
+stage wait 60 python3 -m experiments.decode.wait_cost --out="$out/wait_cost.json"
+bench="python3 -m experiments.decode.bench_decode --batches=1 --attention=pallas --configs=$configs --reps=3
+  --host_rows=false --persistent_configs=$pconfigs"
+stage llama 280 $bench --models=llama3_8b --methods=teal --sparsities=0,0.5,0.65,0.999 --out="$out/bench_llama.json"
+stage qwen 200 $bench --models=qwen25_7b --methods=teal --sparsities=0,0.5,0.65,0.999 --out="$out/bench_qwen.json"
+stage wina 200 $bench --models=llama3_8b --methods=wina --sparsities=0.5,0.65 --out="$out/bench_llama_wina.json"
+echo "== done $(date -u +%T)"

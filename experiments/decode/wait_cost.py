@@ -1,0 +1,113 @@
+"""What one grid-wide wait of the persistent layer kernel costs: launches of empty phases.
+
+A Pallas kernel of P programs runs W waits (`persistent_layer.grid_wait`) and nothing else, then leaves
+(`grid_leave`, which resets the counter); each launch reads the previous one's output, so N launches run in
+order inside one jitted loop. Per wait: (time per launch at W waits - at 0 waits) / W. Also checks that the
+counter is zero after the launches (the reset works) and that every program ran.
+
+GPU:  PYTHONPATH=. python3 -m experiments.decode.wait_cost --out=$OUT/wait_cost.json
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+from absl import app, flags
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from experiments import common
+from wina_jax import checks
+from wina_jax.kernels import persistent_layer as PL
+from wina_jax.kernels.pallas_gemv import compiler_params
+
+common.check(
+  flags.DEFINE_list(
+    "waits", ["0", "1", "6", "64"], "waits per launch to time (0: the launch alone, the baseline)"
+  ),
+  checks.each(checks.count(0), int),
+)
+common.check(
+  flags.DEFINE_list("grids", [], "programs per launch (empty: the SM count and half of it)"),
+  checks.each(checks.count(), int),
+)
+common.check(flags.DEFINE_integer("launches", 200, "launches per timed loop"), checks.count())
+common.check(flags.DEFINE_integer("reps", 5, "timed loops (median)"), checks.count())
+common.check(flags.DEFINE_string("out", "", "write results JSON here"), checks.out_path())
+FLAGS = flags.FLAGS
+
+
+def _kernel(counter_ref, tick_ref, out_ref, *, waits: int, programs: int):
+  for k in range(1, waits + 1):
+    PL.grid_wait(counter_ref, k, programs, True)
+  if waits:
+    PL.grid_leave(counter_ref, programs, True)
+  pid = pl.program_id(0)
+  plgpu.store(out_ref.at[pid], plgpu.load(tick_ref.at[pid]) + 1)
+
+
+@functools.partial(jax.jit, static_argnames=("waits", "programs", "launches"))
+def empty_phases(counter, tick, *, waits: int, programs: int, launches: int):
+  """`launches` launches of `waits` empty phases on `programs` programs -> tick + launches [programs]."""
+  call = pl.pallas_call(
+    functools.partial(_kernel, waits=waits, programs=programs),
+    out_shape=jax.ShapeDtypeStruct((programs,), jnp.int32),
+    grid=(programs,),
+    compiler_params=compiler_params(1, 1),
+    name="empty_phases",
+  )
+  return jax.lax.fori_loop(0, launches, lambda i, t: call(counter, t), tick)
+
+
+def time_launch(counter, waits, programs) -> float:
+  """Median seconds per launch."""
+  tick = jnp.zeros((programs,), jnp.int32)
+  run = lambda: empty_phases(counter, tick, waits=waits, programs=programs, launches=FLAGS.launches)
+  out = jax.block_until_ready(run())  # compile and warm up
+  assert bool(jnp.all(out == FLAGS.launches)), "a program did not run every launch"
+  ts = []
+  for _ in range(FLAGS.reps):
+    t0 = time.perf_counter()
+    jax.block_until_ready(run())
+    ts.append((time.perf_counter() - t0) / FLAGS.launches)
+  return statistics.median(ts)
+
+
+def main(argv):
+  common.setup()
+  del argv
+  sms = PL.sm_count()
+  grids = [int(g) for g in FLAGS.grids] or [sms, sms // 2]
+  counter = jnp.zeros((2,), jnp.int32)
+  rows = []
+  for programs in grids:
+    PL.check_grid(programs, sms)
+    base = None
+    for waits in sorted(int(w) for w in FLAGS.waits):
+      secs = time_launch(counter, waits, programs)
+      base = secs if waits == 0 else base
+      row = dict(programs=programs, waits=waits, us_per_launch=secs * 1e6)
+      if waits and base is not None:
+        row["us_per_wait"] = (secs - base) * 1e6 / waits
+      rows.append(row)
+      print(json.dumps(row))
+  result = {
+    "device": str(jax.devices()[0].device_kind),
+    "sms": sms,
+    "jax": jax.__version__,
+    "counter_after": [int(v) for v in counter],
+    "rows": rows,
+  }
+  print("counter after all launches (want [0, 0]):", result["counter_after"])
+  if FLAGS.out:
+    with open(FLAGS.out, "w") as f:
+      json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,340 @@
+"""The persistent decoder-layer kernel (`kernels.persistent_layer`) against the XLA layer, its co-residency
+check and its routing from `FusedThresholdSparsifier(backend='persistent')`.
+
+On a CPU the kernel runs in Pallas interpret mode: grid 1 as one launch (the grid-wide waits compiled out;
+interpret mode has no atomics), grid > 1 as one launch per phase (`split=True`: the launch boundary stands in
+for the wait), which checks how phases are shared among programs. The waits themselves, and one launch with
+many programs, run only on the GPU (`-k gpu`; `experiments/decode/run_persistent_h200.sh` runs them).
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from wina_jax import model as M
+from wina_jax import sites as S
+from wina_jax.bench.shapes import SHAPES
+from wina_jax.config import ModelConfig, RopeScaling
+from wina_jax.decode import decode_loop, fuse_projections
+from wina_jax.kernels import FusedThresholdSparsifier
+from wina_jax.kernels import persistent_layer as PL
+from wina_jax.model import init_cache
+from wina_jax.testing import random_params
+
+GPU = jax.default_backend() == "gpu"
+TINY = SHAPES["tiny"]  # qwen2: q/k/v biases, 4 query heads over 2 KV heads
+LLAMA_GQA = ModelConfig(  # 8 query heads over 2, half the head rotated, llama3 rope scaling
+  model_type="llama",
+  vocab_size=97,
+  hidden_size=128,
+  intermediate_size=192,
+  num_hidden_layers=2,
+  num_attention_heads=8,
+  num_key_value_heads=2,
+  head_dim=16,
+  max_position_embeddings=128,
+  partial_rotary_factor=0.5,
+  rope_scaling=RopeScaling("llama3", 8.0, 1.0, 4.0, 16),
+)
+WINDOWED = TINY.replace(model_type="mistral", attention_bias=False, sliding_window=4)
+SMALL = PL.PersistentConfig(chunk=32, block_k=8, block_n=32)
+SLOTS, LENGTH = 16, 9  # cache slots; the step's position (past the window of 4)
+
+
+def setup_layer(cfg0, dtype=jnp.float32, seed=0):
+  """(fused cfg, layer-0 params, residual h [1, 1, d], a random cache of LENGTH valid slots)."""
+  key = jax.random.PRNGKey(seed) if GPU else seed  # real shapes: drawn on the device
+  params, cfg = fuse_projections(random_params(cfg0, key, dtype), cfg0)
+  rng = np.random.default_rng(seed + 1)
+  h = jnp.asarray(rng.standard_normal((1, 1, cfg.hidden_size)), dtype)
+  shape = (1, SLOTS, cfg.num_key_value_heads, cfg.head_dim)
+  kv = {k: jnp.asarray(rng.standard_normal(shape), dtype) for k in "kv"}
+  return cfg, params["layers"]["0"], h, kv
+
+
+def widths(cfg, proj):
+  return {
+    "qkv_proj": (cfg.q_dim, cfg.kv_dim, cfg.kv_dim),
+    "gate_up_proj": (cfg.intermediate_size,) * 2,
+  }.get(proj, (cfg.hidden_size,))
+
+
+def thresholds_at(cfg, lp, h, kv, sparsity, scaled, layer=0):
+  """({site: [S] thresholds}, {site: [S, d_in] scales}, segments) near the `sparsity` quantile (> 0) of each
+  segment's scores on this step's own site inputs, midway across the widest gap between neighbouring scores
+  there, so that rounding-level differences in the inputs flip no mask bit."""
+  ctx = M.Context(S.dense, None, ("inputs",))
+  M._layer(cfg, lp, h, layer, ctx, jnp.array([LENGTH]), kv, LENGTH + 1)
+  thr, scales, segs = {}, {}, {}
+  for site, x in ctx.aux["inputs"].items():
+    _, block, proj = S.parse_site(site)
+    if proj == S.ACT:
+      continue
+    ws = widths(cfg, proj)
+    kernel = np.asarray(lp[block][proj]["kernel"], np.float32)
+    bounds = np.cumsum((0, *ws))
+    norms = np.stack([np.linalg.norm(kernel[:, a:b], axis=1) for a, b in zip(bounds, bounds[1:])])
+    score = np.abs(np.asarray(x, np.float32).reshape(1, -1)) * (norms if scaled else 1.0)
+    srt = np.sort(score, axis=1)
+    n = srt.shape[1]
+    lo, hi = max(int(sparsity * n) - 8, 1), min(int(sparsity * n) + 8, n - 1)  # the widest gap j-1 | j there
+    k = lo + np.argmax(srt[:, lo : hi + 1] - srt[:, lo - 1 : hi], axis=1)
+    rows = np.arange(len(srt))
+    thr[site] = jnp.asarray((srt[rows, k - 1] + srt[rows, k]) / 2, jnp.float32)
+    if scaled:
+      scales[site] = jnp.asarray(norms)
+    if len(ws) > 1:
+      segs[site] = ws
+  return thr, scales, segs
+
+
+def run_both(cfg, lp, h, kv, sparsity, scaled, config=SMALL, grid=1, split=False):
+  """(kernel (h, kv), XLA layer (h, kv)) for one step at LENGTH."""
+  thr, scales, segs = thresholds_at(cfg, lp, h, kv, sparsity, scaled) if sparsity else ({}, {}, {})
+  sp = FusedThresholdSparsifier.create(thr, scales, segs, backend="xla")
+  ref = M._layer(cfg, lp, h, 0, M.Context(sp), jnp.array([LENGTH]), kv, LENGTH + 1)
+  proj = lambda site: S.parse_site(site)[2]
+  out = PL.decoder_layer(
+    cfg,
+    lp,
+    h,
+    kv,
+    jnp.int32(LENGTH),
+    {proj(s): t for s, t in thr.items()},
+    {proj(s): v for s, v in scales.items()},
+    jnp.zeros((2,), jnp.int32),
+    config=config,
+    grid=grid,
+    interpret=not GPU,
+    split=split,
+  )
+  return out, ref
+
+
+def assert_close(out, ref, tol):
+  for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(ref)):
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    assert np.max(np.abs(a - b)) <= tol * max(1.0, np.max(np.abs(b))), np.max(np.abs(a - b))
+
+
+CASES = {  # name: (model, sparsity, WINA scales, config, grid, split)
+  "dense": (TINY, 0.0, False, SMALL, 1, False),
+  "teal50": (TINY, 0.5, False, SMALL, 1, False),
+  "wina65_split3": (TINY, 0.65, True, SMALL, 3, True),
+  "gqa_teal50_split5_never_dense": (LLAMA_GQA, 0.5, False, dataclasses.replace(SMALL, dense_at=2.0), 5, True),
+  "window_teal99": (WINDOWED, 0.99, False, SMALL, 1, False),
+  "gqa_wina40_dense_at_half_split2": (
+    LLAMA_GQA,
+    0.4,
+    True,
+    dataclasses.replace(SMALL, dense_at=0.5),
+    2,
+    True,
+  ),
+}
+
+
+@pytest.mark.skipif(GPU, reason="interpret-mode cases (the GPU runs test_gpu_*)")
+@pytest.mark.parametrize("case", list(CASES))
+def test_layer_matches_xla(case):
+  cfg0, sparsity, scaled, config, grid, split = CASES[case]
+  cfg, lp, h, kv = setup_layer(cfg0)
+  out, ref = run_both(cfg, lp, h, kv, sparsity, scaled, config, grid, split)
+  assert_close(out, ref, 2e-5)
+
+
+@pytest.mark.skipif(GPU, reason="interpret mode")
+def test_decode_loop_matches_xla_path():
+  """A 2-layer teacher-forced decode through `decode_loop`: backend 'persistent' vs 'xla', TEAL and WINA
+  thresholds on every linear site; same greedy tokens, logits to rounding."""
+  params, cfg = fuse_projections(random_params(TINY, 0, jnp.float32), TINY)
+  tokens = jnp.array([[3, 5, 7, 9, 11, 13]])
+  h = params["embed_tokens"]["embedding"][tokens[:, :1]]
+  thr, scales, segs = {}, {}, {}
+  for layer in range(
+    cfg.num_hidden_layers
+  ):  # thresholds from layer inputs at position LENGTH of random caches
+    lp = params["layers"][str(layer)]
+    kv = setup_layer(TINY, seed=layer)[3]
+    t, s, g = thresholds_at(cfg, lp, h, kv, 0.5, scaled=layer == 1, layer=layer)
+    thr.update(t), scales.update(s), segs.update(g)
+  out = {}
+  for backend in ("xla", "persistent"):
+    sp = FusedThresholdSparsifier.create(thr, scales, segs, backend=backend, layer_config=SMALL)
+    out[backend] = decode_loop(params, tokens, init_cache(cfg, 1, SLOTS, jnp.float32), sp, cfg=cfg)
+  np.testing.assert_array_equal(out["persistent"][0], out["xla"][0])
+  assert_close(out["persistent"][1:], out["xla"][1:], 1e-5)
+
+
+def test_check_grid_refuses_what_could_deadlock():
+  assert PL.check_grid(132, 132) == 132
+  assert PL.check_grid(264, 132, programs_per_sm=2) == 264
+  with pytest.raises(PL.GridError, match=r"133 programs exceeds the 132 .*deadlock.*grid <= 132"):
+    PL.check_grid(133, 132)
+  with pytest.raises(PL.GridError, match="SM count"):
+    PL.check_grid(8, None)
+  with pytest.raises(PL.GridError):
+    PL.check_grid(0, 132)
+
+
+def test_default_grid_and_refusal_before_launch(monkeypatch):
+  """The default grid fills the (fake) SMs; an oversized grid is refused before anything is traced, and
+  interpret mode refuses a one-launch grid > 1 (its programs run in turn: the first wait would hang)."""
+
+  class Fake:
+    core_count = 7
+
+  assert PL.default_grid(SMALL, interpret=False, device=Fake()) == 7
+  assert PL.default_grid(dataclasses.replace(SMALL, programs_per_sm=2), interpret=False, device=Fake()) == 14
+  assert PL.default_grid(SMALL, interpret=True) == 1
+  cfg, lp, h, kv = setup_layer(TINY)
+  zeros = jnp.zeros((2,), jnp.int32)
+  monkeypatch.setattr(PL, "run_layer", lambda *a, **k: pytest.fail("launched"))
+  with pytest.raises(PL.GridError, match="deadlock"):
+    PL.decoder_layer(cfg, lp, h, kv, 0, {}, {}, zeros, config=SMALL, grid=8, sms=7)
+  with pytest.raises(ValueError, match="not tiled by chunk 256"):
+    PL.decoder_layer(cfg, lp, h, kv, 0, {}, {}, zeros, interpret=True)
+  with pytest.raises(ValueError, match="split=True"):
+    PL.decoder_layer(cfg, lp, h, kv, 0, {}, {}, zeros, config=SMALL, grid=2, interpret=True)
+
+
+def test_parse_config():
+  assert PL.parse_config("128:16:64:8:3") == PL.PersistentConfig(128, 16, 64, 8, 3)
+  with pytest.raises(ValueError, match="power of two"):
+    PL.parse_config("96:32:256")
+  with pytest.raises(ValueError, match="first three"):
+    PL.parse_config("256:32")
+
+
+def test_unsupported_reasons():
+  cfg, lp, h, kv = setup_layer(TINY)
+  ok = lambda **kw: PL.unsupported(
+    kw.get("cfg", cfg),
+    kw.get("lp", lp),
+    kw.get("b", 1),
+    kw.get("t", 1),
+    kw.get("keys", ()),
+    kw.get("c", SMALL),
+  )
+  assert ok() is None
+  assert "batch 2" in ok(b=2)
+  assert "3 tokens" in ok(t=3)
+  assert "unfused" in ok(cfg=TINY)
+  assert "activation" in ok(keys=["layers.0.mlp.act"])
+  assert "not tiled" in ok(c=PL.PersistentConfig(chunk=256))
+  assert "rotations" in ok(lp={**lp, "rotate_mlp": {"kernel": jnp.eye(cfg.hidden_size)}})
+  assert "q/k norms" in ok(cfg=cfg.replace(qk_norm=True))
+
+
+@pytest.mark.skipif(GPU, reason="interpret mode")
+def test_routing_and_fallback(monkeypatch):
+  """backend 'persistent' sends batch-1 cached steps through the kernel, one launch per layer; batch 2, a
+  threshold the kernel cannot apply (the MLP activation) and a step without a cache take the per-site path,
+  whose results equal backend 'xla'."""
+  calls = []
+  real = PL.decoder_layer
+  monkeypatch.setattr(PL, "decoder_layer", lambda *a, **k: calls.append(1) or real(*a, **k))
+  params, cfg = fuse_projections(random_params(TINY, 0, jnp.float32), TINY)
+  thr = {f"layers.{i}.mlp.down_proj": 0.05 for i in range(cfg.num_hidden_layers)}
+
+  def step(thr, batch, backend, cache=True):
+    sp = FusedThresholdSparsifier.create(thr, backend=backend, layer_config=SMALL)
+    tok = jnp.arange(batch)[:, None] + 3
+    c = init_cache(cfg, batch, SLOTS, jnp.float32) if cache else None
+    return M.forward(params, tok, cfg, sp, cache=c).logits
+
+  step(thr, 1, "persistent")
+  assert len(calls) == cfg.num_hidden_layers
+  for args in [(thr, 2), ({**thr, "layers.1.mlp.act": 0.1}, 1)]:
+    calls.clear()
+    assert_close(step(*args, "persistent"), step(*args, "xla"), 1e-6)
+    assert len(calls) == (1 if len(args[0]) > len(thr) else 0)  # layer 0 has no act threshold
+  calls.clear()
+  assert_close(step(thr, 1, "persistent", cache=False), step(thr, 1, "xla", cache=False), 1e-6)
+  assert not calls
+
+
+@pytest.mark.parametrize("scaled", [False, True])
+def test_lowers_to_triton(scaled):
+  """The one-launch kernel of a Llama-3-8B layer (132 programs: the waits' atomics included) lowers to the
+  Triton dialect for CUDA, here without a GPU (cross-platform lowering). Triton's own compilation to PTX,
+  and a hang at a wait, show only on the GPU."""
+  cfg0 = SHAPES["llama3_8b"].replace(num_hidden_layers=1, vocab_size=256)
+  cfg = cfg0.replace(fused_qkv=True, fused_gate_up=True)
+  params = jax.eval_shape(lambda: fuse_projections(random_params(cfg0, jax.random.PRNGKey(0)), cfg0)[0])
+  lp = params["layers"]["0"]
+  d_in = {"qkv_proj": 4096, "o_proj": 4096, "gate_up_proj": 4096, "down_proj": 14336}
+  scales = (
+    {p: jax.ShapeDtypeStruct((len(widths(cfg, p)), n), jnp.float32) for p, n in d_in.items()}
+    if scaled
+    else {}
+  )
+  plan = PL.make_plan(cfg, lp, scales, PL.PersistentConfig(), 132, interpret=False)
+  kv = {k: jax.ShapeDtypeStruct((1, 512, 8, 128), jnp.bfloat16) for k in "kv"}
+
+  def step(lp, h, kv, length, scales):
+    thr = {"qkv_proj": jnp.zeros(3), "o_proj": 0.1}
+    return PL.run_layer(PL.layer_args(cfg, lp, h, kv, length, thr, scales, jnp.zeros((2,), jnp.int32)), plan)
+
+  h, length = jax.ShapeDtypeStruct((4096,), jnp.bfloat16), jax.ShapeDtypeStruct((), jnp.int32)
+  text = jax.jit(step).trace(lp, h, kv, length, scales).lower(lowering_platforms=("cuda",)).as_text()
+  assert "triton" in text and "persistent_layer" in text
+
+
+# ---- GPU: the waits, one launch of SM-count programs, real shapes ----
+
+needs_gpu = pytest.mark.skipif(not GPU, reason="needs a CUDA GPU (grid-wide waits use atomics)")
+
+
+@needs_gpu
+def test_gpu_sm_count_and_refusal():
+  """The device reports its SMs; a grid one larger than co-resident is refused with GridError, no launch."""
+  sms = PL.sm_count()
+  assert sms and sms > 1
+  cfg, lp, h, kv = setup_layer(TINY)
+  with pytest.raises(PL.GridError, match="deadlock"):
+    PL.decoder_layer(cfg, lp, h, kv, 0, {}, {}, jnp.zeros((2,), jnp.int32), config=SMALL, grid=sms + 1)
+
+
+@needs_gpu
+@pytest.mark.parametrize("sparsity,scaled", [(0.0, False), (0.5, False), (0.65, True), (0.999, False)])
+@pytest.mark.parametrize("shape", ["llama3_8b", "qwen25_7b"])
+def test_gpu_layer_matches_xla(shape, sparsity, scaled):
+  """One layer of the real shape (a small vocabulary), float32, the default grid (every SM) and tiling, vs
+  the XLA layer."""
+  cfg0 = SHAPES[shape].replace(num_hidden_layers=1, vocab_size=256)
+  cfg, lp, h, kv = setup_layer(cfg0)
+  out, ref = run_both(cfg, lp, h, kv, sparsity, scaled, PL.PersistentConfig(), grid=None)
+  assert_close(out, ref, 1e-4)
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_gpu_decode_32_steps_matches_xla(dtype):
+  """32 teacher-forced steps of a 4-layer Llama-3-8B-shaped model (real layer shapes), TEAL 50 % on every
+  linear site (float32; bfloat16 runs dense: its rounding flips mask bits, which random layers amplify),
+  through `decode_loop`: backend 'persistent' vs 'xla'. >= 30 of 32 greedy tokens equal, last logits within
+  1 % (float32: a rare mask bit flipped by rounding moves them ~1e-3) / 3 % (bfloat16)."""
+  cfg0 = SHAPES["llama3_8b"].replace(num_hidden_layers=4)
+  params, cfg = fuse_projections(random_params(cfg0, jax.random.PRNGKey(0), jnp.dtype(dtype)), cfg0)
+  tokens = jax.random.randint(jax.random.PRNGKey(1), (1, 32), 0, cfg.vocab_size)
+  thr, segs = {}, {}
+  if dtype == "float32":
+    inputs = jax.jit(lambda p, t: M.forward(p, t, cfg, collect=("inputs",)).aux["inputs"])(params, tokens)
+    for site, x in inputs.items():
+      proj = S.parse_site(site)[2]
+      if proj != S.ACT:
+        thr[site] = jnp.broadcast_to(jnp.quantile(jnp.abs(x), 0.5), (len(widths(cfg, proj)),))
+        if len(widths(cfg, proj)) > 1:
+          segs[site] = widths(cfg, proj)
+  out = {}
+  for backend in ("xla", "persistent"):
+    sp = FusedThresholdSparsifier.create(thr, {}, segs, backend=backend)
+    out[backend] = decode_loop(params, tokens, init_cache(cfg, 1, 64, jnp.dtype(dtype)), sp, cfg=cfg)
+  a, b = out["persistent"][1], out["xla"][1]
+  rel = float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
+  same = int(jnp.sum(out["persistent"][0] == out["xla"][0]))
+  assert same >= 30 and rel < (1e-2 if dtype == "float32" else 3e-2), (same, rel)

@@ -1,0 +1,659 @@
+"""Pallas (Triton backend) persistent decode kernel: one launch runs a whole decoder layer at batch 1.
+
+A grid of P programs (at most one per SM, `check_grid`) walks the layer's phases, each partitioned by program
+id, with a grid-wide wait between phases that read another program's results:
+
+  0 qkv        x = RMSNorm(h) (every program computes the norm itself: no wait before), q|k|v GEMV
+  1 attention  per query head: sum of q|k|v partials (+ bias), RoPE, KV-cache write, flash-decoding loop
+  2 o_proj     GEMV of the attention output
+  3 residual   h_mid = h + o (the o_proj partials summed)
+  4 gate_up    x = RMSNorm(h_mid), gate|up GEMV
+  5 down       x = SiLU(gate) * up (from the gate|up partials), down GEMV
+  6 residual   h_out = h_mid + down
+
+Every GEMV is split into tiles of C input rows (a chunk) x BN output columns; program p takes the tiles
+[p T / P, (p + 1) T / P) in chunk-major order, so it compacts each chunk's kept rows once (|x| * scale >
+threshold per output segment, TEAL: scale 1, WINA: column norms) for all its column blocks of that chunk,
+then reads only kept weight rows; a chunk keeping >= dense_at * C rows is read as dense contiguous tiles.
+Split-K partial sums go to float32 buffers that the next phase adds up, so no buffer needs zeroing.
+
+The wait (`grid_wait`): every program adds 1 to a global counter and spins until it reads P * k at the k-th
+wait; the last program to leave resets the counter, so one zeroed int32 [2] buffer serves every launch (XLA
+sees it as a read-only input: launches on one stream never overlap). Programs spinning on programs that
+cannot become resident deadlock, hence `check_grid`. With one program or in interpret mode the wait is
+compiled out, so grid 1 runs the fused layer on a CPU; `split=True` runs each phase as its own launch
+(the launch boundary is the wait), which tests the multi-program partitioning in interpret mode.
+
+Numerics follow the XLA path (`model._layer` with `masked_linear`): RMSNorm in float32 rounded to the
+activations' dtype, products accumulated in float32 and rounded to the dtype per site, RoPE in the dtype,
+attention in float32 (as `decode_attention`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from wina_jax import families
+from wina_jax import layers as L
+from wina_jax import sites as S
+from wina_jax.config import ModelConfig
+from wina_jax.kernels.pallas_gemv import compiler_params
+
+PHASES = ("qkv", "attention", "o_proj", "residual_attn", "gate_up", "down", "residual_mlp")
+# the layer's linear sites as the persistent kernel reads them: (block, fused projection)
+SITES = (("self_attn", "qkv_proj"), ("self_attn", "o_proj"), ("mlp", "gate_up_proj"), ("mlp", "down_proj"))
+SCAN = 4096  # rows per step of a whole-input pass (the norms' sums of squares)
+_NEG = -1e30
+
+
+class GridError(ValueError):
+  """A grid that could deadlock at a grid-wide wait (more programs than can be resident at once)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PersistentConfig:
+  """Tiling of the persistent layer kernel (one for all four GEMVs).
+
+  chunk (C): input rows per tile, compacted together; block_k (BK): rows per loaded weight tile; block_n
+  (BN): output columns per tile; dense_at: a chunk keeping >= dense_at * C rows is read densely (> 1:
+  never); block_s: cache slots per step of the attention loop; programs_per_sm: programs assumed
+  co-resident per SM (the grid is at most SMs x this); num_warps / num_stages: Triton's.
+  """
+
+  chunk: int = 256
+  block_k: int = 32
+  block_n: int = 256
+  num_warps: int = 4
+  num_stages: int = 2
+  dense_at: float = 0.875
+  block_s: int = 64
+  programs_per_sm: int = 1
+
+  def __post_init__(self):
+    for name in ("chunk", "block_k", "block_n", "block_s"):
+      v = getattr(self, name)
+      if v <= 0 or v & (v - 1):
+        raise ValueError(f"{name}={v} must be a positive power of two")
+    if self.chunk % self.block_k:
+      raise ValueError(f"chunk={self.chunk} must be a multiple of block_k={self.block_k}")
+    if self.programs_per_sm < 1:
+      raise ValueError(f"programs_per_sm={self.programs_per_sm} must be >= 1")
+
+
+def parse_config(spec: str) -> PersistentConfig:
+  """A config from 'chunk:block_k:block_n[:num_warps[:num_stages[:dense_at[:block_s[:programs_per_sm]]]]]'."""
+  fields = dataclasses.fields(PersistentConfig)
+  parts = spec.split(":")
+  if not 3 <= len(parts) <= len(fields):
+    raise ValueError(
+      f"persistent config {spec!r} is not {':'.join(f.name for f in fields)} (the first three at least)"
+    )
+  try:
+    return PersistentConfig(**{f.name: type(f.default)(v) for f, v in zip(fields, parts)})
+  except ValueError as e:
+    raise ValueError(f"persistent config {spec!r}: {e}") from None
+
+
+def sm_count(device=None) -> Optional[int]:
+  """Streaming multiprocessors of a GPU device (its `core_count`), None when the device does not say."""
+  device = device or jax.devices()[0]
+  n = getattr(device, "core_count", None)
+  return int(n) if n else None
+
+
+def check_grid(grid: int, sms: Optional[int], programs_per_sm: int = 1) -> int:
+  """`grid` if all its programs can be resident at once (<= sms * programs_per_sm), else GridError.
+
+  A program spinning at a grid-wide wait holds its SM; programs that never got one never arrive, so a
+  grid larger than the co-resident count hangs instead of failing. sms None (unknown) is refused too."""
+  if sms is None:
+    raise GridError(
+      "the persistent layer kernel needs the device's SM count to size a grid that cannot deadlock, and "
+      "this device reports none; pass sms= (the SM count) or use the per-site kernels (backend='auto')"
+    )
+  limit = sms * programs_per_sm
+  if not 1 <= grid <= limit:
+    raise GridError(
+      f"grid of {grid} programs exceeds the {limit} that can be co-resident ({sms} SMs x "
+      f"{programs_per_sm} per SM): its grid-wide waits would deadlock. Use grid <= {limit} (grid=None "
+      "picks it), or raise programs_per_sm only if the kernel's registers and shared memory allow it"
+    )
+  return grid
+
+
+def default_grid(config: PersistentConfig, interpret: bool, device=None) -> int:
+  """One program per co-resident slot on a GPU (SMs x programs_per_sm); 1 in interpret mode."""
+  if interpret:
+    return 1
+  sms = sm_count(device)
+  return check_grid((sms or 0) * config.programs_per_sm, sms, config.programs_per_sm)
+
+
+def unsupported(cfg: ModelConfig, lp: dict, batch: int, tokens: int, site_keys, config: PersistentConfig):
+  """Why the kernel cannot run this layer step (a sentence), or None when it can.
+
+  lp: the layer's params (fused q|k|v and gate|up); site_keys: the sparsifier's sites of this layer."""
+  family = families.get(cfg.model_type)
+  own = {proj for _, proj in SITES}
+  if batch != 1 or tokens != 1:
+    return f"batch {batch} x {tokens} tokens (the kernel takes one token of batch 1)"
+  if not (cfg.fused_qkv and cfg.fused_gate_up):
+    return "unfused params (use decode.fuse_projections)"
+  if family.post_norms or cfg.qk_norm or cfg.norm_offset or cfg.hidden_act != "silu":
+    return "a layer with post-norms, q/k norms, an offset norm gain or a non-SiLU MLP"
+  if any(k in lp for k in ("rotate_attn", "rotate_mlp", "residual_attn", "residual_mlp")):
+    return "the transform's rotations or shortcuts"
+  if any("bias" in lp[b][p] for b, p in SITES[1:]):
+    return "biases on o_proj, gate|up or down"
+  if cfg.head_dim & (cfg.head_dim - 1):
+    return f"head_dim {cfg.head_dim} is not a power of two"
+  if any(S.parse_site(k)[2] not in own for k in site_keys):
+    return "a threshold at a site the kernel does not read (e.g. the MLP activation)"
+  d, q, kv, i = cfg.hidden_size, cfg.q_dim, cfg.kv_dim, cfg.intermediate_size
+  c, bn = config.chunk, config.block_n
+  if any(k % c for k in (d, q, i)) or any(w % bn for w in (d, q, kv, i)):
+    return f"dims (d {d}, q {q}, kv {kv}, I {i}) not tiled by chunk {c} / block_n {bn}"
+  return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """Static shape of one launch: the layer's dims, attention settings, tiling and grid."""
+
+  d: int
+  q_dim: int
+  kv_dim: int
+  inter: int
+  heads: int
+  kv_heads: int
+  head_dim: int
+  rotary_dim: int
+  window: Optional[int]
+  attn_scale: float
+  eps: float
+  has_bias: bool
+  scaled: tuple  # per site of SITES: whether it has a scale [S, d_in]
+  config: PersistentConfig
+  programs: int
+  interpret: bool
+
+  @property
+  def sync(self) -> bool:
+    """Whether waits run: several programs on a GPU (one program, or interpret mode, needs none)."""
+    return self.programs > 1 and not self.interpret
+
+  def site(self, i: int) -> tuple[int, tuple[int, ...]]:
+    """(d_in, output segments) of site i of SITES."""
+    return [
+      (self.d, (self.q_dim, self.kv_dim, self.kv_dim)),
+      (self.q_dim, (self.d,)),
+      (self.d, (self.inter, self.inter)),
+      (self.inter, (self.d,)),
+    ][i]
+
+
+def _iota(n: int) -> jax.Array:
+  return jax.lax.iota(jnp.int32, n)
+
+
+def _i32(v) -> jax.Array:
+  return jnp.asarray(v, jnp.int32)
+
+
+def _sync_threads(plan: Plan):
+  """Orders the program's own scratch stores and loads across its threads (no-op in interpret mode)."""
+  if not plan.interpret:
+    plgpu.debug_barrier()
+
+
+def grid_wait(counter_ref, k: int, programs: int, active: bool):
+  """The k-th grid-wide wait (k >= 1): arrive, then spin until all `programs` have arrived k times.
+
+  counter_ref: int32 [2] (arrivals, departures), zero at launch. active False (one program, interpret
+  mode) compiles it out: programs then run phases back to back."""
+  if not active:
+    return
+  plgpu.debug_barrier()  # every thread's stores are issued before the (acq_rel) arrival
+  target = jnp.int32(programs * k)
+  seen = plgpu.atomic_add(counter_ref, (_i32(0),), jnp.int32(1)) + 1
+  jax.lax.while_loop(lambda c: c < target, lambda c: plgpu.atomic_add(counter_ref, (_i32(0),), _i32(0)), seen)
+  plgpu.debug_barrier()
+
+
+def grid_leave(counter_ref, programs: int, active: bool):
+  """After the last wait: the last program to leave resets the counter to zero for the next launch."""
+  if not active:
+    return
+  left = plgpu.atomic_add(counter_ref, (_i32(1),), jnp.int32(1))
+
+  @pl.when(left == programs - 1)
+  def _():
+    plgpu.atomic_xchg(counter_ref, (_i32(0),), _i32(0))
+    plgpu.atomic_xchg(counter_ref, (_i32(1),), _i32(0))
+
+
+def _share(n: int, plan: Plan) -> tuple[jax.Array, jax.Array]:
+  """This program's items [start, end) of n, contiguous and balanced."""
+  pid = pl.program_id(0)
+  return pid * n // plan.programs, (pid + 1) * n // plan.programs
+
+
+def _load_shared(ref, plan: Plan, **kw):
+  return plgpu.load(ref, **({} if plan.interpret else {"volatile": True}), **kw)
+
+
+def _sum_parts(part_ref, cols, n_parts: int, plan: Plan) -> jax.Array:
+  """sum_k part[k, cols] over the n_parts split-K partials -> [len(cols)] float32."""
+  npad = 1 << (n_parts - 1).bit_length()
+  ks = _iota(npad)
+  inside = None if npad == n_parts else jnp.broadcast_to((ks < n_parts)[:, None], (npad, cols.shape[0]))
+  kw = {} if inside is None else dict(mask=inside, other=0.0)
+  return jnp.sum(_load_shared(part_ref.at[ks[:, None], cols[None, :]], plan, **kw), axis=0)
+
+
+def _inv_rms(x_ref, d: int, eps: float, plan: Plan, shared: bool) -> jax.Array:
+  """1 / rms of x [d] in float32 (`layers.rms_norm`'s), over the whole input."""
+  piece = min(SCAN, 1 << (d - 1).bit_length())
+
+  def step(j, acc):
+    ids = j * piece + _iota(piece)
+    kw = {} if d % piece == 0 else dict(mask=ids < d, other=0)
+    x = (_load_shared(x_ref.at[ids], plan, **kw) if shared else plgpu.load(x_ref.at[ids], **kw)).astype(
+      jnp.float32
+    )
+    return acc + jnp.sum(x * x)
+
+  ss = jax.lax.fori_loop(_i32(0), _i32(-(-d // piece)), step, jnp.float32(0.0))
+  return jax.lax.rsqrt(ss / d + eps)
+
+
+def _normed(x_ref, g_ref, inv, plan: Plan, shared: bool):
+  """rows [R] -> `layers.rms_norm` of x at those rows as float32 (rounded to x's dtype as it rounds)."""
+
+  def at(rows):
+    x = _load_shared(x_ref.at[rows], plan) if shared else plgpu.load(x_ref.at[rows])
+    y = (x.astype(jnp.float32) * inv).astype(x.dtype)
+    return (
+      (y.astype(jnp.float32) * plgpu.load(g_ref.at[rows]).astype(jnp.float32))
+      .astype(x.dtype)
+      .astype(jnp.float32)
+    )
+
+  return at
+
+
+def _gemv(r: dict, plan: Plan, site: int, x_at):
+  """Phase work of GEMV site `site`: this program's tiles of part[kc, n] = sum over chunk kc's kept rows
+  of x * W[:, n] (float32). x_at(rows [C]) -> the site's input at those rows, float32."""
+  name = ("qkv", "o", "gu", "down")[site]
+  w_ref, t_ref, s_ref, part_ref = r[f"w_{name}"], r[f"t_{name}"], r[f"s_{name}"], r[f"{name}_part"]
+  idx_ref, xv_ref = r["idx"], r["xv"]
+  cfg = plan.config
+  c, bk, bn = cfg.chunk, cfg.block_k, cfg.block_n
+  d_in, widths = plan.site(site)
+  nk, nn = d_in // c, sum(widths) // bn
+  bounds = [sum(widths[:s]) // bn for s in range(len(widths) + 1)]  # column blocks of each segment
+  dense_rows = min(c + 1, math.ceil(cfg.dense_at * c))  # c + 1: never dense
+  pid = pl.program_id(0)
+  start, end = _share(nk * nn, plan)
+
+  def chunk(kc, carry):
+    k0 = kc * c
+    rows = k0 + _iota(c)
+    x = x_at(rows)
+    for s in range(len(widths)):
+      lo = jnp.maximum(start, kc * nn + bounds[s])
+      hi = jnp.minimum(end, kc * nn + bounds[s + 1])
+
+      @pl.when(lo < hi)
+      def _():
+        score = jnp.abs(x) * plgpu.load(s_ref.at[_i32(s), rows]) if plan.scaled[site] else jnp.abs(x)
+        keep = score > plgpu.load(t_ref.at[_i32(s)])
+        k32 = keep.astype(jnp.int32)
+        kept = jnp.sum(k32)
+        dense = kept >= dense_rows
+        pos = jnp.where(dense, _iota(c), jnp.cumsum(k32) - k32)
+        put = keep | dense
+        _sync_threads(plan)  # the previous tile's loop has read the scratch
+        plgpu.store(idx_ref.at[pid, pos], rows, mask=put)
+        plgpu.store(xv_ref.at[pid, pos], jnp.where(keep, x, 0.0), mask=put)
+        _sync_threads(plan)
+        dense_trips = dense.astype(jnp.int32) * (c // bk)
+        sparse_trips = (1 - dense.astype(jnp.int32)) * ((kept + bk - 1) // bk)
+
+        def tile(t, carry):
+          cols = (t - kc * nn) * bn + _iota(bn)
+
+          def dense_step(j, acc):
+            p = j * bk + _iota(bk)
+            w = plgpu.load(w_ref.at[(k0 + p)[:, None], cols[None, :]], eviction_policy="evict_first")
+            return acc + jnp.sum(plgpu.load(xv_ref.at[pid, p])[:, None] * w.astype(jnp.float32), axis=0)
+
+          def sparse_step(j, acc):
+            p = j * bk + _iota(bk)
+            valid = p < kept
+            ids = plgpu.load(idx_ref.at[pid, p], mask=valid, other=0)
+            xs = plgpu.load(xv_ref.at[pid, p], mask=valid, other=0.0)
+            w = plgpu.load(
+              w_ref.at[ids[:, None], cols[None, :]],
+              mask=jnp.broadcast_to(valid[:, None], (bk, bn)),
+              other=0,
+              eviction_policy="evict_first",
+            )
+            return acc + jnp.sum(xs[:, None] * w.astype(jnp.float32), axis=0)
+
+          acc = jax.lax.fori_loop(_i32(0), dense_trips, dense_step, jnp.zeros((bn,), jnp.float32))
+          acc = jax.lax.fori_loop(_i32(0), sparse_trips, sparse_step, acc)
+          plgpu.store(part_ref.at[kc, cols], acc)
+          return carry
+
+        jax.lax.fori_loop(lo, hi, tile, _i32(0))
+
+    return carry
+
+  jax.lax.fori_loop(start // nn, (end + nn - 1) // nn, chunk, _i32(0))
+
+
+def _attention(r: dict, plan: Plan):
+  """Phase work of the attention: this program's query heads, as `decode_attention` does them, from the
+  q|k|v partials; the first query head of each KV head writes the cache slot `length`."""
+  hd, group = plan.head_dim, plan.heads // plan.kv_heads
+  nk = plan.d // plan.config.chunk
+  part, dtype = r["qkv_part"], r["h"].dtype
+  kc_ref, vc_ref = r["cache_k_out"], r["cache_v_out"]
+  length = plgpu.load(r["length"].at[_i32(0)])
+  dims = _iota(hd)
+  half = plan.rotary_dim // 2
+  rotary = dims < plan.rotary_dim
+  partner = jnp.where(dims < half, dims + half, jnp.where(rotary, dims - half, dims))
+  ang = length.astype(jnp.float32) * plgpu.load(r["inv"].at[dims])
+  cos = jnp.where(rotary, jnp.cos(ang), 1.0).astype(dtype)
+  sin = jnp.where(rotary, jnp.sin(ang) * jnp.where(dims < half, -1.0, 1.0), 0.0).astype(dtype)
+
+  def proj(col0, idx):
+    """Column col0 + idx of the site's output in the dtype (+ bias), as `masked_linear` returns it."""
+    y = _sum_parts(part, col0 + idx, nk, plan).astype(dtype)
+    if plan.has_bias:
+      y = (y.astype(jnp.float32) + plgpu.load(r["b_qkv"].at[col0 + idx]).astype(jnp.float32)).astype(dtype)
+    return y
+
+  rope = lambda col0: proj(col0, dims) * cos + proj(col0, partner) * sin
+  start, end = _share(plan.heads, plan)
+
+  def head(hq, carry):
+    kh = hq // group
+    k_new = rope(plan.q_dim + kh * hd).astype(kc_ref.dtype)
+    v_new = proj(plan.q_dim + plan.kv_dim + kh * hd, dims).astype(vc_ref.dtype)
+    inside = (dims >= 0) & (length < kc_ref.shape[1]) & (hq % group == 0)
+    plgpu.store(kc_ref.at[_i32(0), length, kh, dims], k_new, mask=inside)
+    plgpu.store(vc_ref.at[_i32(0), length, kh, dims], v_new, mask=inside)
+    q = rope(hq * hd).astype(jnp.float32)
+    first = _i32(0) if plan.window is None else jnp.maximum(length - plan.window + 1, 0)
+    bs = plan.config.block_s
+
+    def block(j, carry):
+      m, l, acc = carry
+      pos = j * bs + _iota(bs)
+      valid = (pos < length) & (pos >= first)
+      mask = jnp.broadcast_to(valid[:, None], (bs, hd))
+      kb = plgpu.load(kc_ref.at[_i32(0), pos[:, None], kh, dims[None, :]], mask=mask, other=0)
+      vb = plgpu.load(vc_ref.at[_i32(0), pos[:, None], kh, dims[None, :]], mask=mask, other=0)
+      s = jnp.sum(kb.astype(jnp.float32) * q[None, :], axis=1) * plan.attn_scale
+      s = jnp.where(valid, s, -jnp.inf)
+      m_new = jnp.maximum(m, jnp.max(s))
+      p, alpha = jnp.exp(s - m_new), jnp.exp(m - m_new)
+      return m_new, l * alpha + jnp.sum(p), acc * alpha + jnp.sum(p[:, None] * vb.astype(jnp.float32), axis=0)
+
+    init = (jnp.float32(_NEG), jnp.float32(0.0), jnp.zeros((hd,), jnp.float32))
+    m, l, acc = jax.lax.fori_loop(first // bs, (length + bs - 1) // bs, block, init)
+    s = jnp.sum(q * k_new.astype(jnp.float32)) * plan.attn_scale  # the new token, from registers
+    m_new = jnp.maximum(m, s)
+    alpha, p = jnp.exp(m - m_new), jnp.exp(s - m_new)
+    o = (acc * alpha + p * v_new.astype(jnp.float32)) / (l * alpha + p)
+    plgpu.store(r["attn"].at[hq * hd + dims], o.astype(dtype))
+    return carry
+
+  jax.lax.fori_loop(start, end, head, _i32(0))
+
+
+def _residual(r: dict, plan: Plan, h_name: str, site: int, out_name: str):
+  """Phase work: out = h + (the site's partials summed, rounded to the dtype), this program's blocks."""
+  bn = plan.config.block_n
+  n_parts = plan.site(site)[0] // plan.config.chunk
+  part = r[("qkv", "o", "gu", "down")[site] + "_part"]
+  shared = h_name != "h"
+  start, end = _share(plan.d // bn, plan)
+
+  def block(b, carry):
+    cols = b * bn + _iota(bn)
+    h = _load_shared(r[h_name].at[cols], plan) if shared else plgpu.load(r[h_name].at[cols])
+    a = _sum_parts(part, cols, n_parts, plan).astype(h.dtype)
+    plgpu.store(r[out_name].at[cols], (h.astype(jnp.float32) + a.astype(jnp.float32)).astype(h.dtype))
+    return carry
+
+  jax.lax.fori_loop(start, end, block, _i32(0))
+
+
+def _act(r: dict, plan: Plan):
+  """rows [C] -> SiLU(gate) * up at those rows of the MLP (float32), rounded as the XLA path rounds."""
+  n_parts, dtype = plan.d // plan.config.chunk, r["h"].dtype
+
+  def at(rows):
+    gate = _sum_parts(r["gu_part"], rows, n_parts, plan).astype(dtype).astype(jnp.float32)
+    up = _sum_parts(r["gu_part"], plan.inter + rows, n_parts, plan).astype(dtype)
+    act = (gate / (1.0 + jnp.exp(-gate))).astype(dtype)  # SiLU
+    return (act.astype(jnp.float32) * up.astype(jnp.float32)).astype(dtype).astype(jnp.float32)
+
+  return at
+
+
+def _phase(r: dict, plan: Plan, name: str):
+  if name == "qkv":
+    _gemv(r, plan, 0, _normed(r["h"], r["g1"], _inv_rms(r["h"], plan.d, plan.eps, plan, False), plan, False))
+  elif name == "attention":
+    _attention(r, plan)
+  elif name == "o_proj":
+    _gemv(r, plan, 1, lambda rows: _load_shared(r["attn"].at[rows], plan).astype(jnp.float32))
+  elif name == "residual_attn":
+    _residual(r, plan, "h", 1, "h_mid")
+  elif name == "gate_up":
+    inv = _inv_rms(r["h_mid"], plan.d, plan.eps, plan, True)
+    _gemv(r, plan, 2, _normed(r["h_mid"], r["g2"], inv, plan, True))
+  elif name == "down":
+    _gemv(r, plan, 3, _act(r, plan))
+  else:
+    _residual(r, plan, "h_mid", 3, "h_out")
+
+
+IN_NAMES = (
+  "h",
+  "g1",
+  "g2",
+  "w_qkv",
+  "b_qkv",
+  "w_o",
+  "w_gu",
+  "w_down",
+  "t_qkv",
+  "t_o",
+  "t_gu",
+  "t_down",
+  "s_qkv",
+  "s_o",
+  "s_gu",
+  "s_down",
+  "length",
+  "inv",
+  "counter",
+  "cache_k",
+  "cache_v",
+)
+SCRATCH = ("qkv_part", "attn", "o_part", "h_mid", "gu_part", "down_part", "idx", "xv")
+
+
+def _kernel(*refs, plan: Plan, phases: tuple[str, ...], in_names: tuple, out_names: tuple):
+  r = dict(zip(in_names, refs[: len(in_names)]))
+  r.update(zip(out_names, refs[len(in_names) :]))  # an aliased buffer is used through its output ref
+  for k, name in enumerate(phases):
+    if k:
+      grid_wait(r["counter"], k, plan.programs, plan.sync)
+    _phase(r, plan, name)
+  if len(phases) > 1:
+    grid_leave(r["counter"], plan.programs, plan.sync)
+
+
+def _out_shapes(plan: Plan, dtype, cache_k, cache_v) -> dict:
+  c, f32 = plan.config.chunk, jnp.float32
+  n_qkv = plan.q_dim + 2 * plan.kv_dim
+  return {
+    "h_out": jax.ShapeDtypeStruct((plan.d,), dtype),
+    "cache_k_out": jax.ShapeDtypeStruct(cache_k.shape, cache_k.dtype),
+    "cache_v_out": jax.ShapeDtypeStruct(cache_v.shape, cache_v.dtype),
+    "qkv_part": jax.ShapeDtypeStruct((plan.d // c, n_qkv), f32),
+    "attn": jax.ShapeDtypeStruct((plan.q_dim,), dtype),
+    "o_part": jax.ShapeDtypeStruct((plan.q_dim // c, plan.d), f32),
+    "h_mid": jax.ShapeDtypeStruct((plan.d,), dtype),
+    "gu_part": jax.ShapeDtypeStruct((plan.d // c, 2 * plan.inter), f32),
+    "down_part": jax.ShapeDtypeStruct((plan.inter // c, plan.d), f32),
+    "idx": jax.ShapeDtypeStruct((plan.programs, c), jnp.int32),
+    "xv": jax.ShapeDtypeStruct((plan.programs, c), f32),
+  }
+
+
+def _launch(args: dict, plan: Plan, phases: tuple[str, ...], carried: dict) -> dict:
+  """One pallas_call running `phases`; `carried` (output name -> array) are earlier launches' buffers,
+  passed in aliased to their outputs (split mode), else the outputs start unwritten."""
+  shapes = _out_shapes(plan, args["h"].dtype, args["cache_k"], args["cache_v"])
+  out_names = tuple(shapes)
+  in_names = IN_NAMES + tuple(f"{k}_in" for k in carried)
+  aliases = {IN_NAMES.index("cache_k"): 1, IN_NAMES.index("cache_v"): 2}
+  aliases.update({len(IN_NAMES) + i: out_names.index(k) for i, k in enumerate(carried)})
+  body = functools.partial(_kernel, plan=plan, phases=phases, in_names=in_names, out_names=out_names)
+  cfg = plan.config
+  call = pl.pallas_call(
+    body,
+    out_shape=tuple(shapes.values()),
+    grid=(plan.programs,),
+    interpret=plan.interpret,
+    input_output_aliases=aliases,
+    compiler_params=None if plan.interpret else compiler_params(cfg.num_warps, cfg.num_stages),
+    name="persistent_layer",
+  )
+  outs = call(*[args[k] for k in IN_NAMES], *carried.values())
+  return dict(zip(out_names, outs))
+
+
+@functools.partial(jax.jit, static_argnames=("plan", "split"))
+def run_layer(args: dict, plan: Plan, split: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The kernel on its arguments (`layer_args`) -> (h_out [d], cache_k, cache_v). split: one launch per
+  phase (interpret-mode tests of a grid > 1), else one launch for the layer."""
+  if not split:
+    out = _launch(args, plan, PHASES, {})
+  else:
+    carried: dict = {}
+    for name in PHASES:
+      out = _launch(args, plan, (name,), carried)
+      carried = {k: v for k, v in out.items() if k not in ("cache_k_out", "cache_v_out")}
+      args = {**args, "cache_k": out["cache_k_out"], "cache_v": out["cache_v_out"]}
+  return out["h_out"], out["cache_k_out"], out["cache_v_out"]
+
+
+def layer_args(cfg: ModelConfig, lp: dict, h, kv: dict, length, thresholds: dict, scales: dict, counter):
+  """Kernel arguments of one layer. h [d]; kv {'k', 'v': [1, S, K, hd]}; thresholds / scales: {fused
+  projection name: [S] / [S, d_in]} (absent: keep every row / TEAL's |x|); counter: int32 [2] zeros."""
+  dtype = h.dtype
+  args = {
+    "h": h,
+    "g1": lp["input_layernorm"]["scale"].astype(dtype),
+    "g2": lp["post_attention_layernorm"]["scale"].astype(dtype),
+    "b_qkv": lp["self_attn"]["qkv_proj"].get("bias", jnp.zeros((1,), dtype)).astype(dtype),
+    "length": jnp.reshape(length, (1,)).astype(jnp.int32),
+    "counter": counter,
+    "cache_k": kv["k"],
+    "cache_v": kv["v"],
+  }
+  inv = L.rope_inv_freq(cfg)
+  args["inv"] = jnp.zeros((cfg.head_dim,), jnp.float32).at[: cfg.rotary_dim].set(jnp.tile(inv, 2))
+  for (block, proj), name in zip(SITES, ("qkv", "o", "gu", "down")):
+    w = lp[block][proj]["kernel"]
+    n_seg = len(families.get(cfg.model_type).segments(cfg, block, proj))
+    t = thresholds.get(proj)
+    args[f"w_{name}"] = w
+    args[f"t_{name}"] = jnp.broadcast_to(
+      jnp.asarray(-1.0 if t is None else t, jnp.float32), (n_seg,)
+    )  # -1: every row kept
+    s = scales.get(proj)
+    args[f"s_{name}"] = (
+      jnp.zeros((1, 1), jnp.float32)
+      if s is None
+      else jnp.broadcast_to(s, (n_seg, w.shape[0])).astype(jnp.float32)
+    )
+  return args
+
+
+def make_plan(cfg: ModelConfig, lp: dict, scales: dict, config: PersistentConfig, grid: int, interpret: bool):
+  """The static `Plan` of a layer (cfg: `cfg.layer_config(layer)`)."""
+  return Plan(
+    d=cfg.hidden_size,
+    q_dim=cfg.q_dim,
+    kv_dim=cfg.kv_dim,
+    inter=cfg.intermediate_size,
+    heads=cfg.num_attention_heads,
+    kv_heads=cfg.num_key_value_heads,
+    head_dim=cfg.head_dim,
+    rotary_dim=cfg.rotary_dim,
+    window=cfg.sliding_window,
+    attn_scale=float(cfg.attn_scale),
+    eps=float(cfg.rms_norm_eps),
+    has_bias="bias" in lp["self_attn"]["qkv_proj"],
+    scaled=tuple(proj in scales for _, proj in SITES),
+    config=config,
+    programs=grid,
+    interpret=interpret,
+  )
+
+
+def decoder_layer(
+  cfg: ModelConfig,
+  lp: dict,
+  h: jax.Array,
+  kv: dict,
+  length,
+  thresholds: dict,
+  scales: dict,
+  counter: jax.Array,
+  *,
+  config: PersistentConfig = PersistentConfig(),
+  grid: Optional[int] = None,
+  interpret: bool = False,
+  split: bool = False,
+  sms: Optional[int] = None,
+) -> tuple[jax.Array, dict]:
+  """One decoder layer step through the kernel: residual h [1, 1, d] at position `length` -> (h_out
+  [1, 1, d], {'k', 'v'} with slot `length` written). cfg: `cfg.layer_config(layer)`; thresholds, scales,
+  counter as `layer_args`; grid: programs (None: `default_grid`), checked against the SM count (`sms`, else
+  the device's) with `check_grid`; split: one launch per phase (interpret mode's only way to a grid > 1)."""
+  reason = unsupported(cfg, lp, h.shape[0], h.shape[1], (), config)
+  if reason:
+    raise ValueError(f"the persistent layer kernel does not take this step: {reason}")
+  if grid is None:
+    grid = default_grid(config, interpret)
+  elif not interpret:
+    check_grid(grid, sms or sm_count(), config.programs_per_sm)
+  if interpret and grid > 1 and not split:
+    raise ValueError(
+      f"interpret mode runs programs one after another, so a grid of {grid} would deadlock at its first "
+      "wait; use grid=1 or split=True"
+    )
+  plan = make_plan(cfg, lp, scales, config, grid, interpret)
+  args = layer_args(cfg, lp, h.reshape(-1), kv, length, thresholds, scales, counter)
+  h_out, k, v = run_layer(args, plan, split)
+  return h_out.reshape(h.shape), {"k": k, "v": v}
