@@ -52,6 +52,7 @@ GRID = os.path.join(ROOT, "results", "sweep", "protocol")  # 2026-12-02: declare
 PROTOCOL_TF32 = {
   "SmolLM2-135M": os.path.join(GRID, "smollm2", "tf32"),
   "Qwen2.5-Coder-1.5B": os.path.join(GRID, "qwen1.5b", "tf32"),
+  "Gemma-3-270M": os.path.join(GRID, "gemma3-270m", "tf32"),
 }
 PROTOCOL_F32 = {
   "SmolLM2-135M": os.path.join(GRID, "smollm2", "float32"),

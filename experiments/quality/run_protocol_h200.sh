@@ -50,6 +50,7 @@ case $stage in
     [[ -d ~/repo/wina_jax ]] || { tar --exclude=./.gpu -cf - . | tar -xf - -C ~/repo && mkdir -p ~/repo/.gpu; }
     cp .gpu/*.npz ~/repo/.gpu/ && ln -sf ~/models/$file ~/repo/.gpu/$file
     # Finished cells (committed under results/sweep/protocol/) are seeded, so a rerun only adds missing ones.
+    shopt -s nullglob  # a model with no committed cells yet seeds nothing
     for d in results/sweep/protocol/$dir/*/topk-*/cells; do
       rel=${d#results/sweep/protocol/$dir/}
       mkdir -p ~/runs/$model/"$rel" && cp -n "$d"/*.json ~/runs/$model/"$rel"/ 2>/dev/null
