@@ -146,3 +146,23 @@ def test_every_method_runs_on_tiny_gemma3():
   prop, kl = analysis.propagated(params, cfg, tokens, run, sp)
   assert kl > 0 and set(iso) == set(prop) == set(S.linear_sites(cfg))
   assert all(0.4 <= r["dropped"] <= 0.6 and 0 < r["rel_actual"] < 1 for r in iso.values())
+
+
+def test_layerwise_runs_every_layer_as_forward_does_on_tiny_gemma3():
+  """Calibration, greedy allocation and the error analysis run one shared layer function (sites renamed to
+  layer 0); on tiny gemma3 (embedding x sqrt(d); local layers with window 4 and rope base 100, a global one
+  with linearly scaled rope 1e4; 24 tokens) the residual entering every layer, and each layer's output, equal
+  forward's. (Before 2026-12-02 they ran every layer as layer 0, a local one, on the unscaled embedding.)"""
+  from wina_jax.sparsity import layerwise
+
+  params, cfg = from_transformers(make_hf_model("gemma3"))
+  assert {cfg.layer_config(i).rope_theta for i in range(cfg.num_hidden_layers)} == {100.0, 10000.0}
+  tokens = jnp.asarray(np.random.RandomState(0).randint(0, cfg.vocab_size, (2, 24)))
+  want = forward(params, tokens, cfg, collect=("residual",)).aux["residual"]
+  for layer, h in layerwise.residuals(params, cfg, tokens):
+    ref = np.asarray(want[f"layers.{layer}.self_attn"])
+    np.testing.assert_allclose(np.asarray(h), ref, atol=1e-5 * np.abs(ref).max(), rtol=0)
+  sp = sparsity.make("teal", params, cfg, 0.5)
+  got = layerwise.zero_frac(params, cfg, sp, tokens)
+  ref = forward(params, tokens, cfg, sp, collect=("zero_frac",)).aux["zero_frac"]
+  np.testing.assert_allclose([got[s] for s in sorted(ref)], [float(ref[s]) for s in sorted(ref)], atol=1e-6)

@@ -314,6 +314,17 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) ->
   }
 
 
+def scale_embedding(cfg: ModelConfig, h: jax.Array) -> jax.Array:
+  """The embedding output [B, T, d] times `cfg.embed_scale` (Gemma: sqrt(d), rounded to the embedding's dtype
+  as HF does): the residual entering layer 0."""
+  return h if cfg.embed_scale == 1.0 else h * jnp.asarray(cfg.embed_scale, h.dtype)
+
+
+def embed_tokens(params: Params, tokens, cfg: ModelConfig) -> jax.Array:
+  """The residual entering layer 0 for `tokens` [B, T]: [B, T, d] (what `forward` feeds its first layer)."""
+  return scale_embedding(cfg, params["embed_tokens"]["embedding"][jnp.asarray(tokens)])
+
+
 def run_decoder(
   cfg: ModelConfig,
   tokens: jax.Array,
@@ -350,9 +361,7 @@ def run_decoder(
   sparse_tok = None if dense_prefix is None else positions >= dense_prefix
   ctx = Context(sparsifier, sparse_tok, collect)
   with numerics.scope():  # declared matmul precision (true float32 unless set otherwise)
-    h = embed(tokens)
-    if cfg.embed_scale != 1.0:  # Gemma: sqrt(d), rounded to the embedding's dtype as HF does
-      h = h * jnp.asarray(cfg.embed_scale, h.dtype)
+    h = scale_embedding(cfg, embed(tokens))
     new_layers = {}
     for i in range(cfg.num_hidden_layers):
       kv = None if cache is None else cache["layers"][str(i)]

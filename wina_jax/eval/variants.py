@@ -451,7 +451,7 @@ def block_errors(
   if windows.ndim != 2 or windows.size == 0:
     raise ValueError(f"need token windows [N, T] with N, T >= 1, got shape {windows.shape}")
   hs = [
-    params["embed_tokens"]["embedding"][windows[i : i + batch_size]]
+    layerwise.embed_tokens(params, windows[i : i + batch_size], cfg)
     for i in range(0, len(windows), batch_size)
   ]
   out = {}
@@ -461,7 +461,7 @@ def block_errors(
     sites = tuple(S.site_name(0, b, p) for b in ("self_attn", "mlp") for p in S.block_sites(cfg, b))
     tot = {b: np.zeros(2) for b in ("self_attn", "mlp")}
     for i, h in enumerate(hs):
-      hs[i], sums = _layer_error_sums(lp, h, local, cfg, sites)
+      hs[i], sums = _layer_error_sums(lp, h, local, layerwise.layer_cfg(cfg, layer), sites)
       for site, (actual, ref) in sums.items():
         tot[S.parse_site(site)[1]] += (float(actual), float(ref))
     for b, (actual, ref) in tot.items():

@@ -33,7 +33,7 @@ def _errors(lp, h, target, thresholds, state, cfg, method, sites, start):
 
   def one(th):
     sp = ScoreSparsifier(method=method, mode="threshold", thresholds=dict(zip(sites, th)), state=state)
-    out = decoder_layer(cfg, lp, h, 0, sp)  # sites renamed to layer 0: one compile serves every layer
+    out = decoder_layer(cfg, lp, h, 0, sp)  # sites renamed to layer 0, cfg the layer's (layerwise.layer_cfg)
     return jnp.mean(jnp.linalg.norm((out - target)[:, start:].astype(jnp.float32), axis=-1))
 
   return jax.vmap(one)(thresholds)
@@ -67,15 +67,15 @@ def greedy(
     sites = layerwise.layer_sites(method.sites(cfg), layer)
     if layer not in wanted or not sites:
       continue
-    lp = params["layers"][str(layer)]
+    lp, lcfg = params["layers"][str(layer)], layerwise.layer_cfg(cfg, layer)
     w = np.asarray([counts[s] / cfg.hidden_size**2 for s in sites])
     errors = functools.partial(
       _errors,
       lp,
       h,
-      layerwise.dense_layer(lp, h, cfg),
+      layerwise.dense_layer(lp, h, lcfg),
       state=layerwise.local_state(state_all, sites),
-      cfg=cfg,
+      cfg=lcfg,
       method=method,
       sites=tuple(layerwise.local_site(s) for s in sites),
       start=start,

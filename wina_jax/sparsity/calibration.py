@@ -96,13 +96,13 @@ def calibrate(
     batch = np.concatenate(
       [batch, np.resize(batch, (batch_size - len(batch), batch.shape[1]))]
     )  # fixed shape
-    batches.append(params["embed_tokens"]["embedding"][jnp.asarray(batch)])
+    batches.append(layerwise.embed_tokens(params, batch, cfg))
   quantiles = {}
   for layer in tqdm(range(cfg.num_hidden_layers), desc=f"calibrate {method.name}", disable=not progress):
     here = layerwise.layer_sites(sites, layer)
     local = tuple(layerwise.local_site(s) for s in here)
     lstate = layerwise.local_state(state, here)
-    lp = params["layers"][str(layer)]
+    lp, lcfg = params["layers"][str(layer)], layerwise.layer_cfg(cfg, layer)
     # dense: one pass; upstream: one pass per input group, earlier groups of the layer already masked
     groups = (
       [here]
@@ -119,7 +119,7 @@ def calibrate(
       samples = {s: [] for s in group}
       for b, h in enumerate(batches):
         out = _layer_samples(
-          lp, h, valid[b], sp, jax.random.fold_in(jax.random.fold_in(key, b), layer), cfg, local, n
+          lp, h, valid[b], sp, jax.random.fold_in(jax.random.fold_in(key, b), layer), lcfg, local, n
         )  # all sites sampled (one compile), the group's kept
         for s, l in zip(group, names):
           samples[s].append(np.asarray(out[l])[: n * valid[b] // batch_size])  # equal samples per window
@@ -129,8 +129,8 @@ def calibrate(
           Calibration(method, "", levels, quantiles, 0).threshold(s, targets[s]), jnp.float32
         )
     if upstream is None:
-      batches = [layerwise.dense_layer(lp, h, cfg) for h in batches]
+      batches = [layerwise.dense_layer(lp, h, lcfg) for h in batches]
     else:
       sp = ScoreSparsifier(method=method, mode="threshold", thresholds=th, state=lstate)
-      batches = [layerwise.sparse_layer(lp, h, sp, cfg) for h in batches]
+      batches = [layerwise.sparse_layer(lp, h, sp, lcfg) for h in batches]
   return Calibration(method, fingerprint(params, cfg), levels, quantiles, int(windows.size))

@@ -1,7 +1,9 @@
 """Run the dense model one decoder layer at a time with a single compiled layer function.
 
 Calibration and allocation only need each layer's inputs and outputs, so they compile one layer (with
-its sites renamed to layer 0) and reuse it for every layer instead of compiling the whole model.
+its sites renamed to layer 0) and reuse it for every layer instead of compiling the whole model. Layer i
+runs as layer 0 of `layer_cfg(cfg, i)`, its own window and rope (Gemma's local / global layers): one
+compile per distinct layer config. The residual entering layer 0 is `model.embed_tokens` (scaled embedding).
 """
 
 from __future__ import annotations
@@ -11,18 +13,23 @@ from collections.abc import Iterator
 from typing import Optional
 
 import jax
-import jax.numpy as jnp
 
 from wina_jax import families
 from wina_jax import sites as S
 from wina_jax.config import ModelConfig
-from wina_jax.model import decoder_layer, decoder_layer_aux
+from wina_jax.model import decoder_layer, decoder_layer_aux, embed_tokens
 
 
 def local_site(site: str) -> str:
   """'layers.7.mlp.up_proj' -> 'layers.0.mlp.up_proj' (the name inside the shared layer function)."""
   _, block, proj = S.parse_site(site)
   return S.site_name(0, block, proj)
+
+
+def layer_cfg(cfg: ModelConfig, layer: int) -> ModelConfig:
+  """The config under which the shared layer function (layer 0) computes layer `layer`: its window and rope
+  resolved (`ModelConfig.layer_config`), so layer 0's own kind does not stand in for every layer."""
+  return cfg.layer_config(layer)
 
 
 def layer_sites(sites, layer: int) -> list[str]:
@@ -41,22 +48,22 @@ def input_group(site: str) -> str:
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def dense_layer(lp: dict, h: jax.Array, cfg: ModelConfig) -> jax.Array:
-  """Output residual [B, T, d] of one dense layer for its input residual `h` [B, T, d]."""
+  """Output residual [B, T, d] of one dense layer for its input residual `h` [B, T, d]; cfg: `layer_cfg`."""
   return decoder_layer(cfg, lp, h, 0)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def sparse_layer(lp: dict, h: jax.Array, sparsifier, cfg: ModelConfig) -> jax.Array:
-  """`dense_layer` with a pytree sparsifier keyed by layer-0 site names (see `local_site`)."""
+  """`dense_layer` with a pytree sparsifier keyed by layer-0 site names (see `local_site`); cfg: `layer_cfg`."""
   return decoder_layer(cfg, lp, h, 0, sparsifier)
 
 
 def residuals(params: dict, cfg: ModelConfig, tokens, upto: Optional[int] = None) -> Iterator[tuple]:
   """Yield (layer, residual entering it [B, T, d]) for layers 0 .. upto-1 of the dense model."""
-  h = params["embed_tokens"]["embedding"][jnp.asarray(tokens)]
+  h = embed_tokens(params, tokens, cfg)
   for layer in range(cfg.num_hidden_layers if upto is None else upto):
     yield layer, h
-    h = dense_layer(params["layers"][str(layer)], h, cfg)
+    h = dense_layer(params["layers"][str(layer)], h, layer_cfg(cfg, layer))
 
 
 def localize(sparsifier, layer: int):
@@ -79,8 +86,9 @@ def zero_frac(params: dict, cfg: ModelConfig, sparsifier, tokens) -> dict:
   """{site: fraction of zeroed inputs} of a `ScoreSparsifier` over `tokens` [B, T], every token sparse:
   what `forward(..., collect=("zero_frac",))` reports, with one compiled layer instead of the model."""
   out = {}
-  h = params["embed_tokens"]["embedding"][jnp.asarray(tokens)]
+  h = embed_tokens(params, tokens, cfg)
   for layer in range(cfg.num_hidden_layers):
-    h, zf = _counted_layer(params["layers"][str(layer)], h, localize(sparsifier, layer), cfg)
+    lp = params["layers"][str(layer)]
+    h, zf = _counted_layer(lp, h, localize(sparsifier, layer), layer_cfg(cfg, layer))
     out.update({S.site_name(layer, *S.parse_site(s)[1:]): float(v) for s, v in zf.items()})
   return out
