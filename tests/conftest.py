@@ -1,10 +1,22 @@
-"""Shared fixtures: float32 matmuls at full precision, tiny HF models, the real SmolLM2."""
+"""Shared fixtures: float32 matmuls at full precision, tiny HF models, the real SmolLM2, transformers' cached
+references for the real GGUF models."""
+
+import gc
+import hashlib
+import os
 
 import jax
 import numpy as np
 import pytest
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+def pytest_collection_modifyitems(config, items):
+  """Tests marked `slow` run first (stable order otherwise): under `pytest -n 2` the long ones then overlap
+  the many short ones instead of leaving one worker idle at the end."""
+  items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
 
 TINY = dict(
   vocab_size=97,
@@ -94,3 +106,32 @@ def smollm2_tokenizer():
 @pytest.fixture
 def rng():
   return np.random.RandomState(0)
+
+
+def gguf_reference(tag: str, path: str, sha256: str, ids: np.ndarray, gen: int, model_type: str):
+  """(transformers' float32 logits [1, T, vocab] of `ids` [1, T], its greedy `gen` tokens) for the GGUF at
+  `path` (sha256 `sha256`), loaded by transformers itself (minutes on 2 cores), cached in the cache root as
+  `{tag}-reference-{key}.npz`, key: the file's sha256, the transformers version and the tokens (a machine pays
+  for it once)."""
+  import torch
+  import transformers
+
+  from wina_jax import assets
+
+  key = hashlib.sha1(f"{sha256}|{transformers.__version__}|{ids.tobytes().hex()}".encode()).hexdigest()[:16]
+  cached = os.path.join(assets.cache_root(), f"{tag}-reference-{key}.npz")
+  if os.path.isfile(cached):
+    with np.load(cached) as z:
+      return z["logits"], z["gen"]
+  folder, name = os.path.split(path)
+  hf = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+  assert hf.config.model_type == model_type, hf.config.model_type
+  with torch.no_grad():
+    logits = hf(torch.tensor(ids)).logits.numpy()
+    out = hf.generate(torch.tensor(ids), max_new_tokens=gen, do_sample=False)[0, ids.shape[1] :].numpy()
+  del hf
+  gc.collect()
+  tmp = cached + f".{os.getpid()}.npz"
+  np.savez(tmp, logits=logits, gen=out)
+  os.replace(tmp, cached)
+  return logits, out

@@ -132,6 +132,7 @@ def test_layerwise_zero_frac_matches_forward(tiny):
     assert got[site] == pytest.approx(float(v), abs=1e-3), site
 
 
+@pytest.mark.slow
 def test_threshold_variants_hit_targets_on_heldout_smollm2(smollm2, smollm2_tokenizer):
   """The sweep's path (`variants`, threshold mode, upstream calibration by default): measured
   parameter-weighted sparsity on held-out text within 1 point of the model-level sparsity the target means

