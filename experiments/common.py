@@ -47,6 +47,11 @@ TOPK_IMPL = flags.DEFINE_string(
   "Top-k selection (wina_jax.sparsity.select): radix[:fanout] | sort | '' = by backend. Masks are "
   "identical; only speed differs.",
 )
+flags.register_validator(
+  TOPK_IMPL,
+  lambda v: not v or not select.impl_problem(v, traced_k=True),
+  "--topk_impl must be radix[:F] (F a power of two >= 2), sort, or '' (by backend); lax needs a static k",
+)
 
 METHODS_MODULE = flags.DEFINE_multi_string(
   "methods_module",

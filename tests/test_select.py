@@ -77,3 +77,15 @@ def test_one_trace_serves_every_sparsity_and_allocation(tiny_llama):
   assert len(traces) == 1
   dense = M.forward(params, tokens, cfg).logits
   assert not np.allclose(np.asarray(got), np.asarray(dense), atol=1e-3)  # really sparse
+
+
+def test_impl_problem_names_what_is_wrong():
+  """The impl names scripts accept (`--topk_impl`, bench_loop's `--impls`), refused before anything runs."""
+  for ok in ("radix", "radix:2", "radix:64", "sort", "lax"):
+    assert select.impl_problem(ok) is None
+  assert "static k" in select.impl_problem("lax", traced_k=True)
+  assert "power of two" in select.impl_problem("radix:3")
+  assert "radix:F" in select.impl_problem("sort:4")
+  assert "choose from" in select.impl_problem("heap")
+  with pytest.raises(ValueError, match="'radix:0'.*power of two"):
+    select.set_default_impl("radix:0")

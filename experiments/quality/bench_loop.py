@@ -38,7 +38,10 @@ PRECISIONS = flags.DEFINE_list("precisions", ["float32", "tf32", "bfloat16"], "M
 RUNS = flags.DEFINE_list(
   "runs", ["dense", "teal:topk", "wina:topk", "teal:threshold"], "method:mode pairs ('dense' alone)."
 )
-IMPLS = flags.DEFINE_list("impls", ["radix", "sort"], "Top-k selection impls timed (sparsity.select).")
+IMPLS = common.check(
+  flags.DEFINE_list("impls", ["radix", "sort"], "Top-k selection impls of the forward rows (k is data)."),
+  checks.each(lambda v: select.impl_problem(v, traced_k=True), parse=str, nonempty=True),
+)
 SPARSITY = common.check(
   flags.DEFINE_float("sparsity", 0.5, "Target sparsity of the sparse runs."),
   checks.real(0.0, 1.0, lo_open=True, hi_open=True),
@@ -47,10 +50,13 @@ TORCH = flags.DEFINE_bool("torch", True, "Time torch + transformers with pre-hoo
 SELECT_SHAPES = flags.DEFINE_list(
   "select_shapes", ["4096x8960", "4096x1536"], "[tokens x d] of `select` rows."
 )
-SELECT_IMPLS = flags.DEFINE_list(
-  "select_impls",
-  ["lax", "sort", "radix:2", "radix:4", "radix:8", "radix:16", "radix:64"],
-  "impl[:fanout] of `select` rows.",
+SELECT_IMPLS = common.check(
+  flags.DEFINE_list(
+    "select_impls",
+    ["lax", "sort", "radix:2", "radix:4", "radix:8", "radix:16", "radix:64"],
+    "impl[:fanout] of `select` rows.",
+  ),
+  checks.each(select.impl_problem, parse=str),
 )
 REPEATS = common.check(
   flags.DEFINE_integer("repeats", 5, "Timed calls per row (median)."), checks.count(hi=1000)

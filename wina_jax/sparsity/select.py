@@ -29,11 +29,24 @@ FANOUT = 16  # radix pivots per pass + 1: 8 passes pin a 32-bit key (measured ch
 _DEFAULT: list[Optional[str]] = [None]
 
 
+def impl_problem(impl: str, *, traced_k: bool = False) -> Optional[str]:
+  """Why `impl` ('radix[:F]' | 'sort' | 'lax') cannot select, or None; traced_k: k is data (a sparsifier's k,
+  one program for every sparsity), which 'lax' cannot take."""
+  name, _, fan = impl.partition(":")
+  if name not in IMPLS:
+    return f"is not a top-k impl; choose from {IMPLS} (radix takes ':fanout')"
+  if fan and (name != "radix" or not fan.isdigit() or int(fan) < 2 or int(fan) & (int(fan) - 1)):
+    return "takes a fanout only as radix:F, F a power of two >= 2"
+  if traced_k and name == "lax":
+    return "needs a static k (lax.top_k); here k is data: use radix[:F] or sort"
+  return None
+
+
 def set_default_impl(impl: Optional[str]) -> None:
   """Set the impl `default_impl` returns (None: by backend). Sparsifiers store the impl they were made
   with (a static field, so the jit cache keys on it): set this before `sparsity.make`."""
-  if impl is not None and impl.partition(":")[0] not in IMPLS:
-    raise ValueError(f"unknown top-k impl {impl!r}; choose from {IMPLS} (radix takes ':fanout')")
+  if impl is not None and (why := impl_problem(impl)):
+    raise ValueError(f"top-k impl {impl!r} {why}")
   _DEFAULT[0] = impl
 
 
