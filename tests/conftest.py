@@ -14,7 +14,8 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 def pytest_collection_modifyitems(config, items):
   """Tests marked `slow` run first (stable order otherwise): under `pytest -n 2` the long ones then overlap
-  the many short ones instead of leaving one worker idle at the end."""
+  the many short ones instead of leaving one worker idle at the end. Mark no test whose module fixture its
+  neighbours share (test_inputs' `walked`): moved apart, the two workers would each build it."""
   items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 

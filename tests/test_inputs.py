@@ -123,7 +123,6 @@ def probes(result: dict):
         yield name, flag, value, error, flag["probes"][value + ":seconds"]
 
 
-@pytest.mark.slow
 def test_defaults_pass_their_rules(walked):
   _, results = walked
   assert {m: r["defaults"] for m, r in results.items() if r["defaults"] is not None} == {}
