@@ -461,7 +461,7 @@ def block_errors(
     sites = tuple(S.site_name(0, b, p) for b in ("self_attn", "mlp") for p in S.block_sites(cfg, b))
     tot = {b: np.zeros(2) for b in ("self_attn", "mlp")}
     for i, h in enumerate(hs):
-      hs[i], sums = _layer_error_sums(lp, h, local, layerwise.layer_cfg(cfg, layer), sites)
+      hs[i], sums = _layer_error_sums(lp, h, local, cfg.layer_config(layer), sites)
       for site, (actual, ref) in sums.items():
         tot[S.parse_site(site)[1]] += (float(actual), float(ref))
     for b, (actual, ref) in tot.items():

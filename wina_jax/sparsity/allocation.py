@@ -33,7 +33,7 @@ def _errors(lp, h, target, thresholds, state, cfg, method, sites, start):
 
   def one(th):
     sp = ScoreSparsifier(method=method, mode="threshold", thresholds=dict(zip(sites, th)), state=state)
-    out = decoder_layer(cfg, lp, h, 0, sp)  # sites renamed to layer 0, cfg the layer's (layerwise.layer_cfg)
+    out = decoder_layer(cfg, lp, h, 0, sp)  # sites renamed to layer 0, cfg the layer's (layer_config)
     return jnp.mean(jnp.linalg.norm((out - target)[:, start:].astype(jnp.float32), axis=-1))
 
   return jax.vmap(one)(thresholds)
@@ -67,7 +67,7 @@ def greedy(
     sites = layerwise.layer_sites(method.sites(cfg), layer)
     if layer not in wanted or not sites:
       continue
-    lp, lcfg = params["layers"][str(layer)], layerwise.layer_cfg(cfg, layer)
+    lp, lcfg = params["layers"][str(layer)], cfg.layer_config(layer)
     w = np.asarray([counts[s] / cfg.hidden_size**2 for s in sites])
     errors = functools.partial(
       _errors,

@@ -102,7 +102,7 @@ def calibrate(
     here = layerwise.layer_sites(sites, layer)
     local = tuple(layerwise.local_site(s) for s in here)
     lstate = layerwise.local_state(state, here)
-    lp, lcfg = params["layers"][str(layer)], layerwise.layer_cfg(cfg, layer)
+    lp, lcfg = params["layers"][str(layer)], cfg.layer_config(layer)
     # dense: one pass; upstream: one pass per input group, earlier groups of the layer already masked
     groups = (
       [here]

@@ -2,7 +2,7 @@
 
 Calibration and allocation only need each layer's inputs and outputs, so they compile one layer (with
 its sites renamed to layer 0) and reuse it for every layer instead of compiling the whole model. Layer i
-runs as layer 0 of `layer_cfg(cfg, i)`, its own window and rope (Gemma's local / global layers): one
+runs as layer 0 of `cfg.layer_config(i)`, its own window and rope (Gemma's local / global layers): one
 compile per distinct layer config. The residual entering layer 0 is `model.embed_tokens` (scaled embedding).
 """
 
@@ -26,12 +26,6 @@ def local_site(site: str) -> str:
   return S.site_name(0, block, proj)
 
 
-def layer_cfg(cfg: ModelConfig, layer: int) -> ModelConfig:
-  """The config under which the shared layer function (layer 0) computes layer `layer`: its window and rope
-  resolved (`ModelConfig.layer_config`), so layer 0's own kind does not stand in for every layer."""
-  return cfg.layer_config(layer)
-
-
 def layer_sites(sites, layer: int) -> list[str]:
   return [s for s in sites if S.parse_site(s)[0] == layer]
 
@@ -48,13 +42,13 @@ def input_group(site: str) -> str:
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def dense_layer(lp: dict, h: jax.Array, cfg: ModelConfig) -> jax.Array:
-  """Output residual [B, T, d] of one dense layer for its input residual `h` [B, T, d]; cfg: `layer_cfg`."""
+  """Output residual [B, T, d] of one dense layer for its input residual `h` [B, T, d]; cfg: `cfg.layer_config(i)` of layer i."""
   return decoder_layer(cfg, lp, h, 0)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def sparse_layer(lp: dict, h: jax.Array, sparsifier, cfg: ModelConfig) -> jax.Array:
-  """`dense_layer` with a pytree sparsifier keyed by layer-0 site names (see `local_site`); cfg: `layer_cfg`."""
+  """`dense_layer` with a pytree sparsifier keyed by layer-0 site names (see `local_site`); cfg: `cfg.layer_config(i)` of layer i."""
   return decoder_layer(cfg, lp, h, 0, sparsifier)
 
 
@@ -63,7 +57,7 @@ def residuals(params: dict, cfg: ModelConfig, tokens, upto: Optional[int] = None
   h = embed_tokens(params, tokens, cfg)
   for layer in range(cfg.num_hidden_layers if upto is None else upto):
     yield layer, h
-    h = dense_layer(params["layers"][str(layer)], h, layer_cfg(cfg, layer))
+    h = dense_layer(params["layers"][str(layer)], h, cfg.layer_config(layer))
 
 
 def localize(sparsifier, layer: int):
@@ -89,6 +83,6 @@ def zero_frac(params: dict, cfg: ModelConfig, sparsifier, tokens) -> dict:
   h = embed_tokens(params, tokens, cfg)
   for layer in range(cfg.num_hidden_layers):
     lp = params["layers"][str(layer)]
-    h, zf = _counted_layer(lp, h, localize(sparsifier, layer), layer_cfg(cfg, layer))
+    h, zf = _counted_layer(lp, h, localize(sparsifier, layer), cfg.layer_config(layer))
     out.update({S.site_name(layer, *S.parse_site(s)[1:]): float(v) for s, v in zf.items()})
   return out
