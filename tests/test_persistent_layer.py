@@ -62,6 +62,14 @@ def widths(cfg, proj):
   }.get(proj, (cfg.hidden_size,))
 
 
+def midway_in_widest_gap(srt: np.ndarray, lo: int, hi: int) -> np.ndarray:
+  """Sorted scores [R, n] -> [R]: per row, the midpoint of the widest gap srt[j - 1] | srt[j] over j in
+  [lo, hi] (1 <= lo <= hi < n): a threshold that no score lies near."""
+  k = lo + np.argmax(srt[:, lo : hi + 1] - srt[:, lo - 1 : hi], axis=1)
+  rows = np.arange(len(srt))
+  return (srt[rows, k - 1] + srt[rows, k]) / 2
+
+
 def thresholds_at(cfg, lp, h, kv, sparsity, scaled, layer=0):
   """({site: [S] thresholds}, {site: [S, d_in] scales}, segments) near the `sparsity` quantile (> 0) of each
   segment's scores on this step's own site inputs, midway across the widest gap between neighbouring scores
@@ -80,10 +88,8 @@ def thresholds_at(cfg, lp, h, kv, sparsity, scaled, layer=0):
     score = np.abs(np.asarray(x, np.float32).reshape(1, -1)) * (norms if scaled else 1.0)
     srt = np.sort(score, axis=1)
     n = srt.shape[1]
-    lo, hi = max(int(sparsity * n) - 8, 1), min(int(sparsity * n) + 8, n - 1)  # the widest gap j-1 | j there
-    k = lo + np.argmax(srt[:, lo : hi + 1] - srt[:, lo - 1 : hi], axis=1)
-    rows = np.arange(len(srt))
-    thr[site] = jnp.asarray((srt[rows, k - 1] + srt[rows, k]) / 2, jnp.float32)
+    lo, hi = max(int(sparsity * n) - 8, 1), min(int(sparsity * n) + 8, n - 1)
+    thr[site] = jnp.asarray(midway_in_widest_gap(srt, lo, hi), jnp.float32)
     if scaled:
       scales[site] = jnp.asarray(norms)
     if len(ws) > 1:
@@ -178,10 +184,8 @@ def decode_thresholds(params, cfg, tokens, lo=0.4, hi=0.6):
   for site in S.linear_sites(cfg):
     sp = FusedThresholdSparsifier.create(one, backend="xla")
     x = M.forward(params, tokens, cfg, sp, collect=("inputs",)).aux["inputs"][site]
-    v = np.sort(np.abs(np.asarray(x, np.float32)).ravel())
-    mid = v[int(lo * v.size) : int(hi * v.size)]
-    i = int(np.argmax(np.diff(mid)))
-    one[site] = np.float32((mid[i] + mid[i + 1]) / 2)
+    v = np.sort(np.abs(np.asarray(x, np.float32)).reshape(1, -1))
+    one[site] = np.float32(midway_in_widest_gap(v, int(lo * v.size) + 1, int(hi * v.size) - 1)[0])
   ws = {site: widths(cfg, S.parse_site(site)[2]) for site in one}
   return {s: np.full(len(ws[s]), t) for s, t in one.items()}, {s: w for s, w in ws.items() if len(w) > 1}
 
