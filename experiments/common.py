@@ -47,11 +47,6 @@ TOPK_IMPL = flags.DEFINE_string(
   "Top-k selection (wina_jax.sparsity.select): radix[:fanout] | sort | '' = by backend. Masks are "
   "identical; only speed differs.",
 )
-flags.register_validator(
-  TOPK_IMPL,
-  lambda v: not v or not select.impl_problem(v, traced_k=True),
-  "--topk_impl must be radix[:F] (F a power of two >= 2), sort, or '' (by backend); lax needs a static k",
-)
 
 METHODS_MODULE = flags.DEFINE_multi_string(
   "methods_module",
@@ -107,6 +102,14 @@ def check(holder: flags.FlagHolder, rule: checks.Rule) -> flags.FlagHolder:
 
 
 MODEL_RULE = checks.model(tuple(assets.MODELS))
+
+
+def topk_impl_rule(value: str) -> str | None:
+  """A top-k impl for sparsifiers, whose k is data ('' allowed: by backend): `select.impl_problem`."""
+  return select.impl_problem(value, traced_k=True) if value else None
+
+
+check(TOPK_IMPL, topk_impl_rule)
 
 
 def method_rule(value) -> str | None:

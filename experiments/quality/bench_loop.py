@@ -40,7 +40,7 @@ RUNS = flags.DEFINE_list(
 )
 IMPLS = common.check(
   flags.DEFINE_list("impls", ["radix", "sort"], "Top-k selection impls of the forward rows (k is data)."),
-  checks.each(lambda v: select.impl_problem(v, traced_k=True), parse=str, nonempty=True),
+  checks.each(common.topk_impl_rule, parse=str, nonempty=True),
 )
 SPARSITY = common.check(
   flags.DEFINE_float("sparsity", 0.5, "Target sparsity of the sparse runs."),
