@@ -7,9 +7,9 @@ dispatched per token and 0.8-0.9 ms in the loop; real steps hide most dispatch b
 (benchmarks/results/decode_h200.md). A `FusedThresholdSparsifier` (threshold mode, no top-k) is
 traced: new thresholds reuse the compiled step. `fuse_projections` / `fuse_state` turn q|k|v and
 gate|up into one kernel each (the family's fused layout `Family.fused`, Phi-3's; one threshold and scale
-per segment), which saves three launches per layer. A sparsifier under backend 'persistent' (`FusedThresholdSparsifier.as_persistent`) runs each batch-1 layer step
-as one persistent kernel launch (`kernels.persistent_layer`) and the per-site kernels elsewhere.
-`fast_sparsifier(sp, cfg)` is the way in from any
+per segment), which saves three launches per layer. A sparsifier under backend 'persistent'
+(`FusedThresholdSparsifier.as_persistent`) runs each batch-1 layer step as one persistent kernel launch
+(`kernels.persistent_layer`) and the per-site kernels elsewhere. `fast_sparsifier(sp, cfg)` is the way in from any
 method's calibrated `ScoreSparsifier`: the method's declared `fast_scale` maps its thresholds and scales to
 the kernels' `|x| * scale > t`, or it refuses the method (`wina_jax.sparsity.fastpath`).
 """
