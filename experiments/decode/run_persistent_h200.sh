@@ -9,12 +9,15 @@
 #           65 (WINA) / 99.9 %, a 32-step decode of 4 Llama-3-8B-shaped layers, the refused oversized grid)
 #           -> OUT/tests.log
 #   wait    experiments.decode.wait_cost: empty phases, 0 / 1 / 6 / 64 waits per launch -> OUT/wait_cost.json
+#   precision  Llama-3-8B, dense and TEAL 50 % at --precision=bfloat16 (the XLA dense baseline's matmul
+#           precision, A/B against the float32 default of the stages below) -> OUT/bench_llama_bf16.json
+#   sweep   Llama-3-8B, dense and TEAL 50 % at the default precision, the persistent kernel at each of PSWEEP's
+#           tilings (more warps, more programs per SM: the dense phase moved 43 % of copy bandwidth with 4
+#           warps x 1 program per SM) -> OUT/bench_llama_sweep.json
 #   llama   bench_decode, Llama-3-8B shape, batch 1, Pallas attention, TEAL at 0 / 50 / 65 / 99.9 %: dense,
 #           the per-site kernels (benchmarks/configs/h200_partials.json) and the persistent kernel (PCONFIGS,
 #           comma-separated persistent_layer.parse_config specs, default 256:32:256) in one run, with the
 #           no-linear (weightless) step -> OUT/bench_llama.json
-#   precision  dense and TEAL 50 % at --precision=bfloat16 (the XLA dense baseline's matmul precision, A/B
-#           against llama's float32 default) -> OUT/bench_llama_bf16.json
 #   qwen    the same for Qwen-2.5-7B, if time is left -> OUT/bench_qwen.json
 #   wina    Llama-3-8B, WINA at 50 / 65 %, if time is left -> OUT/bench_llama_wina.json
 # If the tests stage times out (a hang at a wait), the bench stages run without the persistent kernel.
@@ -23,6 +26,8 @@ out=$1
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 end=$((SECONDS + ${BUDGET_S:-450}))
 pconfigs=${PCONFIGS:-256:32:256}
+# chunk:block_k:block_n:num_warps:num_stages:dense_at:block_s:programs_per_sm; riskier co-residency last
+psweep=${PSWEEP:-256:32:256:4:2:0.875:64:1,256:32:256:8:2:0.875:64:1,256:32:256:8:3:0.875:64:1,256:32:256:4:2:0.875:64:2,256:32:256:8:2:0.875:64:2,256:32:128:4:2:0.875:64:4}
 configs=benchmarks/configs/h200_partials.json
 left() { local l=$((end - SECONDS - 5)); [ "$l" -lt "$1" ] && echo "$l" || echo "$1"; }
 stage() {  # stage NAME LIMIT COMMAND...: run under min(LIMIT, time left), log to OUT/NAME.log
@@ -40,12 +45,14 @@ stage tests 200 python3 -m pytest -q -p no:cacheprovider -k gpu tests/test_persi
 stage wait 60 python3 -m experiments.decode.wait_cost --out="$out/wait_cost.json"
 bench="python3 -m experiments.decode.bench_decode --batches=1 --attention=pallas --configs=$configs --reps=3
   --host_rows=false --persistent_configs=$pconfigs"
-stage llama 280 $bench --models=llama3_8b --methods=teal --sparsities=0,0.5,0.65,0.999 --out="$out/bench_llama.json"
 # The dense baseline at bfloat16 matmuls beside the default (float32 = 'highest'): same numbers for bfloat16
 # weights (their products are exact in float32), XLA dense 5.8 ms vs 4.2 ms before precision was declared.
-stage precision 150 python3 -m experiments.decode.bench_decode --batches=1 --attention=pallas --configs=$configs \
+stage precision 120 python3 -m experiments.decode.bench_decode --batches=1 --attention=pallas --configs=$configs \
   --reps=3 --host_rows=false --models=llama3_8b --methods=teal --sparsities=0.5 --precision=bfloat16 \
-  --out="$out/bench_llama_bf16.json"
+  --persistent_configs=$pconfigs --out="$out/bench_llama_bf16.json"
+[ -n "$pconfigs" ] && stage sweep 220 $bench --models=llama3_8b --methods=teal --sparsities=0.5 \
+  --persistent_configs=$psweep --out="$out/bench_llama_sweep.json"
+stage llama 280 $bench --models=llama3_8b --methods=teal --sparsities=0,0.5,0.65,0.999 --out="$out/bench_llama.json"
 stage qwen 200 $bench --models=qwen25_7b --methods=teal --sparsities=0,0.5,0.65,0.999 --out="$out/bench_qwen.json"
 stage wina 200 $bench --models=llama3_8b --methods=wina --sparsities=0.5,0.65 --out="$out/bench_llama_wina.json"
 echo "== done $(date -u +%T)"

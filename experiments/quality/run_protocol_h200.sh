@@ -62,22 +62,31 @@ case $stage in
     export XLA_PYTHON_CLIENT_PREALLOCATE=false WINA_JAX_CACHE=off
     common=(--model=.gpu/$file --tasks=piqa,hellaswag,arc_easy,arc_challenge --seq_len=512 --ppl_windows=64
             --calib_windows=8 --mode=topk --buckets=64,128,256,512 --seeds=2 --noseed_tasks --topk_impl=$impl)
-    # GPU memory per job (XLA_PYTHON_CLIENT_MEM_FRACTION of 139 GiB): plain, transformed. A job holds the
-    # params twice (the perturbed re-runs) plus logit batches; Qwen needs ~16 GB, ~22 GB transformed.
-    case $model in
-      qwen) common+=(--bundle=.gpu/qwen-l300.npz --limit=300 --batch_tokens=2048 --ppl_batch=4) mem=0.16 memt=0.21
-            slots=(1 2 3 4 5) ;;  # the long pole: every job in its own process
-      smol) common+=(--bundle=.gpu/smol-l1000.npz --limit=1000 --batch_tokens=4096 --ppl_batch=16) mem=0.06 memt=0.08
-            slots=(1 2 3 4 1) ;;
-      gemma) common+=(--bundle=.gpu/gemma-l1000.npz --limit=1000 --batch_tokens=2048 --ppl_batch=4) mem=0.1 memt=0.12
-             slots=(1 2 3 2 1) ;;  # 262k-entry vocabulary: 2.1 GB logit batches
-    esac
     all="--sparsities=0.5,0.65,0.25,0.4"
-    jobs=("tf32 uniform dense,teal,cats,wina $mem $all"
-          "tf32 uniform teal-transform,wina-transform $memt $all"
-          "tf32 greedy teal,wina $mem $all --max_effective=0.7"
-          "tf32 greedy teal-transform,wina-transform $memt $all --max_effective=0.7"
-          "float32 uniform dense,teal,wina $mem --sparsities=0.5,0.65")
+    uni="tf32 uniform dense,teal,cats,wina" f32="float32 uniform dense,teal,wina" gre="tf32 greedy teal,wina"
+    # Jobs: "PRECISION ALLOCATION METHODS MEM_FRACTION FLAGS..." and the chain (slot) each runs in; a chain
+    # runs its jobs one after another. GPU memory per job (XLA_PYTHON_CLIENT_MEM_FRACTION of 139 GiB): a job
+    # holds the params twice (the perturbed re-runs) plus logit batches, and every transformed copy it made;
+    # Qwen needs ~16 GB, ~22 GB transformed. Jobs whose cells are all committed exit before loading the model.
+    case $model in
+      qwen) common+=(--bundle=.gpu/qwen-l300.npz --limit=300 --batch_tokens=2048 --ppl_batch=4)
+            # the long pole: every job in its own chain, each greedy transform alone (its search is the cost)
+            jobs=("$uni 0.16 $all" "tf32 uniform teal-transform,wina-transform 0.21 $all"
+                  "$gre 0.16 $all --max_effective=0.7" "tf32 greedy teal-transform 0.21 $all --max_effective=0.7"
+                  "tf32 greedy wina-transform 0.21 $all --max_effective=0.7" "$f32 0.16 --sparsities=0.5,0.65")
+            slots=(1 2 3 4 5 6) ;;
+      smol) common+=(--bundle=.gpu/smol-l1000.npz --limit=1000 --batch_tokens=4096 --ppl_batch=16)
+            jobs=("$uni 0.06 $all" "tf32 uniform teal-transform,wina-transform 0.08 $all"
+                  "$gre 0.06 $all --max_effective=0.7" "tf32 greedy teal-transform,wina-transform 0.08 $all --max_effective=0.7"
+                  "$f32 0.06 --sparsities=0.5,0.65")
+            slots=(1 2 3 4 1) ;;
+      gemma) common+=(--bundle=.gpu/gemma-l1000.npz --limit=1000 --batch_tokens=2048 --ppl_batch=4)
+             # 262k-entry vocabulary: 2.1 GB logit batches. Greedy TEAL / WINA first, then the float32 check.
+             jobs=("$gre 0.1 $all --max_effective=0.7" "$f32 0.1 --sparsities=0.5,0.65" "$uni 0.1 $all"
+                   "tf32 uniform teal-transform,wina-transform 0.12 $all"
+                   "tf32 greedy teal-transform,wina-transform 0.12 $all --max_effective=0.7")
+             slots=(1 1 2 2 3) ;;
+    esac
     for slot in $(printf '%s\n' "${slots[@]}" | sort -u); do
       chain=""
       for i in "${!jobs[@]}"; do
