@@ -57,6 +57,7 @@ PROTOCOL_TF32 = {
 PROTOCOL_F32 = {
   "SmolLM2-135M": os.path.join(GRID, "smollm2", "float32"),
   "Qwen2.5-Coder-1.5B": os.path.join(GRID, "qwen1.5b", "float32"),
+  "Gemma-3-270M": os.path.join(GRID, "gemma3-270m", "float32"),
 }
 # (method, allocation) vs (method, allocation): WINA vs TEAL, what the transform does, what greedy does.
 COMPARISONS = tuple(
