@@ -8,6 +8,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from wina_jax import numerics
 from wina_jax.config import ModelConfig
 
 
@@ -81,12 +82,12 @@ def attention(
   kh = k.shape[2]
   qg = q.reshape(b, t, kh, h // kh, hd)
   acc = jnp.promote_types(q.dtype, jnp.float32)  # float32 softmax for bf16/f32 inputs; float64 stays
-  scores = jnp.einsum("btkgd,bskd->bkgts", qg, k).astype(acc) * (hd**-0.5 if scale is None else scale)
+  scores = numerics.einsum("btkgd,bskd->bkgts", qg, k).astype(acc) * (hd**-0.5 if scale is None else scale)
   k_pos = jnp.arange(k.shape[1])
   allowed = (k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] < kv_len)
   if sliding_window is not None:
     allowed &= (q_pos[:, None] - k_pos[None, :]) < sliding_window
   scores = jnp.where(allowed, scores, jnp.finfo(acc).min)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+  out = numerics.einsum("bkgts,bskd->btkgd", probs, v)
   return out.reshape(b, t, h, hd)

@@ -115,11 +115,11 @@ class Context:
     if norm is not None and fused_norm is None:
       x, norm = L.rms_norm(x, *norm), None
     if fused is None:
-      y = self.mask(site, x, kernel) @ kernel
+      y = numerics.matmul(self.mask(site, x, kernel), kernel)
     else:
       y = fused(site, x, kernel) if norm is None else fused_norm(site, x, *norm, kernel)
       if self.sparse_tok is not None:  # dense-prefix tokens need the dense product too
-        y = self._select(y, (x if norm is None else L.rms_norm(x, *norm)) @ kernel)
+        y = self._select(y, numerics.matmul(x if norm is None else L.rms_norm(x, *norm), kernel))
     return y + lin["bias"] if "bias" in lin else y
 
 
@@ -255,7 +255,7 @@ def _layer(
       norm = (norm_gain(cfg, lp[pre]["scale"]), cfg.rms_norm_eps) if proj in reads and not rotated else None
       return ctx.linear(S.site_name(layer, block, proj), x, lp[block][proj], norm)
 
-    return (rms(h, lp[pre]["scale"]) @ lp[rot]["kernel"] if rotated else h), project
+    return (numerics.matmul(rms(h, lp[pre]["scale"]), lp[rot]["kernel"]) if rotated else h), project
 
   def post(block, y):
     name = norms[block][1]
@@ -271,7 +271,8 @@ def _layer(
     x, project = inputs("mlp", "rotate_mlp", h)
     return post("mlp", mlp_block(cfg, x, project, layer, ctx))
 
-  return residual_layer(h, layer, ctx, attn, mlp, lambda key, h: h @ lp[key]["kernel"] if key in lp else h)
+  rotate = lambda key, h: numerics.matmul(h, lp[key]["kernel"]) if key in lp else h
+  return residual_layer(h, layer, ctx, attn, mlp, rotate)
 
 
 def decoder_layer_aux(
@@ -406,9 +407,8 @@ def forward(
     return _layer(cfg, lp, h, i, ctx, positions, kv, kv_len, attention) if out is None else out
 
   def head(h):
-    return L.rms_norm(h, norm_gain(cfg, params["norm"]["scale"]), cfg.rms_norm_eps) @ lm_head_kernel(
-      params, cfg
-    )
+    normed = L.rms_norm(h, norm_gain(cfg, params["norm"]["scale"]), cfg.rms_norm_eps)
+    return numerics.matmul(normed, lm_head_kernel(params, cfg))
 
   return run_decoder(
     cfg,

@@ -42,7 +42,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from wina_jax import families
+from wina_jax import families, numerics
 from wina_jax import layers as L
 from wina_jax import model as M
 from wina_jax import sites as S
@@ -100,7 +100,7 @@ class Embed(nn.Module):
     return self.embedding[tokens]
 
   def attend(self, h: jax.Array) -> jax.Array:
-    return h @ self.embedding.T
+    return numerics.matmul(h, self.embedding.T)
 
 
 class Linear(nn.Module):
@@ -208,7 +208,9 @@ class DecoderLayer(_Block):
     norm = lambda name: RMSNorm(cfg.rms_norm_eps, self.param_dtype, cfg.norm_offset, name=name)
 
     def rotate(key, h):
-      return h @ self.variables["params"][key]["kernel"] if self.has_variable("params", key) else h
+      return (
+        numerics.matmul(h, self.variables["params"][key]["kernel"]) if self.has_variable("params", key) else h
+      )
 
     def normed(block, rot, h):  # the block's pre-norm, then its input rotation if the tree has one
       return rotate(rot, norm(norms[block][0])(h))

@@ -70,11 +70,12 @@ case $stage in
     # Qwen needs ~16 GB, ~22 GB transformed. Jobs whose cells are all committed exit before loading the model.
     case $model in
       qwen) common+=(--bundle=.gpu/qwen-l300.npz --limit=300 --batch_tokens=2048 --ppl_batch=4)
-            # the long pole: every job in its own chain, each greedy transform alone (its search is the cost)
-            jobs=("$uni 0.16 $all" "tf32 uniform teal-transform,wina-transform 0.21 $all"
+            # the long pole: every job in its own chain, each transformed method alone (a job keeps every
+            # transformed copy it made: both in one job ran out of 0.21 of the GPU, 2026-12-02)
+            jobs=("$uni 0.16 $all" "tf32 uniform teal-transform 0.25 $all" "tf32 uniform wina-transform 0.25 $all"
                   "$gre 0.16 $all --max_effective=0.7" "tf32 greedy teal-transform 0.21 $all --max_effective=0.7"
                   "tf32 greedy wina-transform 0.21 $all --max_effective=0.7" "$f32 0.16 --sparsities=0.5,0.65")
-            slots=(1 2 3 4 5 6) ;;
+            slots=(1 2 3 4 5 6 7) ;;
       smol) common+=(--bundle=.gpu/smol-l1000.npz --limit=1000 --batch_tokens=4096 --ppl_batch=16)
             jobs=("$uni 0.06 $all" "tf32 uniform teal-transform,wina-transform 0.08 $all"
                   "$gre 0.06 $all --max_effective=0.7" "tf32 greedy teal-transform,wina-transform 0.08 $all --max_effective=0.7"

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from wina_jax.kernels.config import MAX_ROWS
+from wina_jax.numerics import dot_precision
 
 
 def keep_mask(x: jax.Array, threshold: jax.Array, scale: Optional[jax.Array]) -> jax.Array:
@@ -37,14 +38,15 @@ def masked_linear_xla(
     for s in range(len(segments))
   ]
   bounds = [(sum(segments[:s]), sum(segments[: s + 1])) for s in range(len(segments))]
+  f32 = dict(preferred_element_type=jnp.float32, precision=dot_precision(x, kernel))
   if len(segments) == 1:
-    y = jnp.dot(masked[0], kernel, preferred_element_type=jnp.float32)
+    y = jnp.dot(masked[0], kernel, **f32)
   elif math.prod(x.shape[:-1]) <= MAX_ROWS:
-    out = jnp.einsum("s...k,kn->s...n", jnp.stack(masked), kernel, preferred_element_type=jnp.float32)
+    out = jnp.einsum("s...k,kn->s...n", jnp.stack(masked), kernel, **f32)
     y = jnp.concatenate([out[s, ..., a:b] for s, (a, b) in enumerate(bounds)], axis=-1)
   else:
     y = jnp.concatenate(
-      [jnp.dot(xs, kernel[:, a:b], preferred_element_type=jnp.float32) for xs, (a, b) in zip(masked, bounds)],
+      [jnp.dot(xs, kernel[:, a:b], **f32) for xs, (a, b) in zip(masked, bounds)],
       axis=-1,
     )
   return y.astype(x.dtype)

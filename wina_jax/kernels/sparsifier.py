@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from wina_jax import numerics
 from wina_jax import sites as S
 from wina_jax.kernels import persistent_layer as PL
 from wina_jax.kernels.config import WORKSPACE_BLOCKS, KernelConfig
@@ -121,7 +122,7 @@ class FusedThresholdSparsifier:
   def _linear(self, site, x, kernel, norm):
     t = self.thresholds.get(site)
     if t is None:
-      return (x if norm is None else rms_norm(x, *norm)) @ kernel
+      return numerics.matmul(x if norm is None else rms_norm(x, *norm), kernel)
     return masked_linear(
       x,
       kernel,
