@@ -26,6 +26,10 @@ import contextlib
 import jax
 import jax.numpy as jnp
 
+_HALF = (
+  jnp.dtype(jnp.bfloat16),
+  jnp.dtype(jnp.float16),
+)  # operand dtypes whose products are exact in float32
 PRECISIONS = {"float32": "highest", "tf32": "tensorfloat32", "bfloat16": "BF16_BF16_F32"}
 DEFAULT = "float32"
 _JAX_NAMES = {
@@ -84,10 +88,10 @@ def describe(dtype=None) -> dict:
     out["dtype"] = jax.numpy.dtype(dtype).name
   if jax.default_backend() == "cpu" and name != "float32":
     out["note"] = f"{name} requested; the CPU computes float32 products"
+  if dtype is not None and jnp.dtype(dtype) in _HALF:
+    half = f"{jnp.dtype(dtype).name} operands: exact products, float32 sums (JAX's default precision)"
+    out["note"] = f"{out['note']}; {half}" if "note" in out else half
   return out
-
-
-_HALF = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
 def dot_precision(*operands) -> jax.lax.Precision | None:
