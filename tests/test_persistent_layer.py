@@ -210,6 +210,8 @@ def test_decode_with_gap_thresholds_matches_xla_path():
 def test_check_grid_refuses_what_could_deadlock():
   assert PL.check_grid(132, 132) == 132
   assert PL.check_grid(264, 132, programs_per_sm=2) == 264
+  with pytest.raises(PL.GridError, match=r"programs_per_sm=4 .*hang.*programs_per_sm <= 2"):
+    PL.check_grid(132, 132, programs_per_sm=4)  # refused before any launch, even with a small grid
   with pytest.raises(PL.GridError, match=r"133 programs exceeds the 132 .*deadlock.*grid <= 132"):
     PL.check_grid(133, 132)
   with pytest.raises(PL.GridError, match="SM count"):

@@ -51,6 +51,9 @@ PHASES = ("qkv", "attention", "o_proj", "residual_attn", "gate_up", "down", "res
 # the layer's linear sites as the persistent kernel reads them: (block, fused projection)
 SITES = (("self_attn", "qkv_proj"), ("self_attn", "o_proj"), ("mlp", "gate_up_proj"), ("mlp", "down_proj"))
 SCAN = 4096  # rows per step of a whole-input pass (the norms' sums of squares)
+# Programs per SM known to be co-resident for every PersistentConfig measured (H200, 2026-12-02: 2 ran at 4 and 8
+# warps; 4, with 4 warps and block_n 128, did not finish in 2 minutes, the signature of the waits' deadlock).
+MAX_PROGRAMS_PER_SM = 2
 _NEG = -1e30
 
 
@@ -118,6 +121,13 @@ def check_grid(grid: int, sms: Optional[int], programs_per_sm: int = 1) -> int:
     raise GridError(
       "the persistent layer kernel needs the device's SM count to size a grid that cannot deadlock, and "
       "this device reports none; pass sms= (the SM count) or use the per-site kernels (backend='auto')"
+    )
+  if programs_per_sm > MAX_PROGRAMS_PER_SM:
+    raise GridError(
+      f"programs_per_sm={programs_per_sm} is more than the {MAX_PROGRAMS_PER_SM} programs per SM measured "
+      "co-resident: the grid-wide waits hang when they are not (4 per SM did not finish in 2 minutes on the "
+      f"H200, 2026-12-02). Use programs_per_sm <= {MAX_PROGRAMS_PER_SM}, or raise MAX_PROGRAMS_PER_SM after "
+      "checking the compiled kernel's registers and shared memory"
     )
   limit = sms * programs_per_sm
   if not 1 <= grid <= limit:
