@@ -132,6 +132,9 @@ CASES = {  # name: (model, sparsity, WINA scales, config, grid, split)
   "wina65_split3": (TINY, 0.65, True, SMALL, 3, True),
   "gqa_teal50_split5_never_dense": (LLAMA_GQA, 0.5, False, dataclasses.replace(SMALL, dense_at=2.0), 5, True),
   "window_teal99": (WINDOWED, 0.99, False, SMALL, 1, False),
+  "teal50_masked": (TINY, 0.5, False, dataclasses.replace(SMALL, mode="masked"), 1, False),
+  "dense_masked": (TINY, 0.0, False, dataclasses.replace(SMALL, mode="masked"), 1, False),
+  "gqa_wina65_masked_split3": (LLAMA_GQA, 0.65, True, dataclasses.replace(SMALL, mode="masked"), 3, True),
   "gqa_wina40_dense_at_half_split2": (
     LLAMA_GQA,
     0.4,
@@ -247,6 +250,9 @@ def test_parse_config():
     PL.parse_config("96:32:256")
   with pytest.raises(ValueError, match="first three"):
     PL.parse_config("256:32")
+  assert PL.parse_config("256:32:256:4:2:0.875:64:2:masked").mode == "masked"
+  with pytest.raises(ValueError, match="mode='sorted' is not one of"):
+    PL.parse_config("256:32:256:4:2:0.875:64:1:sorted")
 
 
 def test_unsupported_reasons():
@@ -297,8 +303,8 @@ def test_routing_and_fallback(monkeypatch):
   assert not calls
 
 
-@pytest.mark.parametrize("scaled", [False, True])
-def test_lowers_to_triton(scaled):
+@pytest.mark.parametrize("scaled,mode", [(False, "compact"), (True, "compact"), (True, "masked")])
+def test_lowers_to_triton(scaled, mode):
   """The one-launch kernel of a Llama-3-8B layer (132 programs: the waits' atomics included) lowers to the
   Triton dialect for CUDA, here without a GPU (cross-platform lowering). Triton's own compilation to PTX,
   and a hang at a wait, show only on the GPU."""
@@ -312,7 +318,7 @@ def test_lowers_to_triton(scaled):
     if scaled
     else {}
   )
-  plan = PL.make_plan(cfg, lp, scales, PL.PersistentConfig(), 132, interpret=False)
+  plan = PL.make_plan(cfg, lp, scales, PL.PersistentConfig(mode=mode), 132, interpret=False)
   kv = {k: jax.ShapeDtypeStruct((1, 512, 8, 128), jnp.bfloat16) for k in "kv"}
 
   def step(lp, h, kv, length, scales):

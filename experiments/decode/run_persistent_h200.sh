@@ -28,8 +28,8 @@ end=$((SECONDS + ${BUDGET_S:-450}))
 pconfigs=${PCONFIGS:-256:32:256}
 # chunk:block_k:block_n:num_warps:num_stages:dense_at:block_s:programs_per_sm. 2026-12-02: 2 programs per SM
 # made the dense step 1.43x faster than 1 (5.85 vs 8.35 ms; 8 warps no better); 4 hung (now refused). Next:
-# tile shapes at 2 per SM (the GEMVs' tile counts divide unevenly over 264 programs).
-psweep=${PSWEEP:-256:32:256:4:2:0.875:64:2,128:32:256:4:2:0.875:64:2,256:32:128:4:2:0.875:64:2,512:32:256:4:2:0.875:64:2,256:64:256:4:3:0.875:64:2}
+# the masked mode (no kept-row list) and tile shapes at 2 per SM (tile counts divide unevenly over 264 programs).
+psweep=${PSWEEP:-256:32:256:4:2:0.875:64:2,256:32:256:4:2:0.875:64:2:masked,256:32:256:4:3:0.875:64:2:masked,128:32:256:4:2:0.875:64:2,256:32:128:4:2:0.875:64:2,512:32:256:4:2:0.875:64:2,256:64:256:4:3:0.875:64:2}
 configs=benchmarks/configs/h200_partials.json
 left() { local l=$((end - SECONDS - 5)); [ "$l" -lt "$1" ] && echo "$l" || echo "$1"; }
 stage() {  # stage NAME LIMIT COMMAND...: run under min(LIMIT, time left), log to OUT/NAME.log

@@ -54,6 +54,7 @@ SCAN = 4096  # rows per step of a whole-input pass (the norms' sums of squares)
 # Programs per SM known to be co-resident for every PersistentConfig measured (H200, 2026-12-02: 2 ran at 4 and 8
 # warps; 4, with 4 warps and block_n 128, did not finish in 2 minutes, the signature of the waits' deadlock).
 MAX_PROGRAMS_PER_SM = 2
+MODES = ("compact", "masked")  # how a GEMV tile skips dropped rows (PersistentConfig.mode)
 _NEG = -1e30
 
 
@@ -69,6 +70,10 @@ class PersistentConfig:
   (BN): output columns per tile; dense_at: a chunk keeping >= dense_at * C rows is read densely (> 1:
   never); block_s: cache slots per step of the attention loop; programs_per_sm: programs assumed
   co-resident per SM (the grid is at most SMs x this); num_warps / num_stages: Triton's.
+  mode: 'compact' gathers each chunk's kept rows into a list, then loads [BK, BN] tiles of listed rows (a
+  dependent load per tile, trips ~ kept rows); 'masked' walks the chunk's C / BK fixed tiles and masks the
+  dropped rows out of each load (TEAL's design: no list, no dependent load, a static trip count that
+  Triton can pipeline; dropped rows are not read, as in 'compact'). dense_at applies to 'compact' only.
   """
 
   chunk: int = 256
@@ -79,6 +84,7 @@ class PersistentConfig:
   dense_at: float = 0.875
   block_s: int = 64
   programs_per_sm: int = 1
+  mode: str = "compact"
 
   def __post_init__(self):
     for name in ("chunk", "block_k", "block_n", "block_s"):
@@ -89,10 +95,12 @@ class PersistentConfig:
       raise ValueError(f"chunk={self.chunk} must be a multiple of block_k={self.block_k}")
     if self.programs_per_sm < 1:
       raise ValueError(f"programs_per_sm={self.programs_per_sm} must be >= 1")
+    if self.mode not in MODES:
+      raise ValueError(f"mode={self.mode!r} is not one of {MODES}")
 
 
 def parse_config(spec: str) -> PersistentConfig:
-  """A config from 'chunk:block_k:block_n[:num_warps[:num_stages[:dense_at[:block_s[:programs_per_sm]]]]]'."""
+  """A config from 'chunk:block_k:block_n[:num_warps[:num_stages[:dense_at[:block_s[:programs_per_sm[:mode]]]]]]'."""
   fields = dataclasses.fields(PersistentConfig)
   parts = spec.split(":")
   if not 3 <= len(parts) <= len(fields):
@@ -314,6 +322,27 @@ def _gemv(r: dict, plan: Plan, site: int, x_at):
   dense_rows = min(c + 1, math.ceil(cfg.dense_at * c))  # c + 1: never dense
   pid = pl.program_id(0)
   start, end = _share(nk * nn, plan)
+  masked = cfg.mode == "masked"
+
+  def masked_tile(kc, t, carry):
+    """Tile t of chunk kc in 'masked' mode: C / BK fixed [BK, BN] loads, dropped rows masked out."""
+    cols = (t - kc * nn) * bn + _iota(bn)
+
+    def step(j, acc):
+      p = j * bk + _iota(bk)
+      xs = plgpu.load(xv_ref.at[pid, p])
+      w = plgpu.load(
+        w_ref.at[(kc * c + p)[:, None], cols[None, :]],
+        mask=jnp.broadcast_to((xs != 0.0)[:, None], (bk, bn)),
+        other=0,
+        eviction_policy="evict_first",
+      )
+      return acc + jnp.sum(xs[:, None] * w.astype(jnp.float32), axis=0)
+
+    plgpu.store(
+      part_ref.at[kc, cols], jax.lax.fori_loop(_i32(0), _i32(c // bk), step, jnp.zeros((bn,), jnp.float32))
+    )
+    return carry
 
   def chunk(kc, carry):
     k0 = kc * c
@@ -327,6 +356,12 @@ def _gemv(r: dict, plan: Plan, site: int, x_at):
       def _():
         score = jnp.abs(x) * plgpu.load(s_ref.at[_i32(s), rows]) if plan.scaled[site] else jnp.abs(x)
         keep = score > plgpu.load(t_ref.at[_i32(s)])
+        if masked:  # the chunk's masked inputs in place: a zero (dropped or zero) input's row is not read
+          _sync_threads(plan)  # the previous tile's loop has read the scratch
+          plgpu.store(xv_ref.at[pid, _iota(c)], jnp.where(keep, x, 0.0))
+          _sync_threads(plan)
+          jax.lax.fori_loop(lo, hi, functools.partial(masked_tile, kc), _i32(0))
+          return
         k32 = keep.astype(jnp.int32)
         kept = jnp.sum(k32)
         dense = kept >= dense_rows
