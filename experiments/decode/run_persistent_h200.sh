@@ -53,7 +53,7 @@ bench="python3 -m experiments.decode.bench_decode --batches=1 --attention=pallas
 stage precision 120 python3 -m experiments.decode.bench_decode --batches=1 --attention=pallas --configs=$configs \
   --reps=3 --host_rows=false --models=llama3_8b --methods=teal --sparsities=0.5 --precision=bfloat16 \
   --persistent_configs=$pconfigs --out="$out/bench_llama_bf16.json"
-[ -n "$pconfigs" ] && stage sweep 220 $bench --models=llama3_8b --methods=teal --sparsities=0.5 \
+[ -n "$pconfigs" ] && stage sweep 330 $bench --models=llama3_8b --methods=teal --sparsities=0.5 \
   --persistent_configs=$psweep --out="$out/bench_llama_sweep.json"
 stage llama 280 $bench --models=llama3_8b --methods=teal --sparsities=0,0.5,0.65,0.999 --out="$out/bench_llama.json"
 stage qwen 200 $bench --models=qwen25_7b --methods=teal --sparsities=0,0.5,0.65,0.999 --out="$out/bench_qwen.json"
