@@ -74,3 +74,24 @@ def test_decode_overhead_tiny_cpu_run(tmp_path):
   assert res["backend"] == "interpret"
   step = res["checks"]["tiny/step"]
   assert step["rel_err_sem_vs_teal"] < 1e-2 and step["same_token"] and step["sem_bitwise_repeatable"]
+
+
+def test_tiny_cpu_run_records_declared_numerics(tmp_path):
+  """The results JSON records the numerics the run declared: --precision and the random weights' bf16."""
+  out = tmp_path / "p.json"
+  subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "experiments.decode.profile_decode",
+      "--tiny",
+      "--variants=dense",
+      "--precision=tf32",
+      f"--out={out}",
+    ],
+    check=True,
+    capture_output=True,
+  )
+  declared = json.loads(out.read_text())["declared_numerics"]
+  assert declared["precision"] == "tf32" and declared["matmul"] == "tensorfloat32"
+  assert declared["dtype"] == "bfloat16" and {"backend", "topk_impl", "note"} <= declared.keys()

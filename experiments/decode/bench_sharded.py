@@ -30,7 +30,7 @@ from absl import app, flags
 from tqdm import tqdm
 
 from experiments import common
-from wina_jax import checks, sparsity
+from wina_jax import checks, numerics, sparsity
 from wina_jax import model as M
 from wina_jax import sharding as SH
 from wina_jax import sites as S
@@ -166,7 +166,7 @@ def bench(cfg_name: str, mesh_spec: str) -> list[dict]:
 
 
 def main(_):
-  common.setup()
+  declared = {**common.setup(), **numerics.describe(DTYPE.value)}
   rows = []
   for cfg_name in CONFIGS.value:
     for mesh_spec in tqdm(MESH.value, desc=cfg_name):
@@ -180,7 +180,7 @@ def main(_):
     os.makedirs(os.path.dirname(OUT.value) or ".", exist_ok=True)
     with open(OUT.value, "a") as f:
       for r in rows:
-        f.write(json.dumps(r) + "\n")
+        f.write(json.dumps({**r, "declared_numerics": declared}) + "\n")
 
 
 if __name__ == "__main__":

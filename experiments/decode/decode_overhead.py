@@ -38,7 +38,7 @@ import numpy as np
 from absl import app, flags
 
 from experiments import common
-from wina_jax import checks
+from wina_jax import checks, numerics
 from wina_jax.bench import decode_setup as B
 from wina_jax.bench.shapes import SHAPES
 from wina_jax.bench.trace import summarize, trace_events
@@ -328,7 +328,7 @@ def summary(res) -> str:
 
 
 def main(argv):
-  common.setup()
+  declared = {**common.setup(), **numerics.describe(jnp.bfloat16)}  # `random_params`, the cache
   del argv
   gpu = jax.default_backend() == "gpu"
   if FLAGS.tiny:
@@ -346,6 +346,7 @@ def main(argv):
     }
   run = Runner(FLAGS.out)
   run.res["backend"] = backend
+  run.res["declared_numerics"] = declared
 
   def other_options(m, sets):
     for opts in sets:

@@ -23,7 +23,7 @@ from absl import app, flags
 from tqdm.auto import tqdm
 
 from experiments import common
-from wina_jax import analysis, checks, families, sparsity
+from wina_jax import analysis, checks, families, numerics, sparsity
 from wina_jax import sites as S
 from wina_jax.analysis import plots
 from wina_jax.convert import load
@@ -102,7 +102,8 @@ def write_csv(path: str, rows: list[dict]) -> None:
 
 
 def readme(summary: dict) -> str:
-  """README.md: the command, the shortcut cost, WINA vs TEAL at the orthogonalised sites, and the KL table."""
+  """README.md: the command, the declared numerics, the shortcut cost, WINA vs TEAL at the orthogonalised
+  sites, and the KL table."""
   c = summary["shortcut_cost"]
   lines = [
     "# Layer-by-layer error analysis",
@@ -112,6 +113,8 @@ def readme(summary: dict) -> str:
     "```",
     summary["command"],
     "```",
+    "",
+    "Declared numerics: " + ", ".join(f"{k} `{v}`" for k, v in summary["declared_numerics"].items()) + ".",
     "",
     f"Tokens {summary['tokens']}, layers {summary['layers']}. Files: errors.csv (one row per mode, method,",
     "sparsity and linear site), kl.csv, summary.json, error_per_layer_*.png (isolated: actual error;",
@@ -182,7 +185,7 @@ def draw(rows: list[dict], kl_rows: list[dict], out: str) -> None:
 
 
 def main(_):
-  common.setup()
+  declared = {**common.setup(), **numerics.describe("float32")}  # `load`'s params are float32
   out = OUT.value
   if REPLOT.value:
     draw(read_csv(os.path.join(out, "errors.csv")), read_csv(os.path.join(out, "kl.csv")), out)
@@ -232,6 +235,7 @@ def main(_):
     "command": shlex.join(["python", "-m", "experiments.quality.analyze_errors", *sys.argv[1:]]),
     "tokens": list(tokens.shape),
     "layers": cfg.num_hidden_layers,
+    "declared_numerics": declared,
     "shortcut_cost": shortcut_cost(tparams, tcfg, cfg),
     "isolated_checks": checks(rows),
     "kl": kl_rows,

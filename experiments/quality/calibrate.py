@@ -12,7 +12,7 @@ import numpy as np
 from absl import app, flags
 
 from experiments import common
-from wina_jax import checks
+from wina_jax import checks, numerics
 from wina_jax import sparsity as sp
 from wina_jax.convert import load
 from wina_jax.data.text import load_texts
@@ -73,7 +73,7 @@ OUT = common.check(
 
 
 def main(_):
-  common.setup()
+  declared = {**common.setup(), **numerics.describe("float32")}  # `load`'s params are float32
   common.preflight(MODEL.value, SEQ_LEN.value, calibration=(MAX_WINDOWS.value, "--max_windows"))
   params, cfg = load(MODEL.value)
   tok = load_tokenizer(MODEL.value)
@@ -98,7 +98,7 @@ def main(_):
   calib = sp.calibrate(params, cfg, method, windows, upstream=target if UPSTREAM.value else None)
   calib.paths = paths
   print(f"calibrated {method} on {calib.tokens} tokens in {time.time() - t0:.0f}s")
-  path = sp.save(OUT.value or f"runs/calibration/{spec.name}.npz", calib)
+  path = sp.save(OUT.value or f"runs/calibration/{spec.name}.npz", calib, declared)
   print(f"saved {path}")
   if CHECK_WINDOWS.value:
     held = sp.windows_from_text(tok, load_texts(HELDOUT.value), SEQ_LEN.value, CHECK_WINDOWS.value)

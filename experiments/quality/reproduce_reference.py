@@ -9,7 +9,7 @@ r-cran-janeaustenr, 8192 tokens in 16 windows of 512, TEAL top-k on all 7 projec
 
 Writes per-window mean NLLs for dense, each level, and an ensemble over weight perturbations
 (every weight times 1 +- eps, random signs, one seed each) at --ensemble_levels, with the official
-figures beside them. Resumable: runs already in --out are skipped.
+figures beside them. Resumable: runs already in --out (same protocol and declared numerics) are skipped.
 """
 
 import json
@@ -20,7 +20,7 @@ import numpy as np
 from absl import app, flags
 
 from experiments import common
-from wina_jax import assets, checks, sparsity
+from wina_jax import assets, checks, numerics, sparsity
 from wina_jax.convert.load import load_default
 from wina_jax.data import austen
 from wina_jax.eval import bands
@@ -117,7 +117,7 @@ def report(res: dict, n: int) -> None:
 
 
 def main(_):
-  common.setup()
+  declared = {**common.setup(), **numerics.describe("float32")}  # `load_default`'s params are float32
   params, cfg = load_default()
   windows = austen.protocol_windows(load_tokenizer(assets.default_gguf()))[: WINDOWS.value]
   res = {
@@ -129,6 +129,7 @@ def main(_):
       "k_rule": K_RULE.value,
       "ids_sha256": austen.ids_digest(windows.ravel()),
     },
+    "declared_numerics": declared,
     "official": {
       "ppl": {str(k): v for k, v in R.OFFICIAL_PPL.items()},
       "window_nll_50": R.OFFICIAL_WINDOW_NLL_50,
@@ -139,7 +140,7 @@ def main(_):
   if os.path.isfile(OUT.value):
     with open(OUT.value) as f:
       old = json.load(f)
-    if old.get("protocol") == res["protocol"]:
+    if old.get("protocol") == res["protocol"] and old.get("declared_numerics") == declared:
       res["runs"] = old["runs"]
   ensemble = [float(s) for s in ENSEMBLE_LEVELS.value]
   jobs = []  # each ensemble level, its seeds, the other levels, then dense (known to match: last)

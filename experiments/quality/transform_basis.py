@@ -21,8 +21,8 @@ Bands (`wina_jax.eval.bands`): every --seeds entry re-runs each sparse variant o
 (the original params perturbed by ~1 ulp, then transformed: the learned basis is re-fitted), the numerics
 band of a variant being its perplexity over the unperturbed run and its seeds; the sampling band is the
 window bootstrap of the unperturbed run; `compare` gives paired verdicts (real only outside both). Rows
-are (variant, seed) and written as each finishes; a re-run with the same settings skips the rows done
-(and may add --baselines, --bases or --seeds).
+are (variant, seed) and written as each finishes; a re-run with the same settings and declared numerics
+skips the rows done (and may add --baselines, --bases or --seeds).
 Order: the unperturbed rows, then the seeds of the transformed variants, then those of the baselines.
 """
 
@@ -36,7 +36,7 @@ import numpy as np
 from absl import app, flags
 
 from experiments import common
-from wina_jax import checks
+from wina_jax import checks, numerics
 from wina_jax.sparsity.base import K_RULES
 
 MODEL = common.check(
@@ -160,7 +160,7 @@ def report(summary: dict) -> None:
 
 
 def main(argv):
-  common.setup()
+  declared = {**common.setup(), **numerics.describe("float32")}  # `load`'s params are float32
   del argv
   import jax.numpy as jnp
 
@@ -203,7 +203,7 @@ def main(argv):
     with open(OUT.value) as f:
       old = json.load(f)
     same = lambda st: {k: v for k, v in st.items() if k != "baselines"}  # which rows run, not their numbers
-    if same(old.get("settings", {})) == same(meta):
+    if same(old.get("settings", {})) == same(meta) and old.get("declared_numerics") == declared:
       rows = [r for r in old["rows"] if len(r.get("window_nll", [])) == len(ppl_w)]
   os.makedirs(os.path.dirname(OUT.value) or ".", exist_ok=True)
 
@@ -212,7 +212,11 @@ def main(argv):
 
   def write():  # after every row: a slow run leaves what it measured
     with open(OUT.value + ".tmp", "w") as f:
-      json.dump({"settings": meta, "rows": rows, "summary": summarize(rows, variants)}, f, indent=1)
+      json.dump(
+        {"settings": meta, "declared_numerics": declared, "rows": rows, "summary": summarize(rows, variants)},
+        f,
+        indent=1,
+      )
     os.replace(OUT.value + ".tmp", OUT.value)
 
   seeds = [int(x) for x in SEEDS.value if x]

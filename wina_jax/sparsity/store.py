@@ -1,6 +1,7 @@
 """Save / load a `Calibration` (with optional greedy allocation paths) as a versioned npz file.
 
-The file records the model fingerprint (config + param checksum); loading it for other params raises.
+The file records the model fingerprint (config + param checksum); loading it for other params raises. It may
+also record the numerics the calibration ran at (JSON under 'declared_numerics'; `load` does not read it).
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ KIND = "wina_jax.sparsity.calibration"
 FORMAT_VERSION = 1
 
 
-def save(path: str, calib: Calibration) -> str:
-  """Write `calib` to `path` (.npz appended if missing); returns the file name."""
+def save(path: str, calib: Calibration, declared_numerics: dict | None = None) -> str:
+  """Write `calib` (and `declared_numerics`, e.g. `numerics.describe()`, when given) to `path` (.npz
+  appended if missing); returns the file name."""
   path = path if path.endswith(".npz") else path + ".npz"
   sites = sorted(calib.quantiles)
   arrays = {
@@ -34,6 +36,8 @@ def save(path: str, calib: Calibration) -> str:
     "sites": np.asarray(sites),
     "quantiles": np.stack([calib.quantiles[s] for s in sites]) if sites else np.zeros((0, len(calib.levels))),
   }
+  if declared_numerics is not None:
+    arrays["declared_numerics"] = np.asarray(json.dumps(declared_numerics))
   for layer, p in (calib.paths or {}).items():
     for field in dataclasses.fields(GreedyPath):
       arrays[f"path.{layer}.{field.name}"] = np.asarray(getattr(p, field.name))
