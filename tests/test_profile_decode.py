@@ -41,6 +41,7 @@ def test_categories():
 
 
 def test_tiny_cpu_run(tmp_path):
+  """Rows per variant, and the numerics the run declared: --precision and the random weights' bfloat16."""
   out = tmp_path / "p.json"
   subprocess.run(
     [
@@ -49,14 +50,18 @@ def test_tiny_cpu_run(tmp_path):
       "experiments.decode.profile_decode",
       "--tiny",
       "--variants=dense,teal:0.5",
+      "--precision=tf32",
       f"--out={out}",
     ],
     check=True,
     capture_output=True,
   )
-  rows = json.loads(out.read_text())["rows"]
-  assert [r["variant"] for r in rows] == ["dense", "teal:0.5"]
-  assert all(r["kernels_per_step"] > 0 and r["busy_ms"] > 0 for r in rows)
+  res = json.loads(out.read_text())
+  assert [r["variant"] for r in res["rows"]] == ["dense", "teal:0.5"]
+  assert all(r["kernels_per_step"] > 0 and r["busy_ms"] > 0 for r in res["rows"])
+  declared = res["declared_numerics"]
+  assert declared["precision"] == "tf32" and declared["matmul"] == "tensorfloat32"
+  assert declared["dtype"] == "bfloat16" and {"backend", "topk_impl", "note"} <= declared.keys()
 
 
 def test_decode_overhead_tiny_cpu_run(tmp_path):
@@ -74,24 +79,3 @@ def test_decode_overhead_tiny_cpu_run(tmp_path):
   assert res["backend"] == "interpret"
   step = res["checks"]["tiny/step"]
   assert step["rel_err_sem_vs_teal"] < 1e-2 and step["same_token"] and step["sem_bitwise_repeatable"]
-
-
-def test_tiny_cpu_run_records_declared_numerics(tmp_path):
-  """The results JSON records the numerics the run declared: --precision and the random weights' bf16."""
-  out = tmp_path / "p.json"
-  subprocess.run(
-    [
-      sys.executable,
-      "-m",
-      "experiments.decode.profile_decode",
-      "--tiny",
-      "--variants=dense",
-      "--precision=tf32",
-      f"--out={out}",
-    ],
-    check=True,
-    capture_output=True,
-  )
-  declared = json.loads(out.read_text())["declared_numerics"]
-  assert declared["precision"] == "tf32" and declared["matmul"] == "tensorfloat32"
-  assert declared["dtype"] == "bfloat16" and {"backend", "topk_impl", "note"} <= declared.keys()

@@ -117,7 +117,8 @@ flags.DEFINE_list(
   "persistent_configs",
   [],
   "persistent layer kernel tilings (persistent_layer.parse_config: chunk:block_k:block_n[:num_warps[:num_stages"
-  "[:dense_at]]]), each timed at batch 1 for dense and every sparse variant but wina_sc; empty = none",
+  "[:dense_at[:block_s[:programs_per_sm[:mode]]]]]]), each timed at batch 1 for dense and every sparse variant but "
+  "wina_sc; empty = none",
 )
 flags.DEFINE_bool("host_rows", True, "time the host-dispatch rows (no_linear_host, dense_host)")
 common.check(flags.DEFINE_string("out", "", "write results JSON here"), checks.out_path())
