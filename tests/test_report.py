@@ -53,3 +53,16 @@ def test_table_prints_bands_and_marks_real_and_noise_differences():
   b = report.cell_bands(ppl_only, ["piqa"])
   assert b["ppl"]["numerics"]["n"] == 3 and b["piqa"]["numerics"] is None and b["avg"]["numerics"] is None
   assert b["piqa"]["sampling"] == teal_bands["piqa"]["sampling"]
+
+
+def test_plot_uses_a_log_axis_when_values_span_orders_of_magnitude(tmp_path):
+  """A collapsed variant (perplexity 2e9 beside 40) gets a log axis; ordinary spans and accuracies stay linear."""
+  assert report.wants_log([42.0, 71.0, 2.0e9]) and not report.wants_log([21.6, 38.0, 176.0])
+  assert not report.wants_log([0.0, 0.5]) and not report.wants_log([])
+  rows = [
+    dict(method=m, sparsity=s, measured_sparsity=s, ppl=p, avg=0.4)
+    for m, s, p in [("dense", 0.0, 42.0), ("teal", 0.5, 71.0), ("teal-transform", 0.5, 2.0e9)]
+  ]
+  path = tmp_path / "perplexity.png"
+  report.plot(rows, [], str(path), [("ppl", "perplexity"), ("avg", "avg")])
+  assert path.stat().st_size > 0

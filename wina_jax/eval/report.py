@@ -171,10 +171,18 @@ def to_csv(rows: Sequence[dict], tasks: Sequence[str]) -> str:
   return buf.getvalue()
 
 
+LOG_SPAN = 20.0  # a panel whose values span more than this factor gets a log y axis
+
+
+def wants_log(values: Sequence[float]) -> bool:
+  """Whether a panel of `values` needs a log axis: all positive and spanning more than LOG_SPAN x."""
+  return bool(values) and min(values) > 0 and max(values) > LOG_SPAN * min(values)
+
+
 def plot(rows: Sequence[dict], tasks: Sequence[str], path: str, key_label: Sequence[tuple[str, str]]) -> None:
   """One PNG with a panel per (key, label): that value vs measured (parameter-weighted) sparsity, a line
   per method, so methods compare at equal work (CATS masks only the MLP activation and lands far below its
-  target); dense is drawn as a horizontal line."""
+  target); dense is drawn as a horizontal line; a panel spanning more than LOG_SPAN x is drawn on a log axis."""
   import matplotlib.pyplot as plt
 
   n = len(key_label)
@@ -190,7 +198,10 @@ def plot(rows: Sequence[dict], tasks: Sequence[str], path: str, key_label: Seque
         ax.axhline(pts[0][1], color="k", ls="--", lw=1, label="dense")
       else:
         ax.plot([100 * s for s, _ in pts], [v for _, v in pts], marker="o", label=m)
-    ax.set_title(label)
+    wide = wants_log([r[key] for r in rows if r.get(key) is not None])
+    if wide:  # e.g. a collapsed variant's perplexity beside the rest: a linear axis flattens the others
+      ax.set_yscale("log")
+    ax.set_title(label + (" (log scale)" if wide else ""))
     ax.set_xlabel("measured sparsity (%, parameter-weighted)")
   for ax in list(axes.flat)[n:]:
     ax.axis("off")
