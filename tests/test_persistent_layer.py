@@ -8,6 +8,7 @@ many programs, run only on the GPU (`-k gpu`; `experiments/decode/run_persistent
 """
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -112,10 +113,9 @@ def run_both(cfg, lp, h, kv, sparsity, scaled, config=SMALL, grid=1, split=False
     {proj(s): t for s, t in thr.items()},
     {proj(s): v for s, v in scales.items()},
     jnp.zeros((2,), jnp.int32),
-    config=config,
+    config=dataclasses.replace(config, split=split),
     grid=grid,
     interpret=not GPU,
-    split=split,
   )
   return out, ref
 
@@ -253,6 +253,10 @@ def test_parse_config():
   assert PL.parse_config("256:32:256:4:2:0.875:64:2:masked").mode == "masked"
   with pytest.raises(ValueError, match="mode='sorted' is not one of"):
     PL.parse_config("256:32:256:4:2:0.875:64:1:sorted")
+  assert PL.parse_config("256:32:256:4:2:0.875:64:2:masked:true").split
+  assert not PL.parse_config("256:32:256:4:2:0.875:64:2:masked:false").split
+  with pytest.raises(ValueError, match="split='yes' is not true | false"):
+    PL.parse_config("256:32:256:4:2:0.875:64:2:masked:yes")
 
 
 def test_unsupported_reasons():
@@ -303,11 +307,15 @@ def test_routing_and_fallback(monkeypatch):
   assert not calls
 
 
-@pytest.mark.parametrize("scaled,mode", [(False, "compact"), (True, "compact"), (True, "masked")])
-def test_lowers_to_triton(scaled, mode):
+@pytest.mark.parametrize(
+  "scaled,mode,split",
+  [(False, "compact", False), (True, "compact", False), (True, "masked", False), (False, "compact", True)],
+)
+def test_lowers_to_triton(scaled, mode, split):
   """The one-launch kernel of a Llama-3-8B layer (132 programs: the waits' atomics included) lowers to the
-  Triton dialect for CUDA, here without a GPU (cross-platform lowering). Triton's own compilation to PTX,
-  and a hang at a wait, show only on the GPU."""
+  Triton dialect for CUDA, here without a GPU (cross-platform lowering); with split, as one launch per phase
+  named persistent_<phase>, so that a profiler trace of a split run gives each phase's kernel time. Triton's
+  own compilation to PTX, and a hang at a wait, show only on the GPU."""
   cfg0 = SHAPES["llama3_8b"].replace(num_hidden_layers=1, vocab_size=256)
   cfg = cfg0.replace(fused_qkv=True, fused_gate_up=True)
   params = jax.eval_shape(lambda: fuse_projections(random_params(cfg0, jax.random.PRNGKey(0)), cfg0)[0])
@@ -318,7 +326,7 @@ def test_lowers_to_triton(scaled, mode):
     if scaled
     else {}
   )
-  plan = PL.make_plan(cfg, lp, scales, PL.PersistentConfig(mode=mode), 132, interpret=False)
+  plan = PL.make_plan(cfg, lp, scales, PL.PersistentConfig(mode=mode, split=split), 132, interpret=False)
   kv = {k: jax.ShapeDtypeStruct((1, 512, 8, 128), jnp.bfloat16) for k in "kv"}
 
   def step(lp, h, kv, length, scales):
@@ -327,7 +335,10 @@ def test_lowers_to_triton(scaled, mode):
 
   h, length = jax.ShapeDtypeStruct((4096,), jnp.bfloat16), jax.ShapeDtypeStruct((), jnp.int32)
   text = jax.jit(step).trace(lp, h, kv, length, scales).lower(lowering_platforms=("cuda",)).as_text()
-  assert "triton" in text and "persistent_layer" in text
+  names = set(re.findall(r"persistent_\w+", text))  # kernel names (and this module's file name)
+  phases = {f"persistent_{p}" for p in PL.PHASES}
+  assert "triton" in text and "persistent_layer" in names
+  assert phases <= names if split else not names & phases, names
 
 
 # ---- GPU: the waits, one launch of SM-count programs, real shapes ----

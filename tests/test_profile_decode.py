@@ -38,6 +38,7 @@ def test_categories():
   assert category("input_reduce_fusion") == "fusion"
   assert category("memset32d") == "copy"
   assert category("whatever") == "other"
+  assert category("persistent_attention") == "persistent" and category("persistent_layer") == "persistent"
 
 
 def test_tiny_cpu_run(tmp_path):

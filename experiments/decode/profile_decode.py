@@ -3,6 +3,8 @@
   python -m experiments.decode.profile_decode --models=llama3_8b,qwen25_7b --variants=dense,teal:0.5,teal:0.65 \
       --configs=benchmarks/configs/h200_partials.json --out=$OUT/profile.json
   python -m experiments.decode.profile_decode --tiny          # CPU smoke test (host XLA ops, no device plane)
+  python -m experiments.decode.profile_decode --variants=dense,teal:0.5 --attention=pallas \
+      --persistent=256:32:256:4:2:0.875:64:2:compact:true   # the persistent kernel's per-phase profile
   (--attention=pallas: the Pallas decode-attention kernel instead of XLA's attention, interpret mode on CPU)
 
 Per variant it traces one `decode_loop` run (random bf16 weights, thresholds at the sparsity quantile,
@@ -26,6 +28,8 @@ from wina_jax.bench.decode_setup import load_configs, make_sparsifier, site_scor
 from wina_jax.bench.shapes import SHAPES
 from wina_jax.bench.trace import summarize, trace_events
 from wina_jax.decode import decode_loop, fuse_projections
+from wina_jax.kernels import FusedThresholdSparsifier
+from wina_jax.kernels import persistent_layer as PL
 from wina_jax.model import init_cache
 from wina_jax.testing import random_params
 
@@ -52,6 +56,29 @@ flags.DEFINE_bool(
   "fuse_norm",
   False,
   "sparse variants normalise in the kernels' prologue (FusedThresholdSparsifier.fuse_norm)",
+)
+
+
+def persistent_rule(spec: str):
+  """A `persistent_layer.parse_config` spec ('' allowed: the per-site kernels)."""
+  if not spec:
+    return None
+  try:
+    PL.parse_config(spec)
+  except ValueError as e:
+    return str(e)
+  return None
+
+
+common.check(
+  flags.DEFINE_string(
+    "persistent",
+    "",
+    "run every variant (dense too) through the persistent layer kernel with this tiling "
+    "(persistent_layer.parse_config); its split field true gives one launch per phase, named "
+    "persistent_<phase>: the per-phase profile; empty: the per-site kernels",
+  ),
+  persistent_rule,
 )
 common.check(flags.DEFINE_string("out", "", "write the results JSON here"), checks.out_path())
 flags.DEFINE_bool("tiny", False, "CPU smoke test: tiny model, XLA path (host XLA ops, no device plane)")
@@ -102,6 +129,8 @@ def profile_model(
       if method not in scores:
         scores[method] = site_scores(params, cfg, tokens, with_scale=method == "wina")
       sp = make_sparsifier(scores[method], s, 1, configs, backend)[0].replace(fuse_norm=FLAGS.fuse_norm)
+    if FLAGS.persistent:
+      sp = (sp or FusedThresholdSparsifier.create({})).as_persistent(PL.parse_config(FLAGS.persistent))
     events = trace_run(params, cfg, sp, tokens, max_len, attention)
     row = {"model": name, "variant": v, **summarize(events, steps, top)}
     rows.append(row)
@@ -151,6 +180,7 @@ def main(argv):
             "configs": FLAGS.configs,
             "fuse_norm": FLAGS.fuse_norm,
             "attention": FLAGS.attention,
+            "persistent": FLAGS.persistent,
           },
           "declared_numerics": declared,
           "rows": rows,

@@ -16,6 +16,7 @@ from collections.abc import Callable
 import jax
 
 CATEGORIES = (
+  ("persistent", ("persistent_",)),  # the persistent layer kernel (persistent_<phase> when split)
   ("sparse_gemv", ("sparse_gemv",)),
   ("attention", ("decode_attention",)),
   ("matmul", ("gemm", "gemv", "cublas", "cutlass", "xmma", "dot")),

@@ -74,6 +74,8 @@ class PersistentConfig:
   dependent load per tile, trips ~ kept rows); 'masked' walks the chunk's C / BK fixed tiles and masks the
   dropped rows out of each load (TEAL's design: no list, no dependent load, a static trip count that
   Triton can pipeline; dropped rows are not read, as in 'compact'). dense_at applies to 'compact' only.
+  split: one launch per phase (named persistent_<phase>), the launch boundary standing in for the wait:
+  interpret mode's only way to a grid > 1, and on a GPU the per-phase profile (each phase's kernel time).
   """
 
   chunk: int = 256
@@ -85,6 +87,7 @@ class PersistentConfig:
   block_s: int = 64
   programs_per_sm: int = 1
   mode: str = "compact"
+  split: bool = False
 
   def __post_init__(self):
     for name in ("chunk", "block_k", "block_n", "block_s"):
@@ -100,15 +103,24 @@ class PersistentConfig:
 
 
 def parse_config(spec: str) -> PersistentConfig:
-  """A config from 'chunk:block_k:block_n[:num_warps[:num_stages[:dense_at[:block_s[:programs_per_sm[:mode]]]]]]'."""
+  """A config from 'chunk:block_k:block_n[:num_warps[:num_stages[:dense_at[:block_s[:programs_per_sm[:mode[:split]]]]]]]'
+  (split: true | false)."""
   fields = dataclasses.fields(PersistentConfig)
   parts = spec.split(":")
   if not 3 <= len(parts) <= len(fields):
     raise ValueError(
       f"persistent config {spec!r} is not {':'.join(f.name for f in fields)} (the first three at least)"
     )
+
+  def value(f, v):
+    if not isinstance(f.default, bool):
+      return type(f.default)(v)
+    if v not in ("true", "false"):
+      raise ValueError(f"{f.name}={v!r} is not true | false")
+    return v == "true"
+
   try:
-    return PersistentConfig(**{f.name: type(f.default)(v) for f, v in zip(fields, parts)})
+    return PersistentConfig(**{f.name: value(f, v) for f, v in zip(fields, parts)})
   except ValueError as e:
     raise ValueError(f"persistent config {spec!r}: {e}") from None
 
@@ -590,17 +602,17 @@ def _launch(args: dict, plan: Plan, phases: tuple[str, ...], carried: dict) -> d
     interpret=plan.interpret,
     input_output_aliases=aliases,
     compiler_params=None if plan.interpret else compiler_params(cfg.num_warps, cfg.num_stages),
-    name="persistent_layer",
+    name="persistent_layer" if len(phases) > 1 else f"persistent_{phases[0]}",
   )
   outs = call(*[args[k] for k in IN_NAMES], *carried.values())
   return dict(zip(out_names, outs))
 
 
-@functools.partial(jax.jit, static_argnames=("plan", "split"))
-def run_layer(args: dict, plan: Plan, split: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """The kernel on its arguments (`layer_args`) -> (h_out [d], cache_k, cache_v). split: one launch per
-  phase (interpret-mode tests of a grid > 1), else one launch for the layer."""
-  if not split:
+@functools.partial(jax.jit, static_argnames=("plan",))
+def run_layer(args: dict, plan: Plan) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The kernel on its arguments (`layer_args`) -> (h_out [d], cache_k, cache_v): one launch for the layer,
+  or one per phase with `PersistentConfig.split`."""
+  if not plan.config.split:
     out = _launch(args, plan, PHASES, {})
   else:
     carried: dict = {}
@@ -679,13 +691,13 @@ def decoder_layer(
   config: PersistentConfig = PersistentConfig(),
   grid: Optional[int] = None,
   interpret: bool = False,
-  split: bool = False,
   sms: Optional[int] = None,
 ) -> tuple[jax.Array, dict]:
   """One decoder layer step through the kernel: residual h [1, 1, d] at position `length` -> (h_out
   [1, 1, d], {'k', 'v'} with slot `length` written). cfg: `cfg.layer_config(layer)`; thresholds, scales,
   counter as `layer_args`; grid: programs (None: `default_grid`), checked against the SM count (`sms`, else
-  the device's) with `check_grid`; split: one launch per phase (interpret mode's only way to a grid > 1)."""
+  the device's) with `check_grid`; `config.split`: one launch per phase (interpret mode's only way to a grid
+  > 1)."""
   reason = unsupported(cfg, lp, h.shape[0], h.shape[1], (), config)
   if reason:
     raise ValueError(f"the persistent layer kernel does not take this step: {reason}")
@@ -693,12 +705,12 @@ def decoder_layer(
     grid = default_grid(config, interpret)
   elif not interpret:
     check_grid(grid, sms or sm_count(), config.programs_per_sm)
-  if interpret and grid > 1 and not split:
+  if interpret and grid > 1 and not config.split:
     raise ValueError(
       f"interpret mode runs programs one after another, so a grid of {grid} would deadlock at its first "
-      "wait; use grid=1 or split=True"
+      "wait; use grid=1 or a config with split=True"
     )
   plan = make_plan(cfg, lp, scales, config, grid, interpret)
   args = layer_args(cfg, lp, h.reshape(-1), kv, length, thresholds, scales, counter)
-  h_out, k, v = run_layer(args, plan, split)
+  h_out, k, v = run_layer(args, plan)
   return h_out.reshape(h.shape), {"k": k, "v": v}
