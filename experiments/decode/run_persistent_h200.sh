@@ -14,6 +14,8 @@
 #   sweep   Llama-3-8B, dense and TEAL 50 % at the default precision, the persistent kernel at each of PSWEEP's
 #           tilings (more warps, more programs per SM: the dense phase moved 43 % of copy bandwidth with 4
 #           warps x 1 program per SM) -> OUT/bench_llama_sweep.json
+#   phases  profile_decode with the kernel split into one launch per phase (PPHASES, a parse_config spec with
+#           split true): each phase's kernel time, dense and TEAL 50 % -> OUT/profile_phases.json
 #   llama   bench_decode, Llama-3-8B shape, batch 1, Pallas attention, TEAL at 0 / 50 / 65 / 99.9 %: dense,
 #           the per-site kernels (benchmarks/configs/h200_partials.json) and the persistent kernel (PCONFIGS,
 #           comma-separated persistent_layer.parse_config specs, default 256:32:256) in one run, with the
@@ -55,6 +57,9 @@ stage precision 120 python3 -m experiments.decode.bench_decode --batches=1 --att
   --persistent_configs=$pconfigs --out="$out/bench_llama_bf16.json"
 [ -n "$pconfigs" ] && stage sweep 330 $bench --models=llama3_8b --methods=teal --sparsities=0.5 \
   --persistent_configs=$psweep --out="$out/bench_llama_sweep.json"
+# The per-phase profile: the same kernel launched once per phase (persistent_<phase> kernels in the trace).
+stage phases 150 python3 -m experiments.decode.profile_decode --models=llama3_8b --variants=dense,teal:0.5 \
+  --persistent=${PPHASES:-256:32:256:4:2:0.875:64:2:compact:true} --out="$out/profile_phases.json"
 stage llama 280 $bench --models=llama3_8b --methods=teal --sparsities=0,0.5,0.65,0.999 --out="$out/bench_llama.json"
 stage qwen 200 $bench --models=qwen25_7b --methods=teal --sparsities=0,0.5,0.65,0.999 --out="$out/bench_qwen.json"
 stage wina 200 $bench --models=llama3_8b --methods=wina --sparsities=0.5,0.65 --out="$out/bench_llama_wina.json"
