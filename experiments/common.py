@@ -71,14 +71,15 @@ def user_methods() -> dict[str, list]:
   return {m: _LOADED[m] for m in METHODS_MODULE.value}
 
 
-def setup() -> dict:
+def setup(dtype=None) -> dict:
   """Apply the shared flags (precision and top-k impl for every later trace; import every --methods_module,
-  printing the methods each registered) -> what to record: `numerics.describe()` and the top-k impl."""
+  printing the methods each registered) -> what to record: `numerics.describe(dtype)` (dtype: of the arrays
+  the script runs) and the top-k impl."""
   numerics.set_precision(PRECISION.value)
   select.set_default_impl(TOPK_IMPL.value or None)
   for module, names in user_methods().items():
     print(f"--methods_module={module}: registered {names or 'nothing new (already imported)'}")
-  return {**numerics.describe(), "topk_impl": select.default_impl()}
+  return {**numerics.describe(dtype), "topk_impl": select.default_impl()}
 
 
 class InputError(SystemExit):

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from absl import app, flags
 
 from experiments import common
-from wina_jax import checks, numerics
+from wina_jax import checks
 from wina_jax import layers as L
 from wina_jax.bench.shapes import SHAPES
 from wina_jax.kernels import decode_attention as DA
@@ -126,7 +126,7 @@ def time_chain(cfg, attend, batch, length, reps) -> float:
 
 
 def main(argv):
-  declared = {**common.setup(), **numerics.describe(jnp.bfloat16)}  # q, k, v and the caches
+  declared = common.setup(jnp.bfloat16)  # q, k, v and the caches
   del argv
   interpret = jax.default_backend() != "gpu"
   if FLAGS.tiny:

@@ -33,7 +33,7 @@ from flax import struct
 from tqdm import tqdm
 
 from experiments import common
-from wina_jax import checks, numerics
+from wina_jax import checks
 from wina_jax.bench.decode_setup import (
   check_against_xla,
   linear_bytes,
@@ -355,7 +355,7 @@ def bench_model(name, key, config_sets, backend) -> list[dict]:
 
 
 def main(argv):
-  declared = {**common.setup(), **numerics.describe(jnp.bfloat16)}  # `random_params`, the cache
+  declared = common.setup(jnp.bfloat16)  # `random_params`, the cache
   del argv
   if FLAGS.tiny:
     FLAGS.models, FLAGS.steps, FLAGS.reps, FLAGS.max_len = ["tiny"], 4, 1, 16

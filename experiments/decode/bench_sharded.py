@@ -30,7 +30,7 @@ from absl import app, flags
 from tqdm import tqdm
 
 from experiments import common
-from wina_jax import checks, numerics, sparsity
+from wina_jax import checks, sparsity
 from wina_jax import model as M
 from wina_jax import sharding as SH
 from wina_jax import sites as S
@@ -166,7 +166,7 @@ def bench(cfg_name: str, mesh_spec: str) -> list[dict]:
 
 
 def main(_):
-  declared = {**common.setup(), **numerics.describe(DTYPE.value)}
+  declared = common.setup(DTYPE.value)
   rows = []
   for cfg_name in CONFIGS.value:
     for mesh_spec in tqdm(MESH.value, desc=cfg_name):

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from absl import app, flags
 
 from experiments import common
-from wina_jax import checks, numerics
+from wina_jax import checks
 from wina_jax.bench import decode_setup as B
 from wina_jax.bench.shapes import SHAPES
 from wina_jax.decode import decode_step, fuse_projections
@@ -52,7 +52,7 @@ def ulp_sensitivity(params, cfg, sp, tokens, max_len) -> dict:
 
 
 def main(argv):
-  declared = {**common.setup(), **numerics.describe(jnp.bfloat16)}  # `random_params`
+  declared = common.setup(jnp.bfloat16)  # `random_params`
   print(f"declared numerics: {declared}", flush=True)
   del argv
   for layers in (int(n) for n in FLAGS.layers):

@@ -38,7 +38,7 @@ import numpy as np
 from absl import app, flags
 
 from experiments import common
-from wina_jax import checks, numerics
+from wina_jax import checks
 from wina_jax.bench import decode_setup as B
 from wina_jax.bench.shapes import SHAPES
 from wina_jax.bench.trace import summarize, trace_events
@@ -328,7 +328,7 @@ def summary(res) -> str:
 
 
 def main(argv):
-  declared = {**common.setup(), **numerics.describe(jnp.bfloat16)}  # `random_params`, the cache
+  declared = common.setup(jnp.bfloat16)  # `random_params`, the cache
   del argv
   gpu = jax.default_backend() == "gpu"
   if FLAGS.tiny:

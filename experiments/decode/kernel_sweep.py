@@ -25,7 +25,7 @@ import numpy as np
 from absl import app, flags
 
 from experiments import common
-from wina_jax import checks, numerics
+from wina_jax import checks
 from wina_jax.bench.shapes import SHAPES
 from wina_jax.decode import fused_site_shapes
 from wina_jax.kernels import KernelConfig, masked_linear
@@ -122,7 +122,7 @@ def fixed_cost_fit(points, nbytes) -> dict:
 
 
 def main(argv):
-  declared = {**common.setup(), **numerics.describe(jnp.bfloat16)}  # weights and inputs
+  declared = common.setup(jnp.bfloat16)  # weights and inputs
   del argv
   key = jax.random.PRNGKey(0)
   res = {

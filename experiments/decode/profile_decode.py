@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from absl import app, flags
 
 from experiments import common
-from wina_jax import checks, numerics
+from wina_jax import checks
 from wina_jax.bench.decode_setup import load_configs, make_sparsifier, site_scores
 from wina_jax.bench.shapes import SHAPES
 from wina_jax.bench.trace import summarize, trace_events
@@ -145,7 +145,7 @@ def profile_model(
 
 
 def main(argv):
-  declared = {**common.setup(), **numerics.describe(jnp.bfloat16)}  # `random_params`, the cache
+  declared = common.setup(jnp.bfloat16)  # `random_params`, the cache
   del argv
   if FLAGS.tiny:
     FLAGS.models, FLAGS.steps, FLAGS.max_len = ["tiny"], 4, 16

@@ -23,7 +23,7 @@ from absl import app, flags
 from tqdm.auto import tqdm
 
 from experiments import common
-from wina_jax import analysis, checks, families, numerics, sparsity
+from wina_jax import analysis, checks, families, sparsity
 from wina_jax import sites as S
 from wina_jax.analysis import plots
 from wina_jax.convert import load
@@ -185,7 +185,7 @@ def draw(rows: list[dict], kl_rows: list[dict], out: str) -> None:
 
 
 def main(_):
-  declared = {**common.setup(), **numerics.describe("float32")}  # `load`'s params are float32
+  declared = common.setup("float32")  # `load`'s params are float32
   out = OUT.value
   if REPLOT.value:
     draw(read_csv(os.path.join(out, "errors.csv")), read_csv(os.path.join(out, "kl.csv")), out)

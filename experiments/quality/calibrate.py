@@ -12,7 +12,7 @@ import numpy as np
 from absl import app, flags
 
 from experiments import common
-from wina_jax import checks, numerics
+from wina_jax import checks
 from wina_jax import sparsity as sp
 from wina_jax.convert import load
 from wina_jax.data.text import load_texts
@@ -73,7 +73,7 @@ OUT = common.check(
 
 
 def main(_):
-  declared = {**common.setup(), **numerics.describe("float32")}  # `load`'s params are float32
+  declared = common.setup("float32")  # `load`'s params are float32
   common.preflight(MODEL.value, SEQ_LEN.value, calibration=(MAX_WINDOWS.value, "--max_windows"))
   params, cfg = load(MODEL.value)
   tok = load_tokenizer(MODEL.value)

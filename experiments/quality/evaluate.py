@@ -10,7 +10,7 @@ python -m experiments.quality.evaluate --mesh=data:1,model:4    # params sharded
 from absl import app, flags
 
 from experiments import common
-from wina_jax import checks, numerics
+from wina_jax import checks
 from wina_jax import sharding as SH
 from wina_jax.convert import load
 from wina_jax.data.text import load_texts, token_windows
@@ -59,7 +59,7 @@ MESH = flags.DEFINE_string("mesh", "", "Device mesh, e.g. 'data:1,model:4'; '' =
 
 
 def main(_):
-  declared = {**common.setup(), **numerics.describe("float32")}  # `load`'s params are float32
+  declared = common.setup("float32")  # `load`'s params are float32
   print(f"declared numerics: {declared}")
   rec = recommended(SPARSITY.value)
   spec, mode, allocation = (

@@ -15,7 +15,7 @@ import numpy as np
 from absl import app, flags
 
 from experiments import common
-from wina_jax import assets, checks, numerics, sparsity
+from wina_jax import assets, checks, sparsity
 from wina_jax.convert.load import load_default
 from wina_jax.data import austen
 from wina_jax.eval import reference as R
@@ -29,7 +29,7 @@ EVERY = common.check(flags.DEFINE_integer("every", 1, "Print every n-th layer.")
 
 
 def main(_):
-  declared = {**common.setup(), **numerics.describe(DTYPE.value)}
+  declared = common.setup(DTYPE.value)
   print(f"declared numerics: {declared}")
   if DTYPE.value == "float64":
     jax.config.update("jax_enable_x64", True)

@@ -20,7 +20,7 @@ import numpy as np
 from absl import app, flags
 
 from experiments import common
-from wina_jax import assets, checks, numerics, sparsity
+from wina_jax import assets, checks, sparsity
 from wina_jax.convert.load import load_default
 from wina_jax.data import austen
 from wina_jax.eval import bands
@@ -117,7 +117,7 @@ def report(res: dict, n: int) -> None:
 
 
 def main(_):
-  declared = {**common.setup(), **numerics.describe("float32")}  # `load_default`'s params are float32
+  declared = common.setup("float32")  # `load_default`'s params are float32
   params, cfg = load_default()
   windows = austen.protocol_windows(load_tokenizer(assets.default_gguf()))[: WINDOWS.value]
   res = {

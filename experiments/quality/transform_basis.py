@@ -36,7 +36,7 @@ import numpy as np
 from absl import app, flags
 
 from experiments import common
-from wina_jax import checks, numerics
+from wina_jax import checks
 from wina_jax.sparsity.base import K_RULES
 
 MODEL = common.check(
@@ -160,7 +160,7 @@ def report(summary: dict) -> None:
 
 
 def main(argv):
-  declared = {**common.setup(), **numerics.describe("float32")}  # `load`'s params are float32
+  declared = common.setup("float32")  # `load`'s params are float32
   del argv
   import jax.numpy as jnp
 
