@@ -56,7 +56,8 @@ def test_table_prints_bands_and_marks_real_and_noise_differences():
 
 
 def test_plot_uses_a_log_axis_when_values_span_orders_of_magnitude(tmp_path):
-  """A collapsed variant (perplexity 2e9 beside 40) gets a log axis; ordinary spans and accuracies stay linear."""
+  """A collapsed variant (perplexity 2e9 beside 40) gets a log axis; ordinary spans and accuracies stay
+  linear."""
   assert report.wants_log([42.0, 71.0, 2.0e9]) and not report.wants_log([21.6, 38.0, 176.0])
   assert not report.wants_log([0.0, 0.5]) and not report.wants_log([])
   rows = [

@@ -11,11 +11,11 @@ Named settings (`PRECISIONS`):
   tf32      TF32 products (10-bit mantissa inputs), float32 sums (JAX 'tensorfloat32'); the GPU's default.
   bfloat16  inputs rounded to bfloat16, float32 sums (JAX's dot algorithm 'BF16_BF16_F32').
 On a CPU every setting computes float32 products (measured: XLA's CPU dot ignores the TF32 / bf16 requests
-for float32 inputs): `describe` says so in the record. Operands that are both bfloat16 (or both float16) compute
-the same numbers at every setting (their products are exact in float32, and XLA sums them in float32), so the
-model's dots (`matmul`, `einsum`) give them JAX's default precision: 'highest' would make XLA convert the
-weights to float32 first (measured on the H200, XLA dense decode of the Llama-3-8B shape in bfloat16: 5.79 ms
-a step at 'highest', 4.17 ms with bfloat16 products). JAX's 'default' / 'bfloat16' precision is not
+for float32 inputs): `describe` says so in the record. Operands that are both bfloat16 (or both float16)
+compute the same numbers at every setting (their products are exact in float32, and XLA sums them in
+float32), so the model's dots (`matmul`, `einsum`) give them JAX's default precision: 'highest' would make
+XLA convert the weights to float32 first (measured on the H200, XLA dense decode of the Llama-3-8B shape in
+bfloat16: 5.79 ms a step at 'highest', 4.17 ms with bfloat16 products). JAX's 'default' / 'bfloat16' precision is not
 offered: on a GPU it means TF32 for float32 inputs, which is what 'tf32' names.
 """
 
@@ -26,10 +26,8 @@ import contextlib
 import jax
 import jax.numpy as jnp
 
-_HALF = (
-  jnp.dtype(jnp.bfloat16),
-  jnp.dtype(jnp.float16),
-)  # operand dtypes whose products are exact in float32
+# operand dtypes whose products are exact in float32
+_HALF = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 PRECISIONS = {"float32": "highest", "tf32": "tensorfloat32", "bfloat16": "BF16_BF16_F32"}
 DEFAULT = "float32"
 _JAX_NAMES = {

@@ -182,7 +182,8 @@ def wants_log(values: Sequence[float]) -> bool:
 def plot(rows: Sequence[dict], tasks: Sequence[str], path: str, key_label: Sequence[tuple[str, str]]) -> None:
   """One PNG with a panel per (key, label): that value vs measured (parameter-weighted) sparsity, a line
   per method, so methods compare at equal work (CATS masks only the MLP activation and lands far below its
-  target); dense is drawn as a horizontal line; a panel spanning more than LOG_SPAN x is drawn on a log axis."""
+  target); dense is drawn as a horizontal line; a panel spanning more than LOG_SPAN x is drawn on a log
+  axis."""
   import matplotlib.pyplot as plt
 
   n = len(key_label)

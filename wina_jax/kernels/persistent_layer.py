@@ -51,8 +51,9 @@ PHASES = ("qkv", "attention", "o_proj", "residual_attn", "gate_up", "down", "res
 # the layer's linear sites as the persistent kernel reads them: (block, fused projection)
 SITES = (("self_attn", "qkv_proj"), ("self_attn", "o_proj"), ("mlp", "gate_up_proj"), ("mlp", "down_proj"))
 SCAN = 4096  # rows per step of a whole-input pass (the norms' sums of squares)
-# Programs per SM known to be co-resident for every PersistentConfig measured (H200, 2026-12-02: 2 ran at 4 and 8
-# warps; 4, with 4 warps and block_n 128, did not finish in 2 minutes, the signature of the waits' deadlock).
+# Programs per SM known to be co-resident for every PersistentConfig measured (H200, 2026-12-02: 2 ran at 4
+# and 8 warps; 4, with 4 warps and block_n 128, did not finish in 2 minutes, the signature of the waits'
+# deadlock).
 MAX_PROGRAMS_PER_SM = 2
 MODES = ("compact", "masked")  # how a GEMV tile skips dropped rows (PersistentConfig.mode)
 _NEG = -1e30
@@ -103,7 +104,8 @@ class PersistentConfig:
 
 
 def parse_config(spec: str) -> PersistentConfig:
-  """A config from 'chunk:block_k:block_n[:num_warps[:num_stages[:dense_at[:block_s[:programs_per_sm[:mode[:split]]]]]]]'
+  """A config from the fields of `PersistentConfig` in order, colon-separated, the first three required:
+  'chunk:block_k:block_n[:num_warps[:num_stages[:dense_at[:block_s[:programs_per_sm[:mode[:split]]]]]]]'
   (split: true | false)."""
   fields = dataclasses.fields(PersistentConfig)
   parts = spec.split(":")

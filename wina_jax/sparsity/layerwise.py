@@ -42,13 +42,15 @@ def input_group(site: str) -> str:
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def dense_layer(lp: dict, h: jax.Array, cfg: ModelConfig) -> jax.Array:
-  """Output residual [B, T, d] of one dense layer for its input residual `h` [B, T, d]; cfg: `cfg.layer_config(i)` of layer i."""
+  """Output residual [B, T, d] of one dense layer for its input residual `h` [B, T, d]; cfg:
+  `cfg.layer_config(i)` of layer i."""
   return decoder_layer(cfg, lp, h, 0)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def sparse_layer(lp: dict, h: jax.Array, sparsifier, cfg: ModelConfig) -> jax.Array:
-  """`dense_layer` with a pytree sparsifier keyed by layer-0 site names (see `local_site`); cfg: `cfg.layer_config(i)` of layer i."""
+  """`dense_layer` with a pytree sparsifier keyed by layer-0 site names (see `local_site`); cfg:
+  `cfg.layer_config(i)` of layer i."""
   return decoder_layer(cfg, lp, h, 0, sparsifier)
 
 
