@@ -357,14 +357,20 @@ def test_gpu_sm_count_and_refusal():
 
 
 @needs_gpu
+@pytest.mark.parametrize("config", ["default", "2persm_masked"])
 @pytest.mark.parametrize("sparsity,scaled", [(0.0, False), (0.5, False), (0.65, True), (0.999, False)])
 @pytest.mark.parametrize("shape", ["llama3_8b", "qwen25_7b"])
-def test_gpu_layer_matches_xla(shape, sparsity, scaled):
-  """One layer of the real shape (a small vocabulary), float32, the default grid (every SM) and tiling, vs
-  the XLA layer."""
+def test_gpu_layer_matches_xla(shape, sparsity, scaled, config):
+  """One layer of the real shape (a small vocabulary), float32, the default grid (every program the config
+  allows: SMs x programs_per_sm), vs the XLA layer; the default tiling and the fastest measured grid (2 per
+  SM) in the 'masked' mode."""
   cfg0 = SHAPES[shape].replace(num_hidden_layers=1, vocab_size=256)
   cfg, lp, h, kv = setup_layer(cfg0)
-  out, ref = run_both(cfg, lp, h, kv, sparsity, scaled, PL.PersistentConfig(), grid=None)
+  pc = {
+    "default": PL.PersistentConfig(),
+    "2persm_masked": PL.PersistentConfig(programs_per_sm=2, mode="masked"),
+  }
+  out, ref = run_both(cfg, lp, h, kv, sparsity, scaled, pc[config], grid=None)
   assert_close(out, ref, 1e-4)
 
 
