@@ -237,7 +237,7 @@ def main(argv):
   from wina_jax.convert import from_transformers
 
   out = dict(
-    command="python -m experiments.quality.bench_loop " + " ".join(f"--{k}={v}" for k, v in _flag_values()),
+    command="python -m experiments.quality.bench_loop " + " ".join(_flag_args()),
     device=str(jax.devices()[0].device_kind),
     backend=jax.default_backend(),
     jax=jax.__version__,
@@ -265,9 +265,10 @@ def main(argv):
       json.dump(out, f, indent=1)
 
 
-def _flag_values():
+def _flag_args() -> list[str]:
+  """The flags given on the command line, as absl writes them ('--torch=false' is '--notorch')."""
   names = [f.name for f in flags.FLAGS.get_key_flags_for_module(__name__)]
-  return [(n, flags.FLAGS[n].serialize().split("=", 1)[-1]) for n in names if flags.FLAGS[n].present]
+  return [flags.FLAGS[n].serialize() for n in names if flags.FLAGS[n].present]
 
 
 def table(rows: list[dict]) -> str:
