@@ -64,6 +64,38 @@ def test_interpret_kernel_matches_xla_and_masked_dense(mode, reduce, rows, segme
   assert 0.2 < frac < 0.6  # the thresholds really drop rows
 
 
+@pytest.mark.parametrize(
+  "mode,rows,loop,dense_at",
+  [
+    ("compact", 1, "dynamic", 2.0),
+    ("compact", 3, "prefetch", 0.875),
+    ("compact", 1, "dynamic", 0.1),  # the dense fallback's tiles
+    ("masked", 1, "dynamic", 0.875),
+    ("masked", 2, "dynamic", 0.875),
+    ("balanced", 1, "prefetch", 0.875),
+    ("indexed", 2, "dynamic", 0.875),
+  ],
+)
+def test_tile_accumulator_equals_vector_accumulator(mode, rows, loop, dense_at):
+  """acc='tile' ([BK, BN] float32 accumulator, one reduction over rows per program) gives the 'vector'
+  accumulator's result and the masked product to float32 rounding, in every mode, float32 in and out."""
+  k, segments = 256, (64, 32, 32)
+  keys = jax.random.split(jax.random.PRNGKey(11 + rows), 3)
+  x = jax.random.normal(keys[0], (rows, k), jnp.float32)
+  w = jax.random.normal(keys[1], (k, sum(segments)), jnp.float32)
+  scales = jax.random.uniform(keys[2], (3, k), minval=0.5, maxval=2.0)
+  t = jnp.asarray([0.6, 0.9, 1.2])
+  out = {}
+  for acc in ("vector", "tile"):
+    cfg = KernelConfig(mode=mode, chunk=64, block_k=16, block_n=32, loop=loop, dense_at=dense_at, acc=acc)
+    out[acc] = masked_linear(x, w, t, scales, segments, backend="interpret", config=cfg)
+  ref = masked_ref(x, w, np.asarray(t), np.asarray(scales), segments)
+  assert out["tile"].shape == (rows, sum(segments)) and out["tile"].dtype == jnp.float32
+  assert rel_err(out["tile"], out["vector"]) < 1e-6 and rel_err(out["tile"], ref) < 1e-5
+  with pytest.raises(ValueError, match="acc 'rows' is not one of"):
+    KernelConfig(acc="rows")
+
+
 @pytest.mark.parametrize("loop", ["dynamic", "prefetch"])
 @pytest.mark.parametrize("rows", [1, 3])
 def test_dense_fallback_chunks_equal_masked_dense(loop, rows):
@@ -215,6 +247,7 @@ def test_parse_kernel_config_specs():
     "compact", 256, 32, 256, 4, 3, "partials", "prefetch"
   )
   assert C.parse("indexed:128:16:64") == KernelConfig("indexed", 128, 16, 64)
+  assert C.parse("masked:256:32:256:4:3:partials:dynamic:0.875:tile").acc == "tile"
   assert C.parse("compact:64:16:32:4:2:atomic:dynamic:0.5").dense_at == 0.5
   with pytest.raises(ValueError, match="the first four at least"):
     C.parse("compact:64:16")
@@ -291,13 +324,14 @@ def test_gpu_kernel_matches_xla(mode, rows):
   t = jnp.asarray([0.5, 0.7, 1.0])
   workspace = jnp.zeros((1, sum(segments) // 256), jnp.int32)
   ref = masked_linear_xla(x, w, t, scales, segments)
-  for reduce, loop, dense_at in (
-    ("partials", "dynamic", 2.0),
-    ("atomic", "prefetch", 0.25),  # the dense fallback on most chunks
-    ("semaphore", "dynamic", 0.5),  # dense and compacted chunks mixed
+  for reduce, loop, dense_at, acc in (
+    ("partials", "dynamic", 2.0, "vector"),
+    ("partials", "dynamic", 2.0, "tile"),
+    ("atomic", "prefetch", 0.25, "tile"),  # the dense fallback on most chunks
+    ("semaphore", "dynamic", 0.5, "vector"),  # dense and compacted chunks mixed
   ):
     cfg = KernelConfig(
-      mode=mode, chunk=256, block_k=32, block_n=256, reduce=reduce, loop=loop, dense_at=dense_at
+      mode=mode, chunk=256, block_k=32, block_n=256, reduce=reduce, loop=loop, dense_at=dense_at, acc=acc
     )
     got = masked_linear(x, w, t, scales, segments, backend="pallas", config=cfg, workspace=workspace)
     assert rel_err(got, ref) < 1e-2

@@ -135,6 +135,8 @@ CASES = {  # name: (model, sparsity, WINA scales, config, grid, split)
   "teal50_masked": (TINY, 0.5, False, dataclasses.replace(SMALL, mode="masked"), 1, False),
   "dense_masked": (TINY, 0.0, False, dataclasses.replace(SMALL, mode="masked"), 1, False),
   "gqa_wina65_masked_split3": (LLAMA_GQA, 0.65, True, dataclasses.replace(SMALL, mode="masked"), 3, True),
+  "teal50_masked_tile": (TINY, 0.5, False, dataclasses.replace(SMALL, mode="masked", acc="tile"), 1, False),
+  "gqa_wina65_compact_tile_split3": (LLAMA_GQA, 0.65, True, dataclasses.replace(SMALL, acc="tile"), 3, True),
   "gqa_wina40_dense_at_half_split2": (
     LLAMA_GQA,
     0.4,
@@ -257,6 +259,9 @@ def test_parse_config():
   assert not PL.parse_config("256:32:256:4:2:0.875:64:2:masked:false").split
   with pytest.raises(ValueError, match="split='yes' is not true | false"):
     PL.parse_config("256:32:256:4:2:0.875:64:2:masked:yes")
+  assert PL.parse_config("256:32:256:4:2:0.875:64:2:masked:false:tile").acc == "tile"
+  with pytest.raises(ValueError, match="acc='rows' is not one of"):
+    PL.parse_config("256:32:256:4:2:0.875:64:2:masked:false:rows")
 
 
 def test_unsupported_reasons():
@@ -308,10 +313,16 @@ def test_routing_and_fallback(monkeypatch):
 
 
 @pytest.mark.parametrize(
-  "scaled,mode,split",
-  [(False, "compact", False), (True, "compact", False), (True, "masked", False), (False, "compact", True)],
+  "scaled,mode,split,acc",
+  [
+    (False, "compact", False, "vector"),
+    (True, "compact", False, "vector"),
+    (True, "masked", False, "vector"),
+    (False, "compact", True, "vector"),
+    (False, "masked", False, "tile"),
+  ],
 )
-def test_lowers_to_triton(scaled, mode, split):
+def test_lowers_to_triton(scaled, mode, split, acc):
   """The one-launch kernel of a Llama-3-8B layer (132 programs: the waits' atomics included) lowers to the
   Triton dialect for CUDA, here without a GPU (cross-platform lowering); with split, as one launch per phase
   named persistent_<phase>, so that a profiler trace of a split run gives each phase's kernel time. Triton's
@@ -326,7 +337,9 @@ def test_lowers_to_triton(scaled, mode, split):
     if scaled
     else {}
   )
-  plan = PL.make_plan(cfg, lp, scales, PL.PersistentConfig(mode=mode, split=split), 132, interpret=False)
+  plan = PL.make_plan(
+    cfg, lp, scales, PL.PersistentConfig(mode=mode, split=split, acc=acc), 132, interpret=False
+  )
   kv = {k: jax.ShapeDtypeStruct((1, 512, 8, 128), jnp.bfloat16) for k in "kv"}
 
   def step(lp, h, kv, length, scales):
@@ -357,18 +370,19 @@ def test_gpu_sm_count_and_refusal():
 
 
 @needs_gpu
-@pytest.mark.parametrize("config", ["default", "2persm_masked"])
+@pytest.mark.parametrize("config", ["default", "2persm_masked", "2persm_masked_tile"])
 @pytest.mark.parametrize("sparsity,scaled", [(0.0, False), (0.5, False), (0.65, True), (0.999, False)])
 @pytest.mark.parametrize("shape", ["llama3_8b", "qwen25_7b"])
 def test_gpu_layer_matches_xla(shape, sparsity, scaled, config):
   """One layer of the real shape (a small vocabulary), float32, the default grid (every program the config
   allows: SMs x programs_per_sm), vs the XLA layer; the default tiling and the fastest measured grid (2 per
-  SM) in the 'masked' mode."""
+  SM) in the 'masked' mode, with either accumulator."""
   cfg0 = SHAPES[shape].replace(num_hidden_layers=1, vocab_size=256)
   cfg, lp, h, kv = setup_layer(cfg0)
   pc = {
     "default": PL.PersistentConfig(),
     "2persm_masked": PL.PersistentConfig(programs_per_sm=2, mode="masked"),
+    "2persm_masked_tile": PL.PersistentConfig(programs_per_sm=2, mode="masked", acc="tile"),
   }
   out, ref = run_both(cfg, lp, h, kv, sparsity, scaled, pc[config], grid=None)
   assert_close(out, ref, 1e-4)

@@ -5,37 +5,39 @@
 #   experiments/decode/run_persistent_h200.sh $OUT
 #
 # Stages, in order, each under its own limit and all under BUDGET_S (default 450 s) in total:
-#   tests   pytest -k gpu tests/test_persistent_layer.py (single layers of the real shapes vs XLA at 0 / 50 /
-#           65 (WINA) / 99.9 %, a 32-step decode of 4 Llama-3-8B-shaped layers, the refused oversized grid)
-#           -> OUT/tests.log
+#   tests   pytest -k gpu tests/test_persistent_layer.py tests/test_kernels.py (single layers of the real shapes
+#           vs XLA at 0 / 50 / 65 (WINA) / 99.9 %, a 32-step decode of 4 Llama-3-8B-shaped layers, the refused
+#           oversized grid; the per-site kernels on the q|k|v shape, each accumulator) -> OUT/tests.log
 #   wait    experiments.decode.wait_cost: empty phases, 0 / 1 / 6 / 64 waits per launch -> OUT/wait_cost.json
-#   precision  Llama-3-8B, dense and TEAL 50 % at --precision=bfloat16 (the XLA dense baseline's matmul
-#           precision, A/B against the float32 default of the stages below) -> OUT/bench_llama_bf16.json
-#   sweep   Llama-3-8B, dense and TEAL 50 % at the default precision, the persistent kernel at each of PSWEEP's
-#           tilings (more warps, more programs per SM: the dense phase moved 43 % of copy bandwidth with 4
-#           warps x 1 program per SM) -> OUT/bench_llama_sweep.json
+#   sweep   Llama-3-8B, dense and TEAL 50 %: the per-site kernels with each accumulator (SETS: --config_sets
+#           entries over benchmarks/configs/h200_partials.json) and the persistent kernel at each of PSWEEP's
+#           tilings -> OUT/bench_llama_sweep.json
 #   phases  profile_decode with the kernel split into one launch per phase (PPHASES, a parse_config spec with
-#           split true): each phase's kernel time, dense and TEAL 50 % -> OUT/profile_phases.json
+#           split true; default the sweep's fastest tiling): each phase's kernel time, dense and TEAL 50 %
+#           -> OUT/profile_phases.json
 #   llama   bench_decode, Llama-3-8B shape, batch 1, Pallas attention, TEAL at 0 / 50 / 65 / 99.9 %: dense,
-#           the per-site kernels (benchmarks/configs/h200_partials.json) and the persistent kernel (PCONFIGS,
-#           comma-separated persistent_layer.parse_config specs, default 256:32:256) in one run, with the
-#           no-linear (weightless) step -> OUT/bench_llama.json
+#           the per-site kernels (each of SETS) and the persistent kernel (PCONFIGS, comma-separated
+#           persistent_layer.parse_config specs, plus the sweep's fastest) in one run, with the no-linear
+#           (weightless) step -> OUT/bench_llama.json
 #   qwen    the same for Qwen-2.5-7B, if time is left -> OUT/bench_qwen.json
 #   wina    Llama-3-8B, WINA at 50 / 65 %, if time is left -> OUT/bench_llama_wina.json
 # If the tests stage times out (a hang at a wait), the bench stages run without the persistent kernel. STAGES
 # (comma-separated names, default all) runs a subset: e.g. the tests beside other GPU work, the timed stages
-# alone. After the sweep, the llama / qwen / wina stages add the sweep's fastest TEAL 50 % tiling to PCONFIGS.
+# alone. (Session 10's 'precision' stage, the bfloat16 vs float32 A/B of XLA dense, is retired: equal since
+# numerics.matmul, 4.236 vs 4.235-4.265 ms in session 11.)
 set -u
 out=$1
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 end=$((SECONDS + ${BUDGET_S:-450}))
-stages=,${STAGES:-tests,wait,precision,sweep,phases,llama,qwen,wina},
+stages=,${STAGES:-tests,wait,sweep,phases,llama,qwen,wina},
 pconfigs=${PCONFIGS:-256:32:256:4:2:0.875:64:2}
-# chunk:block_k:block_n:num_warps:num_stages:dense_at:block_s:programs_per_sm. 2026-12-02: 2 programs per SM
-# made the dense step 1.43x faster than 1 (5.85 vs 8.35 ms; 8 warps no better); 4 hung (now refused). Next:
-# the masked mode (no kept-row list) and tile shapes at 2 per SM (tile counts divide unevenly over 264 programs).
-psweep=${PSWEEP:-256:32:256:4:2:0.875:64:2,256:32:256:4:2:0.875:64:2:masked,256:32:256:4:3:0.875:64:2:masked,128:32:256:4:2:0.875:64:2,256:32:128:4:2:0.875:64:2,512:32:256:4:2:0.875:64:2,256:64:256:4:3:0.875:64:2}
+# chunk:block_k:block_n:num_warps:num_stages:dense_at:block_s:programs_per_sm:mode:split:acc. Session 11: the
+# masked mode fastest at TEAL 50 % (5.40 ms vs compact 6.93), all below XLA dense; the phase profile says the
+# GEMVs are bound by their instruction stream and loads in flight, so the sweep tries the 'tile' accumulator
+# (no reduction across warps inside the loop) with deeper pipelines and other tile heights.
+psweep=${PSWEEP:-256:32:256:4:2:0.875:64:2:masked,256:32:256:4:2:0.875:64:2:masked:false:tile,256:32:256:4:3:0.875:64:2:masked:false:tile,256:16:256:4:4:0.875:64:2:masked:false:tile,128:32:256:4:3:0.875:64:2:masked:false:tile,256:32:256:4:2:0.875:64:2:compact:false:tile,256:64:256:8:3:0.875:64:2:masked:false:tile}
 configs=benchmarks/configs/h200_partials.json
+sets=${SETS:-$configs,benchmarks/configs/h200_tile_acc.json}  # per-site tilings timed side by side
 left() { local l=$((end - SECONDS - 5)); [ "$l" -lt "$1" ] && echo "$l" || echo "$1"; }
 stage() {  # stage NAME LIMIT COMMAND...: run under min(LIMIT, time left), log to OUT/NAME.log
   local name=$1 limit; limit=$(left "$2"); shift 2
@@ -48,17 +50,11 @@ stage() {  # stage NAME LIMIT COMMAND...: run under min(LIMIT, time left), log t
   tail -25 "$out/$name.log"
   return $rc
 }
-stage tests 320 python3 -m pytest -q -p no:cacheprovider -k gpu tests/test_persistent_layer.py
+stage tests 420 python3 -m pytest -q -p no:cacheprovider -k gpu tests/test_persistent_layer.py tests/test_kernels.py
 [ $? -eq 124 ] && pconfigs= && echo "tests timed out: benches run without the persistent kernel"
 stage wait 60 python3 -m experiments.decode.wait_cost --out="$out/wait_cost.json"
 bench="python3 -m experiments.decode.bench_decode --batches=1 --attention=pallas --configs=$configs --reps=3
-  --host_rows=false"
-# The dense baseline at --precision=bfloat16 beside the default (float32): same numbers for bfloat16 weights
-# (their products are exact in float32). 2026-12-02: 4.17 vs 5.79 ms, since removed by numerics.matmul (16-bit
-# operand pairs at JAX's default precision); this stage checks that the two now time alike.
-stage precision 120 python3 -m experiments.decode.bench_decode --batches=1 --attention=pallas --configs=$configs \
-  --reps=3 --host_rows=false --models=llama3_8b --methods=teal --sparsities=0.5 --precision=bfloat16 \
-  --persistent_configs= --out="$out/bench_llama_bf16.json"
+  --host_rows=false --config_sets=$sets"
 [ -n "$pconfigs" ] && stage sweep 330 $bench --models=llama3_8b --methods=teal --sparsities=0.5 \
   --persistent_configs=$psweep --out="$out/bench_llama_sweep.json"
 # The fastest persistent tiling of the sweep at TEAL 50 % joins PCONFIGS for the stages below.
@@ -71,9 +67,9 @@ PY
 [ -n "$best" ] && [ -n "$pconfigs" ] && [[ ,$pconfigs, != *,$best,* ]] && pconfigs=$pconfigs,$best
 echo "persistent configs for the model stages: ${pconfigs:-none}"
 # The per-phase profile: the same kernel launched once per phase (persistent_<phase> kernels in the trace), at
-# the sweep's fastest tiling (its mode field filled in, then split).
-phased=${best:-256:32:256:4:2:0.875:64:2}
-[ "$(tr -cd : <<< "$phased" | wc -c)" -lt 8 ] && phased=$phased:compact
+# the sweep's fastest tiling (its mode and split fields filled in, split set to true, acc kept).
+phased=$(python3 -c "import sys; p = sys.argv[1].split(':'); p += ['compact', 'false'][len(p) - 8:]
+p[9] = 'true'; print(':'.join(p))" "${best:-256:32:256:4:2:0.875:64:2}")
 stage phases 150 python3 -m experiments.decode.profile_decode --models=llama3_8b --variants=dense,teal:0.5 \
   --persistent=${PPHASES:-$phased:true} --out="$out/profile_phases.json"
 stage llama 280 $bench --models=llama3_8b --methods=teal --sparsities=0,0.5,0.65,0.999 \

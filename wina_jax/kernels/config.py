@@ -15,6 +15,7 @@ AUTO_MAX_ROWS = 1
 MODES = ("compact", "masked", "balanced", "indexed")
 REDUCES = ("partials", "atomic", "semaphore")
 LOOPS = ("dynamic", "prefetch")
+ACCS = ("vector", "tile")  # how a GEMV program sums its row tiles (KernelConfig.acc, PersistentConfig.acc)
 WORKSPACE_BLOCKS = (
   4096  # column blocks per site in a semaphore workspace (`FusedThresholdSparsifier.workspace`)
 )
@@ -47,6 +48,11 @@ class KernelConfig:
   dense_at: 'compact' mode's dense fallback (the other modes ignore it). A program whose chunk keeps at
     least dense_at * chunk rows (the union over the batch) skips the compaction and walks the whole chunk
     in contiguous [BK, BN] tiles, dropped rows multiplied by zero, as a dense GEMV does; above 1 never.
+  acc: 'vector' sums each loaded [BK, BN] tile over its rows into a [BN] float32 accumulator at every step
+    (with the loads laid out along the columns, a reduction across warps each step); 'tile' keeps a
+    [BK, BN] float32 accumulator per batch row, adds the products elementwise and reduces over rows once
+    at the end (no reduction in the loop, BK * BN / (32 * num_warps) more registers per batch row). Sums in
+    another order: equal to float32 rounding.
   """
 
   mode: str = "compact"
@@ -58,6 +64,7 @@ class KernelConfig:
   reduce: str = "partials"
   loop: str = "dynamic"
   dense_at: float = 0.875
+  acc: str = "vector"
 
   def __post_init__(self):
     if self.mode not in MODES:
@@ -66,6 +73,8 @@ class KernelConfig:
       raise ValueError(f"reduce {self.reduce!r} is not one of {REDUCES}")
     if self.loop not in LOOPS:
       raise ValueError(f"loop {self.loop!r} is not one of {LOOPS}")
+    if self.acc not in ACCS:
+      raise ValueError(f"acc {self.acc!r} is not one of {ACCS}")
     for name in ("chunk", "block_k", "block_n"):
       v = getattr(self, name)
       if v <= 0 or v & (v - 1):
@@ -79,7 +88,7 @@ class KernelConfig:
 
 
 def parse(spec: str) -> KernelConfig:
-  """A config from 'mode:chunk:block_k:block_n[:num_warps[:num_stages[:reduce[:loop[:dense_at]]]]]',
+  """A config from 'mode:chunk:block_k:block_n[:num_warps[:num_stages[:reduce[:loop[:dense_at[:acc]]]]]]',
   e.g. 'compact:256:32:256:4:3:partials:prefetch' (KernelConfig's fields in order; the rest default)."""
   fields = dataclasses.fields(KernelConfig)
   parts = spec.split(":")

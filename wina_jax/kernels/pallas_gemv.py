@@ -139,13 +139,15 @@ def _kernel(
       union = union | kb
     return xs, keeps, union
 
-  def accumulate(acc, xs, keeps, w):
-    """acc, xs, keeps: per batch row [BN] f32, [BK] f32, [BK] bool; w: [BK, BN] f32."""
-    return tuple(
-      a + jnp.sum(jnp.where(kb, xb, 0.0)[:, None] * w, axis=0) for a, xb, kb in zip(acc, xs, keeps)
-    )
+  tile_acc = cfg.acc == "tile"
 
-  acc0 = tuple(jnp.zeros((bn,), jnp.float32) for _ in range(rows))
+  def accumulate(acc, xs, keeps, w):
+    """acc, xs, keeps: per batch row [BN] f32 ([BK, BN] with acc 'tile'), [BK] f32, [BK] bool; w: [BK, BN]
+    f32."""
+    terms = [jnp.where(kb, xb, 0.0)[:, None] * w for xb, kb in zip(xs, keeps)]
+    return tuple(a + (t if tile_acc else jnp.sum(t, axis=0)) for a, t in zip(acc, terms))
+
+  acc0 = tuple(jnp.zeros((bk, bn) if tile_acc else (bn,), jnp.float32) for _ in range(rows))
 
   def tile(j, acc, masked):
     """acc plus row tile j of the chunk (contiguous rows); masked: dropped rows are not loaded."""
@@ -236,6 +238,8 @@ def _kernel(
       acc = jax.lax.fori_loop(0, trips, body, acc0)
   else:
     acc = jax.lax.fori_loop(0, c // bk, lambda j, acc: tile(j, acc, True), acc0)
+  if tile_acc:  # the one reduction over rows
+    acc = tuple(jnp.sum(a, axis=0) for a in acc)
   out_cols = n0 + _iota(bn)
   if cfg.reduce == "atomic":
     for b in range(rows):

@@ -45,6 +45,7 @@ from wina_jax import families
 from wina_jax import layers as L
 from wina_jax import sites as S
 from wina_jax.config import ModelConfig
+from wina_jax.kernels.config import ACCS
 from wina_jax.kernels.pallas_gemv import compiler_params
 
 PHASES = ("qkv", "attention", "o_proj", "residual_attn", "gate_up", "down", "residual_mlp")
@@ -77,6 +78,8 @@ class PersistentConfig:
   Triton can pipeline; dropped rows are not read, as in 'compact'). dense_at applies to 'compact' only.
   split: one launch per phase (named persistent_<phase>), the launch boundary standing in for the wait:
   interpret mode's only way to a grid > 1, and on a GPU the per-phase profile (each phase's kernel time).
+  acc: 'vector' sums each [BK, BN] weight tile over its rows into a [BN] accumulator every step; 'tile'
+  keeps a [BK, BN] float32 accumulator and reduces over rows once per tile (`KernelConfig.acc`).
   """
 
   chunk: int = 256
@@ -89,6 +92,7 @@ class PersistentConfig:
   programs_per_sm: int = 1
   mode: str = "compact"
   split: bool = False
+  acc: str = "vector"
 
   def __post_init__(self):
     for name in ("chunk", "block_k", "block_n", "block_s"):
@@ -101,11 +105,13 @@ class PersistentConfig:
       raise ValueError(f"programs_per_sm={self.programs_per_sm} must be >= 1")
     if self.mode not in MODES:
       raise ValueError(f"mode={self.mode!r} is not one of {MODES}")
+    if self.acc not in ACCS:
+      raise ValueError(f"acc={self.acc!r} is not one of {ACCS}")
 
 
 def parse_config(spec: str) -> PersistentConfig:
   """A config from the fields of `PersistentConfig` in order, colon-separated, the first three required:
-  'chunk:block_k:block_n[:num_warps[:num_stages[:dense_at[:block_s[:programs_per_sm[:mode[:split]]]]]]]'
+  'chunk:block_k:block_n[:num_warps[:num_stages[:dense_at[:block_s[:programs_per_sm[:mode[:split[:acc]]]]]]]]'
   (split: true | false)."""
   fields = dataclasses.fields(PersistentConfig)
   parts = spec.split(":")
@@ -337,6 +343,17 @@ def _gemv(r: dict, plan: Plan, site: int, x_at):
   pid = pl.program_id(0)
   start, end = _share(nk * nn, plan)
   masked = cfg.mode == "masked"
+  tile_acc = cfg.acc == "tile"
+  acc0 = jnp.zeros((bk, bn) if tile_acc else (bn,), jnp.float32)
+
+  def add(acc, xs, w):
+    """acc plus the rows' products xs [BK] x w [BK, BN]: elementwise ('tile') or summed over rows."""
+    t = xs[:, None] * w.astype(jnp.float32)
+    return acc + (t if tile_acc else jnp.sum(t, axis=0))
+
+  def total(acc):
+    """The tile's [BN] partial sum."""
+    return jnp.sum(acc, axis=0) if tile_acc else acc
 
   def masked_tile(kc, t, carry):
     """Tile t of chunk kc in 'masked' mode: C / BK fixed [BK, BN] loads, dropped rows masked out."""
@@ -351,11 +368,9 @@ def _gemv(r: dict, plan: Plan, site: int, x_at):
         other=0,
         eviction_policy="evict_first",
       )
-      return acc + jnp.sum(xs[:, None] * w.astype(jnp.float32), axis=0)
+      return add(acc, xs, w)
 
-    plgpu.store(
-      part_ref.at[kc, cols], jax.lax.fori_loop(_i32(0), _i32(c // bk), step, jnp.zeros((bn,), jnp.float32))
-    )
+    plgpu.store(part_ref.at[kc, cols], total(jax.lax.fori_loop(_i32(0), _i32(c // bk), step, acc0)))
     return carry
 
   def chunk(kc, carry):
@@ -394,7 +409,7 @@ def _gemv(r: dict, plan: Plan, site: int, x_at):
           def dense_step(j, acc):
             p = j * bk + _iota(bk)
             w = plgpu.load(w_ref.at[(k0 + p)[:, None], cols[None, :]], eviction_policy="evict_first")
-            return acc + jnp.sum(plgpu.load(xv_ref.at[pid, p])[:, None] * w.astype(jnp.float32), axis=0)
+            return add(acc, plgpu.load(xv_ref.at[pid, p]), w)
 
           def sparse_step(j, acc):
             p = j * bk + _iota(bk)
@@ -407,11 +422,11 @@ def _gemv(r: dict, plan: Plan, site: int, x_at):
               other=0,
               eviction_policy="evict_first",
             )
-            return acc + jnp.sum(xs[:, None] * w.astype(jnp.float32), axis=0)
+            return add(acc, xs, w)
 
-          acc = jax.lax.fori_loop(_i32(0), dense_trips, dense_step, jnp.zeros((bn,), jnp.float32))
+          acc = jax.lax.fori_loop(_i32(0), dense_trips, dense_step, acc0)
           acc = jax.lax.fori_loop(_i32(0), sparse_trips, sparse_step, acc)
-          plgpu.store(part_ref.at[kc, cols], acc)
+          plgpu.store(part_ref.at[kc, cols], total(acc))
           return carry
 
         jax.lax.fori_loop(lo, hi, tile, _i32(0))
