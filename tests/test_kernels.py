@@ -302,6 +302,26 @@ def test_resolve_shrinks_tiles_to_fit():
     KernelConfig(loop="unrolled")
 
 
+@pytest.mark.parametrize(
+  "mode,loop,acc",
+  [
+    ("compact", "dynamic", "tile"),
+    ("compact", "prefetch", "tile"),
+    ("masked", "dynamic", "tile"),
+    ("compact", "dynamic", "vector"),
+  ],
+)
+def test_lowers_to_triton(mode, loop, acc):
+  """The per-site kernel lowers to the Triton dialect for CUDA without a GPU (cross-platform lowering), with
+  either accumulator; Triton's own compilation shows only on the GPU (test_gpu_kernel_matches_xla)."""
+  cfg = KernelConfig(mode=mode, chunk=256, block_k=32, block_n=256, loop=loop, acc=acc)
+  x = jax.ShapeDtypeStruct((1, 1024), jnp.bfloat16)
+  w = jax.ShapeDtypeStruct((1024, 1024), jnp.bfloat16)
+  t = jax.ShapeDtypeStruct((1,), jnp.float32)
+  f = jax.jit(lambda x, w, t: masked_linear(x, w, t, None, (1024,), backend="pallas", config=cfg))
+  assert "triton" in f.trace(x, w, t).lower(lowering_platforms=("cuda",)).as_text()
+
+
 def test_bad_inputs_raise():
   x, w = jnp.ones((1, 8)), jnp.ones((8, 4))
   with pytest.raises(ValueError, match="segments"):
