@@ -25,6 +25,8 @@ A flag this module defines itself exists once per process, however many scripts 
 
 from __future__ import annotations
 
+import shlex
+import sys
 from collections.abc import Sequence
 
 from absl import flags
@@ -203,3 +205,9 @@ def preflight(
   if transform:
     fits(memory.transform(cfg), f"the transform of {name}", "use a machine with more memory")
   return cfg
+
+
+def command_line(module: str) -> str:
+  """How this run was started, as a user would type it again: 'python -m MODULE' and the arguments given
+  (shell-quoted), for result files to record."""
+  return shlex.join(["python", "-m", module, *sys.argv[1:]])

@@ -15,8 +15,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import shlex
-import sys
 
 import jax.numpy as jnp
 from absl import app, flags
@@ -232,7 +230,7 @@ def main(_):
   write_csv(os.path.join(out, "kl.csv"), kl_rows)
   projs = S.block_sites(cfg, "self_attn") + S.block_sites(cfg, "mlp")
   summary = {
-    "command": shlex.join(["python", "-m", "experiments.quality.analyze_errors", *sys.argv[1:]]),
+    "command": common.command_line("experiments.quality.analyze_errors"),
     "tokens": list(tokens.shape),
     "layers": cfg.num_hidden_layers,
     "declared_numerics": declared,

@@ -237,7 +237,7 @@ def main(argv):
   from wina_jax.convert import from_transformers
 
   out = dict(
-    command="python -m experiments.quality.bench_loop " + " ".join(_flag_args()),
+    command=common.command_line("experiments.quality.bench_loop"),
     device=str(jax.devices()[0].device_kind),
     backend=jax.default_backend(),
     jax=jax.__version__,
@@ -263,12 +263,6 @@ def main(argv):
   if OUT.value:
     with open(OUT.value, "w") as f:
       json.dump(out, f, indent=1)
-
-
-def _flag_args() -> list[str]:
-  """The flags given on the command line, as absl writes them ('--torch=false' is '--notorch')."""
-  names = [f.name for f in flags.FLAGS.get_key_flags_for_module(__name__)]
-  return [flags.FLAGS[n].serialize() for n in names if flags.FLAGS[n].present]
 
 
 def table(rows: list[dict]) -> str:
