@@ -49,6 +49,23 @@ def compiler_params(num_warps: int, num_stages: int):
   return cls(num_warps=num_warps, num_stages=num_stages)
 
 
+def acc_zeros(acc: str, bk: int, bn: int) -> jax.Array:
+  """A GEMV program's float32 accumulator for `KernelConfig.acc` / `PersistentConfig.acc`: [BN] ('vector')
+  or [BK, BN] ('tile')."""
+  return jnp.zeros((bk, bn) if acc == "tile" else (bn,), jnp.float32)
+
+
+def acc_add(acc: jax.Array, products: jax.Array) -> jax.Array:
+  """acc plus one tile's products [BK, BN]: elementwise into a [BK, BN] accumulator, summed over rows into
+  a [BN] one."""
+  return acc + (products if acc.ndim == 2 else jnp.sum(products, axis=0))
+
+
+def acc_total(acc: jax.Array) -> jax.Array:
+  """The [BN] sum an accumulator holds (the one reduction over rows of a [BK, BN] one)."""
+  return jnp.sum(acc, axis=0) if acc.ndim == 2 else acc
+
+
 def _iota(n: int) -> jax.Array:
   return jax.lax.iota(jnp.int32, n)
 
@@ -139,15 +156,11 @@ def _kernel(
       union = union | kb
     return xs, keeps, union
 
-  tile_acc = cfg.acc == "tile"
-
   def accumulate(acc, xs, keeps, w):
-    """acc, xs, keeps: per batch row [BN] f32 ([BK, BN] with acc 'tile'), [BK] f32, [BK] bool; w: [BK, BN]
-    f32."""
-    terms = [jnp.where(kb, xb, 0.0)[:, None] * w for xb, kb in zip(xs, keeps)]
-    return tuple(a + (t if tile_acc else jnp.sum(t, axis=0)) for a, t in zip(acc, terms))
+    """acc, xs, keeps: per batch row an accumulator (`acc_zeros`), [BK] f32, [BK] bool; w: [BK, BN] f32."""
+    return tuple(acc_add(a, jnp.where(kb, xb, 0.0)[:, None] * w) for a, xb, kb in zip(acc, xs, keeps))
 
-  acc0 = tuple(jnp.zeros((bk, bn) if tile_acc else (bn,), jnp.float32) for _ in range(rows))
+  acc0 = tuple(acc_zeros(cfg.acc, bk, bn) for _ in range(rows))
 
   def tile(j, acc, masked):
     """acc plus row tile j of the chunk (contiguous rows); masked: dropped rows are not loaded."""
@@ -238,8 +251,7 @@ def _kernel(
       acc = jax.lax.fori_loop(0, trips, body, acc0)
   else:
     acc = jax.lax.fori_loop(0, c // bk, lambda j, acc: tile(j, acc, True), acc0)
-  if tile_acc:  # the one reduction over rows
-    acc = tuple(jnp.sum(a, axis=0) for a in acc)
+  acc = tuple(acc_total(a) for a in acc)
   out_cols = n0 + _iota(bn)
   if cfg.reduce == "atomic":
     for b in range(rows):

@@ -46,7 +46,7 @@ from wina_jax import layers as L
 from wina_jax import sites as S
 from wina_jax.config import ModelConfig
 from wina_jax.kernels.config import ACCS
-from wina_jax.kernels.pallas_gemv import compiler_params
+from wina_jax.kernels.pallas_gemv import acc_add, acc_total, acc_zeros, compiler_params
 
 PHASES = ("qkv", "attention", "o_proj", "residual_attn", "gate_up", "down", "residual_mlp")
 # the layer's linear sites as the persistent kernel reads them: (block, fused projection)
@@ -343,17 +343,11 @@ def _gemv(r: dict, plan: Plan, site: int, x_at):
   pid = pl.program_id(0)
   start, end = _share(nk * nn, plan)
   masked = cfg.mode == "masked"
-  tile_acc = cfg.acc == "tile"
-  acc0 = jnp.zeros((bk, bn) if tile_acc else (bn,), jnp.float32)
+  acc0 = acc_zeros(cfg.acc, bk, bn)
 
   def add(acc, xs, w):
-    """acc plus the rows' products xs [BK] x w [BK, BN]: elementwise ('tile') or summed over rows."""
-    t = xs[:, None] * w.astype(jnp.float32)
-    return acc + (t if tile_acc else jnp.sum(t, axis=0))
-
-  def total(acc):
-    """The tile's [BN] partial sum."""
-    return jnp.sum(acc, axis=0) if tile_acc else acc
+    """acc plus the rows' products xs [BK] x w [BK, BN]."""
+    return acc_add(acc, xs[:, None] * w.astype(jnp.float32))
 
   def masked_tile(kc, t, carry):
     """Tile t of chunk kc in 'masked' mode: C / BK fixed [BK, BN] loads, dropped rows masked out."""
@@ -370,7 +364,7 @@ def _gemv(r: dict, plan: Plan, site: int, x_at):
       )
       return add(acc, xs, w)
 
-    plgpu.store(part_ref.at[kc, cols], total(jax.lax.fori_loop(_i32(0), _i32(c // bk), step, acc0)))
+    plgpu.store(part_ref.at[kc, cols], acc_total(jax.lax.fori_loop(_i32(0), _i32(c // bk), step, acc0)))
     return carry
 
   def chunk(kc, carry):
@@ -426,7 +420,7 @@ def _gemv(r: dict, plan: Plan, site: int, x_at):
 
           acc = jax.lax.fori_loop(_i32(0), dense_trips, dense_step, acc0)
           acc = jax.lax.fori_loop(_i32(0), sparse_trips, sparse_step, acc)
-          plgpu.store(part_ref.at[kc, cols], total(acc))
+          plgpu.store(part_ref.at[kc, cols], acc_total(acc))
           return carry
 
         jax.lax.fori_loop(lo, hi, tile, _i32(0))
