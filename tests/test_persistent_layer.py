@@ -137,6 +137,15 @@ CASES = {  # name: (model, sparsity, WINA scales, config, grid, split)
   "gqa_wina65_masked_split3": (LLAMA_GQA, 0.65, True, dataclasses.replace(SMALL, mode="masked"), 3, True),
   "teal50_masked_tile": (TINY, 0.5, False, dataclasses.replace(SMALL, mode="masked", acc="tile"), 1, False),
   "gqa_wina65_compact_tile_split3": (LLAMA_GQA, 0.65, True, dataclasses.replace(SMALL, acc="tile"), 3, True),
+  "teal50_resident": (TINY, 0.5, False, dataclasses.replace(SMALL, mode="resident", block_k=32), 1, False),
+  "gqa_wina65_resident_split3": (
+    LLAMA_GQA,
+    0.65,
+    True,
+    dataclasses.replace(SMALL, mode="resident", block_k=32),
+    3,
+    True,
+  ),
   "gqa_wina40_dense_at_half_split2": (
     LLAMA_GQA,
     0.4,
@@ -262,6 +271,9 @@ def test_parse_config():
   assert PL.parse_config("256:32:256:4:2:0.875:64:2:masked:false:tile").acc == "tile"
   with pytest.raises(ValueError, match="acc='rows' is not one of"):
     PL.parse_config("256:32:256:4:2:0.875:64:2:masked:false:rows")
+  with pytest.raises(ValueError, match="block_k=32 must equal chunk=256"):
+    PL.parse_config("256:32:256:4:1:0.875:64:2:resident")
+  assert PL.parse_config("128:128:128:4:1:0.875:64:2:resident").mode == "resident"
 
 
 def test_unsupported_reasons():
@@ -320,6 +332,7 @@ def test_routing_and_fallback(monkeypatch):
     (True, "masked", False, "vector"),
     (False, "compact", True, "vector"),
     (False, "masked", False, "tile"),
+    (True, "resident", False, "vector"),
   ],
 )
 def test_lowers_to_triton(scaled, mode, split, acc):
@@ -337,9 +350,8 @@ def test_lowers_to_triton(scaled, mode, split, acc):
     if scaled
     else {}
   )
-  plan = PL.make_plan(
-    cfg, lp, scales, PL.PersistentConfig(mode=mode, split=split, acc=acc), 132, interpret=False
-  )
+  config = PL.PersistentConfig(mode=mode, split=split, acc=acc, block_k=256 if mode == "resident" else 32)
+  plan = PL.make_plan(cfg, lp, scales, config, 132, interpret=False)
   kv = {k: jax.ShapeDtypeStruct((1, 512, 8, 128), jnp.bfloat16) for k in "kv"}
 
   def step(lp, h, kv, length, scales):
@@ -370,19 +382,22 @@ def test_gpu_sm_count_and_refusal():
 
 
 @needs_gpu
-@pytest.mark.parametrize("config", ["default", "2persm_masked", "2persm_masked_tile"])
+@pytest.mark.parametrize("config", ["default", "2persm_masked", "2persm_masked_tile", "2persm_resident"])
 @pytest.mark.parametrize("sparsity,scaled", [(0.0, False), (0.5, False), (0.65, True), (0.999, False)])
 @pytest.mark.parametrize("shape", ["llama3_8b", "qwen25_7b"])
 def test_gpu_layer_matches_xla(shape, sparsity, scaled, config):
   """One layer of the real shape (a small vocabulary), float32, the default grid (every program the config
   allows: SMs x programs_per_sm), vs the XLA layer; the default tiling and the fastest measured grid (2 per
-  SM) in the 'masked' mode, with either accumulator."""
+  SM) in the 'masked' mode, with either accumulator, and the 'resident' mode."""
   cfg0 = SHAPES[shape].replace(num_hidden_layers=1, vocab_size=256)
   cfg, lp, h, kv = setup_layer(cfg0)
   pc = {
     "default": PL.PersistentConfig(),
     "2persm_masked": PL.PersistentConfig(programs_per_sm=2, mode="masked"),
     "2persm_masked_tile": PL.PersistentConfig(programs_per_sm=2, mode="masked", acc="tile"),
+    "2persm_resident": PL.PersistentConfig(
+      chunk=128, block_k=128, block_n=128, num_stages=1, programs_per_sm=2, mode="resident"
+    ),
   }
   out, ref = run_both(cfg, lp, h, kv, sparsity, scaled, pc[config], grid=None)
   assert_close(out, ref, 1e-4)

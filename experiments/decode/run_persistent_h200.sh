@@ -9,9 +9,9 @@
 #           vs XLA at 0 / 50 / 65 (WINA) / 99.9 %, a 32-step decode of 4 Llama-3-8B-shaped layers, the refused
 #           oversized grid; the per-site kernels on the q|k|v shape, each accumulator) -> OUT/tests.log
 #   wait    experiments.decode.wait_cost: empty phases, 0 / 1 / 6 / 64 waits per launch -> OUT/wait_cost.json
-#   sweep   Llama-3-8B, dense and TEAL 50 %: the per-site kernels with each accumulator (SETS: --config_sets
-#           entries over benchmarks/configs/h200_partials.json) and the persistent kernel at each of PSWEEP's
-#           tilings -> OUT/bench_llama_sweep.json
+#   sweep   Llama-3-8B, dense and TEAL 50 %: the per-site kernels (SETS: --config_sets entries over
+#           benchmarks/configs/h200_partials.json) and the persistent kernel at each of PSWEEP's tilings, under
+#           SWEEP_S (default 330 s; a config costs ~40 s, mostly compilation) -> OUT/bench_llama_sweep.json
 #   phases  profile_decode with the kernel split into one launch per phase (PPHASES, a parse_config spec with
 #           split true; default the sweep's fastest tiling): each phase's kernel time, dense and TEAL 50 %
 #           -> OUT/profile_phases.json
@@ -23,21 +23,24 @@
 #   wina    Llama-3-8B, WINA at 50 / 65 %, if time is left -> OUT/bench_llama_wina.json
 # If the tests stage times out (a hang at a wait), the bench stages run without the persistent kernel. STAGES
 # (comma-separated names, default all) runs a subset: e.g. the tests beside other GPU work, the timed stages
-# alone. (Session 10's 'precision' stage, the bfloat16 vs float32 A/B of XLA dense, is retired: equal since
-# numerics.matmul, 4.236 vs 4.235-4.265 ms in session 11.)
+# alone. TESTS_K (default 'gpu') is the tests stage's pytest -k expression. (Session 10's 'precision' stage, the
+# bfloat16 vs float32 A/B of XLA dense, is retired: equal since numerics.matmul, 4.236 vs 4.235-4.265 ms in
+# session 11.) Run it in the foreground, one device call under 600 s: the machine is released 30 s after a call,
+# so a detached run dies unless something polls that often (session 12 lost one that way).
 set -u
 out=$1
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 end=$((SECONDS + ${BUDGET_S:-450}))
 stages=,${STAGES:-tests,wait,sweep,phases,llama,qwen,wina},
-pconfigs=${PCONFIGS:-256:32:256:4:2:0.875:64:2}
-# chunk:block_k:block_n:num_warps:num_stages:dense_at:block_s:programs_per_sm:mode:split:acc. Session 11: the
-# masked mode fastest at TEAL 50 % (5.40 ms vs compact 6.93), all below XLA dense; the phase profile says the
-# GEMVs are bound by their instruction stream and loads in flight, so the sweep tries the 'tile' accumulator
-# (no reduction across warps inside the loop) with deeper pipelines and other tile heights.
-psweep=${PSWEEP:-256:32:256:4:2:0.875:64:2:masked,256:32:256:4:2:0.875:64:2:masked:false:tile,256:32:256:4:3:0.875:64:2:masked:false:tile,256:16:256:4:4:0.875:64:2:masked:false:tile,128:32:256:4:3:0.875:64:2:masked:false:tile,256:32:256:4:2:0.875:64:2:compact:false:tile,256:64:256:8:3:0.875:64:2:masked:false:tile}
+pconfigs=${PCONFIGS:-128:128:128:4:1:0.875:64:2:resident,128:32:256:4:3:0.875:64:2:masked:false:tile}
+# chunk:block_k:block_n:num_warps:num_stages:dense_at:block_s:programs_per_sm:mode:split:acc. Session 12: the
+# 'resident' mode at 128 x 128 was the fastest at TEAL 50 % (4.025 ms, 1.05x over XLA dense; masked tile at chunk
+# 128: 4.49-4.55; 64 x 128 and 64 x 256 resident slower), so the sweep tries tile shapes around it. 4 warps only:
+# at 2 programs per SM, 8 warps leave 128 registers a thread, and a kernel needing more would not be co-resident.
+psweep=${PSWEEP:-128:128:128:4:1:0.875:64:2:resident,128:128:64:4:1:0.875:64:2:resident,\
+256:256:64:4:1:0.875:64:2:resident,128:128:256:4:1:0.875:64:2:resident}
 configs=benchmarks/configs/h200_partials.json
-sets=${SETS:-$configs,benchmarks/configs/h200_tile_acc.json}  # per-site tilings timed side by side
+sets=${SETS:-$configs}  # per-site tilings timed side by side (session 12 timed h200_tile_acc.json beside it: a loss)
 left() { local l=$((end - SECONDS - 5)); [ "$l" -lt "$1" ] && echo "$l" || echo "$1"; }
 stage() {  # stage NAME LIMIT COMMAND...: run under min(LIMIT, time left), log to OUT/NAME.log
   local name=$1 limit; limit=$(left "$2"); shift 2
@@ -50,12 +53,13 @@ stage() {  # stage NAME LIMIT COMMAND...: run under min(LIMIT, time left), log t
   tail -25 "$out/$name.log"
   return $rc
 }
-stage tests 420 python3 -m pytest -q -p no:cacheprovider -k gpu tests/test_persistent_layer.py tests/test_kernels.py
+stage tests 420 python3 -m pytest -q -p no:cacheprovider -k "${TESTS_K:-gpu}" tests/test_persistent_layer.py \
+  tests/test_kernels.py
 [ $? -eq 124 ] && pconfigs= && echo "tests timed out: benches run without the persistent kernel"
 stage wait 60 python3 -m experiments.decode.wait_cost --out="$out/wait_cost.json"
 bench="python3 -m experiments.decode.bench_decode --batches=1 --attention=pallas --configs=$configs --reps=3
   --host_rows=false --config_sets=$sets"
-[ -n "$pconfigs" ] && stage sweep 330 $bench --models=llama3_8b --methods=teal --sparsities=0.5 \
+[ -n "$pconfigs" ] && stage sweep "${SWEEP_S:-330}" $bench --models=llama3_8b --methods=teal --sparsities=0.5 \
   --persistent_configs=$psweep --out="$out/bench_llama_sweep.json"
 # The fastest persistent tiling of the sweep at TEAL 50 % joins PCONFIGS for the stages below.
 best=$(python3 - "$out/bench_llama_sweep.json" <<'PY' 2>/dev/null
@@ -71,7 +75,7 @@ echo "persistent configs for the model stages: ${pconfigs:-none}"
 phased=$(python3 -c "import sys; p = sys.argv[1].split(':'); p += ['compact', 'false'][len(p) - 8:]
 p[9] = 'true'; print(':'.join(p))" "${best:-256:32:256:4:2:0.875:64:2}")
 stage phases 150 python3 -m experiments.decode.profile_decode --models=llama3_8b --variants=dense,teal:0.5 \
-  --persistent=${PPHASES:-$phased:true} --out="$out/profile_phases.json"
+  --persistent=${PPHASES:-$phased} --out="$out/profile_phases.json"
 stage llama 280 $bench --models=llama3_8b --methods=teal --sparsities=0,0.5,0.65,0.999 \
   --persistent_configs=$pconfigs --out="$out/bench_llama.json"
 stage qwen 200 $bench --models=qwen25_7b --methods=teal --sparsities=0,0.5,0.65,0.999 \

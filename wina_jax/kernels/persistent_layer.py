@@ -56,7 +56,7 @@ SCAN = 4096  # rows per step of a whole-input pass (the norms' sums of squares)
 # and 8 warps; 4, with 4 warps and block_n 128, did not finish in 2 minutes, the signature of the waits'
 # deadlock).
 MAX_PROGRAMS_PER_SM = 2
-MODES = ("compact", "masked")  # how a GEMV tile skips dropped rows (PersistentConfig.mode)
+MODES = ("compact", "masked", "resident")  # how a GEMV tile skips dropped rows (PersistentConfig.mode)
 _NEG = -1e30
 
 
@@ -75,7 +75,10 @@ class PersistentConfig:
   mode: 'compact' gathers each chunk's kept rows into a list, then loads [BK, BN] tiles of listed rows (a
   dependent load per tile, trips ~ kept rows); 'masked' walks the chunk's C / BK fixed tiles and masks the
   dropped rows out of each load (TEAL's design: no list, no dependent load, a static trip count that
-  Triton can pipeline; dropped rows are not read, as in 'compact'). dense_at applies to 'compact' only.
+  Triton can pipeline; dropped rows are not read, as in 'compact'). 'resident' keeps the chunk's masked input
+  in registers (no scratch round trip) and reads each tile as one [C, BN] load with the dropped rows masked
+  out, the next tile's load issued before this tile's sum (block_k must equal chunk; acc does not apply).
+  dense_at applies to 'compact' only.
   split: one launch per phase (named persistent_<phase>), the launch boundary standing in for the wait:
   interpret mode's only way to a grid > 1, and on a GPU the per-phase profile (each phase's kernel time).
   acc: 'vector' sums each [BK, BN] weight tile over its rows into a [BN] accumulator every step; 'tile'
@@ -107,6 +110,10 @@ class PersistentConfig:
       raise ValueError(f"mode={self.mode!r} is not one of {MODES}")
     if self.acc not in ACCS:
       raise ValueError(f"acc={self.acc!r} is not one of {ACCS}")
+    if self.mode == "resident" and self.block_k != self.chunk:
+      raise ValueError(
+        f"mode='resident' loads whole chunks: block_k={self.block_k} must equal chunk={self.chunk}"
+      )
 
 
 def parse_config(spec: str) -> PersistentConfig:
@@ -367,6 +374,25 @@ def _gemv(r: dict, plan: Plan, site: int, x_at):
     plgpu.store(part_ref.at[kc, cols], acc_total(jax.lax.fori_loop(_i32(0), _i32(c // bk), step, acc0)))
     return carry
 
+  def resident_tiles(kc, rows, keep, x, lo, hi):
+    """Tiles [lo, hi) of chunk kc in 'resident' mode: one masked [C, BN] load each, prefetched a tile ahead."""
+    xm = jnp.where(keep, x, 0.0)
+
+    def load(t, live):
+      cols = (t - kc * nn) * bn + _iota(bn)
+      mask = jnp.broadcast_to((keep & live)[:, None], (c, bn))
+      return plgpu.load(
+        w_ref.at[rows[:, None], cols[None, :]], mask=mask, other=0, eviction_policy="evict_first"
+      )
+
+    def tile(t, w):
+      nxt = load(jnp.minimum(t + 1, hi - 1), t + 1 < hi)  # the next tile's rows in flight during this sum
+      cols = (t - kc * nn) * bn + _iota(bn)
+      plgpu.store(part_ref.at[kc, cols], jnp.sum(xm[:, None] * w.astype(jnp.float32), axis=0))
+      return nxt
+
+    jax.lax.fori_loop(lo, hi, tile, load(lo, True))
+
   def chunk(kc, carry):
     k0 = kc * c
     rows = k0 + _iota(c)
@@ -379,6 +405,9 @@ def _gemv(r: dict, plan: Plan, site: int, x_at):
       def _():
         score = jnp.abs(x) * plgpu.load(s_ref.at[_i32(s), rows]) if plan.scaled[site] else jnp.abs(x)
         keep = score > plgpu.load(t_ref.at[_i32(s)])
+        if cfg.mode == "resident":
+          resident_tiles(kc, rows, keep, x, lo, hi)
+          return
         if masked:  # the chunk's masked inputs in place: a zero (dropped or zero) input's row is not read
           _sync_threads(plan)  # the previous tile's loop has read the scratch
           plgpu.store(xv_ref.at[pid, _iota(c)], jnp.where(keep, x, 0.0))
