@@ -138,6 +138,22 @@ CASES = {  # name: (model, sparsity, WINA scales, config, grid, split)
   "teal50_masked_tile": (TINY, 0.5, False, dataclasses.replace(SMALL, mode="masked", acc="tile"), 1, False),
   "gqa_wina65_compact_tile_split3": (LLAMA_GQA, 0.65, True, dataclasses.replace(SMALL, acc="tile"), 3, True),
   "teal50_resident": (TINY, 0.5, False, dataclasses.replace(SMALL, mode="resident", block_k=32), 1, False),
+  "window_teal99_resident_skip": (
+    WINDOWED,
+    0.99,
+    False,
+    dataclasses.replace(SMALL, mode="resident", block_k=32, skip_empty=True),
+    1,
+    False,
+  ),
+  "gqa_wina65_resident_skip_split3": (
+    LLAMA_GQA,
+    0.65,
+    True,
+    dataclasses.replace(SMALL, mode="resident", block_k=32, skip_empty=True),
+    3,
+    True,
+  ),
   "gqa_wina65_resident_split3": (
     LLAMA_GQA,
     0.65,
@@ -274,6 +290,9 @@ def test_parse_config():
   with pytest.raises(ValueError, match="block_k=32 must equal chunk=256"):
     PL.parse_config("256:32:256:4:1:0.875:64:2:resident")
   assert PL.parse_config("128:128:128:4:1:0.875:64:2:resident").mode == "resident"
+  assert PL.parse_config("128:128:128:4:1:0.875:64:2:resident:false:vector:true").skip_empty
+  with pytest.raises(ValueError, match="skip_empty applies to mode='resident' only"):
+    PL.parse_config("256:32:256:4:2:0.875:64:2:masked:false:vector:true")
 
 
 def test_unsupported_reasons():
@@ -350,7 +369,10 @@ def test_lowers_to_triton(scaled, mode, split, acc):
     if scaled
     else {}
   )
-  config = PL.PersistentConfig(mode=mode, split=split, acc=acc, block_k=256 if mode == "resident" else 32)
+  resident = mode == "resident"
+  config = PL.PersistentConfig(
+    mode=mode, split=split, acc=acc, block_k=256 if resident else 32, skip_empty=resident
+  )
   plan = PL.make_plan(cfg, lp, scales, config, 132, interpret=False)
   kv = {k: jax.ShapeDtypeStruct((1, 512, 8, 128), jnp.bfloat16) for k in "kv"}
 
@@ -382,7 +404,9 @@ def test_gpu_sm_count_and_refusal():
 
 
 @needs_gpu
-@pytest.mark.parametrize("config", ["default", "2persm_masked", "2persm_masked_tile", "2persm_resident"])
+@pytest.mark.parametrize(
+  "config", ["default", "2persm_masked", "2persm_masked_tile", "2persm_resident", "2persm_resident_skip"]
+)
 @pytest.mark.parametrize("sparsity,scaled", [(0.0, False), (0.5, False), (0.65, True), (0.999, False)])
 @pytest.mark.parametrize("shape", ["llama3_8b", "qwen25_7b"])
 def test_gpu_layer_matches_xla(shape, sparsity, scaled, config):
@@ -397,6 +421,9 @@ def test_gpu_layer_matches_xla(shape, sparsity, scaled, config):
     "2persm_masked_tile": PL.PersistentConfig(programs_per_sm=2, mode="masked", acc="tile"),
     "2persm_resident": PL.PersistentConfig(
       chunk=128, block_k=128, block_n=128, num_stages=1, programs_per_sm=2, mode="resident"
+    ),
+    "2persm_resident_skip": PL.PersistentConfig(
+      chunk=128, block_k=128, block_n=128, num_stages=1, programs_per_sm=2, mode="resident", skip_empty=True
     ),
   }
   out, ref = run_both(cfg, lp, h, kv, sparsity, scaled, pc[config], grid=None)

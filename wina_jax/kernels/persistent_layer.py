@@ -83,6 +83,8 @@ class PersistentConfig:
   interpret mode's only way to a grid > 1, and on a GPU the per-phase profile (each phase's kernel time).
   acc: 'vector' sums each [BK, BN] weight tile over its rows into a [BN] accumulator every step; 'tile'
   keeps a [BK, BN] float32 accumulator and reduces over rows once per tile (`KernelConfig.acc`).
+  skip_empty ('resident' only): a chunk keeping no row for a segment stores zero partials for its tiles
+  without walking them (one max over the chunk's mask; at 99.9 % most chunks, at 50 % none).
   """
 
   chunk: int = 256
@@ -96,6 +98,7 @@ class PersistentConfig:
   mode: str = "compact"
   split: bool = False
   acc: str = "vector"
+  skip_empty: bool = False
 
   def __post_init__(self):
     for name in ("chunk", "block_k", "block_n", "block_s"):
@@ -110,6 +113,8 @@ class PersistentConfig:
       raise ValueError(f"mode={self.mode!r} is not one of {MODES}")
     if self.acc not in ACCS:
       raise ValueError(f"acc={self.acc!r} is not one of {ACCS}")
+    if self.skip_empty and self.mode != "resident":
+      raise ValueError(f"skip_empty applies to mode='resident' only, not mode={self.mode!r}")
     if self.mode == "resident" and self.block_k != self.chunk:
       raise ValueError(
         f"mode='resident' loads whole chunks: block_k={self.block_k} must equal chunk={self.chunk}"
@@ -118,8 +123,8 @@ class PersistentConfig:
 
 def parse_config(spec: str) -> PersistentConfig:
   """A config from the fields of `PersistentConfig` in order, colon-separated, the first three required:
-  'chunk:block_k:block_n[:num_warps[:num_stages[:dense_at[:block_s[:programs_per_sm[:mode[:split[:acc]]]]]]]]'
-  (split: true | false)."""
+  'chunk:block_k:block_n[:num_warps[:num_stages[:dense_at[:block_s[:programs_per_sm[:mode[:split[:acc
+  [:skip_empty]]]]]]]]]]' (split, skip_empty: true | false)."""
   fields = dataclasses.fields(PersistentConfig)
   parts = spec.split(":")
   if not 3 <= len(parts) <= len(fields):
@@ -391,7 +396,21 @@ def _gemv(r: dict, plan: Plan, site: int, x_at):
       plgpu.store(part_ref.at[kc, cols], jnp.sum(xm[:, None] * w.astype(jnp.float32), axis=0))
       return nxt
 
-    jax.lax.fori_loop(lo, hi, tile, load(lo, True))
+    def walk():
+      jax.lax.fori_loop(lo, hi, tile, load(lo, True))
+
+    if not cfg.skip_empty:
+      return walk()
+    kept = jnp.max(keep.astype(jnp.int32)) > 0
+    pl.when(kept)(walk)
+
+    @pl.when(jnp.logical_not(kept))
+    def _():  # no row of the chunk kept for this segment: zero partials, no loads
+      def zero(t, carry):
+        plgpu.store(part_ref.at[kc, (t - kc * nn) * bn + _iota(bn)], jnp.zeros((bn,), jnp.float32))
+        return carry
+
+      jax.lax.fori_loop(lo, hi, zero, _i32(0))
 
   def chunk(kc, carry):
     k0 = kc * c
