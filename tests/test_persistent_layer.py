@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from wina_jax import checks
 from wina_jax import model as M
 from wina_jax import sites as S
 from wina_jax.bench.shapes import SHAPES
@@ -290,6 +291,8 @@ def test_parse_config():
   with pytest.raises(ValueError, match="block_k=32 must equal chunk=256"):
     PL.parse_config("256:32:256:4:1:0.875:64:2:resident")
   assert PL.parse_config("128:128:128:4:1:0.875:64:2:resident").mode == "resident"
+  rule = checks.parses(PL.parse_config)  # the scripts' flag rule: the parser's reason, or None
+  assert "power of two" in rule("96:32:256") and rule("256:32:256") is None
   assert PL.parse_config("128:128:128:4:1:0.875:64:2:resident:false:vector:true").skip_empty
   with pytest.raises(ValueError, match="skip_empty applies to mode='resident' only"):
     PL.parse_config("256:32:256:4:2:0.875:64:2:masked:false:vector:true")
@@ -343,6 +346,41 @@ def test_routing_and_fallback(monkeypatch):
   assert not calls
 
 
+@pytest.mark.skipif(GPU, reason="interpret mode")
+def test_timers_change_nothing_and_read_zeros_in_interpret_mode():
+  """`phase_marks` (the kernel with `timers`): in interpret mode the clock reads zero, one row per program, two
+  columns per phase; the layer's outputs with timers on are the ones without. Timers and split are refused
+  together."""
+  cfg, lp, h, kv = setup_layer(TINY)
+  thr, scales, segs = thresholds_at(cfg, lp, h, kv, 0.5, False)
+  thr = {S.parse_site(s)[2]: t for s, t in thr.items()}
+  args = (cfg, lp, h, kv, jnp.int32(LENGTH), thr, {}, jnp.zeros((2,), jnp.int32))
+  config = dataclasses.replace(SMALL, mode="resident", block_k=32)
+  marks = PL.phase_marks(*args, config=config, grid=1, interpret=True)
+  assert marks.shape == (1, 2 * len(PL.PHASES)) and marks.dtype == jnp.int32 and not np.any(np.asarray(marks))
+  timed = dataclasses.replace(config, timers=True)
+  plain_out = PL.decoder_layer(*args, config=config, grid=1, interpret=True)
+  timed_out = PL.decoder_layer(*args, config=timed, grid=1, interpret=True)
+  assert_close(timed_out, plain_out, 0.0)
+  with pytest.raises(ValueError, match="timers time the phases inside one launch"):
+    dataclasses.replace(SMALL, timers=True, split=True)
+
+
+def test_phase_times_across_a_clock_wrap():
+  """`phase_times`: work = end - start of each phase, wait = next start - end, span = first start to last end,
+  in microseconds, right when the 32-bit clock wraps inside the launch."""
+  n = 2 * len(PL.PHASES)
+  start = (1 << 32) - 5_000  # 5 us before the wrap
+  steps = np.array([[1_000 * (j + 1) for j in range(n - 1)], [2_000 * (j + 1) for j in range(n - 1)]])
+  abs_ns = np.concatenate([[[start], [start + 500]], start + np.array([[0], [500]]) + steps], axis=1)
+  marks = (abs_ns % (1 << 32)).astype(np.uint32).view(np.int32)  # as the kernel stores them
+  t = PL.phase_times(marks)
+  assert t["work_us"].shape == (len(PL.PHASES), 2) and t["wait_us"].shape == (len(PL.PHASES) - 1, 2)
+  np.testing.assert_allclose(t["work_us"][:, 0], [1.0] + [1.0] * (len(PL.PHASES) - 1))
+  np.testing.assert_allclose(t["wait_us"][:, 1], 2.0)
+  assert t["span_us"] == pytest.approx((500 + 2_000 * (n - 1)) / 1e3)
+
+
 @pytest.mark.parametrize(
   "scaled,mode,split,acc",
   [
@@ -369,9 +407,9 @@ def test_lowers_to_triton(scaled, mode, split, acc):
     if scaled
     else {}
   )
-  resident = mode == "resident"
+  resident = mode == "resident"  # with the empty-chunk skip and the phase timers
   config = PL.PersistentConfig(
-    mode=mode, split=split, acc=acc, block_k=256 if resident else 32, skip_empty=resident
+    mode=mode, split=split, acc=acc, block_k=256 if resident else 32, skip_empty=resident, timers=resident
   )
   plan = PL.make_plan(cfg, lp, scales, config, 132, interpret=False)
   kv = {k: jax.ShapeDtypeStruct((1, 512, 8, 128), jnp.bfloat16) for k in "kv"}
@@ -386,6 +424,7 @@ def test_lowers_to_triton(scaled, mode, split, acc):
   phases = {f"persistent_{p}" for p in PL.PHASES}
   assert "triton" in text and "persistent_layer" in names
   assert phases <= names if split else not names & phases, names
+  assert ("globaltimer" in text) == resident
 
 
 # ---- GPU: the waits, one launch of SM-count programs, real shapes ----
@@ -428,6 +467,28 @@ def test_gpu_layer_matches_xla(shape, sparsity, scaled, config):
   }
   out, ref = run_both(cfg, lp, h, kv, sparsity, scaled, pc[config], grid=None)
   assert_close(out, ref, 1e-4)
+
+
+@needs_gpu
+def test_gpu_phase_marks_show_every_wait_holding():
+  """The clock marks of one launch (Llama-3-8B layer, TEAL 50 %, resident, 2 programs per SM): per program in
+  order, and no program leaves a wait before the last one has arrived at it (the grid-wide wait, seen from
+  the clock); the launch spans under 10 ms."""
+  cfg0 = SHAPES["llama3_8b"].replace(num_hidden_layers=1, vocab_size=256)
+  cfg, lp, h, kv = setup_layer(cfg0, jnp.bfloat16)
+  thr, _, _ = thresholds_at(cfg, lp, h, kv, 0.5, False)
+  thr = {S.parse_site(s)[2]: t for s, t in thr.items()}
+  config = PL.PersistentConfig(
+    chunk=128, block_k=128, block_n=128, num_stages=1, programs_per_sm=2, mode="resident"
+  )
+  marks = np.asarray(
+    PL.phase_marks(cfg, lp, h, kv, jnp.int32(LENGTH), thr, {}, jnp.zeros((2,), jnp.int32), config=config)
+  )
+  assert marks.shape == (2 * PL.sm_count(), 2 * len(PL.PHASES))
+  rel = (marks.astype(np.int64) - marks[:, 0].astype(np.int64).min()) % (1 << 32)
+  assert np.all(np.diff(rel, axis=1) >= 0) and rel.max() < 10_000_000
+  for k in range(1, len(PL.PHASES)):
+    assert rel[:, 2 * k].min() >= rel[:, 2 * k - 1].max(), k
 
 
 @needs_gpu

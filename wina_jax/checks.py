@@ -66,6 +66,19 @@ def one_of(names) -> Rule:
   return lambda v: None if v in names else f"must be one of {sorted(names)}"
 
 
+def parses(parse: Callable[[str], object]) -> Rule:
+  """A string that `parse` accepts (its ValueError's message is the reason, e.g. a kernel tiling spec)."""
+
+  def check(v):
+    try:
+      parse(v)
+    except ValueError as e:
+      return str(e)
+    return None
+
+  return check
+
+
 def each(
   rule: Rule, parse: Callable[[str], object] = float, *, nonempty: bool = False, split: str = ""
 ) -> Rule:

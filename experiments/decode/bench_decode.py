@@ -113,12 +113,15 @@ flags.DEFINE_list(
   "RMSNorm in the sparse kernels' prologue (FusedThresholdSparsifier.fuse_norm), each value timed in the "
   "same run: false, true or false,true",
 )
-flags.DEFINE_list(
-  "persistent_configs",
-  [],
-  "persistent layer kernel tilings (persistent_layer.parse_config: chunk:block_k:block_n[:num_warps[:num_stages"
-  "[:dense_at[:block_s[:programs_per_sm[:mode]]]]]]), each timed at batch 1 for dense and every sparse variant but "
-  "wina_sc; empty = none",
+common.check(
+  flags.DEFINE_list(
+    "persistent_configs",
+    [],
+    "persistent layer kernel tilings (persistent_layer.parse_config: chunk:block_k:block_n[:num_warps[:num_stages"
+    "[:dense_at[:block_s[:programs_per_sm[:mode[:split[:acc[:skip_empty[:timers]]]]]]]]]]]), each timed at batch 1"
+    " for dense and every sparse variant but wina_sc; empty = none",
+  ),
+  checks.each(checks.parses(PL.parse_config), str),
 )
 flags.DEFINE_bool("host_rows", True, "time the host-dispatch rows (no_linear_host, dense_host)")
 common.check(flags.DEFINE_string("out", "", "write results JSON here"), checks.out_path())

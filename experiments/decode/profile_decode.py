@@ -61,13 +61,7 @@ flags.DEFINE_bool(
 
 def persistent_rule(spec: str):
   """A `persistent_layer.parse_config` spec ('' allowed: the per-site kernels)."""
-  if not spec:
-    return None
-  try:
-    PL.parse_config(spec)
-  except ValueError as e:
-    return str(e)
-  return None
+  return checks.parses(PL.parse_config)(spec) if spec else None
 
 
 common.check(

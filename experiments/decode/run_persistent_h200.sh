@@ -12,9 +12,13 @@
 #   sweep   Llama-3-8B, dense and TEAL 50 %: the per-site kernels (SETS: --config_sets entries over
 #           benchmarks/configs/h200_partials.json) and the persistent kernel at each of PSWEEP's tilings, under
 #           SWEEP_S (default 330 s; a config costs ~40 s, mostly compilation) -> OUT/bench_llama_sweep.json
-#   phases  profile_decode with the kernel split into one launch per phase (PPHASES, a parse_config spec with
-#           split true; default the sweep's fastest tiling): each phase's kernel time, dense and TEAL 50 %
-#           -> OUT/profile_phases.json
+#   timers  phase_timers: the kernel's own clock marks inside one launch (PTIMERS, default the sweep's fastest
+#           tiling, else the first of PCONFIGS), each phase's work and wait, Llama-3-8B layer, TEAL 0 / 50 / 65
+#           / 99.9 % -> OUT/phase_timers.json
+#   phases  (not in the default STAGES) profile_decode with the kernel split into one launch per phase
+#           (PPHASES, a parse_config spec with split true; default the sweep's fastest tiling): each phase's
+#           kernel time, dense and TEAL 50 % -> OUT/profile_phases.json; session 12's split kernels took
+#           twice the fused one's time, so read it only where its total agrees with the fused kernel's
 #   llama   bench_decode, Llama-3-8B shape, batch 1, Pallas attention, TEAL at 0 / 50 / 65 / 99.9 %: dense,
 #           the per-site kernels (each of SETS) and the persistent kernel (PCONFIGS, comma-separated
 #           persistent_layer.parse_config specs, plus the sweep's fastest) in one run, with the no-linear
@@ -31,7 +35,7 @@ set -u
 out=$1
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 end=$((SECONDS + ${BUDGET_S:-450}))
-stages=,${STAGES:-tests,wait,sweep,phases,llama,qwen,wina},
+stages=,${STAGES:-tests,wait,sweep,timers,llama,qwen,wina},
 pconfigs=${PCONFIGS:-128:128:128:4:1:0.875:64:2:resident,128:128:128:4:1:0.875:64:2:resident:false:vector:true,\
 128:32:256:4:3:0.875:64:2:masked:false:tile}
 # chunk:block_k:block_n:num_warps:num_stages:dense_at:block_s:programs_per_sm:mode:split:acc:skip_empty (the
@@ -76,6 +80,8 @@ echo "persistent configs for the model stages: ${pconfigs:-none}"
 # the sweep's fastest tiling (its mode and split fields filled in, split set to true, acc kept).
 phased=$(python3 -c "import sys; p = sys.argv[1].split(':'); p += ['compact', 'false'][len(p) - 8:]
 p[9] = 'true'; print(':'.join(p))" "${best:-256:32:256:4:2:0.875:64:2}")
+[ -n "$pconfigs" ] && stage timers 120 python3 -m experiments.decode.phase_timers --models=llama3_8b \
+  --sparsities=0,0.5,0.65,0.999 --persistent_configs="${PTIMERS:-${best:-${pconfigs%%,*}}}" --out="$out/phase_timers.json"
 stage phases 150 python3 -m experiments.decode.profile_decode --models=llama3_8b --variants=dense,teal:0.5 \
   --persistent=${PPHASES:-$phased} --out="$out/profile_phases.json"
 stage llama 280 $bench --models=llama3_8b --methods=teal --sparsities=0,0.5,0.65,0.999 \

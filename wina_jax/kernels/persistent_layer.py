@@ -38,6 +38,7 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
@@ -85,6 +86,9 @@ class PersistentConfig:
   keeps a [BK, BN] float32 accumulator and reduces over rows once per tile (`KernelConfig.acc`).
   skip_empty ('resident' only): a chunk keeping no row for a segment stores zero partials for its tiles
   without walking them (one max over the chunk's mask; at 99.9 % most chunks, at 50 % none).
+  timers: every program records the GPU's global nanosecond clock (low 32 bits) at the start of each phase and
+  at its arrival at the next wait, in an extra output (`phase_marks`): the per-phase profile of the one-launch
+  kernel itself (zeros in interpret mode; not with split, whose launches a profiler times).
   """
 
   chunk: int = 256
@@ -99,6 +103,7 @@ class PersistentConfig:
   split: bool = False
   acc: str = "vector"
   skip_empty: bool = False
+  timers: bool = False
 
   def __post_init__(self):
     for name in ("chunk", "block_k", "block_n", "block_s"):
@@ -113,6 +118,10 @@ class PersistentConfig:
       raise ValueError(f"mode={self.mode!r} is not one of {MODES}")
     if self.acc not in ACCS:
       raise ValueError(f"acc={self.acc!r} is not one of {ACCS}")
+    if self.timers and self.split:
+      raise ValueError(
+        "timers time the phases inside one launch; with split=True a profiler times each launch"
+      )
     if self.skip_empty and self.mode != "resident":
       raise ValueError(f"skip_empty applies to mode='resident' only, not mode={self.mode!r}")
     if self.mode == "resident" and self.block_k != self.chunk:
@@ -124,7 +133,7 @@ class PersistentConfig:
 def parse_config(spec: str) -> PersistentConfig:
   """A config from the fields of `PersistentConfig` in order, colon-separated, the first three required:
   'chunk:block_k:block_n[:num_warps[:num_stages[:dense_at[:block_s[:programs_per_sm[:mode[:split[:acc
-  [:skip_empty]]]]]]]]]]' (split, skip_empty: true | false)."""
+  [:skip_empty[:timers]]]]]]]]]]]' (split, skip_empty, timers: true | false)."""
   fields = dataclasses.fields(PersistentConfig)
   parts = spec.split(":")
   if not 3 <= len(parts) <= len(fields):
@@ -268,26 +277,48 @@ def grid_wait(counter_ref, k: int, programs: int, active: bool):
   """The k-th grid-wide wait (k >= 1): arrive, then spin until all `programs` have arrived k times.
 
   counter_ref: int32 [2] (arrivals, departures), zero at launch. active False (one program, interpret
-  mode) compiles it out: programs then run phases back to back."""
+  mode) compiles it out: programs then run phases back to back. -> (count at arrival, count at departure)
+  (None, None when compiled out): values that exist only once the program has arrived / left, for
+  `_mark`."""
   if not active:
-    return
+    return None, None
   plgpu.debug_barrier()  # every thread's stores are issued before the (acq_rel) arrival
   target = jnp.int32(programs * k)
   seen = plgpu.atomic_add(counter_ref, (_i32(0),), jnp.int32(1)) + 1
-  jax.lax.while_loop(lambda c: c < target, lambda c: plgpu.atomic_add(counter_ref, (_i32(0),), _i32(0)), seen)
+  left = jax.lax.while_loop(
+    lambda c: c < target, lambda c: plgpu.atomic_add(counter_ref, (_i32(0),), _i32(0)), seen
+  )
   plgpu.debug_barrier()
+  return seen, left
 
 
 def grid_leave(counter_ref, programs: int, active: bool):
   """After the last wait: the last program to leave resets the counter to zero for the next launch."""
   if not active:
-    return
+    return None
   left = plgpu.atomic_add(counter_ref, (_i32(1),), jnp.int32(1))
 
   @pl.when(left == programs - 1)
   def _():
     plgpu.atomic_xchg(counter_ref, (_i32(0),), _i32(0))
     plgpu.atomic_xchg(counter_ref, (_i32(1),), _i32(0))
+
+
+def _mark(marks_ref, i: int, after, plan: Plan):
+  """marks[program, i] = the global nanosecond clock's low 32 bits, read once `after` (an int32 scalar) exists:
+  the dependence keeps the read from moving earlier. Zero in interpret mode (no clock)."""
+  pid = pl.program_id(0)
+  if plan.interpret:
+    t = jnp.zeros((1,), jnp.int32)
+  else:
+    (t,) = plgpu.elementwise_inline_asm(
+      "mov.u32 $0, %globaltimer_lo;",
+      args=[jnp.full((1,), after, jnp.int32)],
+      constraints="=r,r",
+      pack=1,
+      result_shape_dtypes=[jax.ShapeDtypeStruct((1,), jnp.int32)],
+    )
+  plgpu.store(marks_ref.at[pid, i + _iota(1)], t)
 
 
 def _share(n: int, plan: Plan) -> tuple[jax.Array, jax.Array]:
@@ -618,12 +649,24 @@ SCRATCH = ("qkv_part", "attn", "o_part", "h_mid", "gu_part", "down_part", "idx",
 def _kernel(*refs, plan: Plan, phases: tuple[str, ...], in_names: tuple, out_names: tuple):
   r = dict(zip(in_names, refs[: len(in_names)]))
   r.update(zip(out_names, refs[len(in_names) :]))  # an aliased buffer is used through its output ref
+  pid = pl.program_id(0)
+  timed = plan.config.timers
+
+  def mark(i, after):
+    if timed:
+      _mark(r["marks"], i, pid if after is None else after, plan)
+
+  mark(0, pid)
   for k, name in enumerate(phases):
     if k:
-      grid_wait(r["counter"], k, plan.programs, plan.sync)
+      arrived, left = grid_wait(r["counter"], k, plan.programs, plan.sync)
+      mark(2 * k - 1, arrived)
+      mark(2 * k, left)
     _phase(r, plan, name)
   if len(phases) > 1:
-    grid_leave(r["counter"], plan.programs, plan.sync)
+    if timed:
+      _sync_threads(plan)  # every thread's last phase work is done before the final mark
+    mark(2 * len(phases) - 1, grid_leave(r["counter"], plan.programs, plan.sync))
 
 
 def _out_shapes(plan: Plan, dtype, cache_k, cache_v) -> dict:
@@ -641,7 +684,9 @@ def _out_shapes(plan: Plan, dtype, cache_k, cache_v) -> dict:
     "down_part": jax.ShapeDtypeStruct((plan.inter // c, plan.d), f32),
     "idx": jax.ShapeDtypeStruct((plan.programs, c), jnp.int32),
     "xv": jax.ShapeDtypeStruct((plan.programs, c), f32),
-  }
+  } | (
+    {"marks": jax.ShapeDtypeStruct((plan.programs, 2 * len(PHASES)), jnp.int32)} if plan.config.timers else {}
+  )
 
 
 def _launch(args: dict, plan: Plan, phases: tuple[str, ...], carried: dict) -> dict:
@@ -737,6 +782,24 @@ def make_plan(cfg: ModelConfig, lp: dict, scales: dict, config: PersistentConfig
   )
 
 
+def _prepare(cfg, lp, h, kv, length, thresholds, scales, counter, config, grid, interpret, sms):
+  """The checked (plan, kernel arguments) of one layer step (`decoder_layer`'s arguments)."""
+  reason = unsupported(cfg, lp, h.shape[0], h.shape[1], (), config)
+  if reason:
+    raise ValueError(f"the persistent layer kernel does not take this step: {reason}")
+  if grid is None:
+    grid = default_grid(config, interpret)
+  elif not interpret:
+    check_grid(grid, sms or sm_count(), config.programs_per_sm)
+  if interpret and grid > 1 and not config.split:
+    raise ValueError(
+      f"interpret mode runs programs one after another, so a grid of {grid} would deadlock at its first "
+      "wait; use grid=1 or a config with split=True"
+    )
+  plan = make_plan(cfg, lp, scales, config, grid, interpret)
+  return plan, layer_args(cfg, lp, h.reshape(-1), kv, length, thresholds, scales, counter)
+
+
 def decoder_layer(
   cfg: ModelConfig,
   lp: dict,
@@ -757,19 +820,37 @@ def decoder_layer(
   counter as `layer_args`; grid: programs (None: `default_grid`), checked against the SM count (`sms`, else
   the device's) with `check_grid`; `config.split`: one launch per phase (interpret mode's only way to a grid
   > 1)."""
-  reason = unsupported(cfg, lp, h.shape[0], h.shape[1], (), config)
-  if reason:
-    raise ValueError(f"the persistent layer kernel does not take this step: {reason}")
-  if grid is None:
-    grid = default_grid(config, interpret)
-  elif not interpret:
-    check_grid(grid, sms or sm_count(), config.programs_per_sm)
-  if interpret and grid > 1 and not config.split:
-    raise ValueError(
-      f"interpret mode runs programs one after another, so a grid of {grid} would deadlock at its first "
-      "wait; use grid=1 or a config with split=True"
-    )
-  plan = make_plan(cfg, lp, scales, config, grid, interpret)
-  args = layer_args(cfg, lp, h.reshape(-1), kv, length, thresholds, scales, counter)
+  plan, args = _prepare(cfg, lp, h, kv, length, thresholds, scales, counter, config, grid, interpret, sms)
   h_out, k, v = run_layer(args, plan)
   return h_out.reshape(h.shape), {"k": k, "v": v}
+
+
+@functools.partial(jax.jit, static_argnames=("plan",))
+def _run_marks(args: dict, plan: Plan) -> jax.Array:
+  return _launch(args, plan, PHASES, {})["marks"]
+
+
+def phase_marks(
+  cfg: ModelConfig, lp: dict, h, kv: dict, length, thresholds: dict, scales: dict, counter, **kw
+) -> jax.Array:
+  """`decoder_layer`'s launch with `config.timers` on -> marks [programs, 2 * len(PHASES)] int32: per program,
+  the global nanosecond clock's low 32 bits at the start of phase k (column 2k: the launch's start, then the
+  departure from wait k) and at the end of its work in phase k (column 2k + 1: the arrival at wait k + 1, or
+  at the final departure). Phase k's work = marks[:, 2k + 1] - marks[:, 2k], the wait after it =
+  marks[:, 2k + 2] - marks[:, 2k + 1], both modulo 2^32. Zeros in interpret mode. kw: `decoder_layer`'s
+  keyword arguments (config, grid, interpret, sms)."""
+  config = dataclasses.replace(kw.pop("config", PersistentConfig()), timers=True)
+  opts = {"grid": None, "interpret": False, "sms": None} | kw
+  plan, args = _prepare(cfg, lp, h, kv, length, thresholds, scales, counter, config, **opts)
+  return _run_marks(args, plan)
+
+
+def phase_times(marks) -> dict:
+  """marks [P, 2 * phases] int32 (`phase_marks`) -> {'work_us': [phases, P], 'wait_us': [phases - 1, P],
+  'span_us': first start to last end}: microseconds, differences taken modulo 2^32 ns from the launch's first
+  start (the marks are the clock's low 32 bits), so a wrap inside a launch shorter than 4.29 s is harmless."""
+  m = np.asarray(marks, np.int64)
+  rel = (m - m[:, 0].min()) % (1 << 32)
+  work = rel[:, 1::2] - rel[:, 0::2]
+  wait = rel[:, 2::2] - rel[:, 1:-1:2]
+  return {"work_us": work.T / 1e3, "wait_us": wait.T / 1e3, "span_us": float(rel[:, -1].max()) / 1e3}
