@@ -473,7 +473,7 @@ def test_gpu_layer_matches_xla(shape, sparsity, scaled, config):
 def test_gpu_phase_marks_show_every_wait_holding():
   """The clock marks of one launch (Llama-3-8B layer, TEAL 50 %, resident, 2 programs per SM): per program in
   order, and no program leaves a wait before the last one has arrived at it (the grid-wide wait, seen from
-  the clock); the launch spans under 10 ms."""
+  the clock, to 3 us: the phases between waits take 2-60 us); the launch spans under 10 ms."""
   cfg0 = SHAPES["llama3_8b"].replace(num_hidden_layers=1, vocab_size=256)
   cfg, lp, h, kv = setup_layer(cfg0, jnp.bfloat16)
   thr, _, _ = thresholds_at(cfg, lp, h, kv, 0.5, False)
@@ -487,8 +487,8 @@ def test_gpu_phase_marks_show_every_wait_holding():
   assert marks.shape == (2 * PL.sm_count(), 2 * len(PL.PHASES))
   rel = (marks.astype(np.int64) - marks[:, 0].astype(np.int64).min()) % (1 << 32)
   assert np.all(np.diff(rel, axis=1) >= 0) and rel.max() < 10_000_000
-  for k in range(1, len(PL.PHASES)):
-    assert rel[:, 2 * k].min() >= rel[:, 2 * k - 1].max(), k
+  for k in range(1, len(PL.PHASES)):  # 3 us: the last arriver reads the clock after its atomic returns
+    assert rel[:, 2 * k].min() >= rel[:, 2 * k - 1].max() - 3_000, k
 
 
 @needs_gpu
