@@ -444,7 +444,7 @@ def test_gpu_sm_count_and_refusal():
 
 @needs_gpu
 @pytest.mark.parametrize(
-  "config", ["default", "2persm_masked", "2persm_masked_tile", "2persm_resident", "2persm_resident_skip"]
+  "config", ["default", "2persm_masked_vector", "2persm_masked_tile", "2persm_resident", "2persm_resident_skip"]
 )
 @pytest.mark.parametrize("sparsity,scaled", [(0.0, False), (0.5, False), (0.65, True), (0.999, False)])
 @pytest.mark.parametrize("shape", ["llama3_8b", "qwen25_7b"])
@@ -456,7 +456,7 @@ def test_gpu_layer_matches_xla(shape, sparsity, scaled, config):
   cfg, lp, h, kv = setup_layer(cfg0)
   pc = {
     "default": PL.PersistentConfig(),
-    "2persm_masked": PL.PersistentConfig(programs_per_sm=2, mode="masked"),
+    "2persm_masked_vector": PL.PersistentConfig(programs_per_sm=2, mode="masked"),
     "2persm_masked_tile": PL.PersistentConfig(programs_per_sm=2, mode="masked", acc="tile"),
     "2persm_resident": PL.PersistentConfig(
       chunk=128, block_k=128, block_n=128, num_stages=1, programs_per_sm=2, mode="resident"
