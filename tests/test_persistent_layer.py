@@ -444,7 +444,8 @@ def test_gpu_sm_count_and_refusal():
 
 @needs_gpu
 @pytest.mark.parametrize(
-  "config", ["default", "2persm_masked_vector", "2persm_masked_tile", "2persm_resident", "2persm_resident_skip"]
+  "config",
+  ["default", "2persm_masked_vector", "2persm_masked_tile", "2persm_resident", "2persm_resident_skip"],
 )
 @pytest.mark.parametrize("sparsity,scaled", [(0.0, False), (0.5, False), (0.65, True), (0.999, False)])
 @pytest.mark.parametrize("shape", ["llama3_8b", "qwen25_7b"])
