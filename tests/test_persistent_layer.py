@@ -22,6 +22,7 @@ from wina_jax.bench.shapes import SHAPES
 from wina_jax.config import ModelConfig, RopeScaling
 from wina_jax.decode import decode_loop, fuse_projections
 from wina_jax.kernels import FusedThresholdSparsifier
+from wina_jax.kernels import persistent_config as PC
 from wina_jax.kernels import persistent_layer as PL
 from wina_jax.model import init_cache
 from wina_jax.testing import random_params
@@ -42,7 +43,7 @@ LLAMA_GQA = ModelConfig(  # 8 query heads over 2, half the head rotated, llama3 
   rope_scaling=RopeScaling("llama3", 8.0, 1.0, 4.0, 16),
 )
 WINDOWED = TINY.replace(model_type="mistral", attention_bias=False, sliding_window=4)
-SMALL = PL.PersistentConfig(chunk=32, block_k=8, block_n=32)
+SMALL = PC.PersistentConfig(chunk=32, block_k=8, block_n=32)
 SLOTS, LENGTH = 16, 9  # cache slots; the step's position (past the window of 4)
 
 
@@ -239,16 +240,16 @@ def test_decode_with_gap_thresholds_matches_xla_path():
 
 
 def test_check_grid_refuses_what_could_deadlock():
-  assert PL.check_grid(132, 132) == 132
-  assert PL.check_grid(264, 132, programs_per_sm=2) == 264
-  with pytest.raises(PL.GridError, match=r"programs_per_sm=4 .*hang.*programs_per_sm <= 2"):
-    PL.check_grid(132, 132, programs_per_sm=4)  # refused before any launch, even with a small grid
-  with pytest.raises(PL.GridError, match=r"133 programs exceeds the 132 .*deadlock.*grid <= 132"):
-    PL.check_grid(133, 132)
-  with pytest.raises(PL.GridError, match="SM count"):
-    PL.check_grid(8, None)
-  with pytest.raises(PL.GridError):
-    PL.check_grid(0, 132)
+  assert PC.check_grid(132, 132) == 132
+  assert PC.check_grid(264, 132, programs_per_sm=2) == 264
+  with pytest.raises(PC.GridError, match=r"programs_per_sm=4 .*hang.*programs_per_sm <= 2"):
+    PC.check_grid(132, 132, programs_per_sm=4)  # refused before any launch, even with a small grid
+  with pytest.raises(PC.GridError, match=r"133 programs exceeds the 132 .*deadlock.*grid <= 132"):
+    PC.check_grid(133, 132)
+  with pytest.raises(PC.GridError, match="SM count"):
+    PC.check_grid(8, None)
+  with pytest.raises(PC.GridError):
+    PC.check_grid(0, 132)
 
 
 def test_default_grid_and_refusal_before_launch(monkeypatch):
@@ -258,13 +259,13 @@ def test_default_grid_and_refusal_before_launch(monkeypatch):
   class Fake:
     core_count = 7
 
-  assert PL.default_grid(SMALL, interpret=False, device=Fake()) == 7
-  assert PL.default_grid(dataclasses.replace(SMALL, programs_per_sm=2), interpret=False, device=Fake()) == 14
-  assert PL.default_grid(SMALL, interpret=True) == 1
+  assert PC.default_grid(SMALL, interpret=False, device=Fake()) == 7
+  assert PC.default_grid(dataclasses.replace(SMALL, programs_per_sm=2), interpret=False, device=Fake()) == 14
+  assert PC.default_grid(SMALL, interpret=True) == 1
   cfg, lp, h, kv = setup_layer(TINY)
   zeros = jnp.zeros((2,), jnp.int32)
   monkeypatch.setattr(PL, "run_layer", lambda *a, **k: pytest.fail("launched"))
-  with pytest.raises(PL.GridError, match="deadlock"):
+  with pytest.raises(PC.GridError, match="deadlock"):
     PL.decoder_layer(cfg, lp, h, kv, 0, {}, {}, zeros, config=SMALL, grid=8, sms=7)
   with pytest.raises(ValueError, match="not tiled by chunk 256"):
     PL.decoder_layer(cfg, lp, h, kv, 0, {}, {}, zeros, interpret=True)
@@ -273,29 +274,29 @@ def test_default_grid_and_refusal_before_launch(monkeypatch):
 
 
 def test_parse_config():
-  assert PL.parse_config("128:16:64:8:3") == PL.PersistentConfig(128, 16, 64, 8, 3)
+  assert PC.parse_config("128:16:64:8:3") == PC.PersistentConfig(128, 16, 64, 8, 3)
   with pytest.raises(ValueError, match="power of two"):
-    PL.parse_config("96:32:256")
+    PC.parse_config("96:32:256")
   with pytest.raises(ValueError, match="first three"):
-    PL.parse_config("256:32")
-  assert PL.parse_config("256:32:256:4:2:0.875:64:2:masked").mode == "masked"
+    PC.parse_config("256:32")
+  assert PC.parse_config("256:32:256:4:2:0.875:64:2:masked").mode == "masked"
   with pytest.raises(ValueError, match="mode='sorted' is not one of"):
-    PL.parse_config("256:32:256:4:2:0.875:64:1:sorted")
-  assert PL.parse_config("256:32:256:4:2:0.875:64:2:masked:true").split
-  assert not PL.parse_config("256:32:256:4:2:0.875:64:2:masked:false").split
+    PC.parse_config("256:32:256:4:2:0.875:64:1:sorted")
+  assert PC.parse_config("256:32:256:4:2:0.875:64:2:masked:true").split
+  assert not PC.parse_config("256:32:256:4:2:0.875:64:2:masked:false").split
   with pytest.raises(ValueError, match="split='yes' is not true | false"):
-    PL.parse_config("256:32:256:4:2:0.875:64:2:masked:yes")
-  assert PL.parse_config("256:32:256:4:2:0.875:64:2:masked:false:tile").acc == "tile"
+    PC.parse_config("256:32:256:4:2:0.875:64:2:masked:yes")
+  assert PC.parse_config("256:32:256:4:2:0.875:64:2:masked:false:tile").acc == "tile"
   with pytest.raises(ValueError, match="acc='rows' is not one of"):
-    PL.parse_config("256:32:256:4:2:0.875:64:2:masked:false:rows")
+    PC.parse_config("256:32:256:4:2:0.875:64:2:masked:false:rows")
   with pytest.raises(ValueError, match="block_k=32 must equal chunk=256"):
-    PL.parse_config("256:32:256:4:1:0.875:64:2:resident")
-  assert PL.parse_config("128:128:128:4:1:0.875:64:2:resident").mode == "resident"
-  rule = checks.parses(PL.parse_config)  # the scripts' flag rule: the parser's reason, or None
+    PC.parse_config("256:32:256:4:1:0.875:64:2:resident")
+  assert PC.parse_config("128:128:128:4:1:0.875:64:2:resident").mode == "resident"
+  rule = checks.parses(PC.parse_config)  # the scripts' flag rule: the parser's reason, or None
   assert "power of two" in rule("96:32:256") and rule("256:32:256") is None
-  assert PL.parse_config("128:128:128:4:1:0.875:64:2:resident:false:vector:true").skip_empty
+  assert PC.parse_config("128:128:128:4:1:0.875:64:2:resident:false:vector:true").skip_empty
   with pytest.raises(ValueError, match="skip_empty applies to mode='resident' only"):
-    PL.parse_config("256:32:256:4:2:0.875:64:2:masked:false:vector:true")
+    PC.parse_config("256:32:256:4:2:0.875:64:2:masked:false:vector:true")
 
 
 def test_unsupported_reasons():
@@ -313,7 +314,7 @@ def test_unsupported_reasons():
   assert "3 tokens" in ok(t=3)
   assert "unfused" in ok(cfg=TINY)
   assert "activation" in ok(keys=["layers.0.mlp.act"])
-  assert "not tiled" in ok(c=PL.PersistentConfig(chunk=256))
+  assert "not tiled" in ok(c=PC.PersistentConfig(chunk=256))
   assert "rotations" in ok(lp={**lp, "rotate_mlp": {"kernel": jnp.eye(cfg.hidden_size)}})
   assert "q/k norms" in ok(cfg=cfg.replace(qk_norm=True))
 
@@ -408,7 +409,7 @@ def test_lowers_to_triton(scaled, mode, split, acc):
     else {}
   )
   resident = mode == "resident"  # with the empty-chunk skip and the phase timers
-  config = PL.PersistentConfig(
+  config = PC.PersistentConfig(
     mode=mode, split=split, acc=acc, block_k=256 if resident else 32, skip_empty=resident, timers=resident
   )
   plan = PL.make_plan(cfg, lp, scales, config, 132, interpret=False)
@@ -435,10 +436,10 @@ needs_gpu = pytest.mark.skipif(not GPU, reason="needs a CUDA GPU (grid-wide wait
 @needs_gpu
 def test_gpu_sm_count_and_refusal():
   """The device reports its SMs; a grid one larger than co-resident is refused with GridError, no launch."""
-  sms = PL.sm_count()
+  sms = PC.sm_count()
   assert sms and sms > 1
   cfg, lp, h, kv = setup_layer(TINY)
-  with pytest.raises(PL.GridError, match="deadlock"):
+  with pytest.raises(PC.GridError, match="deadlock"):
     PL.decoder_layer(cfg, lp, h, kv, 0, {}, {}, jnp.zeros((2,), jnp.int32), config=SMALL, grid=sms + 1)
 
 
@@ -456,13 +457,13 @@ def test_gpu_layer_matches_xla(shape, sparsity, scaled, config):
   cfg0 = SHAPES[shape].replace(num_hidden_layers=1, vocab_size=256)
   cfg, lp, h, kv = setup_layer(cfg0)
   pc = {
-    "default": PL.PersistentConfig(),
-    "2persm_masked_vector": PL.PersistentConfig(programs_per_sm=2, mode="masked"),
-    "2persm_masked_tile": PL.PersistentConfig(programs_per_sm=2, mode="masked", acc="tile"),
-    "2persm_resident": PL.PersistentConfig(
+    "default": PC.PersistentConfig(),
+    "2persm_masked_vector": PC.PersistentConfig(programs_per_sm=2, mode="masked"),
+    "2persm_masked_tile": PC.PersistentConfig(programs_per_sm=2, mode="masked", acc="tile"),
+    "2persm_resident": PC.PersistentConfig(
       chunk=128, block_k=128, block_n=128, num_stages=1, programs_per_sm=2, mode="resident"
     ),
-    "2persm_resident_skip": PL.PersistentConfig(
+    "2persm_resident_skip": PC.PersistentConfig(
       chunk=128, block_k=128, block_n=128, num_stages=1, programs_per_sm=2, mode="resident", skip_empty=True
     ),
   }
@@ -479,13 +480,13 @@ def test_gpu_phase_marks_show_every_wait_holding():
   cfg, lp, h, kv = setup_layer(cfg0, jnp.bfloat16)
   thr, _, _ = thresholds_at(cfg, lp, h, kv, 0.5, False)
   thr = {S.parse_site(s)[2]: t for s, t in thr.items()}
-  config = PL.PersistentConfig(
+  config = PC.PersistentConfig(
     chunk=128, block_k=128, block_n=128, num_stages=1, programs_per_sm=2, mode="resident"
   )
   marks = np.asarray(
     PL.phase_marks(cfg, lp, h, kv, jnp.int32(LENGTH), thr, {}, jnp.zeros((2,), jnp.int32), config=config)
   )
-  assert marks.shape == (2 * PL.sm_count(), 2 * len(PL.PHASES))
+  assert marks.shape == (2 * PC.sm_count(), 2 * len(PL.PHASES))
   rel = (marks.astype(np.int64) - marks[:, 0].astype(np.int64).min()) % (1 << 32)
   assert np.all(np.diff(rel, axis=1) >= 0) and rel.max() < 10_000_000
   for k in range(1, len(PL.PHASES)):  # 3 us: the last arriver reads the clock after its atomic returns

@@ -44,6 +44,7 @@ from wina_jax.bench.decode_setup import (
 from wina_jax.bench.shapes import SHAPES
 from wina_jax.decode import decode_loop, decode_step, fuse_projections
 from wina_jax.kernels import FusedThresholdSparsifier
+from wina_jax.kernels import persistent_config as PC
 from wina_jax.kernels import persistent_layer as PL
 from wina_jax.model import init_cache
 from wina_jax.testing import add_shortcuts, random_params
@@ -117,11 +118,11 @@ common.check(
   flags.DEFINE_list(
     "persistent_configs",
     [],
-    "persistent layer kernel tilings (persistent_layer.parse_config: chunk:block_k:block_n[:num_warps[:num_stages"
+    "persistent layer kernel tilings (persistent_config.parse_config: chunk:block_k:block_n[:num_warps[:num_stages"
     "[:dense_at[:block_s[:programs_per_sm[:mode[:split[:acc[:skip_empty[:timers]]]]]]]]]]]), each timed at batch 1"
     " for dense and every sparse variant but wina_sc; empty = none",
   ),
-  checks.each(checks.parses(PL.parse_config), str),
+  checks.each(checks.parses(PC.parse_config), str),
 )
 flags.DEFINE_bool("host_rows", True, "time the host-dispatch rows (no_linear_host, dense_host)")
 common.check(flags.DEFINE_string("out", "", "write results JSON here"), checks.out_path())
@@ -288,7 +289,7 @@ def bench_model(name, key, config_sets, backend) -> list[dict]:
     """Rows of `sp` through the persistent layer kernel, one per --persistent_configs entry; a failure
     (compilation, a refused grid) becomes the row's 'error' instead of ending the run."""
     for spec in FLAGS.persistent_configs:
-      config = PL.parse_config(spec)
+      config = PC.parse_config(spec)
       psp, extra = sp.as_persistent(config), {"persistent": spec}
       reason = PL.unsupported(cfg, params["layers"]["0"], 1, 1, (), config)
       if reason:  # the step then runs the per-site kernels: say so in the row

@@ -35,6 +35,7 @@ from wina_jax import sites as S
 from wina_jax.bench.decode_setup import make_sparsifier, site_scores
 from wina_jax.bench.shapes import SHAPES
 from wina_jax.decode import fuse_projections
+from wina_jax.kernels import persistent_config as PC
 from wina_jax.kernels import persistent_layer as PL
 from wina_jax.model import embed_tokens
 from wina_jax.testing import random_params
@@ -42,7 +43,7 @@ from wina_jax.testing import random_params
 
 def one_launch(spec: str):
   """Why the tiling `spec` cannot be timed here (split true: one launch per phase, no waits to time), or None."""
-  return "has split true: the timers run inside one launch" if PL.parse_config(spec).split else None
+  return "has split true: the timers run inside one launch" if PC.parse_config(spec).split else None
 
 
 common.check(
@@ -53,9 +54,9 @@ common.check(
   flags.DEFINE_list(
     "persistent_configs",
     ["128:128:128:4:1:0.875:64:2:resident"],
-    "persistent_layer.parse_config specs (split false: the timers run inside one launch)",
+    "persistent_config.parse_config specs (split false: the timers run inside one launch)",
   ),
-  checks.each(lambda spec: checks.parses(PL.parse_config)(spec) or one_launch(spec), str),
+  checks.each(lambda spec: checks.parses(PC.parse_config)(spec) or one_launch(spec), str),
 )
 flags.DEFINE_enum("method", "teal", ["teal", "wina"], "scores: |x| (TEAL) or |x| * column norm (WINA)")
 common.sparsities_flag(["0", "0.5", "0.65", "0.999"])
@@ -91,7 +92,7 @@ def row(cfg, params, h, kv, scores, sparsity: float, spec: str, gpu: bool) -> di
     {proj(s): v for s, v in sp.scales.items()},
     jnp.zeros((2,), jnp.int32),
   )
-  config = PL.parse_config(spec)
+  config = PC.parse_config(spec)
   where = {} if gpu else {"grid": 1, "interpret": True}
   marks = lambda: np.asarray(PL.phase_marks(*args, config=config, **where))
   reps = [PL.phase_times(marks()) for _ in range(FLAGS.reps + 1)][1:]

@@ -29,7 +29,7 @@ from wina_jax.bench.shapes import SHAPES
 from wina_jax.bench.trace import summarize, trace_events
 from wina_jax.decode import decode_loop, fuse_projections
 from wina_jax.kernels import FusedThresholdSparsifier
-from wina_jax.kernels import persistent_layer as PL
+from wina_jax.kernels import persistent_config as PC
 from wina_jax.model import init_cache
 from wina_jax.testing import random_params
 
@@ -60,8 +60,8 @@ flags.DEFINE_bool(
 
 
 def persistent_rule(spec: str):
-  """A `persistent_layer.parse_config` spec ('' allowed: the per-site kernels)."""
-  return checks.parses(PL.parse_config)(spec) if spec else None
+  """A `persistent_config.parse_config` spec ('' allowed: the per-site kernels)."""
+  return checks.parses(PC.parse_config)(spec) if spec else None
 
 
 common.check(
@@ -69,7 +69,7 @@ common.check(
     "persistent",
     "",
     "run every variant (dense too) through the persistent layer kernel with this tiling "
-    "(persistent_layer.parse_config); its split field true gives one launch per phase, named "
+    "(persistent_config.parse_config); its split field true gives one launch per phase, named "
     "persistent_<phase>: the per-phase profile; empty: the per-site kernels",
   ),
   persistent_rule,
@@ -124,7 +124,7 @@ def profile_model(
         scores[method] = site_scores(params, cfg, tokens, with_scale=method == "wina")
       sp = make_sparsifier(scores[method], s, 1, configs, backend)[0].replace(fuse_norm=FLAGS.fuse_norm)
     if FLAGS.persistent:
-      sp = (sp or FusedThresholdSparsifier.create({})).as_persistent(PL.parse_config(FLAGS.persistent))
+      sp = (sp or FusedThresholdSparsifier.create({})).as_persistent(PC.parse_config(FLAGS.persistent))
     events = trace_run(params, cfg, sp, tokens, max_len, attention)
     row = {"model": name, "variant": v, **summarize(events, steps, top)}
     rows.append(row)

@@ -21,7 +21,7 @@
 #           twice the fused one's time, so read it only where its total agrees with the fused kernel's
 #   llama   bench_decode, Llama-3-8B shape, batch 1, Pallas attention, TEAL at 0 / 50 / 65 / 99.9 %: dense,
 #           the per-site kernels (each of SETS) and the persistent kernel (PCONFIGS, comma-separated
-#           persistent_layer.parse_config specs, plus the sweep's fastest) in one run, with the no-linear
+#           persistent_config.parse_config specs, plus the sweep's fastest) in one run, with the no-linear
 #           (weightless) step -> OUT/bench_llama.json
 #   qwen    the same for Qwen-2.5-7B, if time is left -> OUT/bench_qwen.json
 #   wina    Llama-3-8B, WINA at 50 / 65 %, if time is left -> OUT/bench_llama_wina.json

@@ -1,6 +1,6 @@
 """What one grid-wide wait of the persistent layer kernel costs: launches of empty phases.
 
-A Pallas kernel of P programs runs W waits (`persistent_layer.grid_wait`) and nothing else, then leaves
+A Pallas kernel of P programs runs W waits (`grid_sync.grid_wait`) and nothing else, then leaves
 (`grid_leave`, which resets the counter); each launch reads the previous one's output, so N launches run in
 order inside one jitted loop. Per wait: (time per launch at W waits - at 0 waits) / W. Also checks that the
 counter is zero after the launches (the reset works) and that every program ran.
@@ -23,7 +23,8 @@ from jax.experimental.pallas import triton as plgpu
 
 from experiments import common
 from wina_jax import checks
-from wina_jax.kernels import persistent_layer as PL
+from wina_jax.kernels import grid_sync
+from wina_jax.kernels import persistent_config as PC
 from wina_jax.kernels.pallas_gemv import compiler_params
 
 common.check(
@@ -44,9 +45,9 @@ FLAGS = flags.FLAGS
 
 def _kernel(counter_ref, tick_ref, out_ref, *, waits: int, programs: int):
   for k in range(1, waits + 1):
-    PL.grid_wait(counter_ref, k, programs, True)
+    grid_sync.grid_wait(counter_ref, k, programs, True)
   if waits:
-    PL.grid_leave(counter_ref, programs, True)
+    grid_sync.grid_leave(counter_ref, programs, True)
   pid = pl.program_id(0)
   plgpu.store(out_ref.at[pid], plgpu.load(tick_ref.at[pid]) + 1)
 
@@ -81,12 +82,12 @@ def time_launch(counter, waits, programs) -> float:
 def main(argv):
   declared = common.setup(jnp.int32)  # counters only: no matmuls
   del argv
-  sms = PL.sm_count()
+  sms = PC.sm_count()
   grids = [int(g) for g in FLAGS.grids] or [sms, sms // 2]
   counter = jnp.zeros((2,), jnp.int32)
   rows = []
   for programs in grids:
-    PL.check_grid(programs, sms)
+    PC.check_grid(programs, sms)
     base = None
     for waits in sorted(int(w) for w in FLAGS.waits):
       secs = time_launch(counter, waits, programs)

@@ -25,6 +25,7 @@ from flax import struct
 
 from wina_jax import numerics
 from wina_jax import sites as S
+from wina_jax.kernels import persistent_config as PC
 from wina_jax.kernels import persistent_layer as PL
 from wina_jax.kernels.config import WORKSPACE_BLOCKS, KernelConfig
 from wina_jax.kernels.masked_linear import masked_linear
@@ -54,7 +55,7 @@ class FusedThresholdSparsifier:
   configs: tuple = struct.field(pytree_node=False, default=())
   workspace: Optional[jax.Array] = None
   fuse_norm: bool = struct.field(pytree_node=False, default=False)
-  layer_config: Optional[PL.PersistentConfig] = struct.field(pytree_node=False, default=None)
+  layer_config: Optional[PC.PersistentConfig] = struct.field(pytree_node=False, default=None)
   counter: Optional[jax.Array] = None
 
   @classmethod
@@ -66,7 +67,7 @@ class FusedThresholdSparsifier:
     backend: str = "auto",
     configs: Optional[Mapping[tuple, KernelConfig]] = None,
     fuse_norm: bool = False,
-    layer_config: Optional[PL.PersistentConfig] = None,
+    layer_config: Optional[PC.PersistentConfig] = None,
   ) -> FusedThresholdSparsifier:
     """From plain dicts (numbers or arrays); scales of sites without a threshold are dropped."""
     scales, configs = scales or {}, configs or {}
@@ -83,7 +84,7 @@ class FusedThresholdSparsifier:
       counter=jnp.zeros((2,), jnp.int32) if backend == "persistent" else None,
     )
 
-  def as_persistent(self, layer_config: Optional[PL.PersistentConfig] = None) -> FusedThresholdSparsifier:
+  def as_persistent(self, layer_config: Optional[PC.PersistentConfig] = None) -> FusedThresholdSparsifier:
     """The same thresholds and scales under backend 'persistent' (with `layer_config`, and a zeroed counter)."""
     return self.replace(backend="persistent", layer_config=layer_config, counter=jnp.zeros((2,), jnp.int32))
 
@@ -146,7 +147,7 @@ class FusedThresholdSparsifier:
     lcfg = cfg.layer_config(layer)
     prefix = f"layers.{layer}."
     mine = [s for s in self.thresholds if s.startswith(prefix)]
-    config = self.layer_config or PL.PersistentConfig()
+    config = self.layer_config or PC.PersistentConfig()
     if PL.unsupported(lcfg, lp, h.shape[0], h.shape[1], mine, config):
       return None
     proj = lambda site: S.parse_site(site)[2]

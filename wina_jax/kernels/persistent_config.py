@@ -1,0 +1,152 @@
+"""The persistent layer kernel's tiling (`PersistentConfig`, its colon-separated spec) and the grid-size rules
+that keep its grid-wide waits from deadlocking (`check_grid`: every program must be resident at once)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import jax
+
+from wina_jax.kernels.config import ACCS
+
+# Programs per SM known to be co-resident for every PersistentConfig measured (H200, 2026-12-02: 2 ran at 4
+# and 8 warps; 4, with 4 warps and block_n 128, did not finish in 2 minutes, the signature of the waits'
+# deadlock).
+MAX_PROGRAMS_PER_SM = 2
+MODES = ("compact", "masked", "resident")  # how a GEMV tile skips dropped rows (PersistentConfig.mode)
+
+
+class GridError(ValueError):
+  """A grid that could deadlock at a grid-wide wait (more programs than can be resident at once)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PersistentConfig:
+  """Tiling of the persistent layer kernel (one for all four GEMVs).
+
+  chunk (C): input rows per tile, compacted together; block_k (BK): rows per loaded weight tile; block_n
+  (BN): output columns per tile; dense_at: a chunk keeping >= dense_at * C rows is read densely (> 1:
+  never); block_s: cache slots per step of the attention loop; programs_per_sm: programs assumed
+  co-resident per SM (the grid is at most SMs x this); num_warps / num_stages: Triton's.
+  mode: 'compact' gathers each chunk's kept rows into a list, then loads [BK, BN] tiles of listed rows (a
+  dependent load per tile, trips ~ kept rows); 'masked' walks the chunk's C / BK fixed tiles and masks the
+  dropped rows out of each load (TEAL's design: no list, no dependent load, a static trip count that
+  Triton can pipeline; dropped rows are not read, as in 'compact'). 'resident' keeps the chunk's masked input
+  in registers (no scratch round trip) and reads each tile as one [C, BN] load with the dropped rows masked
+  out, the next tile's load issued before this tile's sum (block_k must equal chunk; acc does not apply).
+  dense_at applies to 'compact' only.
+  split: one launch per phase (named persistent_<phase>), the launch boundary standing in for the wait:
+  interpret mode's only way to a grid > 1, and on a GPU the per-phase profile (each phase's kernel time).
+  acc: 'vector' sums each [BK, BN] weight tile over its rows into a [BN] accumulator every step; 'tile'
+  keeps a [BK, BN] float32 accumulator and reduces over rows once per tile (`KernelConfig.acc`).
+  skip_empty ('resident' only): a chunk keeping no row for a segment stores zero partials for its tiles
+  without walking them (one max over the chunk's mask; at 99.9 % most chunks, at 50 % none).
+  timers: every program records the GPU's global nanosecond clock (low 32 bits) at the start of each phase and
+  at its arrival at the next wait, in an extra output (`phase_marks`): the per-phase profile of the one-launch
+  kernel itself (zeros in interpret mode; not with split, whose launches a profiler times).
+  """
+
+  chunk: int = 256
+  block_k: int = 32
+  block_n: int = 256
+  num_warps: int = 4
+  num_stages: int = 2
+  dense_at: float = 0.875
+  block_s: int = 64
+  programs_per_sm: int = 1
+  mode: str = "compact"
+  split: bool = False
+  acc: str = "vector"
+  skip_empty: bool = False
+  timers: bool = False
+
+  def __post_init__(self):
+    for name in ("chunk", "block_k", "block_n", "block_s"):
+      v = getattr(self, name)
+      if v <= 0 or v & (v - 1):
+        raise ValueError(f"{name}={v} must be a positive power of two")
+    if self.chunk % self.block_k:
+      raise ValueError(f"chunk={self.chunk} must be a multiple of block_k={self.block_k}")
+    if self.programs_per_sm < 1:
+      raise ValueError(f"programs_per_sm={self.programs_per_sm} must be >= 1")
+    if self.mode not in MODES:
+      raise ValueError(f"mode={self.mode!r} is not one of {MODES}")
+    if self.acc not in ACCS:
+      raise ValueError(f"acc={self.acc!r} is not one of {ACCS}")
+    if self.timers and self.split:
+      raise ValueError(
+        "timers time the phases inside one launch; with split=True a profiler times each launch"
+      )
+    if self.skip_empty and self.mode != "resident":
+      raise ValueError(f"skip_empty applies to mode='resident' only, not mode={self.mode!r}")
+    if self.mode == "resident" and self.block_k != self.chunk:
+      raise ValueError(
+        f"mode='resident' loads whole chunks: block_k={self.block_k} must equal chunk={self.chunk}"
+      )
+
+
+def parse_config(spec: str) -> PersistentConfig:
+  """A config from the fields of `PersistentConfig` in order, colon-separated, the first three required:
+  'chunk:block_k:block_n[:num_warps[:num_stages[:dense_at[:block_s[:programs_per_sm[:mode[:split[:acc
+  [:skip_empty[:timers]]]]]]]]]]]' (split, skip_empty, timers: true | false)."""
+  fields = dataclasses.fields(PersistentConfig)
+  parts = spec.split(":")
+  if not 3 <= len(parts) <= len(fields):
+    raise ValueError(
+      f"persistent config {spec!r} is not {':'.join(f.name for f in fields)} (the first three at least)"
+    )
+
+  def value(f, v):
+    if not isinstance(f.default, bool):
+      return type(f.default)(v)
+    if v not in ("true", "false"):
+      raise ValueError(f"{f.name}={v!r} is not true | false")
+    return v == "true"
+
+  try:
+    return PersistentConfig(**{f.name: value(f, v) for f, v in zip(fields, parts)})
+  except ValueError as e:
+    raise ValueError(f"persistent config {spec!r}: {e}") from None
+
+
+def sm_count(device=None) -> Optional[int]:
+  """Streaming multiprocessors of a GPU device (its `core_count`), None when the device does not say."""
+  device = device or jax.devices()[0]
+  n = getattr(device, "core_count", None)
+  return int(n) if n else None
+
+
+def check_grid(grid: int, sms: Optional[int], programs_per_sm: int = 1) -> int:
+  """`grid` if all its programs can be resident at once (<= sms * programs_per_sm), else GridError.
+
+  A program spinning at a grid-wide wait holds its SM; programs that never got one never arrive, so a
+  grid larger than the co-resident count hangs instead of failing. sms None (unknown) is refused too."""
+  if sms is None:
+    raise GridError(
+      "the persistent layer kernel needs the device's SM count to size a grid that cannot deadlock, and "
+      "this device reports none; pass sms= (the SM count) or use the per-site kernels (backend='auto')"
+    )
+  if programs_per_sm > MAX_PROGRAMS_PER_SM:
+    raise GridError(
+      f"programs_per_sm={programs_per_sm} is more than the {MAX_PROGRAMS_PER_SM} programs per SM measured "
+      "co-resident: the grid-wide waits hang when they are not (4 per SM did not finish in 2 minutes on the "
+      f"H200, 2026-12-02). Use programs_per_sm <= {MAX_PROGRAMS_PER_SM}, or raise MAX_PROGRAMS_PER_SM after "
+      "checking the compiled kernel's registers and shared memory"
+    )
+  limit = sms * programs_per_sm
+  if not 1 <= grid <= limit:
+    raise GridError(
+      f"grid of {grid} programs exceeds the {limit} that can be co-resident ({sms} SMs x "
+      f"{programs_per_sm} per SM): its grid-wide waits would deadlock. Use grid <= {limit} (grid=None "
+      "picks it), or raise programs_per_sm only if the kernel's registers and shared memory allow it"
+    )
+  return grid
+
+
+def default_grid(config: PersistentConfig, interpret: bool, device=None) -> int:
+  """One program per co-resident slot on a GPU (SMs x programs_per_sm); 1 in interpret mode."""
+  if interpret:
+    return 1
+  sms = sm_count(device)
+  return check_grid((sms or 0) * config.programs_per_sm, sms, config.programs_per_sm)
