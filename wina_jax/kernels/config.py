@@ -75,10 +75,7 @@ class KernelConfig:
       raise ValueError(f"loop {self.loop!r} is not one of {LOOPS}")
     if self.acc not in ACCS:
       raise ValueError(f"acc {self.acc!r} is not one of {ACCS}")
-    for name in ("chunk", "block_k", "block_n"):
-      v = getattr(self, name)
-      if v <= 0 or v & (v - 1):
-        raise ValueError(f"{name}={v} must be a positive power of two")
+    check_powers_of_two(self, ("chunk", "block_k", "block_n"))
     if not self.dense_at > 0:
       raise ValueError(
         f"dense_at={self.dense_at} must be > 0 (a kept fraction; above 1 turns the fallback off)"
@@ -87,20 +84,45 @@ class KernelConfig:
       raise ValueError(f"chunk={self.chunk} must be a multiple of block_k={self.block_k}")
 
 
+def check_powers_of_two(config, names: Sequence[str]) -> None:
+  """ValueError unless each of the tiling fields `names` of `config` is a positive power of two."""
+  for name in names:
+    v = getattr(config, name)
+    if v <= 0 or v & (v - 1):
+      raise ValueError(f"{name}={v} must be a positive power of two")
+
+
+_COUNTS = {3: "three", 4: "four"}
+
+
+def spec_fields(cls, spec: str, required: int, what: str) -> dict:
+  """{field: value} of the dataclass `cls` from `spec`, its fields' values in order, colon-separated, the
+  first `required` of them at least: each parsed as its default's type (str, int, float; a bool from true |
+  false). ValueError naming `what` and the spec for a wrong count or value."""
+  fields = dataclasses.fields(cls)
+  parts = spec.split(":")
+  if not required <= len(parts) <= len(fields):
+    raise ValueError(
+      f"{what} {spec!r} is not {':'.join(f.name for f in fields)} (the first {_COUNTS[required]} at least)"
+    )
+
+  def value(f, v):
+    if not isinstance(f.default, bool):
+      return type(f.default)(v)
+    if v not in ("true", "false"):
+      raise ValueError(f"{f.name}={v!r} is not true | false")
+    return v == "true"
+
+  try:
+    return {f.name: value(f, v) for f, v in zip(fields, parts)}
+  except ValueError as e:
+    raise ValueError(f"{what} {spec!r}: {e}") from None
+
+
 def parse(spec: str) -> KernelConfig:
   """A config from 'mode:chunk:block_k:block_n[:num_warps[:num_stages[:reduce[:loop[:dense_at[:acc]]]]]]',
   e.g. 'compact:256:32:256:4:3:partials:prefetch' (KernelConfig's fields in order; the rest default)."""
-  fields = dataclasses.fields(KernelConfig)
-  parts = spec.split(":")
-  if not 4 <= len(parts) <= len(fields):
-    raise ValueError(
-      f"kernel config {spec!r} is not {':'.join(f.name for f in fields)} (the first four at least)"
-    )
-  try:  # each field's default has its type (str, int or float)
-    values = {f.name: type(f.default)(v) for f, v in zip(fields, parts)}
-  except ValueError as e:
-    raise ValueError(f"kernel config {spec!r}: {e}") from None
-  return KernelConfig(**values)
+  return KernelConfig(**spec_fields(KernelConfig, spec, 4, "kernel config"))
 
 
 def fits(cfg: KernelConfig, d_in: int, segments: Sequence[int]) -> bool:

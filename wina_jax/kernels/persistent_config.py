@@ -8,7 +8,7 @@ from typing import Optional
 
 import jax
 
-from wina_jax.kernels.config import ACCS
+from wina_jax.kernels.config import ACCS, check_powers_of_two, spec_fields
 
 # Programs per SM known to be co-resident for every PersistentConfig measured (H200, 2026-12-02: 2 ran at 4
 # and 8 warps; 4, with 4 warps and block_n 128, did not finish in 2 minutes, the signature of the waits'
@@ -62,10 +62,7 @@ class PersistentConfig:
   timers: bool = False
 
   def __post_init__(self):
-    for name in ("chunk", "block_k", "block_n", "block_s"):
-      v = getattr(self, name)
-      if v <= 0 or v & (v - 1):
-        raise ValueError(f"{name}={v} must be a positive power of two")
+    check_powers_of_two(self, ("chunk", "block_k", "block_n", "block_s"))
     if self.chunk % self.block_k:
       raise ValueError(f"chunk={self.chunk} must be a multiple of block_k={self.block_k}")
     if self.programs_per_sm < 1:
@@ -90,22 +87,9 @@ def parse_config(spec: str) -> PersistentConfig:
   """A config from the fields of `PersistentConfig` in order, colon-separated, the first three required:
   'chunk:block_k:block_n[:num_warps[:num_stages[:dense_at[:block_s[:programs_per_sm[:mode[:split[:acc
   [:skip_empty[:timers]]]]]]]]]]]' (split, skip_empty, timers: true | false)."""
-  fields = dataclasses.fields(PersistentConfig)
-  parts = spec.split(":")
-  if not 3 <= len(parts) <= len(fields):
-    raise ValueError(
-      f"persistent config {spec!r} is not {':'.join(f.name for f in fields)} (the first three at least)"
-    )
-
-  def value(f, v):
-    if not isinstance(f.default, bool):
-      return type(f.default)(v)
-    if v not in ("true", "false"):
-      raise ValueError(f"{f.name}={v!r} is not true | false")
-    return v == "true"
-
+  values = spec_fields(PersistentConfig, spec, 3, "persistent config")
   try:
-    return PersistentConfig(**{f.name: value(f, v) for f, v in zip(fields, parts)})
+    return PersistentConfig(**values)
   except ValueError as e:
     raise ValueError(f"persistent config {spec!r}: {e}") from None
 
