@@ -129,10 +129,6 @@ def _i32(v) -> jax.Array:
   return jnp.asarray(v, jnp.int32)
 
 
-def _sync_threads(plan: Plan):
-  sync_threads(plan.interpret)
-
-
 def _mark(marks_ref, i: int, after, plan: Plan):
   """marks[program, i] = `read_clock(after)`."""
   plgpu.store(marks_ref.at[pl.program_id(0), i + _iota(1)], read_clock(after, plan.interpret))
@@ -276,9 +272,9 @@ def _gemv(r: dict, plan: Plan, site: int, x_at):
           resident_tiles(kc, rows, keep, x, lo, hi)
           return
         if masked:  # the chunk's masked inputs in place: a zero (dropped or zero) input's row is not read
-          _sync_threads(plan)  # the previous tile's loop has read the scratch
+          sync_threads(plan.interpret)  # the previous tile's loop has read the scratch
           plgpu.store(xv_ref.at[pid, _iota(c)], jnp.where(keep, x, 0.0))
-          _sync_threads(plan)
+          sync_threads(plan.interpret)
           jax.lax.fori_loop(lo, hi, functools.partial(masked_tile, kc), _i32(0))
           return
         k32 = keep.astype(jnp.int32)
@@ -286,10 +282,10 @@ def _gemv(r: dict, plan: Plan, site: int, x_at):
         dense = kept >= dense_rows
         pos = jnp.where(dense, _iota(c), jnp.cumsum(k32) - k32)
         put = keep | dense
-        _sync_threads(plan)  # the previous tile's loop has read the scratch
+        sync_threads(plan.interpret)  # the previous tile's loop has read the scratch
         plgpu.store(idx_ref.at[pid, pos], rows, mask=put)
         plgpu.store(xv_ref.at[pid, pos], jnp.where(keep, x, 0.0), mask=put)
-        _sync_threads(plan)
+        sync_threads(plan.interpret)
         dense_trips = dense.astype(jnp.int32) * (c // bk)
         sparse_trips = (1 - dense.astype(jnp.int32)) * ((kept + bk - 1) // bk)
 
@@ -482,7 +478,7 @@ def _kernel(*refs, plan: Plan, phases: tuple[str, ...], in_names: tuple, out_nam
     _phase(r, plan, name)
   if len(phases) > 1:
     if timed:
-      _sync_threads(plan)  # every thread's last phase work is done before the final mark
+      sync_threads(plan.interpret)  # every thread's last phase work is done before the final mark
     mark(2 * len(phases) - 1, grid_leave(r["counter"], plan.programs, plan.sync))
 
 
@@ -599,7 +595,9 @@ def make_plan(cfg: ModelConfig, lp: dict, scales: dict, config: PersistentConfig
   )
 
 
-def _prepare(cfg, lp, h, kv, length, thresholds, scales, counter, config, grid, interpret, sms):
+def _prepare(
+  cfg, lp, h, kv, length, thresholds, scales, counter, config, grid=None, interpret=False, sms=None
+):
   """The checked (plan, kernel arguments) of one layer step (`decoder_layer`'s arguments)."""
   reason = unsupported(cfg, lp, h.shape[0], h.shape[1], (), config)
   if reason:
@@ -657,17 +655,17 @@ def phase_marks(
   marks[:, 2k + 2] - marks[:, 2k + 1], both modulo 2^32. Zeros in interpret mode. kw: `decoder_layer`'s
   keyword arguments (config, grid, interpret, sms)."""
   config = dataclasses.replace(kw.pop("config", PersistentConfig()), timers=True)
-  opts = {"grid": None, "interpret": False, "sms": None} | kw
-  plan, args = _prepare(cfg, lp, h, kv, length, thresholds, scales, counter, config, **opts)
+  plan, args = _prepare(cfg, lp, h, kv, length, thresholds, scales, counter, config, **kw)
   return _run_marks(args, plan)
 
 
 def phase_times(marks) -> dict:
-  """marks [P, 2 * phases] int32 (`phase_marks`) -> {'work_us': [phases, P], 'wait_us': [phases - 1, P],
-  'span_us': first start to last end}: microseconds, differences taken modulo 2^32 ns from the launch's first
-  start (the marks are the clock's low 32 bits), so a wrap inside a launch shorter than 4.29 s is harmless."""
+  """marks [P, 2 * phases] int32 (`phase_marks`) -> {'marks_us': [P, 2 * phases] since the launch's first
+  start, 'work_us': [phases, P], 'wait_us': [phases - 1, P], 'span_us': first start to last end}:
+  microseconds, differences taken modulo 2^32 ns from the first start (the marks are the clock's low 32
+  bits), so a wrap inside a launch shorter than 4.29 s is harmless."""
   m = np.asarray(marks, np.int64)
-  rel = (m - m[:, 0].min()) % (1 << 32)
+  rel = ((m - m[:, 0].min()) % (1 << 32)) / 1e3
   work = rel[:, 1::2] - rel[:, 0::2]
   wait = rel[:, 2::2] - rel[:, 1:-1:2]
-  return {"work_us": work.T / 1e3, "wait_us": wait.T / 1e3, "span_us": float(rel[:, -1].max()) / 1e3}
+  return {"marks_us": rel, "work_us": work.T, "wait_us": wait.T, "span_us": float(rel[:, -1].max())}
