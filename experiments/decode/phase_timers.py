@@ -81,17 +81,8 @@ def layer(name: str, key):
 
 def row(cfg, params, h, kv, scores, sparsity: float, spec: str, gpu: bool) -> dict:
   sp, kept = make_sparsifier(scores, sparsity, 1, {}, "xla")
-  proj = lambda site: S.parse_site(site)[2]
-  args = (
-    cfg,
-    params["layers"]["0"],
-    h,
-    kv,
-    jnp.int32(FLAGS.length),
-    {proj(s): t for s, t in sp.thresholds.items()},
-    {proj(s): v for s, v in sp.scales.items()},
-    jnp.zeros((2,), jnp.int32),
-  )
+  lp, length, counter = params["layers"]["0"], jnp.int32(FLAGS.length), jnp.zeros((2,), jnp.int32)
+  args = (cfg, lp, h, kv, length, *sp.layer_thresholds(0), counter)
   config = PC.parse_config(spec)
   where = {} if gpu else {"grid": 1, "interpret": True}
   marks = lambda: np.asarray(PL.phase_marks(*args, config=config, **where))
@@ -107,7 +98,7 @@ def row(cfg, params, h, kv, scores, sparsity: float, spec: str, gpu: bool) -> di
     }
     for k, name in enumerate(PL.PHASES)
   }
-  kept_rows = {proj(s): [float(f) for f in v] for s, v in kept.items()}
+  kept_rows = {S.parse_site(s)[2]: [float(f) for f in v] for s, v in kept.items()}
   return dict(
     config=spec, sparsity=sparsity, span_us=med(lambda r: r["span_us"]), phases=phases, kept=kept_rows
   )

@@ -137,6 +137,16 @@ class FusedThresholdSparsifier:
       norm=norm,
     )
 
+  def layer_thresholds(self, layer: int) -> tuple[dict, dict]:
+    """({fused projection: thresholds}, {fused projection: scales}) of layer `layer`'s sites, as the
+    persistent layer kernel takes them (`persistent_layer.layer_args`)."""
+    prefix = f"layers.{layer}."
+    mine = [s for s in self.thresholds if s.startswith(prefix)]
+    proj = lambda site: S.parse_site(site)[2]
+    return {proj(s): self.thresholds[s] for s in mine}, {
+      proj(s): self.scales[s] for s in mine if s in self.scales
+    }
+
   def fused_layer(self, cfg, lp: dict, h: jax.Array, layer: int, positions: jax.Array, kv: Optional[dict]):
     """Decoder layer `layer` (params `lp`, residual h [B, T, d]) as one persistent kernel launch -> (h, kv),
     or None where backend is not 'persistent' or the kernel does not apply (`persistent_layer.unsupported`:
@@ -150,15 +160,13 @@ class FusedThresholdSparsifier:
     config = self.layer_config or PC.PersistentConfig()
     if PL.unsupported(lcfg, lp, h.shape[0], h.shape[1], mine, config):
       return None
-    proj = lambda site: S.parse_site(site)[2]
     return PL.decoder_layer(
       lcfg,
       lp,
       h,
       kv,
       positions[0],
-      {proj(s): self.thresholds[s] for s in mine},
-      {proj(s): self.scales[s] for s in mine if s in self.scales},
+      *self.layer_thresholds(layer),
       self.counter,
       config=config,
       interpret=jax.default_backend() != "gpu",
