@@ -80,12 +80,12 @@ PY
 )
 [ -n "$best" ] && [ -n "$pconfigs" ] && [[ ,$pconfigs, != *,$best,* ]] && pconfigs=$pconfigs,$best
 echo "persistent configs for the model stages: ${pconfigs:-none}"
+[ -n "$pconfigs" ] && stage timers 120 python3 -m experiments.decode.phase_timers --models=llama3_8b \
+  --sparsities=0,0.5,0.65,0.999 --persistent_configs="${PTIMERS:-${best:-${pconfigs%%,*}}}" --out="$out/phase_timers.json"
 # The per-phase profile: the same kernel launched once per phase (persistent_<phase> kernels in the trace), at
 # the sweep's fastest tiling (its mode and split fields filled in, split set to true, acc kept).
 phased=$(python3 -c "import sys; p = sys.argv[1].split(':'); p += ['compact', 'false'][len(p) - 8:]
 p[9] = 'true'; print(':'.join(p))" "${best:-256:32:256:4:2:0.875:64:2}")
-[ -n "$pconfigs" ] && stage timers 120 python3 -m experiments.decode.phase_timers --models=llama3_8b \
-  --sparsities=0,0.5,0.65,0.999 --persistent_configs="${PTIMERS:-${best:-${pconfigs%%,*}}}" --out="$out/phase_timers.json"
 stage phases 150 python3 -m experiments.decode.profile_decode --models=llama3_8b --variants=dense,teal:0.5 \
   --persistent=${PPHASES:-$phased} --out="$out/profile_phases.json"
 stage llama 280 $bench --models=llama3_8b --methods=teal --sparsities=0,0.5,0.65,0.999 \
