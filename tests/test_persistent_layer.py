@@ -21,7 +21,7 @@ from wina_jax import sites as S
 from wina_jax.bench.shapes import SHAPES
 from wina_jax.config import ModelConfig, RopeScaling
 from wina_jax.decode import decode_loop, fuse_projections
-from wina_jax.kernels import FusedThresholdSparsifier
+from wina_jax.kernels import FusedThresholdSparsifier, grid_sync
 from wina_jax.kernels import persistent_config as PC
 from wina_jax.kernels import persistent_layer as PL
 from wina_jax.model import init_cache
@@ -112,7 +112,7 @@ def step_sparsifier(cfg, lp, h, kv, sparsity, scaled):
 
 def kernel_args(cfg, lp, h, kv, sp):
   """`decoder_layer`'s positional arguments for one step at LENGTH with `sp`'s layer-0 thresholds."""
-  return (cfg, lp, h, kv, jnp.int32(LENGTH), *sp.layer_thresholds(0), jnp.zeros((2,), jnp.int32))
+  return (cfg, lp, h, kv, jnp.int32(LENGTH), *sp.layer_thresholds(0), grid_sync.new_counter())
 
 
 def run_both(cfg, lp, h, kv, sparsity, scaled, config=SMALL, grid=1, split=False):
@@ -265,7 +265,7 @@ def test_default_grid_and_refusal_before_launch(monkeypatch):
   assert PC.default_grid(dataclasses.replace(SMALL, programs_per_sm=2), interpret=False, device=Fake()) == 14
   assert PC.default_grid(SMALL, interpret=True) == 1
   cfg, lp, h, kv = setup_layer(TINY)
-  zeros = jnp.zeros((2,), jnp.int32)
+  zeros = grid_sync.new_counter()
   monkeypatch.setattr(PL, "run_layer", lambda *a, **k: pytest.fail("launched"))
   with pytest.raises(PC.GridError, match="deadlock"):
     PL.decoder_layer(cfg, lp, h, kv, 0, {}, {}, zeros, config=SMALL, grid=8, sms=7)
@@ -299,6 +299,31 @@ def test_parse_config():
   assert PC.parse_config("128:128:128:4:1:0.875:64:2:resident:false:vector:true").skip_empty
   with pytest.raises(ValueError, match="skip_empty applies to mode='resident' only"):
     PC.parse_config("256:32:256:4:2:0.875:64:2:masked:false:vector:true")
+  assert PC.parse_config("256:32:256:4:2:0.875:64:2:masked:false:vector:false:false:4096").spin_limit == 4096
+  with pytest.raises(ValueError, match="spin_limit=0 must be >= 1"):
+    PC.parse_config("256:32:256:4:2:0.875:64:2:masked:false:vector:false:false:0")
+
+
+def test_check_waits_and_the_counter_it_reads():
+  """check_waits raises on a counter whose watchdog slot counts a given-up wait (written here as the kernel
+  would), and reads the buffer anew each time; the kernel refuses a counter of the old [2] layout."""
+  counter = grid_sync.new_counter()
+  assert counter.shape == (3,) and counter.dtype == jnp.int32
+  grid_sync.check_waits(counter)
+  with pytest.raises(
+    grid_sync.WaitTimeout, match=r"2 grid-wide waits gave up.*not all resident.*new_counter"
+  ):
+    grid_sync.check_waits(counter.at[grid_sync.GAVE_UP].set(2))
+  sp = FusedThresholdSparsifier.create({}, backend="persistent")
+  sp.check_waits()
+  with pytest.raises(grid_sync.WaitTimeout):
+    sp.replace(counter=jnp.array([0, 0, 1], jnp.int32)).check_waits()
+  FusedThresholdSparsifier.create({}).check_waits()  # no counter: nothing to check
+  cfg, lp, h, kv = setup_layer(TINY)
+  with pytest.raises(
+    ValueError, match=r"counter must be int32 \[3\] \(grid_sync.new_counter\(\)\), got int32 \(2,\)"
+  ):
+    PL.decoder_layer(cfg, lp, h, kv, 0, {}, {}, jnp.zeros((2,), jnp.int32), config=SMALL, interpret=True)
 
 
 def test_unsupported_reasons():
@@ -417,7 +442,7 @@ def test_lowers_to_triton(scaled, mode, split, acc):
 
   def step(lp, h, kv, length, scales):
     thr = {"qkv_proj": jnp.zeros(3), "o_proj": 0.1}
-    return PL.run_layer(PL.layer_args(cfg, lp, h, kv, length, thr, scales, jnp.zeros((2,), jnp.int32)), plan)
+    return PL.run_layer(PL.layer_args(cfg, lp, h, kv, length, thr, scales, grid_sync.new_counter()), plan)
 
   h, length = jax.ShapeDtypeStruct((4096,), jnp.bfloat16), jax.ShapeDtypeStruct((), jnp.int32)
   text = jax.jit(step).trace(lp, h, kv, length, scales).lower(lowering_platforms=("cuda",)).as_text()
@@ -440,7 +465,25 @@ def test_gpu_sm_count_and_refusal():
   assert sms and sms > 1
   cfg, lp, h, kv = setup_layer(TINY)
   with pytest.raises(PC.GridError, match="deadlock"):
-    PL.decoder_layer(cfg, lp, h, kv, 0, {}, {}, jnp.zeros((2,), jnp.int32), config=SMALL, grid=sms + 1)
+    PL.decoder_layer(cfg, lp, h, kv, 0, {}, {}, grid_sync.new_counter(), config=SMALL, grid=sms + 1)
+
+
+@needs_gpu
+def test_gpu_watchdog_ends_a_grid_that_is_not_co_resident():
+  """64 programs per SM (at most 16 of 4 warps fit) passed off as co-resident (sms= 32 x the real count): the
+  resident programs give up their waits after spin_limit spins instead of hanging, the launch ends, and
+  check_waits raises; the last program out still resets arrivals and departures. Run alone, under a short
+  limit (run_persistent_h200.sh's watchdog stage): if the watchdog failed, this would hang."""
+  sms = PC.sm_count()
+  cfg, lp, h, kv = setup_layer(TINY)
+  config = dataclasses.replace(SMALL, programs_per_sm=2, spin_limit=1 << 12)
+  counter = grid_sync.new_counter()
+  out, _ = PL.decoder_layer(cfg, lp, h, kv, 0, {}, {}, counter, config=config, grid=64 * sms, sms=32 * sms)
+  jax.block_until_ready(out)
+  with pytest.raises(grid_sync.WaitTimeout, match="not all resident"):
+    grid_sync.check_waits(counter)
+  arrived, left, gave_up = (int(v) for v in np.asarray(counter + 0))
+  assert (arrived, left) == (0, 0) and gave_up > 0
 
 
 @needs_gpu
@@ -500,6 +543,7 @@ def test_gpu_decode_32_steps_matches_xla(dtype):
   for backend in ("xla", "persistent"):
     sp = FusedThresholdSparsifier.create(thr, {}, segs, backend=backend)
     out[backend] = decode_loop(params, tokens, init_cache(cfg, 1, 64, jnp.dtype(dtype)), sp, cfg=cfg)
+    sp.check_waits()  # no wait given up in the 32 x 4 launches
   a, b = out["persistent"][1], out["xla"][1]
   rel = float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
   same = int(jnp.sum(out["persistent"][0] == out["xla"][0]))

@@ -35,6 +35,7 @@ from wina_jax import sites as S
 from wina_jax.bench.decode_setup import make_sparsifier, site_scores
 from wina_jax.bench.shapes import SHAPES
 from wina_jax.decode import fuse_projections
+from wina_jax.kernels import grid_sync
 from wina_jax.kernels import persistent_config as PC
 from wina_jax.kernels import persistent_layer as PL
 from wina_jax.model import embed_tokens
@@ -81,12 +82,13 @@ def layer(name: str, key):
 
 def row(cfg, params, h, kv, scores, sparsity: float, spec: str, gpu: bool) -> dict:
   sp, kept = make_sparsifier(scores, sparsity, 1, {}, "xla")
-  lp, length, counter = params["layers"]["0"], jnp.int32(FLAGS.length), jnp.zeros((2,), jnp.int32)
+  lp, length, counter = params["layers"]["0"], jnp.int32(FLAGS.length), grid_sync.new_counter()
   args = (cfg, lp, h, kv, length, *sp.layer_thresholds(0), counter)
   config = PC.parse_config(spec)
   where = {} if gpu else {"grid": 1, "interpret": True}
   marks = lambda: np.asarray(PL.phase_marks(*args, config=config, **where))
   reps = [PL.phase_times(marks()) for _ in range(FLAGS.reps + 1)][1:]
+  grid_sync.check_waits(counter)  # a wait given up would make the marks meaningless
   med = lambda f: float(statistics.median(f(r) for r in reps))
   phases = {
     name: {

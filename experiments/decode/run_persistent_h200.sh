@@ -5,6 +5,8 @@
 #   experiments/decode/run_persistent_h200.sh $OUT
 #
 # Stages, in order, each under its own limit and all under BUDGET_S (default 450 s) in total:
+#   watchdog  the one GPU test that would hang if the waits' watchdog failed (a grid of 64 programs per SM
+#           passed off as co-resident), alone under 90 s -> OUT/watchdog.log
 #   tests   pytest -k gpu tests/test_persistent_layer.py tests/test_kernels.py (single layers of the real shapes
 #           vs XLA at 0 / 50 / 65 (WINA) / 99.9 %, a 32-step decode of 4 Llama-3-8B-shaped layers, the refused
 #           oversized grid; the per-site kernels on the q|k|v shape, each accumulator) -> OUT/tests.log
@@ -35,7 +37,7 @@ set -u
 out=$1
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 end=$((SECONDS + ${BUDGET_S:-450}))
-stages=,${STAGES:-tests,wait,sweep,timers,llama,qwen,wina},
+stages=,${STAGES:-watchdog,tests,wait,sweep,timers,llama,qwen,wina},
 pconfigs=${PCONFIGS:-128:128:128:4:1:0.875:64:2:resident,128:128:128:4:1:0.875:64:2:resident:false:vector:true,\
 128:32:256:4:3:0.875:64:2:masked:false:tile}
 # chunk:block_k:block_n:num_warps:num_stages:dense_at:block_s:programs_per_sm:mode:split:acc:skip_empty (the
@@ -62,7 +64,9 @@ stage() {  # stage NAME LIMIT COMMAND...: run under min(LIMIT, time left), log t
 # The default -k leaves out the single-layer cases of the two tilings no longer timed (compact at 1 per SM, masked
 # with the vector accumulator: they passed in sessions 10-11), so the tests fit in about 4 minutes; TESTS_K=gpu
 # runs all.
-stage tests 420 python3 -m pytest -q -p no:cacheprovider -k "${TESTS_K:-gpu and not default and not masked_vector}" \
+stage watchdog 90 python3 -m pytest -q -p no:cacheprovider -k "gpu and watchdog" tests/test_persistent_layer.py
+stage tests 420 python3 -m pytest -q -p no:cacheprovider \
+  -k "${TESTS_K:-gpu and not default and not masked_vector} and not watchdog" \
   tests/test_persistent_layer.py \
   tests/test_kernels.py
 [ $? -eq 124 ] && pconfigs= && echo "tests timed out: benches run without the persistent kernel"

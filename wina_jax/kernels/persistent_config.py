@@ -9,6 +9,7 @@ from typing import Optional
 import jax
 
 from wina_jax.kernels.config import ACCS, check_powers_of_two, spec_fields
+from wina_jax.kernels.grid_sync import SPIN_LIMIT
 
 # Programs per SM known to be co-resident for every PersistentConfig measured (H200, 2026-12-02: 2 ran at 4
 # and 8 warps; 4, with 4 warps and block_n 128, did not finish in 2 minutes, the signature of the waits'
@@ -45,6 +46,9 @@ class PersistentConfig:
   timers: every program records the GPU's global nanosecond clock (low 32 bits) at the start of each phase and
   at its arrival at the next wait, in an extra output (`phase_marks`): the per-phase profile of the one-launch
   kernel itself (zeros in interpret mode; not with split, whose launches a profiler times).
+  spin_limit: the watchdog's budget, spins a program may spend in all the waits of one launch before it gives
+  up and counts the wait as given up (`grid_sync.check_waits` raises on it): a grid that was not co-resident
+  then ends with wrong outputs and a clear error instead of hanging.
   """
 
   chunk: int = 256
@@ -60,11 +64,14 @@ class PersistentConfig:
   acc: str = "vector"
   skip_empty: bool = False
   timers: bool = False
+  spin_limit: int = SPIN_LIMIT
 
   def __post_init__(self):
     check_powers_of_two(self, ("chunk", "block_k", "block_n", "block_s"))
     if self.chunk % self.block_k:
       raise ValueError(f"chunk={self.chunk} must be a multiple of block_k={self.block_k}")
+    if self.spin_limit < 1:
+      raise ValueError(f"spin_limit={self.spin_limit} must be >= 1")
     if self.programs_per_sm < 1:
       raise ValueError(f"programs_per_sm={self.programs_per_sm} must be >= 1")
     if self.mode not in MODES:
@@ -86,7 +93,7 @@ class PersistentConfig:
 def parse_config(spec: str) -> PersistentConfig:
   """A config from the fields of `PersistentConfig` in order, colon-separated, the first three required:
   'chunk:block_k:block_n[:num_warps[:num_stages[:dense_at[:block_s[:programs_per_sm[:mode[:split[:acc
-  [:skip_empty[:timers]]]]]]]]]]]' (split, skip_empty, timers: true | false)."""
+  [:skip_empty[:timers[:spin_limit]]]]]]]]]]]]' (split, skip_empty, timers: true | false)."""
   values = spec_fields(PersistentConfig, spec, 3, "persistent config")
   try:
     return PersistentConfig(**values)

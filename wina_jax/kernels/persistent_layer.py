@@ -18,9 +18,11 @@ then reads only kept weight rows; a chunk keeping >= dense_at * C rows is read a
 Split-K partial sums go to float32 buffers that the next phase adds up, so no buffer needs zeroing.
 
 The waits (`grid_sync`): every program adds 1 to a global counter and spins until it reads P * k at the k-th
-wait; the last program to leave resets the counter, so one zeroed int32 [2] buffer serves every launch (XLA
-sees it as a read-only input: launches on one stream never overlap). Programs spinning on programs that
-cannot become resident deadlock, hence `persistent_config.check_grid`. The tiling is a `PersistentConfig`
+wait; the last program to leave resets the counter, so one zeroed int32 [3] buffer (`grid_sync.new_counter`)
+serves every launch (XLA sees it as a read-only input: launches on one stream never overlap). Programs
+spinning on programs that cannot become resident deadlock, hence `persistent_config.check_grid`, and a
+watchdog (`PersistentConfig.spin_limit`) that gives up the wait and leaves a count `grid_sync.check_waits`
+raises on. The tiling is a `PersistentConfig`
 (`persistent_config`). With one program or in interpret mode the wait is compiled out, so grid 1 runs the
 fused layer on a CPU; `split=True` runs each phase as its own launch
 (the launch boundary is the wait), which tests the multi-program partitioning in interpret mode.
@@ -470,9 +472,10 @@ def _kernel(*refs, plan: Plan, phases: tuple[str, ...], in_names: tuple, out_nam
       _mark(r["marks"], i, pid if after is None else after, plan)
 
   mark(0, pid)
+  spins = _i32(plan.config.spin_limit)
   for k, name in enumerate(phases):
     if k:
-      arrived, left = grid_wait(r["counter"], k, plan.programs, plan.sync)
+      arrived, left, spins = grid_wait(r["counter"], k, plan.programs, plan.sync, spins)
       mark(2 * k - 1, arrived)
       mark(2 * k, left)
     _phase(r, plan, name)
@@ -542,7 +545,11 @@ def run_layer(args: dict, plan: Plan) -> tuple[jax.Array, jax.Array, jax.Array]:
 
 def layer_args(cfg: ModelConfig, lp: dict, h, kv: dict, length, thresholds: dict, scales: dict, counter):
   """Kernel arguments of one layer. h [d]; kv {'k', 'v': [1, S, K, hd]}; thresholds / scales: {fused
-  projection name: [S] / [S, d_in]} (absent: keep every row / TEAL's |x|); counter: int32 [2] zeros."""
+  projection name: [S] / [S, d_in]} (absent: keep every row / TEAL's |x|); counter: `grid_sync.new_counter`."""
+  if tuple(counter.shape) != (3,) or counter.dtype != jnp.int32:
+    raise ValueError(
+      f"counter must be int32 [3] (grid_sync.new_counter()), got {counter.dtype} {tuple(counter.shape)}"
+    )
   dtype = h.dtype
   args = {
     "h": h,

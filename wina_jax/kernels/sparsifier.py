@@ -28,6 +28,7 @@ from wina_jax import sites as S
 from wina_jax.kernels import persistent_config as PC
 from wina_jax.kernels import persistent_layer as PL
 from wina_jax.kernels.config import WORKSPACE_BLOCKS, KernelConfig
+from wina_jax.kernels.grid_sync import check_waits, new_counter
 from wina_jax.kernels.masked_linear import masked_linear
 from wina_jax.kernels.reference import keep_mask
 from wina_jax.layers import rms_norm
@@ -45,8 +46,9 @@ class FusedThresholdSparsifier:
   fuse_norm: static, whether `norm_linear` normalises inside the Pallas kernel's prologue (True) or runs
   the norm as XLA ops first (False, the default: on the H200 the prologue made the Llama-3-8B decode step
   0.09 ms slower at 50 / 65 %, its kernels losing more than the norm kernels it removes; decode_h200.md, session 7);
-  layer_config: static `PersistentConfig` of backend 'persistent' (None: its defaults); counter: its int32 [2]
-  zeros (the grid-wide waits' counter, left zeroed by every launch, so made once)."""
+  layer_config: static `PersistentConfig` of backend 'persistent' (None: its defaults); counter: its int32 [3]
+  (`grid_sync.new_counter`: the grid-wide waits' counter, left zeroed by every launch, so made once; its third
+  slot counts waits the watchdog gave up, which `check_waits` raises on)."""
 
   thresholds: dict = struct.field(default_factory=dict)
   scales: dict = struct.field(default_factory=dict)
@@ -81,12 +83,18 @@ class FusedThresholdSparsifier:
       workspace=jnp.zeros((len(thresholds), WORKSPACE_BLOCKS), jnp.int32) if semaphore else None,
       fuse_norm=fuse_norm,
       layer_config=layer_config,
-      counter=jnp.zeros((2,), jnp.int32) if backend == "persistent" else None,
+      counter=new_counter() if backend == "persistent" else None,
     )
 
   def as_persistent(self, layer_config: Optional[PC.PersistentConfig] = None) -> FusedThresholdSparsifier:
     """The same thresholds and scales under backend 'persistent' (with `layer_config`, and a zeroed counter)."""
-    return self.replace(backend="persistent", layer_config=layer_config, counter=jnp.zeros((2,), jnp.int32))
+    return self.replace(backend="persistent", layer_config=layer_config, counter=new_counter())
+
+  def check_waits(self) -> None:
+    """After persistent launches: raises `grid_sync.WaitTimeout` if one gave up a grid-wide wait (a grid that
+    was not co-resident; its outputs are wrong). No-op for other backends."""
+    if self.counter is not None:
+      check_waits(self.counter)
 
   def with_thresholds(self, thresholds: Mapping[str, object]) -> FusedThresholdSparsifier:
     """Same structure, new threshold values (reuses compiled code when shapes match)."""
