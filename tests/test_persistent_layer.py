@@ -141,7 +141,22 @@ CASES = {  # name: (model, sparsity, WINA scales, config, grid, split)
   "gqa_wina65_masked_split3": (LLAMA_GQA, 0.65, True, dataclasses.replace(SMALL, mode="masked"), 3, True),
   "teal50_masked_tile": (TINY, 0.5, False, dataclasses.replace(SMALL, mode="masked", acc="tile"), 1, False),
   "gqa_wina65_compact_tile_split3": (LLAMA_GQA, 0.65, True, dataclasses.replace(SMALL, acc="tile"), 3, True),
-  "teal50_resident": (TINY, 0.5, False, dataclasses.replace(SMALL, mode="resident", block_k=32), 1, False),
+  "teal50_resident": (
+    TINY,
+    0.5,
+    False,
+    dataclasses.replace(SMALL, mode="resident", block_k=32, num_stages=1),
+    1,
+    False,
+  ),
+  "teal50_resident_pipelined": (
+    TINY,
+    0.5,
+    False,
+    dataclasses.replace(SMALL, mode="resident", block_k=32, num_stages=3),
+    1,
+    False,
+  ),
   "window_teal99_resident_skip": (
     WINDOWED,
     0.99,
@@ -154,7 +169,7 @@ CASES = {  # name: (model, sparsity, WINA scales, config, grid, split)
     LLAMA_GQA,
     0.65,
     True,
-    dataclasses.replace(SMALL, mode="resident", block_k=32, skip_empty=True),
+    dataclasses.replace(SMALL, mode="resident", block_k=32, num_stages=1, skip_empty=True),
     3,
     True,
   ),
@@ -489,14 +504,22 @@ def test_gpu_watchdog_ends_a_grid_that_is_not_co_resident():
 @needs_gpu
 @pytest.mark.parametrize(
   "config",
-  ["default", "2persm_masked_vector", "2persm_masked_tile", "2persm_resident", "2persm_resident_skip"],
+  [
+    "default",
+    "2persm_masked_vector",
+    "2persm_masked_tile",
+    "2persm_resident",
+    "2persm_resident_skip",
+    "2persm_resident_pipelined",
+  ],
 )
 @pytest.mark.parametrize("sparsity,scaled", [(0.0, False), (0.5, False), (0.65, True), (0.999, False)])
 @pytest.mark.parametrize("shape", ["llama3_8b", "qwen25_7b"])
 def test_gpu_layer_matches_xla(shape, sparsity, scaled, config):
   """One layer of the real shape (a small vocabulary), float32, the default grid (every program the config
   allows: SMs x programs_per_sm), vs the XLA layer; the default tiling and the fastest measured grid (2 per
-  SM) in the 'masked' mode, with either accumulator, and the 'resident' mode."""
+  SM) in the 'masked' mode, with either accumulator, and the 'resident' mode (its own prefetch, the
+  empty-chunk skip, Triton's pipeliner)."""
   cfg0 = SHAPES[shape].replace(num_hidden_layers=1, vocab_size=256)
   cfg, lp, h, kv = setup_layer(cfg0)
   pc = {
@@ -505,6 +528,7 @@ def test_gpu_layer_matches_xla(shape, sparsity, scaled, config):
     "2persm_masked_tile": PC.PersistentConfig(programs_per_sm=2, mode="masked", acc="tile"),
     "2persm_resident": RESIDENT,
     "2persm_resident_skip": dataclasses.replace(RESIDENT, skip_empty=True),
+    "2persm_resident_pipelined": dataclasses.replace(RESIDENT, num_stages=3),
   }
   out, ref = run_both(cfg, lp, h, kv, sparsity, scaled, pc[config], grid=None)
   assert_close(out, ref, 1e-4)

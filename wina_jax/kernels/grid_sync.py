@@ -19,9 +19,10 @@ from jax.experimental.pallas import triton as plgpu
 
 # counter slots: arrivals, departures (both reset by the last program to leave), waits given up (the watchdog's)
 ARRIVED, LEFT, GAVE_UP = 0, 1, 2
-# spins (each one atomic read of the counter, ~1 us) a program may spend in all the waits of one launch: a wait
-# lasts as long as the slowest program's phase (< 1 ms measured), a deadlock forever
-SPIN_LIMIT = 1 << 22
+# spins (each one atomic read of the counter, ~0.5-1 us) a program may spend in all the waits of one launch,
+# ~30-65 ms: a wait lasts as long as the slowest program's phase (< 0.1 ms measured on the H200), a deadlock
+# forever; small enough that a decode step of launches that all end on the watchdog takes seconds, not hours
+SPIN_LIMIT = 1 << 16
 
 
 class WaitTimeout(RuntimeError):

@@ -226,7 +226,8 @@ def _gemv(r: dict, plan: Plan, site: int, x_at):
     return carry
 
   def resident_tiles(kc, rows, keep, x, lo, hi):
-    """Tiles [lo, hi) of chunk kc in 'resident' mode: one masked [C, BN] load each, prefetched a tile ahead."""
+    """Tiles [lo, hi) of chunk kc in 'resident' mode: one masked [C, BN] load each, prefetched a tile ahead in
+    registers (num_stages 1) or left to Triton's software pipeliner (num_stages > 1)."""
     xm = jnp.where(keep, x, 0.0)
 
     def load(t, live):
@@ -242,8 +243,16 @@ def _gemv(r: dict, plan: Plan, site: int, x_at):
       plgpu.store(part_ref.at[kc, cols], jnp.sum(xm[:, None] * w.astype(jnp.float32), axis=0))
       return nxt
 
+    def plain(t, carry):  # num_stages > 1: Triton's pipeliner keeps the next loads in flight
+      cols = (t - kc * nn) * bn + _iota(bn)
+      plgpu.store(part_ref.at[kc, cols], jnp.sum(xm[:, None] * load(t, True).astype(jnp.float32), axis=0))
+      return carry
+
     def walk():
-      jax.lax.fori_loop(lo, hi, tile, load(lo, True))
+      if cfg.num_stages > 1:
+        jax.lax.fori_loop(lo, hi, plain, _i32(0))
+      else:
+        jax.lax.fori_loop(lo, hi, tile, load(lo, True))
 
     if not cfg.skip_empty:
       return walk()
