@@ -14,7 +14,7 @@
 #   sweep   Llama-3-8B, dense and TEAL 50 %: the per-site kernels (SETS: --config_sets entries over
 #           benchmarks/configs/h200_partials.json) and the persistent kernel at each of PSWEEP's tilings, under
 #           SWEEP_S (default 330 s; a config costs ~40 s, mostly compilation) -> OUT/bench_llama_sweep.json
-#   timers  phase_timers: the kernel's own clock marks inside one launch (PTIMERS, default the sweep's fastest
+#   timers  (TIMERS_S, default 120 s) phase_timers: the kernel's own clock marks inside one launch (PTIMERS, default the sweep's fastest
 #           tiling, else the first of PCONFIGS), each phase's work and wait, Llama-3-8B layer, TEAL 0 / 50 / 65
 #           / 99.9 % -> OUT/phase_timers.json
 #   phases  (not in the default STAGES) profile_decode with the kernel split into one launch per phase
@@ -84,7 +84,7 @@ PY
 )
 [ -n "$best" ] && [ -n "$pconfigs" ] && [[ ,$pconfigs, != *,$best,* ]] && pconfigs=$pconfigs,$best
 echo "persistent configs for the model stages: ${pconfigs:-none}"
-[ -n "$pconfigs" ] && stage timers 120 python3 -m experiments.decode.phase_timers --models=llama3_8b \
+[ -n "$pconfigs" ] && stage timers "${TIMERS_S:-120}" python3 -m experiments.decode.phase_timers --models=llama3_8b \
   --sparsities=0,0.5,0.65,0.999 --persistent_configs="${PTIMERS:-${best:-${pconfigs%%,*}}}" --out="$out/phase_timers.json"
 # The per-phase profile: the same kernel launched once per phase (persistent_<phase> kernels in the trace), at
 # the sweep's fastest tiling (its mode and split fields filled in, split set to true, acc kept).
