@@ -392,13 +392,14 @@ def test_routing_and_fallback(monkeypatch):
 @pytest.mark.skipif(GPU, reason="interpret mode")
 def test_timers_change_nothing_and_read_zeros_in_interpret_mode():
   """`phase_marks` (the kernel with `timers`): in interpret mode the clock reads zero, one row per program, two
-  columns per phase; the layer's outputs with timers on are the ones without. Timers and split are refused
+  columns per phase and one per GEMV site; the layer's outputs with timers on are the ones without. Timers and split are refused
   together."""
   cfg, lp, h, kv = setup_layer(TINY)
   args = kernel_args(cfg, lp, h, kv, step_sparsifier(cfg, lp, h, kv, 0.5, False))
   config = dataclasses.replace(SMALL, mode="resident", block_k=32)
   marks = PL.phase_marks(*args, config=config, grid=1, interpret=True)
-  assert marks.shape == (1, 2 * len(PL.PHASES)) and marks.dtype == jnp.int32 and not np.any(np.asarray(marks))
+  shape = (1, 2 * len(PL.PHASES) + len(PL.SITES))  # two per phase, one per GEMV site's prologue
+  assert marks.shape == shape and marks.dtype == jnp.int32 and not np.any(np.asarray(marks))
   timed = dataclasses.replace(config, timers=True)
   plain_out = PL.decoder_layer(*args, config=config, grid=1, interpret=True)
   timed_out = PL.decoder_layer(*args, config=timed, grid=1, interpret=True)
@@ -409,17 +410,23 @@ def test_timers_change_nothing_and_read_zeros_in_interpret_mode():
 
 def test_phase_times_across_a_clock_wrap():
   """`phase_times`: work = end - start of each phase, wait = next start - end, span = first start to last end,
-  in microseconds, right when the 32-bit clock wraps inside the launch."""
+  a GEMV phase's prologue = its first chunk's input mark - its start (NaN for a program whose mark stayed 0: no
+  tile of the site), in microseconds, right when the 32-bit clock wraps inside the
+  launch."""
   n = 2 * len(PL.PHASES)
   start = (1 << 32) - 5_000  # 5 us before the wrap
   steps = np.array([[1_000 * (j + 1) for j in range(n - 1)], [2_000 * (j + 1) for j in range(n - 1)]])
   abs_ns = np.concatenate([[[start], [start + 500]], start + np.array([[0], [500]]) + steps], axis=1)
+  prologue = np.stack([abs_ns[0, [2 * k for k in PL.GEMV_PHASE]] + 300, np.zeros(len(PL.SITES), np.int64)])
+  abs_ns = np.concatenate([abs_ns, prologue], axis=1)
   marks = (abs_ns % (1 << 32)).astype(np.uint32).view(np.int32)  # as the kernel stores them
   t = PL.phase_times(marks)
   assert t["work_us"].shape == (len(PL.PHASES), 2) and t["wait_us"].shape == (len(PL.PHASES) - 1, 2)
   np.testing.assert_allclose(t["work_us"][:, 0], [1.0] + [1.0] * (len(PL.PHASES) - 1))
   np.testing.assert_allclose(t["wait_us"][:, 1], 2.0)
   assert t["span_us"] == pytest.approx((500 + 2_000 * (n - 1)) / 1e3)
+  np.testing.assert_allclose(t["prologue_us"][:, 0], 0.3)
+  assert np.all(np.isnan(t["prologue_us"][:, 1]))
 
 
 @pytest.mark.parametrize(
@@ -543,9 +550,12 @@ def test_gpu_phase_marks_show_every_wait_holding():
   cfg, lp, h, kv = setup_layer(cfg0, jnp.bfloat16)
   args = kernel_args(cfg, lp, h, kv, step_sparsifier(cfg, lp, h, kv, 0.5, False))
   marks = np.asarray(PL.phase_marks(*args, config=RESIDENT))
-  assert marks.shape == (2 * PC.sm_count(), 2 * len(PL.PHASES))
-  rel = PL.phase_times(marks)["marks_us"]
+  assert marks.shape == (2 * PC.sm_count(), 2 * len(PL.PHASES) + len(PL.SITES))
+  times = PL.phase_times(marks)
+  rel = times["marks_us"]
   assert np.all(np.diff(rel, axis=1) >= 0) and rel.max() < 10_000
+  work = times["work_us"][list(PL.GEMV_PHASE)]  # every program has tiles of every site: a prologue inside
+  assert np.all(times["prologue_us"] >= 0) and np.all(times["prologue_us"] <= work)
   for k in range(1, len(PL.PHASES)):  # 3 us: the last arriver reads the clock after its atomic returns
     assert rel[:, 2 * k].min() >= rel[:, 2 * k - 1].max() - 3.0, k
 

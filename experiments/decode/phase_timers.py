@@ -100,6 +100,9 @@ def row(cfg, params, h, kv, scores, sparsity: float, spec: str, gpu: bool) -> di
     }
     for k, name in enumerate(PL.PHASES)
   }
+  for i, k in enumerate(PL.GEMV_PHASE if gpu else ()):  # GEMV phases: start to the first chunk's input
+    phases[PL.PHASES[k]]["prologue_median_us"] = med(lambda r: np.nanmedian(r["prologue_us"][i]))
+    phases[PL.PHASES[k]]["prologue_max_us"] = med(lambda r: np.nanmax(r["prologue_us"][i]))
   kept_rows = {S.parse_site(s)[2]: [float(f) for f in v] for s, v in kept.items()}
   return dict(
     config=spec, sparsity=sparsity, span_us=med(lambda r: r["span_us"]), phases=phases, kept=kept_rows
@@ -130,7 +133,14 @@ def main(argv):
         print(f"{name} {FLAGS.method} {float(s):5.3f} {spec}  span {r['span_us']:7.1f} us")
         for phase, t in r["phases"].items():
           wait = f"  wait after {t['wait_after_median_us']:6.1f}" if "wait_after_median_us" in t else ""
-          print(f"    {phase:14s} work median {t['work_median_us']:6.1f}  max {t['work_max_us']:6.1f}{wait}")
+          pro = (
+            f"  prologue median {t['prologue_median_us']:5.1f} max {t['prologue_max_us']:5.1f}"
+            if "prologue_median_us" in t
+            else ""
+          )
+          print(
+            f"    {phase:14s} work median {t['work_median_us']:6.1f}  max {t['work_max_us']:6.1f}{wait}{pro}"
+          )
   result = {
     "command": common.command_line("experiments.decode.phase_timers"),
     "device": str(jax.devices()[0].device_kind),

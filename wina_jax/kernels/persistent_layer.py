@@ -57,6 +57,8 @@ PHASES = ("qkv", "attention", "o_proj", "residual_attn", "gate_up", "down", "res
 # the layer's linear sites as the persistent kernel reads them: (block, fused projection)
 SITES = (("self_attn", "qkv_proj"), ("self_attn", "o_proj"), ("mlp", "gate_up_proj"), ("mlp", "down_proj"))
 SCAN = 4096  # rows per step of a whole-input pass (the norms' sums of squares)
+PROLOGUE = 2 * len(PHASES)  # timers: the marks' column of site 0's prologue mark (then one per site)
+GEMV_PHASE = (0, 2, 4, 5)  # the phase of each site of SITES
 _NEG = -1e30
 
 
@@ -131,9 +133,9 @@ def _i32(v) -> jax.Array:
   return jnp.asarray(v, jnp.int32)
 
 
-def _mark(marks_ref, i: int, after, plan: Plan):
-  """marks[program, i] = `read_clock(after)`."""
-  plgpu.store(marks_ref.at[pl.program_id(0), i + _iota(1)], read_clock(after, plan.interpret))
+def _mark(marks_ref, pid, i: int, after, plan: Plan):
+  """marks[pid, i] = `read_clock(after)` (pid: the program id, read outside any loop or branch)."""
+  plgpu.store(marks_ref.at[pid, i + _iota(1)], read_clock(after, plan.interpret))
 
 
 def _share(n: int, plan: Plan) -> tuple[jax.Array, jax.Array]:
@@ -271,6 +273,12 @@ def _gemv(r: dict, plan: Plan, site: int, x_at):
     k0 = kc * c
     rows = k0 + _iota(c)
     x = x_at(rows)
+    if cfg.timers:  # the prologue: the clock once the program's first chunk's input is in registers
+
+      @pl.when(kc == start // nn)
+      def _():
+        _mark(r["marks"], pid, PROLOGUE + site, (jnp.sum(x) != 0.0).astype(jnp.int32), plan)
+
     for s in range(len(widths)):
       lo = jnp.maximum(start, kc * nn + bounds[s])
       hi = jnp.minimum(end, kc * nn + bounds[s + 1])
@@ -478,9 +486,11 @@ def _kernel(*refs, plan: Plan, phases: tuple[str, ...], in_names: tuple, out_nam
 
   def mark(i, after):
     if timed:
-      _mark(r["marks"], i, pid if after is None else after, plan)
+      _mark(r["marks"], pid, i, pid if after is None else after, plan)
 
   mark(0, pid)
+  if timed:  # a program with no tile of a site leaves its prologue mark at 0 (`phase_times`: NaN)
+    plgpu.store(r["marks"].at[pid, PROLOGUE + _iota(len(SITES))], jnp.zeros((len(SITES),), jnp.int32))
   spins = _i32(plan.config.spin_limit)
   for k, name in enumerate(phases):
     if k:
@@ -510,7 +520,9 @@ def _out_shapes(plan: Plan, dtype, cache_k, cache_v) -> dict:
     "idx": jax.ShapeDtypeStruct((plan.programs, c), jnp.int32),
     "xv": jax.ShapeDtypeStruct((plan.programs, c), f32),
   } | (
-    {"marks": jax.ShapeDtypeStruct((plan.programs, 2 * len(PHASES)), jnp.int32)} if plan.config.timers else {}
+    {"marks": jax.ShapeDtypeStruct((plan.programs, PROLOGUE + len(SITES)), jnp.int32)}
+    if plan.config.timers
+    else {}
   )
 
 
@@ -664,24 +676,34 @@ def _run_marks(args: dict, plan: Plan) -> jax.Array:
 def phase_marks(
   cfg: ModelConfig, lp: dict, h, kv: dict, length, thresholds: dict, scales: dict, counter, **kw
 ) -> jax.Array:
-  """`decoder_layer`'s launch with `config.timers` on -> marks [programs, 2 * len(PHASES)] int32: per program,
-  the global nanosecond clock's low 32 bits at the start of phase k (column 2k: the launch's start, then the
-  departure from wait k) and at the end of its work in phase k (column 2k + 1: the arrival at wait k + 1, or
-  at the final departure). Phase k's work = marks[:, 2k + 1] - marks[:, 2k], the wait after it =
-  marks[:, 2k + 2] - marks[:, 2k + 1], both modulo 2^32. Zeros in interpret mode. kw: `decoder_layer`'s
-  keyword arguments (config, grid, interpret, sms)."""
+  """`decoder_layer`'s launch with `config.timers` on -> marks [programs, 2 * len(PHASES) + len(SITES)] int32:
+  per program, the global nanosecond clock's low 32 bits at the start of phase k (column 2k: the launch's
+  start, then the departure from wait k) and at the end of its work in phase k (column 2k + 1: the arrival at
+  wait k + 1, or at the final departure); then per GEMV site i (column PROLOGUE + i) once its first chunk's
+  input is computed (0 if it has no tile of the site). Phase k's work = marks[:, 2k + 1] -
+  marks[:, 2k], the wait after it = marks[:, 2k + 2] - marks[:, 2k + 1], both modulo 2^32. Zeros in interpret
+  mode. kw: `decoder_layer`'s keyword arguments (config, grid, interpret, sms)."""
   config = dataclasses.replace(kw.pop("config", PersistentConfig()), timers=True)
   plan, args = _prepare(cfg, lp, h, kv, length, thresholds, scales, counter, config, **kw)
   return _run_marks(args, plan)
 
 
 def phase_times(marks) -> dict:
-  """marks [P, 2 * phases] int32 (`phase_marks`) -> {'marks_us': [P, 2 * phases] since the launch's first
-  start, 'work_us': [phases, P], 'wait_us': [phases - 1, P], 'span_us': first start to last end}:
-  microseconds, differences taken modulo 2^32 ns from the first start (the marks are the clock's low 32
-  bits), so a wrap inside a launch shorter than 4.29 s is harmless."""
+  """marks [P, 2 * phases + sites] int32 (`phase_marks`) -> {'marks_us': [P, 2 * phases] since the launch's
+  first start, 'work_us': [phases, P], 'wait_us': [phases - 1, P], 'prologue_us': [sites, P] (a GEMV phase's
+  start to its first chunk's input; NaN for a program with no tile of the site or no clock), 'span_us': first start to
+  last end}: microseconds, differences taken modulo 2^32 ns from the first start (the marks are the clock's
+  low 32 bits), so a wrap inside a launch shorter than 4.29 s is harmless."""
   m = np.asarray(marks, np.int64)
-  rel = ((m - m[:, 0].min()) % (1 << 32)) / 1e3
+  rel_all = ((m - m[:, 0].min()) % (1 << 32)) / 1e3
+  rel, first = rel_all[:, :PROLOGUE], rel_all[:, PROLOGUE:]
   work = rel[:, 1::2] - rel[:, 0::2]
   wait = rel[:, 2::2] - rel[:, 1:-1:2]
-  return {"marks_us": rel, "work_us": work.T, "wait_us": wait.T, "span_us": float(rel[:, -1].max())}
+  prologue = np.where(m[:, PROLOGUE:] != 0, first - rel[:, [2 * k for k in GEMV_PHASE]], np.nan)
+  return {
+    "marks_us": rel,
+    "work_us": work.T,
+    "wait_us": wait.T,
+    "prologue_us": prologue.T,
+    "span_us": float(rel[:, -1].max()),
+  }
