@@ -149,7 +149,7 @@ CASES = {  # name: (model, sparsity, WINA scales, config, grid, split)
     1,
     False,
   ),
-  "teal50_resident_pipelined": (
+  "teal50_resident_3_ahead": (
     TINY,
     0.5,
     False,
@@ -517,7 +517,7 @@ def test_gpu_watchdog_ends_a_grid_that_is_not_co_resident():
     "2persm_masked_tile",
     "2persm_resident",
     "2persm_resident_skip",
-    "2persm_resident_pipelined",
+    "2persm_resident_64x3",
   ],
 )
 @pytest.mark.parametrize("sparsity,scaled", [(0.0, False), (0.5, False), (0.65, True), (0.999, False)])
@@ -525,8 +525,8 @@ def test_gpu_watchdog_ends_a_grid_that_is_not_co_resident():
 def test_gpu_layer_matches_xla(shape, sparsity, scaled, config):
   """One layer of the real shape (a small vocabulary), float32, the default grid (every program the config
   allows: SMs x programs_per_sm), vs the XLA layer; the default tiling and the fastest measured grid (2 per
-  SM) in the 'masked' mode, with either accumulator, and the 'resident' mode (its own prefetch, the
-  empty-chunk skip, Triton's pipeliner)."""
+  SM) in the 'masked' mode, with either accumulator, and the 'resident' mode (one tile ahead, the
+  empty-chunk skip, three 64-column tiles ahead)."""
   cfg0 = SHAPES[shape].replace(num_hidden_layers=1, vocab_size=256)
   cfg, lp, h, kv = setup_layer(cfg0)
   pc = {
@@ -535,7 +535,7 @@ def test_gpu_layer_matches_xla(shape, sparsity, scaled, config):
     "2persm_masked_tile": PC.PersistentConfig(programs_per_sm=2, mode="masked", acc="tile"),
     "2persm_resident": RESIDENT,
     "2persm_resident_skip": dataclasses.replace(RESIDENT, skip_empty=True),
-    "2persm_resident_pipelined": dataclasses.replace(RESIDENT, num_stages=3),
+    "2persm_resident_64x3": dataclasses.replace(RESIDENT, block_n=64, num_stages=3),
   }
   out, ref = run_both(cfg, lp, h, kv, sparsity, scaled, pc[config], grid=None)
   assert_close(out, ref, 1e-4)

@@ -35,9 +35,9 @@ class PersistentConfig:
   dropped rows out of each load (TEAL's design: no list, no dependent load, a static trip count that
   Triton can pipeline; dropped rows are not read, as in 'compact'). 'resident' keeps the chunk's masked input
   in registers (no scratch round trip) and reads each tile as one [C, BN] load with the dropped rows masked
-  out (block_k must equal chunk; acc does not apply); with num_stages 1 the next tile's load is issued before
-  this tile's sum (one tile in flight, held in registers), with num_stages > 1 the tile loop is left plain
-  for Triton's software pipeliner (num_stages - 1 tiles in flight, staged through shared memory).
+  out (block_k must equal chunk; acc does not apply); num_stages is its prefetch depth: the next num_stages
+  tiles' loads are in flight, held in registers, while a tile is summed (Triton's own pipeliner, through
+  shared memory, was 7.7 % slower at TEAL 50 %: decode_h200.md, session 13).
   dense_at applies to 'compact' only.
   split: one launch per phase (named persistent_<phase>), the launch boundary standing in for the wait:
   interpret mode's only way to a grid > 1, and on a GPU the per-phase profile (each phase's kernel time).

@@ -228,33 +228,26 @@ def _gemv(r: dict, plan: Plan, site: int, x_at):
     return carry
 
   def resident_tiles(kc, rows, keep, x, lo, hi):
-    """Tiles [lo, hi) of chunk kc in 'resident' mode: one masked [C, BN] load each, prefetched a tile ahead in
-    registers (num_stages 1) or left to Triton's software pipeliner (num_stages > 1)."""
+    """Tiles [lo, hi) of chunk kc in 'resident' mode: one masked [C, BN] load each, the next num_stages tiles'
+    loads in flight (registers, the loop's carry) while this tile is summed."""
     xm = jnp.where(keep, x, 0.0)
+    depth = cfg.num_stages
 
-    def load(t, live):
-      cols = (t - kc * nn) * bn + _iota(bn)
-      mask = jnp.broadcast_to((keep & live)[:, None], (c, bn))
+    def load(t):  # tile t's kept rows; nothing past hi (the prefetch's tail)
+      cols = (jnp.minimum(t, hi - 1) - kc * nn) * bn + _iota(bn)
+      mask = jnp.broadcast_to((keep & (t < hi))[:, None], (c, bn))
       return plgpu.load(
         w_ref.at[rows[:, None], cols[None, :]], mask=mask, other=0, eviction_policy="evict_first"
       )
 
-    def tile(t, w):
-      nxt = load(jnp.minimum(t + 1, hi - 1), t + 1 < hi)  # the next tile's rows in flight during this sum
+    def tile(t, ahead):
+      nxt = load(t + depth)  # issued before this tile's sum
       cols = (t - kc * nn) * bn + _iota(bn)
-      plgpu.store(part_ref.at[kc, cols], jnp.sum(xm[:, None] * w.astype(jnp.float32), axis=0))
-      return nxt
-
-    def plain(t, carry):  # num_stages > 1: Triton's pipeliner keeps the next loads in flight
-      cols = (t - kc * nn) * bn + _iota(bn)
-      plgpu.store(part_ref.at[kc, cols], jnp.sum(xm[:, None] * load(t, True).astype(jnp.float32), axis=0))
-      return carry
+      plgpu.store(part_ref.at[kc, cols], jnp.sum(xm[:, None] * ahead[0].astype(jnp.float32), axis=0))
+      return ahead[1:] + (nxt,)
 
     def walk():
-      if cfg.num_stages > 1:
-        jax.lax.fori_loop(lo, hi, plain, _i32(0))
-      else:
-        jax.lax.fori_loop(lo, hi, tile, load(lo, True))
+      jax.lax.fori_loop(lo, hi, tile, tuple(load(lo + j) for j in range(depth)))
 
     if not cfg.skip_empty:
       return walk()
@@ -536,13 +529,14 @@ def _launch(args: dict, plan: Plan, phases: tuple[str, ...], carried: dict) -> d
   aliases.update({len(IN_NAMES) + i: out_names.index(k) for i, k in enumerate(carried)})
   body = functools.partial(_kernel, plan=plan, phases=phases, in_names=in_names, out_names=out_names)
   cfg = plan.config
+  stages = 1 if cfg.mode == "resident" else cfg.num_stages  # resident: num_stages is its own prefetch depth
   call = pl.pallas_call(
     body,
     out_shape=tuple(shapes.values()),
     grid=(plan.programs,),
     interpret=plan.interpret,
     input_output_aliases=aliases,
-    compiler_params=None if plan.interpret else compiler_params(cfg.num_warps, cfg.num_stages),
+    compiler_params=None if plan.interpret else compiler_params(cfg.num_warps, stages),
     name="persistent_layer" if len(phases) > 1 else f"persistent_{phases[0]}",
   )
   outs = call(*[args[k] for k in IN_NAMES], *carried.values())
