@@ -39,17 +39,16 @@ export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 end=$((SECONDS + ${BUDGET_S:-450}))
 stages=,${STAGES:-watchdog,tests,wait,sweep,timers,llama,qwen,wina},
 pconfigs=${PCONFIGS:-128:128:128:4:1:0.875:64:2:resident,128:128:128:4:1:0.875:64:2:resident:false:vector:true,\
-128:128:64:4:3:0.875:64:2:resident}
+128:128:128:8:1:0.875:64:2:resident}
 # chunk:block_k:block_n:num_warps:num_stages:dense_at:block_s:programs_per_sm:mode:split:acc:skip_empty; in
 # 'resident' mode num_stages is the register prefetch depth (tiles in flight). Session 13: resident 128 x 128, one
-# tile ahead, stays the fastest measured (TEAL 50 % 4.047 ms, 1.03x; Triton's pipeliner 4.359); the phase timers
-# put the fixed part in the GEMV phases' per-tile latency (one [C, BN] load in flight per program), so the
-# defaults add three 64-column tiles ahead (48 KB in flight per program against 32 KB, in fewer registers) and
-# the sweep tries depths (depth x tile bytes in flight; the registers hold depth + 1 tiles). 4 warps only: at 2 programs per SM, 8 warps
-# leave 128 registers a thread, and a kernel needing more would not be co-resident (the waits' watchdog then
-# ends the launch with WaitTimeout instead of hanging).
-psweep=${PSWEEP:-128:128:128:4:1:0.875:64:2:resident,128:128:64:4:3:0.875:64:2:resident,\
-128:128:64:4:4:0.875:64:2:resident,128:128:128:4:2:0.875:64:2:resident}
+# tile ahead, 4 warps, stays the fastest measured (TEAL 50 % 4.047-4.073 ms, 1.03x); Triton's pipeliner (4.359)
+# and deeper prefetch (64-column tiles 3 / 4 ahead: 5.081 / 5.379) lose: the phase timers put the fixed part in
+# each tile's instruction work at 8 warps per SM, not in memory latency. So the defaults try 8 warps per program
+# (16 per SM, 128 registers a thread): if the kernel needs more, its programs are not co-resident and the waits'
+# watchdog ends the launch with WaitTimeout (the row's error) instead of hanging.
+psweep=${PSWEEP:-128:128:128:4:1:0.875:64:2:resident,128:128:128:8:1:0.875:64:2:resident,\
+256:256:64:8:1:0.875:64:2:resident,128:128:256:8:1:0.875:64:2:resident}
 configs=benchmarks/configs/h200_partials.json
 sets=${SETS:-$configs}  # per-site tilings timed side by side (session 12 timed h200_tile_acc.json beside it: a loss)
 left() { local l=$((end - SECONDS - 5)); [ "$l" -lt "$1" ] && echo "$l" || echo "$1"; }
