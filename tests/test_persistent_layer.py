@@ -341,6 +341,20 @@ def test_check_waits_and_the_counter_it_reads():
     PL.decoder_layer(cfg, lp, h, kv, 0, {}, {}, jnp.zeros((2,), jnp.int32), config=SMALL, interpret=True)
 
 
+def test_greedy_decode_raises_when_a_wait_was_given_up():
+  """`generate.greedy_decode` checks a persistent sparsifier's counter after its loop: a given-up wait (here
+  preset, as the kernel's watchdog leaves it) raises WaitTimeout instead of returning the tokens."""
+  from wina_jax.generate import greedy_decode
+
+  cfg0 = TINY.replace(num_hidden_layers=1)
+  params, cfg = fuse_projections(random_params(cfg0, jax.random.PRNGKey(0), jnp.float32), cfg0)
+  sp = FusedThresholdSparsifier.create({}, backend="persistent", layer_config=SMALL)
+  prompt = np.array([[1, 2, 3]])
+  assert greedy_decode(params, cfg, prompt, 2, sp).shape == (1, 2)
+  with pytest.raises(grid_sync.WaitTimeout, match="gave up"):
+    greedy_decode(params, cfg, prompt, 2, sp.replace(counter=jnp.array([0, 0, 1], jnp.int32)))
+
+
 def test_unsupported_reasons():
   cfg, lp, h, kv = setup_layer(TINY)
   ok = lambda **kw: PL.unsupported(

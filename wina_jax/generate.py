@@ -52,7 +52,8 @@ def greedy_decode(
 
   dense_prefill: the prompt runs dense (TEAL/WINA's setting) and only decode steps are sparsified.
   Stops early once every row has produced `eos_id`. The sparsifier is traced or static as
-  `wina_jax.model.split_sparsifier` says.
+  `wina_jax.model.split_sparsifier` says; one with a `check_waits` method (the persistent layer kernel's) is
+  checked after the loop, so a launch whose grid-wide wait gave up raises instead of returning its tokens.
   """
   prompt = np.asarray(prompt)
   b, t = prompt.shape
@@ -71,4 +72,8 @@ def greedy_decode(
     steps=max_new_tokens,
     eos_id=eos_id,
   )
-  return np.asarray(tokens)[:, : int(n)]
+  tokens = np.asarray(tokens)[:, : int(n)]
+  check = getattr(sparsifier, "check_waits", None)
+  if check is not None:  # the persistent layer kernel: raises if its watchdog gave up a wait (wrong tokens)
+    check()
+  return tokens
