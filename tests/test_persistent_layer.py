@@ -259,8 +259,9 @@ def test_decode_with_gap_thresholds_matches_xla_path():
 def test_check_grid_refuses_what_could_deadlock():
   assert PC.check_grid(132, 132) == 132
   assert PC.check_grid(264, 132, programs_per_sm=2) == 264
-  with pytest.raises(PC.GridError, match=r"programs_per_sm=4 .*hang.*programs_per_sm <= 2"):
-    PC.check_grid(132, 132, programs_per_sm=4)  # refused before any launch, even with a small grid
+  assert PC.check_grid(528, 132, programs_per_sm=4) == 528  # allowed: the watchdog ends a miss
+  with pytest.raises(PC.GridError, match=r"programs_per_sm=5 .*hang.*programs_per_sm <= 4"):
+    PC.check_grid(132, 132, programs_per_sm=5)  # refused before any launch, even with a small grid
   with pytest.raises(PC.GridError, match=r"133 programs exceeds the 132 .*deadlock.*grid <= 132"):
     PC.check_grid(133, 132)
   with pytest.raises(PC.GridError, match="SM count"):

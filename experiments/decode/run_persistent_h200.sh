@@ -44,11 +44,12 @@ pconfigs=${PCONFIGS:-128:128:128:4:1:0.875:64:2:resident,128:128:128:4:1:0.875:6
 # 'resident' mode num_stages is the register prefetch depth (tiles in flight). Session 13: resident 128 x 128, one
 # tile ahead, 4 warps, stays the fastest measured (TEAL 50 % 4.047-4.073 ms, 1.03x); Triton's pipeliner (4.359)
 # and deeper prefetch (64-column tiles 3 / 4 ahead: 5.081 / 5.379) lose: the phase timers put the fixed part in
-# each tile's instruction work at 8 warps per SM, not in memory latency. So the defaults try 8 warps per program
-# (16 per SM, 128 registers a thread): if the kernel needs more, its programs are not co-resident and the waits'
-# watchdog ends the launch with WaitTimeout (the row's error) instead of hanging.
+# each tile's instruction work at 8 warps per SM, not in memory latency. So the defaults try more warps per SM:
+# 8 per program (16 per SM, 128 registers a thread) and 3 programs of 4 (12 per SM, 170 registers): if the kernel
+# needs more, its programs are not co-resident and the waits' watchdog ends the launch with WaitTimeout (the
+# row's error) instead of hanging.
 psweep=${PSWEEP:-128:128:128:4:1:0.875:64:2:resident,128:128:128:8:1:0.875:64:2:resident,\
-256:256:64:8:1:0.875:64:2:resident,128:128:256:8:1:0.875:64:2:resident}
+128:128:128:4:1:0.875:64:3:resident,256:256:64:8:1:0.875:64:2:resident}
 configs=benchmarks/configs/h200_partials.json
 sets=${SETS:-$configs}  # per-site tilings timed side by side (session 12 timed h200_tile_acc.json beside it: a loss)
 left() { local l=$((end - SECONDS - 5)); [ "$l" -lt "$1" ] && echo "$l" || echo "$1"; }

@@ -11,10 +11,12 @@ import jax
 from wina_jax.kernels.config import ACCS, check_powers_of_two, spec_fields
 from wina_jax.kernels.grid_sync import SPIN_LIMIT
 
-# Programs per SM known to be co-resident for every PersistentConfig measured (H200, 2026-12-02: 2 ran at 4
-# and 8 warps; 4, with 4 warps and block_n 128, did not finish in 2 minutes, the signature of the waits'
-# deadlock).
-MAX_PROGRAMS_PER_SM = 2
+# The most programs per SM check_grid accepts. 2 ran co-resident for every PersistentConfig measured (H200,
+# 2026-12-02, 4 and 8 warps); 3-4 depend on the compiled kernel's registers and shared memory (4, with 4 warps
+# and block_n 128 in the compact mode, hung in session 10, before the waits' watchdog): the watchdog
+# (`grid_sync`, `PersistentConfig.spin_limit`) ends such a launch and `check_waits` raises WaitTimeout, so they
+# can be tried. More than 4 would need more than 16 warps per SM of the kernel's 4-8.
+MAX_PROGRAMS_PER_SM = 4
 MODES = ("compact", "masked", "resident")  # how a GEMV tile skips dropped rows (PersistentConfig.mode)
 
 
@@ -122,10 +124,9 @@ def check_grid(grid: int, sms: Optional[int], programs_per_sm: int = 1) -> int:
     )
   if programs_per_sm > MAX_PROGRAMS_PER_SM:
     raise GridError(
-      f"programs_per_sm={programs_per_sm} is more than the {MAX_PROGRAMS_PER_SM} programs per SM measured "
-      "co-resident: the grid-wide waits hang when they are not (4 per SM did not finish in 2 minutes on the "
-      f"H200, 2026-12-02). Use programs_per_sm <= {MAX_PROGRAMS_PER_SM}, or raise MAX_PROGRAMS_PER_SM after "
-      "checking the compiled kernel's registers and shared memory"
+      f"programs_per_sm={programs_per_sm} is more than the {MAX_PROGRAMS_PER_SM} programs per SM the "
+      "persistent kernel's registers allow at once: its grid-wide waits would hang (or end on the watchdog "
+      f"with WaitTimeout). Use programs_per_sm <= {MAX_PROGRAMS_PER_SM} (2 is measured co-resident)"
     )
   limit = sms * programs_per_sm
   if not 1 <= grid <= limit:
