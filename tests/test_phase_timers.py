@@ -33,5 +33,8 @@ def test_tiny_cpu_run(tmp_path):
       "wait_after_median_us" in r["phases"]["qkv"]
       and "wait_after_median_us" not in r["phases"]["residual_mlp"]
     )
+    work = r["last_launch"]["work_us"]  # one launch, per phase and program (one program here)
+    assert len(work) == len(PL.PHASES) and all(w == [0.0] for w in work)
+    assert len(r["last_launch"]["prologue_us"]) == len(PL.SITES)
     fractions = [f for v in r["kept"].values() for f in v]
     assert all(f == 1.0 for f in fractions) if r["sparsity"] == 0 else all(0.3 < f < 0.7 for f in fractions)

@@ -8,8 +8,9 @@ session 12. One layer of the model's shape (random bfloat16 weights, q|k|v and g
 vocabulary), one step at position --length of a random cache; thresholds at each segment's sparsity quantile
 of the layer's own site scores on random tokens (`decode_setup.site_scores` / `make_sparsifier`, as
 bench_decode). Per phase: the median and the max over programs of its work, the median wait after it (the
-imbalance: the last arrival less this program's), and the launch's span (first start to last end), each the
-median over --reps launches. Off the GPU it runs in interpret mode with one program, where the clock reads
+imbalance: the last arrival less this program's), each GEMV phase's prologue (its start to the first chunk's
+input), and the launch's span (first start to last end), each the median over --reps launches; and the last
+launch's work and prologue per program ('last_launch'), for the distributions a median hides. Off the GPU it runs in interpret mode with one program, where the clock reads
 zero: a smoke run of the plumbing, not a measurement.
 
 GPU:  PYTHONPATH=. python3 -m experiments.decode.phase_timers --models=llama3_8b \
@@ -104,8 +105,18 @@ def row(cfg, params, h, kv, scores, sparsity: float, spec: str, gpu: bool) -> di
     phases[PL.PHASES[k]]["prologue_median_us"] = med(lambda r: np.nanmedian(r["prologue_us"][i]))
     phases[PL.PHASES[k]]["prologue_max_us"] = med(lambda r: np.nanmax(r["prologue_us"][i]))
   kept_rows = {S.parse_site(s)[2]: [float(f) for f in v] for s, v in kept.items()}
+  last = reps[-1]  # one launch's per-program record, for distributions the medians hide
+  per_program = {
+    "work_us": np.round(last["work_us"], 2).tolist(),  # [phases][programs]
+    "prologue_us": np.round(np.nan_to_num(last["prologue_us"], nan=-1.0), 2).tolist(),  # -1: no tile
+  }
   return dict(
-    config=spec, sparsity=sparsity, span_us=med(lambda r: r["span_us"]), phases=phases, kept=kept_rows
+    config=spec,
+    sparsity=sparsity,
+    span_us=med(lambda r: r["span_us"]),
+    phases=phases,
+    kept=kept_rows,
+    last_launch=per_program,
   )
 
 
