@@ -43,6 +43,9 @@ LLAMA_GQA = ModelConfig(  # 8 query heads over 2, half the head rotated, llama3 
   rope_scaling=RopeScaling("llama3", 8.0, 1.0, 4.0, 16),
 )
 WINDOWED = TINY.replace(model_type="mistral", attention_bias=False, sliding_window=4)
+WIDE = TINY.replace(  # every width a multiple of 1024, for block_n 1024
+  hidden_size=1024, intermediate_size=2048, num_attention_heads=8, num_key_value_heads=8, head_dim=128
+)
 SMALL = PC.PersistentConfig(chunk=32, block_k=8, block_n=32)
 # the fastest persistent tiling measured on the H200 (session 12: TEAL 50 %, Llama-3-8B)
 RESIDENT = PC.PersistentConfig(
@@ -180,6 +183,14 @@ CASES = {  # name: (model, sparsity, WINA scales, config, grid, split)
     dataclasses.replace(SMALL, mode="resident", block_k=32),
     3,
     True,
+  ),
+  "wide_teal50_masked_tile_1024_columns": (  # the warps-on-columns tiling run_persistent_h200.sh sweeps
+    WIDE,
+    0.5,
+    False,
+    PC.parse_config("128:8:1024:4:3:0.875:64:1:masked:false:tile"),
+    1,
+    False,
   ),
   "gqa_wina40_dense_at_half_split2": (
     LLAMA_GQA,

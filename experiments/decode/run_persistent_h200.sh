@@ -47,9 +47,12 @@ pconfigs=${PCONFIGS:-128:128:128:4:1:0.875:64:2:resident,128:128:128:4:1:0.875:6
 # each tile's instruction work at 8 warps per SM, not in memory latency. So the defaults try more warps per SM:
 # 8 per program (16 per SM, 128 registers a thread) and 3 programs of 4 (12 per SM, 170 registers): if the kernel
 # needs more, its programs are not co-resident and the waits' watchdog ends the launch with WaitTimeout (the
-# row's error) instead of hanging.
+# row's error) instead of hanging. The fourth puts each warp on its own columns (Triton lays a [8, 1024] bfloat16
+# load out as 8 columns x 32 lanes x 4 warps): masked mode's [8, 1024] row blocks into a 'tile' accumulator,
+# reduced over its 8 rows inside each thread once per tile, where a [128, 128] tile's reduction crosses warps
+# (Llama only: Qwen's q width 3584 is not a multiple of 1024, so it falls back to the per-site kernels there).
 psweep=${PSWEEP:-128:128:128:4:1:0.875:64:2:resident,128:128:128:8:1:0.875:64:2:resident,\
-128:128:128:4:1:0.875:64:3:resident,256:256:64:8:1:0.875:64:2:resident}
+128:128:128:4:1:0.875:64:3:resident,128:8:1024:4:3:0.875:64:2:masked:false:tile}
 configs=benchmarks/configs/h200_partials.json
 sets=${SETS:-$configs}  # per-site tilings timed side by side (session 12 timed h200_tile_acc.json beside it: a loss)
 left() { local l=$((end - SECONDS - 5)); [ "$l" -lt "$1" ] && echo "$l" || echo "$1"; }
