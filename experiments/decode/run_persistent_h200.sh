@@ -14,9 +14,9 @@
 #   sweep   Llama-3-8B, dense and TEAL 50 %: the per-site kernels (SETS: --config_sets entries over
 #           benchmarks/configs/h200_partials.json) and the persistent kernel at each of PSWEEP's tilings, under
 #           SWEEP_S (default 330 s; a config costs ~40 s, mostly compilation) -> OUT/bench_llama_sweep.json
-#   timers  (TIMERS_S, default 120 s) phase_timers: the kernel's own clock marks inside one launch (PTIMERS, default the sweep's fastest
-#           tiling, else the first of PCONFIGS), each phase's work and wait, Llama-3-8B layer, TEAL 0 / 50 / 65
-#           / 99.9 % -> OUT/phase_timers.json
+#   timers  phase_timers under TIMERS_S (default 120 s): the kernel's own clock marks inside one launch (PTIMERS,
+#           default the sweep's fastest tiling, else the first of PCONFIGS), each phase's work, wait and
+#           prologue, Llama-3-8B layer, TEAL 0 / 50 / 65 / 99.9 % -> OUT/phase_timers.json
 #   phases  (not in the default STAGES) profile_decode with the kernel split into one launch per phase
 #           (PPHASES, a parse_config spec with split true; default the sweep's fastest tiling): each phase's
 #           kernel time, dense and TEAL 50 % -> OUT/profile_phases.json; session 12's split kernels took
