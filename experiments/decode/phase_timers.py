@@ -10,8 +10,9 @@ of the layer's own site scores on random tokens (`decode_setup.site_scores` / `m
 bench_decode). Per phase: the median and the max over programs of its work, the median wait after it (the
 imbalance: the last arrival less this program's), each GEMV phase's prologue (its start to the first chunk's
 input), and the launch's span (first start to last end), each the median over --reps launches; and the last
-launch's work and prologue per program ('last_launch'), for the distributions a median hides. Off the GPU it runs in interpret mode with one program, where the clock reads
-zero: a smoke run of the plumbing, not a measurement.
+launch's work and prologue per program ('last_launch'), for the distributions a median hides. Off the GPU it
+runs in interpret mode with one program, where the clock reads zero: a smoke run of the plumbing, not a
+measurement.
 
 GPU:  PYTHONPATH=. python3 -m experiments.decode.phase_timers --models=llama3_8b \
         --persistent_configs=128:128:128:4:1:0.875:64:2:resident --sparsities=0,0.5,0.65,0.999 \

@@ -42,7 +42,7 @@ def check_waits(counter) -> None:
   """Raises WaitTimeout if a launch since `counter` was made gave up a wait: a grid that was not co-resident
   (its outputs are wrong). Reads the device buffer through a fresh device op (the kernels write it behind
   XLA's back, so a cached host copy would be stale)."""
-  gave_up = int(jax.device_get(jnp.asarray(counter)[GAVE_UP] + 0))
+  gave_up = int(jax.device_get(jnp.asarray(counter)[GAVE_UP]))
   if gave_up:
     raise WaitTimeout(
       f"{gave_up} grid-wide waits gave up after their spin budget (PersistentConfig.spin_limit): the grid's "

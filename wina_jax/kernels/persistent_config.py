@@ -13,7 +13,7 @@ from wina_jax.kernels.grid_sync import SPIN_LIMIT
 
 # The most programs per SM check_grid accepts. 2 ran co-resident for every PersistentConfig measured (H200,
 # 2026-12-02, 4 and 8 warps); 3-4 depend on the compiled kernel's registers and shared memory (4, with 4 warps
-# and block_n 128 in the compact mode, hung in session 10, before the waits' watchdog): the watchdog
+# and block_n 128, did not finish in 2 minutes in session 10, before the waits' watchdog): the watchdog
 # (`grid_sync`, `PersistentConfig.spin_limit`) ends such a launch and `check_waits` raises WaitTimeout, so they
 # can be tried. More than 4 would need more than 16 warps per SM of the kernel's 4-8.
 MAX_PROGRAMS_PER_SM = 4
@@ -124,9 +124,9 @@ def check_grid(grid: int, sms: Optional[int], programs_per_sm: int = 1) -> int:
     )
   if programs_per_sm > MAX_PROGRAMS_PER_SM:
     raise GridError(
-      f"programs_per_sm={programs_per_sm} is more than the {MAX_PROGRAMS_PER_SM} programs per SM the "
-      "persistent kernel's registers allow at once: its grid-wide waits would hang (or end on the watchdog "
-      f"with WaitTimeout). Use programs_per_sm <= {MAX_PROGRAMS_PER_SM} (2 is measured co-resident)"
+      f"programs_per_sm={programs_per_sm} is more than the {MAX_PROGRAMS_PER_SM} programs per SM check_grid "
+      "accepts: beyond the kernel's registers and shared memory the grid-wide waits would hang (end on the "
+      f"watchdog with WaitTimeout). Use programs_per_sm <= {MAX_PROGRAMS_PER_SM} (2 is measured co-resident)"
     )
   limit = sms * programs_per_sm
   if not 1 <= grid <= limit:

@@ -685,8 +685,8 @@ def phase_marks(
 def phase_times(marks) -> dict:
   """marks [P, 2 * phases + sites] int32 (`phase_marks`) -> {'marks_us': [P, 2 * phases] since the launch's
   first start, 'work_us': [phases, P], 'wait_us': [phases - 1, P], 'prologue_us': [sites, P] (a GEMV phase's
-  start to its first chunk's input; NaN for a program with no tile of the site or no clock), 'span_us': first start to
-  last end}: microseconds, differences taken modulo 2^32 ns from the first start (the marks are the clock's
+  start to its first chunk's input; NaN for a program with no tile of the site or no clock), 'span_us': first
+  start to last end}: microseconds, differences taken modulo 2^32 ns from the first start (the marks are the clock's
   low 32 bits), so a wrap inside a launch shorter than 4.29 s is harmless."""
   m = np.asarray(marks, np.int64)
   rel_all = ((m - m[:, 0].min()) % (1 << 32)) / 1e3

@@ -145,11 +145,14 @@ class FusedThresholdSparsifier:
       norm=norm,
     )
 
+  def _layer_sites(self, layer: int) -> list:
+    """The sites with a threshold in layer `layer`."""
+    return [s for s in self.thresholds if s.startswith(f"layers.{layer}.")]
+
   def layer_thresholds(self, layer: int) -> tuple[dict, dict]:
     """({fused projection: thresholds}, {fused projection: scales}) of layer `layer`'s sites, as the
     persistent layer kernel takes them (`persistent_layer.layer_args`)."""
-    prefix = f"layers.{layer}."
-    mine = [s for s in self.thresholds if s.startswith(prefix)]
+    mine = self._layer_sites(layer)
     proj = lambda site: S.parse_site(site)[2]
     return {proj(s): self.thresholds[s] for s in mine}, {
       proj(s): self.scales[s] for s in mine if s in self.scales
@@ -163,10 +166,8 @@ class FusedThresholdSparsifier:
     if self.backend != "persistent" or kv is None:
       return None
     lcfg = cfg.layer_config(layer)
-    prefix = f"layers.{layer}."
-    mine = [s for s in self.thresholds if s.startswith(prefix)]
     config = self.layer_config or PC.PersistentConfig()
-    if PL.unsupported(lcfg, lp, h.shape[0], h.shape[1], mine, config):
+    if PL.unsupported(lcfg, lp, h.shape[0], h.shape[1], self._layer_sites(layer), config):
       return None
     return PL.decoder_layer(
       lcfg,
