@@ -333,7 +333,8 @@ def test_parse_config():
 
 def test_check_waits_and_the_counter_it_reads():
   """check_waits raises on a counter whose watchdog slot counts a given-up wait (written here as the kernel
-  would), and reads the buffer anew each time; the kernel refuses a counter of the old [2] layout."""
+  would), the sparsifier's check only where it has a counter; the kernel refuses a counter of the old [2]
+  layout."""
   counter = grid_sync.new_counter()
   assert counter.shape == (3,) and counter.dtype == jnp.int32
   grid_sync.check_waits(counter)
@@ -418,8 +419,8 @@ def test_routing_and_fallback(monkeypatch):
 @pytest.mark.skipif(GPU, reason="interpret mode")
 def test_timers_change_nothing_and_read_zeros_in_interpret_mode():
   """`phase_marks` (the kernel with `timers`): in interpret mode the clock reads zero, one row per program, two
-  columns per phase and one per GEMV site; the layer's outputs with timers on are the ones without. Timers and split are refused
-  together."""
+  columns per phase and one per GEMV site; the layer's outputs with timers on are the ones without. Timers and
+  split are refused together."""
   cfg, lp, h, kv = setup_layer(TINY)
   args = kernel_args(cfg, lp, h, kv, step_sparsifier(cfg, lp, h, kv, 0.5, False))
   config = dataclasses.replace(SMALL, mode="resident", block_k=32)
@@ -437,8 +438,7 @@ def test_timers_change_nothing_and_read_zeros_in_interpret_mode():
 def test_phase_times_across_a_clock_wrap():
   """`phase_times`: work = end - start of each phase, wait = next start - end, span = first start to last end,
   a GEMV phase's prologue = its first chunk's input mark - its start (NaN for a program whose mark stayed 0: no
-  tile of the site), in microseconds, right when the 32-bit clock wraps inside the
-  launch."""
+  tile of the site), in microseconds, right when the 32-bit clock wraps inside the launch."""
   n = 2 * len(PL.PHASES)
   start = (1 << 32) - 5_000  # 5 us before the wrap
   steps = np.array([[1_000 * (j + 1) for j in range(n - 1)], [2_000 * (j + 1) for j in range(n - 1)]])
