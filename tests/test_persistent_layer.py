@@ -184,6 +184,38 @@ CASES = {  # name: (model, sparsity, WINA scales, config, grid, split)
     3,
     True,
   ),
+  "teal50_column_tile": (
+    TINY,
+    0.5,
+    False,
+    dataclasses.replace(SMALL, mode="column", block_k=32, num_stages=1, acc="tile"),
+    1,
+    False,
+  ),
+  "gqa_wina65_column_tile_split3": (  # 3 programs: blocks shared by 1-2 programs, unused slots zeroed
+    LLAMA_GQA,
+    0.65,
+    True,
+    dataclasses.replace(SMALL, mode="column", block_k=32, num_stages=1, acc="tile"),
+    3,
+    True,
+  ),
+  "gqa_dense_column_2_ahead_split7": (  # 7 programs, the vector accumulator, two tiles in flight
+    LLAMA_GQA,
+    0.0,
+    False,
+    dataclasses.replace(SMALL, mode="column", block_k=32, num_stages=2),
+    7,
+    True,
+  ),
+  "window_teal99_column_3_ahead": (
+    WINDOWED,
+    0.99,
+    False,
+    dataclasses.replace(SMALL, mode="column", block_k=32, num_stages=3, acc="tile"),
+    1,
+    False,
+  ),
   "wide_teal50_masked_tile_1024_columns": (  # the warps-on-columns tiling run_persistent_h200.sh sweeps
     WIDE,
     0.5,
@@ -210,6 +242,25 @@ def test_layer_matches_xla(case):
   cfg, lp, h, kv = setup_layer(cfg0)
   out, ref = run_both(cfg, lp, h, kv, sparsity, scaled, config, grid, split)
   assert_close(out, ref, 2e-5)
+
+
+@pytest.mark.parametrize("grid", [1, 3, 7, 16])
+def test_column_parts_are_the_most_programs_sharing_a_block(grid):
+  """'column' mode's partial rows per site: the most programs whose tile shares ([p T / P, (p + 1) T / P),
+  tile t = n * nk + kc) meet one column block, counted by brute force; one per chunk in the other modes. A
+  site with fewer tiles than programs is refused (an empty share would leave a slot unwritten)."""
+  cfg, lp, _, _ = setup_layer(LLAMA_GQA)
+  column = dataclasses.replace(SMALL, mode="column", block_k=32)
+  with pytest.raises(ValueError, match="o_proj has 16 tiles of 32 x 32 for 17 programs"):
+    PL.make_plan(cfg, lp, {}, column, 17, interpret=True).parts(1)
+  for config in (column, SMALL):
+    plan = PL.make_plan(cfg, lp, {}, config, grid, interpret=True)
+    for i in range(len(PL.SITES)):
+      d_in, segs = plan.site(i)
+      nk, nn = d_in // config.chunk, sum(segs) // config.block_n
+      owner = np.repeat(np.arange(grid), np.diff([p * nk * nn // grid for p in range(grid + 1)]))
+      want = max(len(set(owner[n * nk : (n + 1) * nk])) for n in range(nn)) if config.mode == "column" else nk
+      assert plan.parts(i) == want, (config.mode, i)
 
 
 @pytest.mark.skipif(GPU, reason="interpret mode")
@@ -544,6 +595,7 @@ def test_gpu_watchdog_ends_a_grid_that_is_not_co_resident():
     "2persm_resident",
     "2persm_resident_skip",
     "2persm_resident_64x3",
+    "2persm_column_8w",
   ],
 )
 @pytest.mark.parametrize("sparsity,scaled", [(0.0, False), (0.5, False), (0.65, True), (0.999, False)])
@@ -551,8 +603,8 @@ def test_gpu_watchdog_ends_a_grid_that_is_not_co_resident():
 def test_gpu_layer_matches_xla(shape, sparsity, scaled, config):
   """One layer of the real shape (a small vocabulary), float32, the default grid (every program the config
   allows: SMs x programs_per_sm), vs the XLA layer; the default tiling and the fastest measured grid (2 per
-  SM) in the 'masked' mode, with either accumulator, and the 'resident' mode (one tile ahead, the
-  empty-chunk skip, three 64-column tiles ahead)."""
+  SM) in the 'masked' mode, with either accumulator, the 'resident' mode (one tile ahead, the
+  empty-chunk skip, three 64-column tiles ahead) and the 'column' mode (128 x 64 tiles, 8 warps)."""
   cfg0 = SHAPES[shape].replace(num_hidden_layers=1, vocab_size=256)
   cfg, lp, h, kv = setup_layer(cfg0)
   pc = {
@@ -562,6 +614,7 @@ def test_gpu_layer_matches_xla(shape, sparsity, scaled, config):
     "2persm_resident": RESIDENT,
     "2persm_resident_skip": dataclasses.replace(RESIDENT, skip_empty=True),
     "2persm_resident_64x3": dataclasses.replace(RESIDENT, block_n=64, num_stages=3),
+    "2persm_column_8w": dataclasses.replace(RESIDENT, block_n=64, num_warps=8, mode="column", acc="tile"),
   }
   out, ref = run_both(cfg, lp, h, kv, sparsity, scaled, pc[config], grid=None)
   assert_close(out, ref, 1e-4)

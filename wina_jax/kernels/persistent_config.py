@@ -17,7 +17,7 @@ from wina_jax.kernels.grid_sync import SPIN_LIMIT
 # (`grid_sync`, `PersistentConfig.spin_limit`) ends such a launch and `check_waits` raises WaitTimeout, so they
 # can be tried. More than 4 would need more than 16 warps per SM of the kernel's 4-8.
 MAX_PROGRAMS_PER_SM = 4
-MODES = ("compact", "masked", "resident")  # how a GEMV tile skips dropped rows (PersistentConfig.mode)
+MODES = ("compact", "masked", "resident", "column")  # how a GEMV tile skips dropped rows (PersistentConfig.mode)
 
 
 class GridError(ValueError):
@@ -40,6 +40,10 @@ class PersistentConfig:
   out (block_k must equal chunk; acc does not apply); num_stages is its prefetch depth: the next num_stages
   tiles' loads are in flight, held in registers, while a tile is summed (Triton's own pipeliner, through
   shared memory, was 7.7 % slower at TEAL 50 %: decode_h200.md, session 13).
+  'column' walks the tiles column-block-major instead (split-K: a program sums all its chunks of a column
+  block in one accumulator and stores one partial per block, not one per tile; the readers add a few partial
+  rows, not one per chunk): each tile one masked [C, BN] load as in 'resident', num_stages its prefetch depth,
+  acc 'tile' keeping [C, BN] float32 across the block's tiles so that no tile reduces across warps.
   dense_at applies to 'compact' only.
   split: one launch per phase (named persistent_<phase>), the launch boundary standing in for the wait:
   interpret mode's only way to a grid > 1, and on a GPU the per-phase profile (each phase's kernel time).
@@ -88,10 +92,12 @@ class PersistentConfig:
       )
     if self.skip_empty and self.mode != "resident":
       raise ValueError(f"skip_empty applies to mode='resident' only, not mode={self.mode!r}")
-    if self.mode == "resident" and self.block_k != self.chunk:
+    if self.mode in ("resident", "column") and self.block_k != self.chunk:
       raise ValueError(
-        f"mode='resident' loads whole chunks: block_k={self.block_k} must equal chunk={self.chunk}"
+        f"mode={self.mode!r} loads whole chunks: block_k={self.block_k} must equal chunk={self.chunk}"
       )
+    if self.mode in ("resident", "column") and self.num_stages < 1:
+      raise ValueError(f"mode={self.mode!r} needs num_stages >= 1 (its prefetch depth), got {self.num_stages}")
 
 
 def parse_config(spec: str) -> PersistentConfig:

@@ -37,7 +37,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Optional
+from typing import Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -124,6 +124,22 @@ class Plan:
       (self.inter, (self.d,)),
     ][i]
 
+  def parts(self, i: int) -> int:
+    """Rows of site i's split-K partials buffer: one per chunk (C input rows); in 'column' mode one per
+    program sharing a column block (the most of any block; `_column_walk`)."""
+    d_in, widths = self.site(i)
+    nk = d_in // self.config.chunk
+    if self.config.mode != "column":
+      return nk
+    nn, p = sum(widths) // self.config.block_n, self.programs
+    if nk * nn < p:  # a program with no tile would leave a slot between its neighbours' unwritten
+      raise ValueError(
+        f"mode='column' needs a tile per program: {SITES[i][1]} has {nk * nn} tiles of {self.config.chunk} x "
+        f"{self.config.block_n} for {p} programs; use a smaller chunk or block_n, or a smaller grid"
+      )
+    owner = lambda t: ((t + 1) * p - 1) // (nk * nn)  # the program whose share holds tile t (`_share`)
+    return max(owner((n + 1) * nk - 1) - owner(n * nk) + 1 for n in range(nn))
+
 
 def _iota(n: int) -> jax.Array:
   return jax.lax.iota(jnp.int32, n)
@@ -148,13 +164,29 @@ def _load_shared(ref, plan: Plan, **kw):
   return plgpu.load(ref, **({} if plan.interpret else {"volatile": True}), **kw)
 
 
-def _sum_parts(part_ref, cols, n_parts: int, plan: Plan) -> jax.Array:
-  """sum_k part[k, cols] over the n_parts split-K partials -> [len(cols)] float32."""
+def _load_parts(part_ref, cols, n_parts: int, plan: Plan) -> jax.Array:
+  """part[k, cols] for the n_parts split-K partials -> [npad, len(cols)] float32 (rows past n_parts: 0)."""
   npad = 1 << (n_parts - 1).bit_length()
   ks = _iota(npad)
   inside = None if npad == n_parts else jnp.broadcast_to((ks < n_parts)[:, None], (npad, cols.shape[0]))
   kw = {} if inside is None else dict(mask=inside, other=0.0)
-  return jnp.sum(_load_shared(part_ref.at[ks[:, None], cols[None, :]], plan, **kw), axis=0)
+  return _load_shared(part_ref.at[ks[:, None], cols[None, :]], plan, **kw)
+
+
+def _sum_parts(part_ref, cols, n_parts: int, plan: Plan) -> jax.Array:
+  """sum_k part[k, cols] over the n_parts split-K partials -> [len(cols)] float32."""
+  return jnp.sum(_load_parts(part_ref, cols, n_parts, plan), axis=0)
+
+
+class Input(NamedTuple):
+  """A GEMV's input at given rows in two steps, so that a walk can issue a tile's loads before the math that
+  needs them: load(rows [C]) -> raw arrays (a pytree); finish(raw) -> the input at those rows, [C] float32."""
+
+  load: Callable
+  finish: Callable
+
+  def __call__(self, rows):
+    return self.finish(self.load(rows))
 
 
 def _inv_rms(x_ref, d: int, eps: float, plan: Plan, shared: bool) -> jax.Array:
@@ -173,24 +205,100 @@ def _inv_rms(x_ref, d: int, eps: float, plan: Plan, shared: bool) -> jax.Array:
   return jax.lax.rsqrt(ss / d + eps)
 
 
-def _normed(x_ref, g_ref, inv, plan: Plan, shared: bool):
-  """rows [R] -> `layers.rms_norm` of x at those rows as float32 (rounded to x's dtype as it rounds)."""
+def _normed(x_ref, g_ref, inv, plan: Plan, shared: bool) -> Input:
+  """The `Input` `layers.rms_norm` of x at given rows, as float32 (rounded to x's dtype as it rounds)."""
 
-  def at(rows):
+  def load(rows):
     x = _load_shared(x_ref.at[rows], plan) if shared else plgpu.load(x_ref.at[rows])
+    return x, plgpu.load(g_ref.at[rows])
+
+  def finish(raw):
+    x, g = raw
     y = (x.astype(jnp.float32) * inv).astype(x.dtype)
-    return (
-      (y.astype(jnp.float32) * plgpu.load(g_ref.at[rows]).astype(jnp.float32))
-      .astype(x.dtype)
-      .astype(jnp.float32)
-    )
+    return (y.astype(jnp.float32) * g.astype(jnp.float32)).astype(x.dtype).astype(jnp.float32)
 
-  return at
+  return Input(load, finish)
 
 
-def _gemv(r: dict, plan: Plan, site: int, x_at):
+def _column_walk(r: dict, plan: Plan, site: int, x_in: Input):
+  """Phase work of GEMV site `site` in 'column' mode (split-K): tile t = n * nk + kc is chunk kc of column
+  block n, so a program's share walks down its column blocks, summing every tile into one accumulator per
+  block, and stores one partial per block: part[j, n] with j = pid - (the first program sharing block n).
+  The last program of a block zeroes the slots past its own, so readers add `Plan.parts` rows whatever the
+  block. A tile is one masked [C, BN] load; its input's loads are issued one tile before the mask they give,
+  the weights num_stages tiles before their products (both in the loop's carry)."""
+  name = ("qkv", "o", "gu", "down")[site]
+  w_ref, t_ref, s_ref, part_ref = r[f"w_{name}"], r[f"t_{name}"], r[f"s_{name}"], r[f"{name}_part"]
+  cfg = plan.config
+  c, bn, depth = cfg.chunk, cfg.block_n, cfg.num_stages
+  d_in, widths = plan.site(site)
+  nk, nn = d_in // c, sum(widths) // bn
+  bounds = [sum(widths[:s]) // bn for s in range(1, len(widths))]  # first column block of segments 1..
+  slots, n_tiles = plan.parts(site), nk * nn
+  pid = pl.program_id(0)
+  start, end = _share(n_tiles, plan)
+
+  def block(n, carry):
+    lo, hi = jnp.maximum(start - n * nk, 0), jnp.minimum(end - n * nk, nk)  # this program's chunks of n
+    seg = sum(((n >= b).astype(jnp.int32) for b in bounds), _i32(0))
+    thr = plgpu.load(t_ref.at[seg])
+    cols = n * bn + _iota(bn)
+    rows_of = lambda kc: jnp.minimum(kc, hi - 1) * c + _iota(c)  # past hi (the prefetch's tail): masked
+
+    def raw(kc):  # the loads of chunk kc's input (and WINA's scale)
+      rows = rows_of(kc)
+      return x_in.load(rows), (plgpu.load(s_ref.at[seg, rows]) if plan.scaled[site] else None)
+
+    def tile(kc, raw_kc):  # chunk kc's masked input [C] and its kept rows' weights [C, BN] (loads issued)
+      xr, scale = raw_kc
+      x = x_in.finish(xr)
+      keep = ((jnp.abs(x) * scale if plan.scaled[site] else jnp.abs(x)) > thr) & (kc < hi)
+      w = plgpu.load(
+        w_ref.at[rows_of(kc)[:, None], cols[None, :]],
+        mask=jnp.broadcast_to(keep[:, None], (c, bn)),
+        other=0,
+        eviction_policy="evict_first",
+      )
+      return jnp.where(keep, x, 0.0), w
+
+    def step(kc, carry):
+      acc, ahead, raw_next = carry
+      raw_after = raw(kc + depth + 1)  # issued first: the next step's mask needs it
+      nxt = tile(kc + depth, raw_next)
+      xm, w = ahead[0]
+      return acc_add(acc, xm[:, None] * w.astype(jnp.float32)), ahead[1:] + (nxt,), raw_after
+
+    @pl.when(lo < hi)
+    def _():
+      ahead = tuple(tile(lo + j, raw(lo + j)) for j in range(depth))
+      if cfg.timers:  # the prologue: the clock once the program's first tile's input is computed
+
+        @pl.when(n == start // nk)
+        def _():
+          _mark(r["marks"], pid, PROLOGUE + site, (jnp.sum(ahead[0][0]) != 0.0).astype(jnp.int32), plan)
+
+      init = (acc_zeros(cfg.acc, c, bn), ahead, raw(lo + depth))
+      acc = jax.lax.fori_loop(lo, hi, step, init)[0]
+      j = pid - ((n * nk + 1) * plan.programs - 1) // n_tiles  # this program's slot of block n
+      plgpu.store(part_ref.at[j, cols], acc_total(acc))
+      npad = 1 << (slots - 1).bit_length()
+      ks = _iota(npad)
+
+      @pl.when(hi == nk)
+      def _():  # the block's last program: the slots no program of this block holds read as zeros
+        unused = jnp.broadcast_to(((ks > j) & (ks < slots))[:, None], (npad, bn))
+        plgpu.store(part_ref.at[ks[:, None], cols[None, :]], jnp.zeros((npad, bn), jnp.float32), mask=unused)
+
+    return carry
+
+  jax.lax.fori_loop(start // nk, (end + nk - 1) // nk, block, _i32(0))
+
+
+def _gemv(r: dict, plan: Plan, site: int, x_at: Input):
   """Phase work of GEMV site `site`: this program's tiles of part[kc, n] = sum over chunk kc's kept rows
   of x * W[:, n] (float32). x_at(rows [C]) -> the site's input at those rows, float32."""
+  if plan.config.mode == "column":
+    return _column_walk(r, plan, site, x_at)
   name = ("qkv", "o", "gu", "down")[site]
   w_ref, t_ref, s_ref, part_ref = r[f"w_{name}"], r[f"t_{name}"], r[f"s_{name}"], r[f"{name}_part"]
   idx_ref, xv_ref = r["idx"], r["xv"]
@@ -338,7 +446,7 @@ def _attention(r: dict, plan: Plan):
   """Phase work of the attention: this program's query heads, as `decode_attention` does them, from the
   q|k|v partials; the first query head of each KV head writes the cache slot `length`."""
   hd, group = plan.head_dim, plan.heads // plan.kv_heads
-  nk = plan.d // plan.config.chunk
+  nk = plan.parts(0)
   part, dtype = r["qkv_part"], r["h"].dtype
   kc_ref, vc_ref = r["cache_k_out"], r["cache_v_out"]
   length = plgpu.load(r["length"].at[_i32(0)])
@@ -399,7 +507,7 @@ def _attention(r: dict, plan: Plan):
 def _residual(r: dict, plan: Plan, h_name: str, site: int, out_name: str):
   """Phase work: out = h + (the site's partials summed, rounded to the dtype), this program's blocks."""
   bn = plan.config.block_n
-  n_parts = plan.site(site)[0] // plan.config.chunk
+  n_parts = plan.parts(site)
   part = r[("qkv", "o", "gu", "down")[site] + "_part"]
   shared = h_name != "h"
   start, end = _share(plan.d // bn, plan)
@@ -414,17 +522,20 @@ def _residual(r: dict, plan: Plan, h_name: str, site: int, out_name: str):
   jax.lax.fori_loop(start, end, block, _i32(0))
 
 
-def _act(r: dict, plan: Plan):
-  """rows [C] -> SiLU(gate) * up at those rows of the MLP (float32), rounded as the XLA path rounds."""
-  n_parts, dtype = plan.d // plan.config.chunk, r["h"].dtype
+def _act(r: dict, plan: Plan) -> Input:
+  """The `Input` SiLU(gate) * up at given rows of the MLP (float32), rounded as the XLA path rounds."""
+  n_parts, dtype = plan.parts(2), r["h"].dtype
 
-  def at(rows):
-    gate = _sum_parts(r["gu_part"], rows, n_parts, plan).astype(dtype).astype(jnp.float32)
-    up = _sum_parts(r["gu_part"], plan.inter + rows, n_parts, plan).astype(dtype)
+  def load(rows):
+    return _load_parts(r["gu_part"], rows, n_parts, plan), _load_parts(r["gu_part"], plan.inter + rows, n_parts, plan)
+
+  def finish(raw):
+    gate = jnp.sum(raw[0], axis=0).astype(dtype).astype(jnp.float32)
+    up = jnp.sum(raw[1], axis=0).astype(dtype)
     act = (gate / (1.0 + jnp.exp(-gate))).astype(dtype)  # SiLU
     return (act.astype(jnp.float32) * up.astype(jnp.float32)).astype(dtype).astype(jnp.float32)
 
-  return at
+  return Input(load, finish)
 
 
 def _phase(r: dict, plan: Plan, name: str):
@@ -433,7 +544,7 @@ def _phase(r: dict, plan: Plan, name: str):
   elif name == "attention":
     _attention(r, plan)
   elif name == "o_proj":
-    _gemv(r, plan, 1, lambda rows: _load_shared(r["attn"].at[rows], plan).astype(jnp.float32))
+    _gemv(r, plan, 1, Input(lambda rows: _load_shared(r["attn"].at[rows], plan), lambda a: a.astype(jnp.float32)))
   elif name == "residual_attn":
     _residual(r, plan, "h", 1, "h_mid")
   elif name == "gate_up":
@@ -500,16 +611,17 @@ def _kernel(*refs, plan: Plan, phases: tuple[str, ...], in_names: tuple, out_nam
 def _out_shapes(plan: Plan, dtype, cache_k, cache_v) -> dict:
   c, f32 = plan.config.chunk, jnp.float32
   n_qkv = plan.q_dim + 2 * plan.kv_dim
+  parts = [plan.parts(i) for i in range(len(SITES))]
   return {
     "h_out": jax.ShapeDtypeStruct((plan.d,), dtype),
     "cache_k_out": jax.ShapeDtypeStruct(cache_k.shape, cache_k.dtype),
     "cache_v_out": jax.ShapeDtypeStruct(cache_v.shape, cache_v.dtype),
-    "qkv_part": jax.ShapeDtypeStruct((plan.d // c, n_qkv), f32),
+    "qkv_part": jax.ShapeDtypeStruct((parts[0], n_qkv), f32),
     "attn": jax.ShapeDtypeStruct((plan.q_dim,), dtype),
-    "o_part": jax.ShapeDtypeStruct((plan.q_dim // c, plan.d), f32),
+    "o_part": jax.ShapeDtypeStruct((parts[1], plan.d), f32),
     "h_mid": jax.ShapeDtypeStruct((plan.d,), dtype),
-    "gu_part": jax.ShapeDtypeStruct((plan.d // c, 2 * plan.inter), f32),
-    "down_part": jax.ShapeDtypeStruct((plan.inter // c, plan.d), f32),
+    "gu_part": jax.ShapeDtypeStruct((parts[2], 2 * plan.inter), f32),
+    "down_part": jax.ShapeDtypeStruct((parts[3], plan.d), f32),
     "idx": jax.ShapeDtypeStruct((plan.programs, c), jnp.int32),
     "xv": jax.ShapeDtypeStruct((plan.programs, c), f32),
   } | (
@@ -529,7 +641,8 @@ def _launch(args: dict, plan: Plan, phases: tuple[str, ...], carried: dict) -> d
   aliases.update({len(IN_NAMES) + i: out_names.index(k) for i, k in enumerate(carried)})
   body = functools.partial(_kernel, plan=plan, phases=phases, in_names=in_names, out_names=out_names)
   cfg = plan.config
-  stages = 1 if cfg.mode == "resident" else cfg.num_stages  # resident: num_stages is its own prefetch depth
+  own_prefetch = cfg.mode in ("resident", "column")  # num_stages is the walk's own register prefetch depth
+  stages = 1 if own_prefetch else cfg.num_stages
   call = pl.pallas_call(
     body,
     out_shape=tuple(shapes.values()),
