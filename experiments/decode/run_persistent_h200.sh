@@ -17,6 +17,10 @@
 #   timers  phase_timers under TIMERS_S (default 120 s): the kernel's own clock marks inside one launch (PTIMERS,
 #           default the sweep's fastest tiling, else the first of PCONFIGS), each phase's work, wait and
 #           prologue, Llama-3-8B layer, TEAL 0 / 50 / 65 / 99.9 % -> OUT/phase_timers.json
+#   ncu     (not in the default STAGES) Nsight Compute (--clock-control none) on one launch of the layer kernel
+#           for each of NCU (comma-separated spec@sparsity, default the sweep's fastest at 0.5; Llama-3-8B layer
+#           of phase_timers, which reads the clock 14 times a program): registers, occupancy, warp stall reasons,
+#           memory throughput -> OUT/ncu_<i>.log, and each SASS line's stall samples -> OUT/ncu_<i>_source.csv
 #   phases  (not in the default STAGES) profile_decode with the kernel split into one launch per phase
 #           (PPHASES, a parse_config spec with split true; default the sweep's fastest tiling): each phase's
 #           kernel time, dense and TEAL 50 % -> OUT/profile_phases.json; session 12's split kernels took
@@ -58,7 +62,7 @@ sets=${SETS:-$configs}  # per-site tilings timed side by side (session 12 timed 
 left() { local l=$((end - SECONDS - 5)); [ "$l" -lt "$1" ] && echo "$l" || echo "$1"; }
 stage() {  # stage NAME LIMIT COMMAND...: run under min(LIMIT, time left), log to OUT/NAME.log
   local name=$1 limit; limit=$(left "$2"); shift 2
-  [[ $stages == *,$name,* ]] || return 0
+  [[ $stages == *,${name%_[0-9]*},* ]] || return 0  # ncu_0, ncu_1, ...: stage ncu
   echo "== $name $(date -u +%T) limit ${limit}s"
   [ "$limit" -lt 20 ] && { echo "skipped: no time left" | tee "$out/$name.log"; return 0; }
   timeout -k 5 "$limit" "$@" > "$out/$name.log" 2>&1
@@ -84,7 +88,8 @@ bench="python3 -m experiments.decode.bench_decode --batches=1 --attention=pallas
 # The fastest persistent tiling of the sweep at TEAL 50 % joins PCONFIGS for the stages below.
 best=$(python3 - "$out/bench_llama_sweep.json" <<'PY' 2>/dev/null
 import json, sys
-rows = [r for r in json.load(open(sys.argv[1]))["rows"] if r["attention"] == "persistent" and r["sparsity"] == 0.5]
+rows = [r for r in json.load(open(sys.argv[1]))["rows"]
+        if r["attention"] == "persistent" and r["sparsity"] == 0.5 and r.get("ms_per_step")]  # not an error row
 print(min(rows, key=lambda r: r["ms_per_step"])["persistent"] if rows else "")
 PY
 )
@@ -92,6 +97,17 @@ PY
 echo "persistent configs for the model stages: ${pconfigs:-none}"
 [ -n "$pconfigs" ] && stage timers "${TIMERS_S:-120}" python3 -m experiments.decode.phase_timers --models=llama3_8b \
   --sparsities=0,0.5,0.65,0.999 --persistent_configs="${PTIMERS:-${best:-${pconfigs%%,*}}}" --out="$out/phase_timers.json"
+ncu_bin=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2> /dev/null | head -1)
+i=0
+for item in $(echo "${NCU:-${best:-${pconfigs%%,*}}@0.5}" | tr , ' '); do
+  stage ncu_$i 90 "$ncu_bin" --clock-control none --kernel-name regex:persistent --launch-count 1 \
+    --section SpeedOfLight --section LaunchStats --section Occupancy --section WarpStateStats \
+    --section SchedulerStats --section MemoryWorkloadAnalysis --section SourceCounters --export "$out/ncu_$i" \
+    python3 -m experiments.decode.phase_timers --models=llama3_8b --sparsities="${item#*@}" \
+    --persistent_configs="${item%@*}" --reps=1 && [ -f "$out/ncu_$i.ncu-rep" ] \
+    && "$ncu_bin" --import "$out/ncu_$i.ncu-rep" --page source --csv --print-source sass > "$out/ncu_${i}_source.csv" 2>&1
+  i=$((i + 1))
+done
 # The per-phase profile: the same kernel launched once per phase (persistent_<phase> kernels in the trace), at
 # the sweep's fastest tiling (its mode and split fields filled in, split set to true, acc kept).
 phased=$(python3 -c "import sys; p = sys.argv[1].split(':'); p += ['compact', 'false'][len(p) - 8:]
