@@ -218,6 +218,22 @@ CASES = {  # name: (model, sparsity, WINA scales, config, grid, split)
     1,
     False,
   ),
+  "gqa_wina65_column_dot_split3": (  # tensor-core products, float32 at IEEE precision
+    LLAMA_GQA,
+    0.65,
+    True,
+    dataclasses.replace(SMALL, mode="column", block_k=32, num_stages=1, acc="dot"),
+    3,
+    True,
+  ),
+  "window_teal99_resident_dot_2_ahead": (
+    WINDOWED,
+    0.99,
+    False,
+    dataclasses.replace(SMALL, mode="resident", block_k=32, num_stages=2, acc="dot"),
+    1,
+    False,
+  ),
   "wide_teal50_masked_tile_1024_columns": (  # the warps-on-columns tiling run_persistent_h200.sh sweeps
     WIDE,
     0.5,
@@ -380,6 +396,11 @@ def test_parse_config():
   with pytest.raises(ValueError, match="skip_empty applies to mode='resident' only"):
     PC.parse_config("256:32:256:4:2:0.875:64:2:masked:false:vector:true")
   assert PC.parse_config("256:32:256:4:2:0.875:64:2:masked:false:vector:false:false:4096").spin_limit == 4096
+  assert PC.parse_config("64:64:128:8:1:0.875:64:2:column:false:dot").acc == "dot"
+  with pytest.raises(ValueError, match="acc='dot' applies to mode='resident' or 'column', not mode='masked'"):
+    PC.parse_config("128:32:128:4:2:0.875:64:2:masked:false:dot")
+  with pytest.raises(ValueError, match="mode='column' needs num_stages >= 1"):
+    PC.parse_config("128:128:64:8:0:0.875:64:2:column")
   with pytest.raises(ValueError, match="spin_limit=0 must be >= 1"):
     PC.parse_config("256:32:256:4:2:0.875:64:2:masked:false:vector:false:false:0")
 
@@ -598,6 +619,8 @@ def test_gpu_watchdog_ends_a_grid_that_is_not_co_resident():
     "2persm_resident_skip",
     "2persm_resident_64x3",
     "2persm_column",
+    "2persm_column_dot",
+    "2persm_resident_dot",
   ],
 )
 @pytest.mark.parametrize("sparsity,scaled", [(0.0, False), (0.5, False), (0.65, True), (0.999, False)])
@@ -606,7 +629,8 @@ def test_gpu_layer_matches_xla(shape, sparsity, scaled, config):
   """One layer of the real shape (a small vocabulary), float32, the default grid (every program the config
   allows: SMs x programs_per_sm), vs the XLA layer; the default tiling and the fastest measured grid (2 per
   SM) in the 'masked' mode, with either accumulator, the 'resident' mode (one tile ahead, the
-  empty-chunk skip, three 64-column tiles ahead) and the 'column' mode (128 x 64 tiles). A grid whose waits gave up fails as such."""
+  empty-chunk skip, three 64-column tiles ahead) the 'column' mode (128 x 64 tiles) and both with the tensor cores ('dot'). A grid whose waits gave up fails
+  as such."""
   cfg0 = SHAPES[shape].replace(num_hidden_layers=1, vocab_size=256)
   cfg, lp, h, kv = setup_layer(cfg0)
   pc = {
@@ -619,6 +643,8 @@ def test_gpu_layer_matches_xla(shape, sparsity, scaled, config):
     # 4 warps: in float32 the 8-warp 128 x 64 tiling (bfloat16: co-resident, timed) needs more than the 128
     # registers a thread 2 programs per SM allow, and its waits gave up (session 15)
     "2persm_column": dataclasses.replace(RESIDENT, block_n=64, mode="column", acc="tile"),
+    "2persm_column_dot": dataclasses.replace(RESIDENT, block_n=64, num_warps=8, mode="column", acc="dot"),
+    "2persm_resident_dot": dataclasses.replace(RESIDENT, num_warps=8, acc="dot"),
   }
   out, ref = run_both(cfg, lp, h, kv, sparsity, scaled, pc[config], grid=None)
   assert_close(out, ref, 1e-4)

@@ -20,7 +20,8 @@
 #   ncu     (not in the default STAGES) Nsight Compute (--clock-control none) on one launch of the layer kernel
 #           for each of NCU (comma-separated spec@sparsity, default the sweep's fastest at 0.5; Llama-3-8B layer
 #           of phase_timers, which reads the clock 14 times a program): registers, occupancy, warp stall reasons,
-#           memory throughput -> OUT/ncu_<i>.log, and each SASS line's stall samples -> OUT/ncu_<i>_source.csv
+#           memory throughput -> OUT/ncu_<i>.log, and each SASS line's stall samples -> OUT/ncu_<i>_source.csv.gz
+#           (experiments.decode.ncu_stalls summarizes it)
 #   phases  (not in the default STAGES) profile_decode with the kernel split into one launch per phase
 #           (PPHASES, a parse_config spec with split true; default the sweep's fastest tiling): each phase's
 #           kernel time, dense and TEAL 50 % -> OUT/profile_phases.json; session 12's split kernels took
@@ -100,12 +101,13 @@ echo "persistent configs for the model stages: ${pconfigs:-none}"
 ncu_bin=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2> /dev/null | head -1)
 i=0
 for item in $(echo "${NCU:-${best:-${pconfigs%%,*}}@0.5}" | tr , ' '); do
-  stage ncu_$i 90 "$ncu_bin" --clock-control none --kernel-name regex:persistent --launch-count 1 \
+  stage ncu_$i 110 "$ncu_bin" --clock-control none --kernel-name regex:persistent --launch-count 1 \
     --section SpeedOfLight --section LaunchStats --section Occupancy --section WarpStateStats \
-    --section SchedulerStats --section MemoryWorkloadAnalysis --section SourceCounters --export "$out/ncu_$i" \
+    --section SchedulerStats --section MemoryWorkloadAnalysis --section SourceCounters --export "$HOME/ncu_$i" \
     python3 -m experiments.decode.phase_timers --models=llama3_8b --sparsities="${item#*@}" \
-    --persistent_configs="${item%@*}" --reps=1 && [ -f "$out/ncu_$i.ncu-rep" ] \
-    && "$ncu_bin" --import "$out/ncu_$i.ncu-rep" --page source --csv --print-source sass > "$out/ncu_${i}_source.csv" 2>&1
+    --persistent_configs="${item%@*}" --reps=1 && [ -f "$HOME/ncu_$i.ncu-rep" ] \
+    && "$ncu_bin" --import "$HOME/ncu_$i.ncu-rep" --page source --csv --print-source sass \
+    | gzip > "$out/ncu_${i}_source.csv.gz"  # the report (2.5 MB) stays on the machine
   i=$((i + 1))
 done
 # The per-phase profile: the same kernel launched once per phase (persistent_<phase> kernels in the trace), at

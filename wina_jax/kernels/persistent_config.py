@@ -18,6 +18,7 @@ from wina_jax.kernels.grid_sync import SPIN_LIMIT
 # can be tried. More than 4 would need more than 16 warps per SM of the kernel's 4-8.
 MAX_PROGRAMS_PER_SM = 4
 MODES = ("compact", "masked", "resident", "column")  # how a GEMV tile skips dropped rows (PersistentConfig.mode)
+PERSISTENT_ACCS = ACCS + ("dot",)  # 'dot': tensor cores ('resident' and 'column' only)
 
 
 class GridError(ValueError):
@@ -48,7 +49,10 @@ class PersistentConfig:
   split: one launch per phase (named persistent_<phase>), the launch boundary standing in for the wait:
   interpret mode's only way to a grid > 1, and on a GPU the per-phase profile (each phase's kernel time).
   acc: 'vector' sums each [BK, BN] weight tile over its rows into a [BN] accumulator every step; 'tile'
-  keeps a [BK, BN] float32 accumulator and reduces over rows once per tile (`KernelConfig.acc`).
+  keeps a [BK, BN] float32 accumulator and reduces over rows once per tile (`KernelConfig.acc`); 'dot'
+  ('resident' and 'column') hands each tile to the tensor cores as a [16, C] x [C, BN] product with the input in
+  row 0 and zeros below (their smallest M), float32 sums: the bf16 unpacking, products and row sums that cost
+  each tile ~385 instructions a thread (Nsight Compute, session 15) become a few mma instructions.
   skip_empty ('resident' only): a chunk keeping no row for a segment stores zero partials for its tiles
   without walking them (one max over the chunk's mask; at 99.9 % most chunks, at 50 % none).
   timers: every program records the GPU's global nanosecond clock (low 32 bits) at the start of each phase and
@@ -84,8 +88,10 @@ class PersistentConfig:
       raise ValueError(f"programs_per_sm={self.programs_per_sm} must be >= 1")
     if self.mode not in MODES:
       raise ValueError(f"mode={self.mode!r} is not one of {MODES}")
-    if self.acc not in ACCS:
-      raise ValueError(f"acc={self.acc!r} is not one of {ACCS}")
+    if self.acc not in PERSISTENT_ACCS:
+      raise ValueError(f"acc={self.acc!r} is not one of {PERSISTENT_ACCS}")
+    if self.acc == "dot" and self.mode not in ("resident", "column"):
+      raise ValueError(f"acc='dot' applies to mode='resident' or 'column', not mode={self.mode!r}")
     if self.timers and self.split:
       raise ValueError(
         "timers time the phases inside one launch; with split=True a profiler times each launch"

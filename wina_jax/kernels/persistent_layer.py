@@ -220,6 +220,14 @@ def _normed(x_ref, g_ref, inv, plan: Plan, shared: bool) -> Input:
   return Input(load, finish)
 
 
+def _dot_rows(xm: jax.Array, w: jax.Array) -> jax.Array:
+  """A tile's products through the tensor cores: xm [C] float32 in row 0 of a [16, C] left operand (their
+  smallest M; rows 1-15 zero), w [C, BN] -> [16, BN] float32 whose row 0 is xm @ w (exact products, float32
+  sums; float32 weights at IEEE precision, not TF32)."""
+  lhs = jnp.where(_iota(16)[:, None] == 0, xm[None, :], 0.0).astype(w.dtype)
+  return jnp.dot(lhs, w, preferred_element_type=jnp.float32, precision=jax.lax.Precision.HIGHEST)
+
+
 def _column_walk(r: dict, plan: Plan, site: int, x_in: Input):
   """Phase work of GEMV site `site` in 'column' mode (split-K): tile t = n * nk + kc is chunk kc of column
   block n, so a program's share walks down its column blocks, summing every tile into one accumulator per
@@ -235,6 +243,7 @@ def _column_walk(r: dict, plan: Plan, site: int, x_in: Input):
   nk, nn = d_in // c, sum(widths) // bn
   bounds = [sum(widths[:s]) // bn for s in range(1, len(widths))]  # first column block of segments 1..
   slots, n_tiles = plan.parts(site), nk * nn
+  dot = cfg.acc == "dot"
   pid = pl.program_id(0)
   start, end = _share(n_tiles, plan)
 
@@ -266,7 +275,8 @@ def _column_walk(r: dict, plan: Plan, site: int, x_in: Input):
       raw_after = raw(kc + depth + 1)  # issued first: the next step's mask needs it
       nxt = tile(kc + depth, raw_next)
       xm, w = ahead[0]
-      return acc_add(acc, xm[:, None] * w.astype(jnp.float32)), ahead[1:] + (nxt,), raw_after
+      acc = acc + _dot_rows(xm, w) if dot else acc_add(acc, xm[:, None] * w.astype(jnp.float32))
+      return acc, ahead[1:] + (nxt,), raw_after
 
     @pl.when(lo < hi)
     def _():
@@ -277,7 +287,7 @@ def _column_walk(r: dict, plan: Plan, site: int, x_in: Input):
         def _():
           _mark(r["marks"], pid, PROLOGUE + site, (jnp.sum(ahead[0][0]) != 0.0).astype(jnp.int32), plan)
 
-      init = (acc_zeros(cfg.acc, c, bn), ahead, raw(lo + depth))
+      init = (jnp.zeros((16, bn), jnp.float32) if dot else acc_zeros(cfg.acc, c, bn), ahead, raw(lo + depth))
       acc = jax.lax.fori_loop(lo, hi, step, init)[0]
       j = pid - ((n * nk + 1) * plan.programs - 1) // n_tiles  # this program's slot of block n
       plgpu.store(part_ref.at[j, cols], acc_total(acc))
@@ -351,7 +361,9 @@ def _gemv(r: dict, plan: Plan, site: int, x_at: Input):
     def tile(t, ahead):
       nxt = load(t + depth)  # issued before this tile's sum
       cols = (t - kc * nn) * bn + _iota(bn)
-      plgpu.store(part_ref.at[kc, cols], jnp.sum(xm[:, None] * ahead[0].astype(jnp.float32), axis=0))
+      w = ahead[0]
+      products = _dot_rows(xm, w) if cfg.acc == "dot" else xm[:, None] * w.astype(jnp.float32)
+      plgpu.store(part_ref.at[kc, cols], jnp.sum(products, axis=0))
       return ahead[1:] + (nxt,)
 
     def walk():
