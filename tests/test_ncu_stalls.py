@@ -44,4 +44,4 @@ def test_a_csv_without_samples_is_refused(tmp_path):
   res = subprocess.run(
     [sys.executable, "-m", "experiments.decode.ncu_stalls", f"--csv={src}"], capture_output=True, text=True
   )
-  assert res.returncode != 0 and "--print-source sass" in res.stderr
+  assert res.returncode == 1 and "--print-source sass" in res.stderr and "Traceback" not in res.stderr

@@ -234,7 +234,7 @@ CASES = {  # name: (model, sparsity, WINA scales, config, grid, split)
     1,
     False,
   ),
-  "wide_teal50_masked_tile_1024_columns": (  # the warps-on-columns tiling run_persistent_h200.sh sweeps
+  "wide_teal50_masked_tile_1024_columns": (  # the warps-on-columns tiling (session 14 on the H200: a loss)
     WIDE,
     0.5,
     False,

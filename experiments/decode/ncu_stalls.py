@@ -22,7 +22,7 @@ from absl import app, flags
 from experiments import common
 from wina_jax import checks
 
-common.check(flags.DEFINE_string("csv", "", "ncu source-page CSV (.csv or .csv.gz)"), checks.file(empty=False))
+common.check(flags.DEFINE_string("csv", "", "ncu source-page CSV (.csv or .csv.gz)"), checks.file())
 common.check(flags.DEFINE_integer("warps", 0, "warps in the launch (0: inferred)"), checks.count(0))
 common.check(flags.DEFINE_integer("top", 12, "groups and instructions listed"), checks.count())
 common.check(flags.DEFINE_string("out", "", "JSON output path"), checks.out_path())
@@ -50,7 +50,10 @@ def read_rows(path: str) -> list[dict]:
     lines = list(csv.reader(f))
   header = next((i for i, line in enumerate(lines) if SAMPLES in line), None)
   if header is None:
-    raise ValueError(f"{path}: no '{SAMPLES}' column; write it with ncu --page source --csv --print-source sass")
+    raise common.InputError(
+      f"--csv={path} has no '{SAMPLES}' column: write it with ncu --import REPORT --page source --csv "
+      "--print-source sass"
+    )
   names = lines[header]
   return [dict(zip(names, line)) for line in lines[header + 1 :] if len(line) == len(names)]
 
@@ -98,6 +101,8 @@ def summarize(rows: list[dict], warps: int = 0, top: int = 12) -> dict:
 def main(argv):
   del argv
   common.setup()
+  if not FLAGS.csv:
+    raise common.InputError("--csv= names no file: pass the CSV of ncu --import REPORT --page source --csv")
   out = summarize(read_rows(FLAGS.csv), FLAGS.warps, FLAGS.top)
   print(f"{out['samples']:.0f} samples over {out['warps']} warps; stall reasons:")
   for k, v in out["stalls"].items():

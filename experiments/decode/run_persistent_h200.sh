@@ -43,21 +43,18 @@ out=$1
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 end=$((SECONDS + ${BUDGET_S:-450}))
 stages=,${STAGES:-watchdog,tests,wait,sweep,timers,llama,qwen,wina},
-pconfigs=${PCONFIGS:-128:128:128:4:1:0.875:64:2:resident,128:128:128:4:1:0.875:64:2:resident:false:vector:true,\
-128:128:128:8:1:0.875:64:2:resident}
+pconfigs=${PCONFIGS:-128:128:128:8:1:0.875:64:2:resident,128:128:128:8:1:0.875:64:2:resident:false:vector:true,\
+64:64:128:8:1:0.875:64:2:column:false:tile}
 # chunk:block_k:block_n:num_warps:num_stages:dense_at:block_s:programs_per_sm:mode:split:acc:skip_empty; in
-# 'resident' mode num_stages is the register prefetch depth (tiles in flight). Session 13: resident 128 x 128, one
-# tile ahead, 4 warps, stays the fastest measured (TEAL 50 % 4.047-4.073 ms, 1.03x); Triton's pipeliner (4.359)
-# and deeper prefetch (64-column tiles 3 / 4 ahead: 5.081 / 5.379) lose: the phase timers put the fixed part in
-# each tile's instruction work at 8 warps per SM, not in memory latency. So the defaults try more warps per SM:
-# 8 per program (16 per SM, 128 registers a thread) and 3 programs of 4 (12 per SM, 170 registers): if the kernel
-# needs more, its programs are not co-resident and the waits' watchdog ends the launch with WaitTimeout (the
-# row's error) instead of hanging. The fourth puts each warp on its own columns (Triton lays a [8, 1024] bfloat16
-# load out as 8 columns x 32 lanes x 4 warps): masked mode's [8, 1024] row blocks into a 'tile' accumulator,
-# reduced over its 8 rows inside each thread once per tile, where a [128, 128] tile's reduction crosses warps
-# (Llama only: Qwen's q width 3584 is not a multiple of 1024, so it falls back to the per-site kernels there).
-psweep=${PSWEEP:-128:128:128:4:1:0.875:64:2:resident,128:128:128:8:1:0.875:64:2:resident,\
-128:128:128:4:1:0.875:64:3:resident,128:8:1024:4:3:0.875:64:2:masked:false:tile}
+# 'resident' and 'column' modes num_stages is the register prefetch depth (tiles in flight). Measured on the H200
+# (decode_h200.md, sessions 13-15, Llama TEAL 50 %): resident 128 x 128, one ahead, 8 warps, 2 per SM is the
+# fastest (3.908-3.935 ms, 1.07x; 4 warps 4.03-4.09); 3 programs of 4 warps per SM are not co-resident (the
+# watchdog's WaitTimeout); each warp on its own 1024 columns (masked 128:8:1024 tile) 5.270; the 'column' walk
+# 3.978-4.032 (64 x 128 / 128 x 64, 8 warps), and tensor-core tiles (acc 'dot') 4.222 (resident) to 5.689.
+# Nsight Compute (session 15) puts the time in each tile's ~385 instructions a thread and its shared-memory
+# barriers. The sweep's defaults are the three fastest, the baseline first.
+psweep=${PSWEEP:-128:128:128:8:1:0.875:64:2:resident,64:64:128:8:1:0.875:64:2:column:false:tile,\
+128:128:128:4:1:0.875:64:2:resident}
 configs=benchmarks/configs/h200_partials.json
 sets=${SETS:-$configs}  # per-site tilings timed side by side (session 12 timed h200_tile_acc.json beside it: a loss)
 left() { local l=$((end - SECONDS - 5)); [ "$l" -lt "$1" ] && echo "$l" || echo "$1"; }
@@ -72,12 +69,12 @@ stage() {  # stage NAME LIMIT COMMAND...: run under min(LIMIT, time left), log t
   tail -25 "$out/$name.log"
   return $rc
 }
-# The default -k leaves out the single-layer cases of the two tilings no longer timed (compact at 1 per SM, masked
-# with the vector accumulator: they passed in sessions 10-11), so the tests fit in about 4 minutes; TESTS_K=gpu
+# The default -k leaves out the single-layer cases of the tilings no longer timed (compact at 1 per SM and masked,
+# passed in sessions 10-14; acc 'dot', passed in session 15), so the tests fit in about 4-5 minutes; TESTS_K=gpu
 # runs all.
 stage watchdog 90 python3 -m pytest -q -p no:cacheprovider -k "gpu and watchdog" tests/test_persistent_layer.py
 stage tests 420 python3 -m pytest -q -p no:cacheprovider \
-  -k "${TESTS_K:-gpu and not default and not masked_vector} and not watchdog" \
+  -k "${TESTS_K:-gpu and not default and not masked and not dot} and not watchdog" \
   tests/test_persistent_layer.py \
   tests/test_kernels.py
 [ $? -eq 124 ] && pconfigs= && echo "tests timed out: benches run without the persistent kernel"

@@ -15,6 +15,8 @@ Every GEMV is split into tiles of C input rows (a chunk) x BN output columns; pr
 [p T / P, (p + 1) T / P) in chunk-major order, so it compacts each chunk's kept rows once (|x| * scale >
 threshold per output segment, TEAL: scale 1, WINA: column norms) for all its column blocks of that chunk,
 then reads only kept weight rows; a chunk keeping >= dense_at * C rows is read as dense contiguous tiles.
+In 'column' mode (`_column_walk`) the order is column-block-major instead (split-K): a program sums its chunks
+of a column block into one accumulator and stores one partial per block.
 Split-K partial sums go to float32 buffers that the next phase adds up, so no buffer needs zeroing.
 
 The waits (`grid_sync`): every program adds 1 to a global counter and spins until it reads P * k at the k-th
