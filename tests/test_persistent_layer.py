@@ -186,6 +186,14 @@ CASES = {  # name: (model, sparsity, WINA scales, config, grid, split)
     3,
     True,
   ),
+  "gqa_teal50_resident_tall_split3": (  # tiles taller than wide (chunk 64 x block_n 32), as 512 x 64 on the H200
+    LLAMA_GQA,
+    0.5,
+    False,
+    dataclasses.replace(SMALL, mode="resident", chunk=64, block_k=64, num_stages=1),
+    3,
+    True,
+  ),
   "teal50_column_tile": (
     TINY,
     0.5,
