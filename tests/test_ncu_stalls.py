@@ -31,10 +31,18 @@ def test_summary(tmp_path):
   assert res["warps"] == 8 and res["samples"] == 60
   assert res["stalls"] == {"long_sb": 32 / 60, "barrier": 18 / 60}  # the Not Issued column is not a reason
   loop, once = res["groups"]
-  assert loop == {"runs_per_warp": 5.0, "share": 40 / 60, "instructions": 2, "ops": {"LDG.E.128": 1, "FADD": 1}}
+  assert loop == {
+    "runs_per_warp": 5.0,
+    "share": 40 / 60,
+    "instructions": 2,
+    "ops": {"LDG.E.128": 1, "FADD": 1},
+  }
   assert once["runs_per_warp"] == 1.0 and once["instructions"] == 2 and once["share"] == 20 / 60
   assert res["top_instructions"][0] == {
-    "sass": "  LDG.E.128 R4, [R2.64]", "share": 0.5, "runs_per_warp": 5.0, "stall": "long_sb"
+    "sass": "  LDG.E.128 R4, [R2.64]",
+    "share": 0.5,
+    "runs_per_warp": 5.0,
+    "stall": "long_sb",
   }
 
 

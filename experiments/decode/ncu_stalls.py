@@ -65,7 +65,9 @@ def summarize(rows: list[dict], warps: int = 0, top: int = 12) -> dict:
   if not warps:  # the kernel's first instruction runs once per warp
     warps = int(next(_num(r[EXECUTED]) for r in rows if _num(r[EXECUTED]) > 0))
   stalls = {k.removeprefix("stall_"): sum(_num(r[k]) for r in rows) for k in reasons}
-  groups: dict = collections.defaultdict(lambda: {"samples": 0.0, "instructions": 0, "ops": collections.Counter()})
+  groups: dict = collections.defaultdict(
+    lambda: {"samples": 0.0, "instructions": 0, "ops": collections.Counter()}
+  )
   for r in rows:
     g = groups[round(_num(r[EXECUTED]) / warps, 1)]
     g["samples"] += _num(r[SAMPLES])
@@ -109,10 +111,16 @@ def main(argv):
     print(f"  {k:20s} {100 * v:5.1f} %")
   print("by runs per warp (a loop body's instructions share one):")
   for g in out["groups"]:
-    print(f"  {g['runs_per_warp']:7.1f}  {100 * g['share']:5.1f} %  {g['instructions']:5d} instructions  {g['ops']}")
+    print(
+      f"  {g['runs_per_warp']:7.1f}  {100 * g['share']:5.1f} %  {g['instructions']:5d} instructions  {g['ops']}"
+    )
   if FLAGS.out:
     with open(FLAGS.out, "w") as f:
-      json.dump({"command": common.command_line("experiments.decode.ncu_stalls"), "csv": FLAGS.csv, **out}, f, indent=1)
+      json.dump(
+        {"command": common.command_line("experiments.decode.ncu_stalls"), "csv": FLAGS.csv, **out},
+        f,
+        indent=1,
+      )
 
 
 if __name__ == "__main__":

@@ -17,7 +17,8 @@ from wina_jax.kernels.grid_sync import SPIN_LIMIT
 # (`grid_sync`, `PersistentConfig.spin_limit`) ends such a launch and `check_waits` raises WaitTimeout, so they
 # can be tried. More than 4 would need more than 16 warps per SM of the kernel's 4-8.
 MAX_PROGRAMS_PER_SM = 4
-MODES = ("compact", "masked", "resident", "column")  # how a GEMV tile skips dropped rows (PersistentConfig.mode)
+# how a GEMV tile skips dropped rows and in what order a program walks its tiles (PersistentConfig.mode)
+MODES = ("compact", "masked", "resident", "column")
 PERSISTENT_ACCS = ACCS + ("dot",)  # 'dot': tensor cores ('resident' and 'column' only)
 
 
@@ -103,7 +104,9 @@ class PersistentConfig:
         f"mode={self.mode!r} loads whole chunks: block_k={self.block_k} must equal chunk={self.chunk}"
       )
     if self.mode in ("resident", "column") and self.num_stages < 1:
-      raise ValueError(f"mode={self.mode!r} needs num_stages >= 1 (its prefetch depth), got {self.num_stages}")
+      raise ValueError(
+        f"mode={self.mode!r} needs num_stages >= 1 (its prefetch depth), got {self.num_stages}"
+      )
 
 
 def parse_config(spec: str) -> PersistentConfig:

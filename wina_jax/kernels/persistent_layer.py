@@ -39,7 +39,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Callable, NamedTuple, Optional
+from collections.abc import Callable
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -541,7 +542,9 @@ def _act(r: dict, plan: Plan) -> Input:
   n_parts, dtype = plan.parts(2), r["h"].dtype
 
   def load(rows):
-    return _load_parts(r["gu_part"], rows, n_parts, plan), _load_parts(r["gu_part"], plan.inter + rows, n_parts, plan)
+    return _load_parts(r["gu_part"], rows, n_parts, plan), _load_parts(
+      r["gu_part"], plan.inter + rows, n_parts, plan
+    )
 
   def finish(raw):
     gate = jnp.sum(raw[0], axis=0).astype(dtype).astype(jnp.float32)
@@ -558,7 +561,9 @@ def _phase(r: dict, plan: Plan, name: str):
   elif name == "attention":
     _attention(r, plan)
   elif name == "o_proj":
-    _gemv(r, plan, 1, Input(lambda rows: _load_shared(r["attn"].at[rows], plan), lambda a: a.astype(jnp.float32)))
+    _gemv(
+      r, plan, 1, Input(lambda rows: _load_shared(r["attn"].at[rows], plan), lambda a: a.astype(jnp.float32))
+    )
   elif name == "residual_attn":
     _residual(r, plan, "h", 1, "h_mid")
   elif name == "gate_up":
