@@ -186,7 +186,7 @@ CASES = {  # name: (model, sparsity, WINA scales, config, grid, split)
     3,
     True,
   ),
-  "gqa_teal50_resident_tall_split3": (  # tiles taller than wide (chunk 64 x block_n 32), as 512 x 64 on the H200
+  "gqa_teal50_resident_tall_split3": (  # tiles taller than wide (64 x 32), as 512 x 64 on the H200
     LLAMA_GQA,
     0.5,
     False,
@@ -373,7 +373,7 @@ def test_default_grid_and_refusal_before_launch(monkeypatch):
   monkeypatch.setattr(PL, "run_layer", lambda *a, **k: pytest.fail("launched"))
   with pytest.raises(PC.GridError, match="deadlock"):
     PL.decoder_layer(cfg, lp, h, kv, 0, {}, {}, zeros, config=SMALL, grid=8, sms=7)
-  with pytest.raises(ValueError, match="not tiled by chunk 256"):
+  with pytest.raises(ValueError, match="not tiled by chunk 128"):  # the default tiling, DEFAULT_LAYER
     PL.decoder_layer(cfg, lp, h, kv, 0, {}, {}, zeros, interpret=True)
   with pytest.raises(ValueError, match="split=True"):
     PL.decoder_layer(cfg, lp, h, kv, 0, {}, {}, zeros, config=SMALL, grid=2, interpret=True)
@@ -635,10 +635,10 @@ def test_gpu_watchdog_ends_a_grid_that_is_not_co_resident():
 @pytest.mark.parametrize("shape", ["llama3_8b", "qwen25_7b"])
 def test_gpu_layer_matches_xla(shape, sparsity, scaled, config):
   """One layer of the real shape (a small vocabulary), float32, the default grid (every program the config
-  allows: SMs x programs_per_sm), vs the XLA layer; the default tiling and the fastest measured grid (2 per
-  SM) in the 'masked' mode, with either accumulator, the 'resident' mode (one tile ahead, the
-  empty-chunk skip, three 64-column tiles ahead) the 'column' mode (128 x 64 tiles) and both with the tensor cores ('dot'). A grid whose waits gave up fails
-  as such."""
+  allows: SMs x programs_per_sm), vs the XLA layer: the dataclass's default tiling; at 2 programs per SM the
+  'masked' mode with either accumulator, the 'resident' mode (one tile ahead, the empty-chunk skip, three
+  64-column tiles ahead), the 'column' mode (128 x 64 tiles), and both with the tensor cores ('dot'). A grid
+  whose waits gave up fails as such."""
   cfg0 = SHAPES[shape].replace(num_hidden_layers=1, vocab_size=256)
   cfg, lp, h, kv = setup_layer(cfg0)
   pc = {
@@ -681,7 +681,7 @@ def test_gpu_phase_marks_show_every_wait_holding():
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_gpu_decode_32_steps_matches_xla(dtype):
   """32 teacher-forced steps of a 4-layer Llama-3-8B-shaped model (real layer shapes) through `decode_loop`:
-  backend 'persistent' vs 'xla'. float32: TEAL about 50 % on every linear site with `decode_thresholds` (no
+  backend 'persistent' (its default tiling, `DEFAULT_LAYER`: resident, 2 programs per SM) vs 'xla'. float32: TEAL about 50 % on every linear site with `decode_thresholds` (no
   input near a threshold, so both keep the same inputs): all 32 greedy tokens equal, logits within 1e-4.
   bfloat16 runs dense (its rounding would flip mask bits, which random layers amplify): >= 30 tokens, 3 %.
   (Quantile thresholds, the first version, gave 30 / 32 tokens and 2.8 % on the H200: the masks' chaos and a

@@ -54,7 +54,13 @@ from wina_jax import sites as S
 from wina_jax.config import ModelConfig
 from wina_jax.kernels.grid_sync import grid_leave, grid_wait, read_clock, sync_threads
 from wina_jax.kernels.pallas_gemv import acc_add, acc_total, acc_zeros, compiler_params
-from wina_jax.kernels.persistent_config import PersistentConfig, check_grid, default_grid, sm_count
+from wina_jax.kernels.persistent_config import (
+  DEFAULT_LAYER,
+  PersistentConfig,
+  check_grid,
+  default_grid,
+  sm_count,
+)
 
 PHASES = ("qkv", "attention", "o_proj", "residual_attn", "gate_up", "down", "residual_mlp")
 # the layer's linear sites as the persistent kernel reads them: (block, fused projection)
@@ -779,7 +785,7 @@ def decoder_layer(
   scales: dict,
   counter: jax.Array,
   *,
-  config: PersistentConfig = PersistentConfig(),
+  config: PersistentConfig = DEFAULT_LAYER,
   grid: Optional[int] = None,
   interpret: bool = False,
   sms: Optional[int] = None,
@@ -809,7 +815,7 @@ def phase_marks(
   input is computed (0 if it has no tile of the site). Phase k's work = marks[:, 2k + 1] -
   marks[:, 2k], the wait after it = marks[:, 2k + 2] - marks[:, 2k + 1], both modulo 2^32. Zeros in interpret
   mode. kw: `decoder_layer`'s keyword arguments (config, grid, interpret, sms)."""
-  config = dataclasses.replace(kw.pop("config", PersistentConfig()), timers=True)
+  config = dataclasses.replace(kw.pop("config", DEFAULT_LAYER), timers=True)
   plan, args = _prepare(cfg, lp, h, kv, length, thresholds, scales, counter, config, **kw)
   return _run_marks(args, plan)
 

@@ -46,8 +46,8 @@ class FusedThresholdSparsifier:
   fuse_norm: static, whether `norm_linear` normalises inside the Pallas kernel's prologue (True) or runs
   the norm as XLA ops first (False, the default: on the H200 the prologue made the Llama-3-8B decode step
   0.09 ms slower at 50 / 65 %, its kernels losing more than the norm kernels it removes; decode_h200.md, session 7);
-  layer_config: static `PersistentConfig` of backend 'persistent' (None: its defaults); counter: its int32 [3]
-  (`grid_sync.new_counter`: the grid-wide waits' counter, left zeroed by every launch, so made once; its third
+  layer_config: static `PersistentConfig` of backend 'persistent' (None: `persistent_config.DEFAULT_LAYER`);
+  counter: its int32 [3] (`grid_sync.new_counter`: the grid-wide waits' counter, left zeroed by every launch, so made once; its third
   slot counts waits the watchdog gave up, which `check_waits` raises on)."""
 
   thresholds: dict = struct.field(default_factory=dict)
@@ -166,7 +166,7 @@ class FusedThresholdSparsifier:
     if self.backend != "persistent" or kv is None:
       return None
     lcfg = cfg.layer_config(layer)
-    config = self.layer_config or PC.PersistentConfig()
+    config = self.layer_config or PC.DEFAULT_LAYER
     if PL.unsupported(lcfg, lp, h.shape[0], h.shape[1], self._layer_sites(layer), config):
       return None
     return PL.decoder_layer(
