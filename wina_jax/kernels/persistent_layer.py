@@ -243,7 +243,8 @@ def _column_walk(r: dict, plan: Plan, site: int, x_in: Input):
   block, and stores one partial per block: part[j, n] with j = pid - (the first program sharing block n).
   The last program of a block zeroes the slots past its own, so readers add `Plan.parts` rows whatever the
   block. A tile is one masked [C, BN] load; its input's loads are issued one tile before the mask they give,
-  the weights num_stages tiles before their products (both in the loop's carry)."""
+  the weights num_stages tiles before their products (both in the loop's carry). acc 'dot' sums the tiles'
+  products from the tensor cores (`_dot_rows`) into a [16, BN] accumulator."""
   name = ("qkv", "o", "gu", "down")[site]
   w_ref, t_ref, s_ref, part_ref = r[f"w_{name}"], r[f"t_{name}"], r[f"s_{name}"], r[f"{name}_part"]
   cfg = plan.config
@@ -284,7 +285,7 @@ def _column_walk(r: dict, plan: Plan, site: int, x_in: Input):
       raw_after = raw(kc + depth + 1)  # issued first: the next step's mask needs it
       nxt = tile(kc + depth, raw_next)
       xm, w = ahead[0]
-      acc = acc + _dot_rows(xm, w) if dot else acc_add(acc, xm[:, None] * w.astype(jnp.float32))
+      acc = (acc + _dot_rows(xm, w)) if dot else acc_add(acc, xm[:, None] * w.astype(jnp.float32))
       return acc, ahead[1:] + (nxt,), raw_after
 
     @pl.when(lo < hi)
