@@ -19,6 +19,10 @@ from wina_jax.kernels.grid_sync import SPIN_LIMIT
 MAX_PROGRAMS_PER_SM = 4
 # how a GEMV tile skips dropped rows and in what order a program walks its tiles (PersistentConfig.mode)
 MODES = ("compact", "masked", "resident", "column")
+WHOLE_CHUNK_MODES = (
+  "resident",
+  "column",
+)  # one [C, BN] load a tile, num_stages tiles prefetched in registers
 PERSISTENT_ACCS = ACCS + ("dot",)  # 'dot': tensor cores ('resident' and 'column' only)
 
 
@@ -51,9 +55,10 @@ class PersistentConfig:
   interpret mode's only way to a grid > 1, and on a GPU the per-phase profile (each phase's kernel time).
   acc: 'vector' sums each [BK, BN] weight tile over its rows into a [BN] accumulator every step; 'tile'
   keeps a [BK, BN] float32 accumulator and reduces over rows once per tile (`KernelConfig.acc`); 'dot'
-  ('resident' and 'column') hands each tile to the tensor cores as a [16, C] x [C, BN] product with the input in
-  row 0 and zeros below (their smallest M), float32 sums: the bf16 unpacking, products and row sums that cost
-  each tile ~385 instructions a thread (Nsight Compute, session 15) become a few mma instructions.
+  ('resident' and 'column') hands each tile to the tensor cores as a [16, C] x [C, BN] product with the input
+  in row 0 and zeros below (their smallest M), float32 sums: the bf16 unpacking, products and row sums that
+  cost each tile ~385 instructions a thread (Nsight Compute, session 15) become a few mma instructions
+  (measured slower: Triton moves each tile into the operand layout through shared memory).
   skip_empty ('resident' only): a chunk keeping no row for a segment stores zero partials for its tiles
   without walking them (one max over the chunk's mask; at 99.9 % most chunks, at 50 % none).
   timers: every program records the GPU's global nanosecond clock (low 32 bits) at the start of each phase and
@@ -91,7 +96,7 @@ class PersistentConfig:
       raise ValueError(f"mode={self.mode!r} is not one of {MODES}")
     if self.acc not in PERSISTENT_ACCS:
       raise ValueError(f"acc={self.acc!r} is not one of {PERSISTENT_ACCS}")
-    if self.acc == "dot" and self.mode not in ("resident", "column"):
+    if self.acc == "dot" and self.mode not in WHOLE_CHUNK_MODES:
       raise ValueError(f"acc='dot' applies to mode='resident' or 'column', not mode={self.mode!r}")
     if self.timers and self.split:
       raise ValueError(
@@ -99,22 +104,22 @@ class PersistentConfig:
       )
     if self.skip_empty and self.mode != "resident":
       raise ValueError(f"skip_empty applies to mode='resident' only, not mode={self.mode!r}")
-    if self.mode in ("resident", "column") and self.block_k != self.chunk:
+    if self.mode in WHOLE_CHUNK_MODES and self.block_k != self.chunk:
       raise ValueError(
         f"mode={self.mode!r} loads whole chunks: block_k={self.block_k} must equal chunk={self.chunk}"
       )
-    if self.mode in ("resident", "column") and self.num_stages < 1:
+    if self.mode in WHOLE_CHUNK_MODES and self.num_stages < 1:
       raise ValueError(
         f"mode={self.mode!r} needs num_stages >= 1 (its prefetch depth), got {self.num_stages}"
       )
 
 
 # What backend 'persistent' runs when no tiling is given (`FusedThresholdSparsifier.layer_config` None,
-# `decoder_layer`): the fastest tiling measured on the H200 that is also co-resident in float32 ('resident', 128 x
-# 128 tiles one ahead, 2 programs of 4 warps per SM; 8 warps is 3.7 % faster in bfloat16 but untested in float32,
-# where the 'column' walk's 8 warps were not co-resident). Its single-layer GPU tests pass on both real shapes in
-# float32 (sessions 12-15). The dataclass defaults stay the first tiling's, so a spec that names fewer fields
-# means what it meant when it was recorded.
+# `decoder_layer`): the fastest tiling measured on the H200 that is also co-resident in float32
+# ('resident', 128 x 128 tiles one ahead, 2 programs of 4 warps per SM; 8 warps is 3.7 % faster in bfloat16
+# but untested in float32, where the 'column' walk's 8 warps were not co-resident). Its single-layer GPU
+# tests pass on both real shapes in float32 (sessions 12-15). The dataclass defaults stay the first
+# tiling's, so a spec that names fewer fields means what it meant when it was recorded.
 DEFAULT_LAYER = PersistentConfig(
   chunk=128, block_k=128, block_n=128, num_warps=4, num_stages=1, programs_per_sm=2, mode="resident"
 )

@@ -56,6 +56,7 @@ from wina_jax.kernels.grid_sync import grid_leave, grid_wait, read_clock, sync_t
 from wina_jax.kernels.pallas_gemv import acc_add, acc_total, acc_zeros, compiler_params
 from wina_jax.kernels.persistent_config import (
   DEFAULT_LAYER,
+  WHOLE_CHUNK_MODES,
   PersistentConfig,
   check_grid,
   default_grid,
@@ -237,6 +238,12 @@ def _dot_rows(xm: jax.Array, w: jax.Array) -> jax.Array:
   return jnp.dot(lhs, w, preferred_element_type=jnp.float32, precision=jax.lax.Precision.HIGHEST)
 
 
+def _site_refs(r: dict, site: int) -> tuple:
+  """GEMV site `site`'s (weights, thresholds, scales, partials) refs."""
+  name = ("qkv", "o", "gu", "down")[site]
+  return r[f"w_{name}"], r[f"t_{name}"], r[f"s_{name}"], r[f"{name}_part"]
+
+
 def _column_walk(r: dict, plan: Plan, site: int, x_in: Input):
   """Phase work of GEMV site `site` in 'column' mode (split-K): tile t = n * nk + kc is chunk kc of column
   block n, so a program's share walks down its column blocks, summing every tile into one accumulator per
@@ -245,8 +252,7 @@ def _column_walk(r: dict, plan: Plan, site: int, x_in: Input):
   block. A tile is one masked [C, BN] load; its input's loads are issued one tile before the mask they give,
   the weights num_stages tiles before their products (both in the loop's carry). acc 'dot' sums the tiles'
   products from the tensor cores (`_dot_rows`) into a [16, BN] accumulator."""
-  name = ("qkv", "o", "gu", "down")[site]
-  w_ref, t_ref, s_ref, part_ref = r[f"w_{name}"], r[f"t_{name}"], r[f"s_{name}"], r[f"{name}_part"]
+  w_ref, t_ref, s_ref, part_ref = _site_refs(r, site)
   cfg = plan.config
   c, bn, depth = cfg.chunk, cfg.block_n, cfg.num_stages
   d_in, widths = plan.site(site)
@@ -319,8 +325,7 @@ def _gemv(r: dict, plan: Plan, site: int, x_at: Input):
   of x * W[:, n] (float32). x_at(rows [C]) -> the site's input at those rows, float32."""
   if plan.config.mode == "column":
     return _column_walk(r, plan, site, x_at)
-  name = ("qkv", "o", "gu", "down")[site]
-  w_ref, t_ref, s_ref, part_ref = r[f"w_{name}"], r[f"t_{name}"], r[f"s_{name}"], r[f"{name}_part"]
+  w_ref, t_ref, s_ref, part_ref = _site_refs(r, site)
   idx_ref, xv_ref = r["idx"], r["xv"]
   cfg = plan.config
   c, bk, bn = cfg.chunk, cfg.block_k, cfg.block_n
@@ -530,7 +535,7 @@ def _residual(r: dict, plan: Plan, h_name: str, site: int, out_name: str):
   """Phase work: out = h + (the site's partials summed, rounded to the dtype), this program's blocks."""
   bn = plan.config.block_n
   n_parts = plan.parts(site)
-  part = r[("qkv", "o", "gu", "down")[site] + "_part"]
+  part = _site_refs(r, site)[3]
   shared = h_name != "h"
   start, end = _share(plan.d // bn, plan)
 
@@ -667,8 +672,9 @@ def _launch(args: dict, plan: Plan, phases: tuple[str, ...], carried: dict) -> d
   aliases.update({len(IN_NAMES) + i: out_names.index(k) for i, k in enumerate(carried)})
   body = functools.partial(_kernel, plan=plan, phases=phases, in_names=in_names, out_names=out_names)
   cfg = plan.config
-  own_prefetch = cfg.mode in ("resident", "column")  # num_stages is the walk's own register prefetch depth
-  stages = 1 if own_prefetch else cfg.num_stages
+  stages = (
+    1 if cfg.mode in WHOLE_CHUNK_MODES else cfg.num_stages
+  )  # there num_stages is the walk's own prefetch
   call = pl.pallas_call(
     body,
     out_shape=tuple(shapes.values()),

@@ -47,8 +47,8 @@ class FusedThresholdSparsifier:
   the norm as XLA ops first (False, the default: on the H200 the prologue made the Llama-3-8B decode step
   0.09 ms slower at 50 / 65 %, its kernels losing more than the norm kernels it removes; decode_h200.md, session 7);
   layer_config: static `PersistentConfig` of backend 'persistent' (None: `persistent_config.DEFAULT_LAYER`);
-  counter: its int32 [3] (`grid_sync.new_counter`: the grid-wide waits' counter, left zeroed by every launch, so made once; its third
-  slot counts waits the watchdog gave up, which `check_waits` raises on)."""
+  counter: its int32 [3] (`grid_sync.new_counter`: the grid-wide waits' counter, left zeroed by every launch,
+  so made once; its third slot counts waits the watchdog gave up, which `check_waits` raises on)."""
 
   thresholds: dict = struct.field(default_factory=dict)
   scales: dict = struct.field(default_factory=dict)
