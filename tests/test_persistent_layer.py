@@ -194,6 +194,30 @@ CASES = {  # name: (model, sparsity, WINA scales, config, grid, split)
     3,
     True,
   ),
+  "teal50_resident_row_blocks": (  # a 32-row tile as 4 loads of 8 rows, one ahead
+    TINY,
+    0.5,
+    False,
+    dataclasses.replace(SMALL, mode="resident", num_stages=1),
+    1,
+    False,
+  ),
+  "gqa_wina65_resident_row_blocks_5_ahead_split3": (  # the prefetch reaching past the next tile
+    LLAMA_GQA,
+    0.65,
+    True,
+    dataclasses.replace(SMALL, mode="resident", chunk=64, block_k=16, num_stages=5),
+    3,
+    True,
+  ),
+  "window_teal99_resident_row_blocks_skip": (
+    WINDOWED,
+    0.99,
+    False,
+    dataclasses.replace(SMALL, mode="resident", block_k=16, num_stages=2, skip_empty=True),
+    1,
+    False,
+  ),
   "teal50_column_tile": (
     TINY,
     0.5,
@@ -395,8 +419,11 @@ def test_parse_config():
   assert PC.parse_config("256:32:256:4:2:0.875:64:2:masked:false:tile").acc == "tile"
   with pytest.raises(ValueError, match="acc='rows' is not one of"):
     PC.parse_config("256:32:256:4:2:0.875:64:2:masked:false:rows")
-  with pytest.raises(ValueError, match="block_k=32 must equal chunk=256"):
-    PC.parse_config("256:32:256:4:1:0.875:64:2:resident")
+  with pytest.raises(ValueError, match="mode='column' loads whole chunks: block_k=32 must equal chunk=256"):
+    PC.parse_config("256:32:256:4:1:0.875:64:2:column")
+  assert PC.parse_config("512:128:64:8:2:0.875:64:2:resident").block_k == 128  # 4 row blocks a tile
+  with pytest.raises(ValueError, match="acc='dot' multiplies whole chunks: block_k=128 must equal chunk=512"):
+    PC.parse_config("512:128:64:8:2:0.875:64:2:resident:false:dot")
   assert PC.parse_config("128:128:128:4:1:0.875:64:2:resident").mode == "resident"
   rule = checks.parses(PC.parse_config)  # the scripts' flag rule: the parser's reason, or None
   assert "power of two" in rule("96:32:256") and rule("256:32:256") is None
@@ -538,17 +565,18 @@ def test_phase_times_across_a_clock_wrap():
 
 
 @pytest.mark.parametrize(
-  "scaled,mode,split,acc",
+  "scaled,mode,split,acc,block_k",
   [
-    (False, "compact", False, "vector"),
-    (True, "compact", False, "vector"),
-    (True, "masked", False, "vector"),
-    (False, "compact", True, "vector"),
-    (False, "masked", False, "tile"),
-    (True, "resident", False, "vector"),
+    (False, "compact", False, "vector", 32),
+    (True, "compact", False, "vector", 32),
+    (True, "masked", False, "vector", 32),
+    (False, "compact", True, "vector", 32),
+    (False, "masked", False, "tile", 32),
+    (True, "resident", False, "vector", 256),
+    (False, "resident", False, "vector", 64),  # a 256-row tile in 4 row blocks
   ],
 )
-def test_lowers_to_triton(scaled, mode, split, acc):
+def test_lowers_to_triton(scaled, mode, split, acc, block_k):
   """The one-launch kernel of a Llama-3-8B layer (132 programs: the waits' atomics included) lowers to the
   Triton dialect for CUDA, here without a GPU (cross-platform lowering); with split, as one launch per phase
   named persistent_<phase>, so that a profiler trace of a split run gives each phase's kernel time. Triton's
@@ -565,7 +593,7 @@ def test_lowers_to_triton(scaled, mode, split, acc):
   )
   resident = mode == "resident"  # with the empty-chunk skip and the phase timers
   config = PC.PersistentConfig(
-    mode=mode, split=split, acc=acc, block_k=256 if resident else 32, skip_empty=resident, timers=resident
+    mode=mode, split=split, acc=acc, block_k=block_k, skip_empty=resident, timers=resident
   )
   plan = PL.make_plan(cfg, lp, scales, config, 132, interpret=False)
   kv = {k: jax.ShapeDtypeStruct((1, 512, 8, 128), jnp.bfloat16) for k in "kv"}
@@ -629,6 +657,7 @@ def test_gpu_watchdog_ends_a_grid_that_is_not_co_resident():
     "2persm_column",
     "2persm_column_dot",
     "2persm_resident_dot",
+    "2persm_resident_rows",
   ],
 )
 @pytest.mark.parametrize("sparsity,scaled", [(0.0, False), (0.5, False), (0.65, True), (0.999, False)])
@@ -653,6 +682,8 @@ def test_gpu_layer_matches_xla(shape, sparsity, scaled, config):
     "2persm_column": dataclasses.replace(RESIDENT, block_n=64, mode="column", acc="tile"),
     "2persm_column_dot": dataclasses.replace(RESIDENT, block_n=64, mode="column", acc="dot"),
     "2persm_resident_dot": dataclasses.replace(RESIDENT, acc="dot"),
+    # 512-row tiles in 8 row blocks of 64 x 64, two ahead (bfloat16 timed at 8 warps: decode_h200.md)
+    "2persm_resident_rows": dataclasses.replace(RESIDENT, chunk=512, block_k=64, block_n=64, num_stages=2),
   }
   out, ref = run_both(cfg, lp, h, kv, sparsity, scaled, pc[config], grid=None)
   assert_close(out, ref, 1e-4)

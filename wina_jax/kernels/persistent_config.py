@@ -22,7 +22,7 @@ MODES = ("compact", "masked", "resident", "column")
 WHOLE_CHUNK_MODES = (
   "resident",
   "column",
-)  # one [C, BN] load a tile, num_stages tiles prefetched in registers
+)  # a tile's kept rows read whole ('resident': in C / BK blocks), num_stages loads prefetched in registers
 PERSISTENT_ACCS = ACCS + ("dot",)  # 'dot': tensor cores ('resident' and 'column' only)
 
 
@@ -42,10 +42,12 @@ class PersistentConfig:
   dependent load per tile, trips ~ kept rows); 'masked' walks the chunk's C / BK fixed tiles and masks the
   dropped rows out of each load (TEAL's design: no list, no dependent load, a static trip count that
   Triton can pipeline; dropped rows are not read, as in 'compact'). 'resident' keeps the chunk's masked input
-  in registers (no scratch round trip) and reads each tile as one [C, BN] load with the dropped rows masked
-  out (block_k must equal chunk; acc does not apply); num_stages is its prefetch depth: the next num_stages
-  tiles' loads are in flight, held in registers, while a tile is summed (Triton's own pipeliner, through
-  shared memory, was 7.7 % slower at TEAL 50 %: decode_h200.md, session 13).
+  in registers (no scratch round trip) and reads each [C, BN] tile as C / BK masked [BK, BN] loads (the
+  dropped rows masked out) summed elementwise into a [BK, BN] float32 tile, reduced over its rows once per
+  tile (BK = C: one load, one reduction; BK < C: a taller tile, the reduction across warps paid once per C
+  rows; acc 'vector' / 'tile' do not apply); num_stages is its prefetch depth: the next num_stages [BK, BN]
+  loads are in flight, held in registers, while one is summed (Triton's own pipeliner, through shared
+  memory, was 7.7 % slower at TEAL 50 %: decode_h200.md, session 13).
   'column' walks the tiles column-block-major instead (split-K: a program sums all its chunks of a column
   block in one accumulator and stores one partial per block, not one per tile; the readers add a few partial
   rows, not one per chunk): each tile one masked [C, BN] load as in 'resident', num_stages its prefetch depth,
@@ -104,9 +106,13 @@ class PersistentConfig:
       )
     if self.skip_empty and self.mode != "resident":
       raise ValueError(f"skip_empty applies to mode='resident' only, not mode={self.mode!r}")
-    if self.mode in WHOLE_CHUNK_MODES and self.block_k != self.chunk:
+    if self.mode == "column" and self.block_k != self.chunk:
       raise ValueError(
-        f"mode={self.mode!r} loads whole chunks: block_k={self.block_k} must equal chunk={self.chunk}"
+        f"mode='column' loads whole chunks: block_k={self.block_k} must equal chunk={self.chunk}"
+      )
+    if self.acc == "dot" and self.block_k != self.chunk:
+      raise ValueError(
+        f"acc='dot' multiplies whole chunks: block_k={self.block_k} must equal chunk={self.chunk}"
       )
     if self.mode in WHOLE_CHUNK_MODES and self.num_stages < 1:
       raise ValueError(

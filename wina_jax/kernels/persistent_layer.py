@@ -361,32 +361,38 @@ def _gemv(r: dict, plan: Plan, site: int, x_at: Input):
     return carry
 
   def resident_tiles(kc, rows, keep, x, lo, hi):
-    """Tiles [lo, hi) of chunk kc in 'resident' mode: one masked [C, BN] load each, the next num_stages tiles'
-    loads in flight (registers, the loop's carry) while this tile is summed."""
-    xm = jnp.where(keep, x, 0.0)
-    depth = cfg.num_stages
+    """Tiles [lo, hi) of chunk kc in 'resident' mode. rows, keep, x: lists over the tile's G = C / BK row
+    blocks, [BK] each. A tile is G masked [BK, BN] loads summed elementwise into a [BK, BN] float32 tile
+    and reduced over its rows once (G = 1: one [C, BN] load); the next num_stages row blocks' loads are in
+    flight (registers, the loop's carry) while a block is summed."""
+    xm = [jnp.where(k, v, 0.0) for k, v in zip(keep, x)]
+    g_n, depth = len(rows), cfg.num_stages
 
-    def load(t):  # tile t's kept rows; nothing past hi (the prefetch's tail)
+    def load(t, g):  # row block g of tile t's kept rows; nothing past hi (the prefetch's tail)
       cols = (jnp.minimum(t, hi - 1) - kc * nn) * bn + _iota(bn)
-      mask = jnp.broadcast_to((keep & (t < hi))[:, None], (c, bn))
+      mask = jnp.broadcast_to((keep[g] & (t < hi))[:, None], (rows[g].shape[0], bn))
       return plgpu.load(
-        w_ref.at[rows[:, None], cols[None, :]], mask=mask, other=0, eviction_policy="evict_first"
+        w_ref.at[rows[g][:, None], cols[None, :]], mask=mask, other=0, eviction_policy="evict_first"
       )
 
+    def later(t, s):  # the load s row blocks past tile t's first
+      return load(t + s // g_n, s % g_n)
+
     def tile(t, ahead):
-      nxt = load(t + depth)  # issued before this tile's sum
-      cols = (t - kc * nn) * bn + _iota(bn)
-      w = ahead[0]
-      products = _dot_rows(xm, w) if cfg.acc == "dot" else xm[:, None] * w.astype(jnp.float32)
-      plgpu.store(part_ref.at[kc, cols], jnp.sum(products, axis=0))
-      return ahead[1:] + (nxt,)
+      acc = None
+      for g in range(g_n):
+        ahead, w = ahead[1:] + (later(t, g + depth),), ahead[0]  # the next load issued before this sum
+        products = _dot_rows(xm[g], w) if cfg.acc == "dot" else xm[g][:, None] * w.astype(jnp.float32)
+        acc = products if acc is None else acc + products
+      plgpu.store(part_ref.at[kc, (t - kc * nn) * bn + _iota(bn)], jnp.sum(acc, axis=0))
+      return ahead
 
     def walk():
-      jax.lax.fori_loop(lo, hi, tile, tuple(load(lo + j) for j in range(depth)))
+      jax.lax.fori_loop(lo, hi, tile, tuple(later(lo, s) for s in range(depth)))
 
     if not cfg.skip_empty:
       return walk()
-    kept = jnp.max(keep.astype(jnp.int32)) > 0
+    kept = functools.reduce(jnp.maximum, [jnp.max(k.astype(jnp.int32)) for k in keep]) > 0
     pl.when(kept)(walk)
 
     @pl.when(jnp.logical_not(kept))
@@ -400,7 +406,12 @@ def _gemv(r: dict, plan: Plan, site: int, x_at: Input):
   def chunk(kc, carry):
     k0 = kc * c
     rows = k0 + _iota(c)
-    x = x_at(rows)
+    if cfg.mode == "resident":  # the chunk's G = C / BK row blocks, each [BK]
+      blocks = [k0 + g * bk + _iota(bk) for g in range(c // bk)]
+      xs = [x_at(b) for b in blocks]
+      x = xs[0]
+    else:
+      x = x_at(rows)
     if cfg.timers:  # the prologue: the clock once the program's first chunk's input is in registers
 
       @pl.when(kc == start // nn)
@@ -413,11 +424,15 @@ def _gemv(r: dict, plan: Plan, site: int, x_at: Input):
 
       @pl.when(lo < hi)
       def _():
-        score = jnp.abs(x) * plgpu.load(s_ref.at[_i32(s), rows]) if plan.scaled[site] else jnp.abs(x)
-        keep = score > plgpu.load(t_ref.at[_i32(s)])
+        thr = plgpu.load(t_ref.at[_i32(s)])
+
+        def kept(x, rows):
+          return (jnp.abs(x) * plgpu.load(s_ref.at[_i32(s), rows]) if plan.scaled[site] else jnp.abs(x)) > thr
+
         if cfg.mode == "resident":
-          resident_tiles(kc, rows, keep, x, lo, hi)
+          resident_tiles(kc, blocks, [kept(v, b) for v, b in zip(xs, blocks)], xs, lo, hi)
           return
+        keep = kept(x, rows)
         if masked:  # the chunk's masked inputs in place: a zero (dropped or zero) input's row is not read
           sync_threads(plan.interpret)  # the previous tile's loop has read the scratch
           plgpu.store(xv_ref.at[pid, _iota(c)], jnp.where(keep, x, 0.0))
