@@ -53,10 +53,12 @@ pconfigs=${PCONFIGS:-128:128:128:8:1:0.875:64:2:resident,128:128:128:8:1:0.875:6
 # 3.978-4.032 (64 x 128 / 128 x 64, 8 warps), and tensor-core tiles (acc 'dot') 4.222 (resident) to 5.689.
 # Nsight Compute (session 15) puts the time in each tile's ~385 instructions a thread and its shared-memory
 # barriers: 10 barriers and 5 shared-memory round trips a tile, all from the [C, BN] tile's sum over its rows
-# (warps along the rows) and its conversion to the store layout. So the sweep's defaults, after the baseline, try
-# taller tiles (256 or 512 rows x 64 columns) that pay that sum once per 2-4x more rows (not yet timed).
+# (warps along the rows) and its conversion to the store layout. Session 16 paid that sum 2-4x less often (a tile
+# read as row blocks summed elementwise, block_k < chunk) and lost 12-17 % at 50 % (256:64:128 4.411 ms, 512:128:64
+# 4.595; with 2 blocks ahead at 8 warps not co-resident): the sum does not bound the tile. The sweep's defaults,
+# after the baseline, are the whole tall tiles (one load each), never timed and unlikely to gain after session 16.
 psweep=${PSWEEP:-128:128:128:8:1:0.875:64:2:resident,256:256:64:8:1:0.875:64:2:resident,\
-512:512:64:8:1:0.875:64:2:resident,256:256:64:4:1:0.875:64:2:resident}
+256:256:64:4:1:0.875:64:2:resident}
 configs=benchmarks/configs/h200_partials.json
 sets=${SETS:-$configs}  # per-site tilings timed side by side (session 12 timed h200_tile_acc.json beside it: a loss)
 left() { local l=$((end - SECONDS - 5)); [ "$l" -lt "$1" ] && echo "$l" || echo "$1"; }

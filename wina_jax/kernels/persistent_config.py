@@ -45,9 +45,10 @@ class PersistentConfig:
   in registers (no scratch round trip) and reads each [C, BN] tile as C / BK masked [BK, BN] loads (the
   dropped rows masked out) summed elementwise into a [BK, BN] float32 tile, reduced over its rows once per
   tile (BK = C: one load, one reduction; BK < C: a taller tile, the reduction across warps paid once per C
-  rows; acc 'vector' / 'tile' do not apply); num_stages is its prefetch depth: the next num_stages [BK, BN]
-  loads are in flight, held in registers, while one is summed (Triton's own pipeliner, through shared
-  memory, was 7.7 % slower at TEAL 50 %: decode_h200.md, session 13).
+  rows, measured 12-17 % slower at TEAL 50 % in session 16; acc 'vector' / 'tile' do not apply); num_stages
+  is its prefetch depth: the next num_stages [BK, BN] loads are in flight, held in registers, while one is
+  summed (Triton's own pipeliner, through shared memory, was 7.7 % slower at TEAL 50 %: decode_h200.md,
+  session 13).
   'column' walks the tiles column-block-major instead (split-K: a program sums all its chunks of a column
   block in one accumulator and stores one partial per block, not one per tile; the readers add a few partial
   rows, not one per chunk): each tile one masked [C, BN] load as in 'resident', num_stages its prefetch depth,
@@ -124,8 +125,9 @@ class PersistentConfig:
 # `decoder_layer`): the fastest tiling measured on the H200 that is also co-resident in float32
 # ('resident', 128 x 128 tiles one ahead, 2 programs of 4 warps per SM; 8 warps is 3.7 % faster in bfloat16
 # but untested in float32, where the 'column' walk's 8 warps were not co-resident). Its single-layer GPU
-# tests pass on both real shapes in float32 (sessions 12-15). The dataclass defaults stay the first
-# tiling's, so a spec that names fewer fields means what it meant when it was recorded.
+# tests pass on both real shapes in float32 (sessions 12-15), its 32-step decodes in float32 and bfloat16
+# (session 16). The dataclass defaults stay the first tiling's, so a spec that names fewer fields means
+# what it meant when it was recorded.
 DEFAULT_LAYER = PersistentConfig(
   chunk=128, block_k=128, block_n=128, num_warps=4, num_stages=1, programs_per_sm=2, mode="resident"
 )
