@@ -22,6 +22,9 @@
 #           of phase_timers, which reads the clock 14 times a program): registers, occupancy, warp stall reasons,
 #           memory throughput -> OUT/ncu_<i>.log, and each SASS line's stall samples -> OUT/ncu_<i>_source.csv.gz
 #           (experiments.decode.ncu_stalls summarizes it)
+#   regs    (not in the default STAGES) registers and spills of the layer kernel for each of REGS (comma-separated
+#           specs, default PSWEEP's): one launch under XLA's dump flag, then `ptxas -v` on the dumped PTX that holds
+#           persistent_layer -> OUT/regs.log (Nsight Compute segfaulted in 5 of 8 starts, sessions 15-16; not yet run)
 #   phases  (not in the default STAGES) profile_decode with the kernel split into one launch per phase
 #           (PPHASES, a parse_config spec with split true; default the sweep's fastest tiling): each phase's
 #           kernel time, dense and TEAL 50 % -> OUT/profile_phases.json; session 12's split kernels took
@@ -111,6 +114,22 @@ for item in $(echo "${NCU:-${best:-${pconfigs%%,*}}@0.5}" | tr , ' '); do
     | gzip > "$out/ncu_${i}_source.csv.gz"  # the report (2.5 MB) stays on the machine
   i=$((i + 1))
 done
+regs() {  # regs SPEC...: registers / spills of each spec's layer kernel (ptxas -v on XLA's PTX dump)
+  local ptxas i=0 c
+  ptxas=$(command -v ptxas || ls /usr/local/cuda*/bin/ptxas 2> /dev/null | head -1)
+  for c in "$@"; do
+    i=$((i + 1))
+    echo "## $c"
+    XLA_FLAGS="--xla_dump_to=$HOME/regs_$i" timeout 80 python3 -m experiments.decode.phase_timers \
+      --models=llama3_8b --sparsities=0.5 --reps=1 --persistent_configs="$c" --out="$HOME/regs_$i.json" > /dev/null
+    grep -l persistent_layer "$HOME/regs_$i"/*.ptx | while read -r f; do
+      "$ptxas" -v -arch=sm_90a "$f" -o /dev/null 2>&1 | grep -A3 "entry function '[^']*persistent"
+    done
+  done
+}
+export -f regs
+regs_specs=${REGS:-$psweep}
+stage regs 240 bash -c 'regs "$@"' regs ${regs_specs//,/ }
 # The per-phase profile: the same kernel launched once per phase (persistent_<phase> kernels in the trace), at
 # the sweep's fastest tiling (its mode and split fields filled in, split set to true, acc kept).
 phased=$(python3 -c "import sys; p = sys.argv[1].split(':'); p += ['compact', 'false'][len(p) - 8:]
