@@ -19,10 +19,8 @@ from wina_jax.kernels.grid_sync import SPIN_LIMIT
 MAX_PROGRAMS_PER_SM = 4
 # how a GEMV tile skips dropped rows and in what order a program walks its tiles (PersistentConfig.mode)
 MODES = ("compact", "masked", "resident", "column")
-WHOLE_CHUNK_MODES = (
-  "resident",
-  "column",
-)  # a tile's kept rows read whole ('resident': in C / BK blocks), num_stages loads prefetched in registers
+# the modes whose walk prefetches its own loads in registers, num_stages deep (not Triton's pipeliner)
+PREFETCH_MODES = ("resident", "column")
 PERSISTENT_ACCS = ACCS + ("dot",)  # 'dot': tensor cores ('resident' and 'column' only)
 
 
@@ -99,7 +97,7 @@ class PersistentConfig:
       raise ValueError(f"mode={self.mode!r} is not one of {MODES}")
     if self.acc not in PERSISTENT_ACCS:
       raise ValueError(f"acc={self.acc!r} is not one of {PERSISTENT_ACCS}")
-    if self.acc == "dot" and self.mode not in WHOLE_CHUNK_MODES:
+    if self.acc == "dot" and self.mode not in PREFETCH_MODES:
       raise ValueError(f"acc='dot' applies to mode='resident' or 'column', not mode={self.mode!r}")
     if self.timers and self.split:
       raise ValueError(
@@ -115,7 +113,7 @@ class PersistentConfig:
       raise ValueError(
         f"acc='dot' multiplies whole chunks: block_k={self.block_k} must equal chunk={self.chunk}"
       )
-    if self.mode in WHOLE_CHUNK_MODES and self.num_stages < 1:
+    if self.mode in PREFETCH_MODES and self.num_stages < 1:
       raise ValueError(
         f"mode={self.mode!r} needs num_stages >= 1 (its prefetch depth), got {self.num_stages}"
       )

@@ -56,7 +56,7 @@ from wina_jax.kernels.grid_sync import grid_leave, grid_wait, read_clock, sync_t
 from wina_jax.kernels.pallas_gemv import acc_add, acc_total, acc_zeros, compiler_params
 from wina_jax.kernels.persistent_config import (
   DEFAULT_LAYER,
-  WHOLE_CHUNK_MODES,
+  PREFETCH_MODES,
   PersistentConfig,
   check_grid,
   default_grid,
@@ -406,17 +406,16 @@ def _gemv(r: dict, plan: Plan, site: int, x_at: Input):
   def chunk(kc, carry):
     k0 = kc * c
     rows = k0 + _iota(c)
-    if cfg.mode == "resident":  # the chunk's G = C / BK row blocks, each [BK]
-      blocks = [k0 + g * bk + _iota(bk) for g in range(c // bk)]
-      xs = [x_at(b) for b in blocks]
-      x = xs[0]
-    else:
-      x = x_at(rows)
+    # the input in the pieces the mode reads: 'resident' its G = C / BK row blocks ([BK] each), else the chunk
+    blocks = [k0 + g * bk + _iota(bk) for g in range(c // bk)] if cfg.mode == "resident" else [rows]
+    xs = [x_at(b) for b in blocks]
+    x = xs[0]
     if cfg.timers:  # the prologue: the clock once the program's first chunk's input is in registers
 
       @pl.when(kc == start // nn)
       def _():
-        _mark(r["marks"], pid, PROLOGUE + site, (jnp.sum(x) != 0.0).astype(jnp.int32), plan)
+        after = sum(jnp.sum(v) for v in xs) != 0.0
+        _mark(r["marks"], pid, PROLOGUE + site, after.astype(jnp.int32), plan)
 
     for s in range(len(widths)):
       lo = jnp.maximum(start, kc * nn + bounds[s])
@@ -426,13 +425,13 @@ def _gemv(r: dict, plan: Plan, site: int, x_at: Input):
       def _():
         thr = plgpu.load(t_ref.at[_i32(s)])
 
-        def kept(x, rows):
+        def mask_of(x, rows):  # the rows of x kept for segment s
           return (jnp.abs(x) * plgpu.load(s_ref.at[_i32(s), rows]) if plan.scaled[site] else jnp.abs(x)) > thr
 
         if cfg.mode == "resident":
-          resident_tiles(kc, blocks, [kept(v, b) for v, b in zip(xs, blocks)], xs, lo, hi)
+          resident_tiles(kc, blocks, [mask_of(v, b) for v, b in zip(xs, blocks)], xs, lo, hi)
           return
-        keep = kept(x, rows)
+        keep = mask_of(x, rows)
         if masked:  # the chunk's masked inputs in place: a zero (dropped or zero) input's row is not read
           sync_threads(plan.interpret)  # the previous tile's loop has read the scratch
           plgpu.store(xv_ref.at[pid, _iota(c)], jnp.where(keep, x, 0.0))
@@ -687,9 +686,8 @@ def _launch(args: dict, plan: Plan, phases: tuple[str, ...], carried: dict) -> d
   aliases.update({len(IN_NAMES) + i: out_names.index(k) for i, k in enumerate(carried)})
   body = functools.partial(_kernel, plan=plan, phases=phases, in_names=in_names, out_names=out_names)
   cfg = plan.config
-  stages = (
-    1 if cfg.mode in WHOLE_CHUNK_MODES else cfg.num_stages
-  )  # there num_stages is the walk's own prefetch
+  # Triton's own pipeliner off where num_stages is the walk's own register prefetch depth
+  stages = 1 if cfg.mode in PREFETCH_MODES else cfg.num_stages
   call = pl.pallas_call(
     body,
     out_shape=tuple(shapes.values()),
