@@ -16,17 +16,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import statistics
 import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from absl import app, flags
 
 from experiments import common
 from wina_jax import checks
 from wina_jax.bench.shapes import SHAPES
+from wina_jax.bench.timing import fixed_cost_fit, timed
 from wina_jax.decode import fused_site_shapes
 from wina_jax.kernels import KernelConfig, masked_linear
 from wina_jax.kernels.config import WORKSPACE_BLOCKS, parse, resolve
@@ -94,31 +93,6 @@ _BASE = [
   KernelConfig("compact", 256, 64, 128, 8, 2),
 ]
 CANDIDATES = [dataclasses.replace(c, reduce="atomic") for c in _BASE]
-
-
-def timed(fn, *args, n=40, reps=5) -> float:
-  """Seconds per call: n calls dispatched back to back (host overhead hidden), median of `reps`, after
-  n untimed calls (the GPU's clocks settle under sustained load)."""
-  jax.block_until_ready([fn(*args) for _ in range(n)])
-  ts = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    outs = [fn(*args) for _ in range(n)]
-    jax.block_until_ready(outs)
-    ts.append((time.perf_counter() - t0) / n)
-  return statistics.median(ts)
-
-
-def fixed_cost_fit(points, nbytes) -> dict:
-  """Least-squares us = fixed + kept_bytes / bandwidth over (sparsity, us) points (kept = 1 - sparsity)."""
-  kept = np.array([(1 - s) * nbytes for s, _ in points])
-  us = np.array([u for _, u in points])
-  slope, fixed = np.polyfit(kept, us, 1)
-  return {
-    "fixed_us": float(fixed),
-    "marginal_gb_per_s": float(1e-3 / slope) if slope > 0 else None,
-    "points": points,
-  }
 
 
 def main(argv):
