@@ -52,9 +52,10 @@ def test_compact_layout():
   assert xk.shape == (1, 2, mg.ROWS, 4) and not np.any(np.asarray(xk[:, :, 1:], np.float32))
 
 
-def test_kernels_lower_for_cuda():
+@pytest.mark.parametrize("k", [1024, 256])  # 256: a split of 2 tiles, fewer than the 3 stages
+def test_kernels_lower_for_cuda(k):
   """Both kernels trace and lower to Mosaic GPU (layouts inferred, transforms accepted) on the CPU."""
-  k, segs = 1024, (256, 128)
+  segs = (256, 128)
   cfg = mg.MosaicConfig(64, 64, 3, splits=2, programs=8)
   xk = jnp.zeros((2, 2, mg.ROWS, k // 2), jnp.bfloat16)
   ids, counts = jnp.zeros((2, 2, k // 2), jnp.int32), jnp.zeros((2, 2), jnp.int32)

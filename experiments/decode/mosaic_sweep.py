@@ -5,6 +5,8 @@ Each shape is timed as a stack of distinct weight buffers (>= 600 MB, so the L2 
 jit, as kernel_sweep does. Kept rows are the inputs with |x| above the sparsity's quantile (TEAL).
 
 GPU:  PYTHONPATH=. python3 -m experiments.decode.mosaic_sweep --out=$OUT/mosaic_sweep.json
+CPU smoke test of the script (XLA rows only; the GPU kernels' rows record their errors):
+      .venv/bin/python -m experiments.decode.mosaic_sweep --models=tiny --copies=2 --sparsities=0,0.5 --triton=
 """
 
 from __future__ import annotations
@@ -33,16 +35,26 @@ common.check(
   flags.DEFINE_list("sparsities", ["0", "0.5", "0.65", "0.999"], "sparsities the sparse kernels run at"),
   checks.each(checks.fraction()),
 )
-flags.DEFINE_list("dense", ["64:64:8", "128:64:8", "128:128:4"], "dense_partials tilings (mosaic_gemv.parse)")
-flags.DEFINE_list("rows", ["64:64:4", "64:64:8", "128:64:8"], "rows_partials tilings (block_n 64)")
+flags.DEFINE_list(
+  "dense", ["64:64:8", "128:128:4", "64:64:4:0:264"], "dense_partials tilings (mosaic_gemv.parse)"
+)
+flags.DEFINE_list(
+  "rows",
+  ["64:64:4", "64:64:4:0:264", "64:64:4:0:528"],
+  "rows_partials tilings (block_n 64; programs 264 / 528: 2 / 4 per SM, each with its own issuing thread)",
+)
 flags.DEFINE_list(
   "triton",
   ["benchmarks/configs/h200_partials.json"],
   "kernel_sweep JSONs: the Pallas-Triton per-site tilings",
 )
-flags.DEFINE_list("shapes", [], "only these fused shapes, as d_inxd_out; empty = all")
+flags.DEFINE_list("shapes", [], "only these fused shapes, as d_inxd_out, in this order; empty = all")
 common.check(
   flags.DEFINE_float("budget_s", 400.0, "stop starting new rows after this many seconds"), checks.real(0.0)
+)
+common.check(
+  flags.DEFINE_integer("copies", 0, "weight buffers per shape (0: enough for 600 MB, 10x the H200's L2)"),
+  checks.count(0),
 )
 common.check(flags.DEFINE_string("out", "", "write results JSON here"), checks.out_path())
 FLAGS = flags.FLAGS
@@ -51,6 +63,79 @@ FLAGS = flags.FLAGS
 def rel_err(got, ref) -> float:
   got, ref = got.astype(jnp.float32), ref.astype(jnp.float32)
   return float(jnp.linalg.norm(got - ref) / jnp.linalg.norm(ref))
+
+
+def sweep_shape(name, d_in, segs, entry, save, deadline, triton, key) -> None:
+  """Time XLA dense, the Mosaic kernels (FLAGS.dense, FLAGS.rows) and the Triton tiling on one fused shape,
+  filling `entry` (saved after every row) until `deadline` (time.time())."""
+  n = sum(segs)
+  nbytes = d_in * n * 2
+  copies = FLAGS.copies or max(2, -(-600_000_000 // nbytes))
+  ws = [jax.random.normal(jax.random.fold_in(key, i), (d_in, n), jnp.bfloat16) for i in range(copies)]
+  x = jax.random.normal(jax.random.fold_in(key, 99), (1, d_in), jnp.bfloat16)
+  x8 = jnp.pad(x, ((0, mg.ROWS - 1), (0, 0)))
+
+  def thr(s):
+    q = -1.0 if s == 0 else jnp.quantile(jnp.abs(x.astype(jnp.float32)), s, method="lower")
+    return jnp.full((len(segs),), q, jnp.float32)
+
+  dense = jax.jit(lambda x, ws: [x @ w for w in ws])
+  entry.update(copies=copies, bytes=nbytes, segments=segs, rows=[])
+  entry["xla_dense_us"] = timed(dense, x, ws) / copies * 1e6
+  print(
+    f"== {name}: XLA dense {entry['xla_dense_us']:.1f} us ({nbytes / entry['xla_dense_us'] / 1e3:.0f} GB/s)"
+  )
+
+  def record(kind, spec, s, f, check):
+    if time.time() > deadline:
+      return
+    row = {"kind": kind, "config": spec, "sparsity": s}
+    try:
+      row["rel_err"] = check()
+      row["us"] = timed(f, x, thr(s), ws) / copies * 1e6
+      row["x_xla_dense"] = entry["xla_dense_us"] / row["us"]
+      row["dense_equiv_gb_s"] = nbytes / row["us"] / 1e3
+    except Exception as e:  # a tiling the compiler refuses, or a kernel fault: recorded, not fatal
+      row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+    entry["rows"].append(row)
+    print(
+      f"{name} {kind:6s} {spec:14s} s={s:<6} "
+      + (
+        f"{row['us']:8.1f} us {row['x_xla_dense']:5.2f}x err {row['rel_err']:.1e}"
+        if "us" in row
+        else row["error"]
+      ),
+      flush=True,
+    )
+    save()
+
+  ref_dense = x.astype(jnp.float32) @ ws[0].astype(jnp.float32)
+  for spec in FLAGS.dense:
+    cfg = mg.parse(spec)
+    f = jax.jit(lambda x, t, ws, cfg=cfg: [jnp.sum(mg.dense_partials(x8, w, cfg), 0)[:, 0] for w in ws])
+    record("dense", spec, 0.0, f, lambda f=f: rel_err(f(x, thr(0), ws[:1])[0], ref_dense[0]))
+  for s in [float(v) for v in FLAGS.sparsities]:
+    ref = masked_linear(x, ws[0], thr(s), None, segs, backend="xla")
+    for spec in FLAGS.rows:
+      cfg = mg.parse(spec)
+      f = jax.jit(lambda x, t, ws, cfg=cfg: [mg.masked_linear_mosaic(x, w, t, None, segs, cfg) for w in ws])
+      record("rows", spec, s, f, lambda f=f, s=s, ref=ref: rel_err(f(x, thr(s), ws[:1])[0], ref))
+    tcfg = triton.get((d_in, n))
+    f = jax.jit(
+      lambda x, t, ws: [masked_linear(x, w, t, None, segs, backend="pallas", config=tcfg) for w in ws]
+    )
+    record("triton", "h200_partials", s, f, lambda f=f, s=s, ref=ref: rel_err(f(x, thr(s), ws[:1])[0], ref))
+  for kind, spec in [("rows", r) for r in FLAGS.rows] + [("triton", "h200_partials")]:
+    pts = [
+      (r["sparsity"], r["us"])
+      for r in entry["rows"]
+      if (r["kind"], r["config"]) == (kind, spec) and "us" in r
+    ]
+    if len(pts) >= 2:
+      entry.setdefault("fits", {})[f"{kind} {spec}"] = fit = fixed_cost_fit(pts, nbytes)
+      print(
+        f"   fit {kind} {spec}: {fit['fixed_us']:.1f} us fixed, {fit['marginal_gb_per_s'] or 0:.0f} GB/s marginal"
+      )
 
 
 def main(argv):
@@ -71,85 +156,14 @@ def main(argv):
       with open(FLAGS.out, "w") as f:
         json.dump(res, f, indent=1)
 
-  for model in FLAGS.models:
-    for d_in, segs in fused_site_shapes(SHAPES[model]):
-      n = sum(segs)
-      name = f"{d_in}x{n}"
-      if name in res["shapes"] or (FLAGS.shapes and name not in FLAGS.shapes):
-        continue
-      nbytes = d_in * n * 2
-      copies = max(2, -(-600_000_000 // nbytes))
-      ws = [jax.random.normal(jax.random.fold_in(key, i), (d_in, n), jnp.bfloat16) for i in range(copies)]
-      x = jax.random.normal(jax.random.fold_in(key, 99), (1, d_in), jnp.bfloat16)
-      x8 = jnp.pad(x, ((0, mg.ROWS - 1), (0, 0)))
-
-      def thr(s):
-        q = -1.0 if s == 0 else jnp.quantile(jnp.abs(x.astype(jnp.float32)), s, method="lower")
-        return jnp.full((len(segs),), q, jnp.float32)
-
-      dense = jax.jit(lambda x, ws: [x @ w for w in ws])
-      entry = res["shapes"][name] = {"copies": copies, "bytes": nbytes, "segments": segs, "rows": []}
-      entry["xla_dense_us"] = timed(dense, x, ws) / copies * 1e6
-      print(
-        f"== {name}: XLA dense {entry['xla_dense_us']:.1f} us ({nbytes / entry['xla_dense_us'] / 1e3:.0f} GB/s)"
-      )
-
-      def record(kind, spec, s, f, check):
-        if time.time() - start > FLAGS.budget_s:
-          return
-        row = {"kind": kind, "config": spec, "sparsity": s}
-        try:
-          row["rel_err"] = check()
-          row["us"] = timed(f, x, thr(s), ws) / copies * 1e6
-          row["x_xla_dense"] = entry["xla_dense_us"] / row["us"]
-          row["dense_equiv_gb_s"] = nbytes / row["us"] / 1e3
-        except Exception as e:  # a tiling the compiler refuses, or a kernel fault: recorded, not fatal
-          row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-        entry["rows"].append(row)
-        print(
-          f"{name} {kind:6s} {spec:14s} s={s:<6} "
-          + (
-            f"{row['us']:8.1f} us {row['x_xla_dense']:5.2f}x err {row['rel_err']:.1e}"
-            if "us" in row
-            else row["error"]
-          ),
-          flush=True,
-        )
-        save()
-
-      ref_dense = x.astype(jnp.float32) @ ws[0].astype(jnp.float32)
-      for spec in FLAGS.dense:
-        cfg = mg.parse(spec)
-        f = jax.jit(lambda x, t, ws, cfg=cfg: [jnp.sum(mg.dense_partials(x8, w, cfg), 0)[:, 0] for w in ws])
-        record("dense", spec, 0.0, f, lambda f=f: rel_err(f(x, thr(0), ws[:1])[0], ref_dense[0]))
-      for s in [float(v) for v in FLAGS.sparsities]:
-        ref = masked_linear(x, ws[0], thr(s), None, segs, backend="xla")
-        for spec in FLAGS.rows:
-          cfg = mg.parse(spec)
-          f = jax.jit(
-            lambda x, t, ws, cfg=cfg: [mg.masked_linear_mosaic(x, w, t, None, segs, cfg) for w in ws]
-          )
-          record("rows", spec, s, f, lambda f=f, s=s, ref=ref: rel_err(f(x, thr(s), ws[:1])[0], ref))
-        tcfg = triton.get((d_in, n))
-        f = jax.jit(
-          lambda x, t, ws: [masked_linear(x, w, t, None, segs, backend="pallas", config=tcfg) for w in ws]
-        )
-        record(
-          "triton", "h200_partials", s, f, lambda f=f, s=s, ref=ref: rel_err(f(x, thr(s), ws[:1])[0], ref)
-        )
-      for kind, spec in [("rows", r) for r in FLAGS.rows] + [("triton", "h200_partials")]:
-        pts = [
-          (r["sparsity"], r["us"])
-          for r in entry["rows"]
-          if (r["kind"], r["config"]) == (kind, spec) and "us" in r
-        ]
-        if len(pts) >= 2:
-          entry.setdefault("fits", {})[f"{kind} {spec}"] = fit = fixed_cost_fit(pts, nbytes)
-          print(
-            f"   fit {kind} {spec}: {fit['fixed_us']:.1f} us fixed, {fit['marginal_gb_per_s'] or 0:.0f} GB/s marginal"
-          )
-      ws = None
-      save()
+  sites = {f"{d}x{sum(g)}": (d, g) for model in FLAGS.models for d, g in fused_site_shapes(SHAPES[model])}
+  for name in FLAGS.shapes or list(sites):
+    if name not in sites:
+      raise common.InputError(f"--shapes: {name} is not one of {sorted(sites)}")
+  for name in FLAGS.shapes or list(sites):
+    res["shapes"][name] = {}
+    sweep_shape(name, *sites[name], res["shapes"][name], save, start + FLAGS.budget_s, triton, key)
+    save()
 
 
 if __name__ == "__main__":

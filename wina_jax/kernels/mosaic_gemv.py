@@ -186,7 +186,7 @@ def rows_partials(
 
         lax.fori_loop(0, bk, one, ())
 
-      for t in range(stages):
+      for t in range(min(stages, kp // bk)):  # a split holds at most kp // bk tiles
         pl.when(t < tiles)(functools.partial(issue, t))
 
       def acc_scope(acc_ref):
