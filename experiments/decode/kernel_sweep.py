@@ -25,7 +25,7 @@ from absl import app, flags
 from experiments import common
 from wina_jax import checks
 from wina_jax.bench.shapes import SHAPES
-from wina_jax.bench.timing import fixed_cost_fit, timed
+from wina_jax.bench.timing import fixed_cost_fit, run_record, timed
 from wina_jax.decode import fused_site_shapes
 from wina_jax.kernels import KernelConfig, masked_linear
 from wina_jax.kernels.config import WORKSPACE_BLOCKS, parse, resolve
@@ -100,10 +100,7 @@ def main(argv):
   del argv
   key = jax.random.PRNGKey(0)
   res = {
-    "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-    "jax": jax.__version__,
-    "device": str(jax.devices()[0].device_kind),
-    "declared_numerics": declared,
+    **run_record(declared),
     "shapes": {},
     "best": {},
   }

@@ -22,7 +22,7 @@ from experiments import common
 from wina_jax import checks
 from wina_jax.bench.decode_setup import load_configs
 from wina_jax.bench.shapes import SHAPES
-from wina_jax.bench.timing import fixed_cost_fit, timed
+from wina_jax.bench.timing import fixed_cost_fit, run_record, timed
 from wina_jax.decode import fused_site_shapes
 from wina_jax.kernels import masked_linear
 from wina_jax.kernels import mosaic_gemv as mg
@@ -144,10 +144,7 @@ def main(argv):
   key, start = jax.random.PRNGKey(0), time.time()
   triton = load_configs(FLAGS.triton)
   res = {
-    "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-    "jax": jax.__version__,
-    "device": str(jax.devices()[0].device_kind),
-    "declared_numerics": declared,
+    **run_record(declared),
     "shapes": {},
   }
 

@@ -32,3 +32,13 @@ def fixed_cost_fit(points, nbytes) -> dict:
     "marginal_gb_per_s": float(1e-3 / slope) if slope > 0 else None,
     "points": points,
   }
+
+
+def run_record(declared: dict) -> dict:
+  """The head of a benchmark's JSON: when, which jax and device, and the declared numerics."""
+  return {
+    "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+    "jax": jax.__version__,
+    "device": str(jax.devices()[0].device_kind),
+    "declared_numerics": declared,
+  }

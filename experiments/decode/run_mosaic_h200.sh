@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The Mosaic GPU GEMV (wina_jax.kernels.mosaic_gemv, issue 25) on one H200 in one device call. From the
+# repository root:
+#
+#   experiments/decode/run_mosaic_h200.sh $OUT
+#
+#   tests   pytest -k gpu tests/test_mosaic_gemv.py (both kernels against XLA) under 200 s -> OUT/tests.log
+#   sweep   experiments.decode.mosaic_sweep under SWEEP_S (default 330 s; --budget_s 50 s less): per Llama-3-8B
+#           fused shape (SHAPES, largest first), XLA dense, the dense kernel (DENSE specs), the kept-row kernel
+#           (ROWS specs) and the Pallas-Triton per-site tiling at 0 / 50 / 65 / 99.9 % -> OUT/mosaic_sweep.json
+# STAGES (comma-separated, default both) runs a subset; extra arguments go to mosaic_sweep.
+set -u
+OUT=${1:?usage: run_mosaic_h200.sh OUT [mosaic_sweep flags]}
+shift
+mkdir -p "$OUT"
+STAGES=${STAGES:-tests,sweep}
+SWEEP_S=${SWEEP_S:-330}
+SHAPES=${SHAPES:-4096x28672,14336x4096,4096x6144,4096x4096}
+export PYTHONPATH=.
+{ nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv; python3 -c "import jax; print(jax.__version__, jax.devices())"; } > "$OUT/gpu.txt" 2>&1
+if [[ ,$STAGES, == *,tests,* ]]; then
+  timeout 200 python3 -m pytest -q -x -p no:cacheprovider tests/test_mosaic_gemv.py -k gpu > "$OUT/tests.log" 2>&1
+  echo "tests rc=$?" >> "$OUT/tests.log"
+  tail -30 "$OUT/tests.log"
+fi
+if [[ ,$STAGES, == *,sweep,* ]]; then
+  args=(--budget_s=$((SWEEP_S - 50)) --shapes="$SHAPES" --out="$OUT/mosaic_sweep.json")
+  [[ -n ${DENSE:-} ]] && args+=(--dense="$DENSE")
+  [[ -n ${ROWS:-} ]] && args+=(--rows="$ROWS")
+  timeout "$SWEEP_S" python3 -m experiments.decode.mosaic_sweep "${args[@]}" "$@" > "$OUT/mosaic_sweep.log" 2>&1
+  echo "sweep rc=$?" >> "$OUT/mosaic_sweep.log"
+  grep -v '^[IWE][0-9]' "$OUT/mosaic_sweep.log" | tail -80
+fi
