@@ -91,10 +91,10 @@ def test_config_errors(kwargs, match):
 
 def test_input_errors():
   x, w, t, _ = case(9, 512, (128,))
-  with pytest.raises(ValueError, match="at most 8 rows"):
+  with pytest.raises(ValueError, match=r"9 rows \(at most 8\)"):
     mg.masked_linear_mosaic(x, w, t, None, (128,), SMALL)
   x, w, t, _ = case(1, 512, (128,))
-  with pytest.raises(ValueError, match="bfloat16"):
+  with pytest.raises(ValueError, match="bfloat16 only"):
     mg.masked_linear_mosaic(x.astype(jnp.float32), w, t, None, (128,), SMALL)
   with pytest.raises(ValueError, match="mosaic config"):
     mg.parse("64:64")
@@ -121,3 +121,20 @@ def test_gpu_dense_kernel_matches_xla(spec):
   x, w, _, _ = case(8, 2048, (1024,))
   got = jnp.sum(jax.jit(lambda x, w: mg.dense_partials(x, w, mg.parse(spec)))(x, w), 0).T
   close(got, jnp.dot(x.astype(jnp.float32), w.astype(jnp.float32), precision="highest"))
+
+
+def test_masked_linear_backend_mosaic():
+  """backend 'mosaic' through `masked_linear` (the jnp contract off the GPU) equals the XLA path; float32
+  input and more than 8 rows fall back to the other kernels, with the same result."""
+  from wina_jax.kernels import masked_linear
+
+  x, w, t, sc = case(2, 512, (128, 64, 64))
+  ref = masked_linear(x, w, t, sc, (128, 64, 64), backend="xla")
+  close(masked_linear(x, w, t, sc, (128, 64, 64), backend="mosaic", config=SMALL), ref, 1e-2)
+  for m, dtype in [(2, jnp.float32), (9, jnp.bfloat16)]:
+    x, w, t, sc = case(m, 512, (128, 64, 64))
+    x, w = x.astype(dtype), w.astype(dtype)
+    close(
+      masked_linear(x, w, t, sc, (128, 64, 64), backend="mosaic"),
+      masked_linear_xla(x, w, t, sc, (128, 64, 64)),
+    )

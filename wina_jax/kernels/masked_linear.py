@@ -10,11 +10,12 @@ import jax
 import jax.numpy as jnp
 
 from wina_jax.kernels import config as C
+from wina_jax.kernels import mosaic_gemv as MG
 from wina_jax.kernels.pallas_gemv import sparse_gemv
 from wina_jax.kernels.reference import masked_linear_xla
 from wina_jax.layers import rms_norm
 
-BACKENDS = ("auto", "pallas", "interpret", "xla")
+BACKENDS = ("auto", "pallas", "interpret", "xla", "mosaic")
 
 
 def pick_backend(backend: str, rows: int) -> str:
@@ -34,7 +35,7 @@ def masked_linear(
   segments: Optional[Sequence[int]] = None,
   *,
   backend: str = "auto",
-  config: Optional[C.KernelConfig] = None,
+  config: Optional[C.KernelConfig | MG.MosaicConfig] = None,
   workspace: Optional[jax.Array] = None,
   slot: int = 0,
   norm: Optional[tuple[jax.Array, float]] = None,
@@ -51,6 +52,8 @@ def masked_linear(
   without a workspace a 'semaphore' config runs the 'partials' reduce.
   norm: (gain [d_in], eps): x is un-normalised and the product runs on `layers.rms_norm(x, gain, eps)`;
   the Pallas kernel computes the norm in its prologue (no separate norm kernel), the XLA path first.
+  backend 'mosaic': the Mosaic GPU kept-row kernel (`mosaic_gemv`, config a MosaicConfig; bfloat16, up to 8
+  rows; the norm runs first) on the GPU, its jnp contract elsewhere; sites it does not take run as 'auto'.
   """
   d_in, d_out = kernel.shape
   if x.shape[-1] != d_in:
@@ -66,6 +69,17 @@ def masked_linear(
   for s in lead:
     rows *= s
   mode = pick_backend(backend, rows)
+  if mode == "mosaic":
+    mcfg = config if isinstance(config, MG.MosaicConfig) else MG.MosaicConfig()
+    if MG.unsupported(rows, x.dtype, kernel, segments, mcfg) is None:
+      if norm is not None:
+        x = rms_norm(x, norm[0], norm[1])
+      impl = None if jax.default_backend() == "gpu" else MG.partials_reference
+      y = MG.masked_linear_mosaic(
+        x.reshape(rows, d_in), kernel, thresholds, scales, segments, mcfg, impl=impl
+      )
+      return y.reshape(*lead, d_out)
+    mode, config = pick_backend("auto", rows), None
   cfg = C.resolve(config, d_in, segments) if mode != "xla" else None
   # the kernel's prologue rounds the norm to x's dtype, as rms_norm does only when the gain's dtype is no wider
   in_kernel_norm = norm is None or jnp.promote_types(norm[0].dtype, x.dtype) == x.dtype

@@ -260,6 +260,24 @@ def partials_reference(
   return per_g[g_of, :, jnp.arange(w.shape[1])].transpose(1, 0, 2)  # [S, N, 8]
 
 
+def unsupported(
+  rows: int, dtype, kernel: jax.Array, segments: Sequence[int], cfg: MosaicConfig
+) -> Optional[str]:
+  """Why the kept-row kernel cannot take this site (None if it can): more than 8 rows, not bfloat16, or a
+  shape its tiling does not divide."""
+  if rows > ROWS:
+    return f"{rows} rows (at most {ROWS})"
+  if dtype != jnp.bfloat16 or kernel.dtype != jnp.bfloat16:
+    return f"x {jnp.dtype(dtype).name}, kernel {kernel.dtype.name} (bfloat16 only)"
+  try:
+    cfg = resolved(cfg, *kernel.shape)
+  except ValueError as e:
+    return str(e)
+  if any(w % cfg.block_n for w in segments):
+    return f"segments {tuple(segments)} are not multiples of block_n={cfg.block_n}"
+  return None
+
+
 def masked_linear_mosaic(
   x: jax.Array,
   kernel: jax.Array,
@@ -274,16 +292,9 @@ def masked_linear_mosaic(
   scales None or [S_seg, K] -> [M, N] in x's dtype. impl: the partials function (default `rows_partials`;
   `partials_reference` on the CPU)."""
   m, k = x.shape
-  if m > ROWS:
-    raise ValueError(f"the Mosaic GEMV takes at most {ROWS} rows, got {m}: use backend 'xla'")
-  if kernel.dtype != jnp.bfloat16 or x.dtype != jnp.bfloat16:
-    raise ValueError(
-      f"the Mosaic GEMV multiplies bfloat16 (got x {x.dtype}, kernel {kernel.dtype}): cast the model to "
-      "bfloat16 or use backend 'pallas' / 'xla'"
-    )
+  if why := unsupported(m, x.dtype, kernel, segments, cfg):
+    raise ValueError(f"the Mosaic GEMV does not take this site: {why}; use backend 'pallas' or 'xla'")
   cfg = resolved(cfg, k, kernel.shape[1])
-  if any(wd % cfg.block_n for wd in segments):
-    raise ValueError(f"segments {tuple(segments)} are not multiples of block_n={cfg.block_n}")
   score = jnp.abs(x.astype(jnp.float32))[None] * (1.0 if scales is None else scales[:, None, :])
   keep = jnp.broadcast_to(score > thresholds[:, None, None], (len(segments), m, k))
   parts = (impl or rows_partials)(*compact(x, keep, cfg.splits), kernel, cfg, tuple(segments))

@@ -30,6 +30,7 @@ from wina_jax.kernels import persistent_layer as PL
 from wina_jax.kernels.config import WORKSPACE_BLOCKS, KernelConfig
 from wina_jax.kernels.grid_sync import check_waits, new_counter
 from wina_jax.kernels.masked_linear import masked_linear
+from wina_jax.kernels.mosaic_gemv import MosaicConfig
 from wina_jax.kernels.reference import keep_mask
 from wina_jax.layers import rms_norm
 
@@ -38,7 +39,7 @@ from wina_jax.layers import rms_norm
 class FusedThresholdSparsifier:
   """thresholds: {site: [] or [S]} float32 (traced); scales: {site: [d_in] or [S, d_in]} float32
   (traced, WINA column norms; absent = TEAL's |x|); segments: static ((site, widths), ...) for fused
-  sites; backend: 'auto' | 'pallas' | 'interpret' | 'xla' | 'persistent' (whole layers where they apply,
+  sites; backend: 'auto' | 'pallas' | 'interpret' | 'xla' | 'mosaic' | 'persistent' (whole layers where they apply,
   `fused_layer`; per-site kernels as 'auto' elsewhere);
   configs: static (((d_in, d_out), KernelConfig), ...) tilings per kernel shape (else the default);
   workspace: int32 [sites, WORKSPACE_BLOCKS] zeros, one row per site (sorted order), when a config
@@ -48,7 +49,9 @@ class FusedThresholdSparsifier:
   0.09 ms slower at 50 / 65 %, its kernels losing more than the norm kernels it removes; decode_h200.md, session 7);
   layer_config: static `PersistentConfig` of backend 'persistent' (None: `persistent_config.DEFAULT_LAYER`);
   counter: its int32 [3] (`grid_sync.new_counter`: the grid-wide waits' counter, left zeroed by every launch,
-  so made once; its third slot counts waits the watchdog gave up, which `check_waits` raises on)."""
+  so made once; its third slot counts waits the watchdog gave up, which `check_waits` raises on);
+  mosaic_config: static `MosaicConfig` of backend 'mosaic' (the Mosaic GPU kept-row kernel at every site it
+  takes; None: its default tiling)."""
 
   thresholds: dict = struct.field(default_factory=dict)
   scales: dict = struct.field(default_factory=dict)
@@ -59,6 +62,7 @@ class FusedThresholdSparsifier:
   fuse_norm: bool = struct.field(pytree_node=False, default=False)
   layer_config: Optional[PC.PersistentConfig] = struct.field(pytree_node=False, default=None)
   counter: Optional[jax.Array] = None
+  mosaic_config: Optional[MosaicConfig] = struct.field(pytree_node=False, default=None)
 
   @classmethod
   def create(
@@ -139,7 +143,7 @@ class FusedThresholdSparsifier:
       self.scales.get(site),
       self._segments(site),
       backend="auto" if self.backend == "persistent" else self.backend,
-      config=dict(self.configs).get(tuple(kernel.shape)),
+      config=self.mosaic_config if self.backend == "mosaic" else dict(self.configs).get(tuple(kernel.shape)),
       workspace=self.workspace,
       slot=sorted(self.thresholds).index(site),
       norm=norm,
