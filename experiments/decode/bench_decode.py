@@ -44,6 +44,7 @@ from wina_jax.bench.decode_setup import (
 from wina_jax.bench.shapes import SHAPES
 from wina_jax.decode import decode_loop, decode_step, fuse_projections
 from wina_jax.kernels import FusedThresholdSparsifier
+from wina_jax.kernels import mosaic_gemv as MG
 from wina_jax.kernels import persistent_config as PC
 from wina_jax.kernels import persistent_layer as PL
 from wina_jax.model import init_cache
@@ -123,6 +124,15 @@ common.check(
     " for dense and every sparse variant but wina_sc; empty = none",
   ),
   checks.each(checks.parses(PC.parse_config), str),
+)
+common.check(
+  flags.DEFINE_list(
+    "mosaic_configs",
+    [],
+    "Mosaic GPU kept-row kernel tilings (mosaic_gemv.parse: block_k:block_n:stages[:splits[:programs]]), each "
+    "timed at batch 1 for every sparse variant but wina_sc as backend 'mosaic'; empty = none",
+  ),
+  checks.each(checks.parses(MG.parse), str),
 )
 flags.DEFINE_bool("host_rows", True, "time the host-dispatch rows (no_linear_host, dense_host)")
 common.check(flags.DEFINE_string("out", "", "write results JSON here"), checks.out_path())
@@ -261,6 +271,7 @@ def bench_model(name, key, config_sets, backend) -> list[dict]:
       + (f"dense_at={extra['dense_at']:g} " if "dense_at" in extra else "")
       + ("fuse_norm " if extra.get("fuse_norm") else "")
       + (f"persistent={extra['persistent']} " if "persistent" in extra else "")
+      + (f"mosaic={extra['mosaic']} " if "mosaic" in extra else "")
       + (f"set={extra['config_set']} " if "config_set" in extra else "")
       + f"{nbytes / secs / 1e9:8.1f} GB/s {extra.get('check_vs_xla', '')}"
     )
@@ -347,6 +358,15 @@ def bench_model(name, key, config_sets, backend) -> list[dict]:
             record(method, s, b, t, step_bytes(params, cfg, b, max_len, kept), att, kept, **extra)
         if b == 1 and FLAGS.persistent_configs:
           persistent(method, s, *make_sparsifier(scores, s, 1, config_sets[0], backend))
+        for spec in FLAGS.mosaic_configs if b == 1 else []:
+          sp, kept = make_sparsifier(scores, s, 1, config_sets[0], backend)
+          sp = sp.replace(backend="mosaic", mosaic_config=MG.parse(spec))
+          for att in attentions:
+            t = time_decode(params, cfg, sp, tokens[:1], max_len, reps, attention=att)
+            extra = {"mosaic": spec}
+            if s == 0.5:
+              extra["check_vs_xla"] = check_against_xla(params, cfg, sp, tokens[:1], max_len, att)
+            record(method, s, 1, t, step_bytes(params, cfg, 1, max_len, kept), att, kept, **extra)
     del scores
   if "wina_sc" in FLAGS.methods:
     params = add_shortcuts(params, seed=2)
