@@ -52,11 +52,13 @@ def test_compact_layout():
   assert xk.shape == (1, 2, mg.ROWS, 4) and not np.any(np.asarray(xk[:, :, 1:], np.float32))
 
 
-@pytest.mark.parametrize("k", [1024, 256])  # 256: a split of 2 tiles, fewer than the 3 stages
-def test_kernels_lower_for_cuda(k):
+@pytest.mark.parametrize(
+  "k,gather", [(1024, "tma"), (256, "tma"), (1024, "cp_async")]
+)  # 256: 2 tiles < 3 stages
+def test_kernels_lower_for_cuda(k, gather):
   """Both kernels trace and lower to Mosaic GPU (layouts inferred, transforms accepted) on the CPU."""
   segs = (256, 128)
-  cfg = mg.MosaicConfig(64, 64, 3, splits=2, programs=8)
+  cfg = mg.MosaicConfig(64, 64, 3, splits=2, programs=8, gather=gather)
   xk = jnp.zeros((2, 2, mg.ROWS, k // 2), jnp.bfloat16)
   ids, counts = jnp.zeros((2, 2, k // 2), jnp.int32), jnp.zeros((2, 2), jnp.int32)
   w = jnp.zeros((k, sum(segs)), jnp.bfloat16)
@@ -82,6 +84,7 @@ def test_resolved_splits_fill_the_grid():
     (dict(block_n=512), "over wgmma's 256"),
     (dict(block_k=96), "power of two"),
     (dict(stages=0), "stages=0"),
+    (dict(gather="ldg"), "gather='ldg'"),
   ],
 )
 def test_config_errors(kwargs, match):
@@ -102,7 +105,9 @@ def test_input_errors():
 
 @needs_gpu
 @pytest.mark.parametrize("m,segs,wina", [(1, (1024, 256, 256), False), (3, (512, 512), True)])
-@pytest.mark.parametrize("spec", ["64:64:2", "64:64:4:2", "128:64:3:0:264"])
+@pytest.mark.parametrize(
+  "spec", ["64:64:2", "64:64:4:2", "128:64:3:0:264", "64:64:4:0:0:cp_async", "128:64:2:2:264:cp_async"]
+)
 def test_gpu_rows_kernel_matches_xla(m, segs, wina, spec):
   x, w, t, sc = case(m, 2048, segs, wina=wina)
   cfg = mg.parse(spec)

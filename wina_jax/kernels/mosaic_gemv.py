@@ -32,16 +32,22 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.mosaic.gpu import utils as mgpu_utils
 from jax.experimental.pallas import mosaic_gpu as plgpu
+from jaxlib.mlir import ir
+from jaxlib.mlir.dialects import arith, llvm, memref, nvvm
 
 from wina_jax.kernels.config import check_powers_of_two, spec_fields
 from wina_jax.kernels.persistent_config import sm_count
 
+WARPGROUP = 128  # threads of a program
 ROWS = 8  # batch rows a program multiplies (wgmma's smallest N); fewer are zero-padded
 SWIZZLE = 128  # bytes: one 64-column bfloat16 row of a tile
 TILE_COLS = SWIZZLE // 2  # bfloat16 columns per swizzled tile row (and per row copy)
 IDS_COLS = 128  # the kept-row ids travel as [K / S / 128, 128] (TMA boxes hold at most 256 per dim)
 H100_SMS = 132  # programs where the device does not report its SMs
+GATHERS = ("tma", "cp_async")
+CHUNK = 8  # bfloat16 elements per 16-byte cp.async piece (and per swizzle unit)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,7 +57,9 @@ class MosaicConfig:
   block_k: rows per weight tile (a multiple of 64); block_n: output columns per work item (a multiple of
   64, at most 256); stages: tiles in flight per program; splits: K ranges whose partial sums XLA adds
   (0: the fewest, a power of two, that give every program a work item); programs: the persistent grid
-  (0: the device's SM count).
+  (0: the device's SM count); gather: how `rows_partials` brings a tile's kept rows into shared memory:
+  'tma' (one 128-byte TMA copy per row, issued by one thread, counted on the tile's barrier) or 'cp_async'
+  (every thread of the warpgroup copies 16-byte pieces with cp.async, placed at their swizzled offsets).
   """
 
   block_k: int = 64
@@ -59,8 +67,11 @@ class MosaicConfig:
   stages: int = 4
   splits: int = 0
   programs: int = 0
+  gather: str = "tma"
 
   def __post_init__(self):
+    if self.gather not in GATHERS:
+      raise ValueError(f"gather={self.gather!r} is not one of {GATHERS}")
     check_powers_of_two(self, ("block_k", "block_n"))
     if self.stages < 1:
       raise ValueError(f"stages={self.stages} must be >= 1")
@@ -73,7 +84,8 @@ class MosaicConfig:
 
 
 def parse(spec: str) -> MosaicConfig:
-  """A config from 'block_k:block_n:stages[:splits[:programs]]', e.g. '64:64:4'."""
+  """A config from 'block_k:block_n:stages[:splits[:programs[:gather]]]', e.g. '64:64:4' or
+  '64:64:4:0:264:cp_async'."""
   return MosaicConfig(**spec_fields(MosaicConfig, spec, 3, "mosaic config"))
 
 
@@ -147,6 +159,68 @@ def dense_partials(x8: jax.Array, w: jax.Array, cfg: MosaicConfig) -> jax.Array:
   )(x8, w)
 
 
+def _cp_async_rows(ids, w_cols, dst) -> None:
+  """Every thread of the warpgroup copies its 16-byte pieces of a tile's kept rows with cp.async (one
+  commit group per call): ids [BK] int32 (shared), w_cols [K, 64] bf16 (global, the work item's columns),
+  dst [BK / 8, 1, 8, 64] bf16 (the tile's physical shared buffer, 128-byte swizzle: piece q of row r goes to
+  piece q ^ (r % 8) of its 128-byte row, where wgmma and TMA expect it)."""
+
+  @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),) * 3)
+  def issue(ctx, ids_ref, w_ref, dst_ref):
+    del ctx
+    i32, i64, bf16 = ir.IntegerType.get_signless(32), ir.IntegerType.get_signless(64), ir.BF16Type.get()
+    stride = ir.MemRefType(w_ref.type).get_strides_and_offset()[0][0]
+    gbase = llvm.addrspacecast(llvm.PointerType.get(address_space=1), mgpu_utils.memref_ptr(w_ref))
+    sbase = mgpu_utils.memref_ptr(dst_ref)
+    tid = mgpu_utils.thread_idx()
+    pieces = ir.MemRefType(ids_ref.type).shape[0] * TILE_COLS // CHUNK
+    for j in range(pieces // WARPGROUP):
+      piece = arith.addi(tid, mgpu_utils.c(WARPGROUP * j, i32))
+      r = arith.shrui(piece, mgpu_utils.c(3, i32))
+      q = arith.andi(piece, mgpu_utils.c(7, i32))
+      row = memref.load(ids_ref, [arith.index_cast(ir.IndexType.get(), r)])
+      src = arith.addi(
+        arith.muli(arith.extsi(i64, row), mgpu_utils.c(stride, i64)),
+        arith.extui(i64, arith.muli(q, mgpu_utils.c(CHUNK, i32))),
+      )
+      swizzled = arith.xori(q, arith.andi(r, mgpu_utils.c(7, i32)))
+      to = arith.addi(
+        arith.muli(r, mgpu_utils.c(TILE_COLS, i32)), arith.muli(swizzled, mgpu_utils.c(CHUNK, i32))
+      )
+      nvvm.cp_async_shared_global(
+        mgpu_utils.getelementptr(sbase, [to], bf16),
+        mgpu_utils.getelementptr(gbase, [src], bf16),
+        16,
+        nvvm.LoadCacheModifierKind.CG,
+      )
+
+  issue(ids, w_cols, dst)
+
+
+def _cp_async_commit() -> None:
+  """Close this thread's current cp.async group (empty groups too, so the count stays static)."""
+
+  @plgpu.inline_mgpu()
+  def commit(ctx):
+    del ctx
+    nvvm.cp_async_commit_group()
+
+  commit()
+
+
+def _cp_async_wait(pending: int) -> None:
+  """Wait until at most `pending` of this thread's cp.async groups are in flight, then make every thread's
+  copies visible to the tensor cores (fence.proxy.async and a warpgroup barrier)."""
+
+  @plgpu.inline_mgpu()
+  def wait(ctx):
+    del ctx
+    nvvm.cp_async_wait_group(pending)
+    mgpu_utils.commit_shared()
+
+  wait()
+
+
 def rows_partials(
   xk: jax.Array, ids: jax.Array, counts: jax.Array, w: jax.Array, cfg: MosaicConfig, segments: Sequence[int]
 ) -> jax.Array:
@@ -160,6 +234,7 @@ def rows_partials(
   if bn != TILE_COLS:
     raise ValueError(f"rows_partials takes block_n={TILE_COLS} (one swizzled row per copy), got {bn}")
   starts = [sum(segments[:j]) // bn for j in range(1, len(segments))]  # first column block of each segment
+  cp_async = cfg.gather == "cp_async"
 
   def body(xk_gmem, ids_gmem, cnt_gmem, w_gmem, o_gmem, x_smem, w_union, i_smem, bar, ibar):
     rows, w_smem = w_union  # one buffer, two views: row-tiled for the copies, (8, 64)-tiled for wgmma
@@ -176,6 +251,10 @@ def rows_partials(
       def issue(t):
         slot = t % stages
         plgpu.copy_gmem_to_smem(xk_gmem.at[g, s, :, pl.ds(t * bk, bk)], x_smem.at[slot], bar.at[slot])
+        if cp_async:
+          tile_ids = i_smem.at[(t * bk) // IDS_COLS, pl.ds((t * bk) % IDS_COLS, bk)]
+          _cp_async_rows(tile_ids, w_gmem.at[:, pl.ds(col * bn, bn)], w_smem.ref.at[slot])
+          return
 
         def one(r, _):
           row = i_smem[(t * bk + r) // IDS_COLS, (t * bk + r) % IDS_COLS]
@@ -186,12 +265,19 @@ def rows_partials(
 
         lax.fori_loop(0, bk, one, ())
 
-      for t in range(min(stages, kp // bk)):  # a split holds at most kp // bk tiles
+      ahead = min(stages, kp // bk)  # a split holds at most kp // bk tiles
+      for t in range(ahead):
         pl.when(t < tiles)(functools.partial(issue, t))
+        if cp_async:
+          _cp_async_commit()
 
       def acc_scope(acc_ref):
         def step(t, _):
           slot = t % stages
+          if cp_async:
+            _cp_async_wait(
+              ahead - 1
+            )  # tile t's group: `ahead` were committed before it and one per step since
           plgpu.barrier_wait(bar.at[slot])
           plgpu.wgmma(
             acc_ref,
@@ -200,6 +286,8 @@ def rows_partials(
           )
           plgpu.wgmma_wait(0)
           pl.when(t + stages < tiles)(lambda: issue(t + stages))
+          if cp_async:
+            _cp_async_commit()
           return ()
 
         lax.fori_loop(0, tiles, step, ())
@@ -221,7 +309,7 @@ def rows_partials(
         plgpu.SMEM((stages, bk, bn), jnp.bfloat16, transforms=tiled),
       ),
       i_smem=plgpu.SMEM((kp // IDS_COLS, IDS_COLS), jnp.int32),
-      bar=plgpu.Barrier(num_arrivals=bk + 1, num_barriers=stages),
+      bar=plgpu.Barrier(num_arrivals=1 if cp_async else bk + 1, num_barriers=stages),
       ibar=plgpu.Barrier(),
     ),
     compiler_params=_params(),
