@@ -4,7 +4,8 @@
 #
 #   experiments/decode/run_mosaic_h200.sh $OUT
 #
-#   tests   pytest -k gpu tests/test_mosaic_gemv.py (both kernels against XLA) under 200 s -> OUT/tests.log
+#   tests   pytest -k gpu tests/test_mosaic_gemv.py (both kernels against XLA; TESTS_K: another -k) under 200 s
+#           -> OUT/tests.log
 #   sweep   experiments.decode.mosaic_sweep under SWEEP_S (default 330 s; --budget_s 50 s less): per Llama-3-8B
 #           fused shape (SHAPES, largest first), XLA dense, the dense kernel (DENSE specs), the kept-row kernel
 #           (ROWS specs) and the Pallas-Triton per-site tiling at 0 / 50 / 65 / 99.9 % -> OUT/mosaic_sweep.json
@@ -23,7 +24,7 @@ SHAPES=${SHAPES:-4096x28672,14336x4096,4096x6144,4096x4096}
 export PYTHONPATH=.
 { nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv; python3 -c "import jax; print(jax.__version__, jax.devices())"; } > "$OUT/gpu.txt" 2>&1
 if [[ ,$STAGES, == *,tests,* ]]; then
-  timeout 200 python3 -m pytest -q -x -p no:cacheprovider tests/test_mosaic_gemv.py -k gpu > "$OUT/tests.log" 2>&1
+  timeout 200 python3 -m pytest -q -x -p no:cacheprovider tests/test_mosaic_gemv.py -k "${TESTS_K:-gpu}" > "$OUT/tests.log" 2>&1
   echo "tests rc=$?" >> "$OUT/tests.log"
   tail -30 "$OUT/tests.log"
 fi

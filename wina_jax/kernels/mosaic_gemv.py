@@ -159,10 +159,19 @@ def dense_partials(x8: jax.Array, w: jax.Array, cfg: MosaicConfig) -> jax.Array:
   )(x8, w)
 
 
+def _untiled(tile_ref):
+  """The bfloat16 buffer behind a tiled, swizzled scratch ref (for the row-tiled view: [stages, BK, 1, 1, 64],
+  128-byte rows): its transforms without the last two (the swizzle and tiling its declaration added). Not
+  `tile_ref.ref`, which in a RefUnion is the union's int8 bytes (indexing it by slot addressed bytes: a
+  misaligned-address fault on the H200). Only for a view used no other way (layout inference gives one
+  shape per view)."""
+  return type(tile_ref)(tile_ref.ref, tile_ref.transforms[:-2])
+
+
 def _cp_async_rows(ids, w_cols, dst) -> None:
   """Every thread of the warpgroup copies its 16-byte pieces of a tile's kept rows with cp.async (one
   commit group per call): ids [BK] int32 (shared), w_cols [K, 64] bf16 (global, the work item's columns),
-  dst [BK / 8, 1, 8, 64] bf16 (the tile's physical shared buffer, 128-byte swizzle: piece q of row r goes to
+  dst [BK, 1, 1, 64] bf16 (the tile's physical shared buffer, 128-byte swizzle: piece q of row r goes to
   piece q ^ (r % 8) of its 128-byte row, where wgmma and TMA expect it)."""
 
   @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),) * 3)
@@ -253,7 +262,7 @@ def rows_partials(
         plgpu.copy_gmem_to_smem(xk_gmem.at[g, s, :, pl.ds(t * bk, bk)], x_smem.at[slot], bar.at[slot])
         if cp_async:
           tile_ids = i_smem.at[(t * bk) // IDS_COLS, pl.ds((t * bk) % IDS_COLS, bk)]
-          _cp_async_rows(tile_ids, w_gmem.at[:, pl.ds(col * bn, bn)], w_smem.ref.at[slot])
+          _cp_async_rows(tile_ids, w_gmem.at[:, pl.ds(col * bn, bn)], _untiled(rows).at[slot])
           return
 
         def one(r, _):
