@@ -106,7 +106,7 @@ def test_input_errors():
 @needs_gpu
 @pytest.mark.parametrize("m,segs,wina", [(1, (1024, 256, 256), False), (3, (512, 512), True)])
 @pytest.mark.parametrize(
-  "spec", ["64:64:2", "64:64:4:2", "128:64:3:0:264", "64:64:4:0:0:cp_async", "128:64:2:2:264:cp_async"]
+  "spec", ["64:64:2:0:0:tma", "64:64:4:2:0:tma", "128:64:3:0:264:tma", "64:64:4", "128:64:2:2:264"]
 )
 def test_gpu_rows_kernel_matches_xla(m, segs, wina, spec):
   x, w, t, sc = case(m, 2048, segs, wina=wina)

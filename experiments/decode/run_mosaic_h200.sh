@@ -11,7 +11,7 @@
 #           (ROWS specs) and the Pallas-Triton per-site tiling at 0 / 50 / 65 / 99.9 % -> OUT/mosaic_sweep.json
 #   decode  (not in the default STAGES) bench_decode, Llama-3-8B, batch 1, Pallas attention, TEAL at 0 / 50 / 65 /
 #           99.9 %: dense, the per-site Triton kernels (benchmarks/configs/h200_partials.json) and backend 'mosaic'
-#           at each of MCONFIGS (comma-separated mosaic_gemv.parse specs, default 64:64:4:0:528) in one run, with
+#           at each of MCONFIGS (comma-separated mosaic_gemv.parse specs, default 64:64:4:0:264) in one run, with
 #           the weightless step, under DECODE_S (default 300 s) -> OUT/bench_llama_mosaic.json
 # STAGES (comma-separated, default tests,sweep) runs a subset; extra arguments go to mosaic_sweep.
 set -u
@@ -39,7 +39,7 @@ fi
 if [[ ,$STAGES, == *,decode,* ]]; then
   timeout "${DECODE_S:-300}" python3 -m experiments.decode.bench_decode --models=llama3_8b --methods=teal \
     --batches=1 --sparsities=0,0.5,0.65,0.999 --attention=pallas --reps=3 --host_rows=false \
-    --configs=benchmarks/configs/h200_partials.json --mosaic_configs="${MCONFIGS:-64:64:4:0:528}" \
+    --configs=benchmarks/configs/h200_partials.json --mosaic_configs="${MCONFIGS:-64:64:4:0:264}" \
     --out="$OUT/bench_llama_mosaic.json" > "$OUT/bench_llama_mosaic.log" 2>&1
   echo "decode rc=$?" >> "$OUT/bench_llama_mosaic.log"
   grep -v '^[IWE][0-9]' "$OUT/bench_llama_mosaic.log" | tr '\r' '\n' | grep -v 'it/s\]' | tail -40

@@ -10,10 +10,15 @@ time went to per-tile register and reduction instructions at few warps per SM).
 
 Two kernels, one output contract (float32 partial sums [S, N, 8] over S splits of K, which XLA adds):
 - `dense_partials`: every row; `emit_pipeline` streams [BK, BN] tiles by TMA.
-- `rows_partials`: only kept rows. Hopper's TMA has no row gather, so each kept row's BN columns come in
-  their own copies (BN / 64 of 128 bytes: one swizzled row of the tile each), BK rows to a tile, issued
-  by one thread and counted on the tile's barrier. XLA compacts the kept row ids once per site input
-  (`compact`), per split and segment.
+- `rows_partials`: only kept rows. Hopper's TMA has no row gather: every thread copies 16-byte pieces of
+  the kept rows with cp.async into the swizzled tile ('cp_async'), or one thread issues one TMA copy per
+  row ('tma', 6-8x slower on the H200). XLA compacts the kept row ids once per site input (`compact`),
+  per split and segment.
+
+Measured on the H200 (benchmarks/results/decode_h200.md, session 17): the dense kernel streams the Llama
+gate|up weight at 0.91-0.97x XLA's dense matmul with one program per SM; in the Llama-3-8B decode step the
+kept-row kernel (backend 'mosaic') is 2x slower than the Pallas-Triton per-site kernels (6.41 vs 3.13 ms at
+TEAL 50 %), its fixed cost ~28 us per site (XLA's compaction kernels, each work item's id copy and waits).
 
 Work items (column block, split) are spread over a persistent grid of `programs` (default: one per SM).
 Interpret mode does not run Mosaic GPU kernels, so the CPU path is `partials_reference` (the same
@@ -58,8 +63,10 @@ class MosaicConfig:
   64, at most 256); stages: tiles in flight per program; splits: K ranges whose partial sums XLA adds
   (0: the fewest, a power of two, that give every program a work item); programs: the persistent grid
   (0: the device's SM count); gather: how `rows_partials` brings a tile's kept rows into shared memory:
-  'tma' (one 128-byte TMA copy per row, issued by one thread, counted on the tile's barrier) or 'cp_async'
-  (every thread of the warpgroup copies 16-byte pieces with cp.async, placed at their swizzled offsets).
+  'cp_async' (every thread of the warpgroup copies 16-byte pieces with cp.async, placed at their swizzled
+  offsets) or 'tma' (one 128-byte TMA copy per row, issued by one thread, counted on the tile's barrier).
+  On the H200 'tma' streamed 0.46-0.58 TB/s at 0 % sparsity (Llama gate|up, 264-528 programs: the one issuing
+  thread bounds it), 6-8x slower than the dense kernel; 'cp_async' 3.2 TB/s (decode_h200.md, session 17).
   """
 
   block_k: int = 64
@@ -67,7 +74,7 @@ class MosaicConfig:
   stages: int = 4
   splits: int = 0
   programs: int = 0
-  gather: str = "tma"
+  gather: str = "cp_async"
 
   def __post_init__(self):
     if self.gather not in GATHERS:
