@@ -43,7 +43,9 @@ from jaxlib.mlir import ir
 from jaxlib.mlir.dialects import arith, llvm, memref, nvvm
 
 from wina_jax.kernels.config import check_powers_of_two, spec_fields
+from wina_jax.kernels.pallas_gemv import compact_ids
 from wina_jax.kernels.persistent_config import sm_count
+from wina_jax.kernels.reference import keep_mask
 
 WARPGROUP = 128  # threads of a program
 ROWS = 8  # batch rows a program multiplies (wgmma's smallest N); fewer are zero-padded
@@ -290,10 +292,8 @@ def rows_partials(
       def acc_scope(acc_ref):
         def step(t, _):
           slot = t % stages
-          if cp_async:
-            _cp_async_wait(
-              ahead - 1
-            )  # tile t's group: `ahead` were committed before it and one per step since
+          if cp_async:  # tile t's group: `ahead` were committed before it and one per step since
+            _cp_async_wait(ahead - 1)
           plgpu.barrier_wait(bar.at[slot])
           plgpu.wgmma(
             acc_ref,
@@ -338,14 +338,9 @@ def compact(x: jax.Array, keep: jax.Array, splits: int) -> tuple[jax.Array, jax.
   keeps it, and each batch row multiplies only its own kept inputs."""
   (m, k), g = x.shape, keep.shape[0]
   kp = k // splits
-  union = jnp.any(keep, axis=1).reshape(g, splits, kp)
-  pos = jnp.where(union, jnp.cumsum(union, axis=2, dtype=jnp.int32) - 1, kp)  # past the end: dropped
-  base = (jnp.arange(splits, dtype=jnp.int32) * kp)[None, :, None]
-  local = jnp.broadcast_to(jnp.arange(kp, dtype=jnp.int32), union.shape)
-  gi, si = jnp.meshgrid(jnp.arange(g), jnp.arange(splits), indexing="ij")
-  ids = jnp.broadcast_to(base, (g, splits, kp + 1)).at[gi[..., None], si[..., None], pos].set(base + local)
-  ids = ids[..., :kp]  # kept rows in order, then the split's first row (a valid id; its x is zero)
-  counts = jnp.sum(union, axis=2, dtype=jnp.int32)
+  local, counts = compact_ids(jnp.any(keep, axis=1).reshape(g, splits, kp))
+  # kept rows in order, then the split's first row (a valid id; its x is zero)
+  ids = local + (jnp.arange(splits, dtype=jnp.int32) * kp)[None, :, None]
   xm = jnp.where(keep, x[None], 0).astype(jnp.bfloat16)  # [G, M, K]
   xm = jnp.pad(xm, ((0, 0), (0, ROWS - m), (0, 0)))
   xk = jnp.take_along_axis(xm[:, None], ids[:, :, None, :], axis=3)  # [G, S, 8, Kp]
@@ -399,7 +394,8 @@ def masked_linear_mosaic(
   if why := unsupported(m, x.dtype, kernel, segments, cfg):
     raise ValueError(f"the Mosaic GEMV does not take this site: {why}; use backend 'pallas' or 'xla'")
   cfg = resolved(cfg, k, kernel.shape[1])
-  score = jnp.abs(x.astype(jnp.float32))[None] * (1.0 if scales is None else scales[:, None, :])
-  keep = jnp.broadcast_to(score > thresholds[:, None, None], (len(segments), m, k))
+  keep = jnp.stack(
+    [keep_mask(x, thresholds[g], None if scales is None else scales[g]) for g in range(len(segments))]
+  )
   parts = (impl or rows_partials)(*compact(x, keep, cfg.splits), kernel, cfg, tuple(segments))
   return jnp.sum(parts, axis=0)[:, :m].T.astype(x.dtype)

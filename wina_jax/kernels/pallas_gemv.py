@@ -286,13 +286,20 @@ def kept_rows(x: jax.Array, thresholds: jax.Array, scales: Optional[jax.Array], 
   score = jnp.abs(x.astype(jnp.float32))[None] * (
     1.0 if scales is None else scales[:, None, :]
   )  # [S|1, M, K]
-  keep = jnp.broadcast_to(jnp.any(score > thresholds[:, None, None], axis=1), (n_seg, k))
-  pos = jnp.where(keep, jnp.cumsum(keep, axis=1, dtype=jnp.int32) - 1, k)  # past the end: dropped
-  ids = jnp.zeros((n_seg, k + 1), jnp.int32)
-  ids = ids.at[jnp.arange(n_seg)[:, None], pos].set(
-    jnp.broadcast_to(jnp.arange(k, dtype=jnp.int32), (n_seg, k))
+  return compact_ids(jnp.broadcast_to(jnp.any(score > thresholds[:, None, None], axis=1), (n_seg, k)))
+
+
+def compact_ids(keep: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """keep [..., K] bool -> (ids [..., K] int32: the kept positions along the last axis in order, then zeros;
+  counts [...] int32)."""
+  k = keep.shape[-1]
+  pos = jnp.where(keep, jnp.cumsum(keep, axis=-1, dtype=jnp.int32) - 1, k)  # past the end: dropped
+  flat_pos = pos.reshape(-1, k)
+  ids = jnp.zeros((flat_pos.shape[0], k + 1), jnp.int32)
+  ids = ids.at[jnp.arange(flat_pos.shape[0])[:, None], flat_pos].set(
+    jnp.broadcast_to(jnp.arange(k, dtype=jnp.int32), flat_pos.shape)
   )
-  return ids[:, :k], jnp.sum(keep, axis=1, dtype=jnp.int32)
+  return ids[:, :k].reshape(keep.shape), jnp.sum(keep, axis=-1, dtype=jnp.int32)
 
 
 @functools.partial(jax.jit, static_argnames=("segments", "cfg", "interpret", "slot", "norm_eps"))
