@@ -42,3 +42,46 @@ def run_record(declared: dict) -> dict:
     "device": str(jax.devices()[0].device_kind),
     "declared_numerics": declared,
   }
+
+
+PHASES = (
+  "compact",
+  "tiles",
+  "store",
+  "next",
+)  # between clock marks 0-1, 1-2, 2-3, and 3 to the next item's 0
+
+
+def clock_phases(marks: np.ndarray, items: np.ndarray) -> dict:
+  """A kernel's own clock marks -> where its time went, in microseconds.
+
+  marks: int32 [P, J, 4], the low 32 bits of a nanosecond clock per program and work item, at the item's
+  start, after its compaction, after its last tile and after its store (`mosaic_gemv.fused_partials(marks=True)`);
+  items: [P], how many of the J rows each program wrote. Differences are taken modulo 2**32, so a wrap of the
+  clock between marks does not matter. Returns the span (first start to last end), per phase the median item
+  and the median and largest per-program total, and the median program's busy time (its first start to its
+  last end)."""
+  m = marks.astype(np.int64)
+  start = m[:, :1, :1]
+  rel = (m - start) % (1 << 32)  # ns from each program's first mark
+  signed = (start[:, 0, 0] - m[0, 0, 0] + (1 << 31)) % (1 << 32) - (1 << 31)  # programs start within 2 s
+  offset = signed - signed.min()  # each program's first mark from the earliest
+  valid = np.arange(m.shape[1])[None, :] < np.asarray(items)[:, None]  # [P, J]
+  nxt = np.concatenate([rel[:, 1:, 0] - rel[:, :-1, 3], np.zeros((m.shape[0], 1), np.int64)], axis=1)
+  per = {
+    "compact": rel[..., 1] - rel[..., 0],
+    "tiles": rel[..., 2] - rel[..., 1],
+    "store": rel[..., 3] - rel[..., 2],
+    "next": np.where(np.arange(m.shape[1])[None, :] + 1 < np.asarray(items)[:, None], nxt, 0),
+  }
+  last = np.array([rel[p, n - 1, 3] if n else 0 for p, n in enumerate(items)])
+  out = {"span_us": float((offset + last).max() / 1e3), "program_busy_us": float(np.median(last) / 1e3)}
+  for name in PHASES:
+    v = np.where(valid, per[name], 0)
+    totals = v.sum(axis=1)[np.asarray(items) > 0]
+    out[name] = {
+      "item_median_us": float(np.median(v[valid]) / 1e3) if valid.any() else 0.0,
+      "program_median_us": float(np.median(totals) / 1e3) if totals.size else 0.0,
+      "program_max_us": float(totals.max() / 1e3) if totals.size else 0.0,
+    }
+  return out

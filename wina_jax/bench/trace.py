@@ -18,6 +18,7 @@ import jax
 CATEGORIES = (
   ("persistent", ("persistent_",)),  # the persistent layer kernel (persistent_<phase> when split)
   ("sparse_gemv", ("sparse_gemv",)),
+  ("mosaic_gemv", ("mosaic_",)),  # wina_jax.kernels.mosaic_gemv (mosaic_<kernel>_partials)
   ("attention", ("decode_attention",)),
   ("matmul", ("gemm", "gemv", "cublas", "cutlass", "xmma", "dot")),
   ("copy", ("memcpy", "memset", "copy")),

@@ -74,9 +74,9 @@ def masked_linear(
     if MG.unsupported(rows, x.dtype, kernel, segments, mcfg) is None:
       if norm is not None:
         x = rms_norm(x, norm[0], norm[1])
-      impl = None if jax.default_backend() == "gpu" else MG.partials_reference
+      reference = jax.default_backend() != "gpu"
       y = MG.masked_linear_mosaic(
-        x.reshape(rows, d_in), kernel, thresholds, scales, segments, mcfg, impl=impl
+        x.reshape(rows, d_in), kernel, thresholds, scales, segments, mcfg, reference=reference
       )
       return y.reshape(*lead, d_out)
     mode, config = pick_backend("auto", rows), None

@@ -8,17 +8,18 @@ bytes in flight sit in shared memory (`stages` tiles per program), not in regist
 design the Pallas-Triton kernels could not reach (benchmarks/results/decode_h200.md, sessions 13-16: their
 time went to per-tile register and reduction instructions at few warps per SM).
 
-Two kernels, one output contract (float32 partial sums [S, N, 8] over S splits of K, which XLA adds):
+Three kernels, one output contract (float32 partial sums [S, N, 8] over S splits of K, which XLA adds):
 - `dense_partials`: every row; `emit_pipeline` streams [BK, BN] tiles by TMA.
-- `rows_partials`: only kept rows. Hopper's TMA has no row gather: every thread copies 16-byte pieces of
-  the kept rows with cp.async into the swizzled tile ('cp_async'), or one thread issues one TMA copy per
-  row ('tma', 6-8x slower on the H200). XLA compacts the kept row ids once per site input (`compact`),
-  per split and segment.
+- `rows_partials`: only kept rows, compacted by XLA first (`compact`, per split and segment). Hopper's TMA has
+  no row gather: every thread copies 16-byte pieces of the kept rows with cp.async into the swizzled tile
+  ('cp_async'), or one thread issues one TMA copy per row ('tma', 6-8x slower on the H200).
+- `fused_partials` (`MosaicConfig.compact='kernel'`): the threshold and the compaction inside the kernel; each
+  program writes its split's kept ids and x^T to shared memory, then gathers as 'cp_async'.
 
-Measured on the H200 (benchmarks/results/decode_h200.md, session 17): the dense kernel streams the Llama
-gate|up weight at 0.91-0.97x XLA's dense matmul with one program per SM; in the Llama-3-8B decode step the
-kept-row kernel (backend 'mosaic') is 2x slower than the Pallas-Triton per-site kernels (6.41 vs 3.13 ms at
-TEAL 50 %), its fixed cost ~28 us per site (XLA's compaction kernels, each work item's id copy and waits).
+Measured on the H200 (benchmarks/results/decode_h200.md, sessions 17-18): the dense kernel streams the Llama
+gate|up weight at 0.91-0.97x XLA's dense matmul with one program per SM. In the Llama-3-8B decode step at TEAL
+50 %, `rows_partials` (XLA compaction) gave 0.65x dense, ~28 us fixed per site. `fused_partials` gave
+1.07-1.09x, ~8.4 us per site. The Pallas-Triton per-site kernels gave 1.30-1.32x, ~5.3 us per site.
 
 Work items (column block, split) are spread over a persistent grid of `programs` (default: one per SM).
 Interpret mode does not run Mosaic GPU kernels, so the CPU path is `partials_reference` (the same
@@ -35,12 +36,14 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.mosaic.gpu import utils as mgpu_utils
 from jax.experimental.pallas import mosaic_gpu as plgpu
 from jaxlib.mlir import ir
 from jaxlib.mlir.dialects import arith, llvm, memref, nvvm
+from jaxlib.mlir.dialects import math as mlir_math
 
 from wina_jax.kernels.config import check_powers_of_two, spec_fields
 from wina_jax.kernels.pallas_gemv import compact_ids
@@ -54,6 +57,9 @@ TILE_COLS = SWIZZLE // 2  # bfloat16 columns per swizzled tile row (and per row 
 IDS_COLS = 128  # the kept-row ids travel as [K / S / 128, 128] (TMA boxes hold at most 256 per dim)
 H100_SMS = 132  # programs where the device does not report its SMs
 GATHERS = ("tma", "cp_async")
+COMPACTS = ("xla", "kernel")
+FUSED_MAX_KP = 4096  # rows of a split the in-kernel compaction holds (x^T and ids in shared memory)
+SMEM_BYTES = 200 * 1024  # shared memory a program may take (the H100 / H200 allow 227 KiB)
 CHUNK = 8  # bfloat16 elements per 16-byte cp.async piece (and per swizzle unit)
 
 
@@ -69,6 +75,9 @@ class MosaicConfig:
   offsets) or 'tma' (one 128-byte TMA copy per row, issued by one thread, counted on the tile's barrier).
   On the H200 'tma' streamed 0.46-0.58 TB/s at 0 % sparsity (Llama gate|up, 264-528 programs: the one issuing
   thread bounds it), 6-8x slower than the dense kernel; 'cp_async' 3.2 TB/s (decode_h200.md, session 17).
+  compact: where the kept rows are found: 'xla' (`compact`, XLA kernels before the GEMV, then `rows_partials`)
+  or 'kernel' (`fused_partials`: each program thresholds its split of x and compacts the kept ids in shared
+  memory; no XLA work before the kernel; gather 'cp_async' only).
   """
 
   block_k: int = 64
@@ -77,10 +86,15 @@ class MosaicConfig:
   splits: int = 0
   programs: int = 0
   gather: str = "cp_async"
+  compact: str = "xla"
 
   def __post_init__(self):
     if self.gather not in GATHERS:
       raise ValueError(f"gather={self.gather!r} is not one of {GATHERS}")
+    if self.compact not in COMPACTS:
+      raise ValueError(f"compact={self.compact!r} is not one of {COMPACTS}")
+    if self.compact == "kernel" and self.gather != "cp_async":
+      raise ValueError("compact='kernel' gathers by cp_async only (gather='tma' needs XLA's compaction)")
     check_powers_of_two(self, ("block_k", "block_n"))
     if self.stages < 1:
       raise ValueError(f"stages={self.stages} must be >= 1")
@@ -93,8 +107,8 @@ class MosaicConfig:
 
 
 def parse(spec: str) -> MosaicConfig:
-  """A config from 'block_k:block_n:stages[:splits[:programs[:gather]]]', e.g. '64:64:4' or
-  '64:64:4:0:264:cp_async'."""
+  """A config from 'block_k:block_n:stages[:splits[:programs[:gather[:compact]]]]', e.g. '64:64:4' or
+  '64:64:4:0:264:cp_async:kernel'."""
   return MosaicConfig(**spec_fields(MosaicConfig, spec, 3, "mosaic config"))
 
 
@@ -104,7 +118,13 @@ def resolved(cfg: MosaicConfig, d_in: int, d_out: int) -> MosaicConfig:
   blocks = d_out // cfg.block_n
   splits = cfg.splits or 1
   if not cfg.splits:
-    while blocks * splits < programs and d_in % (2 * splits * max(cfg.block_k, IDS_COLS)) == 0:
+
+    def fits():
+      return d_in % (2 * splits * max(cfg.block_k, IDS_COLS)) == 0
+
+    while blocks * splits < programs and fits():
+      splits *= 2
+    while cfg.compact == "kernel" and d_in // splits > FUSED_MAX_KP and fits():
       splits *= 2
   cfg = dataclasses.replace(cfg, splits=splits, programs=programs)
   if d_out % cfg.block_n:
@@ -114,6 +134,13 @@ def resolved(cfg: MosaicConfig, d_in: int, d_out: int) -> MosaicConfig:
       f"d_in={d_in} does not split into {splits} ranges of whole {max(cfg.block_k, IDS_COLS)}-row blocks"
     )
   return cfg
+
+
+def items_per_program(cfg: MosaicConfig, d_out: int) -> np.ndarray:
+  """[programs] int: how many work items (column block, split) each program of a resolved config's persistent
+  grid walks (program p takes items p, p + programs, ...)."""
+  total = d_out // cfg.block_n * cfg.splits
+  return np.array([len(range(p, total, cfg.programs)) for p in range(cfg.programs)])
 
 
 def _params():
@@ -137,7 +164,7 @@ def dense_partials(x8: jax.Array, w: jax.Array, cfg: MosaicConfig) -> jax.Array:
   (k, n), bk, bn, s_n = w.shape, cfg.block_k, cfg.block_n, cfg.splits
   nb, kb = n // bn, k // bk // s_n
 
-  def body(x_gmem, w_gmem, o_gmem):
+  def mosaic_dense_partials(x_gmem, w_gmem, o_gmem):
     @plgpu.nd_loop((nb * s_n,), collective_axes="sm")
     def _(info):
       (i,) = info.index
@@ -160,7 +187,7 @@ def dense_partials(x8: jax.Array, w: jax.Array, cfg: MosaicConfig) -> jax.Array:
       _store(pl.run_scoped(acc_scope, plgpu.ACC((bn, ROWS))), o_gmem, s, col, bn)
 
   return plgpu.kernel(
-    body,
+    mosaic_dense_partials,  # the kernel's name in profiles
     out_type=jax.ShapeDtypeStruct((s_n, n, ROWS), jnp.float32),
     grid=(cfg.programs,),
     grid_names=("sm",),
@@ -179,31 +206,38 @@ def _untiled(tile_ref):
 
 def _cp_async_rows(ids, w_cols, dst) -> None:
   """Every thread of the warpgroup copies its 16-byte pieces of a tile's kept rows with cp.async (one
-  commit group per call): ids [BK] int32 (shared), w_cols [K, 64] bf16 (global, the work item's columns),
-  dst [BK, 1, 1, 64] bf16 (the tile's physical shared buffer, 128-byte swizzle: piece q of row r goes to
-  piece q ^ (r % 8) of its 128-byte row, where wgmma and TMA expect it)."""
+  commit group per call): ids [BK] int32 (shared), w_cols [K, BN] bf16 (global, the work item's columns),
+  dst: the tile's shared buffer, addressed from its first element in the layout wgmma and TMA expect for a
+  [BK, BN] tile tiled (8, 64) with the 128-byte swizzle: piece q (of 8) of row r's 64-column block h at
+  tile (r // 8, h), row r % 8, piece q ^ (r % 8). For BN = 64 that is also the (1, 64)-tiled row layout."""
 
   @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),) * 3)
   def issue(ctx, ids_ref, w_ref, dst_ref):
     del ctx
     i32, i64, bf16 = ir.IntegerType.get_signless(32), ir.IntegerType.get_signless(64), ir.BF16Type.get()
-    stride = ir.MemRefType(w_ref.type).get_strides_and_offset()[0][0]
+    c = functools.partial(mgpu_utils.c, ty=i32)
+    (stride, _), _ = ir.MemRefType(w_ref.type).get_strides_and_offset()
+    blocks = ir.MemRefType(w_ref.type).shape[1] // TILE_COLS  # 64-column blocks of a row
+    per_row = blocks * TILE_COLS // CHUNK  # pieces of a row
     gbase = llvm.addrspacecast(llvm.PointerType.get(address_space=1), mgpu_utils.memref_ptr(w_ref))
     sbase = mgpu_utils.memref_ptr(dst_ref)
     tid = mgpu_utils.thread_idx()
-    pieces = ir.MemRefType(ids_ref.type).shape[0] * TILE_COLS // CHUNK
+    pieces = ir.MemRefType(ids_ref.type).shape[0] * per_row
     for j in range(pieces // WARPGROUP):
-      piece = arith.addi(tid, mgpu_utils.c(WARPGROUP * j, i32))
-      r = arith.shrui(piece, mgpu_utils.c(3, i32))
-      q = arith.andi(piece, mgpu_utils.c(7, i32))
+      piece = arith.addi(tid, c(WARPGROUP * j))
+      r = arith.divui(piece, c(per_row))
+      qa = arith.remui(piece, c(per_row))  # piece of the row
       row = memref.load(ids_ref, [arith.index_cast(ir.IndexType.get(), r)])
       src = arith.addi(
         arith.muli(arith.extsi(i64, row), mgpu_utils.c(stride, i64)),
-        arith.extui(i64, arith.muli(q, mgpu_utils.c(CHUNK, i32))),
+        arith.extui(i64, arith.muli(qa, c(CHUNK))),
       )
-      swizzled = arith.xori(q, arith.andi(r, mgpu_utils.c(7, i32)))
+      tile = arith.addi(arith.muli(arith.shrui(r, c(3)), c(blocks)), arith.shrui(qa, c(3)))
+      r8 = arith.andi(r, c(7))
+      swizzled = arith.xori(arith.andi(qa, c(7)), r8)
       to = arith.addi(
-        arith.muli(r, mgpu_utils.c(TILE_COLS, i32)), arith.muli(swizzled, mgpu_utils.c(CHUNK, i32))
+        arith.muli(tile, c(ROWS * TILE_COLS)),
+        arith.addi(arith.muli(r8, c(TILE_COLS)), arith.muli(swizzled, c(CHUNK))),
       )
       nvvm.cp_async_shared_global(
         mgpu_utils.getelementptr(sbase, [to], bf16),
@@ -254,7 +288,7 @@ def rows_partials(
   starts = [sum(segments[:j]) // bn for j in range(1, len(segments))]  # first column block of each segment
   cp_async = cfg.gather == "cp_async"
 
-  def body(xk_gmem, ids_gmem, cnt_gmem, w_gmem, o_gmem, x_smem, w_union, i_smem, bar, ibar):
+  def mosaic_rows_partials(xk_gmem, ids_gmem, cnt_gmem, w_gmem, o_gmem, x_smem, w_union, i_smem, bar, ibar):
     rows, w_smem = w_union  # one buffer, two views: row-tiled for the copies, (8, 64)-tiled for wgmma
 
     @plgpu.nd_loop((nb * s_n,), collective_axes="sm")
@@ -314,7 +348,7 @@ def rows_partials(
   tiled = (plgpu.TilingTransform((8, TILE_COLS)), plgpu.SwizzleTransform(SWIZZLE))
   by_row = (plgpu.TilingTransform((1, TILE_COLS)), plgpu.SwizzleTransform(SWIZZLE))
   return plgpu.kernel(
-    body,
+    mosaic_rows_partials,  # the kernel's name in profiles
     out_type=jax.ShapeDtypeStruct((s_n, n, ROWS), jnp.float32),
     grid=(cfg.programs,),
     grid_names=("sm",),
@@ -330,6 +364,253 @@ def rows_partials(
     ),
     compiler_params=_params(),
   )(xk, ids.reshape(*ids.shape[:2], kp // IDS_COLS, IDS_COLS), counts, w)
+
+
+WARPS = WARPGROUP // 32
+
+
+def _xk_offset(p, b: int, bk: int):
+  """Element offset of x^T's batch row b at kept position p (i32) in the flat bytes of [T, 8, BK] tiles tiled
+  (8, 64) with the 128-byte swizzle: tile p // BK, 64-column block, row b, 16-byte piece ((p % 64) // 8) ^ b."""
+  i32 = ir.IntegerType.get_signless(32)
+  c = functools.partial(mgpu_utils.c, ty=i32)
+  tile = arith.muli(arith.shrui(p, c(bk.bit_length() - 1)), c(ROWS * bk))
+  block = arith.muli(arith.shrui(arith.andi(p, c(bk - 1)), c(6)), c(ROWS * TILE_COLS))
+  piece = arith.xori(arith.andi(arith.shrui(p, c(3)), c(7)), c(b))
+  within = arith.addi(arith.muli(piece, c(CHUNK)), arith.andi(p, c(CHUNK - 1)))
+  return arith.addi(arith.addi(tile, block), arith.addi(c(b * TILE_COLS), within))
+
+
+def _compact_split(x, thr, scale, xk, ids, totals, *, rows: int, block_k: int) -> None:
+  """Threshold a split of x and write its kept rows, in order, to shared memory (every thread of the
+  warpgroup: kp / 128 consecutive rows; an exclusive scan of the threads' counts by warp shuffles and the
+  warps' totals). x [M, kp] bf16, thr [1] f32, scale [kp] f32 or None (global: the split's inputs, the
+  segment's threshold and WINA scales); xk [T * 8 * BK] bf16 (shared, flat: x^T's tiles, `_xk_offset`;
+  batch row b keeps its own |x| * scale > thr, rows b >= M are zero); ids [T * BK] int32 (shared: the kept
+  rows' split-local ids); totals [WARPS + 1] int32 (shared: the warps' counts, then the split's count). From
+  the count to the end of its tile: id 0 and x 0. Ends with the writes visible to the tensor cores and to
+  every thread."""
+  refs = (x, thr, xk, ids, totals) + (() if scale is None else (scale,))
+
+  @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),) * len(refs))
+  def run(ctx, x_ref, thr_ref, xk_ref, ids_ref, tot_ref, *scale_ref):
+    del ctx
+    i32, f32, bf16, index = (
+      ir.IntegerType.get_signless(32),
+      ir.F32Type.get(),
+      ir.BF16Type.get(),
+      ir.IndexType.get(),
+    )
+    c = functools.partial(mgpu_utils.c, ty=i32)
+    at = functools.partial(arith.index_cast, index)
+    per = ir.MemRefType(x_ref.type).shape[1] // WARPGROUP
+    tid = mgpu_utils.thread_idx()
+    lane, warp = arith.andi(tid, c(31)), arith.shrui(tid, c(5))
+    first = arith.muli(tid, c(per))
+    threshold = memref.load(thr_ref, [mgpu_utils.c(0, index)])
+    zero = mgpu_utils.c(0.0, bf16)
+
+    def kept(j):
+      """Row first + j: (its id, whether any batch row keeps it, each batch row's x or 0)."""
+      r = arith.addi(first, c(j))
+      s = memref.load(scale_ref[0], [at(r)]) if scale_ref else None
+      keep, xs = None, []
+      for b in range(rows):
+        v = memref.load(x_ref, [mgpu_utils.c(b, index), at(r)])
+        score = mlir_math.absf(arith.extf(f32, v))
+        if s is not None:
+          score = arith.mulf(score, s)
+        k = arith.cmpf(arith.CmpFPredicate.OGT, score, threshold)
+        xs.append(arith.select(k, v, zero))
+        keep = k if keep is None else arith.ori(keep, k)
+      return r, keep, xs
+
+    def put(p, r, xs):
+      memref.store(r, ids_ref, [at(p)])
+      for b in range(ROWS):
+        memref.store(xs[b] if b < len(xs) else zero, xk_ref, [at(_xk_offset(p, b, block_k))])
+
+    mgpu_utils.warpgroup_barrier()  # the previous split's readers of ids, xk and totals are done
+    count = c(0)
+    for j in range(per):
+      count = arith.addi(count, arith.extui(i32, kept(j)[1]))
+    incl = count  # inclusive scan over the warp's lanes
+    for d in (1, 2, 4, 8, 16):
+      up = llvm.inline_asm(i32, [incl], f"shfl.sync.up.b32 $0, $1, {d}, 0, -1;", "=r,r")
+      incl = arith.select(arith.cmpi(arith.CmpIPredicate.uge, lane, c(d)), arith.addi(incl, up), incl)
+    with mgpu_utils.when(arith.cmpi(arith.CmpIPredicate.eq, lane, c(31))):
+      memref.store(incl, tot_ref, [at(warp)])
+    mgpu_utils.warpgroup_barrier()
+    before, total = c(0), c(0)
+    for w in range(WARPS):
+      n = memref.load(tot_ref, [mgpu_utils.c(w, index)])
+      before = arith.addi(before, arith.select(arith.cmpi(arith.CmpIPredicate.ugt, warp, c(w)), n, c(0)))
+      total = arith.addi(total, n)
+    pos = arith.addi(before, arith.subi(incl, count))
+    for j in range(per):
+      r, keep, xs = kept(j)
+      with mgpu_utils.when(keep):
+        put(pos, r, xs)
+      pos = arith.addi(pos, arith.extui(i32, keep))
+    end = arith.andi(arith.addi(total, c(block_k - 1)), c(-block_k))  # the count rounded up to whole tiles
+    for j in range(-(-block_k // WARPGROUP)):
+      p = arith.addi(total, arith.addi(tid, c(j * WARPGROUP)))
+      with mgpu_utils.when(arith.cmpi(arith.CmpIPredicate.ult, p, end)):
+        put(p, c(0), [])
+    with mgpu_utils.when(arith.cmpi(arith.CmpIPredicate.eq, tid, c(0))):
+      memref.store(total, tot_ref, [mgpu_utils.c(WARPS, index)])
+    mgpu_utils.commit_shared()
+
+  run(*refs)
+
+
+MARKS = 4  # `fused_partials(marks=True)`: clock reads per work item
+
+
+def _clock(ref) -> None:
+  """Thread 0 writes the GPU's global nanosecond clock (low 32 bits, PTX %globaltimer_lo) to ref [1] int32
+  (global); the read is volatile, so it stays where it is in program order."""
+
+  @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),))
+  def read(ctx, out):
+    del ctx
+    i32 = ir.IntegerType.get_signless(32)
+    now = llvm.inline_asm(i32, [], "mov.u32 $0, %globaltimer_lo;", "=r", has_side_effects=True)
+    with mgpu_utils.when(arith.cmpi(arith.CmpIPredicate.eq, mgpu_utils.thread_idx(), mgpu_utils.c(0, i32))):
+      memref.store(now, out, [mgpu_utils.c(0, ir.IndexType.get())])
+
+  read(ref)
+
+
+def fused_partials(
+  x: jax.Array,
+  thresholds: jax.Array,
+  scales: Optional[jax.Array],
+  w: jax.Array,
+  cfg: MosaicConfig,
+  segments: Sequence[int],
+  *,
+  marks: bool = False,
+):
+  """Threshold, compaction and kept-row GEMV in one kernel. x [M <= 8, K] bf16, thresholds [G] f32, scales
+  None or [G, K] f32, w [K, N] bf16 with N = sum(segments) (each a multiple of block_n) -> float32 partial
+  sums [S, N, 8], `rows_partials`' contract. A program compacts its split's kept rows (`_compact_split`)
+  only when its work item's (segment, split) differs from its previous one; with `programs` a multiple of
+  the splits a program's split never changes; then the next item's first copies are issued before this item's
+  store, so their latency overlaps it. block_n 64, 128 or 256: a kept row's BN columns are one
+  contiguous read of 2 * BN bytes, and wider items mean fewer items (each a chain of copy, wait and store).
+  marks: also return the kernel's own clock, int32 [programs, items per program, MARKS]: the GPU's global
+  nanosecond clock (low 32 bits, read by thread 0) at each work item's start, after its compaction (equal
+  to the start where none ran, to the clock's resolution), after its last wgmma and after its store."""
+  cfg = resolved(cfg, *w.shape)
+  (k, n), (m, _), bk, bn, s_n, stages = w.shape, x.shape, cfg.block_k, cfg.block_n, cfg.splits, cfg.stages
+  kp, nb, programs = k // s_n, n // bn, cfg.programs
+  starts = [sum(segments[:j]) // bn for j in range(1, len(segments))]
+  wina = scales is not None
+
+  def mosaic_fused_partials(x_gmem, thr_gmem, *refs, xk, w_union, ids, totals):
+    sc_gmem = refs[0] if wina else None
+    w_gmem, o_gmem, *marks_gmem = refs[wina:]
+
+    def mark(j, e):
+      if marks_gmem:
+        _clock(marks_gmem[0].at[pid, j, pl.ds(e, 1)])
+
+    (xk_flat, xk_tiles), (w_flat, w_smem) = xk, w_union
+    pid = lax.axis_index("sm")
+
+    items = (nb * s_n - pid + programs - 1) // programs  # this program's work items
+    ahead = min(stages, kp // bk)  # tiles issued before the first wgmma (a split holds kp // bk)
+
+    def where(j):
+      """Work item j of this program: (column block, split, segment, its (segment, split) key)."""
+      i = pid + j * programs
+      col, s = i // s_n, i % s_n
+      g = sum((col >= b).astype(jnp.int32) for b in starts) if starts else 0
+      return col, s, g, g * s_n + s
+
+    def issue(col, s, t):
+      """Tile t's kept rows of item (col, s) into slot t % stages (one cp.async group, committed by the caller)."""
+      w_cols = w_gmem.at[pl.ds(s * kp, kp), pl.ds(col * bn, bn)]
+      _cp_async_rows(ids.at[pl.ds(t * bk, bk)], w_cols, w_flat.at[pl.ds((t % stages) * bk * bn, bk * bn)])
+
+    def first_tiles(col, s, tiles):
+      for t in range(ahead):
+        pl.when(t < tiles)(functools.partial(issue, col, s, t))
+        _cp_async_commit()
+
+    def item(j, carry):
+      prev, ready = carry  # ready: the previous item already issued this one's first tiles
+      col, s, g, key = where(j)
+      mark(j, 0)
+
+      @pl.when(key != prev)
+      def _():
+        scale = None if sc_gmem is None else sc_gmem.at[g, pl.ds(s * kp, kp)]
+        _compact_split(
+          x_gmem.at[:, pl.ds(s * kp, kp)],
+          thr_gmem.at[pl.ds(g, 1)],
+          scale,
+          xk_flat,
+          ids,
+          totals,
+          rows=m,
+          block_k=bk,
+        )
+
+      mark(j, 1)
+      tiles = (totals[WARPS] + bk - 1) // bk
+      pl.when(ready == 0)(lambda: first_tiles(col, s, tiles))
+      col_next, s_next, _, key_next = where(j + 1)
+      chain = jnp.logical_and(j + 1 < items, key_next == key).astype(jnp.int32)
+
+      def acc_scope(acc_ref):
+        def step(t, _):
+          _cp_async_wait(ahead - 1)  # tile t's rows are in (its group and every earlier one)
+          plgpu.wgmma(
+            acc_ref,
+            plgpu.transpose_ref(w_smem.at[t % stages], (1, 0)),
+            plgpu.transpose_ref(xk_tiles.at[t], (1, 0)),
+          )
+          plgpu.wgmma_wait(0)
+          pl.when(t + stages < tiles)(lambda: issue(col, s, t + stages))
+          _cp_async_commit()
+          return ()
+
+        lax.fori_loop(0, tiles, step, ())
+        mark(j, 2)
+        # every slot is free: the next item, if it shares this one's kept rows, starts its copies before the store
+        pl.when(chain == 1)(lambda: first_tiles(col_next, s_next, tiles))
+        return acc_ref[...]
+
+      _store(pl.run_scoped(acc_scope, plgpu.ACC((bn, ROWS))), o_gmem, s, col, bn)
+      mark(j, 3)
+      return key, chain
+
+    lax.fori_loop(0, items, item, (jnp.int32(-1), jnp.int32(0)))
+
+  tiled = (plgpu.TilingTransform((8, TILE_COLS)), plgpu.SwizzleTransform(SWIZZLE))
+  parts = jax.ShapeDtypeStruct((s_n, n, ROWS), jnp.float32)
+  clock = jax.ShapeDtypeStruct((programs, -(-nb * s_n // programs), MARKS), jnp.int32)
+  return plgpu.kernel(
+    mosaic_fused_partials,  # the kernel's name in profiles
+    out_type=(parts, clock) if marks else parts,
+    grid=(programs,),
+    grid_names=("sm",),
+    scratch_types=dict(
+      xk=plgpu.RefUnion(
+        plgpu.SMEM((kp * ROWS,), jnp.bfloat16),
+        plgpu.SMEM((kp // bk, ROWS, bk), jnp.bfloat16, transforms=tiled),
+      ),
+      w_union=plgpu.RefUnion(  # flat for the copies, tiled for wgmma
+        plgpu.SMEM((stages * bk * bn,), jnp.bfloat16),
+        plgpu.SMEM((stages, bk, bn), jnp.bfloat16, transforms=tiled),
+      ),
+      ids=plgpu.SMEM((kp,), jnp.int32),
+      totals=plgpu.SMEM((WARPS + 1,), jnp.int32),
+    ),
+    compiler_params=_params(),
+  )(x, thresholds, *((scales,) if wina else ()), w)
 
 
 def compact(x: jax.Array, keep: jax.Array, splits: int) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -374,6 +655,18 @@ def unsupported(
     return str(e)
   if any(w % cfg.block_n for w in segments):
     return f"segments {tuple(segments)} are not multiples of block_n={cfg.block_n}"
+  if cfg.compact == "xla" and cfg.block_n != TILE_COLS:
+    return (
+      f"block_n={cfg.block_n}: compact 'xla' (rows_partials) takes {TILE_COLS} (compact 'kernel' up to 256)"
+    )
+  kp = kernel.shape[0] // cfg.splits
+  smem = cfg.stages * cfg.block_k * cfg.block_n * 2 + cfg.block_n * ROWS * 4
+  smem += kp * (ROWS * 2 + 4) if cfg.compact == "kernel" else cfg.stages * ROWS * cfg.block_k * 2 + kp * 4
+  if smem > SMEM_BYTES:
+    return (
+      f"{smem} bytes of shared memory a program (at most {SMEM_BYTES}; "
+      f"{kp} rows a split: set more splits or fewer stages)"
+    )
   return None
 
 
@@ -385,17 +678,23 @@ def masked_linear_mosaic(
   segments: Sequence[int],
   cfg: MosaicConfig,
   *,
-  impl=None,
+  reference: bool = False,
 ) -> jax.Array:
   """`masked_linear` on the Mosaic GPU kernel: x [M <= 8, K] bf16, kernel [K, N] bf16, thresholds [S_seg],
-  scales None or [S_seg, K] -> [M, N] in x's dtype. impl: the partials function (default `rows_partials`;
-  `partials_reference` on the CPU)."""
+  scales None or [S_seg, K] -> [M, N] in x's dtype. compact 'xla': `compact`, then `rows_partials`; 'kernel':
+  `fused_partials`. reference: the kernels' shared contract in jnp instead (`compact`, then
+  `partials_reference`: the CPU path)."""
   m, k = x.shape
   if why := unsupported(m, x.dtype, kernel, segments, cfg):
     raise ValueError(f"the Mosaic GEMV does not take this site: {why}; use backend 'pallas' or 'xla'")
-  cfg = resolved(cfg, k, kernel.shape[1])
-  keep = jnp.stack(
-    [keep_mask(x, thresholds[g], None if scales is None else scales[g]) for g in range(len(segments))]
-  )
-  parts = (impl or rows_partials)(*compact(x, keep, cfg.splits), kernel, cfg, tuple(segments))
+  cfg, segments = resolved(cfg, k, kernel.shape[1]), tuple(segments)
+  if cfg.compact == "kernel" and not reference:
+    scales = None if scales is None else scales.astype(jnp.float32)
+    parts = fused_partials(x, thresholds.astype(jnp.float32), scales, kernel, cfg, segments)
+  else:
+    keep = jnp.stack(
+      [keep_mask(x, thresholds[g], None if scales is None else scales[g]) for g in range(len(segments))]
+    )
+    impl = partials_reference if reference else rows_partials
+    parts = impl(*compact(x, keep, cfg.splits), kernel, cfg, segments)
   return jnp.sum(parts, axis=0)[:, :m].T.astype(x.dtype)
