@@ -129,8 +129,8 @@ common.check(
   flags.DEFINE_list(
     "mosaic_configs",
     [],
-    "Mosaic GPU kept-row kernel tilings (mosaic_gemv.parse: block_k:block_n:stages[:splits[:programs]]), each "
-    "timed at batch 1 for every sparse variant but wina_sc as backend 'mosaic'; empty = none",
+    "Mosaic GPU kept-row kernel tilings (mosaic_gemv.parse: "
+    "block_k:block_n:stages[:splits[:programs[:gather[:compact]]]]), each timed at batch 1 for every sparse variant but wina_sc as backend 'mosaic'; empty = none",
   ),
   checks.each(checks.parses(MG.parse), str),
 )

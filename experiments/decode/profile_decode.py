@@ -5,6 +5,8 @@
   python -m experiments.decode.profile_decode --tiny          # CPU smoke test (host XLA ops, no device plane)
   python -m experiments.decode.profile_decode --variants=dense,teal:0.5 --attention=pallas \
       --persistent=256:32:256:4:2:0.875:64:2:compact:true   # the persistent kernel's per-phase profile
+  python -m experiments.decode.profile_decode --variants=teal:0.5,teal:0.999 --attention=pallas \
+      --mosaic=64:64:4:0:132:cp_async:kernel   # the sparse variants on the Mosaic GPU kept-row kernel
   (--attention=pallas: the Pallas decode-attention kernel instead of XLA's attention, interpret mode on CPU)
 
 Per variant it traces one `decode_loop` run (random bf16 weights, thresholds at the sparsity quantile,
@@ -29,6 +31,7 @@ from wina_jax.bench.shapes import SHAPES
 from wina_jax.bench.trace import summarize, trace_events
 from wina_jax.decode import decode_loop, fuse_projections
 from wina_jax.kernels import FusedThresholdSparsifier
+from wina_jax.kernels import mosaic_gemv as MG
 from wina_jax.kernels import persistent_config as PC
 from wina_jax.model import init_cache
 from wina_jax.testing import random_params
@@ -73,6 +76,15 @@ common.check(
     "persistent_<phase>: the per-phase profile; empty: the per-site kernels",
   ),
   persistent_rule,
+)
+common.check(
+  flags.DEFINE_string(
+    "mosaic",
+    "",
+    "run the sparse variants on backend 'mosaic' with this tiling (mosaic_gemv.parse); empty: the per-site "
+    "Pallas-Triton kernels",
+  ),
+  lambda spec: checks.parses(MG.parse)(spec) if spec else None,
 )
 common.check(flags.DEFINE_string("out", "", "write the results JSON here"), checks.out_path())
 flags.DEFINE_bool("tiny", False, "CPU smoke test: tiny model, XLA path (host XLA ops, no device plane)")
@@ -125,6 +137,8 @@ def profile_model(
       if method not in scores:
         scores[method] = site_scores(params, cfg, tokens, with_scale=method == "wina")
       sp = make_sparsifier(scores[method], s, 1, configs, backend)[0].replace(fuse_norm=FLAGS.fuse_norm)
+      if FLAGS.mosaic:
+        sp = sp.replace(backend="mosaic", mosaic_config=MG.parse(FLAGS.mosaic))
     if FLAGS.persistent:
       sp = (sp or FusedThresholdSparsifier.create({})).as_persistent(PC.parse_config(FLAGS.persistent))
     events = trace_run(params, cfg, sp, tokens, max_len, attention)
@@ -177,6 +191,7 @@ def main(argv):
             "fuse_norm": FLAGS.fuse_norm,
             "attention": FLAGS.attention,
             "persistent": FLAGS.persistent,
+            "mosaic": FLAGS.mosaic,
           },
           "declared_numerics": declared,
           "rows": rows,

@@ -10,10 +10,17 @@
 #           fused shape (SHAPES, largest first), XLA dense, the dense kernel (DENSE specs), the kept-row kernel
 #           (ROWS specs) and the Pallas-Triton per-site tiling at 0 / 50 / 65 / 99.9 % -> OUT/mosaic_sweep.json
 #   decode  (not in the default STAGES) bench_decode, Llama-3-8B, batch 1, Pallas attention, TEAL at 0 / 50 / 65 /
-#           99.9 %: dense, the per-site Triton kernels (benchmarks/configs/h200_partials.json) and backend 'mosaic'
+#           99.9 % (SPARSITIES): dense, the per-site Triton kernels (benchmarks/configs/h200_partials.json) and backend 'mosaic'
 #           at each of MCONFIGS (comma-separated mosaic_gemv.parse specs, default 64:64:4:0:264) in one run, with
 #           the weightless step, under DECODE_S (default 300 s) -> OUT/bench_llama_mosaic.json
-# STAGES (comma-separated, default tests,sweep) runs a subset; extra arguments go to mosaic_sweep.
+#   marks   (not default) experiments.decode.mosaic_marks: the fused kernel's own clock per phase (compaction, tiles,
+#           store) on each Llama fused shape at MARKS_SPECS (default 64:64:4:0:132,64:256:3:0:132) and SPARSITIES
+#           (default 0,0.5,0.999 here) under MARKS_S (default 240 s) -> OUT/mosaic_marks.json
+#   profile (not default) profile_decode --mosaic=PROFILE_SPEC (default 64:64:4:0:132:cp_async:kernel), Llama-3-8B,
+#           TEAL 50 / 99.9 %, Pallas attention: per-kernel busy time of the step under PROFILE_S (default 240 s)
+#           -> OUT/profile_mosaic.json
+# STAGES (comma-separated, default tests,sweep) runs a subset; extra arguments go to mosaic_sweep. A failed tests
+# stage ends the call there (a kernel that computes wrong sums is not worth timing) unless FORCE=1.
 set -u
 OUT=${1:?usage: run_mosaic_h200.sh OUT [mosaic_sweep flags]}
 shift
@@ -25,8 +32,13 @@ export PYTHONPATH=.
 { nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv; python3 -c "import jax; print(jax.__version__, jax.devices())"; } > "$OUT/gpu.txt" 2>&1
 if [[ ,$STAGES, == *,tests,* ]]; then
   timeout 200 python3 -m pytest -q -x -p no:cacheprovider tests/test_mosaic_gemv.py -k "${TESTS_K:-gpu}" > "$OUT/tests.log" 2>&1
-  echo "tests rc=$?" >> "$OUT/tests.log"
+  rc=$?
+  echo "tests rc=$rc" >> "$OUT/tests.log"
   tail -30 "$OUT/tests.log"
+  if [[ $rc != 0 && ${FORCE:-0} != 1 ]]; then
+    echo "tests failed: the other stages skipped (FORCE=1 runs them anyway)"
+    exit 1
+  fi
 fi
 if [[ ,$STAGES, == *,sweep,* ]]; then
   args=(--budget_s=$((SWEEP_S - 50)) --shapes="$SHAPES" --out="$OUT/mosaic_sweep.json")
@@ -38,9 +50,22 @@ if [[ ,$STAGES, == *,sweep,* ]]; then
 fi
 if [[ ,$STAGES, == *,decode,* ]]; then
   timeout "${DECODE_S:-300}" python3 -m experiments.decode.bench_decode --models=llama3_8b --methods=teal \
-    --batches=1 --sparsities=0,0.5,0.65,0.999 --attention=pallas --reps=3 --host_rows=false \
+    --batches=1 --sparsities="${SPARSITIES:-0,0.5,0.65,0.999}" --attention=pallas --reps=3 --host_rows=false \
     --configs=benchmarks/configs/h200_partials.json --mosaic_configs="${MCONFIGS:-64:64:4:0:264}" \
     --out="$OUT/bench_llama_mosaic.json" > "$OUT/bench_llama_mosaic.log" 2>&1
   echo "decode rc=$?" >> "$OUT/bench_llama_mosaic.log"
   grep -v '^[IWE][0-9]' "$OUT/bench_llama_mosaic.log" | tr '\r' '\n' | grep -v 'it/s\]' | tail -40
+fi
+if [[ ,$STAGES, == *,marks,* ]]; then
+  timeout "${MARKS_S:-240}" python3 -m experiments.decode.mosaic_marks --specs="${MARKS_SPECS:-64:64:4:0:132,64:256:3:0:132}" \
+    --sparsities="${SPARSITIES:-0,0.5,0.999}" --out="$OUT/mosaic_marks.json" > "$OUT/mosaic_marks.log" 2>&1
+  echo "marks rc=$?" >> "$OUT/mosaic_marks.log"
+  grep -v '^[IWE][0-9]' "$OUT/mosaic_marks.log" | tail -40
+fi
+if [[ ,$STAGES, == *,profile,* ]]; then
+  timeout "${PROFILE_S:-240}" python3 -m experiments.decode.profile_decode --models=llama3_8b --variants=teal:0.5,teal:0.999 \
+    --attention=pallas --configs=benchmarks/configs/h200_partials.json \
+    --mosaic="${PROFILE_SPEC:-64:64:4:0:132:cp_async:kernel}" --out="$OUT/profile_mosaic.json" > "$OUT/profile_mosaic.log" 2>&1
+  echo "profile rc=$?" >> "$OUT/profile_mosaic.log"
+  grep -v '^[IWE][0-9]' "$OUT/profile_mosaic.log" | tail -40
 fi
