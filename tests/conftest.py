@@ -12,11 +12,54 @@ import pytest
 jax.config.update("jax_default_matmul_precision", "highest")
 
 
+def pytest_configure(config):
+  """One JAX compilation cache per test session, shared by both xdist workers and by every process they
+  start (notebook kernels, scripts run as subprocesses): the same jitted step compiled in one is read back by
+  the others. The controller makes the folder before the workers start, so they inherit it through the
+  environment; a session's cache starts empty and ends with it, so no test reads a stale executable."""
+  if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    folder = tempfile.mkdtemp(prefix="wina_jax_test_xla_cache_")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = folder
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+  jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+  jax.config.update(
+    "jax_persistent_cache_min_compile_time_secs",
+    float(os.environ.get("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")),
+  )
+
+
 def pytest_collection_modifyitems(config, items):
   """Tests marked `slow` run first (stable order otherwise): under `pytest -n 2` the long ones then overlap
   the many short ones instead of leaving one worker idle at the end. Mark no test whose module fixture its
   neighbours share (test_inputs' `walked`): moved apart, the two workers would each build it."""
   items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
+def once_per_session(tmp_path_factory, name: str, build):
+  """build() -> a JSON value, computed by one process per test session: under xdist the first worker to ask
+  builds it while the other waits on a lock, then reads the stored result (a module fixture split across the
+  two workers would otherwise be built twice). Without xdist it is simply built."""
+  if "PYTEST_XDIST_WORKER" not in os.environ:
+    return build()
+  import fcntl
+  import json
+
+  shared = tmp_path_factory.getbasetemp().parent  # one folder per session, above each worker's own
+  with open(shared / f"{name}.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    done = shared / f"{name}.json"
+    if done.is_file():
+      return json.loads(done.read_text())
+    value = build()
+    tmp = shared / f"{name}.json.tmp"
+    tmp.write_text(json.dumps(value))
+    tmp.replace(done)
+    return json.loads(done.read_text())  # the same types the waiting worker gets (tuples become lists)
 
 
 TINY = dict(

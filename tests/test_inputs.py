@@ -16,6 +16,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from conftest import once_per_session
 
 from wina_jax import assets
 
@@ -109,11 +110,15 @@ def walk(module: str, f: dict, d) -> dict:
 
 @pytest.fixture(scope="module")
 def walked(tmp_path_factory):
-  d = tmp_path_factory.mktemp("inputs")
-  f = files(d)
-  with ThreadPoolExecutor(2) as pool:
-    results = dict(zip(SCRIPTS, pool.map(lambda m: walk(m, f, d), SCRIPTS)))
-  return f, results
+  """(prepared files, {script: its walk}): built once per test session, however xdist splits this module."""
+
+  def build():
+    d = tmp_path_factory.mktemp("inputs")
+    f = files(d)
+    with ThreadPoolExecutor(2) as pool:
+      return f, dict(zip(SCRIPTS, pool.map(lambda m: walk(m, f, d), SCRIPTS)))
+
+  return once_per_session(tmp_path_factory, "inputs_walked", build)
 
 
 def probes(result: dict):
