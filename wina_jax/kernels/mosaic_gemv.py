@@ -207,9 +207,8 @@ def _untiled(tile_ref):
 def _cp_async_rows(ids, w_cols, dst) -> None:
   """Every thread of the warpgroup copies its 16-byte pieces of a tile's kept rows with cp.async (one
   commit group per call): ids [BK] int32 (shared), w_cols [K, BN] bf16 (global, the work item's columns),
-  dst: the tile's shared buffer, addressed from its first element in the layout wgmma and TMA expect for a
-  [BK, BN] tile tiled (8, 64) with the 128-byte swizzle: piece q (of 8) of row r's 64-column block h at
-  tile (r // 8, h), row r % 8, piece q ^ (r % 8). For BN = 64 that is also the (1, 64)-tiled row layout."""
+  dst: the tile's shared buffer, addressed from its first element (`_swizzled_offset` of a [BK, BN] tile). For
+  BN = 64 that is also the (1, 64)-tiled row layout."""
 
   @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),) * 3)
   def issue(ctx, ids_ref, w_ref, dst_ref):
@@ -232,13 +231,7 @@ def _cp_async_rows(ids, w_cols, dst) -> None:
         arith.muli(arith.extsi(i64, row), mgpu_utils.c(stride, i64)),
         arith.extui(i64, arith.muli(qa, c(CHUNK))),
       )
-      tile = arith.addi(arith.muli(arith.shrui(r, c(3)), c(blocks)), arith.shrui(qa, c(3)))
-      r8 = arith.andi(r, c(7))
-      swizzled = arith.xori(arith.andi(qa, c(7)), r8)
-      to = arith.addi(
-        arith.muli(tile, c(ROWS * TILE_COLS)),
-        arith.addi(arith.muli(r8, c(TILE_COLS)), arith.muli(swizzled, c(CHUNK))),
-      )
+      to = _swizzled_offset(r, arith.muli(qa, c(CHUNK)), blocks * TILE_COLS)
       nvvm.cp_async_shared_global(
         mgpu_utils.getelementptr(sbase, [to], bf16),
         mgpu_utils.getelementptr(gbase, [src], bf16),
@@ -369,16 +362,24 @@ def rows_partials(
 WARPS = WARPGROUP // 32
 
 
+def _swizzled_offset(row, col, cols: int):
+  """Element offset (i32) of (row, col) (i32) in a [R, cols] bfloat16 buffer tiled (8, 64) with the 128-byte
+  swizzle, the layout wgmma and TMA expect: tile (row // 8, col // 64) of 8 * 64 elements, row % 8 within it,
+  16-byte piece ((col // 8) % 8) ^ (row % 8), element col % 8."""
+  c = functools.partial(mgpu_utils.c, ty=ir.IntegerType.get_signless(32))
+  r8 = arith.andi(row, c(7))
+  tile = arith.addi(arith.muli(arith.shrui(row, c(3)), c(cols // TILE_COLS)), arith.shrui(col, c(6)))
+  piece = arith.xori(arith.andi(arith.shrui(col, c(3)), c(7)), r8)
+  within = arith.addi(arith.muli(piece, c(CHUNK)), arith.andi(col, c(CHUNK - 1)))
+  return arith.addi(arith.muli(tile, c(ROWS * TILE_COLS)), arith.addi(arith.muli(r8, c(TILE_COLS)), within))
+
+
 def _xk_offset(p, b: int, bk: int):
-  """Element offset of x^T's batch row b at kept position p (i32) in the flat bytes of [T, 8, BK] tiles tiled
-  (8, 64) with the 128-byte swizzle: tile p // BK, 64-column block, row b, 16-byte piece ((p % 64) // 8) ^ b."""
-  i32 = ir.IntegerType.get_signless(32)
-  c = functools.partial(mgpu_utils.c, ty=i32)
-  tile = arith.muli(arith.shrui(p, c(bk.bit_length() - 1)), c(ROWS * bk))
-  block = arith.muli(arith.shrui(arith.andi(p, c(bk - 1)), c(6)), c(ROWS * TILE_COLS))
-  piece = arith.xori(arith.andi(arith.shrui(p, c(3)), c(7)), c(b))
-  within = arith.addi(arith.muli(piece, c(CHUNK)), arith.andi(p, c(CHUNK - 1)))
-  return arith.addi(arith.addi(tile, block), arith.addi(c(b * TILE_COLS), within))
+  """Element offset of x^T's batch row b at kept position p (i32) in the flat [T, 8, BK] tiles: row
+  (p // BK) * 8 + b, column p % BK of a [T * 8, BK] `_swizzled_offset` buffer."""
+  c = functools.partial(mgpu_utils.c, ty=ir.IntegerType.get_signless(32))
+  row = arith.addi(arith.shli(arith.shrui(p, c(bk.bit_length() - 1)), c(3)), c(b))
+  return _swizzled_offset(row, arith.andi(p, c(bk - 1)), bk)
 
 
 def _compact_split(x, thr, scale, xk, ids, totals, *, rows: int, block_k: int) -> None:
