@@ -211,6 +211,20 @@ def test_gpu_fused_kernel_keeps_all_and_none(m):
 
 
 @needs_gpu
+@pytest.mark.parametrize("k,spec", [(1792, "64:64:3:2:0"), (3072, "64:128:2:2:0"), (1792, "64:256:2:1:4")])
+@pytest.mark.parametrize("m,wina", [(1, False), (3, True)])
+def test_gpu_fused_odd_rows_per_thread(k, spec, m, wina):
+  """Splits whose rows per thread (kp / 128: 7, 12, 14) are no power of two, as Llama's down_proj (14336
+  rows) gives: the compaction's vector loads shrink to 1, 4 and 2 elements and must still read every row."""
+  segs = (256, 256)
+  x, w, t, sc = case(m, k, segs, wina=wina)
+  cfg = mg.resolved(mg.parse(spec + ":cp_async:kernel"), *w.shape)
+  keep = jnp.stack([keep_mask(x, t[g], None if sc is None else sc[g]) for g in range(len(segs))])
+  parts = jax.jit(lambda x, t, sc, w: mg.fused_partials(x, t, sc, w, cfg, segs))(x, t, sc, w)
+  close(parts, mg.partials_reference(*mg.compact(x, keep, cfg.splits), w, cfg, segs))
+
+
+@needs_gpu
 @pytest.mark.parametrize("spec", ["64:64:4", "128:128:2", "64:128:8:2:264"])
 def test_gpu_dense_kernel_matches_xla(spec):
   x, w, _, _ = case(8, 2048, (1024,))

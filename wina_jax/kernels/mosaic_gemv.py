@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Sequence
 from typing import Optional
 
@@ -411,20 +412,40 @@ def _compact_split(x, thr, scale, xk, ids, totals, *, rows: int, block_k: int) -
     threshold = memref.load(thr_ref, [mgpu_utils.c(0, index)])
     zero = mgpu_utils.c(0.0, bf16)
 
+    chunk = math.gcd(per, CHUNK)  # elements per vector load (16 bytes where a thread's rows allow)
+
+    def loads(ref, rows_, ty):
+      """[rows_][per] values of ref's rows at this thread's columns, by aligned vector loads of `chunk`."""
+      stride = ir.MemRefType(ref.type).get_strides_and_offset()[0][0]
+      base, vec = mgpu_utils.memref_ptr(ref), ir.VectorType.get((chunk,), ty)
+      width = mgpu_utils.bitwidth(ty) // 8
+      out = []
+      for b in range(rows_):
+        row = []
+        for v in range(per // chunk):
+          at_v = arith.addi(first, c(b * stride + v * chunk))
+          got = llvm.load(vec, mgpu_utils.getelementptr(base, [at_v], ty), alignment=min(chunk * width, 16))
+          row += [llvm.extractelement(got, c(e)) for e in range(chunk)]
+        out.append(row)
+      return out
+
+    xv = loads(x_ref, rows, bf16)
+    sv = loads(scale_ref[0], 1, f32)[0] if scale_ref else None
+
     def kept(j):
       """Row first + j: (its id, whether any batch row keeps it, each batch row's x or 0)."""
-      r = arith.addi(first, c(j))
-      s = memref.load(scale_ref[0], [at(r)]) if scale_ref else None
       keep, xs = None, []
       for b in range(rows):
-        v = memref.load(x_ref, [mgpu_utils.c(b, index), at(r)])
+        v = xv[b][j]
         score = mlir_math.absf(arith.extf(f32, v))
-        if s is not None:
-          score = arith.mulf(score, s)
+        if sv is not None:
+          score = arith.mulf(score, sv[j])
         k = arith.cmpf(arith.CmpFPredicate.OGT, score, threshold)
         xs.append(arith.select(k, v, zero))
         keep = k if keep is None else arith.ori(keep, k)
-      return r, keep, xs
+      return arith.addi(first, c(j)), keep, xs
+
+    rows_kept = [kept(j) for j in range(per)]  # loaded once: the count and the writes share them
 
     def put(p, r, xs):
       memref.store(r, ids_ref, [at(p)])
@@ -433,8 +454,8 @@ def _compact_split(x, thr, scale, xk, ids, totals, *, rows: int, block_k: int) -
 
     mgpu_utils.warpgroup_barrier()  # the previous split's readers of ids, xk and totals are done
     count = c(0)
-    for j in range(per):
-      count = arith.addi(count, arith.extui(i32, kept(j)[1]))
+    for _, keep, _ in rows_kept:
+      count = arith.addi(count, arith.extui(i32, keep))
     incl = count  # inclusive scan over the warp's lanes
     for d in (1, 2, 4, 8, 16):
       up = llvm.inline_asm(i32, [incl], f"shfl.sync.up.b32 $0, $1, {d}, 0, -1;", "=r,r")
@@ -448,8 +469,7 @@ def _compact_split(x, thr, scale, xk, ids, totals, *, rows: int, block_k: int) -
       before = arith.addi(before, arith.select(arith.cmpi(arith.CmpIPredicate.ugt, warp, c(w)), n, c(0)))
       total = arith.addi(total, n)
     pos = arith.addi(before, arith.subi(incl, count))
-    for j in range(per):
-      r, keep, xs = kept(j)
+    for r, keep, xs in rows_kept:
       with mgpu_utils.when(keep):
         put(pos, r, xs)
       pos = arith.addi(pos, arith.extui(i32, keep))
