@@ -4,7 +4,7 @@
 #
 #   experiments/decode/run_mosaic_h200.sh $OUT
 #
-#   tests   pytest -k gpu tests/test_mosaic_gemv.py (both kernels against XLA; TESTS_K: another -k) under 200 s
+#   tests   pytest -k gpu tests/test_mosaic_sync.py tests/test_mosaic_gemv.py (both kernels against XLA; TESTS_K: another -k) under 200 s
 #           -> OUT/tests.log
 #   sweep   experiments.decode.mosaic_sweep under SWEEP_S (default 330 s; --budget_s 50 s less): per Llama-3-8B
 #           fused shape (SHAPES, largest first), XLA dense, the dense kernel (DENSE specs), the kept-row kernel
@@ -19,6 +19,10 @@
 #   profile (not default) profile_decode --mosaic=PROFILE_SPEC (default 64:64:4:0:132:cp_async:kernel), Llama-3-8B,
 #           TEAL 50 / 99.9 %, Pallas attention: per-kernel busy time of the step under PROFILE_S (default 240 s)
 #           -> OUT/profile_mosaic.json
+#   waits   (not default) experiments.decode.wait_cost --backend=mosaic: the Mosaic grid-wide wait
+#           (wina_jax.kernels.mosaic_sync) on all SMs and half of them, 1 / 2 / 6 / 64 waits per launch, each launch
+#           checking that every program reads its neighbour's value of every phase, under WAITS_S (default 120 s)
+#           -> OUT/wait_mosaic.json; tests/test_mosaic_sync.py GPU cases run in the tests stage (TESTS_FILES)
 # STAGES (comma-separated, default tests,sweep) runs a subset; extra arguments go to mosaic_sweep. A failed tests
 # stage ends the call there (a kernel that computes wrong sums is not worth timing) unless FORCE=1.
 set -u
@@ -31,7 +35,7 @@ SHAPES=${SHAPES:-4096x28672,14336x4096,4096x6144,4096x4096}
 export PYTHONPATH=.
 { nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv; python3 -c "import jax; print(jax.__version__, jax.devices())"; } > "$OUT/gpu.txt" 2>&1
 if [[ ,$STAGES, == *,tests,* ]]; then
-  timeout 200 python3 -m pytest -q -x -p no:cacheprovider tests/test_mosaic_gemv.py -k "${TESTS_K:-gpu}" > "$OUT/tests.log" 2>&1
+  timeout 200 python3 -m pytest -q -x -p no:cacheprovider ${TESTS_FILES:-tests/test_mosaic_sync.py tests/test_mosaic_gemv.py} -k "${TESTS_K:-gpu}" > "$OUT/tests.log" 2>&1
   rc=$?
   echo "tests rc=$rc" >> "$OUT/tests.log"
   tail -30 "$OUT/tests.log"
@@ -61,6 +65,12 @@ if [[ ,$STAGES, == *,marks,* ]]; then
     --sparsities="${SPARSITIES:-0,0.5,0.999}" --out="$OUT/mosaic_marks.json" > "$OUT/mosaic_marks.log" 2>&1
   echo "marks rc=$?" >> "$OUT/mosaic_marks.log"
   grep -v '^[IWE][0-9]' "$OUT/mosaic_marks.log" | tail -40
+fi
+if [[ ,$STAGES, == *,waits,* ]]; then
+  timeout "${WAITS_S:-120}" python3 -m experiments.decode.wait_cost --backend=mosaic --waits=1,2,6,64 \
+    --out="$OUT/wait_mosaic.json" > "$OUT/wait_mosaic.log" 2>&1
+  echo "waits rc=$?" >> "$OUT/wait_mosaic.log"
+  grep -v '^[IWE][0-9]' "$OUT/wait_mosaic.log" | tail -20
 fi
 if [[ ,$STAGES, == *,profile,* ]]; then
   timeout "${PROFILE_S:-240}" python3 -m experiments.decode.profile_decode --models=llama3_8b --variants=teal:0.5,teal:0.999 \

@@ -5,7 +5,14 @@ A Pallas kernel of P programs runs W waits (`grid_sync.grid_wait`) and nothing e
 order inside one jitted loop. Per wait: (time per launch at W waits - at 0 waits) / W. Also checks that the
 counter is zero after the launches (the reset works, no wait given up) and that every program ran.
 
+--backend=mosaic times the Mosaic GPU wait (`mosaic_sync.grid_wait`, semaphore zeroed by Pallas at each
+launch) from the kernel's own clock instead: one launch of W waits (`mosaic_sync.exchange`, which also checks
+that each program reads its neighbour's value of every phase); per wait, the median over programs of the
+time from one wait's release to the next's (an empty phase), and of the time from the phase's last arrival to
+this program's release (the wait's own latency); and the launch's wall time (dispatch included).
+
 GPU:  PYTHONPATH=. python3 -m experiments.decode.wait_cost --out=$OUT/wait_cost.json
+      PYTHONPATH=. python3 -m experiments.decode.wait_cost --backend=mosaic --waits=2,6,64 --out=$OUT/wait_mosaic.json
 """
 
 from __future__ import annotations
@@ -17,13 +24,15 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from absl import app, flags
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from experiments import common
 from wina_jax import checks
-from wina_jax.kernels import grid_sync
+from wina_jax.bench.timing import clock_waits
+from wina_jax.kernels import grid_sync, mosaic_sync
 from wina_jax.kernels import persistent_config as PC
 from wina_jax.kernels.pallas_gemv import compiler_params
 
@@ -36,6 +45,9 @@ common.check(
 common.check(
   flags.DEFINE_list("grids", [], "programs per launch (empty: the SM count and half of it)"),
   checks.each(checks.count(), int),
+)
+flags.DEFINE_enum(
+  "backend", "triton", ["triton", "mosaic"], "whose grid-wide wait: grid_sync's or mosaic_sync's"
 )
 common.check(flags.DEFINE_integer("launches", 200, "launches per timed loop"), checks.count())
 common.check(flags.DEFINE_integer("reps", 5, "timed loops (median)"), checks.count())
@@ -80,6 +92,29 @@ def time_launch(counter, waits, programs) -> float:
   return statistics.median(ts)
 
 
+def mosaic_row(programs: int, waits: int) -> dict:
+  """One Mosaic launch of `waits` empty phases, repeated --reps times: the clocked per-wait figures (medians)."""
+  gaps, latencies, walls = [], [], []
+  for rep in range(FLAGS.reps + 1):
+    t0 = time.perf_counter()
+    seen, gave_up, marks = jax.block_until_ready(mosaic_sync.exchange(programs=programs, waits=waits))
+    wall = time.perf_counter() - t0
+    mosaic_sync.check_gave_up(gave_up)
+    if not np.array_equal(np.asarray(seen), mosaic_sync.expected_seen(programs, waits)):
+      raise AssertionError(f"a program read a stale value after a wait ({programs} programs, {waits} waits)")
+    if rep == 0:
+      continue  # compile and warm-up
+    got = clock_waits(np.asarray(marks))
+    latencies.append(got["release_us"])
+    gaps += [got["per_wait_us"]] if waits > 1 else []
+    walls.append(wall * 1e6)
+  row = dict(programs=programs, waits=waits, us_per_launch_wall=statistics.median(walls))
+  row["us_last_arrival_to_release"] = statistics.median(latencies)
+  if gaps:
+    row["us_per_wait"] = statistics.median(gaps)
+  return row
+
+
 def main(argv):
   declared = common.setup(jnp.int32)  # counters only: no matmuls
   del argv
@@ -87,7 +122,11 @@ def main(argv):
   grids = [int(g) for g in FLAGS.grids] or [sms, sms // 2]
   counter = grid_sync.new_counter()
   rows = []
-  for programs in grids:
+  for programs in grids if FLAGS.backend == "mosaic" else []:
+    for waits in sorted(int(w) for w in FLAGS.waits if int(w) > 0):
+      rows.append(mosaic_row(programs, waits))
+      print(json.dumps(rows[-1]))
+  for programs in grids if FLAGS.backend == "triton" else []:
     PC.check_grid(programs, sms)
     base = None
     for waits in sorted(int(w) for w in FLAGS.waits):
@@ -100,6 +139,7 @@ def main(argv):
       print(json.dumps(row))
   result = {
     "device": str(jax.devices()[0].device_kind),
+    "backend": FLAGS.backend,
     "sms": sms,
     "jax": jax.__version__,
     "declared_numerics": declared,

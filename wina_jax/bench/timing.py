@@ -85,3 +85,19 @@ def clock_phases(marks: np.ndarray, items: np.ndarray) -> dict:
       "program_max_us": float(totals.max() / 1e3) if totals.size else 0.0,
     }
   return out
+
+
+def clock_waits(marks: np.ndarray) -> dict:
+  """A launch of grid-wide waits' own clock marks -> per-wait costs in microseconds.
+
+  marks: int32 [P, W, 2], the low 32 bits of a nanosecond clock per program and wait, at its arrival and at its
+  release (`mosaic_sync.exchange`). Times are taken from program 0's first arrival, modulo 2**32 and signed (a
+  launch lasts well under 2 s). Returns the median over programs and waits of the time from the wait's last
+  arrival to this program's release ('release_us': the wait's own latency) and, for W > 1, of the time from
+  one release to the next ('per_wait_us': an empty phase)."""
+  t = marks.astype(np.int64)
+  t = (t - t[0, 0, 0] + (1 << 31)) % (1 << 32) - (1 << 31)
+  out = {"release_us": float(np.median(t[:, :, 1] - t[:, :, 0].max(axis=0)[None]) / 1e3)}
+  if t.shape[1] > 1:
+    out["per_wait_us"] = float(np.median(np.diff(t[:, :, 1], axis=1)) / 1e3)
+  return out

@@ -47,6 +47,7 @@ from jaxlib.mlir.dialects import arith, llvm, memref, nvvm
 from jaxlib.mlir.dialects import math as mlir_math
 
 from wina_jax.kernels.config import check_powers_of_two, spec_fields
+from wina_jax.kernels.mosaic_sync import clock
 from wina_jax.kernels.pallas_gemv import compact_ids
 from wina_jax.kernels.persistent_config import sm_count
 from wina_jax.kernels.reference import keep_mask
@@ -383,19 +384,51 @@ def _xk_offset(p, b: int, bk: int):
   return _swizzled_offset(row, arith.andi(p, c(bk - 1)), bk)
 
 
-def _compact_split(x, thr, scale, xk, ids, totals, *, rows: int, block_k: int) -> None:
-  """Threshold a split of x and write its kept rows, in order, to shared memory (every thread of the
+def load_vector(ref, at, n: int, ty) -> list:
+  """n elements of type ty from global ref (flat element index `at`, i32, from the ref's first element) by one
+  aligned vector load (the address must be a multiple of n elements, up to 16 bytes)."""
+  width = mgpu_utils.bitwidth(ty) // 8
+  ptr = mgpu_utils.getelementptr(mgpu_utils.memref_ptr(ref), [at], ty)
+  got = llvm.load(ir.VectorType.get((n,), ty), ptr, alignment=min(n * width, 16))
+  return [llvm.extractelement(got, mgpu_utils.c(e, ir.IntegerType.get_signless(32))) for e in range(n)]
+
+
+def row_loads(ref, rows: int, ty, first, per: int) -> list:
+  """[rows][per] values of a global [R, kp] ref: row b's elements first .. first + per - 1 (first: i32), by
+  aligned vector loads of gcd(per, 8) elements (16 bytes of bfloat16 where a thread's rows allow)."""
+  chunk = math.gcd(per, CHUNK)
+  stride = ir.MemRefType(ref.type).get_strides_and_offset()[0][0]
+  c = functools.partial(mgpu_utils.c, ty=ir.IntegerType.get_signless(32))
+  return [
+    [
+      v
+      for k in range(per // chunk)
+      for v in load_vector(ref, arith.addi(first, c(b * stride + k * chunk)), chunk, ty)
+    ]
+    for b in range(rows)
+  ]
+
+
+def x_values(rows: int):
+  """`compact_split`'s value source for a split of x [M, kp] bf16 (global): its rows as they are."""
+  return lambda refs, first, per: row_loads(refs[0], rows, ir.BF16Type.get(), first, per)
+
+
+def compact_split(srcs, values, thr, scale, xk, ids, totals, *, rows: int, block_k: int, kp: int) -> None:
+  """Threshold a split of an input and write its kept rows, in order, to shared memory (every thread of the
   warpgroup: kp / 128 consecutive rows; an exclusive scan of the threads' counts by warp shuffles and the
-  warps' totals). x [M, kp] bf16, thr [1] f32, scale [kp] f32 or None (global: the split's inputs, the
+  warps' totals). srcs: the global refs `values(src_refs, first, per)` reads to give this thread's inputs,
+  [rows][per] bf16 (`x_values`: a split of x [M, kp]); thr [1] f32, scale [kp] f32 or None (global: the
   segment's threshold and WINA scales); xk [T * 8 * BK] bf16 (shared, flat: x^T's tiles, `_xk_offset`;
   batch row b keeps its own |x| * scale > thr, rows b >= M are zero); ids [T * BK] int32 (shared: the kept
   rows' split-local ids); totals [WARPS + 1] int32 (shared: the warps' counts, then the split's count). From
-  the count to the end of its tile: id 0 and x 0. Ends with the writes visible to the tensor cores and to
-  every thread."""
-  refs = (x, thr, xk, ids, totals) + (() if scale is None else (scale,))
+  the count to the end of its tile: id 0 and x 0. Inputs are read once, by vector loads, and stay in
+  registers between the count and the writes. Ends with the writes visible to the tensor cores and to every
+  thread."""
+  refs = tuple(srcs) + (thr, xk, ids, totals) + (() if scale is None else (scale,))
 
   @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),) * len(refs))
-  def run(ctx, x_ref, thr_ref, xk_ref, ids_ref, tot_ref, *scale_ref):
+  def run(ctx, *args):
     del ctx
     i32, f32, bf16, index = (
       ir.IntegerType.get_signless(32),
@@ -405,32 +438,19 @@ def _compact_split(x, thr, scale, xk, ids, totals, *, rows: int, block_k: int) -
     )
     c = functools.partial(mgpu_utils.c, ty=i32)
     at = functools.partial(arith.index_cast, index)
-    per = ir.MemRefType(x_ref.type).shape[1] // WARPGROUP
+    per = kp // WARPGROUP
+    src_refs, (thr_ref, xk_ref, ids_ref, tot_ref), scale_ref = (
+      args[: len(srcs)],
+      args[len(srcs) : len(srcs) + 4],
+      args[len(srcs) + 4 :],
+    )
     tid = mgpu_utils.thread_idx()
     lane, warp = arith.andi(tid, c(31)), arith.shrui(tid, c(5))
     first = arith.muli(tid, c(per))
     threshold = memref.load(thr_ref, [mgpu_utils.c(0, index)])
     zero = mgpu_utils.c(0.0, bf16)
-
-    chunk = math.gcd(per, CHUNK)  # elements per vector load (16 bytes where a thread's rows allow)
-
-    def loads(ref, rows_, ty):
-      """[rows_][per] values of ref's rows at this thread's columns, by aligned vector loads of `chunk`."""
-      stride = ir.MemRefType(ref.type).get_strides_and_offset()[0][0]
-      base, vec = mgpu_utils.memref_ptr(ref), ir.VectorType.get((chunk,), ty)
-      width = mgpu_utils.bitwidth(ty) // 8
-      out = []
-      for b in range(rows_):
-        row = []
-        for v in range(per // chunk):
-          at_v = arith.addi(first, c(b * stride + v * chunk))
-          got = llvm.load(vec, mgpu_utils.getelementptr(base, [at_v], ty), alignment=min(chunk * width, 16))
-          row += [llvm.extractelement(got, c(e)) for e in range(chunk)]
-        out.append(row)
-      return out
-
-    xv = loads(x_ref, rows, bf16)
-    sv = loads(scale_ref[0], 1, f32)[0] if scale_ref else None
+    xv = values(src_refs, first, per)
+    sv = row_loads(scale_ref[0], 1, f32, first, per)[0] if scale_ref else None
 
     def kept(j):
       """Row first + j: (its id, whether any batch row keeps it, each batch row's x or 0)."""
@@ -485,22 +505,120 @@ def _compact_split(x, thr, scale, xk, ids, totals, *, rows: int, block_k: int) -
   run(*refs)
 
 
+_TILED = (plgpu.TilingTransform((8, TILE_COLS)), plgpu.SwizzleTransform(SWIZZLE))
 MARKS = 4  # `fused_partials(marks=True)`: clock reads per work item
 
 
-def _clock(ref) -> None:
-  """Thread 0 writes the GPU's global nanosecond clock (low 32 bits, PTX %globaltimer_lo) to ref [1] int32
-  (global); the read is volatile, so it stays where it is in program order."""
+@dataclasses.dataclass(frozen=True)
+class PhaseScratch:
+  """One kept-row phase's shared memory (`scratch_types`): xk, x^T's tiles (flat for the compaction's writes,
+  tiled for wgmma); ids, the kept rows; totals, the compaction's counts."""
 
-  @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),))
-  def read(ctx, out):
-    del ctx
-    i32 = ir.IntegerType.get_signless(32)
-    now = llvm.inline_asm(i32, [], "mov.u32 $0, %globaltimer_lo;", "=r", has_side_effects=True)
-    with mgpu_utils.when(arith.cmpi(arith.CmpIPredicate.eq, mgpu_utils.thread_idx(), mgpu_utils.c(0, i32))):
-      memref.store(now, out, [mgpu_utils.c(0, ir.IndexType.get())])
+  xk: object
+  ids: object
+  totals: object
 
-  read(ref)
+
+def scratch_types(cfg: MosaicConfig, phases) -> dict:
+  """Shared memory of a kernel of kept-row phases that share cfg's block_k, block_n and stages. phases:
+  [(prefix, kp)], one per phase over splits of kp rows -> {prefix + 'xk' | 'ids' | 'totals': its
+  `PhaseScratch` fields; 'w_union': the weight tiles in flight, `stages` slots of [BK, BN], flat for the
+  cp.async copies, tiled for wgmma}. The swizzled buffers come first: each is a multiple of 1024 bytes, so
+  each starts where the 128-byte swizzle needs it to."""
+  bk, bn, stages = cfg.block_k, cfg.block_n, cfg.stages
+  out = {
+    f"{prefix}xk": plgpu.RefUnion(
+      plgpu.SMEM((kp * ROWS,), jnp.bfloat16),
+      plgpu.SMEM((kp // bk, ROWS, bk), jnp.bfloat16, transforms=_TILED),
+    )
+    for prefix, kp in phases
+  }
+  out["w_union"] = plgpu.RefUnion(
+    plgpu.SMEM((stages * bk * bn,), jnp.bfloat16),
+    plgpu.SMEM((stages, bk, bn), jnp.bfloat16, transforms=_TILED),
+  )
+  for prefix, kp in phases:
+    out[f"{prefix}ids"] = plgpu.SMEM((kp,), jnp.int32)
+    out[f"{prefix}totals"] = plgpu.SMEM((WARPS + 1,), jnp.int32)
+  return out
+
+
+def kept_row_phase(
+  cfg: MosaicConfig, shape, segments, compact_split_of, w_gmem, o_gmem, scratch, w_union, mark
+):
+  """Inside a kernel of cfg.programs programs: this program's work items (column block, split) of a resolved
+  cfg's kept-row GEMV of a [K, N] = `shape` weight (global w_gmem) into float32 partial sums o_gmem [S, N, 8].
+  compact_split_of(s, g): compacts split s of segment g into `scratch` (a PhaseScratch; `compact_split`); it
+  runs only when an item's (segment, split) differs from the previous one's; then the next item's first copies
+  are issued before this item's store, so their latency overlaps it. mark(j, e): the clock hook, e = 0 .. 3 at
+  item j's start, after its compaction, after its last wgmma and after its store."""
+  (k, n), bk, bn, s_n, stages, programs = (
+    shape,
+    cfg.block_k,
+    cfg.block_n,
+    cfg.splits,
+    cfg.stages,
+    cfg.programs,
+  )
+  kp, nb = k // s_n, n // bn
+  starts = [sum(segments[:j]) // bn for j in range(1, len(segments))]
+  (_, xk_tiles), (w_flat, w_smem), ids, totals = scratch.xk, w_union, scratch.ids, scratch.totals
+  pid = lax.axis_index("sm")
+  items = (nb * s_n - pid + programs - 1) // programs  # this program's work items
+  ahead = min(stages, kp // bk)  # tiles issued before the first wgmma (a split holds kp // bk)
+
+  def where(j):
+    """Work item j of this program: (column block, split, segment, its (segment, split) key)."""
+    i = pid + j * programs
+    col, s = i // s_n, i % s_n
+    g = sum((col >= b).astype(jnp.int32) for b in starts) if starts else 0
+    return col, s, g, g * s_n + s
+
+  def issue(col, s, t):
+    """Tile t's kept rows of item (col, s) into slot t % stages (one cp.async group, committed by the caller)."""
+    w_cols = w_gmem.at[pl.ds(s * kp, kp), pl.ds(col * bn, bn)]
+    _cp_async_rows(ids.at[pl.ds(t * bk, bk)], w_cols, w_flat.at[pl.ds((t % stages) * bk * bn, bk * bn)])
+
+  def first_tiles(col, s, tiles):
+    for t in range(ahead):
+      pl.when(t < tiles)(functools.partial(issue, col, s, t))
+      _cp_async_commit()
+
+  def item(j, carry):
+    prev, ready = carry  # ready: the previous item already issued this one's first tiles
+    col, s, g, key = where(j)
+    mark(j, 0)
+    pl.when(key != prev)(lambda: compact_split_of(s, g))
+    mark(j, 1)
+    tiles = (totals[WARPS] + bk - 1) // bk
+    pl.when(ready == 0)(lambda: first_tiles(col, s, tiles))
+    col_next, s_next, _, key_next = where(j + 1)
+    chain = jnp.logical_and(j + 1 < items, key_next == key).astype(jnp.int32)
+
+    def acc_scope(acc_ref):
+      def step(t, _):
+        _cp_async_wait(ahead - 1)  # tile t's rows are in (its group and every earlier one)
+        plgpu.wgmma(
+          acc_ref,
+          plgpu.transpose_ref(w_smem.at[t % stages], (1, 0)),
+          plgpu.transpose_ref(xk_tiles.at[t], (1, 0)),
+        )
+        plgpu.wgmma_wait(0)
+        pl.when(t + stages < tiles)(lambda: issue(col, s, t + stages))
+        _cp_async_commit()
+        return ()
+
+      lax.fori_loop(0, tiles, step, ())
+      mark(j, 2)
+      # every slot is free: the next item, if it shares this one's kept rows, starts its copies before the store
+      pl.when(chain == 1)(lambda: first_tiles(col_next, s_next, tiles))
+      return acc_ref[...]
+
+    _store(pl.run_scoped(acc_scope, plgpu.ACC((bn, ROWS))), o_gmem, s, col, bn)
+    mark(j, 3)
+    return key, chain
+
+  lax.fori_loop(0, items, item, (jnp.int32(-1), jnp.int32(0)))
 
 
 def fused_partials(
@@ -515,121 +633,52 @@ def fused_partials(
 ):
   """Threshold, compaction and kept-row GEMV in one kernel. x [M <= 8, K] bf16, thresholds [G] f32, scales
   None or [G, K] f32, w [K, N] bf16 with N = sum(segments) (each a multiple of block_n) -> float32 partial
-  sums [S, N, 8], `rows_partials`' contract. A program compacts its split's kept rows (`_compact_split`)
-  only when its work item's (segment, split) differs from its previous one; with `programs` a multiple of
-  the splits a program's split never changes; then the next item's first copies are issued before this item's
-  store, so their latency overlaps it. block_n 64, 128 or 256: a kept row's BN columns are one
-  contiguous read of 2 * BN bytes, and wider items mean fewer items (each a chain of copy, wait and store).
+  sums [S, N, 8], `rows_partials`' contract. One `kept_row_phase`: a program compacts its split's kept rows
+  (`compact_split`) when its work item's (segment, split) changes; with `programs` a multiple of the splits a
+  program's split never changes. block_n 64, 128 or 256: a kept row's BN columns are one contiguous read of
+  2 * BN bytes, and wider items mean fewer items (each a chain of copy, wait and store).
   marks: also return the kernel's own clock, int32 [programs, items per program, MARKS]: the GPU's global
   nanosecond clock (low 32 bits, read by thread 0) at each work item's start, after its compaction (equal
   to the start where none ran, to the clock's resolution), after its last wgmma and after its store."""
   cfg = resolved(cfg, *w.shape)
-  (k, n), (m, _), bk, bn, s_n, stages = w.shape, x.shape, cfg.block_k, cfg.block_n, cfg.splits, cfg.stages
-  kp, nb, programs = k // s_n, n // bn, cfg.programs
-  starts = [sum(segments[:j]) // bn for j in range(1, len(segments))]
+  (k, n), (m, _), bk, s_n, programs = w.shape, x.shape, cfg.block_k, cfg.splits, cfg.programs
+  kp, nb = k // s_n, n // cfg.block_n
   wina = scales is not None
 
   def mosaic_fused_partials(x_gmem, thr_gmem, *refs, xk, w_union, ids, totals):
     sc_gmem = refs[0] if wina else None
     w_gmem, o_gmem, *marks_gmem = refs[wina:]
+    scratch = PhaseScratch(xk, ids, totals)
+    pid = lax.axis_index("sm")
 
     def mark(j, e):
       if marks_gmem:
-        _clock(marks_gmem[0].at[pid, j, pl.ds(e, 1)])
+        clock(marks_gmem[0].at[pid, j, pl.ds(e, 1)])
 
-    (xk_flat, xk_tiles), (w_flat, w_smem) = xk, w_union
-    pid = lax.axis_index("sm")
+    def compact_split_of(s, g):
+      compact_split(
+        (x_gmem.at[:, pl.ds(s * kp, kp)],),
+        x_values(m),
+        thr_gmem.at[pl.ds(g, 1)],
+        None if sc_gmem is None else sc_gmem.at[g, pl.ds(s * kp, kp)],
+        xk[0],
+        ids,
+        totals,
+        rows=m,
+        block_k=bk,
+        kp=kp,
+      )
 
-    items = (nb * s_n - pid + programs - 1) // programs  # this program's work items
-    ahead = min(stages, kp // bk)  # tiles issued before the first wgmma (a split holds kp // bk)
+    kept_row_phase(cfg, w.shape, segments, compact_split_of, w_gmem, o_gmem, scratch, w_union, mark)
 
-    def where(j):
-      """Work item j of this program: (column block, split, segment, its (segment, split) key)."""
-      i = pid + j * programs
-      col, s = i // s_n, i % s_n
-      g = sum((col >= b).astype(jnp.int32) for b in starts) if starts else 0
-      return col, s, g, g * s_n + s
-
-    def issue(col, s, t):
-      """Tile t's kept rows of item (col, s) into slot t % stages (one cp.async group, committed by the caller)."""
-      w_cols = w_gmem.at[pl.ds(s * kp, kp), pl.ds(col * bn, bn)]
-      _cp_async_rows(ids.at[pl.ds(t * bk, bk)], w_cols, w_flat.at[pl.ds((t % stages) * bk * bn, bk * bn)])
-
-    def first_tiles(col, s, tiles):
-      for t in range(ahead):
-        pl.when(t < tiles)(functools.partial(issue, col, s, t))
-        _cp_async_commit()
-
-    def item(j, carry):
-      prev, ready = carry  # ready: the previous item already issued this one's first tiles
-      col, s, g, key = where(j)
-      mark(j, 0)
-
-      @pl.when(key != prev)
-      def _():
-        scale = None if sc_gmem is None else sc_gmem.at[g, pl.ds(s * kp, kp)]
-        _compact_split(
-          x_gmem.at[:, pl.ds(s * kp, kp)],
-          thr_gmem.at[pl.ds(g, 1)],
-          scale,
-          xk_flat,
-          ids,
-          totals,
-          rows=m,
-          block_k=bk,
-        )
-
-      mark(j, 1)
-      tiles = (totals[WARPS] + bk - 1) // bk
-      pl.when(ready == 0)(lambda: first_tiles(col, s, tiles))
-      col_next, s_next, _, key_next = where(j + 1)
-      chain = jnp.logical_and(j + 1 < items, key_next == key).astype(jnp.int32)
-
-      def acc_scope(acc_ref):
-        def step(t, _):
-          _cp_async_wait(ahead - 1)  # tile t's rows are in (its group and every earlier one)
-          plgpu.wgmma(
-            acc_ref,
-            plgpu.transpose_ref(w_smem.at[t % stages], (1, 0)),
-            plgpu.transpose_ref(xk_tiles.at[t], (1, 0)),
-          )
-          plgpu.wgmma_wait(0)
-          pl.when(t + stages < tiles)(lambda: issue(col, s, t + stages))
-          _cp_async_commit()
-          return ()
-
-        lax.fori_loop(0, tiles, step, ())
-        mark(j, 2)
-        # every slot is free: the next item, if it shares this one's kept rows, starts its copies before the store
-        pl.when(chain == 1)(lambda: first_tiles(col_next, s_next, tiles))
-        return acc_ref[...]
-
-      _store(pl.run_scoped(acc_scope, plgpu.ACC((bn, ROWS))), o_gmem, s, col, bn)
-      mark(j, 3)
-      return key, chain
-
-    lax.fori_loop(0, items, item, (jnp.int32(-1), jnp.int32(0)))
-
-  tiled = (plgpu.TilingTransform((8, TILE_COLS)), plgpu.SwizzleTransform(SWIZZLE))
   parts = jax.ShapeDtypeStruct((s_n, n, ROWS), jnp.float32)
-  clock = jax.ShapeDtypeStruct((programs, -(-nb * s_n // programs), MARKS), jnp.int32)
+  marks_type = jax.ShapeDtypeStruct((programs, -(-nb * s_n // programs), MARKS), jnp.int32)
   return plgpu.kernel(
     mosaic_fused_partials,  # the kernel's name in profiles
-    out_type=(parts, clock) if marks else parts,
+    out_type=(parts, marks_type) if marks else parts,
     grid=(programs,),
     grid_names=("sm",),
-    scratch_types=dict(
-      xk=plgpu.RefUnion(
-        plgpu.SMEM((kp * ROWS,), jnp.bfloat16),
-        plgpu.SMEM((kp // bk, ROWS, bk), jnp.bfloat16, transforms=tiled),
-      ),
-      w_union=plgpu.RefUnion(  # flat for the copies, tiled for wgmma
-        plgpu.SMEM((stages * bk * bn,), jnp.bfloat16),
-        plgpu.SMEM((stages, bk, bn), jnp.bfloat16, transforms=tiled),
-      ),
-      ids=plgpu.SMEM((kp,), jnp.int32),
-      totals=plgpu.SMEM((WARPS + 1,), jnp.int32),
-    ),
+    scratch_types=scratch_types(cfg, [("", kp)]),
     compiler_params=_params(),
   )(x, thresholds, *((scales,) if wina else ()), w)
 

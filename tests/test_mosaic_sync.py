@@ -1,0 +1,93 @@
+"""Grid-wide waits inside one Mosaic GPU launch (`wina_jax.kernels.mosaic_sync`): on the CPU, lowering for
+CUDA, the refusal of a grid that could deadlock, and the checks; on a Hopper GPU, every program's stores
+before a wait visible to every program after it, on the full grid, and the watchdog giving a wait up
+instead of hanging."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from wina_jax.kernels import mosaic_sync as ms
+from wina_jax.kernels import persistent_config as PC
+
+GPU = jax.default_backend() == "gpu"
+needs_gpu = pytest.mark.skipif(not GPU, reason="Mosaic GPU kernels run on a Hopper GPU only")
+
+
+def test_exchange_lowers_for_cuda():
+  f = jax.jit(lambda: ms.exchange(programs=8, waits=3))
+  assert "mosaic_gpu" in f.trace().lower(lowering_platforms=("cuda",)).as_text()
+  seen, gave_up, marks = jax.eval_shape(f)
+  assert (seen.shape, gave_up.shape, marks.shape) == ((8, 3), (8,), (8, 3, 2))
+
+
+def test_grid_that_could_deadlock_is_refused():
+  """More programs than SMs (132 where the device reports none) never reach the kernel: GridError, not a hang."""
+  sms = PC.sm_count() or ms.H100_SMS
+  with pytest.raises(PC.GridError, match="co-resident.*deadlock"):
+    jax.jit(lambda: ms.exchange(programs=sms + 1, waits=1)).trace()
+  with pytest.raises(ValueError, match="k=0 must be >= 1"):
+    ms.grid_wait(None, None, 0, 4)
+
+
+def test_expected_seen_and_gave_up_check():
+  np.testing.assert_array_equal(ms.expected_seen(3, 2), [[1000, 1001], [2000, 2001], [0, 1]])
+  ms.check_gave_up(np.zeros(4, np.int32))
+  with pytest.raises(ms.WaitGaveUp, match="3 grid-wide waits gave up.*2 of 4 programs"):
+    ms.check_gave_up(np.array([0, 2, 1, 0], np.int32))
+
+
+def test_clock_waits_across_a_wrap():
+  """3 programs arriving 0.1 us apart, released 0.5 us after the last arrival, a phase every 2 us; the clock's
+  low 32 bits wrap during the launch."""
+  from wina_jax.bench.timing import clock_waits
+
+  arrive = np.array([[2000 * k + 100 * p for k in range(3)] for p in range(3)]) + 2**32 - 3000
+  release = np.broadcast_to(arrive.max(axis=0)[None] + 500, arrive.shape)
+  marks = (np.stack([arrive, release], -1) % 2**32).astype(np.uint32).view(np.int32)
+  assert clock_waits(marks) == {"release_us": 0.5, "per_wait_us": 2.0}
+  assert clock_waits(marks[:, :1]) == {"release_us": 0.5}
+
+
+@needs_gpu
+@pytest.mark.parametrize("waits", [1, 6, 64])
+@pytest.mark.parametrize("share", [1, 2])
+def test_gpu_waits_order_memory_on_the_full_grid(waits, share):
+  """Every program reads its neighbour's value of each phase after the wait, on all SMs and on half of them;
+  no wait given up; each program's clock runs forward through its waits."""
+  programs = PC.sm_count() // share
+  seen, gave_up, marks = ms.exchange(programs=programs, waits=waits)
+  ms.check_gave_up(gave_up)
+  np.testing.assert_array_equal(np.asarray(seen), ms.expected_seen(programs, waits))
+  ticks = np.asarray(marks).astype(np.int64).reshape(programs, -1)
+  assert np.all(np.diff(ticks, axis=1) % 2**32 < 10**8)  # forward, under 0.1 s a step (the clock wraps)
+
+
+@needs_gpu
+def test_gpu_watchdog_gives_up_a_wait_that_cannot_complete():
+  """One program waiting for two: the wait gives up after its spin budget and is counted, in ms, not forever."""
+
+  def body(gave_up, sem):
+    pid = lax.axis_index("sm")
+    ms.clear(gave_up.at[pl.ds(pid, 1)])
+    ms.grid_wait(sem, gave_up.at[pl.ds(pid, 1)], 1, programs=2, spin_limit=1000)
+
+  run = functools.partial(
+    plgpu.kernel,
+    body,
+    out_type=jax.ShapeDtypeStruct((1,), jnp.int32),
+    grid=(1,),
+    grid_names=("sm",),
+    scratch_types=(plgpu.SemaphoreType.REGULAR(()),),
+    compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+  )
+  gave_up = jax.jit(lambda: run()())()
+  np.testing.assert_array_equal(np.asarray(gave_up), [1])
+  with pytest.raises(ms.WaitGaveUp):
+    ms.check_gave_up(gave_up)

@@ -1,0 +1,211 @@
+"""Grid-wide waits and the clock inside one Mosaic GPU launch (Pallas' Mosaic GPU backend, warpgroup semantics):
+the primitives a persistent layer on Mosaic GPU needs (issue 25), timed alone by `experiments.decode.wait_cost
+--backend=mosaic`.
+
+The wait (`grid_wait`): after a warpgroup barrier, thread 0 of every program adds 1 to an int32 semaphore in
+global memory (Pallas zeroes it at every launch: `plgpu.SemaphoreType.REGULAR`) with release semantics at GPU
+scope, then spins on relaxed loads until it reads programs x k at the k-th wait, then an acquire fence and a
+warpgroup barrier. Every store a program made before the wait is visible to every program after it. A
+program that spins `SPIN_LIMIT` times gives the wait up and counts it in its slot of an int32 [programs] output
+(`check_gave_up` raises on any): programs that cannot all be resident at once (`persistent_config.check_grid`
+refuses such grids beforehand) end on the watchdog instead of hanging the GPU.
+
+Interpret mode does not run Mosaic GPU kernels; off the GPU these lower only (`tests/test_mosaic_sync.py`).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.mosaic.gpu import utils as mgpu_utils
+from jax.experimental.pallas import mosaic_gpu as plgpu
+from jaxlib.mlir import ir
+from jaxlib.mlir.dialects import arith, gpu, llvm, memref, scf
+
+from wina_jax.kernels import persistent_config as PC
+
+# relaxed loads of the semaphore (each ~0.5-1 us) a program spends on one wait before giving it up: ~30-65 ms,
+# while a wait lasts as long as the slowest program's phase (tens of us)
+SPIN_LIMIT = 1 << 16
+H100_SMS = 132  # the co-resident limit assumed where the device reports no SM count (off the GPU)
+PUBLISHED = 1000  # `exchange`: program p publishes p * PUBLISHED + k before its k-th wait
+
+
+class WaitGaveUp(RuntimeError):
+  """A grid-wide wait of a Mosaic launch gave up (`check_gave_up`): its programs were not all resident."""
+
+
+def _i32():
+  return ir.IntegerType.get_signless(32)
+
+
+def _c(v: int):
+  return mgpu_utils.c(v, _i32())
+
+
+def _thread0():
+  return arith.cmpi(arith.CmpIPredicate.eq, mgpu_utils.thread_idx(), _c(0))
+
+
+def _program():
+  """This program's index (i32): the grid is 1-D, one block per program."""
+  return arith.index_cast(_i32(), gpu.block_id(gpu.Dimension.x))
+
+
+def clock(ref) -> None:
+  """Thread 0 writes the GPU's global nanosecond clock (low 32 bits, PTX %globaltimer_lo) to ref [1] int32
+  (global); the read is volatile, so it stays where it is in program order."""
+
+  @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),))
+  def read(ctx, out):
+    del ctx
+    now = llvm.inline_asm(_i32(), [], "mov.u32 $0, %globaltimer_lo;", "=r", has_side_effects=True)
+    with mgpu_utils.when(_thread0()):
+      memref.store(now, out, [mgpu_utils.c(0, ir.IndexType.get())])
+
+  read(ref)
+
+
+def clear(ref) -> None:
+  """Thread 0 writes 0 to ref [1] int32 (global): a program's own slot of an output, before it counts into it."""
+
+  @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),))
+  def zero(ctx, out):
+    del ctx
+    with mgpu_utils.when(_thread0()):
+      memref.store(_c(0), out, [mgpu_utils.c(0, ir.IndexType.get())])
+
+  zero(ref)
+
+
+def grid_wait(sem, gave_up, k: int, programs: int, spin_limit: int = SPIN_LIMIT) -> None:
+  """The k-th grid-wide wait (k >= 1) of a launch of `programs` programs. sem: the launch's semaphore
+  (`plgpu.SemaphoreType.REGULAR`, zero at launch); gave_up: this program's int32 [1] slot of a global output,
+  zeroed by `clear` before the first wait; it counts the waits this program gave up after `spin_limit` loads."""
+  if k < 1:
+    raise ValueError(f"wait k={k} must be >= 1 (the first wait of a launch is k=1)")
+
+  @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), plgpu.RefType()))
+  def wait(ctx, sem_ref, gave_ref):
+    del ctx
+    i32 = _i32()
+    ptr = mgpu_utils.memref_ptr(sem_ref)
+    target = _c(programs * k)
+    mgpu_utils.warpgroup_barrier()  # every thread's stores are issued before thread 0's release
+    with mgpu_utils.when(_thread0()):
+      llvm.inline_asm(
+        ir.Type.parse("!llvm.void"),
+        [ptr, _c(1)],
+        "red.release.gpu.global.add.u32 [$0], $1;",
+        "l,r",
+        has_side_effects=True,
+      )
+      loop = scf.WhileOp([i32, i32], [_c(0), _c(0)])
+      before = loop.before.blocks.append(i32, i32)
+      with ir.InsertionPoint(before):
+        _, spins = before.arguments
+        seen = llvm.inline_asm(
+          i32, [ptr], "ld.relaxed.gpu.global.u32 $0, [$1];", "=r,l", has_side_effects=True
+        )
+        short = arith.cmpi(arith.CmpIPredicate.ult, seen, target)
+        budget = arith.cmpi(arith.CmpIPredicate.ult, spins, _c(spin_limit))
+        scf.condition(arith.andi(short, budget), [seen, spins])
+      after = loop.after.blocks.append(i32, i32)
+      with ir.InsertionPoint(after):
+        seen, spins = after.arguments
+        scf.yield_([seen, arith.addi(spins, _c(1))])
+      seen = loop.results[0]
+      with mgpu_utils.when(arith.cmpi(arith.CmpIPredicate.ult, seen, target)):
+        index0 = [mgpu_utils.c(0, ir.IndexType.get())]
+        memref.store(arith.addi(memref.load(gave_ref, index0), _c(1)), gave_ref, index0)
+      llvm.inline_asm(ir.Type.parse("!llvm.void"), [], "fence.acquire.gpu;", "", has_side_effects=True)
+    mgpu_utils.warpgroup_barrier()  # every thread leaves after thread 0 saw all programs arrive
+
+  wait(sem, gave_up)
+
+
+def _publish(slot, k: int) -> None:
+  """Thread 0 writes program * PUBLISHED + k into slot [1] int32 (global)."""
+
+  @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),))
+  def put(ctx, out):
+    del ctx
+    value = arith.addi(arith.muli(_program(), _c(PUBLISHED)), _c(k))
+    with mgpu_utils.when(_thread0()):
+      memref.store(value, out, [mgpu_utils.c(0, ir.IndexType.get())])
+
+  put(slot)
+
+
+def _collect(slots, seen, k: int, programs: int) -> None:
+  """Thread 0 copies the next program's slot k (slots [programs, waits] int32, global) into seen [1]."""
+
+  @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), plgpu.RefType()))
+  def get(ctx, src, out):
+    del ctx
+    index = ir.IndexType.get()
+    nxt = arith.remui(arith.addi(_program(), _c(1)), _c(programs))
+    with mgpu_utils.when(_thread0()):
+      got = memref.load(src, [arith.index_cast(index, nxt), mgpu_utils.c(k, index)])
+      memref.store(got, out, [mgpu_utils.c(0, index)])
+
+  get(slots, seen)
+
+
+@functools.partial(jax.jit, static_argnames=("programs", "waits", "spin_limit"))
+def exchange(*, programs: int, waits: int, spin_limit: int = SPIN_LIMIT):
+  """One launch of `waits` empty phases on `programs` programs (refused by `check_grid` if they cannot all be
+  resident), checking the waits' memory order: before its k-th wait program p publishes p * PUBLISHED + k,
+  after it reads program (p + 1) % programs's. -> (seen [programs, waits] int32: what each read, expected
+  ((p + 1) % programs) * PUBLISHED + k; gave_up [programs] int32: waits given up; clock [programs, waits, 2]
+  int32: the global nanosecond clock before each wait's arrival and after its release)."""
+  PC.check_grid(programs, PC.sm_count() or H100_SMS)
+  width = max(waits, 1)
+
+  def body(slots, seen, gave_up, marks, sem):
+    pid = lax.axis_index("sm")
+    clear(gave_up.at[pl.ds(pid, 1)])
+    for k in range(waits):
+      _publish(slots.at[pid, pl.ds(k, 1)], k)
+      clock(marks.at[pid, k, pl.ds(0, 1)])
+      grid_wait(sem, gave_up.at[pl.ds(pid, 1)], k + 1, programs, spin_limit)
+      clock(marks.at[pid, k, pl.ds(1, 1)])
+      _collect(slots, seen.at[pid, pl.ds(k, 1)], k, programs)
+
+  i32 = jnp.int32
+  _, seen, gave_up, marks = plgpu.kernel(
+    body,
+    out_type=(
+      jax.ShapeDtypeStruct((programs, width), i32),
+      jax.ShapeDtypeStruct((programs, width), i32),
+      jax.ShapeDtypeStruct((programs,), i32),
+      jax.ShapeDtypeStruct((programs, width, 2), i32),
+    ),
+    grid=(programs,),
+    grid_names=("sm",),
+    scratch_types=(plgpu.SemaphoreType.REGULAR(()),),
+    compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+  )()
+  return seen, gave_up, marks
+
+
+def expected_seen(programs: int, waits: int) -> np.ndarray:
+  """What `exchange` must read: [programs, waits] int32."""
+  nxt = (np.arange(programs) + 1) % programs
+  return (nxt[:, None] * PUBLISHED + np.arange(waits)[None, :]).astype(np.int32)
+
+
+def check_gave_up(gave_up) -> None:
+  """WaitGaveUp if any program of a launch gave up a wait (its outputs are wrong)."""
+  gave = np.asarray(gave_up)
+  if gave.any():
+    raise WaitGaveUp(
+      f"{int(gave.sum())} grid-wide waits gave up after {SPIN_LIMIT} spins ({int((gave > 0).sum())} of "
+      f"{gave.size} programs): the grid's programs were not all resident at once, so the launch's outputs are "
+      "wrong. Use fewer programs (persistent_config.check_grid) or less shared memory per program"
+    )
