@@ -4,7 +4,7 @@
 #
 #   experiments/decode/run_mosaic_h200.sh $OUT
 #
-#   tests   pytest -k gpu tests/test_mosaic_sync.py tests/test_mosaic_gemv.py (both kernels against XLA; TESTS_K: another -k) under 200 s
+#   tests   pytest -k gpu tests/test_mosaic_{sync,gemv,mlp}.py (both kernels against XLA; TESTS_K: another -k) under 200 s
 #           -> OUT/tests.log
 #   sweep   experiments.decode.mosaic_sweep under SWEEP_S (default 330 s; --budget_s 50 s less): per Llama-3-8B
 #           fused shape (SHAPES, largest first), XLA dense, the dense kernel (DENSE specs), the kept-row kernel
@@ -23,6 +23,10 @@
 #           (wina_jax.kernels.mosaic_sync) on all SMs and half of them, 1 / 2 / 6 / 64 waits per launch, each launch
 #           checking that every program reads its neighbour's value of every phase, under WAITS_S (default 120 s)
 #           -> OUT/wait_mosaic.json; tests/test_mosaic_sync.py GPU cases run in the tests stage (TESTS_FILES)
+#   mlp     (not default) experiments.decode.mosaic_mlp: gate|up, wait, down in one persistent launch
+#           (wina_jax.kernels.mosaic_mlp) against the per-site launches and XLA dense, Llama-3-8B MLP, at MLP_SPECS
+#           (default 64:256:3:0:132) and SPARSITIES (default 0,0.5,0.65,0.999) under MLP_S (default 180 s)
+#           -> OUT/mosaic_mlp.json; its GPU tests (tests/test_mosaic_mlp.py) run in the tests stage
 # STAGES (comma-separated, default tests,sweep) runs a subset; extra arguments go to mosaic_sweep. A failed tests
 # stage ends the call there (a kernel that computes wrong sums is not worth timing) unless FORCE=1.
 set -u
@@ -35,7 +39,7 @@ SHAPES=${SHAPES:-4096x28672,14336x4096,4096x6144,4096x4096}
 export PYTHONPATH=.
 { nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv; python3 -c "import jax; print(jax.__version__, jax.devices())"; } > "$OUT/gpu.txt" 2>&1
 if [[ ,$STAGES, == *,tests,* ]]; then
-  timeout 200 python3 -m pytest -q -x -p no:cacheprovider ${TESTS_FILES:-tests/test_mosaic_sync.py tests/test_mosaic_gemv.py} -k "${TESTS_K:-gpu}" > "$OUT/tests.log" 2>&1
+  timeout 200 python3 -m pytest -q -x -p no:cacheprovider ${TESTS_FILES:-tests/test_mosaic_sync.py tests/test_mosaic_gemv.py tests/test_mosaic_mlp.py} -k "${TESTS_K:-gpu}" > "$OUT/tests.log" 2>&1
   rc=$?
   echo "tests rc=$rc" >> "$OUT/tests.log"
   tail -30 "$OUT/tests.log"
@@ -71,6 +75,12 @@ if [[ ,$STAGES, == *,waits,* ]]; then
     --out="$OUT/wait_mosaic.json" > "$OUT/wait_mosaic.log" 2>&1
   echo "waits rc=$?" >> "$OUT/wait_mosaic.log"
   grep -v '^[IWE][0-9]' "$OUT/wait_mosaic.log" | tail -20
+fi
+if [[ ,$STAGES, == *,mlp,* ]]; then
+  timeout "${MLP_S:-180}" python3 -m experiments.decode.mosaic_mlp --specs="${MLP_SPECS:-64:256:3:0:132}" \
+    --sparsities="${SPARSITIES:-0,0.5,0.65,0.999}" --out="$OUT/mosaic_mlp.json" > "$OUT/mosaic_mlp.log" 2>&1
+  echo "mlp rc=$?" >> "$OUT/mosaic_mlp.log"
+  grep -v '^[IWE][0-9]' "$OUT/mosaic_mlp.log" | tail -20
 fi
 if [[ ,$STAGES, == *,profile,* ]]; then
   timeout "${PROFILE_S:-240}" python3 -m experiments.decode.profile_decode --models=llama3_8b --variants=teal:0.5,teal:0.999 \

@@ -145,7 +145,7 @@ def items_per_program(cfg: MosaicConfig, d_out: int) -> np.ndarray:
   return np.array([len(range(p, total, cfg.programs)) for p in range(cfg.programs)])
 
 
-def _params():
+def compiler_params():
   return plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup)
 
 
@@ -193,7 +193,7 @@ def dense_partials(x8: jax.Array, w: jax.Array, cfg: MosaicConfig) -> jax.Array:
     out_type=jax.ShapeDtypeStruct((s_n, n, ROWS), jnp.float32),
     grid=(cfg.programs,),
     grid_names=("sm",),
-    compiler_params=_params(),
+    compiler_params=compiler_params(),
   )(x8, w)
 
 
@@ -357,7 +357,7 @@ def rows_partials(
       bar=plgpu.Barrier(num_arrivals=1 if cp_async else bk + 1, num_barriers=stages),
       ibar=plgpu.Barrier(),
     ),
-    compiler_params=_params(),
+    compiler_params=compiler_params(),
   )(xk, ids.reshape(*ids.shape[:2], kp // IDS_COLS, IDS_COLS), counts, w)
 
 
@@ -679,7 +679,7 @@ def fused_partials(
     grid=(programs,),
     grid_names=("sm",),
     scratch_types=scratch_types(cfg, [("", kp)]),
-    compiler_params=_params(),
+    compiler_params=compiler_params(),
   )(x, thresholds, *((scales,) if wina else ()), w)
 
 

@@ -86,7 +86,8 @@ def clear(ref) -> None:
 def grid_wait(sem, gave_up, k: int, programs: int, spin_limit: int = SPIN_LIMIT) -> None:
   """The k-th grid-wide wait (k >= 1) of a launch of `programs` programs. sem: the launch's semaphore
   (`plgpu.SemaphoreType.REGULAR`, zero at launch); gave_up: this program's int32 [1] slot of a global output,
-  zeroed by `clear` before the first wait; it counts the waits this program gave up after `spin_limit` loads."""
+  zeroed by `clear` before the first wait; it counts the waits this program gave up after `spin_limit` loads.
+  A program's TMA stores must be complete (`plgpu.wait_smem_to_gmem(0)`) before its wait."""
   if k < 1:
     raise ValueError(f"wait k={k} must be >= 1 (the first wait of a launch is k=1)")
 
@@ -96,7 +97,10 @@ def grid_wait(sem, gave_up, k: int, programs: int, spin_limit: int = SPIN_LIMIT)
     i32 = _i32()
     ptr = mgpu_utils.memref_ptr(sem_ref)
     target = _c(programs * k)
-    mgpu_utils.warpgroup_barrier()  # every thread's stores are issued before thread 0's release
+    # every thread's writes, its TMA stores' too (async proxy, completed by the caller), are ordered before
+    # thread 0's release
+    llvm.inline_asm(ir.Type.parse("!llvm.void"), [], "fence.proxy.async;", "", has_side_effects=True)
+    mgpu_utils.warpgroup_barrier()
     with mgpu_utils.when(_thread0()):
       llvm.inline_asm(
         ir.Type.parse("!llvm.void"),

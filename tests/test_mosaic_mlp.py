@@ -1,0 +1,118 @@
+"""Gate|up and down in one persistent Mosaic GPU launch (`wina_jax.kernels.mosaic_mlp`): on the CPU, its jnp
+contract against the XLA masked linears and the model's SwiGLU, its lowering for CUDA and what it refuses; on a
+Hopper GPU, the kernel against its contract, Llama-3-8B's MLP shape included."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from wina_jax.kernels import mosaic_gemv as mg
+from wina_jax.kernels import mosaic_mlp as mm
+from wina_jax.kernels import mosaic_sync as ms
+from wina_jax.kernels.reference import masked_linear_xla
+
+GPU = jax.default_backend() == "gpu"
+needs_gpu = pytest.mark.skipif(not GPU, reason="Mosaic GPU kernels run on a Hopper GPU only")
+
+
+def case(m, d, f, wina, seed=0):
+  """Random bf16 x and weights (scaled so the down input is O(1)); thresholds keep about half of each input."""
+  key = jax.random.split(jax.random.PRNGKey(seed), 6)
+  x = jax.random.normal(key[0], (m, d), jnp.bfloat16)
+  w_gu = (jax.random.normal(key[1], (d, 2 * f)) / np.sqrt(d)).astype(jnp.bfloat16)
+  w_down = (jax.random.normal(key[2], (f, d)) / np.sqrt(f)).astype(jnp.bfloat16)
+  sc_gu = jax.random.uniform(key[3], (2, d)) + 0.5 if wina else None
+  sc_down = jax.random.uniform(key[4], (1, f)) + 0.5 if wina else None
+  thr_gu = jnp.array([0.6, 0.7], jnp.float32) * (1.0 if sc_gu is None else 1.0)
+  thr_down = jnp.array([0.1], jnp.float32)
+  return x, thr_gu, sc_gu, w_gu, thr_down, sc_down, w_down
+
+
+def close(got, ref, tol):
+  got, ref = np.asarray(got, np.float32), np.asarray(ref, np.float32)
+  assert np.linalg.norm(got - ref) <= tol * np.linalg.norm(ref), np.abs(got - ref).max()
+
+
+@pytest.mark.parametrize("m,wina", [(1, False), (3, True)])
+def test_contract_is_the_xla_mlp(m, wina):
+  """The partials' sums equal the XLA path: masked gate|up (bf16 out), SiLU(gate) * up in bf16, masked down."""
+  args = case(m, 512, 1024, wina)
+  x, thr_gu, sc_gu, w_gu, thr_down, sc_down, w_down = args
+  cfg = mg.MosaicConfig(64, 64, 2, programs=8)
+  parts_gu, parts_down = mm.mlp_reference(*args, cfg)
+  y = masked_linear_xla(x, w_gu, thr_gu, sc_gu, (1024, 1024))
+  close(jnp.sum(parts_gu, 0)[:, :m].T, y, 1e-2)  # y is rounded to bf16
+  g, u = jnp.split(y, 2, axis=-1)
+  np.testing.assert_array_equal(
+    mm.swiglu(g, u), jax.nn.silu(g) * u
+  )  # the model's mlp_block in bf16, bit for bit
+  a_ref = mm.down_input(
+    parts_gu, m
+  )  # from the partials, summed in split order: a few roundings of g, u differ
+  assert np.mean(np.asarray(a_ref) == np.asarray(jax.nn.silu(g) * u)) > 0.95
+  want = masked_linear_xla(a_ref, w_down, thr_down, sc_down, (512,))
+  close(jnp.sum(parts_down, 0)[:, :m].T, want, 1e-2)
+  kept = np.mean(
+    np.abs(np.asarray(a_ref, np.float32)) * (1 if sc_down is None else np.asarray(sc_down)) > 0.1
+  )
+  assert 0.2 < kept < 0.95  # the down site keeps a part of its input, not all or nothing
+
+
+@pytest.mark.parametrize("m,wina,spec", [(1, False, "64:64:2:0:8"), (3, True, "64:128:3:0:8")])
+def test_kernel_lowers_for_cuda(m, wina, spec):
+  args = case(m, 512, 1024, wina)
+  cfg = mg.parse(spec)
+  f = jax.jit(lambda *a: mm.mlp_partials(*a, cfg, marks=True))
+  assert "mosaic_gpu" in f.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+  parts_gu, parts_down, gave_up, marks = jax.eval_shape(f, *args)
+  cfg_gu, cfg_down = mm.configs(cfg, 512, 1024)
+  assert parts_gu.shape == (cfg_gu.splits, 2048, 8) and parts_down.shape == (cfg_down.splits, 512, 8)
+  assert gave_up.shape == (8,) and marks.shape[::2] == (8, mg.MARKS)
+
+
+def test_what_it_refuses():
+  assert "9 rows" in mm.unsupported(9, 4096, 14336, mg.parse("64:256:3"))
+  assert "shared memory" in mm.unsupported(1, 4096, 14336, mg.parse("64:256:8"))
+  assert mm.unsupported(1, 4096, 14336, mg.parse("64:256:3:0:132")) is None
+  with pytest.raises(ValueError, match=r"not \[512, 2F\] and \[F, 512\]"):
+    mm.mlp_partials(
+      *case(1, 512, 1024, False)[:-1], jnp.zeros((512, 1024), jnp.bfloat16), mg.parse("64:64:2")
+    )
+
+
+@needs_gpu
+@pytest.mark.parametrize(
+  "m,d,f,wina,spec",
+  [
+    (1, 1024, 2048, False, "64:64:2:0:0"),
+    (3, 1024, 2048, True, "64:128:3:0:0"),
+    (8, 512, 1024, True, "64:64:4:0:0"),
+    (1, 4096, 14336, False, "64:256:3:0:0"),
+    (2, 4096, 14336, True, "64:256:3:0:0"),
+  ],
+)
+def test_gpu_kernel_matches_its_contract(m, d, f, wina, spec):
+  """Both phases' partial sums against `mlp_reference`: gate|up at float32 tolerance; down within a few of its
+  inputs' bf16 roundings (SiLU's exp on the GPU and in XLA may differ by an ulp, so an input at its
+  threshold may flip), no wait given up."""
+  args = case(m, d, f, wina)
+  cfg = mg.parse(spec)
+  parts_gu, parts_down, gave_up = jax.jit(lambda *a: mm.mlp_partials(*a, cfg))(*args)
+  ms.check_gave_up(gave_up)
+  ref_gu, ref_down = mm.mlp_reference(*args, cfg)
+  close(parts_gu, ref_gu, 1e-5)
+  close(parts_down, ref_down, 1e-3)
+
+
+def test_benchmark_script_lowers_on_the_cpu(tmp_path):
+  """experiments.decode.mosaic_mlp off the GPU: every row lowers, the JSON is written."""
+  import json
+  import subprocess
+  import sys
+
+  out = tmp_path / "mlp.json"
+  cmd = [sys.executable, "-m", "experiments.decode.mosaic_mlp", "--models=tiny", "--specs=64:64:2:0:4"]
+  subprocess.run(cmd + ["--reps=1", "--sparsities=0,0.5", f"--out={out}"], check=True, capture_output=True)
+  rows = json.loads(out.read_text())["rows"]
+  assert [(r["sparsity"], r["lowered"]) for r in rows] == [(0.0, True), (0.5, True)]
