@@ -25,6 +25,7 @@ A flag this module defines itself exists once per process, however many scripts 
 
 from __future__ import annotations
 
+import json
 import shlex
 import sys
 from collections.abc import Sequence
@@ -211,3 +212,13 @@ def command_line(module: str) -> str:
   """How this run was started, as a user would type it again: 'python -m MODULE' and the arguments given
   (shell-quoted), for result files to record."""
   return shlex.join(["python", "-m", module, *sys.argv[1:]])
+
+
+def emit_row(res: dict, row: dict, line: str, out: str) -> None:
+  """Append `row` to res['rows'], print `line`, and rewrite the results JSON at `out` (when given), so a run cut
+  short by its time limit keeps every row it finished."""
+  res["rows"].append(row)
+  print(line, flush=True)
+  if out:
+    with open(out, "w") as f:
+      json.dump(res, f, indent=1)

@@ -16,7 +16,6 @@ CPU:  PYTHONPATH=. .venv/bin/python -m experiments.decode.mosaic_marks --models=
 
 from __future__ import annotations
 
-import json
 import statistics
 
 import jax
@@ -107,19 +106,15 @@ def main(argv):
             r.update(row(d_in, segs, spec, s, key))
           except ValueError as e:  # a tiling this shape does not take: recorded, not fatal
             r.update(config=spec, sparsity=s, error=str(e))
-          res["rows"].append(r)
           if "span_us" in r:
             phases = "  ".join(f"{p} {r[p]['program_median_us']:.2f}" for p in PHASES)
-            print(
+            line = (
               f"{r['shape']:12s} {spec:16s} s={s:<6} kept {r['kept']:.3f}  call {r['call_us']:6.1f} us  "
-              f"span {r['span_us']:6.1f}  program {r['program_busy_us']:6.1f}: {phases}",
-              flush=True,
+              f"span {r['span_us']:6.1f}  program {r['program_busy_us']:6.1f}: {phases}"
             )
           else:
-            print(f"{r['shape']:12s} {spec:16s} s={s:<6} {r.get('error') or 'lowered: ' + str(r['lowered'])}")
-          if FLAGS.out:
-            with open(FLAGS.out, "w") as f:
-              json.dump(res, f, indent=1)
+            line = f"{r['shape']:12s} {spec:16s} s={s:<6} {r.get('error') or 'lowered: ' + str(r['lowered'])}"
+          common.emit_row(res, r, line, FLAGS.out)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ CPU:  PYTHONPATH=. .venv/bin/python -m experiments.decode.mosaic_mlp --models=ti
 
 from __future__ import annotations
 
-import json
 import statistics
 
 import jax
@@ -147,20 +146,16 @@ def main(argv):
           r.update(row(d, f, spec, s, key))
         except ValueError as e:  # a tiling this shape does not take: recorded, not fatal
           r.update(config=spec, sparsity=s, error=str(e))
-        res["rows"].append(r)
         if "persistent_us" in r:
-          print(
+          line = (
             f"{model} {spec} s={s:<6} per-site {r['per_site_us']:7.1f} us  persistent {r['persistent_us']:7.1f} "
             f"(x{r['per_site_us'] / r['persistent_us']:.2f})  dense {r['dense_us']:7.1f}  spans "
             f"{r['gate_up_span_us']:.1f} + wait {r['wait_us']:.2f} + {r['down_span_us']:.1f}  "
-            f"rel_err {r['rel_err_vs_per_site']:.1e}",
-            flush=True,
+            f"rel_err {r['rel_err_vs_per_site']:.1e}"
           )
         else:
-          print(f"{model} {spec} s={s:<6} {r.get('error') or 'lowered: ' + str(r['lowered'])}")
-        if FLAGS.out:
-          with open(FLAGS.out, "w") as fh:
-            json.dump(res, fh, indent=1)
+          line = f"{model} {spec} s={s:<6} {r.get('error') or 'lowered: ' + str(r['lowered'])}"
+        common.emit_row(res, r, line, FLAGS.out)
 
 
 if __name__ == "__main__":
