@@ -116,3 +116,45 @@ def test_benchmark_script_lowers_on_the_cpu(tmp_path):
   subprocess.run(cmd + ["--reps=1", "--sparsities=0,0.5", f"--out={out}"], check=True, capture_output=True)
   rows = json.loads(out.read_text())["rows"]
   assert [(r["sparsity"], r["lowered"]) for r in rows] == [(0.0, True), (0.5, True)]
+
+
+@pytest.mark.parametrize("wina", [False, True])
+def test_model_runs_the_mlp_as_one_launch_behind_backend_mosaic(monkeypatch, wina):
+  """A decode step under backend 'mosaic' with mosaic_mlp: every layer's MLP goes through `fused_mlp` (its jnp
+  contract off the GPU) and the logits match the per-site 'mosaic' path's; without mosaic_mlp, or with a
+  threshold at the act site (CATS), the per-site path runs."""
+  from wina_jax import sites as S
+  from wina_jax.bench.shapes import SHAPES
+  from wina_jax.decode import decode_step, fuse_projections, fuse_state, prefill
+  from wina_jax.kernels import FusedThresholdSparsifier
+  from wina_jax.testing import random_params
+
+  cfg0 = SHAPES["tiny"]
+  params, cfg = fuse_projections(jax.tree.map(lambda a: a.astype(jnp.bfloat16), random_params(cfg0, 0)), cfg0)
+  thr = {s: jnp.float32(0.3) for s in S.linear_sites(cfg0)}
+  scales = {s: jnp.linalg.norm(S.site_kernel(random_params(cfg0, 0), s), axis=1) for s in thr} if wina else {}
+  ft, fs, segs = fuse_state(thr, scales, cfg0)
+  mcfg = mg.MosaicConfig(64, 64, 2, programs=4)
+  calls = []
+  real = mm.mlp_reference
+  monkeypatch.setattr(mm, "mlp_reference", lambda *a: calls.append(1) or real(*a))
+  tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 6), 0, cfg.vocab_size)
+
+  def step(**kw):
+    sp = FusedThresholdSparsifier.create(ft, fs, segs, backend="mosaic").replace(mosaic_config=mcfg, **kw)
+    _, _, cache = prefill(params, tokens[:, :5], cfg=cfg, max_len=6)
+    return decode_step(params, tokens[:, 5], cache, sp, cfg=cfg)[1]
+
+  per_site = step()
+  assert not calls
+  fused = step(mosaic_mlp=True)
+  assert len(calls) == cfg.num_hidden_layers  # traced once per layer
+  assert np.linalg.norm(fused - per_site) / np.linalg.norm(per_site) < 1e-2
+  calls.clear()
+  with_act = dict(ft, **{S.site_name(0, "mlp", S.ACT): jnp.float32(0.1)})
+  sp = FusedThresholdSparsifier.create(with_act, fs, segs, backend="mosaic").replace(
+    mosaic_config=mcfg, mosaic_mlp=True
+  )
+  _, _, cache = prefill(params, tokens[:, :5], cfg=cfg, max_len=6)
+  decode_step(params, tokens[:, 5], cache, sp, cfg=cfg)
+  assert len(calls) == cfg.num_hidden_layers - 1  # layer 0's MLP has a CATS site: per-site there

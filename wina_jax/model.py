@@ -269,7 +269,11 @@ def _layer(
 
   def mlp(h):
     x, project = inputs("mlp", "rotate_mlp", h)
-    return post("mlp", mlp_block(cfg, x, project, layer, ctx))
+    # a sparsifier's `fused_mlp` may run the MLP step as one kernel (None: not this step)
+    fused = None if ctx.collect or ctx.sparse_tok is not None else getattr(ctx.sparsifier, "fused_mlp", None)
+    norm = None if "rotate_mlp" in lp else (norm_gain(cfg, lp[norms["mlp"][0]]["scale"]), cfg.rms_norm_eps)
+    y = None if fused is None else fused(cfg, layer, x, norm, lp["mlp"])
+    return post("mlp", mlp_block(cfg, x, project, layer, ctx) if y is None else y)
 
   rotate = lambda key, h: numerics.matmul(h, lp[key]["kernel"]) if key in lp else h
   return residual_layer(h, layer, ctx, attn, mlp, rotate)

@@ -134,6 +134,12 @@ common.check(
   ),
   checks.each(checks.parses(MG.parse), str),
 )
+flags.DEFINE_bool(
+  "mosaic_mlp",
+  False,
+  "also time each --mosaic_configs tiling with every MLP as one persistent launch (kernels.mosaic_mlp: gate|up, "
+  "a grid-wide wait, down), labelled '<spec>+mlp'",
+)
 flags.DEFINE_bool("host_rows", True, "time the host-dispatch rows (no_linear_host, dense_host)")
 common.check(flags.DEFINE_string("out", "", "write results JSON here"), checks.out_path())
 flags.DEFINE_bool("tiny", False, "CPU smoke test: tiny model, XLA path, 1 rep")
@@ -358,12 +364,15 @@ def bench_model(name, key, config_sets, backend) -> list[dict]:
             record(method, s, b, t, step_bytes(params, cfg, b, max_len, kept), att, kept, **extra)
         if b == 1 and FLAGS.persistent_configs:
           persistent(method, s, *make_sparsifier(scores, s, 1, config_sets[0], backend))
-        for spec in FLAGS.mosaic_configs if b == 1 else []:
+        mosaic_runs = [
+          (spec, mlp) for spec in FLAGS.mosaic_configs for mlp in [False] + [True] * FLAGS.mosaic_mlp
+        ]
+        for spec, mlp in mosaic_runs if b == 1 else []:
           sp, kept = make_sparsifier(scores, s, 1, config_sets[0], backend)
-          sp = sp.replace(backend="mosaic", mosaic_config=MG.parse(spec))
+          sp = sp.replace(backend="mosaic", mosaic_config=MG.parse(spec), mosaic_mlp=mlp)
           for att in attentions:
             t = time_decode(params, cfg, sp, tokens[:1], max_len, reps, attention=att)
-            extra = {"mosaic": spec}
+            extra = {"mosaic": spec + "+mlp" * mlp}
             if s == 0.5:
               extra["check_vs_xla"] = check_against_xla(params, cfg, sp, tokens[:1], max_len, att)
             record(method, s, 1, t, step_bytes(params, cfg, 1, max_len, kept), att, kept, **extra)

@@ -12,7 +12,8 @@
 #   decode  (not in the default STAGES) bench_decode, Llama-3-8B, batch 1, Pallas attention, TEAL at 0 / 50 / 65 /
 #           99.9 % (SPARSITIES): dense, the per-site Triton kernels (benchmarks/configs/h200_partials.json) and backend 'mosaic'
 #           at each of MCONFIGS (comma-separated mosaic_gemv.parse specs, default 64:64:4:0:264) in one run, with
-#           the weightless step, under DECODE_S (default 300 s) -> OUT/bench_llama_mosaic.json
+#           the weightless step, under DECODE_S (default 300 s) -> OUT/bench_llama_mosaic.json; MOSAIC_MLP=true also
+#           times each tiling with every MLP as one persistent launch (kernels.mosaic_mlp)
 #   marks   (not default) experiments.decode.mosaic_marks: the fused kernel's own clock per phase (compaction, tiles,
 #           store) on each Llama fused shape at MARKS_SPECS (default 64:64:4:0:132,64:256:3:0:132) and SPARSITIES
 #           (default 0,0.5,0.999 here) under MARKS_S (default 240 s) -> OUT/mosaic_marks.json
@@ -59,7 +60,7 @@ fi
 if [[ ,$STAGES, == *,decode,* ]]; then
   timeout "${DECODE_S:-300}" python3 -m experiments.decode.bench_decode --models=llama3_8b --methods=teal \
     --batches=1 --sparsities="${SPARSITIES:-0,0.5,0.65,0.999}" --attention=pallas --reps=3 --host_rows=false \
-    --configs=benchmarks/configs/h200_partials.json --mosaic_configs="${MCONFIGS:-64:64:4:0:264}" \
+    --configs=benchmarks/configs/h200_partials.json --mosaic_configs="${MCONFIGS:-64:64:4:0:264}" --mosaic_mlp="${MOSAIC_MLP:-false}" \
     --out="$OUT/bench_llama_mosaic.json" > "$OUT/bench_llama_mosaic.log" 2>&1
   echo "decode rc=$?" >> "$OUT/bench_llama_mosaic.log"
   grep -v '^[IWE][0-9]' "$OUT/bench_llama_mosaic.log" | tr '\r' '\n' | grep -v 'it/s\]' | tail -40

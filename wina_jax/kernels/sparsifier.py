@@ -7,6 +7,8 @@ Fused sites (`qkv_proj`, `gate_up_proj`) carry one threshold and scale per outpu
 backend 'persistent' adds `fused_layer`, which runs a whole decoder layer step as one launch
 (`persistent_layer`) where it applies (batch 1, one token, fused Llama / Qwen2-style layers) and returns None
 elsewhere, so the model falls back to its per-site path (the sites then use backend 'auto').
+backend 'mosaic' with `mosaic_mlp` adds `fused_mlp`, which runs a decode step's MLP (fused gate|up, SiLU,
+down) as one persistent Mosaic launch (`mosaic_mlp`) where it applies, and None elsewhere.
 
 From a calibrated `wina_jax.sparsity.ScoreSparsifier` in threshold mode, any method:
   wina_jax.decode.fast_sparsifier(sp, cfg, fused=False)   # or fused=True for `fuse_projections`' model
@@ -25,6 +27,7 @@ from flax import struct
 
 from wina_jax import numerics
 from wina_jax import sites as S
+from wina_jax.kernels import mosaic_mlp as MM
 from wina_jax.kernels import persistent_config as PC
 from wina_jax.kernels import persistent_layer as PL
 from wina_jax.kernels.config import WORKSPACE_BLOCKS, KernelConfig
@@ -51,7 +54,8 @@ class FusedThresholdSparsifier:
   counter: its int32 [3] (`grid_sync.new_counter`: the grid-wide waits' counter, left zeroed by every launch,
   so made once; its third slot counts waits the watchdog gave up, which `check_waits` raises on);
   mosaic_config: static `MosaicConfig` of backend 'mosaic' (the Mosaic GPU kept-row kernel at every site it
-  takes; None: its default tiling)."""
+  takes; None: its default tiling); mosaic_mlp: static, with backend 'mosaic', whether `fused_mlp` runs each
+  MLP's gate|up and down as one persistent launch where it applies."""
 
   thresholds: dict = struct.field(default_factory=dict)
   scales: dict = struct.field(default_factory=dict)
@@ -63,6 +67,7 @@ class FusedThresholdSparsifier:
   layer_config: Optional[PC.PersistentConfig] = struct.field(pytree_node=False, default=None)
   counter: Optional[jax.Array] = None
   mosaic_config: Optional[MosaicConfig] = struct.field(pytree_node=False, default=None)
+  mosaic_mlp: bool = struct.field(pytree_node=False, default=False)
 
   @classmethod
   def create(
@@ -184,3 +189,41 @@ class FusedThresholdSparsifier:
       config=config,
       interpret=jax.default_backend() != "gpu",
     )
+
+  def fused_mlp(self, cfg, layer: int, x: jax.Array, norm: Optional[tuple], mlp: dict) -> Optional[jax.Array]:
+    """Layer `layer`'s MLP on x [B, T, d] (un-normalised when norm = (gain, eps) is given; mlp: the block's
+    params) as one persistent Mosaic launch (`mosaic_mlp.mlp_partials`) -> its output [B, T, d] before the
+    residual add, or None where backend is not 'mosaic' with `mosaic_mlp`, or the launch does not take the MLP:
+    not a fused gate|up with SiLU, a threshold missing at gate|up or down or present at the act site, biases,
+    not bfloat16, more than 8 rows, or a shape its tiling refuses (`mosaic_mlp.unsupported`). Off the GPU its
+    jnp contract runs (`mosaic_mlp.mlp_reference`). A launch whose grid-wide wait gave up returns NaN."""
+    if self.backend != "mosaic" or not self.mosaic_mlp or not cfg.fused_gate_up or cfg.hidden_act != "silu":
+      return None
+    gu, down = S.site_name(layer, "mlp", "gate_up_proj"), S.site_name(layer, "mlp", "down_proj")
+    if (
+      gu not in self.thresholds
+      or down not in self.thresholds
+      or S.site_name(layer, "mlp", S.ACT) in self.thresholds
+    ):
+      return None
+    w_gu, w_down = mlp["gate_up_proj"], mlp["down_proj"]
+    (b, t, d), f = x.shape, w_down["kernel"].shape[0]
+    mcfg = self.mosaic_config or MosaicConfig()
+    bf16 = all(v.dtype == jnp.bfloat16 for v in (x, w_gu["kernel"], w_down["kernel"]))
+    if "bias" in w_gu or "bias" in w_down or not bf16 or MM.unsupported(b * t, d, f, mcfg):
+      return None
+    if norm is not None:
+      x = rms_norm(x, *norm)
+    thr_gu = jnp.broadcast_to(self.thresholds[gu], (2,))
+    thr_down = jnp.reshape(self.thresholds[down], (1,))
+    sc_gu, sc_down = self.scales.get(gu), self.scales.get(down)
+    if sc_gu is not None or sc_down is not None:  # the launch takes scales at both sites or at neither
+      sc_gu = jnp.broadcast_to(jnp.ones((d,), jnp.float32) if sc_gu is None else sc_gu, (2, d))
+      sc_down = jnp.broadcast_to(jnp.ones((f,), jnp.float32) if sc_down is None else sc_down, (1, f))
+    args = (x.reshape(b * t, d), thr_gu, sc_gu, w_gu["kernel"], thr_down, sc_down, w_down["kernel"], mcfg)
+    if jax.default_backend() == "gpu":
+      _, parts, gave_up = MM.mlp_partials(*args)
+      parts = jnp.where(jnp.any(gave_up > 0), jnp.nan, parts)
+    else:
+      _, parts = MM.mlp_reference(*args)
+    return jnp.sum(parts, axis=0)[:, : b * t].T.astype(x.dtype).reshape(b, t, d)
