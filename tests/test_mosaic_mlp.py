@@ -24,7 +24,7 @@ def case(m, d, f, wina, seed=0):
   w_down = (jax.random.normal(key[2], (f, d)) / np.sqrt(f)).astype(jnp.bfloat16)
   sc_gu = jax.random.uniform(key[3], (2, d)) + 0.5 if wina else None
   sc_down = jax.random.uniform(key[4], (1, f)) + 0.5 if wina else None
-  thr_gu = jnp.array([0.6, 0.7], jnp.float32) * (1.0 if sc_gu is None else 1.0)
+  thr_gu = jnp.array([0.6, 0.7], jnp.float32)
   thr_down = jnp.array([0.1], jnp.float32)
   return x, thr_gu, sc_gu, w_gu, thr_down, sc_down, w_down
 
@@ -75,6 +75,9 @@ def test_what_it_refuses():
   assert "9 rows" in mm.unsupported(9, 4096, 14336, mg.parse("64:256:3"))
   assert "shared memory" in mm.unsupported(1, 4096, 14336, mg.parse("64:256:8"))
   assert mm.unsupported(1, 4096, 14336, mg.parse("64:256:3:0:132")) is None
+  x, thr_gu, sc_gu, w_gu, thr_down, _, w_down = case(1, 512, 1024, True)
+  with pytest.raises(ValueError, match="scales at both sites or at neither"):
+    mm.mlp_partials(x, thr_gu, sc_gu, w_gu, thr_down, None, w_down, mg.parse("64:64:2"))
   with pytest.raises(ValueError, match=r"not \[512, 2F\] and \[F, 512\]"):
     mm.mlp_partials(
       *case(1, 512, 1024, False)[:-1], jnp.zeros((512, 1024), jnp.bfloat16), mg.parse("64:64:2")

@@ -101,6 +101,8 @@ def mlp_partials(
   (m, d), f = x.shape, w_down.shape[0]
   if w_gu.shape != (d, 2 * f) or w_down.shape != (f, d):
     raise ValueError(f"w_gu {w_gu.shape} and w_down {w_down.shape} are not [{d}, 2F] and [F, {d}]")
+  if (sc_gu is None) != (sc_down is None):
+    raise ValueError("give WINA scales at both sites or at neither (ones where a site has none)")
   cfg_gu, cfg_down = configs(cfg, d, f)
   programs, bk = cfg_gu.programs, cfg.block_k
   PC.check_grid(programs, PC.sm_count() or ms.H100_SMS)
