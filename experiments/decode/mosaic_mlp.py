@@ -15,6 +15,7 @@ CPU:  PYTHONPATH=. .venv/bin/python -m experiments.decode.mosaic_mlp --models=ti
 
 from __future__ import annotations
 
+import functools
 import statistics
 
 import jax
@@ -63,8 +64,11 @@ def quantile(v, s: float) -> jax.Array:
   return jnp.asarray(q, jnp.float32)
 
 
+@functools.cache
 def paths(cfg: mg.MosaicConfig, d: int, f: int):
-  """(per-site, persistent, dense) callables of (x, thr_gu, w_gu, thr_down, w_down) -> [1, d] bf16."""
+  """(per-site, persistent, dense, marked) jitted callables, made once per tiling and shape so the sparsities
+  reuse their compiles (thresholds are arguments): the first three of (x, thr_gu, w_gu, thr_down, w_down) ->
+  [1, d] bf16 (persistent: and its gave_up); marked: `mlp_partials(..., marks=True)`'s arguments and outputs."""
   cfg_gu, cfg_down = mm.configs(cfg, d, f)
 
   def out(parts):
@@ -84,7 +88,8 @@ def paths(cfg: mg.MosaicConfig, d: int, f: int):
     y = jnp.dot(x, w_gu, preferred_element_type=jnp.float32).astype(jnp.bfloat16)
     return jnp.dot(mm.swiglu(y[:, :f], y[:, f:]), w_down, preferred_element_type=jnp.float32).astype(x.dtype)
 
-  return jax.jit(per_site), jax.jit(persistent), jax.jit(dense)
+  marked = jax.jit(lambda *a: mm.mlp_partials(*a, cfg, marks=True))
+  return jax.jit(per_site), jax.jit(persistent), jax.jit(dense), marked
 
 
 def row(d: int, f: int, spec: str, s: float, key) -> dict:
@@ -95,7 +100,7 @@ def row(d: int, f: int, spec: str, s: float, key) -> dict:
   y = jnp.dot(x, w_gu, preferred_element_type=jnp.float32).astype(jnp.bfloat16)
   thr_down = quantile(mm.swiglu(y[:, :f], y[:, f:]), s)[None]  # of the dense path's down input
   args = (x, thr_gu, w_gu, thr_down, w_down)
-  per_site, persistent, dense = paths(cfg, d, f)
+  per_site, persistent, dense, marked = paths(cfg, d, f)
   out = {
     "config": spec,
     "splits": [cfg_gu.splits, cfg_down.splits],
@@ -113,7 +118,6 @@ def row(d: int, f: int, spec: str, s: float, key) -> dict:
     {f"{k}_us": timed(p, *args) * 1e6 for k, p in [("per_site", per_site), ("persistent", persistent)]}
   )
   out["dense_us"] = timed(dense, *args) * 1e6
-  marked = jax.jit(lambda *a: mm.mlp_partials(*a, cfg, marks=True))
   items_gu, items_down = mg.items_per_program(cfg_gu, 2 * f), mg.items_per_program(cfg_down, d)
   ja = int(items_gu.max())
   spans, waits = {"gate_up": [], "down": []}, []
