@@ -121,8 +121,7 @@ def test_benchmark_script_lowers_on_the_cpu(tmp_path):
   assert [(r["sparsity"], r["lowered"]) for r in rows] == [(0.0, True), (0.5, True)]
 
 
-@pytest.mark.parametrize("wina", [False, True])
-def test_model_runs_the_mlp_as_one_launch_behind_backend_mosaic(monkeypatch, wina):
+def test_model_runs_the_mlp_as_one_launch_behind_backend_mosaic(monkeypatch):
   """A decode step under backend 'mosaic' with mosaic_mlp: every layer's MLP goes through `fused_mlp` (its jnp
   contract off the GPU) and the logits match the per-site 'mosaic' path's; without mosaic_mlp, or with a
   threshold at the act site (CATS), the per-site path runs."""
@@ -135,7 +134,7 @@ def test_model_runs_the_mlp_as_one_launch_behind_backend_mosaic(monkeypatch, win
   cfg0 = SHAPES["tiny"]
   params, cfg = fuse_projections(jax.tree.map(lambda a: a.astype(jnp.bfloat16), random_params(cfg0, 0)), cfg0)
   thr = {s: jnp.float32(0.3) for s in S.linear_sites(cfg0)}
-  scales = {s: jnp.linalg.norm(S.site_kernel(random_params(cfg0, 0), s), axis=1) for s in thr} if wina else {}
+  scales = {s: jnp.linalg.norm(S.site_kernel(random_params(cfg0, 0), s), axis=1) for s in thr}  # WINA
   ft, fs, segs = fuse_state(thr, scales, cfg0)
   mcfg = mg.MosaicConfig(64, 64, 2, programs=4)
   calls = []
