@@ -24,6 +24,7 @@ from absl import app, flags
 
 from experiments import common
 from wina_jax import checks
+from wina_jax.bench.decode_setup import teal_thresholds
 from wina_jax.bench.shapes import SHAPES
 from wina_jax.bench.timing import fixed_cost_fit, run_record, timed
 from wina_jax.decode import fused_site_shapes
@@ -116,11 +117,7 @@ def main(argv):
       x = jax.random.normal(jax.random.fold_in(key, 99), (1, d_in), jnp.bfloat16)
 
       def thr(s):
-        return (
-          jnp.full((len(segs),), -1.0)
-          if s == 0
-          else jnp.full((len(segs),), jnp.quantile(jnp.abs(x.astype(jnp.float32)), s, method="lower"))
-        )
+        return teal_thresholds(x, s, len(segs))
 
       space = jnp.zeros((copies, WORKSPACE_BLOCKS), jnp.int32)  # 'semaphore' reduce: one row per copy
 

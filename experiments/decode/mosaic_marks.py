@@ -25,6 +25,7 @@ from absl import app, flags
 
 from experiments import common
 from wina_jax import checks
+from wina_jax.bench.decode_setup import teal_thresholds
 from wina_jax.bench.shapes import SHAPES
 from wina_jax.bench.timing import PHASES, clock_phases, run_record, timed
 from wina_jax.decode import fused_site_shapes
@@ -74,9 +75,13 @@ def row(d_in: int, segs, spec: str, sparsity: float, key) -> dict:
   cfg = mg.resolved(fused_config(spec), d_in, n)
   x = jax.random.normal(key, (1, d_in), jnp.bfloat16)
   w = jax.random.normal(jax.random.fold_in(key, 1), (d_in, n), jnp.bfloat16)
-  q = -1.0 if sparsity == 0 else jnp.quantile(jnp.abs(x.astype(jnp.float32)), sparsity, method="lower")
-  t = jnp.full((len(segs),), q, jnp.float32)
-  out = {"config": spec, "resolved": str(cfg), "sparsity": sparsity, "kept": float(jnp.mean(jnp.abs(x) > q))}
+  t = teal_thresholds(x, sparsity, len(segs))
+  out = {
+    "config": spec,
+    "resolved": str(cfg),
+    "sparsity": sparsity,
+    "kept": float(jnp.mean(jnp.abs(x) > t[0])),
+  }
   marked = jax.jit(lambda x, t, w: mg.fused_partials(x, t, None, w, cfg, tuple(segs), marks=True))
   if jax.default_backend() != "gpu":
     out["lowered"] = "mosaic_gpu" in marked.trace(x, t, w).lower(lowering_platforms=("cuda",)).as_text()

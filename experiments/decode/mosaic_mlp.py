@@ -25,6 +25,7 @@ from absl import app, flags
 
 from experiments import common
 from wina_jax import checks
+from wina_jax.bench.decode_setup import teal_thresholds
 from wina_jax.bench.shapes import SHAPES
 from wina_jax.bench.timing import clock_phases, run_record, timed
 from wina_jax.kernels import mosaic_gemv as mg
@@ -56,12 +57,6 @@ def weights(d: int, f: int, key):
   w_gu = (jax.random.normal(k[1], (d, 2 * f)) / np.sqrt(d)).astype(jnp.bfloat16)
   w_down = (jax.random.normal(k[2], (f, d)) / np.sqrt(f)).astype(jnp.bfloat16)
   return x, w_gu, w_down
-
-
-def quantile(v, s: float) -> jax.Array:
-  """The threshold that keeps the inputs above the s-quantile of |v| (all of them at s = 0)."""
-  q = -1.0 if s == 0 else jnp.quantile(jnp.abs(v.astype(jnp.float32)), s, method="lower")
-  return jnp.asarray(q, jnp.float32)
 
 
 @functools.cache
@@ -96,9 +91,9 @@ def row(d: int, f: int, spec: str, s: float, key) -> dict:
   cfg = mg.parse(spec)
   cfg_gu, cfg_down = mm.configs(cfg, d, f)
   x, w_gu, w_down = weights(d, f, key)
-  thr_gu = jnp.full((2,), quantile(x, s))
+  thr_gu = teal_thresholds(x, s, 2)
   y = jnp.dot(x, w_gu, preferred_element_type=jnp.float32).astype(jnp.bfloat16)
-  thr_down = quantile(mm.swiglu(y[:, :f], y[:, f:]), s)[None]  # of the dense path's down input
+  thr_down = teal_thresholds(mm.swiglu(y[:, :f], y[:, f:]), s)  # of the dense path's down input
   args = (x, thr_gu, w_gu, thr_down, w_down)
   per_site, persistent, dense, marked = paths(cfg, d, f)
   out = {

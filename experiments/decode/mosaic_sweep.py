@@ -21,7 +21,7 @@ from absl import app, flags
 
 from experiments import common
 from wina_jax import checks
-from wina_jax.bench.decode_setup import load_configs
+from wina_jax.bench.decode_setup import load_configs, teal_thresholds
 from wina_jax.bench.shapes import SHAPES
 from wina_jax.bench.timing import fixed_cost_fit, run_record, timed
 from wina_jax.decode import fused_site_shapes
@@ -86,8 +86,7 @@ def sweep_shape(name, d_in, segs, entry, save, deadline, triton, key) -> None:
   x8 = jnp.pad(x, ((0, mg.ROWS - 1), (0, 0)))
 
   def thr(s):
-    q = -1.0 if s == 0 else jnp.quantile(jnp.abs(x.astype(jnp.float32)), s, method="lower")
-    return jnp.full((len(segs),), q, jnp.float32)
+    return teal_thresholds(x, s, len(segs))
 
   dense = jax.jit(lambda x, ws: [x @ w for w in ws])
   entry.update(copies=copies, bytes=nbytes, segments=segs, rows=[])

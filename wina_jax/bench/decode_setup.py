@@ -1,7 +1,8 @@
 """Set-up shared by the decode experiments (no flags): tuned tilings, calibrated threshold sparsifiers,
 kept-weight bytes, and the check of a sparse step against the XLA path.
 
-Used by `bench_decode`, `profile_decode`, `check_decode` and `decode_overhead`.
+Used by `bench_decode`, `profile_decode`, `check_decode`, `decode_overhead` and the per-shape kernel scripts
+(`kernel_sweep`, `mosaic_sweep`, `mosaic_marks`, `mosaic_mlp`: `teal_thresholds`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,13 @@ from wina_jax import sites as S
 from wina_jax.decode import decode_step
 from wina_jax.kernels import FusedThresholdSparsifier, KernelConfig
 from wina_jax.model import forward, init_cache
+
+
+def teal_thresholds(x: jax.Array, sparsity: float, segments: int = 1) -> jax.Array:
+  """float32 [segments]: TEAL's threshold for `sparsity` on x, the sparsity's quantile of |x| ('lower', so an
+  input at it is dropped), every segment the same; -1 at sparsity 0 (every input kept)."""
+  q = -1.0 if sparsity == 0 else jnp.quantile(jnp.abs(x.astype(jnp.float32)), sparsity, method="lower")
+  return jnp.full((segments,), q, jnp.float32)
 
 
 def segment_widths(cfg, site: str) -> tuple[int, ...]:
