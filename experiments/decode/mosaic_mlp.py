@@ -67,7 +67,7 @@ def paths(cfg: mg.MosaicConfig, d: int, f: int):
   cfg_gu, cfg_down = mm.configs(cfg, d, f)
 
   def out(parts):
-    return jnp.sum(parts, 0)[:, :1].T.astype(jnp.bfloat16)
+    return mg.partials_output(parts, 1, jnp.bfloat16)
 
   def per_site(x, thr_gu, w_gu, thr_down, w_down):
     y = out(mg.fused_partials(x, thr_gu, None, w_gu, cfg_gu, (f, f)))

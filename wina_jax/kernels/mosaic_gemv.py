@@ -683,6 +683,12 @@ def fused_partials(
   )(x, thresholds, *((scales,) if wina else ()), w)
 
 
+def partials_output(parts: jax.Array, m: int, dtype) -> jax.Array:
+  """Partial sums [S, N, 8] (any of this module's kernels, or `mosaic_mlp`'s) -> the site's output [m, N] in
+  dtype: the splits summed in float32, the batch rows past m dropped."""
+  return jnp.sum(parts, axis=0)[:, :m].T.astype(dtype)
+
+
 def compact(x: jax.Array, keep: jax.Array, splits: int) -> tuple[jax.Array, jax.Array, jax.Array]:
   """x [M, K], keep [G, M, K] bool (per segment, the inputs each batch row keeps) -> `rows_partials`'
   (xk [G, S, 8, K / S] bf16, ids [G, S, K / S] int32, counts [G, S] int32): a row is loaded if any batch row
@@ -767,4 +773,4 @@ def masked_linear_mosaic(
     )
     impl = partials_reference if reference else rows_partials
     parts = impl(*compact(x, keep, cfg.splits), kernel, cfg, segments)
-  return jnp.sum(parts, axis=0)[:, :m].T.astype(x.dtype)
+  return partials_output(parts, m, x.dtype)

@@ -33,7 +33,7 @@ from wina_jax.kernels import persistent_layer as PL
 from wina_jax.kernels.config import WORKSPACE_BLOCKS, KernelConfig
 from wina_jax.kernels.grid_sync import check_waits, new_counter
 from wina_jax.kernels.masked_linear import masked_linear
-from wina_jax.kernels.mosaic_gemv import MosaicConfig
+from wina_jax.kernels.mosaic_gemv import MosaicConfig, partials_output
 from wina_jax.kernels.reference import keep_mask
 from wina_jax.layers import rms_norm
 
@@ -226,4 +226,4 @@ class FusedThresholdSparsifier:
       parts = jnp.where(jnp.any(gave_up > 0), jnp.nan, parts)
     else:
       _, parts = MM.mlp_reference(*args)
-    return jnp.sum(parts, axis=0)[:, : b * t].T.astype(x.dtype).reshape(b, t, d)
+    return partials_output(parts, b * t, x.dtype).reshape(b, t, d)
