@@ -102,6 +102,13 @@ class Context:
     self._record(site, x, xs)
     return xs
 
+  def whole_block(self, name: str) -> Optional[Callable]:
+    """The sparsifier's kernel for a whole block step (`name`: 'fused_layer' or 'fused_mlp'), or None: none
+    when collecting or with dense-prefix tokens, where the block must run site by site."""
+    if self.collect or self.sparse_tok is not None:
+      return None
+    return getattr(self.sparsifier, name, None)
+
   def linear(self, site: str, x: jax.Array, lin: dict, norm: Optional[tuple] = None) -> jax.Array:
     """`x` [..., d_in] through the linear `lin` ({'kernel' [d_in, d_out], 'bias'?}), sparsified at `site`.
 
@@ -270,7 +277,7 @@ def _layer(
   def mlp(h):
     x, project = inputs("mlp", "rotate_mlp", h)
     # a sparsifier's `fused_mlp` may run the MLP step as one kernel (None: not this step)
-    fused = None if ctx.collect or ctx.sparse_tok is not None else getattr(ctx.sparsifier, "fused_mlp", None)
+    fused = ctx.whole_block("fused_mlp")
     norm = None if "rotate_mlp" in lp else (norm_gain(cfg, lp[norms["mlp"][0]]["scale"]), cfg.rms_norm_eps)
     y = None if fused is None else fused(cfg, layer, x, norm, lp["mlp"])
     return post("mlp", mlp_block(cfg, x, project, layer, ctx) if y is None else y)
@@ -404,9 +411,7 @@ def forward(
   def layer(i, h, ctx, positions, kv, kv_len):
     lp = params["layers"][str(i)]
     # a sparsifier's `fused_layer` may run the whole layer step as one kernel (None: not this step)
-    fused = (
-      None if ctx.collect or ctx.sparse_tok is not None else getattr(ctx.sparsifier, "fused_layer", None)
-    )
+    fused = ctx.whole_block("fused_layer")
     out = None if fused is None else fused(cfg, lp, h, i, positions, kv)
     return _layer(cfg, lp, h, i, ctx, positions, kv, kv_len, attention) if out is None else out
 
