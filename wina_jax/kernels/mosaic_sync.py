@@ -57,30 +57,30 @@ def _program():
   return arith.index_cast(_i32(), gpu.block_id(gpu.Dimension.x))
 
 
+def _store_from_thread0(ref, value) -> None:
+  """Thread 0 writes value() (an i32 built inside the kernel, by every thread) to ref [1] int32 (global)."""
+
+  @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),))
+  def put(ctx, out):
+    del ctx
+    v = value()
+    with mgpu_utils.when(_thread0()):
+      memref.store(v, out, [mgpu_utils.c(0, ir.IndexType.get())])
+
+  put(ref)
+
+
 def clock(ref) -> None:
   """Thread 0 writes the GPU's global nanosecond clock (low 32 bits, PTX %globaltimer_lo) to ref [1] int32
   (global); the read is volatile, so it stays where it is in program order."""
-
-  @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),))
-  def read(ctx, out):
-    del ctx
-    now = llvm.inline_asm(_i32(), [], "mov.u32 $0, %globaltimer_lo;", "=r", has_side_effects=True)
-    with mgpu_utils.when(_thread0()):
-      memref.store(now, out, [mgpu_utils.c(0, ir.IndexType.get())])
-
-  read(ref)
+  _store_from_thread0(
+    ref, lambda: llvm.inline_asm(_i32(), [], "mov.u32 $0, %globaltimer_lo;", "=r", has_side_effects=True)
+  )
 
 
 def clear(ref) -> None:
   """Thread 0 writes 0 to ref [1] int32 (global): a program's own slot of an output, before it counts into it."""
-
-  @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),))
-  def zero(ctx, out):
-    del ctx
-    with mgpu_utils.when(_thread0()):
-      memref.store(_c(0), out, [mgpu_utils.c(0, ir.IndexType.get())])
-
-  zero(ref)
+  _store_from_thread0(ref, lambda: _c(0))
 
 
 def grid_wait(sem, gave_up, k: int, programs: int, spin_limit: int = SPIN_LIMIT) -> None:
@@ -135,15 +135,7 @@ def grid_wait(sem, gave_up, k: int, programs: int, spin_limit: int = SPIN_LIMIT)
 
 def _publish(slot, k: int) -> None:
   """Thread 0 writes program * PUBLISHED + k into slot [1] int32 (global)."""
-
-  @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),))
-  def put(ctx, out):
-    del ctx
-    value = arith.addi(arith.muli(_program(), _c(PUBLISHED)), _c(k))
-    with mgpu_utils.when(_thread0()):
-      memref.store(value, out, [mgpu_utils.c(0, ir.IndexType.get())])
-
-  put(slot)
+  _store_from_thread0(slot, lambda: arith.addi(arith.muli(_program(), _c(PUBLISHED)), _c(k)))
 
 
 def _collect(slots, seen, k: int, programs: int) -> None:
