@@ -414,18 +414,20 @@ def x_values(rows: int):
   return lambda refs, first, per: row_loads(refs[0], rows, ir.BF16Type.get(), first, per)
 
 
-def compact_split(srcs, values, thr, scale, xk, ids, totals, *, rows: int, block_k: int, kp: int) -> None:
+def compact_split(srcs, values, thr, scale, scratch: PhaseScratch, *, rows: int, block_k: int) -> None:
   """Threshold a split of an input and write its kept rows, in order, to shared memory (every thread of the
   warpgroup: kp / 128 consecutive rows; an exclusive scan of the threads' counts by warp shuffles and the
   warps' totals). srcs: the global refs `values(src_refs, first, per)` reads to give this thread's inputs,
   [rows][per] bf16 (`x_values`: a split of x [M, kp]); thr [1] f32, scale [kp] f32 or None (global: the
-  segment's threshold and WINA scales); xk [T * 8 * BK] bf16 (shared, flat: x^T's tiles, `_xk_offset`;
-  batch row b keeps its own |x| * scale > thr, rows b >= M are zero); ids [T * BK] int32 (shared: the kept
-  rows' split-local ids); totals [WARPS + 1] int32 (shared: the warps' counts, then the split's count). From
+  segment's threshold and WINA scales); scratch: the phase's shared memory (kp = its ids' length): xk's flat
+  view [T * 8 * BK] bf16 (x^T's tiles, `_xk_offset`; batch row b keeps its own |x| * scale > thr, rows
+  b >= M are zero), ids [T * BK] int32 (the kept rows' split-local ids), totals [WARPS + 1] int32 (the warps'
+  counts, then the split's count). From
   the count to the end of its tile: id 0 and x 0. Inputs are read once, by vector loads, and stay in
   registers between the count and the writes. Ends with the writes visible to the tensor cores and to every
   thread."""
-  refs = tuple(srcs) + (thr, xk, ids, totals) + (() if scale is None else (scale,))
+  kp = scratch.ids.shape[0]
+  refs = tuple(srcs) + (thr, scratch.xk[0], scratch.ids, scratch.totals) + (() if scale is None else (scale,))
 
   @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),) * len(refs))
   def run(ctx, *args):
@@ -642,7 +644,7 @@ def fused_partials(
   to the start where none ran, to the clock's resolution), after its last wgmma and after its store."""
   cfg = resolved(cfg, *w.shape)
   (k, n), (m, _), bk, s_n, programs = w.shape, x.shape, cfg.block_k, cfg.splits, cfg.programs
-  kp, nb = k // s_n, n // cfg.block_n
+  kp = k // s_n
   wina = scales is not None
 
   def mosaic_fused_partials(x_gmem, thr_gmem, *refs, xk, w_union, ids, totals):
@@ -661,18 +663,15 @@ def fused_partials(
         x_values(m),
         thr_gmem.at[pl.ds(g, 1)],
         None if sc_gmem is None else sc_gmem.at[g, pl.ds(s * kp, kp)],
-        xk[0],
-        ids,
-        totals,
+        scratch,
         rows=m,
         block_k=bk,
-        kp=kp,
       )
 
     kept_row_phase(cfg, w.shape, segments, compact_split_of, w_gmem, o_gmem, scratch, w_union, mark)
 
   parts = jax.ShapeDtypeStruct((s_n, n, ROWS), jnp.float32)
-  marks_type = jax.ShapeDtypeStruct((programs, -(-nb * s_n // programs), MARKS), jnp.int32)
+  marks_type = jax.ShapeDtypeStruct((programs, int(items_per_program(cfg, n).max()), MARKS), jnp.int32)
   return plgpu.kernel(
     mosaic_fused_partials,  # the kernel's name in profiles
     out_type=(parts, marks_type) if marks else parts,
@@ -716,6 +715,13 @@ def partials_reference(
   return per_g[g_of, :, jnp.arange(w.shape[1])].transpose(1, 0, 2)  # [S, N, 8]
 
 
+def smem_bytes(cfg: MosaicConfig, kps: Sequence[int]) -> int:
+  """Shared memory a program takes: the weight tiles in flight, the store's [BN, 8] float32 and, per phase
+  that compacts in the kernel over splits of kp rows (`scratch_types`), x^T's tiles and the kept ids."""
+  tiles = cfg.stages * cfg.block_k * cfg.block_n * 2 + cfg.block_n * ROWS * 4
+  return tiles + sum(kp * (ROWS * 2 + 4) for kp in kps)
+
+
 def unsupported(
   rows: int, dtype, kernel: jax.Array, segments: Sequence[int], cfg: MosaicConfig
 ) -> Optional[str]:
@@ -736,8 +742,10 @@ def unsupported(
       f"block_n={cfg.block_n}: compact 'xla' (rows_partials) takes {TILE_COLS} (compact 'kernel' up to 256)"
     )
   kp = kernel.shape[0] // cfg.splits
-  smem = cfg.stages * cfg.block_k * cfg.block_n * 2 + cfg.block_n * ROWS * 4
-  smem += kp * (ROWS * 2 + 4) if cfg.compact == "kernel" else cfg.stages * ROWS * cfg.block_k * 2 + kp * 4
+  if cfg.compact == "kernel":
+    smem = smem_bytes(cfg, [kp])
+  else:  # rows_partials: x^T per stage and the ids
+    smem = smem_bytes(cfg, []) + cfg.stages * ROWS * cfg.block_k * 2 + kp * 4
   if smem > SMEM_BYTES:
     return (
       f"{smem} bytes of shared memory a program (at most {SMEM_BYTES}; "

@@ -107,8 +107,8 @@ def mlp_partials(
   programs, bk = cfg_gu.programs, cfg.block_k
   PC.check_grid(programs, PC.sm_count() or ms.H100_SMS)
   kp_gu, kp_down = d // cfg_gu.splits, f // cfg_down.splits
-  items_gu = -(-(2 * f // cfg.block_n) * cfg_gu.splits // programs)
-  items_down = -(-(d // cfg.block_n) * cfg_down.splits // programs)
+  items_gu = int(mg.items_per_program(cfg_gu, 2 * f).max())  # the clock's rows of gate|up, then down's
+  items_down = int(mg.items_per_program(cfg_down, d).max())
   wina = sc_gu is not None
 
   def mosaic_mlp(x_gmem, thr_gu_gmem, thr_down_gmem, *refs, **scratch):
@@ -132,12 +132,9 @@ def mlp_partials(
         mg.x_values(m),
         thr_gu_gmem.at[pl.ds(g, 1)],
         None if sc_gu_gmem is None else sc_gu_gmem.at[g, pl.ds(s * kp_gu, kp_gu)],
-        phase_a.xk[0],
-        phase_a.ids,
-        phase_a.totals,
+        phase_a,
         rows=m,
         block_k=bk,
-        kp=kp_gu,
       )
 
     def compact_down(s, g):
@@ -148,12 +145,9 @@ def mlp_partials(
         swiglu_values(m, cfg_gu.splits),
         thr_down_gmem.at[pl.ds(0, 1)],
         None if sc_down_gmem is None else sc_down_gmem.at[0, rows],
-        phase_b.xk[0],
-        phase_b.ids,
-        phase_b.totals,
+        phase_b,
         rows=m,
         block_k=bk,
-        kp=kp_down,
       )
 
     ms.clear(gave_up.at[pl.ds(pid, 1)])
@@ -219,7 +213,7 @@ def swiglu(g: jax.Array, u: jax.Array) -> jax.Array:
 
 def unsupported(m: int, d: int, f: int, cfg: mg.MosaicConfig) -> Optional[str]:
   """Why `mlp_partials` cannot take this MLP (None if it can): the rows, a shape the tiling does not divide,
-  or more shared memory than a program may take (both phases' compaction buffers and the weight tiles)."""
+  or more shared memory than a program may take (`mosaic_gemv.smem_bytes` of both phases)."""
   if m > mg.ROWS:
     return f"{m} rows (at most {mg.ROWS})"
   try:
@@ -229,7 +223,7 @@ def unsupported(m: int, d: int, f: int, cfg: mg.MosaicConfig) -> Optional[str]:
   kps = (d // cfg_gu.splits, f // cfg_down.splits)
   if max(kps) > mg.FUSED_MAX_KP:
     return f"splits of {max(kps)} rows (at most {mg.FUSED_MAX_KP}): set splits"
-  smem = sum(kp * (mg.ROWS * 2 + 4) for kp in kps) + cfg.stages * cfg.block_k * cfg.block_n * 2
+  smem = mg.smem_bytes(cfg, kps)
   if smem > mg.SMEM_BYTES:
     return f"{smem} bytes of shared memory a program (at most {mg.SMEM_BYTES}): fewer stages or more splits"
   return None
