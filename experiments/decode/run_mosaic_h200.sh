@@ -5,7 +5,7 @@
 #   experiments/decode/run_mosaic_h200.sh $OUT
 #
 #   tests   pytest -k gpu tests/test_mosaic_{sync,gemv,mlp}.py (the kernels against XLA / their contracts; TESTS_K:
-#           another -k, TESTS_FILES: other files) under TESTS_S (default 300 s; the gemv cases alone took 137 s)
+#           another -k, TESTS_FILES: other files, TESTS_OPTS: pytest options, default -x) under TESTS_S (default 300 s; the gemv cases alone took 137 s)
 #           -> OUT/tests.log
 #   sweep   experiments.decode.mosaic_sweep under SWEEP_S (default 330 s; --budget_s 50 s less): per Llama-3-8B
 #           fused shape (SHAPES, largest first), XLA dense, the dense kernel (DENSE specs), the kept-row kernel
@@ -41,7 +41,7 @@ SHAPES=${SHAPES:-4096x28672,14336x4096,4096x6144,4096x4096}
 export PYTHONPATH=.
 { nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv; python3 -c "import jax; print(jax.__version__, jax.devices())"; } > "$OUT/gpu.txt" 2>&1
 if [[ ,$STAGES, == *,tests,* ]]; then
-  timeout "${TESTS_S:-300}" python3 -m pytest -q -x -p no:cacheprovider ${TESTS_FILES:-tests/test_mosaic_sync.py tests/test_mosaic_gemv.py tests/test_mosaic_mlp.py} -k "${TESTS_K:-gpu}" > "$OUT/tests.log" 2>&1
+  timeout "${TESTS_S:-300}" python3 -m pytest -q ${TESTS_OPTS:--x} -p no:cacheprovider ${TESTS_FILES:-tests/test_mosaic_sync.py tests/test_mosaic_gemv.py tests/test_mosaic_mlp.py} -k "${TESTS_K:-gpu}" > "$OUT/tests.log" 2>&1
   rc=$?
   echo "tests rc=$rc" >> "$OUT/tests.log"
   tail -30 "$OUT/tests.log"
