@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests.mosaic_hlo import scratch_operand
 from wina_jax.kernels import mosaic_gemv as mg
 from wina_jax.kernels import mosaic_mlp as mm
 from wina_jax.kernels import mosaic_sync as ms
@@ -64,7 +65,8 @@ def test_kernel_lowers_for_cuda(m, wina, spec):
   args = case(m, 512, 1024, wina)
   cfg = mg.parse(spec)
   f = jax.jit(lambda *a: mm.mlp_partials(*a, cfg, marks=True))
-  assert "mosaic_gpu" in f.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+  hlo = f.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+  assert scratch_operand(hlo) == "tensor<1xi32>"  # the wait's semaphore: one for all 8 programs
   parts_gu, parts_down, gave_up, marks = jax.eval_shape(f, *args)
   cfg_gu, cfg_down = mm.configs(cfg, 512, 1024)
   assert parts_gu.shape == (cfg_gu.splits, 2048, 8) and parts_down.shape == (cfg_down.splits, 512, 8)

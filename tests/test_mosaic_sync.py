@@ -13,6 +13,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from tests.mosaic_hlo import scratch_operand
 from wina_jax.kernels import mosaic_sync as ms
 from wina_jax.kernels import persistent_config as PC
 
@@ -21,8 +22,11 @@ needs_gpu = pytest.mark.skipif(not GPU, reason="Mosaic GPU kernels run on a Hopp
 
 
 def test_exchange_lowers_for_cuda():
+  """It lowers, and its 8 programs share one semaphore (scratch_types would give each its own: the first H200
+  run gave every wait up)."""
   f = jax.jit(lambda: ms.exchange(programs=8, waits=3))
-  assert "mosaic_gpu" in f.trace().lower(lowering_platforms=("cuda",)).as_text()
+  hlo = f.trace().lower(lowering_platforms=("cuda",)).as_text()
+  assert scratch_operand(hlo) == "tensor<1xi32>"
   seen, gave_up, marks = jax.eval_shape(f)
   assert (seen.shape, gave_up.shape, marks.shape) == ((8, 3), (8,), (8, 3, 2))
 
@@ -73,10 +77,10 @@ def test_gpu_waits_order_memory_on_the_full_grid(waits, share):
 def test_gpu_watchdog_gives_up_a_wait_that_cannot_complete():
   """One program waiting for two: the wait gives up after its spin budget and is counted, in ms, not forever."""
 
-  def body(gave_up, sem):
+  def body(gave_up):
     pid = lax.axis_index("sm")
     ms.clear(gave_up.at[pl.ds(pid, 1)])
-    ms.grid_wait(sem, gave_up.at[pl.ds(pid, 1)], 1, programs=2, spin_limit=1000)
+    ms.grid_wait(ms.semaphore(), gave_up.at[pl.ds(pid, 1)], 1, programs=2, spin_limit=1000)
 
   run = functools.partial(
     plgpu.kernel,
@@ -84,7 +88,6 @@ def test_gpu_watchdog_gives_up_a_wait_that_cannot_complete():
     out_type=jax.ShapeDtypeStruct((1,), jnp.int32),
     grid=(1,),
     grid_names=("sm",),
-    scratch_types=(plgpu.SemaphoreType.REGULAR(()),),
     compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
   )
   gave_up = jax.jit(lambda: run()())()

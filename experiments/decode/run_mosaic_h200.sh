@@ -38,7 +38,7 @@ mkdir -p "$OUT"
 STAGES=${STAGES:-tests,sweep}
 SWEEP_S=${SWEEP_S:-330}
 SHAPES=${SHAPES:-4096x28672,14336x4096,4096x6144,4096x4096}
-export PYTHONPATH=.
+export PYTHONPATH=. PYTHONUNBUFFERED=1  # a stage cut off by its timeout still leaves its log
 { nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv; python3 -c "import jax; print(jax.__version__, jax.devices())"; } > "$OUT/gpu.txt" 2>&1
 if [[ ,$STAGES, == *,tests,* ]]; then
   timeout "${TESTS_S:-300}" python3 -m pytest -q ${TESTS_OPTS:--x} -p no:cacheprovider ${TESTS_FILES:-tests/test_mosaic_sync.py tests/test_mosaic_gemv.py tests/test_mosaic_mlp.py} -k "${TESTS_K:-gpu}" > "$OUT/tests.log" 2>&1

@@ -115,7 +115,7 @@ def mlp_partials(
     sc_gu_gmem, sc_down_gmem = refs[:2] if wina else (None, None)
     w_gu_gmem, w_down_gmem, parts_gu, parts_down, gave_up, *marks_gmem = refs[2 * wina :]
     pid = lax.axis_index("sm")
-    w_union, sem = scratch["w_union"], scratch["sem"]
+    w_union = scratch["w_union"]
     phase_a = mg.PhaseScratch(scratch["a_xk"], scratch["a_ids"], scratch["a_totals"])
     phase_b = mg.PhaseScratch(scratch["b_xk"], scratch["b_ids"], scratch["b_totals"])
 
@@ -153,7 +153,7 @@ def mlp_partials(
     ms.clear(gave_up.at[pl.ds(pid, 1)])
     mg.kept_row_phase(cfg_gu, (d, 2 * f), (f, f), compact_gu, w_gu_gmem, parts_gu, phase_a, w_union, mark(0))
     plgpu.wait_smem_to_gmem(0)  # this program's partial sums are written, not only read out of shared memory
-    ms.grid_wait(sem, gave_up.at[pl.ds(pid, 1)], 1, programs)
+    ms.grid_wait(ms.semaphore(), gave_up.at[pl.ds(pid, 1)], 1, programs)
     mg.kept_row_phase(
       cfg_down, (f, d), (d,), compact_down, w_down_gmem, parts_down, phase_b, w_union, mark(items_gu)
     )
@@ -166,7 +166,6 @@ def mlp_partials(
   if marks:
     out_type.append(jax.ShapeDtypeStruct((programs, items_gu + items_down, mg.MARKS), jnp.int32))
   scratch = mg.scratch_types(cfg, [("a_", kp_gu), ("b_", kp_down)])
-  scratch["sem"] = plgpu.SemaphoreType.REGULAR(())
   scales = (sc_gu, sc_down) if wina else ()
   return plgpu.kernel(
     mosaic_mlp,

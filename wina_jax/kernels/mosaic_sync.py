@@ -3,8 +3,8 @@ the primitives a persistent layer on Mosaic GPU needs (issue 25), timed alone by
 --backend=mosaic`.
 
 The wait (`grid_wait`): after a warpgroup barrier, thread 0 of every program adds 1 to an int32 semaphore in
-global memory (Pallas zeroes it at every launch: `plgpu.SemaphoreType.REGULAR`) with release semantics at GPU
-scope, then spins on relaxed loads until it reads programs x k at the k-th wait, then an acquire fence and a
+global memory (`semaphore()`: one for the whole grid, zeroed by Pallas at every launch) with release semantics
+at GPU scope, then spins on relaxed loads until it reads programs x k at the k-th wait, then an acquire fence and a
 warpgroup barrier. Every store a program made before the wait is visible to every program after it. A
 program that spins `SPIN_LIMIT` times gives the wait up and counts it in its slot of an int32 [programs] output
 (`check_gave_up` raises on any): programs that cannot all be resident at once (`persistent_config.check_grid`
@@ -83,10 +83,16 @@ def clear(ref) -> None:
   _store_from_thread0(ref, lambda: _c(0))
 
 
+def semaphore():
+  """The launch's one grid-wide int32 semaphore in global memory, zero at launch; call it once per kernel body and
+  pass it to every `grid_wait`. (A semaphore in a kernel's `scratch_types` is per program, not shared: waits on
+  it never complete, as the first H200 run of this file showed.)"""
+  return pl.get_global(plgpu.SemaphoreType.REGULAR(()))
+
+
 def grid_wait(sem, gave_up, k: int, programs: int, spin_limit: int = SPIN_LIMIT) -> None:
-  """The k-th grid-wide wait (k >= 1) of a launch of `programs` programs. sem: the launch's semaphore
-  (`plgpu.SemaphoreType.REGULAR`, zero at launch); gave_up: this program's int32 [1] slot of a global output,
-  zeroed by `clear` before the first wait; it counts the waits this program gave up after `spin_limit` loads.
+  """The k-th grid-wide wait (k >= 1) of a launch of `programs` programs. sem: the launch's `semaphore()`;
+  gave_up: this program's int32 [1] slot of a global output, zeroed by `clear` before the first wait; it counts the waits this program gave up after `spin_limit` loads.
   A program's TMA stores must be complete (`plgpu.wait_smem_to_gmem(0)`) before its wait."""
   if k < 1:
     raise ValueError(f"wait k={k} must be >= 1 (the first wait of a launch is k=1)")
@@ -163,8 +169,9 @@ def exchange(*, programs: int, waits: int, spin_limit: int = SPIN_LIMIT):
   PC.check_grid(programs, PC.sm_count() or H100_SMS)
   width = max(waits, 1)
 
-  def body(slots, seen, gave_up, marks, sem):
+  def body(slots, seen, gave_up, marks):
     pid = lax.axis_index("sm")
+    sem = semaphore()
     clear(gave_up.at[pl.ds(pid, 1)])
     for k in range(waits):
       _publish(slots.at[pid, pl.ds(k, 1)], k)
@@ -184,7 +191,6 @@ def exchange(*, programs: int, waits: int, spin_limit: int = SPIN_LIMIT):
     ),
     grid=(programs,),
     grid_names=("sm",),
-    scratch_types=(plgpu.SemaphoreType.REGULAR(()),),
     compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
   )()
   return seen, gave_up, marks
