@@ -81,6 +81,7 @@ def configs(cfg: mg.MosaicConfig, d: int, f: int) -> tuple[mg.MosaicConfig, mg.M
   return gu, down
 
 
+@functools.partial(jax.jit, static_argnames=("cfg", "marks"))  # the layers' identical launches lower once
 def mlp_partials(
   x: jax.Array,
   thr_gu: jax.Array,

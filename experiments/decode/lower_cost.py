@@ -1,0 +1,90 @@
+"""Seconds to trace and to lower (for CUDA) one decode step loop of a model shape with abstract weights: the
+host-side part of every benchmark row's compile, which grows with the layers when each layer's kernels lower
+on their own. Nothing runs and no weights are made, so it works on a CPU-only machine: there the GPU paths are
+taken by reporting the backend as 'gpu' while tracing (--as_gpu, the default off a GPU).
+
+CPU:  PYTHONPATH=. .venv/bin/python -m experiments.decode.lower_cost --backend=mosaic --layers=1,4,32
+      PYTHONPATH=. .venv/bin/python -m experiments.decode.lower_cost --backend=mosaic --mosaic_mlp --layers=32
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import jax
+import jax.numpy as jnp
+from absl import app, flags
+
+from experiments import common
+from wina_jax import checks
+from wina_jax import sites as S
+from wina_jax.bench.shapes import SHAPES
+from wina_jax.decode import decode_loop, fuse_projections, fuse_state, init_cache
+from wina_jax.kernels import FusedThresholdSparsifier
+from wina_jax.kernels import mosaic_gemv as mg
+from wina_jax.testing import random_params
+
+common.check(flags.DEFINE_string("model", "llama3_8b", "model shape"), checks.one_of(SHAPES))
+common.check(
+  flags.DEFINE_list("layers", ["1", "4", "32"], "decoder layers to lower"),
+  checks.each(checks.count(), int, nonempty=True),
+)
+flags.DEFINE_enum("backend", "mosaic", ["mosaic", "pallas", "xla"], "FusedThresholdSparsifier backend")
+common.check(
+  flags.DEFINE_string("mosaic_config", "64:256:3:0:132:cp_async:kernel", "mosaic_gemv.parse spec"),
+  checks.parses(mg.parse),
+)
+flags.DEFINE_bool("mosaic_mlp", False, "every MLP as one persistent launch (backend mosaic)")
+flags.DEFINE_bool("as_gpu", None, "take the GPU paths while tracing (default: when no GPU is present)")
+FLAGS = flags.FLAGS
+
+
+def lower_seconds(cfg0, sparsifier_of) -> tuple[float, float]:
+  """(trace, lower) seconds of `decode_loop` over 8 tokens, batch 1, for cfg0 with abstract bf16 weights."""
+  box = {}
+
+  def make():
+    p, box["cfg"] = fuse_projections(
+      jax.tree.map(lambda a: a.astype(jnp.bfloat16), random_params(cfg0, 0)), cfg0
+    )
+    return p
+
+  params = jax.eval_shape(make)
+  cfg = box["cfg"]
+  cache = jax.eval_shape(lambda: init_cache(cfg, 1, 32, jnp.bfloat16))
+  t0 = time.perf_counter()
+  traced = decode_loop.trace(
+    params, jax.ShapeDtypeStruct((1, 8), jnp.int32), cache, sparsifier_of(cfg0), cfg=cfg, attention="pallas"
+  )
+  t1 = time.perf_counter()
+  traced.lower(lowering_platforms=("cuda",))
+  return t1 - t0, time.perf_counter() - t1
+
+
+def sparsifier(cfg0):
+  ft, fs, segs = fuse_state({s: jnp.float32(0.3) for s in S.linear_sites(cfg0)}, {}, cfg0)
+  sp = FusedThresholdSparsifier.create(ft, fs, segs, backend=FLAGS.backend)
+  if FLAGS.backend == "mosaic":
+    sp = sp.replace(mosaic_config=mg.parse(FLAGS.mosaic_config), mosaic_mlp=FLAGS.mosaic_mlp)
+  return sp
+
+
+def main(argv):
+  del argv
+  as_gpu = jax.default_backend() != "gpu" if FLAGS.as_gpu is None else FLAGS.as_gpu
+  if as_gpu:
+    jax.default_backend = lambda: "gpu"
+  for layers in FLAGS.layers:
+    cfg0 = dataclasses.replace(SHAPES[FLAGS.model], num_hidden_layers=int(layers))
+    jax.clear_caches()
+    trace_s, lower_s = lower_seconds(cfg0, sparsifier)
+    print(
+      f"{FLAGS.model} layers={layers} backend={FLAGS.backend}{' +mlp' * FLAGS.mosaic_mlp}: "
+      f"trace {trace_s:.1f} s, lower {lower_s:.1f} s (jax {jax.__version__})",
+      flush=True,
+    )
+
+
+if __name__ == "__main__":
+  app.run(main)
