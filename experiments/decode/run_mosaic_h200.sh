@@ -29,7 +29,8 @@
 #           (wina_jax.kernels.mosaic_mlp) against the per-site launches and XLA dense, Llama-3-8B MLP, at MLP_SPECS
 #           (default 64:256:3:0:132) and SPARSITIES (default 0,0.5,0.65,0.999) under MLP_S (default 180 s)
 #           -> OUT/mosaic_mlp.json; its GPU tests (tests/test_mosaic_mlp.py) run in the tests stage
-# STAGES (comma-separated, default tests,sweep) runs a subset; extra arguments go to mosaic_sweep. A failed tests
+# STAGES (comma-separated, default tests,sweep) runs a subset; a stage past its limit ends with rc 124 and its
+# Python stacks in its log; extra arguments go to mosaic_sweep. A failed tests
 # stage ends the call there (a kernel that computes wrong sums is not worth timing) unless FORCE=1.
 set -u
 OUT=${1:?usage: run_mosaic_h200.sh OUT [mosaic_sweep flags]}
@@ -38,10 +39,12 @@ mkdir -p "$OUT"
 STAGES=${STAGES:-tests,sweep}
 SWEEP_S=${SWEEP_S:-330}
 SHAPES=${SHAPES:-4096x28672,14336x4096,4096x6144,4096x4096}
-export PYTHONPATH=. PYTHONUNBUFFERED=1  # a stage cut off by its timeout still leaves its log
+# a stage cut off by its timeout still leaves its log, ending in every thread's Python stack (SIGABRT, the fault
+# handler; rc 124): where it hung, compiling or waiting on the GPU
+export PYTHONPATH=. PYTHONUNBUFFERED=1 PYTHONFAULTHANDLER=1
 { nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv; python3 -c "import jax; print(jax.__version__, jax.devices())"; } > "$OUT/gpu.txt" 2>&1
 if [[ ,$STAGES, == *,tests,* ]]; then
-  timeout "${TESTS_S:-300}" python3 -m pytest -q ${TESTS_OPTS:--x} -p no:cacheprovider ${TESTS_FILES:-tests/test_mosaic_sync.py tests/test_mosaic_gemv.py tests/test_mosaic_mlp.py} -k "${TESTS_K:-gpu}" > "$OUT/tests.log" 2>&1
+  timeout -s ABRT -k 10 "${TESTS_S:-300}" python3 -m pytest -q ${TESTS_OPTS:--x} -p no:cacheprovider ${TESTS_FILES:-tests/test_mosaic_sync.py tests/test_mosaic_gemv.py tests/test_mosaic_mlp.py} -k "${TESTS_K:-gpu}" > "$OUT/tests.log" 2>&1
   rc=$?
   echo "tests rc=$rc" >> "$OUT/tests.log"
   tail -30 "$OUT/tests.log"
@@ -54,12 +57,12 @@ if [[ ,$STAGES, == *,sweep,* ]]; then
   args=(--budget_s=$((SWEEP_S - 50)) --shapes="$SHAPES" --out="$OUT/mosaic_sweep.json")
   [[ -n ${DENSE:-} ]] && args+=(--dense="$DENSE")
   [[ -n ${ROWS:-} ]] && args+=(--rows="$ROWS")
-  timeout "$SWEEP_S" python3 -m experiments.decode.mosaic_sweep "${args[@]}" "$@" > "$OUT/mosaic_sweep.log" 2>&1
+  timeout -s ABRT -k 10 "$SWEEP_S" python3 -m experiments.decode.mosaic_sweep "${args[@]}" "$@" > "$OUT/mosaic_sweep.log" 2>&1
   echo "sweep rc=$?" >> "$OUT/mosaic_sweep.log"
   grep -v '^[IWE][0-9]' "$OUT/mosaic_sweep.log" | tail -80
 fi
 if [[ ,$STAGES, == *,decode,* ]]; then
-  timeout "${DECODE_S:-300}" python3 -m experiments.decode.bench_decode --models=llama3_8b --methods=teal \
+  timeout -s ABRT -k 10 "${DECODE_S:-300}" python3 -m experiments.decode.bench_decode --models=llama3_8b --methods=teal \
     --batches=1 --sparsities="${SPARSITIES:-0,0.5,0.65,0.999}" --attention=pallas --reps=3 --host_rows=false \
     --configs=benchmarks/configs/h200_partials.json --mosaic_configs="${MCONFIGS:-64:64:4:0:264}" --mosaic_mlp="${MOSAIC_MLP:-false}" \
     --out="$OUT/bench_llama_mosaic.json" > "$OUT/bench_llama_mosaic.log" 2>&1
@@ -67,25 +70,25 @@ if [[ ,$STAGES, == *,decode,* ]]; then
   grep -v '^[IWE][0-9]' "$OUT/bench_llama_mosaic.log" | tr '\r' '\n' | grep -v 'it/s\]' | tail -40
 fi
 if [[ ,$STAGES, == *,marks,* ]]; then
-  timeout "${MARKS_S:-240}" python3 -m experiments.decode.mosaic_marks --specs="${MARKS_SPECS:-64:64:4:0:132,64:256:3:0:132}" \
+  timeout -s ABRT -k 10 "${MARKS_S:-240}" python3 -m experiments.decode.mosaic_marks --specs="${MARKS_SPECS:-64:64:4:0:132,64:256:3:0:132}" \
     --sparsities="${SPARSITIES:-0,0.5,0.999}" --out="$OUT/mosaic_marks.json" > "$OUT/mosaic_marks.log" 2>&1
   echo "marks rc=$?" >> "$OUT/mosaic_marks.log"
   grep -v '^[IWE][0-9]' "$OUT/mosaic_marks.log" | tail -40
 fi
 if [[ ,$STAGES, == *,waits,* ]]; then
-  timeout "${WAITS_S:-120}" python3 -m experiments.decode.wait_cost --backend=mosaic --waits=1,2,6,64 \
+  timeout -s ABRT -k 10 "${WAITS_S:-120}" python3 -m experiments.decode.wait_cost --backend=mosaic --waits=1,2,6,64 \
     --out="$OUT/wait_mosaic.json" > "$OUT/wait_mosaic.log" 2>&1
   echo "waits rc=$?" >> "$OUT/wait_mosaic.log"
   grep -v '^[IWE][0-9]' "$OUT/wait_mosaic.log" | tail -20
 fi
 if [[ ,$STAGES, == *,mlp,* ]]; then
-  timeout "${MLP_S:-180}" python3 -m experiments.decode.mosaic_mlp --specs="${MLP_SPECS:-64:256:3:0:132}" \
+  timeout -s ABRT -k 10 "${MLP_S:-180}" python3 -m experiments.decode.mosaic_mlp --specs="${MLP_SPECS:-64:256:3:0:132}" \
     --sparsities="${SPARSITIES:-0,0.5,0.65,0.999}" --out="$OUT/mosaic_mlp.json" > "$OUT/mosaic_mlp.log" 2>&1
   echo "mlp rc=$?" >> "$OUT/mosaic_mlp.log"
   grep -v '^[IWE][0-9]' "$OUT/mosaic_mlp.log" | tail -20
 fi
 if [[ ,$STAGES, == *,profile,* ]]; then
-  timeout "${PROFILE_S:-240}" python3 -m experiments.decode.profile_decode --models=llama3_8b --variants=teal:0.5,teal:0.999 \
+  timeout -s ABRT -k 10 "${PROFILE_S:-240}" python3 -m experiments.decode.profile_decode --models=llama3_8b --variants=teal:0.5,teal:0.999 \
     --attention=pallas --configs=benchmarks/configs/h200_partials.json \
     --mosaic="${PROFILE_SPEC:-64:64:4:0:132:cp_async:kernel}" --out="$OUT/profile_mosaic.json" > "$OUT/profile_mosaic.log" 2>&1
   echo "profile rc=$?" >> "$OUT/profile_mosaic.log"
