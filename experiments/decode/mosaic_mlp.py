@@ -4,7 +4,8 @@ SwiGLU between them), and XLA's dense MLP, per model shape, tiling and TEAL spar
 
 Random bfloat16 x [1, d] and weights (scaled so the down input is O(1)); thresholds at each sparsity's quantile
 of |x| (gate|up) and of the per-site path's |SiLU(gate) * up| (down). Per row: us per call of each path (both
-end in the down site's bf16 output: the splits' partials summed by XLA; `timed`, dispatch hidden), the
+end in the down site's bf16 output: the splits' partials summed by XLA; `timed_chain`: --chain calls in one
+jitted loop, as a decode step runs them, with the chain's own cost a call beside them as chain_floor), the
 persistent launch's relative error against the per-site path and its watchdog count, and from its own clock:
 each phase's span (first item start to last item end) and the wait (median over programs of the time from
 the program's last gate|up item to its first down item).
@@ -27,7 +28,7 @@ from experiments import common
 from wina_jax import checks
 from wina_jax.bench.decode_setup import teal_thresholds
 from wina_jax.bench.shapes import SHAPES
-from wina_jax.bench.timing import clock_phases, run_record, timed
+from wina_jax.bench.timing import clock_phases, run_record, timed_chain
 from wina_jax.kernels import mosaic_gemv as mg
 from wina_jax.kernels import mosaic_mlp as mm
 from wina_jax.kernels import mosaic_sync as ms
@@ -47,6 +48,7 @@ common.check(
 common.check(
   flags.DEFINE_integer("reps", 5, "marked launches per row (the median is reported)"), checks.count()
 )
+common.check(flags.DEFINE_integer("chain", 16, "calls in a row per timed run (timed_chain)"), checks.count())
 common.check(flags.DEFINE_string("out", "", "write results JSON here"), checks.out_path())
 FLAGS = flags.FLAGS
 
@@ -87,6 +89,12 @@ def paths(cfg: mg.MosaicConfig, d: int, f: int):
   return jax.jit(per_site), jax.jit(persistent), jax.jit(dense), marked
 
 
+def floor(x, *rest):
+  """The chain's own cost a call (`timed_chain`'s select), with no MLP."""
+  del rest
+  return x
+
+
 def row(d: int, f: int, spec: str, s: float, key) -> dict:
   cfg = mg.parse(spec)
   cfg_gu, cfg_down = mm.configs(cfg, d, f)
@@ -109,10 +117,8 @@ def row(d: int, f: int, spec: str, s: float, key) -> dict:
   ms.check_gave_up(gave_up)
   diff = np.linalg.norm(np.asarray(got, np.float32) - np.asarray(want, np.float32))
   out["rel_err_vs_per_site"] = float(diff / max(np.linalg.norm(np.asarray(want, np.float32)), 1e-30))
-  out.update(
-    {f"{k}_us": timed(p, *args) * 1e6 for k, p in [("per_site", per_site), ("persistent", persistent)]}
-  )
-  out["dense_us"] = timed(dense, *args) * 1e6
+  paths_us = [("per_site", per_site), ("persistent", persistent), ("dense", dense), ("chain_floor", floor)]
+  out.update({f"{k}_us": timed_chain(p, *args, n=FLAGS.chain) * 1e6 for k, p in paths_us})
   items_gu, items_down = mg.items_per_program(cfg_gu, 2 * f), mg.items_per_program(cfg_down, d)
   ja = int(items_gu.max())
   spans, waits = {"gate_up": [], "down": []}, []
@@ -148,7 +154,7 @@ def main(argv):
         if "persistent_us" in r:
           line = (
             f"{model} {spec} s={s:<6} per-site {r['per_site_us']:7.1f} us  persistent {r['persistent_us']:7.1f} "
-            f"(x{r['per_site_us'] / r['persistent_us']:.2f})  dense {r['dense_us']:7.1f}  spans "
+            f"(x{r['per_site_us'] / r['persistent_us']:.2f})  dense {r['dense_us']:7.1f}  floor {r['chain_floor_us']:.1f}  spans "
             f"{r['gate_up_span_us']:.1f} + wait {r['wait_us']:.2f} + {r['down_span_us']:.1f}  "
             f"rel_err {r['rel_err_vs_per_site']:.1e}"
           )
