@@ -42,6 +42,8 @@ SHAPES=${SHAPES:-4096x28672,14336x4096,4096x6144,4096x4096}
 # a stage cut off by its timeout still leaves its log, ending in every thread's Python stack (SIGABRT, the fault
 # handler; rc 124): where it hung, compiling or waiting on the GPU
 export PYTHONPATH=. PYTHONUNBUFFERED=1 PYTHONFAULTHANDLER=1
+# compiles kept under $HOME, which outlives a call while the machine stays warm: a later call skips them
+export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$HOME/.cache/wina_jax_xla} JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=1
 { nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv; python3 -c "import jax; print(jax.__version__, jax.devices())"; } > "$OUT/gpu.txt" 2>&1
 if [[ ,$STAGES, == *,tests,* ]]; then
   timeout -s ABRT -k 10 "${TESTS_S:-300}" python3 -m pytest -q ${TESTS_OPTS:--x} -p no:cacheprovider ${TESTS_FILES:-tests/test_mosaic_sync.py tests/test_mosaic_gemv.py tests/test_mosaic_mlp.py} -k "${TESTS_K:-gpu}" > "$OUT/tests.log" 2>&1
