@@ -174,10 +174,10 @@ def test_layers_share_one_trace_per_kernel(monkeypatch, mlp):
   import dataclasses
 
   from wina_jax import sites as S
+  from wina_jax.bench.decode_setup import abstract_fused_params
   from wina_jax.bench.shapes import SHAPES
-  from wina_jax.decode import decode_step, fuse_projections, fuse_state, init_cache
+  from wina_jax.decode import decode_step, fuse_state, init_cache
   from wina_jax.kernels import FusedThresholdSparsifier
-  from wina_jax.testing import random_params
 
   jax.clear_caches()
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # the GPU paths, lowered only
@@ -185,16 +185,7 @@ def test_layers_share_one_trace_per_kernel(monkeypatch, mlp):
   real = mg.kept_row_phase
   monkeypatch.setattr(mg, "kept_row_phase", lambda *a: phases.append(a[1]) or real(*a))
   cfg0 = dataclasses.replace(SHAPES["tiny"], num_hidden_layers=4)
-  box = {}
-
-  def make():
-    p, box["cfg"] = fuse_projections(
-      jax.tree.map(lambda a: a.astype(jnp.bfloat16), random_params(cfg0, 0)), cfg0
-    )
-    return p
-
-  params = jax.eval_shape(make)
-  cfg = box["cfg"]
+  params, cfg = abstract_fused_params(cfg0)
   ft, fs, segs = fuse_state({s: jnp.float32(0.3) for s in S.linear_sites(cfg0)}, {}, cfg0)
   mcfg = mg.MosaicConfig(64, 64, 2, programs=4, compact="kernel")
   sp = FusedThresholdSparsifier.create(ft, fs, segs, backend="mosaic").replace(

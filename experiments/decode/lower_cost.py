@@ -19,11 +19,11 @@ from absl import app, flags
 from experiments import common
 from wina_jax import checks
 from wina_jax import sites as S
+from wina_jax.bench.decode_setup import abstract_fused_params
 from wina_jax.bench.shapes import SHAPES
-from wina_jax.decode import decode_loop, fuse_projections, fuse_state, init_cache
+from wina_jax.decode import decode_loop, fuse_state, init_cache
 from wina_jax.kernels import FusedThresholdSparsifier
 from wina_jax.kernels import mosaic_gemv as mg
-from wina_jax.testing import random_params
 
 common.check(flags.DEFINE_string("model", "llama3_8b", "model shape"), checks.one_of(SHAPES))
 common.check(
@@ -42,16 +42,7 @@ FLAGS = flags.FLAGS
 
 def lower_seconds(cfg0, sparsifier_of) -> tuple[float, float]:
   """(trace, lower) seconds of `decode_loop` over 8 tokens, batch 1, for cfg0 with abstract bf16 weights."""
-  box = {}
-
-  def make():
-    p, box["cfg"] = fuse_projections(
-      jax.tree.map(lambda a: a.astype(jnp.bfloat16), random_params(cfg0, 0)), cfg0
-    )
-    return p
-
-  params = jax.eval_shape(make)
-  cfg = box["cfg"]
+  params, cfg = abstract_fused_params(cfg0)
   cache = jax.eval_shape(lambda: init_cache(cfg, 1, 32, jnp.bfloat16))
   t0 = time.perf_counter()
   traced = decode_loop.trace(

@@ -154,7 +154,8 @@ def main(argv):
         if "persistent_us" in r:
           line = (
             f"{model} {spec} s={s:<6} per-site {r['per_site_us']:7.1f} us  persistent {r['persistent_us']:7.1f} "
-            f"(x{r['per_site_us'] / r['persistent_us']:.2f})  dense {r['dense_us']:7.1f}  floor {r['chain_floor_us']:.1f}  spans "
+            f"(x{r['per_site_us'] / r['persistent_us']:.2f})  dense {r['dense_us']:7.1f}  "
+            f"floor {r['chain_floor_us']:.1f}  spans "
             f"{r['gate_up_span_us']:.1f} + wait {r['wait_us']:.2f} + {r['down_span_us']:.1f}  "
             f"rel_err {r['rel_err_vs_per_site']:.1e}"
           )

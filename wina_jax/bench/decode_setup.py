@@ -15,9 +15,10 @@ import numpy as np
 
 from wina_jax import families
 from wina_jax import sites as S
-from wina_jax.decode import decode_step
+from wina_jax.decode import decode_step, fuse_projections
 from wina_jax.kernels import FusedThresholdSparsifier, KernelConfig
 from wina_jax.model import forward, init_cache
+from wina_jax.testing import random_params
 
 
 def teal_thresholds(x: jax.Array, sparsity: float, segments: int = 1) -> jax.Array:
@@ -25,6 +26,20 @@ def teal_thresholds(x: jax.Array, sparsity: float, segments: int = 1) -> jax.Arr
   input at it is dropped), every segment the same; -1 at sparsity 0 (every input kept)."""
   q = -1.0 if sparsity == 0 else jnp.quantile(jnp.abs(x.astype(jnp.float32)), sparsity, method="lower")
   return jnp.full((segments,), q, jnp.float32)
+
+
+def abstract_fused_params(cfg0) -> tuple[dict, object]:
+  """(params, cfg) of cfg0's shape as `fuse_projections` leaves them, bf16, as jax.ShapeDtypeStruct leaves: no
+  weights made, for tracing and lowering a step (`experiments.decode.lower_cost`)."""
+  box = {}
+
+  def make():
+    params = jax.tree.map(lambda a: a.astype(jnp.bfloat16), random_params(cfg0, 0))
+    fused, box["cfg"] = fuse_projections(params, cfg0)
+    return fused
+
+  params = jax.eval_shape(make)
+  return params, box["cfg"]
 
 
 def segment_widths(cfg, site: str) -> tuple[int, ...]:

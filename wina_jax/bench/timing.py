@@ -28,9 +28,9 @@ def timed(fn, *args, n=40, reps=5) -> float:
 
 def timed_chain(fn, x, *rest, n=16, reps=5) -> float:
   """Seconds per call of fn(x, *rest) run n times in a row inside one jitted, unrolled scan (one dispatch per
-  n calls, as a decode step runs its kernels): each call is ordered after the previous one by an optimization
-  barrier over (x, its output), so no call is hoisted or dropped and every call sees the same x. Median of
-  `reps` runs after one untimed run (the compile)."""
+  n calls, as a decode step runs its kernels; `chained`: each call depends on the previous one's output, so
+  none is merged, dropped or reordered, and every call sees the same x). Median of `reps` runs after one
+  untimed run (the compile)."""
 
   chain = jax.jit(functools.partial(chained, fn, n=n))
   jax.block_until_ready(chain(x, *rest))

@@ -84,15 +84,16 @@ def clear(ref) -> None:
 
 
 def semaphore():
-  """The launch's one grid-wide int32 semaphore in global memory, zero at launch; call it once per kernel body and
-  pass it to every `grid_wait`. (A semaphore in a kernel's `scratch_types` is per program, not shared: waits on
+  """The launch's one grid-wide int32 semaphore in global memory, zero at launch; call it once per kernel body
+  and pass it to every `grid_wait`. (A semaphore in a kernel's `scratch_types` is per program, not shared: waits on
   it never complete, as the first H200 run of this file showed.)"""
   return pl.get_global(plgpu.SemaphoreType.REGULAR(()))
 
 
 def grid_wait(sem, gave_up, k: int, programs: int, spin_limit: int = SPIN_LIMIT) -> None:
   """The k-th grid-wide wait (k >= 1) of a launch of `programs` programs. sem: the launch's `semaphore()`;
-  gave_up: this program's int32 [1] slot of a global output, zeroed by `clear` before the first wait; it counts the waits this program gave up after `spin_limit` loads.
+  gave_up: this program's int32 [1] slot of a global output, zeroed by `clear` before the first wait; it
+  counts the waits this program gave up after `spin_limit` loads.
   A program's TMA stores must be complete (`plgpu.wait_smem_to_gmem(0)`) before its wait."""
   if k < 1:
     raise ValueError(f"wait k={k} must be >= 1 (the first wait of a launch is k=1)")
