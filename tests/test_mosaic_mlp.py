@@ -43,16 +43,15 @@ def test_contract_is_the_xla_mlp(m, wina):
   args = case(m, 512, 1024, wina)
   x, thr_gu, sc_gu, w_gu, thr_down, sc_down, w_down = args
   cfg = mg.MosaicConfig(64, 64, 2, programs=8)
-  parts_gu, parts_down = mm.mlp_reference(*args, cfg)
+  parts_gu, a_ref, parts_down = mm.mlp_reference(*args, cfg)
   y = masked_linear_xla(x, w_gu, thr_gu, sc_gu, (1024, 1024))
   close(jnp.sum(parts_gu, 0)[:, :m].T, y, 1e-2)  # y is rounded to bf16
   g, u = jnp.split(y, 2, axis=-1)
   np.testing.assert_array_equal(
     mm.swiglu(g, u), jax.nn.silu(g) * u
   )  # the model's mlp_block in bf16, bit for bit
-  a_ref = mm.down_input(
-    parts_gu, m
-  )  # from the partials, summed in split order: a few roundings of g, u differ
+  np.testing.assert_array_equal(a_ref, mm.down_input(parts_gu, m))
+  # a from the partials, summed in split order: a few roundings of g, u differ from XLA's
   assert np.mean(np.asarray(a_ref) == np.asarray(jax.nn.silu(g) * u)) > 0.95
   want = masked_linear_xla(a_ref, w_down, thr_down, sc_down, (512,))
   close(jnp.sum(parts_down, 0)[:, :m].T, want, 1e-2)
@@ -69,9 +68,10 @@ def test_kernel_lowers_for_cuda(m, wina, spec):
   f = jax.jit(lambda *a: mm.mlp_partials(*a, cfg, marks=True))
   hlo = f.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
   assert scratch_operand(hlo) == "tensor<1xi32>"  # the wait's semaphore: one for all 8 programs
-  parts_gu, parts_down, gave_up, marks = jax.eval_shape(f, *args)
+  parts_gu, a, parts_down, gave_up, marks = jax.eval_shape(f, *args)
   cfg_gu, cfg_down = mm.configs(cfg, 512, 1024)
   assert parts_gu.shape == (cfg_gu.splits, 2048, 8) and parts_down.shape == (cfg_down.splits, 512, 8)
+  assert a.shape == (m, 1024) and a.dtype == jnp.bfloat16
   assert gave_up.shape == (8,) and marks.shape[::2] == (8, mg.MARKS)
 
 
@@ -100,15 +100,19 @@ def test_what_it_refuses():
   ],
 )
 def test_gpu_kernel_matches_its_contract(m, d, f, wina, spec):
-  """Both phases' partial sums against `mlp_reference`: gate|up at float32 tolerance; down within a few of its
-  inputs' bf16 roundings (SiLU's exp on the GPU and in XLA may differ by an ulp, so an input at its
-  threshold may flip), no wait given up."""
+  """Every phase against `mlp_reference`: gate|up's partial sums at float32 tolerance; the down input from the
+  kernel's own partials as `down_input` builds it (SiLU's exp on the GPU and in XLA may differ by an ulp, so a
+  few bf16 values may); down within a few of its inputs' bf16 roundings (an input at its threshold may flip);
+  no wait given up."""
   args = case(m, d, f, wina)
   cfg = mg.parse(spec)
-  parts_gu, parts_down, gave_up = jax.jit(lambda *a: mm.mlp_partials(*a, cfg))(*args)
+  parts_gu, a, parts_down, gave_up = jax.jit(lambda *a: mm.mlp_partials(*a, cfg))(*args)
   ms.check_gave_up(gave_up)
-  ref_gu, ref_down = mm.mlp_reference(*args, cfg)
+  ref_gu, _, ref_down = mm.mlp_reference(*args, cfg)
   close(parts_gu, ref_gu, 1e-5)
+  a_own = np.asarray(mm.down_input(parts_gu, m), np.float32)
+  assert np.mean(np.asarray(a, np.float32) == a_own) > 0.99
+  close(a, a_own, 1e-2)
   close(parts_down, ref_down, 1e-3)
 
 

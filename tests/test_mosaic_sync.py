@@ -3,15 +3,13 @@ CUDA, the refusal of a grid that could deadlock, and the checks; on a Hopper GPU
 before a wait visible to every program after it, on the full grid, and the watchdog giving a wait up
 instead of hanging."""
 
-import functools
+import json
+import subprocess
+import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax import lax
-from jax.experimental import pallas as pl
-from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from tests.mosaic_hlo import scratch_operand
 from wina_jax.kernels import mosaic_sync as ms
@@ -29,6 +27,11 @@ def test_exchange_lowers_for_cuda():
   assert scratch_operand(hlo) == "tensor<1xi32>"
   seen, gave_up, marks = jax.eval_shape(f)
   assert (seen.shape, gave_up.shape, marks.shape) == ((8, 3), (8,), (8, 3, 2))
+
+
+def test_empty_waits_lower_for_cuda():
+  hlo = jax.jit(lambda: ms.empty_waits(grid=8, waits=2, expect=8)).trace().lower(lowering_platforms=("cuda",))
+  assert scratch_operand(hlo.as_text()) == "tensor<1xi32>"
 
 
 def test_grid_that_could_deadlock_is_refused():
@@ -74,23 +77,32 @@ def test_gpu_waits_order_memory_on_the_full_grid(waits, share):
 
 
 @needs_gpu
+def test_gpu_empty_waits_complete_on_the_full_grid():
+  """The wait alone (as the MLP launch makes it), 6 in a row on every SM: none given up."""
+  ms.check_gave_up(ms.empty_waits(grid=PC.sm_count(), waits=6, expect=PC.sm_count()))
+
+
+@needs_gpu
 def test_gpu_watchdog_gives_up_a_wait_that_cannot_complete():
   """One program waiting for two: the wait gives up after its spin budget and is counted, in ms, not forever."""
 
-  def body(gave_up):
-    pid = lax.axis_index("sm")
-    ms.clear(gave_up.at[pl.ds(pid, 1)])
-    ms.grid_wait(ms.semaphore(), gave_up.at[pl.ds(pid, 1)], 1, programs=2, spin_limit=1000)
-
-  run = functools.partial(
-    plgpu.kernel,
-    body,
-    out_type=jax.ShapeDtypeStruct((1,), jnp.int32),
-    grid=(1,),
-    grid_names=("sm",),
-    compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-  )
-  gave_up = jax.jit(lambda: run()())()
+  gave_up = ms.empty_waits(grid=1, waits=1, expect=2, spin_limit=1000)
   np.testing.assert_array_equal(np.asarray(gave_up), [1])
   with pytest.raises(ms.WaitGaveUp):
     ms.check_gave_up(gave_up)
+
+
+def test_sync_probe_script_on_the_cpu(tmp_path):
+  """experiments.decode.sync_probe off the GPU: each case's child lowers it and reports the stage."""
+  out = tmp_path / "probe.json"
+  cmd = [
+    sys.executable,
+    "-m",
+    "experiments.decode.sync_probe",
+    "--cases=waits:1:2:1,exchange:2:1",
+    f"--out={out}",
+  ]
+  subprocess.run(cmd, check=True, capture_output=True, timeout=300)
+  rows = json.loads(out.read_text())["rows"]
+  assert [r["case"] for r in rows] == ["waits:1:2:1", "exchange:2:1"]
+  assert all(r["rc"] == 0 and r["stages"]["lowered"] > 0 for r in rows)

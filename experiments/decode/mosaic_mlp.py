@@ -1,14 +1,14 @@
 """The MLP's two sparse sites in one persistent Mosaic launch (`mosaic_mlp.mlp_partials`: gate|up, a grid-wide
-wait, down) against the same kernel launched per site (`mosaic_gemv.fused_partials` twice, XLA's sum and
-SwiGLU between them), and XLA's dense MLP, per model shape, tiling and TEAL sparsity.
+wait, SwiGLU, a wait, down) against the same kernel launched per site (`mosaic_gemv.fused_partials` twice,
+XLA's sum and SwiGLU between them), and XLA's dense MLP, per model shape, tiling and TEAL sparsity.
 
 Random bfloat16 x [1, d] and weights (scaled so the down input is O(1)); thresholds at each sparsity's quantile
 of |x| (gate|up) and of the per-site path's |SiLU(gate) * up| (down). Per row: us per call of each path (both
 end in the down site's bf16 output: the splits' partials summed by XLA; `timed_chain`: --chain calls in one
 jitted loop, as a decode step runs them, with the chain's own cost a call beside them as chain_floor), the
 persistent launch's relative error against the per-site path and its watchdog count, and from its own clock:
-each phase's span (first item start to last item end) and the wait (median over programs of the time from
-the program's last gate|up item to its first down item).
+each phase's span (first item start to last item end) and `between` (median over programs of the time from
+the program's last gate|up item to its first down item: both waits and the SwiGLU phase between them).
 
 GPU:  PYTHONPATH=. python3 -m experiments.decode.mosaic_mlp --specs=64:256:3:0:132 --out=$OUT/mosaic_mlp.json
 CPU:  PYTHONPATH=. .venv/bin/python -m experiments.decode.mosaic_mlp --models=tiny --specs=64:64:2:0:4 --reps=1
@@ -77,7 +77,7 @@ def paths(cfg: mg.MosaicConfig, d: int, f: int):
     return out(mg.fused_partials(a, thr_down, None, w_down, cfg_down, (d,)))
 
   def persistent(x, thr_gu, w_gu, thr_down, w_down):
-    _, parts, gave_up = mm.mlp_partials(x, thr_gu, None, w_gu, thr_down, None, w_down, cfg)
+    *_, parts, gave_up = mm.mlp_partials(x, thr_gu, None, w_gu, thr_down, None, w_down, cfg)
     return out(parts), gave_up
 
   def dense(x, thr_gu, w_gu, thr_down, w_down):
@@ -123,7 +123,7 @@ def row(d: int, f: int, spec: str, s: float, key) -> dict:
   ja = int(items_gu.max())
   spans, waits = {"gate_up": [], "down": []}, []
   for rep in range(FLAGS.reps + 1):
-    m = np.asarray(marked(x, thr_gu, None, w_gu, thr_down, None, w_down)[3]).astype(np.int64)
+    m = np.asarray(marked(x, thr_gu, None, w_gu, thr_down, None, w_down)[-1]).astype(np.int64)
     if rep == 0:
       continue
     spans["gate_up"].append(clock_phases(m[:, :ja], items_gu)["span_us"])
@@ -133,7 +133,7 @@ def row(d: int, f: int, spec: str, s: float, key) -> dict:
     has = (items_gu > 0) & (items_down > 0)
     waits.append(float(np.median(((first_b - last_a) % (1 << 32))[has])) / 1e3)
   out.update({f"{k}_span_us": statistics.median(v) for k, v in spans.items()})
-  out["wait_us"] = statistics.median(waits)
+  out["between_us"] = statistics.median(waits)
   return out
 
 
@@ -156,7 +156,7 @@ def main(argv):
             f"{model} {spec} s={s:<6} per-site {r['per_site_us']:7.1f} us  persistent {r['persistent_us']:7.1f} "
             f"(x{r['per_site_us'] / r['persistent_us']:.2f})  dense {r['dense_us']:7.1f}  "
             f"floor {r['chain_floor_us']:.1f}  spans "
-            f"{r['gate_up_span_us']:.1f} + wait {r['wait_us']:.2f} + {r['down_span_us']:.1f}  "
+            f"{r['gate_up_span_us']:.1f} + between {r['between_us']:.2f} + {r['down_span_us']:.1f}  "
             f"rel_err {r['rel_err_vs_per_site']:.1e}"
           )
         else:

@@ -4,6 +4,9 @@
 #
 #   experiments/decode/run_mosaic_h200.sh $OUT
 #
+#   probe   (not default) experiments.decode.sync_probe --dump: the grid-wide wait kernels (empty waits, the watchdog's
+#           case, `exchange`) each in its own process under PROBE_CASE_S (default 20 s), reporting the stage each
+#           reached, with Mosaic's PTX / SASS dumps -> OUT/sync_probe.json, OUT/sync_probe_dump/
 #   tests   pytest -k gpu tests/test_mosaic_{sync,gemv,mlp}.py (the kernels against XLA / their contracts; TESTS_K:
 #           another -k, TESTS_FILES: other files, TESTS_OPTS: pytest options, default -x) under TESTS_S (default 300 s; the gemv cases alone took 137 s)
 #           -> OUT/tests.log
@@ -45,6 +48,12 @@ export PYTHONPATH=. PYTHONUNBUFFERED=1 PYTHONFAULTHANDLER=1
 # compiles kept under $HOME, which outlives a call while the machine stays warm: a later call skips them
 export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$HOME/.cache/wina_jax_xla} JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=1
 { nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv; python3 -c "import jax; print(jax.__version__, jax.devices())"; } > "$OUT/gpu.txt" 2>&1
+if [[ ,$STAGES, == *,probe,* ]]; then
+  timeout -s ABRT -k 10 "${PROBE_S:-240}" python3 -m experiments.decode.sync_probe --dump --case_s="${PROBE_CASE_S:-20}" \
+    --out="$OUT/sync_probe.json" > "$OUT/sync_probe.log" 2>&1
+  echo "probe rc=$?" >> "$OUT/sync_probe.log"
+  grep -v '^[IWE][0-9]' "$OUT/sync_probe.log" | tail -12
+fi
 if [[ ,$STAGES, == *,tests,* ]]; then
   timeout -s ABRT -k 10 "${TESTS_S:-300}" python3 -m pytest -q ${TESTS_OPTS:--x} -p no:cacheprovider ${TESTS_FILES:-tests/test_mosaic_sync.py tests/test_mosaic_gemv.py tests/test_mosaic_mlp.py} -k "${TESTS_K:-gpu}" > "$OUT/tests.log" 2>&1
   rc=$?

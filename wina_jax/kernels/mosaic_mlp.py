@@ -1,11 +1,14 @@
-"""A gated MLP's two sparse sites in one persistent Mosaic GPU launch (issue 25): gate|up, a grid-wide wait, down.
+"""A gated MLP's two sparse sites in one persistent Mosaic GPU launch (issue 25): gate|up, wait, SwiGLU, wait, down.
 
 `mlp_partials`: on one program per SM, the kept-row phase of the fused gate|up site (`mosaic_gemv.kept_row_phase`,
-each program thresholding and compacting its split of x), then `mosaic_sync.grid_wait`, then the down site's
-phase, whose compaction builds its own input from the gate|up partial sums every program wrote: per row, the
-splits' float32 sums rounded to bfloat16 as the site's outputs are (g, u), then a = SiLU(g) * u rounded op by
-op as XLA rounds the model's bfloat16 `mlp_block` (`swiglu`); then |a| * scale > the down site's threshold. One launch instead of two, and no XLA kernel between them. XLA still sums the down
-partials (and adds the residual) after it.
+each program thresholding and compacting its split of x), a grid-wide wait (`mosaic_sync.grid_wait`), then
+`activation`: the down site's input a = SiLU(g) * u [M, F] bf16, each row once over the grid, from the splits'
+float32 sums rounded to bfloat16 as the site's outputs are (g, u), then op by op as XLA rounds the model's
+bfloat16 `mlp_block` (`swiglu`); a second wait; then the down site's phase, which compacts a as gate|up compacts
+x. One launch instead of two, and no XLA kernel between them; XLA still sums the down partials (and adds the
+residual) after it. (Session 21's single-wait launch built a inside every down program's compaction from the
+partials, [S, 2F, 8] float32 of which batch 1 uses one row in 8: each down split's programs read it again, and
+the down phase spanned 8.7 us at 99.9 % sparsity.)
 
 The CPU path and the kernel's contract: `mlp_reference` (jnp, the same sums in the same order). Interpret mode
 does not run Mosaic GPU kernels; off the GPU the kernel lowers only (`tests/test_mosaic_mlp.py`).
@@ -24,7 +27,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.mosaic.gpu import utils as mgpu_utils
 from jax.experimental.pallas import mosaic_gpu as plgpu
 from jaxlib.mlir import ir
-from jaxlib.mlir.dialects import arith
+from jaxlib.mlir.dialects import arith, gpu, memref
 from jaxlib.mlir.dialects import math as mlir_math
 
 from wina_jax.kernels import mosaic_gemv as mg
@@ -33,42 +36,54 @@ from wina_jax.kernels import persistent_config as PC
 from wina_jax.kernels.reference import keep_mask
 
 
-def swiglu_values(rows: int, splits: int):
-  """`compact_split`'s value source for the down site: srcs (gate, up), each [S, kp, 8] float32 (global: the
-  gate|up phase's partial sums of this split's rows) -> `swiglu`(g, u) per batch row, with g and u the sums
-  over the S splits (in split order) rounded to bfloat16."""
+def _swiglu_ir(g, u):
+  """bf16 g, u (MLIR values) -> bf16 `swiglu`(g, u): float32 ops, each rounded to bfloat16 as `swiglu`'s."""
+  f32, bf16 = ir.F32Type.get(), ir.BF16Type.get()
+  one = mgpu_utils.c(1.0, f32)
 
-  def values(refs, first, per):
-    f32, bf16, i32 = ir.F32Type.get(), ir.BF16Type.get(), ir.IntegerType.get_signless(32)
+  def rounded(v):
+    return arith.extf(f32, arith.truncf(bf16, v))
+
+  x = arith.extf(f32, g)
+  sig = rounded(arith.divf(one, rounded(arith.addf(one, rounded(mlir_math.exp(arith.negf(x)))))))
+  return arith.truncf(bf16, arith.mulf(rounded(arith.mulf(x, sig)), arith.extf(f32, u)))
+
+
+def activation(parts_gu, a_out, *, splits: int, programs: int) -> None:
+  """The down site's input, each row once over the grid: a_out [M, F] bf16 (global) row r (thread t of program
+  p: r = t + 128 * (p + programs * i)) = `swiglu`(g, u), g and u the gate|up partials' sums (parts_gu
+  [S, 2F, 8] float32, global; rows r and F + r, the S splits summed in order) rounded to bfloat16 (as
+  `down_input`). Plain stores: the grid-wide wait after it publishes them."""
+  rows, f = a_out.shape
+  stride = 2 * f * mg.ROWS  # one split of parts_gu
+  tiles = -(-f // (mg.WARPGROUP * programs))
+
+  @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), plgpu.RefType()))
+  def run(ctx, parts, a):
+    del ctx
+    f32, bf16 = ir.F32Type.get(), ir.BF16Type.get()
+    i32, index = ir.IntegerType.get_signless(32), ir.IndexType.get()
     c = functools.partial(mgpu_utils.c, ty=i32)
-    one = mgpu_utils.c(1.0, f32)
+    program = arith.index_cast(i32, gpu.block_id(gpu.Dimension.x))
 
-    def summed(ref, j):
-      """Row first + j of ref, summed over the splits and rounded: [8] bf16 values, one per batch row."""
-      stride = ir.MemRefType(ref.type).get_strides_and_offset()[0][0]
-      at = arith.muli(arith.addi(first, c(j)), c(mg.ROWS))
+    def summed(row):
+      """parts_gu's row `row` (i32) summed over the splits in order -> [8] bf16, one per batch row."""
       total = None
       for s in range(splits):
-        got = mg.load_vector(ref, arith.addi(at, c(s * stride)), mg.ROWS, f32)
+        got = mg.load_vector(parts, arith.addi(arith.muli(row, c(mg.ROWS)), c(s * stride)), mg.ROWS, f32)
         total = got if total is None else [arith.addf(a, b) for a, b in zip(total, got)]
       return [arith.truncf(bf16, v) for v in total]
 
-    def up(v):
-      return arith.extf(f32, v)
+    for i in range(tiles):
+      r = arith.addi(
+        mgpu_utils.thread_idx(), arith.muli(arith.addi(program, c(programs * i)), c(mg.WARPGROUP))
+      )
+      with mgpu_utils.when(arith.cmpi(arith.CmpIPredicate.ult, r, c(f))):
+        g, u = summed(r), summed(arith.addi(r, c(f)))
+        for b in range(rows):
+          memref.store(_swiglu_ir(g[b], u[b]), a, [mgpu_utils.c(b, index), arith.index_cast(index, r)])
 
-    def rounded(v):
-      return up(arith.truncf(bf16, v))
-
-    out = [[None] * per for _ in range(rows)]
-    for j in range(per):
-      g, u = summed(refs[0], j), summed(refs[1], j)
-      for b in range(rows):  # `swiglu`'s roundings, op by op
-        x = up(g[b])
-        sig = rounded(arith.divf(one, rounded(arith.addf(one, rounded(mlir_math.exp(arith.negf(x)))))))
-        out[b][j] = arith.truncf(bf16, arith.mulf(rounded(arith.mulf(x, sig)), up(u[b])))
-    return out
-
-  return values
+  run(parts_gu, a_out)
 
 
 def configs(cfg: mg.MosaicConfig, d: int, f: int) -> tuple[mg.MosaicConfig, mg.MosaicConfig]:
@@ -96,9 +111,10 @@ def mlp_partials(
 ):
   """x [M <= 8, D] bf16 (the MLP's normed input); thr_gu [2] f32 (gate's, up's), sc_gu None or [2, D] f32;
   w_gu [D, 2F] bf16 (gate's columns, then up's); thr_down [1] f32, sc_down None or [1, F] f32; w_down [F, D]
-  bf16 -> (gate|up partials [S1, 2F, 8] f32, down partials [S2, D, 8] f32, gave_up [programs] int32: the grid
-  wait's watchdog, `mosaic_sync.check_gave_up`), plus, with marks, the clock [programs, items, MARKS] int32
-  (gate|up's items, then down's: `mosaic_gemv.fused_partials`' marks per item)."""
+  bf16 -> (gate|up partials [S1, 2F, 8] f32, the down site's input a [M, F] bf16 (`activation`), down partials
+  [S2, D, 8] f32, gave_up [programs] int32: the grid waits' watchdog, `mosaic_sync.check_gave_up`), plus, with
+  marks, the clock [programs, items, MARKS] int32 (gate|up's items, then down's: `mosaic_gemv.fused_partials`'
+  marks per item). Phases: gate|up, wait, `activation`, wait, down."""
   (m, d), f = x.shape, w_down.shape[0]
   if w_gu.shape != (d, 2 * f) or w_down.shape != (f, d):
     raise ValueError(f"w_gu {w_gu.shape} and w_down {w_down.shape} are not [{d}, 2F] and [F, {d}]")
@@ -114,11 +130,9 @@ def mlp_partials(
 
   def mosaic_mlp(x_gmem, thr_gu_gmem, thr_down_gmem, *refs, **scratch):
     sc_gu_gmem, sc_down_gmem = refs[:2] if wina else (None, None)
-    w_gu_gmem, w_down_gmem, parts_gu, parts_down, gave_up, *marks_gmem = refs[2 * wina :]
+    w_gu_gmem, w_down_gmem, parts_gu, a_gmem, parts_down, gave_up, *marks_gmem = refs[2 * wina :]
     pid = lax.axis_index("sm")
     w_union = scratch["w_union"]
-    phase_a = mg.PhaseScratch(scratch["a_xk"], scratch["a_ids"], scratch["a_totals"])
-    phase_b = mg.PhaseScratch(scratch["b_xk"], scratch["b_ids"], scratch["b_totals"])
 
     def mark(offset):
       def at(j, e):
@@ -127,40 +141,40 @@ def mlp_partials(
 
       return at
 
-    def compact_gu(s, g):
-      mg.compact_split(
-        (x_gmem.at[:, pl.ds(s * kp_gu, kp_gu)],),
-        mg.x_values(m),
-        thr_gu_gmem.at[pl.ds(g, 1)],
-        None if sc_gu_gmem is None else sc_gu_gmem.at[g, pl.ds(s * kp_gu, kp_gu)],
-        phase_a,
-        rows=m,
-        block_k=bk,
-      )
+    def compactor(inp, thr, sc, kp, phase: mg.PhaseScratch):
+      """The phase's compaction of split s, segment g of its input inp [M, K] bf16 (global)."""
 
-    def compact_down(s, g):
-      del g  # one segment
-      rows = pl.ds(s * kp_down, kp_down)
-      mg.compact_split(
-        (parts_gu.at[:, rows, :], parts_gu.at[:, pl.ds(f + s * kp_down, kp_down), :]),
-        swiglu_values(m, cfg_gu.splits),
-        thr_down_gmem.at[pl.ds(0, 1)],
-        None if sc_down_gmem is None else sc_down_gmem.at[0, rows],
-        phase_b,
-        rows=m,
-        block_k=bk,
-      )
+      def compact(s, g):
+        mg.compact_split(
+          (inp.at[:, pl.ds(s * kp, kp)],),
+          mg.x_values(m),
+          thr.at[pl.ds(g, 1)],
+          None if sc is None else sc.at[g, pl.ds(s * kp, kp)],
+          phase,
+          rows=m,
+          block_k=bk,
+        )
 
-    ms.clear(gave_up.at[pl.ds(pid, 1)])
+      return compact
+
+    phase_a = mg.PhaseScratch(scratch["a_xk"], scratch["a_ids"], scratch["a_totals"])
+    phase_b = mg.PhaseScratch(scratch["b_xk"], scratch["b_ids"], scratch["b_totals"])
+    compact_gu = compactor(x_gmem, thr_gu_gmem, sc_gu_gmem, kp_gu, phase_a)
+    compact_down = compactor(a_gmem, thr_down_gmem, sc_down_gmem, kp_down, phase_b)
+    sem, gave = ms.semaphore(), gave_up.at[pl.ds(pid, 1)]
+    ms.clear(gave)
     mg.kept_row_phase(cfg_gu, (d, 2 * f), (f, f), compact_gu, w_gu_gmem, parts_gu, phase_a, w_union, mark(0))
     plgpu.wait_smem_to_gmem(0)  # this program's partial sums are written, not only read out of shared memory
-    ms.grid_wait(ms.semaphore(), gave_up.at[pl.ds(pid, 1)], 1, programs)
+    ms.grid_wait(sem, gave, 1, programs)
+    activation(parts_gu, a_gmem, splits=cfg_gu.splits, programs=programs)
+    ms.grid_wait(sem, gave, 2, programs)
     mg.kept_row_phase(
       cfg_down, (f, d), (d,), compact_down, w_down_gmem, parts_down, phase_b, w_union, mark(items_gu)
     )
 
   out_type = [
     jax.ShapeDtypeStruct((cfg_gu.splits, 2 * f, mg.ROWS), jnp.float32),
+    jax.ShapeDtypeStruct((m, f), jnp.bfloat16),
     jax.ShapeDtypeStruct((cfg_down.splits, d, mg.ROWS), jnp.float32),
     jax.ShapeDtypeStruct((programs,), jnp.int32),
   ]
@@ -179,8 +193,8 @@ def mlp_partials(
 
 
 def mlp_reference(x, thr_gu, sc_gu, w_gu, thr_down, sc_down, w_down, cfg: mg.MosaicConfig):
-  """`mlp_partials`' contract in jnp (the CPU path): (gate|up partials, down partials), the down input built
-  as the kernel builds it (`swiglu_values`)."""
+  """`mlp_partials`' contract in jnp (the CPU path): (gate|up partials, the down input a as `activation` builds
+  it, down partials)."""
   (m, d), f = x.shape, w_down.shape[0]
   cfg_gu, cfg_down = configs(cfg, d, f)
 
@@ -189,11 +203,12 @@ def mlp_reference(x, thr_gu, sc_gu, w_gu, thr_down, sc_down, w_down, cfg: mg.Mos
     return mg.partials_reference(*mg.compact(inp, keep, c.splits), w, c, segments)
 
   parts_gu = site(x, thr_gu, sc_gu, w_gu, cfg_gu, (f, f))
-  return parts_gu, site(down_input(parts_gu, m), thr_down, sc_down, w_down, cfg_down, (d,))
+  a = down_input(parts_gu, m)
+  return parts_gu, a, site(a, thr_down, sc_down, w_down, cfg_down, (d,))
 
 
 def down_input(parts_gu: jax.Array, m: int) -> jax.Array:
-  """The down site's input [M, F] bf16 from the gate|up partials [S, 2F, 8], as `swiglu_values` builds it."""
+  """The down site's input [M, F] bf16 from the gate|up partials [S, 2F, 8], as `activation` builds it."""
   f = parts_gu.shape[1] // 2
   total = functools.reduce(jnp.add, list(parts_gu))[:, :m].T  # [M, 2F], the splits summed in order
   return swiglu(total[:, :f].astype(jnp.bfloat16), total[:, f:].astype(jnp.bfloat16))

@@ -197,6 +197,29 @@ def exchange(*, programs: int, waits: int, spin_limit: int = SPIN_LIMIT):
   return seen, gave_up, marks
 
 
+@functools.partial(jax.jit, static_argnames=("grid", "waits", "expect", "spin_limit"))
+def empty_waits(*, grid: int, waits: int, expect: int, spin_limit: int = SPIN_LIMIT):
+  """One launch of `grid` programs, each clearing its watchdog slot and making `waits` grid-wide waits that
+  count `expect` arrivals (expect > grid: waits that cannot complete, for the watchdog) -> gave_up [grid] int32.
+  No stores but the slot's: the wait alone, as `mlp_partials` makes it (`exchange` adds the data it orders)."""
+  PC.check_grid(grid, PC.sm_count() or H100_SMS)
+
+  def body(gave_up):
+    gave = gave_up.at[pl.ds(lax.axis_index("sm"), 1)]
+    sem = semaphore()
+    clear(gave)
+    for k in range(waits):
+      grid_wait(sem, gave, k + 1, expect, spin_limit)
+
+  return plgpu.kernel(
+    body,
+    out_type=jax.ShapeDtypeStruct((grid,), jnp.int32),
+    grid=(grid,),
+    grid_names=("sm",),
+    compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+  )()
+
+
 def expected_seen(programs: int, waits: int) -> np.ndarray:
   """What `exchange` must read: [programs, waits] int32."""
   nxt = (np.arange(programs) + 1) % programs

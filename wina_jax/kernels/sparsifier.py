@@ -222,8 +222,8 @@ class FusedThresholdSparsifier:
       sc_down = jnp.broadcast_to(jnp.ones((f,), jnp.float32) if sc_down is None else sc_down, (1, f))
     args = (x.reshape(b * t, d), thr_gu, sc_gu, w_gu["kernel"], thr_down, sc_down, w_down["kernel"], mcfg)
     if jax.default_backend() == "gpu":
-      _, parts, gave_up = MM.mlp_partials(*args)
+      *_, parts, gave_up = MM.mlp_partials(*args)
       parts = jnp.where(jnp.any(gave_up > 0), jnp.nan, parts)
     else:
-      _, parts = MM.mlp_reference(*args)
+      *_, parts = MM.mlp_reference(*args)
     return partials_output(parts, b * t, x.dtype).reshape(b, t, d)
