@@ -6,7 +6,7 @@
 #
 #   probe   (not default) experiments.decode.sync_probe --dump: the grid-wide wait kernels (empty waits, the watchdog's
 #           case, `exchange`) each in its own process under PROBE_CASE_S (default 20 s), reporting the stage each
-#           reached, with Mosaic's PTX / SASS dumps -> OUT/sync_probe.json, OUT/sync_probe_dump/
+#           reached (PROBE_CASES: other cases), with Mosaic's PTX dumps -> OUT/sync_probe.json, OUT/sync_probe_dump.tgz
 #   tests   pytest -k gpu tests/test_mosaic_{sync,gemv,mlp}.py (the kernels against XLA / their contracts; TESTS_K:
 #           another -k, TESTS_FILES: other files, TESTS_OPTS: pytest options, default -x) under TESTS_S (default 300 s; the gemv cases alone took 137 s)
 #           -> OUT/tests.log
@@ -49,9 +49,12 @@ export PYTHONPATH=. PYTHONUNBUFFERED=1 PYTHONFAULTHANDLER=1
 export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$HOME/.cache/wina_jax_xla} JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=1
 { nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv; python3 -c "import jax; print(jax.__version__, jax.devices())"; } > "$OUT/gpu.txt" 2>&1
 if [[ ,$STAGES, == *,probe,* ]]; then
-  timeout -s ABRT -k 10 "${PROBE_S:-240}" python3 -m experiments.decode.sync_probe --dump --case_s="${PROBE_CASE_S:-20}" \
-    --out="$OUT/sync_probe.json" > "$OUT/sync_probe.log" 2>&1
+  probe=(--dump --case_s="${PROBE_CASE_S:-20}" --out="$OUT/sync_probe.json")
+  [[ -n ${PROBE_CASES:-} ]] && probe+=(--cases="$PROBE_CASES")
+  timeout -s ABRT -k 10 "${PROBE_S:-240}" python3 -m experiments.decode.sync_probe "${probe[@]}" > "$OUT/sync_probe.log" 2>&1
   echo "probe rc=$?" >> "$OUT/sync_probe.log"
+  # the dumps in one file (a call brings back only so many)
+  tar -czf "$OUT/sync_probe_dump.tgz" -C "$OUT" sync_probe_dump && rm -r "$OUT/sync_probe_dump"
   grep -v '^[IWE][0-9]' "$OUT/sync_probe.log" | tail -12
 fi
 if [[ ,$STAGES, == *,tests,* ]]; then
