@@ -4,7 +4,9 @@ one that hangs, in compilation or on the GPU, leaves the others' results and its
 saw `exchange` hang on the H200 while the MLP launch's identical wait completed.
 
 Cases: `waits:G:E:W` (`empty_waits`: G programs, W waits each counting E arrivals; E > G is the watchdog's
-case), `exchange:P:W` (`exchange`: P programs, W waits, each program reading its neighbour's value after each).
+case), `exchange:P:W` (`exchange`: P programs, W waits, each program reading its neighbour's value after each);
+`waits+in`, `waits+smem`, `clear:G` (no wait) and their `+in` / `+smem`: the same kernel with an unread input,
+with unused shared memory, or with only the watchdog slot's clear (`variant`), to isolate what hangs.
 With --dump, each GPU child asks Mosaic to write its PTX and SASS under OUT_dump/CASE (MOSAIC_GPU_DUMP_*).
 
 GPU:  PYTHONPATH=. python3 -m experiments.decode.sync_probe --dump --out=$OUT/sync_probe.json
@@ -21,8 +23,12 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from experiments import common
 from wina_jax import checks
@@ -45,20 +51,47 @@ common.check(flags.DEFINE_string("out", "", "write results JSON here"), checks.o
 FLAGS = flags.FLAGS
 
 
+def variant(grid: int, expect: int, waits: int, spin: int, extra: set):
+  """`empty_waits` with `extra` parts, to find what makes a launch hang: 'in' (an int32 [grid] input it does not
+  read), 'smem' (1 KiB of shared memory it does not use); waits 0: the watchdog slot's clear alone."""
+
+  def body(*refs, **scratch):
+    del scratch
+    gave = refs[-1].at[pl.ds(lax.axis_index("sm"), 1)]
+    ms.clear(gave)
+    if waits:
+      sem = ms.semaphore()
+      for k in range(waits):
+        ms.grid_wait(sem, gave, k + 1, expect, spin)
+
+  kernel = plgpu.kernel(
+    body,
+    out_type=jax.ShapeDtypeStruct((grid,), jnp.int32),
+    grid=(grid,),
+    grid_names=("sm",),
+    scratch_types={"unused": plgpu.SMEM((256,), jnp.float32)} if "smem" in extra else {},
+    compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+  )
+  return jax.jit(lambda: kernel(jnp.zeros((grid,), jnp.int32)) if "in" in extra else kernel())
+
+
 def launch(case: str):
   """case -> (the jitted launch of no arguments, check(outputs) -> what it found)."""
-  kind, *n = case.split(":")
+  head, *n = case.split(":")
+  kind, *extra = head.split("+")
   n = [int(v) for v in n]
-  if kind == "waits" and len(n) == 3:
-    grid, expect, waits = n
+  if kind in ("waits", "clear") and len(n) == (3 if kind == "waits" else 1) and set(extra) <= {"in", "smem"}:
+    grid, expect, waits = n if kind == "waits" else (n[0], n[0], 0)
     spin = 1000 if expect > grid else ms.SPIN_LIMIT
 
     def check(gave_up):
       gave = np.asarray(gave_up)
       return {"gave_up": int(gave.sum()), "expected_gave_up": grid * waits if expect > grid else 0}
 
-    return jax.jit(lambda: ms.empty_waits(grid=grid, waits=waits, expect=expect, spin_limit=spin)), check
-  if kind == "exchange" and len(n) == 2:
+    if kind == "waits" and not extra:
+      return jax.jit(lambda: ms.empty_waits(grid=grid, waits=waits, expect=expect, spin_limit=spin)), check
+    return variant(grid, expect, waits, spin, set(extra)), check
+  if kind == "exchange" and len(n) == 2 and not extra:
     programs, waits = n
 
     def check(outs):
@@ -67,7 +100,7 @@ def launch(case: str):
       return {"gave_up": int(np.asarray(gave_up).sum()), "seen_right": float(right.mean())}
 
     return jax.jit(lambda: ms.exchange(programs=programs, waits=waits)), check
-  raise ValueError(f"case {case!r} is neither waits:G:E:W nor exchange:P:W")
+  raise ValueError(f"case {case!r} is not waits[+in][+smem]:G:E:W, clear[+in][+smem]:G or exchange:P:W")
 
 
 common.check(CASES, checks.each(checks.parses(launch), str, nonempty=True))
