@@ -8,3 +8,21 @@ def scratch_operand(hlo: str) -> str:
   Pallas appends (its grid-wide semaphores), e.g. 'tensor<1xi32>' for one semaphore shared by the grid."""
   (types,) = re.findall(r"custom_call @mosaic_gpu_v2\(.*?\) \{.*\} : \(([^)]*)\) ->", hlo)
   return types.split(", ")[-1]
+
+
+def mosaic_modules(fn, *args) -> list:
+  """The Mosaic GPU modules (MLIR text, as Mosaic serializes them) of jitted fn(*args) lowered for CUDA."""
+  from jax.experimental.mosaic.gpu import core
+
+  found, serde = [], core._run_serde_pass
+
+  def grab(module, *a, **k):
+    found.append(str(module))
+    return serde(module, *a, **k)
+
+  core._run_serde_pass = grab
+  try:
+    fn.trace(*args).lower(lowering_platforms=("cuda",))
+  finally:
+    core._run_serde_pass = serde
+  return found

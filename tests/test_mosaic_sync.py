@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from tests.mosaic_hlo import scratch_operand
+from tests.mosaic_hlo import mosaic_modules, scratch_operand
 from wina_jax.kernels import mosaic_sync as ms
 from wina_jax.kernels import persistent_config as PC
 
@@ -32,6 +32,14 @@ def test_exchange_lowers_for_cuda():
 def test_empty_waits_lower_for_cuda():
   hlo = jax.jit(lambda: ms.empty_waits(grid=8, waits=2, expect=8)).trace().lower(lowering_platforms=("cuda",))
   assert scratch_operand(hlo.as_text()) == "tensor<1xi32>"
+
+
+def test_wait_barriers_are_unaligned():
+  """The wait's barriers are `barrier.sync`, never `bar.sync` (aligned): LLVM copies a barrier between two
+  `when(thread 0)` blocks into both branches, and on the H200 a warp reaching two copies of an aligned
+  barrier hung every launch (session 22)."""
+  (text,) = mosaic_modules(jax.jit(lambda: ms.empty_waits(grid=4, waits=2, expect=4)))
+  assert text.count('"barrier.sync $0, 128;"') == 4 and '"bar.sync' not in text
 
 
 def test_grid_that_could_deadlock_is_refused():

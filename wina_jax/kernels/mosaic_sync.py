@@ -2,13 +2,13 @@
 the primitives a persistent layer on Mosaic GPU needs (issue 25), timed alone by `experiments.decode.wait_cost
 --backend=mosaic`.
 
-The wait (`grid_wait`): after a warpgroup barrier, thread 0 of every program adds 1 to an int32 semaphore in
-global memory (`semaphore()`: one for the whole grid, zeroed by Pallas at every launch) with release semantics
-at GPU scope, then spins on relaxed loads until it reads programs x k at the k-th wait, then an acquire fence and a
-warpgroup barrier. Every store a program made before the wait is visible to every program after it. A
-program that spins `SPIN_LIMIT` times gives the wait up and counts it in its slot of an int32 [programs] output
-(`check_gave_up` raises on any): programs that cannot all be resident at once (`persistent_config.check_grid`
-refuses such grids beforehand) end on the watchdog instead of hanging the GPU.
+The wait (`grid_wait`): after a warpgroup barrier (`barrier`, unaligned), thread 0 of every program adds 1 to
+an int32 semaphore in global memory (`semaphore()`: one for the whole grid, zeroed by Pallas at every launch)
+with release semantics at GPU scope, then spins on relaxed loads until it reads programs x k at the k-th wait,
+then an acquire fence and the barrier again. Every store a program made before the wait is visible to every
+program after it. A program that spins `SPIN_LIMIT` times gives the wait up and counts it in its slot of an
+int32 [programs] output (`check_gave_up` raises on any): programs that cannot all be resident at once
+(`persistent_config.check_grid` refuses such grids beforehand) end on the watchdog instead of hanging the GPU.
 
 Interpret mode does not run Mosaic GPU kernels; off the GPU these lower only (`tests/test_mosaic_sync.py`).
 """
@@ -83,6 +83,21 @@ def clear(ref) -> None:
   _store_from_thread0(ref, lambda: _c(0))
 
 
+def barrier() -> None:
+  """The warpgroup's barrier (id 1 + its index, 128 threads, as `mosaic.gpu.utils.warpgroup_barrier`) as PTX's
+  unaligned `barrier.sync`: its threads may reach it from different instructions. `bar.sync` is
+  `barrier.sync.aligned`, undefined when a warp's threads arrive at different copies of it, and LLVM made such
+  copies: it threaded the jump between a `when(thread 0)` store and the wait's `when(thread 0)`, copying the
+  barrier between them into both branches (the H200 PTX of session 22), and every such launch hung."""
+  llvm.inline_asm(
+    ir.Type.parse("!llvm.void"),
+    [arith.addi(mgpu_utils.warpgroup_idx(sync=False), _c(1))],
+    f"barrier.sync $0, {mgpu_utils.WARPGROUP_SIZE};",
+    "r",
+    has_side_effects=True,
+  )
+
+
 def semaphore():
   """The launch's one grid-wide int32 semaphore in global memory, zero at launch; call it once per kernel body
   and pass it to every `grid_wait`. (A semaphore in a kernel's `scratch_types` is per program, not shared: waits on
@@ -107,7 +122,7 @@ def grid_wait(sem, gave_up, k: int, programs: int, spin_limit: int = SPIN_LIMIT)
     # every thread's writes, its TMA stores' too (async proxy, completed by the caller), are ordered before
     # thread 0's release
     llvm.inline_asm(ir.Type.parse("!llvm.void"), [], "fence.proxy.async;", "", has_side_effects=True)
-    mgpu_utils.warpgroup_barrier()
+    barrier()
     with mgpu_utils.when(_thread0()):
       llvm.inline_asm(
         ir.Type.parse("!llvm.void"),
@@ -135,7 +150,7 @@ def grid_wait(sem, gave_up, k: int, programs: int, spin_limit: int = SPIN_LIMIT)
         index0 = [mgpu_utils.c(0, ir.IndexType.get())]
         memref.store(arith.addi(memref.load(gave_ref, index0), _c(1)), gave_ref, index0)
       llvm.inline_asm(ir.Type.parse("!llvm.void"), [], "fence.acquire.gpu;", "", has_side_effects=True)
-    mgpu_utils.warpgroup_barrier()  # every thread leaves after thread 0 saw all programs arrive
+    barrier()  # every thread leaves after thread 0 saw all programs arrive
 
   wait(sem, gave_up)
 
