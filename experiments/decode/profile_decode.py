@@ -7,6 +7,8 @@
       --persistent=256:32:256:4:2:0.875:64:2:compact:true   # the persistent kernel's per-phase profile
   python -m experiments.decode.profile_decode --variants=teal:0.5,teal:0.999 --attention=pallas \
       --mosaic=64:64:4:0:132:cp_async:kernel   # the sparse variants on the Mosaic GPU kept-row kernel
+  python -m experiments.decode.profile_decode --variants=teal:0.999,teal:0.999+mlp --attention=pallas \
+      --mosaic=64:256:3:0:132:cp_async:kernel  # +mlp: each MLP as one persistent Mosaic launch
   (--attention=pallas: the Pallas decode-attention kernel instead of XLA's attention, interpret mode on CPU)
 
 Per variant it traces one `decode_loop` run (random bf16 weights, thresholds at the sparsity quantile,
@@ -103,21 +105,24 @@ def trace_run(params, cfg, sp, tokens, max_len, attention="xla") -> list:
   return trace_events(run)
 
 
-def parse_variant(v: str) -> tuple[str, float]:
-  """'dense' -> ('dense', 0.0); 'teal:0.5' -> ('teal', 0.5); anything else raises naming the fix."""
-  method, _, s = v.partition(":")
-  if method == "dense" and not s:
-    return method, 0.0
+def parse_variant(v: str) -> tuple[str, float, bool]:
+  """'dense' -> ('dense', 0.0, False); 'teal:0.5' -> ('teal', 0.5, False); 'teal:0.5+mlp' -> ('teal', 0.5,
+  True): with --mosaic, every MLP as one persistent launch (`mosaic_mlp`). Anything else raises naming the fix."""
+  base, plus, rest = v.partition("+")
+  mlp = plus and rest == "mlp"
+  method, _, s = base.partition(":")
+  if method == "dense" and not s and not plus:
+    return method, 0.0, False
   try:
     sparsity = float(s)
   except ValueError:
     sparsity = -1.0
-  if method not in ("teal", "wina") or not 0 <= sparsity < 1:
+  if method not in ("teal", "wina") or not 0 <= sparsity < 1 or (plus and not mlp):
     raise ValueError(
-      f"variant {v!r}: use 'dense' or METHOD:SPARSITY with METHOD teal | wina and "
-      "SPARSITY in [0, 1), e.g. teal:0.5"
+      f"variant {v!r}: use 'dense' or METHOD:SPARSITY[+mlp] with METHOD teal | wina and "
+      "SPARSITY in [0, 1), e.g. teal:0.5 or teal:0.5+mlp"
     )
-  return method, sparsity
+  return method, sparsity, bool(mlp)
 
 
 def profile_model(
@@ -130,7 +135,7 @@ def profile_model(
   tokens = jax.random.randint(jax.random.fold_in(key, 1), (1, steps), 0, cfg.vocab_size)
   scores, rows = {}, []
   for v in variants:
-    method, s = parse_variant(v)
+    method, s, mlp = parse_variant(v)
     if method == "dense":
       sp = None
     else:
@@ -138,7 +143,7 @@ def profile_model(
         scores[method] = site_scores(params, cfg, tokens, with_scale=method == "wina")
       sp = make_sparsifier(scores[method], s, 1, configs, backend)[0].replace(fuse_norm=FLAGS.fuse_norm)
       if FLAGS.mosaic:
-        sp = sp.replace(backend="mosaic", mosaic_config=MG.parse(FLAGS.mosaic))
+        sp = sp.replace(backend="mosaic", mosaic_config=MG.parse(FLAGS.mosaic), mosaic_mlp=mlp)
     if FLAGS.persistent:
       sp = (sp or FusedThresholdSparsifier.create({})).as_persistent(PC.parse_config(FLAGS.persistent))
     events = trace_run(params, cfg, sp, tokens, max_len, attention)
@@ -160,7 +165,8 @@ def main(argv):
   if FLAGS.tiny:
     FLAGS.models, FLAGS.steps, FLAGS.max_len = ["tiny"], 4, 16
   for v in FLAGS.variants:  # fail before any model is built
-    parse_variant(v)
+    if parse_variant(v)[2] and not FLAGS.mosaic:
+      raise ValueError(f"variant {v!r}: +mlp (the MLP as one Mosaic launch) needs --mosaic=TILING")
   gpu = jax.default_backend() == "gpu"
   backend = "auto" if gpu else "xla"
   attention = "interpret" if FLAGS.attention == "pallas" and not gpu else FLAGS.attention

@@ -22,7 +22,7 @@
 #           store) on each Llama fused shape at MARKS_SPECS (default 64:64:4:0:132,64:256:3:0:132) and SPARSITIES
 #           (default 0,0.5,0.999 here) under MARKS_S (default 240 s) -> OUT/mosaic_marks.json
 #   profile (not default) profile_decode --mosaic=PROFILE_SPEC (default 64:64:4:0:132:cp_async:kernel), Llama-3-8B,
-#           TEAL 50 / 99.9 %, Pallas attention: per-kernel busy time of the step under PROFILE_S (default 240 s)
+#           PROFILE_VARIANTS (default teal:0.5,teal:0.999; +mlp: each MLP as one launch), Pallas attention: per-kernel busy time of the step under PROFILE_S (default 240 s)
 #           -> OUT/profile_mosaic.json
 #   waits   (not default) experiments.decode.wait_cost --backend=mosaic: the Mosaic grid-wide wait
 #           (wina_jax.kernels.mosaic_sync) on all SMs and half of them, 1 / 2 / 6 / 64 waits per launch, each launch
@@ -102,7 +102,7 @@ if [[ ,$STAGES, == *,mlp,* ]]; then
   grep -v '^[IWE][0-9]' "$OUT/mosaic_mlp.log" | tail -20
 fi
 if [[ ,$STAGES, == *,profile,* ]]; then
-  timeout -s ABRT -k 10 "${PROFILE_S:-240}" python3 -m experiments.decode.profile_decode --models=llama3_8b --variants=teal:0.5,teal:0.999 \
+  timeout -s ABRT -k 10 "${PROFILE_S:-240}" python3 -m experiments.decode.profile_decode --models=llama3_8b --variants="${PROFILE_VARIANTS:-teal:0.5,teal:0.999}" \
     --attention=pallas --configs=benchmarks/configs/h200_partials.json \
     --mosaic="${PROFILE_SPEC:-64:64:4:0:132:cp_async:kernel}" --out="$OUT/profile_mosaic.json" > "$OUT/profile_mosaic.log" 2>&1
   echo "profile rc=$?" >> "$OUT/profile_mosaic.log"
