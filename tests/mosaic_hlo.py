@@ -12,6 +12,7 @@ def scratch_operand(hlo: str) -> str:
 
 def mosaic_modules(fn, *args) -> list:
   """The Mosaic GPU modules (MLIR text, as Mosaic serializes them) of jitted fn(*args) lowered for CUDA."""
+  import jax
   from jax.experimental.mosaic.gpu import core
 
   found, serde = [], core._run_serde_pass
@@ -21,6 +22,7 @@ def mosaic_modules(fn, *args) -> list:
     return serde(module, *a, **k)
 
   core._run_serde_pass = grab
+  jax.clear_caches()  # a kernel lowered before (its jit's cache) would not pass through the pass again
   try:
     fn.trace(*args).lower(lowering_platforms=("cuda",))
   finally:

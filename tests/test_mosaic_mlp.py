@@ -9,11 +9,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.mosaic_hlo import scratch_operand
+from tests.mosaic_hlo import mosaic_modules, scratch_operand
 from wina_jax.kernels import mosaic_gemv as mg
 from wina_jax.kernels import mosaic_mlp as mm
 from wina_jax.kernels import mosaic_sync as ms
 from wina_jax.kernels.reference import masked_linear_xla
+from wina_jax.layers import rms_norm
 
 GPU = jax.default_backend() == "gpu"
 needs_gpu = pytest.mark.skipif(not GPU, reason="Mosaic GPU kernels run on a Hopper GPU only")
@@ -61,11 +62,21 @@ def test_contract_is_the_xla_mlp(m, wina):
   assert 0.2 < kept < 0.95  # the down site keeps a part of its input, not all or nothing
 
 
-@pytest.mark.parametrize("m,wina,spec", [(1, False, "64:64:2:0:8"), (3, True, "64:128:3:0:8")])
-def test_kernel_lowers_for_cuda(m, wina, spec):
+def norm_of(d, seed=0):
+  """An RMSNorm's bf16 gain [d] near 1 and its eps (`mlp_partials(gain=..., eps=...)`)."""
+  gain = (jax.random.uniform(jax.random.PRNGKey(seed + 7), (d,)) + 0.5).astype(jnp.bfloat16)
+  return {"gain": gain, "eps": 1e-5}
+
+
+@pytest.mark.parametrize(
+  "m,wina,spec,norm",
+  [(1, False, "64:64:2:0:8", False), (3, True, "64:128:3:0:8", False), (2, False, "64:64:2:0:8", True)],
+)
+def test_kernel_lowers_for_cuda(m, wina, spec, norm):
   args = case(m, 512, 1024, wina)
   cfg = mg.parse(spec)
-  f = jax.jit(lambda *a: mm.mlp_partials(*a, cfg, marks=True))
+  kw = norm_of(512) if norm else {}
+  f = jax.jit(lambda *a: mm.mlp_partials(*a, cfg, marks=True, **kw))
   hlo = f.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
   assert scratch_operand(hlo) == "tensor<1xi32>"  # the wait's semaphore: one for all 8 programs
   parts_gu, a, parts_down, gave_up, marks = jax.eval_shape(f, *args)
@@ -73,6 +84,20 @@ def test_kernel_lowers_for_cuda(m, wina, spec):
   assert parts_gu.shape == (cfg_gu.splits, 2048, 8) and parts_down.shape == (cfg_down.splits, 512, 8)
   assert a.shape == (m, 1024) and a.dtype == jnp.bfloat16
   assert gave_up.shape == (8,) and marks.shape[::2] == (8, mg.MARKS)
+  (text,) = mosaic_modules(f, *args)
+  assert ("math.rsqrt" in text and "shfl.sync.bfly" in text) == norm  # the RMSNorm runs in the launch
+
+
+def test_norm_in_the_launch_is_rms_norm_first():
+  """With gain, the contract normalises x as the model does (`layers.rms_norm`), then runs as without."""
+  args = case(2, 512, 1024, True)
+  cfg, kw = mg.parse("64:64:2:0:8"), norm_of(512)
+  normed = (rms_norm(args[0], kw["gain"], kw["eps"]),) + args[1:]
+  for got, want in zip(mm.mlp_reference(*args, cfg, **kw), mm.mlp_reference(*normed, cfg)):
+    np.testing.assert_array_equal(got, want)
+  assert mm.takes_norm(kw["gain"], 512) and not mm.takes_norm(kw["gain"].astype(jnp.float32), 512)
+  with pytest.raises(ValueError, match="bf16 \\[512\\] gain"):
+    mm.mlp_partials(*args, cfg, gain=kw["gain"][:256], eps=1e-5)
 
 
 def test_what_it_refuses():
@@ -90,26 +115,29 @@ def test_what_it_refuses():
 
 @needs_gpu
 @pytest.mark.parametrize(
-  "m,d,f,wina,spec",
+  "m,d,f,wina,spec,norm",
   [
-    (1, 1024, 2048, False, "64:64:2:0:0"),
-    (3, 1024, 2048, True, "64:128:3:0:0"),
-    (8, 512, 1024, True, "64:64:4:0:0"),
-    (1, 4096, 14336, False, "64:256:3:0:0"),
-    (2, 4096, 14336, True, "64:256:3:0:0"),
+    (1, 1024, 2048, False, "64:64:2:0:0", False),
+    (3, 1024, 2048, True, "64:128:3:0:0", False),
+    (8, 512, 1024, True, "64:64:4:0:0", False),
+    (1, 4096, 14336, False, "64:256:3:0:0", False),
+    (2, 4096, 14336, True, "64:256:3:0:0", False),
+    (3, 1024, 2048, True, "64:128:3:0:0", True),
+    (1, 4096, 14336, False, "64:256:3:0:0", True),
   ],
 )
-def test_gpu_kernel_matches_its_contract(m, d, f, wina, spec):
+def test_gpu_kernel_matches_its_contract(m, d, f, wina, spec, norm):
   """Every phase against `mlp_reference`: gate|up's partial sums at float32 tolerance; the down input from the
   kernel's own partials as `down_input` builds it (SiLU's exp on the GPU and in XLA may differ by an ulp, so a
   few bf16 values may); down within a few of its inputs' bf16 roundings (an input at its threshold may flip);
-  no wait given up."""
+  no wait given up. With the norm in the launch, gate|up within a few bf16 roundings too: its sum of squares
+  runs in another order than XLA's, so an rsqrt may differ by an ulp and a normed input round the other way."""
   args = case(m, d, f, wina)
-  cfg = mg.parse(spec)
-  parts_gu, a, parts_down, gave_up = jax.jit(lambda *a: mm.mlp_partials(*a, cfg))(*args)
+  cfg, kw = mg.parse(spec), (norm_of(d) if norm else {})
+  parts_gu, a, parts_down, gave_up = jax.jit(lambda *a: mm.mlp_partials(*a, cfg, **kw))(*args)
   ms.check_gave_up(gave_up)
-  ref_gu, _, ref_down = mm.mlp_reference(*args, cfg)
-  close(parts_gu, ref_gu, 1e-5)
+  ref_gu, _, ref_down = mm.mlp_reference(*args, cfg, **kw)
+  close(parts_gu, ref_gu, 1e-3 if norm else 1e-5)
   a_own = np.asarray(mm.down_input(parts_gu, m), np.float32)
   assert np.mean(np.asarray(a, np.float32) == a_own) > 0.99
   close(a, a_own, 1e-2)
@@ -147,7 +175,7 @@ def test_model_runs_the_mlp_as_one_launch_behind_backend_mosaic(monkeypatch):
   mcfg = mg.MosaicConfig(64, 64, 2, programs=4)
   calls = []
   real = mm.mlp_reference
-  monkeypatch.setattr(mm, "mlp_reference", lambda *a: calls.append(1) or real(*a))
+  monkeypatch.setattr(mm, "mlp_reference", lambda *a, **kw: calls.append(sorted(kw)) or real(*a, **kw))
   tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 6), 0, cfg.vocab_size)
 
   def step(**kw):
@@ -158,7 +186,7 @@ def test_model_runs_the_mlp_as_one_launch_behind_backend_mosaic(monkeypatch):
   per_site = step()
   assert not calls
   fused = step(mosaic_mlp=True)
-  assert len(calls) == cfg.num_hidden_layers  # traced once per layer
+  assert calls == [[]] * cfg.num_hidden_layers  # traced once per layer; off the GPU the norm runs in XLA
   assert np.linalg.norm(fused - per_site) / np.linalg.norm(per_site) < 1e-2
   calls.clear()
   with_act = dict(ft, **{S.site_name(0, "mlp", S.ACT): jnp.float32(0.1)})
@@ -168,6 +196,35 @@ def test_model_runs_the_mlp_as_one_launch_behind_backend_mosaic(monkeypatch):
   _, _, cache = prefill(params, tokens[:, :5], cfg=cfg, max_len=6)
   decode_step(params, tokens[:, 5], cache, sp, cfg=cfg)
   assert len(calls) == cfg.num_hidden_layers - 1  # layer 0's MLP has a CATS site: per-site there
+
+
+def test_on_the_gpu_the_launch_takes_the_norm(monkeypatch):
+  """Where the backend is the GPU, `fused_mlp` hands the un-normalised x and the RMSNorm's bf16 gain to the
+  launch (stood in for by its contract here) and applies no norm itself; the output is the contract's."""
+  from wina_jax import sites as S
+  from wina_jax.kernels import FusedThresholdSparsifier
+
+  x, thr_gu, sc_gu, w_gu, thr_down, sc_down, w_down = case(2, 512, 1024, False)
+  kw, cfg = norm_of(512), mg.parse("64:64:2:0:8")
+  got = {}
+
+  def launch(x, *a, **k):
+    got.update(x=x, **k)
+    return (*mm.mlp_reference(x, *a, **k), jnp.zeros((8,), jnp.int32))
+
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(mm, "mlp_partials", launch)
+  gu, down = S.site_name(0, "mlp", "gate_up_proj"), S.site_name(0, "mlp", "down_proj")
+  sp = FusedThresholdSparsifier.create({gu: thr_gu[0], down: thr_down[0]}, backend="mosaic").replace(
+    mosaic_config=cfg, mosaic_mlp=True
+  )
+  model_cfg = type("Cfg", (), {"fused_gate_up": True, "hidden_act": "silu"})()
+  mlp = {"gate_up_proj": {"kernel": w_gu}, "down_proj": {"kernel": w_down}}
+  y = sp.fused_mlp(model_cfg, 0, x[:, None], (kw["gain"], kw["eps"]), mlp)
+  assert got["gain"] is not None and got["eps"] == kw["eps"]
+  np.testing.assert_array_equal(got["x"], x)  # not normalised before the launch
+  want = mm.mlp_reference(x, jnp.stack([thr_gu[0]] * 2), None, w_gu, thr_down[:1], None, w_down, cfg, **kw)[2]
+  np.testing.assert_array_equal(y[:, 0], mg.partials_output(want, 2, x.dtype))
 
 
 @pytest.mark.parametrize("mlp", [False, True])

@@ -27,13 +27,14 @@ from jax.experimental import pallas as pl
 from jax.experimental.mosaic.gpu import utils as mgpu_utils
 from jax.experimental.pallas import mosaic_gpu as plgpu
 from jaxlib.mlir import ir
-from jaxlib.mlir.dialects import arith, gpu, memref
+from jaxlib.mlir.dialects import arith, gpu, llvm, memref
 from jaxlib.mlir.dialects import math as mlir_math
 
 from wina_jax.kernels import mosaic_gemv as mg
 from wina_jax.kernels import mosaic_sync as ms
 from wina_jax.kernels import persistent_config as PC
 from wina_jax.kernels.reference import keep_mask
+from wina_jax.layers import rms_norm
 
 
 def _swiglu_ir(g, u):
@@ -86,6 +87,73 @@ def activation(parts_gu, a_out, *, splits: int, programs: int) -> None:
   run(parts_gu, a_out)
 
 
+def rms_partials(x_gmem, sums) -> None:
+  """The first half of the RMSNorm in the launch: each warp's float32 sum of x^2 per batch row of x [M, D] bf16
+  (global; thread t: elements t * D / 128 ...) into sums [WARPS * 8] f32 (shared: warp w, row b at w * 8 + b),
+  then the warpgroup's barrier. `normed_values` finishes it where the compaction reads x."""
+  m, d = x_gmem.shape
+  per = d // mg.WARPGROUP
+
+  @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), plgpu.RefType()))
+  def run(ctx, x, buf):
+    del ctx
+    f32, bf16 = ir.F32Type.get(), ir.BF16Type.get()
+    i32, index = ir.IntegerType.get_signless(32), ir.IndexType.get()
+    c = functools.partial(mgpu_utils.c, ty=i32)
+    tid = mgpu_utils.thread_idx()
+    lane, warp = arith.andi(tid, c(31)), arith.shrui(tid, c(5))
+    xv = mg.row_loads(x, m, bf16, arith.muli(tid, c(per)), per)
+    for b in range(m):
+      acc = mgpu_utils.c(0.0, f32)
+      for v in xv[b]:
+        v32 = arith.extf(f32, v)
+        acc = arith.addf(acc, arith.mulf(v32, v32))
+      for step in (16, 8, 4, 2, 1):  # the warp's sum, by butterfly shuffles
+        other = llvm.inline_asm(f32, [acc], f"shfl.sync.bfly.b32 $0, $1, {step}, 31, -1;", "=f,f")
+        acc = arith.addf(acc, other)
+      with mgpu_utils.when(arith.cmpi(arith.CmpIPredicate.eq, lane, c(0))):
+        at = arith.addi(arith.muli(warp, c(mg.ROWS)), c(b))
+        memref.store(acc, buf, [arith.index_cast(index, at)])
+    ms.barrier()  # unaligned: the stores above sit in a `when`
+
+  run(x_gmem, sums)
+
+
+def normed_values(rows: int, d: int, eps: float):
+  """`compact_split`'s value source for a split of the RMSNorm's output: srcs (x [M, kp] bf16 and gain [kp] bf16,
+  global: the split's part; sums: `rms_partials`' shared [WARPS * 8] f32) -> gain * bf16(x * rsqrt(sum / d +
+  eps)) per batch row, rounded as `layers.rms_norm` rounds (float32 product, bf16, bf16 product)."""
+
+  def values(refs, first, per):
+    x, gain, sums = refs
+    f32, bf16, index = ir.F32Type.get(), ir.BF16Type.get(), ir.IndexType.get()
+    xv = mg.row_loads(x, rows, bf16, first, per)
+    gv = mg.row_loads(gain, 1, bf16, first, per)[0]
+    out = []
+    for b in range(rows):
+      total = None
+      for w in range(mg.WARPS):  # the warps' sums in warp order
+        part = memref.load(sums, [mgpu_utils.c(w * mg.ROWS + b, index)])
+        total = part if total is None else arith.addf(total, part)
+      mean = arith.divf(total, mgpu_utils.c(float(d), f32))
+      inv = mlir_math.rsqrt(arith.addf(mean, mgpu_utils.c(float(eps), f32)))
+
+      def normed(v, g):
+        y = arith.truncf(bf16, arith.mulf(arith.extf(f32, v), inv))  # y.astype(x.dtype)
+        return arith.truncf(bf16, arith.mulf(arith.extf(f32, g), arith.extf(f32, y)))  # scale * y
+
+      out.append([normed(v, g) for v, g in zip(xv[b], gv)])
+    return out
+
+  return values
+
+
+def takes_norm(gain: jax.Array, d: int) -> bool:
+  """Whether the launch can apply the RMSNorm of this gain itself (`mlp_partials(gain=...)`): bf16 [d], d a
+  multiple of the warpgroup's 128 threads."""
+  return gain.shape == (d,) and gain.dtype == jnp.bfloat16 and d % mg.WARPGROUP == 0
+
+
 def configs(cfg: mg.MosaicConfig, d: int, f: int) -> tuple[mg.MosaicConfig, mg.MosaicConfig]:
   """cfg resolved for gate|up ([d, 2f]) and for down ([f, d]): each phase's own splits (compaction in the
   kernel), one grid."""
@@ -96,7 +164,9 @@ def configs(cfg: mg.MosaicConfig, d: int, f: int) -> tuple[mg.MosaicConfig, mg.M
   return gu, down
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "marks"))  # the layers' identical launches lower once
+@functools.partial(
+  jax.jit, static_argnames=("cfg", "marks", "eps")
+)  # the layers' identical launches lower once
 def mlp_partials(
   x: jax.Array,
   thr_gu: jax.Array,
@@ -107,6 +177,8 @@ def mlp_partials(
   w_down: jax.Array,
   cfg: mg.MosaicConfig,
   *,
+  gain: Optional[jax.Array] = None,
+  eps: float = 0.0,
   marks: bool = False,
 ):
   """x [M <= 8, D] bf16 (the MLP's normed input); thr_gu [2] f32 (gate's, up's), sc_gu None or [2, D] f32;
@@ -114,12 +186,18 @@ def mlp_partials(
   bf16 -> (gate|up partials [S1, 2F, 8] f32, the down site's input a [M, F] bf16 (`activation`), down partials
   [S2, D, 8] f32, gave_up [programs] int32: the grid waits' watchdog, `mosaic_sync.check_gave_up`), plus, with
   marks, the clock [programs, items, MARKS] int32 (gate|up's items, then down's: `mosaic_gemv.fused_partials`'
-  marks per item). Phases: gate|up, wait, `activation`, wait, down."""
+  marks per item). Phases: gate|up, wait, `activation`, wait, down. gain [D] bf16 (with eps): x is the
+  un-normalised residual stream and gate|up's compaction applies the RMSNorm (`rms_partials`,
+  `normed_values`), so no XLA kernel runs it before the launch."""
   (m, d), f = x.shape, w_down.shape[0]
   if w_gu.shape != (d, 2 * f) or w_down.shape != (f, d):
     raise ValueError(f"w_gu {w_gu.shape} and w_down {w_down.shape} are not [{d}, 2F] and [F, {d}]")
   if (sc_gu is None) != (sc_down is None):
     raise ValueError("give WINA scales at both sites or at neither (ones where a site has none)")
+  if gain is not None and not takes_norm(gain, d):
+    raise ValueError(
+      f"gain {gain.shape} {gain.dtype}: the norm in the launch takes a bf16 [{d}] gain, D % 128 == 0"
+    )
   cfg_gu, cfg_down = configs(cfg, d, f)
   programs, bk = cfg_gu.programs, cfg.block_k
   PC.check_grid(programs, PC.sm_count() or ms.H100_SMS)
@@ -128,7 +206,11 @@ def mlp_partials(
   items_down = int(mg.items_per_program(cfg_down, d).max())
   wina = sc_gu is not None
 
+  normed = gain is not None
+
   def mosaic_mlp(x_gmem, thr_gu_gmem, thr_down_gmem, *refs, **scratch):
+    gain_gmem = refs[0] if normed else None
+    refs = refs[normed:]
     sc_gu_gmem, sc_down_gmem = refs[:2] if wina else (None, None)
     w_gu_gmem, w_down_gmem, parts_gu, a_gmem, parts_down, gave_up, *marks_gmem = refs[2 * wina :]
     pid = lax.axis_index("sm")
@@ -141,15 +223,17 @@ def mlp_partials(
 
       return at
 
-    def compactor(inp, thr, sc, kp, phase: mg.PhaseScratch):
-      """The phase's compaction of split s, segment g of its input inp [M, K] bf16 (global)."""
+    def compactor(inp, thr, sc, kp, phase: mg.PhaseScratch, norm=None):
+      """The phase's compaction of split s, segment g of its input inp [M, K] bf16 (global); norm: (gain, sums),
+      inp then being the RMSNorm's input (`normed_values`)."""
 
       def compact(s, g):
+        split = pl.ds(s * kp, kp)
         mg.compact_split(
-          (inp.at[:, pl.ds(s * kp, kp)],),
-          mg.x_values(m),
+          (inp.at[:, split],) if norm is None else (inp.at[:, split], norm[0].at[split], norm[1]),
+          mg.x_values(m) if norm is None else normed_values(m, d, eps),
           thr.at[pl.ds(g, 1)],
-          None if sc is None else sc.at[g, pl.ds(s * kp, kp)],
+          None if sc is None else sc.at[g, split],
           phase,
           rows=m,
           block_k=bk,
@@ -159,10 +243,13 @@ def mlp_partials(
 
     phase_a = mg.PhaseScratch(scratch["a_xk"], scratch["a_ids"], scratch["a_totals"])
     phase_b = mg.PhaseScratch(scratch["b_xk"], scratch["b_ids"], scratch["b_totals"])
-    compact_gu = compactor(x_gmem, thr_gu_gmem, sc_gu_gmem, kp_gu, phase_a)
+    norm = (gain_gmem, scratch["sums"]) if normed else None
+    compact_gu = compactor(x_gmem, thr_gu_gmem, sc_gu_gmem, kp_gu, phase_a, norm)
     compact_down = compactor(a_gmem, thr_down_gmem, sc_down_gmem, kp_down, phase_b)
     sem, gave = ms.semaphore(), gave_up.at[pl.ds(pid, 1)]
     ms.clear(gave)
+    if normed:
+      rms_partials(x_gmem, scratch["sums"])
     mg.kept_row_phase(cfg_gu, (d, 2 * f), (f, f), compact_gu, w_gu_gmem, parts_gu, phase_a, w_union, mark(0))
     plgpu.wait_smem_to_gmem(0)  # this program's partial sums are written, not only read out of shared memory
     ms.grid_wait(sem, gave, 1, programs)
@@ -181,7 +268,9 @@ def mlp_partials(
   if marks:
     out_type.append(jax.ShapeDtypeStruct((programs, items_gu + items_down, mg.MARKS), jnp.int32))
   scratch = mg.scratch_types(cfg, [("a_", kp_gu), ("b_", kp_down)])
-  scales = (sc_gu, sc_down) if wina else ()
+  if normed:
+    scratch["sums"] = plgpu.SMEM((mg.WARPS * mg.ROWS,), jnp.float32)
+  scales = ((gain,) if normed else ()) + ((sc_gu, sc_down) if wina else ())
   return plgpu.kernel(
     mosaic_mlp,
     out_type=tuple(out_type),
@@ -192,11 +281,15 @@ def mlp_partials(
   )(x, thr_gu, thr_down, *scales, w_gu, w_down)
 
 
-def mlp_reference(x, thr_gu, sc_gu, w_gu, thr_down, sc_down, w_down, cfg: mg.MosaicConfig):
+def mlp_reference(
+  x, thr_gu, sc_gu, w_gu, thr_down, sc_down, w_down, cfg: mg.MosaicConfig, *, gain=None, eps: float = 0.0
+):
   """`mlp_partials`' contract in jnp (the CPU path): (gate|up partials, the down input a as `activation` builds
-  it, down partials)."""
+  it, down partials); with gain, x is normalised first (`layers.rms_norm`)."""
   (m, d), f = x.shape, w_down.shape[0]
   cfg_gu, cfg_down = configs(cfg, d, f)
+  if gain is not None:
+    x = rms_norm(x, gain, eps)
 
   def site(inp, thr, sc, w, c, segments):
     keep = jnp.stack([keep_mask(inp, thr[g], None if sc is None else sc[g]) for g in range(len(segments))])

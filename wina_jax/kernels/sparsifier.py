@@ -195,8 +195,11 @@ class FusedThresholdSparsifier:
     params) as one persistent Mosaic launch (`mosaic_mlp.mlp_partials`) -> its output [B, T, d] before the
     residual add, or None where backend is not 'mosaic' with `mosaic_mlp`, or the launch does not take the MLP:
     not a fused gate|up with SiLU, a threshold missing at gate|up or down or present at the act site, biases,
-    not bfloat16, more than 8 rows, or a shape its tiling refuses (`mosaic_mlp.unsupported`). Off the GPU its
-    jnp contract runs (`mosaic_mlp.mlp_reference`). A launch whose grid-wide wait gave up returns NaN."""
+    not bfloat16, more than 8 rows, or a shape its tiling refuses (`mosaic_mlp.unsupported`). On the GPU the
+    launch applies the RMSNorm where its gain is bf16 (else XLA, before it). Off the GPU its jnp contract runs
+    (`mosaic_mlp.mlp_reference`), the norm in XLA before it as on the per-site path (XLA's excess precision
+    rounds the same norm differently in another fusion, and the masks amplify it). A launch whose grid-wide wait
+    gave up returns NaN."""
     if self.backend != "mosaic" or not self.mosaic_mlp or not cfg.fused_gate_up or cfg.hidden_act != "silu":
       return None
     gu, down = S.site_name(layer, "mlp", "gate_up_proj"), S.site_name(layer, "mlp", "down_proj")
@@ -212,8 +215,13 @@ class FusedThresholdSparsifier:
     bf16 = all(v.dtype == jnp.bfloat16 for v in (x, w_gu["kernel"], w_down["kernel"]))
     if "bias" in w_gu or "bias" in w_down or not bf16 or MM.unsupported(b * t, d, f, mcfg):
       return None
+    gpu = jax.default_backend() == "gpu"
+    fold = None  # on the GPU the launch applies the RMSNorm itself where it can (`mosaic_mlp.takes_norm`)
     if norm is not None:
-      x = rms_norm(x, *norm)
+      if gpu and MM.takes_norm(jnp.asarray(norm[0]), d):
+        fold = {"gain": jnp.asarray(norm[0]), "eps": float(norm[1])}
+      else:  # off the GPU as the per-site path does it, so the CPU path matches that one bit for bit
+        x = rms_norm(x, *norm)
     thr_gu = jnp.broadcast_to(self.thresholds[gu], (2,))
     thr_down = jnp.reshape(self.thresholds[down], (1,))
     sc_gu, sc_down = self.scales.get(gu), self.scales.get(down)
@@ -221,8 +229,8 @@ class FusedThresholdSparsifier:
       sc_gu = jnp.broadcast_to(jnp.ones((d,), jnp.float32) if sc_gu is None else sc_gu, (2, d))
       sc_down = jnp.broadcast_to(jnp.ones((f,), jnp.float32) if sc_down is None else sc_down, (1, f))
     args = (x.reshape(b * t, d), thr_gu, sc_gu, w_gu["kernel"], thr_down, sc_down, w_down["kernel"], mcfg)
-    if jax.default_backend() == "gpu":
-      *_, parts, gave_up = MM.mlp_partials(*args)
+    if gpu:
+      *_, parts, gave_up = MM.mlp_partials(*args, **(fold or {}))
       parts = jnp.where(jnp.any(gave_up > 0), jnp.nan, parts)
     else:
       *_, parts = MM.mlp_reference(*args)
