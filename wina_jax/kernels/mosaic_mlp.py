@@ -37,6 +37,12 @@ from wina_jax.kernels.reference import keep_mask
 from wina_jax.layers import rms_norm
 
 
+def _ir_types():
+  """Inside a kernel body: (f32, bf16, i32, index types, c(v): an i32 constant)."""
+  i32 = ir.IntegerType.get_signless(32)
+  return ir.F32Type.get(), ir.BF16Type.get(), i32, ir.IndexType.get(), functools.partial(mgpu_utils.c, ty=i32)
+
+
 def _swiglu_ir(g, u):
   """bf16 g, u (MLIR values) -> bf16 `swiglu`(g, u): float32 ops, each rounded to bfloat16 as `swiglu`'s."""
   f32, bf16 = ir.F32Type.get(), ir.BF16Type.get()
@@ -62,9 +68,7 @@ def activation(parts_gu, a_out, *, splits: int, programs: int) -> None:
   @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), plgpu.RefType()))
   def run(ctx, parts, a):
     del ctx
-    f32, bf16 = ir.F32Type.get(), ir.BF16Type.get()
-    i32, index = ir.IntegerType.get_signless(32), ir.IndexType.get()
-    c = functools.partial(mgpu_utils.c, ty=i32)
+    f32, bf16, i32, index, c = _ir_types()
     program = arith.index_cast(i32, gpu.block_id(gpu.Dimension.x))
 
     def summed(row):
@@ -97,9 +101,7 @@ def rms_partials(x_gmem, sums) -> None:
   @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), plgpu.RefType()))
   def run(ctx, x, buf):
     del ctx
-    f32, bf16 = ir.F32Type.get(), ir.BF16Type.get()
-    i32, index = ir.IntegerType.get_signless(32), ir.IndexType.get()
-    c = functools.partial(mgpu_utils.c, ty=i32)
+    f32, bf16, i32, index, c = _ir_types()
     tid = mgpu_utils.thread_idx()
     lane, warp = arith.andi(tid, c(31)), arith.shrui(tid, c(5))
     xv = mg.row_loads(x, m, bf16, arith.muli(tid, c(per)), per)
