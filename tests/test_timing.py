@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from wina_jax.bench.timing import chained, timed_chain
+from wina_jax.bench.timing import chain_times, chained, timed_chain
 
 
 def test_chain_keeps_every_call_and_its_input():
@@ -25,3 +25,5 @@ def test_chain_keeps_every_call_and_its_input():
   np.testing.assert_array_equal(chain(x, w), x)
   assert len(calls) == 5 and all(np.array_equal(c, x) for c in calls)
   assert 0 < timed_chain(jnp.tanh, x, n=3, reps=2) < 1.0
+  ts = chain_times(jnp.tanh, x, n=3, reps=4)
+  assert len(ts) == 4 and all(0 < t < 1.0 for t in ts)

@@ -4,8 +4,9 @@ XLA's sum and SwiGLU between them), and XLA's dense MLP, per model shape, tiling
 
 Random bfloat16 x [1, d] and weights (scaled so the down input is O(1)); thresholds at each sparsity's quantile
 of |x| (gate|up) and of the per-site path's |SiLU(gate) * up| (down). Per row: us per call of each path (both
-end in the down site's bf16 output: the splits' partials summed by XLA; `timed_chain`: --chain calls in one
-jitted loop, as a decode step runs them, with the chain's own cost a call beside them as chain_floor), the
+end in the down site's bf16 output: the splits' partials summed by XLA; `chain_times`: --chain calls in one
+jitted loop, as a decode step runs them, median and range of --chain_reps runs, with the chain's own cost a
+call beside them as chain_floor), the
 persistent launch's relative error against the per-site path and its watchdog count, and from its own clock:
 each phase's span (first item start to last item end) and `between` (median over programs of the time from
 the program's last gate|up item to its first down item: both waits and the SwiGLU phase between them).
@@ -28,7 +29,7 @@ from experiments import common
 from wina_jax import checks
 from wina_jax.bench.decode_setup import teal_thresholds
 from wina_jax.bench.shapes import SHAPES
-from wina_jax.bench.timing import clock_phases, run_record, timed_chain
+from wina_jax.bench.timing import chain_times, clock_phases, run_record
 from wina_jax.kernels import mosaic_gemv as mg
 from wina_jax.kernels import mosaic_mlp as mm
 from wina_jax.kernels import mosaic_sync as ms
@@ -48,7 +49,10 @@ common.check(
 common.check(
   flags.DEFINE_integer("reps", 5, "marked launches per row (the median is reported)"), checks.count()
 )
-common.check(flags.DEFINE_integer("chain", 16, "calls in a row per timed run (timed_chain)"), checks.count())
+common.check(flags.DEFINE_integer("chain", 16, "calls in a row per timed run (chain_times)"), checks.count())
+common.check(
+  flags.DEFINE_integer("chain_reps", 9, "timed runs per path (median and range reported)"), checks.count()
+)
 common.check(flags.DEFINE_string("out", "", "write results JSON here"), checks.out_path())
 FLAGS = flags.FLAGS
 
@@ -118,7 +122,9 @@ def row(d: int, f: int, spec: str, s: float, key) -> dict:
   diff = np.linalg.norm(np.asarray(got, np.float32) - np.asarray(want, np.float32))
   out["rel_err_vs_per_site"] = float(diff / max(np.linalg.norm(np.asarray(want, np.float32)), 1e-30))
   paths_us = [("per_site", per_site), ("persistent", persistent), ("dense", dense), ("chain_floor", floor)]
-  out.update({f"{k}_us": timed_chain(p, *args, n=FLAGS.chain) * 1e6 for k, p in paths_us})
+  for k, p in paths_us:  # median, and the runs' range: the band of this row
+    ts = [t * 1e6 for t in chain_times(p, *args, n=FLAGS.chain, reps=FLAGS.chain_reps)]
+    out[f"{k}_us"], out[f"{k}_us_range"] = statistics.median(ts), [min(ts), max(ts)]
   items_gu, items_down = mg.items_per_program(cfg_gu, 2 * f), mg.items_per_program(cfg_down, d)
   ja = int(items_gu.max())
   spans, waits = {"gate_up": [], "down": []}, []

@@ -29,9 +29,14 @@ def timed(fn, *args, n=40, reps=5) -> float:
 def timed_chain(fn, x, *rest, n=16, reps=5) -> float:
   """Seconds per call of fn(x, *rest) run n times in a row inside one jitted, unrolled scan (one dispatch per
   n calls, as a decode step runs its kernels; `chained`: each call depends on the previous one's output, so
-  none is merged, dropped or reordered, and every call sees the same x). Median of `reps` runs after one
-  untimed run (the compile)."""
+  none is merged, dropped or reordered, and every call sees the same x). Median of `chain_times`."""
+  return statistics.median(chain_times(fn, x, *rest, n=n, reps=reps))
 
+
+def chain_times(fn, x, *rest, n=16, reps=5) -> list:
+  """`timed_chain`'s `reps` runs, each in seconds per call, after one untimed run (the compile). Their spread
+  is the band of one measurement: on the H200 machine the median of 5 runs of 16 calls moved 2x between device
+  calls (session 22), so report min and max beside it."""
   chain = jax.jit(functools.partial(chained, fn, n=n))
   jax.block_until_ready(chain(x, *rest))
   ts = []
@@ -39,7 +44,7 @@ def timed_chain(fn, x, *rest, n=16, reps=5) -> float:
     t0 = time.perf_counter()
     jax.block_until_ready(chain(x, *rest))
     ts.append((time.perf_counter() - t0) / n)
-  return statistics.median(ts)
+  return ts
 
 
 def chained(fn, x, *rest, n: int):
