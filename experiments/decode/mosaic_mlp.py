@@ -6,8 +6,8 @@ Random bfloat16 x [1, d] and weights (scaled so the down input is O(1)); thresho
 of |x| (gate|up) and of the per-site path's |SiLU(gate) * up| (down). Per row: us per call of each path (both
 end in the down site's bf16 output: the splits' partials summed by XLA; `chain_times`: --chain calls in one
 jitted loop, as a decode step runs them, median and range of --chain_reps runs, with the chain's own cost a
-call beside them as chain_floor), the
-persistent launch's relative error against the per-site path and its watchdog count, and from its own clock:
+call beside them as chain_floor), the persistent launch's relative error against the per-site path and its
+watchdog count, and from its own clock:
 each phase's span (first item start to last item end) and `between` (median over programs of the time from
 the program's last gate|up item to its first down item: both waits and the SwiGLU phase between them).
 
