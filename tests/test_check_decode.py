@@ -34,3 +34,26 @@ def test_pallas_step_matches_xla_within_the_models_own_sensitivity():
     sp = B.make_sparsifier(scores, sparsity, 1, {}, "interpret")[0]
     got = B.check_against_xla(params, cfg, sp, tokens, 16)
     assert got["same_token"] and got["rel_err"] <= ulp_sensitivity(params, cfg, sp, tokens, 16)["rel_err"]
+
+
+def test_script_checks_the_mosaic_path_on_the_cpu():
+  """--mosaic (with --mosaic_mlp) checks backend 'mosaic' (its jnp contracts off the GPU) against the XLA path;
+  --mosaic_mlp alone is refused."""
+  import subprocess
+  import sys
+
+  cmd = [
+    sys.executable,
+    "-m",
+    "experiments.decode.check_decode",
+    "--model=tiny",
+    "--layers=2",
+    "--mosaic_mlp",
+  ]
+  done = subprocess.run(
+    cmd + ["--mosaic=64:64:2:0:4:cp_async:kernel"], capture_output=True, text=True, check=True
+  )
+  checks = [line for line in done.stdout.splitlines() if line.startswith("CHECK")]
+  assert len(checks) == 2 and all("backend=mosaic+mlp" in c and "'same_token': True" in c for c in checks)
+  refused = subprocess.run(cmd, capture_output=True, text=True)
+  assert refused.returncode != 0 and "give --mosaic=TILING too" in refused.stderr

@@ -7,8 +7,13 @@ the model's own sensitivity: the XLA path against itself with the last token's e
 about one bf16 ulp (x * (1 + 2^-7)). A Pallas-vs-XLA gap of the size of that sensitivity is rounding
 amplified by the model, not a kernel error (the kernels alone match to ~1e-4: kernel_sweep, tests).
 
+--mosaic=SPEC runs the sparse step on the Mosaic GPU kernels instead (`mosaic_gemv.parse`; --mosaic_mlp: each
+MLP, its RMSNorm included, as one persistent launch, `mosaic_mlp`), the same check against the same XLA path.
+
 GPU:  PYTHONPATH=. python3 -m experiments.decode.check_decode
+      PYTHONPATH=. python3 -m experiments.decode.check_decode --mosaic=64:256:3:0:132:cp_async:kernel --mosaic_mlp
 CPU smoke (XLA path only, so pallas_vs_xla is 0): python -m experiments.decode.check_decode --model=tiny --layers=2
+      (with --mosaic off the GPU: the Mosaic kernels' jnp contracts)
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from wina_jax import checks
 from wina_jax.bench import decode_setup as B
 from wina_jax.bench.shapes import SHAPES
 from wina_jax.decode import decode_step, fuse_projections
+from wina_jax.kernels import mosaic_gemv as MG
 from wina_jax.testing import random_params
 
 FLAGS = flags.FLAGS
@@ -32,6 +38,13 @@ common.check(
 common.check(
   flags.DEFINE_list("layers", ["2", "32"], "layer counts checked"), checks.each(checks.count(), int)
 )
+common.check(
+  flags.DEFINE_string(
+    "mosaic", "", "check backend 'mosaic' with this tiling (mosaic_gemv.parse); empty: 'auto'"
+  ),
+  lambda spec: checks.parses(MG.parse)(spec) if spec else None,
+)
+flags.DEFINE_bool("mosaic_mlp", False, "with --mosaic: each MLP as one persistent launch (mosaic_mlp)")
 
 
 def ulp_sensitivity(params, cfg, sp, tokens, max_len) -> dict:
@@ -55,15 +68,19 @@ def main(argv):
   declared = common.setup(jnp.bfloat16)  # `random_params`
   print(f"declared numerics: {declared}", flush=True)
   del argv
+  if FLAGS.mosaic_mlp and not FLAGS.mosaic:
+    raise ValueError("--mosaic_mlp runs on the Mosaic kernels: give --mosaic=TILING too")
   for layers in (int(n) for n in FLAGS.layers):
     cfg0 = SHAPES[FLAGS.model].replace(num_hidden_layers=layers)
     params, cfg = fuse_projections(random_params(cfg0, jax.random.PRNGKey(0)), cfg0)
     tokens = jax.random.randint(jax.random.PRNGKey(1), (1, 16), 0, cfg.vocab_size)
     scores = B.site_scores(params, cfg, tokens, False)
     for sparsity in (0.0, 0.5):
-      sp, _ = B.make_sparsifier(scores, sparsity, 1, {}, "auto")
+      sp, _ = B.make_sparsifier(scores, sparsity, 1, {}, "mosaic" if FLAGS.mosaic else "auto")
+      if FLAGS.mosaic:
+        sp = sp.replace(mosaic_config=MG.parse(FLAGS.mosaic), mosaic_mlp=FLAGS.mosaic_mlp)
       print(
-        f"CHECK layers={layers} sparsity={sparsity} pallas_vs_xla="
+        f"CHECK layers={layers} sparsity={sparsity} backend={sp.backend}{'+mlp' * sp.mosaic_mlp} pallas_vs_xla="
         f"{B.check_against_xla(params, cfg, sp, tokens, 64)} xla_ulp_moved_vs_xla="
         f"{ulp_sensitivity(params, cfg, sp, tokens, 64)}",
         flush=True,

@@ -21,6 +21,10 @@
 #   marks   (not default) experiments.decode.mosaic_marks: the fused kernel's own clock per phase (compaction, tiles,
 #           store) on each Llama fused shape at MARKS_SPECS (default 64:64:4:0:132,64:256:3:0:132) and SPARSITIES
 #           (default 0,0.5,0.999 here) under MARKS_S (default 240 s) -> OUT/mosaic_marks.json
+#   check   (not default) experiments.decode.check_decode --mosaic=CHECK_SPEC (default 64:256:3:0:132:cp_async:kernel)
+#           --mosaic_mlp: one decode step's logits on Llama-3-8B shapes (2 and 32 layers, 0 / 50 % TEAL), the Mosaic
+#           kernels with the MLP launch against the XLA path, beside the model's own one-ulp sensitivity, under
+#           CHECK_S (default 240 s) -> OUT/check_mosaic.log
 #   profile (not default) profile_decode --mosaic=PROFILE_SPEC (default 64:64:4:0:132:cp_async:kernel), Llama-3-8B,
 #           PROFILE_VARIANTS (default teal:0.5,teal:0.999; +mlp: each MLP as one launch), Pallas attention: per-kernel busy time of the step under PROFILE_S (default 240 s)
 #           -> OUT/profile_mosaic.json
@@ -100,6 +104,12 @@ if [[ ,$STAGES, == *,mlp,* ]]; then
     --sparsities="${SPARSITIES:-0,0.5,0.65,0.999}" --out="$OUT/mosaic_mlp.json" > "$OUT/mosaic_mlp.log" 2>&1
   echo "mlp rc=$?" >> "$OUT/mosaic_mlp.log"
   grep -v '^[IWE][0-9]' "$OUT/mosaic_mlp.log" | tail -20
+fi
+if [[ ,$STAGES, == *,check,* ]]; then
+  timeout -s ABRT -k 10 "${CHECK_S:-240}" python3 -m experiments.decode.check_decode \
+    --mosaic="${CHECK_SPEC:-64:256:3:0:132:cp_async:kernel}" --mosaic_mlp > "$OUT/check_mosaic.log" 2>&1
+  echo "check rc=$?" >> "$OUT/check_mosaic.log"
+  grep -E '^CHECK|rc=' "$OUT/check_mosaic.log"
 fi
 if [[ ,$STAGES, == *,profile,* ]]; then
   timeout -s ABRT -k 10 "${PROFILE_S:-240}" python3 -m experiments.decode.profile_decode --models=llama3_8b --variants="${PROFILE_VARIANTS:-teal:0.5,teal:0.999}" \
