@@ -3,7 +3,6 @@ and the model's own response to a one-ulp input change."""
 
 import jax
 
-from experiments.decode.check_decode import ulp_sensitivity
 from wina_jax.bench import decode_setup as B
 from wina_jax.bench.shapes import SHAPES
 from wina_jax.decode import fuse_projections
@@ -19,8 +18,8 @@ def setup():
 
 def test_ulp_sensitivity_grows_with_sparsity():
   params, cfg, tokens, scores = setup()
-  dense = ulp_sensitivity(params, cfg, B.make_sparsifier(scores, 0.0, 1, {}, "xla")[0], tokens, 16)
-  sparse = ulp_sensitivity(params, cfg, B.make_sparsifier(scores, 0.5, 1, {}, "xla")[0], tokens, 16)
+  dense = B.ulp_sensitivity(params, cfg, B.make_sparsifier(scores, 0.0, 1, {}, "xla")[0], tokens, 16)
+  sparse = B.ulp_sensitivity(params, cfg, B.make_sparsifier(scores, 0.5, 1, {}, "xla")[0], tokens, 16)
   assert 0 < dense["rel_err"] < 0.05  # about one ulp of input moves the logits a little
   assert sparse["rel_err"] > dense["rel_err"]  # and flipped mask bits move them more
 
@@ -33,7 +32,7 @@ def test_pallas_step_matches_xla_within_the_models_own_sensitivity():
   for sparsity in (0.0, 0.5):
     sp = B.make_sparsifier(scores, sparsity, 1, {}, "interpret")[0]
     got = B.check_against_xla(params, cfg, sp, tokens, 16)
-    assert got["same_token"] and got["rel_err"] <= ulp_sensitivity(params, cfg, sp, tokens, 16)["rel_err"]
+    assert got["same_token"] and got["rel_err"] <= B.ulp_sensitivity(params, cfg, sp, tokens, 16)["rel_err"]
 
 
 def test_script_checks_the_mosaic_path_on_the_cpu():

@@ -26,7 +26,7 @@ from experiments import common
 from wina_jax import checks
 from wina_jax.bench import decode_setup as B
 from wina_jax.bench.shapes import SHAPES
-from wina_jax.decode import decode_step, fuse_projections
+from wina_jax.decode import fuse_projections
 from wina_jax.kernels import mosaic_gemv as MG
 from wina_jax.testing import random_params
 
@@ -47,23 +47,6 @@ common.check(
 flags.DEFINE_bool("mosaic_mlp", False, "with --mosaic: each MLP as one persistent launch (mosaic_mlp)")
 
 
-def ulp_sensitivity(params, cfg, sp, tokens, max_len) -> dict:
-  """Logits of one XLA-path decode step after `tokens` [B, T-1]: as is vs with the last token's
-  embedding row scaled by 1 + 2^-7 (about one bf16 ulp) -> relative error and greedy agreement."""
-  sp = sp.replace(backend="xla") if sp is not None else None
-  cache, twin = B.prefix_caches(params, cfg, tokens, max_len)
-  emb = params["embed_tokens"]["embedding"]
-  last = tokens[:, -1]
-  moved = emb.at[last].set((emb[last].astype(jnp.float32) * (1 + 2.0**-7)).astype(emb.dtype))
-  moved_params = {**params, "embed_tokens": {"embedding": moved}}
-  tok, ref, _ = decode_step(params, last, cache, sp, cfg=cfg)
-  tok2, logits, _ = decode_step(moved_params, last, twin, sp, cfg=cfg)
-  return {
-    "rel_err": float(jnp.linalg.norm(logits - ref) / jnp.linalg.norm(ref)),
-    "same_token": bool(jnp.all(tok == tok2)),
-  }
-
-
 def main(argv):
   declared = common.setup(jnp.bfloat16)  # `random_params`
   print(f"declared numerics: {declared}", flush=True)
@@ -82,7 +65,7 @@ def main(argv):
       print(
         f"CHECK layers={layers} sparsity={sparsity} backend={sp.backend}{'+mlp' * sp.mosaic_mlp} pallas_vs_xla="
         f"{B.check_against_xla(params, cfg, sp, tokens, 64)} xla_ulp_moved_vs_xla="
-        f"{ulp_sensitivity(params, cfg, sp, tokens, 64)}",
+        f"{B.ulp_sensitivity(params, cfg, sp, tokens, 64)}",
         flush=True,
       )
 

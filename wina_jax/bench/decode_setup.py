@@ -80,6 +80,23 @@ def check_against_xla(params, cfg, sp, tokens, max_len, attention="xla") -> dict
   return out
 
 
+def ulp_sensitivity(params, cfg, sp, tokens, max_len) -> dict:
+  """Logits of one XLA-path decode step after `tokens` [B, T-1]: as is vs with the last token's
+  embedding row scaled by 1 + 2^-7 (about one bf16 ulp) -> relative error and greedy agreement."""
+  sp = sp.replace(backend="xla") if sp is not None else None
+  cache, twin = prefix_caches(params, cfg, tokens, max_len)
+  emb = params["embed_tokens"]["embedding"]
+  last = tokens[:, -1]
+  moved = emb.at[last].set((emb[last].astype(jnp.float32) * (1 + 2.0**-7)).astype(emb.dtype))
+  moved_params = {**params, "embed_tokens": {"embedding": moved}}
+  tok, ref, _ = decode_step(params, last, cache, sp, cfg=cfg)
+  tok2, logits, _ = decode_step(moved_params, last, twin, sp, cfg=cfg)
+  return {
+    "rel_err": float(jnp.linalg.norm(logits - ref) / jnp.linalg.norm(ref)),
+    "same_token": bool(jnp.all(tok == tok2)),
+  }
+
+
 def site_scores(params, cfg, tokens, with_scale) -> dict:
   """{fused site: (scores [S, B, T, d_in] float32, widths)} of the dense model on tokens [B, T]."""
   inputs = jax.jit(lambda p, t: forward(p, t, cfg, collect=("inputs",)).aux["inputs"])(params, tokens)
