@@ -7,9 +7,9 @@ of |x| (gate|up) and of the per-site path's |SiLU(gate) * up| (down). Per row: u
 end in the down site's bf16 output: the splits' partials summed by XLA; `chain_times`: --chain calls in one
 jitted loop, as a decode step runs them, median and range of --chain_reps runs, with the chain's own cost a
 call beside them as chain_floor), the persistent launch's relative error against the per-site path and its
-watchdog count, and from its own clock:
-each phase's span (first item start to last item end) and `between` (median over programs of the time from
-the program's last gate|up item to its first down item: both waits and the SwiGLU phase between them).
+watchdog count, and from its own clock: each phase's span (first item start to last item end) and `between`
+(median over programs of the time from the program's last gate|up item to its first down item: both waits
+and the SwiGLU phase between them).
 
 GPU:  PYTHONPATH=. python3 -m experiments.decode.mosaic_mlp --specs=64:256:3:0:132 --out=$OUT/mosaic_mlp.json
 CPU:  PYTHONPATH=. .venv/bin/python -m experiments.decode.mosaic_mlp --models=tiny --specs=64:64:2:0:4 --reps=1

@@ -27,7 +27,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.mosaic.gpu import utils as mgpu_utils
 from jax.experimental.pallas import mosaic_gpu as plgpu
 from jaxlib.mlir import ir
-from jaxlib.mlir.dialects import arith, gpu, llvm, memref
+from jaxlib.mlir.dialects import arith, llvm, memref
 from jaxlib.mlir.dialects import math as mlir_math
 
 from wina_jax.kernels import mosaic_gemv as mg
@@ -68,8 +68,8 @@ def activation(parts_gu, a_out, *, splits: int, programs: int) -> None:
   @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), plgpu.RefType()))
   def run(ctx, parts, a):
     del ctx
-    f32, bf16, i32, index, c = _ir_types()
-    program = arith.index_cast(i32, gpu.block_id(gpu.Dimension.x))
+    f32, bf16, _, index, c = _ir_types()
+    program = ms.program()
 
     def summed(row):
       """parts_gu's row `row` (i32) summed over the splits in order -> [8] bf16, one per batch row."""
@@ -272,7 +272,7 @@ def mlp_partials(
   scratch = mg.scratch_types(cfg, [("a_", kp_gu), ("b_", kp_down)])
   if normed:
     scratch["sums"] = plgpu.SMEM((mg.WARPS * mg.ROWS,), jnp.float32)
-  scales = ((gain,) if normed else ()) + ((sc_gu, sc_down) if wina else ())
+  optional = ((gain,) if normed else ()) + ((sc_gu, sc_down) if wina else ())  # the kernel's optional inputs
   return plgpu.kernel(
     mosaic_mlp,
     out_type=tuple(out_type),
@@ -280,7 +280,7 @@ def mlp_partials(
     grid_names=("sm",),
     scratch_types=scratch,
     compiler_params=mg.compiler_params(),
-  )(x, thr_gu, thr_down, *scales, w_gu, w_down)
+  )(x, thr_gu, thr_down, *optional, w_gu, w_down)
 
 
 def mlp_reference(

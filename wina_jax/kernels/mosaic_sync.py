@@ -52,7 +52,7 @@ def _thread0():
   return arith.cmpi(arith.CmpIPredicate.eq, mgpu_utils.thread_idx(), _c(0))
 
 
-def _program():
+def program():
   """This program's index (i32): the grid is 1-D, one block per program."""
   return arith.index_cast(_i32(), gpu.block_id(gpu.Dimension.x))
 
@@ -157,7 +157,7 @@ def grid_wait(sem, gave_up, k: int, programs: int, spin_limit: int = SPIN_LIMIT)
 
 def _publish(slot, k: int) -> None:
   """Thread 0 writes program * PUBLISHED + k into slot [1] int32 (global)."""
-  _store_from_thread0(slot, lambda: arith.addi(arith.muli(_program(), _c(PUBLISHED)), _c(k)))
+  _store_from_thread0(slot, lambda: arith.addi(arith.muli(program(), _c(PUBLISHED)), _c(k)))
 
 
 def _collect(slots, seen, k: int, programs: int) -> None:
@@ -167,7 +167,7 @@ def _collect(slots, seen, k: int, programs: int) -> None:
   def get(ctx, src, out):
     del ctx
     index = ir.IndexType.get()
-    nxt = arith.remui(arith.addi(_program(), _c(1)), _c(programs))
+    nxt = arith.remui(arith.addi(program(), _c(1)), _c(programs))
     with mgpu_utils.when(_thread0()):
       got = memref.load(src, [arith.index_cast(index, nxt), mgpu_utils.c(k, index)])
       memref.store(got, out, [mgpu_utils.c(0, index)])

@@ -218,8 +218,9 @@ class FusedThresholdSparsifier:
     gpu = jax.default_backend() == "gpu"
     fold = None  # on the GPU the launch applies the RMSNorm itself where it can (`mosaic_mlp.takes_norm`)
     if norm is not None:
-      if gpu and MM.takes_norm(jnp.asarray(norm[0]), d):
-        fold = {"gain": jnp.asarray(norm[0]), "eps": float(norm[1])}
+      gain = jnp.asarray(norm[0])
+      if gpu and MM.takes_norm(gain, d):
+        fold = {"gain": gain, "eps": float(norm[1])}
       else:  # off the GPU as the per-site path does it, so the CPU path matches that one bit for bit
         x = rms_norm(x, *norm)
     thr_gu = jnp.broadcast_to(self.thresholds[gu], (2,))
