@@ -93,6 +93,24 @@ def test_fused_kernel_lowers_for_cuda(m, wina, spec, segs):
   assert "mosaic_gpu" in f.trace(x, t, sc, w).lower(lowering_platforms=("cuda",)).as_text()
 
 
+def test_compaction_barriers_are_unaligned(monkeypatch):
+  """`compact_split`'s three warpgroup barriers (each may follow a `when` block) are PTX's unaligned
+  `barrier.sync`, as the grid wait's are (`mosaic_sync.barrier`: LLVM may copy a barrier into both branches of a
+  `when`, and a warp reaching two copies of an aligned one hung the H200 in session 22); the lowered fused
+  kernel holds three per compaction it emits, and no other unaligned barrier."""
+  from tests.mosaic_hlo import mosaic_modules
+
+  emitted = []
+  real = mg.compact_split
+  monkeypatch.setattr(mg, "compact_split", lambda *a, **k: emitted.append(1) or real(*a, **k))
+  cfg = mg.parse("64:64:2:2:4:cp_async:kernel")
+  x, w, t, _ = case(1, 512, (256, 128))
+  (text,) = mosaic_modules(
+    jax.jit(lambda x, t, w: mg.fused_partials(x, t, None, w, cfg, (256, 128))), x, t, w
+  )
+  assert emitted and text.count('"barrier.sync $0, 128;"') == 3 * len(emitted)
+
+
 def test_fused_marks_lower_and_summarise():
   """`fused_partials(marks=True)` lowers with its clock output [programs, items, MARKS], and `clock_phases`
   turns marks into phases: per item, per program and the span across programs, across a wrap of the clock."""

@@ -46,8 +46,8 @@ from jaxlib.mlir import ir
 from jaxlib.mlir.dialects import arith, llvm, memref, nvvm
 from jaxlib.mlir.dialects import math as mlir_math
 
+from wina_jax.kernels import mosaic_sync
 from wina_jax.kernels.config import check_powers_of_two, spec_fields
-from wina_jax.kernels.mosaic_sync import clock
 from wina_jax.kernels.pallas_gemv import compact_ids
 from wina_jax.kernels.persistent_config import sm_count
 from wina_jax.kernels.reference import keep_mask
@@ -474,7 +474,8 @@ def compact_split(srcs, values, thr, scale, scratch: PhaseScratch, *, rows: int,
       for b in range(ROWS):
         memref.store(xs[b] if b < len(xs) else zero, xk_ref, [at(_xk_offset(p, b, block_k))])
 
-    mgpu_utils.warpgroup_barrier()  # the previous split's readers of ids, xk and totals are done
+    # barriers here follow `when` blocks (the caller's or this function's): unaligned (`mosaic_sync.barrier`)
+    mosaic_sync.barrier()  # the previous split's readers of ids, xk and totals are done
     count = c(0)
     for _, keep, _ in rows_kept:
       count = arith.addi(count, arith.extui(i32, keep))
@@ -484,7 +485,7 @@ def compact_split(srcs, values, thr, scale, scratch: PhaseScratch, *, rows: int,
       incl = arith.select(arith.cmpi(arith.CmpIPredicate.uge, lane, c(d)), arith.addi(incl, up), incl)
     with mgpu_utils.when(arith.cmpi(arith.CmpIPredicate.eq, lane, c(31))):
       memref.store(incl, tot_ref, [at(warp)])
-    mgpu_utils.warpgroup_barrier()
+    mosaic_sync.barrier()
     before, total = c(0), c(0)
     for w in range(WARPS):
       n = memref.load(tot_ref, [mgpu_utils.c(w, index)])
@@ -502,7 +503,7 @@ def compact_split(srcs, values, thr, scale, scratch: PhaseScratch, *, rows: int,
         put(p, c(0), [])
     with mgpu_utils.when(arith.cmpi(arith.CmpIPredicate.eq, tid, c(0))):
       memref.store(total, tot_ref, [mgpu_utils.c(WARPS, index)])
-    mgpu_utils.commit_shared()
+    mosaic_sync.commit_shared()
 
   run(*refs)
 
@@ -655,7 +656,7 @@ def fused_partials(
 
     def mark(j, e):
       if marks_gmem:
-        clock(marks_gmem[0].at[pid, j, pl.ds(e, 1)])
+        mosaic_sync.clock(marks_gmem[0].at[pid, j, pl.ds(e, 1)])
 
     def compact_split_of(s, g):
       compact_split(

@@ -25,7 +25,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.mosaic.gpu import utils as mgpu_utils
 from jax.experimental.pallas import mosaic_gpu as plgpu
 from jaxlib.mlir import ir
-from jaxlib.mlir.dialects import arith, gpu, llvm, memref, scf
+from jaxlib.mlir.dialects import arith, gpu, llvm, memref, nvvm, scf
 
 from wina_jax.kernels import persistent_config as PC
 
@@ -96,6 +96,13 @@ def barrier() -> None:
     "r",
     has_side_effects=True,
   )
+
+
+def commit_shared() -> None:
+  """`mosaic.gpu.utils.commit_shared` with the unaligned `barrier`: the warpgroup's shared-memory writes made
+  visible to the async proxy (TMA, wgmma) and to every thread, where the barrier follows a `when` block."""
+  nvvm.fence_proxy(nvvm.ProxyKind.async_shared, space=nvvm.SharedSpace.shared_cta)
+  barrier()
 
 
 def semaphore():
