@@ -13,6 +13,7 @@ from tests.mosaic_hlo import mosaic_modules, scratch_operand
 from wina_jax.kernels import mosaic_gemv as mg
 from wina_jax.kernels import mosaic_mlp as mm
 from wina_jax.kernels import mosaic_sync as ms
+from wina_jax.kernels.grid_sync import new_counter
 from wina_jax.kernels.reference import masked_linear_xla
 from wina_jax.layers import rms_norm
 
@@ -69,23 +70,57 @@ def norm_of(d, seed=0):
 
 
 @pytest.mark.parametrize(
-  "m,wina,spec,norm",
-  [(1, False, "64:64:2:0:8", False), (3, True, "64:128:3:0:8", False), (2, False, "64:64:2:0:8", True)],
+  "m,wina,spec,norm,adds,counted",
+  [
+    (1, False, "64:64:2:0:8", False, False, False),
+    (3, True, "64:128:3:0:8", False, True, True),
+    (2, False, "64:64:2:0:8", True, False, False),
+    (1, False, "64:64:2:0:8", True, True, True),
+  ],
 )
-def test_kernel_lowers_for_cuda(m, wina, spec, norm):
+def test_kernel_lowers_for_cuda(m, wina, spec, norm, adds, counted):
+  """Lowered for CUDA: the outputs' shapes; the RMSNorm, the residual add's third wait and the counter's leave
+  where asked. With a counter the waits count on it and Pallas adds no zeroed semaphore to the launch."""
   args = case(m, 512, 1024, wina)
   cfg = mg.parse(spec)
-  kw = norm_of(512) if norm else {}
+  kw = (norm_of(512) if norm else {}) | ({"residual": residual_of(m, 512)} if adds else {})
+  kw |= {"counter": new_counter()} if counted else {}
   f = jax.jit(lambda *a: mm.mlp_partials(*a, cfg, marks=True, **kw))
   hlo = f.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-  assert scratch_operand(hlo) == "tensor<1xi32>"  # the wait's semaphore: one for all 8 programs
-  parts_gu, a, parts_down, gave_up, marks = jax.eval_shape(f, *args)
+  # without a counter, the wait's semaphore: one for all 8 programs, zeroed by Pallas (the last operand)
+  assert (scratch_operand(hlo) == "tensor<1xi32>") != counted
+  parts_gu, a, parts_down, *h, gave_up, marks = jax.eval_shape(f, *args)
   cfg_gu, cfg_down = mm.configs(cfg, 512, 1024)
   assert parts_gu.shape == (cfg_gu.splits, 2048, 8) and parts_down.shape == (cfg_down.splits, 512, 8)
   assert a.shape == (m, 1024) and a.dtype == jnp.bfloat16
+  assert [(o.shape, o.dtype) for o in h] == ([((m, 512), jnp.bfloat16)] if adds else [])
   assert gave_up.shape == (8,) and marks.shape[::2] == (8, mg.MARKS)
   (text,) = mosaic_modules(f, *args)
   assert ("math.rsqrt" in text and "shfl.sync.bfly" in text) == norm  # the RMSNorm runs in the launch
+  assert text.count("red.release.gpu.global.add") == (3 if adds else 2)  # grid waits: the add is the third's
+  assert text.count("atom.acq_rel.gpu.global.add") == counted  # `grid_leave`: the last out zeroes the counter
+
+
+def residual_of(m, d, seed=0):
+  """A bf16 residual stream [m, d] of O(1) entries (`mlp_partials(residual=...)`)."""
+  return jax.random.normal(jax.random.PRNGKey(seed + 11), (m, d), jnp.bfloat16)
+
+
+def test_residual_add_is_the_sites_output_added():
+  """With residual, the contract's fourth output is residual + the down site's output (its partials summed in
+  split order and rounded to bf16, as `partials_output` rounds), the add in float32 rounded to bf16: the model's
+  bf16 add. The other outputs do not change; a residual of another shape or dtype is refused."""
+  args, cfg = case(2, 512, 1024, True), mg.parse("64:64:2:0:8")
+  res = residual_of(2, 512)
+  *same, h = mm.mlp_reference(*args, cfg, residual=res)
+  for got, want in zip(same, mm.mlp_reference(*args, cfg)):
+    np.testing.assert_array_equal(got, want)
+  y = mg.partials_output(same[2], 2, jnp.bfloat16)
+  np.testing.assert_array_equal(h, res + y)
+  assert h.dtype == jnp.bfloat16 and not np.array_equal(h, res)
+  for bad in (res[:1], res.astype(jnp.float32)):
+    with pytest.raises(ValueError, match=r"adds a bf16 \[2, 512\] residual"):
+      mm.mlp_partials(*args, cfg, residual=bad)
 
 
 def test_norm_in_the_launch_is_rms_norm_first():
@@ -115,27 +150,37 @@ def test_what_it_refuses():
 
 @needs_gpu
 @pytest.mark.parametrize(
-  "m,d,f,wina,spec,norm",
+  "m,d,f,wina,spec,norm,adds,counted",
   [
-    (1, 1024, 2048, False, "64:64:2:0:0", False),
-    (3, 1024, 2048, True, "64:128:3:0:0", False),
-    (8, 512, 1024, True, "64:64:4:0:0", False),
-    (1, 4096, 14336, False, "64:256:3:0:0", False),
-    (2, 4096, 14336, True, "64:256:3:0:0", False),
-    (3, 1024, 2048, True, "64:128:3:0:0", True),
-    (1, 4096, 14336, False, "64:256:3:0:0", True),
+    (1, 1024, 2048, False, "64:64:2:0:0", False, False, False),
+    (3, 1024, 2048, True, "64:128:3:0:0", False, True, True),
+    (8, 512, 1024, True, "64:64:4:0:0", False, True, False),
+    (1, 4096, 14336, False, "64:256:3:0:0", False, False, True),
+    (2, 4096, 14336, True, "64:256:3:0:0", False, False, False),
+    (3, 1024, 2048, True, "64:128:3:0:0", True, False, False),
+    (1, 4096, 14336, False, "64:256:3:0:0", True, True, True),
   ],
 )
-def test_gpu_kernel_matches_its_contract(m, d, f, wina, spec, norm):
+def test_gpu_kernel_matches_its_contract(m, d, f, wina, spec, norm, adds, counted):
   """Every phase against `mlp_reference`: gate|up's partial sums at float32 tolerance; the down input from the
   kernel's own partials as `down_input` builds it (SiLU's exp on the GPU and in XLA may differ by an ulp, so a
   few bf16 values may); down within a few of its inputs' bf16 roundings (an input at its threshold may flip);
   no wait given up. With the norm in the launch, gate|up within a few bf16 roundings too: its sum of squares
-  runs in another order than XLA's, so an rsqrt may differ by an ulp and a normed input round the other way."""
+  runs in another order than XLA's, so an rsqrt may differ by an ulp and a normed input round the other way.
+  With the residual, the new residual stream from the kernel's own down partials bit for bit. With a counter,
+  two launches in a row on it, each waiting on all its programs, and the counter zero after them."""
   args = case(m, d, f, wina)
-  cfg, kw = mg.parse(spec), (norm_of(d) if norm else {})
-  parts_gu, a, parts_down, gave_up = jax.jit(lambda *a: mm.mlp_partials(*a, cfg, **kw))(*args)
-  ms.check_gave_up(gave_up)
+  cfg = mg.parse(spec)
+  kw = (norm_of(d) if norm else {}) | ({"residual": residual_of(m, d)} if adds else {})
+  counter = new_counter() if counted else None
+  launch = jax.jit(lambda *a, counter: mm.mlp_partials(*a, cfg, counter=counter, **kw))
+  for _ in range(2 if counted else 1):
+    parts_gu, a, parts_down, *h, gave_up = launch(*args, counter=counter)
+    ms.check_gave_up(gave_up)
+  if counted:
+    np.testing.assert_array_equal(counter, np.zeros(3, np.int32))
+  if adds:
+    np.testing.assert_array_equal(h[0], mm.residual_output(parts_down, kw.pop("residual")))
   ref_gu, _, ref_down = mm.mlp_reference(*args, cfg, **kw)
   close(parts_gu, ref_gu, 1e-3 if norm else 1e-5)
   a_own = np.asarray(mm.down_input(parts_gu, m), np.float32)
@@ -186,7 +231,8 @@ def test_model_runs_the_mlp_as_one_launch_behind_backend_mosaic(monkeypatch):
   per_site = step()
   assert not calls
   fused = step(mosaic_mlp=True)
-  assert calls == [[]] * cfg.num_hidden_layers  # traced once per layer; off the GPU the norm runs in XLA
+  # traced once per layer; off the GPU the norm runs in XLA, and the residual add is the contract's
+  assert calls == [["residual"]] * cfg.num_hidden_layers
   assert np.linalg.norm(fused - per_site) / np.linalg.norm(per_site) < 1e-2
   calls.clear()
   with_act = dict(ft, **{S.site_name(0, "mlp", S.ACT): jnp.float32(0.1)})
@@ -198,9 +244,11 @@ def test_model_runs_the_mlp_as_one_launch_behind_backend_mosaic(monkeypatch):
   assert len(calls) == cfg.num_hidden_layers - 1  # layer 0's MLP has a CATS site: per-site there
 
 
-def test_on_the_gpu_the_launch_takes_the_norm(monkeypatch):
+def test_on_the_gpu_the_launch_takes_the_norm_residual_and_counter(monkeypatch):
   """Where the backend is the GPU, `fused_mlp` hands the un-normalised x and the RMSNorm's bf16 gain to the
-  launch (stood in for by its contract here) and applies no norm itself; the output is the contract's."""
+  launch (stood in for by its contract here) and applies no norm itself; the output is the contract's. Given the
+  residual, the launch adds it (its fourth output is returned) unless mlp_residual is False (then XLA adds it,
+  with the same result here); the sparsifier's counter goes to every launch."""
   from wina_jax import sites as S
   from wina_jax.kernels import FusedThresholdSparsifier
 
@@ -208,8 +256,9 @@ def test_on_the_gpu_the_launch_takes_the_norm(monkeypatch):
   kw, cfg = norm_of(512), mg.parse("64:64:2:0:8")
   got = {}
 
-  def launch(x, *a, **k):
-    got.update(x=x, **k)
+  def launch(x, *a, counter=None, **k):
+    got.clear()
+    got.update(x=x, counter=counter, **k)
     return (*mm.mlp_reference(x, *a, **k), jnp.zeros((8,), jnp.int32))
 
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
@@ -223,8 +272,34 @@ def test_on_the_gpu_the_launch_takes_the_norm(monkeypatch):
   y = sp.fused_mlp(model_cfg, 0, x[:, None], (kw["gain"], kw["eps"]), mlp)
   assert got["gain"] is not None and got["eps"] == kw["eps"]
   np.testing.assert_array_equal(got["x"], x)  # not normalised before the launch
+  assert got["counter"] is sp.counter and sp.counter.shape == (3,)
   want = mm.mlp_reference(x, jnp.stack([thr_gu[0]] * 2), None, w_gu, thr_down[:1], None, w_down, cfg, **kw)[2]
   np.testing.assert_array_equal(y[:, 0], mg.partials_output(want, 2, x.dtype))
+  res = residual_of(2, 512)[:, None]
+  h = sp.fused_mlp(model_cfg, 0, x[:, None], (kw["gain"], kw["eps"]), mlp, residual=res)
+  assert got["residual"].shape == (2, 512)
+  np.testing.assert_array_equal(h, res + y)  # bf16 + bf16, one rounding: the launch's add
+  h_xla = sp.replace(mlp_residual=False).fused_mlp(
+    model_cfg, 0, x[:, None], (kw["gain"], kw["eps"]), mlp, res
+  )
+  assert "residual" not in got
+  np.testing.assert_array_equal(h_xla, h)
+
+
+def test_on_mosaic_modes():
+  """`decode_setup.on_mosaic`: per-site kernels, the full MLP launch (residual add, a counter made once) or
+  session 22's (neither); anything else is refused naming the choices."""
+  from wina_jax.bench.decode_setup import on_mosaic
+  from wina_jax.kernels import FusedThresholdSparsifier
+
+  sp = FusedThresholdSparsifier.create({"layers.0.mlp.down_proj": 0.1})
+  modes = {mlp: on_mosaic(sp, "64:64:2", mlp) for mlp in ("", "mlp", "mlp22")}
+  assert all(m.backend == "mosaic" and m.mosaic_config == mg.parse("64:64:2") for m in modes.values())
+  got = {k: (m.mosaic_mlp, m.mlp_residual, m.counter is not None) for k, m in modes.items()}
+  assert got == {"": (False, False, False), "mlp": (True, True, True), "mlp22": (True, False, False)}
+  np.testing.assert_array_equal(modes["mlp"].counter, np.zeros(3, np.int32))
+  with pytest.raises(ValueError, match="MLP launch 'mlp3'"):
+    on_mosaic(sp, "64:64:2", "mlp3")
 
 
 @pytest.mark.parametrize("mlp", [False, True])

@@ -214,16 +214,17 @@ def residual_layer(
 ) -> tuple[jax.Array, Optional[dict]]:
   """The residual structure of one decoder layer: `h` [B, T, d] -> (output residual, updated kv).
 
-  attn(h) -> (out, kv) and mlp(h) -> out norm their own input; rotate(key, h) applies the optional
-  residual rotation `key` ('residual_attn' | 'residual_mlp') that `wina_jax.transform` adds, or returns h.
+  attn(h, skip) -> (skip + out, kv) and mlp(h, skip) -> skip + out norm their own input and add their output to
+  skip, the residual as rotate(key, h) carries it past the block (the optional residual rotation `key`,
+  'residual_attn' | 'residual_mlp', that `wina_jax.transform` adds, or h itself): a block run as one kernel
+  can add it inside that kernel.
   """
   if "residual" in ctx.collect:
     ctx.aux["residual"][f"layers.{layer}.self_attn"] = h
-  a, kv = attn(h)
-  h = rotate("residual_attn", h) + a
+  h, kv = attn(h, rotate("residual_attn", h))
   if "residual" in ctx.collect:
     ctx.aux["residual"][f"layers.{layer}.mlp"] = h
-  return rotate("residual_mlp", h) + mlp(h), kv
+  return mlp(h, rotate("residual_mlp", h)), kv
 
 
 def norm_gain(cfg: ModelConfig, scale: jax.Array) -> jax.Array:
@@ -268,19 +269,24 @@ def _layer(
     name = norms[block][1]
     return y if name is None else rms(y, lp[name]["scale"])
 
-  def attn(h):
+  def attn(h, skip):
     x, project = inputs("self_attn", "rotate_attn", h)
     head_norm = lambda name, q: rms(q, lp["self_attn"][name]["scale"])
     o, new_kv = attention_block(cfg, x, project, positions, kv, kv_len, attention, layer, head_norm)
-    return post("self_attn", o), new_kv
+    return skip + post("self_attn", o), new_kv
 
-  def mlp(h):
+  def mlp(h, skip):
     x, project = inputs("mlp", "rotate_mlp", h)
-    # a sparsifier's `fused_mlp` may run the MLP step as one kernel (None: not this step)
+    # a sparsifier's `fused_mlp` may run the MLP step as one kernel (None: not this step), adding the residual
+    # inside it unless a post-norm comes between
     fused = ctx.whole_block("fused_mlp")
     norm = None if "rotate_mlp" in lp else (norm_gain(cfg, lp[norms["mlp"][0]]["scale"]), cfg.rms_norm_eps)
-    y = None if fused is None else fused(cfg, layer, x, norm, lp["mlp"])
-    return post("mlp", mlp_block(cfg, x, project, layer, ctx) if y is None else y)
+    if fused is not None:
+      adds = norms["mlp"][1] is None  # no post-norm between the MLP's output and the add
+      out = fused(cfg, layer, x, norm, lp["mlp"], residual=skip if adds else None)
+      if out is not None:
+        return out if adds else skip + post("mlp", out)
+    return skip + post("mlp", mlp_block(cfg, x, project, layer, ctx))
 
   rotate = lambda key, h: numerics.matmul(h, lp[key]["kernel"]) if key in lp else h
   return residual_layer(h, layer, ctx, attn, mlp, rotate)

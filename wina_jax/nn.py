@@ -218,14 +218,14 @@ class DecoderLayer(_Block):
     def post(block, y):  # the block's post-norm, if the family declares one
       return y if norms[block][1] is None else norm(norms[block][1])(y)
 
-    def attn(h):
+    def attn(h, skip):
       o, new_kv = Attention(cfg, **kw, name="self_attn")(
         normed("self_attn", "rotate_attn", h), ctx, positions, kv, kv_len
       )
-      return post("self_attn", o), new_kv
+      return skip + post("self_attn", o), new_kv
 
-    def mlp(h):
-      return post("mlp", MLP(cfg, **kw, name="mlp")(normed("mlp", "rotate_mlp", h), ctx))
+    def mlp(h, skip):
+      return skip + post("mlp", MLP(cfg, **kw, name="mlp")(normed("mlp", "rotate_mlp", h), ctx))
 
     return M.residual_layer(h, self.layer, ctx, attn, mlp, rotate)
 

@@ -44,7 +44,9 @@ common.check(
   ),
   lambda spec: checks.parses(MG.parse)(spec) if spec else None,
 )
-flags.DEFINE_bool("mosaic_mlp", False, "with --mosaic: each MLP as one persistent launch (mosaic_mlp)")
+flags.DEFINE_bool(
+  "mosaic_mlp", False, "with --mosaic: each MLP as one persistent launch, residual add included (mosaic_mlp)"
+)
 
 
 def main(argv):
@@ -61,7 +63,7 @@ def main(argv):
     for sparsity in (0.0, 0.5):
       sp, _ = B.make_sparsifier(scores, sparsity, 1, {}, "mosaic" if FLAGS.mosaic else "auto")
       if FLAGS.mosaic:
-        sp = sp.replace(mosaic_config=MG.parse(FLAGS.mosaic), mosaic_mlp=FLAGS.mosaic_mlp)
+        sp = B.on_mosaic(sp, FLAGS.mosaic, "mlp" if FLAGS.mosaic_mlp else "")
       print(
         f"CHECK layers={layers} sparsity={sparsity} backend={sp.backend}{'+mlp' * sp.mosaic_mlp} pallas_vs_xla="
         f"{B.check_against_xla(params, cfg, sp, tokens, 64)} xla_ulp_moved_vs_xla="

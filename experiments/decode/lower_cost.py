@@ -19,7 +19,7 @@ from absl import app, flags
 from experiments import common
 from wina_jax import checks
 from wina_jax import sites as S
-from wina_jax.bench.decode_setup import abstract_fused_params
+from wina_jax.bench.decode_setup import abstract_fused_params, on_mosaic
 from wina_jax.bench.shapes import SHAPES
 from wina_jax.decode import decode_loop, fuse_state, init_cache
 from wina_jax.kernels import FusedThresholdSparsifier
@@ -57,7 +57,7 @@ def sparsifier(cfg0):
   ft, fs, segs = fuse_state({s: jnp.float32(0.3) for s in S.linear_sites(cfg0)}, {}, cfg0)
   sp = FusedThresholdSparsifier.create(ft, fs, segs, backend=FLAGS.backend)
   if FLAGS.backend == "mosaic":
-    sp = sp.replace(mosaic_config=mg.parse(FLAGS.mosaic_config), mosaic_mlp=FLAGS.mosaic_mlp)
+    sp = on_mosaic(sp, FLAGS.mosaic_config, "mlp" if FLAGS.mosaic_mlp else "")
   return sp
 
 

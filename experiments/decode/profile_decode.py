@@ -28,7 +28,7 @@ from absl import app, flags
 
 from experiments import common
 from wina_jax import checks
-from wina_jax.bench.decode_setup import load_configs, make_sparsifier, site_scores
+from wina_jax.bench.decode_setup import MLP_LAUNCHES, load_configs, make_sparsifier, on_mosaic, site_scores
 from wina_jax.bench.shapes import SHAPES
 from wina_jax.bench.trace import summarize, trace_events
 from wina_jax.decode import decode_loop, fuse_projections
@@ -105,24 +105,25 @@ def trace_run(params, cfg, sp, tokens, max_len, attention="xla") -> list:
   return trace_events(run)
 
 
-def parse_variant(v: str) -> tuple[str, float, bool]:
-  """'dense' -> ('dense', 0.0, False); 'teal:0.5' -> ('teal', 0.5, False); 'teal:0.5+mlp' -> ('teal', 0.5,
-  True): with --mosaic, every MLP as one persistent launch (`mosaic_mlp`). Anything else raises naming the fix."""
+def parse_variant(v: str) -> tuple[str, float, str]:
+  """'dense' -> ('dense', 0.0, ''); 'teal:0.5' -> ('teal', 0.5, ''); 'teal:0.5+mlp' -> ('teal', 0.5, 'mlp'):
+  with --mosaic, every MLP as one persistent launch (`decode_setup.on_mosaic`: 'mlp', or 'mlp22', session 22's).
+  Anything else raises naming the fix."""
   base, plus, rest = v.partition("+")
-  mlp = plus and rest == "mlp"
+  mlp = rest if plus and rest in MLP_LAUNCHES[1:] else ""
   method, _, s = base.partition(":")
   if method == "dense" and not s and not plus:
-    return method, 0.0, False
+    return method, 0.0, ""
   try:
     sparsity = float(s)
   except ValueError:
     sparsity = -1.0
   if method not in ("teal", "wina") or not 0 <= sparsity < 1 or (plus and not mlp):
     raise ValueError(
-      f"variant {v!r}: use 'dense' or METHOD:SPARSITY[+mlp] with METHOD teal | wina and "
+      f"variant {v!r}: use 'dense' or METHOD:SPARSITY[+mlp | +mlp22] with METHOD teal | wina and "
       "SPARSITY in [0, 1), e.g. teal:0.5 or teal:0.5+mlp"
     )
-  return method, sparsity, bool(mlp)
+  return method, sparsity, mlp
 
 
 def profile_model(
@@ -143,7 +144,7 @@ def profile_model(
         scores[method] = site_scores(params, cfg, tokens, with_scale=method == "wina")
       sp = make_sparsifier(scores[method], s, 1, configs, backend)[0].replace(fuse_norm=FLAGS.fuse_norm)
       if FLAGS.mosaic:
-        sp = sp.replace(backend="mosaic", mosaic_config=MG.parse(FLAGS.mosaic), mosaic_mlp=mlp)
+        sp = on_mosaic(sp, FLAGS.mosaic, mlp)
     if FLAGS.persistent:
       sp = (sp or FusedThresholdSparsifier.create({})).as_persistent(PC.parse_config(FLAGS.persistent))
     events = trace_run(params, cfg, sp, tokens, max_len, attention)

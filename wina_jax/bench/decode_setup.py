@@ -16,7 +16,8 @@ import numpy as np
 from wina_jax import families
 from wina_jax import sites as S
 from wina_jax.decode import decode_step, fuse_projections
-from wina_jax.kernels import FusedThresholdSparsifier, KernelConfig
+from wina_jax.kernels import FusedThresholdSparsifier, KernelConfig, mosaic_gemv
+from wina_jax.kernels.grid_sync import new_counter
 from wina_jax.model import forward, init_cache
 from wina_jax.testing import random_params
 
@@ -139,6 +140,26 @@ def make_sparsifier(scores, sparsity, batch, configs, backend):
       segs[site] = widths
   sp = FusedThresholdSparsifier.create(thr, scales, segs, backend=backend, configs=configs)
   return sp, kept
+
+
+MLP_LAUNCHES = ("", "mlp", "mlp22")  # `on_mosaic`'s MLP modes, as the experiments' variants name them
+
+
+def on_mosaic(sp, spec: str, mlp: str = ""):
+  """sp on backend 'mosaic' with the tiling `spec` (`mosaic_gemv.parse`). mlp: '' (every site its own kernel),
+  'mlp' (each MLP as one persistent launch with its RMSNorm and residual add, waits on a counter made once:
+  `kernels.mosaic_mlp`), 'mlp22' (session 22's launch, the A / B baseline: XLA adds the residual after it and
+  Pallas zeroes its semaphore before each launch)."""
+  if mlp not in MLP_LAUNCHES:
+    raise ValueError(f"MLP launch {mlp!r}: use one of {MLP_LAUNCHES} ('' for per-site kernels)")
+  full = mlp == "mlp"
+  return sp.replace(
+    backend="mosaic",
+    mosaic_config=mosaic_gemv.parse(spec),
+    mosaic_mlp=bool(mlp),
+    mlp_residual=full,
+    counter=new_counter() if full else None,
+  )
 
 
 def linear_bytes(params, cfg, kept=None) -> float:

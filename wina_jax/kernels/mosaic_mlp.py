@@ -1,14 +1,16 @@
-"""A gated MLP's two sparse sites in one persistent Mosaic GPU launch (issue 25): gate|up, wait, SwiGLU, wait, down.
+"""A gated MLP's two sparse sites in one persistent Mosaic GPU launch (issue 25): gate|up, wait, SwiGLU, wait, down
+[, wait, residual add].
 
 `mlp_partials`: on one program per SM, the kept-row phase of the fused gate|up site (`mosaic_gemv.kept_row_phase`,
-each program thresholding and compacting its split of x), a grid-wide wait (`mosaic_sync.grid_wait`), then
-`activation`: the down site's input a = SiLU(g) * u [M, F] bf16, each row once over the grid, from the splits'
-float32 sums rounded to bfloat16 as the site's outputs are (g, u), then op by op as XLA rounds the model's
-bfloat16 `mlp_block` (`swiglu`); a second wait; then the down site's phase, which compacts a as gate|up compacts
-x. One launch instead of two, and no XLA kernel between them; XLA still sums the down partials (and adds the
-residual) after it. (Session 21's single-wait launch built a inside every down program's compaction from the
-partials, [S, 2F, 8] float32 of which batch 1 uses one row in 8: each down split's programs read it again, and
-the down phase spanned 8.7 us at 99.9 % sparsity.)
+each program thresholding and compacting its split of x, optionally applying the RMSNorm), a grid-wide wait
+(`mosaic_sync.grid_wait`), then `activation`: the down site's input a = SiLU(g) * u [M, F] bf16, each row once
+over the grid, from the splits' float32 sums rounded to bfloat16 as the site's outputs are (g, u), then op by op
+as XLA rounds the model's bfloat16 `mlp_block` (`swiglu`); a second wait; then the down site's phase, which
+compacts a as gate|up compacts x. Given the residual stream, a third wait and `residual_add`: the down partials
+summed and added to it, so no XLA kernel runs between this launch and the next layer's. (Session 21's
+single-wait launch built a inside every down program's compaction from the partials, [S, 2F, 8] float32 of which
+batch 1 uses one row in 8: each down split's programs read it again, and the down phase spanned 8.7 us at 99.9 %
+sparsity.)
 
 The CPU path and the kernel's contract: `mlp_reference` (jnp, the same sums in the same order). Interpret mode
 does not run Mosaic GPU kernels; off the GPU the kernel lowers only (`tests/test_mosaic_mlp.py`).
@@ -56,39 +58,71 @@ def _swiglu_ir(g, u):
   return arith.truncf(bf16, arith.mulf(rounded(arith.mulf(x, sig)), arith.extf(f32, u)))
 
 
+def _split_sum(parts, row, splits: int):
+  """Inside a kernel body: row `row` (i32) of partial sums parts [S, N, 8] float32 (global), the S splits summed
+  in order -> [8] bf16, one per batch row (as `site_sum`)."""
+  f32, bf16, _, _, c = _ir_types()
+  stride = ir.MemRefType(parts.type).shape[1] * mg.ROWS  # one split
+  total = None
+  for s in range(splits):
+    got = mg.load_vector(parts, arith.addi(arith.muli(row, c(mg.ROWS)), c(s * stride)), mg.ROWS, f32)
+    total = got if total is None else [arith.addf(a, b) for a, b in zip(total, got)]
+  return [arith.truncf(bf16, v) for v in total]
+
+
+def _each_row(n: int, programs: int, body) -> None:
+  """Inside a kernel body: body(r) for every row r < n once over the grid (thread t of program p takes
+  r = t + 128 * (p + programs * i))."""
+  c, program = _ir_types()[-1], ms.program()
+  for i in range(-(-n // (mg.WARPGROUP * programs))):
+    r = arith.addi(mgpu_utils.thread_idx(), arith.muli(arith.addi(program, c(programs * i)), c(mg.WARPGROUP)))
+    with mgpu_utils.when(arith.cmpi(arith.CmpIPredicate.ult, r, c(n))):
+      body(r)
+
+
 def activation(parts_gu, a_out, *, splits: int, programs: int) -> None:
-  """The down site's input, each row once over the grid: a_out [M, F] bf16 (global) row r (thread t of program
-  p: r = t + 128 * (p + programs * i)) = `swiglu`(g, u), g and u the gate|up partials' sums (parts_gu
-  [S, 2F, 8] float32, global; rows r and F + r, the S splits summed in order) rounded to bfloat16 (as
-  `down_input`). Plain stores: the grid-wide wait after it publishes them."""
+  """The down site's input, each row once over the grid: a_out [M, F] bf16 (global) row r = `swiglu`(g, u), g
+  and u the gate|up partials' sums (parts_gu [S, 2F, 8] float32, global; rows r and F + r, the S splits summed
+  in order) rounded to bfloat16 (as `down_input`). Plain stores: the grid-wide wait after it publishes them."""
   rows, f = a_out.shape
-  stride = 2 * f * mg.ROWS  # one split of parts_gu
-  tiles = -(-f // (mg.WARPGROUP * programs))
 
   @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), plgpu.RefType()))
   def run(ctx, parts, a):
     del ctx
-    f32, bf16, _, index, c = _ir_types()
-    program = ms.program()
+    index, c = _ir_types()[3:]
 
-    def summed(row):
-      """parts_gu's row `row` (i32) summed over the splits in order -> [8] bf16, one per batch row."""
-      total = None
-      for s in range(splits):
-        got = mg.load_vector(parts, arith.addi(arith.muli(row, c(mg.ROWS)), c(s * stride)), mg.ROWS, f32)
-        total = got if total is None else [arith.addf(a, b) for a, b in zip(total, got)]
-      return [arith.truncf(bf16, v) for v in total]
+    def row(r):
+      g, u = _split_sum(parts, r, splits), _split_sum(parts, arith.addi(r, c(f)), splits)
+      for b in range(rows):
+        memref.store(_swiglu_ir(g[b], u[b]), a, [mgpu_utils.c(b, index), arith.index_cast(index, r)])
 
-    for i in range(tiles):
-      r = arith.addi(
-        mgpu_utils.thread_idx(), arith.muli(arith.addi(program, c(programs * i)), c(mg.WARPGROUP))
-      )
-      with mgpu_utils.when(arith.cmpi(arith.CmpIPredicate.ult, r, c(f))):
-        g, u = summed(r), summed(arith.addi(r, c(f)))
-        for b in range(rows):
-          memref.store(_swiglu_ir(g[b], u[b]), a, [mgpu_utils.c(b, index), arith.index_cast(index, r)])
+    _each_row(f, programs, row)
 
   run(parts_gu, a_out)
+
+
+def residual_add(parts_down, residual, h_out, *, splits: int, programs: int) -> None:
+  """The MLP's output added to the residual stream, each column once over the grid: h_out [M, D] bf16 (global)
+  column d = residual[:, d] + y, y the down partials' sums (parts_down [S, D, 8] float32, global, the splits
+  summed in order) rounded to bfloat16 as the site's output is; the sum in float32, rounded to bfloat16 (as
+  `residual_output`)."""
+  rows = h_out.shape[0]
+
+  @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),) * 3)
+  def run(ctx, parts, res, out):
+    del ctx
+    f32, bf16, _, index = _ir_types()[:4]
+
+    def column(d):
+      y, at = _split_sum(parts, d, splits), arith.index_cast(index, d)
+      for b in range(rows):
+        where = [mgpu_utils.c(b, index), at]
+        total = arith.addf(arith.extf(f32, memref.load(res, where)), arith.extf(f32, y[b]))
+        memref.store(arith.truncf(bf16, total), out, where)
+
+    _each_row(h_out.shape[1], programs, column)
+
+  run(parts_down, residual, h_out)
 
 
 def rms_partials(x_gmem, sums) -> None:
@@ -181,21 +215,35 @@ def mlp_partials(
   *,
   gain: Optional[jax.Array] = None,
   eps: float = 0.0,
+  residual: Optional[jax.Array] = None,
+  counter: Optional[jax.Array] = None,
   marks: bool = False,
 ):
   """x [M <= 8, D] bf16 (the MLP's normed input); thr_gu [2] f32 (gate's, up's), sc_gu None or [2, D] f32;
   w_gu [D, 2F] bf16 (gate's columns, then up's); thr_down [1] f32, sc_down None or [1, F] f32; w_down [F, D]
   bf16 -> (gate|up partials [S1, 2F, 8] f32, the down site's input a [M, F] bf16 (`activation`), down partials
-  [S2, D, 8] f32, gave_up [programs] int32: the grid waits' watchdog, `mosaic_sync.check_gave_up`), plus, with
-  marks, the clock [programs, items, MARKS] int32 (gate|up's items, then down's: `mosaic_gemv.fused_partials`'
-  marks per item). Phases: gate|up, wait, `activation`, wait, down. gain [D] bf16 (with eps): x is the
-  un-normalised residual stream and gate|up's compaction applies the RMSNorm (`rms_partials`,
-  `normed_values`), so no XLA kernel runs it before the launch."""
+  [S2, D, 8] f32, [with residual: the new residual stream [M, D] bf16,] gave_up [programs] int32: the grid
+  waits' watchdog, `mosaic_sync.check_gave_up`), plus, with marks, the clock [programs, items, MARKS] int32
+  (gate|up's items, then down's: `mosaic_gemv.fused_partials`' marks per item). Phases: gate|up, wait,
+  `activation`, wait, down[, wait, `residual_add`]. gain [D] bf16 (with eps): x is the un-normalised residual
+  stream and gate|up's compaction applies the RMSNorm (`rms_partials`, `normed_values`), so no XLA kernel runs
+  it before the launch. residual [M, D] bf16: what the MLP's output is added to (x itself, or its rotation),
+  so no XLA kernel sums the down partials after the launch. counter int32 [>= 2] zeros (`grid_sync.new_counter`):
+  the waits count on it and the launch leaves it at zero (`mosaic_sync.grid_leave`), so one buffer made once
+  serves every launch; None: a semaphore that Pallas zeroes before each launch (one more XLA op a launch)."""
   (m, d), f = x.shape, w_down.shape[0]
   if w_gu.shape != (d, 2 * f) or w_down.shape != (f, d):
     raise ValueError(f"w_gu {w_gu.shape} and w_down {w_down.shape} are not [{d}, 2F] and [F, {d}]")
   if (sc_gu is None) != (sc_down is None):
     raise ValueError("give WINA scales at both sites or at neither (ones where a site has none)")
+  if residual is not None and (residual.shape != (m, d) or residual.dtype != jnp.bfloat16):
+    raise ValueError(
+      f"residual {residual.shape} {residual.dtype}: the launch adds a bf16 [{m}, {d}] residual"
+    )
+  if counter is not None and (counter.ndim != 1 or counter.shape[0] < 2 or counter.dtype != jnp.int32):
+    raise ValueError(
+      f"counter {counter.shape} {counter.dtype}: give int32 [3] zeros (grid_sync.new_counter())"
+    )
   if gain is not None and not takes_norm(gain, d):
     raise ValueError(
       f"gain {gain.shape} {gain.dtype}: the norm in the launch takes a bf16 [{d}] gain, D % 128 == 0"
@@ -208,13 +256,17 @@ def mlp_partials(
   items_down = int(mg.items_per_program(cfg_down, d).max())
   wina = sc_gu is not None
 
-  normed = gain is not None
+  normed, adds, counted = gain is not None, residual is not None, counter is not None
 
   def mosaic_mlp(x_gmem, thr_gu_gmem, thr_down_gmem, *refs, **scratch):
     gain_gmem = refs[0] if normed else None
     refs = refs[normed:]
     sc_gu_gmem, sc_down_gmem = refs[:2] if wina else (None, None)
-    w_gu_gmem, w_down_gmem, parts_gu, a_gmem, parts_down, gave_up, *marks_gmem = refs[2 * wina :]
+    res_gmem = refs[2 * wina] if adds else None
+    counter_gmem = refs[2 * wina + adds] if counted else None
+    w_gu_gmem, w_down_gmem, parts_gu, a_gmem, parts_down, *refs = refs[2 * wina + adds + counted :]
+    h_gmem = refs.pop(0) if adds else None
+    gave_up, *marks_gmem = refs
     pid = lax.axis_index("sm")
     w_union = scratch["w_union"]
 
@@ -248,7 +300,7 @@ def mlp_partials(
     norm = (gain_gmem, scratch["sums"]) if normed else None
     compact_gu = compactor(x_gmem, thr_gu_gmem, sc_gu_gmem, kp_gu, phase_a, norm)
     compact_down = compactor(a_gmem, thr_down_gmem, sc_down_gmem, kp_down, phase_b)
-    sem, gave = ms.semaphore(), gave_up.at[pl.ds(pid, 1)]
+    sem, gave = counter_gmem if counted else ms.semaphore(), gave_up.at[pl.ds(pid, 1)]
     ms.clear(gave)
     if normed:
       rms_partials(x_gmem, scratch["sums"])
@@ -260,11 +312,18 @@ def mlp_partials(
     mg.kept_row_phase(
       cfg_down, (f, d), (d,), compact_down, w_down_gmem, parts_down, phase_b, w_union, mark(items_gu)
     )
+    if adds:
+      plgpu.wait_smem_to_gmem(0)
+      ms.grid_wait(sem, gave, 3, programs)
+      residual_add(parts_down, res_gmem, h_gmem, splits=cfg_down.splits, programs=programs)
+    if counted:
+      ms.grid_leave(counter_gmem, programs)
 
   out_type = [
     jax.ShapeDtypeStruct((cfg_gu.splits, 2 * f, mg.ROWS), jnp.float32),
     jax.ShapeDtypeStruct((m, f), jnp.bfloat16),
     jax.ShapeDtypeStruct((cfg_down.splits, d, mg.ROWS), jnp.float32),
+    *([jax.ShapeDtypeStruct((m, d), jnp.bfloat16)] if adds else []),
     jax.ShapeDtypeStruct((programs,), jnp.int32),
   ]
   if marks:
@@ -272,7 +331,9 @@ def mlp_partials(
   scratch = mg.scratch_types(cfg, [("a_", kp_gu), ("b_", kp_down)])
   if normed:
     scratch["sums"] = plgpu.SMEM((mg.WARPS * mg.ROWS,), jnp.float32)
-  optional = ((gain,) if normed else ()) + ((sc_gu, sc_down) if wina else ())  # the kernel's optional inputs
+  optional = tuple(
+    v for v in (gain, sc_gu, sc_down, residual, counter) if v is not None
+  )  # in the body's order
   return plgpu.kernel(
     mosaic_mlp,
     out_type=tuple(out_type),
@@ -284,10 +345,22 @@ def mlp_partials(
 
 
 def mlp_reference(
-  x, thr_gu, sc_gu, w_gu, thr_down, sc_down, w_down, cfg: mg.MosaicConfig, *, gain=None, eps: float = 0.0
+  x,
+  thr_gu,
+  sc_gu,
+  w_gu,
+  thr_down,
+  sc_down,
+  w_down,
+  cfg: mg.MosaicConfig,
+  *,
+  gain=None,
+  eps: float = 0.0,
+  residual=None,
 ):
   """`mlp_partials`' contract in jnp (the CPU path): (gate|up partials, the down input a as `activation` builds
-  it, down partials); with gain, x is normalised first (`layers.rms_norm`)."""
+  it, down partials[, with residual: the new residual stream as `residual_add` builds it]); with gain, x is
+  normalised first (`layers.rms_norm`)."""
   (m, d), f = x.shape, w_down.shape[0]
   cfg_gu, cfg_down = configs(cfg, d, f)
   if gain is not None:
@@ -299,14 +372,27 @@ def mlp_reference(
 
   parts_gu = site(x, thr_gu, sc_gu, w_gu, cfg_gu, (f, f))
   a = down_input(parts_gu, m)
-  return parts_gu, a, site(a, thr_down, sc_down, w_down, cfg_down, (d,))
+  parts_down = site(a, thr_down, sc_down, w_down, cfg_down, (d,))
+  return (parts_gu, a, parts_down) + (() if residual is None else (residual_output(parts_down, residual),))
+
+
+def site_sum(parts: jax.Array, m: int) -> jax.Array:
+  """Partial sums [S, N, 8] float32 -> the site's output [M, N] bf16: the splits summed in order, as the launch
+  sums them (`mosaic_gemv.partials_output` leaves the order to XLA)."""
+  return functools.reduce(jnp.add, list(parts))[:, :m].T.astype(jnp.bfloat16)
 
 
 def down_input(parts_gu: jax.Array, m: int) -> jax.Array:
   """The down site's input [M, F] bf16 from the gate|up partials [S, 2F, 8], as `activation` builds it."""
-  f = parts_gu.shape[1] // 2
-  total = functools.reduce(jnp.add, list(parts_gu))[:, :m].T  # [M, 2F], the splits summed in order
-  return swiglu(total[:, :f].astype(jnp.bfloat16), total[:, f:].astype(jnp.bfloat16))
+  g, u = jnp.split(site_sum(parts_gu, m), 2, axis=-1)
+  return swiglu(g, u)
+
+
+def residual_output(parts_down: jax.Array, residual: jax.Array) -> jax.Array:
+  """The new residual stream [M, D] bf16 from the down partials [S, D, 8] and the residual [M, D] bf16, as
+  `residual_add` builds it: residual + the site's output, in float32, rounded to bfloat16."""
+  y = site_sum(parts_down, residual.shape[0]).astype(jnp.float32)
+  return (residual.astype(jnp.float32) + y).astype(jnp.bfloat16)
 
 
 def swiglu(g: jax.Array, u: jax.Array) -> jax.Array:

@@ -113,7 +113,8 @@ def semaphore():
 
 
 def grid_wait(sem, gave_up, k: int, programs: int, spin_limit: int = SPIN_LIMIT) -> None:
-  """The k-th grid-wide wait (k >= 1) of a launch of `programs` programs. sem: the launch's `semaphore()`;
+  """The k-th grid-wide wait (k >= 1) of a launch of `programs` programs. sem: the launch's `semaphore()`, or a
+  counter that every launch leaves at zero (`grid_leave`; its arrivals are its first element);
   gave_up: this program's int32 [1] slot of a global output, zeroed by `clear` before the first wait; it
   counts the waits this program gave up after `spin_limit` loads.
   A program's TMA stores must be complete (`plgpu.wait_smem_to_gmem(0)`) before its wait."""
@@ -160,6 +161,34 @@ def grid_wait(sem, gave_up, k: int, programs: int, spin_limit: int = SPIN_LIMIT)
     barrier()  # every thread leaves after thread 0 saw all programs arrive
 
   wait(sem, gave_up)
+
+
+def grid_leave(counter, programs: int) -> None:
+  """After a launch's last `grid_wait` on counter (int32 [>= 2], global: arrivals, then departures; e.g.
+  `grid_sync.new_counter()`, passed in as an input): thread 0 of every program counts its departure (acq_rel,
+  so its spins on the arrivals are done first), and the last to leave sets arrivals and departures back to zero.
+  The same buffer then serves the next launch with no zeroing before it (`semaphore()` costs one per launch).
+  Every program leaves, a watchdog's given-up waits included, so the counter always ends at zero."""
+
+  @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),))
+  def leave(ctx, ref):
+    del ctx
+    i32, index = _i32(), ir.IndexType.get()
+    ptr = mgpu_utils.memref_ptr(ref)
+    with mgpu_utils.when(_thread0()):
+      left_ptr = mgpu_utils.getelementptr(ptr, [1], i32)
+      before = llvm.inline_asm(
+        i32,
+        [left_ptr, _c(1)],
+        "atom.acq_rel.gpu.global.add.u32 $0, [$1], $2;",
+        "=r,l,r",
+        has_side_effects=True,
+      )
+      with mgpu_utils.when(arith.cmpi(arith.CmpIPredicate.eq, before, _c(programs - 1))):
+        for slot in (0, 1):
+          memref.store(_c(0), ref, [mgpu_utils.c(slot, index)])
+
+  leave(counter)
 
 
 def _publish(slot, k: int) -> None:

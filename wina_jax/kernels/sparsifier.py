@@ -51,11 +51,13 @@ class FusedThresholdSparsifier:
   the norm as XLA ops first (False, the default: on the H200 the prologue made the Llama-3-8B decode step
   0.09 ms slower at 50 / 65 %, its kernels losing more than the norm kernels it removes; decode_h200.md, session 7);
   layer_config: static `PersistentConfig` of backend 'persistent' (None: `persistent_config.DEFAULT_LAYER`);
-  counter: its int32 [3] (`grid_sync.new_counter`: the grid-wide waits' counter, left zeroed by every launch,
-  so made once; its third slot counts waits the watchdog gave up, which `check_waits` raises on);
+  counter: int32 [3] (`grid_sync.new_counter`: the grid-wide waits' counter, left zeroed by every launch,
+  so made once) of backend 'persistent' (its third slot counts waits the watchdog gave up, which `check_waits`
+  raises on) and of `fused_mlp` (None there: Pallas zeroes a semaphore before each launch);
   mosaic_config: static `MosaicConfig` of backend 'mosaic' (the Mosaic GPU kept-row kernel at every site it
   takes; None: its default tiling); mosaic_mlp: static, with backend 'mosaic', whether `fused_mlp` runs each
-  MLP's gate|up and down as one persistent launch where it applies."""
+  MLP's gate|up and down as one persistent launch where it applies; mlp_residual: static, whether that launch
+  also adds the MLP's output to the residual stream where the model offers it (False: XLA adds it after)."""
 
   thresholds: dict = struct.field(default_factory=dict)
   scales: dict = struct.field(default_factory=dict)
@@ -68,6 +70,7 @@ class FusedThresholdSparsifier:
   counter: Optional[jax.Array] = None
   mosaic_config: Optional[MosaicConfig] = struct.field(pytree_node=False, default=None)
   mosaic_mlp: bool = struct.field(pytree_node=False, default=False)
+  mlp_residual: bool = struct.field(pytree_node=False, default=True)
 
   @classmethod
   def create(
@@ -92,7 +95,7 @@ class FusedThresholdSparsifier:
       workspace=jnp.zeros((len(thresholds), WORKSPACE_BLOCKS), jnp.int32) if semaphore else None,
       fuse_norm=fuse_norm,
       layer_config=layer_config,
-      counter=new_counter() if backend == "persistent" else None,
+      counter=new_counter() if backend in ("persistent", "mosaic") else None,
     )
 
   def as_persistent(self, layer_config: Optional[PC.PersistentConfig] = None) -> FusedThresholdSparsifier:
@@ -190,10 +193,20 @@ class FusedThresholdSparsifier:
       interpret=jax.default_backend() != "gpu",
     )
 
-  def fused_mlp(self, cfg, layer: int, x: jax.Array, norm: Optional[tuple], mlp: dict) -> Optional[jax.Array]:
+  def fused_mlp(
+    self,
+    cfg,
+    layer: int,
+    x: jax.Array,
+    norm: Optional[tuple],
+    mlp: dict,
+    residual: Optional[jax.Array] = None,
+  ) -> Optional[jax.Array]:
     """Layer `layer`'s MLP on x [B, T, d] (un-normalised when norm = (gain, eps) is given; mlp: the block's
-    params) as one persistent Mosaic launch (`mosaic_mlp.mlp_partials`) -> its output [B, T, d] before the
-    residual add, or None where backend is not 'mosaic' with `mosaic_mlp`, or the launch does not take the MLP:
+    params) as one persistent Mosaic launch (`mosaic_mlp.mlp_partials`) -> its output [B, T, d], or with
+    residual [B, T, d] the new residual stream residual + output, the add inside the launch (its third phase)
+    unless `mlp_residual` is False;
+    None where backend is not 'mosaic' with `mosaic_mlp`, or the launch does not take the MLP:
     not a fused gate|up with SiLU, a threshold missing at gate|up or down or present at the act site, biases,
     not bfloat16, more than 8 rows, or a shape its tiling refuses (`mosaic_mlp.unsupported`). On the GPU the
     launch applies the RMSNorm where its gain is bf16 (else XLA, before it). Off the GPU its jnp contract runs
@@ -212,7 +225,8 @@ class FusedThresholdSparsifier:
     w_gu, w_down = mlp["gate_up_proj"], mlp["down_proj"]
     (b, t, d), f = x.shape, w_down["kernel"].shape[0]
     mcfg = self.mosaic_config or MosaicConfig()
-    bf16 = all(v.dtype == jnp.bfloat16 for v in (x, w_gu["kernel"], w_down["kernel"]))
+    tensors = (x, w_gu["kernel"], w_down["kernel"]) + (() if residual is None else (residual,))
+    bf16 = all(v.dtype == jnp.bfloat16 for v in tensors)
     if "bias" in w_gu or "bias" in w_down or not bf16 or MM.unsupported(b * t, d, f, mcfg):
       return None
     gpu = jax.default_backend() == "gpu"
@@ -230,9 +244,13 @@ class FusedThresholdSparsifier:
       sc_gu = jnp.broadcast_to(jnp.ones((d,), jnp.float32) if sc_gu is None else sc_gu, (2, d))
       sc_down = jnp.broadcast_to(jnp.ones((f,), jnp.float32) if sc_down is None else sc_down, (1, f))
     args = (x.reshape(b * t, d), thr_gu, sc_gu, w_gu["kernel"], thr_down, sc_down, w_down["kernel"], mcfg)
+    adds = {} if residual is None or not self.mlp_residual else {"residual": residual.reshape(b * t, d)}
     if gpu:
-      *_, parts, gave_up = MM.mlp_partials(*args, **(fold or {}))
-      parts = jnp.where(jnp.any(gave_up > 0), jnp.nan, parts)
+      *_, out, gave_up = MM.mlp_partials(*args, **(fold or {}), **adds, counter=self.counter)
+      out = jnp.where(jnp.any(gave_up > 0), jnp.nan, out)
     else:
-      *_, parts = MM.mlp_reference(*args)
-    return partials_output(parts, b * t, x.dtype).reshape(b, t, d)
+      out = MM.mlp_reference(*args, **adds)[-1]
+    if adds:
+      return out.reshape(b, t, d)
+    y = partials_output(out, b * t, x.dtype).reshape(b, t, d)
+    return y if residual is None else residual + y
