@@ -36,8 +36,8 @@ def test_pallas_step_matches_xla_within_the_models_own_sensitivity():
 
 
 def test_script_checks_the_mosaic_path_on_the_cpu():
-  """--mosaic (with --mosaic_mlp) checks backend 'mosaic' (its jnp contracts off the GPU) against the XLA path;
-  --mosaic_mlp alone is refused."""
+  """--mosaic (with --mosaic_mode=mlp) checks backend 'mosaic' (its jnp contracts off the GPU) against the XLA
+  path; --mosaic_mode alone is refused."""
   import subprocess
   import sys
 
@@ -47,7 +47,7 @@ def test_script_checks_the_mosaic_path_on_the_cpu():
     "experiments.decode.check_decode",
     "--model=tiny",
     "--layers=2",
-    "--mosaic_mlp",
+    "--mosaic_mode=mlp",
   ]
   done = subprocess.run(
     cmd + ["--mosaic=64:64:2:0:4:cp_async:kernel"], capture_output=True, text=True, check=True

@@ -109,15 +109,27 @@ class Context:
       return None
     return getattr(self.sparsifier, name, None)
 
-  def linear(self, site: str, x: jax.Array, lin: dict, norm: Optional[tuple] = None) -> jax.Array:
+  def linear(
+    self,
+    site: str,
+    x: jax.Array,
+    lin: dict,
+    norm: Optional[tuple] = None,
+    residual: Optional[jax.Array] = None,
+  ) -> jax.Array:
     """`x` [..., d_in] through the linear `lin` ({'kernel' [d_in, d_out], 'bias'?}), sparsified at `site`.
 
     norm: (gain [d_in], eps) of an RMSNorm that x passes through first. A sparsifier with a fused `linear`
     and `norm_linear` (the fused kernels) gets the un-normalised x and normalises inside its kernel;
-    otherwise the norm runs first, as XLA ops (`layers.rms_norm`).
+    otherwise the norm runs first, as XLA ops (`layers.rms_norm`). residual [..., d_out]: returns residual + the
+    output (a block's output projection), through the sparsifier's `residual_linear` where it has one.
     """
     kernel = lin["kernel"]
     fused = None if self.collect & {"inputs", "zero_frac"} else getattr(self.sparsifier, "linear", None)
+    if residual is not None and norm is None and "bias" not in lin and self.sparse_tok is None and fused:
+      fused_residual = getattr(self.sparsifier, "residual_linear", None)
+      if fused_residual is not None:
+        return fused_residual(site, x, kernel, residual)
     fused_norm = None if fused is None or norm is None else getattr(self.sparsifier, "norm_linear", None)
     if norm is not None and fused_norm is None:
       x, norm = L.rms_norm(x, *norm), None
@@ -127,7 +139,8 @@ class Context:
       y = fused(site, x, kernel) if norm is None else fused_norm(site, x, *norm, kernel)
       if self.sparse_tok is not None:  # dense-prefix tokens need the dense product too
         y = self._select(y, numerics.matmul(x if norm is None else L.rms_norm(x, *norm), kernel))
-    return y + lin["bias"] if "bias" in lin else y
+    y = y + lin["bias"] if "bias" in lin else y
+    return y if residual is None else residual + y
 
 
 # (projection name, e.g. 'q_proj' or 'qkv_proj'; input x [B, T, d_in]) -> x through that linear, sparsified
@@ -253,40 +266,40 @@ def _layer(
   norms = families.get(cfg.model_type).norms
   rms = lambda x, scale: L.rms_norm(x, norm_gain(cfg, scale), cfg.rms_norm_eps)
 
-  def inputs(block, rot, h):
-    """(the block's input as `project` takes it, project): the residual with the norm left to
-    `Context.linear`, or with an input rotation the normed, rotated input."""
-    pre, reads = norms[block][0], S.block_sites(cfg, block)[:-1]  # reads: the projections after the norm
-    rotated = rot in lp
+  def inputs(block, rot, h, skip):
+    """(the block's input as `project` takes it, project, adds): the residual with the norm left to
+    `Context.linear`, or with an input rotation the normed, rotated input. Where no post-norm follows the block
+    (adds), its output projection returns skip + its output, so a fused kernel can add it."""
+    (pre, post_norm), sites = norms[block], S.block_sites(cfg, block)
+    reads, out_proj = sites[:-1], sites[-1]  # reads: the projections after the norm
+    rotated, adds = rot in lp, post_norm is None
 
     def project(proj, x):
       norm = (norm_gain(cfg, lp[pre]["scale"]), cfg.rms_norm_eps) if proj in reads and not rotated else None
-      return ctx.linear(S.site_name(layer, block, proj), x, lp[block][proj], norm)
+      residual = skip if adds and proj == out_proj else None
+      return ctx.linear(S.site_name(layer, block, proj), x, lp[block][proj], norm, residual)
 
-    return (numerics.matmul(rms(h, lp[pre]["scale"]), lp[rot]["kernel"]) if rotated else h), project
+    return (numerics.matmul(rms(h, lp[pre]["scale"]), lp[rot]["kernel"]) if rotated else h), project, adds
 
   def post(block, y):
     name = norms[block][1]
     return y if name is None else rms(y, lp[name]["scale"])
 
   def attn(h, skip):
-    x, project = inputs("self_attn", "rotate_attn", h)
+    x, project, adds = inputs("self_attn", "rotate_attn", h, skip)
     head_norm = lambda name, q: rms(q, lp["self_attn"][name]["scale"])
     o, new_kv = attention_block(cfg, x, project, positions, kv, kv_len, attention, layer, head_norm)
-    return skip + post("self_attn", o), new_kv
+    return (o if adds else skip + post("self_attn", o)), new_kv
 
   def mlp(h, skip):
-    x, project = inputs("mlp", "rotate_mlp", h)
+    x, project, adds = inputs("mlp", "rotate_mlp", h, skip)
     # a sparsifier's `fused_mlp` may run the MLP step as one kernel (None: not this step), adding the residual
     # inside it unless a post-norm comes between
     fused = ctx.whole_block("fused_mlp")
     norm = None if "rotate_mlp" in lp else (norm_gain(cfg, lp[norms["mlp"][0]]["scale"]), cfg.rms_norm_eps)
-    if fused is not None:
-      adds = norms["mlp"][1] is None  # no post-norm between the MLP's output and the add
-      out = fused(cfg, layer, x, norm, lp["mlp"], residual=skip if adds else None)
-      if out is not None:
-        return out if adds else skip + post("mlp", out)
-    return skip + post("mlp", mlp_block(cfg, x, project, layer, ctx))
+    out = None if fused is None else fused(cfg, layer, x, norm, lp["mlp"], residual=skip if adds else None)
+    out = mlp_block(cfg, x, project, layer, ctx) if out is None else out
+    return out if adds else skip + post("mlp", out)
 
   rotate = lambda key, h: numerics.matmul(h, lp[key]["kernel"]) if key in lp else h
   return residual_layer(h, layer, ctx, attn, mlp, rotate)

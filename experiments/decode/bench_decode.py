@@ -35,7 +35,7 @@ from tqdm import tqdm
 from experiments import common
 from wina_jax import checks
 from wina_jax.bench.decode_setup import (
-  MLP_LAUNCHES,
+  MOSAIC_MODES,
   check_against_xla,
   linear_bytes,
   load_configs,
@@ -138,14 +138,13 @@ common.check(
 )
 common.check(
   flags.DEFINE_list(
-    "mosaic_mlp",
+    "mosaic_modes",
     [],
-    "also time each --mosaic_configs tiling with every MLP as one persistent launch (kernels.mosaic_mlp), "
-    "labelled '<spec>+<launch>': mlp (gate|up with its RMSNorm, SwiGLU, down and the residual add, waits on a "
-    "counter made once) and / or mlp22 (session 22's launch: XLA adds the residual, Pallas zeroes the semaphore "
-    "before each launch); decode_setup.on_mosaic",
+    "also time each --mosaic_configs tiling in these modes (decode_setup.on_mosaic), labelled '<spec>+<mode>': "
+    "fold (each site's launch also runs the RMSNorm before it / the residual add after it), mlp22 (each MLP as "
+    "one persistent launch, as session 22 ran it), mlp (the MLP launch adding the residual, the rest as fold)",
   ),
-  checks.each(checks.one_of(MLP_LAUNCHES[1:]), str),
+  checks.each(checks.one_of(MOSAIC_MODES[1:]), str),
 )
 flags.DEFINE_bool("host_rows", True, "time the host-dispatch rows (no_linear_host, dense_host)")
 common.check(flags.DEFINE_string("out", "", "write results JSON here"), checks.out_path())
@@ -371,13 +370,13 @@ def bench_model(name, key, config_sets, backend) -> list[dict]:
             record(method, s, b, t, step_bytes(params, cfg, b, max_len, kept), att, kept, **extra)
         if b == 1 and FLAGS.persistent_configs:
           persistent(method, s, *make_sparsifier(scores, s, 1, config_sets[0], backend))
-        mosaic_runs = [(spec, mlp) for spec in FLAGS.mosaic_configs for mlp in [""] + FLAGS.mosaic_mlp]
-        for spec, mlp in mosaic_runs if b == 1 else []:
+        mosaic_runs = [(spec, mode) for spec in FLAGS.mosaic_configs for mode in [""] + FLAGS.mosaic_modes]
+        for spec, mode in mosaic_runs if b == 1 else []:
           sp, kept = make_sparsifier(scores, s, 1, config_sets[0], backend)
-          sp = on_mosaic(sp, spec, mlp)
+          sp = on_mosaic(sp, spec, mode)
           for att in attentions:
             t = time_decode(params, cfg, sp, tokens[:1], max_len, reps, attention=att)
-            extra = {"mosaic": spec + "+" * bool(mlp) + mlp}
+            extra = {"mosaic": spec + "+" * bool(mode) + mode}
             if s == 0.5:
               extra["check_vs_xla"] = check_against_xla(params, cfg, sp, tokens[:1], max_len, att)
             record(method, s, 1, t, step_bytes(params, cfg, 1, max_len, kept), att, kept, **extra)

@@ -7,11 +7,11 @@ the model's own sensitivity: the XLA path against itself with the last token's e
 about one bf16 ulp (x * (1 + 2^-7)). A Pallas-vs-XLA gap of the size of that sensitivity is rounding
 amplified by the model, not a kernel error (the kernels alone match to ~1e-4: kernel_sweep, tests).
 
---mosaic=SPEC runs the sparse step on the Mosaic GPU kernels instead (`mosaic_gemv.parse`; --mosaic_mlp: each
-MLP, its RMSNorm included, as one persistent launch, `mosaic_mlp`), the same check against the same XLA path.
+--mosaic=SPEC runs the sparse step on the Mosaic GPU kernels instead (`mosaic_gemv.parse`; --mosaic_mode: fold,
+mlp22 or mlp, `decode_setup.on_mosaic`), the same check against the same XLA path.
 
 GPU:  PYTHONPATH=. python3 -m experiments.decode.check_decode
-      PYTHONPATH=. python3 -m experiments.decode.check_decode --mosaic=64:256:3:0:132:cp_async:kernel --mosaic_mlp
+      PYTHONPATH=. python3 -m experiments.decode.check_decode --mosaic=64:256:3:0:132:cp_async:kernel --mosaic_mode=mlp
 CPU smoke (XLA path only, so pallas_vs_xla is 0): python -m experiments.decode.check_decode --model=tiny --layers=2
       (with --mosaic off the GPU: the Mosaic kernels' jnp contracts)
 """
@@ -44,8 +44,11 @@ common.check(
   ),
   lambda spec: checks.parses(MG.parse)(spec) if spec else None,
 )
-flags.DEFINE_bool(
-  "mosaic_mlp", False, "with --mosaic: each MLP as one persistent launch, residual add included (mosaic_mlp)"
+flags.DEFINE_enum(
+  "mosaic_mode",
+  "",
+  list(B.MOSAIC_MODES),
+  "with --mosaic: '' (per-site kernels), fold, mlp22 or mlp (on_mosaic)",
 )
 
 
@@ -53,8 +56,8 @@ def main(argv):
   declared = common.setup(jnp.bfloat16)  # `random_params`
   print(f"declared numerics: {declared}", flush=True)
   del argv
-  if FLAGS.mosaic_mlp and not FLAGS.mosaic:
-    raise ValueError("--mosaic_mlp runs on the Mosaic kernels: give --mosaic=TILING too")
+  if FLAGS.mosaic_mode and not FLAGS.mosaic:
+    raise ValueError("--mosaic_mode runs on the Mosaic kernels: give --mosaic=TILING too")
   for layers in (int(n) for n in FLAGS.layers):
     cfg0 = SHAPES[FLAGS.model].replace(num_hidden_layers=layers)
     params, cfg = fuse_projections(random_params(cfg0, jax.random.PRNGKey(0)), cfg0)
@@ -63,9 +66,9 @@ def main(argv):
     for sparsity in (0.0, 0.5):
       sp, _ = B.make_sparsifier(scores, sparsity, 1, {}, "mosaic" if FLAGS.mosaic else "auto")
       if FLAGS.mosaic:
-        sp = B.on_mosaic(sp, FLAGS.mosaic, "mlp" if FLAGS.mosaic_mlp else "")
+        sp = B.on_mosaic(sp, FLAGS.mosaic, FLAGS.mosaic_mode)
       print(
-        f"CHECK layers={layers} sparsity={sparsity} backend={sp.backend}{'+mlp' * sp.mosaic_mlp} pallas_vs_xla="
+        f"CHECK layers={layers} sparsity={sparsity} backend={sp.backend}{'+' * bool(FLAGS.mosaic_mode)}{FLAGS.mosaic_mode} pallas_vs_xla="
         f"{B.check_against_xla(params, cfg, sp, tokens, 64)} xla_ulp_moved_vs_xla="
         f"{B.ulp_sensitivity(params, cfg, sp, tokens, 64)}",
         flush=True,

@@ -4,7 +4,7 @@ on their own. Nothing runs and no weights are made, so it works on a CPU-only ma
 taken by reporting the backend as 'gpu' while tracing (--as_gpu, the default off a GPU).
 
 CPU:  PYTHONPATH=. .venv/bin/python -m experiments.decode.lower_cost --backend=mosaic --layers=1,4,32
-      PYTHONPATH=. .venv/bin/python -m experiments.decode.lower_cost --backend=mosaic --mosaic_mlp --layers=32
+      PYTHONPATH=. .venv/bin/python -m experiments.decode.lower_cost --backend=mosaic --mosaic_mode=mlp --layers=32
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from absl import app, flags
 from experiments import common
 from wina_jax import checks
 from wina_jax import sites as S
-from wina_jax.bench.decode_setup import abstract_fused_params, on_mosaic
+from wina_jax.bench.decode_setup import MOSAIC_MODES, abstract_fused_params, on_mosaic
 from wina_jax.bench.shapes import SHAPES
 from wina_jax.decode import decode_loop, fuse_state, init_cache
 from wina_jax.kernels import FusedThresholdSparsifier
@@ -35,7 +35,9 @@ common.check(
   flags.DEFINE_string("mosaic_config", "64:256:3:0:132:cp_async:kernel", "mosaic_gemv.parse spec"),
   checks.parses(mg.parse),
 )
-flags.DEFINE_bool("mosaic_mlp", False, "every MLP as one persistent launch (backend mosaic)")
+flags.DEFINE_enum(
+  "mosaic_mode", "", list(MOSAIC_MODES), "backend mosaic: '' | fold | mlp22 | mlp (on_mosaic)"
+)
 flags.DEFINE_bool("as_gpu", None, "take the GPU paths while tracing (default: when no GPU is present)")
 FLAGS = flags.FLAGS
 
@@ -57,7 +59,7 @@ def sparsifier(cfg0):
   ft, fs, segs = fuse_state({s: jnp.float32(0.3) for s in S.linear_sites(cfg0)}, {}, cfg0)
   sp = FusedThresholdSparsifier.create(ft, fs, segs, backend=FLAGS.backend)
   if FLAGS.backend == "mosaic":
-    sp = on_mosaic(sp, FLAGS.mosaic_config, "mlp" if FLAGS.mosaic_mlp else "")
+    sp = on_mosaic(sp, FLAGS.mosaic_config, FLAGS.mosaic_mode)
   return sp
 
 
@@ -71,7 +73,7 @@ def main(argv):
     jax.clear_caches()
     trace_s, lower_s = lower_seconds(cfg0, sparsifier)
     print(
-      f"{FLAGS.model} layers={layers} backend={FLAGS.backend}{' +mlp' * FLAGS.mosaic_mlp}: "
+      f"{FLAGS.model} layers={layers} backend={FLAGS.backend}{' +' * bool(FLAGS.mosaic_mode)}{FLAGS.mosaic_mode}: "
       f"trace {trace_s:.1f} s, lower {lower_s:.1f} s (jax {jax.__version__})",
       flush=True,
     )

@@ -28,7 +28,7 @@ from absl import app, flags
 
 from experiments import common
 from wina_jax import checks
-from wina_jax.bench.decode_setup import MLP_LAUNCHES, load_configs, make_sparsifier, on_mosaic, site_scores
+from wina_jax.bench.decode_setup import MOSAIC_MODES, load_configs, make_sparsifier, on_mosaic, site_scores
 from wina_jax.bench.shapes import SHAPES
 from wina_jax.bench.trace import summarize, trace_events
 from wina_jax.decode import decode_loop, fuse_projections
@@ -107,10 +107,10 @@ def trace_run(params, cfg, sp, tokens, max_len, attention="xla") -> list:
 
 def parse_variant(v: str) -> tuple[str, float, str]:
   """'dense' -> ('dense', 0.0, ''); 'teal:0.5' -> ('teal', 0.5, ''); 'teal:0.5+mlp' -> ('teal', 0.5, 'mlp'):
-  with --mosaic, every MLP as one persistent launch (`decode_setup.on_mosaic`: 'mlp', or 'mlp22', session 22's).
-  Anything else raises naming the fix."""
+  with --mosaic, the Mosaic mode after the + (`decode_setup.on_mosaic`: fold, mlp22 or mlp). Anything else
+  raises naming the fix."""
   base, plus, rest = v.partition("+")
-  mlp = rest if plus and rest in MLP_LAUNCHES[1:] else ""
+  mlp = rest if plus and rest in MOSAIC_MODES[1:] else ""
   method, _, s = base.partition(":")
   if method == "dense" and not s and not plus:
     return method, 0.0, ""
@@ -120,7 +120,7 @@ def parse_variant(v: str) -> tuple[str, float, str]:
     sparsity = -1.0
   if method not in ("teal", "wina") or not 0 <= sparsity < 1 or (plus and not mlp):
     raise ValueError(
-      f"variant {v!r}: use 'dense' or METHOD:SPARSITY[+mlp | +mlp22] with METHOD teal | wina and "
+      f"variant {v!r}: use 'dense' or METHOD:SPARSITY[+fold | +mlp22 | +mlp] with METHOD teal | wina and "
       "SPARSITY in [0, 1), e.g. teal:0.5 or teal:0.5+mlp"
     )
   return method, sparsity, mlp

@@ -16,18 +16,18 @@
 #   decode  (not in the default STAGES) bench_decode, Llama-3-8B, batch 1, Pallas attention, TEAL at 0 / 50 / 65 /
 #           99.9 % (SPARSITIES): dense, the per-site Triton kernels (benchmarks/configs/h200_partials.json) and backend 'mosaic'
 #           at each of MCONFIGS (comma-separated mosaic_gemv.parse specs, default 64:64:4:0:264) in one run, with
-#           the weightless step, under DECODE_S (default 300 s) -> OUT/bench_llama_mosaic.json; MOSAIC_MLP=mlp[,mlp22]
-#           also times each tiling with every MLP as one persistent launch (kernels.mosaic_mlp; mlp22: session 22's,
-#           XLA adding the residual and Pallas zeroing the semaphore per launch: decode_setup.on_mosaic)
+#           the weightless step, under DECODE_S (default 300 s) -> OUT/bench_llama_mosaic.json; MOSAIC_MODES (e.g. fold,mlp22,mlp)
+#           also times each tiling in those modes (decode_setup.on_mosaic: fold = each site's launch runs the norm
+#           before it / the residual add after it; mlp22 = session 22's MLP launch; mlp = the MLP launch, folded)
 #   marks   (not default) experiments.decode.mosaic_marks: the fused kernel's own clock per phase (compaction, tiles,
 #           store) on each Llama fused shape at MARKS_SPECS (default 64:64:4:0:132,64:256:3:0:132) and SPARSITIES
 #           (default 0,0.5,0.999 here) under MARKS_S (default 240 s) -> OUT/mosaic_marks.json
 #   check   (not default) experiments.decode.check_decode --mosaic=CHECK_SPEC (default 64:256:3:0:132:cp_async:kernel)
-#           --mosaic_mlp: one decode step's logits on Llama-3-8B shapes (2 and 32 layers, 0 / 50 % TEAL), the Mosaic
+#           --mosaic_mode=CHECK_MODE (default mlp): one decode step's logits on Llama-3-8B shapes (2 and 32 layers, 0 / 50 % TEAL), the Mosaic
 #           kernels with the MLP launch against the XLA path, beside the model's own one-ulp sensitivity, under
 #           CHECK_S (default 240 s) -> OUT/check_mosaic.log
 #   profile (not default) profile_decode --mosaic=PROFILE_SPEC (default 64:64:4:0:132:cp_async:kernel), Llama-3-8B,
-#           PROFILE_VARIANTS (default teal:0.5,teal:0.999; +mlp / +mlp22: each MLP as one launch), Pallas attention: per-kernel busy time of the step under PROFILE_S (default 240 s)
+#           PROFILE_VARIANTS (default teal:0.5,teal:0.999; +fold / +mlp22 / +mlp: the on_mosaic modes), Pallas attention: per-kernel busy time of the step under PROFILE_S (default 240 s)
 #           -> OUT/profile_mosaic.json
 #   waits   (not default) experiments.decode.wait_cost --backend=mosaic: the Mosaic grid-wide wait
 #           (wina_jax.kernels.mosaic_sync) on all SMs and half of them, 1 / 2 / 6 / 64 waits per launch, each launch
@@ -83,7 +83,7 @@ fi
 if [[ ,$STAGES, == *,decode,* ]]; then
   timeout -s ABRT -k 10 "${DECODE_S:-300}" python3 -m experiments.decode.bench_decode --models=llama3_8b --methods=teal \
     --batches=1 --sparsities="${SPARSITIES:-0,0.5,0.65,0.999}" --attention=pallas --reps=3 --host_rows=false \
-    --configs=benchmarks/configs/h200_partials.json --mosaic_configs="${MCONFIGS:-64:64:4:0:264}" --mosaic_mlp="${MOSAIC_MLP:-}" \
+    --configs=benchmarks/configs/h200_partials.json --mosaic_configs="${MCONFIGS:-64:64:4:0:264}" --mosaic_modes="${MOSAIC_MODES:-}" \
     --out="$OUT/bench_llama_mosaic.json" > "$OUT/bench_llama_mosaic.log" 2>&1
   echo "decode rc=$?" >> "$OUT/bench_llama_mosaic.log"
   grep -v '^[IWE][0-9]' "$OUT/bench_llama_mosaic.log" | tr '\r' '\n' | grep -v 'it/s\]' | tail -40
@@ -108,7 +108,7 @@ if [[ ,$STAGES, == *,mlp,* ]]; then
 fi
 if [[ ,$STAGES, == *,check,* ]]; then
   timeout -s ABRT -k 10 "${CHECK_S:-240}" python3 -m experiments.decode.check_decode \
-    --mosaic="${CHECK_SPEC:-64:256:3:0:132:cp_async:kernel}" --mosaic_mlp > "$OUT/check_mosaic.log" 2>&1
+    --mosaic="${CHECK_SPEC:-64:256:3:0:132:cp_async:kernel}" --mosaic_mode="${CHECK_MODE:-mlp}" > "$OUT/check_mosaic.log" 2>&1
   echo "check rc=$?" >> "$OUT/check_mosaic.log"
   grep -E '^CHECK|rc=' "$OUT/check_mosaic.log"
 fi

@@ -142,23 +142,25 @@ def make_sparsifier(scores, sparsity, batch, configs, backend):
   return sp, kept
 
 
-MLP_LAUNCHES = ("", "mlp", "mlp22")  # `on_mosaic`'s MLP modes, as the experiments' variants name them
+MOSAIC_MODES = ("", "fold", "mlp22", "mlp")  # `on_mosaic`'s modes, as the experiments' variants name them
 
 
-def on_mosaic(sp, spec: str, mlp: str = ""):
-  """sp on backend 'mosaic' with the tiling `spec` (`mosaic_gemv.parse`). mlp: '' (every site its own kernel),
-  'mlp' (each MLP as one persistent launch with its RMSNorm and residual add, waits on a counter made once:
-  `kernels.mosaic_mlp`), 'mlp22' (session 22's launch, the A / B baseline: XLA adds the residual after it and
-  Pallas zeroes its semaphore before each launch)."""
-  if mlp not in MLP_LAUNCHES:
-    raise ValueError(f"MLP launch {mlp!r}: use one of {MLP_LAUNCHES} ('' for per-site kernels)")
-  full = mlp == "mlp"
+def on_mosaic(sp, spec: str, mode: str = ""):
+  """sp on backend 'mosaic' with the tiling `spec` (`mosaic_gemv.parse`). mode: '' (every site its own kernel,
+  XLA's norms and residual adds around them), 'fold' (the same kernels also applying the RMSNorm before q|k|v
+  and gate|up and adding the residual after o_proj and down: `kernels.mosaic_site`), 'mlp22' (each MLP as one
+  persistent launch as session 22 ran it, the A / B baseline: XLA adds the residual after it, Pallas zeroes its
+  semaphore before each launch), 'mlp' (the MLP launch adding the residual, with the attention half folded as
+  in 'fold'). The folding modes' waits count on a counter made once (`grid_sync.new_counter`)."""
+  if mode not in MOSAIC_MODES:
+    raise ValueError(f"Mosaic mode {mode!r}: use one of {MOSAIC_MODES} ('' for per-site kernels)")
+  fold = mode in ("fold", "mlp")
   return sp.replace(
     backend="mosaic",
     mosaic_config=mosaic_gemv.parse(spec),
-    mosaic_mlp=bool(mlp),
-    mlp_residual=full,
-    counter=new_counter() if full else None,
+    mosaic_mlp=mode.startswith("mlp"),
+    mosaic_fold=fold,
+    counter=new_counter() if fold else None,
   )
 
 

@@ -29,20 +29,15 @@ from jax.experimental import pallas as pl
 from jax.experimental.mosaic.gpu import utils as mgpu_utils
 from jax.experimental.pallas import mosaic_gpu as plgpu
 from jaxlib.mlir import ir
-from jaxlib.mlir.dialects import arith, llvm, memref
+from jaxlib.mlir.dialects import arith, memref
 from jaxlib.mlir.dialects import math as mlir_math
 
 from wina_jax.kernels import mosaic_gemv as mg
+from wina_jax.kernels import mosaic_phases as P
 from wina_jax.kernels import mosaic_sync as ms
 from wina_jax.kernels import persistent_config as PC
 from wina_jax.kernels.reference import keep_mask
 from wina_jax.layers import rms_norm
-
-
-def _ir_types():
-  """Inside a kernel body: (f32, bf16, i32, index types, c(v): an i32 constant)."""
-  i32 = ir.IntegerType.get_signless(32)
-  return ir.F32Type.get(), ir.BF16Type.get(), i32, ir.IndexType.get(), functools.partial(mgpu_utils.c, ty=i32)
 
 
 def _swiglu_ir(g, u):
@@ -58,28 +53,6 @@ def _swiglu_ir(g, u):
   return arith.truncf(bf16, arith.mulf(rounded(arith.mulf(x, sig)), arith.extf(f32, u)))
 
 
-def _split_sum(parts, row, splits: int):
-  """Inside a kernel body: row `row` (i32) of partial sums parts [S, N, 8] float32 (global), the S splits summed
-  in order -> [8] bf16, one per batch row (as `site_sum`)."""
-  f32, bf16, _, _, c = _ir_types()
-  stride = ir.MemRefType(parts.type).shape[1] * mg.ROWS  # one split
-  total = None
-  for s in range(splits):
-    got = mg.load_vector(parts, arith.addi(arith.muli(row, c(mg.ROWS)), c(s * stride)), mg.ROWS, f32)
-    total = got if total is None else [arith.addf(a, b) for a, b in zip(total, got)]
-  return [arith.truncf(bf16, v) for v in total]
-
-
-def _each_row(n: int, programs: int, body) -> None:
-  """Inside a kernel body: body(r) for every row r < n once over the grid (thread t of program p takes
-  r = t + 128 * (p + programs * i))."""
-  c, program = _ir_types()[-1], ms.program()
-  for i in range(-(-n // (mg.WARPGROUP * programs))):
-    r = arith.addi(mgpu_utils.thread_idx(), arith.muli(arith.addi(program, c(programs * i)), c(mg.WARPGROUP)))
-    with mgpu_utils.when(arith.cmpi(arith.CmpIPredicate.ult, r, c(n))):
-      body(r)
-
-
 def activation(parts_gu, a_out, *, splits: int, programs: int) -> None:
   """The down site's input, each row once over the grid: a_out [M, F] bf16 (global) row r = `swiglu`(g, u), g
   and u the gate|up partials' sums (parts_gu [S, 2F, 8] float32, global; rows r and F + r, the S splits summed
@@ -89,105 +62,16 @@ def activation(parts_gu, a_out, *, splits: int, programs: int) -> None:
   @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), plgpu.RefType()))
   def run(ctx, parts, a):
     del ctx
-    index, c = _ir_types()[3:]
+    index, c = P.ir_types()[3:]
 
     def row(r):
-      g, u = _split_sum(parts, r, splits), _split_sum(parts, arith.addi(r, c(f)), splits)
+      g, u = P.split_sum(parts, r, splits), P.split_sum(parts, arith.addi(r, c(f)), splits)
       for b in range(rows):
         memref.store(_swiglu_ir(g[b], u[b]), a, [mgpu_utils.c(b, index), arith.index_cast(index, r)])
 
-    _each_row(f, programs, row)
+    P.each_row(f, programs, row)
 
   run(parts_gu, a_out)
-
-
-def residual_add(parts_down, residual, h_out, *, splits: int, programs: int) -> None:
-  """The MLP's output added to the residual stream, each column once over the grid: h_out [M, D] bf16 (global)
-  column d = residual[:, d] + y, y the down partials' sums (parts_down [S, D, 8] float32, global, the splits
-  summed in order) rounded to bfloat16 as the site's output is; the sum in float32, rounded to bfloat16 (as
-  `residual_output`)."""
-  rows = h_out.shape[0]
-
-  @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),) * 3)
-  def run(ctx, parts, res, out):
-    del ctx
-    f32, bf16, _, index = _ir_types()[:4]
-
-    def column(d):
-      y, at = _split_sum(parts, d, splits), arith.index_cast(index, d)
-      for b in range(rows):
-        where = [mgpu_utils.c(b, index), at]
-        total = arith.addf(arith.extf(f32, memref.load(res, where)), arith.extf(f32, y[b]))
-        memref.store(arith.truncf(bf16, total), out, where)
-
-    _each_row(h_out.shape[1], programs, column)
-
-  run(parts_down, residual, h_out)
-
-
-def rms_partials(x_gmem, sums) -> None:
-  """The first half of the RMSNorm in the launch: each warp's float32 sum of x^2 per batch row of x [M, D] bf16
-  (global; thread t: elements t * D / 128 ...) into sums [WARPS * 8] f32 (shared: warp w, row b at w * 8 + b),
-  then the warpgroup's barrier. `normed_values` finishes it where the compaction reads x."""
-  m, d = x_gmem.shape
-  per = d // mg.WARPGROUP
-
-  @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), plgpu.RefType()))
-  def run(ctx, x, buf):
-    del ctx
-    f32, bf16, i32, index, c = _ir_types()
-    tid = mgpu_utils.thread_idx()
-    lane, warp = arith.andi(tid, c(31)), arith.shrui(tid, c(5))
-    xv = mg.row_loads(x, m, bf16, arith.muli(tid, c(per)), per)
-    for b in range(m):
-      acc = mgpu_utils.c(0.0, f32)
-      for v in xv[b]:
-        v32 = arith.extf(f32, v)
-        acc = arith.addf(acc, arith.mulf(v32, v32))
-      for step in (16, 8, 4, 2, 1):  # the warp's sum, by butterfly shuffles
-        other = llvm.inline_asm(f32, [acc], f"shfl.sync.bfly.b32 $0, $1, {step}, 31, -1;", "=f,f")
-        acc = arith.addf(acc, other)
-      with mgpu_utils.when(arith.cmpi(arith.CmpIPredicate.eq, lane, c(0))):
-        at = arith.addi(arith.muli(warp, c(mg.ROWS)), c(b))
-        memref.store(acc, buf, [arith.index_cast(index, at)])
-    ms.barrier()  # unaligned: the stores above sit in a `when`
-
-  run(x_gmem, sums)
-
-
-def normed_values(rows: int, d: int, eps: float):
-  """`compact_split`'s value source for a split of the RMSNorm's output: srcs (x [M, kp] bf16 and gain [kp] bf16,
-  global: the split's part; sums: `rms_partials`' shared [WARPS * 8] f32) -> gain * bf16(x * rsqrt(sum / d +
-  eps)) per batch row, rounded as `layers.rms_norm` rounds (float32 product, bf16, bf16 product)."""
-
-  def values(refs, first, per):
-    x, gain, sums = refs
-    f32, bf16, index = ir.F32Type.get(), ir.BF16Type.get(), ir.IndexType.get()
-    xv = mg.row_loads(x, rows, bf16, first, per)
-    gv = mg.row_loads(gain, 1, bf16, first, per)[0]
-    out = []
-    for b in range(rows):
-      total = None
-      for w in range(mg.WARPS):  # the warps' sums in warp order
-        part = memref.load(sums, [mgpu_utils.c(w * mg.ROWS + b, index)])
-        total = part if total is None else arith.addf(total, part)
-      mean = arith.divf(total, mgpu_utils.c(float(d), f32))
-      inv = mlir_math.rsqrt(arith.addf(mean, mgpu_utils.c(float(eps), f32)))
-
-      def normed(v, g):
-        y = arith.truncf(bf16, arith.mulf(arith.extf(f32, v), inv))  # y.astype(x.dtype)
-        return arith.truncf(bf16, arith.mulf(arith.extf(f32, g), arith.extf(f32, y)))  # scale * y
-
-      out.append([normed(v, g) for v, g in zip(xv[b], gv)])
-    return out
-
-  return values
-
-
-def takes_norm(gain: jax.Array, d: int) -> bool:
-  """Whether the launch can apply the RMSNorm of this gain itself (`mlp_partials(gain=...)`): bf16 [d], d a
-  multiple of the warpgroup's 128 threads."""
-  return gain.shape == (d,) and gain.dtype == jnp.bfloat16 and d % mg.WARPGROUP == 0
 
 
 def configs(cfg: mg.MosaicConfig, d: int, f: int) -> tuple[mg.MosaicConfig, mg.MosaicConfig]:
@@ -244,7 +128,7 @@ def mlp_partials(
     raise ValueError(
       f"counter {counter.shape} {counter.dtype}: give int32 [3] zeros (grid_sync.new_counter())"
     )
-  if gain is not None and not takes_norm(gain, d):
+  if gain is not None and not P.takes_norm(gain, d):
     raise ValueError(
       f"gain {gain.shape} {gain.dtype}: the norm in the launch takes a bf16 [{d}] gain, D % 128 == 0"
     )
@@ -285,7 +169,7 @@ def mlp_partials(
         split = pl.ds(s * kp, kp)
         mg.compact_split(
           (inp.at[:, split],) if norm is None else (inp.at[:, split], norm[0].at[split], norm[1]),
-          mg.x_values(m) if norm is None else normed_values(m, d, eps),
+          mg.x_values(m) if norm is None else P.normed_values(m, d, eps),
           thr.at[pl.ds(g, 1)],
           None if sc is None else sc.at[g, split],
           phase,
@@ -303,7 +187,7 @@ def mlp_partials(
     sem, gave = counter_gmem if counted else ms.semaphore(), gave_up.at[pl.ds(pid, 1)]
     ms.clear(gave)
     if normed:
-      rms_partials(x_gmem, scratch["sums"])
+      P.rms_partials(x_gmem, scratch["sums"])
     mg.kept_row_phase(cfg_gu, (d, 2 * f), (f, f), compact_gu, w_gu_gmem, parts_gu, phase_a, w_union, mark(0))
     plgpu.wait_smem_to_gmem(0)  # this program's partial sums are written, not only read out of shared memory
     ms.grid_wait(sem, gave, 1, programs)
@@ -315,7 +199,7 @@ def mlp_partials(
     if adds:
       plgpu.wait_smem_to_gmem(0)
       ms.grid_wait(sem, gave, 3, programs)
-      residual_add(parts_down, res_gmem, h_gmem, splits=cfg_down.splits, programs=programs)
+      P.residual_add(parts_down, res_gmem, h_gmem, splits=cfg_down.splits, programs=programs)
     if counted:
       ms.grid_leave(counter_gmem, programs)
 
@@ -373,26 +257,13 @@ def mlp_reference(
   parts_gu = site(x, thr_gu, sc_gu, w_gu, cfg_gu, (f, f))
   a = down_input(parts_gu, m)
   parts_down = site(a, thr_down, sc_down, w_down, cfg_down, (d,))
-  return (parts_gu, a, parts_down) + (() if residual is None else (residual_output(parts_down, residual),))
-
-
-def site_sum(parts: jax.Array, m: int) -> jax.Array:
-  """Partial sums [S, N, 8] float32 -> the site's output [M, N] bf16: the splits summed in order, as the launch
-  sums them (`mosaic_gemv.partials_output` leaves the order to XLA)."""
-  return functools.reduce(jnp.add, list(parts))[:, :m].T.astype(jnp.bfloat16)
+  return (parts_gu, a, parts_down) + (() if residual is None else (P.residual_output(parts_down, residual),))
 
 
 def down_input(parts_gu: jax.Array, m: int) -> jax.Array:
   """The down site's input [M, F] bf16 from the gate|up partials [S, 2F, 8], as `activation` builds it."""
-  g, u = jnp.split(site_sum(parts_gu, m), 2, axis=-1)
+  g, u = jnp.split(P.site_sum(parts_gu, m), 2, axis=-1)
   return swiglu(g, u)
-
-
-def residual_output(parts_down: jax.Array, residual: jax.Array) -> jax.Array:
-  """The new residual stream [M, D] bf16 from the down partials [S, D, 8] and the residual [M, D] bf16, as
-  `residual_add` builds it: residual + the site's output, in float32, rounded to bfloat16."""
-  y = site_sum(parts_down, residual.shape[0]).astype(jnp.float32)
-  return (residual.astype(jnp.float32) + y).astype(jnp.bfloat16)
 
 
 def swiglu(g: jax.Array, u: jax.Array) -> jax.Array:

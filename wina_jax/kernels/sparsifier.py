@@ -2,13 +2,17 @@
 
 `__call__(site, x, kernel)` masks (CPU, analysis); `linear(site, x, kernel)` runs the fused kernel
 (`masked_linear`), which the model prefers when present; `norm_linear(site, h, gain, eps, kernel)` does the
-same on `rms_norm(h)` with the norm computed in the kernel's prologue (the model's sites after a norm). Sites absent from `thresholds` stay dense.
+same on `rms_norm(h)` with the norm computed in the kernel's prologue (the model's sites after a norm);
+`residual_linear(site, x, kernel, residual)` returns residual + `linear` (a block's output projection), the add
+inside the launch where `mosaic_fold` lets it. Sites absent from `thresholds` stay dense.
 Fused sites (`qkv_proj`, `gate_up_proj`) carry one threshold and scale per output segment.
 backend 'persistent' adds `fused_layer`, which runs a whole decoder layer step as one launch
 (`persistent_layer`) where it applies (batch 1, one token, fused Llama / Qwen2-style layers) and returns None
 elsewhere, so the model falls back to its per-site path (the sites then use backend 'auto').
 backend 'mosaic' with `mosaic_mlp` adds `fused_mlp`, which runs a decode step's MLP (fused gate|up, SiLU,
-down) as one persistent Mosaic launch (`mosaic_mlp`) where it applies, and None elsewhere.
+down) as one persistent Mosaic launch (`mosaic_mlp`) where it applies, and None elsewhere. backend 'mosaic' with
+`mosaic_fold` folds XLA's work around the sites into their launches on the GPU: the RMSNorm before q|k|v, the
+residual add after o_proj (`mosaic_site`) and after the MLP launch.
 
 From a calibrated `wina_jax.sparsity.ScoreSparsifier` in threshold mode, any method:
   wina_jax.decode.fast_sparsifier(sp, cfg, fused=False)   # or fused=True for `fuse_projections`' model
@@ -28,6 +32,7 @@ from flax import struct
 from wina_jax import numerics
 from wina_jax import sites as S
 from wina_jax.kernels import mosaic_mlp as MM
+from wina_jax.kernels import mosaic_phases as MP
 from wina_jax.kernels import persistent_config as PC
 from wina_jax.kernels import persistent_layer as PL
 from wina_jax.kernels.config import WORKSPACE_BLOCKS, KernelConfig
@@ -56,8 +61,10 @@ class FusedThresholdSparsifier:
   raises on) and of `fused_mlp` (None there: Pallas zeroes a semaphore before each launch);
   mosaic_config: static `MosaicConfig` of backend 'mosaic' (the Mosaic GPU kept-row kernel at every site it
   takes; None: its default tiling); mosaic_mlp: static, with backend 'mosaic', whether `fused_mlp` runs each
-  MLP's gate|up and down as one persistent launch where it applies; mlp_residual: static, whether that launch
-  also adds the MLP's output to the residual stream where the model offers it (False: XLA adds it after)."""
+  MLP's gate|up and down as one persistent launch where it applies; mosaic_fold: static, with backend 'mosaic'
+  on the GPU, whether a site's launch also applies the RMSNorm before it (`norm_linear`, a bf16 gain) and adds
+  the residual after it (`residual_linear`, and the MLP launch where the model offers the residual), with their
+  grid-wide waits on `counter` (False: XLA runs both, as in session 22)."""
 
   thresholds: dict = struct.field(default_factory=dict)
   scales: dict = struct.field(default_factory=dict)
@@ -70,7 +77,7 @@ class FusedThresholdSparsifier:
   counter: Optional[jax.Array] = None
   mosaic_config: Optional[MosaicConfig] = struct.field(pytree_node=False, default=None)
   mosaic_mlp: bool = struct.field(pytree_node=False, default=False)
-  mlp_residual: bool = struct.field(pytree_node=False, default=True)
+  mosaic_fold: bool = struct.field(pytree_node=False, default=False)
 
   @classmethod
   def create(
@@ -135,15 +142,28 @@ class FusedThresholdSparsifier:
 
   def norm_linear(self, site: str, h: jax.Array, gain: jax.Array, eps: float, kernel: jax.Array) -> jax.Array:
     """`linear` of `layers.rms_norm(h, gain, eps)`, h [..., d_in] un-normalised: with `fuse_norm` the Pallas
-    kernel normalises in its prologue, so no norm kernel runs before it; else the norm runs first."""
-    if not self.fuse_norm:
+    kernel normalises in its prologue (with `mosaic_fold`, the Mosaic launch in its compaction), so no norm
+    kernel runs before it; else the norm runs first."""
+    if not self.fuse_norm and not self._folds():
       return self._linear(site, rms_norm(h, gain, eps), kernel, None)
     return self._linear(site, h, kernel, (gain, eps))
 
-  def _linear(self, site, x, kernel, norm):
+  def residual_linear(self, site: str, x: jax.Array, kernel: jax.Array, residual: jax.Array) -> jax.Array:
+    """residual + `linear`(site, x, kernel), residual [..., d_out]: with `mosaic_fold` on the GPU the add runs
+    in the site's launch (`mosaic_site`), else in XLA after it."""
+    return self._linear(site, x, kernel, None, residual)
+
+  def _folds(self) -> bool:
+    """Whether sites fold their norm and residual add into their launches: on the GPU only, so that off it the
+    step runs as the per-site path does, bit for bit (XLA's excess precision rounds the same norm differently
+    in another fusion, and the masks amplify it)."""
+    return self.backend == "mosaic" and self.mosaic_fold and jax.default_backend() == "gpu"
+
+  def _linear(self, site, x, kernel, norm, residual=None):
     t = self.thresholds.get(site)
     if t is None:
-      return numerics.matmul(x if norm is None else rms_norm(x, *norm), kernel)
+      y = numerics.matmul(x if norm is None else rms_norm(x, *norm), kernel)
+      return y if residual is None else residual + y
     return masked_linear(
       x,
       kernel,
@@ -155,6 +175,9 @@ class FusedThresholdSparsifier:
       workspace=self.workspace,
       slot=sorted(self.thresholds).index(site),
       norm=norm,
+      residual=residual,
+      fold=self._folds(),
+      counter=self.counter if self._folds() else None,
     )
 
   def _layer_sites(self, layer: int) -> list:
@@ -205,13 +228,13 @@ class FusedThresholdSparsifier:
     """Layer `layer`'s MLP on x [B, T, d] (un-normalised when norm = (gain, eps) is given; mlp: the block's
     params) as one persistent Mosaic launch (`mosaic_mlp.mlp_partials`) -> its output [B, T, d], or with
     residual [B, T, d] the new residual stream residual + output, the add inside the launch (its third phase)
-    unless `mlp_residual` is False;
+    on the GPU where `mosaic_fold` is set (else XLA adds it after);
     None where backend is not 'mosaic' with `mosaic_mlp`, or the launch does not take the MLP:
     not a fused gate|up with SiLU, a threshold missing at gate|up or down or present at the act site, biases,
     not bfloat16, more than 8 rows, or a shape its tiling refuses (`mosaic_mlp.unsupported`). On the GPU the
     launch applies the RMSNorm where its gain is bf16 (else XLA, before it). Off the GPU its jnp contract runs
-    (`mosaic_mlp.mlp_reference`), the norm in XLA before it as on the per-site path (XLA's excess precision
-    rounds the same norm differently in another fusion, and the masks amplify it). A launch whose grid-wide wait
+    (`mosaic_mlp.mlp_reference`), the norm before it and the residual add after it in XLA as on the per-site path
+    (XLA's excess precision rounds the same ops differently in another fusion, and the masks amplify it). A launch whose grid-wide wait
     gave up returns NaN."""
     if self.backend != "mosaic" or not self.mosaic_mlp or not cfg.fused_gate_up or cfg.hidden_act != "silu":
       return None
@@ -230,10 +253,10 @@ class FusedThresholdSparsifier:
     if "bias" in w_gu or "bias" in w_down or not bf16 or MM.unsupported(b * t, d, f, mcfg):
       return None
     gpu = jax.default_backend() == "gpu"
-    fold = None  # on the GPU the launch applies the RMSNorm itself where it can (`mosaic_mlp.takes_norm`)
+    fold = None  # on the GPU the launch applies the RMSNorm itself where it can (`mosaic_phases.takes_norm`)
     if norm is not None:
       gain = jnp.asarray(norm[0])
-      if gpu and MM.takes_norm(gain, d):
+      if gpu and MP.takes_norm(gain, d):
         fold = {"gain": gain, "eps": float(norm[1])}
       else:  # off the GPU as the per-site path does it, so the CPU path matches that one bit for bit
         x = rms_norm(x, *norm)
@@ -244,7 +267,8 @@ class FusedThresholdSparsifier:
       sc_gu = jnp.broadcast_to(jnp.ones((d,), jnp.float32) if sc_gu is None else sc_gu, (2, d))
       sc_down = jnp.broadcast_to(jnp.ones((f,), jnp.float32) if sc_down is None else sc_down, (1, f))
     args = (x.reshape(b * t, d), thr_gu, sc_gu, w_gu["kernel"], thr_down, sc_down, w_down["kernel"], mcfg)
-    adds = {} if residual is None or not self.mlp_residual else {"residual": residual.reshape(b * t, d)}
+    # the launch adds the residual on the GPU only: off it XLA adds it as on the per-site path, bit for bit
+    adds = {"residual": residual.reshape(b * t, d)} if residual is not None and self._folds() else {}
     if gpu:
       *_, out, gave_up = MM.mlp_partials(*args, **(fold or {}), **adds, counter=self.counter)
       out = jnp.where(jnp.any(gave_up > 0), jnp.nan, out)
