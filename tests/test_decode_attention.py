@@ -8,7 +8,7 @@ import pytest
 from wina_jax import layers as L
 from wina_jax.bench.shapes import SHAPES
 from wina_jax.config import RopeScaling
-from wina_jax.decode import decode_loop, prefill
+from wina_jax.decode import decode_loop, fuse_projections, prefill
 from wina_jax.kernels import decode_attention as DA
 from wina_jax.model import attention_block
 from wina_jax.testing import random_params
@@ -100,22 +100,27 @@ def test_gpu_kernel_equals_xla_attention_block(shape, batch):
 
 def split_vs_whole(cfg, batch, length, slots, interpret):
   """decode_attention with every divisor of G as heads_per_program equals it with one program per KV head
-  (the default), output and both written caches."""
+  (the default), output and both written caches; so does it on q|k|v packed as one [B, H + 2K, hd] input (a
+  fused projection's output, which then needs no slices), with each split."""
   ks = jax.random.split(jax.random.PRNGKey(length), 5)
   h, kh, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
   q, k, v = (jax.random.normal(key, (batch, n, hd), jnp.bfloat16) for key, n in zip(ks, (h, kh, kh)))
   ck, cv = (jax.random.normal(key, (batch, slots, kh, hd), jnp.bfloat16) for key in ks[3:])
-  run = lambda hp: DA.decode_attention(
-    q, k, v, ck, cv, jnp.int32(length), L.rope_inv_freq(cfg), rotary_dim=cfg.rotary_dim,
+  packed = jnp.concatenate([q, k, v], axis=1)
+  run = lambda hp, qkv=(q, k, v): DA.decode_attention(
+    *qkv, ck, cv, jnp.int32(length), L.rope_inv_freq(cfg), rotary_dim=cfg.rotary_dim,
     heads_per_program=hp, interpret=interpret,
   )  # fmt: skip
   group = h // kh
   ref = run(None)
-  for hp in [d for d in range(1, group) if group % d == 0]:
-    for got, want in zip(run(hp), ref):
-      np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+  for hp in [d for d in range(1, group) if group % d == 0] + [None]:
+    for qkv in ((q, k, v), (packed, None, None)):
+      for got, want in zip(run(hp, qkv), ref):
+        np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
   with pytest.raises(ValueError, match="must divide"):
     run(group + 1)
+  with pytest.raises(ValueError, match="give both k and v"):
+    run(None, (q, k, None))
 
 
 def test_heads_per_program_split_is_exact():
@@ -130,14 +135,23 @@ def test_gpu_heads_per_program_split_is_exact(shape):
   split_vs_whole(SHAPES[shape], 2, 300, 512, False)
 
 
-def test_decode_loop_with_kernel_same_tokens_and_cache():
-  """A tiny random model decoding 6 teacher-forced steps: same greedy tokens, logits and cache as 'xla'."""
-  params = random_params(TINY, 0, jnp.float32)
-  tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 11), 0, TINY.vocab_size)
+@pytest.mark.parametrize("fused", [False, True])
+def test_decode_loop_with_kernel_same_tokens_and_cache(fused, monkeypatch):
+  """A tiny random model decoding 6 teacher-forced steps: same greedy tokens, logits and cache as 'xla'; with
+  fused projections the kernel reads q|k|v packed (`decode_attention(qkv, None, None, ...)`)."""
+  params, cfg = random_params(TINY, 0, jnp.float32), TINY
+  if fused:
+    params, cfg = fuse_projections(params, cfg)
+  tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 11), 0, cfg.vocab_size)
+  packed, real = [], DA.decode_attention
+  monkeypatch.setattr(
+    DA, "decode_attention", lambda q, k, *a, **kw: packed.append(k is None) or real(q, k, *a, **kw)
+  )
   out = {}
   for attention in ("xla", "interpret"):
-    _, _, cache = prefill(params, tokens[:, :5], cfg=TINY, max_len=16)
-    out[attention] = decode_loop(params, tokens[:, 5:], cache, cfg=TINY, attention=attention)
+    _, _, cache = prefill(params, tokens[:, :5], cfg=cfg, max_len=16)
+    out[attention] = decode_loop(params, tokens[:, 5:], cache, cfg=cfg, attention=attention)
+  assert packed and set(packed) == {fused}
   (nxt, logits, cache), (nxt_x, logits_x, cache_x) = out["interpret"], out["xla"]
   np.testing.assert_array_equal(nxt, nxt_x)
   np.testing.assert_allclose(logits, logits_x, rtol=1e-5, atol=1e-5)

@@ -173,7 +173,8 @@ def attention_block(
   cfg = cfg.layer_config(layer)
   b, t, _ = x.shape
   if cfg.fused_qkv:
-    q, k, v = jnp.split(project("qkv_proj", x), [cfg.q_dim, cfg.q_dim + cfg.kv_dim], axis=-1)
+    qkv = project("qkv_proj", x)
+    q, k, v = jnp.split(qkv, [cfg.q_dim, cfg.q_dim + cfg.kv_dim], axis=-1)
   else:
     q, k, v = (project(n, x) for n in ("q_proj", "k_proj", "v_proj"))
   q = q.reshape(b, t, cfg.num_attention_heads, cfg.head_dim)
@@ -184,6 +185,8 @@ def attention_block(
     raise ValueError(f"attention {attention!r} is not one of {ATTENTION_BACKENDS}")
   if attention != "xla" and kv is not None and DA.supported(b, t, cfg.head_dim):
     q, k, v = (y.reshape(b, -1, cfg.head_dim) for y in (q, k, v))  # [B, heads, hd]: t == 1
+    if cfg.fused_qkv and not cfg.qk_norm:  # the kernel reads q|k|v packed: no slices materialised for it
+      q, k, v = qkv.reshape(b, -1, cfg.head_dim), None, None
     o, k, v = DA.decode_attention(
       q,
       k,

@@ -64,6 +64,8 @@ def _kernel(
   block_s: int,
   window,
   scale: float,
+  k_base: int,
+  v_base: int,
 ):
   b, kh, hg = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   length = plgpu.load(len_ref.at[jnp.int32(0)])
@@ -81,8 +83,8 @@ def _kernel(
     x, xp = plgpu.load(ref.at[b, head, dims]), plgpu.load(ref.at[b, head, partner])
     return x * cos.astype(x.dtype) + xp * sin.astype(x.dtype)
 
-  k_new = rope(kn_ref, kh).astype(ko_ref.dtype)
-  v_new = plgpu.load(vn_ref.at[b, kh, dims]).astype(vo_ref.dtype)
+  k_new = rope(kn_ref, k_base + kh).astype(ko_ref.dtype)
+  v_new = plgpu.load(vn_ref.at[b, v_base + kh, dims]).astype(vo_ref.dtype)
   # the head's first program writes; a full cache is left alone, never overrun
   inside = (dims >= 0) & (length < ko_ref.shape[1]) & (hg == 0)
   plgpu.store(ko_ref.at[b, length, kh, dims], k_new, mask=inside)
@@ -152,14 +154,21 @@ def decode_attention(
   interpret: bool = False,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """One decode step of attention, before RoPE: q [B, H, hd], k, v [B, K, hd] of the token at position
-  `length` (int32 scalar); cache_k, cache_v [B, S, K, hd] with `length` valid slots; inv_freq
+  `length` (int32 scalar), or packed: q [B, H + 2K, hd] (a fused q|k|v projection's output, reshaped: no XLA
+  slices between it and this kernel) with k and v None; cache_k, cache_v [B, S, K, hd] with `length` valid
+  slots; inv_freq
   [rotary_dim // 2] (`layers.rope_inv_freq`); window: the sliding window or None; scale: of the scores (None:
   hd ** -1/2); heads_per_program:
   query heads per program, a divisor of G = H / K (None: `HEADS_PER_PROGRAM`).
   -> (out [B, H, hd] in q's dtype, cache_k, cache_v with slot `length` written).
   """
-  b, h, hd = q.shape
-  kheads = k.shape[1]
+  if (k is None) != (v is None):
+    raise ValueError("give both k and v, or neither (q then packs q|k|v as [B, H + 2K, hd])")
+  kheads = cache_k.shape[2]
+  packed = k is None
+  b, h, hd = q.shape[0], q.shape[1] - 2 * kheads * packed, q.shape[2]
+  if packed:
+    k = v = q  # the kernel reads k at heads H.., v at H + K..
   if not supported(b, 1, hd):
     raise ValueError(
       f"decode_attention takes batch <= {MAX_BATCH} and a power-of-two head_dim; got batch "
@@ -181,9 +190,11 @@ def decode_attention(
     block_s=block_s,
     window=window,
     scale=hd**-0.5 if scale is None else scale,
+    k_base=h * packed,
+    v_base=(h + kheads) * packed,
   )
   out_shape = (
-    jax.ShapeDtypeStruct(q.shape, q.dtype),
+    jax.ShapeDtypeStruct((b, h, hd), q.dtype),
     jax.ShapeDtypeStruct(cache_k.shape, cache_k.dtype),
     jax.ShapeDtypeStruct(cache_v.shape, cache_v.dtype),
   )
