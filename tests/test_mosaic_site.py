@@ -48,18 +48,27 @@ def test_contract_is_the_per_site_path():
   parts, h = msite.site_reference(x, t, sc, w, cfg, SEGS, residual=res)
   np.testing.assert_array_equal(h, mp.residual_output(parts, res))
   np.testing.assert_array_equal(h, res + mg.partials_output(parts, 3, jnp.bfloat16))
+  _, y = msite.site_reference(x, t, sc, w, cfg, SEGS, summed=True)
+  np.testing.assert_array_equal(y, mg.partials_output(parts, 3, jnp.bfloat16))
 
 
 @pytest.mark.parametrize(
-  "m,wina,norm,adds,counted",
-  [(1, False, True, False, False), (3, True, False, True, False), (2, False, True, True, True)],
+  "m,wina,norm,adds,summed,counted",
+  [
+    (1, False, True, False, False, False),
+    (3, True, False, True, False, False),
+    (2, False, True, True, False, True),
+    (1, False, True, False, True, True),
+  ],
 )
-def test_launch_lowers_for_cuda(m, wina, norm, adds, counted):
+def test_launch_lowers_for_cuda(m, wina, norm, adds, summed, counted):
   """Lowered for CUDA: the outputs, the norm where given (rsqrt and the warp shuffles), one grid-wide wait where
-  the residual is added (on the counter, which the last program out zeroes, or on Pallas' zeroed semaphore)."""
+  the output is summed or the residual added (on the counter, which the last program out zeroes, or on Pallas'
+  zeroed semaphore)."""
   x, t, sc, w, gain, res = case(m, wina=wina)
   kw = ({"gain": gain, "eps": 1e-5} if norm else {}) | ({"residual": res} if adds else {})
-  kw |= {"counter": new_counter()} if counted else {}
+  kw |= ({"counter": new_counter()} if counted else {}) | {"summed": summed}
+  adds = adds or summed  # the launch writes an output
   f = jax.jit(lambda x, t, sc, w: msite.site_launch(x, t, sc, w, mg.parse("64:64:2:0:8"), SEGS, **kw))
   parts, *h, gave_up = jax.eval_shape(f, x, t, sc, w)
   assert parts.shape[1:] == (384, 8) and gave_up.shape == (8,)
@@ -106,7 +115,7 @@ def test_masked_linear_adds_the_residual_off_the_gpu(backend):
 def test_on_the_gpu_fold_hands_the_norm_and_residual_to_one_launch(monkeypatch):
   """Where the backend is the GPU, `masked_linear(fold=True)` on backend 'mosaic' gives the launch (stood in for
   by its contract) the un-normalised x, the bf16 gain, the residual and the counter, and returns the launch's
-  new residual stream; without fold the per-site kernel runs."""
+  new residual stream (without a residual, its summed output); without fold the per-site kernel runs."""
   x, t, _, w, gain, res = case(2)
   cfg, counter, got = mg.parse("64:64:2:0:8"), new_counter(), {}
 
@@ -124,6 +133,11 @@ def test_on_the_gpu_fold_hands_the_norm_and_residual_to_one_launch(monkeypatch):
   np.testing.assert_array_equal(
     h, msite.site_reference(x, t, None, w, cfg, SEGS, gain=gain, eps=1e-5, residual=res)[1]
   )
+  y = masked_linear(x, w, t, None, SEGS, norm=(gain, 1e-5), **kw)
+  assert got["summed"] and got["residual"] is None
+  np.testing.assert_array_equal(
+    y, msite.site_reference(x, t, None, w, cfg, SEGS, gain=gain, eps=1e-5, summed=True)[1]
+  )
   got.clear()
   monkeypatch.setattr(mg, "masked_linear_mosaic", lambda x, *a, **k: jnp.zeros((x.shape[0], 384), x.dtype))
   masked_linear(x, w, t, None, SEGS, norm=(gain, 1e-5), residual=res, **(kw | {"fold": False}))
@@ -133,8 +147,8 @@ def test_on_the_gpu_fold_hands_the_norm_and_residual_to_one_launch(monkeypatch):
 @pytest.mark.parametrize("mode", ["fold", "mlp"])
 def test_model_folds_norms_and_residual_adds(monkeypatch, mode):
   """A 2-layer decode step in `on_mosaic` mode fold / mlp, traced and lowered for CUDA: the launches are q|k|v
-  and gate|up with the norm inside, o_proj and down with the residual add (one wait each, on the counter), or
-  the MLP launch with three waits; off the GPU the same step's logits equal the unfolded mode's ('' / mlp22)
+  and gate|up with the norm inside, o_proj and down with the residual add, each summing its output after one
+  wait on the counter, or the MLP launch with three waits; off the GPU the same step's logits equal the unfolded mode's ('' / mlp22)
   bit for bit (the norms and the adds run in XLA as there, the MLP launch's add in its contract)."""
   import dataclasses
 
@@ -166,27 +180,31 @@ def test_model_folds_norms_and_residual_adds(monkeypatch, mode):
   texts = mosaic_modules(step, aparams, jax.ShapeDtypeStruct((1,), jnp.int32), acache)
   counts = [(t.count("red.release.gpu.global.add"), t.count("atom.acq_rel.gpu.global.add")) for t in texts]
   assert all(leaves == (waits > 0) for waits, leaves in counts)  # every launch that waits leaves the counter
-  assert sorted(waits for waits, _ in counts) == ([0, 0, 1, 1] if mode == "fold" else [0, 1, 3])
+  # every site sums its own output: no XLA reduction after any launch
+  assert sorted(waits for waits, _ in counts) == ([1, 1, 1, 1] if mode == "fold" else [1, 1, 3])
   assert sum("math.rsqrt" in t for t in texts) == 2  # q|k|v's and gate|up's (or the MLP launch's) norm
 
 
 @needs_gpu
 @pytest.mark.parametrize(
-  "m,k,segs,wina,spec,norm,adds,counted",
+  "m,k,segs,wina,spec,norm,adds,summed,counted",
   [
-    (1, 4096, (4096, 1024, 1024), False, "64:256:3:0:0", True, False, False),
-    (3, 1024, (1024,), True, "64:128:3:0:0", False, True, True),
-    (1, 4096, (4096,), False, "64:256:3:0:0", False, True, True),
-    (2, 4096, (4096,), True, "64:256:3:0:0", True, True, False),
+    (1, 4096, (4096, 1024, 1024), False, "64:256:3:0:0", True, False, True, True),
+    (3, 1024, (1024,), True, "64:128:3:0:0", False, True, False, True),
+    (1, 4096, (4096,), False, "64:256:3:0:0", False, True, False, True),
+    (2, 4096, (4096,), True, "64:256:3:0:0", True, True, False, False),
+    (1, 4096, (4096, 1024, 1024), True, "64:256:3:0:0", True, False, False, False),
   ],
 )
-def test_gpu_launch_matches_its_contract(m, k, segs, wina, spec, norm, adds, counted):
+def test_gpu_launch_matches_its_contract(m, k, segs, wina, spec, norm, adds, summed, counted):
   """The partial sums against `site_reference` (float32 tolerance; with the norm, within a few bf16 roundings:
-  its sum of squares runs in another order than XLA's); the new residual stream from the launch's own partials
-  bit for bit; no wait given up; with a counter, two launches in a row and the counter zero after them."""
+  its sum of squares runs in another order than XLA's); the summed output or the new residual stream from the
+  launch's own partials bit for bit; no wait given up; with a counter, two launches in a row and the counter zero
+  after them."""
   x, t, sc, w, gain, res = case(m, k, segs, wina)
   cfg = mg.parse(spec)
   kw = ({"gain": gain, "eps": 1e-5} if norm else {}) | ({"residual": res} if adds else {})
+  kw |= {"summed": summed}
   counter = new_counter() if counted else None
   launch = jax.jit(lambda *a, counter: msite.site_launch(*a, cfg, segs, counter=counter, **kw))
   for _ in range(2 if counted else 1):
@@ -196,6 +214,8 @@ def test_gpu_launch_matches_its_contract(m, k, segs, wina, spec, norm, adds, cou
     np.testing.assert_array_equal(counter, np.zeros(3, np.int32))
   if adds:
     np.testing.assert_array_equal(h[0], mp.residual_output(parts, res))
+  elif summed:
+    np.testing.assert_array_equal(h[0], mp.site_sum(parts, m))
   want = msite.site_reference(x, t, sc, w, cfg, segs, **{a: b for a, b in kw.items() if a != "residual"})[0]
   got, want = np.asarray(parts), np.asarray(want)
   assert np.linalg.norm(got - want) <= (1e-3 if norm else 1e-5) * np.linalg.norm(want)

@@ -94,18 +94,18 @@ def masked_linear(
 
 def _mosaic(x, kernel, thresholds, scales, segments, cfg, norm, residual, fold, counter) -> jax.Array:
   """`masked_linear` on backend 'mosaic' for a site the kept-row kernel takes: x [M, K] -> [M, N] (plus
-  residual [M, N] where given). On the GPU with fold, `mosaic_site.site_launch` takes the norm and the residual
-  add where it can; else the norm runs first in XLA and the add after it. A launch whose wait gave up returns
-  NaN."""
+  residual [M, N] where given). On the GPU with fold, `mosaic_site.site_launch` takes the norm, sums its
+  partials into the output after a grid-wide wait and adds the residual there; else the norm runs first in XLA
+  and the sum and the add after it. A launch whose wait gave up returns NaN."""
   rows = x.shape[0]
   gpu = jax.default_backend() == "gpu"
   gain = None if norm is None or not MP.takes_norm(norm[0], x.shape[1]) else norm[0]
   adds = residual is not None and residual.dtype == jnp.bfloat16
-  if gpu and fold and (adds or gain is not None) and MS.unsupported(rows, kernel, segments, cfg) is None:
+  if gpu and fold and MS.unsupported(rows, kernel, segments, cfg) is None:
     if norm is not None and gain is None:
       x = rms_norm(x, *norm)
     kw = {} if gain is None else {"gain": gain, "eps": float(norm[1])}
-    outs = MS.site_launch(
+    _, out, gave_up = MS.site_launch(
       x,
       thresholds,
       None if scales is None else scales.astype(jnp.float32),
@@ -114,10 +114,10 @@ def _mosaic(x, kernel, thresholds, scales, segments, cfg, norm, residual, fold, 
       segments,
       **kw,
       residual=residual if adds else None,
+      summed=True,
       counter=counter,
     )
-    out = outs[1] if adds else MG.partials_output(outs[0], rows, x.dtype)
-    out = jnp.where(jnp.any(outs[-1] > 0), jnp.nan, out)
+    out = jnp.where(jnp.any(gave_up > 0), jnp.nan, out)
     return out if adds or residual is None else residual + out
   if norm is not None:
     x = rms_norm(x, norm[0], norm[1])

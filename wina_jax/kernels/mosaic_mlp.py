@@ -6,7 +6,7 @@ each program thresholding and compacting its split of x, optionally applying the
 (`mosaic_sync.grid_wait`), then `activation`: the down site's input a = SiLU(g) * u [M, F] bf16, each row once
 over the grid, from the splits' float32 sums rounded to bfloat16 as the site's outputs are (g, u), then op by op
 as XLA rounds the model's bfloat16 `mlp_block` (`swiglu`); a second wait; then the down site's phase, which
-compacts a as gate|up compacts x. Given the residual stream, a third wait and `residual_add`: the down partials
+compacts a as gate|up compacts x. Given the residual stream, a third wait and `mosaic_phases.site_output`: the down partials
 summed and added to it, so no XLA kernel runs between this launch and the next layer's. (Session 21's
 single-wait launch built a inside every down program's compaction from the partials, [S, 2F, 8] float32 of which
 batch 1 uses one row in 8: each down split's programs read it again, and the down phase spanned 8.7 us at 99.9 %
@@ -109,7 +109,7 @@ def mlp_partials(
   [S2, D, 8] f32, [with residual: the new residual stream [M, D] bf16,] gave_up [programs] int32: the grid
   waits' watchdog, `mosaic_sync.check_gave_up`), plus, with marks, the clock [programs, items, MARKS] int32
   (gate|up's items, then down's: `mosaic_gemv.fused_partials`' marks per item). Phases: gate|up, wait,
-  `activation`, wait, down[, wait, `residual_add`]. gain [D] bf16 (with eps): x is the un-normalised residual
+  `activation`, wait, down[, wait, `mosaic_phases.site_output`]. gain [D] bf16 (with eps): x is the un-normalised residual
   stream and gate|up's compaction applies the RMSNorm (`rms_partials`, `normed_values`), so no XLA kernel runs
   it before the launch. residual [M, D] bf16: what the MLP's output is added to (x itself, or its rotation),
   so no XLA kernel sums the down partials after the launch. counter int32 [>= 2] zeros (`grid_sync.new_counter`):
@@ -199,7 +199,7 @@ def mlp_partials(
     if adds:
       plgpu.wait_smem_to_gmem(0)
       ms.grid_wait(sem, gave, 3, programs)
-      P.residual_add(parts_down, res_gmem, h_gmem, splits=cfg_down.splits, programs=programs)
+      P.site_output(parts_down, h_gmem, residual=res_gmem, splits=cfg_down.splits, programs=programs)
     if counted:
       ms.grid_leave(counter_gmem, programs)
 
@@ -243,7 +243,7 @@ def mlp_reference(
   residual=None,
 ):
   """`mlp_partials`' contract in jnp (the CPU path): (gate|up partials, the down input a as `activation` builds
-  it, down partials[, with residual: the new residual stream as `residual_add` builds it]); with gain, x is
+  it, down partials[, with residual: the new residual stream as `mosaic_phases.site_output` builds it]); with gain, x is
   normalised first (`layers.rms_norm`)."""
   (m, d), f = x.shape, w_down.shape[0]
   cfg_gu, cfg_down = configs(cfg, d, f)

@@ -1,8 +1,8 @@
 """Phases a persistent Mosaic GPU launch runs around its kept-row GEMVs (issue 25), shared by the MLP launch
 (`mosaic_mlp`) and the one-site launch (`mosaic_site`): the RMSNorm of the launch's input inside the compaction
-(`rms_partials`, then `normed_values` as `compact_split`'s value source), and the residual add after a grid-wide
-wait (`residual_add`: a site's partial sums summed in split order, rounded as the site's output, added to the
-residual stream). Each has its jnp contract here (`site_sum`, `residual_output`; the norm's is `layers.rms_norm`).
+(`rms_partials`, then `normed_values` as `compact_split`'s value source), and the site's output after a grid-wide
+wait (`site_output`: its partial sums summed in split order, rounded as the site's output, optionally added to
+the residual stream). Each has its jnp contract here (`site_sum`, `residual_output`; the norm's is `layers.rms_norm`).
 
 Interpret mode does not run Mosaic GPU kernels; off the GPU these lower only (`tests/test_mosaic_mlp.py`,
 `tests/test_mosaic_site.py`).
@@ -52,28 +52,32 @@ def each_row(n: int, programs: int, body) -> None:
       body(r)
 
 
-def residual_add(parts_down, residual, h_out, *, splits: int, programs: int) -> None:
-  """The MLP's output added to the residual stream, each column once over the grid: h_out [M, D] bf16 (global)
-  column d = residual[:, d] + y, y the down partials' sums (parts_down [S, D, 8] float32, global, the splits
-  summed in order) rounded to bfloat16 as the site's output is; the sum in float32, rounded to bfloat16 (as
-  `residual_output`)."""
-  rows = h_out.shape[0]
+def site_output(parts, out, *, residual=None, splits: int, programs: int) -> None:
+  """A site's output, each column once over the grid: out [M, N] bf16 (global) column n = y, y the partial sums
+  (parts [S, N, 8] float32, global, the splits summed in order) rounded to bfloat16 (`site_sum`); with residual
+  [M, N] bf16 (global), residual[:, n] + y instead, the sum in float32 rounded to bfloat16 (`residual_output`).
+  Runs after a grid-wide wait: every program's partials are read."""
+  rows, n = out.shape
+  refs = (parts, out) + (() if residual is None else (residual,))
 
-  @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),) * 3)
-  def run(ctx, parts, res, out):
+  @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),) * len(refs))
+  def run(ctx, parts, out, *res):
     del ctx
     f32, bf16, _, index = ir_types()[:4]
 
-    def column(d):
-      y, at = split_sum(parts, d, splits), arith.index_cast(index, d)
+    def column(n):
+      y, at = split_sum(parts, n, splits), arith.index_cast(index, n)
       for b in range(rows):
         where = [mgpu_utils.c(b, index), at]
-        total = arith.addf(arith.extf(f32, memref.load(res, where)), arith.extf(f32, y[b]))
-        memref.store(arith.truncf(bf16, total), out, where)
+        if res:
+          total = arith.addf(arith.extf(f32, memref.load(res[0], where)), arith.extf(f32, y[b]))
+          memref.store(arith.truncf(bf16, total), out, where)
+        else:
+          memref.store(y[b], out, where)
 
-    each_row(h_out.shape[1], programs, column)
+    each_row(n, programs, column)
 
-  run(parts_down, residual, h_out)
+  run(*refs)
 
 
 def rms_partials(x_gmem, sums) -> None:
@@ -149,6 +153,6 @@ def site_sum(parts: jax.Array, m: int) -> jax.Array:
 
 def residual_output(parts_down: jax.Array, residual: jax.Array) -> jax.Array:
   """The new residual stream [M, D] bf16 from the down partials [S, D, 8] and the residual [M, D] bf16, as
-  `residual_add` builds it: residual + the site's output, in float32, rounded to bfloat16."""
+  `site_output` builds it: residual + the site's output, in float32, rounded to bfloat16."""
   y = site_sum(parts_down, residual.shape[0]).astype(jnp.float32)
   return (residual.astype(jnp.float32) + y).astype(jnp.bfloat16)

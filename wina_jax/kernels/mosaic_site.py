@@ -1,11 +1,12 @@
 """One sparse site as one Mosaic GPU launch that also runs what XLA runs around it (issue 25): the RMSNorm before
-it and the residual add after it.
+it, the sum of its partials and the residual add after it.
 
 `site_launch`: `mosaic_gemv.fused_partials`' kept-row phase, its compaction normalising x on the way
-(`mosaic_phases.rms_partials` / `normed_values`, as the MLP launch does) where given the norm's gain, and, given
-the residual stream, a grid-wide wait and `mosaic_phases.residual_add`: the site's partial sums summed and added
-to it. The norm then needs no XLA kernel before the site (two a layer at q|k|v) and the add none after it (one
-at o_proj); the wait costs about what one kernel boundary costs (session 22: 1.25-1.44 us on 132 programs).
+(`mosaic_phases.rms_partials` / `normed_values`, as the MLP launch does) where given the norm's gain, and, with
+`summed` or given the residual stream, a grid-wide wait and `mosaic_phases.site_output`: the site's partial
+sums summed into its bf16 output, added to the residual where given. The norm then needs no XLA kernel before
+the site (two a layer at q|k|v), and the output none after it (the partials' reduction; at o_proj also the
+add); the wait costs about what one kernel boundary costs (session 22: 1.25-1.44 us on 132 programs).
 
 The CPU path and the contract: `site_reference` (jnp). Interpret mode does not run Mosaic GPU kernels; off the
 GPU the launch lowers only (`tests/test_mosaic_site.py`).
@@ -47,7 +48,7 @@ def unsupported(m: int, kernel: jax.Array, segments: Sequence[int], cfg: mg.Mosa
   return mg.unsupported(m, jnp.bfloat16, kernel, segments, in_kernel(cfg))
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "segments", "eps"))
+@functools.partial(jax.jit, static_argnames=("cfg", "segments", "eps", "summed"))
 def site_launch(
   x: jax.Array,
   thresholds: jax.Array,
@@ -59,14 +60,16 @@ def site_launch(
   gain: Optional[jax.Array] = None,
   eps: float = 0.0,
   residual: Optional[jax.Array] = None,
+  summed: bool = False,
   counter: Optional[jax.Array] = None,
 ):
   """x [M <= 8, K] bf16, thresholds [G] f32, scales None or [G, K] f32, w [K, N] bf16 (N = sum(segments)) ->
-  (partial sums [S, N, 8] f32, [with residual: the new residual stream [M, N] bf16,] gave_up [programs] int32:
+  (partial sums [S, N, 8] f32, [with summed or residual: the output [M, N] bf16,] gave_up [programs] int32:
   the wait's watchdog, `mosaic_sync.check_gave_up`). gain [K] bf16 (with eps): x is un-normalised and the
-  compaction applies `layers.rms_norm`'s rounding. residual [M, N] bf16: the output's sum in split order,
-  rounded to bf16, is added to it after a grid-wide wait (`mosaic_phases.residual_output`). counter: as
-  `mosaic_mlp.mlp_partials`' (the wait counts on it and the launch leaves it at zero); None: Pallas' semaphore."""
+  compaction applies `layers.rms_norm`'s rounding. summed: after a grid-wide wait the launch sums the partials
+  in split order into the site's bf16 output (`mosaic_phases.site_sum`); residual [M, N] bf16: that output
+  added to it instead (`mosaic_phases.residual_output`). counter: as `mosaic_mlp.mlp_partials`' (the wait
+  counts on it and the launch leaves it at zero); None: Pallas' semaphore."""
   (m, k), n = x.shape, w.shape[1]
   if sum(segments) != n or w.shape[0] != k:
     raise ValueError(f"w {w.shape} is not [{k}, sum(segments) = {sum(segments)}]")
@@ -82,7 +85,8 @@ def site_launch(
   programs, kp = cfg.programs, k // cfg.splits
   PC.check_grid(programs, PC.sm_count() or ms.H100_SMS)
   normed, adds, wina = gain is not None, residual is not None, scales is not None
-  counted = adds and counter is not None
+  outputs = summed or adds  # the launch writes the site's output after a grid-wide wait
+  counted = outputs and counter is not None
 
   def mosaic_site(x_gmem, thr_gmem, *refs, **scratch):
     it = iter(refs)  # inputs, then outputs, in the order `optional` and out_type give them
@@ -90,7 +94,7 @@ def site_launch(
       next(it) if on else None for on in (normed, wina, adds, counted)
     )
     w_gmem, parts = next(it), next(it)
-    h_gmem = next(it) if adds else None
+    out_gmem = next(it) if outputs else None
     gave_up = next(it)
     pid = lax.axis_index("sm")
     phase = mg.PhaseScratch(scratch["xk"], scratch["ids"], scratch["totals"])
@@ -114,20 +118,20 @@ def site_launch(
     mg.kept_row_phase(
       cfg, (k, n), segments, compact, w_gmem, parts, phase, scratch["w_union"], lambda j, e: None
     )
-    if adds:
+    if outputs:
       plgpu.wait_smem_to_gmem(0)  # this program's partial sums are written
       ms.grid_wait(counter_gmem if counted else ms.semaphore(), gave, 1, programs)
-      P.residual_add(parts, res_gmem, h_gmem, splits=cfg.splits, programs=programs)
+      P.site_output(parts, out_gmem, residual=res_gmem, splits=cfg.splits, programs=programs)
       if counted:
         ms.grid_leave(counter_gmem, programs)
 
   out_type = [jax.ShapeDtypeStruct((cfg.splits, n, mg.ROWS), jnp.float32)]
-  out_type += [jax.ShapeDtypeStruct((m, n), jnp.bfloat16)] if adds else []
+  out_type += [jax.ShapeDtypeStruct((m, n), jnp.bfloat16)] if outputs else []
   out_type += [jax.ShapeDtypeStruct((programs,), jnp.int32)]
   scratch = mg.scratch_types(cfg, [("", kp)])
   if normed:
     scratch["sums"] = plgpu.SMEM((mg.WARPS * mg.ROWS,), jnp.float32)
-  optional = tuple(v for v in (gain, scales, residual, counter if adds else None) if v is not None)
+  optional = tuple(v for v in (gain, scales, residual, counter if outputs else None) if v is not None)
   return plgpu.kernel(
     mosaic_site,
     out_type=tuple(out_type),
@@ -149,9 +153,10 @@ def site_reference(
   gain=None,
   eps=0.0,
   residual=None,
+  summed: bool = False,
 ):
-  """`site_launch`'s contract in jnp (the CPU path): (partial sums[, the new residual stream as
-  `mosaic_phases.residual_add` builds it]); with gain, x is normalised first (`layers.rms_norm`)."""
+  """`site_launch`'s contract in jnp (the CPU path): (partial sums[, the output as `mosaic_phases.site_output`
+  builds it, with summed or residual]); with gain, x is normalised first (`layers.rms_norm`)."""
   cfg = config(cfg, x.shape[1], w.shape[1])
   if gain is not None:
     x = rms_norm(x, gain, eps)
@@ -159,4 +164,6 @@ def site_reference(
     [keep_mask(x, thresholds[g], None if scales is None else scales[g]) for g in range(len(segments))]
   )
   parts = mg.partials_reference(*mg.compact(x, keep, cfg.splits), w, cfg, tuple(segments))
-  return (parts,) + (() if residual is None else (P.residual_output(parts, residual),))
+  if residual is not None:
+    return parts, P.residual_output(parts, residual)
+  return (parts, P.site_sum(parts, x.shape[0])) if summed else (parts,)
