@@ -100,8 +100,9 @@ def test_interpret_kernel_inside_model(model, fuse_norm):
 
 def test_model_hands_the_raw_residual_to_norm_linear(model):
   """Sites after a norm reach a fused sparsifier through `norm_linear` with the un-normalised residual and
-  that norm's gain (q|k|v after input_layernorm, gate|up after post_attention_layernorm); the others through
-  `linear`; and the logits equal the XLA path's."""
+  that norm's gain (q|k|v after input_layernorm, gate|up after post_attention_layernorm); the blocks' output
+  projections (o_proj, down_proj) through `residual_linear` with the residual they add to; and the logits equal
+  the XLA path's."""
   from wina_jax.decode import fuse_projections
 
   params, tokens = model
@@ -119,6 +120,10 @@ def test_model_hands_the_raw_residual_to_norm_linear(model):
       calls.append((site, "plain", x, None))
       return super().linear(site, x, kernel)
 
+    def residual_linear(self, site, x, kernel, residual):
+      calls.append((site, "residual", x, residual))
+      return super().residual_linear(site, x, kernel, residual)
+
   spy = Spy(
     **{f: getattr(sp, f) for f in ("thresholds", "scales", "segments", "backend", "configs", "workspace")}
   )
@@ -126,7 +131,12 @@ def test_model_hands_the_raw_residual_to_norm_linear(model):
   got = forward(fparams, tok, fcfg, spy).logits
   kinds = {site: kind for site, kind, _, _ in calls}
   assert kinds["layers.0.self_attn.qkv_proj"] == kinds["layers.0.mlp.gate_up_proj"] == "norm"
-  assert kinds["layers.0.self_attn.o_proj"] == kinds["layers.0.mlp.down_proj"] == "plain"
+  assert kinds["layers.0.self_attn.o_proj"] == kinds["layers.0.mlp.down_proj"] == "residual"
+  (_, _, _, skip) = next(c for c in calls if c[0] == "layers.0.self_attn.o_proj")
+  # layer 0's skip: the embeddings through the residual rotation `add_shortcuts` put in the params
+  rot = fparams["layers"]["0"]["residual_attn"]["kernel"]
+  want = jnp.matmul(fparams["embed_tokens"]["embedding"][tok], rot, precision=jax.lax.Precision.HIGHEST)
+  np.testing.assert_allclose(skip, want, rtol=1e-5, atol=1e-5)
   (_, _, h0, g0) = next(c for c in calls if c[0] == "layers.0.self_attn.qkv_proj")
   np.testing.assert_array_equal(h0, fparams["embed_tokens"]["embedding"][tok])  # layer 0 sees the embeddings
   np.testing.assert_array_equal(g0, fparams["layers"]["0"]["input_layernorm"]["scale"])
