@@ -7,7 +7,7 @@
 #   probe   (not default) experiments.decode.sync_probe --dump: the grid-wide wait kernels (empty waits, the watchdog's
 #           case, `exchange`) each in its own process under PROBE_CASE_S (default 20 s), reporting the stage each
 #           reached (PROBE_CASES: other cases), with Mosaic's PTX dumps -> OUT/sync_probe.json, OUT/sync_probe_dump.tgz
-#   tests   pytest -k gpu tests/test_mosaic_{sync,gemv,mlp}.py (the kernels against XLA / their contracts; TESTS_K:
+#   tests   pytest -k gpu tests/test_mosaic_{sync,gemv,mlp,site}.py (the kernels against XLA / their contracts; TESTS_K:
 #           another -k, TESTS_FILES: other files, TESTS_OPTS: pytest options, default -x) under TESTS_S (default 300 s; the gemv cases alone took 137 s)
 #           -> OUT/tests.log
 #   sweep   experiments.decode.mosaic_sweep under SWEEP_S (default 330 s; --budget_s 50 s less): per Llama-3-8B
@@ -63,7 +63,7 @@ if [[ ,$STAGES, == *,probe,* ]]; then
   grep -v '^[IWE][0-9]' "$OUT/sync_probe.log" | tail -12
 fi
 if [[ ,$STAGES, == *,tests,* ]]; then
-  timeout -s ABRT -k 10 "${TESTS_S:-300}" python3 -m pytest -q ${TESTS_OPTS:--x} -p no:cacheprovider ${TESTS_FILES:-tests/test_mosaic_sync.py tests/test_mosaic_gemv.py tests/test_mosaic_mlp.py} -k "${TESTS_K:-gpu}" > "$OUT/tests.log" 2>&1
+  timeout -s ABRT -k 10 "${TESTS_S:-300}" python3 -m pytest -q ${TESTS_OPTS:--x} -p no:cacheprovider ${TESTS_FILES:-tests/test_mosaic_sync.py tests/test_mosaic_gemv.py tests/test_mosaic_mlp.py tests/test_mosaic_site.py} -k "${TESTS_K:-gpu}" > "$OUT/tests.log" 2>&1
   rc=$?
   echo "tests rc=$rc" >> "$OUT/tests.log"
   tail -30 "$OUT/tests.log"
