@@ -100,6 +100,9 @@ def test_kernel_lowers_for_cuda(m, wina, spec, norm, adds, counted):
   assert ("math.rsqrt" in text and "shfl.sync.bfly" in text) == norm  # the RMSNorm runs in the launch
   assert text.count("red.release.gpu.global.add") == (3 if adds else 2)  # grid waits: the add is the third's
   assert text.count("atom.acq_rel.gpu.global.add") == counted  # `grid_leave`: the last out zeroes the counter
+  assert (
+    text.count("red.relaxed.gpu.global.add") == (3 if adds else 2) * counted
+  )  # give-ups count in counter[2]
 
 
 def residual_of(m, d, seed=0):

@@ -79,6 +79,7 @@ def test_launch_lowers_for_cuda(m, wina, norm, adds, summed, counted):
   assert ("math.rsqrt" in text and "shfl.sync.bfly" in text) == norm
   assert text.count("red.release.gpu.global.add") == adds
   assert text.count("atom.acq_rel.gpu.global.add") == counted
+  assert text.count("red.relaxed.gpu.global.add") == counted  # a given-up wait counts in counter[2]
 
 
 def test_what_it_refuses():
@@ -117,12 +118,12 @@ def test_on_the_gpu_fold_hands_the_norm_and_residual_to_one_launch(monkeypatch):
   by its contract) the un-normalised x, the bf16 gain, the residual and the counter, and returns the launch's
   new residual stream (without a residual, its summed output); without fold the per-site kernel runs."""
   x, t, _, w, gain, res = case(2)
-  cfg, counter, got = mg.parse("64:64:2:0:8"), new_counter(), {}
+  cfg, counter, got, gave_up = mg.parse("64:64:2:0:8"), new_counter(), {}, [0]
 
   def launch(x, t, sc, w, cfg, segs, counter=None, **kw):
     got.clear()
     got.update(x=x, counter=counter, **kw)
-    return (*msite.site_reference(x, t, sc, w, cfg, segs, **kw), jnp.zeros((8,), jnp.int32))
+    return (*msite.site_reference(x, t, sc, w, cfg, segs, **kw), jnp.full((8,), gave_up[0], jnp.int32))
 
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   monkeypatch.setattr(msite, "site_launch", launch)
@@ -135,9 +136,16 @@ def test_on_the_gpu_fold_hands_the_norm_and_residual_to_one_launch(monkeypatch):
   )
   y = masked_linear(x, w, t, None, SEGS, norm=(gain, 1e-5), **kw)
   assert got["summed"] and got["residual"] is None
+  assert not np.isnan(np.asarray(y, np.float32)).any()
   np.testing.assert_array_equal(
     y, msite.site_reference(x, t, None, w, cfg, SEGS, gain=gain, eps=1e-5, summed=True)[1]
   )
+  # a wait given up: NaN out of a launch without a counter; with one, the count in counter[2] (check_waits)
+  gave_up[0] = 1
+  bare, counted = (
+    masked_linear(x, w, t, None, SEGS, norm=(gain, 1e-5), **(kw | {"counter": c})) for c in (None, counter)
+  )
+  assert np.isnan(np.asarray(bare, np.float32)).all() and not np.isnan(np.asarray(counted, np.float32)).any()
   got.clear()
   monkeypatch.setattr(mg, "masked_linear_mosaic", lambda x, *a, **k: jnp.zeros((x.shape[0], 384), x.dtype))
   masked_linear(x, w, t, None, SEGS, norm=(gain, 1e-5), residual=res, **(kw | {"fold": False}))

@@ -379,6 +379,7 @@ def bench_model(name, key, config_sets, backend) -> list[dict]:
             extra = {"mosaic": spec + "+" * bool(mode) + mode}
             if s == 0.5:
               extra["check_vs_xla"] = check_against_xla(params, cfg, sp, tokens[:1], max_len, att)
+            sp.check_waits()  # the modes that wait on the sparsifier's counter: raises if one gave up
             record(method, s, 1, t, step_bytes(params, cfg, 1, max_len, kept), att, kept, **extra)
     del scores
   if "wina_sc" in FLAGS.methods:

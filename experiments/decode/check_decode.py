@@ -73,6 +73,7 @@ def main(argv):
         f"{B.ulp_sensitivity(params, cfg, sp, tokens, 64)}",
         flush=True,
       )
+      sp.check_waits()  # a Mosaic mode's waits on the sparsifier's counter: raises if one gave up
 
 
 if __name__ == "__main__":

@@ -96,7 +96,8 @@ def _mosaic(x, kernel, thresholds, scales, segments, cfg, norm, residual, fold, 
   """`masked_linear` on backend 'mosaic' for a site the kept-row kernel takes: x [M, K] -> [M, N] (plus
   residual [M, N] where given). On the GPU with fold, `mosaic_site.site_launch` takes the norm, sums its
   partials into the output after a grid-wide wait and adds the residual there; else the norm runs first in XLA
-  and the sum and the add after it. A launch whose wait gave up returns NaN."""
+  and the sum and the add after it. A launch whose wait gave up returns NaN, or with a counter counts it there
+  (`grid_sync.check_waits` raises on it; no XLA op after the launch checks it)."""
   rows = x.shape[0]
   gpu = jax.default_backend() == "gpu"
   gain = None if norm is None or not MP.takes_norm(norm[0], x.shape[1]) else norm[0]
@@ -117,7 +118,10 @@ def _mosaic(x, kernel, thresholds, scales, segments, cfg, norm, residual, fold, 
       summed=True,
       counter=counter,
     )
-    out = jnp.where(jnp.any(gave_up > 0), jnp.nan, out)
+    if (
+      counter is None
+    ):  # else a given-up wait counts in counter[2], for `grid_sync.check_waits` after the step
+      out = jnp.where(jnp.any(gave_up > 0), jnp.nan, out)
     return out if adds or residual is None else residual + out
   if norm is not None:
     x = rms_norm(x, norm[0], norm[1])

@@ -114,7 +114,9 @@ def semaphore():
 
 def grid_wait(sem, gave_up, k: int, programs: int, spin_limit: int = SPIN_LIMIT) -> None:
   """The k-th grid-wide wait (k >= 1) of a launch of `programs` programs. sem: the launch's `semaphore()`, or a
-  counter that every launch leaves at zero (`grid_leave`; its arrivals are its first element);
+  counter that every launch leaves at zero (`grid_leave`; its arrivals are its first element; with a third
+  element, as `grid_sync.new_counter`'s, a given-up wait also counts there, which no launch resets, so that
+  `grid_sync.check_waits` raises after the step and no per-launch check is needed);
   gave_up: this program's int32 [1] slot of a global output, zeroed by `clear` before the first wait; it
   counts the waits this program gave up after `spin_limit` loads.
   A program's TMA stores must be complete (`plgpu.wait_smem_to_gmem(0)`) before its wait."""
@@ -126,6 +128,8 @@ def grid_wait(sem, gave_up, k: int, programs: int, spin_limit: int = SPIN_LIMIT)
     del ctx
     i32 = _i32()
     ptr = mgpu_utils.memref_ptr(sem_ref)
+    shape = ir.MemRefType(sem_ref.type).shape
+    counts_gave_up = len(shape) == 1 and shape[0] >= 3  # a counter (not the scalar semaphore) with its third slot
     target = _c(programs * k)
     # every thread's writes, its TMA stores' too (async proxy, completed by the caller), are ordered before
     # thread 0's release
@@ -157,6 +161,14 @@ def grid_wait(sem, gave_up, k: int, programs: int, spin_limit: int = SPIN_LIMIT)
       with mgpu_utils.when(arith.cmpi(arith.CmpIPredicate.ult, seen, target)):
         index0 = [mgpu_utils.c(0, ir.IndexType.get())]
         memref.store(arith.addi(memref.load(gave_ref, index0), _c(1)), gave_ref, index0)
+        if counts_gave_up:
+          llvm.inline_asm(
+            ir.Type.parse("!llvm.void"),
+            [mgpu_utils.getelementptr(ptr, [2], i32), _c(1)],
+            "red.relaxed.gpu.global.add.u32 [$0], $1;",
+            "l,r",
+            has_side_effects=True,
+          )
       llvm.inline_asm(ir.Type.parse("!llvm.void"), [], "fence.acquire.gpu;", "", has_side_effects=True)
     barrier()  # every thread leaves after thread 0 saw all programs arrive
 

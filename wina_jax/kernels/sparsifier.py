@@ -110,8 +110,9 @@ class FusedThresholdSparsifier:
     return self.replace(backend="persistent", layer_config=layer_config, counter=new_counter())
 
   def check_waits(self) -> None:
-    """After persistent launches: raises `grid_sync.WaitTimeout` if one gave up a grid-wide wait (a grid that
-    was not co-resident; its outputs are wrong). No-op for other backends."""
+    """After persistent launches (backend 'persistent', or 'mosaic' launches that wait on `counter`): raises
+    `grid_sync.WaitTimeout` if one gave up a grid-wide wait (a grid that was not co-resident; its outputs are
+    wrong). No-op without a counter."""
     if self.counter is not None:
       check_waits(self.counter)
 
@@ -234,8 +235,8 @@ class FusedThresholdSparsifier:
     not bfloat16, more than 8 rows, or a shape its tiling refuses (`mosaic_mlp.unsupported`). On the GPU the
     launch applies the RMSNorm where its gain is bf16 (else XLA, before it). Off the GPU its jnp contract runs
     (`mosaic_mlp.mlp_reference`), the norm before it and the residual add after it in XLA as on the per-site path
-    (XLA's excess precision rounds the same ops differently in another fusion, and the masks amplify it). A launch whose grid-wide wait
-    gave up returns NaN."""
+    (XLA's excess precision rounds the same ops differently in another fusion, and the masks amplify it). A
+    launch whose grid-wide wait gave up returns NaN, or with `counter` counts it there (`check_waits`)."""
     if self.backend != "mosaic" or not self.mosaic_mlp or not cfg.fused_gate_up or cfg.hidden_act != "silu":
       return None
     gu, down = S.site_name(layer, "mlp", "gate_up_proj"), S.site_name(layer, "mlp", "down_proj")
@@ -271,7 +272,8 @@ class FusedThresholdSparsifier:
     adds = {"residual": residual.reshape(b * t, d)} if residual is not None and self._folds() else {}
     if gpu:
       *_, out, gave_up = MM.mlp_partials(*args, **(fold or {}), **adds, counter=self.counter)
-      out = jnp.where(jnp.any(gave_up > 0), jnp.nan, out)
+      if self.counter is None:  # else a given-up wait counts in the counter, for `check_waits` after the step
+        out = jnp.where(jnp.any(gave_up > 0), jnp.nan, out)
     else:
       out = MM.mlp_reference(*args, **adds)[-1]
     if adds:
