@@ -363,6 +363,9 @@ def test_lower_cost_script_on_the_cpu():
     "--mosaic_mode=mlp",
   ]
   run = subprocess.run(cmd + ["--mosaic_config=64:64:2:0:4:cp_async:kernel"], check=True, capture_output=True)
-  lines = run.stdout.decode().splitlines()
+  *lines, per_layer = run.stdout.decode().splitlines()
   assert [line.split(":")[0] for line in lines] == [f"tiny layers={n} backend=mosaic +mlp" for n in (1, 2)]
-  assert all(re.search(r"trace \d+\.\d s, lower \d+\.\d s", line) for line in lines)
+  assert all(re.search(r"trace \d+\.\d s, lower \d+\.\d s, step glue ops \d+, kernels", x) for x in lines)
+  # per layer: q|k|v, attention, o_proj and the MLP launch; no reduction, norm or SwiGLU left to XLA
+  assert per_layer.startswith("tiny backend=mosaic +mlp per layer: {'KERNEL': 4.0")
+  assert not re.search("reduce|rsqrt|logistic|transpose", per_layer)

@@ -129,7 +129,9 @@ def grid_wait(sem, gave_up, k: int, programs: int, spin_limit: int = SPIN_LIMIT)
     i32 = _i32()
     ptr = mgpu_utils.memref_ptr(sem_ref)
     shape = ir.MemRefType(sem_ref.type).shape
-    counts_gave_up = len(shape) == 1 and shape[0] >= 3  # a counter (not the scalar semaphore) with its third slot
+    counts_gave_up = (
+      len(shape) == 1 and shape[0] >= 3
+    )  # a counter (not the scalar semaphore) with its third slot
     target = _c(programs * k)
     # every thread's writes, its TMA stores' too (async proxy, completed by the caller), are ordered before
     # thread 0's release
