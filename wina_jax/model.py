@@ -163,8 +163,9 @@ def attention_block(
   layer: int = 0,
   head_norm: Optional[HeadNorm] = None,
 ) -> tuple[jax.Array, Optional[dict]]:
-  """Attention of `x` [B, T, d] (before the residual add) -> (out [B, T, d], new kv). x is the block's input
-  as `project` takes it: the normed input, or the residual when `project` applies the norm (`_layer`).
+  """Attention of `x` [B, T, d] -> (out [B, T, d], new kv): out is o_proj's result as `project` returns it
+  (`_layer`'s adds the residual there where no post-norm follows). x is the block's input as `project` takes
+  it: the normed input, or the residual when `project` applies the norm (`_layer`).
 
   positions: [T] absolute positions; kv: this layer's cache {'k', 'v': [B, S, K, hd]} or None;
   kv_len: valid cache slots after writing the T new tokens; attention: one of ATTENTION_BACKENDS;
@@ -214,9 +215,10 @@ def attention_block(
 
 
 def mlp_block(cfg: ModelConfig, x: jax.Array, project: Project, layer: int, ctx: Context) -> jax.Array:
-  """Gated MLP (SwiGLU, or GeGLU per `cfg.hidden_act`) of `x` [B, T, d] (before the residual add; the normed
-  input, or the residual when `project` applies the norm, as in `attention_block`); the activation is masked
-  at the site `layers.<layer>.mlp.act`."""
+  """Gated MLP (SwiGLU, or GeGLU per `cfg.hidden_act`) of `x` [B, T, d] (the normed input, or the residual when
+  `project` applies the norm, as in `attention_block`) -> down_proj's result as `project` returns it (with the
+  residual added where `_layer`'s project adds it); the activation is masked at the site
+  `layers.<layer>.mlp.act`."""
   if cfg.fused_gate_up:
     gate, up = jnp.split(project("gate_up_proj", x), 2, axis=-1)
   else:
