@@ -156,8 +156,8 @@ def test_on_the_gpu_fold_hands_the_norm_and_residual_to_one_launch(monkeypatch):
 def test_model_folds_norms_and_residual_adds(monkeypatch, mode):
   """A 2-layer decode step in `on_mosaic` mode fold / mlp, traced and lowered for CUDA: the launches are q|k|v
   and gate|up with the norm inside, o_proj and down with the residual add, each summing its output after one
-  wait on the counter, or the MLP launch with three waits; off the GPU the same step's logits equal the unfolded mode's ('' / mlp22)
-  bit for bit (the norms and the adds run in XLA as there, the MLP launch's add in its contract)."""
+  wait on the counter, or the MLP launch with three waits; off the GPU the same step's logits equal the unfolded
+  mode's ('' / mlp22) bit for bit (there the norms and the adds run in XLA as in those modes)."""
   import dataclasses
 
   from wina_jax import sites as S
