@@ -14,6 +14,7 @@ from wina_jax.kernels import config as C
 from wina_jax.kernels import mosaic_gemv as MG
 from wina_jax.kernels import mosaic_phases as MP
 from wina_jax.kernels import mosaic_site as MS
+from wina_jax.kernels.mosaic_sync import guarded
 from wina_jax.kernels.pallas_gemv import sparse_gemv
 from wina_jax.kernels.reference import masked_linear_xla
 from wina_jax.layers import rms_norm
@@ -118,10 +119,7 @@ def _mosaic(x, kernel, thresholds, scales, segments, cfg, norm, residual, fold, 
       summed=True,
       counter=counter,
     )
-    if (
-      counter is None
-    ):  # else a given-up wait counts in counter[2], for `grid_sync.check_waits` after the step
-      out = jnp.where(jnp.any(gave_up > 0), jnp.nan, out)
+    out = guarded(out, gave_up, counter)
     return out if adds or residual is None else residual + out
   if norm is not None:
     x = rms_norm(x, norm[0], norm[1])

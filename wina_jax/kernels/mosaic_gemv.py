@@ -114,6 +114,12 @@ def parse(spec: str) -> MosaicConfig:
   return MosaicConfig(**spec_fields(MosaicConfig, spec, 3, "mosaic config"))
 
 
+def in_kernel(cfg: MosaicConfig) -> MosaicConfig:
+  """cfg gathering by cp.async and compacting in the kernel: the persistent launches' only mode (`mosaic_mlp`,
+  `mosaic_site`)."""
+  return dataclasses.replace(cfg, gather="cp_async", compact="kernel")
+
+
 def resolved(cfg: MosaicConfig, d_in: int, d_out: int) -> MosaicConfig:
   """`cfg` with splits and programs filled in for a [d_in, d_out] weight; ValueError if it does not tile."""
   programs = cfg.programs or sm_count() or H100_SMS

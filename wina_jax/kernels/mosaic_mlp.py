@@ -6,8 +6,8 @@ each program thresholding and compacting its split of x, optionally applying the
 (`mosaic_sync.grid_wait`), then `activation`: the down site's input a = SiLU(g) * u [M, F] bf16, each row once
 over the grid, from the splits' float32 sums rounded to bfloat16 as the site's outputs are (g, u), then op by op
 as XLA rounds the model's bfloat16 `mlp_block` (`swiglu`); a second wait; then the down site's phase, which
-compacts a as gate|up compacts x. Given the residual stream, a third wait and `mosaic_phases.site_output`: the down partials
-summed and added to it, so no XLA kernel runs between this launch and the next layer's. (Session 21's
+compacts a as gate|up compacts x. Given the residual stream, a third wait and `mosaic_phases.site_output`: the
+down partials summed and added to it, so no XLA kernel runs between this launch and the next layer's. (Session 21's
 single-wait launch built a inside every down program's compaction from the partials, [S, 2F, 8] float32 of which
 batch 1 uses one row in 8: each down split's programs read it again, and the down phase spanned 8.7 us at 99.9 %
 sparsity.)
@@ -18,7 +18,6 @@ does not run Mosaic GPU kernels; off the GPU the kernel lowers only (`tests/test
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Optional
 
@@ -77,16 +76,15 @@ def activation(parts_gu, a_out, *, splits: int, programs: int) -> None:
 def configs(cfg: mg.MosaicConfig, d: int, f: int) -> tuple[mg.MosaicConfig, mg.MosaicConfig]:
   """cfg resolved for gate|up ([d, 2f]) and for down ([f, d]): each phase's own splits (compaction in the
   kernel), one grid."""
-  cfg = dataclasses.replace(cfg, gather="cp_async", compact="kernel")
+  cfg = mg.in_kernel(cfg)
   gu, down = mg.resolved(cfg, d, 2 * f), mg.resolved(cfg, f, d)
   if gu.programs != down.programs:
     raise ValueError(f"the phases resolved to {gu.programs} and {down.programs} programs; give programs=")
   return gu, down
 
 
-@functools.partial(
-  jax.jit, static_argnames=("cfg", "marks", "eps")
-)  # the layers' identical launches lower once
+# jitted: the layers' identical launches lower once
+@functools.partial(jax.jit, static_argnames=("cfg", "marks", "eps"))
 def mlp_partials(
   x: jax.Array,
   thr_gu: jax.Array,
@@ -109,9 +107,9 @@ def mlp_partials(
   [S2, D, 8] f32, [with residual: the new residual stream [M, D] bf16,] gave_up [programs] int32: the grid
   waits' watchdog, `mosaic_sync.check_gave_up`), plus, with marks, the clock [programs, items, MARKS] int32
   (gate|up's items, then down's: `mosaic_gemv.fused_partials`' marks per item). Phases: gate|up, wait,
-  `activation`, wait, down[, wait, `mosaic_phases.site_output`]. gain [D] bf16 (with eps): x is the un-normalised residual
-  stream and gate|up's compaction applies the RMSNorm (`rms_partials`, `normed_values`), so no XLA kernel runs
-  it before the launch. residual [M, D] bf16: what the MLP's output is added to (x itself, or its rotation),
+  `activation`, wait, down[, wait, `mosaic_phases.site_output`]. gain [D] bf16 (with eps): x is the
+  un-normalised residual stream and gate|up's compaction applies the RMSNorm (`rms_partials`, `normed_values`),
+  so no XLA kernel runs it before the launch. residual [M, D] bf16: what the MLP's output is added to (x itself, or its rotation),
   so no XLA kernel sums the down partials after the launch. counter int32 [>= 2] zeros (`grid_sync.new_counter`):
   the waits count on it and the launch leaves it at zero (`mosaic_sync.grid_leave`), so one buffer made once
   serves every launch; None: a semaphore that Pallas zeroes before each launch (one more XLA op a launch)."""
@@ -120,18 +118,7 @@ def mlp_partials(
     raise ValueError(f"w_gu {w_gu.shape} and w_down {w_down.shape} are not [{d}, 2F] and [F, {d}]")
   if (sc_gu is None) != (sc_down is None):
     raise ValueError("give WINA scales at both sites or at neither (ones where a site has none)")
-  if residual is not None and (residual.shape != (m, d) or residual.dtype != jnp.bfloat16):
-    raise ValueError(
-      f"residual {residual.shape} {residual.dtype}: the launch adds a bf16 [{m}, {d}] residual"
-    )
-  if counter is not None and (counter.ndim != 1 or counter.shape[0] < 2 or counter.dtype != jnp.int32):
-    raise ValueError(
-      f"counter {counter.shape} {counter.dtype}: give int32 [3] zeros (grid_sync.new_counter())"
-    )
-  if gain is not None and not P.takes_norm(gain, d):
-    raise ValueError(
-      f"gain {gain.shape} {gain.dtype}: the norm in the launch takes a bf16 [{d}] gain, D % 128 == 0"
-    )
+  P.check_inputs(m, d, d, gain=gain, residual=residual, counter=counter)
   cfg_gu, cfg_down = configs(cfg, d, f)
   programs, bk = cfg_gu.programs, cfg.block_k
   PC.check_grid(programs, PC.sm_count() or ms.H100_SMS)
@@ -161,29 +148,13 @@ def mlp_partials(
 
       return at
 
-    def compactor(inp, thr, sc, kp, phase: mg.PhaseScratch, norm=None):
-      """The phase's compaction of split s, segment g of its input inp [M, K] bf16 (global); norm: (gain, sums),
-      inp then being the RMSNorm's input (`normed_values`)."""
-
-      def compact(s, g):
-        split = pl.ds(s * kp, kp)
-        mg.compact_split(
-          (inp.at[:, split],) if norm is None else (inp.at[:, split], norm[0].at[split], norm[1]),
-          mg.x_values(m) if norm is None else P.normed_values(m, d, eps),
-          thr.at[pl.ds(g, 1)],
-          None if sc is None else sc.at[g, split],
-          phase,
-          rows=m,
-          block_k=bk,
-        )
-
-      return compact
-
     phase_a = mg.PhaseScratch(scratch["a_xk"], scratch["a_ids"], scratch["a_totals"])
     phase_b = mg.PhaseScratch(scratch["b_xk"], scratch["b_ids"], scratch["b_totals"])
     norm = (gain_gmem, scratch["sums"]) if normed else None
-    compact_gu = compactor(x_gmem, thr_gu_gmem, sc_gu_gmem, kp_gu, phase_a, norm)
-    compact_down = compactor(a_gmem, thr_down_gmem, sc_down_gmem, kp_down, phase_b)
+    compact_gu = P.compactor(
+      x_gmem, thr_gu_gmem, sc_gu_gmem, kp_gu, phase_a, rows=m, block_k=bk, norm=norm, eps=eps
+    )
+    compact_down = P.compactor(a_gmem, thr_down_gmem, sc_down_gmem, kp_down, phase_b, rows=m, block_k=bk)
     sem, gave = counter_gmem if counted else ms.semaphore(), gave_up.at[pl.ds(pid, 1)]
     ms.clear(gave)
     if normed:
@@ -215,9 +186,8 @@ def mlp_partials(
   scratch = mg.scratch_types(cfg, [("a_", kp_gu), ("b_", kp_down)])
   if normed:
     scratch["sums"] = plgpu.SMEM((mg.WARPS * mg.ROWS,), jnp.float32)
-  optional = tuple(
-    v for v in (gain, sc_gu, sc_down, residual, counter) if v is not None
-  )  # in the body's order
+  # the kernel's optional inputs, in the body's order
+  optional = tuple(v for v in (gain, sc_gu, sc_down, residual, counter) if v is not None)
   return plgpu.kernel(
     mosaic_mlp,
     out_type=tuple(out_type),
@@ -243,8 +213,8 @@ def mlp_reference(
   residual=None,
 ):
   """`mlp_partials`' contract in jnp (the CPU path): (gate|up partials, the down input a as `activation` builds
-  it, down partials[, with residual: the new residual stream as `mosaic_phases.site_output` builds it]); with gain, x is
-  normalised first (`layers.rms_norm`)."""
+  it, down partials[, with residual: the new residual stream as `mosaic_phases.site_output` builds it]); with
+  gain, x is normalised first (`layers.rms_norm`)."""
   (m, d), f = x.shape, w_down.shape[0]
   cfg_gu, cfg_down = configs(cfg, d, f)
   if gain is not None:

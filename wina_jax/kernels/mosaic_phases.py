@@ -14,6 +14,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
 from jax.experimental.mosaic.gpu import utils as mgpu_utils
 from jax.experimental.pallas import mosaic_gpu as plgpu
 from jaxlib.mlir import ir
@@ -143,6 +144,46 @@ def takes_norm(gain: jax.Array, d: int) -> bool:
   """Whether the launch can apply the RMSNorm of this gain itself (`mlp_partials(gain=...)`): bf16 [d], d a
   multiple of the warpgroup's 128 threads."""
   return gain.shape == (d,) and gain.dtype == jnp.bfloat16 and d % mg.WARPGROUP == 0
+
+
+def check_inputs(m: int, k: int, n: int, *, gain=None, residual=None, counter=None) -> None:
+  """A launch's optional inputs for its input [m, k] and output [m, n] (`mlp_partials`, `site_launch`):
+  ValueError naming the fix for a gain the norm cannot take (`takes_norm`), a residual not bf16 [m, n], or a
+  counter not int32 [>= 2]."""
+  if gain is not None and not takes_norm(gain, k):
+    raise ValueError(
+      f"gain {gain.shape} {gain.dtype}: the norm in the launch takes a bf16 [{k}] gain, {k} % 128 == 0"
+    )
+  if residual is not None and (residual.shape != (m, n) or residual.dtype != jnp.bfloat16):
+    raise ValueError(
+      f"residual {residual.shape} {residual.dtype}: the launch adds a bf16 [{m}, {n}] residual"
+    )
+  if counter is not None and (counter.ndim != 1 or counter.shape[0] < 2 or counter.dtype != jnp.int32):
+    raise ValueError(
+      f"counter {counter.shape} {counter.dtype}: give int32 [3] zeros (grid_sync.new_counter())"
+    )
+
+
+def compactor(inp, thr, scale, kp: int, phase, *, rows: int, block_k: int, norm=None, eps: float = 0.0):
+  """A kept-row phase's compaction (`mosaic_gemv.kept_row_phase`'s compact_split_of): compact(s, g) thresholds
+  split s of inp [M, K] bf16 (global) against segment g's threshold thr[g] and scales scale[g] (or None) into
+  `phase`'s shared memory. norm: (gain [K] bf16 global, `rms_partials`' sums), inp then being the RMSNorm's
+  input (`normed_values`)."""
+  width = inp.shape[1]
+
+  def compact(s, g):
+    split = pl.ds(s * kp, kp)
+    mg.compact_split(
+      (inp.at[:, split],) if norm is None else (inp.at[:, split], norm[0].at[split], norm[1]),
+      mg.x_values(rows) if norm is None else normed_values(rows, width, eps),
+      thr.at[pl.ds(g, 1)],
+      None if scale is None else scale.at[g, split],
+      phase,
+      rows=rows,
+      block_k=block_k,
+    )
+
+  return compact
 
 
 def site_sum(parts: jax.Array, m: int) -> jax.Array:

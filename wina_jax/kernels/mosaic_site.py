@@ -14,7 +14,6 @@ GPU the launch lowers only (`tests/test_mosaic_site.py`).
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from collections.abc import Sequence
 from typing import Optional
@@ -35,17 +34,13 @@ from wina_jax.layers import rms_norm
 
 def config(cfg: mg.MosaicConfig, k: int, n: int) -> mg.MosaicConfig:
   """cfg resolved for a [k, n] site with the compaction in the kernel (the launch's only mode)."""
-  return mg.resolved(in_kernel(cfg), k, n)
-
-
-def in_kernel(cfg: mg.MosaicConfig) -> mg.MosaicConfig:
-  return dataclasses.replace(cfg, gather="cp_async", compact="kernel")
+  return mg.resolved(mg.in_kernel(cfg), k, n)
 
 
 def unsupported(m: int, kernel: jax.Array, segments: Sequence[int], cfg: mg.MosaicConfig) -> Optional[str]:
   """Why `site_launch` cannot take this site (None if it can): `mosaic_gemv.unsupported` with the compaction in
   the kernel."""
-  return mg.unsupported(m, jnp.bfloat16, kernel, segments, in_kernel(cfg))
+  return mg.unsupported(m, jnp.bfloat16, kernel, segments, mg.in_kernel(cfg))
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "segments", "eps", "summed"))
@@ -73,14 +68,7 @@ def site_launch(
   (m, k), n = x.shape, w.shape[1]
   if sum(segments) != n or w.shape[0] != k:
     raise ValueError(f"w {w.shape} is not [{k}, sum(segments) = {sum(segments)}]")
-  if gain is not None and not P.takes_norm(gain, k):
-    raise ValueError(
-      f"gain {gain.shape} {gain.dtype}: the norm in the launch takes a bf16 [{k}] gain, K % 128 == 0"
-    )
-  if residual is not None and (residual.shape != (m, n) or residual.dtype != jnp.bfloat16):
-    raise ValueError(
-      f"residual {residual.shape} {residual.dtype}: the launch adds a bf16 [{m}, {n}] residual"
-    )
+  P.check_inputs(m, k, n, gain=gain, residual=residual, counter=counter)
   cfg = config(cfg, k, n)
   programs, kp = cfg.programs, k // cfg.splits
   PC.check_grid(programs, PC.sm_count() or ms.H100_SMS)
@@ -103,18 +91,10 @@ def site_launch(
     if normed:
       P.rms_partials(x_gmem, scratch["sums"])
 
-    def compact(s, g):
-      split = pl.ds(s * kp, kp)
-      mg.compact_split(
-        (x_gmem.at[:, split],) if not normed else (x_gmem.at[:, split], gain_gmem.at[split], scratch["sums"]),
-        P.normed_values(m, k, eps) if normed else mg.x_values(m),
-        thr_gmem.at[pl.ds(g, 1)],
-        None if sc_gmem is None else sc_gmem.at[g, split],
-        phase,
-        rows=m,
-        block_k=cfg.block_k,
-      )
-
+    norm = (gain_gmem, scratch["sums"]) if normed else None
+    compact = P.compactor(
+      x_gmem, thr_gmem, sc_gmem, kp, phase, rows=m, block_k=cfg.block_k, norm=norm, eps=eps
+    )
     mg.kept_row_phase(
       cfg, (k, n), segments, compact, w_gmem, parts, phase, scratch["w_union"], lambda j, e: None
     )

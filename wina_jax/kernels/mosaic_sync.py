@@ -291,6 +291,13 @@ def expected_seen(programs: int, waits: int) -> np.ndarray:
   return (nxt[:, None] * PUBLISHED + np.arange(waits)[None, :]).astype(np.int32)
 
 
+def guarded(out: jax.Array, gave_up: jax.Array, counter) -> jax.Array:
+  """A launch's output, NaN throughout if one of its waits gave up (gave_up [programs] int32) and no counter
+  counts it; with a counter (`grid_wait` counts give-ups in its third slot) out itself, and
+  `grid_sync.check_waits` raises after the step, so no XLA op runs after the launch for the check."""
+  return out if counter is not None else jnp.where(jnp.any(gave_up > 0), jnp.nan, out)
+
+
 def check_gave_up(gave_up) -> None:
   """WaitGaveUp if any program of a launch gave up a wait (its outputs are wrong)."""
   gave = np.asarray(gave_up)

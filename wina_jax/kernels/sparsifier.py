@@ -39,6 +39,7 @@ from wina_jax.kernels.config import WORKSPACE_BLOCKS, KernelConfig
 from wina_jax.kernels.grid_sync import check_waits, new_counter
 from wina_jax.kernels.masked_linear import masked_linear
 from wina_jax.kernels.mosaic_gemv import MosaicConfig, partials_output
+from wina_jax.kernels.mosaic_sync import guarded
 from wina_jax.kernels.reference import keep_mask
 from wina_jax.layers import rms_norm
 
@@ -178,7 +179,7 @@ class FusedThresholdSparsifier:
       norm=norm,
       residual=residual,
       fold=self._folds(),
-      counter=self.counter if self._folds() else None,
+      counter=self.counter,  # the folded launches' waits count on it (`masked_linear` uses it with fold only)
     )
 
   def _layer_sites(self, layer: int) -> list:
@@ -272,8 +273,7 @@ class FusedThresholdSparsifier:
     adds = {"residual": residual.reshape(b * t, d)} if residual is not None and self._folds() else {}
     if gpu:
       *_, out, gave_up = MM.mlp_partials(*args, **(fold or {}), **adds, counter=self.counter)
-      if self.counter is None:  # else a given-up wait counts in the counter, for `check_waits` after the step
-        out = jnp.where(jnp.any(gave_up > 0), jnp.nan, out)
+      out = guarded(out, gave_up, self.counter)
     else:
       out = MM.mlp_reference(*args, **adds)[-1]
     if adds:
