@@ -45,24 +45,25 @@ flags.DEFINE_bool("as_gpu", None, "take the GPU paths while tracing (default: wh
 FLAGS = flags.FLAGS
 
 
-def lower_seconds(cfg0, sparsifier_of) -> tuple[float, float]:
-  """(trace, lower) seconds of `decode_loop` over 8 tokens, batch 1, for cfg0 with abstract bf16 weights."""
+def abstract_step(cfg0):
+  """(abstract bf16 fused params, their config, an abstract batch-1 cache of 32 slots) for cfg0."""
   params, cfg = abstract_fused_params(cfg0)
-  cache = jax.eval_shape(lambda: init_cache(cfg, 1, 32, jnp.bfloat16))
+  return params, cfg, jax.eval_shape(lambda: init_cache(cfg, 1, 32, jnp.bfloat16))
+
+
+def lower_seconds(params, cfg, cache, sp) -> tuple[float, float]:
+  """(trace, lower) seconds of `decode_loop` over 8 tokens (Pallas attention) with `abstract_step`'s inputs."""
   t0 = time.perf_counter()
   traced = decode_loop.trace(
-    params, jax.ShapeDtypeStruct((1, 8), jnp.int32), cache, sparsifier_of(cfg0), cfg=cfg, attention="pallas"
+    params, jax.ShapeDtypeStruct((1, 8), jnp.int32), cache, sp, cfg=cfg, attention="pallas"
   )
   t1 = time.perf_counter()
   traced.lower(lowering_platforms=("cuda",))
   return t1 - t0, time.perf_counter() - t1
 
 
-def step_glue(cfg0, sparsifier_of):
-  """`glue.glue_ops` of one `decode_step` (batch 1, Pallas attention) for cfg0 with abstract bf16 weights."""
-  params, cfg = abstract_fused_params(cfg0)
-  cache = jax.eval_shape(lambda: init_cache(cfg, 1, 32, jnp.bfloat16))
-  sp = sparsifier_of(cfg0)
+def step_glue(params, cfg, cache, sp):
+  """`glue.glue_ops` of one `decode_step` (Pallas attention) with `abstract_step`'s inputs."""
   step = lambda p, t, c: decode_step(p, t, c, sp, cfg=cfg, attention="pallas")
   return glue_ops(step, params, jax.ShapeDtypeStruct((1,), jnp.int32), cache)
 
@@ -85,8 +86,9 @@ def main(argv):
   for layers in FLAGS.layers:
     cfg0 = dataclasses.replace(SHAPES[FLAGS.model], num_hidden_layers=int(layers))
     jax.clear_caches()
-    trace_s, lower_s = lower_seconds(cfg0, sparsifier)
-    glue[int(layers)] = step_glue(cfg0, sparsifier)
+    inputs = (*abstract_step(cfg0), sparsifier(cfg0))
+    trace_s, lower_s = lower_seconds(*inputs)
+    glue[int(layers)] = step_glue(*inputs)
     ops = sum(glue[int(layers)].values()) - glue[int(layers)]["KERNEL"]
     print(
       f"{FLAGS.model} layers={layers} {label}: trace {trace_s:.1f} s, lower {lower_s:.1f} s, step glue ops "
