@@ -114,3 +114,35 @@ def test_sync_probe_script_on_the_cpu(tmp_path):
   rows = json.loads(out.read_text())["rows"]
   assert [r["case"] for r in rows] == ["waits:1:2:1", "exchange:2:1"]
   assert all(r["rc"] == 0 and r["stages"]["lowered"] > 0 for r in rows)
+
+
+def test_launch_floor_script_on_the_cpu(tmp_path):
+  """experiments.decode.launch_floor off the GPU: every kernel lowers for CUDA; bad --kernels are refused."""
+  out = tmp_path / "floor.json"
+  base = [sys.executable, "-m", "experiments.decode.launch_floor", "--programs=2"]
+  subprocess.run([*base, "--kernels=select,triton,mosaic:96", f"--out={out}"], check=True, timeout=300)
+  rows = json.loads(out.read_text())["rows"]
+  assert [(r["kernel"], r["programs"], r["lowered"]) for r in rows] == [
+    ("select", 2, True),
+    ("triton", 2, True),
+    ("mosaic:96", 2, True),
+  ]
+  bad = subprocess.run([*base, "--kernels=mosaic:300"], capture_output=True, text=True, timeout=300)
+  assert bad.returncode != 0 and "mosaic:KB with KB in [1, 227]" in bad.stderr
+
+
+def test_launch_floor_reserves_the_shared_memory_it_names():
+  """'mosaic:KB' launches with KB KiB of dynamic shared memory, 'mosaic' with none (read from the module; in a
+  child process, as the script defines absl flags)."""
+  probe = (
+    "import jax, jax.numpy as jnp\n"
+    "from experiments.decode import launch_floor\n"
+    "from tests.mosaic_hlo import mosaic_modules\n"
+    "for k in ('mosaic', 'mosaic:200'):\n"
+    "  (m,) = mosaic_modules(jax.jit(launch_floor.launcher(k)), jnp.ones((4,), jnp.float32))\n"
+    "  print(k, m.split('dynamic_shared_memory_size %c')[1].split('_')[0])\n"
+  )
+  done = subprocess.run(
+    [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=300
+  )
+  assert done.stdout.split() == ["mosaic", "0", "mosaic:200", str(200 * 1024)]

@@ -210,6 +210,17 @@ def attention_backend(name: str) -> str:
   return "interpret" if name == "pallas" and jax.default_backend() != "gpu" else name
 
 
+def row_label(row: dict) -> str:
+  """What ran a row's sparse sites beyond its variant: the Mosaic tiling and mode, the persistent tiling, the
+  fused norm, the dense-at switch or the config set ('' for the per-site Triton kernels as configured)."""
+  parts = [f"mosaic={row['mosaic']}"] if "mosaic" in row else []
+  parts += [f"persistent={row['persistent']}"] if "persistent" in row else []
+  parts += ["fuse_norm"] if row.get("fuse_norm") else []
+  parts += [f"dense_at={row['dense_at']:g}"] if "dense_at" in row else []
+  parts += [f"set={row['config_set']}"] if "config_set" in row else []
+  return " ".join(parts)
+
+
 def _median_time(fn, n) -> float:
   jax.block_until_ready(fn())
   ts = []
@@ -220,9 +231,10 @@ def _median_time(fn, n) -> float:
   return statistics.median(ts)
 
 
-def time_decode(params, cfg, sparsifier, tokens, max_len, reps, host_loop=False, attention="xla") -> float:
-  """Median seconds per decode step over `reps` runs of tokens [B, T] from an empty cache: one
-  `decode_loop` call per run, or (host_loop) one `decode_step` dispatch per token."""
+def time_decode(params, cfg, sparsifier, tokens, max_len, reps, host_loop=False, attention="xla") -> list:
+  """Seconds per decode step of each of `reps` runs of tokens [B, T] from an empty cache (after one untimed
+  run): one `decode_loop` call per run, or (host_loop) one `decode_step` dispatch per token. A row reports
+  their median, and their range as its band within the call."""
   times = []
   for r in range(reps + 1):
     cache = init_cache(cfg, tokens.shape[0], max_len, jnp.bfloat16)
@@ -236,7 +248,7 @@ def time_decode(params, cfg, sparsifier, tokens, max_len, reps, host_loop=False,
     jax.block_until_ready(cache)
     if r:
       times.append((time.perf_counter() - t0) / tokens.shape[1])
-  return statistics.median(times)
+  return times
 
 
 def step_bytes(params, cfg, batch, max_len, kept=None, shortcuts=False) -> int:
@@ -262,7 +274,8 @@ def bench_model(name, key, config_sets, backend) -> list[dict]:
   tokens = jax.random.randint(jax.random.fold_in(key, 1), (bmax, steps), 0, cfg0.vocab_size)
   rows = []
 
-  def record(variant, sparsity, batch, secs, nbytes, attention, kept=None, **extra):
+  def record(variant, sparsity, batch, times, nbytes, attention, kept=None, **extra):
+    secs = statistics.median(times)
     row = dict(
       model=name,
       variant=variant,
@@ -270,6 +283,7 @@ def bench_model(name, key, config_sets, backend) -> list[dict]:
       sparsity=sparsity,
       batch=batch,
       ms_per_step=secs * 1e3,
+      ms_range=[min(times) * 1e3, max(times) * 1e3],
       tokens_per_s=batch / secs,
       bytes_per_step=nbytes,
       gb_per_s=nbytes / secs / 1e9,
@@ -280,25 +294,22 @@ def bench_model(name, key, config_sets, backend) -> list[dict]:
     rows.append(row)
     tqdm.write(
       f"{name:10s} {variant:12s} {attention:9s} s={sparsity:.2f} b={batch} {secs * 1e3:8.3f} ms "
-      + (f"dense_at={extra['dense_at']:g} " if "dense_at" in extra else "")
-      + ("fuse_norm " if extra.get("fuse_norm") else "")
-      + (f"persistent={extra['persistent']} " if "persistent" in extra else "")
-      + (f"mosaic={extra['mosaic']} " if "mosaic" in extra else "")
-      + (f"set={extra['config_set']} " if "config_set" in extra else "")
+      + f"({min(times) * 1e3:.3f}-{max(times) * 1e3:.3f}) "
+      + (row_label(row) + " ") * bool(row_label(row))
       + f"{nbytes / secs / 1e9:8.1f} GB/s {extra.get('check_vs_xla', '')}"
     )
 
   params = random_params(cfg0, key)
-  secs = time_decode(params, cfg0, None, tokens[:1], max_len, reps)
-  record("dense_unfused", 0.0, 1, secs, step_bytes(params, cfg0, 1, max_len), "xla")
+  t = time_decode(params, cfg0, None, tokens[:1], max_len, reps)
+  record("dense_unfused", 0.0, 1, t, step_bytes(params, cfg0, 1, max_len), "xla")
   params, cfg = fuse_projections(params, cfg0)
   jax.block_until_ready(params)
-  dense = {b: secs if b == 1 else float("inf") for b in batches}
+  dense = {b: statistics.median(t) if b == 1 else float("inf") for b in batches}
   rest_bytes = step_bytes(params, cfg, 1, max_len) - linear_bytes(params, cfg)
   for att in attentions:
     for b in batches:
       t = time_decode(params, cfg, None, tokens[:b], max_len, reps, attention=att)
-      dense[b] = min(dense[b], t)
+      dense[b] = min(dense[b], statistics.median(t))
       record("dense", 0.0, b, t, step_bytes(params, cfg, b, max_len), att)
     t = time_decode(params, cfg, NoLinear(), tokens[:1], max_len, reps, attention=att)
     record("no_linear", 0.0, 1, t, rest_bytes, att)
@@ -448,7 +459,7 @@ def main(argv):
   copy = max(v for k, v in result["copy_gb_per_s"].items() if not k.endswith("error"))
   print(
     f"\n{'model':10s} {'variant':13s} {'spars':>5s} {'B':>2s} {'ms':>8s} {'tok/s':>8s} {'x dense':>7s} "
-    f"{'GB/step':>8s} {'GB/s':>7s} {'%copy':>6s}"
+    f"{'GB/step':>8s} {'GB/s':>7s} {'%copy':>6s}  {'range ms':>13s}  sites"
   )
   for r in result["rows"]:
     if "error" in r:
@@ -457,7 +468,7 @@ def main(argv):
     print(
       f"{r['model']:10s} {r['variant'] + {'xla': '', 'persistent': '+pl'}.get(r['attention'], '+pallas_attn'):13s} {r['sparsity']:5.2f} {r['batch']:2d} {r['ms_per_step']:8.3f} "
       f"{r['tokens_per_s']:8.1f} {r['speedup']:7.2f} {r['bytes_per_step'] / 1e9:8.3f} {r['gb_per_s']:7.0f} "
-      f"{100 * r['gb_per_s'] / copy:6.1f}"
+      f"{100 * r['gb_per_s'] / copy:6.1f}  {r['ms_range'][0]:6.3f}-{r['ms_range'][1]:6.3f}  {row_label(r)}"
     )
 
 

@@ -16,7 +16,8 @@
 #   decode  (not in the default STAGES) bench_decode, Llama-3-8B, batch 1, Pallas attention, TEAL at 0 / 50 / 65 /
 #           99.9 % (SPARSITIES): dense, the per-site Triton kernels (benchmarks/configs/h200_partials.json) and backend 'mosaic'
 #           at each of MCONFIGS (comma-separated mosaic_gemv.parse specs, default 64:64:4:0:264) in one run, with
-#           the weightless step, under DECODE_S (default 300 s) -> OUT/bench_llama_mosaic.json; MOSAIC_MODES (e.g. fold,mlp22,mlp)
+#           the weightless step, under DECODE_S (default 300 s) -> OUT/bench_llama_mosaic.json (MCONFIGS=none: no Mosaic
+#           rows; DECODE_FLAGS: more bench_decode flags, e.g. --fuse_norm=false,true); MOSAIC_MODES (e.g. fold,mlp22,mlp)
 #           also times each tiling in those modes (decode_setup.on_mosaic: fold = each site's launch runs the norm
 #           before it / the residual add after it; mlp22 = session 22's MLP launch; mlp = the MLP launch, folded)
 #   marks   (not default) experiments.decode.mosaic_marks: the fused kernel's own clock per phase (compaction, tiles,
@@ -28,7 +29,11 @@
 #           CHECK_S (default 240 s) -> OUT/check_mosaic.log
 #   profile (not default) profile_decode --mosaic=PROFILE_SPEC (default 64:64:4:0:132:cp_async:kernel), Llama-3-8B,
 #           PROFILE_VARIANTS (default teal:0.5,teal:0.999; +fold / +mlp22 / +mlp: the on_mosaic modes), Pallas attention: per-kernel busy time of the step under PROFILE_S (default 240 s)
-#           -> OUT/profile_mosaic.json
+#           -> OUT/profile_mosaic.json (PROFILE_SPEC=none: the per-site Triton kernels; PROFILE_FLAGS: more flags,
+#           e.g. --fuse_norm; PROFILE_NAME: another file name than profile_mosaic)
+#   floor   (not default) experiments.decode.launch_floor: an empty launch's cost in a jitted chain and its profile,
+#           per kind (XLA select, Triton, Mosaic with 0 / 96 / 200 KiB shared memory) on 1 and all SMs, under
+#           FLOOR_S (default 120 s) -> OUT/launch_floor.json
 #   waits   (not default) experiments.decode.wait_cost --backend=mosaic: the Mosaic grid-wide wait
 #           (wina_jax.kernels.mosaic_sync) on all SMs and half of them, 1 / 2 / 6 / 64 waits per launch, each launch
 #           checking that every program reads its neighbour's value of every phase, under WAITS_S (default 120 s)
@@ -81,10 +86,12 @@ if [[ ,$STAGES, == *,sweep,* ]]; then
   grep -v '^[IWE][0-9]' "$OUT/mosaic_sweep.log" | tail -80
 fi
 if [[ ,$STAGES, == *,decode,* ]]; then
+  mconfigs=${MCONFIGS:-64:64:4:0:264}
+  [[ $mconfigs == none ]] && mconfigs=
   timeout -s ABRT -k 10 "${DECODE_S:-300}" python3 -m experiments.decode.bench_decode --models=llama3_8b --methods=teal \
     --batches=1 --sparsities="${SPARSITIES:-0,0.5,0.65,0.999}" --attention=pallas --reps=3 --host_rows=false \
-    --configs=benchmarks/configs/h200_partials.json --mosaic_configs="${MCONFIGS:-64:64:4:0:264}" --mosaic_modes="${MOSAIC_MODES:-}" \
-    --out="$OUT/bench_llama_mosaic.json" > "$OUT/bench_llama_mosaic.log" 2>&1
+    --configs=benchmarks/configs/h200_partials.json --mosaic_configs="$mconfigs" --mosaic_modes="${MOSAIC_MODES:-}" \
+    ${DECODE_FLAGS:-} --out="$OUT/bench_llama_mosaic.json" > "$OUT/bench_llama_mosaic.log" 2>&1
   echo "decode rc=$?" >> "$OUT/bench_llama_mosaic.log"
   grep -v '^[IWE][0-9]' "$OUT/bench_llama_mosaic.log" | tr '\r' '\n' | grep -v 'it/s\]' | tail -40
 fi
@@ -113,9 +120,18 @@ if [[ ,$STAGES, == *,check,* ]]; then
   grep -E '^CHECK|rc=' "$OUT/check_mosaic.log"
 fi
 if [[ ,$STAGES, == *,profile,* ]]; then
+  name=${PROFILE_NAME:-profile_mosaic}
+  spec=${PROFILE_SPEC:-64:64:4:0:132:cp_async:kernel}
+  [[ $spec == none ]] && spec=
   timeout -s ABRT -k 10 "${PROFILE_S:-240}" python3 -m experiments.decode.profile_decode --models=llama3_8b --variants="${PROFILE_VARIANTS:-teal:0.5,teal:0.999}" \
-    --attention=pallas --configs=benchmarks/configs/h200_partials.json \
-    --mosaic="${PROFILE_SPEC:-64:64:4:0:132:cp_async:kernel}" --out="$OUT/profile_mosaic.json" > "$OUT/profile_mosaic.log" 2>&1
-  echo "profile rc=$?" >> "$OUT/profile_mosaic.log"
-  grep -v '^[IWE][0-9]' "$OUT/profile_mosaic.log" | tail -40
+    --attention=pallas --configs=benchmarks/configs/h200_partials.json ${PROFILE_FLAGS:-} \
+    --mosaic="$spec" --out="$OUT/$name.json" > "$OUT/$name.log" 2>&1
+  echo "profile rc=$?" >> "$OUT/$name.log"
+  grep -v '^[IWE][0-9]' "$OUT/$name.log" | tail -40
+fi
+if [[ ,$STAGES, == *,floor,* ]]; then
+  timeout -s ABRT -k 10 "${FLOOR_S:-120}" python3 -m experiments.decode.launch_floor --out="$OUT/launch_floor.json" \
+    > "$OUT/launch_floor.log" 2>&1
+  echo "floor rc=$?" >> "$OUT/launch_floor.log"
+  grep -v '^[IWE][0-9]' "$OUT/launch_floor.log" | tail -20
 fi

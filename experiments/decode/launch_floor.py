@@ -1,0 +1,173 @@
+"""The floor of one launch inside a jitted step on the GPU, per kind of kernel, with no work in it (issue 25).
+
+Session 24's profile put the folded Mosaic launches of the Llama-3-8B step at 6.8-15.3 us busy each at 99.9 %
+sparsity, and session 22's clocks put ~2.5-4 us of each outside its programs' work. This measures what any
+launch of each kind costs empty, two ways in one run:
+  chain_us  per call of --chain dependent calls in one jitted, unrolled scan (`timing.chain_times`: median, min
+            and max of --reps runs), each call also paying the chain's select (one XLA fusion);
+  over_us   chain_us less the 'select' kernel's (the chain with no launch but its select): the launch's own
+            cost in the step, boundary included;
+  busy_us   the launch's duration in a profile of one chain (median over its launches; `bench.trace`), and
+  gap_us    the median idle time from its end to the next kernel's start.
+Kernels (x float32 [programs] -> float32 [programs]; every program writes its slot, zero, so the select keeps
+x and the calls stay in order): 'select' (none), 'triton' (Pallas-Triton, one warp: x * 0), 'mosaic' (Pallas
+Mosaic GPU, one warpgroup: thread 0 stores 0) and 'mosaic:KB' (the same with KB KiB of shared memory reserved,
+unused: what a tiled launch's carve-out costs), each at every --programs (0: the SM count).
+
+GPU:  PYTHONPATH=. python3 -m experiments.decode.launch_floor --out=$OUT/launch_floor.json
+CPU:  PYTHONPATH=. .venv/bin/python -m experiments.decode.launch_floor --programs=2
+      (off the GPU each kernel only lowers for CUDA: the plumbing, no times)
+"""
+
+from __future__ import annotations
+
+import statistics
+
+import jax
+import jax.numpy as jnp
+from absl import app, flags
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+from jax.experimental.pallas import triton as pltriton
+
+from experiments import common
+from wina_jax import checks
+from wina_jax.bench import trace
+from wina_jax.bench.timing import chain_times, chained, run_record
+from wina_jax.kernels import mosaic_sync as ms
+from wina_jax.kernels import persistent_config as PC
+from wina_jax.kernels.pallas_gemv import compiler_params
+
+SMEM_MAX_KB = 227  # an H100 / H200 block's dynamic shared memory limit
+
+
+def kernel_rule(value: str) -> str | None:
+  """A --kernels entry: select, triton, mosaic or mosaic:KB."""
+  name, _, kb = value.partition(":")
+  if name in ("select", "triton") and not kb or name == "mosaic" and not kb:
+    return None
+  if name == "mosaic" and kb.isdigit() and 0 < int(kb) <= SMEM_MAX_KB:
+    return None
+  return f"is not select, triton, mosaic or mosaic:KB with KB in [1, {SMEM_MAX_KB}]"
+
+
+common.check(
+  flags.DEFINE_list("kernels", ["select", "triton", "mosaic", "mosaic:96", "mosaic:200"], "kernels (doc)"),
+  checks.each(kernel_rule, str, nonempty=True),
+)
+common.check(
+  flags.DEFINE_list("programs", ["1", "0"], "programs per launch (0: the SM count)"),
+  checks.each(checks.count(0), int),
+)
+common.check(flags.DEFINE_integer("chain", 64, "dependent calls per timed chain"), checks.count())
+common.check(flags.DEFINE_integer("reps", 7, "timed chains per row"), checks.count())
+common.check(flags.DEFINE_string("out", "", "write results JSON here"), checks.out_path())
+FLAGS = flags.FLAGS
+
+
+def _triton(x: jax.Array) -> jax.Array:
+  def body(x_ref, o_ref):
+    i = pl.program_id(0)
+    pltriton.store(o_ref.at[i], pltriton.load(x_ref.at[i]) * 0)
+
+  return pl.pallas_call(
+    body,
+    out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
+    grid=(x.shape[0],),
+    compiler_params=compiler_params(1, 1),
+    name="launch_floor_triton",
+  )(x)
+
+
+def _mosaic(x: jax.Array, smem_kb: int) -> jax.Array:
+  def launch_floor_mosaic(x_ref, o_ref, **scratch):  # the kernel's name in profiles
+    del x_ref, scratch  # an operand, so that the chain keeps the calls in order
+    ms.clear(o_ref.at[pl.ds(lax.axis_index("sm"), 1)])
+
+  out = plgpu.kernel(
+    launch_floor_mosaic,
+    out_type=jax.ShapeDtypeStruct(x.shape, jnp.int32),
+    grid=(x.shape[0],),
+    grid_names=("sm",),
+    scratch_types={"unused": plgpu.SMEM((smem_kb * 256,), jnp.float32)} if smem_kb else {},
+    compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+  )(x)
+  return lax.bitcast_convert_type(out, jnp.float32)  # int 0 is float 0.0: no op on the GPU
+
+
+def launcher(kernel: str):
+  """A --kernels entry -> fn(x float32 [programs]) -> float32 [programs] of zeros ('select': x itself)."""
+  name, _, kb = kernel.partition(":")
+  if name == "select":
+    return lambda x: x
+  if name == "triton":
+    return _triton
+  return lambda x: _mosaic(x, int(kb or 0))
+
+
+def _profiled(fn, x, name_part: str) -> dict:
+  """busy_us / gap_us of the launches whose kernel name contains name_part, from one profiled chain."""
+  chain = jax.jit(lambda x: chained(fn, x, n=FLAGS.chain))
+  jax.block_until_ready(chain(x))
+  events = sorted(trace.trace_events(lambda: chain(x)), key=lambda e: e[1])
+  ours = [i for i, e in enumerate(events) if name_part in e[0]]
+  gaps = [events[i + 1][1] - events[i][1] - events[i][2] for i in ours if i + 1 < len(events)]
+  return {
+    "launches_seen": len(ours),
+    "busy_us": statistics.median(events[i][2] for i in ours) / 1e3 if ours else None,
+    "gap_us": statistics.median(gaps) / 1e3 if gaps else None,
+    "kernels_per_call": len(events) / FLAGS.chain,
+  }
+
+
+def row(kernel: str, programs: int) -> dict:
+  """One kernel at one grid size: its chain time, and where it launches, its profile."""
+  fn = launcher(kernel)
+  x = jnp.ones((programs,), jnp.float32)
+  out = {"kernel": kernel, "programs": programs}
+  if jax.default_backend() != "gpu":
+    lowered = jax.jit(fn).trace(x).lower(lowering_platforms=("cuda",)).as_text()
+    out["lowered"] = kernel == "select" or "launch_floor" in lowered or "mosaic_gpu" in lowered
+    return out
+  ts = [t * 1e6 for t in chain_times(fn, x, n=FLAGS.chain, reps=FLAGS.reps)]
+  out.update(chain_us=statistics.median(ts), chain_min_us=min(ts), chain_max_us=max(ts))
+  if kernel != "select":
+    out.update(_profiled(fn, x, "launch_floor"))
+  return out
+
+
+def main(argv):
+  del argv
+  declared = common.setup(jnp.float32)
+  sms = PC.sm_count() or ms.H100_SMS
+  res = {
+    **run_record(declared),
+    "command": common.command_line("experiments.decode.launch_floor"),
+    "rows": [],
+  }
+  res["sms"] = sms
+  for programs in [int(p) or sms for p in FLAGS.programs]:
+    base = None
+    for kernel in FLAGS.kernels:
+      r = row(kernel, programs)
+      if kernel == "select":
+        base = r.get("chain_us")
+      if "chain_us" not in r:
+        line = f"{kernel:12s} programs {programs:4d}  lowered: {r['lowered']}"
+      else:
+        if base is not None:
+          r["over_us"] = r["chain_us"] - base
+        line = f"{kernel:12s} programs {programs:4d}  chain {r['chain_us']:6.2f} us ({r['chain_min_us']:.2f}-"
+        line += f"{r['chain_max_us']:.2f})"
+        if "over_us" in r:
+          line += f"  over select {r['over_us']:6.2f}"
+        if r.get("busy_us") is not None:
+          line += (
+            f"  busy {r['busy_us']:5.2f}  gap {r['gap_us']:5.2f}  kernels/call {r['kernels_per_call']:.2f}"
+          )
+      common.emit_row(res, r, line, FLAGS.out)
+
+
+if __name__ == "__main__":
+  app.run(main)
