@@ -26,9 +26,19 @@ def test_variant_names():
   from experiments.decode.profile_decode import parse_variant
 
   assert parse_variant("dense") == ("dense", 0.0, "") and parse_variant("wina:0.65") == ("wina", 0.65, "")
+  assert parse_variant("weightless") == ("weightless", 0.0, "")
   assert parse_variant("teal:0.999+mlp") == ("teal", 0.999, "mlp")
   assert parse_variant("teal:0.5+mlp22") == ("teal", 0.5, "mlp22")
-  for bad in ("teal", "teal:1.0", "cats:0.5", "dense:0.5", "dense+mlp", "teal:0.5+attn", "teal:0.5+mlp3"):
+  for bad in (
+    "teal",
+    "teal:1.0",
+    "cats:0.5",
+    "dense:0.5",
+    "dense+mlp",
+    "weightless:0.5",
+    "teal:0.5+attn",
+    "teal:0.5+mlp3",
+  ):
     with pytest.raises(ValueError, match="METHOD:SPARSITY"):
       parse_variant(bad)
 
@@ -52,7 +62,7 @@ def test_tiny_cpu_run(tmp_path):
       "-m",
       "experiments.decode.profile_decode",
       "--tiny",
-      "--variants=dense,teal:0.5",
+      "--variants=dense,weightless,teal:0.5",
       "--precision=tf32",
       f"--out={out}",
     ],
@@ -60,8 +70,15 @@ def test_tiny_cpu_run(tmp_path):
     capture_output=True,
   )
   res = json.loads(out.read_text())
-  assert [r["variant"] for r in res["rows"]] == ["dense", "teal:0.5"]
-  assert all(r["kernels_per_step"] > 0 and r["busy_ms"] > 0 for r in res["rows"])
+  rows = res["rows"]
+  assert [r["variant"] for r in rows] == ["dense", "weightless", "teal:0.5"]
+  assert all(r["kernels_per_step"] > 0 and r["busy_ms"] > 0 for r in rows)
+  # the rows after the weightless one carry what they add over it: their own figures less its
+  assert "over_weightless" not in rows[0] and "over_weightless" not in rows[1]
+  added = rows[2]["over_weightless"]
+  assert added["kernels"] == pytest.approx(rows[2]["kernels_per_step"] - rows[1]["kernels_per_step"])
+  assert added["busy_ms"] == pytest.approx(rows[2]["busy_ms"] - rows[1]["busy_ms"])
+  assert added["layer_busy_us"] == pytest.approx(added["busy_ms"] * 1e3 / 2)  # the tiny model's 2 layers
   declared = res["declared_numerics"]
   assert declared["precision"] == "tf32" and declared["matmul"] == "tensorfloat32"
   assert declared["dtype"] == "bfloat16" and {"backend", "topk_impl", "note"} <= declared.keys()

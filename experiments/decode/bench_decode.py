@@ -29,13 +29,13 @@ from dataclasses import replace
 import jax
 import jax.numpy as jnp
 from absl import app, flags
-from flax import struct
 from tqdm import tqdm
 
 from experiments import common
 from wina_jax import checks
 from wina_jax.bench.decode_setup import (
   MOSAIC_MODES,
+  NoLinear,
   check_against_xla,
   linear_bytes,
   load_configs,
@@ -150,19 +150,6 @@ flags.DEFINE_bool("host_rows", True, "time the host-dispatch rows (no_linear_hos
 common.check(flags.DEFINE_string("out", "", "write results JSON here"), checks.out_path())
 flags.DEFINE_bool("tiny", False, "CPU smoke test: tiny model, XLA path, 1 rep")
 FLAGS = flags.FLAGS
-
-
-@struct.dataclass
-class NoLinear:
-  """A stand-in sparsifier whose linear sites read no weights (y = x's first feature, broadcast to the
-  output width): a decode step with it times everything but the linear sites, the step's 'rest'
-  (norms, RoPE, attention, cache writes, residual adds, lm_head, launch gaps)."""
-
-  def __call__(self, site, x, kernel):
-    return x
-
-  def linear(self, site, x, kernel):
-    return jnp.broadcast_to(x[..., :1], x.shape[:-1] + (kernel.shape[1],))
 
 
 def copy_bandwidth() -> dict:

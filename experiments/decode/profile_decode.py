@@ -9,6 +9,8 @@
       --mosaic=64:64:4:0:132:cp_async:kernel   # the sparse variants on the Mosaic GPU kept-row kernel
   python -m experiments.decode.profile_decode --variants=teal:0.999,teal:0.999+mlp --attention=pallas \
       --mosaic=64:256:3:0:132:cp_async:kernel  # +mlp: each MLP as one persistent Mosaic launch
+  python -m experiments.decode.profile_decode --variants=weightless,teal:0.999 --attention=pallas \
+      --configs=benchmarks/configs/h200_partials.json  # what the sparse sites add over the weightless step
   (--attention=pallas: the Pallas decode-attention kernel instead of XLA's attention, interpret mode on CPU)
 
 Per variant it traces one `decode_loop` run (random bf16 weights, thresholds at the sparsity quantile,
@@ -28,7 +30,14 @@ from absl import app, flags
 
 from experiments import common
 from wina_jax import checks
-from wina_jax.bench.decode_setup import MOSAIC_MODES, load_configs, make_sparsifier, on_mosaic, site_scores
+from wina_jax.bench.decode_setup import (
+  MOSAIC_MODES,
+  NoLinear,
+  load_configs,
+  make_sparsifier,
+  on_mosaic,
+  site_scores,
+)
 from wina_jax.bench.shapes import SHAPES
 from wina_jax.bench.trace import summarize, trace_events
 from wina_jax.decode import decode_loop, fuse_projections
@@ -106,13 +115,14 @@ def trace_run(params, cfg, sp, tokens, max_len, attention="xla") -> list:
 
 
 def parse_variant(v: str) -> tuple[str, float, str]:
-  """'dense' -> ('dense', 0.0, ''); 'teal:0.5' -> ('teal', 0.5, ''); 'teal:0.5+mlp' -> ('teal', 0.5, 'mlp'):
+  """'dense' -> ('dense', 0.0, ''); 'weightless' -> ('weightless', 0.0, '') (linear sites that read no weights:
+  `decode_setup.NoLinear`); 'teal:0.5' -> ('teal', 0.5, ''); 'teal:0.5+mlp' -> ('teal', 0.5, 'mlp'):
   with --mosaic, the Mosaic mode after the + (`decode_setup.on_mosaic`: fold, mlp22 or mlp). Anything else
   raises naming the fix."""
   base, plus, rest = v.partition("+")
   mlp = rest if plus and rest in MOSAIC_MODES[1:] else ""
   method, _, s = base.partition(":")
-  if method == "dense" and not s and not plus:
+  if method in ("dense", "weightless") and not s and not plus:
     return method, 0.0, ""
   try:
     sparsity = float(s)
@@ -120,39 +130,59 @@ def parse_variant(v: str) -> tuple[str, float, str]:
     sparsity = -1.0
   if method not in ("teal", "wina") or not 0 <= sparsity < 1 or (plus and not mlp):
     raise ValueError(
-      f"variant {v!r}: use 'dense' or METHOD:SPARSITY[+fold | +mlp22 | +mlp] with METHOD teal | wina and "
+      f"variant {v!r}: use 'dense', 'weightless' or METHOD:SPARSITY[+fold | +mlp22 | +mlp] with METHOD teal | wina and "
       "SPARSITY in [0, 1), e.g. teal:0.5 or teal:0.5+mlp"
     )
   return method, sparsity, mlp
 
 
+def over(row: dict, base: dict, layers: int) -> dict:
+  """row's kernels and busy time a step above base's (the weightless step), in total and per layer."""
+  k, b = row["kernels_per_step"] - base["kernels_per_step"], row["busy_ms"] - base["busy_ms"]
+  return {"kernels": k, "busy_ms": b, "layer_kernels": k / layers, "layer_busy_us": b * 1e3 / layers}
+
+
 def profile_model(
   name: str, key, configs, backend: str, variants, steps: int, max_len: int, top: int, attention: str = "xla"
 ):
-  """Rows (one per variant) of per-step kernel figures for the random-weight model shape `name`."""
+  """Rows (one per variant) of per-step kernel figures for the random-weight model shape `name`; after a
+  'weightless' variant, every later row also has `over_weightless`: its kernels and busy time a step above it
+  (what the linear sites add, glue included), in total and per layer."""
   if name not in SHAPES:
     raise ValueError(f"unknown model shape {name!r}; known: {sorted(SHAPES)}")
   params, cfg = fuse_projections(random_params(SHAPES[name], key), SHAPES[name])
   tokens = jax.random.randint(jax.random.fold_in(key, 1), (1, steps), 0, cfg.vocab_size)
-  scores, rows = {}, []
+  scores, rows, base = {}, [], None
   for v in variants:
     method, s, mlp = parse_variant(v)
     if method == "dense":
       sp = None
+    elif method == "weightless":
+      sp = NoLinear()
     else:
       if method not in scores:
         scores[method] = site_scores(params, cfg, tokens, with_scale=method == "wina")
       sp = make_sparsifier(scores[method], s, 1, configs, backend)[0].replace(fuse_norm=FLAGS.fuse_norm)
       if FLAGS.mosaic:
         sp = on_mosaic(sp, FLAGS.mosaic, mlp)
-    if FLAGS.persistent:
+    if FLAGS.persistent and method != "weightless":
       sp = (sp or FusedThresholdSparsifier.create({})).as_persistent(PC.parse_config(FLAGS.persistent))
     events = trace_run(params, cfg, sp, tokens, max_len, attention)
     row = {"model": name, "variant": v, **summarize(events, steps, top)}
+    if method == "weightless":
+      base = row
+    elif base is not None and "busy_ms" in row:
+      row["over_weightless"] = over(row, base, cfg.num_hidden_layers)
     rows.append(row)
     print(
       f"{name} {v:10s} kernels/step {row['kernels_per_step']:7.1f}  busy {row.get('busy_ms', 0):.3f} ms  "
-      f"span {row.get('span_ms', 0):.3f} ms  gap {row.get('gap_ms', 0):.3f} ms",
+      f"span {row.get('span_ms', 0):.3f} ms  gap {row.get('gap_ms', 0):.3f} ms"
+      + (
+        "  over weightless: {kernels:+.1f} kernels, {busy_ms:+.3f} ms busy ({layer_kernels:+.2f} kernels, "
+        "{layer_busy_us:+.2f} us a layer)".format(**row["over_weightless"])
+        if "over_weightless" in row
+        else ""
+      ),
       flush=True,
     )
     for c, r in row.get("categories", {}).items():

@@ -1,5 +1,5 @@
 """Set-up shared by the decode experiments (no flags): tuned tilings, calibrated threshold sparsifiers,
-kept-weight bytes, and the check of a sparse step against the XLA path.
+kept-weight bytes, the check of a sparse step against the XLA path, and the weightless stand-in (`NoLinear`).
 
 Used by `bench_decode`, `profile_decode`, `check_decode`, `decode_overhead` and the per-shape kernel scripts
 (`kernel_sweep`, `mosaic_sweep`, `mosaic_marks`, `mosaic_mlp`: `teal_thresholds`).
@@ -12,6 +12,7 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 
 from wina_jax import families
 from wina_jax import sites as S
@@ -191,3 +192,16 @@ def load_configs(paths, reduce: str = "") -> dict:
         }
       )
   return configs
+
+
+@struct.dataclass
+class NoLinear:
+  """A stand-in sparsifier whose linear sites read no weights (y = x's first feature, broadcast to the
+  output width): a decode step with it times everything but the linear sites, the step's 'rest'
+  (norms, RoPE, attention, cache writes, residual adds, lm_head, launch gaps)."""
+
+  def __call__(self, site, x, kernel):
+    return x
+
+  def linear(self, site, x, kernel):
+    return jnp.broadcast_to(x[..., :1], x.shape[:-1] + (kernel.shape[1],))
