@@ -120,15 +120,21 @@ def test_launch_floor_script_on_the_cpu(tmp_path):
   """experiments.decode.launch_floor off the GPU: every kernel lowers for CUDA; bad --kernels are refused."""
   out = tmp_path / "floor.json"
   base = [sys.executable, "-m", "experiments.decode.launch_floor", "--programs=2"]
-  subprocess.run([*base, "--kernels=select,triton,mosaic:96", f"--out={out}"], check=True, timeout=300)
+  kernels = ["select", "triton", "mosaic:96", "mosaic+wait"]
+  subprocess.run([*base, f"--kernels={','.join(kernels)}", f"--out={out}"], check=True, timeout=300)
   rows = json.loads(out.read_text())["rows"]
-  assert [(r["kernel"], r["programs"], r["lowered"]) for r in rows] == [
-    ("select", 2, True),
-    ("triton", 2, True),
-    ("mosaic:96", 2, True),
-  ]
-  bad = subprocess.run([*base, "--kernels=mosaic:300"], capture_output=True, text=True, timeout=300)
-  assert bad.returncode != 0 and "mosaic:KB with KB in [1, 227]" in bad.stderr
+  assert [(r["kernel"], r["programs"], r["lowered"]) for r in rows] == [(k, 2, True) for k in kernels]
+  for bad_kernel in ("mosaic:300", "triton+wait", "mosaic+waits"):
+    bad = subprocess.run([*base, f"--kernels={bad_kernel}"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "mosaic[:KB][+wait] with KB in [1, 227]" in bad.stderr
+  # a wait on more programs than can be resident (132 SMs assumed off the GPU) is refused, not run
+  cmd = [sys.executable, "-m", "experiments.decode.launch_floor", "--programs=200", "--kernels=mosaic+wait"]
+  bad = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+  assert (
+    bad.returncode == 1
+    and "--programs=200 with a '+wait' kernel" in bad.stderr
+    and "co-resident" in bad.stderr
+  )
 
 
 def test_launch_floor_reserves_the_shared_memory_it_names():
@@ -139,7 +145,8 @@ def test_launch_floor_reserves_the_shared_memory_it_names():
     "from experiments.decode import launch_floor\n"
     "from tests.mosaic_hlo import mosaic_modules\n"
     "for k in ('mosaic', 'mosaic:200'):\n"
-    "  (m,) = mosaic_modules(jax.jit(launch_floor.launcher(k)), jnp.ones((4,), jnp.float32))\n"
+    "  x, counter = jnp.ones((4,), jnp.float32), jnp.zeros((3,), jnp.int32)\n"
+    "  (m,) = mosaic_modules(jax.jit(launch_floor.launcher(k)), x, counter)\n"
     "  print(k, m.split('dynamic_shared_memory_size %c')[1].split('_')[0])\n"
   )
   done = subprocess.run(

@@ -11,8 +11,11 @@ launch of each kind costs empty, two ways in one run:
   gap_us    the median idle time from its end to the next kernel's start.
 Kernels (x float32 [programs] -> float32 [programs]; every program writes its slot, zero, so the select keeps
 x and the calls stay in order): 'select' (none), 'triton' (Pallas-Triton, one warp: x * 0), 'mosaic' (Pallas
-Mosaic GPU, one warpgroup: thread 0 stores 0) and 'mosaic:KB' (the same with KB KiB of shared memory reserved,
-unused: what a tiled launch's carve-out costs), each at every --programs (0: the SM count).
+Mosaic GPU, one warpgroup: thread 0 stores 0), 'mosaic:KB' (the same with KB KiB of shared memory reserved,
+unused: what a tiled launch's carve-out costs) and 'mosaic+wait' / 'mosaic:KB+wait' (the same making one
+grid-wide wait on a counter that the last program out leaves at zero, as the folded site launches do:
+`mosaic_sync.grid_wait` / `grid_leave`; its chain time less the plain launch's is a phase boundary's cost inside
+a launch, beside a launch boundary's), each at every --programs (0: the SM count; a wait needs programs <= SMs).
 
 GPU:  PYTHONPATH=. python3 -m experiments.decode.launch_floor --out=$OUT/launch_floor.json
 CPU:  PYTHONPATH=. .venv/bin/python -m experiments.decode.launch_floor --programs=2
@@ -37,23 +40,31 @@ from wina_jax.bench import trace
 from wina_jax.bench.timing import chain_times, chained, run_record
 from wina_jax.kernels import mosaic_sync as ms
 from wina_jax.kernels import persistent_config as PC
+from wina_jax.kernels.grid_sync import GAVE_UP, new_counter
 from wina_jax.kernels.pallas_gemv import compiler_params
 
 SMEM_MAX_KB = 227  # an H100 / H200 block's dynamic shared memory limit
 
 
 def kernel_rule(value: str) -> str | None:
-  """A --kernels entry: select, triton, mosaic or mosaic:KB."""
-  name, _, kb = value.partition(":")
-  if name in ("select", "triton") and not kb or name == "mosaic" and not kb:
+  """A --kernels entry: select, triton, mosaic[:KB][+wait]."""
+  head, plus, tail = value.partition("+")
+  name, _, kb = head.partition(":")
+  if name in ("select", "triton") and not kb and not plus:
     return None
-  if name == "mosaic" and kb.isdigit() and 0 < int(kb) <= SMEM_MAX_KB:
+  if (
+    name == "mosaic"
+    and (not kb or kb.isdigit() and 0 < int(kb) <= SMEM_MAX_KB)
+    and tail == "wait" * bool(plus)
+  ):
     return None
-  return f"is not select, triton, mosaic or mosaic:KB with KB in [1, {SMEM_MAX_KB}]"
+  return f"is not select, triton or mosaic[:KB][+wait] with KB in [1, {SMEM_MAX_KB}]"
 
 
 common.check(
-  flags.DEFINE_list("kernels", ["select", "triton", "mosaic", "mosaic:96", "mosaic:200"], "kernels (doc)"),
+  flags.DEFINE_list(
+    "kernels", ["select", "triton", "mosaic", "mosaic:96", "mosaic:200", "mosaic+wait"], "kernels (doc)"
+  ),
   checks.each(kernel_rule, str, nonempty=True),
 )
 common.check(
@@ -80,10 +91,17 @@ def _triton(x: jax.Array) -> jax.Array:
   )(x)
 
 
-def _mosaic(x: jax.Array, smem_kb: int) -> jax.Array:
-  def launch_floor_mosaic(x_ref, o_ref, **scratch):  # the kernel's name in profiles
+def _mosaic(x: jax.Array, counter, smem_kb: int) -> jax.Array:
+  """counter None: no wait; else int32 [3] (`grid_sync.new_counter`): one grid-wide wait on it, then leave."""
+  programs = x.shape[0]
+
+  def launch_floor_mosaic(x_ref, *refs, **scratch):  # the kernel's name in profiles
     del x_ref, scratch  # an operand, so that the chain keeps the calls in order
-    ms.clear(o_ref.at[pl.ds(lax.axis_index("sm"), 1)])
+    slot = refs[-1].at[pl.ds(lax.axis_index("sm"), 1)]
+    ms.clear(slot)
+    if counter is not None:
+      ms.grid_wait(refs[0], slot, 1, programs)
+      ms.grid_leave(refs[0], programs)
 
   out = plgpu.kernel(
     launch_floor_mosaic,
@@ -92,25 +110,27 @@ def _mosaic(x: jax.Array, smem_kb: int) -> jax.Array:
     grid_names=("sm",),
     scratch_types={"unused": plgpu.SMEM((smem_kb * 256,), jnp.float32)} if smem_kb else {},
     compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-  )(x)
+  )(x, *([] if counter is None else [counter]))
   return lax.bitcast_convert_type(out, jnp.float32)  # int 0 is float 0.0: no op on the GPU
 
 
 def launcher(kernel: str):
-  """A --kernels entry -> fn(x float32 [programs]) -> float32 [programs] of zeros ('select': x itself)."""
-  name, _, kb = kernel.partition(":")
+  """A --kernels entry -> fn(x float32 [programs], counter) -> float32 [programs] of zeros ('select': x itself;
+  counter: int32 [3], read by the '+wait' kernels only)."""
+  head, plus, _ = kernel.partition("+")
+  name, _, kb = head.partition(":")
   if name == "select":
-    return lambda x: x
+    return lambda x, counter: x
   if name == "triton":
-    return _triton
-  return lambda x: _mosaic(x, int(kb or 0))
+    return lambda x, counter: _triton(x)
+  return lambda x, counter: _mosaic(x, counter if plus else None, int(kb or 0))
 
 
-def _profiled(fn, x, name_part: str) -> dict:
+def _profiled(fn, x, counter, name_part: str) -> dict:
   """busy_us / gap_us of the launches whose kernel name contains name_part, from one profiled chain."""
-  chain = jax.jit(lambda x: chained(fn, x, n=FLAGS.chain))
-  jax.block_until_ready(chain(x))
-  events = sorted(trace.trace_events(lambda: chain(x)), key=lambda e: e[1])
+  chain = jax.jit(lambda x, counter: chained(fn, x, counter, n=FLAGS.chain))
+  jax.block_until_ready(chain(x, counter))
+  events = sorted(trace.trace_events(lambda: chain(x, counter)), key=lambda e: e[1])
   ours = [i for i, e in enumerate(events) if name_part in e[0]]
   gaps = [events[i + 1][1] - events[i][1] - events[i][2] for i in ours if i + 1 < len(events)]
   return {
@@ -122,18 +142,21 @@ def _profiled(fn, x, name_part: str) -> dict:
 
 
 def row(kernel: str, programs: int) -> dict:
-  """One kernel at one grid size: its chain time, and where it launches, its profile."""
+  """One kernel at one grid size: its chain time, and where it launches, its profile (and for '+wait', the
+  waits given up, which must be none)."""
   fn = launcher(kernel)
-  x = jnp.ones((programs,), jnp.float32)
+  x, counter = jnp.ones((programs,), jnp.float32), new_counter()
   out = {"kernel": kernel, "programs": programs}
   if jax.default_backend() != "gpu":
-    lowered = jax.jit(fn).trace(x).lower(lowering_platforms=("cuda",)).as_text()
+    lowered = jax.jit(fn).trace(x, counter).lower(lowering_platforms=("cuda",)).as_text()
     out["lowered"] = kernel == "select" or "launch_floor" in lowered or "mosaic_gpu" in lowered
     return out
-  ts = [t * 1e6 for t in chain_times(fn, x, n=FLAGS.chain, reps=FLAGS.reps)]
+  ts = [t * 1e6 for t in chain_times(fn, x, counter, n=FLAGS.chain, reps=FLAGS.reps)]
   out.update(chain_us=statistics.median(ts), chain_min_us=min(ts), chain_max_us=max(ts))
   if kernel != "select":
-    out.update(_profiled(fn, x, "launch_floor"))
+    out.update(_profiled(fn, x, counter, "launch_floor"))
+  if kernel.endswith("+wait"):
+    out["waits_gave_up"] = int(jax.device_get(counter)[GAVE_UP])
   return out
 
 
@@ -147,7 +170,13 @@ def main(argv):
     "rows": [],
   }
   res["sms"] = sms
-  for programs in [int(p) or sms for p in FLAGS.programs]:
+  grids = [int(p) or sms for p in FLAGS.programs]
+  for programs in grids if any(k.endswith("+wait") for k in FLAGS.kernels) else []:
+    try:  # a wait on programs that cannot all be resident would only ever give up: refused before any run
+      PC.check_grid(programs, sms)
+    except PC.GridError as e:
+      raise common.InputError(f"--programs={programs} with a '+wait' kernel: {e}") from None
+  for programs in grids:
     base = None
     for kernel in FLAGS.kernels:
       r = row(kernel, programs)

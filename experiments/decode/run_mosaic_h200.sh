@@ -32,7 +32,8 @@
 #           -> OUT/profile_mosaic.json (PROFILE_SPEC=none: the per-site Triton kernels; PROFILE_FLAGS: more flags,
 #           e.g. --fuse_norm; PROFILE_NAME: another file name than profile_mosaic)
 #   floor   (not default) experiments.decode.launch_floor: an empty launch's cost in a jitted chain and its profile,
-#           per kind (XLA select, Triton, Mosaic with 0 / 96 / 200 KiB shared memory) on 1 and all SMs, under
+#           per kind (XLA select, Triton, Mosaic with 0 / 96 / 200 KiB shared memory, Mosaic with one grid-wide
+#           wait) on 1 and all SMs, under
 #           FLOOR_S (default 120 s) -> OUT/launch_floor.json
 #   waits   (not default) experiments.decode.wait_cost --backend=mosaic: the Mosaic grid-wide wait
 #           (wina_jax.kernels.mosaic_sync) on all SMs and half of them, 1 / 2 / 6 / 64 waits per launch, each launch
