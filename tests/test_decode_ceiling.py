@@ -112,6 +112,8 @@ def test_bench_decode_tiny_rows_feed_the_fit(tmp_path):
   # broken kernel is off by ~100 %
   (check,) = [r["check_vs_xla"] for r in persistent if "check_vs_xla" in r]
   assert check["rel_err"] < 0.1, check
+  # every check carries the XLA step's own one-ulp sensitivity and whether the difference is inside it
+  assert check["ulp_rel_err"] > 0 and check["inside_band"] == (check["rel_err"] <= check["ulp_rel_err"])
   assert {r["variant"] for r in rows} == {
     "dense_unfused",
     "dense",
@@ -128,6 +130,7 @@ def test_bench_decode_tiny_rows_feed_the_fit(tmp_path):
   }
   checks = [r["check_vs_xla"] for r in rows if "check_vs_xla" in r]
   assert len(checks) == 4 and all(c["same_token"] and c["rel_err"] < 1e-2 for c in checks)  # B = 1, 2
+  assert all(c["ulp_rel_err"] > 0 and c["inside_band"] for c in checks), checks
   att = [c for c in checks if "attention_rel_err" in c]
   assert len(att) == 2 and all(c["attention_same_token"] and c["attention_rel_err"] < 1e-2 for c in att)
   fits = analyse(rows, "teal", {0.5: 1.8})

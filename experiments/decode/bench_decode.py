@@ -42,6 +42,8 @@ from wina_jax.bench.decode_setup import (
   make_sparsifier,
   on_mosaic,
   site_scores,
+  ulp_sensitivity,
+  with_band,
 )
 from wina_jax.bench.shapes import SHAPES
 from wina_jax.decode import decode_loop, decode_step, fuse_projections
@@ -286,6 +288,14 @@ def bench_model(name, key, config_sets, backend) -> list[dict]:
       + f"{nbytes / secs / 1e9:8.1f} GB/s {extra.get('check_vs_xla', '')}"
     )
 
+  bands = {}  # (method, sparsity, batch) -> the XLA step's one-ulp sensitivity, measured once
+
+  def checked(sp, key, batch, attention="xla"):
+    """`check_against_xla` of sp's step with the band its XLA path's one-ulp sensitivity sets."""
+    if key not in bands:
+      bands[key] = ulp_sensitivity(params, cfg, sp, tokens[:batch], max_len)
+    return with_band(check_against_xla(params, cfg, sp, tokens[:batch], max_len, attention), bands[key])
+
   params = random_params(cfg0, key)
   t = time_decode(params, cfg0, None, tokens[:1], max_len, reps)
   record("dense_unfused", 0.0, 1, t, step_bytes(params, cfg0, 1, max_len), "xla")
@@ -324,7 +334,7 @@ def bench_model(name, key, config_sets, backend) -> list[dict]:
         t = time_decode(params, cfg, psp, tokens[:1], max_len, reps)
         psp.check_waits()
         if sparsity == 0.5:
-          extra["check_vs_xla"] = check_against_xla(params, cfg, psp, tokens[:1], max_len)
+          extra["check_vs_xla"] = checked(psp, (variant, sparsity, 1), 1)
       except Exception as e:  # recorded: the other rows still run
         tqdm.write(f"persistent {variant} {sparsity} {spec}: {e!r}")
         rows.append(
@@ -356,8 +366,8 @@ def bench_model(name, key, config_sets, backend) -> list[dict]:
           sp = sp.replace(fuse_norm=fuse)
           for att in attentions:
             t = time_decode(params, cfg, sp, tokens[:b], max_len, reps, attention=att)
-            checked = s == 0.5 and b in (1, bmax)
-            check = check_against_xla(params, cfg, sp, tokens[:b], max_len, att) if checked else None
+            is_checked = s == 0.5 and b in (1, bmax)
+            check = checked(sp, (method, s, b), b, att) if is_checked else None
             extra = {"check_vs_xla": check} if check else {}
             if dense_at is not None:
               extra["dense_at"] = dense_at
@@ -376,7 +386,7 @@ def bench_model(name, key, config_sets, backend) -> list[dict]:
             t = time_decode(params, cfg, sp, tokens[:1], max_len, reps, attention=att)
             extra = {"mosaic": spec + "+" * bool(mode) + mode}
             if s == 0.5:
-              extra["check_vs_xla"] = check_against_xla(params, cfg, sp, tokens[:1], max_len, att)
+              extra["check_vs_xla"] = checked(sp, (method, s, 1), 1, att)
             sp.check_waits()  # the modes that wait on the sparsifier's counter: raises if one gave up
             record(method, s, 1, t, step_bytes(params, cfg, 1, max_len, kept), att, kept, **extra)
     del scores

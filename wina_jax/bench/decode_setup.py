@@ -99,6 +99,12 @@ def ulp_sensitivity(params, cfg, sp, tokens, max_len) -> dict:
   }
 
 
+def with_band(check: dict, band: dict) -> dict:
+  """A `check_against_xla` result with the step's one-ulp band (`ulp_sensitivity`) beside it: 'ulp_rel_err' and
+  'inside_band' (rel_err within the band: a difference the model's own rounding sensitivity explains)."""
+  return {**check, "ulp_rel_err": band["rel_err"], "inside_band": check["rel_err"] <= band["rel_err"]}
+
+
 def site_scores(params, cfg, tokens, with_scale) -> dict:
   """{fused site: (scores [S, B, T, d_in] float32, widths)} of the dense model on tokens [B, T]."""
   inputs = jax.jit(lambda p, t: forward(p, t, cfg, collect=("inputs",)).aux["inputs"])(params, tokens)
