@@ -15,7 +15,9 @@ Mosaic GPU, one warpgroup: thread 0 stores 0), 'mosaic:KB' (the same with KB KiB
 unused: what a tiled launch's carve-out costs) and 'mosaic+wait' / 'mosaic:KB+wait' (the same making one
 grid-wide wait on a counter that the last program out leaves at zero, as the folded site launches do:
 `mosaic_sync.grid_wait` / `grid_leave`; its chain time less the plain launch's is a phase boundary's cost inside
-a launch, beside a launch boundary's), each at every --programs (0: the SM count; a wait needs programs <= SMs).
+a launch, beside a launch boundary's), each at every --programs (0: the SM count; 1792: the grid of the Triton
+gate|up kernel's tiling, 112 column blocks x 16 chunks). A '+wait' kernel on more programs than can be resident
+would only ever give up its wait: its row says it was refused and why, and nothing runs.
 
 GPU:  PYTHONPATH=. python3 -m experiments.decode.launch_floor --out=$OUT/launch_floor.json
 CPU:  PYTHONPATH=. .venv/bin/python -m experiments.decode.launch_floor --programs=2
@@ -68,7 +70,7 @@ common.check(
   checks.each(kernel_rule, str, nonempty=True),
 )
 common.check(
-  flags.DEFINE_list("programs", ["1", "0"], "programs per launch (0: the SM count)"),
+  flags.DEFINE_list("programs", ["1", "0", "1792"], "programs per launch (0: the SM count)"),
   checks.each(checks.count(0), int),
 )
 common.check(flags.DEFINE_integer("chain", 64, "dependent calls per timed chain"), checks.count())
@@ -141,12 +143,17 @@ def _profiled(fn, x, counter, name_part: str) -> dict:
   }
 
 
-def row(kernel: str, programs: int) -> dict:
+def row(kernel: str, programs: int, sms: int) -> dict:
   """One kernel at one grid size: its chain time, and where it launches, its profile (and for '+wait', the
-  waits given up, which must be none)."""
+  waits given up, which must be none; on more programs than `sms`, 'refused' and why instead)."""
   fn = launcher(kernel)
   x, counter = jnp.ones((programs,), jnp.float32), new_counter()
   out = {"kernel": kernel, "programs": programs}
+  if kernel.endswith("+wait"):
+    try:
+      PC.check_grid(programs, sms)
+    except PC.GridError as e:
+      return {**out, "refused": str(e)}
   if jax.default_backend() != "gpu":
     lowered = jax.jit(fn).trace(x, counter).lower(lowering_platforms=("cuda",)).as_text()
     out["lowered"] = kernel == "select" or "launch_floor" in lowered or "mosaic_gpu" in lowered
@@ -170,19 +177,15 @@ def main(argv):
     "rows": [],
   }
   res["sms"] = sms
-  grids = [int(p) or sms for p in FLAGS.programs]
-  for programs in grids if any(k.endswith("+wait") for k in FLAGS.kernels) else []:
-    try:  # a wait on programs that cannot all be resident would only ever give up: refused before any run
-      PC.check_grid(programs, sms)
-    except PC.GridError as e:
-      raise common.InputError(f"--programs={programs} with a '+wait' kernel: {e}") from None
-  for programs in grids:
+  for programs in [int(p) or sms for p in FLAGS.programs]:
     base = None
     for kernel in FLAGS.kernels:
-      r = row(kernel, programs)
+      r = row(kernel, programs, sms)
       if kernel == "select":
         base = r.get("chain_us")
-      if "chain_us" not in r:
+      if "refused" in r:
+        line = f"{kernel:12s} programs {programs:4d}  refused: {r['refused']}"
+      elif "chain_us" not in r:
         line = f"{kernel:12s} programs {programs:4d}  lowered: {r['lowered']}"
       else:
         if base is not None:

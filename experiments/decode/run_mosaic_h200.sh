@@ -33,8 +33,7 @@
 #           e.g. --fuse_norm; PROFILE_NAME: another file name than profile_mosaic)
 #   floor   (not default) experiments.decode.launch_floor: an empty launch's cost in a jitted chain and its profile,
 #           per kind (XLA select, Triton, Mosaic with 0 / 96 / 200 KiB shared memory, Mosaic with one grid-wide
-#           wait) on 1 and all SMs, under
-#           FLOOR_S (default 120 s) -> OUT/launch_floor.json
+#           wait) on 1 program, all SMs and 1792 programs, under FLOOR_S (default 240 s) -> OUT/launch_floor.json
 #   waits   (not default) experiments.decode.wait_cost --backend=mosaic: the Mosaic grid-wide wait
 #           (wina_jax.kernels.mosaic_sync) on all SMs and half of them, 1 / 2 / 6 / 64 waits per launch, each launch
 #           checking that every program reads its neighbour's value of every phase, under WAITS_S (default 120 s)
@@ -131,7 +130,7 @@ if [[ ,$STAGES, == *,profile,* ]]; then
   grep -v '^[IWE][0-9]' "$OUT/$name.log" | tail -40
 fi
 if [[ ,$STAGES, == *,floor,* ]]; then
-  timeout -s ABRT -k 10 "${FLOOR_S:-120}" python3 -m experiments.decode.launch_floor --out="$OUT/launch_floor.json" \
+  timeout -s ABRT -k 10 "${FLOOR_S:-240}" python3 -m experiments.decode.launch_floor --out="$OUT/launch_floor.json" \
     > "$OUT/launch_floor.log" 2>&1
   echo "floor rc=$?" >> "$OUT/launch_floor.log"
   grep -v '^[IWE][0-9]' "$OUT/launch_floor.log" | tail -20
