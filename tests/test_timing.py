@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from wina_jax.bench.timing import chain_times, chained, timed_chain
+from wina_jax.bench.timing import chain_of, chain_times, chained, timed_chain
 
 
 def test_chain_keeps_every_call_and_its_input():
@@ -27,3 +27,9 @@ def test_chain_keeps_every_call_and_its_input():
   assert 0 < timed_chain(jnp.tanh, x, n=3, reps=2) < 1.0
   ts = chain_times(jnp.tanh, x, n=3, reps=4)
   assert len(ts) == 4 and all(0 < t < 1.0 for t in ts)
+  # a chain made once (`chain_of`) is what chain_times runs when given it: no second trace
+  traces = []
+  made = chain_of(lambda x: traces.append(1) or jnp.tanh(x), 3)
+  ts = chain_times(None, x, n=3, reps=2, chain=made)
+  made(x)
+  assert len(ts) == 2 and all(0 < t < 1.0 for t in ts) and len(traces) == 1  # traced (and compiled) once

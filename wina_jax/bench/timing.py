@@ -33,11 +33,17 @@ def timed_chain(fn, x, *rest, n=16, reps=5) -> float:
   return statistics.median(chain_times(fn, x, *rest, n=n, reps=reps))
 
 
-def chain_times(fn, x, *rest, n=16, reps=5) -> list:
+def chain_of(fn, n: int):
+  """The jitted chain of n calls of fn (`chained`) that `chain_times` runs; pass it there to also run the same
+  compiled chain elsewhere (a profile of it) without compiling it again."""
+  return jax.jit(functools.partial(chained, fn, n=n))
+
+
+def chain_times(fn, x, *rest, n=16, reps=5, chain=None) -> list:
   """`timed_chain`'s `reps` runs, each in seconds per call, after one untimed run (the compile). Their spread
   is the band of one measurement: on the H200 machine the median of 5 runs of 16 calls moved 2x between device
-  calls (session 22), so report min and max beside it."""
-  chain = jax.jit(functools.partial(chained, fn, n=n))
+  calls (session 22), so report min and max beside it. chain: `chain_of(fn, n)` made by the caller."""
+  chain = chain_of(fn, n) if chain is None else chain
   jax.block_until_ready(chain(x, *rest))
   ts = []
   for _ in range(reps):
