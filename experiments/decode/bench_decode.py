@@ -281,10 +281,11 @@ def bench_model(name, key, config_sets, backend) -> list[dict]:
     if kept is not None:
       row["kept_weight_fraction"] = float(linear_bytes(params, cfg, kept) / linear_bytes(params, cfg))
     rows.append(row)
+    label = row_label(row)
     tqdm.write(
       f"{name:10s} {variant:12s} {attention:9s} s={sparsity:.2f} b={batch} {secs * 1e3:8.3f} ms "
       + f"({min(times) * 1e3:.3f}-{max(times) * 1e3:.3f}) "
-      + (row_label(row) + " ") * bool(row_label(row))
+      + (label + " ") * bool(label)
       + f"{nbytes / secs / 1e9:8.1f} GB/s {extra.get('check_vs_xla', '')}"
     )
 

@@ -120,7 +120,7 @@ def parse_variant(v: str) -> tuple[str, float, str]:
   with --mosaic, the Mosaic mode after the + (`decode_setup.on_mosaic`: fold, mlp22 or mlp). Anything else
   raises naming the fix."""
   base, plus, rest = v.partition("+")
-  mlp = rest if plus and rest in MOSAIC_MODES[1:] else ""
+  mode = rest if plus and rest in MOSAIC_MODES[1:] else ""
   method, _, s = base.partition(":")
   if method in ("dense", "weightless") and not s and not plus:
     return method, 0.0, ""
@@ -128,12 +128,12 @@ def parse_variant(v: str) -> tuple[str, float, str]:
     sparsity = float(s)
   except ValueError:
     sparsity = -1.0
-  if method not in ("teal", "wina") or not 0 <= sparsity < 1 or (plus and not mlp):
+  if method not in ("teal", "wina") or not 0 <= sparsity < 1 or (plus and not mode):
     raise ValueError(
-      f"variant {v!r}: use 'dense', 'weightless' or METHOD:SPARSITY[+fold | +mlp22 | +mlp] with METHOD teal | wina and "
-      "SPARSITY in [0, 1), e.g. teal:0.5 or teal:0.5+mlp"
+      f"variant {v!r}: use 'dense', 'weightless' or METHOD:SPARSITY[+fold | +mlp22 | +mlp] with METHOD "
+      "teal | wina and SPARSITY in [0, 1), e.g. teal:0.5 or teal:0.5+mlp"
     )
-  return method, sparsity, mlp
+  return method, sparsity, mode
 
 
 def over(row: dict, base: dict, layers: int) -> dict:
@@ -154,7 +154,7 @@ def profile_model(
   tokens = jax.random.randint(jax.random.fold_in(key, 1), (1, steps), 0, cfg.vocab_size)
   scores, rows, base = {}, [], None
   for v in variants:
-    method, s, mlp = parse_variant(v)
+    method, s, mode = parse_variant(v)
     if method == "dense":
       sp = None
     elif method == "weightless":
@@ -164,7 +164,7 @@ def profile_model(
         scores[method] = site_scores(params, cfg, tokens, with_scale=method == "wina")
       sp = make_sparsifier(scores[method], s, 1, configs, backend)[0].replace(fuse_norm=FLAGS.fuse_norm)
       if FLAGS.mosaic:
-        sp = on_mosaic(sp, FLAGS.mosaic, mlp)
+        sp = on_mosaic(sp, FLAGS.mosaic, mode)
     if FLAGS.persistent and method != "weightless":
       sp = (sp or FusedThresholdSparsifier.create({})).as_persistent(PC.parse_config(FLAGS.persistent))
     events = trace_run(params, cfg, sp, tokens, max_len, attention)
@@ -197,7 +197,7 @@ def main(argv):
     FLAGS.models, FLAGS.steps, FLAGS.max_len = ["tiny"], 4, 16
   for v in FLAGS.variants:  # fail before any model is built
     if parse_variant(v)[2] and not FLAGS.mosaic:
-      raise ValueError(f"variant {v!r}: +mlp (the MLP as one Mosaic launch) needs --mosaic=TILING")
+      raise ValueError(f"variant {v!r}: a Mosaic mode (+fold, +mlp22, +mlp) needs --mosaic=TILING")
   gpu = jax.default_backend() == "gpu"
   backend = "auto" if gpu else "xla"
   attention = "interpret" if FLAGS.attention == "pallas" and not gpu else FLAGS.attention

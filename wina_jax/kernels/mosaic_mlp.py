@@ -109,10 +109,11 @@ def mlp_partials(
   (gate|up's items, then down's: `mosaic_gemv.fused_partials`' marks per item). Phases: gate|up, wait,
   `activation`, wait, down[, wait, `mosaic_phases.site_output`]. gain [D] bf16 (with eps): x is the
   un-normalised residual stream and gate|up's compaction applies the RMSNorm (`rms_partials`, `normed_values`),
-  so no XLA kernel runs it before the launch. residual [M, D] bf16: what the MLP's output is added to (x itself, or its rotation),
-  so no XLA kernel sums the down partials after the launch. counter int32 [>= 2] zeros (`grid_sync.new_counter`):
-  the waits count on it and the launch leaves it at zero (`mosaic_sync.grid_leave`), so one buffer made once
-  serves every launch; None: a semaphore that Pallas zeroes before each launch (one more XLA op a launch)."""
+  so no XLA kernel runs it before the launch. residual [M, D] bf16: what the MLP's output is added to (x
+  itself, or its rotation), so no XLA kernel sums the down partials after the launch. counter int32 [>= 2]
+  zeros (`grid_sync.new_counter`): the waits count on it and the launch leaves it at zero
+  (`mosaic_sync.grid_leave`), so one buffer made once serves every launch; None: a semaphore that Pallas zeroes
+  before each launch (one more XLA op a launch)."""
   (m, d), f = x.shape, w_down.shape[0]
   if w_gu.shape != (d, 2 * f) or w_down.shape != (f, d):
     raise ValueError(f"w_gu {w_gu.shape} and w_down {w_down.shape} are not [{d}, 2F] and [F, {d}]")
