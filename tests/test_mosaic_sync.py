@@ -120,13 +120,14 @@ def test_launch_floor_script_on_the_cpu(tmp_path):
   """experiments.decode.launch_floor off the GPU: every kernel lowers for CUDA; bad --kernels are refused."""
   out = tmp_path / "floor.json"
   base = [sys.executable, "-m", "experiments.decode.launch_floor", "--programs=2"]
-  kernels = ["select", "triton", "mosaic:96", "mosaic+wait"]
+  kernels = ["select", "triton", "mosaic:96", "mosaic+wait", "mosaic:96+wait+pdl"]
   subprocess.run([*base, f"--kernels={','.join(kernels)}", f"--out={out}"], check=True, timeout=300)
-  rows = json.loads(out.read_text())["rows"]
-  assert [(r["kernel"], r["programs"], r["lowered"]) for r in rows] == [(k, 2, True) for k in kernels]
-  for bad_kernel in ("mosaic:300", "triton+wait", "mosaic+waits"):
+  res = json.loads(out.read_text())
+  assert [(r["kernel"], r["programs"], r["lowered"]) for r in res["rows"]] == [(k, 2, True) for k in kernels]
+  assert res["mosaic_pdl_launch"] == ms.pdl_launches() and "xla_flags" in res  # what the run had, recorded
+  for bad_kernel in ("mosaic:300", "triton+wait", "mosaic+waits", "mosaic+pdl+wait", "triton+pdl"):
     bad = subprocess.run([*base, f"--kernels={bad_kernel}"], capture_output=True, text=True, timeout=300)
-    assert bad.returncode != 0 and "mosaic[:KB][+wait] with KB in [1, 227]" in bad.stderr
+    assert bad.returncode != 0 and "mosaic[:KB][+wait][+pdl] with KB in [1, 227]" in bad.stderr
   # a wait on more programs than can be resident (132 SMs assumed off the GPU) is refused in its row, not run
   cmd = [*base[:3], "--programs=200", "--kernels=mosaic,mosaic+wait", f"--out={out}"]
   subprocess.run(cmd, check=True, timeout=300)
@@ -136,18 +137,18 @@ def test_launch_floor_script_on_the_cpu(tmp_path):
 
 
 def test_launch_floor_reserves_the_shared_memory_it_names():
-  """'mosaic:KB' launches with KB KiB of dynamic shared memory, 'mosaic' with none (read from the module; in a
-  child process, as the script defines absl flags)."""
+  """'mosaic:KB' launches with KB KiB of dynamic shared memory, 'mosaic' with none; '+pdl' starts with the grid
+  dependency's wait (read from the module; in a child process, as the script defines absl flags)."""
   probe = (
     "import jax, jax.numpy as jnp\n"
     "from experiments.decode import launch_floor\n"
     "from tests.mosaic_hlo import mosaic_modules\n"
-    "for k in ('mosaic', 'mosaic:200'):\n"
+    "for k in ('mosaic', 'mosaic:200', 'mosaic+pdl'):\n"
     "  x, counter = jnp.ones((4,), jnp.float32), jnp.zeros((3,), jnp.int32)\n"
     "  (m,) = mosaic_modules(jax.jit(launch_floor.launcher(k)), x, counter)\n"
-    "  print(k, m.split('dynamic_shared_memory_size %c')[1].split('_')[0])\n"
+    "  print(k, m.split('dynamic_shared_memory_size %c')[1].split('_')[0], m.count('griddepcontrol.wait'))\n"
   )
   done = subprocess.run(
     [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=300
   )
-  assert done.stdout.split() == ["mosaic", "0", "mosaic:200", str(200 * 1024)]
+  assert done.stdout.splitlines() == ["mosaic 0 0", f"mosaic:200 {200 * 1024} 0", "mosaic+pdl 0 1"]

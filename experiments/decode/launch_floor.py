@@ -15,9 +15,14 @@ Mosaic GPU, one warpgroup: thread 0 stores 0), 'mosaic:KB' (the same with KB KiB
 unused: what a tiled launch's carve-out costs) and 'mosaic+wait' / 'mosaic:KB+wait' (the same making one
 grid-wide wait on a counter that the last program out leaves at zero, as the folded site launches do:
 `mosaic_sync.grid_wait` / `grid_leave`; its chain time less the plain launch's is a phase boundary's cost inside
-a launch, beside a launch boundary's), each at every --programs (0: the SM count; 1792: the grid of the Triton
-gate|up kernel's tiling, 112 column blocks x 16 chunks). A '+wait' kernel on more programs than can be resident
-would only ever give up its wait: its row says it was refused and why, and nothing runs.
+a launch, beside a launch boundary's); '+pdl' (after any '+wait') starts the Mosaic kernel with
+`mosaic_sync.grid_dependency`, so that where jax launches it with programmatic dependent launch (the JSON's
+`mosaic_pdl_launch`) it starts before the select ahead of it ends and lets the select after it start early: its
+chain time less the plain kernel's is what PDL saves a boundary (run once more under
+XLA_FLAGS=--xla_gpu_enable_pdl=false to see the XLA side's share: the select's own launches). Each at every
+--programs (0: the SM count; 1792: the grid of the Triton gate|up kernel's tiling, 112 column blocks x 16
+chunks). A '+wait' kernel on more programs than can be resident would only ever give up its wait: its row says
+it was refused and why, and nothing runs.
 
 GPU:  PYTHONPATH=. python3 -m experiments.decode.launch_floor --out=$OUT/launch_floor.json
 CPU:  PYTHONPATH=. .venv/bin/python -m experiments.decode.launch_floor --programs=2
@@ -48,24 +53,32 @@ from wina_jax.kernels.pallas_gemv import compiler_params
 SMEM_MAX_KB = 227  # an H100 / H200 block's dynamic shared memory limit
 
 
-def kernel_rule(value: str) -> str | None:
-  """A --kernels entry: select, triton, mosaic[:KB][+wait]."""
-  head, plus, tail = value.partition("+")
+MOSAIC_OPTIONS = ("wait", "pdl")  # a Mosaic kernel's '+' options, in this order
+
+
+def _parts(value: str) -> tuple[str, str, list]:
+  """'mosaic:96+wait+pdl' -> ('mosaic', '96', ['wait', 'pdl'])."""
+  head, *options = value.split("+")
   name, _, kb = head.partition(":")
-  if name in ("select", "triton") and not kb and not plus:
+  return name, kb, options
+
+
+def kernel_rule(value: str) -> str | None:
+  """A --kernels entry: select, triton, mosaic[:KB][+wait][+pdl]."""
+  name, kb, options = _parts(value)
+  if name in ("select", "triton") and not kb and not options:
     return None
-  if (
-    name == "mosaic"
-    and (not kb or kb.isdigit() and 0 < int(kb) <= SMEM_MAX_KB)
-    and tail == "wait" * bool(plus)
-  ):
+  in_order = [o for o in MOSAIC_OPTIONS if o in options]
+  if name == "mosaic" and (not kb or kb.isdigit() and 0 < int(kb) <= SMEM_MAX_KB) and options == in_order:
     return None
-  return f"is not select, triton or mosaic[:KB][+wait] with KB in [1, {SMEM_MAX_KB}]"
+  return f"is not select, triton or mosaic[:KB][+wait][+pdl] with KB in [1, {SMEM_MAX_KB}]"
 
 
 common.check(
   flags.DEFINE_list(
-    "kernels", ["select", "triton", "mosaic", "mosaic:96", "mosaic:200", "mosaic+wait"], "kernels (doc)"
+    "kernels",
+    ["select", "triton", "mosaic", "mosaic+pdl", "mosaic:96", "mosaic:200", "mosaic+wait", "mosaic+wait+pdl"],
+    "kernels (doc)",
   ),
   checks.each(kernel_rule, str, nonempty=True),
 )
@@ -93,12 +106,14 @@ def _triton(x: jax.Array) -> jax.Array:
   )(x)
 
 
-def _mosaic(x: jax.Array, counter, smem_kb: int) -> jax.Array:
-  """counter None: no wait; else int32 [3] (`grid_sync.new_counter`): one grid-wide wait on it, then leave."""
+def _mosaic(x: jax.Array, counter, smem_kb: int, pdl: bool) -> jax.Array:
+  """counter None: no wait; else int32 [3] (`grid_sync.new_counter`): one grid-wide wait on it, then leave.
+  pdl: first `mosaic_sync.grid_dependency`, as a `MosaicConfig(pdl=True)` launch starts."""
   programs = x.shape[0]
 
   def launch_floor_mosaic(x_ref, *refs, **scratch):  # the kernel's name in profiles
     del x_ref, scratch  # an operand, so that the chain keeps the calls in order
+    ms.grid_dependency(pdl)
     slot = refs[-1].at[pl.ds(lax.axis_index("sm"), 1)]
     ms.clear(slot)
     if counter is not None:
@@ -119,13 +134,13 @@ def _mosaic(x: jax.Array, counter, smem_kb: int) -> jax.Array:
 def launcher(kernel: str):
   """A --kernels entry -> fn(x float32 [programs], counter) -> float32 [programs] of zeros ('select': x itself;
   counter: int32 [3], read by the '+wait' kernels only)."""
-  head, plus, _ = kernel.partition("+")
-  name, _, kb = head.partition(":")
+  name, kb, options = _parts(kernel)
   if name == "select":
     return lambda x, counter: x
   if name == "triton":
     return lambda x, counter: _triton(x)
-  return lambda x, counter: _mosaic(x, counter if plus else None, int(kb or 0))
+  waits = "wait" in options
+  return lambda x, counter: _mosaic(x, counter if waits else None, int(kb or 0), "pdl" in options)
 
 
 def _profiled(chain, x, counter, name_part: str) -> dict:
@@ -146,7 +161,8 @@ def row(kernel: str, programs: int, sms: int) -> dict:
   """One kernel at one grid size: its chain time, and where it launches, its profile (and for '+wait', the
   waits given up, which must be none; on more programs than `sms`, 'refused' and why instead)."""
   out = {"kernel": kernel, "programs": programs}
-  if kernel.endswith("+wait"):
+  waits = "wait" in _parts(kernel)[2]
+  if waits:
     try:
       PC.check_grid(programs, sms)
     except PC.GridError as e:
@@ -162,7 +178,7 @@ def row(kernel: str, programs: int, sms: int) -> dict:
   out.update(chain_us=statistics.median(ts), chain_min_us=min(ts), chain_max_us=max(ts))
   if kernel != "select":
     out.update(_profiled(chain, x, counter, "launch_floor"))
-  if kernel.endswith("+wait"):
+  if waits:
     out["waits_gave_up"] = int(jax.device_get(counter)[GAVE_UP])
   return out
 
@@ -184,13 +200,13 @@ def main(argv):
       if kernel == "select":
         base = r.get("chain_us")
       if "refused" in r:
-        line = f"{kernel:12s} programs {programs:4d}  refused: {r['refused']}"
+        line = f"{kernel:15s} programs {programs:4d}  refused: {r['refused']}"
       elif "chain_us" not in r:
-        line = f"{kernel:12s} programs {programs:4d}  lowered: {r['lowered']}"
+        line = f"{kernel:15s} programs {programs:4d}  lowered: {r['lowered']}"
       else:
         if base is not None:
           r["over_us"] = r["chain_us"] - base
-        line = f"{kernel:12s} programs {programs:4d}  chain {r['chain_us']:6.2f} us ({r['chain_min_us']:.2f}-"
+        line = f"{kernel:15s} programs {programs:4d}  chain {r['chain_us']:6.2f} us ({r['chain_min_us']:.2f}-"
         line += f"{r['chain_max_us']:.2f})"
         if "over_us" in r:
           line += f"  over select {r['over_us']:6.2f}"

@@ -7,7 +7,7 @@
 #   probe   (not default) experiments.decode.sync_probe --dump: the grid-wide wait kernels (empty waits, the watchdog's
 #           case, `exchange`) each in its own process under PROBE_CASE_S (default 20 s), reporting the stage each
 #           reached (PROBE_CASES: other cases), with Mosaic's PTX dumps -> OUT/sync_probe.json, OUT/sync_probe_dump.tgz
-#   tests   pytest -k gpu tests/test_mosaic_{sync,gemv,mlp,site}.py (the kernels against XLA / their contracts; TESTS_K:
+#   tests   pytest -k gpu tests/test_mosaic_{sync,gemv,mlp,site,pdl}.py (the kernels against XLA / their contracts; TESTS_K:
 #           another -k, TESTS_FILES: other files, TESTS_OPTS: pytest options, default -x) under TESTS_S (default 300 s; the gemv cases alone took 137 s)
 #           -> OUT/tests.log
 #   sweep   experiments.decode.mosaic_sweep under SWEEP_S (default 330 s; --budget_s 50 s less): per Llama-3-8B
@@ -16,8 +16,9 @@
 #   decode  (not in the default STAGES) bench_decode, Llama-3-8B, batch 1, Pallas attention, TEAL at 0 / 50 / 65 /
 #           99.9 % (SPARSITIES): dense, the per-site Triton kernels (benchmarks/configs/h200_partials.json) and backend 'mosaic'
 #           at each of MCONFIGS (comma-separated mosaic_gemv.parse specs, default 64:64:4:0:264) in one run, with
-#           the weightless step, under DECODE_S (default 300 s) -> OUT/bench_llama_mosaic.json (MCONFIGS=none: no Mosaic
-#           rows; DECODE_FLAGS: more bench_decode flags, e.g. --fuse_norm=false,true); MOSAIC_MODES (e.g. fold,mlp22,mlp)
+#           the weightless step, under DECODE_S (default 300 s) -> OUT/bench_llama_mosaic.json (DECODE_NAME: another name;
+#           MCONFIGS=none: no Mosaic rows; a spec ending ':true' launches with PDL, MosaicConfig.pdl;
+#           DECODE_FLAGS: more bench_decode flags, e.g. --fuse_norm=false,true); MOSAIC_MODES (e.g. fold,mlp22,mlp)
 #           also times each tiling in those modes (decode_setup.on_mosaic: fold = each site's launch runs the norm
 #           before it / the residual add after it; mlp22 = session 22's MLP launch; mlp = the MLP launch, folded)
 #   marks   (not default) experiments.decode.mosaic_marks: the fused kernel's own clock per phase (compaction, tiles,
@@ -33,7 +34,10 @@
 #           e.g. --fuse_norm; PROFILE_NAME: another file name than profile_mosaic)
 #   floor   (not default) experiments.decode.launch_floor: an empty launch's cost in a jitted chain and its profile,
 #           per kind (XLA select, Triton, Mosaic with 0 / 96 / 200 KiB shared memory, Mosaic with one grid-wide
-#           wait) on 1 program, all SMs and 1792 programs, under FLOOR_S (default 240 s) -> OUT/launch_floor.json
+#           wait, Mosaic launched with PDL) on 1 program, all SMs and 1792 programs, under FLOOR_S (default 240 s)
+#           -> OUT/launch_floor.json (FLOOR_NAME: another name; FLOOR_FLAGS: more flags, e.g. --programs=0)
+# XLA_FLAGS reaches every stage (e.g. --xla_gpu_enable_pdl=false, --xla_gpu_enable_command_buffer=); each JSON
+# records it (xla_flags) and whether jax launched the ':true' / '+pdl' Mosaic kernels with PDL (mosaic_pdl_launch).
 #   waits   (not default) experiments.decode.wait_cost --backend=mosaic: the Mosaic grid-wide wait
 #           (wina_jax.kernels.mosaic_sync) on all SMs and half of them, 1 / 2 / 6 / 64 waits per launch, each launch
 #           checking that every program reads its neighbour's value of every phase, under WAITS_S (default 120 s)
@@ -68,7 +72,7 @@ if [[ ,$STAGES, == *,probe,* ]]; then
   grep -v '^[IWE][0-9]' "$OUT/sync_probe.log" | tail -12
 fi
 if [[ ,$STAGES, == *,tests,* ]]; then
-  timeout -s ABRT -k 10 "${TESTS_S:-300}" python3 -m pytest -q ${TESTS_OPTS:--x} -p no:cacheprovider ${TESTS_FILES:-tests/test_mosaic_sync.py tests/test_mosaic_gemv.py tests/test_mosaic_mlp.py tests/test_mosaic_site.py} -k "${TESTS_K:-gpu}" > "$OUT/tests.log" 2>&1
+  timeout -s ABRT -k 10 "${TESTS_S:-300}" python3 -m pytest -q ${TESTS_OPTS:--x} -p no:cacheprovider ${TESTS_FILES:-tests/test_mosaic_sync.py tests/test_mosaic_gemv.py tests/test_mosaic_mlp.py tests/test_mosaic_site.py tests/test_mosaic_pdl.py} -k "${TESTS_K:-gpu}" > "$OUT/tests.log" 2>&1
   rc=$?
   echo "tests rc=$rc" >> "$OUT/tests.log"
   tail -30 "$OUT/tests.log"
@@ -87,13 +91,14 @@ if [[ ,$STAGES, == *,sweep,* ]]; then
 fi
 if [[ ,$STAGES, == *,decode,* ]]; then
   mconfigs=${MCONFIGS:-64:64:4:0:264}
+  name=${DECODE_NAME:-bench_llama_mosaic}
   [[ $mconfigs == none ]] && mconfigs=
   timeout -s ABRT -k 10 "${DECODE_S:-300}" python3 -m experiments.decode.bench_decode --models=llama3_8b --methods=teal \
     --batches=1 --sparsities="${SPARSITIES:-0,0.5,0.65,0.999}" --attention=pallas --reps=3 --host_rows=false \
     --configs=benchmarks/configs/h200_partials.json --mosaic_configs="$mconfigs" --mosaic_modes="${MOSAIC_MODES:-}" \
-    ${DECODE_FLAGS:-} --out="$OUT/bench_llama_mosaic.json" > "$OUT/bench_llama_mosaic.log" 2>&1
-  echo "decode rc=$?" >> "$OUT/bench_llama_mosaic.log"
-  grep -v '^[IWE][0-9]' "$OUT/bench_llama_mosaic.log" | tr '\r' '\n' | grep -v 'it/s\]' | tail -40
+    ${DECODE_FLAGS:-} --out="$OUT/$name.json" > "$OUT/$name.log" 2>&1
+  echo "decode rc=$?" >> "$OUT/$name.log"
+  grep -v '^[IWE][0-9]' "$OUT/$name.log" | tr '\r' '\n' | grep -v 'it/s\]' | tail -40
 fi
 if [[ ,$STAGES, == *,marks,* ]]; then
   timeout -s ABRT -k 10 "${MARKS_S:-240}" python3 -m experiments.decode.mosaic_marks --specs="${MARKS_SPECS:-64:64:4:0:132,64:256:3:0:132}" \
@@ -130,8 +135,9 @@ if [[ ,$STAGES, == *,profile,* ]]; then
   grep -v '^[IWE][0-9]' "$OUT/$name.log" | tail -40
 fi
 if [[ ,$STAGES, == *,floor,* ]]; then
-  timeout -s ABRT -k 10 "${FLOOR_S:-240}" python3 -m experiments.decode.launch_floor --out="$OUT/launch_floor.json" \
-    > "$OUT/launch_floor.log" 2>&1
-  echo "floor rc=$?" >> "$OUT/launch_floor.log"
-  grep -v '^[IWE][0-9]' "$OUT/launch_floor.log" | tail -20
+  name=${FLOOR_NAME:-launch_floor}
+  timeout -s ABRT -k 10 "${FLOOR_S:-240}" python3 -m experiments.decode.launch_floor ${FLOOR_FLAGS:-} --out="$OUT/$name.json" \
+    > "$OUT/$name.log" 2>&1
+  echo "floor rc=$?" >> "$OUT/$name.log"
+  grep -v '^[IWE][0-9]' "$OUT/$name.log" | tail -30
 fi

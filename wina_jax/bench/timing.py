@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import functools
+import os
 import statistics
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from wina_jax.kernels.mosaic_sync import pdl_launches
 
 
 def timed(fn, *args, n=40, reps=5) -> float:
@@ -79,12 +82,16 @@ def fixed_cost_fit(points, nbytes) -> dict:
 
 
 def run_record(declared: dict) -> dict:
-  """The head of a benchmark's JSON: when, which jax and device, and the declared numerics."""
+  """The head of a benchmark's JSON: when, which jax and device, the declared numerics, the XLA flags the run
+  had (`XLA_FLAGS`: e.g. PDL or command buffers off) and whether this jax launches Mosaic kernels that ask for
+  it with programmatic dependent launch (`mosaic_sync.pdl_launches`)."""
   return {
     "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
     "jax": jax.__version__,
     "device": str(jax.devices()[0].device_kind),
     "declared_numerics": declared,
+    "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    "mosaic_pdl_launch": pdl_launches(),
   }
 
 

@@ -80,6 +80,10 @@ class MosaicConfig:
   compact: where the kept rows are found: 'xla' (`compact`, XLA kernels before the GEMV, then `rows_partials`)
   or 'kernel' (`fused_partials`: each program thresholds its split of x and compacts the kept ids in shared
   memory; no XLA work before the kernel; gather 'cp_async' only).
+  pdl: every launch of this config (this module's kernels, `mosaic_site`, `mosaic_mlp`) starts with
+  `mosaic_sync.grid_dependency`: launched with programmatic dependent launch where jax does so
+  (`mosaic_sync.pdl_launches`), it may start before the kernel ahead of it ends, and lets the one after it start
+  early. The results are the same either way.
   """
 
   block_k: int = 64
@@ -89,6 +93,7 @@ class MosaicConfig:
   programs: int = 0
   gather: str = "cp_async"
   compact: str = "xla"
+  pdl: bool = False
 
   def __post_init__(self):
     if self.gather not in GATHERS:
@@ -109,8 +114,8 @@ class MosaicConfig:
 
 
 def parse(spec: str) -> MosaicConfig:
-  """A config from 'block_k:block_n:stages[:splits[:programs[:gather[:compact]]]]', e.g. '64:64:4' or
-  '64:64:4:0:264:cp_async:kernel'."""
+  """A config from 'block_k:block_n:stages[:splits[:programs[:gather[:compact[:pdl]]]]]', e.g. '64:64:4' or
+  '64:64:4:0:264:cp_async:kernel' or '64:256:3:0:132:cp_async:kernel:true'."""
   return MosaicConfig(**spec_fields(MosaicConfig, spec, 3, "mosaic config"))
 
 
@@ -173,6 +178,8 @@ def dense_partials(x8: jax.Array, w: jax.Array, cfg: MosaicConfig) -> jax.Array:
   nb, kb = n // bn, k // bk // s_n
 
   def mosaic_dense_partials(x_gmem, w_gmem, o_gmem):
+    mosaic_sync.grid_dependency(cfg.pdl)
+
     @plgpu.nd_loop((nb * s_n,), collective_axes="sm")
     def _(info):
       (i,) = info.index
@@ -290,6 +297,7 @@ def rows_partials(
   cp_async = cfg.gather == "cp_async"
 
   def mosaic_rows_partials(xk_gmem, ids_gmem, cnt_gmem, w_gmem, o_gmem, x_smem, w_union, i_smem, bar, ibar):
+    mosaic_sync.grid_dependency(cfg.pdl)
     rows, w_smem = w_union  # one buffer, two views: row-tiled for the copies, (8, 64)-tiled for wgmma
 
     @plgpu.nd_loop((nb * s_n,), collective_axes="sm")
@@ -655,6 +663,7 @@ def fused_partials(
   wina = scales is not None
 
   def mosaic_fused_partials(x_gmem, thr_gmem, *refs, xk, w_union, ids, totals):
+    mosaic_sync.grid_dependency(cfg.pdl)
     sc_gmem = refs[0] if wina else None
     w_gmem, o_gmem, *marks_gmem = refs[wina:]
     scratch = PhaseScratch(xk, ids, totals)

@@ -131,6 +131,7 @@ def mlp_partials(
   normed, adds, counted = gain is not None, residual is not None, counter is not None
 
   def mosaic_mlp(x_gmem, thr_gu_gmem, thr_down_gmem, *refs, **scratch):
+    ms.grid_dependency(cfg.pdl)
     gain_gmem = refs[0] if normed else None
     refs = refs[normed:]
     sc_gu_gmem, sc_down_gmem = refs[:2] if wina else (None, None)

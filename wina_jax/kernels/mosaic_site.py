@@ -77,6 +77,7 @@ def site_launch(
   counted = outputs and counter is not None
 
   def mosaic_site(x_gmem, thr_gmem, *refs, **scratch):
+    ms.grid_dependency(cfg.pdl)
     it = iter(refs)  # inputs, then outputs, in the order `optional` and out_type give them
     gain_gmem, sc_gmem, res_gmem, counter_gmem = (
       next(it) if on else None for on in (normed, wina, adds, counted)

@@ -105,6 +105,30 @@ def commit_shared() -> None:
   barrier()
 
 
+def pdl_launches() -> bool:
+  """Whether this jax launches a Mosaic GPU kernel that calls `plgpu.griddepcontrol_wait` with programmatic
+  dependent launch (Hopper's PDL, CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION): such a kernel may start
+  while the kernel ahead of it in the stream still runs. jax 0.10 lowers the wait but launches every kernel
+  plainly (the wait is then a no-op); jax 0.11 launches a kernel that waits with the attribute (the wait's
+  `_pdl_effect`). Benchmarks record it beside their rows, so that a 'pdl' row says whether PDL ran."""
+  from jax._src.pallas.mosaic_gpu import core as gpu_core  # no public name says it
+
+  return hasattr(gpu_core, "_pdl_effect")
+
+
+def grid_dependency(pdl: bool) -> None:
+  """A Mosaic launch's first step (`MosaicConfig.pdl`): with pdl, wait until every kernel ahead of this one in
+  the stream has ended and its writes show (griddepcontrol.wait), then let the kernel after this one launch
+  (griddepcontrol.launch_dependents: it starts once every program of this grid has issued it, so this grid is
+  all resident by then, and it waits in turn before it reads what this one writes). Launched early, a kernel
+  runs beside the one ahead of it until its wait: nothing before this call may read or write global memory,
+  hence it comes first. The kernels gain the launch latency and the kernel boundary's drain (issue 25: ~2.5 us
+  of idle GPU a boundary in session 22's profile). Without pdl it adds nothing."""
+  if pdl:
+    plgpu.griddepcontrol_wait()
+    plgpu.griddepcontrol_launch_dependents()
+
+
 def semaphore():
   """The launch's one grid-wide int32 semaphore in global memory, zero at launch; call it once per kernel body
   and pass it to every `grid_wait`. (A semaphore in a kernel's `scratch_types` is per program, not shared: waits on
