@@ -93,19 +93,23 @@ def test_benchmarks_record_whether_pdl_ran():
 
 
 def _site_chain(cfg, x, ws, t):
-  """Each site launch's summed bf16 output is the next one's input, with no XLA op between them."""
+  """Each site launch's summed bf16 output is the next one's input, with no XLA op between them -> (the last
+  output, every launch's gave_up)."""
+  gave = []
   for w in ws:
     _, x, gave_up = msite.site_launch(x, t, None, w, cfg, (w.shape[1],), summed=True)
-    ms.check_gave_up(gave_up)
-  return x
+    gave.append(gave_up)
+  return x, gave
 
 
 def _mlp_chain(cfg, x, args, gain, counter):
-  """Each MLP launch's new residual stream (norm and residual add inside) is the next one's input."""
+  """Each MLP launch's new residual stream (norm and residual add inside) is the next one's input -> (the last
+  one, every launch's gave_up)."""
+  gave = []
   for _ in range(3):
     *_, x, gave_up = mm.mlp_partials(x, *args, cfg, gain=gain, eps=1e-5, residual=x, counter=counter)
-    ms.check_gave_up(gave_up)
-  return x
+    gave.append(gave_up)
+  return x, gave
 
 
 @needs_gpu
@@ -126,8 +130,10 @@ def test_gpu_chains_give_the_same_bits_with_pdl(spec):
   for pdl in (False, True):
     cfg = mg.parse(f"{spec}:cp_async:kernel:{str(pdl).lower()}")
     counter = new_counter()
-    site = jax.jit(lambda x, ws: _site_chain(cfg, x, ws, t))(x, ws)
-    mlp = jax.jit(lambda x, c: _mlp_chain(cfg, x, args, gain, c))(x, counter)
+    site, gave_site = jax.jit(lambda x, ws: _site_chain(cfg, x, ws, t))(x, ws)
+    mlp, gave_mlp = jax.jit(lambda x, c: _mlp_chain(cfg, x, args, gain, c))(x, counter)
+    for gave_up in gave_site + gave_mlp:
+      ms.check_gave_up(gave_up)
     np.testing.assert_array_equal(counter, np.zeros(3, np.int32))
     out[pdl] = (np.asarray(site, np.float32), np.asarray(mlp, np.float32))
   for plain, early in zip(out[False], out[True]):
