@@ -9,7 +9,7 @@
 #           reached (PROBE_CASES: other cases), with Mosaic's PTX dumps -> OUT/sync_probe.json, OUT/sync_probe_dump.tgz
 #   tests   pytest -k gpu tests/test_mosaic_{sync,gemv,mlp,site,pdl}.py (the kernels against XLA / their contracts; TESTS_K:
 #           another -k, TESTS_FILES: other files, TESTS_OPTS: pytest options, default -x) under TESTS_S (default 300 s; the gemv cases alone took 137 s)
-#           -> OUT/tests.log
+#           -> OUT/tests.log (TESTS_LOG: another name)
 #   sweep   experiments.decode.mosaic_sweep under SWEEP_S (default 330 s; --budget_s 50 s less): per Llama-3-8B
 #           fused shape (SHAPES, largest first), XLA dense, the dense kernel (DENSE specs), the kept-row kernel
 #           (ROWS specs) and the Pallas-Triton per-site tiling at 0 / 50 / 65 / 99.9 % -> OUT/mosaic_sweep.json
@@ -75,10 +75,11 @@ if [[ ,$STAGES, == *,probe,* ]]; then
   grep -v '^[IWE][0-9]' "$OUT/sync_probe.log" | tail -12
 fi
 if [[ ,$STAGES, == *,tests,* ]]; then
-  timeout -s ABRT -k 10 "${TESTS_S:-300}" python3 -m pytest -q ${TESTS_OPTS:--x} -p no:cacheprovider ${TESTS_FILES:-tests/test_mosaic_sync.py tests/test_mosaic_gemv.py tests/test_mosaic_mlp.py tests/test_mosaic_site.py tests/test_mosaic_pdl.py} -k "${TESTS_K:-gpu}" > "$OUT/tests.log" 2>&1
+  log=${TESTS_LOG:-tests.log}
+  timeout -s ABRT -k 10 "${TESTS_S:-300}" python3 -m pytest -q ${TESTS_OPTS:--x} -p no:cacheprovider ${TESTS_FILES:-tests/test_mosaic_sync.py tests/test_mosaic_gemv.py tests/test_mosaic_mlp.py tests/test_mosaic_site.py tests/test_mosaic_pdl.py} -k "${TESTS_K:-gpu}" > "$OUT/$log" 2>&1
   rc=$?
-  echo "tests rc=$rc" >> "$OUT/tests.log"
-  tail -30 "$OUT/tests.log"
+  echo "tests rc=$rc" >> "$OUT/$log"
+  tail -30 "$OUT/$log"
   if [[ $rc != 0 && ${FORCE:-0} != 1 ]]; then
     echo "tests failed: the other stages skipped (FORCE=1 runs them anyway)"
     exit 1
