@@ -102,7 +102,10 @@ def test_bench_decode_tiny_rows_feed_the_fit(tmp_path):
     capture_output=True,
     timeout=600,
   )
-  rows = json.loads(out.read_text())["rows"]
+  res = json.loads(out.read_text())
+  # the head says what ran: the numerics, the XLA flags, whether Mosaic launches went with PDL
+  assert {"declared_numerics", "xla_flags", "mosaic_pdl_launch", "host", "copy_gb_per_s"} <= res.keys()
+  rows = res["rows"]
   # the persistent layer kernel (interpret mode, one program): dense and TEAL rows, checked against XLA
   persistent = [r for r in rows if r["attention"] == "persistent"]
   rows = [r for r in rows if r["attention"] != "persistent"]

@@ -79,6 +79,7 @@ def test_tiny_cpu_run(tmp_path):
   assert added["kernels"] == pytest.approx(rows[2]["kernels_per_step"] - rows[1]["kernels_per_step"])
   assert added["busy_ms"] == pytest.approx(rows[2]["busy_ms"] - rows[1]["busy_ms"])
   assert added["layer_busy_us"] == pytest.approx(added["busy_ms"] * 1e3 / 2)  # the tiny model's 2 layers
+  assert {"xla_flags", "mosaic_pdl_launch"} <= res.keys()
   declared = res["declared_numerics"]
   assert declared["precision"] == "tf32" and declared["matmul"] == "tensorfloat32"
   assert declared["dtype"] == "bfloat16" and {"backend", "topk_impl", "note"} <= declared.keys()
@@ -92,6 +93,7 @@ def test_decode_overhead_tiny_cpu_run(tmp_path):
     capture_output=True,
   )
   res = json.loads(out.read_text())
+  assert {"declared_numerics", "xla_flags", "mosaic_pdl_launch"} <= res.keys()
   assert {r["variant"] for r in res["timings"]} == {"dense", "teal", "teal_sem"}
   assert res["profiles"] and all(p["kernels_per_step"] > 0 for p in res["profiles"].values())
   # on CPU the tiny run uses the Pallas kernels in interpret mode: teal's 'partials' reduce and teal_sem's

@@ -46,6 +46,7 @@ from wina_jax.bench.decode_setup import (
   with_band,
 )
 from wina_jax.bench.shapes import SHAPES
+from wina_jax.bench.timing import run_record
 from wina_jax.decode import decode_loop, decode_step, fuse_projections
 from wina_jax.kernels import FusedThresholdSparsifier
 from wina_jax.kernels import mosaic_gemv as MG
@@ -419,9 +420,7 @@ def main(argv):
     for entry in FLAGS.config_sets or [""]
   ]
   result = {
-    "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-    "jax": jax.__version__,
-    "device": str(jax.devices()[0].device_kind),
+    **run_record(declared),
     "host": platform.node(),
     "flags": {
       f: getattr(FLAGS, f)
@@ -444,7 +443,6 @@ def main(argv):
         "host_rows",
       )
     },
-    "declared_numerics": declared,
     "copy_gb_per_s": copy_bandwidth(),
     "rows": [],
   }

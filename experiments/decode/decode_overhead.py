@@ -41,6 +41,7 @@ from experiments import common
 from wina_jax import checks
 from wina_jax.bench import decode_setup as B
 from wina_jax.bench.shapes import SHAPES
+from wina_jax.bench.timing import run_record
 from wina_jax.bench.trace import summarize, trace_events
 from wina_jax.decode import decode_step, fuse_projections, fused_site_shapes
 from wina_jax.kernels import KernelConfig, masked_linear
@@ -158,13 +159,11 @@ def check_semaphore(cfg, configs, backend) -> list[dict]:
 
 
 class Runner:
-  def __init__(self, out_path: str):
+  def __init__(self, out_path: str, declared: dict):
     self.t0 = time.time()
     self.out_path = out_path
     self.res = {
-      "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-      "jax": jax.__version__,
-      "device": str(jax.devices()[0].device_kind),
+      **run_record(declared),
       "timings": [],
       "profiles": {},
       "kernel_counts": {},
@@ -344,9 +343,8 @@ def main(argv):
       (d_in, sum(segs)): KernelConfig(chunk=64, block_k=16, block_n=32)
       for d_in, segs in fused_site_shapes(SHAPES["tiny"])
     }
-  run = Runner(FLAGS.out)
+  run = Runner(FLAGS.out, declared)
   run.res["backend"] = backend
-  run.res["declared_numerics"] = declared
 
   def other_options(m, sets):
     for opts in sets:

@@ -39,6 +39,7 @@ from wina_jax.bench.decode_setup import (
   site_scores,
 )
 from wina_jax.bench.shapes import SHAPES
+from wina_jax.bench.timing import run_record
 from wina_jax.bench.trace import summarize, trace_events
 from wina_jax.decode import decode_loop, fuse_projections
 from wina_jax.kernels import FusedThresholdSparsifier
@@ -219,8 +220,7 @@ def main(argv):
     with open(FLAGS.out, "w") as f:
       json.dump(
         {
-          "jax": jax.__version__,
-          "device": str(jax.devices()[0].device_kind),
+          **run_record(declared),
           "flags": {
             "variants": FLAGS.variants,
             "steps": FLAGS.steps,
@@ -230,7 +230,6 @@ def main(argv):
             "persistent": FLAGS.persistent,
             "mosaic": FLAGS.mosaic,
           },
-          "declared_numerics": declared,
           "rows": rows,
         },
         f,
