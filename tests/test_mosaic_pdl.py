@@ -83,6 +83,21 @@ def test_every_launch_waits_first_only_when_asked(name):
   assert LAUNCH in after and any(a in after for a in ACCESSES)
 
 
+def test_pdl_launches_reads_the_waits_effect(monkeypatch):
+  """True where the wait carries jax 0.11's PdlEffect (which makes Pallas launch the kernel with PDL), False
+  where it carries only its memory effect, as in jax 0.10."""
+  from jax._src.pallas.mosaic_gpu import primitives
+
+  class PdlEffect:
+    pass
+
+  memory = next(iter(primitives.griddepcontrol_wait_p.abstract_eval()[1]))
+  monkeypatch.setattr(primitives.griddepcontrol_wait_p, "abstract_eval", lambda: ((), {memory}))
+  assert not ms.pdl_launches()
+  monkeypatch.setattr(primitives.griddepcontrol_wait_p, "abstract_eval", lambda: ((), {memory, PdlEffect()}))
+  assert ms.pdl_launches()
+
+
 def test_benchmarks_record_whether_pdl_ran():
   """The JSON head says whether this jax launches a waiting kernel with PDL, and the XLA flags of the run."""
   from wina_jax.bench.timing import run_record

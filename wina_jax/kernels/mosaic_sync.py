@@ -110,10 +110,11 @@ def pdl_launches() -> bool:
   dependent launch (Hopper's PDL, CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION): such a kernel may start
   while the kernel ahead of it in the stream still runs. jax 0.10 lowers the wait but launches every kernel
   plainly (the wait is then a no-op); jax 0.11 launches a kernel that waits with the attribute (the wait's
-  `_pdl_effect`). Benchmarks record it beside their rows, so that a 'pdl' row says whether PDL ran."""
-  from jax._src.pallas.mosaic_gpu import core as gpu_core  # no public name says it
+  effect, a `PdlEffect`). Benchmarks record it beside their rows, so that a 'pdl' row says whether PDL ran."""
+  from jax._src.pallas.mosaic_gpu import primitives  # no public name says it
 
-  return hasattr(gpu_core, "_pdl_effect")
+  _, effects = primitives.griddepcontrol_wait_p.abstract_eval()
+  return any("pdl" in type(e).__name__.lower() for e in effects)
 
 
 def grid_dependency(pdl: bool) -> None:
