@@ -128,7 +128,7 @@ def _mlp_chain(cfg, x, args, gain, counter):
 
 
 @needs_gpu
-@pytest.mark.parametrize("spec", ["64:64:2:0:0", "64:256:3:0:0"])
+@pytest.mark.parametrize("spec", ["64:256:3:0:0"])  # the step's tiling, on all SMs
 def test_gpu_chains_give_the_same_bits_with_pdl(spec):
   """Four site launches and three MLP launches in a row, each reading what the one before wrote: with PDL
   (where jax launches with it: `mosaic_sync.pdl_launches`) the outputs equal the plain launches' bit for bit,
