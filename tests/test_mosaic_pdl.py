@@ -203,3 +203,30 @@ def test_pdl_ptx_script(tmp_path):
   }
   bad = subprocess.run([*cmd[:3], f"--dump={tmp_path / 'none'}"], capture_output=True, text=True, timeout=120)
   assert bad.returncode != 0 and "is not a folder" in bad.stderr
+
+
+@pytest.mark.parametrize("mode", ["", "mlp"])
+def test_model_step_launches_all_wait_with_a_pdl_spec(monkeypatch, mode):
+  """A 2-layer decode step on backend 'mosaic' with a spec ending ':true', traced and lowered for CUDA: every
+  Mosaic launch of the step (per-site, or the folded sites and the MLP launch) starts with the grid dependency's
+  wait, and none does with the same spec ending ':false'. The config reaches every launch through the
+  sparsifier."""
+  import dataclasses
+
+  from wina_jax import sites as S
+  from wina_jax.bench.decode_setup import abstract_fused_params, on_mosaic
+  from wina_jax.bench.shapes import SHAPES
+  from wina_jax.decode import decode_step, fuse_state, init_cache
+  from wina_jax.kernels import FusedThresholdSparsifier
+
+  cfg0 = dataclasses.replace(SHAPES["tiny"], num_hidden_layers=2)
+  ft, fs, segs = fuse_state({s: jnp.float32(0.3) for s in S.linear_sites(cfg0)}, {}, cfg0)
+  base = FusedThresholdSparsifier.create(ft, fs, segs)
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # the GPU paths, lowered only
+  aparams, cfg = abstract_fused_params(cfg0)
+  acache = jax.eval_shape(lambda: init_cache(cfg, 1, 8, jnp.bfloat16))
+  for pdl in ("true", "false"):
+    sp = on_mosaic(base, f"64:64:2:0:4:cp_async:kernel:{pdl}", mode)
+    step = jax.jit(lambda p, t, c: decode_step(p, t, c, sp, cfg=cfg))
+    texts = mosaic_modules(step, aparams, jax.ShapeDtypeStruct((1,), jnp.int32), acache)
+    assert texts and [t.count(WAIT) for t in texts] == [int(pdl == "true")] * len(texts)
