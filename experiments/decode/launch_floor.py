@@ -45,6 +45,7 @@ from experiments import common
 from wina_jax import checks
 from wina_jax.bench import trace
 from wina_jax.bench.timing import chain_of, chain_times, run_record
+from wina_jax.kernels import mosaic_gemv as mg
 from wina_jax.kernels import mosaic_sync as ms
 from wina_jax.kernels import persistent_config as PC
 from wina_jax.kernels.grid_sync import GAVE_UP, new_counter
@@ -126,7 +127,7 @@ def _mosaic(x: jax.Array, counter, smem_kb: int, pdl: bool) -> jax.Array:
     grid=(x.shape[0],),
     grid_names=("sm",),
     scratch_types={"unused": plgpu.SMEM((smem_kb * 256,), jnp.float32)} if smem_kb else {},
-    compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+    compiler_params=mg.compiler_params(),  # warpgroup semantics, as every Mosaic launch of the project
   )(x, *([] if counter is None else [counter]))
   return lax.bitcast_convert_type(out, jnp.float32)  # int 0 is float 0.0: no op on the GPU
 

@@ -3,8 +3,8 @@
 XLA (`--xla_gpu_enable_pdl`, Hopper and later) starts each kernel it launches with programmatic dependent
 launch with griddepcontrol.wait, so that kernel may start before the one ahead of it ends. This reads every
 *.ptx file under --dump and reports each kernel's wait and launch_dependents (`wina_jax.bench.ptx`), grouped by
-kind: XLA fusions, the Pallas-Triton kernels (their names are the Pallas kernels', e.g. `sparse_gemv_compact`,
-`launch_floor_triton`) and the rest. Mosaic GPU kernels are not in XLA's dump: they wait where
+kind: the Pallas-Triton kernels (their names are the Pallas kernels', e.g. `sparse_gemv_compact`,
+`launch_floor_triton`), then the rest by the profile's kernel categories (XLA's fusions among them). Mosaic GPU kernels are not in XLA's dump: they wait where
 `MosaicConfig.pdl` asks (`mosaic_sync.grid_dependency`).
 
 GPU (stage `ptx` of run_mosaic_h200.sh): XLA_FLAGS=--xla_dump_to=DIR python3 -m experiments.decode.launch_floor
@@ -23,6 +23,7 @@ from absl import app, flags
 from experiments import common
 from wina_jax import checks
 from wina_jax.bench.ptx import grid_dependency
+from wina_jax.bench.trace import category
 
 flags.DEFINE_string("dump", "", "an XLA dump folder (--xla_dump_to), searched for *.ptx")
 flags.DEFINE_list(
@@ -33,12 +34,9 @@ FLAGS = flags.FLAGS
 
 
 def kind(name: str) -> str:
-  """'pallas' (a name part of --pallas), 'fusion' (XLA's fusions, loops, reductions, input fusions) or 'other'."""
-  if any(p in name for p in FLAGS.pallas):
-    return "pallas"
-  if any(p in name for p in ("fusion", "loop_", "reduce", "wrapped_")):
-    return "fusion"
-  return "other"
+  """'pallas' (a name part of --pallas), else the profile's kernel category (`bench.trace.category`: 'fusion'
+  for XLA's fusions, 'matmul', 'copy', 'other', ...)."""
+  return "pallas" if any(p in name for p in FLAGS.pallas) else category(name)
 
 
 def main(argv):
