@@ -1,5 +1,7 @@
 """The fused threshold linear: Pallas kernel (interpret mode on CPU) vs the XLA path vs numpy masked dense."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -302,6 +304,15 @@ def test_resolve_shrinks_tiles_to_fit():
     KernelConfig(acc="rows")
 
 
+def _lowered_for_cuda(cfg: KernelConfig) -> str:
+  """The per-site kernel on a [1, 1024] x [1024, 1024] site, lowered for CUDA (on any machine), as text."""
+  x = jax.ShapeDtypeStruct((1, 1024), jnp.bfloat16)
+  w = jax.ShapeDtypeStruct((1024, 1024), jnp.bfloat16)
+  t = jax.ShapeDtypeStruct((1,), jnp.float32)
+  f = jax.jit(lambda x, w, t: masked_linear(x, w, t, None, (1024,), backend="pallas", config=cfg))
+  return f.trace(x, w, t).lower(lowering_platforms=("cuda",)).as_text()
+
+
 @pytest.mark.parametrize(
   "mode,loop,acc",
   [
@@ -315,11 +326,7 @@ def test_lowers_to_triton(mode, loop, acc):
   """The per-site kernel lowers to the Triton dialect for CUDA without a GPU (cross-platform lowering), with
   either accumulator; Triton's own compilation shows only on the GPU (test_gpu_kernel_matches_xla)."""
   cfg = KernelConfig(mode=mode, chunk=256, block_k=32, block_n=256, loop=loop, acc=acc)
-  x = jax.ShapeDtypeStruct((1, 1024), jnp.bfloat16)
-  w = jax.ShapeDtypeStruct((1024, 1024), jnp.bfloat16)
-  t = jax.ShapeDtypeStruct((1,), jnp.float32)
-  f = jax.jit(lambda x, w, t: masked_linear(x, w, t, None, (1024,), backend="pallas", config=cfg))
-  assert "triton" in f.trace(x, w, t).lower(lowering_platforms=("cuda",)).as_text()
+  assert "triton" in _lowered_for_cuda(cfg)
 
 
 def test_bad_inputs_raise():
@@ -330,6 +337,48 @@ def test_bad_inputs_raise():
     masked_linear(jnp.ones((1, 7)), w, 0.0)
   with pytest.raises(ValueError, match="backend"):
     masked_linear(x, w, 0.0, backend="cuda")
+
+
+def test_pdl_trigger_lowers_only_when_asked():
+  """KernelConfig.pdl_trigger puts griddepcontrol.launch_dependents into the Triton kernel (its 11th spec
+  field), and nothing else does; interpret mode (the CPU) runs without it and gives the same sums."""
+  assert C.parse("compact:256:32:256:4:3:partials:dynamic:0.875:vector:true").pdl_trigger
+  assert not C.parse("compact:256:32:256").pdl_trigger
+  base = KernelConfig(mode="compact", chunk=256, block_k=32, block_n=256)
+  assert "griddepcontrol" not in _lowered_for_cuda(base)
+  assert "griddepcontrol.launch_dependents" in _lowered_for_cuda(dataclasses.replace(base, pdl_trigger=True))
+  x = jax.random.normal(jax.random.PRNGKey(0), (1, 512), jnp.bfloat16)
+  w = jax.random.normal(jax.random.PRNGKey(1), (512, 256), jnp.bfloat16)
+  t = jnp.asarray([0.5])
+  cfg = KernelConfig(mode="compact", chunk=256, block_k=32, block_n=256)
+  plain = masked_linear(x, w, t, None, (256,), backend="interpret", config=cfg)
+  trig = masked_linear(
+    x, w, t, None, (256,), backend="interpret", config=dataclasses.replace(cfg, pdl_trigger=True)
+  )
+  np.testing.assert_array_equal(np.asarray(plain, np.float32), np.asarray(trig, np.float32))
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a CUDA GPU")
+def test_gpu_pdl_trigger_same_bits():
+  """On the GPU the triggered kernel (Triton compiles the asm) gives the same bits as the plain one, in a chain
+  of dependent sites (each input the previous output), where XLA may launch the next kernel early."""
+  k = 4096
+  keys = jax.random.split(jax.random.PRNGKey(3), 4)
+  ws = [jax.random.normal(kk, (k, k), jnp.bfloat16) / 64 for kk in keys[:3]]
+  x = jax.random.normal(keys[3], (1, k), jnp.bfloat16)
+  t = jnp.asarray([0.8])
+
+  def chain(cfg):
+    def f(x):
+      for w in ws:
+        x = masked_linear(x, w, t, None, (k,), backend="pallas", config=cfg).astype(jnp.bfloat16)
+      return x
+
+    return np.asarray(jax.jit(f)(x), np.float32)
+
+  for mode in ("compact", "masked"):
+    cfg = KernelConfig(mode=mode, chunk=256, block_k=32, block_n=256)
+    np.testing.assert_array_equal(chain(cfg), chain(dataclasses.replace(cfg, pdl_trigger=True)))
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a CUDA GPU")

@@ -120,6 +120,12 @@ flags.DEFINE_list(
   "RMSNorm in the sparse kernels' prologue (FusedThresholdSparsifier.fuse_norm), each value timed in the "
   "same run: false, true or false,true",
 )
+flags.DEFINE_list(
+  "pdl_trigger",
+  ["false"],
+  "the per-site Triton kernels' early griddepcontrol.launch_dependents (KernelConfig.pdl_trigger), each value "
+  "timed in the same run: false, true or false,true",
+)
 common.check(
   flags.DEFINE_list(
     "persistent_configs",
@@ -184,13 +190,13 @@ def copy_bandwidth() -> dict:
   return out
 
 
-def fuse_norms() -> list[bool]:
-  """--fuse_norm as booleans."""
+def booleans(name: str) -> list[bool]:
+  """The list flag --name (false / true entries) as booleans."""
   values = {"false": False, "true": True}
-  bad = [v for v in FLAGS.fuse_norm if v.lower() not in values]
+  bad = [v for v in getattr(FLAGS, name) if v.lower() not in values]
   if bad:
-    raise ValueError(f"--fuse_norm takes false / true, got {bad}")
-  return [values[v.lower()] for v in FLAGS.fuse_norm]
+    raise ValueError(f"--{name} takes false / true, got {bad}")
+  return [values[v.lower()] for v in getattr(FLAGS, name)]
 
 
 def attention_backend(name: str) -> str:
@@ -206,6 +212,7 @@ def row_label(row: dict) -> str:
   parts = [f"mosaic={row['mosaic']}"] if "mosaic" in row else []
   parts += [f"persistent={row['persistent']}"] if "persistent" in row else []
   parts += ["fuse_norm"] if row.get("fuse_norm") else []
+  parts += ["pdl_trigger"] if row.get("pdl_trigger") else []
   parts += [f"dense_at={row['dense_at']:g}"] if "dense_at" in row else []
   parts += [f"set={row['config_set']}"] if "config_set" in row else []
   return " ".join(parts)
@@ -359,11 +366,15 @@ def bench_model(name, key, config_sets, backend) -> list[dict]:
     scores = site_scores(params, cfg, tokens, with_scale=method == "wina")
     for b in batches if method == "teal" else [1]:
       for s in sparsities if b == 1 else [float(x) for x in FLAGS.batch_sparsities]:
-        for set_i, dense_at, fuse in itertools.product(
-          range(len(config_sets)), [float(v) for v in FLAGS.dense_at] or [None], fuse_norms()
+        for set_i, dense_at, fuse, trigger in itertools.product(
+          range(len(config_sets)),
+          [float(v) for v in FLAGS.dense_at] or [None],
+          booleans("fuse_norm"),
+          booleans("pdl_trigger"),
         ):
           cs = config_sets[set_i]
           cs = cs if dense_at is None else {k: replace(c, dense_at=dense_at) for k, c in cs.items()}
+          cs = {k: replace(c, pdl_trigger=True) for k, c in cs.items()} if trigger else cs
           sp, kept = make_sparsifier(scores, s, b, cs, backend)
           sp = sp.replace(fuse_norm=fuse)
           for att in attentions:
@@ -375,6 +386,8 @@ def bench_model(name, key, config_sets, backend) -> list[dict]:
               extra["dense_at"] = dense_at
             if len(FLAGS.fuse_norm) > 1 or fuse:
               extra["fuse_norm"] = fuse
+            if len(FLAGS.pdl_trigger) > 1 or trigger:
+              extra["pdl_trigger"] = trigger
             if len(config_sets) > 1:
               extra["config_set"] = FLAGS.config_sets[set_i]
             record(method, s, b, t, step_bytes(params, cfg, b, max_len, kept), att, kept, **extra)
@@ -439,6 +452,7 @@ def main(argv):
         "attention",
         "dense_at",
         "fuse_norm",
+        "pdl_trigger",
         "persistent_configs",
         "host_rows",
       )

@@ -18,7 +18,7 @@
 #           at each of MCONFIGS (comma-separated mosaic_gemv.parse specs, default 64:64:4:0:264) in one run, with
 #           the weightless step, under DECODE_S (default 300 s) -> OUT/bench_llama_mosaic.json (DECODE_NAME: another name;
 #           MCONFIGS=none: no Mosaic rows; a spec ending ':true' launches with PDL, MosaicConfig.pdl;
-#           DECODE_FLAGS: more bench_decode flags, e.g. --fuse_norm=false,true); MOSAIC_MODES (e.g. fold,mlp22,mlp)
+#           DECODE_FLAGS: more bench_decode flags, e.g. --fuse_norm=false,true or --pdl_trigger=false,true); MOSAIC_MODES (e.g. fold,mlp22,mlp)
 #           also times each tiling in those modes (decode_setup.on_mosaic: fold = each site's launch runs the norm
 #           before it / the residual add after it; mlp22 = session 22's MLP launch; mlp = the MLP launch, folded)
 #   marks   (not default) experiments.decode.mosaic_marks: the fused kernel's own clock per phase (compaction, tiles,

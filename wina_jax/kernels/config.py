@@ -53,6 +53,10 @@ class KernelConfig:
     [BK, BN] float32 accumulator per batch row, adds the products elementwise and reduces over rows once
     at the end (no reduction in the loop, BK * BN / (32 * num_warps) more registers per batch row). Sums in
     another order: equal to float32 rounding.
+  pdl_trigger: each program starts with `griddepcontrol.launch_dependents` (`pallas_gemv.launch_dependents`):
+    where XLA launches the kernel after this one with programmatic dependent launch (Hopper's PDL; which ones
+    it does, `experiments.decode.pdl_ptx`), that kernel may launch while this one runs and waits inside for its
+    end before it reads. A scheduling hint: results are the same bits either way.
   """
 
   mode: str = "compact"
@@ -65,6 +69,7 @@ class KernelConfig:
   loop: str = "dynamic"
   dense_at: float = 0.875
   acc: str = "vector"
+  pdl_trigger: bool = False
 
   def __post_init__(self):
     if self.mode not in MODES:
@@ -120,7 +125,7 @@ def spec_fields(cls, spec: str, required: int, what: str) -> dict:
 
 
 def parse(spec: str) -> KernelConfig:
-  """A config from 'mode:chunk:block_k:block_n[:num_warps[:num_stages[:reduce[:loop[:dense_at[:acc]]]]]]',
+  """A config from 'mode:chunk:block_k:block_n[:num_warps[:num_stages[:reduce[:loop[:dense_at[:acc[:pdl_trigger]]]]]]]',
   e.g. 'compact:256:32:256:4:3:partials:prefetch' (KernelConfig's fields in order; the rest default)."""
   return KernelConfig(**spec_fields(KernelConfig, spec, 4, "kernel config"))
 

@@ -66,6 +66,20 @@ def acc_total(acc: jax.Array) -> jax.Array:
   return jnp.sum(acc, axis=0) if acc.ndim == 2 else acc
 
 
+def launch_dependents(v: jax.Array) -> jax.Array:
+  """v (int32, any shape) after `griddepcontrol.launch_dependents` in every thread that holds part of it: once
+  every program of the grid has run it (or ended), the kernel after this one in the stream may launch, where it
+  is launched with programmatic dependent launch; it still waits for this kernel's end before it reads. The asm
+  is pure to Triton, so v must feed the kernel's work, or the trigger is dropped. sm_90+ (PTX griddepcontrol)."""
+  return plgpu.elementwise_inline_asm(
+    "griddepcontrol.launch_dependents;\n\tmov.b32 $0, $1;",
+    args=[v],
+    constraints="=r,r",
+    pack=1,
+    result_shape_dtypes=[jax.ShapeDtypeStruct(v.shape, v.dtype)],
+  )[0]
+
+
 def _iota(n: int) -> jax.Array:
   return jax.lax.iota(jnp.int32, n)
 
@@ -104,7 +118,10 @@ def _kernel(
   n0, k0 = pn * bn, pk * c
   seg = sum((n0 >= b).astype(jnp.int32) for b in bounds) if bounds else jnp.int32(0)
   thr = plgpu.load(t_ref.at[seg])
-  cols = (n0 + _iota(bn))[None, :]
+  lanes = _iota(bn)
+  if cfg.pdl_trigger and not interpret:  # the column ids feed every weight load: the trigger stays, early
+    lanes = launch_dependents(lanes)
+  cols = (n0 + lanes)[None, :]
   d_in = x_ref.shape[0]
   piece = min(SCAN_ROWS, 1 << (d_in - 1).bit_length())  # input rows per step of a whole-input pass
   n_pieces = -(-d_in // piece)
