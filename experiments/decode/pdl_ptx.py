@@ -15,6 +15,7 @@ CPU:  PYTHONPATH=. .venv/bin/python -m experiments.decode.pdl_ptx --dump=DIR (an
 
 from __future__ import annotations
 
+import collections
 import json
 import pathlib
 
@@ -45,8 +46,13 @@ def main(argv):
     raise SystemExit(f"--dump={FLAGS.dump!r} is not a folder: give the --xla_dump_to folder of a GPU run")
   files = sorted(pathlib.Path(FLAGS.dump).rglob("*.ptx"))
   if not files:
+    found = collections.Counter(
+      "".join(f.suffixes[-1:]) for f in pathlib.Path(FLAGS.dump).rglob("*") if f.is_file()
+    )
     raise SystemExit(
-      f"no .ptx files under {FLAGS.dump}: run the step with XLA_FLAGS=--xla_dump_to={FLAGS.dump}"
+      f"no .ptx files under {FLAGS.dump} (files there by suffix: {dict(found) or 'none'}): run the step with "
+      f"XLA_FLAGS=--xla_dump_to={FLAGS.dump} and without jax's persistent compilation cache (a cache hit compiles, "
+      "and dumps, nothing: JAX_ENABLE_COMPILATION_CACHE=false)"
     )
   rows = []
   for f in files:

@@ -147,7 +147,8 @@ if [[ ,$STAGES, == *,floor,* ]]; then
 fi
 if [[ ,$STAGES, == *,ptx,* ]]; then
   dump=$(mktemp -d)
-  XLA_FLAGS="${XLA_FLAGS:-} --xla_dump_to=$dump" timeout -s ABRT -k 10 "${PTX_S:-120}" python3 -m experiments.decode.launch_floor \
+  # no persistent cache here: a cache hit compiles nothing, and so dumps no PTX (2026-12-05: an empty dump)
+  JAX_ENABLE_COMPILATION_CACHE=false XLA_FLAGS="${XLA_FLAGS:-} --xla_dump_to=$dump" timeout -s ABRT -k 10 "${PTX_S:-120}" python3 -m experiments.decode.launch_floor \
     --programs=0 --kernels=select,triton --chain=4 --reps=1 > "$OUT/pdl_ptx.log" 2>&1
   echo "dump rc=$?" >> "$OUT/pdl_ptx.log"
   python3 -m experiments.decode.pdl_ptx --dump="$dump" --out="$OUT/pdl_ptx.json" >> "$OUT/pdl_ptx.log" 2>&1
