@@ -1,8 +1,7 @@
 """Programmatic dependent launch of the Mosaic GPU kernels (`MosaicConfig.pdl`, `mosaic_sync.grid_dependency`):
 on the CPU, every kernel's module starts with the grid dependency's wait, before any memory access, only when
 asked; on a Hopper GPU, chains of launches that read each other's outputs give the same bits with PDL as
-without (a launch that started early and read its input before the kernel ahead of it wrote it would not); and
-which kernels of an XLA dump's PTX wait on their grid dependency (`bench.ptx`, `experiments.decode.pdl_ptx`)."""
+without (a launch that started early and read its input before the kernel ahead of it wrote it would not)."""
 
 import jax
 import jax.numpy as jnp
@@ -153,56 +152,6 @@ def test_gpu_chains_give_the_same_bits_with_pdl(spec):
     out[pdl] = (np.asarray(site, np.float32), np.asarray(mlp, np.float32))
   for plain, early in zip(out[False], out[True]):
     np.testing.assert_array_equal(early, plain)
-
-
-PTX = """.version 8.4
-.target sm_90a
-.visible .entry loop_add_fusion(
-\t.param .u64 p0
-)
-{
-\tgriddepcontrol.wait;
-\tld.global.f32 %f1, [%rd1];
-\tret;
-}
-.entry sparse_gemv_compact(
-\t.param .u64 p0
-)
-{
-\tld.global.f32 %f1, [%rd1];
-\tgriddepcontrol.launch_dependents;
-\tret;
-}
-"""
-
-
-def test_ptx_says_which_kernels_wait():
-  from wina_jax.bench.ptx import grid_dependency
-
-  assert grid_dependency(PTX) == {
-    "loop_add_fusion": {"wait": True, "launch_dependents": False},
-    "sparse_gemv_compact": {"wait": False, "launch_dependents": True},
-  }
-
-
-def test_pdl_ptx_script(tmp_path):
-  """experiments.decode.pdl_ptx on a folder of PTX: kernels by kind, written to JSON; no folder is a clear error."""
-  import json
-  import subprocess
-  import sys
-
-  (tmp_path / "dump").mkdir()
-  (tmp_path / "dump" / "module_0001.ptx").write_text(PTX)
-  out = tmp_path / "pdl.json"
-  cmd = [sys.executable, "-m", "experiments.decode.pdl_ptx", f"--dump={tmp_path / 'dump'}", f"--out={out}"]
-  subprocess.run(cmd, check=True, timeout=120)
-  summary = json.loads(out.read_text())["summary"]
-  assert summary == {
-    "fusion": {"kernels": 1, "wait": 1, "launch_dependents": 0},
-    "pallas": {"kernels": 1, "wait": 0, "launch_dependents": 1},
-  }
-  bad = subprocess.run([*cmd[:3], f"--dump={tmp_path / 'none'}"], capture_output=True, text=True, timeout=120)
-  assert bad.returncode != 0 and "is not a folder" in bad.stderr
 
 
 @pytest.mark.parametrize("mode", ["", "mlp"])

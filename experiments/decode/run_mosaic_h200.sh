@@ -36,9 +36,6 @@
 #           per kind (XLA select, Triton, Mosaic with 0 / 96 / 200 KiB shared memory, Mosaic with one grid-wide
 #           wait, Mosaic launched with PDL) on 1 program, all SMs and 1792 programs, under FLOOR_S (default 240 s)
 #           -> OUT/launch_floor.json (FLOOR_NAME: another name; FLOOR_FLAGS: more flags, e.g. --programs=0)
-#   ptx     (not default) launch_floor's select and Triton kernels compiled under --xla_dump_to, then
-#           experiments.decode.pdl_ptx: which kernels XLA starts with the grid dependency's wait (launched with PDL),
-#           XLA's fusions and the Pallas-Triton kernels apart, under PTX_S (default 120 s) -> OUT/pdl_ptx.json
 # XLA_FLAGS reaches every stage (e.g. --xla_gpu_enable_pdl=false, --xla_gpu_enable_command_buffer=); each JSON
 # records it (xla_flags) and whether jax launched the ':true' / '+pdl' Mosaic kernels with PDL (mosaic_pdl_launch).
 #   waits   (not default) experiments.decode.wait_cost --backend=mosaic: the Mosaic grid-wide wait
@@ -144,15 +141,4 @@ if [[ ,$STAGES, == *,floor,* ]]; then
     > "$OUT/$name.log" 2>&1
   echo "floor rc=$?" >> "$OUT/$name.log"
   grep -v '^[IWE][0-9]' "$OUT/$name.log" | tail -30
-fi
-if [[ ,$STAGES, == *,ptx,* ]]; then
-  dump=$(mktemp -d)
-  # no persistent cache here: a cache hit compiles nothing, and so dumps no PTX (2026-12-05: an empty dump)
-  JAX_ENABLE_COMPILATION_CACHE=false XLA_FLAGS="${XLA_FLAGS:-} --xla_dump_to=$dump" timeout -s ABRT -k 10 "${PTX_S:-120}" python3 -m experiments.decode.launch_floor \
-    --programs=0 --kernels=select,triton --chain=4 --reps=1 > "$OUT/pdl_ptx.log" 2>&1
-  echo "dump rc=$?" >> "$OUT/pdl_ptx.log"
-  python3 -m experiments.decode.pdl_ptx --dump="$dump" --out="$OUT/pdl_ptx.json" >> "$OUT/pdl_ptx.log" 2>&1
-  echo "ptx rc=$?" >> "$OUT/pdl_ptx.log"
-  rm -rf "$dump"
-  grep -v '^[IWE][0-9]' "$OUT/pdl_ptx.log" | tail -20
 fi
