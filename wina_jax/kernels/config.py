@@ -54,10 +54,11 @@ class KernelConfig:
     at the end (no reduction in the loop, BK * BN / (32 * num_warps) more registers per batch row). Sums in
     another order: equal to float32 rounding.
   pdl_trigger: each program starts with `griddepcontrol.launch_dependents` (`pallas_gemv.launch_dependents`):
-    where XLA launches the kernel after this one with programmatic dependent launch (Hopper's PDL), that kernel may launch while this one runs and waits inside for its
-    end before it reads. A scheduling hint: results are the same bits either way. On the H200 a loss (Llama-3-8B
-    step, 50 %: 3.153 -> 5.273 ms; 99.9 %: 1.190 -> 1.307; decode_h200.md, session 26): the next kernel's
-    programs take SM slots while the GEMV's programs still wait to run.
+    where XLA launches the kernel after this one with programmatic dependent launch (Hopper's PDL), that
+    kernel may launch while this one runs and waits inside for its end before it reads. A scheduling hint:
+    results are the same bits either way. On the H200 a loss (Llama-3-8B step, 50 %: 3.153 -> 5.273 ms;
+    99.9 %: 1.190 -> 1.307; decode_h200.md, session 26): the next kernel's programs take SM slots while the
+    GEMV's programs still wait to run.
   """
 
   mode: str = "compact"
@@ -126,7 +127,8 @@ def spec_fields(cls, spec: str, required: int, what: str) -> dict:
 
 
 def parse(spec: str) -> KernelConfig:
-  """A config from 'mode:chunk:block_k:block_n[:num_warps[:num_stages[:reduce[:loop[:dense_at[:acc[:pdl_trigger]]]]]]]',
+  """A config from
+  'mode:chunk:block_k:block_n[:num_warps[:num_stages[:reduce[:loop[:dense_at[:acc[:pdl_trigger]]]]]]]',
   e.g. 'compact:256:32:256:4:3:partials:prefetch' (KernelConfig's fields in order; the rest default)."""
   return KernelConfig(**spec_fields(KernelConfig, spec, 4, "kernel config"))
 
