@@ -350,10 +350,9 @@ def test_pdl_trigger_lowers_only_when_asked():
   x = jax.random.normal(jax.random.PRNGKey(0), (1, 512), jnp.bfloat16)
   w = jax.random.normal(jax.random.PRNGKey(1), (512, 256), jnp.bfloat16)
   t = jnp.asarray([0.5])
-  cfg = KernelConfig(mode="compact", chunk=256, block_k=32, block_n=256)
-  plain = masked_linear(x, w, t, None, (256,), backend="interpret", config=cfg)
+  plain = masked_linear(x, w, t, None, (256,), backend="interpret", config=base)
   trig = masked_linear(
-    x, w, t, None, (256,), backend="interpret", config=dataclasses.replace(cfg, pdl_trigger=True)
+    x, w, t, None, (256,), backend="interpret", config=dataclasses.replace(base, pdl_trigger=True)
   )
   np.testing.assert_array_equal(np.asarray(plain, np.float32), np.asarray(trig, np.float32))
 

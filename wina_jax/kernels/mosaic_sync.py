@@ -123,8 +123,9 @@ def grid_dependency(pdl: bool) -> None:
   (griddepcontrol.launch_dependents: it starts once every program of this grid has issued it, so this grid is
   all resident by then, and it waits in turn before it reads what this one writes). Launched early, a kernel
   runs beside the one ahead of it until its wait: nothing before this call may read or write global memory,
-  hence it comes first. The kernels gain the launch latency and the kernel boundary's drain (issue 25: ~2.5 us
-  of idle GPU a boundary in session 22's profile). Without pdl it adds nothing."""
+  hence it comes first. Meant to hide the launch latency and the kernel boundary's drain; on the H200 it hid
+  nothing (decode_h200.md, session 26: an empty launch 3.79 us plain, 4.55 us with PDL, the step's Mosaic rows
+  within their band). Without pdl it adds nothing."""
   if pdl:
     plgpu.griddepcontrol_wait()
     plgpu.griddepcontrol_launch_dependents()
